@@ -1,0 +1,104 @@
+//! Backend selection: CUDA when a device is present, else the CPU; `--backend` forces one.
+
+use std::time::{Duration, Instant};
+
+use speckv_kernels::params::{FeatureAccum, RowStats};
+
+use crate::cpu::CpuBackend;
+use crate::cuda::{self, CudaBackend};
+use crate::error::{Error, Result};
+use crate::logits::{Logits, StatsOptions};
+
+/// Which backend the user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackendKind {
+    /// CUDA when a device is present, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// A backend every feature runs on.
+pub enum Backend {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
+}
+
+impl Backend {
+    pub fn new(kind: BackendKind) -> Result<Backend> {
+        match kind {
+            BackendKind::Cpu => Ok(Backend::Cpu(CpuBackend::new())),
+            BackendKind::Cuda => Ok(Backend::Cuda(Box::new(CudaBackend::new(0)?))),
+            BackendKind::Auto => {
+                if cuda::driver_present() {
+                    match CudaBackend::new(0) {
+                        Ok(c) => return Ok(Backend::Cuda(Box::new(c))),
+                        Err(e) => eprintln!("speckv: CUDA present but unusable ({e}); using the CPU"),
+                    }
+                }
+                Ok(Backend::Cpu(CpuBackend::new()))
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Cpu(_) => "cpu",
+            Backend::Cuda(_) => "cuda",
+        }
+    }
+
+    pub fn device(&self) -> String {
+        match self {
+            Backend::Cpu(c) => c.device_name(),
+            Backend::Cuda(c) => c.device_name().to_string(),
+        }
+    }
+
+    pub fn softmax_stats(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+    ) -> Result<Vec<RowStats>> {
+        match self {
+            Backend::Cpu(c) => c.softmax_stats(logits, opts, accum),
+            Backend::Cuda(c) => c.softmax_stats(logits, opts, accum),
+        }
+    }
+
+    /// Time of one statistics pass over `logits` (device-resident on CUDA), averaged over at least
+    /// `min_time`.
+    pub fn time_softmax_stats(&self, logits: &Logits<'_>, opts: &StatsOptions, min_time: Duration) -> Result<Duration> {
+        match self {
+            Backend::Cpu(c) => {
+                c.softmax_stats(logits, opts, None)?; // warm-up
+                let start = Instant::now();
+                let mut n = 0u32;
+                while start.elapsed() < min_time || n < 3 {
+                    std::hint::black_box(c.softmax_stats(logits, opts, None)?);
+                    n += 1;
+                }
+                Ok(start.elapsed() / n)
+            }
+            Backend::Cuda(c) => {
+                let one = c.time_softmax_stats(logits, opts, 3)?;
+                let iters = (min_time.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
+                c.time_softmax_stats(logits, opts, iters as u32)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(BackendKind::Auto),
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" => Ok(BackendKind::Cuda),
+            _ => Err(Error::Unknown { what: "backend", value: s.to_string(), expected: "auto, cpu, cuda" }),
+        }
+    }
+}

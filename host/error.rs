@@ -1,0 +1,45 @@
+//! speckv's typed errors: every bad input says what was wrong.
+
+use speckv_kernels::emu::EmuError;
+
+/// Result with speckv's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} must be at least 1 (got 0)")]
+    Empty { what: &'static str },
+    #[error("vocab {vocab} is too large: at most {max} tokens per row")]
+    VocabTooLarge { vocab: usize, max: usize },
+    #[error("row stride {stride} is smaller than vocab {vocab}")]
+    StrideTooSmall { stride: usize, vocab: usize },
+    #[error("logits hold {got} elements but {rows} rows of vocab {vocab} at stride {stride} need {need}")]
+    LogitsLength { got: usize, need: usize, rows: usize, vocab: usize, stride: usize },
+    #[error("{what} has length {got}, expected {expected}")]
+    Length { what: &'static str, got: usize, expected: usize },
+    #[error("temperature must be finite and >= 0 (0 means greedy), got {0}")]
+    BadTemperature(f32),
+    #[error("block size {0} is not a multiple of 32 between 32 and 1024")]
+    BadBlockSize(u32),
+    #[error("{0} does not fit the kernels' 32-bit sizes")]
+    TooLarge(&'static str),
+    #[error("unknown {what} {value:?}; expected one of {expected}")]
+    Unknown { what: &'static str, value: String, expected: &'static str },
+    #[error("the CUDA backend is unavailable: {0}")]
+    NoCuda(String),
+    #[error(
+        "no PTX is embedded in this build ({0}); install a nightly toolchain with rust-src \
+         (`rustup toolchain install nightly --component rust-src`) and rebuild"
+    )]
+    NoPtx(String),
+    #[error("the GPU's compute capability {major}.{minor} is below the oldest PTX built (sm_80)")]
+    UnsupportedDevice { major: i32, minor: i32 },
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("emulator: {0}")]
+    Emulator(#[from] EmuError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}

@@ -1,0 +1,26 @@
+//! speckv: speculative decoding with an adaptive speculation length γ, built around GPU kernels
+//! written in Rust (`speckv-kernels`, compiled to PTX by rustc's nvptx64 backend).
+//!
+//! Data flows logits → statistics → decision → verification. This crate holds the host side:
+//! - [`logits`]: validated inputs and options;
+//! - [`cpu`]: the native CPU backend (every feature works without a GPU);
+//! - [`cuda`]: the CUDA backend (cudarc, dynamic loading, the embedded [`ptx`]);
+//! - [`emulate`]: the kernels' own source run on the CPU emulator of the CUDA execution model;
+//! - [`backend`]: selection between CPU and CUDA; [`report`]: `speckv report`.
+
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
+pub mod emulate;
+pub mod error;
+pub mod logits;
+pub mod ptx;
+pub mod report;
+
+pub use backend::{Backend, BackendKind};
+pub use error::{Error, Result};
+pub use logits::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
+pub use speckv_kernels::params::{
+    FeatureAccum, RowStats, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE, ROW_NONFINITE,
+};
+pub use speckv_kernels::philox;

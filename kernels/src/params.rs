@@ -1,0 +1,160 @@
+//! `#[repr(C)]` structures shared by the kernels and every host that launches them (speckv's own
+//! backends, the C ABI, engines loading the PTX themselves). Their layout is part of the public
+//! kernel interface (`docs/kernels.md`); size assertions at the bottom pin it.
+
+/// Parameters of the `softmax_stats_{f32,f16,bf16}` kernels, passed by value.
+///
+/// One block per row (`grid.x = rows`), any block size that is a multiple of 32 up to 1024, and
+/// `block.x / 32 * size_of::<StatsState>()` bytes of dynamic shared memory
+/// ([`softmax_stats_shared_bytes`](crate::softmax_stats::shared_bytes)).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SoftmaxStatsParams {
+    /// Logits, `rows` rows of `vocab` elements each, row `r` starting at element `r * row_stride`;
+    /// the element type is the entry point's (f32, f16 or bf16 bits).
+    pub logits: *const u8,
+    /// `rows` results.
+    pub out: *mut RowStats,
+    /// Per-sequence feature accumulators, one per row (row `r` is sequence `r`); null when
+    /// [`STATS_ACCUMULATE`] is not set.
+    pub accum: *mut FeatureAccum,
+    /// Philox seed (see `philox`).
+    pub seed: u64,
+    /// Philox step (for example the decode position); the stream id is the row.
+    pub step: u64,
+    pub rows: u32,
+    pub vocab: u32,
+    /// Elements between row starts, `>= vocab`.
+    pub row_stride: u32,
+    /// Softmax temperature `T`: `T > 0` gives statistics of softmax(x / T); `T == 0` means greedy:
+    /// statistics of softmax(x) and `sampled` = argmax.
+    pub temperature: f32,
+    /// `STATS_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+// SAFETY: the parameters are plain addresses and sizes; sharing them between (emulated) GPU
+// threads is what a launch does. Dereferencing the pointers is what needs care, and only the
+// kernels do that, under their documented contracts.
+unsafe impl Send for SoftmaxStatsParams {}
+unsafe impl Sync for SoftmaxStatsParams {}
+
+/// Draw a token from softmax(x / T) (Gumbel-max with Philox noise) into `RowStats::sampled`.
+pub const STATS_SAMPLE: u32 = 1;
+/// Update `accum[row]` with this row's entropy and confidence.
+pub const STATS_ACCUMULATE: u32 = 2;
+/// With `STATS_ACCUMULATE`: start `accum[row]` afresh with this row (first draft of a step).
+pub const STATS_ACCUM_RESET: u32 = 4;
+
+/// The row held a NaN or +inf logit; its statistics are NaN and its tokens −1.
+pub const ROW_NONFINITE: u32 = 1;
+/// Every logit of the row was −inf (everything masked); statistics NaN, tokens −1.
+pub const ROW_ALL_MASKED: u32 = 2;
+/// The launch's temperature was negative, NaN or infinite (hosts reject this before launching;
+/// the kernel flags rather than trusts it).
+pub const ROW_BAD_TEMPERATURE: u32 = 4;
+
+/// The statistics of one row of logits, written by `softmax_stats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RowStats {
+    /// Largest raw logit (before temperature).
+    pub max_logit: f32,
+    /// log Σ exp(x_i / T) (T = 1 in greedy mode).
+    pub lse: f32,
+    /// Entropy of softmax(x / T) in nats.
+    pub entropy: f32,
+    /// Top-1 probability of softmax(x / T): the draft's confidence.
+    pub confidence: f32,
+    /// Index of the largest logit; ties go to the lowest index.
+    pub argmax: i32,
+    /// Token drawn from softmax(x / T) (argmax in greedy mode); −1 when not sampled or flagged.
+    pub sampled: i32,
+    /// Its probability under softmax(x / T) (NaN when not sampled).
+    pub sampled_prob: f32,
+    /// `ROW_*` bits; zero for a good row.
+    pub flags: u32,
+}
+
+/// Running draft features of one sequence over the drafted tokens of the current speculation step,
+/// so the γ controller reads mean/max entropy and mean/min confidence without another pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FeatureAccum {
+    /// Good rows accumulated.
+    pub count: u32,
+    /// OR of the `ROW_*` flags of rows that were not accumulated.
+    pub flags: u32,
+    pub entropy_sum: f32,
+    pub entropy_max: f32,
+    pub confidence_sum: f32,
+    pub confidence_min: f32,
+}
+
+impl FeatureAccum {
+    /// The state before any drafted token.
+    pub const EMPTY: FeatureAccum = FeatureAccum {
+        count: 0,
+        flags: 0,
+        entropy_sum: 0.0,
+        entropy_max: f32::NEG_INFINITY,
+        confidence_sum: 0.0,
+        confidence_min: f32::INFINITY,
+    };
+
+    /// Adds one row's statistics (or its flags, for a flagged row).
+    #[inline(always)]
+    pub fn push(&mut self, entropy: f32, confidence: f32, row_flags: u32) {
+        if row_flags != 0 {
+            self.flags |= row_flags;
+            return;
+        }
+        self.count += 1;
+        self.entropy_sum += entropy;
+        self.entropy_max = if entropy > self.entropy_max { entropy } else { self.entropy_max };
+        self.confidence_sum += confidence;
+        self.confidence_min = if confidence < self.confidence_min {
+            confidence
+        } else {
+            self.confidence_min
+        };
+    }
+}
+
+impl Default for FeatureAccum {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+/// The per-thread (and per-warp, per-block) partial state of `softmax_stats`'s online recurrence.
+/// It lives in dynamic shared memory between the warp and block reductions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StatsState {
+    /// Largest raw logit seen, −inf when none.
+    pub max: f32,
+    /// Σ exp(z_i − m) with z = x / T and m = max / T.
+    pub sum: f32,
+    /// Σ exp(z_i − m) (z_i − m): entropy = ln(sum) − u / sum.
+    pub u: f32,
+    /// Index of `max` (lowest on ties); u32::MAX when none.
+    pub argmax: u32,
+    /// Largest Gumbel key z_i + g_i, −inf when none.
+    pub key: f32,
+    /// Its index; u32::MAX when none.
+    pub key_idx: u32,
+    /// z at `key_idx` (for the sampled token's probability).
+    pub key_z: f32,
+    /// `ROW_NONFINITE` when a NaN or +inf was seen.
+    pub flags: u32,
+}
+
+// SAFETY of the host's byte copies relies on these layouts: no padding, fixed sizes.
+const _: () = assert!(core::mem::size_of::<SoftmaxStatsParams>() == 64);
+const _: () = assert!(core::mem::size_of::<RowStats>() == 32);
+const _: () = assert!(core::mem::size_of::<FeatureAccum>() == 24);
+const _: () = assert!(core::mem::size_of::<StatsState>() == 32);
