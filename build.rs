@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
-const ENTRIES: [&str; 3] = ["softmax_stats_f32", "softmax_stats_f16", "softmax_stats_bf16"];
+const ENTRIES: [&str; 3] = [
+    "softmax_stats_f32",
+    "softmax_stats_f16",
+    "softmax_stats_bf16",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels/src");
@@ -32,7 +36,10 @@ fn main() {
     let mut consts = String::new();
     let mut error: Option<String> = None;
     let mut version = String::new();
-    if env::var("SPECKV_SKIP_PTX").map(|v| v == "1").unwrap_or(false) {
+    if env::var("SPECKV_SKIP_PTX")
+        .map(|v| v == "1")
+        .unwrap_or(false)
+    {
         error = Some("PTX build skipped (SPECKV_SKIP_PTX=1)".to_string());
     } else {
         version = nightly_version(&toolchain).unwrap_or_default();
@@ -131,11 +138,23 @@ fn nightly_version(toolchain: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn build_arch(manifest_dir: &Path, target_dir: &Path, toolchain: &str, arch: &str) -> Result<String, String> {
+fn build_arch(
+    manifest_dir: &Path,
+    target_dir: &Path,
+    toolchain: &str,
+    arch: &str,
+) -> Result<String, String> {
     let output = clean_command("cargo")
         .current_dir(manifest_dir)
         .arg(format!("+{toolchain}"))
-        .args(["rustc", "--release", "--quiet", "--target", "nvptx64-nvidia-cuda", "-Zbuild-std=core"])
+        .args([
+            "rustc",
+            "--release",
+            "--quiet",
+            "--target",
+            "nvptx64-nvidia-cuda",
+            "-Zbuild-std=core",
+        ])
         .arg("--manifest-path")
         .arg(manifest_dir.join("kernels/Cargo.toml"))
         .arg("--target-dir")
@@ -175,7 +194,10 @@ fn check_ptx(ptx: &str, arch: &str) -> Result<(), String> {
     if !ptx.contains(&format!(".target {arch}")) {
         return Err(format!("PTX for {arch} lacks `.target {arch}`"));
     }
-    if let Some(line) = ptx.lines().find(|l| l.trim_start().starts_with(".extern .func")) {
+    if let Some(line) = ptx
+        .lines()
+        .find(|l| l.trim_start().starts_with(".extern .func"))
+    {
         return Err(format!(
             "PTX for {arch} calls an external function (a reachable panic or an un-inlined core \
              function): {line}"

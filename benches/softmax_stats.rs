@@ -1,1 +1,289 @@
-fn main() {}
+//! criterion bench of `softmax_stats`: rows 1, 8, 64, 256 × vocab 32000, 128256 × f16, f32, on the
+//! CPU backend always and the CUDA backend when a device is present, in bytes of logits read per
+//! second. After criterion, the same cases side by side with their peers measured in the same run:
+//! the usual multi-pass numpy computation on the CPU (numpy from the project's venv,
+//! `scripts/venv`), and the device's copy bandwidth on a GPU. Ratios are printed and written to
+//! `target/bench/softmax_stats.json`.
+//!
+//! `SPECKV_BENCH_QUICK=1` runs only rows 64 × vocab 128256 (used by scripts/gpu-check).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use half::f16;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use speckv::cpu::CpuBackend;
+use speckv::cuda::CudaBackend;
+use speckv::{Backend, Dtype, Logits, LogitsData, StatsOptions};
+
+struct Case {
+    rows: usize,
+    vocab: usize,
+    dtype: Dtype,
+}
+
+fn cases() -> Vec<Case> {
+    let quick = std::env::var("SPECKV_BENCH_QUICK")
+        .map(|v| v == "1")
+        .unwrap_or(false);
+    let mut v = Vec::new();
+    let rows: &[usize] = if quick { &[64] } else { &[1, 8, 64, 256] };
+    let vocabs: &[usize] = if quick {
+        &[128_256]
+    } else {
+        &[32_000, 128_256]
+    };
+    for &vocab in vocabs {
+        for &rows in rows {
+            for dtype in [Dtype::F16, Dtype::F32] {
+                v.push(Case { rows, vocab, dtype });
+            }
+        }
+    }
+    v
+}
+
+struct Data {
+    f32s: Vec<f32>,
+    f16s: Vec<f16>,
+}
+
+fn data(n: usize) -> Data {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let f32s: Vec<f32> = (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            3.0 * z as f32
+        })
+        .collect();
+    let f16s = f32s.iter().map(|&x| f16::from_f32(x)).collect();
+    Data { f32s, f16s }
+}
+
+fn logits<'a>(d: &'a Data, c: &Case) -> Logits<'a> {
+    let n = c.rows * c.vocab;
+    let data = match c.dtype {
+        Dtype::F16 => LogitsData::F16(&d.f16s[..n]),
+        _ => LogitsData::F32(&d.f32s[..n]),
+    };
+    Logits::dense(data, c.vocab).expect("bench shapes are valid")
+}
+
+fn name(c: &Case) -> String {
+    format!("{}x{}/{}", c.rows, c.vocab, c.dtype.name())
+}
+
+fn bench(cr: &mut Criterion) {
+    let cs = cases();
+    let max_n = cs.iter().map(|c| c.rows * c.vocab).max().unwrap_or(0);
+    let d = data(max_n);
+    let opts = StatsOptions::default();
+    let cpu = CpuBackend::new();
+    let mut g = cr.benchmark_group("softmax_stats/cpu");
+    for c in &cs {
+        let l = logits(&d, c);
+        g.throughput(Throughput::Bytes(l.bytes_read() as u64));
+        g.bench_function(BenchmarkId::from_parameter(name(c)), |b| {
+            b.iter(|| cpu.softmax_stats(&l, &opts, None).expect("valid input"))
+        });
+    }
+    g.finish();
+    if let Some(cuda) = cuda_backend() {
+        let mut g = cr.benchmark_group("softmax_stats/cuda");
+        for c in &cs {
+            let l = logits(&d, c);
+            g.throughput(Throughput::Bytes(l.bytes_read() as u64));
+            g.bench_function(BenchmarkId::from_parameter(name(c)), |b| {
+                b.iter_custom(|iters| {
+                    cuda.time_softmax_stats(&l, &opts, iters as u32)
+                        .expect("launch")
+                        * iters as u32
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn cuda_backend() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("softmax_stats bench: CUDA skipped ({e})");
+            None
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's python (created by scripts/venv on first use), or None with a message.
+fn venv_python() -> Option<PathBuf> {
+    let out = Command::new(root().join("scripts/venv")).output().ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "numpy peer skipped: scripts/venv failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+        return None;
+    }
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Writes a 2-D .npy (f32 or f16, C order).
+fn write_npy(path: &Path, l: &Logits<'_>) -> std::io::Result<()> {
+    let descr = match l.dtype() {
+        Dtype::F16 => "<f2",
+        _ => "<f4",
+    };
+    let mut header = format!(
+        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}, {}), }}",
+        l.rows(),
+        l.vocab()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + l.bytes_read());
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&l.data().bytes()[..l.bytes_read()]);
+    std::fs::write(path, bytes)
+}
+
+fn numpy_seconds(python: &Path, l: &Logits<'_>, dir: &Path) -> Option<f64> {
+    let file = dir.join("logits.npy");
+    write_npy(&file, l).ok()?;
+    let out = Command::new(python)
+        .arg(root().join("scripts/numpy_softmax_stats.py"))
+        .arg(&file)
+        .args(["1.0", "0.5"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "numpy peer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["seconds_per_call"].as_f64()
+}
+
+/// Our time and the peers', same data, same run.
+fn peers() {
+    let cs = cases();
+    let max_n = cs.iter().map(|c| c.rows * c.vocab).max().unwrap_or(0);
+    let d = data(max_n);
+    let opts = StatsOptions::default();
+    let budget = Duration::from_millis(500);
+    let dir = root().join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let mut json = Vec::new();
+
+    let cpu = Backend::Cpu(CpuBackend::new());
+    let python = venv_python();
+    println!(
+        "\nsoftmax_stats on the CPU ({}) vs multi-pass numpy, same data, same run",
+        cpu.device()
+    );
+    println!(
+        "{:<22} {:>12} {:>12} {:>10}",
+        "case", "speckv GB/s", "numpy GB/s", "speedup"
+    );
+    for c in &cs {
+        let l = logits(&d, c);
+        let ours = cpu
+            .time_softmax_stats(&l, &opts, budget)
+            .expect("valid input")
+            .as_secs_f64();
+        let gb = l.bytes_read() as f64 / 1e9;
+        let np = python.as_ref().and_then(|p| numpy_seconds(p, &l, &dir));
+        match np {
+            Some(np) => println!(
+                "{:<22} {:>12.2} {:>12.2} {:>9.1}×",
+                name(c),
+                gb / ours,
+                gb / np,
+                np / ours
+            ),
+            None => println!(
+                "{:<22} {:>12.2} {:>12} {:>10}",
+                name(c),
+                gb / ours,
+                "-",
+                "-"
+            ),
+        }
+        json.push(serde_json::json!({
+            "backend": "cpu", "case": name(c), "rows": c.rows, "vocab": c.vocab, "dtype": c.dtype,
+            "seconds": ours, "gbps": gb / ours, "numpy_seconds": np, "speedup_vs_numpy": np.map(|n| n / ours),
+        }));
+    }
+    let _ = std::fs::remove_file(dir.join("logits.npy"));
+
+    if let Some(cuda) = cuda_backend() {
+        let copy = cuda.copy_bandwidth(512 << 20, 20).expect("device copy");
+        println!(
+            "\nsoftmax_stats on {} vs its measured device-to-device copy bandwidth {:.1} GB/s",
+            cuda.device_name(),
+            copy / 1e9
+        );
+        println!("{:<22} {:>12} {:>14}", "case", "speckv GB/s", "% of copy");
+        let cuda = Backend::Cuda(Box::new(cuda));
+        for c in &cs {
+            let l = logits(&d, c);
+            let t = cuda
+                .time_softmax_stats(&l, &opts, budget)
+                .expect("launch")
+                .as_secs_f64();
+            let gbps = l.bytes_read() as f64 / t;
+            println!(
+                "{:<22} {:>12.1} {:>13.1}%",
+                name(c),
+                gbps / 1e9,
+                100.0 * gbps / copy
+            );
+            json.push(serde_json::json!({
+                "backend": "cuda", "case": name(c), "rows": c.rows, "vocab": c.vocab, "dtype": c.dtype,
+                "seconds": t, "gbps": gbps / 1e9, "copy_gbps": copy / 1e9, "fraction_of_copy": gbps / copy,
+            }));
+        }
+    }
+    let path = dir.join("softmax_stats.json");
+    if std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )
+    .is_ok()
+    {
+        println!("\nwritten: {}", path.display());
+    }
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .configure_from_args()
+}
+
+criterion_group! { name = benches; config = config(); targets = bench }
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    peers();
+}

@@ -34,7 +34,9 @@ impl Backend {
                 if cuda::driver_present() {
                     match CudaBackend::new(0) {
                         Ok(c) => return Ok(Backend::Cuda(Box::new(c))),
-                        Err(e) => eprintln!("speckv: CUDA present but unusable ({e}); using the CPU"),
+                        Err(e) => {
+                            eprintln!("speckv: CUDA present but unusable ({e}); using the CPU")
+                        }
                     }
                 }
                 Ok(Backend::Cpu(CpuBackend::new()))
@@ -70,7 +72,12 @@ impl Backend {
 
     /// Time of one statistics pass over `logits` (device-resident on CUDA), averaged over at least
     /// `min_time`.
-    pub fn time_softmax_stats(&self, logits: &Logits<'_>, opts: &StatsOptions, min_time: Duration) -> Result<Duration> {
+    pub fn time_softmax_stats(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        min_time: Duration,
+    ) -> Result<Duration> {
         match self {
             Backend::Cpu(c) => {
                 c.softmax_stats(logits, opts, None)?; // warm-up
@@ -84,7 +91,8 @@ impl Backend {
             }
             Backend::Cuda(c) => {
                 let one = c.time_softmax_stats(logits, opts, 3)?;
-                let iters = (min_time.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
+                let iters =
+                    (min_time.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
                 c.time_softmax_stats(logits, opts, iters as u32)
             }
         }
@@ -98,7 +106,11 @@ impl std::str::FromStr for BackendKind {
             "auto" => Ok(BackendKind::Auto),
             "cpu" => Ok(BackendKind::Cpu),
             "cuda" => Ok(BackendKind::Cuda),
-            _ => Err(Error::Unknown { what: "backend", value: s.to_string(), expected: "auto, cpu, cuda" }),
+            _ => Err(Error::Unknown {
+                what: "backend",
+                value: s.to_string(),
+                expected: "auto, cpu, cuda",
+            }),
         }
     }
 }

@@ -72,11 +72,15 @@ impl CudaBackend {
     /// Opens device `ordinal` and loads the PTX for its architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
         if !driver_present() {
-            return Err(Error::NoCuda("no CUDA driver library (libcuda) was found".to_string()));
+            return Err(Error::NoCuda(
+                "no CUDA driver library (libcuda) was found".to_string(),
+            ));
         }
         let count = CudaContext::device_count()?;
         if count <= ordinal as i32 {
-            return Err(Error::NoCuda(format!("device {ordinal} requested, {count} present")));
+            return Err(Error::NoCuda(format!(
+                "device {ordinal} requested, {count} present"
+            )));
         }
         let ctx = CudaContext::new(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
@@ -89,7 +93,14 @@ impl CudaBackend {
         }
         let name = ctx.name()?;
         let stream = ctx.default_stream();
-        Ok(CudaBackend { ctx, stream, _module: module, functions, arch, name })
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            _module: module,
+            functions,
+            arch,
+            name,
+        })
     }
 
     pub fn device_name(&self) -> &str {
@@ -139,9 +150,14 @@ impl CudaBackend {
         check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
         let rows = logits.rows();
         let d_logits = self.stream.clone_htod(logits.data().bytes())?;
-        let mut d_out = self.stream.alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
+        let mut d_out = self
+            .stream
+            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
         let mut d_accum = match &accum {
-            Some(a) => Some(self.stream.clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(a))?),
+            Some(a) => Some(
+                self.stream
+                    .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(a))?,
+            ),
             None => None,
         };
         {
@@ -175,20 +191,37 @@ impl CudaBackend {
 
     /// Mean time of one `softmax_stats` launch over device-resident logits (uploaded once, timed
     /// with CUDA events, transfers excluded).
-    pub fn time_softmax_stats(&self, logits: &Logits<'_>, opts: &StatsOptions, iters: u32) -> Result<Duration> {
+    pub fn time_softmax_stats(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        iters: u32,
+    ) -> Result<Duration> {
         opts.validate()?;
         let rows = logits.rows();
         let d_logits = self.stream.clone_htod(logits.data().bytes())?;
-        let mut d_out = self.stream.alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
+        let mut d_out = self
+            .stream
+            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
         let (lp, _g1) = d_logits.device_ptr(&self.stream);
         let (op, _g2) = d_out.device_ptr_mut(&self.stream);
         let mut o = *opts;
         o.accumulate = crate::logits::Accumulate::No;
-        let params = stats_params(logits, &o, lp as *const u8, op as *mut RowStats, std::ptr::null_mut());
+        let params = stats_params(
+            logits,
+            &o,
+            lp as *const u8,
+            op as *mut RowStats,
+            std::ptr::null_mut(),
+        );
         // SAFETY: as in `softmax_stats`; buffers live to the end of this function.
         unsafe { self.launch_stats(logits.dtype(), params) }?; // warm-up
-        let start = self.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = self.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let start = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         start.record(&self.stream)?;
         for _ in 0..iters.max(1) {
             // SAFETY: as above.
@@ -197,7 +230,9 @@ impl CudaBackend {
         end.record(&self.stream)?;
         end.synchronize()?;
         let ms = start.elapsed_ms(&end)?;
-        Ok(Duration::from_secs_f64(ms as f64 / 1e3 / iters.max(1) as f64))
+        Ok(Duration::from_secs_f64(
+            ms as f64 / 1e3 / iters.max(1) as f64,
+        ))
     }
 
     /// Device-to-device copy bandwidth (read + write bytes per second) of `bytes` bytes, the
@@ -206,8 +241,12 @@ impl CudaBackend {
         let src = self.stream.alloc_zeros::<u8>(bytes)?;
         let mut dst = self.stream.alloc_zeros::<u8>(bytes)?;
         self.stream.memcpy_dtod(&src, &mut dst)?;
-        let start = self.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = self.ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let start = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         start.record(&self.stream)?;
         for _ in 0..iters.max(1) {
             self.stream.memcpy_dtod(&src, &mut dst)?;

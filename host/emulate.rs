@@ -24,7 +24,13 @@ pub fn softmax_stats(
         Some(a) => a.as_mut_ptr(),
         None => std::ptr::null_mut(),
     };
-    let params = stats_params(logits, opts, logits.data().bytes().as_ptr(), out.as_mut_ptr(), accum_ptr);
+    let params = stats_params(
+        logits,
+        opts,
+        logits.data().bytes().as_ptr(),
+        out.as_mut_ptr(),
+        accum_ptr,
+    );
     let cfg = LaunchConfig {
         grid: logits.rows() as u32,
         block,

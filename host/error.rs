@@ -14,9 +14,19 @@ pub enum Error {
     #[error("row stride {stride} is smaller than vocab {vocab}")]
     StrideTooSmall { stride: usize, vocab: usize },
     #[error("logits hold {got} elements but {rows} rows of vocab {vocab} at stride {stride} need {need}")]
-    LogitsLength { got: usize, need: usize, rows: usize, vocab: usize, stride: usize },
+    LogitsLength {
+        got: usize,
+        need: usize,
+        rows: usize,
+        vocab: usize,
+        stride: usize,
+    },
     #[error("{what} has length {got}, expected {expected}")]
-    Length { what: &'static str, got: usize, expected: usize },
+    Length {
+        what: &'static str,
+        got: usize,
+        expected: usize,
+    },
     #[error("temperature must be finite and >= 0 (0 means greedy), got {0}")]
     BadTemperature(f32),
     #[error("block size {0} is not a multiple of 32 between 32 and 1024")]
@@ -24,7 +34,11 @@ pub enum Error {
     #[error("{0} does not fit the kernels' 32-bit sizes")]
     TooLarge(&'static str),
     #[error("unknown {what} {value:?}; expected one of {expected}")]
-    Unknown { what: &'static str, value: String, expected: &'static str },
+    Unknown {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("the CUDA backend is unavailable: {0}")]
     NoCuda(String),
     #[error(
@@ -39,7 +53,10 @@ pub enum Error {
     #[error("emulator: {0}")]
     Emulator(#[from] EmuError),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }

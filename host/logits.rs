@@ -36,11 +36,14 @@ impl Dtype {
     }
 
     pub fn parse(s: &str) -> Result<Dtype> {
-        Dtype::ALL.into_iter().find(|d| d.name() == s).ok_or_else(|| Error::Unknown {
-            what: "dtype",
-            value: s.to_string(),
-            expected: "f32, f16, bf16",
-        })
+        Dtype::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| Error::Unknown {
+                what: "dtype",
+                value: s.to_string(),
+                expected: "f32, f16, bf16",
+            })
     }
 }
 
@@ -115,10 +118,16 @@ impl<'a> Logits<'a> {
             return Err(Error::Empty { what: "vocab" });
         }
         if vocab > MAX_VOCAB {
-            return Err(Error::VocabTooLarge { vocab, max: MAX_VOCAB });
+            return Err(Error::VocabTooLarge {
+                vocab,
+                max: MAX_VOCAB,
+            });
         }
         if row_stride < vocab {
-            return Err(Error::StrideTooSmall { stride: row_stride, vocab });
+            return Err(Error::StrideTooSmall {
+                stride: row_stride,
+                vocab,
+            });
         }
         if rows > u32::MAX as usize || row_stride > u32::MAX as usize {
             return Err(Error::TooLarge("rows or row stride"));
@@ -136,7 +145,12 @@ impl<'a> Logits<'a> {
                 stride: row_stride,
             });
         }
-        Ok(Logits { data, rows, vocab, row_stride })
+        Ok(Logits {
+            data,
+            rows,
+            vocab,
+            row_stride,
+        })
     }
 
     /// Dense rows (stride = vocab); the length must be a whole number of rows.
@@ -202,7 +216,13 @@ pub struct StatsOptions {
 
 impl Default for StatsOptions {
     fn default() -> Self {
-        StatsOptions { temperature: 1.0, sample: false, seed: 0, step: 0, accumulate: Accumulate::No }
+        StatsOptions {
+            temperature: 1.0,
+            sample: false,
+            seed: 0,
+            step: 0,
+            accumulate: Accumulate::No,
+        }
     }
 }
 
@@ -243,7 +263,11 @@ pub fn check_accum(accum_len: Option<usize>, rows: usize, opts: &StatsOptions) -
         (_, None) => Err(Error::Other(
             "accumulation was requested but no accumulator slice was given".to_string(),
         )),
-        (_, Some(n)) if n != rows => Err(Error::Length { what: "accumulators", got: n, expected: rows }),
+        (_, Some(n)) if n != rows => Err(Error::Length {
+            what: "accumulators",
+            got: n,
+            expected: rows,
+        }),
         _ => Ok(()),
     }
 }

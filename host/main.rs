@@ -4,10 +4,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use speckv::ptx::Arch;
 use speckv::{report, Backend, BackendKind};
 
 #[derive(Parser)]
-#[command(name = "speckv", version, about = "Speculative decoding with an adaptive speculation length γ")]
+#[command(
+    name = "speckv",
+    version,
+    about = "Speculative decoding with an adaptive speculation length γ"
+)]
 struct Cli {
     /// Backend: CUDA when a device is present (auto), or forced.
     #[arg(long, value_enum, default_value_t = BackendKind::Auto, global = true)]
@@ -27,18 +32,47 @@ enum Command {
         #[arg(long, default_value_t = 0.5)]
         seconds: f64,
     },
+    /// Write the embedded PTX of every kernel (entry points in docs/kernels.md).
+    Ptx {
+        /// sm_80 or sm_90.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn run(cli: Cli) -> speckv::Result<()> {
+    if let Command::Ptx { arch, out } = &cli.command {
+        let ptx = Arch::parse(arch)?.ptx()?;
+        return match out {
+            Some(path) => std::fs::write(path, ptx).map_err(|source| speckv::Error::Io {
+                context: format!("writing {}", path.display()),
+                source,
+            }),
+            None => {
+                print!("{ptx}");
+                Ok(())
+            }
+        };
+    }
     let backend = Backend::new(cli.backend)?;
     match cli.command {
+        Command::Ptx { .. } => unreachable!("handled above"),
         Command::Report { json, seconds } => {
             if !(seconds > 0.0 && seconds.is_finite()) {
-                return Err(speckv::Error::Other(format!("--seconds must be positive, got {seconds}")));
+                return Err(speckv::Error::Other(format!(
+                    "--seconds must be positive, got {seconds}"
+                )));
             }
             let r = report::build(&backend, Duration::from_secs_f64(seconds))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).map_err(|e| speckv::Error::Other(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r)
+                        .map_err(|e| speckv::Error::Other(e.to_string()))?
+                );
             } else {
                 print!("{}", report::render(&r));
             }

@@ -40,15 +40,22 @@ impl Arch {
     }
 
     pub fn parse(s: &str) -> Result<Arch> {
-        Arch::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| Error::Unknown {
-            what: "architecture",
-            value: s.to_string(),
-            expected: "sm_80, sm_90",
-        })
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| Error::Unknown {
+                what: "architecture",
+                value: s.to_string(),
+                expected: "sm_80, sm_90",
+            })
     }
 }
 
 /// The architectures whose PTX this build embeds.
 pub fn built_archs() -> Vec<&'static str> {
-    Arch::ALL.into_iter().filter(|a| a.ptx().is_ok()).map(Arch::name).collect()
+    Arch::ALL
+        .into_iter()
+        .filter(|a| a.ptx().is_ok())
+        .map(Arch::name)
+        .collect()
 }

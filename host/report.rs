@@ -133,8 +133,19 @@ pub fn render(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("backend     {}\n", r.backend));
     s.push_str(&format!("device      {}\n", r.device));
-    let archs = if r.ptx_archs.is_empty() { "none".to_string() } else { r.ptx_archs.join(", ") };
-    s.push_str(&format!("ptx         {archs} ({})\n", if r.ptx_toolchain.is_empty() { "-" } else { r.ptx_toolchain }));
+    let archs = if r.ptx_archs.is_empty() {
+        "none".to_string()
+    } else {
+        r.ptx_archs.join(", ")
+    };
+    s.push_str(&format!(
+        "ptx         {archs} ({})\n",
+        if r.ptx_toolchain.is_empty() {
+            "-"
+        } else {
+            r.ptx_toolchain
+        }
+    ));
     if let Some(e) = r.ptx_build_error {
         s.push_str(&format!("ptx error   {e}\n"));
     }
@@ -152,7 +163,10 @@ pub fn render(r: &Report) -> String {
         ));
     }
     if let (Some(copy), Some(f)) = (st.copy_gbps, st.fraction_of_copy) {
-        s.push_str(&format!("  device copy bandwidth {copy:.1} GB/s; headline case at {:.0} % of it\n", f * 100.0));
+        s.push_str(&format!(
+            "  device copy bandwidth {copy:.1} GB/s; headline case at {:.0} % of it\n",
+            f * 100.0
+        ));
     }
     if !st.validated_on_gpu {
         s.push_str("  (the CUDA kernel is validated on the CPU emulator and by ptxas only)\n");

@@ -6,12 +6,18 @@ use speckv_kernels::emu::{self, EmuError, LaunchConfig};
 use speckv_kernels::gpu;
 
 fn cfg(grid: u32, block: u32, shared_bytes: usize) -> LaunchConfig {
-    LaunchConfig { grid, block, shared_bytes }
+    LaunchConfig {
+        grid,
+        block,
+        shared_bytes,
+    }
 }
 
 /// Runs a kernel writing one u32 per thread and returns the buffer.
 fn per_thread(grid: u32, block: u32, shared: usize, f: impl Fn() -> u32 + Sync) -> Vec<u32> {
-    let out: Vec<AtomicU32> = (0..grid * block).map(|_| AtomicU32::new(u32::MAX)).collect();
+    let out: Vec<AtomicU32> = (0..grid * block)
+        .map(|_| AtomicU32::new(u32::MAX))
+        .collect();
     // SAFETY: the kernel only touches the atomics through safe code.
     unsafe {
         emu::launch(cfg(grid, block, shared), || {
@@ -25,7 +31,9 @@ fn per_thread(grid: u32, block: u32, shared: usize, f: impl Fn() -> u32 + Sync) 
 
 #[test]
 fn emulator_indices_cover_the_grid() {
-    let v = per_thread(3, 64, 0, || gpu::block_idx_x() * 1000 + gpu::thread_idx_x() + gpu::grid_dim_x() * 1_000_000);
+    let v = per_thread(3, 64, 0, || {
+        gpu::block_idx_x() * 1000 + gpu::thread_idx_x() + gpu::grid_dim_x() * 1_000_000
+    });
     for b in 0..3u32 {
         for t in 0..64u32 {
             assert_eq!(v[(b * 64 + t) as usize], 3_000_000 + b * 1000 + t);
@@ -46,7 +54,9 @@ fn emulator_shuffles_have_cuda_semantics() {
         assert_eq!(down[t as usize], want_down, "thread {t}");
         assert_eq!(idx[t as usize], warp + 3);
     }
-    let f = per_thread(1, 32, 0, || gpu::shfl_xor_f32(gpu::thread_idx_x() as f32 + 0.5, 1).to_bits());
+    let f = per_thread(1, 32, 0, || {
+        gpu::shfl_xor_f32(gpu::thread_idx_x() as f32 + 0.5, 1).to_bits()
+    });
     assert_eq!(f32::from_bits(f[6]), 7.5);
 }
 
@@ -85,7 +95,11 @@ fn emulator_barrier_orders_shared_memory() {
         });
         for b in 0..2u32 {
             for t in 0..block {
-                assert_eq!(v[(b * block + t) as usize], ((t + 1) % block) * 3 + b, "block {block}");
+                assert_eq!(
+                    v[(b * block + t) as usize],
+                    ((t + 1) % block) * 3 + b,
+                    "block {block}"
+                );
             }
         }
     }
@@ -114,14 +128,24 @@ fn emulator_reports_a_shuffle_from_an_exited_lane() {
             gpu::shfl_idx_u32(1, 7);
         })
     };
-    assert!(matches!(r, Err(EmuError::KernelPanic { ref message, .. }) if message.contains("exited")), "{r:?}");
+    assert!(
+        matches!(r, Err(EmuError::KernelPanic { ref message, .. }) if message.contains("exited")),
+        "{r:?}"
+    );
 }
 
 #[test]
 fn emulator_reports_a_shuffle_from_a_missing_lane() {
     // SAFETY: no memory is touched.
-    let r = unsafe { emu::launch(cfg(1, 40, 0), || { gpu::shfl_xor_u32(1, 16); }) };
-    assert!(matches!(r, Err(EmuError::KernelPanic { ref message, .. }) if message.contains("does not exist")), "{r:?}");
+    let r = unsafe {
+        emu::launch(cfg(1, 40, 0), || {
+            gpu::shfl_xor_u32(1, 16);
+        })
+    };
+    assert!(
+        matches!(r, Err(EmuError::KernelPanic { ref message, .. }) if message.contains("does not exist")),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -151,12 +175,20 @@ fn emulator_turns_kernel_panics_into_errors() {
             gpu::sync_threads();
         })
     };
-    assert!(matches!(r, Err(EmuError::KernelPanic { block: 2, ref message }) if message.contains("boom")), "{r:?}");
+    assert!(
+        matches!(r, Err(EmuError::KernelPanic { block: 2, ref message }) if message.contains("boom")),
+        "{r:?}"
+    );
 }
 
 #[test]
 fn emulator_rejects_impossible_launches() {
-    for c in [cfg(0, 32, 0), cfg(1, 0, 0), cfg(1, 1025, 0), cfg(1, 32, 300 * 1024)] {
+    for c in [
+        cfg(0, 32, 0),
+        cfg(1, 0, 0),
+        cfg(1, 1025, 0),
+        cfg(1, 32, 300 * 1024),
+    ] {
         // SAFETY: nothing runs.
         let r = unsafe { emu::launch(c, || {}) };
         assert!(matches!(r, Err(EmuError::BadLaunch(_))), "{c:?}: {r:?}");

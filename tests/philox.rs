@@ -6,13 +6,19 @@ use speckv_kernels::{gpu, philox};
 /// Known-answer vectors of Random123 (kat_vectors, philox4x32_10).
 #[test]
 fn philox4x32_10_known_answers() {
-    assert_eq!(philox::philox4x32_10([0, 0, 0, 0], [0, 0]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+    assert_eq!(
+        philox::philox4x32_10([0, 0, 0, 0], [0, 0]),
+        [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+    );
     assert_eq!(
         philox::philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
         [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
     );
     assert_eq!(
-        philox::philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+        philox::philox4x32_10(
+            [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+            [0xa4093822, 0x299f31d0]
+        ),
         [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
     );
 }
@@ -39,7 +45,10 @@ fn uniform_is_strictly_inside_zero_one() {
     assert_eq!(philox::uniform_open(0), 0.5 / 8_388_608.0);
     // Mean of many draws is 1/2.
     let n = 100_000u32;
-    let mean: f64 = (0..n).map(|i| philox::uniform_open(philox::bits(4, i, 0, 0)) as f64).sum::<f64>() / n as f64;
+    let mean: f64 = (0..n)
+        .map(|i| philox::uniform_open(philox::bits(4, i, 0, 0)) as f64)
+        .sum::<f64>()
+        / n as f64;
     assert!((mean - 0.5).abs() < 0.005, "{mean}");
 }
 
@@ -61,7 +70,9 @@ fn ln_det_is_accurate_over_its_domain() {
 #[test]
 fn gumbel_has_its_mean_and_variance() {
     let n = 200_000u32;
-    let g: Vec<f64> = (0..n).map(|i| philox::gumbel(philox::uniform_open(philox::bits(7, i, 1, 2))) as f64).collect();
+    let g: Vec<f64> = (0..n)
+        .map(|i| philox::gumbel(philox::uniform_open(philox::bits(7, i, 1, 2))) as f64)
+        .collect();
     let mean = g.iter().sum::<f64>() / n as f64;
     let var = g.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
     let euler = 0.577_215_664_9;
@@ -88,6 +99,9 @@ fn bf16_conversion_is_exact() {
     for bits in (0..=u16::MAX).step_by(7) {
         let want = bf16::from_bits(bits).to_f32();
         let got = gpu::bf16_to_f32(bits);
-        assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{bits:#06x}");
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{bits:#06x}"
+        );
     }
 }

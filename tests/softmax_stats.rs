@@ -26,12 +26,30 @@ struct Ref {
 
 fn reference_row(x: &[f32], temperature: f32) -> Ref {
     if x.iter().any(|v| v.is_nan() || *v == f32::INFINITY) {
-        return Ref { max_logit: f64::NAN, lse: f64::NAN, entropy: f64::NAN, confidence: f64::NAN, argmax: -1, flags: ROW_NONFINITE };
+        return Ref {
+            max_logit: f64::NAN,
+            lse: f64::NAN,
+            entropy: f64::NAN,
+            confidence: f64::NAN,
+            argmax: -1,
+            flags: ROW_NONFINITE,
+        };
     }
     if x.iter().all(|v| *v == f32::NEG_INFINITY) {
-        return Ref { max_logit: f64::NAN, lse: f64::NAN, entropy: f64::NAN, confidence: f64::NAN, argmax: -1, flags: ROW_ALL_MASKED };
+        return Ref {
+            max_logit: f64::NAN,
+            lse: f64::NAN,
+            entropy: f64::NAN,
+            confidence: f64::NAN,
+            argmax: -1,
+            flags: ROW_ALL_MASKED,
+        };
     }
-    let t = if temperature == 0.0 { 1.0 } else { temperature as f64 };
+    let t = if temperature == 0.0 {
+        1.0
+    } else {
+        temperature as f64
+    };
     let mut argmax = 0usize;
     for (i, v) in x.iter().enumerate() {
         if *v > x[argmax] {
@@ -51,7 +69,14 @@ fn reference_row(x: &[f32], temperature: f32) -> Ref {
         }
         confidence = confidence.max(p);
     }
-    Ref { max_logit: x[argmax] as f64, lse, entropy, confidence, argmax: argmax as i32, flags: 0 }
+    Ref {
+        max_logit: x[argmax] as f64,
+        lse,
+        entropy,
+        confidence,
+        argmax: argmax as i32,
+        flags: 0,
+    }
 }
 
 /// The token the kernels must sample: Gumbel-max replayed from the same Philox words, with the
@@ -63,7 +88,9 @@ fn replay_sample(x: &[f32], temperature: f32, seed: u64, step: u64, row: u32) ->
         if v == f32::NEG_INFINITY {
             continue;
         }
-        let g = philox::gumbel(philox::uniform_open(philox::bits(seed, i as u32, row, step)));
+        let g = philox::gumbel(philox::uniform_open(philox::bits(
+            seed, i as u32, row, step,
+        )));
         let k = v * inv_t + g;
         if k > best.0 {
             best = (k, i as i32);
@@ -103,10 +130,24 @@ impl Input {
     }
 }
 
-type Run<'a> = &'a dyn Fn(&Logits<'_>, &StatsOptions, Option<&mut [FeatureAccum]>) -> speckv::Result<Vec<RowStats>>;
+type Run<'a> = &'a dyn Fn(
+    &Logits<'_>,
+    &StatsOptions,
+    Option<&mut [FeatureAccum]>,
+) -> speckv::Result<Vec<RowStats>>;
 
 /// Runs one case and checks every row against the reference.
-fn check_case(run: Run<'_>, input: &Input, dtype: Dtype, rows: usize, vocab: usize, stride: usize, opts: &StatsOptions, label: &str) {
+#[allow(clippy::too_many_arguments)]
+fn check_case(
+    run: Run<'_>,
+    input: &Input,
+    dtype: Dtype,
+    rows: usize,
+    vocab: usize,
+    stride: usize,
+    opts: &StatsOptions,
+    label: &str,
+) {
     let logits = Logits::new(input.data(dtype), rows, vocab, stride).unwrap();
     let out = run(&logits, opts, None).unwrap_or_else(|e| panic!("{label}: {e}"));
     assert_eq!(out.len(), rows, "{label}");
@@ -114,18 +155,33 @@ fn check_case(run: Run<'_>, input: &Input, dtype: Dtype, rows: usize, vocab: usi
     for (r, got) in out.iter().enumerate() {
         let x = &seen[r * stride..r * stride + vocab];
         let want = reference_row(x, opts.temperature);
-        let ctx = format!("{label} {dtype:?} row {r} rows {rows} vocab {vocab} T {}: got {got:?} want {want:?}", opts.temperature);
+        let ctx = format!(
+            "{label} {dtype:?} row {r} rows {rows} vocab {vocab} T {}: got {got:?} want {want:?}",
+            opts.temperature
+        );
         assert_eq!(got.flags, want.flags, "{ctx}");
         assert_eq!(got.argmax, want.argmax, "{ctx}");
         if want.flags != 0 {
-            assert!(got.entropy.is_nan() && got.confidence.is_nan() && got.lse.is_nan(), "{ctx}");
+            assert!(
+                got.entropy.is_nan() && got.confidence.is_nan() && got.lse.is_nan(),
+                "{ctx}"
+            );
             assert_eq!(got.sampled, -1, "{ctx}");
             continue;
         }
         assert_eq!(got.max_logit as f64, want.max_logit, "{ctx}");
-        assert!(common::close(got.lse as f64, want.lse, 1e-5, 1e-6), "lse {ctx}");
-        assert!(common::close(got.entropy as f64, want.entropy, 1e-5, 1e-6), "entropy {ctx}");
-        assert!(common::close(got.confidence as f64, want.confidence, 1e-5, 1e-6), "confidence {ctx}");
+        assert!(
+            common::close(got.lse as f64, want.lse, 1e-5, 1e-6),
+            "lse {ctx}"
+        );
+        assert!(
+            common::close(got.entropy as f64, want.entropy, 1e-5, 1e-6),
+            "entropy {ctx}"
+        );
+        assert!(
+            common::close(got.confidence as f64, want.confidence, 1e-5, 1e-6),
+            "confidence {ctx}"
+        );
         if opts.temperature == 0.0 {
             assert_eq!(got.sampled, got.argmax, "greedy samples the argmax: {ctx}");
             assert_eq!(got.sampled_prob, got.confidence, "{ctx}");
@@ -134,7 +190,10 @@ fn check_case(run: Run<'_>, input: &Input, dtype: Dtype, rows: usize, vocab: usi
             assert_eq!(got.sampled, want_tok, "sampled token {ctx}");
             let z = x[want_tok as usize] as f64 / opts.temperature as f64;
             let p = (z - want.lse).exp();
-            assert!(common::close(got.sampled_prob as f64, p, 1e-5, 1e-7), "sampled_prob {ctx}");
+            assert!(
+                common::close(got.sampled_prob as f64, p, 1e-5, 1e-7),
+                "sampled_prob {ctx}"
+            );
         } else {
             assert_eq!(got.sampled, -1, "{ctx}");
         }
@@ -157,13 +216,17 @@ macro_rules! per_backend {
             #[test]
             fn cpu() {
                 let b = CpuBackend::new();
-                let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| b.softmax_stats(l, o, a);
+                let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
+                    b.softmax_stats(l, o, a)
+                };
                 ($body)(&run, "cpu");
             }
             #[test]
             fn cuda() {
                 let Some(c) = common::cuda() else { return };
-                let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| c.softmax_stats(l, o, a);
+                let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
+                    c.softmax_stats(l, o, a)
+                };
                 ($body)(&run, "cuda");
             }
         }
@@ -189,30 +252,54 @@ per_backend!(awkward_shapes, |run: Run<'_>, label: &str| {
         let input = Input::new(common::normal_logits(rows * vocab, 3.0, 100 + k as u64));
         for &dtype in dtypes {
             for t in [1.0f32, 0.7] {
-                let opts = StatsOptions { temperature: t, ..Default::default() };
+                let opts = StatsOptions {
+                    temperature: t,
+                    ..Default::default()
+                };
                 check_case(run, &input, dtype, rows, vocab, vocab, &opts, label);
             }
         }
     }
 });
 
-per_backend!(greedy_reports_softmax_at_t1_and_samples_the_argmax, |run: Run<'_>, label: &str| {
-    let (rows, vocab) = (3, 1000);
-    let input = Input::new(common::normal_logits(rows * vocab, 2.0, 7));
-    let opts = StatsOptions { temperature: 0.0, sample: true, seed: 9, ..Default::default() };
-    check_case(run, &input, Dtype::F32, rows, vocab, vocab, &opts, label);
-});
+per_backend!(
+    greedy_reports_softmax_at_t1_and_samples_the_argmax,
+    |run: Run<'_>, label: &str| {
+        let (rows, vocab) = (3, 1000);
+        let input = Input::new(common::normal_logits(rows * vocab, 2.0, 7));
+        let opts = StatsOptions {
+            temperature: 0.0,
+            sample: true,
+            seed: 9,
+            ..Default::default()
+        };
+        check_case(run, &input, Dtype::F32, rows, vocab, vocab, &opts, label);
+    }
+);
 
-per_backend!(sampled_tokens_replay_exactly, |run: Run<'_>, label: &str| {
-    for (k, &(rows, vocab)) in [(3usize, 5usize), (3, 1000), (2, 50257)].iter().enumerate() {
-        let input = Input::new(common::normal_logits(rows * vocab, 2.5, 300 + k as u64));
-        for (t, seed, step) in [(1.0f32, 1u64, 0u64), (0.7, 42, 17), (1.3, u64::MAX, 1 << 40)] {
-            let opts = StatsOptions { temperature: t, sample: true, seed, step, ..Default::default() };
-            check_case(run, &input, Dtype::F32, rows, vocab, vocab, &opts, label);
-            check_case(run, &input, Dtype::Bf16, rows, vocab, vocab, &opts, label);
+per_backend!(
+    sampled_tokens_replay_exactly,
+    |run: Run<'_>, label: &str| {
+        for (k, &(rows, vocab)) in [(3usize, 5usize), (3, 1000), (2, 50257)].iter().enumerate() {
+            let input = Input::new(common::normal_logits(rows * vocab, 2.5, 300 + k as u64));
+            for (t, seed, step) in [
+                (1.0f32, 1u64, 0u64),
+                (0.7, 42, 17),
+                (1.3, u64::MAX, 1 << 40),
+            ] {
+                let opts = StatsOptions {
+                    temperature: t,
+                    sample: true,
+                    seed,
+                    step,
+                    ..Default::default()
+                };
+                check_case(run, &input, Dtype::F32, rows, vocab, vocab, &opts, label);
+                check_case(run, &input, Dtype::Bf16, rows, vocab, vocab, &opts, label);
+            }
         }
     }
-});
+);
 
 per_backend!(ties_go_to_the_lowest_index, |run: Run<'_>, label: &str| {
     let (rows, vocab) = (5, 777);
@@ -234,10 +321,10 @@ per_backend!(ties_go_to_the_lowest_index, |run: Run<'_>, label: &str| {
     }
     assert_eq!(by_dtype[0][4].argmax, 123);
     // The grid is exact in every dtype: the same argmax everywhere.
-    for r in 0..rows {
-        assert_eq!(by_dtype[0][r].argmax, by_dtype[1][r].argmax);
-        assert_eq!(by_dtype[0][r].argmax, by_dtype[2][r].argmax);
-    }
+    let argmaxes = |d: &Vec<RowStats>| d.iter().map(|r| r.argmax).collect::<Vec<_>>();
+    assert_eq!(argmaxes(&by_dtype[0]), argmaxes(&by_dtype[1]));
+    assert_eq!(argmaxes(&by_dtype[0]), argmaxes(&by_dtype[2]));
+    assert_eq!(by_dtype[0].len(), rows);
 });
 
 per_backend!(degenerate_rows, |run: Run<'_>, label: &str| {
@@ -252,41 +339,90 @@ per_backend!(degenerate_rows, |run: Run<'_>, label: &str| {
         *x = -1e4;
     }
     let input = Input::new(v);
-    let out = run(&Logits::dense(input.data(Dtype::F32), vocab).unwrap(), &StatsOptions::default(), None).unwrap();
+    let out = run(
+        &Logits::dense(input.data(Dtype::F32), vocab).unwrap(),
+        &StatsOptions::default(),
+        None,
+    )
+    .unwrap();
     let ln_v = (vocab as f64).ln();
-    assert!(common::close(out[0].entropy as f64, ln_v, 1e-5, 1e-6), "{label} uniform {:?}", out[0]);
-    assert!(common::close(out[0].confidence as f64, 1.0 / vocab as f64, 1e-5, 0.0));
+    assert!(
+        common::close(out[0].entropy as f64, ln_v, 1e-5, 1e-6),
+        "{label} uniform {:?}",
+        out[0]
+    );
+    assert!(common::close(
+        out[0].confidence as f64,
+        1.0 / vocab as f64,
+        1e-5,
+        0.0
+    ));
     assert_eq!(out[1].entropy, 0.0, "{label} one-hot {:?}", out[1]);
     assert_eq!(out[1].confidence, 1.0);
     assert_eq!(out[1].argmax, 17);
-    assert!(common::close(out[2].entropy as f64, 2f64.ln(), 1e-5, 1e-6), "{label} {:?}", out[2]);
+    assert!(
+        common::close(out[2].entropy as f64, 2f64.ln(), 1e-5, 1e-6),
+        "{label} {:?}",
+        out[2]
+    );
     assert_eq!(out[2].argmax, 5);
-    assert!(common::close(out[3].entropy as f64, ln_v, 1e-5, 1e-6), "{label} {:?}", out[3]);
+    assert!(
+        common::close(out[3].entropy as f64, ln_v, 1e-5, 1e-6),
+        "{label} {:?}",
+        out[3]
+    );
 });
 
-per_backend!(nonfinite_rows_are_flagged_not_averaged, |run: Run<'_>, label: &str| {
-    let vocab = 100;
-    let mut v = common::normal_logits(6 * vocab, 1.0, 5);
-    v[vocab + 50] = f32::NAN;
-    v[2 * vocab + 99] = f32::INFINITY;
-    for x in &mut v[3 * vocab..4 * vocab] {
-        *x = f32::NEG_INFINITY;
+per_backend!(
+    nonfinite_rows_are_flagged_not_averaged,
+    |run: Run<'_>, label: &str| {
+        let vocab = 100;
+        let mut v = common::normal_logits(6 * vocab, 1.0, 5);
+        v[vocab + 50] = f32::NAN;
+        v[2 * vocab + 99] = f32::INFINITY;
+        for x in &mut v[3 * vocab..4 * vocab] {
+            *x = f32::NEG_INFINITY;
+        }
+        for i in (0..vocab).step_by(3) {
+            v[4 * vocab + i] = f32::NEG_INFINITY; // partially masked: a valid row
+        }
+        v[5 * vocab] = f32::NAN;
+        v[5 * vocab + 1] = f32::NEG_INFINITY;
+        let input = Input::new(v);
+        for dtype in Dtype::ALL {
+            let opts = StatsOptions {
+                temperature: 0.9,
+                sample: true,
+                seed: 3,
+                ..Default::default()
+            };
+            check_case(run, &input, dtype, 6, vocab, vocab, &opts, label);
+            let out = run(
+                &Logits::dense(input.data(dtype), vocab).unwrap(),
+                &opts,
+                None,
+            )
+            .unwrap();
+            let flags: Vec<u32> = out.iter().map(|r| r.flags).collect();
+            assert_eq!(
+                flags,
+                vec![
+                    0,
+                    ROW_NONFINITE,
+                    ROW_NONFINITE,
+                    ROW_ALL_MASKED,
+                    0,
+                    ROW_NONFINITE
+                ],
+                "{label}"
+            );
+            assert!(
+                out[4].sampled % 3 != 0,
+                "a masked token was sampled: {label}"
+            );
+        }
     }
-    for i in (0..vocab).step_by(3) {
-        v[4 * vocab + i] = f32::NEG_INFINITY; // partially masked: a valid row
-    }
-    v[5 * vocab] = f32::NAN;
-    v[5 * vocab + 1] = f32::NEG_INFINITY;
-    let input = Input::new(v);
-    for dtype in Dtype::ALL {
-        let opts = StatsOptions { temperature: 0.9, sample: true, seed: 3, ..Default::default() };
-        check_case(run, &input, dtype, 6, vocab, vocab, &opts, label);
-        let out = run(&Logits::dense(input.data(dtype), vocab).unwrap(), &opts, None).unwrap();
-        let flags: Vec<u32> = out.iter().map(|r| r.flags).collect();
-        assert_eq!(flags, vec![0, ROW_NONFINITE, ROW_NONFINITE, ROW_ALL_MASKED, 0, ROW_NONFINITE], "{label}");
-        assert!(out[4].sampled % 3 != 0, "a masked token was sampled: {label}");
-    }
-});
+);
 
 per_backend!(row_stride_skips_padding, |run: Run<'_>, label: &str| {
     let (rows, vocab, stride) = (3, 33, 40);
@@ -297,7 +433,12 @@ per_backend!(row_stride_skips_padding, |run: Run<'_>, label: &str| {
         }
     }
     let input = Input::new(v);
-    let opts = StatsOptions { temperature: 1.0, sample: true, seed: 5, ..Default::default() };
+    let opts = StatsOptions {
+        temperature: 1.0,
+        sample: true,
+        seed: 5,
+        ..Default::default()
+    };
     for dtype in Dtype::ALL {
         check_case(run, &input, dtype, rows, vocab, stride, &opts, label);
     }
@@ -307,13 +448,26 @@ per_backend!(feature_accumulators, |run: Run<'_>, label: &str| {
     let (rows, vocab) = (4, 257);
     let mut acc = vec![FeatureAccum::EMPTY; rows];
     let mut want = vec![FeatureAccum::EMPTY; rows];
-    for (step, mode) in [Accumulate::Reset, Accumulate::Add, Accumulate::Add, Accumulate::Reset, Accumulate::Add].into_iter().enumerate() {
+    for (step, mode) in [
+        Accumulate::Reset,
+        Accumulate::Add,
+        Accumulate::Add,
+        Accumulate::Reset,
+        Accumulate::Add,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut v = common::normal_logits(rows * vocab, 1.5, 50 + step as u64);
         if step == 2 {
             v[2 * vocab + 3] = f32::NAN; // row 2 of this draft is bad
         }
         let input = Input::new(v);
-        let opts = StatsOptions { temperature: 0.8, accumulate: mode, ..Default::default() };
+        let opts = StatsOptions {
+            temperature: 0.8,
+            accumulate: mode,
+            ..Default::default()
+        };
         let l = Logits::dense(input.data(Dtype::F32), vocab).unwrap();
         let out = run(&l, &opts, Some(&mut acc)).unwrap();
         for r in 0..rows {
@@ -328,27 +482,57 @@ per_backend!(feature_accumulators, |run: Run<'_>, label: &str| {
             let (g, w) = (&acc[r], &want[r]);
             let ctx = format!("{label} step {step} row {r}: {g:?} vs {w:?}");
             assert_eq!((g.count, g.flags), (w.count, w.flags), "{ctx}");
-            assert!(common::close(g.entropy_sum as f64, w.entropy_sum as f64, 1e-5, 1e-6), "{ctx}");
-            assert!(common::close(g.entropy_max as f64, w.entropy_max as f64, 1e-5, 1e-6), "{ctx}");
-            assert!(common::close(g.confidence_sum as f64, w.confidence_sum as f64, 1e-5, 1e-6), "{ctx}");
-            assert!(common::close(g.confidence_min as f64, w.confidence_min as f64, 1e-5, 1e-6), "{ctx}");
+            assert!(
+                common::close(g.entropy_sum as f64, w.entropy_sum as f64, 1e-5, 1e-6),
+                "{ctx}"
+            );
+            assert!(
+                common::close(g.entropy_max as f64, w.entropy_max as f64, 1e-5, 1e-6),
+                "{ctx}"
+            );
+            assert!(
+                common::close(g.confidence_sum as f64, w.confidence_sum as f64, 1e-5, 1e-6),
+                "{ctx}"
+            );
+            assert!(
+                common::close(g.confidence_min as f64, w.confidence_min as f64, 1e-5, 1e-6),
+                "{ctx}"
+            );
         }
     }
     // After the last reset: two good rows each; row 2's NaN was in the earlier step.
-    assert!(acc.iter().all(|a| a.count == 2 && a.flags == 0), "{label} {acc:?}");
+    assert!(
+        acc.iter().all(|a| a.count == 2 && a.flags == 0),
+        "{label} {acc:?}"
+    );
 });
 
 per_backend!(bad_input_is_a_typed_error, |run: Run<'_>, label: &str| {
     let v = vec![0.5f32; 64];
     let l = Logits::dense(LogitsData::F32(&v), 32).unwrap();
     for t in [-1.0f32, f32::NAN, f32::INFINITY] {
-        let opts = StatsOptions { temperature: t, ..Default::default() };
-        assert!(matches!(run(&l, &opts, None), Err(Error::BadTemperature(_))), "{label} T={t}");
+        let opts = StatsOptions {
+            temperature: t,
+            ..Default::default()
+        };
+        assert!(
+            matches!(run(&l, &opts, None), Err(Error::BadTemperature(_))),
+            "{label} T={t}"
+        );
     }
     let mut short = vec![FeatureAccum::EMPTY; 1];
-    let opts = StatsOptions { accumulate: Accumulate::Add, ..Default::default() };
-    assert!(matches!(run(&l, &opts, Some(&mut short)), Err(Error::Length { .. })), "{label}");
-    assert!(run(&l, &opts, None).is_err(), "{label}: accumulate without accumulators");
+    let opts = StatsOptions {
+        accumulate: Accumulate::Add,
+        ..Default::default()
+    };
+    assert!(
+        matches!(run(&l, &opts, Some(&mut short)), Err(Error::Length { .. })),
+        "{label}"
+    );
+    assert!(
+        run(&l, &opts, None).is_err(),
+        "{label}: accumulate without accumulators"
+    );
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -358,20 +542,42 @@ per_backend!(bad_input_is_a_typed_error, |run: Run<'_>, label: &str| {
 /// statistics within tolerance of the reference.
 #[test]
 fn emulator_every_block_size() {
-    for (k, &(rows, vocab)) in [(3usize, 33usize), (2, 1000), (1, 50257)].iter().enumerate() {
+    for (k, &(rows, vocab)) in [(3usize, 33usize), (2, 1000), (1, 50257)]
+        .iter()
+        .enumerate()
+    {
         let input = Input::new(common::normal_logits(rows * vocab, 3.0, 900 + k as u64));
-        let opts = StatsOptions { temperature: 0.9, sample: true, seed: 77, step: 3, ..Default::default() };
+        let opts = StatsOptions {
+            temperature: 0.9,
+            sample: true,
+            seed: 77,
+            step: 3,
+            ..Default::default()
+        };
         let l = Logits::dense(input.data(Dtype::F16), vocab).unwrap();
         let mut first: Option<Vec<RowStats>> = None;
         for block in [32u32, 64, 96, 128, 256, 512, 992, 1024] {
             let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
                 speckv::emulate::softmax_stats(l, o, a, block)
             };
-            check_case(&run, &input, Dtype::F16, rows, vocab, vocab, &opts, &format!("emulator block {block}"));
+            check_case(
+                &run,
+                &input,
+                Dtype::F16,
+                rows,
+                vocab,
+                vocab,
+                &opts,
+                &format!("emulator block {block}"),
+            );
             let out = run(&l, &opts, None).unwrap();
             if let Some(f) = &first {
                 for (a, b) in f.iter().zip(&out) {
-                    assert_eq!((a.argmax, a.sampled), (b.argmax, b.sampled), "block {block}");
+                    assert_eq!(
+                        (a.argmax, a.sampled),
+                        (b.argmax, b.sampled),
+                        "block {block}"
+                    );
                 }
             } else {
                 first = Some(out);
@@ -386,7 +592,10 @@ fn emulator_rejects_block_sizes_the_kernel_cannot_take() {
     let l = Logits::dense(LogitsData::F32(&v), 64).unwrap();
     for block in [0u32, 16, 48, 1056, 2048] {
         let r = speckv::emulate::softmax_stats(&l, &StatsOptions::default(), None, block);
-        assert!(matches!(r, Err(Error::BadBlockSize(b)) if b == block), "block {block}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::BadBlockSize(b)) if b == block),
+            "block {block}: {r:?}"
+        );
     }
 }
 
@@ -397,7 +606,13 @@ fn emulator_and_cpu_sample_identical_tokens() {
     let cpu = CpuBackend::new();
     for dtype in Dtype::ALL {
         let l = Logits::dense(input.data(dtype), vocab).unwrap();
-        let opts = StatsOptions { temperature: 1.1, sample: true, seed: 12345, step: 99, ..Default::default() };
+        let opts = StatsOptions {
+            temperature: 1.1,
+            sample: true,
+            seed: 12345,
+            step: 99,
+            ..Default::default()
+        };
         let a = speckv::emulate::softmax_stats(&l, &opts, None, 128).unwrap();
         let b = cpu.softmax_stats(&l, &opts, None).unwrap();
         let ta: Vec<i32> = a.iter().map(|r| r.sampled).collect();
@@ -416,7 +631,13 @@ fn cpu_sampling_follows_softmax_chi_square() {
     let n = 60_000;
     let v: Vec<f32> = (0..n).flat_map(|_| logits).collect();
     let l = Logits::dense(LogitsData::F32(&v), 6).unwrap();
-    let opts = StatsOptions { temperature: t, sample: true, seed: 2024, step: 0, ..Default::default() };
+    let opts = StatsOptions {
+        temperature: t,
+        sample: true,
+        seed: 2024,
+        step: 0,
+        ..Default::default()
+    };
     let out = CpuBackend::new().softmax_stats(&l, &opts, None).unwrap();
     let mut counts = [0f64; 6];
     for r in &out {
@@ -439,12 +660,31 @@ fn cpu_sampling_follows_softmax_chi_square() {
 fn logits_validation_errors_say_what_was_wrong() {
     let v = vec![0.0f32; 10];
     let d = LogitsData::F32(&v);
-    assert!(matches!(Logits::new(d, 1, 0, 0), Err(Error::Empty { what: "vocab" })));
-    assert!(matches!(Logits::new(d, 0, 5, 5), Err(Error::Empty { what: "rows" })));
-    assert!(matches!(Logits::new(d, 2, 5, 4), Err(Error::StrideTooSmall { .. })));
-    assert!(matches!(Logits::new(d, 3, 5, 5), Err(Error::LogitsLength { got: 10, need: 15, .. })));
+    assert!(matches!(
+        Logits::new(d, 1, 0, 0),
+        Err(Error::Empty { what: "vocab" })
+    ));
+    assert!(matches!(
+        Logits::new(d, 0, 5, 5),
+        Err(Error::Empty { what: "rows" })
+    ));
+    assert!(matches!(
+        Logits::new(d, 2, 5, 4),
+        Err(Error::StrideTooSmall { .. })
+    ));
+    assert!(matches!(
+        Logits::new(d, 3, 5, 5),
+        Err(Error::LogitsLength {
+            got: 10,
+            need: 15,
+            ..
+        })
+    ));
     assert!(matches!(Logits::dense(d, 3), Err(Error::Length { .. })));
-    assert!(Logits::new(d, 2, 3, 7).is_ok(), "last row needs only vocab elements");
+    assert!(
+        Logits::new(d, 2, 3, 7).is_ok(),
+        "last row needs only vocab elements"
+    );
     let e = Logits::new(d, 3, 5, 5).unwrap_err().to_string();
     assert!(e.contains("10") && e.contains("15"), "{e}");
 }

@@ -50,7 +50,9 @@ impl std::fmt::Display for EmuError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EmuError::BadLaunch(m) => write!(f, "invalid launch: {m}"),
-            EmuError::Deadlock { block, detail } => write!(f, "deadlock in block {block}: {detail}"),
+            EmuError::Deadlock { block, detail } => {
+                write!(f, "deadlock in block {block}: {detail}")
+            }
             EmuError::KernelPanic { block, message } => {
                 write!(f, "kernel panicked in block {block}: {message}")
             }
@@ -238,7 +240,9 @@ unsafe fn run_block<F: Fn() + Sync>(
     }
 
     let mut state = vec![State::Runnable; n];
-    let result = catch_unwind(AssertUnwindSafe(|| schedule(&mut cos, &mut state, &ctxs, block_idx)));
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        schedule(&mut cos, &mut state, &ctxs, block_idx)
+    }));
     CURRENT.with(|c| c.set(std::ptr::null()));
     let outcome = match result {
         Ok(r) => r,
@@ -298,7 +302,11 @@ fn schedule(
                         block: block_idx,
                         message: format!(
                             "thread {i} shuffled from lane {src} of warp {w}, which {}",
-                            if src_idx >= n { "does not exist" } else { "has exited" }
+                            if src_idx >= n {
+                                "does not exist"
+                            } else {
+                                "has exited"
+                            }
                         ),
                     });
                 }

@@ -58,7 +58,10 @@ pub const ROW_BAD_TEMPERATURE: u32 = 4;
 /// The statistics of one row of logits, written by `softmax_stats`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    not(target_arch = "nvptx64"),
+    derive(bytemuck::Pod, bytemuck::Zeroable)
+)]
 pub struct RowStats {
     /// Largest raw logit (before temperature).
     pub max_logit: f32,
@@ -82,7 +85,10 @@ pub struct RowStats {
 /// so the γ controller reads mean/max entropy and mean/min confidence without another pass.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    not(target_arch = "nvptx64"),
+    derive(bytemuck::Pod, bytemuck::Zeroable)
+)]
 pub struct FeatureAccum {
     /// Good rows accumulated.
     pub count: u32,
@@ -114,7 +120,11 @@ impl FeatureAccum {
         }
         self.count += 1;
         self.entropy_sum += entropy;
-        self.entropy_max = if entropy > self.entropy_max { entropy } else { self.entropy_max };
+        self.entropy_max = if entropy > self.entropy_max {
+            entropy
+        } else {
+            self.entropy_max
+        };
         self.confidence_sum += confidence;
         self.confidence_min = if confidence < self.confidence_min {
             confidence

@@ -52,7 +52,10 @@ pub fn key(seed: u64) -> [u32; 2] {
 /// The 32 random bits of element `element` of stream `stream` at step `step`.
 #[inline(always)]
 pub fn bits(seed: u64, element: u32, stream: u32, step: u64) -> u32 {
-    word(philox4x32_10(counter(element, stream, step), key(seed)), element)
+    word(
+        philox4x32_10(counter(element, stream, step), key(seed)),
+        element,
+    )
 }
 
 /// Word `element % 4` of a Philox block, by selects (an indexed array would go to local memory on
@@ -81,8 +84,8 @@ pub fn uniform_open(bits: u32) -> f32 {
 #[inline(always)]
 pub fn ln_det(x: f32) -> f32 {
     // fdlibm's split of ln 2 (e_logf.c): LN2_HI has its low bits clear, so e * LN2_HI is exact.
-    const LN2_HI: f32 = 6.931_381_2e-1; // 0x3f317180
-    const LN2_LO: f32 = 9.058_000_6e-6; // 0x3717f7d1
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7180); // 6.9313812256e-1
+    const LN2_LO: f32 = f32::from_bits(0x3717_f7d1); // 9.0580006145e-6
     let bits = x.to_bits();
     let mut e = ((bits >> 23) & 0xff) as i32 - 127;
     let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)

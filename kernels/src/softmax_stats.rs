@@ -80,7 +80,7 @@ impl StatsState {
         if x == f32::NEG_INFINITY {
             return; // masked: probability 0
         }
-        if !(x < f32::INFINITY) {
+        if x.is_nan() || x == f32::INFINITY {
             self.flags |= ROW_NONFINITE; // NaN or +inf
             return;
         }
@@ -172,7 +172,13 @@ impl StatsState {
 
     /// The row's statistics from its merged state.
     #[inline(always)]
-    pub fn finish(&self, inv_t: f32, greedy: bool, sample: bool, bad_temperature: bool) -> RowStats {
+    pub fn finish(
+        &self,
+        inv_t: f32,
+        greedy: bool,
+        sample: bool,
+        bad_temperature: bool,
+    ) -> RowStats {
         let mut flags = self.flags;
         if bad_temperature {
             flags |= ROW_BAD_TEMPERATURE;
@@ -236,12 +242,14 @@ pub unsafe fn softmax_stats<L: Logit>(p: &SoftmaxStatsParams) {
     let tid = gpu::thread_idx_x();
     let block = gpu::block_dim_x();
     let t = p.temperature;
-    let bad_temperature = !(t >= 0.0 && t < f32::INFINITY);
+    let bad_temperature = !(0.0..f32::INFINITY).contains(&t);
     let greedy = t == 0.0 || bad_temperature;
     let inv_t = if greedy { 1.0 } else { 1.0 / t };
     let sample = !greedy && (p.flags & STATS_SAMPLE) != 0;
 
-    let base = p.logits.add((row as usize) * (p.row_stride as usize) * L::SIZE);
+    let base = p
+        .logits
+        .add((row as usize) * (p.row_stride as usize) * L::SIZE);
     let mut st = StatsState::EMPTY;
     let mut i = tid;
     if sample {

@@ -22,7 +22,9 @@ pub fn normal_logits(n: usize, scale: f32, seed: u64) -> Vec<f32> {
 /// sees the same values, sums are exact-ish, and the argmax has ties.
 pub fn grid_logits(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n).map(|_| rng.gen_range(-16i32..=16) as f32 * 0.25).collect()
+    (0..n)
+        .map(|_| rng.gen_range(-16i32..=16) as f32 * 0.25)
+        .collect()
 }
 
 /// The CUDA backend, or `None` (and a visible message) where this machine has no usable GPU.
