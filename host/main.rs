@@ -29,7 +29,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Seconds of measurement per case.
-        #[arg(long, default_value_t = 0.5)]
+        #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
         seconds: f64,
     },
     /// Write the embedded PTX of every kernel (entry points in docs/kernels.md).
