@@ -45,11 +45,9 @@ fn main() {
         version = nightly_version(&toolchain).unwrap_or_default();
         let ptx_target = ptx_target_dir(&out_dir);
         for arch in ARCHS {
-            match build_arch(&manifest_dir, &ptx_target, &toolchain, arch) {
-                Ok(ptx) => {
-                    let file = out_dir.join(format!("speckv_{arch}.ptx"));
-                    fs::write(&file, ptx).expect("write PTX into OUT_DIR");
-                }
+            let file = out_dir.join(format!("speckv_{arch}.ptx"));
+            match build_arch(&manifest_dir, &ptx_target, &toolchain, arch, &file) {
+                Ok(_) => {}
                 Err(e) => {
                     error = Some(e);
                     break;
@@ -143,27 +141,52 @@ fn build_arch(
     target_dir: &Path,
     toolchain: &str,
     arch: &str,
+    dest: &Path,
 ) -> Result<String, String> {
-    let output = clean_command("cargo")
-        .current_dir(manifest_dir)
-        .arg(format!("+{toolchain}"))
-        .args([
-            "rustc",
-            "--release",
-            "--quiet",
-            "--target",
-            "nvptx64-nvidia-cuda",
-            "-Zbuild-std=core",
-        ])
-        .arg("--manifest-path")
-        .arg(manifest_dir.join("kernels/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir)
-        .args(["--", "--emit=asm", "-C", "codegen-units=1"])
-        .arg("-C")
-        .arg(format!("target-cpu={arch}"))
-        .output()
-        .map_err(|e| format!("could not run `cargo +{toolchain}`: {e}"))?;
+    // rustc writes the PTX straight to `dest` (`--emit=asm=PATH`): each architecture has its own
+    // file, so nothing depends on which artifact cargo considers newest.
+    let run = || {
+        clean_command("cargo")
+            .current_dir(manifest_dir)
+            .arg(format!("+{toolchain}"))
+            .args([
+                "rustc",
+                "--release",
+                "--quiet",
+                "--target",
+                "nvptx64-nvidia-cuda",
+                "-Zbuild-std=core",
+            ])
+            .arg("--manifest-path")
+            .arg(manifest_dir.join("kernels/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir)
+            .arg("--")
+            .arg(format!("--emit=asm={}", dest.display()))
+            .args(["-C", "codegen-units=1"])
+            .arg("-C")
+            .arg(format!("target-cpu={arch}"))
+            .output()
+            .map_err(|e| format!("could not run `cargo +{toolchain}`: {e}"))
+    };
+    let _ = fs::remove_file(dest);
+    let mut output = run()?;
+    if output.status.success() && !dest.exists() {
+        // cargo considered the crate fresh (same arguments as a build whose output was since
+        // removed): drop its fingerprint and build again.
+        let fp = target_dir.join("nvptx64-nvidia-cuda/release/.fingerprint");
+        if let Ok(entries) = fs::read_dir(&fp) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with("speckv-kernels-")
+                {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        output = run()?;
+    }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
@@ -172,18 +195,7 @@ fn build_arch(
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         ));
     }
-    let deps = target_dir.join("nvptx64-nvidia-cuda/release/deps");
-    let newest = fs::read_dir(&deps)
-        .map_err(|e| format!("{}: {e}", deps.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("speckv_kernels-") && name.ends_with(".s")
-        })
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .ok_or_else(|| format!("no PTX file in {}", deps.display()))?;
-    let ptx = fs::read_to_string(newest.path()).map_err(|e| e.to_string())?;
+    let ptx = fs::read_to_string(dest).map_err(|e| format!("reading {}: {e}", dest.display()))?;
     check_ptx(&ptx, arch)?;
     Ok(ptx)
 }

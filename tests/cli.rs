@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn speckv(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_speckv")).args(args).output().expect("run speckv");
+    let out = Command::new(env!("CARGO_BIN_EXE_speckv"))
+        .args(args)
+        .output()
+        .expect("run speckv");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -13,15 +16,23 @@ fn speckv(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn report_json_has_the_documented_keys() {
-    let (ok, stdout, stderr) = speckv(&["--backend", "cpu", "report", "--json", "--seconds", "0.02"]);
+    let (ok, stdout, stderr) =
+        speckv(&["--backend", "cpu", "report", "--json", "--seconds", "0.02"]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(v["backend"], "cpu");
     assert!(v["device"].as_str().is_some_and(|d| !d.is_empty()));
     assert!(v["ptx_archs"].is_array());
-    let gbps = v["kernels"]["softmax_stats"]["gbps"].as_f64().expect("gbps");
+    let gbps = v["kernels"]["softmax_stats"]["gbps"]
+        .as_f64()
+        .expect("gbps");
     assert!(gbps > 0.0 && gbps.is_finite());
-    assert_eq!(v["kernels"]["softmax_stats"]["cases"].as_array().map(|c| c.len()), Some(4));
+    assert_eq!(
+        v["kernels"]["softmax_stats"]["cases"]
+            .as_array()
+            .map(|c| c.len()),
+        Some(4)
+    );
     assert_eq!(v["kernels"]["softmax_stats"]["validated_on_gpu"], false);
 }
 
@@ -36,7 +47,10 @@ fn report_text_names_backend_and_kernel() {
 #[test]
 fn ptx_export_contains_every_entry_point() {
     if speckv::ptx::built_archs().is_empty() {
-        eprintln!("skipped: this build embeds no PTX ({:?})", speckv::ptx::PTX_BUILD_ERROR);
+        eprintln!(
+            "skipped: this build embeds no PTX ({:?})",
+            speckv::ptx::PTX_BUILD_ERROR
+        );
         return;
     }
     for arch in ["sm_80", "sm_90"] {
@@ -44,7 +58,10 @@ fn ptx_export_contains_every_entry_point() {
         assert!(ok, "{stderr}");
         assert!(stdout.contains(&format!(".target {arch}")));
         for entry in speckv::ptx::PTX_ENTRIES {
-            assert!(stdout.contains(&format!(".entry {entry}(")), "{arch} lacks {entry}");
+            assert!(
+                stdout.contains(&format!(".entry {entry}(")),
+                "{arch} lacks {entry}"
+            );
         }
     }
 }
@@ -53,7 +70,10 @@ fn ptx_export_contains_every_entry_point() {
 fn bad_arguments_fail_with_a_message_not_a_panic() {
     let (ok, _, stderr) = speckv(&["ptx", "--arch", "sm_70"]);
     assert!(!ok);
-    assert!(stderr.contains("unknown architecture \"sm_70\""), "{stderr}");
+    assert!(
+        stderr.contains("unknown architecture \"sm_70\""),
+        "{stderr}"
+    );
     let (ok, _, stderr) = speckv(&["--backend", "cpu", "report", "--seconds", "-1"]);
     assert!(!ok);
     assert!(stderr.contains("--seconds must be positive"), "{stderr}");

@@ -688,3 +688,50 @@ fn logits_validation_errors_say_what_was_wrong() {
     let e = Logits::new(d, 3, 5, 5).unwrap_err().to_string();
     assert!(e.contains("10") && e.contains("15"), "{e}");
 }
+
+/// On a GPU: the CUDA kernel and the CPU backend on the same random inputs — argmax and sampled
+/// tokens bit-identical, statistics within the kernel's tolerance of each other.
+#[test]
+fn cuda_matches_the_cpu_backend_bit_for_bit_on_tokens() {
+    let Some(cuda) = common::cuda() else { return };
+    let cpu = CpuBackend::new();
+    for &(rows, vocab) in &[(64usize, 128_256usize), (256, 32_000), (1, 50_257), (7, 33)] {
+        let input = Input::new(common::normal_logits(
+            rows * vocab,
+            3.0,
+            (rows * vocab) as u64,
+        ));
+        for dtype in Dtype::ALL {
+            let l = Logits::dense(input.data(dtype), vocab).unwrap();
+            let opts = StatsOptions {
+                temperature: 0.8,
+                sample: true,
+                seed: 5,
+                step: 6,
+                ..Default::default()
+            };
+            let a = cuda.softmax_stats(&l, &opts, None).unwrap();
+            let b = cpu.softmax_stats(&l, &opts, None).unwrap();
+            for (r, (x, y)) in a.iter().zip(&b).enumerate() {
+                let ctx = format!("{rows}x{vocab} {dtype:?} row {r}: cuda {x:?} cpu {y:?}");
+                assert_eq!(
+                    (x.argmax, x.sampled, x.flags),
+                    (y.argmax, y.sampled, y.flags),
+                    "{ctx}"
+                );
+                assert!(
+                    common::close(x.entropy as f64, y.entropy as f64, 1e-5, 1e-6),
+                    "{ctx}"
+                );
+                assert!(
+                    common::close(x.confidence as f64, y.confidence as f64, 1e-5, 1e-6),
+                    "{ctx}"
+                );
+                assert!(
+                    common::close(x.lse as f64, y.lse as f64, 1e-5, 1e-6),
+                    "{ctx}"
+                );
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Shared test helpers: seeded inputs and the CUDA backend when one is present.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
@@ -28,19 +29,19 @@ pub fn grid_logits(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// The CUDA backend, or `None` (and a visible message) where this machine has no usable GPU.
+/// The message goes straight to the process's stderr, past libtest's output capture, so a
+/// skipped GPU test is visible in a normal `cargo test` run.
 pub fn cuda() -> Option<&'static CudaBackend> {
-    static CUDA: OnceLock<Option<CudaBackend>> = OnceLock::new();
-    let c = CUDA.get_or_init(|| match CudaBackend::new(0) {
+    static CUDA: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
+    let c = CUDA.get_or_init(|| CudaBackend::new(0).map_err(|e| e.to_string()));
+    match c {
         Ok(c) => Some(c),
         Err(e) => {
-            eprintln!("CUDA tests skipped: {e}");
+            let name = std::thread::current().name().unwrap_or("?").to_string();
+            let _ = writeln!(std::io::stderr(), "{name}: skipped: no CUDA device ({e})");
             None
         }
-    });
-    if c.is_none() {
-        eprintln!("skipped: no CUDA device");
     }
-    c.as_ref()
 }
 
 /// |a − b| within `rel` relative or `abs` absolute.
