@@ -70,6 +70,43 @@ impl Backend {
         }
     }
 
+    /// Batched verification.
+    pub fn verify(
+        &self,
+        v: &crate::verify::VerifyBatch<'_>,
+    ) -> Result<crate::verify::VerifyOutput> {
+        match self {
+            Backend::Cpu(c) => c.verify(v),
+            Backend::Cuda(c) => c.verify(v),
+        }
+    }
+
+    /// Time of one verification launch (device-resident on CUDA), averaged over at least `min_time`.
+    pub fn time_verify(
+        &self,
+        v: &crate::verify::VerifyBatch<'_>,
+        min_time: Duration,
+    ) -> Result<Duration> {
+        match self {
+            Backend::Cpu(c) => {
+                c.verify(v)?;
+                let start = Instant::now();
+                let mut n = 0u32;
+                while start.elapsed() < min_time || n < 3 {
+                    std::hint::black_box(c.verify(v)?);
+                    n += 1;
+                }
+                Ok(start.elapsed() / n)
+            }
+            Backend::Cuda(c) => {
+                let one = c.time_verify(v, 3)?;
+                let iters =
+                    (min_time.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
+                c.time_verify(v, iters as u32)
+            }
+        }
+    }
+
     /// Time of one statistics pass over `logits` (device-resident on CUDA), averaged over at least
     /// `min_time`.
     pub fn time_softmax_stats(

@@ -119,6 +119,46 @@ impl CpuBackend {
     }
 }
 
+/// One row read once: its max, argmax, Σ e^{(x−max)/T} (f64), `ROW_NONFINITE` if it held a NaN or
+/// +inf, and — with `rng` = (seed, step, stream) — the Gumbel-max winner, formed exactly as the
+/// kernels form it. Used by the CPU verification path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowSummary {
+    pub max: f32,
+    pub argmax: u32,
+    pub sum: f64,
+    pub flags: u32,
+    pub key_idx: u32,
+}
+
+pub(crate) fn row_summary(
+    data: LogitsData<'_>,
+    base: usize,
+    len: usize,
+    inv_t: f32,
+    rng: Option<(u64, u64, u32)>,
+) -> RowSummary {
+    let p = segment_dispatch(data, base, 0, len, inv_t, rng);
+    RowSummary {
+        max: p.max,
+        argmax: p.argmax,
+        sum: p.sum,
+        flags: p.flags,
+        key_idx: p.key_idx,
+    }
+}
+
+impl CpuBackend {
+    /// Batched verification (see [`crate::verify`]).
+    pub fn verify(
+        &self,
+        v: &crate::verify::VerifyBatch<'_>,
+    ) -> Result<crate::verify::VerifyOutput> {
+        v.validate()?;
+        Ok(crate::verify::verify_cpu(v))
+    }
+}
+
 /// A segment's partial state (the CPU twin of the kernel's `StatsState`, with f64 sums).
 #[derive(Clone, Copy, Debug)]
 struct Partial {

@@ -5,9 +5,11 @@
 use speckv_kernels::emu::{self, LaunchConfig};
 use speckv_kernels::params::{FeatureAccum, RowStats};
 use speckv_kernels::softmax_stats::{self as kernel, Bf16, F16, F32};
+use speckv_kernels::verify as verify_kernel;
 
 use crate::error::Result;
 use crate::logits::{check_accum, check_block, stats_params, Logits, LogitsData, StatsOptions};
+use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs};
 
 /// Runs `softmax_stats` on the emulator with `block` threads per row.
 pub fn softmax_stats(
@@ -44,6 +46,55 @@ pub fn softmax_stats(
             LogitsData::F32(_) => emu::launch(cfg, || kernel::softmax_stats::<F32>(&params))?,
             LogitsData::F16(_) => emu::launch(cfg, || kernel::softmax_stats::<F16>(&params))?,
             LogitsData::Bf16(_) => emu::launch(cfg, || kernel::softmax_stats::<Bf16>(&params))?,
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `verify` on the emulator with `block` threads per sequence.
+pub fn verify(v: &VerifyBatch<'_>, block: u32) -> Result<VerifyOutput> {
+    v.validate()?;
+    verify_unchecked_values(v, block)
+}
+
+/// Runs `verify` with only the shapes validated, so γ_b and draft tokens reach the kernel as a
+/// device-side controller could write them (the kernel flags bad ones per sequence).
+pub fn verify_unchecked_values(v: &VerifyBatch<'_>, block: u32) -> Result<VerifyOutput> {
+    v.validate_shapes()?;
+    check_block(block)?;
+    let mut out = VerifyOutput::new(v.batch, v.gamma_max);
+    let (draft, draft_t) = match v.draft {
+        DraftDist::Logits { data, temperature } => (data.bytes().as_ptr(), temperature.as_ptr()),
+        DraftDist::Probs(p) => (p.as_ptr() as *const u8, std::ptr::null()),
+    };
+    let params = v.params(VerifyPtrs {
+        target: v.target.bytes().as_ptr(),
+        draft,
+        draft_tokens: v.draft_tokens.as_ptr(),
+        gammas: v.gammas.as_ptr(),
+        target_temperature: v.target_temperature.as_ptr(),
+        draft_temperature: draft_t,
+        accepted: out.accepted.as_mut_ptr(),
+        emitted: out.emitted.as_mut_ptr(),
+        emitted_count: out.emitted_count.as_mut_ptr(),
+        ratios: out.ratios.as_mut_ptr(),
+        counterfactual: out.counterfactual.as_mut_ptr(),
+        seq_flags: out.flags.as_mut_ptr(),
+    });
+    let cfg = LaunchConfig {
+        grid: v.batch as u32,
+        block,
+        shared_bytes: verify_kernel::shared_bytes(block),
+    };
+    // SAFETY: `validate_shapes` checked every input length against the shapes the kernel reads
+    // (token ids and γ are checked by the kernel itself before use), the outputs are sized by
+    // `VerifyOutput::new` for the same shapes, and each sequence's outputs are written by one
+    // thread of its own block.
+    unsafe {
+        match v.target {
+            LogitsData::F32(_) => emu::launch(cfg, || verify_kernel::verify::<F32>(&params))?,
+            LogitsData::F16(_) => emu::launch(cfg, || verify_kernel::verify::<F16>(&params))?,
+            LogitsData::Bf16(_) => emu::launch(cfg, || verify_kernel::verify::<Bf16>(&params))?,
         }
     }
     Ok(out)

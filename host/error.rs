@@ -31,6 +31,17 @@ pub enum Error {
     BadTemperature(f32),
     #[error("block size {0} is not a multiple of 32 between 32 and 1024")]
     BadBlockSize(u32),
+    #[error("sequence {seq}: γ = {gamma} is outside 0..={max}")]
+    BadGamma { seq: usize, gamma: i32, max: usize },
+    #[error(
+        "sequence {seq}, position {pos}: draft token {token} is outside the vocabulary 0..{vocab}"
+    )]
+    BadToken {
+        seq: usize,
+        pos: usize,
+        token: i32,
+        vocab: usize,
+    },
     #[error("{0} does not fit the kernels' 32-bit sizes")]
     TooLarge(&'static str),
     #[error("unknown {what} {value:?}; expected one of {expected}")]

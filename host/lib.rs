@@ -16,11 +16,15 @@ pub mod error;
 pub mod logits;
 pub mod ptx;
 pub mod report;
+pub mod sim;
+pub mod verify;
 
 pub use backend::{Backend, BackendKind};
 pub use error::{Error, Result};
 pub use logits::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
 pub use speckv_kernels::params::{
-    FeatureAccum, RowStats, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE, ROW_NONFINITE,
+    FeatureAccum, RowStats, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE, ROW_NONFINITE, VERIFY_ALL_MASKED,
+    VERIFY_BAD_GAMMA, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
 };
 pub use speckv_kernels::philox;
+pub use verify::{DraftDist, VerifyBatch, VerifyOutput};

@@ -55,7 +55,7 @@ pub enum LogitsData<'a> {
     Bf16(&'a [bf16]),
 }
 
-impl LogitsData<'_> {
+impl<'a> LogitsData<'a> {
     pub fn len(&self) -> usize {
         match self {
             LogitsData::F32(d) => d.len(),
@@ -76,7 +76,7 @@ impl LogitsData<'_> {
         }
     }
 
-    pub fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &'a [u8] {
         match self {
             LogitsData::F32(d) => bytemuck::cast_slice(d),
             LogitsData::F16(d) => bytemuck::cast_slice(d),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use speckv::ptx::Arch;
+use speckv::sim::{self, SimMode};
 use speckv::{report, Backend, BackendKind};
 
 #[derive(Parser)]
@@ -31,6 +32,25 @@ enum Command {
         /// Seconds of measurement per case.
         #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
         seconds: f64,
+    },
+    /// Speculative sampling on seeded Dirichlet distributions through the verification kernel:
+    /// emitted-token counts per position, to check that the output follows the target exactly.
+    VerifySim {
+        #[arg(long)]
+        vocab: usize,
+        #[arg(long)]
+        gamma: usize,
+        #[arg(long, default_value_t = 100_000)]
+        samples: u64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = SimMode::Stochastic)]
+        mode: SimMode,
+        /// Sequences per verification launch.
+        #[arg(long, default_value_t = 8192)]
+        batch: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// Write the embedded PTX of every kernel (entry points in docs/kernels.md).
     Ptx {
@@ -59,7 +79,47 @@ fn run(cli: Cli) -> speckv::Result<()> {
     }
     let backend = Backend::new(cli.backend)?;
     match cli.command {
-        Command::Ptx { .. } => unreachable!("handled above"),
+        Command::Ptx { .. } => {}
+        Command::VerifySim {
+            vocab,
+            gamma,
+            samples,
+            seed,
+            mode,
+            batch,
+            json,
+        } => {
+            let (target, draft) = sim::dirichlet_pair(vocab, gamma, seed)?;
+            let r = sim::run(&backend, &target, &draft, samples, seed, mode, batch)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| speckv::Error::Other(e.to_string()))?
+                );
+            } else {
+                println!("verify-sim on {} ({}): vocab {vocab}, γ {gamma}, {samples} sequences, {mode:?}", backend.name(), backend.device());
+                if gamma > 0 {
+                    println!(
+                        "position 0 accepted {:.5} (Σ min(p, q) = {:.5})",
+                        r.accepted_first as f64 / samples as f64,
+                        r.expected_accepted_first
+                    );
+                }
+                println!(
+                    "{:>8} {:>10} {:>12} {:>5} {:>12}",
+                    "position", "reached", "χ²", "dof", "crit(1e-4)"
+                );
+                for i in 0..=gamma {
+                    println!(
+                        "{i:>8} {:>10} {:>12.2} {:>5} {:>12.2}",
+                        r.reached[i],
+                        r.chi2[i],
+                        r.chi2_dof[i],
+                        sim::chi2_critical_1e4(r.chi2_dof[i])
+                    );
+                }
+            }
+        }
         Command::Report { json, seconds } => {
             if !(seconds > 0.0 && seconds.is_finite()) {
                 return Err(speckv::Error::Other(format!(

@@ -29,7 +29,9 @@
 pub mod gpu;
 pub mod params;
 pub mod philox;
+pub mod reduce;
 pub mod softmax_stats;
+pub mod verify;
 
 #[cfg(not(target_arch = "nvptx64"))]
 pub mod emu;

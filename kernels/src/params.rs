@@ -163,8 +163,76 @@ pub struct StatsState {
     pub flags: u32,
 }
 
+/// Parameters of the `verify_{f32,f16,bf16}` kernels, passed by value.
+///
+/// One block per sequence (`grid.x = batch`), a block size that is a multiple of 32 up to 1024, and
+/// [`verify_shared_bytes`](crate::verify::shared_bytes) bytes of dynamic shared memory. Rows are
+/// dense per sequence: target row (b, i) starts at element `(b·(γmax+1) + i)·target_stride`, draft
+/// row (b, i) at `(b·γmax + i)·draft_stride`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyParams {
+    /// Target logits `[batch, γmax+1, vocab]` in the entry point's dtype.
+    pub target_logits: *const u8,
+    /// Draft logits `[batch, γmax, vocab]` (same dtype as the target), or f32 probabilities with
+    /// [`VERIFY_DRAFT_PROBS`].
+    pub draft: *const u8,
+    /// `[batch, γmax]` drafted tokens; only the first γ_b of each sequence are read.
+    pub draft_tokens: *const i32,
+    /// `[batch]` γ_b, 0 ≤ γ_b ≤ γmax, read from device memory (the controller writes it there).
+    pub gammas: *const i32,
+    /// `[batch]` target temperature; 0 = greedy verification for that sequence.
+    pub target_temperature: *const f32,
+    /// `[batch]` draft temperature (logits mode; 0 = the draft was greedy); null with probabilities.
+    pub draft_temperature: *const f32,
+    /// `[batch]` accepted draft tokens.
+    pub accepted: *mut i32,
+    /// `[batch, γmax+1]` emitted tokens, −1 padded.
+    pub emitted: *mut i32,
+    /// `[batch]` emitted tokens (accepted + 1; 0 for a flagged sequence).
+    pub emitted_count: *mut i32,
+    /// `[batch, γmax]` min(1, p/q) per position (1/0 in greedy mode), NaN where not evaluated; may
+    /// be null.
+    pub ratios: *mut f32,
+    /// `[batch, γmax+1]` full information: entry γ' is the number of tokens γ' would have
+    /// produced with the same random numbers (min(k, γ') + 1), −1 for γ' > γ_b; may be null.
+    pub counterfactual: *mut i32,
+    /// `[batch]` `VERIFY_*` problem flags, 0 for a good sequence.
+    pub seq_flags: *mut u32,
+    pub seed: u64,
+    pub step: u64,
+    pub batch: u32,
+    pub gamma_max: u32,
+    pub vocab: u32,
+    /// Elements between consecutive target rows, ≥ vocab.
+    pub target_stride: u32,
+    /// Elements between consecutive draft rows, ≥ vocab.
+    pub draft_stride: u32,
+    /// `VERIFY_DRAFT_PROBS` or 0.
+    pub flags: u32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for VerifyParams {}
+unsafe impl Sync for VerifyParams {}
+
+/// `draft` holds f32 probabilities instead of logits.
+pub const VERIFY_DRAFT_PROBS: u32 = 1;
+
+/// A row read held a NaN or +inf logit (or a NaN / negative / infinite draft probability).
+pub const VERIFY_NONFINITE: u32 = 1;
+/// A row read was entirely −inf.
+pub const VERIFY_ALL_MASKED: u32 = 2;
+/// γ_b was negative or above γmax.
+pub const VERIFY_BAD_GAMMA: u32 = 4;
+/// A drafted token was negative or ≥ vocab.
+pub const VERIFY_BAD_TOKEN: u32 = 8;
+/// A temperature was negative, NaN or infinite.
+pub const VERIFY_BAD_TEMPERATURE: u32 = 16;
+
 // SAFETY of the host's byte copies relies on these layouts: no padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsParams>() == 64);
 const _: () = assert!(core::mem::size_of::<RowStats>() == 32);
 const _: () = assert!(core::mem::size_of::<FeatureAccum>() == 24);
 const _: () = assert!(core::mem::size_of::<StatsState>() == 32);
+const _: () = assert!(core::mem::size_of::<VerifyParams>() == 136);

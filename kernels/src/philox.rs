@@ -70,6 +70,21 @@ pub fn word(block: [u32; 4], element: u32) -> u32 {
     }
 }
 
+/// Purposes of derived seeds (independent sub-streams of one user seed).
+pub const PURPOSE_ACCEPT: u32 = 1;
+/// The token emitted at a position (residual or bonus sample); the index is the position.
+pub const PURPOSE_EMIT: u32 = 2;
+/// Draft sampling in simulations (`speckv verify-sim`); the index is the position.
+pub const PURPOSE_DRAFT: u32 = 3;
+
+/// A seed for the sub-stream (`purpose`, `index`) of `seed`: one Philox block keyed by the seed,
+/// so sub-streams are independent of each other and of the seed's own stream.
+#[inline(always)]
+pub fn derive(seed: u64, purpose: u32, index: u32) -> u64 {
+    let b = philox4x32_10([purpose, index, 0x5eed_5eed, 0x0d1e_5eed], key(seed));
+    (b[0] as u64) | ((b[1] as u64) << 32)
+}
+
 /// Maps 32 random bits to a uniform in the open interval (0, 1): the top 23 bits plus one half,
 /// times 2^-23, which is exact in f32 (24 significant bits), so 0 and 1 never occur.
 #[inline(always)]

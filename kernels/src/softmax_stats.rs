@@ -21,6 +21,7 @@ use crate::params::{
     ROW_NONFINITE, STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_SAMPLE,
 };
 use crate::philox;
+use crate::reduce::{block_all_reduce, Reduce};
 
 /// An element type the kernel reads: loads one logit as f32.
 pub trait Logit {
@@ -144,32 +145,6 @@ impl StatsState {
         }
     }
 
-    /// This state merged with lane (lane ^ `mask`)'s.
-    #[inline(always)]
-    fn merge_xor(&mut self, mask: u32, inv_t: f32) {
-        let o = StatsState {
-            max: gpu::shfl_xor_f32(self.max, mask),
-            sum: gpu::shfl_xor_f32(self.sum, mask),
-            u: gpu::shfl_xor_f32(self.u, mask),
-            argmax: gpu::shfl_xor_u32(self.argmax, mask),
-            key: gpu::shfl_xor_f32(self.key, mask),
-            key_idx: gpu::shfl_xor_u32(self.key_idx, mask),
-            key_z: gpu::shfl_xor_f32(self.key_z, mask),
-            flags: gpu::shfl_xor_u32(self.flags, mask),
-        };
-        self.merge(&o, inv_t);
-    }
-
-    /// Every lane ends with the merge of the whole warp.
-    #[inline(always)]
-    fn warp_reduce(&mut self, inv_t: f32) {
-        let mut mask = gpu::WARP_SIZE / 2;
-        while mask > 0 {
-            self.merge_xor(mask, inv_t);
-            mask /= 2;
-        }
-    }
-
     /// The row's statistics from its merged state.
     #[inline(always)]
     pub fn finish(
@@ -226,6 +201,28 @@ impl StatsState {
     }
 }
 
+impl Reduce for StatsState {
+    type Ctx = f32; // 1 / T
+    const EMPTY: StatsState = StatsState::EMPTY;
+    #[inline(always)]
+    fn merge(&mut self, o: &Self, inv_t: f32) {
+        StatsState::merge(self, o, inv_t)
+    }
+    #[inline(always)]
+    fn shfl_xor(&self, mask: u32) -> Self {
+        StatsState {
+            max: gpu::shfl_xor_f32(self.max, mask),
+            sum: gpu::shfl_xor_f32(self.sum, mask),
+            u: gpu::shfl_xor_f32(self.u, mask),
+            argmax: gpu::shfl_xor_u32(self.argmax, mask),
+            key: gpu::shfl_xor_f32(self.key, mask),
+            key_idx: gpu::shfl_xor_u32(self.key_idx, mask),
+            key_z: gpu::shfl_xor_f32(self.key_z, mask),
+            flags: gpu::shfl_xor_u32(self.flags, mask),
+        }
+    }
+}
+
 /// The kernel body, generic over the logit type; the entry points below instantiate it.
 ///
 /// # Safety
@@ -272,33 +269,16 @@ pub unsafe fn softmax_stats<L: Logit>(p: &SoftmaxStatsParams) {
         }
     }
 
-    // Warp, then block.
-    st.warp_reduce(inv_t);
-    let shared = gpu::dynamic_shared::<StatsState>();
-    let warps = block.div_ceil(gpu::WARP_SIZE);
-    let lane = gpu::lane_id();
-    let warp = gpu::warp_id();
-    if lane == 0 {
-        *shared.add(warp as usize) = st;
-    }
-    gpu::sync_threads();
-    if warp == 0 {
-        let mut s = if lane < warps {
-            *shared.add(lane as usize)
-        } else {
-            StatsState::EMPTY
-        };
-        s.warp_reduce(inv_t);
-        if lane == 0 {
-            let r = s.finish(inv_t, greedy, sample, bad_temperature);
-            *p.out.add(row as usize) = r;
-            if p.flags & STATS_ACCUMULATE != 0 && !p.accum.is_null() {
-                let a = &mut *p.accum.add(row as usize);
-                if p.flags & STATS_ACCUM_RESET != 0 {
-                    *a = FeatureAccum::EMPTY;
-                }
-                a.push(r.entropy, r.confidence, r.flags);
+    let s = block_all_reduce(st, inv_t, gpu::dynamic_shared::<StatsState>());
+    if tid == 0 {
+        let r = s.finish(inv_t, greedy, sample, bad_temperature);
+        *p.out.add(row as usize) = r;
+        if p.flags & STATS_ACCUMULATE != 0 && !p.accum.is_null() {
+            let a = &mut *p.accum.add(row as usize);
+            if p.flags & STATS_ACCUM_RESET != 0 {
+                *a = FeatureAccum::EMPTY;
             }
+            a.push(r.entropy, r.confidence, r.flags);
         }
     }
 }

@@ -1,0 +1,512 @@
+//! Batched verification: inputs, validation, outputs, and the CPU backend's native implementation
+//! (same decisions as the `verify` kernel: same Philox sub-streams, same acceptance rule, same
+//! emission formulas; probabilities in f64).
+
+use rayon::prelude::*;
+use speckv_kernels::params::{
+    VerifyParams, VERIFY_ALL_MASKED, VERIFY_DRAFT_PROBS, VERIFY_NONFINITE,
+};
+use speckv_kernels::philox;
+
+use crate::cpu::row_summary;
+use crate::error::{Error, Result};
+use crate::logits::{LogitsData, MAX_VOCAB};
+
+/// The draft's distributions.
+#[derive(Clone, Copy, Debug)]
+pub enum DraftDist<'a> {
+    /// Draft logits `[batch, γmax, vocab]` (same dtype as the target) and the draft temperature per
+    /// sequence (0: the draft was greedy, q is one-hot at its argmax).
+    Logits {
+        data: LogitsData<'a>,
+        temperature: &'a [f32],
+    },
+    /// Draft probabilities `[batch, γmax, vocab]`.
+    Probs(&'a [f32]),
+}
+
+/// One verification launch: `batch` sequences, each with γ_b ≤ γmax drafted tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyBatch<'a> {
+    /// Target logits `[batch, γmax+1, vocab]`, rows `target_stride` elements apart.
+    pub target: LogitsData<'a>,
+    pub target_stride: usize,
+    pub draft: DraftDist<'a>,
+    /// Elements between draft rows.
+    pub draft_stride: usize,
+    /// `[batch, γmax]` drafted tokens (entries past γ_b are ignored).
+    pub draft_tokens: &'a [i32],
+    /// `[batch]` γ_b.
+    pub gammas: &'a [i32],
+    /// `[batch]` target temperature; 0 = greedy verification.
+    pub target_temperature: &'a [f32],
+    pub batch: usize,
+    pub gamma_max: usize,
+    pub vocab: usize,
+    pub seed: u64,
+    pub step: u64,
+}
+
+/// What verification decided, per sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifyOutput {
+    pub batch: usize,
+    pub gamma_max: usize,
+    /// Accepted draft tokens.
+    pub accepted: Vec<i32>,
+    /// `[batch, γmax+1]` emitted tokens, −1 padded.
+    pub emitted: Vec<i32>,
+    /// accepted + 1 (0 for a flagged sequence).
+    pub emitted_count: Vec<i32>,
+    /// `[batch, γmax]` min(1, p/q) per evaluated position (1/0 greedy), NaN elsewhere.
+    pub ratios: Vec<f32>,
+    /// `[batch, γmax+1]` tokens each γ' would have produced with the same random numbers, −1 for
+    /// γ' > γ_b.
+    pub counterfactual: Vec<i32>,
+    /// `VERIFY_*` flags, 0 for a good sequence.
+    pub flags: Vec<u32>,
+}
+
+impl VerifyOutput {
+    pub fn new(batch: usize, gamma_max: usize) -> Self {
+        VerifyOutput {
+            batch,
+            gamma_max,
+            accepted: vec![0; batch],
+            emitted: vec![-1; batch * (gamma_max + 1)],
+            emitted_count: vec![0; batch],
+            ratios: vec![f32::NAN; batch * gamma_max],
+            counterfactual: vec![-1; batch * (gamma_max + 1)],
+            flags: vec![0; batch],
+        }
+    }
+
+    /// The tokens sequence `b` emitted.
+    pub fn tokens(&self, b: usize) -> &[i32] {
+        let w = self.gamma_max + 1;
+        &self.emitted[b * w..b * w + self.emitted_count[b].max(0) as usize]
+    }
+}
+
+fn need(rows: usize, stride: usize, vocab: usize) -> Option<usize> {
+    if rows == 0 {
+        return Some(0);
+    }
+    (rows - 1).checked_mul(stride)?.checked_add(vocab)
+}
+
+impl VerifyBatch<'_> {
+    /// Every shape, token id, γ and temperature, checked; NaN logits are not an error (they are
+    /// flagged per sequence).
+    pub fn validate(&self) -> Result<()> {
+        self.validate_shapes()?;
+        self.validate_values()
+    }
+
+    /// γ_b and the drafted tokens (which a device-side controller may write without the host
+    /// seeing them: the kernel flags them too).
+    pub fn validate_values(&self) -> Result<()> {
+        for (b, &g) in self.gammas.iter().enumerate() {
+            if g < 0 || g as usize > self.gamma_max {
+                return Err(Error::BadGamma {
+                    seq: b,
+                    gamma: g,
+                    max: self.gamma_max,
+                });
+            }
+            for i in 0..g as usize {
+                let x = self.draft_tokens[b * self.gamma_max + i];
+                if x < 0 || x as usize >= self.vocab {
+                    return Err(Error::BadToken {
+                        seq: b,
+                        pos: i,
+                        token: x,
+                        vocab: self.vocab,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Shapes, lengths, dtypes and temperatures: what memory safety depends on.
+    pub fn validate_shapes(&self) -> Result<()> {
+        if self.batch == 0 {
+            return Err(Error::Empty { what: "batch" });
+        }
+        if self.vocab == 0 {
+            return Err(Error::Empty { what: "vocab" });
+        }
+        if self.vocab > MAX_VOCAB {
+            return Err(Error::VocabTooLarge {
+                vocab: self.vocab,
+                max: MAX_VOCAB,
+            });
+        }
+        if self.gamma_max > 1024 {
+            return Err(Error::Other(format!(
+                "γmax {} is above the supported 1024",
+                self.gamma_max
+            )));
+        }
+        if self.target_stride < self.vocab {
+            return Err(Error::StrideTooSmall {
+                stride: self.target_stride,
+                vocab: self.vocab,
+            });
+        }
+        if self.draft_stride < self.vocab {
+            return Err(Error::StrideTooSmall {
+                stride: self.draft_stride,
+                vocab: self.vocab,
+            });
+        }
+        let too_large = Error::TooLarge("batch × γmax × stride");
+        if self.batch > u32::MAX as usize
+            || self.target_stride > u32::MAX as usize
+            || self.draft_stride > u32::MAX as usize
+        {
+            return Err(too_large);
+        }
+        let t_rows = self.batch * (self.gamma_max + 1);
+        let t_need =
+            need(t_rows, self.target_stride, self.vocab).ok_or(Error::TooLarge("target logits"))?;
+        if self.target.len() < t_need {
+            return Err(Error::Length {
+                what: "target logits",
+                got: self.target.len(),
+                expected: t_need,
+            });
+        }
+        let d_rows = self.batch * self.gamma_max;
+        let d_need = need(d_rows, self.draft_stride, self.vocab).ok_or(Error::TooLarge("draft"))?;
+        match self.draft {
+            DraftDist::Logits { data, temperature } => {
+                if data.dtype() != self.target.dtype() {
+                    return Err(Error::Other(format!(
+                        "draft logits are {} but target logits are {}: verification reads both in one dtype",
+                        data.dtype().name(),
+                        self.target.dtype().name()
+                    )));
+                }
+                if data.len() < d_need {
+                    return Err(Error::Length {
+                        what: "draft logits",
+                        got: data.len(),
+                        expected: d_need,
+                    });
+                }
+                check_len("draft temperatures", temperature.len(), self.batch)?;
+                for &t in temperature {
+                    check_temperature(t)?;
+                }
+            }
+            DraftDist::Probs(p) => {
+                if p.len() < d_need {
+                    return Err(Error::Length {
+                        what: "draft probabilities",
+                        got: p.len(),
+                        expected: d_need,
+                    });
+                }
+            }
+        }
+        check_len(
+            "draft tokens",
+            self.draft_tokens.len(),
+            self.batch * self.gamma_max,
+        )?;
+        check_len("gammas", self.gammas.len(), self.batch)?;
+        check_len(
+            "target temperatures",
+            self.target_temperature.len(),
+            self.batch,
+        )?;
+        for &t in self.target_temperature {
+            check_temperature(t)?;
+        }
+        Ok(())
+    }
+
+    /// Kernel parameters with the caller's (host or device) output addresses.
+    pub(crate) fn params(&self, ptrs: VerifyPtrs) -> VerifyParams {
+        VerifyParams {
+            target_logits: ptrs.target,
+            draft: ptrs.draft,
+            draft_tokens: ptrs.draft_tokens,
+            gammas: ptrs.gammas,
+            target_temperature: ptrs.target_temperature,
+            draft_temperature: ptrs.draft_temperature,
+            accepted: ptrs.accepted,
+            emitted: ptrs.emitted,
+            emitted_count: ptrs.emitted_count,
+            ratios: ptrs.ratios,
+            counterfactual: ptrs.counterfactual,
+            seq_flags: ptrs.seq_flags,
+            seed: self.seed,
+            step: self.step,
+            batch: self.batch as u32,
+            gamma_max: self.gamma_max as u32,
+            vocab: self.vocab as u32,
+            target_stride: self.target_stride as u32,
+            draft_stride: self.draft_stride as u32,
+            flags: if matches!(self.draft, DraftDist::Probs(_)) {
+                VERIFY_DRAFT_PROBS
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Bytes of logits/probabilities the kernel reads when every drafted token is accepted (the
+    /// most it reads): γ_b target and draft rows, plus the bonus row.
+    pub fn bytes_read_all_accepted(&self) -> usize {
+        let g: usize = self.gammas.iter().map(|&g| g.max(0) as usize).sum();
+        let t = self.target.dtype().size();
+        let d = match self.draft {
+            DraftDist::Logits { data, .. } => data.dtype().size(),
+            DraftDist::Probs(_) => 0, // only q(x) is read per position
+        };
+        self.vocab * (g * (t + d) + self.batch * t)
+    }
+}
+
+/// Raw addresses of every buffer a launch touches.
+#[derive(Clone, Copy)]
+pub(crate) struct VerifyPtrs {
+    pub target: *const u8,
+    pub draft: *const u8,
+    pub draft_tokens: *const i32,
+    pub gammas: *const i32,
+    pub target_temperature: *const f32,
+    pub draft_temperature: *const f32,
+    pub accepted: *mut i32,
+    pub emitted: *mut i32,
+    pub emitted_count: *mut i32,
+    pub ratios: *mut f32,
+    pub counterfactual: *mut i32,
+    pub seq_flags: *mut u32,
+}
+
+fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::Length {
+            what,
+            got,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+fn check_temperature(t: f32) -> Result<()> {
+    if !(t >= 0.0 && t.is_finite()) {
+        return Err(Error::BadTemperature(t));
+    }
+    Ok(())
+}
+
+/// One sequence's decisions (the CPU backend's twin of the kernel's block).
+struct SeqResult {
+    accepted: u32,
+    emit: i32,
+    ratios: Vec<(usize, f32)>,
+    flags: u32,
+}
+
+/// The CPU backend's verification (validated input).
+pub(crate) fn verify_cpu(v: &VerifyBatch<'_>) -> VerifyOutput {
+    let results: Vec<SeqResult> = (0..v.batch)
+        .into_par_iter()
+        .map(|b| verify_seq(v, b))
+        .collect();
+    let mut out = VerifyOutput::new(v.batch, v.gamma_max);
+    let w = v.gamma_max + 1;
+    for (b, r) in results.into_iter().enumerate() {
+        out.flags[b] = r.flags;
+        for (i, ratio) in r.ratios {
+            out.ratios[b * v.gamma_max + i] = ratio;
+        }
+        if r.flags != 0 {
+            continue;
+        }
+        let g = v.gammas[b] as u32;
+        let k = r.accepted;
+        out.accepted[b] = k as i32;
+        out.emitted_count[b] = k as i32 + 1;
+        for j in 0..k as usize {
+            out.emitted[b * w + j] = v.draft_tokens[b * v.gamma_max + j];
+        }
+        out.emitted[b * w + k as usize] = r.emit;
+        for gp in 0..=g {
+            out.counterfactual[b * w + gp as usize] = k.min(gp) as i32 + 1;
+        }
+    }
+    out
+}
+
+fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
+    let g = v.gammas[b] as usize;
+    let tt = v.target_temperature[b];
+    let greedy = tt == 0.0;
+    let inv_tt = if greedy { 1.0 } else { 1.0 / tt };
+    let (draft_logits, draft_probs, td) = match v.draft {
+        DraftDist::Logits { data, temperature } => (Some(data), None, temperature[b]),
+        DraftDist::Probs(p) => (None, Some(p), 1.0),
+    };
+    let draft_greedy = draft_logits.is_some() && td == 0.0;
+    let inv_td = if draft_greedy || draft_probs.is_some() {
+        1.0
+    } else {
+        1.0 / td
+    };
+    let t_row = |i: usize| (b * (v.gamma_max + 1) + i) * v.target_stride;
+    let d_row = |i: usize| (b * v.gamma_max + i) * v.draft_stride;
+    let accept_seed = philox::derive(v.seed, philox::PURPOSE_ACCEPT, 0);
+    let mut ratios = Vec::new();
+    let fail = |flags, ratios| SeqResult {
+        accepted: 0,
+        emit: -1,
+        ratios,
+        flags,
+    };
+
+    for i in 0..g {
+        let x = v.draft_tokens[b * v.gamma_max + i] as usize;
+        let ts = row_summary(v.target, t_row(i), v.vocab, inv_tt, None);
+        let tflags = problems(ts.flags, ts.sum);
+        if tflags != 0 {
+            return fail(tflags, ratios);
+        }
+        let ds = match draft_logits {
+            Some(d) if !greedy => {
+                let s = row_summary(d, d_row(i), v.vocab, inv_td, None);
+                let f = problems(s.flags, s.sum);
+                if f != 0 {
+                    return fail(f, ratios);
+                }
+                Some(s)
+            }
+            _ => None,
+        };
+        let prob = |data: LogitsData<'_>, at: usize, max: f32, sum: f64, inv_t: f32| -> f64 {
+            let xv = data.get(at);
+            if xv == f32::NEG_INFINITY {
+                0.0
+            } else {
+                ((xv * inv_t) as f64 - (max * inv_t) as f64).exp() / sum
+            }
+        };
+        let q_at = |j: usize| -> f64 {
+            match (draft_logits, draft_probs, ds) {
+                (_, Some(p), _) => p[d_row(i) + j] as f64,
+                (Some(_), _, Some(s)) if draft_greedy => (s.argmax as usize == j) as u32 as f64,
+                (Some(d), _, Some(s)) => prob(d, d_row(i) + j, s.max, s.sum, inv_td),
+                _ => 0.0,
+            }
+        };
+        let (accept, ratio) = if greedy {
+            let a = ts.argmax as usize == x;
+            (a, if a { 1.0 } else { 0.0 })
+        } else {
+            let px = prob(v.target, t_row(i) + x, ts.max, ts.sum, inv_tt);
+            let qx = q_at(x);
+            if !(0.0..f64::INFINITY).contains(&qx) {
+                return fail(VERIFY_NONFINITE, ratios);
+            }
+            let ratio = if qx > 0.0 { (px / qx).min(1.0) } else { 1.0 };
+            let u = philox::uniform_open(philox::bits(accept_seed, i as u32, b as u32, v.step));
+            ((u as f64) < ratio, ratio as f32)
+        };
+        ratios.push((i, ratio));
+        if !accept {
+            let emit = if greedy {
+                ts.argmax as i32
+            } else {
+                // Residual norm(max(0, p − q)) by exponential race; p itself if rounding left none.
+                let key = philox::key(philox::derive(v.seed, philox::PURPOSE_EMIT, i as u32));
+                let mut best = (f64::NEG_INFINITY, -1i32);
+                for j in 0..v.vocab {
+                    let w = prob(v.target, t_row(i) + j, ts.max, ts.sum, inv_tt) - q_at(j);
+                    if w > 0.0 {
+                        let bits = philox::word(
+                            philox::philox4x32_10(philox::counter(j as u32, b as u32, v.step), key),
+                            j as u32,
+                        );
+                        let e = -philox::ln_det(philox::uniform_open(bits)) as f64;
+                        if w / e > best.0 {
+                            best = (w / e, j as i32);
+                        }
+                    }
+                }
+                if best.1 >= 0 {
+                    best.1
+                } else {
+                    gumbel_target(v, b, i, inv_tt).unwrap_or(-1)
+                }
+            };
+            return SeqResult {
+                accepted: i as u32,
+                emit,
+                ratios,
+                flags: 0,
+            };
+        }
+    }
+    // All accepted: the bonus token from row g.
+    let emit = if greedy {
+        let ts = row_summary(v.target, t_row(g), v.vocab, 1.0, None);
+        let f = problems(ts.flags, ts.sum);
+        if f != 0 {
+            return fail(f, ratios);
+        }
+        ts.argmax as i32
+    } else {
+        let ts = row_summary(
+            v.target,
+            t_row(g),
+            v.vocab,
+            inv_tt,
+            Some((
+                philox::derive(v.seed, philox::PURPOSE_EMIT, g as u32),
+                v.step,
+                b as u32,
+            )),
+        );
+        let f = problems(ts.flags, ts.sum);
+        if f != 0 {
+            return fail(f, ratios);
+        }
+        ts.key_idx as i32
+    };
+    SeqResult {
+        accepted: g as u32,
+        emit,
+        ratios,
+        flags: 0,
+    }
+}
+
+/// Gumbel-max over target row `i` of sequence `b` with the emission noise of position `i`.
+fn gumbel_target(v: &VerifyBatch<'_>, b: usize, i: usize, inv_tt: f32) -> Option<i32> {
+    let at = (b * (v.gamma_max + 1) + i) * v.target_stride;
+    let seed = philox::derive(v.seed, philox::PURPOSE_EMIT, i as u32);
+    let s = row_summary(
+        v.target,
+        at,
+        v.vocab,
+        inv_tt,
+        Some((seed, v.step, b as u32)),
+    );
+    (s.key_idx != u32::MAX).then_some(s.key_idx as i32)
+}
+
+fn problems(flags: u32, sum: f64) -> u32 {
+    if flags != 0 {
+        VERIFY_NONFINITE
+    } else if sum == 0.0 {
+        VERIFY_ALL_MASKED
+    } else {
+        0
+    }
+}
