@@ -7,9 +7,10 @@
 //!
 //! `SPECKV_BENCH_QUICK=1` runs only rows 64 × vocab 128256 (used by scripts/gpu-check).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
+
+mod common;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use half::f16;
@@ -118,67 +119,25 @@ fn cuda_backend() -> Option<CudaBackend> {
     }
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The venv's python (created by scripts/venv on first use), or None with a message.
-fn venv_python() -> Option<PathBuf> {
-    let out = Command::new(root().join("scripts/venv")).output().ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "numpy peer skipped: scripts/venv failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return None;
-    }
-    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-/// Writes a 2-D .npy (f32 or f16, C order).
-fn write_npy(path: &Path, l: &Logits<'_>) -> std::io::Result<()> {
-    let descr = match l.dtype() {
-        Dtype::F16 => "<f2",
-        _ => "<f4",
-    };
-    let mut header = format!(
-        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}, {}), }}",
-        l.rows(),
-        l.vocab()
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = Vec::with_capacity(10 + header.len() + l.bytes_read());
-    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend_from_slice(&l.data().bytes()[..l.bytes_read()]);
-    std::fs::write(path, bytes)
-}
-
 fn numpy_seconds(python: &Path, l: &Logits<'_>, dir: &Path) -> Option<f64> {
     let file = dir.join("logits.npy");
-    write_npy(&file, l).ok()?;
-    let out = Command::new(python)
-        .arg(root().join("scripts/numpy_softmax_stats.py"))
-        .arg(&file)
-        .args(["1.0", "0.5"])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "numpy peer failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["seconds_per_call"].as_f64()
+    let descr = if l.dtype() == Dtype::F16 {
+        "<f2"
+    } else {
+        "<f4"
+    };
+    common::write_npy(
+        &file,
+        descr,
+        &[l.rows(), l.vocab()],
+        &l.data().bytes()[..l.bytes_read()],
+    )
+    .ok()?;
+    common::peer_seconds(
+        python,
+        "numpy_softmax_stats.py",
+        &[file.to_str()?, "1.0", "0.5"],
+    )
 }
 
 /// Our time and the peers', same data, same run.
@@ -188,12 +147,12 @@ fn peers() {
     let d = data(max_n);
     let opts = StatsOptions::default();
     let budget = Duration::from_millis(500);
-    let dir = root().join("target/bench");
+    let dir = common::root().join("target/bench");
     let _ = std::fs::create_dir_all(&dir);
     let mut json = Vec::new();
 
     let cpu = Backend::Cpu(CpuBackend::new());
-    let python = venv_python();
+    let python = common::venv_python();
     println!(
         "\nsoftmax_stats on the CPU ({}) vs multi-pass numpy, same data, same run",
         cpu.device()

@@ -461,22 +461,34 @@ fn tile_gumbel(
     stream: u32,
 ) {
     let key = philox::key(seed);
-    let mut group = u32::MAX;
-    let mut block = [0u32; 4];
-    for (j, &v) in x.iter().enumerate() {
+    let n = x.len();
+    // 1. Philox blocks for every group of 4 elements the tile touches (independent: vectorisable).
+    let first = t0 / 4;
+    let groups = (t0 + n).div_ceil(4) - first;
+    let mut words = [0u32; TILE + 8];
+    for (gi, w) in words[..groups * 4].chunks_exact_mut(4).enumerate() {
+        let g = (first + gi) as u32;
+        w.copy_from_slice(&philox::philox4x32_10(
+            [g, stream, step as u32, (step >> 32) as u32],
+            key,
+        ));
+    }
+    // 2. Gumbel noise, element-wise (vectorisable).
+    let off = t0 - first * 4;
+    let mut g = [0f32; TILE];
+    for (gj, &w) in g[..n].iter_mut().zip(&words[off..off + n]) {
+        *gj = philox::gumbel(philox::uniform_open(w));
+    }
+    // 3. The winner, ties to the lower index, exactly as the kernel forms the keys.
+    for (j, (&v, &gj)) in x.iter().zip(&g[..n]).enumerate() {
         if v == f32::NEG_INFINITY {
             continue;
         }
-        let i = (t0 + j) as u32;
-        if i / 4 != group {
-            group = i / 4;
-            block = philox::philox4x32_10(philox::counter(i, stream, step), key);
-        }
         let z = v * inv_t;
-        let k = z + philox::gumbel(philox::uniform_open(philox::word(block, i)));
+        let k = z + gj;
         if k > p.key {
             p.key = k;
-            p.key_idx = i;
+            p.key_idx = (t0 + j) as u32;
             p.key_z = z;
         }
     }

@@ -54,11 +54,7 @@ pub type Dists = Vec<Vec<f64>>;
 
 /// One target distribution per position (γ+1) and one draft distribution per position (γ), drawn
 /// from a seeded Dirichlet(α = 1/2): peaked and flat rows both occur.
-pub fn dirichlet_pair(
-    vocab: usize,
-    gamma: usize,
-    seed: u64,
-) -> Result<(Dists, Dists)> {
+pub fn dirichlet_pair(vocab: usize, gamma: usize, seed: u64) -> Result<(Dists, Dists)> {
     if vocab < 2 {
         return Err(Error::Other(format!(
             "verify-sim needs a vocabulary of at least 2, got {vocab}"
