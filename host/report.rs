@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::logits::{Dtype, Logits, LogitsData, StatsOptions};
 use crate::philox;
 use crate::ptx;
+use crate::verify::{DraftDist, VerifyBatch};
 
 /// The statistics kernel has not yet run on a real GPU in this project's measurements.
 pub const STATS_VALIDATED_ON_GPU: bool = false;
@@ -28,6 +29,19 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct Kernels {
     pub softmax_stats: StatsReport,
+    pub verify: VerifyReport,
+}
+
+/// Verification throughput on one case: f16, all drafted tokens accepted (p = q), the most the
+/// kernel reads.
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub gbps: f64,
+    pub batch: usize,
+    pub gamma: usize,
+    pub vocab: usize,
+    pub us_per_call: f64,
+    pub validated_on_gpu: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,6 +116,7 @@ pub fn build(backend: &Backend, budget: Duration) -> Result<Report> {
         .iter()
         .find(|c| c.dtype == Dtype::F16 && c.rows == 64)
         .expect("the headline case is measured above");
+    let verify = measure_verify(backend, budget)?;
     let copy_gbps = match backend {
         Backend::Cuda(c) => Some(c.copy_bandwidth(256 << 20, 20)? / 1e9),
         Backend::Cpu(_) => None,
@@ -124,7 +139,50 @@ pub fn build(backend: &Backend, budget: Duration) -> Result<Report> {
                 cases,
                 validated_on_gpu: STATS_VALIDATED_ON_GPU,
             },
+            verify,
         },
+    })
+}
+
+fn measure_verify(backend: &Backend, budget: Duration) -> Result<VerifyReport> {
+    let (batch, gamma, vocab) = (8usize, 4usize, 128_256usize);
+    let base = synthetic_logits(batch * (gamma + 1), vocab, 11);
+    let target: Vec<f16> = base.iter().map(|&x| f16::from_f32(x)).collect();
+    let mut draft = Vec::with_capacity(batch * gamma * vocab);
+    for b in 0..batch {
+        draft
+            .extend_from_slice(&target[b * (gamma + 1) * vocab..(b * (gamma + 1) + gamma) * vocab]);
+    }
+    let tokens: Vec<i32> = (0..batch * gamma)
+        .map(|i| (i * 7919 % vocab) as i32)
+        .collect();
+    let gammas = vec![gamma as i32; batch];
+    let temps = vec![1.0f32; batch];
+    let v = VerifyBatch {
+        target: LogitsData::F16(&target),
+        target_stride: vocab,
+        draft: DraftDist::Logits {
+            data: LogitsData::F16(&draft),
+            temperature: &temps,
+        },
+        draft_stride: vocab,
+        draft_tokens: &tokens,
+        gammas: &gammas,
+        target_temperature: &temps,
+        batch,
+        gamma_max: gamma,
+        vocab,
+        seed: 1,
+        step: 0,
+    };
+    let t = backend.time_verify(&v, budget)?;
+    Ok(VerifyReport {
+        gbps: v.bytes_read_all_accepted() as f64 / t.as_secs_f64() / 1e9,
+        batch,
+        gamma,
+        vocab,
+        us_per_call: t.as_secs_f64() * 1e6,
+        validated_on_gpu: false,
     })
 }
 
@@ -169,6 +227,14 @@ pub fn render(r: &Report) -> String {
         ));
     }
     if !st.validated_on_gpu {
+        s.push_str("  (the CUDA kernel is validated on the CPU emulator and by ptxas only)\n");
+    }
+    let v = &r.kernels.verify;
+    s.push_str(&format!(
+        "\nverify (batch {}, γ {}, vocab {}, f16, all accepted)\n  {:.1} µs/call, {:.2} GB/s read\n",
+        v.batch, v.gamma, v.vocab, v.us_per_call, v.gbps
+    ));
+    if !v.validated_on_gpu {
         s.push_str("  (the CUDA kernel is validated on the CPU emulator and by ptxas only)\n");
     }
     s

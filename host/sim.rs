@@ -43,8 +43,8 @@ pub struct SimResult {
     pub expected_accepted_first: f64,
     /// Sequences that emitted a token at each position.
     pub reached: Vec<u64>,
-    /// Pearson χ² of each position's counts against p_i (bins with p = 0 must be empty; they add
-    /// `inf` otherwise), and its degrees of freedom.
+    /// Pearson χ² of each position's counts against p_i (bins expected below 5 pooled; bins with
+    /// p = 0 must be empty, they add `inf` otherwise), and its degrees of freedom.
     pub chi2: Vec<f64>,
     pub chi2_dof: Vec<usize>,
 }
@@ -221,10 +221,12 @@ pub fn run(
     })
 }
 
-/// Pearson χ² of `counts` (n draws) against `p`; bins with p = 0 contribute `inf` if hit.
+/// Pearson χ² of `counts` (n draws) against `p`. Bins expected below 5 draws are pooled into one
+/// (the χ² approximation needs it); bins with p = 0 must be empty and contribute `inf` if hit.
 pub fn chi_square(p: &[f64], counts: &[u64], n: u64) -> (f64, usize) {
     let mut chi2 = 0.0;
     let mut bins = 0usize;
+    let (mut pool_e, mut pool_c) = (0.0, 0.0);
     for (&pj, &c) in p.iter().zip(counts) {
         if pj == 0.0 {
             if c > 0 {
@@ -233,7 +235,16 @@ pub fn chi_square(p: &[f64], counts: &[u64], n: u64) -> (f64, usize) {
             continue;
         }
         let e = pj * n as f64;
+        if e < 5.0 {
+            pool_e += e;
+            pool_c += c as f64;
+            continue;
+        }
         chi2 += (c as f64 - e).powi(2) / e;
+        bins += 1;
+    }
+    if pool_e > 0.0 {
+        chi2 += (pool_c - pool_e).powi(2) / pool_e;
         bins += 1;
     }
     (chi2, bins.saturating_sub(1))
