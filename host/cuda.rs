@@ -11,10 +11,11 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
-use speckv_kernels::params::{FeatureAccum, RowStats, SoftmaxStatsParams, VerifyParams};
+use speckv_kernels::params::{FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsParams, VerifyParams};
 use speckv_kernels::softmax_stats as kernel;
 use speckv_kernels::verify as verify_kernel;
 
+use crate::controller::{Controller, GammaPtrs};
 use crate::error::{Error, Result};
 use crate::logits::{check_accum, stats_params, Dtype, Logits, StatsOptions};
 use crate::ptx::Arch;
@@ -25,10 +26,12 @@ use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs};
 pub enum KernelFn {
     SoftmaxStats(Dtype),
     Verify(Dtype),
+    GammaMlp,
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 6] = [
+    pub const ALL: [KernelFn; 7] = [
+        KernelFn::GammaMlp,
         KernelFn::SoftmaxStats(Dtype::F32),
         KernelFn::SoftmaxStats(Dtype::F16),
         KernelFn::SoftmaxStats(Dtype::Bf16),
@@ -46,6 +49,7 @@ impl KernelFn {
             KernelFn::Verify(Dtype::F32) => "verify_f32",
             KernelFn::Verify(Dtype::F16) => "verify_f16",
             KernelFn::Verify(Dtype::Bf16) => "verify_bf16",
+            KernelFn::GammaMlp => "gamma_mlp_f32",
         }
     }
 }
@@ -59,6 +63,8 @@ struct ByValue<T>(T);
 unsafe impl DeviceRepr for ByValue<SoftmaxStatsParams> {}
 // SAFETY: as above, for the verification kernel's parameters.
 unsafe impl DeviceRepr for ByValue<VerifyParams> {}
+// SAFETY: as above, for the γ decision kernel's parameters.
+unsafe impl DeviceRepr for ByValue<GammaMlpParams> {}
 
 /// True when a CUDA driver library can be loaded (cudarc panics on first use otherwise).
 pub fn driver_present() -> bool {
@@ -405,5 +411,104 @@ impl CudaBackend {
         Ok(Duration::from_secs_f64(
             ms as f64 / 1e3 / iters.max(1) as f64,
         ))
+    }
+}
+
+/// Block size of `gamma_mlp` launches (one thread per sequence).
+pub const GAMMA_BLOCK: u32 = 128;
+
+/// The controller's weights and cost table on the device, uploaded once.
+pub struct DeviceController {
+    controller: Controller,
+    weights: cudarc::driver::CudaSlice<u8>,
+    cost: Option<cudarc::driver::CudaSlice<f32>>,
+}
+
+impl CudaBackend {
+    /// Uploads the controller's weights (once).
+    pub fn upload_controller(&self, controller: &Controller) -> Result<DeviceController> {
+        let w = controller.mlp.to_f32();
+        let weights = self.stream.clone_htod(bytemuck::bytes_of(&w))?;
+        let cost = match controller.cost_table() {
+            Some(c) => Some(self.stream.clone_htod(&c)?),
+            None => None,
+        };
+        Ok(DeviceController { controller: controller.clone(), weights, cost })
+    }
+
+    /// Launches `gamma_mlp` on device accumulators, writing device γ (no synchronisation).
+    pub fn launch_gamma_mlp(
+        &self,
+        dc: &DeviceController,
+        accum: &cudarc::driver::CudaSlice<u8>,
+        gammas: &mut cudarc::driver::CudaSlice<i32>,
+        batch: usize,
+        compression_code: f32,
+        fallback: i32,
+    ) -> Result<()> {
+        if accum.len() < batch * std::mem::size_of::<FeatureAccum>() || gammas.len() < batch || batch == 0 {
+            return Err(Error::Other(format!("gamma_mlp: buffers smaller than the batch of {batch}")));
+        }
+        let st = &self.stream;
+        let (w, _g0) = dc.weights.device_ptr(st);
+        let (a, _g1) = accum.device_ptr(st);
+        let (c, _g2) = match dc.cost.as_ref() {
+            Some(x) => {
+                let (p, g) = x.device_ptr(st);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (g, _g3) = gammas.device_ptr_mut(st);
+        let params = dc.controller.params(
+            batch,
+            compression_code,
+            fallback,
+            GammaPtrs {
+                weights: w as *const MlpWeights,
+                accum: a as *const FeatureAccum,
+                compression: std::ptr::null(),
+                cost: c as *const f32,
+                gammas_out: g as *mut i32,
+                expected_out: std::ptr::null_mut(),
+            },
+        );
+        let cfg = LaunchConfig {
+            grid_dim: ((batch as u32).div_ceil(GAMMA_BLOCK), 1, 1),
+            block_dim: (GAMMA_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let arg = ByValue(params);
+        let mut b = st.launch_builder(self.function(KernelFn::GammaMlp));
+        b.arg(&arg);
+        // SAFETY: sizes checked above; the weights and cost table were uploaded for this
+        // controller; the buffers outlive the launch.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// γ per sequence from host accumulators (upload, launch, download).
+    pub fn gamma_mlp(&self, dc: &DeviceController, accum: &[FeatureAccum], compression_code: f32, fallback: i32) -> Result<Vec<i32>> {
+        let d_accum = self.stream.clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
+        let mut gammas = self.stream.alloc_zeros::<i32>(accum.len())?;
+        self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), compression_code, fallback)?;
+        Ok(self.stream.clone_dtoh(&gammas)?)
+    }
+
+    /// Mean time of one `gamma_mlp` launch for `batch` device-resident sequences (CUDA events).
+    pub fn time_gamma_mlp(&self, dc: &DeviceController, accum: &[FeatureAccum], iters: u32) -> Result<Duration> {
+        let d_accum = self.stream.clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
+        let mut gammas = self.stream.alloc_zeros::<i32>(accum.len())?;
+        self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), 0.0, 4)?;
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = self.ctx.new_event(Some(flags))?;
+        let end = self.ctx.new_event(Some(flags))?;
+        start.record(&self.stream)?;
+        for _ in 0..iters.max(1) {
+            self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), 0.0, 4)?;
+        }
+        end.record(&self.stream)?;
+        end.synchronize()?;
+        Ok(Duration::from_secs_f64(start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64))
     }
 }

@@ -5,8 +5,11 @@
 use speckv_kernels::emu::{self, LaunchConfig};
 use speckv_kernels::params::{FeatureAccum, RowStats};
 use speckv_kernels::softmax_stats::{self as kernel, Bf16, F16, F32};
+use speckv_kernels::gamma_mlp as gamma_kernel;
+use speckv_kernels::params::MlpWeights;
 use speckv_kernels::verify as verify_kernel;
 
+use crate::controller::{Controller, GammaPtrs};
 use crate::error::Result;
 use crate::logits::{check_accum, check_block, stats_params, Logits, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs};
@@ -98,4 +101,45 @@ pub fn verify_unchecked_values(v: &VerifyBatch<'_>, block: u32) -> Result<Verify
         }
     }
     Ok(out)
+}
+
+/// Runs `gamma_mlp` on the emulator: every sequence's γ for its next step from its accumulator.
+/// Returns (γ, predicted tokens per step) per sequence.
+pub fn gamma_mlp(
+    controller: &Controller,
+    weights: &MlpWeights,
+    accum: &[FeatureAccum],
+    compression_code: f32,
+    fallback: i32,
+    block: u32,
+) -> Result<(Vec<i32>, Vec<f32>)> {
+    if accum.is_empty() {
+        return Err(crate::Error::Empty { what: "batch" });
+    }
+    if block == 0 || block > 1024 {
+        return Err(crate::Error::BadBlockSize(block));
+    }
+    let n = accum.len();
+    let mut gammas = vec![0i32; n];
+    let mut expected = vec![0f32; n];
+    let cost = controller.cost_table();
+    let params = controller.params(
+        n,
+        compression_code,
+        fallback,
+        GammaPtrs {
+            weights,
+            accum: accum.as_ptr(),
+            compression: std::ptr::null(),
+            cost: cost.as_ref().map(|c| c.as_ptr()).unwrap_or(std::ptr::null()),
+            gammas_out: gammas.as_mut_ptr(),
+            expected_out: expected.as_mut_ptr(),
+        },
+    );
+    let cfg = LaunchConfig { grid: (n as u32).div_ceil(block), block, shared_bytes: 0 };
+    // SAFETY: the weights are one struct, accumulators and outputs have `n` elements, the cost
+    // table (if any) one entry per candidate, and `Controller::new` checked the candidates; each
+    // thread writes only its own sequence's outputs.
+    unsafe { emu::launch(cfg, || gamma_kernel::gamma_mlp(&params))? };
+    Ok((gammas, expected))
 }

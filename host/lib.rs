@@ -9,12 +9,15 @@
 //! - [`backend`]: selection between CPU and CUDA; [`report`]: `speckv report`.
 
 pub mod backend;
+pub mod controller;
 pub mod cpu;
 pub mod cuda;
 pub mod emulate;
 pub mod error;
 pub mod logits;
+pub mod mlp;
 pub mod ptx;
+pub mod records;
 pub mod report;
 pub mod sim;
 pub mod verify;

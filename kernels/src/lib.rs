@@ -26,6 +26,7 @@
 #![allow(clippy::missing_safety_doc)]
 #![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
 
+pub mod gamma_mlp;
 pub mod gpu;
 pub mod params;
 pub mod philox;

@@ -230,9 +230,65 @@ pub const VERIFY_BAD_TOKEN: u32 = 8;
 /// A temperature was negative, NaN or infinite.
 pub const VERIFY_BAD_TEMPERATURE: u32 = 16;
 
+/// The γ predictor's weights in f32 (6 → 16 ReLU → 1), with the feature standardisation folded in
+/// as mean and 1/std. Uploaded once; read by every `gamma_mlp` launch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MlpWeights {
+    /// Row-major `[6][16]`: input i, hidden unit j at `i * 16 + j`.
+    pub w1: [f32; 96],
+    pub b1: [f32; 16],
+    pub w2: [f32; 16],
+    pub mean: [f32; 6],
+    pub inv_std: [f32; 6],
+    pub b2: f32,
+    pub _pad: [f32; 3],
+}
+
+impl Default for MlpWeights {
+    fn default() -> Self {
+        MlpWeights { w1: [0.0; 96], b1: [0.0; 16], w2: [0.0; 16], mean: [0.0; 6], inv_std: [1.0; 6], b2: 0.0, _pad: [0.0; 3] }
+    }
+}
+
+/// Most candidate γ values a `gamma_mlp` launch considers.
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Parameters of the `gamma_mlp` kernel, passed by value: one thread per sequence (any 1-D launch
+/// covering `batch` threads; speckv uses blocks of 128), no shared memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GammaMlpParams {
+    pub weights: *const MlpWeights,
+    /// `[batch]` this step's feature accumulators (written by `softmax_stats`).
+    pub accum: *const FeatureAccum,
+    /// `[batch]` compression code per sequence (0 fp16, 1 int8, 2 nf4), or null: `compression_code`.
+    pub compression: *const f32,
+    /// `[n_candidates]` cost of a step at each candidate γ (any time unit), or null: maximise
+    /// expected tokens per step instead of tokens per unit cost.
+    pub cost: *const f32,
+    /// `[batch]` output: γ for each sequence's next step (read by `verify`).
+    pub gammas_out: *mut i32,
+    /// `[batch]` output: the chosen γ's predicted tokens per step â·γ + 1 (may be null).
+    pub expected_out: *mut f32,
+    pub candidates: [i32; MAX_CANDIDATES],
+    pub n_candidates: u32,
+    pub batch: u32,
+    /// γ written for a sequence whose accumulator is empty or flagged.
+    pub fallback_gamma: i32,
+    pub compression_code: f32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for GammaMlpParams {}
+unsafe impl Sync for GammaMlpParams {}
+
 // SAFETY of the host's byte copies relies on these layouts: no padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsParams>() == 64);
 const _: () = assert!(core::mem::size_of::<RowStats>() == 32);
 const _: () = assert!(core::mem::size_of::<FeatureAccum>() == 24);
 const _: () = assert!(core::mem::size_of::<StatsState>() == 32);
 const _: () = assert!(core::mem::size_of::<VerifyParams>() == 136);
+const _: () = assert!(core::mem::size_of::<MlpWeights>() == 576);
+const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 96);
