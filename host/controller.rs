@@ -35,20 +35,28 @@ impl CostModel {
         CostModel {
             draft_ms_per_token: 1.0 / 3.0,
             verify_ms: (0..=16).map(|g| 1.0 + 0.02 * g as f64).collect(),
-            source: "assumed: draft = 1/3 target per token, verification 1 + 0.02·γ target passes".to_string(),
+            source: "assumed: draft = 1/3 target per token, verification 1 + 0.02·γ target passes"
+                .to_string(),
         }
     }
 
     pub fn load(path: &Path) -> Result<CostModel> {
-        let s = std::fs::read_to_string(path).map_err(|source| Error::Io { context: format!("reading {}", path.display()), source })?;
-        let c: CostModel = serde_json::from_str(&s).map_err(|e| Error::Other(format!("{}: not a cost model: {e}", path.display())))?;
+        let s = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })?;
+        let c: CostModel = serde_json::from_str(&s)
+            .map_err(|e| Error::Other(format!("{}: not a cost model: {e}", path.display())))?;
         c.check()?;
         Ok(c)
     }
 
     pub fn check(&self) -> Result<()> {
         let ok = |v: f64| v.is_finite() && v >= 0.0;
-        if !ok(self.draft_ms_per_token) || self.verify_ms.is_empty() || !self.verify_ms.iter().all(|&v| ok(v) && v > 0.0) {
+        if !ok(self.draft_ms_per_token)
+            || self.verify_ms.is_empty()
+            || !self.verify_ms.iter().all(|&v| ok(v) && v > 0.0)
+        {
             return Err(Error::Other("cost model: draft_ms_per_token must be ≥ 0 and verify_ms a non-empty list of positive times".to_string()));
         }
         Ok(())
@@ -94,27 +102,55 @@ pub struct Controller {
 impl Controller {
     pub fn new(mlp: Mlp, candidates: &[u32], cost: Option<CostModel>) -> Result<Controller> {
         if candidates.is_empty() || candidates.len() > MAX_CANDIDATES || candidates.contains(&0) {
-            return Err(Error::Other(format!("1 to {MAX_CANDIDATES} positive candidate γ values are needed, got {candidates:?}")));
+            return Err(Error::Other(format!(
+                "1 to {MAX_CANDIDATES} positive candidate γ values are needed, got {candidates:?}"
+            )));
         }
         if let Some(c) = &cost {
             c.check()?;
         }
-        Ok(Controller { mlp, candidates: candidates.to_vec(), cost })
+        Ok(Controller {
+            mlp,
+            candidates: candidates.to_vec(),
+            cost,
+        })
     }
 
     /// The decision for draft features `base` = (mean entropy, mean confidence, max entropy, min
     /// confidence) under `compression` (f64, the CPU path).
     pub fn decide(&self, base: [f64; 4], compression: Compression) -> Decision {
-        let mut best = (f64::NEG_INFINITY, Decision { gamma: self.candidates[0], expected_tokens: f64::NAN });
+        let mut best = (
+            f64::NEG_INFINITY,
+            Decision {
+                gamma: self.candidates[0],
+                expected_tokens: f64::NAN,
+            },
+        );
         for &g in &self.candidates {
-            let a = self.mlp.predict(&[base[0], base[1], base[2], base[3], compression.code(), g as f64]).clamp(0.0, 1.0);
+            let a = self
+                .mlp
+                .predict(&[
+                    base[0],
+                    base[1],
+                    base[2],
+                    base[3],
+                    compression.code(),
+                    g as f64,
+                ])
+                .clamp(0.0, 1.0);
             let tokens = a * g as f64 + 1.0;
             let score = match &self.cost {
                 Some(c) => tokens / c.step(g),
                 None => tokens,
             };
             if score > best.0 {
-                best = (score, Decision { gamma: g, expected_tokens: tokens });
+                best = (
+                    score,
+                    Decision {
+                        gamma: g,
+                        expected_tokens: tokens,
+                    },
+                );
             }
         }
         best.1
@@ -122,24 +158,43 @@ impl Controller {
 
     /// Per-candidate costs for the kernel, if a cost model is set.
     pub fn cost_table(&self) -> Option<Vec<f32>> {
-        self.cost.as_ref().map(|c| self.candidates.iter().map(|&g| c.step(g) as f32).collect())
+        self.cost
+            .as_ref()
+            .map(|c| self.candidates.iter().map(|&g| c.step(g) as f32).collect())
     }
 
     /// The decision exactly as the `gamma_mlp` kernel computes it (f32, same operation order).
-    pub fn decide_f32(&self, weights: &MlpWeights, accum: &FeatureAccum, code: f32, fallback: i32) -> (i32, f32) {
+    pub fn decide_f32(
+        &self,
+        weights: &MlpWeights,
+        accum: &FeatureAccum,
+        code: f32,
+        fallback: i32,
+    ) -> (i32, f32) {
         let cands: Vec<i32> = self.candidates.iter().map(|&g| g as i32).collect();
         if accum.count == 0 || accum.flags != 0 {
             return (fallback, f32::NAN);
         }
         let n = accum.count as f32;
-        let base = [accum.entropy_sum / n, accum.confidence_sum / n, accum.entropy_max, accum.confidence_min];
+        let base = [
+            accum.entropy_sum / n,
+            accum.confidence_sum / n,
+            accum.entropy_max,
+            accum.confidence_min,
+        ];
         let cost = self.cost_table();
         let (c, t) = gamma_mlp::decide(weights, base, code, &cands, cost.as_deref());
         (cands[c], t)
     }
 
     /// Kernel parameters for a batch (addresses supplied by the caller).
-    pub(crate) fn params(&self, batch: usize, code: f32, fallback: i32, ptrs: GammaPtrs) -> GammaMlpParams {
+    pub(crate) fn params(
+        &self,
+        batch: usize,
+        code: f32,
+        fallback: i32,
+        ptrs: GammaPtrs,
+    ) -> GammaMlpParams {
         let mut candidates = [0i32; MAX_CANDIDATES];
         for (c, &g) in candidates.iter_mut().zip(&self.candidates) {
             *c = g as i32;

@@ -11,7 +11,9 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
-use speckv_kernels::params::{FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsParams, VerifyParams};
+use speckv_kernels::params::{
+    FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsParams, VerifyParams,
+};
 use speckv_kernels::softmax_stats as kernel;
 use speckv_kernels::verify as verify_kernel;
 
@@ -433,7 +435,11 @@ impl CudaBackend {
             Some(c) => Some(self.stream.clone_htod(&c)?),
             None => None,
         };
-        Ok(DeviceController { controller: controller.clone(), weights, cost })
+        Ok(DeviceController {
+            controller: controller.clone(),
+            weights,
+            cost,
+        })
     }
 
     /// Launches `gamma_mlp` on device accumulators, writing device γ (no synchronisation).
@@ -446,8 +452,13 @@ impl CudaBackend {
         compression_code: f32,
         fallback: i32,
     ) -> Result<()> {
-        if accum.len() < batch * std::mem::size_of::<FeatureAccum>() || gammas.len() < batch || batch == 0 {
-            return Err(Error::Other(format!("gamma_mlp: buffers smaller than the batch of {batch}")));
+        if accum.len() < batch * std::mem::size_of::<FeatureAccum>()
+            || gammas.len() < batch
+            || batch == 0
+        {
+            return Err(Error::Other(format!(
+                "gamma_mlp: buffers smaller than the batch of {batch}"
+            )));
         }
         let st = &self.stream;
         let (w, _g0) = dc.weights.device_ptr(st);
@@ -488,16 +499,38 @@ impl CudaBackend {
     }
 
     /// γ per sequence from host accumulators (upload, launch, download).
-    pub fn gamma_mlp(&self, dc: &DeviceController, accum: &[FeatureAccum], compression_code: f32, fallback: i32) -> Result<Vec<i32>> {
-        let d_accum = self.stream.clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
+    pub fn gamma_mlp(
+        &self,
+        dc: &DeviceController,
+        accum: &[FeatureAccum],
+        compression_code: f32,
+        fallback: i32,
+    ) -> Result<Vec<i32>> {
+        let d_accum = self
+            .stream
+            .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
         let mut gammas = self.stream.alloc_zeros::<i32>(accum.len())?;
-        self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), compression_code, fallback)?;
+        self.launch_gamma_mlp(
+            dc,
+            &d_accum,
+            &mut gammas,
+            accum.len(),
+            compression_code,
+            fallback,
+        )?;
         Ok(self.stream.clone_dtoh(&gammas)?)
     }
 
     /// Mean time of one `gamma_mlp` launch for `batch` device-resident sequences (CUDA events).
-    pub fn time_gamma_mlp(&self, dc: &DeviceController, accum: &[FeatureAccum], iters: u32) -> Result<Duration> {
-        let d_accum = self.stream.clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
+    pub fn time_gamma_mlp(
+        &self,
+        dc: &DeviceController,
+        accum: &[FeatureAccum],
+        iters: u32,
+    ) -> Result<Duration> {
+        let d_accum = self
+            .stream
+            .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
         let mut gammas = self.stream.alloc_zeros::<i32>(accum.len())?;
         self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), 0.0, 4)?;
         let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
@@ -509,6 +542,8 @@ impl CudaBackend {
         }
         end.record(&self.stream)?;
         end.synchronize()?;
-        Ok(Duration::from_secs_f64(start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64))
+        Ok(Duration::from_secs_f64(
+            start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64,
+        ))
     }
 }

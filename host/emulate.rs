@@ -3,10 +3,10 @@
 //! without a GPU. Slow by design (one coroutine per GPU thread); use the CPU backend for speed.
 
 use speckv_kernels::emu::{self, LaunchConfig};
-use speckv_kernels::params::{FeatureAccum, RowStats};
-use speckv_kernels::softmax_stats::{self as kernel, Bf16, F16, F32};
 use speckv_kernels::gamma_mlp as gamma_kernel;
 use speckv_kernels::params::MlpWeights;
+use speckv_kernels::params::{FeatureAccum, RowStats};
+use speckv_kernels::softmax_stats::{self as kernel, Bf16, F16, F32};
 use speckv_kernels::verify as verify_kernel;
 
 use crate::controller::{Controller, GammaPtrs};
@@ -131,12 +131,19 @@ pub fn gamma_mlp(
             weights,
             accum: accum.as_ptr(),
             compression: std::ptr::null(),
-            cost: cost.as_ref().map(|c| c.as_ptr()).unwrap_or(std::ptr::null()),
+            cost: cost
+                .as_ref()
+                .map(|c| c.as_ptr())
+                .unwrap_or(std::ptr::null()),
             gammas_out: gammas.as_mut_ptr(),
             expected_out: expected.as_mut_ptr(),
         },
     );
-    let cfg = LaunchConfig { grid: (n as u32).div_ceil(block), block, shared_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid: (n as u32).div_ceil(block),
+        block,
+        shared_bytes: 0,
+    };
     // SAFETY: the weights are one struct, accumulators and outputs have `n` elements, the cost
     // table (if any) one entry per candidate, and `Controller::new` checked the candidates; each
     // thread writes only its own sequence's outputs.

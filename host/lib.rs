@@ -14,12 +14,16 @@ pub mod cpu;
 pub mod cuda;
 pub mod emulate;
 pub mod error;
+pub mod evaluate;
 pub mod logits;
 pub mod mlp;
+pub mod overhead;
+pub mod plot;
 pub mod ptx;
 pub mod records;
 pub mod report;
 pub mod sim;
+pub mod simulate;
 pub mod verify;
 
 pub use backend::{Backend, BackendKind};

@@ -4,8 +4,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
 use speckv::ptx::Arch;
 use speckv::sim::{self, SimMode};
+use speckv::{controller, evaluate, mlp, records, simulate};
 use speckv::{report, Backend, BackendKind};
 
 #[derive(Parser)]
@@ -52,6 +55,66 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train the 6 → 16 → 1 acceptance predictor on step records (validation and test split by
+    /// prompt run); prints train / validation / test MSE and correlation.
+    Train {
+        #[arg(long)]
+        steps: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate γ policies on step records: the paper's method and the honest (measured outcomes
+    /// only) method, with paired bootstrap intervals.
+    Evaluate {
+        #[arg(long)]
+        train: PathBuf,
+        /// Use only these prompt runs of --train (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        train_runs: Option<Vec<u32>>,
+        #[arg(long)]
+        test: PathBuf,
+        /// Use only these prompt runs of --test.
+        #[arg(long, value_delimiter = ',')]
+        test_runs: Option<Vec<u32>>,
+        /// Load the predictor (JSON or .npz in the paper's layout) instead of training on --train.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Cost model JSON for speckv-cost (default: an assumed model, stated in the output).
+        #[arg(long)]
+        cost: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        resamples: usize,
+        /// Confidence-threshold policy: stop drafting below this top-1 probability.
+        #[arg(long, default_value_t = 0.5)]
+        confidence_threshold: f64,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// The seed note's table: expected tokens per step E(α, γ) by γ and compression, best γ, gain
+    /// over fixed-4.
+    Simulate {
+        /// α table as JSON ({"FP16": {"1": 0.82, …}, …}); default: the seed note's.
+        #[arg(long, conflicts_with = "steps")]
+        alpha: Option<PathBuf>,
+        /// Estimate α per (compression, γ) from step records instead.
+        #[arg(long)]
+        steps: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Write the embedded PTX of every kernel (entry points in docs/kernels.md).
     Ptx {
         /// sm_80 or sm_90.
@@ -63,7 +126,174 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time of one γ decision: CPU µs per decision (all candidates through the MLP) and, with a
+    /// GPU, µs per batch decision of 256 sequences, next to the paper's 0.34 ms.
+    Overhead {
+        /// Predictor to time (default: seeded random weights; the time does not depend on them).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn json_out<T: serde::Serialize>(v: &T) -> speckv::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| speckv::Error::Other(e.to_string()))?
+    );
+    Ok(())
+}
+
+fn filter_runs(
+    mut r: Vec<speckv::records::StepRecord>,
+    runs: &Option<Vec<u32>>,
+    what: &str,
+) -> speckv::Result<Vec<speckv::records::StepRecord>> {
+    if let Some(runs) = runs {
+        r.retain(|x| runs.contains(&x.run));
+        if r.is_empty() {
+            return Err(speckv::Error::Other(format!(
+                "{what}: no records in runs {runs:?}"
+            )));
+        }
+    }
+    Ok(r)
+}
+
+fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
+    Some(match command {
+        Command::Train {
+            steps,
+            out,
+            seed,
+            json,
+        } => {
+            (|| {
+                let records = records::read_records(steps)?;
+                let (tr, va, te) = mlp::split_by_run(&records)?;
+                let (m, rep) = mlp::train(
+                    &records,
+                    &tr,
+                    &va,
+                    &te,
+                    mlp::TrainConfig {
+                        seed: *seed,
+                        ..Default::default()
+                    },
+                )?;
+                m.save(out)?;
+                if *json {
+                    return json_out(&rep);
+                }
+                println!("trained on runs {:?} ({} records), early-stopped on runs {:?} at epoch {} of {}", rep.train_runs, rep.train.n, rep.val_runs, rep.best_epoch, rep.epochs_run);
+                println!(
+                    "train      MSE {:.4}  corr {:.3}",
+                    rep.train.mse, rep.train.corr
+                );
+                println!(
+                    "validation MSE {:.4}  corr {:.3}",
+                    rep.val.mse, rep.val.corr
+                );
+                match rep.test {
+                Some(t) => println!("test       MSE {:.4}  corr {:.3}  (runs {:?}, {} records; paper MLP-16: 0.0896 / 0.685)", t.mse, t.corr, rep.test_runs, t.n),
+                None => println!("test       (no third run to hold out)"),
+            }
+                println!("written: {}", out.display());
+                Ok(())
+            })()
+        }
+        Command::Evaluate {
+            train,
+            train_runs,
+            test,
+            test_runs,
+            model,
+            cost,
+            seed,
+            resamples,
+            confidence_threshold,
+            json,
+            plot,
+        } => (|| {
+            let tr = filter_runs(records::read_records(train)?, train_runs, "--train")?;
+            let te = filter_runs(records::read_records(test)?, test_runs, "--test")?;
+            let model = match model {
+                Some(p) => Some((mlp::Mlp::load(p)?, p.display().to_string())),
+                None => None,
+            };
+            if !(0.0..=1.0).contains(confidence_threshold) {
+                return Err(speckv::Error::Other(format!(
+                    "--confidence-threshold must be in [0, 1], got {confidence_threshold}"
+                )));
+            }
+            if *resamples == 0 {
+                return Err(speckv::Error::Other(
+                    "--resamples must be positive".to_string(),
+                ));
+            }
+            let cfg = evaluate::EvalConfig {
+                resamples: *resamples,
+                seed: *seed,
+                cost: match cost {
+                    Some(p) => controller::CostModel::load(p)?,
+                    None => controller::CostModel::assumed(),
+                },
+                rules: evaluate::RuleParams {
+                    confidence_threshold: *confidence_threshold,
+                    ..Default::default()
+                },
+            };
+            let rep = evaluate::evaluate(&tr, &te, model, &cfg)?;
+            if let Some(p) = plot {
+                speckv::plot::plot_evaluation(&rep, p)?;
+            }
+            if *json {
+                json_out(&rep)
+            } else {
+                print!("{}", evaluate::render(&rep));
+                if let Some(p) = plot {
+                    println!("plot written: {}", p.display());
+                }
+                Ok(())
+            }
+        })(),
+        Command::Simulate { alpha, steps, json } => (|| {
+            let (table, source, compare) = match (alpha, steps) {
+                (Some(a), _) => (
+                    simulate::load_alpha(a)?,
+                    format!("α from {}", a.display()),
+                    false,
+                ),
+                (None, Some(s)) => (
+                    simulate::alpha_from_records(&records::read_records(s)?),
+                    format!("α estimated per (compression, γ) from {}", s.display()),
+                    false,
+                ),
+                (None, None) => (
+                    simulate::seed_alpha(),
+                    "the seed note's α table".to_string(),
+                    true,
+                ),
+            };
+            let rows = simulate::table(&table, compare);
+            if *json {
+                json_out(&rows)
+            } else {
+                print!("{}", simulate::render(&rows, &source));
+                Ok(())
+            }
+        })(),
+        _ => return None,
+    })
+}
+
 fn run(cli: Cli) -> speckv::Result<()> {
+    if let Some(r) = run_offline(&cli.command) {
+        return r;
+    }
     if let Command::Ptx { arch, out } = &cli.command {
         let ptx = Arch::parse(arch)?.ptx()?;
         return match out {
@@ -79,7 +309,20 @@ fn run(cli: Cli) -> speckv::Result<()> {
     }
     let backend = Backend::new(cli.backend)?;
     match cli.command {
-        Command::Ptx { .. } => {}
+        Command::Ptx { .. }
+        | Command::Train { .. }
+        | Command::Evaluate { .. }
+        | Command::Simulate { .. } => {}
+        Command::Bench {
+            what: BenchCommand::Overhead { model, json },
+        } => {
+            let r = speckv::overhead::measure(&backend, model.as_deref())?;
+            if json {
+                json_out(&r)?;
+            } else {
+                print!("{}", speckv::overhead::render(&r));
+            }
+        }
         Command::VerifySim {
             vocab,
             gamma,

@@ -81,50 +81,100 @@ impl Mlp {
     }
 
     fn check(&self) -> Result<()> {
-        let all = self.w1.iter().flatten().chain(&self.b1).chain(self.w2.iter().flatten()).chain(&self.b2).chain(&self.feature_mean);
+        let all = self
+            .w1
+            .iter()
+            .flatten()
+            .chain(&self.b1)
+            .chain(self.w2.iter().flatten())
+            .chain(&self.b2)
+            .chain(&self.feature_mean);
         if all.into_iter().any(|v| !v.is_finite()) {
             return Err(Error::Other("model weights must be finite".to_string()));
         }
-        if self.feature_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(Error::Other("feature_std must be finite and positive".to_string()));
+        if self
+            .feature_std
+            .iter()
+            .any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(Error::Other(
+                "feature_std must be finite and positive".to_string(),
+            ));
         }
         Ok(())
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let s = serde_json::to_string_pretty(self).map_err(|e| Error::Other(e.to_string()))?;
-        std::fs::write(path, s).map_err(|source| Error::Io { context: format!("writing {}", path.display()), source })
+        std::fs::write(path, s).map_err(|source| Error::Io {
+            context: format!("writing {}", path.display()),
+            source,
+        })
     }
 
     /// Loads the paper's layout (W1 6×16, b1 16, W2 16×1, b2 1; optional feature_mean and
     /// feature_std) from JSON, or from .npz (arrays `W1`, `b1`, `W2`, `b2`, optional `feature_mean`,
     /// `feature_std`; f32 or f64; W2 as 16 or 16×1, b2 as 1 or a scalar).
     pub fn load(path: &Path) -> Result<Mlp> {
-        let is_npz = path.extension().map(|e| e.eq_ignore_ascii_case("npz")).unwrap_or(false);
-        let m = if is_npz { load_npz(path)? } else { load_json(path)? };
-        m.check().map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        let is_npz = path
+            .extension()
+            .map(|e| e.eq_ignore_ascii_case("npz"))
+            .unwrap_or(false);
+        let m = if is_npz {
+            load_npz(path)?
+        } else {
+            load_json(path)?
+        };
+        m.check()
+            .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
         Ok(m)
     }
 }
 
 fn load_json(path: &Path) -> Result<Mlp> {
-    let s = std::fs::read_to_string(path).map_err(|source| Error::Io { context: format!("reading {}", path.display()), source })?;
-    serde_json::from_str(&s).map_err(|e| Error::Other(format!("{}: not a 6-16-1 MLP in the paper's layout: {e}", path.display())))
+    let s = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    })?;
+    serde_json::from_str(&s).map_err(|e| {
+        Error::Other(format!(
+            "{}: not a 6-16-1 MLP in the paper's layout: {e}",
+            path.display()
+        ))
+    })
 }
 
 fn load_npz(path: &Path) -> Result<Mlp> {
-    let io = |source: std::io::Error| Error::Io { context: format!("reading {}", path.display()), source };
+    let io = |source: std::io::Error| Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    };
     let mut npz = npyz::npz::NpzArchive::open(path).map_err(io)?;
     let mut get = |name: &str, len: usize, required: bool| -> Result<Option<Vec<f64>>> {
         let Some(arr) = npz.by_name(name).map_err(io)? else {
-            return if required { Err(Error::Other(format!("{}: missing array {name}", path.display()))) } else { Ok(None) };
+            return if required {
+                Err(Error::Other(format!(
+                    "{}: missing array {name}",
+                    path.display()
+                )))
+            } else {
+                Ok(None)
+            };
         };
         let n: u64 = arr.shape().iter().product();
         if n as usize != len {
-            return Err(Error::Other(format!("{}: {name} has {n} elements, expected {len}", path.display())));
+            return Err(Error::Other(format!(
+                "{}: {name} has {n} elements, expected {len}",
+                path.display()
+            )));
         }
         let v: Vec<f64> = match arr.dtype() {
-            npyz::DType::Plain(t) if t.size_field() == 4 => arr.into_vec::<f32>().map_err(io)?.into_iter().map(f64::from).collect(),
+            npyz::DType::Plain(t) if t.size_field() == 4 => arr
+                .into_vec::<f32>()
+                .map_err(io)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
             _ => arr.into_vec::<f64>().map_err(io)?,
         };
         Ok(Some(v))
@@ -135,7 +185,14 @@ fn load_npz(path: &Path) -> Result<Mlp> {
     let b2 = get("b2", 1, true)?.unwrap_or_default();
     let mean = get("feature_mean", INPUTS, false)?;
     let std = get("feature_std", INPUTS, false)?;
-    let mut m = Mlp { w1: [[0.0; HIDDEN]; INPUTS], b1: [0.0; HIDDEN], w2: [[0.0; 1]; HIDDEN], b2: [b2[0]], feature_mean: zeros(), feature_std: ones() };
+    let mut m = Mlp {
+        w1: [[0.0; HIDDEN]; INPUTS],
+        b1: [0.0; HIDDEN],
+        w2: [[0.0; 1]; HIDDEN],
+        b2: [b2[0]],
+        feature_mean: zeros(),
+        feature_std: ones(),
+    };
     for i in 0..INPUTS {
         for j in 0..HIDDEN {
             m.w1[i][j] = w1[i * HIDDEN + j]; // row-major 6 × 16
@@ -168,7 +225,14 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { seed: 0, learning_rate: 2e-3, l2: 1e-4, batch: 64, max_epochs: 400, patience: 40 }
+        TrainConfig {
+            seed: 0,
+            learning_rate: 2e-3,
+            l2: 1e-4,
+            batch: 64,
+            max_epochs: 400,
+            patience: 40,
+        }
     }
 }
 
@@ -202,7 +266,11 @@ fn example(r: &StepRecord) -> ([f64; INPUTS], f64) {
 pub fn fit(m: &Mlp, rs: &[&StepRecord]) -> Fit {
     let n = rs.len();
     if n == 0 {
-        return Fit { n: 0, mse: f64::NAN, corr: f64::NAN };
+        return Fit {
+            n: 0,
+            mse: f64::NAN,
+            corr: f64::NAN,
+        };
     }
     let (mut se, mut sp, mut sy, mut spp, mut syy, mut spy) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     for r in rs {
@@ -219,7 +287,11 @@ pub fn fit(m: &Mlp, rs: &[&StepRecord]) -> Fit {
     let cov = spy / nf - sp * sy / nf / nf;
     let vp = spp / nf - (sp / nf).powi(2);
     let vy = syy / nf - (sy / nf).powi(2);
-    Fit { n, mse: se / nf, corr: cov / (vp * vy).sqrt() }
+    Fit {
+        n,
+        mse: se / nf,
+        corr: cov / (vp * vy).sqrt(),
+    }
 }
 
 /// Splits records by prompt run: the last run is the test set, the one before it validation, the
@@ -238,11 +310,23 @@ pub fn split_by_run(records: &[StepRecord]) -> Result<(Vec<u32>, Vec<u32>, Vec<u
 }
 
 /// Trains on the records of `train_runs`, early-stopping on `val_runs`, reporting `test_runs`.
-pub fn train(records: &[StepRecord], train_runs: &[u32], val_runs: &[u32], test_runs: &[u32], cfg: TrainConfig) -> Result<(Mlp, TrainReport)> {
-    let pick = |runs: &[u32]| -> Vec<&StepRecord> { records.iter().filter(|r| runs.contains(&r.run)).collect() };
+pub fn train(
+    records: &[StepRecord],
+    train_runs: &[u32],
+    val_runs: &[u32],
+    test_runs: &[u32],
+    cfg: TrainConfig,
+) -> Result<(Mlp, TrainReport)> {
+    let pick = |runs: &[u32]| -> Vec<&StepRecord> {
+        records.iter().filter(|r| runs.contains(&r.run)).collect()
+    };
     let (tr, va, te) = (pick(train_runs), pick(val_runs), pick(test_runs));
     if tr.len() < 2 || va.is_empty() {
-        return Err(Error::Other(format!("too few records to train: {} training, {} validation", tr.len(), va.len())));
+        return Err(Error::Other(format!(
+            "too few records to train: {} training, {} validation",
+            tr.len(),
+            va.len()
+        )));
     }
     // Standardisation from the training split.
     let mut mean = [0.0; INPUTS];
@@ -272,7 +356,14 @@ pub fn train(records: &[StepRecord], train_runs: &[u32], val_runs: &[u32], test_
     // He-uniform initialisation.
     let lim1 = (6.0 / INPUTS as f64).sqrt();
     let lim2 = (6.0 / HIDDEN as f64).sqrt();
-    let mut m = Mlp { w1: [[0.0; HIDDEN]; INPUTS], b1: [0.0; HIDDEN], w2: [[0.0; 1]; HIDDEN], b2: [0.0], feature_mean: mean, feature_std: std };
+    let mut m = Mlp {
+        w1: [[0.0; HIDDEN]; INPUTS],
+        b1: [0.0; HIDDEN],
+        w2: [[0.0; 1]; HIDDEN],
+        b2: [0.0],
+        feature_mean: mean,
+        feature_std: std,
+    };
     for row in m.w1.iter_mut() {
         for w in row.iter_mut() {
             *w = rng.gen_range(-lim1..lim1);
@@ -327,7 +418,8 @@ pub fn train(records: &[StepRecord], train_runs: &[u32], val_runs: &[u32], test_
                 g[n_params - 1] += d;
             }
             t += 1;
-            let lr_t = cfg.learning_rate * (1.0 - b2c.powi(t as i32)).sqrt() / (1.0 - b1c.powi(t as i32));
+            let lr_t =
+                cfg.learning_rate * (1.0 - b2c.powi(t as i32)).sqrt() / (1.0 - b1c.powi(t as i32));
             let mut idx = 0;
             let mut step = |w: &mut f64, idx: usize, decay: bool| {
                 let gi = g[idx] + if decay { cfg.l2 * *w } else { 0.0 };

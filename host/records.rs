@@ -41,7 +41,11 @@ impl Compression {
             "fp16" => Ok(Compression::Fp16),
             "int8" => Ok(Compression::Int8),
             "nf4" => Ok(Compression::Nf4),
-            _ => Err(Error::Unknown { what: "compression", value: s.to_string(), expected: "fp16, int8, nf4" }),
+            _ => Err(Error::Unknown {
+                what: "compression",
+                value: s.to_string(),
+                expected: "fp16, int8, nf4",
+            }),
         }
     }
 }
@@ -87,12 +91,24 @@ impl StepRecord {
             return bad("gamma must be at least 1");
         }
         if self.accepted > self.gamma {
-            return bad(&format!("accepted {} exceeds gamma {}", self.accepted, self.gamma));
+            return bad(&format!(
+                "accepted {} exceeds gamma {}",
+                self.accepted, self.gamma
+            ));
         }
         if self.tokens_produced != self.accepted + 1 {
-            return bad(&format!("tokens_produced {} is not accepted + 1 = {}", self.tokens_produced, self.accepted + 1));
+            return bad(&format!(
+                "tokens_produced {} is not accepted + 1 = {}",
+                self.tokens_produced,
+                self.accepted + 1
+            ));
         }
-        let feats = [self.mean_draft_entropy, self.mean_draft_confidence, self.max_draft_entropy, self.min_draft_confidence];
+        let feats = [
+            self.mean_draft_entropy,
+            self.mean_draft_confidence,
+            self.max_draft_entropy,
+            self.min_draft_confidence,
+        ];
         if feats.iter().any(|f| !f.is_finite() || *f < 0.0) {
             return bad("draft features must be finite and non-negative");
         }
@@ -106,18 +122,24 @@ impl StepRecord {
 /// Reads step records from a CSV file with the paper's columns (in any order; extra columns are
 /// ignored). Every record is checked (accepted ≤ γ, tokens = accepted + 1, features finite).
 pub fn read_records(path: &Path) -> Result<Vec<StepRecord>> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { context: format!("opening {}", path.display()), source })?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        context: format!("opening {}", path.display()),
+        source,
+    })?;
     read_records_from(file, &path.display().to_string())
 }
 
 /// As [`read_records`], from any reader (`name` is used in error messages).
 pub fn read_records_from(reader: impl std::io::Read, name: &str) -> Result<Vec<StepRecord>> {
-    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
+    let mut rdr = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(reader);
     let mut out = Vec::new();
     for (i, rec) in rdr.deserialize::<StepRecord>().enumerate() {
         let line = i + 2;
         let r = rec.map_err(|e| Error::Other(format!("{name}: line {line}: {e}")))?;
-        r.check(line).map_err(|e| Error::Other(format!("{name}: {e}")))?;
+        r.check(line)
+            .map_err(|e| Error::Other(format!("{name}: {e}")))?;
         out.push(r);
     }
     if out.is_empty() {

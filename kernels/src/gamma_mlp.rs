@@ -45,7 +45,13 @@ pub fn predict(w: &MlpWeights, x: &[f32; 6]) -> f32 {
 /// The chosen candidate index and its predicted tokens per step, for the base features
 /// (mean entropy, mean confidence, max entropy, min confidence) and compression code.
 #[inline(always)]
-pub fn decide(w: &MlpWeights, base: [f32; 4], code: f32, candidates: &[i32], cost: Option<&[f32]>) -> (usize, f32) {
+pub fn decide(
+    w: &MlpWeights,
+    base: [f32; 4],
+    code: f32,
+    candidates: &[i32],
+    cost: Option<&[f32]>,
+) -> (usize, f32) {
     // Iterators and `get` only: no bounds-check panic path reaches the PTX.
     let mut best = (0usize, f32::NEG_INFINITY, 0f32);
     for (c, &gi) in candidates.iter().enumerate() {
@@ -76,17 +82,37 @@ pub unsafe fn gamma_mlp(p: &GammaMlpParams) {
         return;
     }
     let a = *p.accum.add(b as usize);
-    let n = if (p.n_candidates as usize) < p.candidates.len() { p.n_candidates as usize } else { p.candidates.len() };
+    let n = if (p.n_candidates as usize) < p.candidates.len() {
+        p.n_candidates as usize
+    } else {
+        p.candidates.len()
+    };
     let candidates = p.candidates.get(..n).unwrap_or(&[]);
     let (gamma, expected) = if a.count == 0 || a.flags != 0 || candidates.is_empty() {
         (p.fallback_gamma, f32::NAN)
     } else {
         let cnt = a.count as f32;
-        let base = [a.entropy_sum / cnt, a.confidence_sum / cnt, a.entropy_max, a.confidence_min];
-        let code = if p.compression.is_null() { p.compression_code } else { *p.compression.add(b as usize) };
-        let cost = if p.cost.is_null() { None } else { Some(core::slice::from_raw_parts(p.cost, n)) };
+        let base = [
+            a.entropy_sum / cnt,
+            a.confidence_sum / cnt,
+            a.entropy_max,
+            a.confidence_min,
+        ];
+        let code = if p.compression.is_null() {
+            p.compression_code
+        } else {
+            *p.compression.add(b as usize)
+        };
+        let cost = if p.cost.is_null() {
+            None
+        } else {
+            Some(core::slice::from_raw_parts(p.cost, n))
+        };
         let (c, tokens) = decide(&*p.weights, base, code, candidates, cost);
-        (candidates.get(c).copied().unwrap_or(p.fallback_gamma), tokens)
+        (
+            candidates.get(c).copied().unwrap_or(p.fallback_gamma),
+            tokens,
+        )
     };
     *p.gammas_out.add(b as usize) = gamma;
     if !p.expected_out.is_null() {

@@ -234,7 +234,10 @@ pub const VERIFY_BAD_TEMPERATURE: u32 = 16;
 /// as mean and 1/std. Uploaded once; read by every `gamma_mlp` launch.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    not(target_arch = "nvptx64"),
+    derive(bytemuck::Pod, bytemuck::Zeroable)
+)]
 pub struct MlpWeights {
     /// Row-major `[6][16]`: input i, hidden unit j at `i * 16 + j`.
     pub w1: [f32; 96],
@@ -248,7 +251,15 @@ pub struct MlpWeights {
 
 impl Default for MlpWeights {
     fn default() -> Self {
-        MlpWeights { w1: [0.0; 96], b1: [0.0; 16], w2: [0.0; 16], mean: [0.0; 6], inv_std: [1.0; 6], b2: 0.0, _pad: [0.0; 3] }
+        MlpWeights {
+            w1: [0.0; 96],
+            b1: [0.0; 16],
+            w2: [0.0; 16],
+            mean: [0.0; 6],
+            inv_std: [1.0; 6],
+            b2: 0.0,
+            _pad: [0.0; 3],
+        }
     }
 }
 
