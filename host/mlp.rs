@@ -309,6 +309,7 @@ pub fn split_by_run(records: &[StepRecord]) -> Result<(Vec<u32>, Vec<u32>, Vec<u
     }
 }
 
+#[allow(clippy::needless_range_loop)] // index arithmetic mirrors the parameter layout
 /// Trains on the records of `train_runs`, early-stopping on `val_runs`, reporting `test_runs`.
 pub fn train(
     records: &[StepRecord],

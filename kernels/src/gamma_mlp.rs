@@ -33,13 +33,7 @@ pub fn predict(w: &MlpWeights, x: &[f32; 6]) -> f32 {
         }
         j += 1;
     }
-    if y < 0.0 {
-        0.0
-    } else if y > 1.0 {
-        1.0
-    } else {
-        y
-    }
+    y.clamp(0.0, 1.0)
 }
 
 /// The chosen candidate index and its predicted tokens per step, for the base features
