@@ -12,6 +12,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use speckv_kernels::params::{
+    GemvParams,
     FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsParams, VerifyParams,
 };
 use speckv_kernels::softmax_stats as kernel;
@@ -21,6 +22,7 @@ use crate::controller::{Controller, GammaPtrs};
 use crate::error::{Error, Result};
 use crate::logits::{check_accum, stats_params, Dtype, Logits, StatsOptions};
 use crate::ptx::Arch;
+use crate::quant::{Format, QMatrix};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs};
 
 /// Every kernel entry point of the embedded PTX.
@@ -29,11 +31,28 @@ pub enum KernelFn {
     SoftmaxStats(Dtype),
     Verify(Dtype),
     GammaMlp,
+    /// Weight format and M tile (1, 2, 4, 8, 16).
+    Gemv(Format, u32),
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 7] = [
+    pub const ALL: [KernelFn; 22] = [
         KernelFn::GammaMlp,
+        KernelFn::Gemv(Format::Fp16, 1),
+        KernelFn::Gemv(Format::Fp16, 2),
+        KernelFn::Gemv(Format::Fp16, 4),
+        KernelFn::Gemv(Format::Fp16, 8),
+        KernelFn::Gemv(Format::Fp16, 16),
+        KernelFn::Gemv(Format::Int8, 1),
+        KernelFn::Gemv(Format::Int8, 2),
+        KernelFn::Gemv(Format::Int8, 4),
+        KernelFn::Gemv(Format::Int8, 8),
+        KernelFn::Gemv(Format::Int8, 16),
+        KernelFn::Gemv(Format::Nf4, 1),
+        KernelFn::Gemv(Format::Nf4, 2),
+        KernelFn::Gemv(Format::Nf4, 4),
+        KernelFn::Gemv(Format::Nf4, 8),
+        KernelFn::Gemv(Format::Nf4, 16),
         KernelFn::SoftmaxStats(Dtype::F32),
         KernelFn::SoftmaxStats(Dtype::F16),
         KernelFn::SoftmaxStats(Dtype::Bf16),
@@ -52,6 +71,23 @@ impl KernelFn {
             KernelFn::Verify(Dtype::F16) => "verify_f16",
             KernelFn::Verify(Dtype::Bf16) => "verify_bf16",
             KernelFn::GammaMlp => "gamma_mlp_f32",
+            KernelFn::Gemv(f, t) => match (f, t) {
+                (Format::Fp16, 1) => "gemv_fp16_m1",
+                (Format::Fp16, 2) => "gemv_fp16_m2",
+                (Format::Fp16, 4) => "gemv_fp16_m4",
+                (Format::Fp16, 8) => "gemv_fp16_m8",
+                (Format::Fp16, _) => "gemv_fp16_m16",
+                (Format::Int8, 1) => "gemv_int8_m1",
+                (Format::Int8, 2) => "gemv_int8_m2",
+                (Format::Int8, 4) => "gemv_int8_m4",
+                (Format::Int8, 8) => "gemv_int8_m8",
+                (Format::Int8, _) => "gemv_int8_m16",
+                (Format::Nf4, 1) => "gemv_nf4_m1",
+                (Format::Nf4, 2) => "gemv_nf4_m2",
+                (Format::Nf4, 4) => "gemv_nf4_m4",
+                (Format::Nf4, 8) => "gemv_nf4_m8",
+                (Format::Nf4, _) => "gemv_nf4_m16",
+            },
         }
     }
 }
@@ -67,6 +103,8 @@ unsafe impl DeviceRepr for ByValue<SoftmaxStatsParams> {}
 unsafe impl DeviceRepr for ByValue<VerifyParams> {}
 // SAFETY: as above, for the γ decision kernel's parameters.
 unsafe impl DeviceRepr for ByValue<GammaMlpParams> {}
+// SAFETY: as above, for the GEMV kernels' parameters.
+unsafe impl DeviceRepr for ByValue<GemvParams> {}
 
 /// True when a CUDA driver library can be loaded (cudarc panics on first use otherwise).
 pub fn driver_present() -> bool {
@@ -545,5 +583,109 @@ impl CudaBackend {
         Ok(Duration::from_secs_f64(
             start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64,
         ))
+    }
+}
+
+/// Block size of GEMV launches (four output rows per block, one warp each).
+pub const GEMV_BLOCK: u32 = 128;
+
+/// A quantised matrix resident on the device.
+pub struct DeviceMatrix {
+    format: Format,
+    out: usize,
+    inp: usize,
+    weight: cudarc::driver::CudaSlice<u8>,
+    scales: Option<cudarc::driver::CudaSlice<f32>>,
+    bytes: usize,
+}
+
+impl DeviceMatrix {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl CudaBackend {
+    pub fn upload_matrix(&self, w: &QMatrix) -> Result<DeviceMatrix> {
+        let (wb, scales) = crate::gemv::raw(w);
+        let (out, inp) = w.shape();
+        Ok(DeviceMatrix {
+            format: w.format(),
+            out,
+            inp,
+            weight: self.stream.clone_htod(wb)?,
+            scales: match scales {
+                Some(s) => Some(self.stream.clone_htod(&s[..])?),
+                None => None,
+            },
+            bytes: w.bytes(),
+        })
+    }
+
+    fn launch_gemv(&self, d: &DeviceMatrix, x: &cudarc::driver::CudaSlice<f32>, y: &mut cudarc::driver::CudaSlice<f32>, m: usize) -> Result<()> {
+        if m == 0 || m > crate::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
+            return Err(Error::Other(format!("gemv: M = {m} or buffer sizes do not fit the {}×{} matrix", d.out, d.inp)));
+        }
+        let st = &self.stream;
+        let (w, _g0) = d.weight.device_ptr(st);
+        let (sc, _g1) = match d.scales.as_ref() {
+            Some(s) => {
+                let (p, g) = s.device_ptr(st);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (xp, _g2) = x.device_ptr(st);
+        let (yp, _g3) = y.device_ptr_mut(st);
+        let params = GemvParams {
+            weight: w as *const u8,
+            scales: sc as *const f32,
+            x: xp as *const f32,
+            y: yp as *mut f32,
+            out_features: d.out as u32,
+            in_features: d.inp as u32,
+            m: m as u32,
+            _pad: 0,
+        };
+        let tile = speckv_kernels::gemv::tile_for(m as u32).unwrap_or(16);
+        let cfg = LaunchConfig {
+            grid_dim: ((d.out as u32).div_ceil(GEMV_BLOCK / 32), 1, 1),
+            block_dim: (GEMV_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let arg = ByValue(params);
+        let mut b = st.launch_builder(self.function(KernelFn::Gemv(d.format, tile)));
+        b.arg(&arg);
+        // SAFETY: sizes checked above against the uploaded matrix; the buffers outlive the launch.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// y `[m, out]` = x · Wᵀ for host x (upload, launch, download).
+    pub fn gemv(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if x.len() != m * d.inp {
+            return Err(Error::Length { what: "x", got: x.len(), expected: m * d.inp });
+        }
+        let dx = self.stream.clone_htod(x)?;
+        let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
+        self.launch_gemv(d, &dx, &mut dy, m)?;
+        Ok(self.stream.clone_dtoh(&dy)?)
+    }
+
+    /// Mean time of one GEMV launch with device-resident weights and activations (CUDA events).
+    pub fn time_gemv(&self, d: &DeviceMatrix, m: usize, iters: u32) -> Result<Duration> {
+        let dx = self.stream.alloc_zeros::<f32>(m * d.inp)?;
+        let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
+        self.launch_gemv(d, &dx, &mut dy, m)?;
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = self.ctx.new_event(Some(flags))?;
+        let end = self.ctx.new_event(Some(flags))?;
+        start.record(&self.stream)?;
+        for _ in 0..iters.max(1) {
+            self.launch_gemv(d, &dx, &mut dy, m)?;
+        }
+        end.record(&self.stream)?;
+        end.synchronize()?;
+        Ok(Duration::from_secs_f64(start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64))
     }
 }

@@ -27,6 +27,7 @@
 #![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
 
 pub mod gamma_mlp;
+pub mod gemv;
 pub mod gpu;
 pub mod params;
 pub mod philox;

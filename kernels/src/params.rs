@@ -295,6 +295,57 @@ pub struct GammaMlpParams {
 unsafe impl Send for GammaMlpParams {}
 unsafe impl Sync for GammaMlpParams {}
 
+/// Parameters of the `gemv_{fp16,int8,nf4}_m{1,2,4,8,16}` kernels: y[m, o] = Σ_k x[m, k]·W[o, k] for
+/// m < `m` (≤ the entry point's tile), weights dequantised on the fly, f32 accumulation.
+///
+/// One warp per output row: `block.x` a multiple of 32 (speckv: 128, four rows per block),
+/// `grid.x = ceil(out / (block.x / 32))`, no shared memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GemvParams {
+    /// fp16: f16 `[out, in]`; int8: i8 `[out, in]`; nf4: `out·in/2` bytes, element e of the
+    /// row-major matrix in the high nibble of byte e/2 when e is even, the low nibble when odd.
+    pub weight: *const u8,
+    /// int8: scale per output row `[out]`; nf4: absmax per 64-element block `[out·in/64]`; fp16: null.
+    pub scales: *const f32,
+    /// Activations `[m, in]`, f32.
+    pub x: *const f32,
+    /// Output `[m, out]`, f32.
+    pub y: *mut f32,
+    pub out_features: u32,
+    pub in_features: u32,
+    /// Rows of x (1 ≤ m ≤ the entry point's tile, at most 16).
+    pub m: u32,
+    pub _pad: u32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for GemvParams {}
+unsafe impl Sync for GemvParams {}
+
+/// The NF4 codebook of QLoRA / bitsandbytes (full precision).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// NF4 block size (elements of the row-major matrix per absmax).
+pub const NF4_BLOCK: usize = 64;
+
 // SAFETY of the host's byte copies relies on these layouts: no padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsParams>() == 64);
 const _: () = assert!(core::mem::size_of::<RowStats>() == 32);
@@ -303,3 +354,4 @@ const _: () = assert!(core::mem::size_of::<StatsState>() == 32);
 const _: () = assert!(core::mem::size_of::<VerifyParams>() == 136);
 const _: () = assert!(core::mem::size_of::<MlpWeights>() == 576);
 const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 96);
+const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);

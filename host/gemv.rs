@@ -1,0 +1,178 @@
+//! Fused dequantise + GEMV / small-M GEMM (M ≤ 16) for the three weight regimes, on every backend:
+//! the kernels' own source on the emulator, the CUDA backend, and the CPU backend's native version
+//! (rayon over output rows, weights decoded tile by tile into f32 and dotted in 8 lanes, AVX2 chosen
+//! at run time).
+
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+use speckv_kernels::emu::{self, LaunchConfig};
+use speckv_kernels::gemv::{self as kernel, Fp16, Int8, Nf4};
+use speckv_kernels::params::{GemvParams, NF4_BLOCK, NF4_CODE};
+
+use crate::error::{Error, Result};
+use crate::quant::QMatrix;
+
+/// Largest M (rows of x) one launch takes: the γ + 1 positions of a verification pass.
+pub const MAX_M: usize = 16;
+
+/// Checks x `[m, in]` against the matrix; returns m.
+pub fn check(w: &QMatrix, x: &[f32], m: usize) -> Result<usize> {
+    let (_, inp) = w.shape();
+    if m == 0 || m > MAX_M {
+        return Err(Error::Other(format!("M = {m} rows of x: 1 to {MAX_M} are supported")));
+    }
+    if x.len() != m * inp {
+        return Err(Error::Length { what: "x", got: x.len(), expected: m * inp });
+    }
+    Ok(m)
+}
+
+/// Kernel parameters for host or device addresses.
+pub(crate) fn params(w: &QMatrix, m: usize, weight: *const u8, scales: *const f32, x: *const f32, y: *mut f32) -> GemvParams {
+    let (out, inp) = w.shape();
+    GemvParams { weight, scales, x, y, out_features: out as u32, in_features: inp as u32, m: m as u32, _pad: 0 }
+}
+
+/// The weight bytes and scale slice the kernels read.
+pub(crate) fn raw(w: &QMatrix) -> (&[u8], Option<std::borrow::Cow<'_, [f32]>>) {
+    match w {
+        QMatrix::Fp16 { w, .. } => (bytemuck::cast_slice(w), None),
+        QMatrix::Int8 { q, scale, .. } => (bytemuck::cast_slice(q), Some(std::borrow::Cow::Borrowed(scale.as_slice()))),
+        QMatrix::Nf4 { packed, absmax, double, .. } => (
+            packed,
+            Some(match double {
+                None => std::borrow::Cow::Borrowed(absmax.as_slice()),
+                Some(_) => std::borrow::Cow::Owned(w.nf4_absmax().unwrap_or_default()),
+            }),
+        ),
+    }
+}
+
+/// y `[m, out]` = x `[m, in]` · Wᵀ on the emulator, `block` threads per block (one warp per row).
+pub fn emulate(w: &QMatrix, x: &[f32], m: usize, block: u32) -> Result<Vec<f32>> {
+    check(w, x, m)?;
+    crate::logits::check_block(block)?;
+    let (out, _) = w.shape();
+    let mut y = vec![0f32; m * out];
+    let (wb, scales) = raw(w);
+    let sp = scales.as_ref().map(|s| s.as_ptr()).unwrap_or(std::ptr::null());
+    let p = params(w, m, wb.as_ptr(), sp, x.as_ptr(), y.as_mut_ptr());
+    let rows_per_block = block / 32;
+    let cfg = LaunchConfig { grid: (out as u32).div_ceil(rows_per_block), block, shared_bytes: 0 };
+    let tile = kernel::tile_for(m as u32).ok_or_else(|| Error::Other(format!("M = {m} above {MAX_M}")))?;
+    macro_rules! go {
+        ($fmt:ty) => {
+            match tile {
+                1 => emu::launch(cfg, || kernel::gemv::<$fmt, 1>(&p)),
+                2 => emu::launch(cfg, || kernel::gemv::<$fmt, 2>(&p)),
+                4 => emu::launch(cfg, || kernel::gemv::<$fmt, 4>(&p)),
+                8 => emu::launch(cfg, || kernel::gemv::<$fmt, 8>(&p)),
+                _ => emu::launch(cfg, || kernel::gemv::<$fmt, 16>(&p)),
+            }
+        };
+    }
+    // SAFETY: `check` matched x to the matrix, y has m·out slots, the weight bytes and scales come
+    // from a QMatrix whose invariants (lengths from its shape) hold, and each output is written by
+    // lane 0 of its own row's warp.
+    unsafe {
+        match w {
+            QMatrix::Fp16 { .. } => go!(Fp16)?,
+            QMatrix::Int8 { .. } => go!(Int8)?,
+            QMatrix::Nf4 { .. } => go!(Nf4)?,
+        }
+    }
+    Ok(y)
+}
+
+const KTILE: usize = 1024;
+const LANES: usize = 8;
+/// Output rows per rayon task.
+const ROWS_PER_TASK: usize = 16;
+
+/// y `[m, out]` = x · Wᵀ on the CPU backend.
+pub fn cpu(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    check(w, x, m)?;
+    let (out, _) = w.shape();
+    let absmax = w.nf4_absmax();
+    let mut yt = vec![0f32; out * m]; // [out, m], transposed at the end
+    yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(t, chunk)| {
+        let r0 = t * ROWS_PER_TASK;
+        for (j, yrow) in chunk.chunks_mut(m).enumerate() {
+            dispatch_row(w, absmax.as_deref(), x, m, r0 + j, yrow);
+        }
+    });
+    let mut y = vec![0f32; m * out];
+    for r in 0..out {
+        for i in 0..m {
+            y[i * out + r] = yt[r * m + i];
+        }
+    }
+    Ok(y)
+}
+
+fn dispatch_row(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { row_avx2(w, absmax, x, m, row, y) };
+        }
+    }
+    row_dot(w, absmax, x, m, row, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_avx2(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize, y: &mut [f32]) {
+    row_dot(w, absmax, x, m, row, y)
+}
+
+/// One output row for every row of x: decode a tile of W's row to f32, dot it with each x row.
+#[inline(always)]
+fn row_dot(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize, y: &mut [f32]) {
+    let (_, inp) = w.shape();
+    let mut buf = [0f32; KTILE];
+    let mut acc = [[0f32; LANES]; MAX_M];
+    let mut k0 = 0;
+    while k0 < inp {
+        let n = KTILE.min(inp - k0);
+        let wt = &mut buf[..n];
+        let base = row * inp + k0;
+        match w {
+            QMatrix::Fp16 { w, .. } => w[base..base + n].convert_to_f32_slice(wt),
+            QMatrix::Int8 { q, scale, .. } => {
+                let s = scale[row];
+                for (d, &v) in wt.iter_mut().zip(&q[base..base + n]) {
+                    *d = v as f32 * s;
+                }
+            }
+            QMatrix::Nf4 { packed, .. } => {
+                let am = absmax.unwrap_or(&[]);
+                for (j, d) in wt.iter_mut().enumerate() {
+                    let e = base + j;
+                    let b = packed[e / 2];
+                    let nib = if e % 2 == 0 { b >> 4 } else { b & 15 };
+                    *d = NF4_CODE[nib as usize] * am[e / NF4_BLOCK];
+                }
+            }
+        }
+        for (i, a) in acc.iter_mut().enumerate().take(m) {
+            let xs = &x[i * inp + k0..i * inp + k0 + n];
+            let wc = wt.chunks_exact(LANES);
+            let xc = xs.chunks_exact(LANES);
+            let (wr, xr) = (wc.remainder(), xc.remainder());
+            for (wv, xv) in wc.zip(xc) {
+                for l in 0..LANES {
+                    a[l] += wv[l] * xv[l];
+                }
+            }
+            for (wv, xv) in wr.iter().zip(xr) {
+                a[0] += wv * xv;
+            }
+        }
+        k0 += n;
+    }
+    for (yi, a) in y.iter_mut().zip(acc.iter()) {
+        *yi = a.iter().sum();
+    }
+}

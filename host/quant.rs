@@ -1,0 +1,353 @@
+//! The three weight regimes the paper compresses the target to, as storage formats:
+//! - FP16: row-major f16 `[out, in]`;
+//! - INT8, weight-only, per output row: scale = absmax(row) / 127 (f32), q = round(x / scale)
+//!   clamped to [−127, 127] (i8); an all-zero row has scale 0;
+//! - NF4, bitsandbytes-compatible: 64 consecutive elements of the row-major matrix per block, absmax
+//!   per block (f32), each element → the nearest of the 16 NF4 code values of x / absmax (ties to the
+//!   lower code), two codes per byte with the first element in the high nibble. `out·in` must be a
+//!   multiple of 64 (the block rule; no padding, a clear error instead). Optional double
+//!   quantisation of the absmax values: blocks of 256, 8 bits (absmax − mean, scaled by the block's
+//!   largest |deviation| / 127) — the idea of QLoRA's double quantisation with a linear 8-bit code,
+//!   not bitsandbytes' dynamic code, so its bytes are not bitsandbytes-compatible.
+//!
+//! `speckv quantize` reads a float32 .npy and writes safetensors with tensors `weight` plus `scale`
+//! (int8) or `absmax` (nf4), and metadata (format, shape, blocksize).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use half::f16;
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use serde::Serialize;
+use speckv_kernels::params::{NF4_BLOCK, NF4_CODE};
+
+use crate::error::{Error, Result};
+
+/// Weight regime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Fp16,
+    Int8,
+    Nf4,
+}
+
+impl Format {
+    pub const ALL: [Format; 3] = [Format::Fp16, Format::Int8, Format::Nf4];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Fp16 => "fp16",
+            Format::Int8 => "int8",
+            Format::Nf4 => "nf4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Format> {
+        Format::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| Error::Unknown { what: "format", value: s.to_string(), expected: "fp16, int8, nf4" })
+    }
+
+    /// Storage bits per weight, scales included, for an `out × in` matrix.
+    pub fn bits_per_weight(self, out: usize, inp: usize) -> f64 {
+        let n = (out * inp) as f64;
+        match self {
+            Format::Fp16 => 16.0,
+            Format::Int8 => 8.0 + 32.0 * out as f64 / n,
+            Format::Nf4 => 4.0 + 32.0 / NF4_BLOCK as f64,
+        }
+    }
+}
+
+/// NF4 absmax values quantised to 8 bits (see the module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DoubleQuant {
+    /// `[n_blocks]` codes, value = (code − 128) · scale[b / 256] + offset.
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub offset: f32,
+}
+
+pub const DOUBLE_QUANT_BLOCK: usize = 256;
+
+/// A quantised `[out, in]` matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QMatrix {
+    Fp16 { out: usize, inp: usize, w: Vec<f16> },
+    Int8 { out: usize, inp: usize, q: Vec<i8>, scale: Vec<f32> },
+    Nf4 { out: usize, inp: usize, packed: Vec<u8>, absmax: Vec<f32>, double: Option<DoubleQuant> },
+}
+
+fn check_shape(w: &[f32], out: usize, inp: usize) -> Result<()> {
+    if out == 0 || inp == 0 {
+        return Err(Error::Empty { what: "matrix dimensions" });
+    }
+    let n = out.checked_mul(inp).ok_or(Error::TooLarge("out × in"))?;
+    if w.len() != n {
+        return Err(Error::Length { what: "weights", got: w.len(), expected: n });
+    }
+    if out > u32::MAX as usize || inp > u32::MAX as usize || n / 2 > u32::MAX as usize * 8 {
+        return Err(Error::TooLarge("matrix"));
+    }
+    if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+        return Err(Error::Other(format!("weight {i} is not finite ({})", w[i])));
+    }
+    Ok(())
+}
+
+/// Index of the NF4 code nearest to `v` (in [−1, 1]); ties to the lower code.
+pub fn nf4_code(v: f32) -> u8 {
+    let mut best = 0u8;
+    let mut bd = f32::INFINITY;
+    for (i, c) in NF4_CODE.iter().enumerate() {
+        let d = (v - c).abs();
+        if d < bd {
+            bd = d;
+            best = i as u8;
+        }
+    }
+    best
+}
+
+impl QMatrix {
+    /// Quantises row-major `w` (`out × in`, all finite).
+    pub fn quantize(w: &[f32], out: usize, inp: usize, format: Format, double_quant: bool) -> Result<QMatrix> {
+        check_shape(w, out, inp)?;
+        if double_quant && format != Format::Nf4 {
+            return Err(Error::Other("double quantisation applies to nf4 only".to_string()));
+        }
+        Ok(match format {
+            Format::Fp16 => QMatrix::Fp16 { out, inp, w: w.iter().map(|&x| f16::from_f32(x)).collect() },
+            Format::Int8 => {
+                let mut q = vec![0i8; w.len()];
+                let mut scale = vec![0f32; out];
+                for r in 0..out {
+                    let row = &w[r * inp..(r + 1) * inp];
+                    let absmax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let s = absmax / 127.0;
+                    scale[r] = s;
+                    if s > 0.0 {
+                        for (qi, x) in q[r * inp..(r + 1) * inp].iter_mut().zip(row) {
+                            *qi = (x / s).round().clamp(-127.0, 127.0) as i8;
+                        }
+                    }
+                }
+                QMatrix::Int8 { out, inp, q, scale }
+            }
+            Format::Nf4 => {
+                let n = w.len();
+                if n % NF4_BLOCK != 0 {
+                    return Err(Error::Other(format!(
+                        "nf4 needs out·in to be a multiple of the block size {NF4_BLOCK}; {out}×{inp} = {n} is not"
+                    )));
+                }
+                let blocks = n / NF4_BLOCK;
+                let mut absmax = vec![0f32; blocks];
+                let mut packed = vec![0u8; n / 2];
+                for b in 0..blocks {
+                    let blk = &w[b * NF4_BLOCK..(b + 1) * NF4_BLOCK];
+                    let a = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    absmax[b] = a;
+                    for (j, &x) in blk.iter().enumerate() {
+                        let code = if a > 0.0 { nf4_code(x / a) } else { 7 }; // 7 is the code of 0.0
+                        let e = b * NF4_BLOCK + j;
+                        if e % 2 == 0 {
+                            packed[e / 2] |= code << 4;
+                        } else {
+                            packed[e / 2] |= code;
+                        }
+                    }
+                }
+                let double = double_quant.then(|| double_quantize(&absmax));
+                QMatrix::Nf4 { out, inp, packed, absmax, double }
+            }
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            QMatrix::Fp16 { .. } => Format::Fp16,
+            QMatrix::Int8 { .. } => Format::Int8,
+            QMatrix::Nf4 { .. } => Format::Nf4,
+        }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            QMatrix::Fp16 { out, inp, .. } | QMatrix::Int8 { out, inp, .. } | QMatrix::Nf4 { out, inp, .. } => (*out, *inp),
+        }
+    }
+
+    /// The absmax values the kernels use: the stored ones, or the double-quantised ones decoded.
+    pub fn nf4_absmax(&self) -> Option<Vec<f32>> {
+        match self {
+            QMatrix::Nf4 { absmax, double: None, .. } => Some(absmax.clone()),
+            QMatrix::Nf4 { double: Some(d), .. } => Some(double_dequantize(d)),
+            _ => None,
+        }
+    }
+
+    /// Bytes of weights (and scales) a GEMV reads.
+    pub fn bytes(&self) -> usize {
+        match self {
+            QMatrix::Fp16 { w, .. } => w.len() * 2,
+            QMatrix::Int8 { q, scale, .. } => q.len() + scale.len() * 4,
+            QMatrix::Nf4 { packed, absmax, .. } => packed.len() + absmax.len() * 4,
+        }
+    }
+
+    /// The matrix the format represents, row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            QMatrix::Fp16 { w, .. } => w.iter().map(|x| x.to_f32()).collect(),
+            QMatrix::Int8 { inp, q, scale, .. } => q.iter().enumerate().map(|(i, &v)| v as f32 * scale[i / inp]).collect(),
+            QMatrix::Nf4 { packed, .. } => {
+                let absmax = self.nf4_absmax().unwrap_or_default();
+                (0..packed.len() * 2)
+                    .map(|e| {
+                        let b = packed[e / 2];
+                        let nib = if e % 2 == 0 { b >> 4 } else { b & 15 };
+                        NF4_CODE[nib as usize] * absmax[e / NF4_BLOCK]
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Writes the safetensors file of `speckv quantize`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let (out, inp) = self.shape();
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), self.format().name().to_string());
+        meta.insert("shape".to_string(), format!("[{out}, {inp}]"));
+        let st = |e: safetensors::SafeTensorError| Error::Other(format!("safetensors: {e}"));
+        let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
+        match self {
+            QMatrix::Fp16 { w, .. } => {
+                meta.insert("blocksize".to_string(), "none".to_string());
+                tensors.push(("weight".into(), TensorView::new(StDtype::F16, vec![out, inp], bytemuck::cast_slice(w)).map_err(st)?));
+            }
+            QMatrix::Int8 { q, scale, .. } => {
+                meta.insert("blocksize".to_string(), format!("{inp} (one scale per row)"));
+                tensors.push(("weight".into(), TensorView::new(StDtype::I8, vec![out, inp], bytemuck::cast_slice(q)).map_err(st)?));
+                tensors.push(("scale".into(), TensorView::new(StDtype::F32, vec![out], bytemuck::cast_slice(scale)).map_err(st)?));
+            }
+            QMatrix::Nf4 { packed, absmax, double, .. } => {
+                meta.insert("blocksize".to_string(), NF4_BLOCK.to_string());
+                meta.insert("quant_layout".to_string(), "bitsandbytes nf4: element 2i in the high nibble of byte i".to_string());
+                tensors.push(("weight".into(), TensorView::new(StDtype::U8, vec![packed.len()], packed).map_err(st)?));
+                match double {
+                    None => tensors.push(("absmax".into(), TensorView::new(StDtype::F32, vec![absmax.len()], bytemuck::cast_slice(absmax)).map_err(st)?)),
+                    Some(d) => {
+                        meta.insert("double_quant".to_string(), format!("absmax 8-bit linear, blocks of {DOUBLE_QUANT_BLOCK}, offset {}", d.offset));
+                        meta.insert("absmax_offset".to_string(), d.offset.to_string());
+                        tensors.push(("absmax_q".into(), TensorView::new(StDtype::U8, vec![d.codes.len()], &d.codes).map_err(st)?));
+                        tensors.push(("absmax_scale".into(), TensorView::new(StDtype::F32, vec![d.scales.len()], bytemuck::cast_slice(&d.scales)).map_err(st)?));
+                    }
+                }
+            }
+        }
+        safetensors::serialize_to_file(tensors, &Some(meta), path).map_err(st)
+    }
+
+    /// Reads a file written by [`QMatrix::save`].
+    pub fn load(path: &Path) -> Result<QMatrix> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { context: format!("reading {}", path.display()), source })?;
+        let bad = |m: String| Error::Other(format!("{}: {m}", path.display()));
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let md = meta.metadata().clone().unwrap_or_default();
+        let format = Format::parse(md.get("format").map(String::as_str).unwrap_or("")).map_err(|e| bad(e.to_string()))?;
+        let shape: Vec<usize> = md
+            .get("shape")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .filter(|v: &Vec<usize>| v.len() == 2)
+            .ok_or_else(|| bad("metadata `shape` missing or not [out, in]".to_string()))?;
+        let (out, inp) = (shape[0], shape[1]);
+        let n = out.checked_mul(inp).ok_or_else(|| bad("shape too large".into()))?;
+        let get = |name: &str, dtype: StDtype, len: usize| -> Result<Vec<u8>> {
+            let t = st.tensor(name).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            if t.dtype() != dtype || t.data().len() != len * dtype.size() {
+                return Err(bad(format!("tensor {name}: expected {len} × {dtype:?}, found {:?} {:?}", t.shape(), t.dtype())));
+            }
+            Ok(t.data().to_vec())
+        };
+        Ok(match format {
+            Format::Fp16 => QMatrix::Fp16 { out, inp, w: bytemuck::pod_collect_to_vec(&get("weight", StDtype::F16, n)?) },
+            Format::Int8 => QMatrix::Int8 {
+                out,
+                inp,
+                q: bytemuck::pod_collect_to_vec(&get("weight", StDtype::I8, n)?),
+                scale: bytemuck::pod_collect_to_vec(&get("scale", StDtype::F32, out)?),
+            },
+            Format::Nf4 => {
+                if n % NF4_BLOCK != 0 {
+                    return Err(bad(format!("nf4 shape {out}×{inp} is not a whole number of {NF4_BLOCK}-blocks")));
+                }
+                let blocks = n / NF4_BLOCK;
+                let packed = get("weight", StDtype::U8, n / 2)?;
+                let (absmax, double) = if st.tensor("absmax").is_ok() {
+                    (bytemuck::pod_collect_to_vec(&get("absmax", StDtype::F32, blocks)?), None)
+                } else {
+                    let codes = get("absmax_q", StDtype::U8, blocks)?;
+                    let scales: Vec<f32> = bytemuck::pod_collect_to_vec(&get("absmax_scale", StDtype::F32, blocks.div_ceil(DOUBLE_QUANT_BLOCK))?);
+                    let offset: f32 = md.get("absmax_offset").and_then(|s| s.parse().ok()).ok_or_else(|| bad("absmax_offset missing".into()))?;
+                    let d = DoubleQuant { codes, scales, offset };
+                    (double_dequantize(&d), Some(d))
+                };
+                QMatrix::Nf4 { out, inp, packed, absmax, double }
+            }
+        })
+    }
+}
+
+fn double_quantize(absmax: &[f32]) -> DoubleQuant {
+    let offset = absmax.iter().map(|&a| a as f64).sum::<f64>() as f32 / absmax.len().max(1) as f32;
+    let mut codes = vec![128u8; absmax.len()];
+    let mut scales = Vec::new();
+    for (bi, blk) in absmax.chunks(DOUBLE_QUANT_BLOCK).enumerate() {
+        let dev = blk.iter().fold(0f32, |m, a| m.max((a - offset).abs()));
+        let s = dev / 127.0;
+        scales.push(s);
+        if s > 0.0 {
+            for (j, a) in blk.iter().enumerate() {
+                codes[bi * DOUBLE_QUANT_BLOCK + j] = (((a - offset) / s).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+            }
+        }
+    }
+    DoubleQuant { codes, scales, offset }
+}
+
+fn double_dequantize(d: &DoubleQuant) -> Vec<f32> {
+    d.codes.iter().enumerate().map(|(i, &c)| (c as i32 - 128) as f32 * d.scales[i / DOUBLE_QUANT_BLOCK] + d.offset).collect()
+}
+
+/// Reads a 2-D float32 .npy (C order) as (out, in, data).
+pub fn read_npy_matrix(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
+    let io = |source: std::io::Error| Error::Io { context: format!("reading {}", path.display()), source };
+    let bytes = std::fs::read(path).map_err(io)?;
+    let npy = npyz::NpyFile::new(&bytes[..]).map_err(io)?;
+    let shape: Vec<u64> = npy.shape().to_vec();
+    if shape.len() != 2 {
+        return Err(Error::Other(format!("{}: expected a 2-D matrix, found shape {shape:?}", path.display())));
+    }
+    if npy.order() != npyz::Order::C {
+        return Err(Error::Other(format!("{}: Fortran-order arrays are not supported; save with C order", path.display())));
+    }
+    let is_f32 = matches!(npy.dtype(), npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 4);
+    if !is_f32 {
+        return Err(Error::Other(format!("{}: expected float32, found {:?}", path.display(), npy.dtype())));
+    }
+    let data: Vec<f32> = npy.into_vec().map_err(io)?;
+    Ok((shape[0] as usize, shape[1] as usize, data))
+}
+
+/// Relative RMS error of a format on `w`: ‖Ŵ − W‖ / ‖W‖.
+pub fn relative_rms_error(w: &[f32], q: &QMatrix) -> f64 {
+    let d = q.dequantize();
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in w.iter().zip(&d) {
+        num += ((a - b) as f64).powi(2);
+        den += (*a as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
