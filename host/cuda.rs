@@ -12,8 +12,8 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use speckv_kernels::params::{
-    GemvParams,
-    FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsParams, VerifyParams,
+    FeatureAccum, GammaMlpParams, GemvParams, MlpWeights, RowStats, SoftmaxStatsParams,
+    VerifyParams,
 };
 use speckv_kernels::softmax_stats as kernel;
 use speckv_kernels::verify as verify_kernel;
@@ -615,16 +615,25 @@ impl CudaBackend {
             inp,
             weight: self.stream.clone_htod(wb)?,
             scales: match scales {
-                Some(s) => Some(self.stream.clone_htod(&s[..])?),
+                Some(s) => Some(self.stream.clone_htod(s)?),
                 None => None,
             },
             bytes: w.bytes(),
         })
     }
 
-    fn launch_gemv(&self, d: &DeviceMatrix, x: &cudarc::driver::CudaSlice<f32>, y: &mut cudarc::driver::CudaSlice<f32>, m: usize) -> Result<()> {
+    fn launch_gemv(
+        &self,
+        d: &DeviceMatrix,
+        x: &cudarc::driver::CudaSlice<f32>,
+        y: &mut cudarc::driver::CudaSlice<f32>,
+        m: usize,
+    ) -> Result<()> {
         if m == 0 || m > crate::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
-            return Err(Error::Other(format!("gemv: M = {m} or buffer sizes do not fit the {}×{} matrix", d.out, d.inp)));
+            return Err(Error::Other(format!(
+                "gemv: M = {m} or buffer sizes do not fit the {}×{} matrix",
+                d.out, d.inp
+            )));
         }
         let st = &self.stream;
         let (w, _g0) = d.weight.device_ptr(st);
@@ -664,7 +673,11 @@ impl CudaBackend {
     /// y `[m, out]` = x · Wᵀ for host x (upload, launch, download).
     pub fn gemv(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
         if x.len() != m * d.inp {
-            return Err(Error::Length { what: "x", got: x.len(), expected: m * d.inp });
+            return Err(Error::Length {
+                what: "x",
+                got: x.len(),
+                expected: m * d.inp,
+            });
         }
         let dx = self.stream.clone_htod(x)?;
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
@@ -686,6 +699,8 @@ impl CudaBackend {
         }
         end.record(&self.stream)?;
         end.synchronize()?;
-        Ok(Duration::from_secs_f64(start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64))
+        Ok(Duration::from_secs_f64(
+            start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64,
+        ))
     }
 }

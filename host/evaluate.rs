@@ -719,6 +719,15 @@ fn percentile_ci(xs: &[f64]) -> [f64; 2] {
     [q(0.025), q(0.975)]
 }
 
+/// Four significant digits, whatever the unit of the cost model.
+fn sig(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (3 - v.abs().log10().floor() as i32).max(0) as usize;
+    format!("{v:.digits$}")
+}
+
 /// The report as text.
 pub fn render(r: &EvalReport) -> String {
     let mut s = String::new();
@@ -785,14 +794,12 @@ pub fn render(r: &EvalReport) -> String {
                 .unwrap_or("-".into()),
             100.0 * h.coverage,
             format!("[{:.2}, {:.2}]", h.lower, h.upper),
-            h.tokens_per_time
-                .map(|v| format!("{v:.3}"))
-                .unwrap_or("-".into()),
+            h.tokens_per_time.map(sig).unwrap_or("-".into()),
             h.vs_fixed4_common_rows
                 .map(|(n, d)| format!("{d:+.2} ({n})"))
                 .unwrap_or("-".into()),
             h.tokens_per_time_bounds
-                .map(|b| format!("[{:.3}, {:.3}]", b[0], b[1]))
+                .map(|b| format!("[{}, {}]", sig(b[0]), sig(b[1])))
                 .unwrap_or("-".into()),
         ));
     }

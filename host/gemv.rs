@@ -19,32 +19,48 @@ pub const MAX_M: usize = 16;
 pub fn check(w: &QMatrix, x: &[f32], m: usize) -> Result<usize> {
     let (_, inp) = w.shape();
     if m == 0 || m > MAX_M {
-        return Err(Error::Other(format!("M = {m} rows of x: 1 to {MAX_M} are supported")));
+        return Err(Error::Other(format!(
+            "M = {m} rows of x: 1 to {MAX_M} are supported"
+        )));
     }
     if x.len() != m * inp {
-        return Err(Error::Length { what: "x", got: x.len(), expected: m * inp });
+        return Err(Error::Length {
+            what: "x",
+            got: x.len(),
+            expected: m * inp,
+        });
     }
     Ok(m)
 }
 
 /// Kernel parameters for host or device addresses.
-pub(crate) fn params(w: &QMatrix, m: usize, weight: *const u8, scales: *const f32, x: *const f32, y: *mut f32) -> GemvParams {
+pub(crate) fn params(
+    w: &QMatrix,
+    m: usize,
+    weight: *const u8,
+    scales: *const f32,
+    x: *const f32,
+    y: *mut f32,
+) -> GemvParams {
     let (out, inp) = w.shape();
-    GemvParams { weight, scales, x, y, out_features: out as u32, in_features: inp as u32, m: m as u32, _pad: 0 }
+    GemvParams {
+        weight,
+        scales,
+        x,
+        y,
+        out_features: out as u32,
+        in_features: inp as u32,
+        m: m as u32,
+        _pad: 0,
+    }
 }
 
 /// The weight bytes and scale slice the kernels read.
-pub(crate) fn raw(w: &QMatrix) -> (&[u8], Option<std::borrow::Cow<'_, [f32]>>) {
+pub(crate) fn raw(w: &QMatrix) -> (&[u8], Option<&[f32]>) {
     match w {
         QMatrix::Fp16 { w, .. } => (bytemuck::cast_slice(w), None),
-        QMatrix::Int8 { q, scale, .. } => (bytemuck::cast_slice(q), Some(std::borrow::Cow::Borrowed(scale.as_slice()))),
-        QMatrix::Nf4 { packed, absmax, double, .. } => (
-            packed,
-            Some(match double {
-                None => std::borrow::Cow::Borrowed(absmax.as_slice()),
-                Some(_) => std::borrow::Cow::Owned(w.nf4_absmax().unwrap_or_default()),
-            }),
-        ),
+        QMatrix::Int8 { q, scale, .. } => (bytemuck::cast_slice(q), Some(scale.as_slice())),
+        QMatrix::Nf4 { packed, absmax, .. } => (packed, Some(absmax.as_slice())),
     }
 }
 
@@ -55,11 +71,19 @@ pub fn emulate(w: &QMatrix, x: &[f32], m: usize, block: u32) -> Result<Vec<f32>>
     let (out, _) = w.shape();
     let mut y = vec![0f32; m * out];
     let (wb, scales) = raw(w);
-    let sp = scales.as_ref().map(|s| s.as_ptr()).unwrap_or(std::ptr::null());
+    let sp = scales
+        .as_ref()
+        .map(|s| s.as_ptr())
+        .unwrap_or(std::ptr::null());
     let p = params(w, m, wb.as_ptr(), sp, x.as_ptr(), y.as_mut_ptr());
     let rows_per_block = block / 32;
-    let cfg = LaunchConfig { grid: (out as u32).div_ceil(rows_per_block), block, shared_bytes: 0 };
-    let tile = kernel::tile_for(m as u32).ok_or_else(|| Error::Other(format!("M = {m} above {MAX_M}")))?;
+    let cfg = LaunchConfig {
+        grid: (out as u32).div_ceil(rows_per_block),
+        block,
+        shared_bytes: 0,
+    };
+    let tile =
+        kernel::tile_for(m as u32).ok_or_else(|| Error::Other(format!("M = {m} above {MAX_M}")))?;
     macro_rules! go {
         ($fmt:ty) => {
             match tile {
@@ -85,7 +109,8 @@ pub fn emulate(w: &QMatrix, x: &[f32], m: usize, block: u32) -> Result<Vec<f32>>
 }
 
 const KTILE: usize = 1024;
-const LANES: usize = 8;
+/// 32 accumulator lanes: four independent 8-wide vectors, so the adds are not one dependency chain.
+const LANES: usize = 32;
 /// Output rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
 
@@ -95,12 +120,14 @@ pub fn cpu(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
     let (out, _) = w.shape();
     let absmax = w.nf4_absmax();
     let mut yt = vec![0f32; out * m]; // [out, m], transposed at the end
-    yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(t, chunk)| {
-        let r0 = t * ROWS_PER_TASK;
-        for (j, yrow) in chunk.chunks_mut(m).enumerate() {
-            dispatch_row(w, absmax.as_deref(), x, m, r0 + j, yrow);
-        }
-    });
+    yt.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let r0 = t * ROWS_PER_TASK;
+            for (j, yrow) in chunk.chunks_mut(m).enumerate() {
+                dispatch_row(w, absmax, x, m, r0 + j, yrow);
+            }
+        });
     let mut y = vec![0f32; m * out];
     for r in 0..out {
         for i in 0..m {
@@ -110,7 +137,14 @@ pub fn cpu(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
     Ok(y)
 }
 
-fn dispatch_row(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize, y: &mut [f32]) {
+fn dispatch_row(
+    w: &QMatrix,
+    absmax: Option<&[f32]>,
+    x: &[f32],
+    m: usize,
+    row: usize,
+    y: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -123,8 +157,27 @@ fn dispatch_row(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: u
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn row_avx2(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize, y: &mut [f32]) {
+unsafe fn row_avx2(
+    w: &QMatrix,
+    absmax: Option<&[f32]>,
+    x: &[f32],
+    m: usize,
+    row: usize,
+    y: &mut [f32],
+) {
     row_dot(w, absmax, x, m, row, y)
+}
+
+/// Code values of both nibbles of every byte (high nibble first).
+fn nf4_pair_lut() -> &'static [[f32; 2]; 256] {
+    static LUT: std::sync::OnceLock<[[f32; 2]; 256]> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let mut t = [[0f32; 2]; 256];
+        for (b, e) in t.iter_mut().enumerate() {
+            *e = [NF4_CODE[b >> 4], NF4_CODE[b & 15]];
+        }
+        t
+    })
 }
 
 /// One output row for every row of x: decode a tile of W's row to f32, dot it with each x row.
@@ -148,11 +201,41 @@ fn row_dot(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize,
             }
             QMatrix::Nf4 { packed, .. } => {
                 let am = absmax.unwrap_or(&[]);
-                for (j, d) in wt.iter_mut().enumerate() {
-                    let e = base + j;
-                    let b = packed[e / 2];
-                    let nib = if e % 2 == 0 { b >> 4 } else { b & 15 };
-                    *d = NF4_CODE[nib as usize] * am[e / NF4_BLOCK];
+                if base % NF4_BLOCK == 0 && n % NF4_BLOCK == 0 {
+                    // Whole blocks: one absmax per 32 bytes, both nibbles of a byte from a table.
+                    let lut = nf4_pair_lut();
+                    let bytes = &packed[base / 2..(base + n) / 2];
+                    for ((out64, in32), &s) in wt
+                        .chunks_exact_mut(NF4_BLOCK)
+                        .zip(bytes.chunks_exact(NF4_BLOCK / 2))
+                        .zip(&am[base / NF4_BLOCK..])
+                    {
+                        for (pair, &byte) in out64.chunks_exact_mut(2).zip(in32) {
+                            let [hi, lo] = lut[byte as usize];
+                            pair[0] = hi * s;
+                            pair[1] = lo * s;
+                        }
+                    }
+                } else if base % 2 == 0 && n % 2 == 0 {
+                    // Whole bytes: both nibbles from a 256-entry table, scaled by their block's absmax.
+                    let lut = nf4_pair_lut();
+                    for (j, (pair, &byte)) in wt
+                        .chunks_exact_mut(2)
+                        .zip(&packed[base / 2..(base + n) / 2])
+                        .enumerate()
+                    {
+                        let s = am[(base + 2 * j) / NF4_BLOCK];
+                        let [hi, lo] = lut[byte as usize];
+                        pair[0] = hi * s;
+                        pair[1] = lo * s;
+                    }
+                } else {
+                    for (j, d) in wt.iter_mut().enumerate() {
+                        let e = base + j;
+                        let b = packed[e / 2];
+                        let nib = if e % 2 == 0 { b >> 4 } else { b & 15 };
+                        *d = NF4_CODE[nib as usize] * am[e / NF4_BLOCK];
+                    }
                 }
             }
         }

@@ -23,6 +23,7 @@ pub mod plot;
 pub mod ptx;
 pub mod quant;
 pub mod records;
+pub mod regime;
 pub mod report;
 pub mod sim;
 pub mod simulate;

@@ -110,6 +110,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Quantise a float32 .npy matrix to FP16, INT8 or NF4 safetensors.
+    Quantize {
+        #[arg(long, value_enum)]
+        format: speckv::quant::Format,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// NF4 only: quantise the absmax values to 8 bits (blocks of 256).
+        #[arg(long)]
+        double_quant: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -134,6 +148,18 @@ enum BenchCommand {
         /// Predictor to time (default: seeded random weights; the time does not depend on them).
         #[arg(long)]
         model: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draft time per token and verification time as a function of γ, per weight regime, on the
+    /// current backend; writes the cost models `speckv evaluate --cost` reads.
+    Step {
+        /// Directory for cost_fp16.json, cost_int8.json, cost_nf4.json.
+        #[arg(long, default_value = "target/cost")]
+        out_dir: PathBuf,
+        /// Seconds of measurement per timing.
+        #[arg(long, default_value_t = 0.1)]
+        seconds: f64,
         #[arg(long)]
         json: bool,
     },
@@ -286,6 +312,34 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
                 Ok(())
             }
         })(),
+        Command::Quantize {
+            format,
+            input,
+            output,
+            double_quant,
+            json,
+        } => (|| {
+            let (out, inp, w) = speckv::quant::read_npy_matrix(input)?;
+            let q = speckv::quant::QMatrix::quantize(&w, out, inp, *format, *double_quant)?;
+            q.save(output)?;
+            let err = speckv::quant::relative_rms_error(&w, &q);
+            let summary = serde_json::json!({
+                "format": format.name(), "shape": [out, inp], "bytes": q.bytes(),
+                "bits_per_weight": format.bits_per_weight(out, inp), "relative_rms_error": err,
+                "double_quant": double_quant, "output": output.display().to_string(),
+            });
+            if *json {
+                return json_out(&summary);
+            }
+            println!(
+                "{} {out}×{inp}: {} bytes ({:.2} bits/weight), relative RMS error {err:.3e} → {}",
+                format.name(),
+                q.bytes(),
+                format.bits_per_weight(out, inp),
+                output.display()
+            );
+            Ok(())
+        })(),
         _ => return None,
     })
 }
@@ -312,7 +366,65 @@ fn run(cli: Cli) -> speckv::Result<()> {
         Command::Ptx { .. }
         | Command::Train { .. }
         | Command::Evaluate { .. }
-        | Command::Simulate { .. } => {}
+        | Command::Simulate { .. }
+        | Command::Quantize { .. } => {}
+        Command::Bench {
+            what:
+                BenchCommand::Step {
+                    out_dir,
+                    seconds,
+                    json,
+                },
+        } => {
+            if !(seconds > 0.0 && seconds.is_finite()) {
+                return Err(speckv::Error::Other(format!(
+                    "--seconds must be positive, got {seconds}"
+                )));
+            }
+            let c = speckv::regime::step_costs(&backend, Duration::from_secs_f64(seconds))?;
+            std::fs::create_dir_all(&out_dir).map_err(|source| speckv::Error::Io {
+                context: format!("creating {}", out_dir.display()),
+                source,
+            })?;
+            for (f, model) in &c.regimes {
+                let p = out_dir.join(format!("cost_{}.json", f.name()));
+                std::fs::write(
+                    &p,
+                    serde_json::to_string_pretty(model)
+                        .map_err(|e| speckv::Error::Other(e.to_string()))?,
+                )
+                .map_err(|source| speckv::Error::Io {
+                    context: format!("writing {}", p.display()),
+                    source,
+                })?;
+            }
+            if json {
+                json_out(&c)?;
+            } else {
+                println!(
+                    "step costs on {} ({}); draft (1B-shaped, fp16) {:.2} ms per token",
+                    c.backend, c.device, c.draft_ms_per_token
+                );
+                println!(
+                    "{:<6} {}",
+                    "regime",
+                    (0..=8)
+                        .map(|g| format!("{:>8}", format!("γ={g}")))
+                        .collect::<String>()
+                );
+                for (f, m) in &c.regimes {
+                    println!(
+                        "{:<6} {}",
+                        f.name(),
+                        m.verify_ms
+                            .iter()
+                            .map(|v| format!("{v:>8.1}"))
+                            .collect::<String>()
+                    );
+                }
+                println!("(verification ms of the 8B-shaped target at M = γ + 1)\nwritten: {}/cost_{{fp16,int8,nf4}}.json", out_dir.display());
+            }
+        }
         Command::Bench {
             what: BenchCommand::Overhead { model, json },
         } => {

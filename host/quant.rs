@@ -44,7 +44,14 @@ impl Format {
     }
 
     pub fn parse(s: &str) -> Result<Format> {
-        Format::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| Error::Unknown { what: "format", value: s.to_string(), expected: "fp16, int8, nf4" })
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| Error::Unknown {
+                what: "format",
+                value: s.to_string(),
+                expected: "fp16, int8, nf4",
+            })
     }
 
     /// Storage bits per weight, scales included, for an `out × in` matrix.
@@ -72,18 +79,40 @@ pub const DOUBLE_QUANT_BLOCK: usize = 256;
 /// A quantised `[out, in]` matrix.
 #[derive(Clone, Debug, PartialEq)]
 pub enum QMatrix {
-    Fp16 { out: usize, inp: usize, w: Vec<f16> },
-    Int8 { out: usize, inp: usize, q: Vec<i8>, scale: Vec<f32> },
-    Nf4 { out: usize, inp: usize, packed: Vec<u8>, absmax: Vec<f32>, double: Option<DoubleQuant> },
+    Fp16 {
+        out: usize,
+        inp: usize,
+        w: Vec<f16>,
+    },
+    Int8 {
+        out: usize,
+        inp: usize,
+        q: Vec<i8>,
+        scale: Vec<f32>,
+    },
+    /// `absmax` holds the values the kernels use: with double quantisation, the decoded ones.
+    Nf4 {
+        out: usize,
+        inp: usize,
+        packed: Vec<u8>,
+        absmax: Vec<f32>,
+        double: Option<DoubleQuant>,
+    },
 }
 
 fn check_shape(w: &[f32], out: usize, inp: usize) -> Result<()> {
     if out == 0 || inp == 0 {
-        return Err(Error::Empty { what: "matrix dimensions" });
+        return Err(Error::Empty {
+            what: "matrix dimensions",
+        });
     }
     let n = out.checked_mul(inp).ok_or(Error::TooLarge("out × in"))?;
     if w.len() != n {
-        return Err(Error::Length { what: "weights", got: w.len(), expected: n });
+        return Err(Error::Length {
+            what: "weights",
+            got: w.len(),
+            expected: n,
+        });
     }
     if out > u32::MAX as usize || inp > u32::MAX as usize || n / 2 > u32::MAX as usize * 8 {
         return Err(Error::TooLarge("matrix"));
@@ -94,29 +123,42 @@ fn check_shape(w: &[f32], out: usize, inp: usize) -> Result<()> {
     Ok(())
 }
 
-/// Index of the NF4 code nearest to `v` (in [−1, 1]); ties to the lower code.
-pub fn nf4_code(v: f32) -> u8 {
-    let mut best = 0u8;
-    let mut bd = f32::INFINITY;
-    for (i, c) in NF4_CODE.iter().enumerate() {
-        let d = (v - c).abs();
-        if d < bd {
-            bd = d;
-            best = i as u8;
-        }
+/// Midpoints between consecutive NF4 code values (bitsandbytes quantises by these thresholds).
+fn nf4_thresholds() -> [f32; 15] {
+    let mut t = [0f32; 15];
+    for (i, x) in t.iter_mut().enumerate() {
+        *x = (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0;
     }
-    best
+    t
+}
+
+/// Index of the NF4 code nearest to `v` (in [−1, 1]): the number of midpoints strictly below `v`,
+/// so a value exactly between two codes takes the lower one.
+pub fn nf4_code(v: f32) -> u8 {
+    nf4_thresholds().iter().filter(|&&t| v > t).count() as u8
 }
 
 impl QMatrix {
     /// Quantises row-major `w` (`out × in`, all finite).
-    pub fn quantize(w: &[f32], out: usize, inp: usize, format: Format, double_quant: bool) -> Result<QMatrix> {
+    pub fn quantize(
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        format: Format,
+        double_quant: bool,
+    ) -> Result<QMatrix> {
         check_shape(w, out, inp)?;
         if double_quant && format != Format::Nf4 {
-            return Err(Error::Other("double quantisation applies to nf4 only".to_string()));
+            return Err(Error::Other(
+                "double quantisation applies to nf4 only".to_string(),
+            ));
         }
         Ok(match format {
-            Format::Fp16 => QMatrix::Fp16 { out, inp, w: w.iter().map(|&x| f16::from_f32(x)).collect() },
+            Format::Fp16 => QMatrix::Fp16 {
+                out,
+                inp,
+                w: w.iter().map(|&x| f16::from_f32(x)).collect(),
+            },
             Format::Int8 => {
                 let mut q = vec![0i8; w.len()];
                 let mut scale = vec![0f32; out];
@@ -157,8 +199,19 @@ impl QMatrix {
                         }
                     }
                 }
+                // The codes are chosen against the exact absmax (as bitsandbytes does); with double
+                // quantisation the matrix then carries the absmax values its 8-bit codes decode to.
                 let double = double_quant.then(|| double_quantize(&absmax));
-                QMatrix::Nf4 { out, inp, packed, absmax, double }
+                if let Some(d) = &double {
+                    absmax = double_dequantize(d);
+                }
+                QMatrix::Nf4 {
+                    out,
+                    inp,
+                    packed,
+                    absmax,
+                    double,
+                }
             }
         })
     }
@@ -173,15 +226,16 @@ impl QMatrix {
 
     pub fn shape(&self) -> (usize, usize) {
         match self {
-            QMatrix::Fp16 { out, inp, .. } | QMatrix::Int8 { out, inp, .. } | QMatrix::Nf4 { out, inp, .. } => (*out, *inp),
+            QMatrix::Fp16 { out, inp, .. }
+            | QMatrix::Int8 { out, inp, .. }
+            | QMatrix::Nf4 { out, inp, .. } => (*out, *inp),
         }
     }
 
-    /// The absmax values the kernels use: the stored ones, or the double-quantised ones decoded.
-    pub fn nf4_absmax(&self) -> Option<Vec<f32>> {
+    /// The absmax values the kernels use.
+    pub fn nf4_absmax(&self) -> Option<&[f32]> {
         match self {
-            QMatrix::Nf4 { absmax, double: None, .. } => Some(absmax.clone()),
-            QMatrix::Nf4 { double: Some(d), .. } => Some(double_dequantize(d)),
+            QMatrix::Nf4 { absmax, .. } => Some(absmax),
             _ => None,
         }
     }
@@ -199,9 +253,13 @@ impl QMatrix {
     pub fn dequantize(&self) -> Vec<f32> {
         match self {
             QMatrix::Fp16 { w, .. } => w.iter().map(|x| x.to_f32()).collect(),
-            QMatrix::Int8 { inp, q, scale, .. } => q.iter().enumerate().map(|(i, &v)| v as f32 * scale[i / inp]).collect(),
+            QMatrix::Int8 { inp, q, scale, .. } => q
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f32 * scale[i / inp])
+                .collect(),
             QMatrix::Nf4 { packed, .. } => {
-                let absmax = self.nf4_absmax().unwrap_or_default();
+                let absmax = self.nf4_absmax().unwrap_or(&[]);
                 (0..packed.len() * 2)
                     .map(|e| {
                         let b = packed[e / 2];
@@ -224,24 +282,76 @@ impl QMatrix {
         match self {
             QMatrix::Fp16 { w, .. } => {
                 meta.insert("blocksize".to_string(), "none".to_string());
-                tensors.push(("weight".into(), TensorView::new(StDtype::F16, vec![out, inp], bytemuck::cast_slice(w)).map_err(st)?));
+                tensors.push((
+                    "weight".into(),
+                    TensorView::new(StDtype::F16, vec![out, inp], bytemuck::cast_slice(w))
+                        .map_err(st)?,
+                ));
             }
             QMatrix::Int8 { q, scale, .. } => {
-                meta.insert("blocksize".to_string(), format!("{inp} (one scale per row)"));
-                tensors.push(("weight".into(), TensorView::new(StDtype::I8, vec![out, inp], bytemuck::cast_slice(q)).map_err(st)?));
-                tensors.push(("scale".into(), TensorView::new(StDtype::F32, vec![out], bytemuck::cast_slice(scale)).map_err(st)?));
+                meta.insert(
+                    "blocksize".to_string(),
+                    format!("{inp} (one scale per row)"),
+                );
+                tensors.push((
+                    "weight".into(),
+                    TensorView::new(StDtype::I8, vec![out, inp], bytemuck::cast_slice(q))
+                        .map_err(st)?,
+                ));
+                tensors.push((
+                    "scale".into(),
+                    TensorView::new(StDtype::F32, vec![out], bytemuck::cast_slice(scale))
+                        .map_err(st)?,
+                ));
             }
-            QMatrix::Nf4 { packed, absmax, double, .. } => {
+            QMatrix::Nf4 {
+                packed,
+                absmax,
+                double,
+                ..
+            } => {
                 meta.insert("blocksize".to_string(), NF4_BLOCK.to_string());
-                meta.insert("quant_layout".to_string(), "bitsandbytes nf4: element 2i in the high nibble of byte i".to_string());
-                tensors.push(("weight".into(), TensorView::new(StDtype::U8, vec![packed.len()], packed).map_err(st)?));
+                meta.insert(
+                    "quant_layout".to_string(),
+                    "bitsandbytes nf4: element 2i in the high nibble of byte i".to_string(),
+                );
+                tensors.push((
+                    "weight".into(),
+                    TensorView::new(StDtype::U8, vec![packed.len()], packed).map_err(st)?,
+                ));
                 match double {
-                    None => tensors.push(("absmax".into(), TensorView::new(StDtype::F32, vec![absmax.len()], bytemuck::cast_slice(absmax)).map_err(st)?)),
+                    None => tensors.push((
+                        "absmax".into(),
+                        TensorView::new(
+                            StDtype::F32,
+                            vec![absmax.len()],
+                            bytemuck::cast_slice(absmax),
+                        )
+                        .map_err(st)?,
+                    )),
                     Some(d) => {
-                        meta.insert("double_quant".to_string(), format!("absmax 8-bit linear, blocks of {DOUBLE_QUANT_BLOCK}, offset {}", d.offset));
+                        meta.insert(
+                            "double_quant".to_string(),
+                            format!(
+                                "absmax 8-bit linear, blocks of {DOUBLE_QUANT_BLOCK}, offset {}",
+                                d.offset
+                            ),
+                        );
                         meta.insert("absmax_offset".to_string(), d.offset.to_string());
-                        tensors.push(("absmax_q".into(), TensorView::new(StDtype::U8, vec![d.codes.len()], &d.codes).map_err(st)?));
-                        tensors.push(("absmax_scale".into(), TensorView::new(StDtype::F32, vec![d.scales.len()], bytemuck::cast_slice(&d.scales)).map_err(st)?));
+                        tensors.push((
+                            "absmax_q".into(),
+                            TensorView::new(StDtype::U8, vec![d.codes.len()], &d.codes)
+                                .map_err(st)?,
+                        ));
+                        tensors.push((
+                            "absmax_scale".into(),
+                            TensorView::new(
+                                StDtype::F32,
+                                vec![d.scales.len()],
+                                bytemuck::cast_slice(&d.scales),
+                            )
+                            .map_err(st)?,
+                        ));
                     }
                 }
             }
@@ -251,28 +361,45 @@ impl QMatrix {
 
     /// Reads a file written by [`QMatrix::save`].
     pub fn load(path: &Path) -> Result<QMatrix> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { context: format!("reading {}", path.display()), source })?;
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })?;
         let bad = |m: String| Error::Other(format!("{}: {m}", path.display()));
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let md = meta.metadata().clone().unwrap_or_default();
-        let format = Format::parse(md.get("format").map(String::as_str).unwrap_or("")).map_err(|e| bad(e.to_string()))?;
+        let format = Format::parse(md.get("format").map(String::as_str).unwrap_or(""))
+            .map_err(|e| bad(e.to_string()))?;
         let shape: Vec<usize> = md
             .get("shape")
             .and_then(|s| serde_json::from_str(s).ok())
             .filter(|v: &Vec<usize>| v.len() == 2)
             .ok_or_else(|| bad("metadata `shape` missing or not [out, in]".to_string()))?;
         let (out, inp) = (shape[0], shape[1]);
-        let n = out.checked_mul(inp).ok_or_else(|| bad("shape too large".into()))?;
+        let n = out
+            .checked_mul(inp)
+            .ok_or_else(|| bad("shape too large".into()))?;
         let get = |name: &str, dtype: StDtype, len: usize| -> Result<Vec<u8>> {
-            let t = st.tensor(name).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            let t = st
+                .tensor(name)
+                .map_err(|e| bad(format!("tensor {name}: {e}")))?;
             if t.dtype() != dtype || t.data().len() != len * dtype.size() {
-                return Err(bad(format!("tensor {name}: expected {len} × {dtype:?}, found {:?} {:?}", t.shape(), t.dtype())));
+                return Err(bad(format!(
+                    "tensor {name}: expected {len} × {dtype:?}, found {:?} {:?}",
+                    t.shape(),
+                    t.dtype()
+                )));
             }
             Ok(t.data().to_vec())
         };
         Ok(match format {
-            Format::Fp16 => QMatrix::Fp16 { out, inp, w: bytemuck::pod_collect_to_vec(&get("weight", StDtype::F16, n)?) },
+            Format::Fp16 => QMatrix::Fp16 {
+                out,
+                inp,
+                w: bytemuck::pod_collect_to_vec(&get("weight", StDtype::F16, n)?),
+            },
             Format::Int8 => QMatrix::Int8 {
                 out,
                 inp,
@@ -281,20 +408,42 @@ impl QMatrix {
             },
             Format::Nf4 => {
                 if n % NF4_BLOCK != 0 {
-                    return Err(bad(format!("nf4 shape {out}×{inp} is not a whole number of {NF4_BLOCK}-blocks")));
+                    return Err(bad(format!(
+                        "nf4 shape {out}×{inp} is not a whole number of {NF4_BLOCK}-blocks"
+                    )));
                 }
                 let blocks = n / NF4_BLOCK;
                 let packed = get("weight", StDtype::U8, n / 2)?;
                 let (absmax, double) = if st.tensor("absmax").is_ok() {
-                    (bytemuck::pod_collect_to_vec(&get("absmax", StDtype::F32, blocks)?), None)
+                    (
+                        bytemuck::pod_collect_to_vec(&get("absmax", StDtype::F32, blocks)?),
+                        None,
+                    )
                 } else {
                     let codes = get("absmax_q", StDtype::U8, blocks)?;
-                    let scales: Vec<f32> = bytemuck::pod_collect_to_vec(&get("absmax_scale", StDtype::F32, blocks.div_ceil(DOUBLE_QUANT_BLOCK))?);
-                    let offset: f32 = md.get("absmax_offset").and_then(|s| s.parse().ok()).ok_or_else(|| bad("absmax_offset missing".into()))?;
-                    let d = DoubleQuant { codes, scales, offset };
+                    let scales: Vec<f32> = bytemuck::pod_collect_to_vec(&get(
+                        "absmax_scale",
+                        StDtype::F32,
+                        blocks.div_ceil(DOUBLE_QUANT_BLOCK),
+                    )?);
+                    let offset: f32 = md
+                        .get("absmax_offset")
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| bad("absmax_offset missing".into()))?;
+                    let d = DoubleQuant {
+                        codes,
+                        scales,
+                        offset,
+                    };
                     (double_dequantize(&d), Some(d))
                 };
-                QMatrix::Nf4 { out, inp, packed, absmax, double }
+                QMatrix::Nf4 {
+                    out,
+                    inp,
+                    packed,
+                    absmax,
+                    double,
+                }
             }
         })
     }
@@ -310,32 +459,54 @@ fn double_quantize(absmax: &[f32]) -> DoubleQuant {
         scales.push(s);
         if s > 0.0 {
             for (j, a) in blk.iter().enumerate() {
-                codes[bi * DOUBLE_QUANT_BLOCK + j] = (((a - offset) / s).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+                codes[bi * DOUBLE_QUANT_BLOCK + j] =
+                    (((a - offset) / s).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
             }
         }
     }
-    DoubleQuant { codes, scales, offset }
+    DoubleQuant {
+        codes,
+        scales,
+        offset,
+    }
 }
 
 fn double_dequantize(d: &DoubleQuant) -> Vec<f32> {
-    d.codes.iter().enumerate().map(|(i, &c)| (c as i32 - 128) as f32 * d.scales[i / DOUBLE_QUANT_BLOCK] + d.offset).collect()
+    d.codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (c as i32 - 128) as f32 * d.scales[i / DOUBLE_QUANT_BLOCK] + d.offset)
+        .collect()
 }
 
 /// Reads a 2-D float32 .npy (C order) as (out, in, data).
 pub fn read_npy_matrix(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
-    let io = |source: std::io::Error| Error::Io { context: format!("reading {}", path.display()), source };
+    let io = |source: std::io::Error| Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    };
     let bytes = std::fs::read(path).map_err(io)?;
     let npy = npyz::NpyFile::new(&bytes[..]).map_err(io)?;
     let shape: Vec<u64> = npy.shape().to_vec();
     if shape.len() != 2 {
-        return Err(Error::Other(format!("{}: expected a 2-D matrix, found shape {shape:?}", path.display())));
+        return Err(Error::Other(format!(
+            "{}: expected a 2-D matrix, found shape {shape:?}",
+            path.display()
+        )));
     }
     if npy.order() != npyz::Order::C {
-        return Err(Error::Other(format!("{}: Fortran-order arrays are not supported; save with C order", path.display())));
+        return Err(Error::Other(format!(
+            "{}: Fortran-order arrays are not supported; save with C order",
+            path.display()
+        )));
     }
     let is_f32 = matches!(npy.dtype(), npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 4);
     if !is_f32 {
-        return Err(Error::Other(format!("{}: expected float32, found {:?}", path.display(), npy.dtype())));
+        return Err(Error::Other(format!(
+            "{}: expected float32, found {:?}",
+            path.display(),
+            npy.dtype()
+        )));
     }
     let data: Vec<f32> = npy.into_vec().map_err(io)?;
     Ok((shape[0] as usize, shape[1] as usize, data))

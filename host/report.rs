@@ -24,6 +24,13 @@ pub struct Report {
     pub ptx_toolchain: &'static str,
     pub ptx_build_error: Option<&'static str>,
     pub kernels: Kernels,
+    /// Per weight regime: GEMV throughput and the estimated verification step of a
+    /// Llama-3-8B-shaped target (see `regime`).
+    pub regimes: Vec<crate::regime::RegimeRow>,
+    /// The CPU γ decision (µs), its share of each regime's step is in `regimes`; the paper's is 0.336 ms.
+    pub decision_us: f64,
+    pub paper_decision_ms: f64,
+    pub quantization_error: crate::regime::QuantError,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,7 +128,13 @@ pub fn build(backend: &Backend, budget: Duration) -> Result<Report> {
         Backend::Cuda(c) => Some(c.copy_bandwidth(256 << 20, 20)? / 1e9),
         Backend::Cpu(_) => None,
     };
+    let decision_us = crate::overhead::measure(backend, None)?.cpu_us_per_decision;
+    let regimes = crate::regime::regimes(backend, decision_us, budget / 5)?;
     Ok(Report {
+        regimes,
+        decision_us,
+        paper_decision_ms: crate::overhead::PAPER_MS,
+        quantization_error: crate::regime::quant_error()?,
         backend: backend.name(),
         device: backend.device(),
         ptx_archs: ptx::built_archs(),
@@ -236,6 +249,35 @@ pub fn render(r: &Report) -> String {
     ));
     if !v.validated_on_gpu {
         s.push_str("  (the CUDA kernel is validated on the CPU emulator and by ptxas only)\n");
+    }
+    s.push_str("\nweight regimes (Llama-3-8B-shaped target: 32 layers of q,o 4096×4096, k,v 1024×4096, gate,up 14336×4096, down 4096×14336)\n");
+    s.push_str("  regime  bits/w  GEMV GB/s (14336×4096, M=1)  decode ms (M=1)  verify step ms (γ=4, M=5)  decision share\n");
+    for g in &r.regimes {
+        s.push_str(&format!(
+            "  {:<6} {:>6.2} {:>29.2} {:>16.1} {:>26.1} {:>13.1e}%\n",
+            g.name,
+            g.bits_per_weight,
+            g.gemv_gbps,
+            g.decode_ms,
+            g.step_ms,
+            100.0 * g.decision_share
+        ));
+    }
+    s.push_str(&format!(
+        "  γ decision: {:.3} µs on the CPU (paper: {} ms, < 0.5 % of its step)\n",
+        r.decision_us, r.paper_decision_ms
+    ));
+    let q = &r.quantization_error;
+    s.push_str(&format!(
+        "\nquantisation error (relative RMS, {}×{} weights)\n",
+        q.shape[0], q.shape[1]
+    ));
+    for (name, rows) in [("gaussian", &q.gaussian), ("student-t ν=3", &q.student_t3)] {
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|(f, e)| format!("{} {:.2e}", f.name(), e))
+            .collect();
+        s.push_str(&format!("  {name:<14} {}\n", cells.join("   ")));
     }
     s
 }

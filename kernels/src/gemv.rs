@@ -42,7 +42,7 @@ impl WeightFormat for Nf4 {
     unsafe fn load(p: &GemvParams, row: u32, k: u32) -> f32 {
         let e = row as usize * p.in_features as usize + k as usize;
         let byte = *p.weight.add(e / 2);
-        let nib = if e % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+        let nib = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
         NF4_CODE[(nib & 0x0f) as usize] * *p.scales.add(e / NF4_BLOCK)
     }
 }
@@ -60,7 +60,11 @@ pub unsafe fn gemv<W: WeightFormat, const MT: usize>(p: &GemvParams) {
         return; // the whole warp leaves together
     }
     let lane = gpu::lane_id();
-    let m = if (p.m as usize) < MT { p.m as usize } else { MT };
+    let m = if (p.m as usize) < MT {
+        p.m as usize
+    } else {
+        MT
+    };
     let kdim = p.in_features as usize;
     let mut acc = [0f32; MT];
     let mut k = lane;

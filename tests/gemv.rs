@@ -1,0 +1,402 @@
+//! The weight regimes: formats (FP16, INT8 per-row, NF4 bitsandbytes layout), safetensors files,
+//! `speckv quantize`, and the fused dequantise-GEMV kernels on the emulator, the CPU backend and the
+//! CUDA backend against a float64 reference over awkward shapes.
+
+mod common;
+
+use half::f16;
+use rand::{Rng, SeedableRng};
+use speckv::gemv;
+use speckv::quant::{nf4_code, relative_rms_error, Format, QMatrix};
+use speckv_kernels::params::NF4_CODE;
+
+fn weights(out: usize, inp: usize, seed: u64) -> Vec<f32> {
+    common::normal_logits(out * inp, 0.05, seed)
+}
+
+/// y = x · Ŵᵀ in f64 with Ŵ the dequantised matrix, plus Σ|x·w| per output for the tolerance.
+fn reference(q: &QMatrix, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+    let (out, inp) = q.shape();
+    let w = q.dequantize();
+    let mut y = vec![0f64; m * out];
+    let mut mag = vec![0f64; m * out];
+    for i in 0..m {
+        for o in 0..out {
+            for k in 0..inp {
+                let t = x[i * inp + k] as f64 * w[o * inp + k] as f64;
+                y[i * out + o] += t;
+                mag[i * out + o] += t.abs();
+            }
+        }
+    }
+    (y, mag)
+}
+
+type Run<'a> = &'a dyn Fn(&QMatrix, &[f32], usize) -> speckv::Result<Vec<f32>>;
+
+fn check(run: Run<'_>, q: &QMatrix, m: usize, seed: u64, label: &str) {
+    let (_, inp) = q.shape();
+    let x = common::normal_logits(m * inp, 1.0, seed);
+    let got = run(q, &x, m).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let (want, mag) = reference(q, &x, m);
+    assert_eq!(got.len(), want.len(), "{label}");
+    for (i, ((g, w), a)) in got.iter().zip(&want).zip(&mag).enumerate() {
+        let tol = 2e-6 * a + 1e-6 + 1e-5 * w.abs();
+        assert!(
+            (*g as f64 - w).abs() <= tol,
+            "{label}: y[{i}] = {g}, reference {w} (tolerance {tol})"
+        );
+    }
+}
+
+macro_rules! per_backend {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn emulator() {
+                ($body)(
+                    &|q: &QMatrix, x: &[f32], m: usize| gemv::emulate(q, x, m, 128),
+                    "emulator",
+                    true,
+                );
+            }
+            #[test]
+            fn cpu() {
+                ($body)(
+                    &|q: &QMatrix, x: &[f32], m: usize| gemv::cpu(q, x, m),
+                    "cpu",
+                    false,
+                );
+            }
+            #[test]
+            fn cuda() {
+                let Some(c) = common::cuda() else { return };
+                ($body)(
+                    &|q: &QMatrix, x: &[f32], m: usize| {
+                        let d = c.upload_matrix(q)?;
+                        c.gemv(&d, x, m)
+                    },
+                    "cuda",
+                    false,
+                );
+            }
+        }
+    };
+}
+
+per_backend!(
+    awkward_shapes_every_format,
+    |run: Run<'_>, label: &str, slow: bool| {
+        // (out, in): in not a multiple of 64 wherever the format allows; NF4 needs out·in % 64 == 0.
+        let shapes: &[(usize, usize)] = &[
+            (1, 64),
+            (7, 64),
+            (1, 33),
+            (7, 100),
+            (64, 33),
+            (32, 100),
+            (13, 4096),
+            (4096, 64),
+        ];
+        for (s, &(out, inp)) in shapes.iter().enumerate() {
+            let w = weights(out, inp, 10 + s as u64);
+            for format in Format::ALL {
+                if format == Format::Nf4 && (out * inp) % 64 != 0 {
+                    continue;
+                }
+                let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+                for m in [1usize, 3, 5, 9, 16] {
+                    if slow && out * inp > 100_000 && m > 1 {
+                        continue; // the emulator is slow; the big shape runs at M = 1 there
+                    }
+                    check(
+                        run,
+                        &q,
+                        m,
+                        100 + m as u64,
+                        &format!("{label} {format:?} {out}×{inp} M={m}"),
+                    );
+                }
+            }
+        }
+    }
+);
+
+per_backend!(
+    model_shaped_layer,
+    |run: Run<'_>, label: &str, slow: bool| {
+        let (out, inp) = if slow { (64, 4096) } else { (1024, 4096) };
+        let w = weights(out, inp, 77);
+        for format in Format::ALL {
+            let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+            check(run, &q, 5, 78, &format!("{label} {format:?} {out}×{inp}"));
+        }
+    }
+);
+
+per_backend!(
+    double_quantised_nf4,
+    |run: Run<'_>, label: &str, _slow: bool| {
+        let (out, inp) = (40, 1024); // 640 blocks: three double-quant blocks, the last partial
+        let w = weights(out, inp, 5);
+        let q = QMatrix::quantize(&w, out, inp, Format::Nf4, true).unwrap();
+        check(run, &q, 4, 6, &format!("{label} nf4+dq"));
+    }
+);
+
+per_backend!(
+    bad_shapes_are_errors,
+    |run: Run<'_>, label: &str, _slow: bool| {
+        let w = weights(4, 64, 1);
+        let q = QMatrix::quantize(&w, 4, 64, Format::Int8, false).unwrap();
+        assert!(run(&q, &vec![0.0; 63], 1).is_err(), "{label}: x too short");
+        assert!(run(&q, &vec![0.0; 17 * 64], 17).is_err(), "{label}: M = 17");
+        assert!(run(&q, &[], 0).is_err(), "{label}: M = 0");
+    }
+);
+
+#[test]
+fn emulator_every_block_size_agrees() {
+    let w = weights(9, 200, 3);
+    let q = QMatrix::quantize(&w, 9, 200, Format::Int8, false).unwrap();
+    let x = common::normal_logits(3 * 200, 1.0, 4);
+    let first = gemv::emulate(&q, &x, 3, 32).unwrap();
+    for block in [64u32, 96, 128, 256, 512, 1024] {
+        let y = gemv::emulate(&q, &x, 3, block).unwrap();
+        assert_eq!(
+            y, first,
+            "block {block}: one warp per row gives the same sums"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// formats
+
+#[test]
+fn int8_is_per_row_absmax_over_127() {
+    let w = vec![
+        0.5f32, -1.27, 0.0, 0.635, /* row 1 */ 0.0, 0.0, 0.0, 0.0,
+    ];
+    let QMatrix::Int8 { q, scale, .. } = QMatrix::quantize(&w, 2, 4, Format::Int8, false).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        scale,
+        vec![0.01, 0.0],
+        "scale = absmax / 127; an all-zero row has scale 0"
+    );
+    assert_eq!(q, vec![50, -127, 0, 64, 0, 0, 0, 0]); // 63.5 rounds away from zero
+}
+
+#[test]
+fn nf4_layout_matches_bitsandbytes() {
+    // Block of 64: absmax 2.0; element 0 = −2 → code 0 (−1), element 1 = 2 → code 15 (1): byte 0x0F.
+    let mut w = vec![0f32; 128];
+    w[0] = -2.0;
+    w[1] = 2.0;
+    w[2] = 2.0 * 0.079_580_3; // code 8
+    w[3] = 0.0; // code 7
+    w[64] = 0.5; // second block: absmax 0.5, code 15 in the high nibble of byte 32
+    let QMatrix::Nf4 { packed, absmax, .. } =
+        QMatrix::quantize(&w, 2, 64, Format::Nf4, false).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(absmax, vec![2.0, 0.5]);
+    assert_eq!(packed.len(), 64);
+    assert_eq!(packed[0], 0x0F, "first element in the high nibble");
+    assert_eq!(packed[1], 0x87);
+    assert_eq!(packed[32] >> 4, 15);
+    assert_eq!(packed[33], 0x77, "zeros are code 7");
+}
+
+#[test]
+fn nf4_code_is_the_nearest_code_value() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..20_000 {
+        let v: f32 = rng.gen_range(-1.0..=1.0);
+        let c = nf4_code(v) as usize;
+        let d = (v - NF4_CODE[c]).abs();
+        for (j, cj) in NF4_CODE.iter().enumerate() {
+            assert!(
+                d <= (v - cj).abs() + 1e-7,
+                "v={v}: code {c} but {j} is nearer"
+            );
+        }
+    }
+    for (i, c) in NF4_CODE.iter().enumerate() {
+        assert_eq!(nf4_code(*c) as usize, i);
+    }
+}
+
+#[test]
+fn nf4_needs_whole_blocks() {
+    let w = weights(3, 10, 1);
+    let e = QMatrix::quantize(&w, 3, 10, Format::Nf4, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("multiple of the block size 64") && e.contains("3×10"),
+        "{e}"
+    );
+    assert!(
+        QMatrix::quantize(&w, 3, 10, Format::Int8, true).is_err(),
+        "double quant is nf4-only"
+    );
+    assert!(QMatrix::quantize(&[f32::NAN; 64], 1, 64, Format::Fp16, false).is_err());
+    assert!(QMatrix::quantize(&w, 3, 11, Format::Fp16, false).is_err());
+}
+
+#[test]
+fn quantisation_error_orders_the_regimes() {
+    let (out, inp) = (64, 1024);
+    let w = weights(out, inp, 9);
+    let e: Vec<f64> = Format::ALL
+        .iter()
+        .map(|&f| relative_rms_error(&w, &QMatrix::quantize(&w, out, inp, f, false).unwrap()))
+        .collect();
+    assert!(e[0] < 1e-3 && e[0] < e[1] && e[1] < e[2], "{e:?}");
+    assert!(e[1] < 0.02 && e[2] < 0.15, "{e:?}");
+    let dq = relative_rms_error(
+        &w,
+        &QMatrix::quantize(&w, out, inp, Format::Nf4, true).unwrap(),
+    );
+    assert!(
+        dq < e[2] * 1.05,
+        "double quantisation adds little error: {dq} vs {}",
+        e[2]
+    );
+}
+
+#[test]
+fn safetensors_round_trip_with_the_documented_tensors() {
+    let dir = std::env::temp_dir().join(format!("speckv-quant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out, inp) = (12, 64);
+    let w = weights(out, inp, 2);
+    for (format, dq, names) in [
+        (Format::Fp16, false, vec![("weight", "F16", vec![12, 64])]),
+        (
+            Format::Int8,
+            false,
+            vec![("weight", "I8", vec![12, 64]), ("scale", "F32", vec![12])],
+        ),
+        (
+            Format::Nf4,
+            false,
+            vec![("weight", "U8", vec![384]), ("absmax", "F32", vec![12])],
+        ),
+        (
+            Format::Nf4,
+            true,
+            vec![
+                ("weight", "U8", vec![384]),
+                ("absmax_q", "U8", vec![12]),
+                ("absmax_scale", "F32", vec![1]),
+            ],
+        ),
+    ] {
+        let q = QMatrix::quantize(&w, out, inp, format, dq).unwrap();
+        let p = dir.join(format!("{}-{dq}.safetensors", format.name()));
+        q.save(&p).unwrap();
+        assert_eq!(QMatrix::load(&p).unwrap(), q, "{format:?}");
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, dtype, shape) in names {
+            let t = st.tensor(name).unwrap();
+            assert_eq!(format!("{:?}", t.dtype()), dtype, "{format:?} {name}");
+            assert_eq!(t.shape(), shape.as_slice(), "{format:?} {name}");
+        }
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let md = meta.metadata().clone().unwrap();
+        assert_eq!(md["format"], format.name());
+        assert_eq!(md["shape"], "[12, 64]");
+        assert!(md.contains_key("blocksize"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn quantize_cli_reads_npy_and_writes_safetensors() {
+    let dir = std::env::temp_dir().join(format!("speckv-qcli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out, inp) = (8, 128);
+    let w = weights(out, inp, 3);
+    // A float32 .npy, written by hand (v1.0 header).
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({out}, {inp}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    npy.extend_from_slice(bytemuck::cast_slice(&w));
+    let input = dir.join("w.npy");
+    std::fs::write(&input, npy).unwrap();
+    for format in ["fp16", "int8", "nf4"] {
+        let output = dir.join(format!("w-{format}.safetensors"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_speckv"))
+            .args([
+                "quantize",
+                "--format",
+                format,
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["shape"], serde_json::json!([out, inp]));
+        let q = QMatrix::load(&output).unwrap();
+        assert_eq!(
+            q,
+            QMatrix::quantize(&w, out, inp, Format::parse(format).unwrap(), false).unwrap()
+        );
+    }
+    // A matrix NF4 cannot block: a clear error, non-zero exit.
+    let bad = dir.join("bad.npy");
+    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 5), }".to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    npy.extend_from_slice(bytemuck::cast_slice(&[0.5f32; 15]));
+    std::fs::write(&bad, npy).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_speckv"))
+        .args([
+            "quantize",
+            "--format",
+            "nf4",
+            "--input",
+            bad.to_str().unwrap(),
+            "--output",
+            dir.join("x").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of the block size"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fp16_weights_are_the_f16_rounding() {
+    let w = vec![1.0f32 / 3.0, 65504.0, -0.0001];
+    let QMatrix::Fp16 { w: h, .. } = QMatrix::quantize(&w, 1, 3, Format::Fp16, false).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(h, w.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>());
+}
