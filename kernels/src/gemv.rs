@@ -42,7 +42,11 @@ impl WeightFormat for Nf4 {
     unsafe fn load(p: &GemvParams, row: u32, k: u32) -> f32 {
         let e = row as usize * p.in_features as usize + k as usize;
         let byte = *p.weight.add(e / 2);
-        let nib = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
+        let nib = if e.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0f
+        };
         NF4_CODE[(nib & 0x0f) as usize] * *p.scales.add(e / NF4_BLOCK)
     }
 }
