@@ -179,6 +179,25 @@ impl CudaBackend {
         &self.functions[&f]
     }
 
+    /// Mean time of `iters` calls of `launch` on the stream, by CUDA events (the first call is
+    /// a warm-up outside the timed region).
+    fn time_events(&self, iters: u32, mut launch: impl FnMut() -> Result<()>) -> Result<Duration> {
+        launch()?;
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = self.ctx.new_event(Some(flags))?;
+        let end = self.ctx.new_event(Some(flags))?;
+        start.record(&self.stream)?;
+        for _ in 0..iters.max(1) {
+            launch()?;
+        }
+        end.record(&self.stream)?;
+        end.synchronize()?;
+        let ms = start.elapsed_ms(&end)?;
+        Ok(Duration::from_secs_f64(
+            ms as f64 / 1e3 / iters.max(1) as f64,
+        ))
+    }
+
     /// Launches `softmax_stats` on device buffers.
     ///
     /// # Safety
@@ -273,25 +292,10 @@ impl CudaBackend {
             op as *mut RowStats,
             std::ptr::null_mut(),
         );
-        // SAFETY: as in `softmax_stats`; buffers live to the end of this function.
-        unsafe { self.launch_stats(logits.dtype(), params) }?; // warm-up
-        let start = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        start.record(&self.stream)?;
-        for _ in 0..iters.max(1) {
-            // SAFETY: as above.
-            unsafe { self.launch_stats(logits.dtype(), params) }?;
-        }
-        end.record(&self.stream)?;
-        end.synchronize()?;
-        let ms = start.elapsed_ms(&end)?;
-        Ok(Duration::from_secs_f64(
-            ms as f64 / 1e3 / iters.max(1) as f64,
-        ))
+        // SAFETY: as in `softmax_stats`; the buffers live to the end of this function.
+        self.time_events(iters, || unsafe {
+            self.launch_stats(logits.dtype(), params)
+        })
     }
 
     /// Device-to-device copy bandwidth (read + write bytes per second) of `bytes` bytes, the
@@ -299,21 +303,9 @@ impl CudaBackend {
     pub fn copy_bandwidth(&self, bytes: usize, iters: u32) -> Result<f64> {
         let src = self.stream.alloc_zeros::<u8>(bytes)?;
         let mut dst = self.stream.alloc_zeros::<u8>(bytes)?;
-        self.stream.memcpy_dtod(&src, &mut dst)?;
-        let start = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = self
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        start.record(&self.stream)?;
-        for _ in 0..iters.max(1) {
-            self.stream.memcpy_dtod(&src, &mut dst)?;
-        }
-        end.record(&self.stream)?;
-        end.synchronize()?;
-        let s = start.elapsed_ms(&end)? as f64 / 1e3;
-        Ok(2.0 * bytes as f64 * iters.max(1) as f64 / s)
+        let t = self.time_events(iters, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
+        let s = t.as_secs_f64();
+        Ok(2.0 * bytes as f64 / s)
     }
 }
 
@@ -437,20 +429,7 @@ impl CudaBackend {
     pub fn time_verify(&self, v: &VerifyBatch<'_>, iters: u32) -> Result<Duration> {
         v.validate()?;
         let mut d = self.upload_verify(v)?;
-        self.launch_verify(v, &mut d)?;
-        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-        let start = self.ctx.new_event(Some(flags))?;
-        let end = self.ctx.new_event(Some(flags))?;
-        start.record(&self.stream)?;
-        for _ in 0..iters.max(1) {
-            self.launch_verify(v, &mut d)?;
-        }
-        end.record(&self.stream)?;
-        end.synchronize()?;
-        let ms = start.elapsed_ms(&end)?;
-        Ok(Duration::from_secs_f64(
-            ms as f64 / 1e3 / iters.max(1) as f64,
-        ))
+        self.time_events(iters, || self.launch_verify(v, &mut d))
     }
 }
 
@@ -570,19 +549,9 @@ impl CudaBackend {
             .stream
             .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
         let mut gammas = self.stream.alloc_zeros::<i32>(accum.len())?;
-        self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), 0.0, 4)?;
-        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-        let start = self.ctx.new_event(Some(flags))?;
-        let end = self.ctx.new_event(Some(flags))?;
-        start.record(&self.stream)?;
-        for _ in 0..iters.max(1) {
-            self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), 0.0, 4)?;
-        }
-        end.record(&self.stream)?;
-        end.synchronize()?;
-        Ok(Duration::from_secs_f64(
-            start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64,
-        ))
+        self.time_events(iters, || {
+            self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), 0.0, 4)
+        })
     }
 }
 
@@ -689,18 +658,6 @@ impl CudaBackend {
     pub fn time_gemv(&self, d: &DeviceMatrix, m: usize, iters: u32) -> Result<Duration> {
         let dx = self.stream.alloc_zeros::<f32>(m * d.inp)?;
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
-        self.launch_gemv(d, &dx, &mut dy, m)?;
-        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-        let start = self.ctx.new_event(Some(flags))?;
-        let end = self.ctx.new_event(Some(flags))?;
-        start.record(&self.stream)?;
-        for _ in 0..iters.max(1) {
-            self.launch_gemv(d, &dx, &mut dy, m)?;
-        }
-        end.record(&self.stream)?;
-        end.synchronize()?;
-        Ok(Duration::from_secs_f64(
-            start.elapsed_ms(&end)? as f64 / 1e3 / iters.max(1) as f64,
-        ))
+        self.time_events(iters, || self.launch_gemv(d, &dx, &mut dy, m))
     }
 }
