@@ -18,6 +18,7 @@ pub mod evaluate;
 pub mod gemv;
 pub mod logits;
 pub mod mlp;
+pub mod model;
 pub mod overhead;
 pub mod plot;
 pub mod ptx;
@@ -27,6 +28,7 @@ pub mod regime;
 pub mod report;
 pub mod sim;
 pub mod simulate;
+pub mod tokenizer;
 pub mod verify;
 
 pub use backend::{Backend, BackendKind};
