@@ -9,13 +9,24 @@ use speckv::tokenizer::Tokenizer;
 
 fn main() -> speckv::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let path = std::path::PathBuf::from(args.get(1).cloned().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()));
-    let prompt = args.get(2).cloned().unwrap_or_else(|| "What is the capital of France?".into());
+    let path = std::path::PathBuf::from(
+        args.get(1)
+            .cloned()
+            .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()),
+    );
+    let prompt = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| "What is the capital of France?".into());
     let t0 = Instant::now();
     let (c, _) = speckv::model::read_gguf(&path)?;
     let tok = Tokenizer::from_gguf(&c)?;
     let model = Model::load(&path, Format::Fp16)?;
-    eprintln!("loaded {:?} in {:.1} s", model.cfg, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {:?} in {:.1} s",
+        model.cfg,
+        t0.elapsed().as_secs_f64()
+    );
     let ids = tok.encode(&Tokenizer::chat_prompt(&prompt))?;
     eprintln!("prompt tokens: {ids:?}");
     let mut cache = KvCache::new(&model.cfg);
@@ -23,7 +34,17 @@ fn main() -> speckv::Result<()> {
     let mut out = Vec::new();
     let t1 = Instant::now();
     for _ in 0..40 {
-        let next = logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+        let next = logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+                if v > b.1 {
+                    (i, v)
+                } else {
+                    b
+                }
+            })
+            .0 as u32;
         if tok.stop.contains(&next) {
             break;
         }
@@ -31,6 +52,10 @@ fn main() -> speckv::Result<()> {
         logits = model.forward(&[next], &mut cache, 1)?;
     }
     println!("{}", tok.decode(&out)?);
-    eprintln!("{} tokens in {:.2} s", out.len(), t1.elapsed().as_secs_f64());
+    eprintln!(
+        "{} tokens in {:.2} s",
+        out.len(),
+        t1.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod controller;
 pub mod cpu;
 pub mod cuda;
+pub mod decode;
 pub mod emulate;
 pub mod error;
 pub mod evaluate;

@@ -38,9 +38,13 @@ pub struct Config {
 /// Reads the GGUF header (metadata and tensor table) of `path`, rejecting malformed input with an
 /// error — never a panic.
 pub fn read_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|source| Error::Io { context: format!("opening {}", path.display()), source })?;
+    let file = File::open(path).map_err(|source| Error::Io {
+        context: format!("opening {}", path.display()),
+        source,
+    })?;
     let mut r = BufReader::new(file);
-    let c = guarded(|| Content::read(&mut r)).map_err(|e| Error::Other(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let c = guarded(|| Content::read(&mut r))
+        .map_err(|e| Error::Other(format!("{}: not a readable GGUF file: {e}", path.display())))?;
     Ok((c, r))
 }
 
@@ -49,7 +53,9 @@ pub fn guarded<T>(f: impl FnOnce() -> candle_core::Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::Other(e.to_string())),
-        Err(_) => Err(Error::Other("the GGUF reader panicked on malformed input".to_string())),
+        Err(_) => Err(Error::Other(
+            "the GGUF reader panicked on malformed input".to_string(),
+        )),
     }
 }
 
@@ -61,7 +67,9 @@ impl Config {
             .and_then(|v| v.to_string().ok().cloned())
             .ok_or_else(|| Error::Other("GGUF metadata lacks general.architecture".to_string()))?;
         if arch != "llama" && arch != "qwen2" {
-            return Err(Error::Other(format!("architecture {arch:?} is not supported (llama, qwen2)")));
+            return Err(Error::Other(format!(
+                "architecture {arch:?} is not supported (llama, qwen2)"
+            )));
         }
         let u = |k: &str| -> Result<usize> {
             let key = format!("{arch}.{k}");
@@ -71,7 +79,12 @@ impl Config {
                 .map(|v| v as usize)
                 .ok_or_else(|| Error::Other(format!("GGUF metadata lacks {key}")))
         };
-        let f = |k: &str, d: f32| c.metadata.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok()).unwrap_or(d);
+        let f = |k: &str, d: f32| {
+            c.metadata
+                .get(&format!("{arch}.{k}"))
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(d)
+        };
         let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
         let vocab = match c.tensor_infos.get("token_embd.weight") {
@@ -91,8 +104,16 @@ impl Config {
             context: u("context_length").unwrap_or(4096),
             arch,
         };
-        if cfg.heads == 0 || cfg.kv_heads == 0 || cfg.heads % cfg.kv_heads != 0 || cfg.hidden % cfg.heads != 0 || cfg.head_dim % 2 != 0 || cfg.layers == 0 {
-            return Err(Error::Other(format!("inconsistent model configuration {cfg:?}")));
+        if cfg.heads == 0
+            || cfg.kv_heads == 0
+            || cfg.heads % cfg.kv_heads != 0
+            || cfg.hidden % cfg.heads != 0
+            || cfg.head_dim % 2 != 0
+            || cfg.layers == 0
+        {
+            return Err(Error::Other(format!(
+                "inconsistent model configuration {cfg:?}"
+            )));
         }
         Ok(cfg)
     }
@@ -135,7 +156,12 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &Config) -> KvCache {
-        KvCache { k: vec![Vec::new(); cfg.layers], v: vec![Vec::new(); cfg.layers], width: cfg.kv_heads * cfg.head_dim, len: 0 }
+        KvCache {
+            k: vec![Vec::new(); cfg.layers],
+            v: vec![Vec::new(); cfg.layers],
+            width: cfg.kv_heads * cfg.head_dim,
+            len: 0,
+        }
     }
     pub fn len(&self) -> usize {
         self.len
@@ -155,9 +181,11 @@ impl KvCache {
 }
 
 fn load_f32(c: &Content, r: &mut BufReader<File>, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-    let q = guarded(|| c.tensor(r, name, &Device::Cpu)).map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
+    let q = guarded(|| c.tensor(r, name, &Device::Cpu))
+        .map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
     let dims = q.shape().dims().to_vec();
-    let t = guarded(|| q.dequantize(&Device::Cpu)).map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
+    let t = guarded(|| q.dequantize(&Device::Cpu))
+        .map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
     let v = guarded(|| t.flatten_all()?.to_vec1::<f32>())?;
     Ok((v, dims))
 }
@@ -167,13 +195,16 @@ impl Model {
     pub fn load(path: &Path, format: Format) -> Result<Model> {
         let (c, mut r) = read_gguf(path)?;
         let cfg = Config::from_gguf(&c)?;
-        let lin = |r: &mut BufReader<File>, name: &str, out: usize, inp: usize| -> Result<QMatrix> {
-            let (w, dims) = load_f32(&c, r, name)?;
-            if dims != [out, inp] {
-                return Err(Error::Other(format!("tensor {name} has shape {dims:?}, expected [{out}, {inp}]")));
-            }
-            QMatrix::quantize(&w, out, inp, format, false)
-        };
+        let lin =
+            |r: &mut BufReader<File>, name: &str, out: usize, inp: usize| -> Result<QMatrix> {
+                let (w, dims) = load_f32(&c, r, name)?;
+                if dims != [out, inp] {
+                    return Err(Error::Other(format!(
+                        "tensor {name} has shape {dims:?}, expected [{out}, {inp}]"
+                    )));
+                }
+                QMatrix::quantize(&w, out, inp, format, false)
+            };
         let (h, kvw, ffn) = (cfg.hidden, cfg.kv_heads * cfg.head_dim, cfg.ffn);
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
@@ -191,32 +222,68 @@ impl Model {
                 }
                 let (v, _) = load_f32(&c, &mut r, &name)?;
                 if v.len() != n {
-                    return Err(Error::Other(format!("tensor {name} has {} values, expected {n}", v.len())));
+                    return Err(Error::Other(format!(
+                        "tensor {name} has {} values, expected {n}",
+                        v.len()
+                    )));
                 }
                 Ok(Some(v))
             };
-            let attn_norm = vec1(format!("{p}.attn_norm.weight"), h)?.ok_or_else(|| Error::Other(format!("{p}.attn_norm.weight missing")))?;
-            let ffn_norm = vec1(format!("{p}.ffn_norm.weight"), h)?.ok_or_else(|| Error::Other(format!("{p}.ffn_norm.weight missing")))?;
+            let attn_norm = vec1(format!("{p}.attn_norm.weight"), h)?
+                .ok_or_else(|| Error::Other(format!("{p}.attn_norm.weight missing")))?;
+            let ffn_norm = vec1(format!("{p}.ffn_norm.weight"), h)?
+                .ok_or_else(|| Error::Other(format!("{p}.ffn_norm.weight missing")))?;
             let bq = vec1(format!("{p}.attn_q.bias"), h)?;
             let bk = vec1(format!("{p}.attn_k.bias"), kvw)?;
             let bv = vec1(format!("{p}.attn_v.bias"), kvw)?;
-            layers.push(Layer { attn_norm, q, k, v, o, bq, bk, bv, ffn_norm, gate, up, down });
+            layers.push(Layer {
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                bq,
+                bk,
+                bv,
+                ffn_norm,
+                gate,
+                up,
+                down,
+            });
         }
         let (out_norm, _) = load_f32(&c, &mut r, "output_norm.weight")?;
         let (emb, dims) = load_f32(&c, &mut r, "token_embd.weight")?;
         if dims != [cfg.vocab, h] {
-            return Err(Error::Other(format!("token_embd.weight has shape {dims:?}")));
+            return Err(Error::Other(format!(
+                "token_embd.weight has shape {dims:?}"
+            )));
         }
-        let lm_head = if c.tensor_infos.contains_key("output.weight") { lin(&mut r, "output.weight", cfg.vocab, h)? } else { QMatrix::quantize(&emb, cfg.vocab, h, format, false)? };
+        let lm_head = if c.tensor_infos.contains_key("output.weight") {
+            lin(&mut r, "output.weight", cfg.vocab, h)?
+        } else {
+            QMatrix::quantize(&emb, cfg.vocab, h, format, false)?
+        };
         let embed = emb.iter().map(|&x| f16::from_f32(x)).collect();
         let active = vec![true; cfg.layers];
-        Ok(Model { cfg, format, embed, layers, out_norm, lm_head, active })
+        Ok(Model {
+            cfg,
+            format,
+            embed,
+            layers,
+            out_norm,
+            lm_head,
+            active,
+        })
     }
 
     /// Restricts the forward pass to the layers marked true (a self-speculative draft).
     pub fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
         if active.len() != self.cfg.layers {
-            return Err(Error::Length { what: "active layers", got: active.len(), expected: self.cfg.layers });
+            return Err(Error::Length {
+                what: "active layers",
+                got: active.len(),
+                expected: self.cfg.layers,
+            });
         }
         self.active = active;
         Ok(())
@@ -229,14 +296,41 @@ impl Model {
     /// Logits `[tokens.len(), vocab]` of the positions after each of `tokens`, appended to `cache`
     /// (only the last `keep` rows are returned: 1 for decoding, γ + 1 for verification).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, keep: usize) -> Result<Vec<f32>> {
+        self.forward_layers(tokens, cache, keep, None)
+    }
+
+    /// [`Model::forward`] running only the layers marked true in `active` (a self-speculative
+    /// draft shares the target's weights and skips layers); `None` uses the model's own mask.
+    pub fn forward_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        keep: usize,
+        active: Option<&[bool]>,
+    ) -> Result<Vec<f32>> {
+        let active = active.unwrap_or(&self.active);
+        if active.len() != self.cfg.layers {
+            return Err(Error::Length {
+                what: "active layers",
+                got: active.len(),
+                expected: self.cfg.layers,
+            });
+        }
         if tokens.is_empty() {
             return Err(Error::Empty { what: "tokens" });
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-            return Err(Error::Other(format!("token {t} is outside the vocabulary of {}", self.cfg.vocab)));
+            return Err(Error::Other(format!(
+                "token {t} is outside the vocabulary of {}",
+                self.cfg.vocab
+            )));
         }
         if cache.len + tokens.len() > self.cfg.context {
-            return Err(Error::Other(format!("{} positions exceed the context of {}", cache.len + tokens.len(), self.cfg.context)));
+            return Err(Error::Other(format!(
+                "{} positions exceed the context of {}",
+                cache.len + tokens.len(),
+                self.cfg.context
+            )));
         }
         let keep = keep.clamp(1, tokens.len());
         let mut out = Vec::new();
@@ -246,7 +340,7 @@ impl Model {
         let mut done = 0;
         for (ci, ch) in chunks.into_iter().enumerate() {
             let want_logits = done + ch.len() > first_kept || ci + 1 == n;
-            let logits = self.forward_chunk(ch, cache, want_logits)?;
+            let logits = self.forward_chunk(ch, cache, want_logits, active)?;
             if want_logits {
                 let v = self.cfg.vocab;
                 for (r, row) in logits.chunks(v).enumerate() {
@@ -260,20 +354,29 @@ impl Model {
         Ok(out)
     }
 
-    fn forward_chunk(&self, tokens: &[u32], cache: &mut KvCache, logits: bool) -> Result<Vec<f32>> {
+    fn forward_chunk(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: bool,
+        active: &[bool],
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (m, h, hd) = (tokens.len(), cfg.hidden, cfg.head_dim);
         let kvw = cfg.kv_heads * hd;
         let pos0 = cache.len;
         let mut x = vec![0f32; m * h];
         for (i, &t) in tokens.iter().enumerate() {
-            for (d, s) in x[i * h..(i + 1) * h].iter_mut().zip(&self.embed[t as usize * h..(t as usize + 1) * h]) {
+            for (d, s) in x[i * h..(i + 1) * h]
+                .iter_mut()
+                .zip(&self.embed[t as usize * h..(t as usize + 1) * h])
+            {
                 *d = s.to_f32();
             }
         }
         let mut xn = vec![0f32; m * h];
         for (li, l) in self.layers.iter().enumerate() {
-            if !self.active[li] {
+            if !active[li] {
                 // A skipped layer still needs its cache rows, so positions stay aligned.
                 cache.k[li].resize((pos0 + m) * kvw, 0.0);
                 cache.v[li].resize((pos0 + m) * kvw, 0.0);
@@ -291,7 +394,16 @@ impl Model {
             rope(&mut k, cfg.kv_heads, hd, pos0, cfg.rope_base, neox);
             cache.k[li].extend_from_slice(&k);
             cache.v[li].extend_from_slice(&v);
-            let att = attention(&q, &cache.k[li], &cache.v[li], m, pos0, cfg.heads, cfg.kv_heads, hd);
+            let att = attention(
+                &q,
+                &cache.k[li],
+                &cache.v[li],
+                m,
+                pos0,
+                cfg.heads,
+                cfg.kv_heads,
+                hd,
+            );
             let o = crate::gemv::cpu(&l.o, &att, m)?;
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
@@ -299,7 +411,11 @@ impl Model {
             rms_norm(&x, &l.ffn_norm, cfg.rms_eps, &mut xn, h);
             let g = crate::gemv::cpu(&l.gate, &xn, m)?;
             let u = crate::gemv::cpu(&l.up, &xn, m)?;
-            let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let act: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let d = crate::gemv::cpu(&l.down, &act, m)?;
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
@@ -344,7 +460,11 @@ fn rope(x: &mut [f32], heads: usize, hd: usize, pos0: usize, base: f32, neox: bo
             for j in 0..half {
                 let theta = pos * (base as f64).powf(-2.0 * j as f64 / hd as f64);
                 let (s, c) = theta.sin_cos();
-                let (a, b) = if neox { (j, j + half) } else { (2 * j, 2 * j + 1) };
+                let (a, b) = if neox {
+                    (j, j + half)
+                } else {
+                    (2 * j, 2 * j + 1)
+                };
                 let (x0, x1) = (head[a] as f64, head[b] as f64);
                 head[a] = (x0 * c - x1 * s) as f32;
                 head[b] = (x0 * s + x1 * c) as f32;
@@ -355,7 +475,16 @@ fn rope(x: &mut [f32], heads: usize, hd: usize, pos0: usize, base: f32, neox: bo
 
 /// Causal grouped-query attention of m new positions over the cache.
 #[allow(clippy::too_many_arguments)]
-fn attention(q: &[f32], kc: &[f32], vc: &[f32], m: usize, pos0: usize, heads: usize, kv_heads: usize, hd: usize) -> Vec<f32> {
+fn attention(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    m: usize,
+    pos0: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+) -> Vec<f32> {
     let group = heads / kv_heads;
     let kvw = kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();

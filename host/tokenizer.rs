@@ -25,7 +25,9 @@ pub struct Tokenizer {
 }
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
-    c.metadata.get(key).ok_or_else(|| Error::Other(format!("GGUF metadata lacks {key}")))
+    c.metadata
+        .get(key)
+        .ok_or_else(|| Error::Other(format!("GGUF metadata lacks {key}")))
 }
 
 fn bad(key: &str, e: impl std::fmt::Display) -> Error {
@@ -34,9 +36,13 @@ fn bad(key: &str, e: impl std::fmt::Display) -> Error {
 
 impl Tokenizer {
     pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
-        let model = meta(c, "tokenizer.ggml.model")?.to_string().map_err(|e| bad("tokenizer.ggml.model", e))?;
+        let model = meta(c, "tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|e| bad("tokenizer.ggml.model", e))?;
         if model != "gpt2" {
-            return Err(Error::Other(format!("tokenizer model {model:?} is not supported (only GPT-2-style BPE)")));
+            return Err(Error::Other(format!(
+                "tokenizer model {model:?} is not supported (only GPT-2-style BPE)"
+            )));
         }
         let tokens: Vec<String> = meta(c, "tokenizer.ggml.tokens")?
             .to_vec()
@@ -46,7 +52,12 @@ impl Tokenizer {
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| bad("tokenizer.ggml.tokens", e))?;
         let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec().map_err(|e| bad("token_type", e))?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| bad("token_type", e))?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect(),
             None => vec![1; tokens.len()],
         };
         let merges: Vec<(String, String)> = meta(c, "tokenizer.ggml.merges")?
@@ -55,16 +66,34 @@ impl Tokenizer {
             .iter()
             .map(|v| {
                 let s = v.to_string().map_err(|e| bad("merges", e))?;
-                let (a, b) = s.split_once(' ').ok_or_else(|| bad("merges", format!("{s:?} is not two tokens")))?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| bad("merges", format!("{s:?} is not two tokens")))?;
                 Ok((a.to_string(), b.to_string()))
             })
             .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| bad("BPE", e))?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| bad("BPE", e))?;
         let mut inner = HfTokenizer::new(bpe);
-        let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
+        let pre = c
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_default();
         if pre == "qwen2" {
-            let split = Split::new(SplitPattern::Regex(QWEN2_SPLIT.to_string()), SplitDelimiterBehavior::Isolated, false).map_err(|e| bad("pre-tokenizer", e))?;
+            let split = Split::new(
+                SplitPattern::Regex(QWEN2_SPLIT.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| bad("pre-tokenizer", e))?;
             inner.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
                 PreTokenizerWrapper::Split(split),
                 PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
@@ -73,10 +102,16 @@ impl Tokenizer {
             inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         }
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let specials: Vec<AddedToken> = tokens.iter().zip(&types).filter(|(_, &t)| t == 3 || t == 4).map(|(s, _)| AddedToken::from(s.clone(), true)).collect();
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(s, _)| AddedToken::from(s.clone(), true))
+            .collect();
         inner.add_special_tokens(&specials);
         let id = |k: &str| c.metadata.get(k).and_then(|v| v.to_u32().ok());
-        let eos = id("tokenizer.ggml.eos_token_id").ok_or_else(|| Error::Other("GGUF metadata lacks an eos token".to_string()))?;
+        let eos = id("tokenizer.ggml.eos_token_id")
+            .ok_or_else(|| Error::Other("GGUF metadata lacks an eos token".to_string()))?;
         let mut stop = vec![eos];
         for s in ["<|im_end|>", "<|endoftext|>"] {
             if let Some(t) = inner.token_to_id(s) {
@@ -85,15 +120,27 @@ impl Tokenizer {
                 }
             }
         }
-        Ok(Tokenizer { inner, bos: id("tokenizer.ggml.bos_token_id"), eos, stop })
+        Ok(Tokenizer {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            stop,
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, false).map_err(|e| Error::Other(format!("tokenizer: {e}")))?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Other(format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::Other(format!("tokenizer: {e}")))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Other(format!("tokenizer: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {

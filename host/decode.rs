@@ -1,0 +1,351 @@
+//! Speculative decoding of a real model on the CPU backend with a γ policy choosing each step's
+//! draft length live: draft statistics (`softmax_stats`: entropy, confidence, sampled token) per
+//! drafted token, one target pass over the pending token and the γ drafts (M = γ + 1), batched
+//! verification (`verify`, B = 1), KV caches rolled back to the accepted prefix.
+//!
+//! Invariant between steps: both caches hold every committed token except the newest one (the
+//! "pending" token), which the next step feeds first; the draft cache may also lag by the drafts
+//! it proposed but never fed (the last one of a fully accepted step), kept in a backlog.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+use speckv_kernels::params::FeatureAccum;
+
+use crate::controller::Controller;
+use crate::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::logits::{Accumulate, Logits, LogitsData, StatsOptions};
+use crate::model::{KvCache, Model};
+use crate::records::Compression;
+use crate::verify::{DraftDist, VerifyBatch};
+
+/// How γ is chosen each step.
+#[derive(Clone, Debug)]
+pub enum Policy {
+    Fixed(u32),
+    /// The MLP on the previous step's draft features (lagged: causal).
+    SpecKv(Controller),
+    /// Draft while the drafted token's top-1 probability is at least p, up to γmax.
+    Confidence(f32),
+    /// HF's schedule: start at 4, +2 after a fully accepted step, −1 otherwise.
+    Heuristic,
+}
+
+impl Policy {
+    /// `fixed:N`, `confidence:P`, `heuristic`; `speckv` and `speckv-cost` need a controller.
+    pub fn parse(s: &str, controller: Option<Controller>) -> Result<Policy> {
+        let bad = || {
+            Error::Other(format!(
+                "policy {s:?}: expected fixed:N, speckv, speckv-cost, confidence:P or heuristic"
+            ))
+        };
+        match s.split_once(':') {
+            Some(("fixed", n)) => n.parse().map(Policy::Fixed).map_err(|_| bad()),
+            Some(("confidence", p)) => {
+                let p: f32 = p.parse().map_err(|_| bad())?;
+                if (0.0..=1.0).contains(&p) {
+                    Ok(Policy::Confidence(p))
+                } else {
+                    Err(bad())
+                }
+            }
+            None if s == "heuristic" => Ok(Policy::Heuristic),
+            None if s == "speckv" || s == "speckv-cost" => {
+                controller.map(Policy::SpecKv).ok_or_else(|| {
+                    Error::Other(format!(
+                        "policy {s} needs --controller MODEL.json (from `speckv train`)"
+                    ))
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// The draft: another model, or the target itself with some layers skipped.
+pub enum Draft<'a> {
+    Model(&'a Model),
+    SkipLayers(Vec<bool>),
+}
+
+#[derive(Clone, Debug)]
+pub struct GenConfig {
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub seed: u64,
+    pub gamma_max: u32,
+    pub compression: Compression,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GenStats {
+    pub tokens: Vec<u32>,
+    pub steps: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    pub acceptance_rate: f64,
+    pub mean_gamma: f64,
+    pub gamma_histogram: BTreeMap<u32, usize>,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+            if v > b.1 {
+                (i, v)
+            } else {
+                b
+            }
+        })
+        .0 as u32
+}
+
+/// Plain decoding of the target (no draft): the reference speculative decoding must equal in
+/// greedy mode. Sampling uses the same Gumbel-max stream as the kernels (`softmax_stats`).
+pub fn plain(target: &Model, prompt: &[u32], stop: &[u32], cfg: &GenConfig) -> Result<GenStats> {
+    let cpu = CpuBackend::new();
+    let start = Instant::now();
+    let mut cache = KvCache::new(&target.cfg);
+    let mut logits = target.forward(prompt, &mut cache, 1)?;
+    let mut out = Vec::new();
+    let v = target.cfg.vocab;
+    for step in 0..cfg.max_tokens {
+        let next = if cfg.temperature == 0.0 {
+            argmax(&logits)
+        } else {
+            let l = Logits::dense(LogitsData::F32(&logits), v)?;
+            let o = StatsOptions {
+                temperature: cfg.temperature,
+                sample: true,
+                seed: cfg.seed,
+                step: step as u64,
+                accumulate: Accumulate::No,
+            };
+            cpu.softmax_stats(&l, &o, None)?[0].sampled.max(0) as u32
+        };
+        if stop.contains(&next) {
+            break;
+        }
+        out.push(next);
+        if out.len() == cfg.max_tokens {
+            break;
+        }
+        logits = target.forward(&[next], &mut cache, 1)?;
+    }
+    let s = start.elapsed().as_secs_f64();
+    Ok(GenStats {
+        steps: out.len(),
+        drafted: 0,
+        accepted: 0,
+        acceptance_rate: 0.0,
+        mean_gamma: 0.0,
+        gamma_histogram: BTreeMap::new(),
+        seconds: s,
+        tokens_per_second: out.len() as f64 / s.max(1e-9),
+        tokens: out,
+    })
+}
+
+/// Speculative decoding of `prompt` with `policy`.
+pub fn speculative(
+    target: &Model,
+    draft: &Draft<'_>,
+    prompt: &[u32],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+) -> Result<GenStats> {
+    if prompt.is_empty() {
+        return Err(Error::Empty { what: "prompt" });
+    }
+    if cfg.gamma_max == 0 || cfg.gamma_max as usize > crate::gemv::MAX_M - 1 {
+        return Err(Error::Other(format!(
+            "γmax must be 1..={}",
+            crate::gemv::MAX_M - 1
+        )));
+    }
+    let v = target.cfg.vocab;
+    let (dmodel, dmask): (&Model, Option<&[bool]>) = match draft {
+        Draft::Model(m) => {
+            if m.cfg.vocab != v {
+                return Err(Error::Other(format!(
+                    "draft vocabulary {} differs from the target's {v}",
+                    m.cfg.vocab
+                )));
+            }
+            (m, None)
+        }
+        Draft::SkipLayers(mask) => (target, Some(mask.as_slice())),
+    };
+    let cpu = CpuBackend::new();
+    let start = Instant::now();
+    let mut tcache = KvCache::new(&target.cfg);
+    let mut dcache = KvCache::new(&dmodel.cfg);
+    // Prefill all but the last prompt token; it becomes the pending token.
+    let (head, last) = prompt.split_at(prompt.len() - 1);
+    if !head.is_empty() {
+        target.forward(head, &mut tcache, 1)?;
+        dmodel.forward_layers(head, &mut dcache, 1, dmask)?;
+    }
+    let mut pending = last[0];
+    let mut backlog: Vec<u32> = Vec::new();
+    let mut out: Vec<u32> = Vec::new();
+    let mut hist = BTreeMap::new();
+    let (mut steps, mut drafted, mut accepted_total) = (0usize, 0usize, 0usize);
+    let mut prev_accum: Option<FeatureAccum> = None;
+    let mut heuristic_gamma = 4u32;
+    let greedy = cfg.temperature == 0.0;
+    let mut rng_step = 0u64;
+    'outer: while out.len() < cfg.max_tokens {
+        let gmax = match policy {
+            Policy::Fixed(n) => (*n).min(cfg.gamma_max),
+            Policy::SpecKv(c) => match prev_accum {
+                Some(a) if a.count > 0 => {
+                    let n = a.count as f64;
+                    let base = [
+                        a.entropy_sum as f64 / n,
+                        a.confidence_sum as f64 / n,
+                        a.entropy_max as f64,
+                        a.confidence_min as f64,
+                    ];
+                    c.decide(base, cfg.compression).gamma.min(cfg.gamma_max)
+                }
+                _ => 4.min(cfg.gamma_max),
+            },
+            Policy::Confidence(_) => cfg.gamma_max,
+            Policy::Heuristic => heuristic_gamma.min(cfg.gamma_max),
+        };
+        // Draft up to gmax tokens.
+        let mut xs: Vec<u32> = Vec::new();
+        let mut qrows: Vec<f32> = Vec::new();
+        let mut accum = [FeatureAccum::EMPTY];
+        let mut feed: Vec<u32> = backlog.drain(..).collect();
+        feed.push(pending);
+        while (xs.len() as u32) < gmax {
+            let q = dmodel.forward_layers(&feed, &mut dcache, 1, dmask)?;
+            let l = Logits::dense(LogitsData::F32(&q), v)?;
+            let o = StatsOptions {
+                temperature: cfg.temperature,
+                sample: !greedy,
+                seed: crate::philox::derive(cfg.seed, crate::philox::PURPOSE_DRAFT, 0),
+                step: rng_step,
+                accumulate: if xs.is_empty() {
+                    Accumulate::Reset
+                } else {
+                    Accumulate::Add
+                },
+            };
+            rng_step += 1;
+            let st = cpu.softmax_stats(&l, &o, Some(&mut accum))?[0];
+            if st.flags != 0 {
+                return Err(Error::Other(format!(
+                    "draft logits flagged {:#x}",
+                    st.flags
+                )));
+            }
+            if let Policy::Confidence(p) = policy {
+                if st.confidence < *p {
+                    // Stop before this low-confidence token; its row was fed, so undo it.
+                    dcache.truncate(dcache.len() - feed.len());
+                    backlog = std::mem::take(&mut feed);
+                    break;
+                }
+            }
+            let x = if greedy {
+                st.argmax as u32
+            } else {
+                st.sampled as u32
+            };
+            xs.push(x);
+            qrows.extend_from_slice(&q);
+            feed = vec![x];
+        }
+        let g = xs.len();
+        if backlog.is_empty() && g == 0 {
+            backlog = std::mem::take(&mut feed); // nothing fed: the draft has yet to see these
+        }
+        // Verify: target over [pending, x_0..x_{g-1}] → g + 1 rows.
+        let before = tcache.len();
+        let mut tin = vec![pending];
+        tin.extend_from_slice(&xs);
+        let p = target.forward(&tin, &mut tcache, g + 1)?;
+        let temps = [cfg.temperature];
+        let gammas = [g as i32];
+        let tokens: Vec<i32> = xs.iter().map(|&x| x as i32).collect();
+        let vb = VerifyBatch {
+            target: LogitsData::F32(&p),
+            target_stride: v,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(&qrows),
+                temperature: &temps,
+            },
+            draft_stride: v,
+            draft_tokens: &tokens,
+            gammas: &gammas,
+            target_temperature: &temps,
+            batch: 1,
+            gamma_max: g,
+            vocab: v,
+            seed: cfg.seed,
+            step: steps as u64,
+        };
+        let o = cpu.verify(&vb)?;
+        if o.flags[0] != 0 {
+            return Err(Error::Other(format!(
+                "verification flagged {:#x}",
+                o.flags[0]
+            )));
+        }
+        let k = o.accepted[0] as usize;
+        let emitted: Vec<u32> = o.tokens(0).iter().map(|&t| t as u32).collect();
+        steps += 1;
+        drafted += g;
+        accepted_total += k;
+        *hist.entry(g as u32).or_insert(0) += 1;
+        // Target cache: pending + the k accepted drafts.
+        tcache.truncate(before + 1 + k);
+        // Draft cache: after drafting g ≥ 1 tokens it holds C + g entries (…, pending, x_0..x_{g-2});
+        // x_{g-1} was never fed. Keep the committed ones; a fully accepted step leaves x_{g-1} in
+        // the backlog. (g = 0: the backlog already holds what the draft has not seen.)
+        if g > 0 {
+            dcache.truncate(before + 1 + k.min(g - 1));
+            backlog = if k == g { vec![xs[g - 1]] } else { Vec::new() };
+        }
+        for (i, &t) in emitted.iter().enumerate() {
+            if stop.contains(&t) {
+                break 'outer;
+            }
+            out.push(t);
+            if out.len() == cfg.max_tokens {
+                break 'outer;
+            }
+            if i + 1 == emitted.len() {
+                pending = t;
+            }
+        }
+        heuristic_gamma = if k == g && g > 0 {
+            (heuristic_gamma + 2).min(cfg.gamma_max)
+        } else {
+            heuristic_gamma.saturating_sub(1).max(1)
+        };
+        prev_accum = Some(accum[0]);
+    }
+    let s = start.elapsed().as_secs_f64();
+    Ok(GenStats {
+        steps,
+        drafted,
+        accepted: accepted_total,
+        acceptance_rate: accepted_total as f64 / drafted.max(1) as f64,
+        mean_gamma: drafted as f64 / steps.max(1) as f64,
+        gamma_histogram: hist,
+        seconds: s,
+        tokens_per_second: out.len() as f64 / s.max(1e-9),
+        tokens: out,
+    })
+}
