@@ -26,7 +26,7 @@ use crate::verify::{DraftDist, VerifyBatch};
 pub enum Policy {
     Fixed(u32),
     /// The MLP on the previous step's draft features (lagged: causal).
-    SpecKv(Controller),
+    SpecKv(Box<Controller>),
     /// Draft while the drafted token's top-1 probability is at least p, up to γmax.
     Confidence(f32),
     /// HF's schedule: start at 4, +2 after a fully accepted step, −1 otherwise.
@@ -52,13 +52,13 @@ impl Policy {
                 }
             }
             None if s == "heuristic" => Ok(Policy::Heuristic),
-            None if s == "speckv" || s == "speckv-cost" => {
-                controller.map(Policy::SpecKv).ok_or_else(|| {
+            None if s == "speckv" || s == "speckv-cost" => controller
+                .map(|c| Policy::SpecKv(Box::new(c)))
+                .ok_or_else(|| {
                     Error::Other(format!(
                         "policy {s} needs --controller MODEL.json (from `speckv train`)"
                     ))
-                })
-            }
+                }),
             _ => Err(bad()),
         }
     }
@@ -225,7 +225,7 @@ pub fn speculative(
         let mut xs: Vec<u32> = Vec::new();
         let mut qrows: Vec<f32> = Vec::new();
         let mut accum = [FeatureAccum::EMPTY];
-        let mut feed: Vec<u32> = backlog.drain(..).collect();
+        let mut feed: Vec<u32> = std::mem::take(&mut backlog);
         feed.push(pending);
         while (xs.len() as u32) < gmax {
             let q = dmodel.forward_layers(&feed, &mut dcache, 1, dmask)?;

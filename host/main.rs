@@ -124,6 +124,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text with speculative decoding (CPU backend): streams the text, then tokens/s,
+    /// acceptance, mean γ and the γ histogram.
+    Generate {
+        /// Target GGUF (scripts/fetch-model).
+        #[arg(long)]
+        model: PathBuf,
+        /// Draft GGUF (same tokenizer); default: the target itself skipping every other layer.
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Target weight regime.
+        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
+        target: speckv::quant::Format,
+        /// fixed:N, speckv, speckv-cost, confidence:P, heuristic, or plain (no draft).
+        #[arg(long, default_value = "fixed:4")]
+        policy: String,
+        /// Predictor for speckv / speckv-cost (from `speckv train`).
+        #[arg(long)]
+        controller: Option<PathBuf>,
+        /// Cost model for speckv-cost (from `speckv bench step`).
+        #[arg(long)]
+        cost: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 8)]
+        gamma_max: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -312,6 +347,94 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
                 Ok(())
             }
         })(),
+        Command::Generate {
+            model,
+            draft,
+            prompt,
+            target,
+            policy,
+            controller,
+            cost,
+            max_tokens,
+            temperature,
+            seed,
+            gamma_max,
+            json,
+        } => (|| {
+            use speckv::decode::{self, Draft, GenConfig, Policy};
+            if !(temperature.is_finite() && *temperature >= 0.0) {
+                return Err(speckv::Error::BadTemperature(*temperature));
+            }
+            let (c, _) = speckv::model::read_gguf(model)?;
+            let tok = speckv::tokenizer::Tokenizer::from_gguf(&c)?;
+            let m = speckv::model::Model::load(model, *target)?;
+            let ids = tok.encode(&speckv::tokenizer::Tokenizer::chat_prompt(prompt))?;
+            let compression = match target {
+                speckv::quant::Format::Fp16 => records::Compression::Fp16,
+                speckv::quant::Format::Int8 => records::Compression::Int8,
+                speckv::quant::Format::Nf4 => records::Compression::Nf4,
+            };
+            let cfg = GenConfig {
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: *seed,
+                gamma_max: *gamma_max,
+                compression,
+            };
+            let stats = if policy == "plain" {
+                decode::plain(&m, &ids, &tok.stop, &cfg)?
+            } else {
+                let ctl = match controller {
+                    Some(p) => {
+                        let cost = match (policy.as_str(), cost) {
+                            ("speckv-cost", Some(c)) => Some(controller::CostModel::load(c)?),
+                            ("speckv-cost", None) => Some(controller::CostModel::assumed()),
+                            _ => None,
+                        };
+                        Some(controller::Controller::new(
+                            mlp::Mlp::load(p)?,
+                            &controller::PAPER_CANDIDATES,
+                            cost,
+                        )?)
+                    }
+                    None => None,
+                };
+                let pol = Policy::parse(policy, ctl)?;
+                let dm;
+                let d = match draft {
+                    Some(dp) => {
+                        dm = speckv::model::Model::load(dp, speckv::quant::Format::Fp16)?;
+                        Draft::Model(&dm)
+                    }
+                    None => Draft::SkipLayers(
+                        (0..m.cfg.layers)
+                            .map(|i| i == 0 || i + 1 == m.cfg.layers || i % 2 == 0)
+                            .collect(),
+                    ),
+                };
+                decode::speculative(&m, &d, &ids, &tok.stop, &pol, &cfg)?
+            };
+            let text = tok.decode(&stats.tokens)?;
+            if *json {
+                return json_out(&serde_json::json!({
+                    "text": text, "tokens": stats.tokens, "tokens_per_second": stats.tokens_per_second,
+                    "acceptance_rate": stats.acceptance_rate, "mean_gamma": stats.mean_gamma,
+                    "gamma_histogram": stats.gamma_histogram, "steps": stats.steps, "seconds": stats.seconds,
+                }));
+            }
+            println!("{text}");
+            eprintln!(
+                "\n{} tokens in {:.2} s: {:.2} tokens/s; {} steps, acceptance {:.3}, mean γ {:.2}, γ histogram {:?}",
+                stats.tokens.len(),
+                stats.seconds,
+                stats.tokens_per_second,
+                stats.steps,
+                stats.acceptance_rate,
+                stats.mean_gamma,
+                stats.gamma_histogram
+            );
+            Ok(())
+        })(),
         Command::Quantize {
             format,
             input,
@@ -367,7 +490,8 @@ fn run(cli: Cli) -> speckv::Result<()> {
         | Command::Train { .. }
         | Command::Evaluate { .. }
         | Command::Simulate { .. }
-        | Command::Quantize { .. } => {}
+        | Command::Quantize { .. }
+        | Command::Generate { .. } => {} // handled by run_offline
         Command::Bench {
             what:
                 BenchCommand::Step {
