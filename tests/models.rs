@@ -85,7 +85,7 @@ fn speculative_greedy_equals_plain_greedy_for_every_policy_and_regime() {
         Policy::Fixed(8),
         Policy::Confidence(0.6),
         Policy::Heuristic,
-        Policy::SpecKv(ctl),
+        Policy::SpecKv(Box::new(ctl)),
     ];
     for format in Format::ALL {
         let m = Model::load(&p, format).unwrap();
