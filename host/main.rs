@@ -468,6 +468,12 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
 }
 
 fn run(cli: Cli) -> speckv::Result<()> {
+    if matches!(cli.command, Command::Generate { .. }) && cli.backend == BackendKind::Cuda {
+        return Err(speckv::Error::Other(
+            "generate runs on the CPU backend only for now (the CUDA forward pass is not written)"
+                .to_string(),
+        ));
+    }
     if let Some(r) = run_offline(&cli.command) {
         return r;
     }
