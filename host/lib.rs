@@ -9,6 +9,7 @@
 //! - [`backend`]: selection between CPU and CUDA; [`report`]: `speckv report`.
 
 pub mod backend;
+pub mod calibrate;
 pub mod controller;
 pub mod cpu;
 pub mod cuda;

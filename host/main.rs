@@ -131,8 +131,11 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Draft GGUF (same tokenizer); default: the target itself skipping every other layer.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "draft_layers")]
         draft: Option<PathBuf>,
+        /// Self-speculative draft keeping these layers (from `speckv calibrate-draft`).
+        #[arg(long, value_delimiter = ',')]
+        draft_layers: Option<Vec<usize>>,
         #[arg(long)]
         prompt: String,
         /// Target weight regime.
@@ -156,6 +159,26 @@ enum Command {
         seed: u64,
         #[arg(long, default_value_t = 8)]
         gamma_max: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Choose the layers of a self-speculative draft: greedy layer removal maximising measured
+    /// greedy acceptance until the draft costs at most --max-cost of the target per token.
+    CalibrateDraft {
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON lines with a "prompt" field (default: prompts/prompts.jsonl).
+        #[arg(long, default_value = "prompts/prompts.jsonl")]
+        prompts: PathBuf,
+        /// How many prompts to use (the first N).
+        #[arg(long, default_value_t = 4)]
+        n_prompts: usize,
+        #[arg(long, default_value_t = 24)]
+        tokens: usize,
+        #[arg(long, default_value_t = 1.0 / 3.0)]
+        max_cost: f64,
+        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
+        target: speckv::quant::Format,
         #[arg(long)]
         json: bool,
     },
@@ -347,9 +370,77 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
                 Ok(())
             }
         })(),
+        Command::CalibrateDraft {
+            model,
+            prompts,
+            n_prompts,
+            tokens,
+            max_cost,
+            target,
+            json,
+        } => (|| {
+            let (c, _) = speckv::model::read_gguf(model)?;
+            let tok = speckv::tokenizer::Tokenizer::from_gguf(&c)?;
+            let m = speckv::model::Model::load(model, *target)?;
+            let text = std::fs::read_to_string(prompts).map_err(|source| speckv::Error::Io {
+                context: format!("reading {}", prompts.display()),
+                source,
+            })?;
+            let mut ids = Vec::new();
+            for (i, line) in text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(*n_prompts)
+                .enumerate()
+            {
+                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                    speckv::Error::Other(format!("{} line {}: {e}", prompts.display(), i + 1))
+                })?;
+                let p = v["prompt"].as_str().ok_or_else(|| {
+                    speckv::Error::Other(format!(
+                        "{} line {}: no \"prompt\"",
+                        prompts.display(),
+                        i + 1
+                    ))
+                })?;
+                ids.push(tok.encode(&speckv::tokenizer::Tokenizer::chat_prompt(p))?);
+            }
+            let cal = speckv::calibrate::calibrate(&m, &ids, &tok.stop, *tokens, *max_cost)?;
+            if *json {
+                return json_out(&cal);
+            }
+            println!(
+                "keep layers {:?} ({} of {})",
+                cal.keep,
+                cal.keep.len(),
+                m.cfg.layers
+            );
+            println!(
+                "greedy acceptance per drafted token {:.3} over {} positions; cost {:.3} of the target (weight bytes), measured time ratio {:.3}",
+                cal.agreement, cal.positions, cal.cost_ratio, cal.measured_time_ratio
+            );
+            println!(
+                "search path (layers kept, acceptance, cost): {:?}",
+                cal.path
+                    .iter()
+                    .map(|(k, a, c)| format!("({k}, {a:.3}, {c:.3})"))
+                    .collect::<Vec<_>>()
+            );
+            println!(
+                "use it: speckv generate --model {} --draft-layers {} …",
+                model.display(),
+                cal.keep
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            Ok(())
+        })(),
         Command::Generate {
             model,
             draft,
+            draft_layers,
             prompt,
             target,
             policy,
@@ -406,11 +497,24 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
                         dm = speckv::model::Model::load(dp, speckv::quant::Format::Fp16)?;
                         Draft::Model(&dm)
                     }
-                    None => Draft::SkipLayers(
-                        (0..m.cfg.layers)
-                            .map(|i| i == 0 || i + 1 == m.cfg.layers || i % 2 == 0)
-                            .collect(),
-                    ),
+                    None => match draft_layers {
+                        Some(keep) => {
+                            if let Some(l) = keep.iter().find(|&&l| l >= m.cfg.layers) {
+                                return Err(speckv::Error::Other(format!(
+                                    "--draft-layers: layer {l} does not exist ({} layers)",
+                                    m.cfg.layers
+                                )));
+                            }
+                            Draft::SkipLayers(
+                                (0..m.cfg.layers).map(|i| keep.contains(&i)).collect(),
+                            )
+                        }
+                        None => Draft::SkipLayers(
+                            (0..m.cfg.layers)
+                                .map(|i| i == 0 || i + 1 == m.cfg.layers || i % 2 == 0)
+                                .collect(),
+                        ),
+                    },
                 };
                 decode::speculative(&m, &d, &ids, &tok.stop, &pol, &cfg)?
             };
@@ -497,7 +601,8 @@ fn run(cli: Cli) -> speckv::Result<()> {
         | Command::Evaluate { .. }
         | Command::Simulate { .. }
         | Command::Quantize { .. }
-        | Command::Generate { .. } => {} // handled by run_offline
+        | Command::Generate { .. }
+        | Command::CalibrateDraft { .. } => {} // handled by run_offline
         Command::Bench {
             what:
                 BenchCommand::Step {

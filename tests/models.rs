@@ -195,3 +195,25 @@ fn malformed_gguf_is_an_error_not_a_panic() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn calibration_of_the_full_model_agrees_with_itself() {
+    let Some(p) = smollm2() else { return };
+    let (c, _) = read_gguf(&p).unwrap();
+    let tok = Tokenizer::from_gguf(&c).unwrap();
+    let m = Model::load(&p, Format::Fp16).unwrap();
+    let prompt = tok
+        .encode(&Tokenizer::chat_prompt("Name a primary colour."))
+        .unwrap();
+    // No cost bound: nothing is removed, and the teacher-forced target reproduces its own greedy
+    // tokens (chunked prefill and one-token decoding agree).
+    let cal = speckv::calibrate::calibrate(&m, std::slice::from_ref(&prompt), &tok.stop, 10, 1.0)
+        .unwrap();
+    assert_eq!(cal.keep.len(), m.cfg.layers);
+    assert_eq!(cal.agreement, 1.0);
+    assert_eq!(cal.path.len(), 1);
+    assert!(
+        speckv::calibrate::calibrate(&m, &[prompt], &tok.stop, 10, 0.0).is_err(),
+        "a zero cost bound is refused"
+    );
+}
