@@ -194,24 +194,11 @@ fn peers() {
             json.push(rec);
         }
     }
-    let path = common::root().join("target/bench/gemv.json");
-    let _ = std::fs::create_dir_all(path.parent().expect("has a parent"));
-    if std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
-    )
-    .is_ok()
-    {
-        println!("\nwritten: {}", path.display());
-    }
+    common::write_json("gemv", &json);
 }
 
 fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_secs(1))
-        .configure_from_args()
+    common::criterion_config(200)
 }
 
 criterion_group! { name = benches; config = config(); targets = bench }

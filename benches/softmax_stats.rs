@@ -220,23 +220,11 @@ fn peers() {
             }));
         }
     }
-    let path = dir.join("softmax_stats.json");
-    if std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
-    )
-    .is_ok()
-    {
-        println!("\nwritten: {}", path.display());
-    }
+    common::write_json("softmax_stats", &json);
 }
 
 fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .configure_from_args()
+    common::criterion_config(300)
 }
 
 criterion_group! { name = benches; config = config(); targets = bench }

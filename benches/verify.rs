@@ -231,23 +231,11 @@ fn peers() {
         }));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let path = common::root().join("target/bench/verify.json");
-    if std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
-    )
-    .is_ok()
-    {
-        println!("\nwritten: {}", path.display());
-    }
+    common::write_json("verify", &json);
 }
 
 fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_secs(1))
-        .configure_from_args()
+    common::criterion_config(200)
 }
 
 criterion_group! { name = benches; config = config(); targets = bench }

@@ -81,3 +81,27 @@ pub fn peer_seconds(python: &Path, script: &str, args: &[&str]) -> Option<f64> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["seconds_per_call"].as_f64()
 }
+
+/// Writes a bench's side-by-side results to target/bench/NAME.json and says where.
+pub fn write_json(name: &str, json: &[serde_json::Value]) {
+    let path = root().join("target/bench").join(format!("{name}.json"));
+    let _ = std::fs::create_dir_all(path.parent().unwrap_or(&root()));
+    if std::fs::write(
+        &path,
+        serde_json::to_string_pretty(json).unwrap_or_default(),
+    )
+    .is_ok()
+    {
+        println!("\nwritten: {}", path.display());
+    }
+}
+
+/// The benches' criterion settings: 10 samples, 1 s of measurement (the side-by-side tables after
+/// criterion measure again with their own budgets).
+pub fn criterion_config(warm_up_ms: u64) -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(10)
+        .warm_up_time(std::time::Duration::from_millis(warm_up_ms))
+        .measurement_time(std::time::Duration::from_secs(1))
+        .configure_from_args()
+}
