@@ -34,17 +34,7 @@ fn main() -> speckv::Result<()> {
     let mut out = Vec::new();
     let t1 = Instant::now();
     for _ in 0..40 {
-        let next = logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
-                if v > b.1 {
-                    (i, v)
-                } else {
-                    b
-                }
-            })
-            .0 as u32;
+        let next = speckv::decode::argmax(&logits);
         if tok.stop.contains(&next) {
             break;
         }

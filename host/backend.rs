@@ -88,22 +88,8 @@ impl Backend {
         min_time: Duration,
     ) -> Result<Duration> {
         match self {
-            Backend::Cpu(c) => {
-                c.verify(v)?;
-                let start = Instant::now();
-                let mut n = 0u32;
-                while start.elapsed() < min_time || n < 3 {
-                    std::hint::black_box(c.verify(v)?);
-                    n += 1;
-                }
-                Ok(start.elapsed() / n)
-            }
-            Backend::Cuda(c) => {
-                let one = c.time_verify(v, 3)?;
-                let iters =
-                    (min_time.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
-                c.time_verify(v, iters as u32)
-            }
+            Backend::Cpu(c) => time_host(min_time, 3, || c.verify(v)),
+            Backend::Cuda(c) => time_device(min_time, |n| c.time_verify(v, n)),
         }
     }
 
@@ -116,22 +102,8 @@ impl Backend {
         min_time: Duration,
     ) -> Result<Duration> {
         match self {
-            Backend::Cpu(c) => {
-                c.softmax_stats(logits, opts, None)?; // warm-up
-                let start = Instant::now();
-                let mut n = 0u32;
-                while start.elapsed() < min_time || n < 3 {
-                    std::hint::black_box(c.softmax_stats(logits, opts, None)?);
-                    n += 1;
-                }
-                Ok(start.elapsed() / n)
-            }
-            Backend::Cuda(c) => {
-                let one = c.time_softmax_stats(logits, opts, 3)?;
-                let iters =
-                    (min_time.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
-                c.time_softmax_stats(logits, opts, iters as u32)
-            }
+            Backend::Cpu(c) => time_host(min_time, 3, || c.softmax_stats(logits, opts, None)),
+            Backend::Cuda(c) => time_device(min_time, |n| c.time_softmax_stats(logits, opts, n)),
         }
     }
 }
@@ -150,4 +122,32 @@ impl std::str::FromStr for BackendKind {
             }),
         }
     }
+}
+
+/// Mean wall time of `f` on the host: one warm-up call, then calls until `min_time` has passed
+/// and at least `min_calls` were made.
+pub fn time_host<T>(
+    min_time: Duration,
+    min_calls: u32,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<Duration> {
+    f()?;
+    let start = Instant::now();
+    let mut n = 0u32;
+    while start.elapsed() < min_time || n < min_calls.max(1) {
+        std::hint::black_box(f()?);
+        n += 1;
+    }
+    Ok(start.elapsed() / n)
+}
+
+/// Mean time of a device launch measured by `timed(iters)`: a short probe of 3, then enough
+/// iterations to fill about `min_time` (3 to 10,000).
+pub fn time_device(
+    min_time: Duration,
+    mut timed: impl FnMut(u32) -> Result<Duration>,
+) -> Result<Duration> {
+    let one = timed(3)?;
+    let iters = (min_time.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
+    timed(iters as u32)
 }

@@ -44,18 +44,7 @@ fn agreement(m: &Model, texts: &[Text], mask: &[bool]) -> Result<f64> {
         let keep = t.tokens.len() - t.first;
         let logits = m.forward_layers(feed, &mut cache, keep, Some(mask))?;
         for (row, &next) in logits.chunks(v).zip(&t.tokens[t.first..]) {
-            let am = row
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| {
-                    if x > b.1 {
-                        (i, x)
-                    } else {
-                        b
-                    }
-                })
-                .0;
-            hit += (am as u32 == next) as usize;
+            hit += (decode::argmax(row) == next) as usize;
             n += 1;
         }
     }

@@ -93,7 +93,8 @@ pub struct GenStats {
     pub tokens_per_second: f64,
 }
 
-fn argmax(row: &[f32]) -> u32 {
+/// Index of the largest logit, ties to the lower index (as the kernels break them).
+pub fn argmax(row: &[f32]) -> u32 {
     row.iter()
         .enumerate()
         .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {

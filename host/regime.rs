@@ -3,7 +3,7 @@
 //! decision's share of that step, and (`speckv bench step`) the cost model the `speckv-cost` policy
 //! reads: draft time per token and verification time as a function of γ, per regime.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal, StudentT};
@@ -59,21 +59,12 @@ fn resident(backend: &Backend, q: QMatrix) -> Result<Resident> {
 fn time_gemv(backend: &Backend, r: &Resident, m: usize, budget: Duration) -> Result<Duration> {
     match (backend, r) {
         (Backend::Cuda(c), Resident::Device(d, _)) => {
-            let one = c.time_gemv(d, m, 3)?;
-            let iters = (budget.as_secs_f64() / one.as_secs_f64().max(1e-7)).clamp(3.0, 10_000.0);
-            c.time_gemv(d, m, iters as u32)
+            crate::backend::time_device(budget, |n| c.time_gemv(d, m, n))
         }
         (_, Resident::Host(q)) | (_, Resident::Device(_, q)) => {
             let (_, inp) = q.shape();
             let x = vec![0.5f32; m * inp];
-            crate::gemv::cpu(q, &x, m)?;
-            let start = Instant::now();
-            let mut n = 0u32;
-            while start.elapsed() < budget || n < 2 {
-                std::hint::black_box(crate::gemv::cpu(q, &x, m)?);
-                n += 1;
-            }
-            Ok(start.elapsed() / n)
+            crate::backend::time_host(budget, 2, || crate::gemv::cpu(q, &x, m))
         }
     }
 }

@@ -319,13 +319,8 @@ fn safetensors_round_trip_with_the_documented_tensors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn quantize_cli_reads_npy_and_writes_safetensors() {
-    let dir = std::env::temp_dir().join(format!("speckv-qcli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (out, inp) = (8, 128);
-    let w = weights(out, inp, 3);
-    // A float32 .npy, written by hand (v1.0 header).
+/// A float32 C-order .npy, written by hand (v1.0 header).
+fn npy_f32(out: usize, inp: usize, w: &[f32]) -> Vec<u8> {
     let mut header =
         format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({out}, {inp}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
@@ -335,9 +330,18 @@ fn quantize_cli_reads_npy_and_writes_safetensors() {
     let mut npy = b"\x93NUMPY\x01\x00".to_vec();
     npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
     npy.extend_from_slice(header.as_bytes());
-    npy.extend_from_slice(bytemuck::cast_slice(&w));
+    npy.extend_from_slice(bytemuck::cast_slice(w));
+    npy
+}
+
+#[test]
+fn quantize_cli_reads_npy_and_writes_safetensors() {
+    let dir = std::env::temp_dir().join(format!("speckv-qcli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out, inp) = (8, 128);
+    let w = weights(out, inp, 3);
     let input = dir.join("w.npy");
-    std::fs::write(&input, npy).unwrap();
+    std::fs::write(&input, npy_f32(out, inp, &w)).unwrap();
     for format in ["fp16", "int8", "nf4"] {
         let output = dir.join(format!("w-{format}.safetensors"));
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_speckv"))
@@ -364,16 +368,7 @@ fn quantize_cli_reads_npy_and_writes_safetensors() {
     }
     // A matrix NF4 cannot block: a clear error, non-zero exit.
     let bad = dir.join("bad.npy");
-    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 5), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    npy.extend_from_slice(header.as_bytes());
-    npy.extend_from_slice(bytemuck::cast_slice(&[0.5f32; 15]));
-    std::fs::write(&bad, npy).unwrap();
+    std::fs::write(&bad, npy_f32(3, 5, &[0.5f32; 15])).unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_speckv"))
         .args([
             "quantize",
