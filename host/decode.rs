@@ -89,8 +89,34 @@ pub struct GenStats {
     pub acceptance_rate: f64,
     pub mean_gamma: f64,
     pub gamma_histogram: BTreeMap<u32, usize>,
+    /// Wall time of the whole call, prefill included.
     pub seconds: f64,
+    /// Of which the prompt's prefill.
+    pub prefill_seconds: f64,
+    /// Tokens per second of the decoding phase (prefill excluded, as llama.cpp's peer measures).
     pub tokens_per_second: f64,
+}
+
+/// What one speculation step did, for traces (`speckv profile`).
+#[derive(Clone, Debug)]
+pub struct StepTrace {
+    /// Committed tokens (prompt included) before the step.
+    pub position: usize,
+    /// Per drafted token: entropy (nats) and top-1 probability of the draft distribution.
+    pub entropy: Vec<f32>,
+    pub confidence: Vec<f32>,
+    /// Drafted tokens γ and accepted k.
+    pub gamma: u32,
+    pub accepted: u32,
+    /// Tokens γ' = 0..=γ would have produced with the same random numbers (min(k, γ') + 1).
+    pub counterfactual: Vec<u32>,
+    /// Wall time of drafting (γ draft forward passes and their statistics), and of verification
+    /// (one target pass over γ + 1 positions and the accept/reject).
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+    /// Tokens the step emitted (accepted drafts and the bonus token), before any stop token is
+    /// cut.
+    pub emitted: Vec<u32>,
 }
 
 /// Index of the largest logit, ties to the lower index (as the kernels break them).
@@ -110,10 +136,25 @@ pub fn argmax(row: &[f32]) -> u32 {
 /// Plain decoding of the target (no draft): the reference speculative decoding must equal in
 /// greedy mode. Sampling uses the same Gumbel-max stream as the kernels (`softmax_stats`).
 pub fn plain(target: &Model, prompt: &[u32], stop: &[u32], cfg: &GenConfig) -> Result<GenStats> {
+    plain_streamed(target, prompt, stop, cfg, &mut |_| {})
+}
+
+/// [`plain`], calling `on_token` with each token as it is decoded.
+pub fn plain_streamed(
+    target: &Model,
+    prompt: &[u32],
+    stop: &[u32],
+    cfg: &GenConfig,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<GenStats> {
+    if prompt.is_empty() {
+        return Err(Error::Empty { what: "prompt" });
+    }
     let cpu = CpuBackend::new();
     let start = Instant::now();
     let mut cache = KvCache::new(&target.cfg);
     let mut logits = target.forward(prompt, &mut cache, 1)?;
+    let prefill = start.elapsed().as_secs_f64();
     let mut out = Vec::new();
     let v = target.cfg.vocab;
     for step in 0..cfg.max_tokens {
@@ -133,6 +174,7 @@ pub fn plain(target: &Model, prompt: &[u32], stop: &[u32], cfg: &GenConfig) -> R
         if stop.contains(&next) {
             break;
         }
+        on_token(next);
         out.push(next);
         if out.len() == cfg.max_tokens {
             break;
@@ -148,7 +190,8 @@ pub fn plain(target: &Model, prompt: &[u32], stop: &[u32], cfg: &GenConfig) -> R
         mean_gamma: 0.0,
         gamma_histogram: BTreeMap::new(),
         seconds: s,
-        tokens_per_second: out.len() as f64 / s.max(1e-9),
+        prefill_seconds: prefill,
+        tokens_per_second: out.len() as f64 / (s - prefill).max(1e-9),
         tokens: out,
     })
 }
@@ -161,6 +204,19 @@ pub fn speculative(
     stop: &[u32],
     policy: &Policy,
     cfg: &GenConfig,
+) -> Result<GenStats> {
+    speculative_traced(target, draft, prompt, stop, policy, cfg, &mut |_| {})
+}
+
+/// [`speculative`], calling `on_step` after every speculation step.
+pub fn speculative_traced(
+    target: &Model,
+    draft: &Draft<'_>,
+    prompt: &[u32],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+    on_step: &mut dyn FnMut(&StepTrace),
 ) -> Result<GenStats> {
     if prompt.is_empty() {
         return Err(Error::Empty { what: "prompt" });
@@ -194,6 +250,7 @@ pub fn speculative(
         target.forward(head, &mut tcache, 1)?;
         dmodel.forward_layers(head, &mut dcache, 1, dmask)?;
     }
+    let prefill = start.elapsed().as_secs_f64();
     let mut pending = last[0];
     let mut backlog: Vec<u32> = Vec::new();
     let mut out: Vec<u32> = Vec::new();
@@ -223,6 +280,8 @@ pub fn speculative(
             Policy::Heuristic => heuristic_gamma.min(cfg.gamma_max),
         };
         // Draft up to gmax tokens.
+        let t_draft = Instant::now();
+        let (mut ents, mut confs) = (Vec::new(), Vec::new());
         let mut xs: Vec<u32> = Vec::new();
         let mut qrows: Vec<f32> = Vec::new();
         let mut accum = [FeatureAccum::EMPTY];
@@ -264,6 +323,8 @@ pub fn speculative(
                 st.sampled as u32
             };
             xs.push(x);
+            ents.push(st.entropy);
+            confs.push(st.confidence);
             qrows.extend_from_slice(&q);
             feed = vec![x];
         }
@@ -271,7 +332,9 @@ pub fn speculative(
         if backlog.is_empty() && g == 0 {
             backlog = std::mem::take(&mut feed); // nothing fed: the draft has yet to see these
         }
+        let draft_seconds = t_draft.elapsed().as_secs_f64();
         // Verify: target over [pending, x_0..x_{g-1}] → g + 1 rows.
+        let t_verify = Instant::now();
         let before = tcache.len();
         let mut tin = vec![pending];
         tin.extend_from_slice(&xs);
@@ -303,8 +366,20 @@ pub fn speculative(
                 o.flags[0]
             )));
         }
+        let verify_seconds = t_verify.elapsed().as_secs_f64();
         let k = o.accepted[0] as usize;
         let emitted: Vec<u32> = o.tokens(0).iter().map(|&t| t as u32).collect();
+        on_step(&StepTrace {
+            position: prompt.len() + out.len(),
+            entropy: ents,
+            confidence: confs,
+            gamma: g as u32,
+            accepted: k as u32,
+            counterfactual: o.counterfactual[..=g].iter().map(|&c| c as u32).collect(),
+            draft_seconds,
+            verify_seconds,
+            emitted: emitted.clone(),
+        });
         steps += 1;
         drafted += g;
         accepted_total += k;
@@ -346,7 +421,8 @@ pub fn speculative(
         mean_gamma: drafted as f64 / steps.max(1) as f64,
         gamma_histogram: hist,
         seconds: s,
-        tokens_per_second: out.len() as f64 / s.max(1e-9),
+        prefill_seconds: prefill,
+        tokens_per_second: out.len() as f64 / (s - prefill).max(1e-9),
         tokens: out,
     })
 }

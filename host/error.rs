@@ -61,6 +61,12 @@ pub enum Error {
     UnsupportedDevice { major: i32, minor: i32 },
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    #[error("CUDA driver call failed: {0}")]
+    CudaCall(String),
+    #[error("wrong stream: {0}")]
+    WrongStream(String),
+    #[error("null pointer: {0}")]
+    NullPointer(&'static str),
     #[error("emulator: {0}")]
     Emulator(#[from] EmuError),
     #[error("{context}: {source}")]

@@ -263,6 +263,14 @@ pub fn evaluate(
         ));
     }
     cfg.cost.check()?;
+    // A traced step appears once per γ' ≤ γmax; score it once, on its γmax row, where the outcome
+    // of every γ' is measured.
+    let test: Vec<StepRecord> = test
+        .iter()
+        .filter(|r| r.trace_gamma_max.is_none_or(|m| m == r.gamma))
+        .cloned()
+        .collect();
+    let test = test.as_slice();
     let test_refs: Vec<&StepRecord> = test.iter().collect();
     let (mlp, mut predictor) = match model {
         Some((m, path)) => {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use speckv::ptx::Arch;
 use speckv::sim::{self, SimMode};
-use speckv::{controller, evaluate, mlp, records, simulate};
+use speckv::{controller, evaluate, mlp, pair, records, simulate};
 use speckv::{report, Backend, BackendKind};
 
 #[derive(Parser)]
@@ -162,6 +162,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Full-information traces: every step drafts γmax tokens and verifies all, recording the
+    /// outcome of every γ ≤ γmax (same random numbers), the draft features (prefix and lagged) and
+    /// measured times; writes the CSV (paper schema and more) and OUT.cost.json.
+    Profile {
+        #[arg(long)]
+        model: PathBuf,
+        /// Draft GGUF (same tokenizer); default: the target skipping every other layer.
+        #[arg(long, conflicts_with = "draft_layers")]
+        draft: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',')]
+        draft_layers: Option<Vec<usize>>,
+        /// JSON lines {"category": …, "prompt": …}.
+        #[arg(long, default_value = "prompts/prompts.jsonl")]
+        prompts: PathBuf,
+        /// Take prompts OFFSET..OFFSET+PER_CATEGORY of every category.
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        #[arg(long, default_value_t = 10)]
+        per_category: usize,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
+        target: speckv::quant::Format,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        gamma_max: u32,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Repetitions of each cost measurement per prompt (0: no cost model).
+        #[arg(long, default_value_t = 1)]
+        cost_reps: usize,
+    },
     /// Choose the layers of a self-speculative draft: greedy layer removal maximising measured
     /// greedy acceptance until the draft costs at most --max-cost of the target per token.
     CalibrateDraft {
@@ -200,6 +236,45 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Decoding tokens/s of plain decoding and of each γ policy over a prompt set, models loaded
+    /// once (greedy; CPU backend); with --traces and --cost, the trace-based oracle too.
+    Decode {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, conflicts_with = "draft_layers")]
+        draft: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',')]
+        draft_layers: Option<Vec<usize>>,
+        #[arg(long, default_value = "prompts/prompts.jsonl")]
+        prompts: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        offset: usize,
+        #[arg(long, default_value_t = 1)]
+        per_category: usize,
+        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
+        target: speckv::quant::Format,
+        /// Comma-separated: plain, fixed:N, speckv, speckv-cost, confidence:P, heuristic.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "plain,fixed:1,fixed:2,fixed:3,fixed:4,fixed:5,fixed:6,fixed:7,fixed:8,heuristic,confidence:0.5"
+        )]
+        policies: Vec<String>,
+        #[arg(long)]
+        controller: Option<PathBuf>,
+        /// Cost model (speckv-cost; the oracle with --traces).
+        #[arg(long)]
+        cost: Option<PathBuf>,
+        /// Traces from `speckv profile` for the oracle.
+        #[arg(long)]
+        traces: Option<PathBuf>,
+        #[arg(long, default_value_t = 48)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        gamma_max: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Time of one γ decision: CPU µs per decision (all candidates through the MLP) and, with a
     /// GPU, µs per batch decision of 256 sequences, next to the paper's 0.34 ms.
     Overhead {
@@ -221,6 +296,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A progress bar on standard error (hidden when it is not a terminal).
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{elapsed}} (eta {{eta}}) {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 fn json_out<T: serde::Serialize>(v: &T) -> speckv::Result<()> {
@@ -382,29 +469,11 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
             let (c, _) = speckv::model::read_gguf(model)?;
             let tok = speckv::tokenizer::Tokenizer::from_gguf(&c)?;
             let m = speckv::model::Model::load(model, *target)?;
-            let text = std::fs::read_to_string(prompts).map_err(|source| speckv::Error::Io {
-                context: format!("reading {}", prompts.display()),
-                source,
-            })?;
-            let mut ids = Vec::new();
-            for (i, line) in text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
+            let ids = speckv::profile::read_prompts(prompts)?
+                .iter()
                 .take(*n_prompts)
-                .enumerate()
-            {
-                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                    speckv::Error::Other(format!("{} line {}: {e}", prompts.display(), i + 1))
-                })?;
-                let p = v["prompt"].as_str().ok_or_else(|| {
-                    speckv::Error::Other(format!(
-                        "{} line {}: no \"prompt\"",
-                        prompts.display(),
-                        i + 1
-                    ))
-                })?;
-                ids.push(tok.encode(&speckv::tokenizer::Tokenizer::chat_prompt(p))?);
-            }
+                .map(|p| tok.encode(&speckv::tokenizer::Tokenizer::chat_prompt(&p.prompt)))
+                .collect::<speckv::Result<Vec<_>>>()?;
             let cal = speckv::calibrate::calibrate(&m, &ids, &tok.stop, *tokens, *max_cost)?;
             if *json {
                 return json_out(&cal);
@@ -452,91 +521,295 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
             gamma_max,
             json,
         } => (|| {
-            use speckv::decode::{self, Draft, GenConfig, Policy};
+            use speckv::decode::GenConfig;
+            use std::io::Write;
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 return Err(speckv::Error::BadTemperature(*temperature));
             }
-            let (c, _) = speckv::model::read_gguf(model)?;
-            let tok = speckv::tokenizer::Tokenizer::from_gguf(&c)?;
-            let m = speckv::model::Model::load(model, *target)?;
-            let ids = tok.encode(&speckv::tokenizer::Tokenizer::chat_prompt(prompt))?;
-            let compression = match target {
-                speckv::quant::Format::Fp16 => records::Compression::Fp16,
-                speckv::quant::Format::Int8 => records::Compression::Int8,
-                speckv::quant::Format::Nf4 => records::Compression::Nf4,
-            };
+            let pol = pair::policy_from_name(policy, controller.as_deref(), cost.as_deref())?;
+            let p = pair::Pair::load(model, draft.as_deref(), draft_layers.as_deref(), *target)?;
+            let ids = p.encode_chat(prompt)?;
             let cfg = GenConfig {
                 max_tokens: *max_tokens,
                 temperature: *temperature,
                 seed: *seed,
                 gamma_max: *gamma_max,
-                compression,
+                compression: p.compression,
             };
-            let stats = if policy == "plain" {
-                decode::plain(&m, &ids, &tok.stop, &cfg)?
-            } else {
-                let ctl = match controller {
-                    Some(p) => {
-                        let cost = match (policy.as_str(), cost) {
-                            ("speckv-cost", Some(c)) => Some(controller::CostModel::load(c)?),
-                            ("speckv-cost", None) => Some(controller::CostModel::assumed()),
-                            _ => None,
-                        };
-                        Some(controller::Controller::new(
-                            mlp::Mlp::load(p)?,
-                            &controller::PAPER_CANDIDATES,
-                            cost,
-                        )?)
+            // Stream: after each step, print what the text so far adds (BPE pieces can only be
+            // decoded whole, so decode the committed tokens and print the new suffix).
+            let mut shown = String::new();
+            let mut committed: Vec<u32> = Vec::new();
+            let mut stream = |new: &[u32]| {
+                if *json {
+                    return;
+                }
+                committed.extend(new.iter().filter(|t| !p.tokenizer.stop.contains(t)));
+                if let Ok(text) = p.tokenizer.decode(&committed) {
+                    if let Some(rest) = text.strip_prefix(shown.as_str()) {
+                        print!("{rest}");
+                        let _ = std::io::stdout().flush();
+                        shown = text;
                     }
-                    None => None,
-                };
-                let pol = Policy::parse(policy, ctl)?;
-                let dm;
-                let d = match draft {
-                    Some(dp) => {
-                        dm = speckv::model::Model::load(dp, speckv::quant::Format::Fp16)?;
-                        Draft::Model(&dm)
-                    }
-                    None => match draft_layers {
-                        Some(keep) => {
-                            if let Some(l) = keep.iter().find(|&&l| l >= m.cfg.layers) {
-                                return Err(speckv::Error::Other(format!(
-                                    "--draft-layers: layer {l} does not exist ({} layers)",
-                                    m.cfg.layers
-                                )));
-                            }
-                            Draft::SkipLayers(
-                                (0..m.cfg.layers).map(|i| keep.contains(&i)).collect(),
-                            )
-                        }
-                        None => Draft::SkipLayers(
-                            (0..m.cfg.layers)
-                                .map(|i| i == 0 || i + 1 == m.cfg.layers || i % 2 == 0)
-                                .collect(),
-                        ),
-                    },
-                };
-                decode::speculative(&m, &d, &ids, &tok.stop, &pol, &cfg)?
+                }
             };
-            let text = tok.decode(&stats.tokens)?;
+            let stats = match &pol {
+                None => speckv::decode::plain_streamed(
+                    &p.target,
+                    &ids,
+                    &p.tokenizer.stop,
+                    &cfg,
+                    &mut |t| stream(&[t]),
+                )?,
+                Some(pl) => speckv::decode::speculative_traced(
+                    &p.target,
+                    &p.draft(),
+                    &ids,
+                    &p.tokenizer.stop,
+                    pl,
+                    &cfg,
+                    &mut |s| stream(&s.emitted),
+                )?,
+            };
+            let text = p.tokenizer.decode(&stats.tokens)?;
             if *json {
                 return json_out(&serde_json::json!({
                     "text": text, "tokens": stats.tokens, "tokens_per_second": stats.tokens_per_second,
                     "acceptance_rate": stats.acceptance_rate, "mean_gamma": stats.mean_gamma,
                     "gamma_histogram": stats.gamma_histogram, "steps": stats.steps, "seconds": stats.seconds,
+                    "prefill_seconds": stats.prefill_seconds,
                 }));
             }
-            println!("{text}");
+            if let Some(rest) = text.strip_prefix(shown.as_str()) {
+                print!("{rest}");
+            }
+            println!();
             eprintln!(
-                "\n{} tokens in {:.2} s: {:.2} tokens/s; {} steps, acceptance {:.3}, mean γ {:.2}, γ histogram {:?}",
+                "\n{} tokens in {:.2} s ({:.2} s prefill): {:.2} tokens/s decoding; {} steps, acceptance {:.3}, mean γ {:.2}, γ histogram {:?}",
                 stats.tokens.len(),
                 stats.seconds,
+                stats.prefill_seconds,
                 stats.tokens_per_second,
                 stats.steps,
                 stats.acceptance_rate,
                 stats.mean_gamma,
                 stats.gamma_histogram
             );
+            Ok(())
+        })(),
+        Command::Profile {
+            model,
+            draft,
+            draft_layers,
+            prompts,
+            offset,
+            per_category,
+            out,
+            target,
+            max_tokens,
+            gamma_max,
+            temperature,
+            seed,
+            cost_reps,
+        } => (|| {
+            use speckv::decode::{GenConfig, Policy};
+            use speckv::profile;
+            if !(temperature.is_finite() && *temperature >= 0.0) {
+                return Err(speckv::Error::BadTemperature(*temperature));
+            }
+            let all = profile::read_prompts(prompts)?;
+            let chosen = pair::select_prompts(&all, *offset, *per_category);
+            if chosen.is_empty() {
+                return Err(speckv::Error::Other(format!(
+                    "no prompts at --offset {offset} --per-category {per_category} in {}",
+                    prompts.display()
+                )));
+            }
+            let p = pair::Pair::load(model, draft.as_deref(), draft_layers.as_deref(), *target)?;
+            let cfg = GenConfig {
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: *seed,
+                gamma_max: *gamma_max,
+                compression: p.compression,
+            };
+            let bar = progress_bar(chosen.len() as u64, "profiling");
+            let mut w = csv::Writer::from_path(out)
+                .map_err(|e| speckv::Error::Other(format!("writing {}: {e}", out.display())))?;
+            let mut costs = Vec::new();
+            let mut runs: std::collections::BTreeMap<String, u32> = Default::default();
+            let (mut n_rows, mut n_steps, mut n_tokens) = (0usize, 0usize, 0usize);
+            for (index, pr) in &chosen {
+                let run = runs.entry(pr.category.clone()).or_insert(0);
+                bar.set_message(format!("{} #{run}", pr.category));
+                let ids = p.encode_chat(&pr.prompt)?;
+                let mut steps = Vec::new();
+                let s = speckv::decode::speculative_traced(
+                    &p.target,
+                    &p.draft(),
+                    &ids,
+                    &p.tokenizer.stop,
+                    &Policy::Fixed(*gamma_max),
+                    &cfg,
+                    &mut |t| steps.push(t.clone()),
+                )?;
+                for r in profile::trace_rows(&steps, p.compression, &pr.category, *run, *index)? {
+                    w.serialize(r)
+                        .map_err(|e| speckv::Error::Other(e.to_string()))?;
+                    n_rows += 1;
+                }
+                n_steps += steps.len();
+                n_tokens += s.tokens.len();
+                if *cost_reps > 0 {
+                    let mut ctx = ids.clone();
+                    ctx.extend_from_slice(&s.tokens);
+                    costs.push(profile::measure_costs(
+                        &p.target,
+                        &p.draft(),
+                        &ctx,
+                        *gamma_max,
+                        *cost_reps,
+                    )?);
+                }
+                *run += 1;
+                bar.inc(1);
+            }
+            w.flush().map_err(|source| speckv::Error::Io {
+                context: format!("writing {}", out.display()),
+                source,
+            })?;
+            bar.finish_and_clear();
+            println!(
+                "{} prompts, {n_tokens} tokens, {n_steps} steps at γmax = {gamma_max} → {n_rows} rows in {}",
+                chosen.len(),
+                out.display()
+            );
+            if !costs.is_empty() {
+                let c = profile::mean_costs(&costs)?;
+                let path = out.with_extension("cost.json");
+                std::fs::write(
+                    &path,
+                    serde_json::to_string_pretty(&c)
+                        .map_err(|e| speckv::Error::Other(e.to_string()))?,
+                )
+                .map_err(|source| speckv::Error::Io {
+                    context: format!("writing {}", path.display()),
+                    source,
+                })?;
+                println!(
+                    "cost model: draft {:.1} ms/token, verification {:?} ms at γ = 0.. → {}",
+                    c.draft_ms_per_token,
+                    c.verify_ms
+                        .iter()
+                        .map(|v| (v * 10.0).round() / 10.0)
+                        .collect::<Vec<_>>(),
+                    path.display()
+                );
+            }
+            Ok(())
+        })(),
+        Command::Bench {
+            what:
+                BenchCommand::Decode {
+                    model,
+                    draft,
+                    draft_layers,
+                    prompts,
+                    offset,
+                    per_category,
+                    target,
+                    policies,
+                    controller,
+                    cost,
+                    traces,
+                    max_tokens,
+                    gamma_max,
+                    json,
+                },
+        } => (|| {
+            use speckv::decode::GenConfig;
+            use speckv::profile;
+            let all = profile::read_prompts(prompts)?;
+            let chosen = pair::select_prompts(&all, *offset, *per_category);
+            if chosen.is_empty() {
+                return Err(speckv::Error::Other(format!(
+                    "no prompts at --offset {offset} --per-category {per_category} in {}",
+                    prompts.display()
+                )));
+            }
+            let mut pols = Vec::new();
+            for name in policies {
+                pols.push((
+                    name.clone(),
+                    pair::policy_from_name(name, controller.as_deref(), cost.as_deref())?,
+                ));
+            }
+            let p = pair::Pair::load(model, draft.as_deref(), draft_layers.as_deref(), *target)?;
+            let ids: Vec<Vec<u32>> = chosen
+                .iter()
+                .map(|(_, pr)| p.encode_chat(&pr.prompt))
+                .collect::<speckv::Result<_>>()?;
+            let cfg = GenConfig {
+                max_tokens: *max_tokens,
+                temperature: 0.0,
+                seed: 0,
+                gamma_max: *gamma_max,
+                compression: p.compression,
+            };
+            let bar = progress_bar((pols.len() * ids.len()) as u64, "decoding");
+            let res = pair::bench_decode(&p, &ids, &pols, &cfg, &mut |name, i| {
+                bar.set_message(format!("{name} prompt {}", i + 1));
+                if i > 0 || name != pols[0].0 {
+                    bar.inc(1);
+                }
+            })?;
+            bar.finish_and_clear();
+            // The trace-based oracle and fixed γ under the measured cost model.
+            let trace = match (traces, cost) {
+                (Some(t), Some(c)) => {
+                    let recs = records::read_records(t)?;
+                    let cm = controller::CostModel::load(c)?;
+                    let steps: Vec<(u32, u32)> = recs
+                        .iter()
+                        .filter(|r| r.trace_gamma_max == Some(r.gamma))
+                        .map(|r| (r.gamma, r.accepted))
+                        .collect();
+                    let gmax = steps.iter().map(|s| s.0).min().unwrap_or(0);
+                    Some(serde_json::json!({
+                        "steps": steps.len(),
+                        "oracle_tokens_per_second": profile::oracle_tokens_per_second(&steps, &cm),
+                        "fixed_tokens_per_second": (1..=gmax).map(|g| (g, profile::fixed_tokens_per_second(&steps, g, &cm))).collect::<std::collections::BTreeMap<_, _>>(),
+                    }))
+                }
+                (Some(_), None) => {
+                    return Err(speckv::Error::Other(
+                        "--traces needs --cost (the .cost.json speckv profile wrote)".to_string(),
+                    ))
+                }
+                _ => None,
+            };
+            if *json {
+                return json_out(&serde_json::json!({
+                    "target": target.name(), "draft": p.draft_name, "prompts": ids.len(),
+                    "max_tokens": max_tokens, "policies": res, "traces": trace,
+                }));
+            }
+            println!(
+                "target {} ({}), draft {}, {} prompts × ≤ {max_tokens} tokens, greedy; decoding tokens/s (prefill excluded)\n",
+                model.display(),
+                target.name(),
+                p.draft_name,
+                ids.len()
+            );
+            print!("{}", pair::render_bench(&res));
+            if let Some(t) = trace {
+                println!(
+                    "\nfrom the traces (cost model {}): {t}",
+                    cost.as_ref()
+                        .map(|c| c.display().to_string())
+                        .unwrap_or_default()
+                );
+            }
             Ok(())
         })(),
         Command::Quantize {
@@ -572,9 +845,17 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
 }
 
 fn run(cli: Cli) -> speckv::Result<()> {
-    if matches!(cli.command, Command::Generate { .. }) && cli.backend == BackendKind::Cuda {
+    if matches!(
+        cli.command,
+        Command::Generate { .. }
+            | Command::Profile { .. }
+            | Command::Bench {
+                what: BenchCommand::Decode { .. }
+            }
+    ) && cli.backend == BackendKind::Cuda
+    {
         return Err(speckv::Error::Other(
-            "generate runs on the CPU backend only for now (the CUDA forward pass is not written)"
+            "generate, profile and bench decode run on the CPU backend only for now (the CUDA forward pass is not written)"
                 .to_string(),
         ));
     }
@@ -602,6 +883,10 @@ fn run(cli: Cli) -> speckv::Result<()> {
         | Command::Simulate { .. }
         | Command::Quantize { .. }
         | Command::Generate { .. }
+        | Command::Profile { .. }
+        | Command::Bench {
+            what: BenchCommand::Decode { .. },
+        }
         | Command::CalibrateDraft { .. } => {} // handled by run_offline
         Command::Bench {
             what:

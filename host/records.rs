@@ -69,6 +69,10 @@ pub struct StepRecord {
     pub mean_draft_confidence: f64,
     pub max_draft_entropy: f64,
     pub min_draft_confidence: f64,
+    /// Traces only (`speckv profile`): the γmax the step was drafted and verified at; a trace row
+    /// at γ < γmax is the same step seen at a shorter γ.
+    #[serde(default)]
+    pub trace_gamma_max: Option<u32>,
 }
 
 impl StepRecord {

@@ -35,6 +35,7 @@ fn rec(
         mean_draft_confidence: (min_conf + 1.0) / 2.0,
         max_draft_entropy: max_ent,
         min_draft_confidence: min_conf,
+        trace_gamma_max: None,
     }
 }
 

@@ -1,0 +1,336 @@
+//! A loaded target/draft pair (what `generate`, `profile` and `bench decode` share), γ policies
+//! built from their command-line names, and the decode benchmark: every policy over one prompt
+//! set with the models loaded once, in measured tokens per second.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::controller::{self, Controller, CostModel};
+use crate::decode::{self, Draft, GenConfig, GenStats, Policy};
+use crate::error::{Error, Result};
+use crate::model::{read_gguf, Model};
+use crate::profile::Prompt;
+use crate::quant::Format;
+use crate::records::Compression;
+use crate::tokenizer::Tokenizer;
+
+/// The compression regime code of a weight format.
+pub fn compression_of(f: Format) -> Compression {
+    match f {
+        Format::Fp16 => Compression::Fp16,
+        Format::Int8 => Compression::Int8,
+        Format::Nf4 => Compression::Nf4,
+    }
+}
+
+/// Target, draft (another model, or the target skipping layers) and their tokenizer.
+pub struct Pair {
+    pub tokenizer: Tokenizer,
+    pub target: Model,
+    draft_model: Option<Model>,
+    mask: Vec<bool>,
+    pub compression: Compression,
+    /// Human-readable description of the draft.
+    pub draft_name: String,
+}
+
+impl Pair {
+    /// Loads the target in `format`; the draft from `draft` (FP16, same vocabulary), else a
+    /// self-speculative draft keeping `draft_layers`, else every other layer (first and last
+    /// kept).
+    pub fn load(
+        model: &Path,
+        draft: Option<&Path>,
+        draft_layers: Option<&[usize]>,
+        format: Format,
+    ) -> Result<Pair> {
+        let (c, _) = read_gguf(model)?;
+        let tokenizer = Tokenizer::from_gguf(&c)?;
+        let target = Model::load(model, format)?;
+        let n = target.cfg.layers;
+        let (draft_model, mask, draft_name) = match (draft, draft_layers) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Other(
+                    "give a draft model or draft layers, not both".to_string(),
+                ))
+            }
+            (Some(p), None) => {
+                let d = Model::load(p, Format::Fp16)?;
+                if d.cfg.vocab != target.cfg.vocab {
+                    return Err(Error::Other(format!(
+                        "draft vocabulary {} differs from the target's {}",
+                        d.cfg.vocab, target.cfg.vocab
+                    )));
+                }
+                (Some(d), Vec::new(), format!("{} (fp16)", p.display()))
+            }
+            (None, Some(keep)) => {
+                if let Some(l) = keep.iter().find(|&&l| l >= n) {
+                    return Err(Error::Other(format!(
+                        "draft layers: layer {l} does not exist ({n} layers)"
+                    )));
+                }
+                if keep.is_empty() {
+                    return Err(Error::Empty {
+                        what: "draft layers",
+                    });
+                }
+                let mask: Vec<bool> = (0..n).map(|i| keep.contains(&i)).collect();
+                (None, mask, format!("target layers {keep:?}"))
+            }
+            (None, None) => {
+                let mask: Vec<bool> = (0..n).map(|i| i + 1 == n || i % 2 == 0).collect();
+                (None, mask, "target, every other layer".to_string())
+            }
+        };
+        Ok(Pair {
+            tokenizer,
+            target,
+            draft_model,
+            mask,
+            compression: compression_of(format),
+            draft_name,
+        })
+    }
+
+    pub fn draft(&self) -> Draft<'_> {
+        match &self.draft_model {
+            Some(m) => Draft::Model(m),
+            None => Draft::SkipLayers(self.mask.clone()),
+        }
+    }
+
+    /// Token ids of `prompt` in the model's chat template.
+    pub fn encode_chat(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(&Tokenizer::chat_prompt(prompt))
+    }
+
+    /// Decodes `prompt_ids` with `policy` (`None` = plain decoding of the target).
+    pub fn run(
+        &self,
+        prompt_ids: &[u32],
+        policy: Option<&Policy>,
+        cfg: &GenConfig,
+    ) -> Result<GenStats> {
+        match policy {
+            None => decode::plain(&self.target, prompt_ids, &self.tokenizer.stop, cfg),
+            Some(p) => decode::speculative(
+                &self.target,
+                &self.draft(),
+                prompt_ids,
+                &self.tokenizer.stop,
+                p,
+                cfg,
+            ),
+        }
+    }
+}
+
+/// The policy named `name` (`plain` → `None`): `fixed:N`, `confidence:P`, `heuristic`, and
+/// `speckv` / `speckv-cost`, which load the predictor from `controller` (and `speckv-cost` the
+/// cost model from `cost`, else the assumed one).
+pub fn policy_from_name(
+    name: &str,
+    controller: Option<&Path>,
+    cost: Option<&Path>,
+) -> Result<Option<Policy>> {
+    if name == "plain" {
+        return Ok(None);
+    }
+    let ctl = match controller {
+        Some(p) if name == "speckv" || name == "speckv-cost" => {
+            let cost = match (name, cost) {
+                ("speckv-cost", Some(c)) => Some(CostModel::load(c)?),
+                ("speckv-cost", None) => Some(CostModel::assumed()),
+                _ => None,
+            };
+            Some(Controller::new(
+                crate::mlp::Mlp::load(p)?,
+                &controller::PAPER_CANDIDATES,
+                cost,
+            )?)
+        }
+        _ => None,
+    };
+    Policy::parse(name, ctl).map(Some)
+}
+
+/// Takes prompts `offset..offset + per_category` of every category, in file order.
+pub fn select_prompts(
+    prompts: &[Prompt],
+    offset: usize,
+    per_category: usize,
+) -> Vec<(usize, Prompt)> {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let n = seen.entry(p.category.as_str()).or_insert(0);
+        if *n >= offset && *n < offset + per_category {
+            out.push((i, p.clone()));
+        }
+        *n += 1;
+    }
+    out
+}
+
+/// One policy's totals over the prompt set.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyResult {
+    pub policy: String,
+    pub tokens: usize,
+    /// Decoding time (prefill excluded), summed over prompts.
+    pub decode_seconds: f64,
+    pub tokens_per_second: f64,
+    pub steps: usize,
+    pub acceptance_rate: Option<f64>,
+    pub mean_gamma: Option<f64>,
+    pub gamma_histogram: BTreeMap<u32, usize>,
+    /// Whether the tokens equal plain greedy decoding's on every prompt (greedy runs only).
+    pub matches_plain: Option<bool>,
+}
+
+/// Runs every policy over the prompts (models loaded once), in order, each prompt once.
+pub fn bench_decode(
+    pair: &Pair,
+    prompts: &[Vec<u32>],
+    policies: &[(String, Option<Policy>)],
+    cfg: &GenConfig,
+    progress: &mut dyn FnMut(&str, usize),
+) -> Result<Vec<PolicyResult>> {
+    if prompts.is_empty() || policies.is_empty() {
+        return Err(Error::Empty {
+            what: "prompts or policies",
+        });
+    }
+    let mut plain_tokens: Option<Vec<Vec<u32>>> = None;
+    let mut out = Vec::new();
+    for (name, pol) in policies {
+        let (mut tokens, mut secs, mut steps, mut drafted, mut accepted) = (0, 0.0, 0, 0, 0);
+        let mut hist = BTreeMap::new();
+        let mut outs = Vec::new();
+        for (i, ids) in prompts.iter().enumerate() {
+            progress(name, i);
+            let s = pair.run(ids, pol.as_ref(), cfg)?;
+            tokens += s.tokens.len();
+            secs += s.seconds - s.prefill_seconds;
+            steps += s.steps;
+            drafted += s.drafted;
+            accepted += s.accepted;
+            for (g, n) in &s.gamma_histogram {
+                *hist.entry(*g).or_insert(0) += n;
+            }
+            outs.push(s.tokens);
+        }
+        let matches_plain = match (&plain_tokens, cfg.temperature == 0.0) {
+            (Some(p), true) => Some(*p == outs),
+            _ => None,
+        };
+        if pol.is_none() && plain_tokens.is_none() {
+            plain_tokens = Some(outs);
+        }
+        out.push(PolicyResult {
+            policy: name.clone(),
+            tokens,
+            decode_seconds: secs,
+            tokens_per_second: tokens as f64 / secs.max(1e-9),
+            steps,
+            acceptance_rate: pol
+                .as_ref()
+                .map(|_| accepted as f64 / drafted.max(1) as f64),
+            mean_gamma: pol.as_ref().map(|_| drafted as f64 / steps.max(1) as f64),
+            gamma_histogram: hist,
+            matches_plain,
+        });
+    }
+    Ok(out)
+}
+
+/// Markdown table of `bench_decode`'s results, with ratios to fixed:4 and to plain where present.
+pub fn render_bench(results: &[PolicyResult]) -> String {
+    let tps = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.policy == name)
+            .map(|r| r.tokens_per_second)
+    };
+    let (f4, plain) = (tps("fixed:4"), tps("plain"));
+    let ratio =
+        |v: f64, base: Option<f64>| base.map_or("–".to_string(), |b| format!("{:.2}×", v / b));
+    let mut s = String::from(
+        "| policy | tokens | tokens/s | × plain | × fixed:4 | acceptance | mean γ | = plain greedy |\n|---|---:|---:|---:|---:|---:|---:|:-:|\n",
+    );
+    for r in results {
+        s += &format!(
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} |\n",
+            r.policy,
+            r.tokens,
+            r.tokens_per_second,
+            ratio(r.tokens_per_second, plain),
+            ratio(r.tokens_per_second, f4),
+            r.acceptance_rate
+                .map_or("–".to_string(), |a| format!("{a:.3}")),
+            r.mean_gamma.map_or("–".to_string(), |g| format!("{g:.2}")),
+            match r.matches_plain {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "–",
+            }
+        );
+    }
+    let best_fixed = results
+        .iter()
+        .filter(|r| r.policy.starts_with("fixed:"))
+        .max_by(|a, b| a.tokens_per_second.total_cmp(&b.tokens_per_second));
+    if let Some(b) = best_fixed {
+        s += &format!(
+            "\nbest fixed γ: {} at {:.2} tokens/s\n",
+            b.policy, b.tokens_per_second
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_taken_per_category() {
+        let p = |c: &str, t: &str| Prompt {
+            category: c.to_string(),
+            prompt: t.to_string(),
+        };
+        let all = [
+            p("a", "a0"),
+            p("b", "b0"),
+            p("a", "a1"),
+            p("b", "b1"),
+            p("a", "a2"),
+        ];
+        let got: Vec<usize> = select_prompts(&all, 1, 1)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(got, [2, 3]);
+        let got: Vec<usize> = select_prompts(&all, 0, 2)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(got, [0, 1, 2, 3]);
+        assert!(select_prompts(&all, 3, 1).is_empty());
+    }
+
+    #[test]
+    fn policy_names() {
+        assert!(policy_from_name("plain", None, None).unwrap().is_none());
+        assert!(matches!(
+            policy_from_name("fixed:3", None, None).unwrap(),
+            Some(Policy::Fixed(3))
+        ));
+        assert!(policy_from_name("speckv", None, None).is_err());
+        assert!(policy_from_name("fixed:x", None, None).is_err());
+        assert!(policy_from_name("confidence:1.5", None, None).is_err());
+    }
+}

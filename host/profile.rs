@@ -1,0 +1,362 @@
+//! `speckv profile`: full-information traces of real speculative decoding.
+//!
+//! Every step drafts γmax tokens and verifies all of them. With the same random numbers, the first
+//! γ' ≤ γmax drafts and the accept/reject decisions on them are exactly those a step at γ' would
+//! have made, so one traced step yields the measured outcome of every γ' = 1..=γmax: min(k, γ') + 1
+//! tokens. The CSV holds one row per (step, γ'), in the paper's schema (γ' in `gamma`, the features
+//! over the first γ' drafts — the *prefix* features a step at γ' would have recorded), plus the
+//! trace's own columns: `trace_gamma_max`, `trace_accepted`, the previous step's features (`lag_*`,
+//! causal: what a live controller has when it picks γ), the position, the prompt, and the measured
+//! draft and verification times of the traced step. `speckv train` reads every row; `speckv
+//! evaluate` scores each step once, on its γmax row, where every γ' ≤ γmax is measured.
+//!
+//! A companion cost model (`*.cost.json`, the `CostModel` of `speckv-cost` and `evaluate --cost`)
+//! holds measured per-token draft time and verification time at each γ.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::controller::CostModel;
+use crate::decode::{Draft, StepTrace};
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Model};
+use crate::records::Compression;
+
+/// One prompt of a prompt set (`prompts/prompts.jsonl`: `{"category": …, "prompt": …}`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Prompt {
+    #[serde(default = "default_category")]
+    pub category: String,
+    pub prompt: String,
+}
+
+fn default_category() -> String {
+    "prompt".to_string()
+}
+
+/// Reads a JSON-lines prompt file; every line must hold a non-empty `prompt`.
+pub fn read_prompts(path: &std::path::Path) -> Result<Vec<Prompt>> {
+    let s = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in s.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: Prompt = serde_json::from_str(line).map_err(|e| {
+            Error::Other(format!(
+                "{} line {}: expected {{\"category\": …, \"prompt\": …}}: {e}",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        if p.prompt.trim().is_empty() {
+            return Err(Error::Other(format!(
+                "{} line {}: empty prompt",
+                path.display(),
+                i + 1
+            )));
+        }
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(Error::Empty {
+            what: "prompt file",
+        });
+    }
+    Ok(out)
+}
+
+/// One CSV row: a traced step seen at γ' (`gamma`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceRow {
+    pub run: u32,
+    pub compression: Compression,
+    pub gamma: u32,
+    pub task: String,
+    pub step: u32,
+    pub accepted: u32,
+    pub acceptance_rate: f64,
+    pub tokens_produced: u32,
+    pub mean_draft_entropy: f64,
+    pub mean_draft_confidence: f64,
+    pub max_draft_entropy: f64,
+    pub min_draft_confidence: f64,
+    /// Index of the prompt in the prompt file.
+    pub prompt: usize,
+    /// Committed tokens (prompt included) before the step.
+    pub position: usize,
+    pub trace_gamma_max: u32,
+    pub trace_accepted: u32,
+    /// The previous step's features over its γmax drafts and its accepted count (empty on a
+    /// prompt's first step).
+    pub lag_mean_draft_entropy: Option<f64>,
+    pub lag_mean_draft_confidence: Option<f64>,
+    pub lag_max_draft_entropy: Option<f64>,
+    pub lag_min_draft_confidence: Option<f64>,
+    pub lag_accepted: Option<u32>,
+    /// Measured wall times of the traced step (γmax drafts; one verification of γmax + 1).
+    pub draft_ms: f64,
+    pub verify_ms: f64,
+}
+
+/// (mean entropy, mean confidence, max entropy, min confidence) over the first `n` drafts.
+fn prefix_features(s: &StepTrace, n: usize) -> [f64; 4] {
+    let e = &s.entropy[..n];
+    let c = &s.confidence[..n];
+    let k = n.max(1) as f64;
+    [
+        e.iter().map(|&x| x as f64).sum::<f64>() / k,
+        c.iter().map(|&x| x as f64).sum::<f64>() / k,
+        e.iter().fold(0.0f64, |m, &x| m.max(x as f64)),
+        c.iter().fold(1.0f64, |m, &x| m.min(x as f64)),
+    ]
+}
+
+/// The rows of one prompt's traced steps (each step at γ' = 1..=its γ).
+pub fn trace_rows(
+    steps: &[StepTrace],
+    compression: Compression,
+    task: &str,
+    run: u32,
+    prompt: usize,
+) -> Result<Vec<TraceRow>> {
+    let mut rows = Vec::new();
+    let mut lag: Option<([f64; 4], u32)> = None;
+    for (i, s) in steps.iter().enumerate() {
+        let g = s.gamma as usize;
+        if s.entropy.len() != g || s.confidence.len() != g || s.counterfactual.len() != g + 1 {
+            return Err(Error::Other(format!(
+                "trace step {i}: γ = {g} but {} entropies, {} confidences, {} counterfactuals",
+                s.entropy.len(),
+                s.confidence.len(),
+                s.counterfactual.len()
+            )));
+        }
+        for gp in 1..=g {
+            let f = prefix_features(s, gp);
+            let acc = s.accepted.min(gp as u32);
+            debug_assert_eq!(s.counterfactual[gp], acc + 1);
+            rows.push(TraceRow {
+                run,
+                compression,
+                gamma: gp as u32,
+                task: task.to_string(),
+                step: i as u32,
+                accepted: acc,
+                acceptance_rate: acc as f64 / gp as f64,
+                tokens_produced: acc + 1,
+                mean_draft_entropy: f[0],
+                mean_draft_confidence: f[1],
+                max_draft_entropy: f[2],
+                min_draft_confidence: f[3],
+                prompt,
+                position: s.position,
+                trace_gamma_max: s.gamma,
+                trace_accepted: s.accepted,
+                lag_mean_draft_entropy: lag.map(|l| l.0[0]),
+                lag_mean_draft_confidence: lag.map(|l| l.0[1]),
+                lag_max_draft_entropy: lag.map(|l| l.0[2]),
+                lag_min_draft_confidence: lag.map(|l| l.0[3]),
+                lag_accepted: lag.map(|l| l.1),
+                draft_ms: s.draft_seconds * 1e3,
+                verify_ms: s.verify_seconds * 1e3,
+            });
+        }
+        if g > 0 {
+            lag = Some((prefix_features(s, g), s.accepted));
+        }
+    }
+    Ok(rows)
+}
+
+/// Measures the step cost model on `context` (a prompt and its continuation): the draft's time
+/// per token (M = 1) and the target's verification time at γ = 0..=γmax (M = γ + 1), each the
+/// minimum of `reps` runs, the caches rolled back after each. Milliseconds.
+pub fn measure_costs(
+    target: &Model,
+    draft: &Draft<'_>,
+    context: &[u32],
+    gamma_max: u32,
+    reps: usize,
+) -> Result<CostModel> {
+    if context.len() < 2 || reps == 0 {
+        return Err(Error::Other(
+            "measuring costs needs a context of at least 2 tokens and reps ≥ 1".to_string(),
+        ));
+    }
+    let (dmodel, dmask): (&Model, Option<&[bool]>) = match draft {
+        Draft::Model(m) => (m, None),
+        Draft::SkipLayers(mask) => (target, Some(mask.as_slice())),
+    };
+    let fill: Vec<u32> = context
+        .iter()
+        .cycle()
+        .take(gamma_max as usize + 1)
+        .copied()
+        .collect();
+    let mut tcache = KvCache::new(&target.cfg);
+    target.forward(context, &mut tcache, 1)?;
+    let base = tcache.len();
+    let mut verify_ms = Vec::new();
+    for g in 0..=gamma_max as usize {
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            target.forward(&fill[..g + 1], &mut tcache, g + 1)?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            tcache.truncate(base);
+        }
+        verify_ms.push(best);
+    }
+    let mut dcache = KvCache::new(&dmodel.cfg);
+    dmodel.forward_layers(context, &mut dcache, 1, dmask)?;
+    let dbase = dcache.len();
+    let mut draft_ms = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        dmodel.forward_layers(&fill[..1], &mut dcache, 1, dmask)?;
+        draft_ms = draft_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        dcache.truncate(dbase);
+    }
+    Ok(CostModel {
+        draft_ms_per_token: draft_ms,
+        verify_ms,
+        source: format!(
+            "measured by speckv profile: draft M = 1 and target M = γ + 1 at context {}, min of {reps}",
+            context.len()
+        ),
+    })
+}
+
+/// The mean of several measured cost models (one per prompt).
+pub fn mean_costs(models: &[CostModel]) -> Result<CostModel> {
+    let first = models.first().ok_or(Error::Empty {
+        what: "cost models",
+    })?;
+    let n = models.len() as f64;
+    let len = first.verify_ms.len();
+    if models.iter().any(|m| m.verify_ms.len() != len) {
+        return Err(Error::Other(
+            "cost models of different γ ranges".to_string(),
+        ));
+    }
+    Ok(CostModel {
+        draft_ms_per_token: models.iter().map(|m| m.draft_ms_per_token).sum::<f64>() / n,
+        verify_ms: (0..len)
+            .map(|i| models.iter().map(|m| m.verify_ms[i]).sum::<f64>() / n)
+            .collect(),
+        source: format!("mean over {} prompts; {}", models.len(), first.source),
+    })
+}
+
+/// Oracle and fixed-γ throughput from traces under a cost model: tokens per second when every
+/// step takes the γ' (1..=γmax) that maximises the run's total tokens per total time. The per-step
+/// choice that maximises a ratio of sums is found by Dinkelbach's iteration: pick γ' maximising
+/// tokens − λ·time per step, set λ to the resulting ratio, repeat until it stops growing.
+pub fn oracle_tokens_per_second(steps: &[(u32, u32)], cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() {
+        return None;
+    }
+    let mut lambda = 0.0f64;
+    for _ in 0..100 {
+        let (mut tok, mut time) = (0.0f64, 0.0f64);
+        for &(gmax, k) in steps {
+            let best = (1..=gmax)
+                .map(|g| ((k.min(g) + 1) as f64, cost.step(g)))
+                .max_by(|a, b| (a.0 - lambda * a.1).total_cmp(&(b.0 - lambda * b.1)))?;
+            tok += best.0;
+            time += best.1;
+        }
+        let next = tok / time;
+        if next <= lambda * (1.0 + 1e-12) {
+            return Some(next.max(lambda) * 1e3);
+        }
+        lambda = next;
+    }
+    Some(lambda * 1e3)
+}
+
+/// Tokens per second of a fixed γ on traced steps (γ ≤ each step's γmax) under a cost model.
+pub fn fixed_tokens_per_second(steps: &[(u32, u32)], gamma: u32, cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() || steps.iter().any(|&(gmax, _)| gamma > gmax) {
+        return None;
+    }
+    let tok: f64 = steps.iter().map(|&(_, k)| (k.min(gamma) + 1) as f64).sum();
+    Some(tok / (steps.len() as f64 * cost.step(gamma)) * 1e3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(gamma: u32, k: u32) -> StepTrace {
+        StepTrace {
+            position: 10,
+            entropy: (0..gamma).map(|i| i as f32).collect(),
+            confidence: (0..gamma).map(|i| 1.0 - 0.1 * i as f32).collect(),
+            gamma,
+            accepted: k,
+            counterfactual: (0..=gamma).map(|g| k.min(g) + 1).collect(),
+            draft_seconds: 0.01,
+            verify_seconds: 0.02,
+            emitted: vec![1; k as usize + 1],
+        }
+    }
+
+    #[test]
+    fn rows_expand_every_prefix_with_lagged_features() {
+        let rows = trace_rows(&[step(3, 1), step(3, 3)], Compression::Int8, "code", 2, 7).unwrap();
+        assert_eq!(rows.len(), 6);
+        let acc: Vec<u32> = rows.iter().map(|r| r.accepted).collect();
+        assert_eq!(acc, [1, 1, 1, 1, 2, 3]);
+        assert_eq!(rows[1].mean_draft_entropy, 0.5);
+        assert_eq!(rows[2].max_draft_entropy, 2.0);
+        assert!((rows[2].min_draft_confidence - 0.8).abs() < 1e-6);
+        assert!(rows[0].lag_accepted.is_none());
+        assert_eq!(rows[3].lag_accepted, Some(1));
+        assert_eq!(rows[3].lag_mean_draft_entropy, Some(1.0));
+        assert!(rows.iter().all(|r| r.tokens_produced == r.accepted + 1));
+    }
+
+    #[test]
+    fn malformed_step_is_an_error() {
+        let mut s = step(3, 1);
+        s.entropy.pop();
+        assert!(trace_rows(&[s], Compression::Fp16, "x", 0, 0).is_err());
+    }
+
+    #[test]
+    fn oracle_beats_or_ties_every_fixed_gamma() {
+        let cost = CostModel {
+            draft_ms_per_token: 1.0,
+            verify_ms: vec![3.0, 3.1, 3.2, 3.3, 3.4],
+            source: String::new(),
+        };
+        let steps = [(4, 0), (4, 4), (4, 1), (4, 4), (4, 2)];
+        let o = oracle_tokens_per_second(&steps, &cost).unwrap();
+        for g in 1..=4 {
+            let f = fixed_tokens_per_second(&steps, g, &cost).unwrap();
+            assert!(o >= f - 1e-9, "γ={g}: {f} > oracle {o}");
+        }
+        // All-rejected steps: the oracle takes γ = 1 on them, which no fixed γ > 1 does.
+        let f4 = fixed_tokens_per_second(&steps, 4, &cost).unwrap();
+        assert!(o > f4);
+        assert!(fixed_tokens_per_second(&steps, 5, &cost).is_none());
+        // Exhaustive: the best ratio over all 4^5 per-step choices.
+        let mut best = 0.0f64;
+        for code in 0..4usize.pow(5) {
+            let (mut tok, mut time) = (0.0, 0.0);
+            for (i, &(_, k)) in steps.iter().enumerate() {
+                let g = (code / 4usize.pow(i as u32) % 4) as u32 + 1;
+                tok += (k.min(g) + 1) as f64;
+                time += cost.step(g);
+            }
+            best = best.max(tok / time * 1e3);
+        }
+        assert!((o - best).abs() < 1e-9, "oracle {o} vs exhaustive {best}");
+    }
+}
