@@ -1,0 +1,252 @@
+//! `speckv._speckv`: the C ABI (`speckv-capi`) for Python, pointer-level. Every method forwards to
+//! the same `extern "C"` function a C caller uses, so the binding's results are the C API's; the
+//! tensor handling (data pointers, shapes, strides, dtypes, devices) is in `speckv/__init__.py`.
+
+use std::ffi::{c_void, CStr, CString};
+use std::ptr::{null, null_mut};
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use speckv_c::*;
+
+create_exception!(
+    _speckv,
+    SpeckvError,
+    PyException,
+    "A speckv call failed (status and message)."
+);
+
+fn check(s: SpeckvStatus) -> PyResult<()> {
+    if s == SpeckvStatus::Ok {
+        return Ok(());
+    }
+    // SAFETY: speckv_last_error returns a valid NUL-terminated string.
+    let msg = unsafe { CStr::from_ptr(speckv_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(SpeckvError::new_err(format!("{s:?}: {msg}")))
+}
+
+fn ptr(addr: usize) -> *mut c_void {
+    addr as *mut c_void
+}
+
+/// A speckv context: the CPU, or a CUDA context and stream.
+#[pyclass(module = "speckv._speckv", unsendable)]
+struct Context {
+    raw: *mut SpeckvContext,
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: created by a speckv_context_create_* call, destroyed once.
+        unsafe { speckv_context_destroy(self.raw) };
+    }
+}
+
+#[pymethods]
+impl Context {
+    /// A CPU context.
+    #[staticmethod]
+    fn cpu() -> PyResult<Context> {
+        let mut raw = null_mut();
+        // SAFETY: a valid out-pointer.
+        check(unsafe { speckv_context_create_cpu(&mut raw) })?;
+        Ok(Context { raw })
+    }
+
+    /// A context on CUDA context `cu_context` (0: the current one) and stream `cu_stream` (0: the
+    /// legacy default stream), both raw handles (e.g. `torch.cuda.current_stream().cuda_stream`).
+    #[staticmethod]
+    fn cuda(cu_context: usize, cu_stream: usize) -> PyResult<Context> {
+        let mut raw = null_mut();
+        // SAFETY: handles from the caller (checked by the driver), a valid out-pointer.
+        check(unsafe { speckv_context_create_cuda(ptr(cu_context), ptr(cu_stream), &mut raw) })?;
+        Ok(Context { raw })
+    }
+
+    /// "cpu" or "cuda".
+    #[getter]
+    fn device(&self) -> PyResult<&'static str> {
+        let mut d = 0u32;
+        // SAFETY: a live context and a valid out-pointer.
+        check(unsafe { speckv_context_device(self.raw, &mut d) })?;
+        Ok(if d == SPECKV_DEVICE_CUDA {
+            "cuda"
+        } else {
+            "cpu"
+        })
+    }
+
+    fn set_stream(&mut self, cu_stream: usize) -> PyResult<()> {
+        // SAFETY: a live context; the stream is checked against it.
+        check(unsafe { speckv_context_set_stream(self.raw, ptr(cu_stream)) })
+    }
+
+    #[pyo3(signature = (path, candidates, cost_json=None))]
+    fn load_controller(
+        &mut self,
+        path: &str,
+        candidates: Vec<u32>,
+        cost_json: Option<&str>,
+    ) -> PyResult<()> {
+        let p = CString::new(path).map_err(|e| SpeckvError::new_err(e.to_string()))?;
+        let c = match cost_json {
+            Some(c) => Some(CString::new(c).map_err(|e| SpeckvError::new_err(e.to_string()))?),
+            None => None,
+        };
+        // SAFETY: NUL-terminated strings and `candidates.len()` values, alive for the call.
+        check(unsafe {
+            speckv_load_controller(
+                self.raw,
+                p.as_ptr(),
+                candidates.as_ptr(),
+                candidates.len(),
+                c.as_ref().map_or(null(), |c| c.as_ptr()),
+            )
+        })
+    }
+
+    /// Pointer-level `speckv_softmax_stats` (see speckv.h).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum))]
+    fn softmax_stats(
+        &self,
+        logits: usize,
+        dtype: u32,
+        rows: u32,
+        vocab: u32,
+        row_stride: u32,
+        out: usize,
+        temperature: f32,
+        sample: bool,
+        seed: u64,
+        step: u64,
+        accumulate: u32,
+        accum: usize,
+    ) -> PyResult<()> {
+        let a = SpeckvStatsArgs {
+            logits: ptr(logits),
+            dtype,
+            rows,
+            vocab,
+            row_stride,
+            temperature,
+            sample: sample as u32,
+            seed,
+            step,
+            accumulate,
+            accum: ptr(accum) as *mut SpeckvFeatureAccum,
+            out: ptr(out) as *mut SpeckvRowStats,
+        };
+        // SAFETY: the Python wrapper passes addresses of buffers of the stated shapes; the C
+        // ABI checks what it can (nulls, dtypes, shapes).
+        check(unsafe { speckv_softmax_stats(self.raw, &a) })
+    }
+
+    /// Pointer-level `speckv_decide_gamma`.
+    fn decide_gamma(
+        &self,
+        accum: usize,
+        batch: u32,
+        compression_code: f32,
+        fallback_gamma: i32,
+        gammas_out: usize,
+        expected_out: usize,
+    ) -> PyResult<()> {
+        // SAFETY: as in `softmax_stats`.
+        check(unsafe {
+            speckv_decide_gamma(
+                self.raw,
+                ptr(accum) as *const SpeckvFeatureAccum,
+                batch,
+                compression_code,
+                fallback_gamma,
+                ptr(gammas_out) as *mut i32,
+                ptr(expected_out) as *mut f32,
+            )
+        })
+    }
+
+    /// Pointer-level `speckv_verify`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (target_logits, dtype, target_stride, draft, draft_kind, draft_stride, draft_temperature, draft_tokens, gammas, target_temperature, batch, gamma_max, vocab, seed, step, accepted, emitted, emitted_count, ratios, counterfactual, flags))]
+    fn verify(
+        &self,
+        target_logits: usize,
+        dtype: u32,
+        target_stride: u32,
+        draft: usize,
+        draft_kind: u32,
+        draft_stride: u32,
+        draft_temperature: usize,
+        draft_tokens: usize,
+        gammas: usize,
+        target_temperature: usize,
+        batch: u32,
+        gamma_max: u32,
+        vocab: u32,
+        seed: u64,
+        step: u64,
+        accepted: usize,
+        emitted: usize,
+        emitted_count: usize,
+        ratios: usize,
+        counterfactual: usize,
+        flags: usize,
+    ) -> PyResult<()> {
+        let a = SpeckvVerifyArgs {
+            target_logits: ptr(target_logits),
+            dtype,
+            target_stride,
+            draft: ptr(draft),
+            draft_kind,
+            draft_stride,
+            draft_temperature: ptr(draft_temperature) as *const f32,
+            draft_tokens: ptr(draft_tokens) as *const i32,
+            gammas: ptr(gammas) as *const i32,
+            target_temperature: ptr(target_temperature) as *const f32,
+            batch,
+            gamma_max,
+            vocab,
+            seed,
+            step,
+            accepted: ptr(accepted) as *mut i32,
+            emitted: ptr(emitted) as *mut i32,
+            emitted_count: ptr(emitted_count) as *mut i32,
+            ratios: ptr(ratios) as *mut f32,
+            counterfactual: ptr(counterfactual) as *mut i32,
+            flags: ptr(flags) as *mut u32,
+        };
+        // SAFETY: as in `softmax_stats`.
+        check(unsafe { speckv_verify(self.raw, &a) })
+    }
+}
+
+/// The embedded PTX for "sm_80" or "sm_90".
+#[pyfunction]
+fn ptx(arch: &str) -> PyResult<String> {
+    let a = CString::new(arch).map_err(|e| SpeckvError::new_err(e.to_string()))?;
+    let (mut p, mut n) = (null(), 0usize);
+    // SAFETY: valid out-pointers; the PTX is a static NUL-terminated string.
+    check(unsafe { speckv_ptx(a.as_ptr(), &mut p, &mut n) })?;
+    // SAFETY: as above.
+    Ok(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+#[pymodule]
+fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Context>()?;
+    m.add_function(wrap_pyfunction!(ptx, m)?)?;
+    m.add("SpeckvError", m.py().get_type::<SpeckvError>())?;
+    // SAFETY: a static NUL-terminated string.
+    let v = unsafe { CStr::from_ptr(speckv_version()) };
+    m.add("__version__", v.to_string_lossy().into_owned())?;
+    m.add("ROW_STATS_BYTES", std::mem::size_of::<SpeckvRowStats>())?;
+    m.add(
+        "FEATURE_ACCUM_BYTES",
+        std::mem::size_of::<SpeckvFeatureAccum>(),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,148 @@
+"""The Python binding against the C ABI: the C example's step reproduced through `speckv` on NumPy
+arrays must print exactly what the C program prints (which capi/tests/c_example.rs checks equals
+the Rust API); misuse raises SpeckvError with the status, never crashes.
+
+    python -m unittest discover -s tests/python      (after `pip install .` and
+                                                     `cargo build --release -p speckv-capi`)
+"""
+import os
+import subprocess
+import tempfile
+import unittest
+
+import numpy as np
+
+import speckv
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CONTROLLER = os.path.join(ROOT, "assets", "controller.json")
+B, G, V = 2, 4, 64
+
+
+def draft_logit(b, j, k):
+    return ((k * k * (1 + j + b) + k * 37 + b * 5) % 64) / 4.0 - 8.0
+
+
+def target_logit(b, j, k):
+    if j == G:
+        return ((k * 29 + b * 3) % 64) / 8.0 - 4.0
+    return draft_logit(b, j, k) + (((k * 13) % 7) / 4.0 if b == 1 else 0.0)
+
+
+def python_step():
+    draft = np.array([[[draft_logit(b, j, k) for k in range(V)] for j in range(G)] for b in range(B)],
+                     dtype=np.float32)
+    target = np.array([[[target_logit(b, j, k) for k in range(V)] for j in range(G + 1)] for b in range(B)],
+                      dtype=np.float32)
+    ctx = speckv.Context.cpu()
+    ctx.load_controller(CONTROLLER, [1, 2, 3, 4])
+    accum = speckv.new_accum(B)
+    tokens = np.zeros((B, G), dtype=np.int32)
+    lines = []
+    out = speckv.new_stats(B)  # preallocated once, reused per position
+    for j in range(G):
+        ctx.softmax_stats(draft[:, j, :], temperature=1.0, sample=True, seed=42, step=j,
+                          accumulate="reset" if j == 0 else "add", accum=accum, out=out)
+        for b in range(B):
+            s = out[b]
+            tokens[b, j] = s["sampled"]
+            lines.append(f"stats j={j} b={b} entropy={s['entropy']:.6f} confidence={s['confidence']:.6f} "
+                         f"argmax={s['argmax']} sampled={s['sampled']}")
+    gammas = np.zeros(B, dtype=np.int32)
+    expected = np.zeros(B, dtype=np.float32)
+    ctx.decide_gamma(accum, gammas, compression_code=0.0, fallback_gamma=4, expected=expected)
+    for b in range(B):
+        lines.append(f"gamma b={b} gamma={gammas[b]} expected={expected[b]:.6f}")
+    o = ctx.verify(target, draft, tokens, gammas, seed=7, step=0)
+    for b in range(B):
+        em = ",".join(str(t) for t in o["emitted"][b, : o["emitted_count"][b]])
+        cf = ",".join(str(t) for t in o["counterfactual"][b])
+        lines.append(f"verify b={b} accepted={o['accepted'][b]} flags={o['flags'][b]} emitted={em} counterfactual={cf}")
+    lines.append("misuse: args is null")
+    return "\n".join(lines) + "\n"
+
+
+def c_step():
+    lib = os.path.join(ROOT, "target", "release")
+    exe = os.path.join(tempfile.mkdtemp(), "step")
+    subprocess.run([os.environ.get("CC", "cc"), os.path.join(ROOT, "examples", "c", "step.c"), "-std=c99",
+                    "-I", os.path.join(ROOT, "include"), f"-L{lib}", "-lspeckv_c", f"-Wl,-rpath,{lib}",
+                    "-o", exe], check=True)
+    return subprocess.run([exe, CONTROLLER], check=True, capture_output=True, text=True).stdout
+
+
+class BindingMatchesC(unittest.TestCase):
+    def test_step_equals_the_c_example(self):
+        self.assertEqual(python_step(), c_step())
+
+    def test_f16_and_strided_rows(self):
+        ctx = speckv.Context.cpu()
+        # A coarse grid: exact in f16, ties in the argmax (lowest index wins).
+        x = (np.arange(3 * 40, dtype=np.float32).reshape(3, 40) % 8) / 2.0
+        s32 = ctx.softmax_stats(x)
+        s16 = ctx.softmax_stats(x.astype(np.float16))
+        np.testing.assert_array_equal(s32["argmax"], s16["argmax"])
+        np.testing.assert_allclose(s32["entropy"], s16["entropy"], rtol=1e-5)
+        self.assertEqual(list(s32["argmax"]), [7, 7, 7])
+        # Rows 32 apart inside a wider buffer (a padded vocabulary) read the same.
+        wide = np.zeros((3, 64), dtype=np.float32)
+        wide[:, :40] = x
+        np.testing.assert_array_equal(ctx.softmax_stats(wide[:, :40])["entropy"], s32["entropy"])
+
+
+class Misuse(unittest.TestCase):
+    def setUp(self):
+        self.ctx = speckv.Context.cpu()
+
+    def raises(self, status, f, *a, **k):
+        with self.assertRaises(speckv.SpeckvError) as e:
+            f(*a, **k)
+        self.assertIn(status, str(e.exception))
+
+    def test_bad_dtype_shape_stride(self):
+        self.raises("BadDtype", self.ctx.softmax_stats, np.zeros((2, 8), dtype=np.int64))
+        self.raises("BadShape", self.ctx.softmax_stats, np.zeros((2, 8), dtype=np.float32)[:, ::2])
+        self.raises("BadShape", self.ctx.softmax_stats, np.zeros((2, 8), dtype=np.float32),
+                    out=speckv.new_stats(3))
+        self.raises("NullPointer", self.ctx.softmax_stats, np.zeros((2, 8), dtype=np.float32),
+                    accumulate="add")
+        self.raises("InvalidArgument", self.ctx.softmax_stats, np.zeros((2, 8), dtype=np.float32),
+                    temperature=float("nan"))
+        self.raises("InvalidArgument", self.ctx.softmax_stats, [[0.0, 1.0]])
+
+    def test_verify_misuse(self):
+        t = np.zeros((1, 3, 4), dtype=np.float32)
+        d = np.zeros((1, 2, 4), dtype=np.float32)
+        self.raises("InvalidArgument", self.ctx.verify, t, d, np.array([[1, 9]], dtype=np.int32),
+                    np.array([2], dtype=np.int32))  # token 9 outside vocab 4
+        self.raises("InvalidArgument", self.ctx.verify, t, d, np.array([[1, 2]], dtype=np.int32),
+                    np.array([3], dtype=np.int32))  # γ above γmax
+        self.raises("BadDtype", self.ctx.verify, t, d, np.array([[1, 2]], dtype=np.int64),
+                    np.array([2], dtype=np.int32))
+        self.raises("BadShape", self.ctx.verify, t, d, np.array([[1, 2]], dtype=np.int32),
+                    np.array([2, 2], dtype=np.int32))
+        self.raises("BadDtype", self.ctx.verify, t, d.astype(np.float16), np.array([[1, 2]], dtype=np.int32),
+                    np.array([2], dtype=np.int32))
+        o = self.ctx.verify(t, d, np.array([[1, 2]], dtype=np.int32), np.array([2], dtype=np.int32))
+        self.assertEqual(o["emitted_count"][0], o["accepted"][0] + 1)  # p = q: all accepted
+        self.assertEqual(o["accepted"][0], 2)
+
+    def test_controller_stream_and_cuda(self):
+        self.raises("NoController", self.ctx.decide_gamma, speckv.new_accum(2), np.zeros(2, dtype=np.int32))
+        self.raises("Io", self.ctx.load_controller, "/nonexistent.json", [2, 4])
+        self.raises("WrongStream", self.ctx.set_stream, 0x1000)
+        self.ctx.set_stream(0)
+        self.ctx.load_controller(CONTROLLER, [2, 4])
+        g = np.zeros(2, dtype=np.int32)
+        self.ctx.decide_gamma(speckv.new_accum(2), g, fallback_gamma=3)
+        self.assertEqual(list(g), [3, 3])  # empty features: the fallback
+        self.raises("BadShape", self.ctx.decide_gamma, speckv.new_accum(2), np.zeros(3, dtype=np.int32))
+        try:
+            speckv.Context.cuda(stream=0)
+        except speckv.SpeckvError as e:
+            self.assertRegex(str(e), "NoCuda|Cuda")
+        self.assertIn(".entry verify_f32", speckv.ptx("sm_90"))
+
+
+if __name__ == "__main__":
+    unittest.main()
