@@ -1,0 +1,224 @@
+//! The C ABI on a caller's CUDA context and stream (what an engine does): device buffers allocated
+//! by the caller (cudarc here), the C entry points launched on them, results equal to the same
+//! calls on a CPU context. Skips with a message without a GPU.
+
+use std::ffi::{c_void, CString};
+use std::ptr::{null, null_mut};
+
+use cudarc::driver::{CudaContext, DevicePtr, DevicePtrMut};
+use speckv_c::*;
+use speckv_kernels::params::{FeatureAccum, RowStats};
+
+const B: usize = 3;
+const G: usize = 4;
+const V: usize = 1000;
+
+fn logit(i: usize, salt: usize) -> f32 {
+    ((i * 7919 + salt * 104_729) % 997) as f32 / 64.0 - 8.0
+}
+
+#[test]
+fn c_abi_on_a_caller_cuda_stream_matches_cpu() {
+    if !speckv::cuda::driver_present() || CudaContext::device_count().unwrap_or(0) == 0 {
+        eprintln!("skipped: no CUDA device (C ABI CUDA path not exercised)");
+        return;
+    }
+    let cu = CudaContext::new(0).unwrap();
+    let stream = cu.new_stream().unwrap();
+    let draft: Vec<f32> = (0..B * G * V).map(|i| logit(i, 1)).collect();
+    let target: Vec<f32> = (0..B * (G + 1) * V)
+        .map(|i| logit(i % (G * V), 1) + if i % 3 == 0 { 0.25 } else { 0.0 })
+        .collect();
+    let controller = std::env::temp_dir().join("speckv-capi-cuda-controller.json");
+    std::fs::write(&controller, include_str!("../../assets/controller.json")).unwrap();
+    let cpath = CString::new(controller.to_str().unwrap()).unwrap();
+    let cands = [1u32, 2, 3, 4];
+
+    // SAFETY (the whole test): every pointer passed is a live host or device buffer of the stated
+    // shape, on this context and stream.
+    unsafe {
+        let mut cpu = null_mut();
+        assert_eq!(speckv_context_create_cpu(&mut cpu), SpeckvStatus::Ok);
+        let mut gpu = null_mut();
+        let s = speckv_context_create_cuda(
+            cu.cu_ctx() as *mut c_void,
+            stream.cu_stream() as *mut c_void,
+            &mut gpu,
+        );
+        assert_eq!(
+            s,
+            SpeckvStatus::Ok,
+            "{:?}",
+            std::ffi::CStr::from_ptr(speckv_last_error())
+        );
+        for c in [cpu, gpu] {
+            assert_eq!(
+                speckv_load_controller(c, cpath.as_ptr(), cands.as_ptr(), 4, null()),
+                SpeckvStatus::Ok
+            );
+        }
+
+        // Statistics with accumulation, one position at a time, on both.
+        let d_draft = stream.clone_htod(&draft).unwrap();
+        let mut d_stats = stream.alloc_zeros::<u8>(B * 32).unwrap();
+        let mut d_accum = stream.alloc_zeros::<u8>(B * 24).unwrap();
+        let mut h_accum = [FeatureAccum::EMPTY; B];
+        let mut tokens = vec![0i32; B * G];
+        for j in 0..G {
+            let mut h_stats = [RowStats::default(); B];
+            let mut a = SpeckvStatsArgs {
+                logits: draft[j * V..].as_ptr() as *const c_void,
+                dtype: SPECKV_DTYPE_F32,
+                rows: B as u32,
+                vocab: V as u32,
+                row_stride: (G * V) as u32,
+                temperature: 0.8,
+                sample: 1,
+                seed: 5,
+                step: j as u64,
+                accumulate: if j == 0 {
+                    SPECKV_ACCUMULATE_RESET
+                } else {
+                    SPECKV_ACCUMULATE_ADD
+                },
+                accum: h_accum.as_mut_ptr(),
+                out: h_stats.as_mut_ptr(),
+            };
+            assert_eq!(speckv_softmax_stats(cpu, &a), SpeckvStatus::Ok);
+            let (dl, _g0) = d_draft.device_ptr(&stream);
+            let (ds, _g1) = d_stats.device_ptr_mut(&stream);
+            let (da, _g2) = d_accum.device_ptr_mut(&stream);
+            a.logits = (dl as usize + j * V * 4) as *const c_void;
+            a.out = ds as *mut RowStats;
+            a.accum = da as *mut FeatureAccum;
+            assert_eq!(speckv_softmax_stats(gpu, &a), SpeckvStatus::Ok);
+            drop((_g0, _g1, _g2));
+            let got: Vec<u8> = stream.clone_dtoh(&d_stats).unwrap();
+            let got: &[RowStats] = bytemuck::cast_slice(&got);
+            for b in 0..B {
+                assert_eq!(got[b].argmax, h_stats[b].argmax);
+                assert_eq!(
+                    got[b].sampled, h_stats[b].sampled,
+                    "Gumbel-max is bit-identical"
+                );
+                assert!((got[b].entropy - h_stats[b].entropy).abs() < 1e-4);
+                tokens[b * G + j] = h_stats[b].sampled;
+            }
+        }
+        // γ on the device from the device accumulators, and on the CPU.
+        let mut h_g = [0i32; B];
+        assert_eq!(
+            speckv_decide_gamma(
+                cpu,
+                h_accum.as_ptr(),
+                B as u32,
+                0.0,
+                4,
+                h_g.as_mut_ptr(),
+                null_mut()
+            ),
+            SpeckvStatus::Ok
+        );
+        let mut d_g = stream.alloc_zeros::<i32>(B).unwrap();
+        {
+            let (da, _g0) = d_accum.device_ptr(&stream);
+            let (dg, _g1) = d_g.device_ptr_mut(&stream);
+            assert_eq!(
+                speckv_decide_gamma(
+                    gpu,
+                    da as *const FeatureAccum,
+                    B as u32,
+                    0.0,
+                    4,
+                    dg as *mut i32,
+                    null_mut()
+                ),
+                SpeckvStatus::Ok
+            );
+        }
+        assert_eq!(stream.clone_dtoh(&d_g).unwrap(), h_g.to_vec());
+
+        // Verification reading γ from device memory.
+        let temps = [0.8f32; B];
+        let (mut acc, mut em, mut cnt, mut cf, mut fl) = (
+            vec![0i32; B],
+            vec![0i32; B * (G + 1)],
+            vec![0i32; B],
+            vec![0i32; B * (G + 1)],
+            vec![0u32; B],
+        );
+        let mut v = SpeckvVerifyArgs {
+            target_logits: target.as_ptr() as *const c_void,
+            dtype: SPECKV_DTYPE_F32,
+            target_stride: V as u32,
+            draft: draft.as_ptr() as *const c_void,
+            draft_kind: SPECKV_DRAFT_LOGITS,
+            draft_stride: V as u32,
+            draft_temperature: temps.as_ptr(),
+            draft_tokens: tokens.as_ptr(),
+            gammas: h_g.as_ptr(),
+            target_temperature: temps.as_ptr(),
+            batch: B as u32,
+            gamma_max: G as u32,
+            vocab: V as u32,
+            seed: 9,
+            step: 3,
+            accepted: acc.as_mut_ptr(),
+            emitted: em.as_mut_ptr(),
+            emitted_count: cnt.as_mut_ptr(),
+            ratios: null_mut(),
+            counterfactual: cf.as_mut_ptr(),
+            flags: fl.as_mut_ptr(),
+        };
+        assert_eq!(speckv_verify(cpu, &v), SpeckvStatus::Ok);
+        let d_t = stream.clone_htod(&target).unwrap();
+        let d_tok = stream.clone_htod(&tokens).unwrap();
+        let d_temp = stream.clone_htod(&temps).unwrap();
+        let mut d_acc = stream.alloc_zeros::<i32>(B).unwrap();
+        let mut d_em = stream.alloc_zeros::<i32>(B * (G + 1)).unwrap();
+        let mut d_cnt = stream.alloc_zeros::<i32>(B).unwrap();
+        let mut d_cf = stream.alloc_zeros::<i32>(B * (G + 1)).unwrap();
+        let mut d_fl = stream.alloc_zeros::<u32>(B).unwrap();
+        {
+            let p = |x: u64| x as usize;
+            let (t, _a) = d_t.device_ptr(&stream);
+            let (dr, _b) = d_draft.device_ptr(&stream);
+            let (tk, _c) = d_tok.device_ptr(&stream);
+            let (tp, _d) = d_temp.device_ptr(&stream);
+            let (g, _e) = d_g.device_ptr(&stream);
+            let (a, _f) = d_acc.device_ptr_mut(&stream);
+            let (e, _h) = d_em.device_ptr_mut(&stream);
+            let (c, _i) = d_cnt.device_ptr_mut(&stream);
+            let (f, _j) = d_cf.device_ptr_mut(&stream);
+            let (l, _k) = d_fl.device_ptr_mut(&stream);
+            v.target_logits = p(t) as *const c_void;
+            v.draft = p(dr) as *const c_void;
+            v.draft_tokens = p(tk) as *const i32;
+            v.draft_temperature = p(tp) as *const f32;
+            v.target_temperature = p(tp) as *const f32;
+            v.gammas = p(g) as *const i32;
+            v.accepted = p(a) as *mut i32;
+            v.emitted = p(e) as *mut i32;
+            v.emitted_count = p(c) as *mut i32;
+            v.counterfactual = p(f) as *mut i32;
+            v.flags = p(l) as *mut u32;
+            assert_eq!(speckv_verify(gpu, &v), SpeckvStatus::Ok);
+        }
+        assert_eq!(stream.clone_dtoh(&d_acc).unwrap(), acc);
+        assert_eq!(stream.clone_dtoh(&d_em).unwrap(), em);
+        assert_eq!(stream.clone_dtoh(&d_cnt).unwrap(), cnt);
+        assert_eq!(stream.clone_dtoh(&d_cf).unwrap(), cf);
+        assert_eq!(stream.clone_dtoh(&d_fl).unwrap(), fl);
+        // A CPU context still refuses a stream; the CUDA one accepts its own.
+        assert_eq!(
+            speckv_context_set_stream(cpu, stream.cu_stream() as *mut c_void),
+            SpeckvStatus::WrongStream
+        );
+        assert_eq!(
+            speckv_context_set_stream(gpu, stream.cu_stream() as *mut c_void),
+            SpeckvStatus::Ok
+        );
+        speckv_context_destroy(gpu);
+        speckv_context_destroy(cpu);
+    }
+}
