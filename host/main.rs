@@ -757,11 +757,13 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
                 compression: p.compression,
             };
             let bar = progress_bar((pols.len() * ids.len()) as u64, "decoding");
+            let mut started = false;
             let res = pair::bench_decode(&p, &ids, &pols, &cfg, &mut |name, i| {
-                bar.set_message(format!("{name} prompt {}", i + 1));
-                if i > 0 || name != pols[0].0 {
+                bar.set_message(format!("prompt {} {name}", i + 1));
+                if started {
                     bar.inc(1);
                 }
+                started = true;
             })?;
             bar.finish_and_clear();
             // The trace-based oracle and fixed γ under the measured cost model.

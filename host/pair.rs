@@ -191,7 +191,9 @@ pub struct PolicyResult {
     pub matches_plain: Option<bool>,
 }
 
-/// Runs every policy over the prompts (models loaded once), in order, each prompt once.
+/// Runs every policy over the prompts (models loaded once), each prompt once per policy. The loop
+/// is prompt-major — for each prompt, every policy in turn — so a slow drift of the machine (thermal,
+/// background load) spreads over all policies instead of biasing the ones that ran last.
 pub fn bench_decode(
     pair: &Pair,
     prompts: &[Vec<u32>],
@@ -204,47 +206,58 @@ pub fn bench_decode(
             what: "prompts or policies",
         });
     }
-    let mut plain_tokens: Option<Vec<Vec<u32>>> = None;
-    let mut out = Vec::new();
-    for (name, pol) in policies {
-        let (mut tokens, mut secs, mut steps, mut drafted, mut accepted) = (0, 0.0, 0, 0, 0);
-        let mut hist = BTreeMap::new();
-        let mut outs = Vec::new();
-        for (i, ids) in prompts.iter().enumerate() {
+    #[derive(Default)]
+    struct Acc {
+        tokens: usize,
+        secs: f64,
+        steps: usize,
+        drafted: usize,
+        accepted: usize,
+        hist: BTreeMap<u32, usize>,
+        outs: Vec<Vec<u32>>,
+    }
+    let mut acc: Vec<Acc> = policies.iter().map(|_| Acc::default()).collect();
+    for (i, ids) in prompts.iter().enumerate() {
+        for ((name, pol), a) in policies.iter().zip(acc.iter_mut()) {
             progress(name, i);
             let s = pair.run(ids, pol.as_ref(), cfg)?;
-            tokens += s.tokens.len();
-            secs += s.seconds - s.prefill_seconds;
-            steps += s.steps;
-            drafted += s.drafted;
-            accepted += s.accepted;
+            a.tokens += s.tokens.len();
+            a.secs += s.seconds - s.prefill_seconds;
+            a.steps += s.steps;
+            a.drafted += s.drafted;
+            a.accepted += s.accepted;
             for (g, n) in &s.gamma_histogram {
-                *hist.entry(*g).or_insert(0) += n;
+                *a.hist.entry(*g).or_insert(0) += n;
             }
-            outs.push(s.tokens);
+            a.outs.push(s.tokens);
         }
-        let matches_plain = match (&plain_tokens, cfg.temperature == 0.0) {
-            (Some(p), true) => Some(*p == outs),
-            _ => None,
-        };
-        if pol.is_none() && plain_tokens.is_none() {
-            plain_tokens = Some(outs);
-        }
-        out.push(PolicyResult {
+    }
+    let plain = policies
+        .iter()
+        .position(|(_, p)| p.is_none())
+        .map(|i| acc[i].outs.clone());
+    Ok(policies
+        .iter()
+        .zip(acc)
+        .map(|((name, pol), a)| PolicyResult {
             policy: name.clone(),
-            tokens,
-            decode_seconds: secs,
-            tokens_per_second: tokens as f64 / secs.max(1e-9),
-            steps,
+            tokens: a.tokens,
+            decode_seconds: a.secs,
+            tokens_per_second: a.tokens as f64 / a.secs.max(1e-9),
+            steps: a.steps,
             acceptance_rate: pol
                 .as_ref()
-                .map(|_| accepted as f64 / drafted.max(1) as f64),
-            mean_gamma: pol.as_ref().map(|_| drafted as f64 / steps.max(1) as f64),
-            gamma_histogram: hist,
-            matches_plain,
-        });
-    }
-    Ok(out)
+                .map(|_| a.accepted as f64 / a.drafted.max(1) as f64),
+            mean_gamma: pol
+                .as_ref()
+                .map(|_| a.drafted as f64 / a.steps.max(1) as f64),
+            gamma_histogram: a.hist,
+            matches_plain: match (&plain, cfg.temperature == 0.0 && pol.is_some()) {
+                (Some(p), true) => Some(*p == a.outs),
+                _ => None,
+            },
+        })
+        .collect())
 }
 
 /// Markdown table of `bench_decode`'s results, with ratios to fixed:4 and to plain where present.
