@@ -127,7 +127,7 @@ fn c_example_matches_the_rust_api() {
     let lib_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     assert!(
         lib_dir.join("libspeckv_c.so").exists(),
-        "libspeckv_c.so not found in {}",
+        "libspeckv_c.so not found in {}: run `cargo build --release -p speckv-capi` first (scripts/test does)",
         lib_dir.display()
     );
     let bin = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("speckv_step");
