@@ -617,14 +617,7 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 return Err(speckv::Error::BadTemperature(*temperature));
             }
-            let all = profile::read_prompts(prompts)?;
-            let chosen = pair::select_prompts(&all, *offset, *per_category);
-            if chosen.is_empty() {
-                return Err(speckv::Error::Other(format!(
-                    "no prompts at --offset {offset} --per-category {per_category} in {}",
-                    prompts.display()
-                )));
-            }
+            let chosen = pair::prompts_from_file(prompts, *offset, *per_category)?;
             let p = pair::Pair::load(model, draft.as_deref(), draft_layers.as_deref(), *target)?;
             let cfg = GenConfig {
                 max_tokens: *max_tokens,
@@ -729,14 +722,7 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
         } => (|| {
             use speckv::decode::GenConfig;
             use speckv::profile;
-            let all = profile::read_prompts(prompts)?;
-            let chosen = pair::select_prompts(&all, *offset, *per_category);
-            if chosen.is_empty() {
-                return Err(speckv::Error::Other(format!(
-                    "no prompts at --offset {offset} --per-category {per_category} in {}",
-                    prompts.display()
-                )));
-            }
+            let chosen = pair::prompts_from_file(prompts, *offset, *per_category)?;
             let mut pols = Vec::new();
             for name in policies {
                 pols.push((

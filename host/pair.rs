@@ -175,6 +175,23 @@ pub fn select_prompts(
     out
 }
 
+/// Reads `path` and takes prompts `offset..offset + per_category` of every category; none is an
+/// error.
+pub fn prompts_from_file(
+    path: &Path,
+    offset: usize,
+    per_category: usize,
+) -> Result<Vec<(usize, Prompt)>> {
+    let chosen = select_prompts(&crate::profile::read_prompts(path)?, offset, per_category);
+    if chosen.is_empty() {
+        return Err(Error::Other(format!(
+            "no prompts at --offset {offset} --per-category {per_category} in {}",
+            path.display()
+        )));
+    }
+    Ok(chosen)
+}
+
 /// One policy's totals over the prompt set.
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyResult {
