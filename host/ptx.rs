@@ -2,6 +2,8 @@
 
 include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 
+pub use speckv_kernels::entries::ENTRY_POINTS;
+
 use crate::error::{Error, Result};
 
 /// An architecture PTX is built for.

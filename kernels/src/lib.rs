@@ -26,6 +26,8 @@
 #![allow(clippy::missing_safety_doc)]
 #![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
 
+/// Every PTX entry point by name (also `include!`d by `build.rs`).
+pub mod entries;
 pub mod gamma_mlp;
 pub mod gemv;
 pub mod gpu;
