@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion};
+use speckv::backend::cuda::CudaBackend;
+use speckv::controller::overhead::random_mlp;
+use speckv::controller::records::Compression;
 use speckv::controller::{Controller, PAPER_CANDIDATES};
-use speckv::cuda::CudaBackend;
-use speckv::overhead::random_mlp;
-use speckv::records::Compression;
 use speckv::FeatureAccum;
 
 fn bench(c: &mut Criterion) {

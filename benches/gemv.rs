@@ -11,9 +11,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use speckv::cuda::CudaBackend;
-use speckv::quant::{Format, QMatrix};
-use speckv::regime::random_weights;
+use speckv::backend::cuda::CudaBackend;
+use speckv::weights::quant::{Format, QMatrix};
+use speckv::weights::regime::random_weights;
 
 fn quick() -> bool {
     std::env::var("SPECKV_BENCH_QUICK")
@@ -52,7 +52,7 @@ fn bench(c: &mut Criterion) {
                 g.throughput(Throughput::Bytes(q.bytes() as u64));
                 let id = format!("{}/{out}x{inp}/M{m}", format.name());
                 g.bench_function(BenchmarkId::new("cpu", &id), |b| {
-                    b.iter(|| speckv::gemv::cpu(&q, &x, m).expect("valid"))
+                    b.iter(|| speckv::weights::gemv::cpu(&q, &x, m).expect("valid"))
                 });
                 if let (Some(cu), Some(d)) = (&cuda, &dev) {
                     g.bench_function(BenchmarkId::new("cuda", &id), |b| {
@@ -70,11 +70,11 @@ fn bench(c: &mut Criterion) {
 fn time_cpu(q: &QMatrix, m: usize, budget: Duration) -> f64 {
     let (_, inp) = q.shape();
     let x = vec![0.5f32; m * inp];
-    let _ = speckv::gemv::cpu(q, &x, m);
+    let _ = speckv::weights::gemv::cpu(q, &x, m);
     let start = Instant::now();
     let mut n = 0;
     while start.elapsed() < budget || n < 2 {
-        std::hint::black_box(speckv::gemv::cpu(q, &x, m).expect("valid"));
+        std::hint::black_box(speckv::weights::gemv::cpu(q, &x, m).expect("valid"));
         n += 1;
     }
     start.elapsed().as_secs_f64() / n as f64

@@ -16,8 +16,8 @@ use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use speckv::cpu::CpuBackend;
-use speckv::cuda::CudaBackend;
+use speckv::backend::cpu::CpuBackend;
+use speckv::backend::cuda::CudaBackend;
 use speckv::{Backend, Dtype, Logits, LogitsData, StatsOptions};
 
 struct Case {

@@ -15,8 +15,8 @@ use std::time::Duration;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use rand::{Rng, SeedableRng};
-use speckv::cpu::CpuBackend;
-use speckv::cuda::CudaBackend;
+use speckv::backend::cpu::CpuBackend;
+use speckv::backend::cuda::CudaBackend;
 use speckv::{Backend, DraftDist, LogitsData, VerifyBatch};
 
 const VOCAB: usize = 128_256;

@@ -3,9 +3,9 @@
 
 use std::time::Instant;
 
+use speckv::model::tokenizer::Tokenizer;
 use speckv::model::{KvCache, Model};
-use speckv::quant::Format;
-use speckv::tokenizer::Tokenizer;
+use speckv::weights::quant::Format;
 
 fn main() -> speckv::Result<()> {
     let args: Vec<String> = std::env::args().collect();

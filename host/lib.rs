@@ -1,47 +1,34 @@
 //! speckv: speculative decoding with an adaptive speculation length γ, built around GPU kernels
 //! written in Rust (`speckv-kernels`, compiled to PTX by rustc's nvptx64 backend).
 //!
-//! Data flows logits → statistics → decision → verification. This crate holds the host side:
-//! - [`logits`]: validated inputs and options;
-//! - [`cpu`]: the native CPU backend (every feature works without a GPU);
-//! - [`cuda`]: the CUDA backend (cudarc, dynamic loading, the embedded [`ptx`]);
-//! - [`emulate`]: the kernels' own source run on the CPU emulator of the CUDA execution model;
-//! - [`backend`]: selection between CPU and CUDA; [`report`]: `speckv report`.
+//! Data flows logits → statistics → decision → verification, and the modules follow it:
+//! - [`stats`]: validated logits and options, and the CPU twin of the `softmax_stats` kernel;
+//! - [`controller`]: the γ decision (the 16-unit MLP, policies, the `gamma_mlp` kernel's host
+//!   side) and its evaluation on step records;
+//! - [`verify`]: batched lossless verification (inputs, outputs, the CPU twin of the kernel);
+//! - [`weights`]: the FP16 / INT8 / NF4 weight regimes and their fused GEMV;
+//! - [`model`] and [`decode`]: real GGUF models, plain and speculative decoding, traces;
+//! - [`backend`]: where kernels run — the native CPU, CUDA (cudarc, the embedded [`ptx`]), the
+//!   emulator of the CUDA execution model, or a caller's CUDA context;
+//! - [`report`]: `speckv report`.
 
 pub mod backend;
-pub mod calibrate;
 pub mod controller;
-pub mod cpu;
-pub mod cuda;
 pub mod decode;
-pub mod emulate;
 pub mod error;
-pub mod evaluate;
-pub mod external;
-pub mod gemv;
-pub mod logits;
-pub mod mlp;
 pub mod model;
-pub mod overhead;
-pub mod pair;
-pub mod plot;
-pub mod profile;
 pub mod ptx;
-pub mod quant;
-pub mod records;
-pub mod regime;
 pub mod report;
-pub mod sim;
-pub mod simulate;
-pub mod tokenizer;
+pub mod stats;
 pub mod verify;
+pub mod weights;
 
 pub use backend::{Backend, BackendKind};
 pub use error::{Error, Result};
-pub use logits::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
 pub use speckv_kernels::params::{
     FeatureAccum, RowStats, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE, ROW_NONFINITE, VERIFY_ALL_MASKED,
     VERIFY_BAD_GAMMA, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
 };
 pub use speckv_kernels::philox;
+pub use stats::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
 pub use verify::{DraftDist, VerifyBatch, VerifyOutput};

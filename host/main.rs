@@ -6,9 +6,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+use speckv::controller::{self, evaluate, mlp, records, simulate};
+use speckv::decode::pair;
 use speckv::ptx::Arch;
-use speckv::sim::{self, SimMode};
-use speckv::{controller, evaluate, mlp, pair, records, simulate};
+use speckv::verify::sim::{self, SimMode};
 use speckv::{report, Backend, BackendKind};
 
 #[derive(Parser)]
@@ -113,7 +114,7 @@ enum Command {
     /// Quantise a float32 .npy matrix to FP16, INT8 or NF4 safetensors.
     Quantize {
         #[arg(long, value_enum)]
-        format: speckv::quant::Format,
+        format: speckv::weights::quant::Format,
         #[arg(long)]
         input: PathBuf,
         #[arg(long)]
@@ -139,8 +140,8 @@ enum Command {
         #[arg(long)]
         prompt: String,
         /// Target weight regime.
-        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
-        target: speckv::quant::Format,
+        #[arg(long, value_enum, default_value_t = speckv::weights::quant::Format::Fp16)]
+        target: speckv::weights::quant::Format,
         /// fixed:N, speckv, speckv-cost, confidence:P, heuristic, or plain (no draft).
         #[arg(long, default_value = "fixed:4")]
         policy: String,
@@ -183,8 +184,8 @@ enum Command {
         per_category: usize,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
-        target: speckv::quant::Format,
+        #[arg(long, value_enum, default_value_t = speckv::weights::quant::Format::Fp16)]
+        target: speckv::weights::quant::Format,
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
         #[arg(long, default_value_t = 8)]
@@ -213,8 +214,8 @@ enum Command {
         tokens: usize,
         #[arg(long, default_value_t = 1.0 / 3.0)]
         max_cost: f64,
-        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
-        target: speckv::quant::Format,
+        #[arg(long, value_enum, default_value_t = speckv::weights::quant::Format::Fp16)]
+        target: speckv::weights::quant::Format,
         #[arg(long)]
         json: bool,
     },
@@ -251,8 +252,8 @@ enum BenchCommand {
         offset: usize,
         #[arg(long, default_value_t = 1)]
         per_category: usize,
-        #[arg(long, value_enum, default_value_t = speckv::quant::Format::Fp16)]
-        target: speckv::quant::Format,
+        #[arg(long, value_enum, default_value_t = speckv::weights::quant::Format::Fp16)]
+        target: speckv::weights::quant::Format,
         /// Comma-separated: plain, fixed:N, speckv, speckv-cost, confidence:P, heuristic.
         #[arg(
             long,
@@ -319,10 +320,10 @@ fn json_out<T: serde::Serialize>(v: &T) -> speckv::Result<()> {
 }
 
 fn filter_runs(
-    mut r: Vec<speckv::records::StepRecord>,
+    mut r: Vec<speckv::controller::records::StepRecord>,
     runs: &Option<Vec<u32>>,
     what: &str,
-) -> speckv::Result<Vec<speckv::records::StepRecord>> {
+) -> speckv::Result<Vec<speckv::controller::records::StepRecord>> {
     if let Some(runs) = runs {
         r.retain(|x| runs.contains(&x.run));
         if r.is_empty() {
@@ -419,7 +420,7 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
             };
             let rep = evaluate::evaluate(&tr, &te, model, &cfg)?;
             if let Some(p) = plot {
-                speckv::plot::plot_evaluation(&rep, p)?;
+                speckv::controller::plot::plot_evaluation(&rep, p)?;
             }
             if *json {
                 json_out(&rep)
@@ -467,14 +468,15 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
             json,
         } => (|| {
             let (c, _) = speckv::model::read_gguf(model)?;
-            let tok = speckv::tokenizer::Tokenizer::from_gguf(&c)?;
+            let tok = speckv::model::tokenizer::Tokenizer::from_gguf(&c)?;
             let m = speckv::model::Model::load(model, *target)?;
-            let ids = speckv::profile::read_prompts(prompts)?
+            let ids = speckv::decode::profile::read_prompts(prompts)?
                 .iter()
                 .take(*n_prompts)
-                .map(|p| tok.encode(&speckv::tokenizer::Tokenizer::chat_prompt(&p.prompt)))
+                .map(|p| tok.encode(&speckv::model::tokenizer::Tokenizer::chat_prompt(&p.prompt)))
                 .collect::<speckv::Result<Vec<_>>>()?;
-            let cal = speckv::calibrate::calibrate(&m, &ids, &tok.stop, *tokens, *max_cost)?;
+            let cal =
+                speckv::decode::calibrate::calibrate(&m, &ids, &tok.stop, *tokens, *max_cost)?;
             if *json {
                 return json_out(&cal);
             }
@@ -612,8 +614,8 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
             seed,
             cost_reps,
         } => (|| {
+            use speckv::decode::profile;
             use speckv::decode::{GenConfig, Policy};
-            use speckv::profile;
             if !(temperature.is_finite() && *temperature >= 0.0) {
                 return Err(speckv::Error::BadTemperature(*temperature));
             }
@@ -720,8 +722,8 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
                     json,
                 },
         } => (|| {
+            use speckv::decode::profile;
             use speckv::decode::GenConfig;
-            use speckv::profile;
             let chosen = pair::prompts_from_file(prompts, *offset, *per_category)?;
             let mut pols = Vec::new();
             for name in policies {
@@ -807,10 +809,11 @@ fn run_offline(command: &Command) -> Option<speckv::Result<()>> {
             double_quant,
             json,
         } => (|| {
-            let (out, inp, w) = speckv::quant::read_npy_matrix(input)?;
-            let q = speckv::quant::QMatrix::quantize(&w, out, inp, *format, *double_quant)?;
+            let (out, inp, w) = speckv::weights::quant::read_npy_matrix(input)?;
+            let q =
+                speckv::weights::quant::QMatrix::quantize(&w, out, inp, *format, *double_quant)?;
             q.save(output)?;
-            let err = speckv::quant::relative_rms_error(&w, &q);
+            let err = speckv::weights::quant::relative_rms_error(&w, &q);
             let summary = serde_json::json!({
                 "format": format.name(), "shape": [out, inp], "bytes": q.bytes(),
                 "bits_per_weight": format.bits_per_weight(out, inp), "relative_rms_error": err,
@@ -889,7 +892,8 @@ fn run(cli: Cli) -> speckv::Result<()> {
                     "--seconds must be positive, got {seconds}"
                 )));
             }
-            let c = speckv::regime::step_costs(&backend, Duration::from_secs_f64(seconds))?;
+            let c =
+                speckv::weights::regime::step_costs(&backend, Duration::from_secs_f64(seconds))?;
             std::fs::create_dir_all(&out_dir).map_err(|source| speckv::Error::Io {
                 context: format!("creating {}", out_dir.display()),
                 source,
@@ -936,11 +940,11 @@ fn run(cli: Cli) -> speckv::Result<()> {
         Command::Bench {
             what: BenchCommand::Overhead { model, json },
         } => {
-            let r = speckv::overhead::measure(&backend, model.as_deref())?;
+            let r = speckv::controller::overhead::measure(&backend, model.as_deref())?;
             if json {
                 json_out(&r)?;
             } else {
-                print!("{}", speckv::overhead::render(&r));
+                print!("{}", speckv::controller::overhead::render(&r));
             }
         }
         Command::VerifySim {

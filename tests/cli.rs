@@ -88,7 +88,7 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
 
 #[test]
 fn forcing_cuda_without_a_device_is_an_error() {
-    if speckv::cuda::CudaBackend::new(0).is_ok() {
+    if speckv::backend::cuda::CudaBackend::new(0).is_ok() {
         eprintln!("skipped: this machine has a CUDA device");
         return;
     }

@@ -7,11 +7,12 @@ mod common;
 use std::io::Write;
 
 use rand::{Rng, SeedableRng};
+use speckv::controller::evaluate::{self, EvalConfig};
+use speckv::controller::mlp::{self, Mlp, TrainConfig};
+use speckv::controller::records::{self, Compression, StepRecord};
+use speckv::controller::simulate;
 use speckv::controller::{Controller, CostModel, PAPER_CANDIDATES};
-use speckv::evaluate::{self, EvalConfig};
-use speckv::mlp::{self, Mlp, TrainConfig};
-use speckv::records::{self, Compression, StepRecord};
-use speckv::{simulate, FeatureAccum};
+use speckv::FeatureAccum;
 
 fn rec(
     run: u32,
@@ -482,7 +483,7 @@ fn emulator_gamma_mlp_matches_the_cpu_mlp() {
         let c = Controller::new(m.clone(), &PAPER_CANDIDATES, cost).unwrap();
         let w = c.mlp.to_f32();
         for code in [0.0f32, 1.0, 2.0] {
-            let (g, e) = speckv::emulate::gamma_mlp(&c, &w, &accum, code, 3, 64).unwrap();
+            let (g, e) = speckv::backend::emulate::gamma_mlp(&c, &w, &accum, code, 3, 64).unwrap();
             for (i, a) in accum.iter().enumerate() {
                 let (want_g, want_e) = c.decide_f32(&w, a, code, 3);
                 assert_eq!(g[i], want_g, "sequence {i}");
@@ -533,7 +534,7 @@ fn emulator_gamma_mlp_feeds_verify_through_memory() {
         };
         2
     ];
-    let (g, _) = speckv::emulate::gamma_mlp(&c, &w, &accum, 0.0, 1, 32).unwrap();
+    let (g, _) = speckv::backend::emulate::gamma_mlp(&c, &w, &accum, 0.0, 1, 32).unwrap();
     assert!(g.iter().all(|&x| (1..=3).contains(&x)));
     let vocab = 5;
     let gmax = 3;
@@ -556,7 +557,7 @@ fn emulator_gamma_mlp_feeds_verify_through_memory() {
         seed: 0,
         step: 0,
     };
-    let o = speckv::emulate::verify(&v, 32).unwrap();
+    let o = speckv::backend::emulate::verify(&v, 32).unwrap();
     // p = q (uniform): every drafted token is accepted, so each sequence accepted exactly its γ.
     assert_eq!(o.accepted, g);
 }

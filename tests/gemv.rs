@@ -6,8 +6,8 @@ mod common;
 
 use half::f16;
 use rand::{Rng, SeedableRng};
-use speckv::gemv;
-use speckv::quant::{nf4_code, relative_rms_error, Format, QMatrix};
+use speckv::weights::gemv;
+use speckv::weights::quant::{nf4_code, relative_rms_error, Format, QMatrix};
 use speckv_kernels::params::NF4_CODE;
 
 fn weights(out: usize, inp: usize, seed: u64) -> Vec<f32> {

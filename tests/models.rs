@@ -6,12 +6,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use speckv::controller::records::Compression;
 use speckv::controller::{Controller, PAPER_CANDIDATES};
 use speckv::decode::{self, Draft, GenConfig, Policy};
+use speckv::model::tokenizer::Tokenizer;
 use speckv::model::{read_gguf, Model};
-use speckv::quant::Format;
-use speckv::records::Compression;
-use speckv::tokenizer::Tokenizer;
+use speckv::weights::quant::Format;
 
 fn smollm2() -> Option<PathBuf> {
     let p =
@@ -78,7 +78,12 @@ fn speculative_greedy_equals_plain_greedy_for_every_policy_and_regime() {
     let prompt = tok
         .encode(&Tokenizer::chat_prompt("List three uses of copper."))
         .unwrap();
-    let ctl = Controller::new(speckv::overhead::random_mlp(3), &PAPER_CANDIDATES, None).unwrap();
+    let ctl = Controller::new(
+        speckv::controller::overhead::random_mlp(3),
+        &PAPER_CANDIDATES,
+        None,
+    )
+    .unwrap();
     let policies = [
         Policy::Fixed(1),
         Policy::Fixed(4),
@@ -207,13 +212,14 @@ fn calibration_of_the_full_model_agrees_with_itself() {
         .unwrap();
     // No cost bound: nothing is removed, and the teacher-forced target reproduces its own greedy
     // tokens (chunked prefill and one-token decoding agree).
-    let cal = speckv::calibrate::calibrate(&m, std::slice::from_ref(&prompt), &tok.stop, 10, 1.0)
-        .unwrap();
+    let cal =
+        speckv::decode::calibrate::calibrate(&m, std::slice::from_ref(&prompt), &tok.stop, 10, 1.0)
+            .unwrap();
     assert_eq!(cal.keep.len(), m.cfg.layers);
     assert_eq!(cal.agreement, 1.0);
     assert_eq!(cal.path.len(), 1);
     assert!(
-        speckv::calibrate::calibrate(&m, &[prompt], &tok.stop, 10, 0.0).is_err(),
+        speckv::decode::calibrate::calibrate(&m, &[prompt], &tok.stop, 10, 0.0).is_err(),
         "a zero cost bound is refused"
     );
 }

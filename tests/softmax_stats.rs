@@ -5,7 +5,7 @@
 mod common;
 
 use half::{bf16, f16};
-use speckv::cpu::CpuBackend;
+use speckv::backend::cpu::CpuBackend;
 use speckv::{
     philox, Accumulate, Dtype, Error, FeatureAccum, Logits, LogitsData, RowStats, StatsOptions,
     ROW_ALL_MASKED, ROW_NONFINITE,
@@ -209,7 +209,7 @@ macro_rules! per_backend {
             #[test]
             fn emulator() {
                 let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
-                    speckv::emulate::softmax_stats(l, o, a, 256)
+                    speckv::backend::emulate::softmax_stats(l, o, a, 256)
                 };
                 ($body)(&run, "emulator");
             }
@@ -558,7 +558,7 @@ fn emulator_every_block_size() {
         let mut first: Option<Vec<RowStats>> = None;
         for block in [32u32, 64, 96, 128, 256, 512, 992, 1024] {
             let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
-                speckv::emulate::softmax_stats(l, o, a, block)
+                speckv::backend::emulate::softmax_stats(l, o, a, block)
             };
             check_case(
                 &run,
@@ -591,7 +591,7 @@ fn emulator_rejects_block_sizes_the_kernel_cannot_take() {
     let v = vec![0.0f32; 64];
     let l = Logits::dense(LogitsData::F32(&v), 64).unwrap();
     for block in [0u32, 16, 48, 1056, 2048] {
-        let r = speckv::emulate::softmax_stats(&l, &StatsOptions::default(), None, block);
+        let r = speckv::backend::emulate::softmax_stats(&l, &StatsOptions::default(), None, block);
         assert!(
             matches!(r, Err(Error::BadBlockSize(b)) if b == block),
             "block {block}: {r:?}"
@@ -613,7 +613,7 @@ fn emulator_and_cpu_sample_identical_tokens() {
             step: 99,
             ..Default::default()
         };
-        let a = speckv::emulate::softmax_stats(&l, &opts, None, 128).unwrap();
+        let a = speckv::backend::emulate::softmax_stats(&l, &opts, None, 128).unwrap();
         let b = cpu.softmax_stats(&l, &opts, None).unwrap();
         let ta: Vec<i32> = a.iter().map(|r| r.sampled).collect();
         let tb: Vec<i32> = b.iter().map(|r| r.sampled).collect();

@@ -6,8 +6,8 @@
 mod common;
 
 use half::{bf16, f16};
-use speckv::cpu::CpuBackend;
-use speckv::sim::{self, SimMode};
+use speckv::backend::cpu::CpuBackend;
+use speckv::verify::sim::{self, SimMode};
 use speckv::{
     philox, Backend, DraftDist, Dtype, Error, LogitsData, VerifyBatch, VerifyOutput,
     VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
@@ -345,7 +345,7 @@ macro_rules! per_backend {
             #[test]
             fn emulator() {
                 ($body)(
-                    &|v: &VerifyBatch<'_>| speckv::emulate::verify(v, 128),
+                    &|v: &VerifyBatch<'_>| speckv::backend::emulate::verify(v, 128),
                     "emulator",
                 );
             }
@@ -641,7 +641,7 @@ fn emulator_kernel_flags_device_written_gamma_and_tokens() {
         draft_tokens: &tokens,
         ..good
     };
-    let o = speckv::emulate::verify_unchecked_values(&v, 64).unwrap();
+    let o = speckv::backend::emulate::verify_unchecked_values(&v, 64).unwrap();
     assert_eq!(o.flags, vec![VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, 0]);
     assert_eq!(&o.emitted_count[..2], &[0, 0]);
     assert_eq!(o.emitted_count[2], o.accepted[2] + 1);
@@ -654,7 +654,7 @@ fn emulator_every_block_size_gives_the_same_decisions() {
     let v = case.batch(&typed, Dtype::Bf16, false);
     let want = case.reference(&v);
     for block in [32u32, 64, 96, 128, 256, 512, 1024] {
-        let got = speckv::emulate::verify(&v, block).unwrap();
+        let got = speckv::backend::emulate::verify(&v, block).unwrap();
         assert_same(&got, &want, &format!("block {block}"));
     }
 }
@@ -761,7 +761,7 @@ fn emulator_simulation_counts_equal_the_cpu_backend() {
         1000,
     )
     .unwrap();
-    // The emulator as a backend: run the same batches through speckv::emulate::verify.
+    // The emulator as a backend: run the same batches through speckv::backend::emulate::verify.
     let mut counts = vec![vec![0u64; 12]; 4];
     let mut step = 0u64;
     let mut done = 0;
@@ -802,7 +802,7 @@ fn emulator_simulation_counts_equal_the_cpu_backend() {
             seed: 8,
             step,
         };
-        let o = speckv::emulate::verify(&v, 32).unwrap();
+        let o = speckv::backend::emulate::verify(&v, 32).unwrap();
         for b in 0..n {
             for (i, &t) in o.tokens(b).iter().enumerate() {
                 counts[i][t as usize] += 1;

@@ -17,11 +17,11 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
+use speckv::backend::cpu::CpuBackend;
+use speckv::backend::external::{DeviceBuffer, ExternalCuda};
 use speckv::controller::{Controller, CostModel};
-use speckv::cpu::CpuBackend;
 use speckv::error::Error;
-use speckv::external::{DeviceBuffer, ExternalCuda};
-use speckv::logits::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
+use speckv::stats::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
 use speckv::verify::{DraftDist, VerifyBatch};
 use speckv_kernels::params::{FeatureAccum, GammaMlpParams, MlpWeights, RowStats};
 
@@ -500,7 +500,7 @@ pub unsafe extern "C" fn speckv_load_controller(
                     .then(|| CStr::from_ptr(cost_json).to_string_lossy().into_owned()),
             )
         };
-        let mlp = speckv::mlp::Mlp::load(Path::new(&path)).st()?;
+        let mlp = speckv::controller::mlp::Mlp::load(Path::new(&path)).st()?;
         let cost = match cost {
             Some(p) => Some(CostModel::load(Path::new(&p)).st()?),
             None => None,
@@ -749,12 +749,12 @@ pub unsafe extern "C" fn speckv_verify(
         if b == 0 || v == 0 {
             return fail(SpeckvStatus::BadShape, "batch and vocab must be at least 1");
         }
-        if v > speckv::logits::MAX_VOCAB || gm > 1024 {
+        if v > speckv::stats::MAX_VOCAB || gm > 1024 {
             return fail(
                 SpeckvStatus::BadShape,
                 format!(
                     "vocab {v} (at most {}) or gamma_max {gm} (at most 1024) too large",
-                    speckv::logits::MAX_VOCAB
+                    speckv::stats::MAX_VOCAB
                 ),
             );
         }

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use speckv::backend::cpu::CpuBackend;
 use speckv::controller::Controller;
-use speckv::cpu::CpuBackend;
-use speckv::logits::{Accumulate, Logits, LogitsData, StatsOptions};
+use speckv::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use speckv::verify::{DraftDist, VerifyBatch};
 use speckv_kernels::params::FeatureAccum;
 
@@ -74,7 +74,7 @@ fn rust_output() -> String {
             );
         }
     }
-    let mlp = speckv::mlp::Mlp::load(&root().join("assets/controller.json")).unwrap();
+    let mlp = speckv::controller::mlp::Mlp::load(&root().join("assets/controller.json")).unwrap();
     let c = Controller::new(mlp, &[1, 2, 3, 4], None).unwrap();
     let w = c.mlp.to_f32();
     let mut gammas = [0i32; B];

@@ -19,7 +19,7 @@ fn logit(i: usize, salt: usize) -> f32 {
 
 #[test]
 fn c_abi_on_a_caller_cuda_stream_matches_cpu() {
-    if !speckv::cuda::driver_present() || CudaContext::device_count().unwrap_or(0) == 0 {
+    if !speckv::backend::cuda::driver_present() || CudaContext::device_count().unwrap_or(0) == 0 {
         eprintln!("skipped: no CUDA device (C ABI CUDA path not exercised)");
         return;
     }

@@ -232,7 +232,7 @@ fn ptx_export_and_cuda_without_a_driver() {
         unsafe { speckv_ptx(bad.as_ptr(), &mut p, &mut n) },
         SpeckvStatus::InvalidArgument
     );
-    if !speckv::cuda::driver_present() {
+    if !speckv::backend::cuda::driver_present() {
         let mut ctx = null_mut();
         // SAFETY: a valid out-pointer; no driver, so no context is touched.
         let s = unsafe { speckv_context_create_cuda(null_mut(), null_mut(), &mut ctx) };

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use speckv::cuda::CudaBackend;
+use speckv::backend::cuda::CudaBackend;
 
 /// Seeded normal logits scaled by `scale`.
 pub fn normal_logits(n: usize, scale: f32, seed: u64) -> Vec<f32> {

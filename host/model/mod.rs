@@ -8,6 +8,8 @@
 //! GGUF files are untrusted input: reading goes through candle-core's bounds-checked parser, and any
 //! panic inside it is caught and turned into an error.
 
+pub mod tokenizer;
+
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
@@ -17,7 +19,7 @@ use candle_core::Device;
 use half::f16;
 
 use crate::error::{Error, Result};
-use crate::quant::{Format, QMatrix};
+use crate::weights::quant::{Format, QMatrix};
 
 /// Architecture hyper-parameters from GGUF metadata.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -334,7 +336,7 @@ impl Model {
         }
         let keep = keep.clamp(1, tokens.len());
         let mut out = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(crate::gemv::MAX_M).collect();
+        let chunks: Vec<&[u32]> = tokens.chunks(crate::weights::gemv::MAX_M).collect();
         let n = chunks.len();
         let first_kept = tokens.len() - keep;
         let mut done = 0;
@@ -383,9 +385,9 @@ impl Model {
                 continue;
             }
             rms_norm(&x, &l.attn_norm, cfg.rms_eps, &mut xn, h);
-            let mut q = crate::gemv::cpu(&l.q, &xn, m)?;
-            let mut k = crate::gemv::cpu(&l.k, &xn, m)?;
-            let mut v = crate::gemv::cpu(&l.v, &xn, m)?;
+            let mut q = crate::weights::gemv::cpu(&l.q, &xn, m)?;
+            let mut k = crate::weights::gemv::cpu(&l.k, &xn, m)?;
+            let mut v = crate::weights::gemv::cpu(&l.v, &xn, m)?;
             add_bias(&mut q, l.bq.as_deref());
             add_bias(&mut k, l.bk.as_deref());
             add_bias(&mut v, l.bv.as_deref());
@@ -404,19 +406,19 @@ impl Model {
                 cfg.kv_heads,
                 hd,
             );
-            let o = crate::gemv::cpu(&l.o, &att, m)?;
+            let o = crate::weights::gemv::cpu(&l.o, &att, m)?;
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             rms_norm(&x, &l.ffn_norm, cfg.rms_eps, &mut xn, h);
-            let g = crate::gemv::cpu(&l.gate, &xn, m)?;
-            let u = crate::gemv::cpu(&l.up, &xn, m)?;
+            let g = crate::weights::gemv::cpu(&l.gate, &xn, m)?;
+            let u = crate::weights::gemv::cpu(&l.up, &xn, m)?;
             let act: Vec<f32> = g
                 .iter()
                 .zip(&u)
                 .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 .collect();
-            let d = crate::gemv::cpu(&l.down, &act, m)?;
+            let d = crate::weights::gemv::cpu(&l.down, &act, m)?;
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
             }
@@ -426,7 +428,7 @@ impl Model {
             return Ok(Vec::new());
         }
         rms_norm(&x, &self.out_norm, cfg.rms_eps, &mut xn, h);
-        crate::gemv::cpu(&self.lm_head, &xn, m)
+        crate::weights::gemv::cpu(&self.lm_head, &xn, m)
     }
 }
 

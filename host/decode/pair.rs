@@ -7,14 +7,14 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::controller::records::Compression;
 use crate::controller::{self, Controller, CostModel};
+use crate::decode::profile::Prompt;
 use crate::decode::{self, Draft, GenConfig, GenStats, Policy};
 use crate::error::{Error, Result};
+use crate::model::tokenizer::Tokenizer;
 use crate::model::{read_gguf, Model};
-use crate::profile::Prompt;
-use crate::quant::Format;
-use crate::records::Compression;
-use crate::tokenizer::Tokenizer;
+use crate::weights::quant::Format;
 
 /// The compression regime code of a weight format.
 pub fn compression_of(f: Format) -> Compression {
@@ -147,7 +147,7 @@ pub fn policy_from_name(
                 _ => None,
             };
             Some(Controller::new(
-                crate::mlp::Mlp::load(p)?,
+                crate::controller::mlp::Mlp::load(p)?,
                 &controller::PAPER_CANDIDATES,
                 cost,
             )?)
@@ -182,7 +182,11 @@ pub fn prompts_from_file(
     offset: usize,
     per_category: usize,
 ) -> Result<Vec<(usize, Prompt)>> {
-    let chosen = select_prompts(&crate::profile::read_prompts(path)?, offset, per_category);
+    let chosen = select_prompts(
+        &crate::decode::profile::read_prompts(path)?,
+        offset,
+        per_category,
+    );
     if chosen.is_empty() {
         return Err(Error::Other(format!(
             "no prompts at --offset {offset} --per-category {per_category} in {}",

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::controller::CostModel;
 use crate::error::Result;
-use crate::quant::{relative_rms_error, Format, QMatrix};
+use crate::weights::quant::{relative_rms_error, Format, QMatrix};
 
 /// A linear layer of a model: (name, out, in, how many per transformer layer).
 pub type Shape = (&'static str, usize, usize, usize);
@@ -45,7 +45,7 @@ pub fn random_weights(out: usize, inp: usize, seed: u64) -> Vec<f32> {
 /// Backend-resident matrix ready to time.
 enum Resident {
     Host(QMatrix),
-    Device(crate::cuda::DeviceMatrix, QMatrix),
+    Device(crate::backend::cuda::DeviceMatrix, QMatrix),
 }
 
 fn resident(backend: &Backend, q: QMatrix) -> Result<Resident> {
@@ -64,7 +64,7 @@ fn time_gemv(backend: &Backend, r: &Resident, m: usize, budget: Duration) -> Res
         (_, Resident::Host(q)) | (_, Resident::Device(_, q)) => {
             let (_, inp) = q.shape();
             let x = vec![0.5f32; m * inp];
-            crate::backend::time_host(budget, 2, || crate::gemv::cpu(q, &x, m))
+            crate::backend::time_host(budget, 2, || crate::weights::gemv::cpu(q, &x, m))
         }
     }
 }

@@ -11,7 +11,7 @@ use speckv_kernels::verify as verify_kernel;
 
 use crate::controller::{Controller, GammaPtrs};
 use crate::error::Result;
-use crate::logits::{check_accum, check_block, stats_params, Logits, LogitsData, StatsOptions};
+use crate::stats::{check_accum, check_block, stats_params, Logits, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs};
 
 /// Runs `softmax_stats` on the emulator with `block` threads per row.

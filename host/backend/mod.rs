@@ -1,13 +1,18 @@
 //! Backend selection: CUDA when a device is present, else the CPU; `--backend` forces one.
 
+pub mod cpu;
+pub mod cuda;
+pub mod emulate;
+pub mod external;
+
 use std::time::{Duration, Instant};
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use crate::cpu::CpuBackend;
-use crate::cuda::{self, CudaBackend};
 use crate::error::{Error, Result};
-use crate::logits::{Logits, StatsOptions};
+use crate::stats::{Logits, StatsOptions};
+use cpu::CpuBackend;
+use cuda::CudaBackend;
 
 /// Which backend the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::controller::records::StepRecord;
 use crate::error::{Error, Result};
-use crate::records::StepRecord;
 
 /// α per compression, per γ.
 pub type AlphaTable = BTreeMap<String, BTreeMap<u32, f64>>;

@@ -7,10 +7,10 @@ use serde::Serialize;
 use speckv_kernels::params::FeatureAccum;
 
 use crate::backend::Backend;
+use crate::controller::mlp::{Mlp, HIDDEN, INPUTS};
+use crate::controller::records::Compression;
 use crate::controller::{Controller, PAPER_CANDIDATES};
 use crate::error::Result;
-use crate::mlp::{Mlp, HIDDEN, INPUTS};
-use crate::records::Compression;
 
 /// The paper's measured decision time (MLP-16 on the host, per step).
 pub const PAPER_MS: f64 = 0.336;

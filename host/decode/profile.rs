@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::controller::records::Compression;
 use crate::controller::CostModel;
 use crate::decode::{Draft, StepTrace};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
-use crate::records::Compression;
 
 /// One prompt of a prompt set (`prompts/prompts.jsonl`: `{"category": …, "prompt": …}`).
 #[derive(Clone, Debug, Deserialize)]

@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::controller::records::Compression;
 use crate::decode::{self, GenConfig};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
-use crate::records::Compression;
 
 #[derive(Debug, Serialize)]
 pub struct Calibration {

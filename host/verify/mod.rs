@@ -2,15 +2,17 @@
 //! (same decisions as the `verify` kernel: same Philox sub-streams, same acceptance rule, same
 //! emission formulas; probabilities in f64).
 
+pub mod sim;
+
 use rayon::prelude::*;
 use speckv_kernels::params::{
     VerifyParams, VERIFY_ALL_MASKED, VERIFY_DRAFT_PROBS, VERIFY_NONFINITE,
 };
 use speckv_kernels::philox;
 
-use crate::cpu::row_summary;
+use crate::backend::cpu::row_summary;
 use crate::error::{Error, Result};
-use crate::logits::{LogitsData, MAX_VOCAB};
+use crate::stats::{LogitsData, MAX_VOCAB};
 
 /// The draft's distributions.
 #[derive(Clone, Copy, Debug)]

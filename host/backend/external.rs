@@ -1,6 +1,6 @@
 //! Launching the kernels on memory and streams another engine owns (the C ABI and the Python
 //! binding's CUDA path): raw driver calls on the caller's `CUcontext` and `CUstream`, the embedded
-//! PTX loaded once per context, parameters passed by value exactly as [`crate::cuda`] passes them.
+//! PTX loaded once per context, parameters passed by value exactly as [`crate::backend::cuda`] passes them.
 //! Nothing is allocated per launch. Not yet run on a GPU (no device was lent while writing it):
 //! validated by the CPU emulator and ptxas only through the same kernels and launch shapes.
 
@@ -12,10 +12,10 @@ use cudarc::driver::sys::{
 };
 use speckv_kernels::params::{GammaMlpParams, SoftmaxStatsParams, VerifyParams};
 
-use crate::cuda::{driver_present, KernelFn, GAMMA_BLOCK, STATS_BLOCK, VERIFY_BLOCK};
+use crate::backend::cuda::{driver_present, KernelFn, GAMMA_BLOCK, STATS_BLOCK, VERIFY_BLOCK};
 use crate::error::{Error, Result};
-use crate::logits::Dtype;
 use crate::ptx::Arch;
+use crate::stats::Dtype;
 
 fn check(r: CUresult, what: &str) -> Result<()> {
     if r == CUresult::CUDA_SUCCESS {

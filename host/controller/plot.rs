@@ -6,12 +6,12 @@ use std::path::Path;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use crate::controller::evaluate::EvalReport;
 use crate::error::{Error, Result};
-use crate::evaluate::EvalReport;
 
 /// DejaVu Sans (Bitstream Vera licence, assets/fonts/DejaVuSans-LICENSE.txt), embedded so plots
 /// render the same on every machine.
-static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 fn register() -> Result<()> {
     static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -13,7 +13,7 @@ use speckv_kernels::params::{FeatureAccum, RowStats, ROW_ALL_MASKED, ROW_NONFINI
 use speckv_kernels::philox;
 
 use crate::error::Result;
-use crate::logits::{check_accum, Accumulate, Logits, LogitsData, StatsOptions};
+use crate::stats::{check_accum, Accumulate, Logits, LogitsData, StatsOptions};
 
 const TILE: usize = 1024;
 const LANES: usize = 8;

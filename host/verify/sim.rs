@@ -12,7 +12,7 @@ use speckv_kernels::philox;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::logits::LogitsData;
+use crate::stats::LogitsData;
 use crate::verify::{DraftDist, VerifyBatch};
 
 /// Verification mode of every simulated sequence.

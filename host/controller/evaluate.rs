@@ -24,10 +24,10 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::controller::mlp::{self, Fit, Mlp};
+use crate::controller::records::{Compression, StepRecord};
 use crate::controller::{Controller, CostModel, PAPER_CANDIDATES};
 use crate::error::{Error, Result};
-use crate::mlp::{self, Fit, Mlp};
-use crate::records::{Compression, StepRecord};
 
 /// Knobs of the rule-based policies.
 #[derive(Clone, Debug, Serialize)]

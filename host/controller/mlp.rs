@@ -11,8 +11,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::controller::records::StepRecord;
 use crate::error::{Error, Result};
-use crate::records::StepRecord;
 
 pub const INPUTS: usize = 6;
 pub const HIDDEN: usize = 16;

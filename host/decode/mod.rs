@@ -7,18 +7,22 @@
 //! "pending" token), which the next step feeds first; the draft cache may also lag by the drafts
 //! it proposed but never fed (the last one of a fully accepted step), kept in a backlog.
 
+pub mod calibrate;
+pub mod pair;
+pub mod profile;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Serialize;
 use speckv_kernels::params::FeatureAccum;
 
+use crate::backend::cpu::CpuBackend;
+use crate::controller::records::Compression;
 use crate::controller::Controller;
-use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
-use crate::logits::{Accumulate, Logits, LogitsData, StatsOptions};
 use crate::model::{KvCache, Model};
-use crate::records::Compression;
+use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch};
 
 /// How γ is chosen each step.
@@ -221,10 +225,10 @@ pub fn speculative_traced(
     if prompt.is_empty() {
         return Err(Error::Empty { what: "prompt" });
     }
-    if cfg.gamma_max == 0 || cfg.gamma_max as usize > crate::gemv::MAX_M - 1 {
+    if cfg.gamma_max == 0 || cfg.gamma_max as usize > crate::weights::gemv::MAX_M - 1 {
         return Err(Error::Other(format!(
             "γmax must be 1..={}",
-            crate::gemv::MAX_M - 1
+            crate::weights::gemv::MAX_M - 1
         )));
     }
     let v = target.cfg.vocab;

@@ -10,7 +10,7 @@ use speckv_kernels::gemv::{self as kernel, Fp16, Int8, Nf4};
 use speckv_kernels::params::{GemvParams, NF4_BLOCK, NF4_CODE};
 
 use crate::error::{Error, Result};
-use crate::quant::QMatrix;
+use crate::weights::quant::QMatrix;
 
 /// Largest M (rows of x) one launch takes: the γ + 1 positions of a verification pass.
 pub const MAX_M: usize = 16;
@@ -67,7 +67,7 @@ pub(crate) fn raw(w: &QMatrix) -> (&[u8], Option<&[f32]>) {
 /// y `[m, out]` = x `[m, in]` · Wᵀ on the emulator, `block` threads per block (one warp per row).
 pub fn emulate(w: &QMatrix, x: &[f32], m: usize, block: u32) -> Result<Vec<f32>> {
     check(w, x, m)?;
-    crate::logits::check_block(block)?;
+    crate::stats::check_block(block)?;
     let (out, _) = w.shape();
     let mut y = vec![0f32; m * out];
     let (wb, scales) = raw(w);

@@ -20,10 +20,10 @@ use speckv_kernels::verify as verify_kernel;
 
 use crate::controller::{Controller, GammaPtrs};
 use crate::error::{Error, Result};
-use crate::logits::{check_accum, stats_params, Dtype, Logits, StatsOptions};
 use crate::ptx::Arch;
-use crate::quant::{Format, QMatrix};
+use crate::stats::{check_accum, stats_params, Dtype, Logits, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs};
+use crate::weights::quant::{Format, QMatrix};
 
 /// Every kernel entry point of the embedded PTX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -284,7 +284,7 @@ impl CudaBackend {
         let (lp, _g1) = d_logits.device_ptr(&self.stream);
         let (op, _g2) = d_out.device_ptr_mut(&self.stream);
         let mut o = *opts;
-        o.accumulate = crate::logits::Accumulate::No;
+        o.accumulate = crate::stats::Accumulate::No;
         let params = stats_params(
             logits,
             &o,
@@ -576,7 +576,7 @@ impl DeviceMatrix {
 
 impl CudaBackend {
     pub fn upload_matrix(&self, w: &QMatrix) -> Result<DeviceMatrix> {
-        let (wb, scales) = crate::gemv::raw(w);
+        let (wb, scales) = crate::weights::gemv::raw(w);
         let (out, inp) = w.shape();
         Ok(DeviceMatrix {
             format: w.format(),
@@ -598,7 +598,7 @@ impl CudaBackend {
         y: &mut cudarc::driver::CudaSlice<f32>,
         m: usize,
     ) -> Result<()> {
-        if m == 0 || m > crate::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
+        if m == 0 || m > crate::weights::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
             return Err(Error::Other(format!(
                 "gemv: M = {m} or buffer sizes do not fit the {}×{} matrix",
                 d.out, d.inp

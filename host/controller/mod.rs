@@ -1,15 +1,22 @@
 //! The γ controller: the MLP's decision per step, on the CPU and on the device (`gamma_mlp`), and
 //! the cost model the `speckv-cost` policy maximises tokens per unit time with.
 
+pub mod evaluate;
+pub mod mlp;
+pub mod overhead;
+pub mod plot;
+pub mod records;
+pub mod simulate;
+
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use speckv_kernels::gamma_mlp;
 use speckv_kernels::params::{FeatureAccum, GammaMlpParams, MlpWeights, MAX_CANDIDATES};
 
+use crate::controller::mlp::Mlp;
+use crate::controller::records::Compression;
 use crate::error::{Error, Result};
-use crate::mlp::Mlp;
-use crate::records::Compression;
 
 /// The paper's candidate set.
 pub const PAPER_CANDIDATES: [u32; 4] = [2, 4, 6, 8];
