@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, Criterion};
 use speckv::backend::cuda::CudaBackend;
-use speckv::controller::overhead::random_mlp;
 use speckv::controller::records::Compression;
 use speckv::controller::{Controller, PAPER_CANDIDATES};
+use speckv::measure::overhead::random_mlp;
 use speckv::FeatureAccum;
 
 fn bench(c: &mut Criterion) {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use speckv::backend::cuda::CudaBackend;
+use speckv::measure::regime::random_weights;
 use speckv::weights::quant::{Format, QMatrix};
-use speckv::weights::regime::random_weights;
 
 fn quick() -> bool {
     std::env::var("SPECKV_BENCH_QUICK")

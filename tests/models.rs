@@ -79,7 +79,7 @@ fn speculative_greedy_equals_plain_greedy_for_every_policy_and_regime() {
         .encode(&Tokenizer::chat_prompt("List three uses of copper."))
         .unwrap();
     let ctl = Controller::new(
-        speckv::controller::overhead::random_mlp(3),
+        speckv::measure::overhead::random_mlp(3),
         &PAPER_CANDIDATES,
         None,
     )

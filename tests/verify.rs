@@ -7,7 +7,7 @@ mod common;
 
 use half::{bf16, f16};
 use speckv::backend::cpu::CpuBackend;
-use speckv::verify::sim::{self, SimMode};
+use speckv::measure::verify_sim::{self, SimMode};
 use speckv::{
     philox, Backend, DraftDist, Dtype, Error, LogitsData, VerifyBatch, VerifyOutput,
     VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
@@ -673,7 +673,7 @@ fn cpu_emitted_tokens_follow_the_target_chi_square() {
     let flat = |v: usize| vec![1.0 / v as f64; v];
     let peaked =
         |v: usize, at: usize| normalise((0..v).map(|j| if j == at { 50.0 } else { 1.0 }).collect());
-    let mut cases: Vec<(&str, sim::Dists, sim::Dists)> = Vec::new();
+    let mut cases: Vec<(&str, verify_sim::Dists, verify_sim::Dists)> = Vec::new();
     // q = p
     let p = peaked(8, 2);
     cases.push((
@@ -716,9 +716,10 @@ fn cpu_emitted_tokens_follow_the_target_chi_square() {
         vec![vec![0.8, 0.2]],
     ));
     for (name, target, draft) in cases {
-        let r = sim::run(&cpu, &target, &draft, n, 2024, SimMode::Stochastic, 65_536).unwrap();
+        let r =
+            verify_sim::run(&cpu, &target, &draft, n, 2024, SimMode::Stochastic, 65_536).unwrap();
         for i in 0..target.len() {
-            let crit = sim::chi2_critical_1e4(r.chi2_dof[i]);
+            let crit = verify_sim::chi2_critical_1e4(r.chi2_dof[i]);
             if i == 0 {
                 assert_eq!(
                     r.reached[0], n,
@@ -750,8 +751,8 @@ fn cpu_emitted_tokens_follow_the_target_chi_square() {
 /// the CPU backend for the same seed.
 #[test]
 fn emulator_simulation_counts_equal_the_cpu_backend() {
-    let (target, draft) = sim::dirichlet_pair(12, 3, 8).unwrap();
-    let cpu = sim::run(
+    let (target, draft) = verify_sim::dirichlet_pair(12, 3, 8).unwrap();
+    let cpu = verify_sim::run(
         &Backend::Cpu(CpuBackend::new()),
         &target,
         &draft,

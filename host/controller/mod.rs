@@ -3,7 +3,6 @@
 
 pub mod evaluate;
 pub mod mlp;
-pub mod overhead;
 pub mod plot;
 pub mod records;
 pub mod simulate;

@@ -8,118 +8,22 @@
 //! GGUF files are untrusted input: reading goes through candle-core's bounds-checked parser, and any
 //! panic inside it is caught and turned into an error.
 
+mod gguf;
+mod ops;
 pub mod tokenizer;
+
+use gguf::load_f32;
+pub use gguf::{guarded, read_gguf, Config};
+use ops::{add_bias, attention, rms_norm, rope};
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::Content;
-use candle_core::Device;
 use half::f16;
 
 use crate::error::{Error, Result};
 use crate::weights::quant::{Format, QMatrix};
-
-/// Architecture hyper-parameters from GGUF metadata.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Config {
-    pub arch: String,
-    pub layers: usize,
-    pub hidden: usize,
-    pub ffn: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub rope_base: f32,
-    pub rms_eps: f32,
-    pub vocab: usize,
-    pub context: usize,
-}
-
-/// Reads the GGUF header (metadata and tensor table) of `path`, rejecting malformed input with an
-/// error — never a panic.
-pub fn read_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        context: format!("opening {}", path.display()),
-        source,
-    })?;
-    let mut r = BufReader::new(file);
-    let c = guarded(|| Content::read(&mut r))
-        .map_err(|e| Error::Other(format!("{}: not a readable GGUF file: {e}", path.display())))?;
-    Ok((c, r))
-}
-
-/// Runs a candle call, turning both its errors and any panic into speckv errors.
-pub fn guarded<T>(f: impl FnOnce() -> candle_core::Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Error::Other(e.to_string())),
-        Err(_) => Err(Error::Other(
-            "the GGUF reader panicked on malformed input".to_string(),
-        )),
-    }
-}
-
-impl Config {
-    pub fn from_gguf(c: &Content) -> Result<Config> {
-        let arch = c
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| Error::Other("GGUF metadata lacks general.architecture".to_string()))?;
-        if arch != "llama" && arch != "qwen2" {
-            return Err(Error::Other(format!(
-                "architecture {arch:?} is not supported (llama, qwen2)"
-            )));
-        }
-        let u = |k: &str| -> Result<usize> {
-            let key = format!("{arch}.{k}");
-            c.metadata
-                .get(&key)
-                .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-                .map(|v| v as usize)
-                .ok_or_else(|| Error::Other(format!("GGUF metadata lacks {key}")))
-        };
-        let f = |k: &str, d: f32| {
-            c.metadata
-                .get(&format!("{arch}.{k}"))
-                .and_then(|v| v.to_f32().ok())
-                .unwrap_or(d)
-        };
-        let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
-        let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
-        let vocab = match c.tensor_infos.get("token_embd.weight") {
-            Some(t) => t.shape.dims()[0],
-            None => return Err(Error::Other("GGUF lacks token_embd.weight".to_string())),
-        };
-        let cfg = Config {
-            layers: u("block_count")?,
-            hidden,
-            ffn: u("feed_forward_length")?,
-            heads,
-            kv_heads,
-            head_dim: hidden / heads.max(1),
-            rope_base: f("rope.freq_base", 10_000.0),
-            rms_eps: f("attention.layer_norm_rms_epsilon", 1e-6),
-            vocab,
-            context: u("context_length").unwrap_or(4096),
-            arch,
-        };
-        if cfg.heads == 0
-            || cfg.kv_heads == 0
-            || cfg.heads % cfg.kv_heads != 0
-            || cfg.hidden % cfg.heads != 0
-            || cfg.head_dim % 2 != 0
-            || cfg.layers == 0
-        {
-            return Err(Error::Other(format!(
-                "inconsistent model configuration {cfg:?}"
-            )));
-        }
-        Ok(cfg)
-    }
-}
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -180,16 +84,6 @@ impl KvCache {
         }
         self.len = len;
     }
-}
-
-fn load_f32(c: &Content, r: &mut BufReader<File>, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-    let q = guarded(|| c.tensor(r, name, &Device::Cpu))
-        .map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
-    let dims = q.shape().dims().to_vec();
-    let t = guarded(|| q.dequantize(&Device::Cpu))
-        .map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
-    let v = guarded(|| t.flatten_all()?.to_vec1::<f32>())?;
-    Ok((v, dims))
 }
 
 impl Model {
@@ -430,95 +324,4 @@ impl Model {
         rms_norm(&x, &self.out_norm, cfg.rms_eps, &mut xn, h);
         crate::weights::gemv::cpu(&self.lm_head, &xn, m)
     }
-}
-
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], h: usize) {
-    for (xr, or) in x.chunks(h).zip(out.chunks_mut(h)) {
-        let ms = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / h as f64;
-        let s = 1.0 / (ms + eps as f64).sqrt();
-        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
-            *o = (*v as f64 * s) as f32 * g;
-        }
-    }
-}
-
-fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
-    if let Some(b) = b {
-        for row in y.chunks_mut(b.len()) {
-            for (a, c) in row.iter_mut().zip(b) {
-                *a += c;
-            }
-        }
-    }
-}
-
-/// Rotary embedding in place on `[m, heads, hd]` at positions pos0.., llama's adjacent pairs
-/// (GGUF stores llama's q/k permuted for them) or qwen2's halves (`neox`).
-fn rope(x: &mut [f32], heads: usize, hd: usize, pos0: usize, base: f32, neox: bool) {
-    let half = hd / 2;
-    for (i, row) in x.chunks_mut(heads * hd).enumerate() {
-        let pos = (pos0 + i) as f64;
-        for head in row.chunks_mut(hd) {
-            for j in 0..half {
-                let theta = pos * (base as f64).powf(-2.0 * j as f64 / hd as f64);
-                let (s, c) = theta.sin_cos();
-                let (a, b) = if neox {
-                    (j, j + half)
-                } else {
-                    (2 * j, 2 * j + 1)
-                };
-                let (x0, x1) = (head[a] as f64, head[b] as f64);
-                head[a] = (x0 * c - x1 * s) as f32;
-                head[b] = (x0 * s + x1 * c) as f32;
-            }
-        }
-    }
-}
-
-/// Causal grouped-query attention of m new positions over the cache.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    m: usize,
-    pos0: usize,
-    heads: usize,
-    kv_heads: usize,
-    hd: usize,
-) -> Vec<f32> {
-    let group = heads / kv_heads;
-    let kvw = kv_heads * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; m * heads * hd];
-    let mut scores = Vec::new();
-    for i in 0..m {
-        let n = pos0 + i + 1; // positions visible to query i
-        for h in 0..heads {
-            let kvh = h / group;
-            let qv = &q[(i * heads + h) * hd..(i * heads + h + 1) * hd];
-            scores.clear();
-            let mut mx = f32::NEG_INFINITY;
-            for p in 0..n {
-                let kv = &kc[p * kvw + kvh * hd..p * kvw + (kvh + 1) * hd];
-                let s = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
-                mx = mx.max(s);
-                scores.push(s);
-            }
-            let mut z = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - mx).exp();
-                z += *s;
-            }
-            let o = &mut out[(i * heads + h) * hd..(i * heads + h + 1) * hd];
-            for (p, s) in scores.iter().enumerate() {
-                let w = s / z;
-                let vv = &vc[p * kvw + kvh * hd..p * kvw + (kvh + 1) * hd];
-                for (a, b) in o.iter_mut().zip(vv) {
-                    *a += w * b;
-                }
-            }
-        }
-    }
-    out
 }

@@ -1,5 +1,8 @@
 //! Logits as the kernels read them, and the options of the statistics pass; everything a user
-//! passes is validated here once, before any backend touches memory.
+//! passes is validated here once, before any backend touches memory. [`cpu`] is the CPU twin of the
+//! `softmax_stats` kernel.
+
+pub mod cpu;
 
 use half::{bf16, f16};
 use speckv_kernels::params::{

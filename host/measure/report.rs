@@ -26,11 +26,11 @@ pub struct Report {
     pub kernels: Kernels,
     /// Per weight regime: GEMV throughput and the estimated verification step of a
     /// Llama-3-8B-shaped target (see `regime`).
-    pub regimes: Vec<crate::weights::regime::RegimeRow>,
+    pub regimes: Vec<crate::measure::regime::RegimeRow>,
     /// The CPU γ decision (µs), its share of each regime's step is in `regimes`; the paper's is 0.336 ms.
     pub decision_us: f64,
     pub paper_decision_ms: f64,
-    pub quantization_error: crate::weights::regime::QuantError,
+    pub quantization_error: crate::measure::regime::QuantError,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,13 +128,13 @@ pub fn build(backend: &Backend, budget: Duration) -> Result<Report> {
         Backend::Cuda(c) => Some(c.copy_bandwidth(256 << 20, 20)? / 1e9),
         Backend::Cpu(_) => None,
     };
-    let decision_us = crate::controller::overhead::measure(backend, None)?.cpu_us_per_decision;
-    let regimes = crate::weights::regime::regimes(backend, decision_us, budget / 5)?;
+    let decision_us = crate::measure::overhead::measure(backend, None)?.cpu_us_per_decision;
+    let regimes = crate::measure::regime::regimes(backend, decision_us, budget / 5)?;
     Ok(Report {
         regimes,
         decision_us,
-        paper_decision_ms: crate::controller::overhead::PAPER_MS,
-        quantization_error: crate::weights::regime::quant_error()?,
+        paper_decision_ms: crate::measure::overhead::PAPER_MS,
+        quantization_error: crate::measure::regime::quant_error()?,
         backend: backend.name(),
         device: backend.device(),
         ptx_archs: ptx::built_archs(),

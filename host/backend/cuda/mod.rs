@@ -1,0 +1,313 @@
+//! The CUDA backend: cudarc with dynamic loading (no CUDA needed to build), the embedded PTX
+//! loaded once per context into a module cache keyed by [`KernelFn`], every driver error mapped to
+//! [`Error::Driver`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use speckv_kernels::params::{
+    FeatureAccum, GammaMlpParams, GemvParams, RowStats, SoftmaxStatsParams, VerifyParams,
+};
+use speckv_kernels::softmax_stats as kernel;
+
+use crate::error::{Error, Result};
+use crate::ptx::Arch;
+use crate::stats::{check_accum, stats_params, Dtype, Logits, StatsOptions};
+use crate::weights::quant::Format;
+
+mod controller;
+mod gemv;
+mod verify;
+
+pub use controller::{DeviceController, GAMMA_BLOCK};
+pub use gemv::{DeviceMatrix, GEMV_BLOCK};
+
+/// Every kernel entry point of the embedded PTX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelFn {
+    SoftmaxStats(Dtype),
+    Verify(Dtype),
+    GammaMlp,
+    /// Weight format and M tile (1, 2, 4, 8, 16).
+    Gemv(Format, u32),
+}
+
+impl KernelFn {
+    pub const ALL: [KernelFn; 22] = [
+        KernelFn::GammaMlp,
+        KernelFn::Gemv(Format::Fp16, 1),
+        KernelFn::Gemv(Format::Fp16, 2),
+        KernelFn::Gemv(Format::Fp16, 4),
+        KernelFn::Gemv(Format::Fp16, 8),
+        KernelFn::Gemv(Format::Fp16, 16),
+        KernelFn::Gemv(Format::Int8, 1),
+        KernelFn::Gemv(Format::Int8, 2),
+        KernelFn::Gemv(Format::Int8, 4),
+        KernelFn::Gemv(Format::Int8, 8),
+        KernelFn::Gemv(Format::Int8, 16),
+        KernelFn::Gemv(Format::Nf4, 1),
+        KernelFn::Gemv(Format::Nf4, 2),
+        KernelFn::Gemv(Format::Nf4, 4),
+        KernelFn::Gemv(Format::Nf4, 8),
+        KernelFn::Gemv(Format::Nf4, 16),
+        KernelFn::SoftmaxStats(Dtype::F32),
+        KernelFn::SoftmaxStats(Dtype::F16),
+        KernelFn::SoftmaxStats(Dtype::Bf16),
+        KernelFn::Verify(Dtype::F32),
+        KernelFn::Verify(Dtype::F16),
+        KernelFn::Verify(Dtype::Bf16),
+    ];
+
+    /// The PTX entry name.
+    pub fn entry(self) -> &'static str {
+        match self {
+            KernelFn::SoftmaxStats(Dtype::F32) => "softmax_stats_f32",
+            KernelFn::SoftmaxStats(Dtype::F16) => "softmax_stats_f16",
+            KernelFn::SoftmaxStats(Dtype::Bf16) => "softmax_stats_bf16",
+            KernelFn::Verify(Dtype::F32) => "verify_f32",
+            KernelFn::Verify(Dtype::F16) => "verify_f16",
+            KernelFn::Verify(Dtype::Bf16) => "verify_bf16",
+            KernelFn::GammaMlp => "gamma_mlp_f32",
+            KernelFn::Gemv(f, t) => match (f, t) {
+                (Format::Fp16, 1) => "gemv_fp16_m1",
+                (Format::Fp16, 2) => "gemv_fp16_m2",
+                (Format::Fp16, 4) => "gemv_fp16_m4",
+                (Format::Fp16, 8) => "gemv_fp16_m8",
+                (Format::Fp16, _) => "gemv_fp16_m16",
+                (Format::Int8, 1) => "gemv_int8_m1",
+                (Format::Int8, 2) => "gemv_int8_m2",
+                (Format::Int8, 4) => "gemv_int8_m4",
+                (Format::Int8, 8) => "gemv_int8_m8",
+                (Format::Int8, _) => "gemv_int8_m16",
+                (Format::Nf4, 1) => "gemv_nf4_m1",
+                (Format::Nf4, 2) => "gemv_nf4_m2",
+                (Format::Nf4, 4) => "gemv_nf4_m4",
+                (Format::Nf4, 8) => "gemv_nf4_m8",
+                (Format::Nf4, _) => "gemv_nf4_m16",
+            },
+        }
+    }
+}
+
+/// A kernel's `#[repr(C)]` parameter struct, passed by value as the kernel's only parameter.
+#[repr(transparent)]
+struct ByValue<T>(T);
+// SAFETY: `T` is one of the kernels' `#[repr(C)]` parameter structs (plain addresses and
+// integers, no padding-sensitive invariants) whose layout the PTX entry declares as one
+// `.param .align 8 .b8 [size]` aggregate; the driver copies its bytes.
+unsafe impl DeviceRepr for ByValue<SoftmaxStatsParams> {}
+// SAFETY: as above, for the verification kernel's parameters.
+unsafe impl DeviceRepr for ByValue<VerifyParams> {}
+// SAFETY: as above, for the γ decision kernel's parameters.
+unsafe impl DeviceRepr for ByValue<GammaMlpParams> {}
+// SAFETY: as above, for the GEMV kernels' parameters.
+unsafe impl DeviceRepr for ByValue<GemvParams> {}
+
+/// True when a CUDA driver library can be loaded (cudarc panics on first use otherwise).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Block size used for `softmax_stats` launches.
+pub const STATS_BLOCK: u32 = 1024;
+/// Block size used for `verify` launches (its ~80 registers per thread allow at most 768).
+pub const VERIFY_BLOCK: u32 = 256;
+
+/// One GPU, its stream and the loaded kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: HashMap<KernelFn, CudaFunction>,
+    arch: Arch,
+    name: String,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` and loads the PTX for its architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::NoCuda(
+                "no CUDA driver library (libcuda) was found".to_string(),
+            ));
+        }
+        let count = CudaContext::device_count()?;
+        if count <= ordinal as i32 {
+            return Err(Error::NoCuda(format!(
+                "device {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = Arch::for_capability(major, minor)?;
+        let ptx = arch.ptx()?;
+        let module = ctx.load_module(Ptx::from_src(ptx))?;
+        let mut functions = HashMap::new();
+        for f in KernelFn::ALL {
+            functions.insert(f, module.load_function(f.entry())?);
+        }
+        let name = ctx.name()?;
+        let stream = ctx.default_stream();
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            _module: module,
+            functions,
+            arch,
+            name,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn function(&self, f: KernelFn) -> &CudaFunction {
+        // Every KernelFn is loaded in `new`.
+        &self.functions[&f]
+    }
+
+    /// Mean time of `iters` calls of `launch` on the stream, by CUDA events (the first call is
+    /// a warm-up outside the timed region).
+    fn time_events(&self, iters: u32, mut launch: impl FnMut() -> Result<()>) -> Result<Duration> {
+        launch()?;
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = self.ctx.new_event(Some(flags))?;
+        let end = self.ctx.new_event(Some(flags))?;
+        start.record(&self.stream)?;
+        for _ in 0..iters.max(1) {
+            launch()?;
+        }
+        end.record(&self.stream)?;
+        end.synchronize()?;
+        let ms = start.elapsed_ms(&end)?;
+        Ok(Duration::from_secs_f64(
+            ms as f64 / 1e3 / iters.max(1) as f64,
+        ))
+    }
+
+    /// Launches `softmax_stats` on device buffers.
+    ///
+    /// # Safety
+    /// `params` must describe live device buffers of the sizes the kernel reads and writes.
+    unsafe fn launch_stats(&self, dtype: Dtype, params: SoftmaxStatsParams) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (params.rows, 1, 1),
+            block_dim: (STATS_BLOCK, 1, 1),
+            shared_mem_bytes: kernel::shared_bytes(STATS_BLOCK) as u32,
+        };
+        let arg = ByValue(params);
+        let func = self.function(KernelFn::SoftmaxStats(dtype));
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&arg);
+        // SAFETY: forwarded from this function's contract; the launch shape is the kernel's.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Statistics of host logits (uploads, launches, downloads).
+    pub fn softmax_stats(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+    ) -> Result<Vec<RowStats>> {
+        opts.validate()?;
+        check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
+        let rows = logits.rows();
+        let d_logits = self.stream.clone_htod(logits.data().bytes())?;
+        let mut d_out = self
+            .stream
+            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
+        let mut d_accum = match &accum {
+            Some(a) => Some(
+                self.stream
+                    .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(a))?,
+            ),
+            None => None,
+        };
+        {
+            let (lp, _g1) = d_logits.device_ptr(&self.stream);
+            let (op, _g2) = d_out.device_ptr_mut(&self.stream);
+            let (ap, _g3) = match d_accum.as_mut() {
+                Some(a) => {
+                    let (p, g) = a.device_ptr_mut(&self.stream);
+                    (p, Some(g))
+                }
+                None => (0, None),
+            };
+            let params = stats_params(
+                logits,
+                opts,
+                lp as *const u8,
+                op as *mut RowStats,
+                ap as *mut FeatureAccum,
+            );
+            // SAFETY: the buffers were sized from the validated shapes just above and live
+            // until after the synchronising downloads below.
+            unsafe { self.launch_stats(logits.dtype(), params) }?;
+        }
+        let out_bytes = self.stream.clone_dtoh(&d_out)?;
+        if let (Some(a), Some(d)) = (accum, d_accum.as_ref()) {
+            let bytes = self.stream.clone_dtoh(d)?;
+            a.copy_from_slice(bytemuck::cast_slice(&bytes));
+        }
+        Ok(bytemuck::pod_collect_to_vec(&out_bytes))
+    }
+
+    /// Mean time of one `softmax_stats` launch over device-resident logits (uploaded once, timed
+    /// with CUDA events, transfers excluded).
+    pub fn time_softmax_stats(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        iters: u32,
+    ) -> Result<Duration> {
+        opts.validate()?;
+        let rows = logits.rows();
+        let d_logits = self.stream.clone_htod(logits.data().bytes())?;
+        let mut d_out = self
+            .stream
+            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
+        let (lp, _g1) = d_logits.device_ptr(&self.stream);
+        let (op, _g2) = d_out.device_ptr_mut(&self.stream);
+        let mut o = *opts;
+        o.accumulate = crate::stats::Accumulate::No;
+        let params = stats_params(
+            logits,
+            &o,
+            lp as *const u8,
+            op as *mut RowStats,
+            std::ptr::null_mut(),
+        );
+        // SAFETY: as in `softmax_stats`; the buffers live to the end of this function.
+        self.time_events(iters, || unsafe {
+            self.launch_stats(logits.dtype(), params)
+        })
+    }
+
+    /// Device-to-device copy bandwidth (read + write bytes per second) of `bytes` bytes, the
+    /// ceiling the memory-bound kernels are compared with.
+    pub fn copy_bandwidth(&self, bytes: usize, iters: u32) -> Result<f64> {
+        let src = self.stream.alloc_zeros::<u8>(bytes)?;
+        let mut dst = self.stream.alloc_zeros::<u8>(bytes)?;
+        let t = self.time_events(iters, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
+        let s = t.as_secs_f64();
+        Ok(2.0 * bytes as f64 / s)
+    }
+}

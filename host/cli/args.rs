@@ -1,0 +1,97 @@
+//! What several commands share: the model-pair arguments (flattened into `generate`, `profile` and
+//! `bench decode`), JSON output, progress bars and the checks of common numbers.
+
+use std::path::{Path, PathBuf};
+
+use speckv::weights::quant::Format;
+use speckv::{BackendKind, Error, Result};
+
+/// A target GGUF, its draft (a second GGUF or a layer subset of the target) and the target's
+/// weight regime.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Target GGUF (scripts/fetch-model).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Draft GGUF (same tokenizer); default: the target itself skipping every other layer.
+    #[arg(long, conflicts_with = "draft_layers")]
+    pub draft: Option<PathBuf>,
+    /// Self-speculative draft keeping these layers (from `speckv calibrate-draft`).
+    #[arg(long, value_delimiter = ',')]
+    pub draft_layers: Option<Vec<usize>>,
+    /// Target weight regime.
+    #[arg(long, value_enum, default_value_t = Format::Fp16)]
+    pub target: Format,
+}
+
+impl ModelArgs {
+    /// Loads the pair (target in its regime, draft in FP16).
+    pub fn load(&self) -> Result<speckv::decode::pair::Pair> {
+        speckv::decode::pair::Pair::load(
+            &self.model,
+            self.draft.as_deref(),
+            self.draft_layers.as_deref(),
+            self.target,
+        )
+    }
+}
+
+/// The real-model path runs on the CPU backend only (the CUDA forward pass is not written yet).
+pub fn cpu_only(backend: BackendKind, command: &str) -> Result<()> {
+    if backend == BackendKind::Cuda {
+        return Err(Error::Other(format!(
+            "{command} runs on the CPU backend only for now (the CUDA forward pass is not written)"
+        )));
+    }
+    Ok(())
+}
+
+pub fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| Error::Other(e.to_string()))?
+    );
+    Ok(())
+}
+
+/// Writes `v` as pretty JSON to `path`.
+pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(v).map_err(|e| Error::Other(e.to_string()))?,
+    )
+    .map_err(|source| Error::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    })
+}
+
+/// A progress bar on standard error (hidden when it is not a terminal).
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{elapsed}} (eta {{eta}}) {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// A sampling temperature: finite and ≥ 0 (0 = greedy).
+pub fn check_temperature(t: f32) -> Result<()> {
+    if !(t.is_finite() && t >= 0.0) {
+        return Err(Error::BadTemperature(t));
+    }
+    Ok(())
+}
+
+/// A measurement time: finite and > 0.
+pub fn check_seconds(seconds: f64) -> Result<std::time::Duration> {
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        return Err(Error::Other(format!(
+            "--seconds must be positive, got {seconds}"
+        )));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}

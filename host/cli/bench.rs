@@ -1,0 +1,228 @@
+//! `speckv bench …`: decoding tokens/s of every policy on real models, the γ decision's overhead,
+//! and measured step-cost models per weight regime.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use speckv::controller::{self, records};
+use speckv::decode::{pair, profile, GenConfig};
+use speckv::measure;
+use speckv::{Backend, BackendKind, Error};
+
+use crate::args::{check_seconds, cpu_only, json_out, progress_bar, write_json, ModelArgs};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Decoding tokens/s of plain decoding and of each γ policy over a prompt set, models loaded
+    /// once (greedy; CPU backend); with --traces and --cost, the trace-based oracle too.
+    Decode(DecodeArgs),
+    /// Time of one γ decision: CPU µs per decision (all candidates through the MLP) and, with a
+    /// GPU, µs per batch decision of 256 sequences, next to the paper's 0.34 ms.
+    Overhead {
+        /// Predictor to time (default: seeded random weights; the time does not depend on them).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draft time per token and verification time as a function of γ, per weight regime, on the
+    /// current backend; writes the cost models `speckv evaluate --cost` reads.
+    Step {
+        /// Directory for cost_fp16.json, cost_int8.json, cost_nf4.json.
+        #[arg(long, default_value = "target/cost")]
+        out_dir: PathBuf,
+        /// Seconds of measurement per timing.
+        #[arg(long, default_value_t = 0.1)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    #[arg(long, default_value = "prompts/prompts.jsonl")]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    offset: usize,
+    #[arg(long, default_value_t = 1)]
+    per_category: usize,
+    /// Comma-separated: plain, fixed:N, speckv, speckv-cost, confidence:P, heuristic.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "plain,fixed:1,fixed:2,fixed:3,fixed:4,fixed:5,fixed:6,fixed:7,fixed:8,heuristic,confidence:0.5"
+    )]
+    policies: Vec<String>,
+    #[arg(long)]
+    controller: Option<PathBuf>,
+    /// Cost model (speckv-cost; the oracle with --traces).
+    #[arg(long)]
+    cost: Option<PathBuf>,
+    /// Traces from `speckv profile` for the oracle.
+    #[arg(long)]
+    traces: Option<PathBuf>,
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    gamma_max: u32,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
+    match what {
+        Command::Decode(a) => decode(a, backend),
+        Command::Overhead { model, json } => {
+            let backend = Backend::new(backend)?;
+            let r = measure::overhead::measure(&backend, model.as_deref())?;
+            if json {
+                json_out(&r)
+            } else {
+                print!("{}", measure::overhead::render(&r));
+                Ok(())
+            }
+        }
+        Command::Step {
+            out_dir,
+            seconds,
+            json,
+        } => {
+            let backend = Backend::new(backend)?;
+            step(&backend, out_dir, check_seconds(seconds)?, json)
+        }
+    }
+}
+
+fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
+    cpu_only(backend, "bench decode")?;
+    let chosen = pair::prompts_from_file(&a.prompts, a.offset, a.per_category)?;
+    let mut pols = Vec::new();
+    for name in &a.policies {
+        pols.push((
+            name.clone(),
+            pair::policy_from_name(name, a.controller.as_deref(), a.cost.as_deref())?,
+        ));
+    }
+    let p = a.models.load()?;
+    let ids: Vec<Vec<u32>> = chosen
+        .iter()
+        .map(|(_, pr)| p.encode_chat(&pr.prompt))
+        .collect::<speckv::Result<_>>()?;
+    let cfg = GenConfig {
+        max_tokens: a.max_tokens,
+        temperature: 0.0,
+        seed: 0,
+        gamma_max: a.gamma_max,
+        compression: p.compression,
+    };
+    let bar = progress_bar((pols.len() * ids.len()) as u64, "decoding");
+    let mut started = false;
+    let res = pair::bench_decode(&p, &ids, &pols, &cfg, &mut |name, i| {
+        bar.set_message(format!("prompt {} {name}", i + 1));
+        if started {
+            bar.inc(1);
+        }
+        started = true;
+    })?;
+    bar.finish_and_clear();
+    // The trace-based oracle and fixed γ under the measured cost model.
+    let trace = match (&a.traces, &a.cost) {
+        (Some(t), Some(c)) => {
+            let recs = records::read_records(t)?;
+            let cm = controller::CostModel::load(c)?;
+            let steps: Vec<(u32, u32)> = recs
+                .iter()
+                .filter(|r| r.trace_gamma_max == Some(r.gamma))
+                .map(|r| (r.gamma, r.accepted))
+                .collect();
+            let gmax = steps.iter().map(|s| s.0).min().unwrap_or(0);
+            let fixed: BTreeMap<_, _> = (1..=gmax)
+                .map(|g| (g, profile::fixed_tokens_per_second(&steps, g, &cm)))
+                .collect();
+            Some(serde_json::json!({
+                "steps": steps.len(),
+                "oracle_tokens_per_second": profile::oracle_tokens_per_second(&steps, &cm),
+                "fixed_tokens_per_second": fixed,
+            }))
+        }
+        (Some(_), None) => {
+            return Err(Error::Other(
+                "--traces needs --cost (the .cost.json speckv profile wrote)".to_string(),
+            ))
+        }
+        _ => None,
+    };
+    if a.json {
+        return json_out(&serde_json::json!({
+            "target": a.models.target.name(), "draft": p.draft_name, "prompts": ids.len(),
+            "max_tokens": a.max_tokens, "policies": res, "traces": trace,
+        }));
+    }
+    println!(
+        "target {} ({}), draft {}, {} prompts × ≤ {} tokens, greedy; decoding tokens/s (prefill excluded)\n",
+        a.models.model.display(),
+        a.models.target.name(),
+        p.draft_name,
+        ids.len(),
+        a.max_tokens
+    );
+    print!("{}", pair::render_bench(&res));
+    if let Some(t) = trace {
+        println!(
+            "\nfrom the traces (cost model {}): {t}",
+            a.cost
+                .as_ref()
+                .map(|c| c.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn step(
+    backend: &Backend,
+    out_dir: PathBuf,
+    seconds: std::time::Duration,
+    json: bool,
+) -> speckv::Result<()> {
+    let c = speckv::measure::regime::step_costs(backend, seconds)?;
+    std::fs::create_dir_all(&out_dir).map_err(|source| Error::Io {
+        context: format!("creating {}", out_dir.display()),
+        source,
+    })?;
+    for (f, model) in &c.regimes {
+        write_json(&out_dir.join(format!("cost_{}.json", f.name())), model)?;
+    }
+    if json {
+        return json_out(&c);
+    }
+    println!(
+        "step costs on {} ({}); draft (1B-shaped, fp16) {:.2} ms per token",
+        c.backend, c.device, c.draft_ms_per_token
+    );
+    println!(
+        "{:<6} {}",
+        "regime",
+        (0..=8)
+            .map(|g| format!("{:>8}", format!("γ={g}")))
+            .collect::<String>()
+    );
+    for (f, m) in &c.regimes {
+        println!(
+            "{:<6} {}",
+            f.name(),
+            m.verify_ms
+                .iter()
+                .map(|v| format!("{v:>8.1}"))
+                .collect::<String>()
+        );
+    }
+    println!(
+        "(verification ms of the 8B-shaped target at M = γ + 1)\nwritten: {}/cost_{{fp16,int8,nf4}}.json",
+        out_dir.display()
+    );
+    Ok(())
+}

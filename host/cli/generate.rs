@@ -1,0 +1,111 @@
+//! `speckv generate`: speculative (or plain) decoding of a prompt, streamed.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use speckv::decode::{pair, GenConfig};
+use speckv::BackendKind;
+
+use crate::args::{check_temperature, cpu_only, json_out, ModelArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    models: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    /// fixed:N, speckv, speckv-cost, confidence:P, heuristic, or plain (no draft).
+    #[arg(long, default_value = "fixed:4")]
+    policy: String,
+    /// Predictor for speckv / speckv-cost (from `speckv train`).
+    #[arg(long)]
+    controller: Option<PathBuf>,
+    /// Cost model for speckv-cost (from `speckv bench step`).
+    #[arg(long)]
+    cost: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 8)]
+    gamma_max: u32,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
+    cpu_only(backend, "generate")?;
+    check_temperature(a.temperature)?;
+    let pol = pair::policy_from_name(&a.policy, a.controller.as_deref(), a.cost.as_deref())?;
+    let p = a.models.load()?;
+    let ids = p.encode_chat(&a.prompt)?;
+    let cfg = GenConfig {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        seed: a.seed,
+        gamma_max: a.gamma_max,
+        compression: p.compression,
+    };
+    // Stream: after each step, print what the text so far adds (BPE pieces can only be decoded
+    // whole, so decode the committed tokens and print the new suffix).
+    let mut shown = String::new();
+    let mut committed: Vec<u32> = Vec::new();
+    let json = a.json;
+    let mut stream = |new: &[u32]| {
+        if json {
+            return;
+        }
+        committed.extend(new.iter().filter(|t| !p.tokenizer.stop.contains(t)));
+        if let Ok(text) = p.tokenizer.decode(&committed) {
+            if let Some(rest) = text.strip_prefix(shown.as_str()) {
+                print!("{rest}");
+                let _ = std::io::stdout().flush();
+                shown = text;
+            }
+        }
+    };
+    let stats = match &pol {
+        None => {
+            speckv::decode::plain_streamed(&p.target, &ids, &p.tokenizer.stop, &cfg, &mut |t| {
+                stream(&[t])
+            })?
+        }
+        Some(pl) => speckv::decode::speculative_traced(
+            &p.target,
+            &p.draft(),
+            &ids,
+            &p.tokenizer.stop,
+            pl,
+            &cfg,
+            &mut |s| stream(&s.emitted),
+        )?,
+    };
+    let text = p.tokenizer.decode(&stats.tokens)?;
+    if a.json {
+        return json_out(&serde_json::json!({
+            "text": text, "tokens": stats.tokens, "tokens_per_second": stats.tokens_per_second,
+            "acceptance_rate": stats.acceptance_rate, "mean_gamma": stats.mean_gamma,
+            "gamma_histogram": stats.gamma_histogram, "steps": stats.steps, "seconds": stats.seconds,
+            "prefill_seconds": stats.prefill_seconds,
+        }));
+    }
+    if let Some(rest) = text.strip_prefix(shown.as_str()) {
+        print!("{rest}");
+    }
+    println!();
+    eprintln!(
+        "\n{} tokens in {:.2} s ({:.2} s prefill): {:.2} tokens/s decoding; {} steps, acceptance {:.3}, mean γ {:.2}, γ histogram {:?}",
+        stats.tokens.len(),
+        stats.seconds,
+        stats.prefill_seconds,
+        stats.tokens_per_second,
+        stats.steps,
+        stats.acceptance_rate,
+        stats.mean_gamma,
+        stats.gamma_histogram
+    );
+    Ok(())
+}

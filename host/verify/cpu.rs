@@ -1,0 +1,215 @@
+//! The CPU twin of the `verify` kernel: the same decisions (same Philox sub-streams, same acceptance
+//! rule, same emission formulas), probabilities in f64, sequences in parallel (rayon).
+
+use rayon::prelude::*;
+use speckv_kernels::params::{VERIFY_ALL_MASKED, VERIFY_NONFINITE};
+use speckv_kernels::philox;
+
+use crate::stats::cpu::row_summary;
+use crate::stats::LogitsData;
+use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
+
+/// One sequence's decisions (the CPU backend's twin of the kernel's block).
+struct SeqResult {
+    accepted: u32,
+    emit: i32,
+    ratios: Vec<(usize, f32)>,
+    flags: u32,
+}
+
+/// The CPU backend's verification (validated input).
+pub(crate) fn verify(v: &VerifyBatch<'_>) -> VerifyOutput {
+    let results: Vec<SeqResult> = (0..v.batch)
+        .into_par_iter()
+        .map(|b| verify_seq(v, b))
+        .collect();
+    let mut out = VerifyOutput::new(v.batch, v.gamma_max);
+    let w = v.gamma_max + 1;
+    for (b, r) in results.into_iter().enumerate() {
+        out.flags[b] = r.flags;
+        for (i, ratio) in r.ratios {
+            out.ratios[b * v.gamma_max + i] = ratio;
+        }
+        if r.flags != 0 {
+            continue;
+        }
+        let g = v.gammas[b] as u32;
+        let k = r.accepted;
+        out.accepted[b] = k as i32;
+        out.emitted_count[b] = k as i32 + 1;
+        for j in 0..k as usize {
+            out.emitted[b * w + j] = v.draft_tokens[b * v.gamma_max + j];
+        }
+        out.emitted[b * w + k as usize] = r.emit;
+        for gp in 0..=g {
+            out.counterfactual[b * w + gp as usize] = k.min(gp) as i32 + 1;
+        }
+    }
+    out
+}
+
+fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
+    let g = v.gammas[b] as usize;
+    let tt = v.target_temperature[b];
+    let greedy = tt == 0.0;
+    let inv_tt = if greedy { 1.0 } else { 1.0 / tt };
+    let (draft_logits, draft_probs, td) = match v.draft {
+        DraftDist::Logits { data, temperature } => (Some(data), None, temperature[b]),
+        DraftDist::Probs(p) => (None, Some(p), 1.0),
+    };
+    let draft_greedy = draft_logits.is_some() && td == 0.0;
+    let inv_td = if draft_greedy || draft_probs.is_some() {
+        1.0
+    } else {
+        1.0 / td
+    };
+    let t_row = |i: usize| (b * (v.gamma_max + 1) + i) * v.target_stride;
+    let d_row = |i: usize| (b * v.gamma_max + i) * v.draft_stride;
+    let accept_seed = philox::derive(v.seed, philox::PURPOSE_ACCEPT, 0);
+    let mut ratios = Vec::new();
+    let fail = |flags, ratios| SeqResult {
+        accepted: 0,
+        emit: -1,
+        ratios,
+        flags,
+    };
+
+    for i in 0..g {
+        let x = v.draft_tokens[b * v.gamma_max + i] as usize;
+        let ts = row_summary(v.target, t_row(i), v.vocab, inv_tt, None);
+        let tflags = problems(ts.flags, ts.sum);
+        if tflags != 0 {
+            return fail(tflags, ratios);
+        }
+        let ds = match draft_logits {
+            Some(d) if !greedy => {
+                let s = row_summary(d, d_row(i), v.vocab, inv_td, None);
+                let f = problems(s.flags, s.sum);
+                if f != 0 {
+                    return fail(f, ratios);
+                }
+                Some(s)
+            }
+            _ => None,
+        };
+        let prob = |data: LogitsData<'_>, at: usize, max: f32, sum: f64, inv_t: f32| -> f64 {
+            let xv = data.get(at);
+            if xv == f32::NEG_INFINITY {
+                0.0
+            } else {
+                ((xv * inv_t) as f64 - (max * inv_t) as f64).exp() / sum
+            }
+        };
+        let q_at = |j: usize| -> f64 {
+            match (draft_logits, draft_probs, ds) {
+                (_, Some(p), _) => p[d_row(i) + j] as f64,
+                (Some(_), _, Some(s)) if draft_greedy => (s.argmax as usize == j) as u32 as f64,
+                (Some(d), _, Some(s)) => prob(d, d_row(i) + j, s.max, s.sum, inv_td),
+                _ => 0.0,
+            }
+        };
+        let (accept, ratio) = if greedy {
+            let a = ts.argmax as usize == x;
+            (a, if a { 1.0 } else { 0.0 })
+        } else {
+            let px = prob(v.target, t_row(i) + x, ts.max, ts.sum, inv_tt);
+            let qx = q_at(x);
+            if !(0.0..f64::INFINITY).contains(&qx) {
+                return fail(VERIFY_NONFINITE, ratios);
+            }
+            let ratio = if qx > 0.0 { (px / qx).min(1.0) } else { 1.0 };
+            let u = philox::uniform_open(philox::bits(accept_seed, i as u32, b as u32, v.step));
+            ((u as f64) < ratio, ratio as f32)
+        };
+        ratios.push((i, ratio));
+        if !accept {
+            let emit = if greedy {
+                ts.argmax as i32
+            } else {
+                // Residual norm(max(0, p − q)) by exponential race; p itself if rounding left none.
+                let key = philox::key(philox::derive(v.seed, philox::PURPOSE_EMIT, i as u32));
+                let mut best = (f64::NEG_INFINITY, -1i32);
+                for j in 0..v.vocab {
+                    let w = prob(v.target, t_row(i) + j, ts.max, ts.sum, inv_tt) - q_at(j);
+                    if w > 0.0 {
+                        let bits = philox::word(
+                            philox::philox4x32_10(philox::counter(j as u32, b as u32, v.step), key),
+                            j as u32,
+                        );
+                        let e = -philox::ln_det(philox::uniform_open(bits)) as f64;
+                        if w / e > best.0 {
+                            best = (w / e, j as i32);
+                        }
+                    }
+                }
+                if best.1 >= 0 {
+                    best.1
+                } else {
+                    gumbel_target(v, b, i, inv_tt).unwrap_or(-1)
+                }
+            };
+            return SeqResult {
+                accepted: i as u32,
+                emit,
+                ratios,
+                flags: 0,
+            };
+        }
+    }
+    // All accepted: the bonus token from row g.
+    let emit = if greedy {
+        let ts = row_summary(v.target, t_row(g), v.vocab, 1.0, None);
+        let f = problems(ts.flags, ts.sum);
+        if f != 0 {
+            return fail(f, ratios);
+        }
+        ts.argmax as i32
+    } else {
+        let ts = row_summary(
+            v.target,
+            t_row(g),
+            v.vocab,
+            inv_tt,
+            Some((
+                philox::derive(v.seed, philox::PURPOSE_EMIT, g as u32),
+                v.step,
+                b as u32,
+            )),
+        );
+        let f = problems(ts.flags, ts.sum);
+        if f != 0 {
+            return fail(f, ratios);
+        }
+        ts.key_idx as i32
+    };
+    SeqResult {
+        accepted: g as u32,
+        emit,
+        ratios,
+        flags: 0,
+    }
+}
+
+/// Gumbel-max over target row `i` of sequence `b` with the emission noise of position `i`.
+fn gumbel_target(v: &VerifyBatch<'_>, b: usize, i: usize, inv_tt: f32) -> Option<i32> {
+    let at = (b * (v.gamma_max + 1) + i) * v.target_stride;
+    let seed = philox::derive(v.seed, philox::PURPOSE_EMIT, i as u32);
+    let s = row_summary(
+        v.target,
+        at,
+        v.vocab,
+        inv_tt,
+        Some((seed, v.step, b as u32)),
+    );
+    (s.key_idx != u32::MAX).then_some(s.key_idx as i32)
+}
+
+fn problems(flags: u32, sum: f64) -> u32 {
+    if flags != 0 {
+        VERIFY_NONFINITE
+    } else if sum == 0.0 {
+        VERIFY_ALL_MASKED
+    } else {
+        0
+    }
+}
