@@ -33,8 +33,8 @@ fn main() -> speckv::Result<()> {
     let mut logits = model.forward(&ids, &mut cache, 1)?;
     let mut out = Vec::new();
     let t1 = Instant::now();
-    for _ in 0..40 {
-        let next = speckv::decode::argmax(&logits);
+    for step in 0..40 {
+        let next = speckv::decode::argmax(&logits, step)?;
         if tok.stop.contains(&next) {
             break;
         }

@@ -27,7 +27,10 @@ pub enum Error {
         got: usize,
         expected: usize,
     },
-    #[error("temperature must be finite and >= 0 (0 means greedy), got {0}")]
+    #[error(
+        "temperature must be 0 (greedy) or a finite number >= 1.18e-38 (f32::MIN_POSITIVE, so 1/T \
+         is finite), got {0:e}"
+    )]
     BadTemperature(f32),
     #[error("block size {0} is not a multiple of 32 between 32 and 1024")]
     BadBlockSize(u32),
@@ -53,8 +56,8 @@ pub enum Error {
     #[error("the CUDA backend is unavailable: {0}")]
     NoCuda(String),
     #[error(
-        "no PTX is embedded in this build ({0}); install a nightly toolchain with rust-src \
-         (`rustup toolchain install nightly --component rust-src`) and rebuild"
+        "no PTX is embedded in this build ({0}); rebuild with network access so build.rs can \
+         install the kernel toolchain (kernels/toolchain/rust-toolchain.toml) with rust-src"
     )]
     NoPtx(String),
     #[error("the GPU's compute capability {major}.{minor} is below the oldest PTX built (sm_80)")]
@@ -67,6 +70,19 @@ pub enum Error {
     WrongStream(String),
     #[error("null pointer: {0}")]
     NullPointer(&'static str),
+    #[error("malformed model: {0}")]
+    BadModel(String),
+    #[error("decoding step {step}: the model produced {what}; no token can be chosen from it")]
+    NonFiniteLogits { step: usize, what: String },
+    #[error(
+        "{what} needs {need_bytes} bytes of memory, more than the {budget_bytes} allowed ({hint})"
+    )]
+    TooMuchMemory {
+        what: &'static str,
+        need_bytes: u128,
+        budget_bytes: u128,
+        hint: &'static str,
+    },
     #[error("emulator: {0}")]
     Emulator(#[from] EmuError),
     #[error("{context}: {source}")]

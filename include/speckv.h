@@ -55,8 +55,11 @@
 #define SPECKV_ROW_BAD_TEMPERATURE 4
 
 /*
- Per-sequence flags of [`speckv_verify`]: non-finite logits, an all-masked row, γ_b outside
- 0..=gamma_max, a drafted token outside the vocabulary, an invalid temperature.
+ Per-sequence flags of [`speckv_verify`] (a flagged sequence accepts and emits nothing):
+ non-finite logits or probabilities (NaN / inf logits, x / T overflowing, p(x), q(x), their ratio
+ or a draft probability not in [0, 1]), an all-masked row, γ_b outside 0..=gamma_max, a drafted
+ token outside the vocabulary, an invalid temperature (negative, NaN, infinite, or below
+ 1.18e-38), a drafted token the draft gave probability 0.
  */
 #define SPECKV_VERIFY_NONFINITE 1
 
@@ -67,6 +70,18 @@
 #define SPECKV_VERIFY_BAD_TOKEN 8
 
 #define SPECKV_VERIFY_BAD_TEMPERATURE 16
+
+#define SPECKV_VERIFY_BAD_DRAFT 32
+
+/*
+ Per-sequence flags of [`speckv_decide_gamma`], why `fallback_gamma` was written: no drafted
+ token was accumulated; a drafted row was flagged; a feature or prediction was not finite.
+ */
+#define SPECKV_GAMMA_EMPTY 1
+
+#define SPECKV_GAMMA_FLAGGED_ROWS 2
+
+#define SPECKV_GAMMA_NONFINITE 4
 
 /*
  Most candidate γ values a controller takes.
@@ -118,6 +133,11 @@ typedef enum SpeckvStatus {
    An internal error (a bug): reported instead of unwinding into C.
    */
   SPECKV_STATUS_INTERNAL = 10,
+  /*
+   A pointer not aligned for its element type (logits to their dtype's size, everything else
+   to 4 bytes).
+   */
+  SPECKV_STATUS_MISALIGNED = 11,
 } SpeckvStatus;
 
 /*
@@ -367,9 +387,11 @@ enum SpeckvStatus speckv_softmax_stats(const struct SpeckvContext *ctx,
 
 /*
  γ for each of `batch` sequences from their draft features (`accum`, from the statistics pass
- with accumulation), as the `gamma_mlp` kernel decides it; a sequence with no or flagged
- features gets `fallback_gamma`. `expected_out` (may be null) receives â(γ)·γ + 1. CUDA: device
- pointers, asynchronous — `verify` can read the γ values without the host seeing them.
+ with accumulation), as the `gamma_mlp` kernel decides it. Fail-closed: a sequence with no or
+ flagged features, or whose features or predictions are not finite, gets `fallback_gamma`, and
+ `flags_out` (may be null) says why (`SPECKV_GAMMA_*`, 0 for a decision). `expected_out` (may be
+ null) receives â(γ)·γ + 1 (NaN for a fallback). CUDA: device pointers, asynchronous — `verify`
+ can read the γ values without the host seeing them.
  */
 enum SpeckvStatus speckv_decide_gamma(const struct SpeckvContext *ctx,
                                       const SpeckvFeatureAccum *accum,
@@ -377,7 +399,8 @@ enum SpeckvStatus speckv_decide_gamma(const struct SpeckvContext *ctx,
                                       float compression_code,
                                       int32_t fallback_gamma,
                                       int32_t *gammas_out,
-                                      float *expected_out);
+                                      float *expected_out,
+                                      uint32_t *flags_out);
 
 /*
  Lossless batched verification: accepts drafts by the rejection rule (greedy where a

@@ -347,9 +347,13 @@ fn hf_heuristic_follows_its_schedule_on_a_trajectory() {
 #[test]
 fn lagged_features_come_from_the_previous_step_of_the_same_run() {
     let train = synthetic(40, 7);
-    // tiny_model's prediction rises with x0 = mean entropy; the first step of a run falls back to γ=4.
+    // tiny_model: â = 0.1 + 0.5·max(0, x0 − 1) − 0.025·γ with x0 = mean entropy = 0.6·max entropy.
+    // Low entropy (x0 = 0.06) → γ = 2 (1.1 tokens); high entropy (x0 = 3) → γ = 8 (8.2 tokens).
+    // Steps low, high, low: same-step features choose 2, 8, 2; lagged ones choose the first-step
+    // fallback 4, then 2 (from step 0), then 8 (from step 1).
+    let ent = [0.1, 5.0, 0.1];
     let test: Vec<StepRecord> = (0..3)
-        .map(|s| rec(3, Compression::Fp16, 8, s, 2, 0.9, 0.1))
+        .map(|s| rec(3, Compression::Fp16, 8, s, 2, 0.9, ent[s as usize]))
         .collect();
     let r = evaluate::evaluate(
         &train,
@@ -358,17 +362,18 @@ fn lagged_features_come_from_the_previous_step_of_the_same_run() {
         &quick_cfg(),
     )
     .unwrap();
-    let lag = honest(&r, "speckv_lagged");
-    let same = honest(&r, "speckv");
-    let hist_lag: usize = lag.gamma_histogram["fp16"].values().sum();
-    assert_eq!(hist_lag, 3);
-    assert_eq!(
-        lag.gamma_histogram["fp16"].get(&4),
-        Some(&1),
-        "first step falls back to γ = 4: {:?}",
-        lag.gamma_histogram
-    );
-    assert_eq!(same.gamma_histogram["fp16"].values().sum::<usize>(), 3);
+    let hist = |name: &str| -> Vec<(u32, usize)> {
+        honest(&r, name).gamma_histogram["fp16"]
+            .iter()
+            .map(|(g, n)| (*g, *n))
+            .collect()
+    };
+    assert_eq!(hist("speckv"), vec![(2, 2), (8, 1)]);
+    assert_eq!(hist("speckv_lagged"), vec![(2, 1), (4, 1), (8, 1)]);
+    // Outcomes: k = 2 at γ_m = 8, so γ' gives min(2, γ') + 1 tokens: same-step 3, 3, 3; lagged 3, 3,
+    // 3 — equal here, so compare the choices, which the histograms pin down.
+    assert_eq!(honest(&r, "speckv").coverage, 1.0);
+    assert_eq!(honest(&r, "speckv_lagged").coverage, 1.0);
 }
 
 #[test]
@@ -406,7 +411,18 @@ fn paper_method_values_and_paired_intervals() {
             "{name} missing from the honest method"
         );
     }
-    assert_eq!(r.policies["fixed4"].diff_vs_fixed4_ci95, [0.0, 0.0]);
+    // Each paired interval of (policy − fixed4) holds its point difference and has width (the
+    // resamples differ), and acceptance in this data makes γ = 8 rows produce more tokens per step
+    // than γ = 2 rows.
+    for name in ["fixed2", "fixed8", "speckv", "oracle"] {
+        let d = r.policies[name].tokens_per_step - r.policies["fixed4"].tokens_per_step;
+        let ci = r.policies[name].diff_vs_fixed4_ci95;
+        assert!(
+            ci[0] <= d && d <= ci[1] && ci[0] < ci[1],
+            "{name}: {d} vs {ci:?}"
+        );
+    }
+    assert!(r.policies["fixed8"].tokens_per_step > r.policies["fixed2"].tokens_per_step + 0.5);
     // fixed4 under the paper method is the mean measured tokens of γ=4 rows, by compression.
     let mean = |c: Compression| {
         let v: Vec<f64> = test
@@ -456,8 +472,39 @@ fn cost_aware_controller_prefers_cheaper_steps() {
 // ---------------------------------------------------------------------------------------------
 // the in-kernel decision
 
+/// An f64 MLP written from the weights alone (not the host's `Mlp::predict`, not the kernel's
+/// `gamma_mlp::predict`): the scores of every candidate.
+fn independent_scores(
+    m: &Mlp,
+    x: [f64; 4],
+    code: f64,
+    cands: &[u32],
+    cost: Option<&CostModel>,
+) -> Vec<(f64, f64)> {
+    cands
+        .iter()
+        .map(|&g| {
+            let raw = [x[0], x[1], x[2], x[3], code, g as f64];
+            let mut y = m.b2[0];
+            for j in 0..16 {
+                let mut h = m.b1[j];
+                for (i, r) in raw.iter().enumerate() {
+                    h += (r - m.feature_mean[i]) / m.feature_std[i] * m.w1[i][j];
+                }
+                y += h.max(0.0) * m.w2[j][0];
+            }
+            let tokens = y.clamp(0.0, 1.0) * g as f64 + 1.0;
+            let score = match cost {
+                Some(c) => tokens / c.step(g),
+                None => tokens,
+            };
+            (score, tokens)
+        })
+        .collect()
+}
+
 #[test]
-fn emulator_gamma_mlp_matches_the_cpu_mlp() {
+fn emulator_gamma_mlp_matches_an_independent_f64_mlp() {
     let data = synthetic(100, 9);
     let (tr, va, te) = mlp::split_by_run(&data).unwrap();
     let (m, _) = mlp::train(&data, &tr, &va, &te, TrainConfig::default()).unwrap();
@@ -478,43 +525,89 @@ fn emulator_gamma_mlp_matches_the_cpu_mlp() {
         })
         .collect();
     accum[5].count = 0; // empty → fallback
-    accum[6].flags = speckv::ROW_NONFINITE; // flagged → fallback
+    accum[6].flags = speckv::ROW_NONFINITE; // flagged rows → fallback
+    accum[7].entropy_sum = f32::NAN; // a NaN feature → fallback, flagged
+    accum[8].confidence_min = f32::INFINITY; // an infinite feature → fallback, flagged
+    let mut compared = 0;
+    let mut near_ties = 0;
     for cost in [None, Some(CostModel::assumed())] {
-        let c = Controller::new(m.clone(), &PAPER_CANDIDATES, cost).unwrap();
+        let c = Controller::new(m.clone(), &PAPER_CANDIDATES, cost.clone()).unwrap();
         let w = c.mlp.to_f32();
         for code in [0.0f32, 1.0, 2.0] {
-            let (g, e) = speckv::backend::emulate::gamma_mlp(&c, &w, &accum, code, 3, 64).unwrap();
-            for (i, a) in accum.iter().enumerate() {
-                let (want_g, want_e) = c.decide_f32(&w, a, code, 3);
-                assert_eq!(g[i], want_g, "sequence {i}");
-                assert!(
-                    common::close(e[i] as f64, want_e as f64, 1e-6, 1e-6),
-                    "sequence {i}: {} vs {want_e}",
-                    e[i]
-                );
-                if i >= 7 {
-                    // And the f64 CPU controller agrees on the γ (away from near-ties).
-                    let n = a.count as f64;
-                    let base = [
-                        a.entropy_sum as f64 / n,
-                        a.confidence_sum as f64 / n,
-                        a.entropy_max as f64,
-                        a.confidence_min as f64,
-                    ];
-                    let comp = Compression::ALL[code as usize];
-                    let d = c.decide(base, comp);
-                    if (d.expected_tokens - want_e as f64).abs() < 1e-3 {
-                        assert_eq!(d.gamma as i32, want_g, "sequence {i}");
-                    }
-                }
-            }
+            let (g, e, f) =
+                speckv::backend::emulate::gamma_mlp(&c, &w, &accum, code, 3, 64).unwrap();
             assert_eq!(
-                (g[5], g[6]),
-                (3, 3),
-                "fallback γ for empty and flagged accumulators"
+                (&g[5..9], &f[5..9]),
+                (
+                    &[3, 3, 3, 3][..],
+                    &[
+                        speckv::GAMMA_EMPTY,
+                        speckv::GAMMA_FLAGGED_ROWS,
+                        speckv::GAMMA_NONFINITE,
+                        speckv::GAMMA_NONFINITE
+                    ][..]
+                ),
+                "fallback γ and flags for empty, flagged and non-finite accumulators"
             );
+            assert!(e[5..9].iter().all(|v| v.is_nan()));
+            for (i, a) in accum.iter().enumerate() {
+                if (5..9).contains(&i) {
+                    continue;
+                }
+                assert_eq!(f[i], 0, "sequence {i} fell back");
+                let n = a.count as f64;
+                let x = [
+                    a.entropy_sum as f64 / n,
+                    a.confidence_sum as f64 / n,
+                    a.entropy_max as f64,
+                    a.confidence_min as f64,
+                ];
+                let scores =
+                    independent_scores(&m, x, code as f64, &PAPER_CANDIDATES, cost.as_ref());
+                let best = (0..scores.len())
+                    .max_by(|&p, &q| scores[p].0.total_cmp(&scores[q].0).then(q.cmp(&p)))
+                    .unwrap();
+                let mut sorted: Vec<f64> = scores.iter().map(|s| s.0).collect();
+                sorted.sort_by(|p, q| q.total_cmp(p));
+                if sorted[0] - sorted[1] < 1e-4 * sorted[0].abs().max(1.0) {
+                    near_ties += 1; // f32 may break a near-tie the other way
+                    continue;
+                }
+                compared += 1;
+                assert_eq!(
+                    g[i], PAPER_CANDIDATES[best] as i32,
+                    "sequence {i}: {scores:?}"
+                );
+                assert!(
+                    common::close(e[i] as f64, scores[best].1, 1e-5, 1e-5),
+                    "sequence {i}: {} vs {}",
+                    e[i],
+                    scores[best].1
+                );
+                // The host's f32 twin of the kernel (used by the CPU backend and the C ABI) agrees.
+                assert_eq!(c.decide_f32(&w, a, code, 3).0, g[i]);
+            }
         }
     }
+    // The comparison covered nearly everything; clamping makes exact ties common only in the
+    // saturated corners.
+    assert!(
+        compared > 1200,
+        "compared {compared}, near ties {near_ties}"
+    );
+}
+
+#[test]
+fn host_decision_falls_back_on_non_finite_features() {
+    let c = Controller::new(tiny_model(), &PAPER_CANDIDATES, None).unwrap();
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let d = c.decide([bad, 0.5, 1.0, 0.3], Compression::Fp16);
+        assert_eq!(d.gamma, 2, "the smallest candidate");
+        assert_eq!(d.flags, speckv::GAMMA_NONFINITE);
+        assert!(d.expected_tokens.is_nan());
+    }
+    let ok = c.decide([3.0 / 0.6, 0.5, 5.0, 0.3], Compression::Fp16);
+    assert_eq!((ok.gamma, ok.flags), (8, 0));
 }
 
 #[test]
@@ -534,7 +627,8 @@ fn emulator_gamma_mlp_feeds_verify_through_memory() {
         };
         2
     ];
-    let (g, _) = speckv::backend::emulate::gamma_mlp(&c, &w, &accum, 0.0, 1, 32).unwrap();
+    let (g, _, f) = speckv::backend::emulate::gamma_mlp(&c, &w, &accum, 0.0, 1, 32).unwrap();
+    assert_eq!(f, vec![0, 0]);
     assert!(g.iter().all(|&x| (1..=3).contains(&x)));
     let vocab = 5;
     let gmax = 3;

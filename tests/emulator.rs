@@ -86,11 +86,12 @@ fn emulator_barrier_orders_shared_memory() {
         let v = per_thread(2, block, block as usize * 4, || {
             let t = gpu::thread_idx_x();
             let s = gpu::dynamic_shared::<u32>();
-            // SAFETY: slot t is this thread's; the barrier orders the read of slot t+1 after its write.
+            // SAFETY: slot t is this thread's; the barrier orders the read of slot t+1 after its
+            // write (the sanitizer would report the race without it: tests/sanitizer.rs).
             unsafe {
-                *s.add(t as usize) = t * 3 + gpu::block_idx_x();
+                gpu::sh_st(s, t as usize, t * 3 + gpu::block_idx_x());
                 gpu::sync_threads();
-                *s.add(((t + 1) % gpu::block_dim_x()) as usize)
+                gpu::sh_ld(s, ((t + 1) % gpu::block_dim_x()) as usize)
             }
         });
         for b in 0..2u32 {

@@ -56,7 +56,9 @@ macro_rules! per_backend {
             #[test]
             fn emulator() {
                 ($body)(
-                    &|q: &QMatrix, x: &[f32], m: usize| gemv::emulate(q, x, m, 128),
+                    &|q: &QMatrix, x: &[f32], m: usize| {
+                        speckv::backend::emulate::gemv(q, x, m, 128)
+                    },
                     "emulator",
                     true,
                 );
@@ -161,9 +163,9 @@ fn emulator_every_block_size_agrees() {
     let w = weights(9, 200, 3);
     let q = QMatrix::quantize(&w, 9, 200, Format::Int8, false).unwrap();
     let x = common::normal_logits(3 * 200, 1.0, 4);
-    let first = gemv::emulate(&q, &x, 3, 32).unwrap();
+    let first = speckv::backend::emulate::gemv(&q, &x, 3, 32).unwrap();
     for block in [64u32, 96, 128, 256, 512, 1024] {
-        let y = gemv::emulate(&q, &x, 3, block).unwrap();
+        let y = speckv::backend::emulate::gemv(&q, &x, 3, block).unwrap();
         assert_eq!(
             y, first,
             "block {block}: one warp per row gives the same sums"

@@ -125,6 +125,64 @@ fn speculative_greedy_equals_plain_greedy_for_every_policy_and_regime() {
     }
 }
 
+/// The self-draft above accepts little. Here the draft is the same GGUF in FP16 drafting for its
+/// INT8 / NF4 regime: close but not identical, so steps accept everything, part, or nothing, and
+/// the KV cache rolls back after partial acceptance — the greedy output must still be the
+/// target's own, token for token.
+#[test]
+fn speculative_greedy_equals_plain_greedy_with_a_draft_that_accepts() {
+    let Some(p) = smollm2() else { return };
+    let (c, _) = read_gguf(&p).unwrap();
+    let tok = Tokenizer::from_gguf(&c).unwrap();
+    let prompt = tok
+        .encode(&Tokenizer::chat_prompt("Write a haiku about rivers."))
+        .unwrap();
+    let draft = Model::load(&p, Format::Fp16).unwrap();
+    let policies = [Policy::Fixed(3), Policy::Fixed(8), Policy::Heuristic];
+    let (mut full, mut partial, mut none) = (0, 0, 0);
+    for format in [Format::Int8, Format::Nf4] {
+        let target = Model::load(&p, format).unwrap();
+        let cfg = GenConfig {
+            max_tokens: 32,
+            temperature: 0.0,
+            seed: 1,
+            gamma_max: 8,
+            compression: Compression::Fp16,
+        };
+        let want = decode::plain(&target, &prompt, &tok.stop, &cfg)
+            .unwrap()
+            .tokens;
+        for policy in &policies {
+            let got = decode::speculative_traced(
+                &target,
+                &Draft::Model(&draft),
+                &prompt,
+                &tok.stop,
+                policy,
+                &cfg,
+                &mut |s| {
+                    if s.gamma > 0 && s.accepted == s.gamma {
+                        full += 1;
+                    } else if s.accepted > 0 {
+                        partial += 1;
+                    } else if s.gamma > 0 {
+                        none += 1;
+                    }
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                got.tokens, want,
+                "{format:?} {policy:?}: speculative greedy diverged"
+            );
+        }
+    }
+    assert!(
+        full > 0 && partial > 0,
+        "steps fully accepted {full}, partially {partial}, rejected at once {none}"
+    );
+}
+
 #[test]
 fn sampled_speculative_decoding_is_reproducible_for_a_seed() {
     let Some(p) = smollm2() else { return };

@@ -510,7 +510,8 @@ per_backend!(feature_accumulators, |run: Run<'_>, label: &str| {
 per_backend!(bad_input_is_a_typed_error, |run: Run<'_>, label: &str| {
     let v = vec![0.5f32; 64];
     let l = Logits::dense(LogitsData::F32(&v), 32).unwrap();
-    for t in [-1.0f32, f32::NAN, f32::INFINITY] {
+    // Negative, NaN, infinite, and positive but so small that 1/T is not finite (subnormal).
+    for t in [-1.0f32, f32::NAN, f32::INFINITY, 1e-39, f32::from_bits(1)] {
         let opts = StatsOptions {
             temperature: t,
             ..Default::default()
@@ -535,8 +536,112 @@ per_backend!(bad_input_is_a_typed_error, |run: Run<'_>, label: &str| {
     );
 });
 
+per_backend!(
+    statistics_are_finite_or_flagged,
+    |run: Run<'_>, label: &str| {
+        // The smallest normal temperature is accepted; logits whose x / T overflows f32 are flagged
+        // (ROW_NONFINITE), never returned as NaN statistics with no flag; a row whose x / T stays
+        // finite is fine.
+        let v = vec![
+            40.0f32, 0.0, -3.0, 1.0, // x / T = 4e38 overflows
+            0.5, -0.5, 0.25, 0.0, // |x| / T ≤ 5e36
+        ];
+        let l = Logits::dense(LogitsData::F32(&v), 4).unwrap();
+        for sample in [false, true] {
+            let opts = StatsOptions {
+                temperature: 1e-37,
+                sample,
+                ..Default::default()
+            };
+            let r = run(&l, &opts, None).unwrap();
+            assert_eq!(r[0].flags, ROW_NONFINITE, "{label}: {:?}", r[0]);
+            assert_eq!((r[0].argmax, r[0].sampled), (-1, -1));
+            assert_eq!(r[1].flags, 0, "{label}: {:?}", r[1]);
+            assert_eq!(r[1].argmax, 0);
+            assert!(
+                r[1].confidence > 0.999 && r[1].entropy.is_finite(),
+                "{label}: {:?}",
+                r[1]
+            );
+            if sample {
+                assert_eq!(r[1].sampled, 0, "{label}: T → 0 samples the argmax");
+            }
+        }
+    }
+);
+
 // ---------------------------------------------------------------------------------------------
 // emulator-only and backend-independent checks
+
+/// At GPU precision (`ex2` / `lg2` as `.approx.ftz`, within their error bounds, subnormals
+/// flushed) the statistics stay within tolerance of the float64 reference, and the argmax and the
+/// sampled token — which use no approximate instruction — are exact.
+#[test]
+fn emulator_at_gpu_precision_stays_within_tolerance() {
+    for (k, &(rows, vocab)) in [(3usize, 1000usize), (2, 50257), (4, 33)]
+        .iter()
+        .enumerate()
+    {
+        let x = common::normal_logits(rows * vocab, 3.0, 900 + k as u64);
+        let l = Logits::dense(LogitsData::F32(&x), vocab).unwrap();
+        for t in [1.0f32, 0.6, 0.0] {
+            let opts = StatsOptions {
+                temperature: t,
+                sample: t > 0.0,
+                seed: 5,
+                step: 2,
+                ..Default::default()
+            };
+            let got = speckv::backend::emulate::Emulator::new(256)
+                .gpu_math(k as u64)
+                .softmax_stats(&l, &opts, None)
+                .unwrap();
+            for (r, g) in got.iter().enumerate() {
+                let row = &x[r * vocab..(r + 1) * vocab];
+                let want = reference_row(row, t);
+                let ctx = format!("vocab {vocab} row {r} T {t}");
+                assert_eq!(g.argmax, want.argmax, "{ctx}");
+                assert!(
+                    common::close(g.lse as f64, want.lse, 2e-6, 2e-6),
+                    "{ctx}: lse {} vs {}",
+                    g.lse,
+                    want.lse
+                );
+                assert!(
+                    common::close(g.entropy as f64, want.entropy, 2e-5, 2e-6),
+                    "{ctx}: entropy {} vs {}",
+                    g.entropy,
+                    want.entropy
+                );
+                assert!(
+                    common::close(g.confidence as f64, want.confidence, 2e-5, 1e-7),
+                    "{ctx}"
+                );
+                if t > 0.0 {
+                    assert_eq!(g.sampled, replay_sample(row, t, 5, 2, r as u32), "{ctx}");
+                }
+            }
+        }
+    }
+}
+
+/// A temperature the host did not check (another host's launch) is flagged by the kernel itself.
+#[test]
+fn emulator_kernel_flags_a_subnormal_temperature() {
+    let v = vec![0.5f32, 1.0, -2.0, 0.0];
+    let l = Logits::dense(LogitsData::F32(&v), 4).unwrap();
+    for t in [1e-39f32, -0.5, f32::NAN] {
+        let opts = StatsOptions {
+            temperature: t,
+            ..Default::default()
+        };
+        let r = speckv::backend::emulate::Emulator::new(64)
+            .softmax_stats_unchecked_options(&l, &opts, None)
+            .unwrap();
+        assert_eq!(r[0].flags, speckv::ROW_BAD_TEMPERATURE, "T={t}: {:?}", r[0]);
+        assert!(r[0].entropy.is_nan() && r[0].argmax == -1);
+    }
+}
 
 /// llm.c style: the kernel at every block size gives the same argmax and sampled token, and
 /// statistics within tolerance of the reference.

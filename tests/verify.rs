@@ -10,7 +10,7 @@ use speckv::backend::cpu::CpuBackend;
 use speckv::measure::verify_sim::{self, SimMode};
 use speckv::{
     philox, Backend, DraftDist, Dtype, Error, LogitsData, VerifyBatch, VerifyOutput,
-    VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
+    VERIFY_BAD_DRAFT, VERIFY_BAD_GAMMA, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -123,6 +123,7 @@ impl Case {
             let greedy = tt == 0.0;
             let mut k = g;
             let mut emit = -1i32;
+            let mut flagged = 0;
             for i in 0..g {
                 let x = self.tokens[b * self.gmax + i] as usize;
                 let tr = t_row(b, i);
@@ -146,18 +147,19 @@ impl Case {
                         let at = (b * self.gmax + i) * vocab;
                         let dr: Vec<f32> = (0..vocab).map(|j| data.get(at + j)).collect();
                         if temperature[b] == 0.0 {
-                            let a = first_argmax(&dr);
-                            (0..vocab).map(|j| (j == a) as u32 as f64).collect()
+                            // A greedy draft proposed x with certainty: q is one-hot at x.
+                            (0..vocab).map(|j| (j == x) as u32 as f64).collect()
                         } else {
                             softmax64(&dr, temperature[b] as f64)
                         }
                     }
                 };
-                let ratio = if q[x] > 0.0 {
-                    (p[x] / q[x]).min(1.0)
-                } else {
-                    1.0
-                };
+                if q[x] == 0.0 {
+                    // The draft cannot have proposed x: the sequence is flagged, nothing emitted.
+                    flagged = VERIFY_BAD_DRAFT;
+                    break;
+                }
+                let ratio = (p[x] / q[x]).min(1.0);
                 out.ratios[b * self.gmax + i] = ratio as f32;
                 let useed = philox::derive(self.seed, philox::PURPOSE_ACCEPT, 0);
                 let u =
@@ -180,6 +182,10 @@ impl Case {
                     emit = best.1;
                     break;
                 }
+            }
+            if flagged != 0 {
+                out.flags[b] = flagged;
+                continue;
             }
             if k == g {
                 let tr = t_row(b, g);
@@ -625,6 +631,226 @@ per_backend!(bad_input_is_a_typed_error, |run: Run<'_>, label: &str| {
         "{label}"
     );
 });
+
+per_backend!(
+    greedy_draft_is_one_hot_at_its_own_token,
+    |run: Run<'_>, label: &str| {
+        // The draft rows tie tokens 0 and 1 at their max; the engine's greedy draft picked 1 (its
+        // tie-break), the lowest-index argmax is 0. A greedy draft proposed 1 with certainty, so
+        // q = δ₁ and position 0 accepts with probability p(1) ≈ 0.035. (Making q one-hot at the
+        // row's argmax instead gave q(1) = 0, ratio 1: every token accepted.)
+        let (batch, gmax, vocab) = (512, 1, 4);
+        let target: Vec<f32> = (0..batch)
+            .flat_map(|_| [2.0f32, -1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0])
+            .collect();
+        let draft: Vec<f32> = (0..batch).flat_map(|_| [3.0f32, 3.0, 0.0, 0.0]).collect();
+        let (tokens, gammas) = (vec![1; batch], vec![1; batch]);
+        let (tt, td) = (vec![1.0f32; batch], vec![0.0f32; batch]);
+        let v = VerifyBatch {
+            target: LogitsData::F32(&target),
+            target_stride: vocab,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(&draft),
+                temperature: &td,
+            },
+            draft_stride: vocab,
+            draft_tokens: &tokens,
+            gammas: &gammas,
+            target_temperature: &tt,
+            batch,
+            gamma_max: gmax,
+            vocab,
+            seed: 17,
+            step: 3,
+        };
+        let o = run(&v).unwrap();
+        let p1 = softmax64(&[2.0, -1.0, 0.0, 0.5], 1.0)[1];
+        assert!(o.flags.iter().all(|&f| f == 0), "{label}");
+        for b in 0..batch {
+            assert!(
+                common::close(o.ratios[b] as f64, p1, 1e-5, 1e-7),
+                "{label}: {}",
+                o.ratios[b]
+            );
+        }
+        let rate = o.accepted.iter().sum::<i32>() as f64 / batch as f64;
+        // 512 draws at p ≈ 0.035: mean 18, σ ≈ 4.2.
+        assert!(
+            (0.01..0.07).contains(&rate),
+            "{label}: acceptance {rate}, p(1) = {p1}"
+        );
+        // A rejected position emits from the residual p − δ₁: never token 1.
+        for b in 0..batch {
+            if o.accepted[b] == 0 {
+                assert_ne!(o.tokens(b), &[1], "{label}");
+            }
+        }
+    }
+);
+
+per_backend!(
+    probabilities_that_are_not_finite_fail_closed,
+    |run: Run<'_>, label: &str| {
+        let (gmax, vocab) = (1, 8);
+        // Draft probabilities, drafted token 2; the target gives it ≈ 5e-5, so position 0 is
+        // rejected and the residual pass reads every q_j.
+        let base = [0.05f32, 0.05, 0.8, 0.02, 0.02, 0.02, 0.02, 0.02];
+        let mut q: Vec<[f32; 8]> = vec![base; 5];
+        q[0][5] = f32::NAN; // a NaN read only by the residual pass
+        q[1][5] = -0.5; // a negative probability
+        q[2][2] = 0.0; // the draft gave its own token probability 0
+        q[3][2] = 1.5; // a probability above 1
+        let batch = q.len();
+        let probs: Vec<f32> = q.iter().flatten().copied().collect();
+        let target: Vec<f32> = (0..batch)
+            .flat_map(|_| {
+                let mut r = [0.0f32; 16];
+                r[0] = 5.0;
+                r[2] = -5.0;
+                r
+            })
+            .collect();
+        let v = VerifyBatch {
+            target: LogitsData::F32(&target),
+            target_stride: vocab,
+            draft: DraftDist::Probs(&probs),
+            draft_stride: vocab,
+            draft_tokens: &[2; 5],
+            gammas: &[1; 5],
+            target_temperature: &[1.0; 5],
+            batch,
+            gamma_max: gmax,
+            vocab,
+            seed: 5,
+            step: 0,
+        };
+        let o = run(&v).unwrap();
+        assert_eq!(
+            o.flags,
+            vec![
+                VERIFY_NONFINITE,
+                VERIFY_NONFINITE,
+                VERIFY_BAD_DRAFT,
+                VERIFY_NONFINITE,
+                0
+            ],
+            "{label}"
+        );
+        assert_eq!(o.emitted_count, vec![0, 0, 0, 0, 1], "{label}");
+        assert_eq!(
+            o.accepted[4], 0,
+            "{label}: the clean sequence rejects token 2"
+        );
+        assert!((0..4).all(|b| o.tokens(b).is_empty()));
+        // Logits whose x / T overflows under a tiny (but normal) temperature: flagged, not NaN.
+        let target = [40.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+        let draft = [0.0f32, 0.0, 0.0, 0.0];
+        let v = VerifyBatch {
+            target: LogitsData::F32(&target),
+            target_stride: 4,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(&draft),
+                temperature: &[1.0],
+            },
+            draft_stride: 4,
+            draft_tokens: &[0],
+            gammas: &[1],
+            target_temperature: &[1e-37],
+            batch: 1,
+            gamma_max: 1,
+            vocab: 4,
+            seed: 0,
+            step: 0,
+        };
+        let o = run(&v).unwrap();
+        assert_eq!(
+            (o.flags[0], o.emitted_count[0]),
+            (VERIFY_NONFINITE, 0),
+            "{label}"
+        );
+        // Below f32::MIN_POSITIVE, 1/T is not finite: a typed error before any launch.
+        let v = VerifyBatch {
+            target_temperature: &[1e-39],
+            ..v
+        };
+        assert!(
+            matches!(run(&v), Err(Error::BadTemperature(t)) if t == 1e-39),
+            "{label}"
+        );
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+
+/// At GPU precision (`ex2` / `lg2` / `rcp` as `.approx.ftz`, within their error bounds) the kernel
+/// decides as the float64 reference does, except where a uniform falls within 1e-4 of the
+/// acceptance ratio — the only place precision can legitimately flip a decision.
+#[test]
+fn emulator_at_gpu_precision_decides_like_the_reference_away_from_thresholds() {
+    let (mut compared, mut near) = (0, 0);
+    for seed in 0..3u64 {
+        let case = mixed_case(24, 4, 1000, 500 + seed);
+        let typed = case.typed();
+        for dtype in [Dtype::F32, Dtype::F16] {
+            for probs in [false, true] {
+                let v = case.batch(&typed, dtype, probs);
+                let got = speckv::backend::emulate::Emulator::new(128)
+                    .gpu_math(seed)
+                    .verify(&v)
+                    .unwrap();
+                let want = case.reference(&v);
+                assert_invariants(&v, &got, "gpu math");
+                let w = case.gmax + 1;
+                for b in 0..case.batch {
+                    compared += 1;
+                    let same = got.accepted[b] == want.accepted[b]
+                        && got.emitted[b * w..(b + 1) * w] == want.emitted[b * w..(b + 1) * w]
+                        && got.flags[b] == want.flags[b];
+                    if same {
+                        continue;
+                    }
+                    // The first position where one accepted and the other rejected.
+                    let i = got.accepted[b].min(want.accepted[b]) as usize;
+                    let useed = philox::derive(case.seed, philox::PURPOSE_ACCEPT, 0);
+                    let u =
+                        philox::uniform_open(philox::bits(useed, i as u32, b as u32, case.step));
+                    let r = want.ratios[b * case.gmax + i];
+                    assert!(
+                        got.accepted[b] != want.accepted[b] && (u - r).abs() < 1e-4,
+                        "seed {seed} {dtype:?} probs {probs} sequence {b}: {:?} vs {:?} (u {u}, ratio {r})",
+                        &got.emitted[b * w..(b + 1) * w],
+                        &want.emitted[b * w..(b + 1) * w]
+                    );
+                    near += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        near * 50 < compared,
+        "{near} of {compared} sequences differ"
+    );
+}
+
+/// A temperature the host never saw (written on the device) is flagged by the kernel itself.
+#[test]
+fn emulator_kernel_flags_a_subnormal_temperature() {
+    let case = mixed_case(3, 2, 10, 9);
+    let typed = case.typed();
+    let good = case.batch(&typed, Dtype::F32, false);
+    let temps = [1e-39f32, 1.0, f32::NAN];
+    let v = VerifyBatch {
+        target_temperature: &temps,
+        ..good
+    };
+    assert!(matches!(v.validate(), Err(Error::BadTemperature(_))));
+    let o = speckv::backend::emulate::verify_unchecked_values(&v, 64).unwrap();
+    assert_eq!(
+        o.flags,
+        vec![VERIFY_BAD_TEMPERATURE, 0, VERIFY_BAD_TEMPERATURE]
+    );
+    assert_eq!(o.emitted_count[0], 0);
+}
 
 // ---------------------------------------------------------------------------------------------
 

@@ -50,6 +50,9 @@ pub enum SpeckvStatus {
     Io = 9,
     /// An internal error (a bug): reported instead of unwinding into C.
     Internal = 10,
+    /// A pointer not aligned for its element type (logits to their dtype's size, everything else
+    /// to 4 bytes).
+    Misaligned = 11,
 }
 
 /// Logits element types.
@@ -76,13 +79,23 @@ pub const SPECKV_ROW_NONFINITE: u32 = 1;
 pub const SPECKV_ROW_ALL_MASKED: u32 = 2;
 pub const SPECKV_ROW_BAD_TEMPERATURE: u32 = 4;
 
-/// Per-sequence flags of [`speckv_verify`]: non-finite logits, an all-masked row, γ_b outside
-/// 0..=gamma_max, a drafted token outside the vocabulary, an invalid temperature.
+/// Per-sequence flags of [`speckv_verify`] (a flagged sequence accepts and emits nothing):
+/// non-finite logits or probabilities (NaN / inf logits, x / T overflowing, p(x), q(x), their ratio
+/// or a draft probability not in [0, 1]), an all-masked row, γ_b outside 0..=gamma_max, a drafted
+/// token outside the vocabulary, an invalid temperature (negative, NaN, infinite, or below
+/// 1.18e-38), a drafted token the draft gave probability 0.
 pub const SPECKV_VERIFY_NONFINITE: u32 = 1;
 pub const SPECKV_VERIFY_ALL_MASKED: u32 = 2;
 pub const SPECKV_VERIFY_BAD_GAMMA: u32 = 4;
 pub const SPECKV_VERIFY_BAD_TOKEN: u32 = 8;
 pub const SPECKV_VERIFY_BAD_TEMPERATURE: u32 = 16;
+pub const SPECKV_VERIFY_BAD_DRAFT: u32 = 32;
+
+/// Per-sequence flags of [`speckv_decide_gamma`], why `fallback_gamma` was written: no drafted
+/// token was accumulated; a drafted row was flagged; a feature or prediction was not finite.
+pub const SPECKV_GAMMA_EMPTY: u32 = 1;
+pub const SPECKV_GAMMA_FLAGGED_ROWS: u32 = 2;
+pub const SPECKV_GAMMA_NONFINITE: u32 = 4;
 
 /// Most candidate γ values a controller takes.
 pub const SPECKV_MAX_CANDIDATES: usize = 8;
@@ -97,6 +110,10 @@ mod same_as_kernels {
     const _: () = assert!(super::SPECKV_VERIFY_BAD_GAMMA == k::VERIFY_BAD_GAMMA);
     const _: () = assert!(super::SPECKV_VERIFY_BAD_TOKEN == k::VERIFY_BAD_TOKEN);
     const _: () = assert!(super::SPECKV_VERIFY_BAD_TEMPERATURE == k::VERIFY_BAD_TEMPERATURE);
+    const _: () = assert!(super::SPECKV_VERIFY_BAD_DRAFT == k::VERIFY_BAD_DRAFT);
+    const _: () = assert!(super::SPECKV_GAMMA_EMPTY == k::GAMMA_EMPTY);
+    const _: () = assert!(super::SPECKV_GAMMA_FLAGGED_ROWS == k::GAMMA_FLAGGED_ROWS);
+    const _: () = assert!(super::SPECKV_GAMMA_NONFINITE == k::GAMMA_NONFINITE);
     const _: () = assert!(super::SPECKV_MAX_CANDIDATES == k::MAX_CANDIDATES);
 }
 
@@ -212,7 +229,8 @@ fn status_of(e: &Error) -> SpeckvStatus {
         | Error::StrideTooSmall { .. }
         | Error::LogitsLength { .. }
         | Error::Length { .. }
-        | Error::TooLarge(_) => SpeckvStatus::BadShape,
+        | Error::TooLarge(_)
+        | Error::TooMuchMemory { .. } => SpeckvStatus::BadShape,
         Error::Unknown { what, .. } if *what == "dtype" => SpeckvStatus::BadDtype,
         Error::Unknown { .. } => SpeckvStatus::InvalidArgument,
         Error::NoCuda(_) | Error::NoPtx(_) | Error::UnsupportedDevice { .. } => {
@@ -220,7 +238,8 @@ fn status_of(e: &Error) -> SpeckvStatus {
         }
         Error::CudaCall(_) | Error::Driver(_) => SpeckvStatus::Cuda,
         Error::WrongStream(_) => SpeckvStatus::WrongStream,
-        Error::Io { .. } => SpeckvStatus::Io,
+        Error::Io { .. } | Error::BadModel(_) => SpeckvStatus::Io,
+        Error::NonFiniteLogits { .. } => SpeckvStatus::InvalidArgument,
         Error::Emulator(_) | Error::Other(_) => SpeckvStatus::InvalidArgument,
     }
 }
@@ -264,6 +283,21 @@ fn fail<T>(s: SpeckvStatus, msg: impl Into<String>) -> Result<T, (SpeckvStatus, 
 fn non_null<T>(p: *const T, what: &'static str) -> Result<(), (SpeckvStatus, String)> {
     if p.is_null() {
         return fail(SpeckvStatus::NullPointer, format!("{what} is null"));
+    }
+    Ok(())
+}
+
+/// A non-null pointer aligned for `T` (null pointers are checked separately, where required).
+fn aligned<T>(p: *const T, what: &'static str) -> Result<(), (SpeckvStatus, String)> {
+    aligned_to(p as *const c_void, std::mem::align_of::<T>(), what)
+}
+
+fn aligned_to(p: *const c_void, align: usize, what: &str) -> Result<(), (SpeckvStatus, String)> {
+    if !p.is_null() && (p as usize) % align != 0 {
+        return fail(
+            SpeckvStatus::Misaligned,
+            format!("{what} ({p:p}) is not {align}-byte aligned for its element type"),
+        );
     }
     Ok(())
 }
@@ -545,6 +579,9 @@ pub unsafe extern "C" fn speckv_softmax_stats(
         non_null(a.logits, "args.logits")?;
         non_null(a.out, "args.out")?;
         let dt = dtype(a.dtype)?;
+        aligned_to(a.logits, dt.size(), "args.logits")?;
+        aligned(a.out, "args.out")?;
+        aligned(a.accum, "args.accum")?;
         let accumulate = match a.accumulate {
             SPECKV_ACCUMULATE_NO => Accumulate::No,
             SPECKV_ACCUMULATE_ADD => Accumulate::Add,
@@ -617,10 +654,13 @@ pub unsafe extern "C" fn speckv_softmax_stats(
 }
 
 /// γ for each of `batch` sequences from their draft features (`accum`, from the statistics pass
-/// with accumulation), as the `gamma_mlp` kernel decides it; a sequence with no or flagged
-/// features gets `fallback_gamma`. `expected_out` (may be null) receives â(γ)·γ + 1. CUDA: device
-/// pointers, asynchronous — `verify` can read the γ values without the host seeing them.
+/// with accumulation), as the `gamma_mlp` kernel decides it. Fail-closed: a sequence with no or
+/// flagged features, or whose features or predictions are not finite, gets `fallback_gamma`, and
+/// `flags_out` (may be null) says why (`SPECKV_GAMMA_*`, 0 for a decision). `expected_out` (may be
+/// null) receives â(γ)·γ + 1 (NaN for a fallback). CUDA: device pointers, asynchronous — `verify`
+/// can read the γ values without the host seeing them.
 #[no_mangle]
+#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn speckv_decide_gamma(
     ctx: *const SpeckvContext,
     accum: *const SpeckvFeatureAccum,
@@ -629,11 +669,16 @@ pub unsafe extern "C" fn speckv_decide_gamma(
     fallback_gamma: i32,
     gammas_out: *mut i32,
     expected_out: *mut f32,
+    flags_out: *mut u32,
 ) -> SpeckvStatus {
     guard(|| {
         let c = ctx_ref(ctx)?;
         non_null(accum, "accum")?;
         non_null(gammas_out, "gammas_out")?;
+        aligned(accum, "accum")?;
+        aligned(gammas_out, "gammas_out")?;
+        aligned(expected_out, "expected_out")?;
+        aligned(flags_out, "flags_out")?;
         if batch == 0 {
             return fail(SpeckvStatus::BadShape, "batch must be at least 1");
         }
@@ -660,13 +705,17 @@ pub unsafe extern "C" fn speckv_decide_gamma(
                     )
                 };
                 for (i, a) in acc.iter().enumerate() {
-                    let (gamma, t) =
+                    let (gamma, t, f) =
                         lc.controller
                             .decide_f32(&lc.weights, a, compression_code, fallback_gamma);
                     g[i] = gamma;
                     if !expected_out.is_null() {
                         // SAFETY: `batch` writable values when non-null (contract).
                         unsafe { *expected_out.add(i) = t };
+                    }
+                    if !flags_out.is_null() {
+                        // SAFETY: `batch` writable values when non-null (contract).
+                        unsafe { *flags_out.add(i) = f };
                     }
                 }
                 Ok(())
@@ -692,6 +741,7 @@ pub unsafe extern "C" fn speckv_decide_gamma(
                         .map_or(std::ptr::null(), |t| t.ptr() as *const f32),
                     gammas_out,
                     expected_out,
+                    flags_out,
                     candidates,
                     n_candidates: lc.controller.candidates.len() as u32,
                     batch,
@@ -732,6 +782,23 @@ pub unsafe extern "C" fn speckv_verify(
             non_null(a.draft, "args.draft")?;
         }
         let dt = dtype(a.dtype)?;
+        aligned_to(a.target_logits, dt.size(), "args.target_logits")?;
+        let draft_size = if a.draft_kind == SPECKV_DRAFT_PROBS {
+            4
+        } else {
+            dt.size()
+        };
+        aligned_to(a.draft, draft_size, "args.draft")?;
+        aligned(a.draft_temperature, "args.draft_temperature")?;
+        aligned(a.draft_tokens, "args.draft_tokens")?;
+        aligned(a.gammas, "args.gammas")?;
+        aligned(a.target_temperature, "args.target_temperature")?;
+        aligned(a.accepted, "args.accepted")?;
+        aligned(a.emitted, "args.emitted")?;
+        aligned(a.emitted_count, "args.emitted_count")?;
+        aligned(a.ratios, "args.ratios")?;
+        aligned(a.counterfactual, "args.counterfactual")?;
+        aligned(a.flags, "args.flags")?;
         let probs = match a.draft_kind {
             SPECKV_DRAFT_LOGITS => {
                 non_null(a.draft_temperature, "args.draft_temperature (logits mode)")?;

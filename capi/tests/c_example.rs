@@ -79,9 +79,9 @@ fn rust_output() -> String {
     let w = c.mlp.to_f32();
     let mut gammas = [0i32; B];
     for b in 0..B {
-        let (g, t) = c.decide_f32(&w, &accum[b], 0.0, 4);
+        let (g, t, f) = c.decide_f32(&w, &accum[b], 0.0, 4);
         gammas[b] = g;
-        out += &format!("gamma b={b} gamma={g} expected={t:.6}\n");
+        out += &format!("gamma b={b} gamma={g} expected={t:.6} flags={f}\n");
     }
     let temps = [1.0f32; B];
     let vb = VerifyBatch {
@@ -156,9 +156,38 @@ fn c_example_matches_the_rust_api() {
     let c_text = String::from_utf8(out.stdout).unwrap();
     let rust_text = rust_output();
     assert_eq!(c_text, rust_text);
-    // The step did something: drafts were accepted somewhere and γ came from the candidates.
-    assert!(c_text.contains("gamma b=0 gamma="));
-    assert!(c_text.lines().filter(|l| l.starts_with("stats")).count() == B * G);
+    // The step did something: every row was drafted, γ came from the controller (not the
+    // fallback) for every sequence, and drafts were accepted — the comparison above would also
+    // pass on a step that rejected everything.
+    assert_eq!(
+        c_text.lines().filter(|l| l.starts_with("stats")).count(),
+        B * G
+    );
+    let field = |line: &str, key: &str| -> i64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+    };
+    let gamma_lines: Vec<&str> = c_text.lines().filter(|l| l.starts_with("gamma ")).collect();
+    assert_eq!(gamma_lines.len(), B);
+    for l in &gamma_lines {
+        assert_eq!(field(l, "flags="), 0, "fallback γ: {l}");
+        assert!((1..=4).contains(&field(l, "gamma=")), "{l}");
+    }
+    let accepted: Vec<i64> = c_text
+        .lines()
+        .filter(|l| l.starts_with("verify "))
+        .map(|l| {
+            assert_eq!(field(l, "flags="), 0, "flagged sequence: {l}");
+            field(l, "accepted=")
+        })
+        .collect();
+    assert_eq!(accepted.len(), B);
+    assert!(
+        accepted.iter().any(|&a| a > 0),
+        "no draft was accepted in the example: {accepted:?}"
+    );
 }
 
 #[test]

@@ -116,7 +116,16 @@ fn stream_controller_and_verify_misuse_is_reported() {
         let accum = [FeatureAccum::EMPTY; 2];
         let mut g = [0i32; 2];
         assert_eq!(
-            speckv_decide_gamma(ctx, accum.as_ptr(), 2, 0.0, 4, g.as_mut_ptr(), null_mut()),
+            speckv_decide_gamma(
+                ctx,
+                accum.as_ptr(),
+                2,
+                0.0,
+                4,
+                g.as_mut_ptr(),
+                null_mut(),
+                null_mut()
+            ),
             SpeckvStatus::NoController
         );
         // Loading: a missing file, bad candidates.
@@ -146,12 +155,30 @@ fn stream_controller_and_verify_misuse_is_reported() {
         );
         // Empty accumulators get the fallback.
         assert_eq!(
-            speckv_decide_gamma(ctx, accum.as_ptr(), 2, 0.0, 3, g.as_mut_ptr(), null_mut()),
+            speckv_decide_gamma(
+                ctx,
+                accum.as_ptr(),
+                2,
+                0.0,
+                3,
+                g.as_mut_ptr(),
+                null_mut(),
+                null_mut()
+            ),
             SpeckvStatus::Ok
         );
         assert_eq!(g, [3, 3]);
         assert_eq!(
-            speckv_decide_gamma(ctx, accum.as_ptr(), 0, 0.0, 3, g.as_mut_ptr(), null_mut()),
+            speckv_decide_gamma(
+                ctx,
+                accum.as_ptr(),
+                0,
+                0.0,
+                3,
+                g.as_mut_ptr(),
+                null_mut(),
+                null_mut()
+            ),
             SpeckvStatus::BadShape
         );
 

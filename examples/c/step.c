@@ -78,8 +78,10 @@ int main(int argc, char **argv) {
     /* γ per sequence from the accumulated features (compression code 0 = fp16). */
     int32_t gammas[B];
     float expected[B];
-    CHECK(speckv_decide_gamma(ctx, accum, B, 0.0f, 4, gammas, expected));
-    for (int b = 0; b < B; b++) printf("gamma b=%d gamma=%d expected=%.6f\n", b, gammas[b], expected[b]);
+    uint32_t gamma_flags[B];
+    CHECK(speckv_decide_gamma(ctx, accum, B, 0.0f, 4, gammas, expected, gamma_flags));
+    for (int b = 0; b < B; b++)
+        printf("gamma b=%d gamma=%d expected=%.6f flags=%u\n", b, gammas[b], expected[b], gamma_flags[b]);
 
     /* Verification of γ_b drafts per sequence. */
     float temps[B] = {1.0f, 1.0f};

@@ -25,6 +25,12 @@ pub struct Args {
 
 pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
     let backend = Backend::new(backend)?;
+    // Every size is checked before anything is allocated.
+    verify_sim::check_sizes(
+        a.vocab,
+        a.gamma,
+        a.batch.min(a.samples.min(usize::MAX as u64) as usize),
+    )?;
     let (target, draft) = verify_sim::dirichlet_pair(a.vocab, a.gamma, a.seed)?;
     let r = verify_sim::run(
         &backend, &target, &draft, a.samples, a.seed, a.mode, a.batch,

@@ -452,6 +452,10 @@ pub fn train(
         }
     }
     let (_, model, best_epoch) = best;
+    // Records are checked when read, so this is a guard against a diverged fit, never written out.
+    model
+        .check()
+        .map_err(|e| Error::Other(format!("training diverged ({e}); check the step records")))?;
     let report = TrainReport {
         config: cfg,
         train_runs: train_runs.to_vec(),

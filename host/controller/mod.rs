@@ -11,7 +11,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use speckv_kernels::gamma_mlp;
-use speckv_kernels::params::{FeatureAccum, GammaMlpParams, MlpWeights, MAX_CANDIDATES};
+use speckv_kernels::params::{
+    FeatureAccum, GammaMlpParams, MlpWeights, GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE,
+    MAX_CANDIDATES,
+};
 
 use crate::controller::mlp::Mlp;
 use crate::controller::records::Compression;
@@ -92,8 +95,11 @@ impl CostModel {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Decision {
     pub gamma: u32,
-    /// â(γ)·γ + 1 at the chosen γ.
+    /// â(γ)·γ + 1 at the chosen γ (NaN for a fallback).
     pub expected_tokens: f64,
+    /// `GAMMA_NONFINITE` when a feature or a prediction was not finite: `gamma` is then the
+    /// smallest candidate (the cheapest step, trusting the draft least); 0 for a decision.
+    pub flags: u32,
 }
 
 /// The 16-unit MLP controller.
@@ -123,27 +129,31 @@ impl Controller {
     }
 
     /// The decision for draft features `base` = (mean entropy, mean confidence, max entropy, min
-    /// confidence) under `compression` (f64, the CPU path).
+    /// confidence) under `compression` (f64, the CPU path). Fail-closed: non-finite features or
+    /// predictions give the smallest candidate, flagged.
     pub fn decide(&self, base: [f64; 4], compression: Compression) -> Decision {
-        let mut best = (
-            f64::NEG_INFINITY,
-            Decision {
-                gamma: self.candidates[0],
-                expected_tokens: f64::NAN,
-            },
-        );
+        let fallback = Decision {
+            gamma: self.candidates.iter().copied().min().unwrap_or(1),
+            expected_tokens: f64::NAN,
+            flags: GAMMA_NONFINITE,
+        };
+        if !base.iter().all(|v| v.is_finite()) {
+            return fallback;
+        }
+        let mut best = (f64::NEG_INFINITY, fallback);
         for &g in &self.candidates {
-            let a = self
-                .mlp
-                .predict(&[
-                    base[0],
-                    base[1],
-                    base[2],
-                    base[3],
-                    compression.code(),
-                    g as f64,
-                ])
-                .clamp(0.0, 1.0);
+            let a = self.mlp.predict(&[
+                base[0],
+                base[1],
+                base[2],
+                base[3],
+                compression.code(),
+                g as f64,
+            ]);
+            if !a.is_finite() {
+                return fallback;
+            }
+            let a = a.clamp(0.0, 1.0);
             let tokens = a * g as f64 + 1.0;
             let score = match &self.cost {
                 Some(c) => tokens / c.step(g),
@@ -155,6 +165,7 @@ impl Controller {
                     Decision {
                         gamma: g,
                         expected_tokens: tokens,
+                        flags: 0,
                     },
                 );
             }
@@ -169,17 +180,25 @@ impl Controller {
             .map(|c| self.candidates.iter().map(|&g| c.step(g) as f32).collect())
     }
 
-    /// The decision exactly as the `gamma_mlp` kernel computes it (f32, same operation order).
+    /// The decision exactly as the `gamma_mlp` kernel computes it (f32, same operation order):
+    /// (γ, predicted tokens per step, `GAMMA_*` flags — non-zero when `fallback` was used).
     pub fn decide_f32(
         &self,
         weights: &MlpWeights,
         accum: &FeatureAccum,
         code: f32,
         fallback: i32,
-    ) -> (i32, f32) {
+    ) -> (i32, f32, u32) {
         let cands: Vec<i32> = self.candidates.iter().map(|&g| g as i32).collect();
-        if accum.count == 0 || accum.flags != 0 {
-            return (fallback, f32::NAN);
+        let mut flags = 0;
+        if accum.count == 0 {
+            flags |= GAMMA_EMPTY;
+        }
+        if accum.flags != 0 {
+            flags |= GAMMA_FLAGGED_ROWS;
+        }
+        if flags != 0 {
+            return (fallback, f32::NAN, flags);
         }
         let n = accum.count as f32;
         let base = [
@@ -189,8 +208,10 @@ impl Controller {
             accum.confidence_min,
         ];
         let cost = self.cost_table();
-        let (c, t) = gamma_mlp::decide(weights, base, code, &cands, cost.as_deref());
-        (cands[c], t)
+        match gamma_mlp::decide(weights, base, code, &cands, cost.as_deref()) {
+            Some((c, t)) => (cands[c], t, 0),
+            None => (fallback, f32::NAN, GAMMA_NONFINITE),
+        }
     }
 
     /// Kernel parameters for a batch (addresses supplied by the caller).
@@ -212,6 +233,7 @@ impl Controller {
             cost: ptrs.cost,
             gammas_out: ptrs.gammas_out,
             expected_out: ptrs.expected_out,
+            flags_out: ptrs.flags_out,
             candidates,
             n_candidates: self.candidates.len() as u32,
             batch: batch as u32,
@@ -228,5 +250,6 @@ pub(crate) struct GammaPtrs {
     pub compression: *const f32,
     pub cost: *const f32,
     pub gammas_out: *mut i32,
+    pub flags_out: *mut u32,
     pub expected_out: *mut f32,
 }

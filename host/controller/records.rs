@@ -107,6 +107,12 @@ impl StepRecord {
                 self.accepted + 1
             ));
         }
+        if !(0.0..=1.0).contains(&self.acceptance_rate) {
+            return bad(&format!(
+                "acceptance_rate {} must be a number in [0, 1]",
+                self.acceptance_rate
+            ));
+        }
         let feats = [
             self.mean_draft_entropy,
             self.mean_draft_confidence,
@@ -124,7 +130,8 @@ impl StepRecord {
 }
 
 /// Reads step records from a CSV file with the paper's columns (in any order; extra columns are
-/// ignored). Every record is checked (accepted ≤ γ, tokens = accepted + 1, features finite).
+/// ignored). Every record is checked (accepted ≤ γ, tokens = accepted + 1, acceptance rate in
+/// [0, 1], features finite).
 pub fn read_records(path: &Path) -> Result<Vec<StepRecord>> {
     let file = std::fs::File::open(path).map_err(|source| Error::Io {
         context: format!("opening {}", path.display()),

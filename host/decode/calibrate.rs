@@ -43,8 +43,8 @@ fn agreement(m: &Model, texts: &[Text], mask: &[bool]) -> Result<f64> {
         let feed = &t.tokens[..t.tokens.len() - 1];
         let keep = t.tokens.len() - t.first;
         let logits = m.forward_layers(feed, &mut cache, keep, Some(mask))?;
-        for (row, &next) in logits.chunks(v).zip(&t.tokens[t.first..]) {
-            hit += (decode::argmax(row) == next) as usize;
+        for (i, (row, &next)) in logits.chunks(v).zip(&t.tokens[t.first..]).enumerate() {
+            hit += (decode::argmax(row, i)? == next) as usize;
             n += 1;
         }
     }

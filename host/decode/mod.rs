@@ -123,9 +123,17 @@ pub struct StepTrace {
     pub emitted: Vec<u32>,
 }
 
-/// Index of the largest logit, ties to the lower index (as the kernels break them).
-pub fn argmax(row: &[f32]) -> u32 {
-    row.iter()
+/// Index of the largest logit, ties to the lower index (as the kernels break them); an error for a
+/// row holding NaN or +inf, or only −inf (there is no token to choose).
+pub fn argmax(row: &[f32], step: usize) -> Result<u32> {
+    if let Some(i) = row.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+        return Err(Error::NonFiniteLogits {
+            step,
+            what: format!("logit {} at token {i}", row[i]),
+        });
+    }
+    let (i, v) = row
+        .iter()
         .enumerate()
         .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
             if v > b.1 {
@@ -133,8 +141,14 @@ pub fn argmax(row: &[f32]) -> u32 {
             } else {
                 b
             }
-        })
-        .0 as u32
+        });
+    if v == f32::NEG_INFINITY {
+        return Err(Error::NonFiniteLogits {
+            step,
+            what: "a row of only −inf logits".to_string(),
+        });
+    }
+    Ok(i as u32)
 }
 
 /// Plain decoding of the target (no draft): the reference speculative decoding must equal in
@@ -163,7 +177,7 @@ pub fn plain_streamed(
     let v = target.cfg.vocab;
     for step in 0..cfg.max_tokens {
         let next = if cfg.temperature == 0.0 {
-            argmax(&logits)
+            argmax(&logits, step)?
         } else {
             let l = Logits::dense(LogitsData::F32(&logits), v)?;
             let o = StatsOptions {
@@ -173,7 +187,14 @@ pub fn plain_streamed(
                 step: step as u64,
                 accumulate: Accumulate::No,
             };
-            cpu.softmax_stats(&l, &o, None)?[0].sampled.max(0) as u32
+            let st = cpu.softmax_stats(&l, &o, None)?[0];
+            if st.flags != 0 {
+                return Err(Error::NonFiniteLogits {
+                    step,
+                    what: format!("a flagged row (flags {:#x})", st.flags),
+                });
+            }
+            st.sampled as u32
         };
         if stop.contains(&next) {
             break;
@@ -308,10 +329,10 @@ pub fn speculative_traced(
             rng_step += 1;
             let st = cpu.softmax_stats(&l, &o, Some(&mut accum))?[0];
             if st.flags != 0 {
-                return Err(Error::Other(format!(
-                    "draft logits flagged {:#x}",
-                    st.flags
-                )));
+                return Err(Error::NonFiniteLogits {
+                    step: rng_step as usize,
+                    what: format!("draft logits flagged {:#x}", st.flags),
+                });
             }
             if let Policy::Confidence(p) = policy {
                 if st.confidence < *p {
@@ -365,10 +386,13 @@ pub fn speculative_traced(
         };
         let o = cpu.verify(&vb)?;
         if o.flags[0] != 0 {
-            return Err(Error::Other(format!(
-                "verification flagged {:#x}",
-                o.flags[0]
-            )));
+            return Err(Error::NonFiniteLogits {
+                step: steps,
+                what: format!(
+                    "target or draft rows flagged by verification ({:#x})",
+                    o.flags[0]
+                ),
+            });
         }
         let verify_seconds = t_verify.elapsed().as_secs_f64();
         let k = o.accepted[0] as usize;

@@ -52,14 +52,62 @@ pub struct SimResult {
 /// Probability vectors, one per position.
 pub type Dists = Vec<Vec<f64>>;
 
-/// One target distribution per position (γ+1) and one draft distribution per position (γ), drawn
-/// from a seeded Dirichlet(α = 1/2): peaked and flat rows both occur.
-pub fn dirichlet_pair(vocab: usize, gamma: usize, seed: u64) -> Result<(Dists, Dists)> {
+/// Bytes a simulation of `vocab` tokens and γ positions holds at once, `batch` sequences per launch:
+/// the f64 distributions and their f32 rows, the per-position counts, and one launch's target
+/// logits and draft probabilities (None when the product overflows).
+pub fn memory_needed(vocab: usize, gamma: usize, batch: usize) -> Option<u128> {
+    let (v, g, n) = (vocab as u128, gamma as u128, batch as u128);
+    let rows = 2 * g + 1;
+    let dists = rows.checked_mul(v)?.checked_mul(8 + 4)?;
+    let counts = (g + 1).checked_mul(v)?.checked_mul(8)?;
+    let launch = n.checked_mul(rows)?.checked_mul(v)?.checked_mul(4)?;
+    dists.checked_add(counts)?.checked_add(launch)
+}
+
+/// What verify-sim may use: ¾ of the memory the OS reports available (4 GiB when it cannot say).
+pub fn memory_budget() -> u128 {
+    let avail_kb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u128>().ok())
+    });
+    match avail_kb {
+        Some(kb) => kb * 1024 / 4 * 3,
+        None => 4 << 30,
+    }
+}
+
+/// Checks the sizes of a simulation before anything is allocated.
+pub fn check_sizes(vocab: usize, gamma: usize, batch: usize) -> Result<()> {
     if vocab < 2 {
         return Err(Error::Other(format!(
             "verify-sim needs a vocabulary of at least 2, got {vocab}"
         )));
     }
+    if vocab > crate::stats::MAX_VOCAB || gamma > 1024 {
+        return Err(Error::Other(format!(
+            "vocab {vocab} (at most {}) or γ {gamma} (at most 1024) is too large",
+            crate::stats::MAX_VOCAB
+        )));
+    }
+    let budget = memory_budget();
+    let need = memory_needed(vocab, gamma, batch).unwrap_or(u128::MAX);
+    if need > budget {
+        return Err(Error::TooMuchMemory {
+            what: "verify-sim",
+            need_bytes: need,
+            budget_bytes: budget,
+            hint: "lower --vocab, --gamma or --batch",
+        });
+    }
+    Ok(())
+}
+
+/// One target distribution per position (γ+1) and one draft distribution per position (γ), drawn
+/// from a seeded Dirichlet(α = 1/2): peaked and flat rows both occur.
+pub fn dirichlet_pair(vocab: usize, gamma: usize, seed: u64) -> Result<(Dists, Dists)> {
+    check_sizes(vocab, gamma, 0)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = Dirichlet::new(&vec![0.5f64; vocab]).map_err(|e| Error::Other(e.to_string()))?;
     let mut draw = |n: usize| -> Vec<Vec<f64>> { (0..n).map(|_| dir.sample(&mut rng)).collect() };
@@ -125,6 +173,11 @@ pub fn run(
             what: "samples and batch",
         });
     }
+    check_sizes(
+        vocab,
+        gamma,
+        batch.min(samples.min(usize::MAX as u64) as usize),
+    )?;
     // Target logits ln p (−inf where p = 0); draft as probabilities.
     let t_row: Vec<f32> = target
         .iter()

@@ -57,9 +57,11 @@ impl Config {
             .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| Error::Other("GGUF metadata lacks general.architecture".to_string()))?;
+            .ok_or_else(|| {
+                Error::BadModel("GGUF metadata lacks general.architecture".to_string())
+            })?;
         if arch != "llama" && arch != "qwen2" {
-            return Err(Error::Other(format!(
+            return Err(Error::BadModel(format!(
                 "architecture {arch:?} is not supported (llama, qwen2)"
             )));
         }
@@ -69,7 +71,7 @@ impl Config {
                 .get(&key)
                 .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
                 .map(|v| v as usize)
-                .ok_or_else(|| Error::Other(format!("GGUF metadata lacks {key}")))
+                .ok_or_else(|| Error::BadModel(format!("GGUF metadata lacks {key}")))
         };
         let f = |k: &str, d: f32| {
             c.metadata
@@ -80,8 +82,16 @@ impl Config {
         let (hidden, heads) = (u("embedding_length")?, u("attention.head_count")?);
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
         let vocab = match c.tensor_infos.get("token_embd.weight") {
-            Some(t) => t.shape.dims()[0],
-            None => return Err(Error::Other("GGUF lacks token_embd.weight".to_string())),
+            Some(t) => match t.shape.dims() {
+                [v, h] if *v > 0 && *h == hidden => *v,
+                d => {
+                    return Err(Error::BadModel(format!(
+                        "token_embd.weight has shape {d:?}, expected [vocab ≥ 1, {hidden}] \
+                         ({arch}.embedding_length = {hidden})"
+                    )))
+                }
+            },
+            None => return Err(Error::BadModel("GGUF lacks token_embd.weight".to_string())),
         };
         let cfg = Config {
             layers: u("block_count")?,
@@ -96,16 +106,29 @@ impl Config {
             context: u("context_length").unwrap_or(4096),
             arch,
         };
-        if cfg.heads == 0
-            || cfg.kv_heads == 0
-            || cfg.heads % cfg.kv_heads != 0
-            || cfg.hidden % cfg.heads != 0
-            || cfg.head_dim % 2 != 0
-            || cfg.layers == 0
+        let why = if cfg.layers == 0 || cfg.hidden == 0 || cfg.ffn == 0 {
+            Some("block_count, embedding_length and feed_forward_length must be at least 1")
+        } else if cfg.heads == 0 || cfg.kv_heads == 0 || cfg.heads % cfg.kv_heads != 0 {
+            Some("head_count must be a positive multiple of head_count_kv")
+        } else if cfg.hidden % cfg.heads != 0 || cfg.head_dim % 2 != 0 {
+            Some("embedding_length / head_count must be an even whole number (RoPE pairs)")
+        } else if cfg.layers > 4096
+            || cfg.hidden > 1 << 16
+            || cfg.ffn > 1 << 18
+            || cfg.vocab > 1 << 22
         {
-            return Err(Error::Other(format!(
-                "inconsistent model configuration {cfg:?}"
-            )));
+            Some("a dimension is beyond any model this reader supports")
+        } else if !(cfg.rope_base.is_finite()
+            && cfg.rope_base > 0.0
+            && cfg.rms_eps.is_finite()
+            && cfg.rms_eps >= 0.0)
+        {
+            Some("rope.freq_base must be positive and the RMS epsilon non-negative, both finite")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::BadModel(format!("{why}: {cfg:?}")));
         }
         Ok(cfg)
     }
@@ -117,10 +140,10 @@ pub(super) fn load_f32(
     name: &str,
 ) -> Result<(Vec<f32>, Vec<usize>)> {
     let q = guarded(|| c.tensor(r, name, &Device::Cpu))
-        .map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
+        .map_err(|e| Error::BadModel(format!("tensor {name}: {e}")))?;
     let dims = q.shape().dims().to_vec();
     let t = guarded(|| q.dequantize(&Device::Cpu))
-        .map_err(|e| Error::Other(format!("tensor {name}: {e}")))?;
+        .map_err(|e| Error::BadModel(format!("tensor {name}: {e}")))?;
     let v = guarded(|| t.flatten_all()?.to_vec1::<f32>())?;
     Ok((v, dims))
 }

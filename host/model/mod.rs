@@ -95,7 +95,7 @@ impl Model {
             |r: &mut BufReader<File>, name: &str, out: usize, inp: usize| -> Result<QMatrix> {
                 let (w, dims) = load_f32(&c, r, name)?;
                 if dims != [out, inp] {
-                    return Err(Error::Other(format!(
+                    return Err(Error::BadModel(format!(
                         "tensor {name} has shape {dims:?}, expected [{out}, {inp}]"
                     )));
                 }
@@ -118,7 +118,7 @@ impl Model {
                 }
                 let (v, _) = load_f32(&c, &mut r, &name)?;
                 if v.len() != n {
-                    return Err(Error::Other(format!(
+                    return Err(Error::BadModel(format!(
                         "tensor {name} has {} values, expected {n}",
                         v.len()
                     )));
@@ -126,9 +126,9 @@ impl Model {
                 Ok(Some(v))
             };
             let attn_norm = vec1(format!("{p}.attn_norm.weight"), h)?
-                .ok_or_else(|| Error::Other(format!("{p}.attn_norm.weight missing")))?;
+                .ok_or_else(|| Error::BadModel(format!("{p}.attn_norm.weight missing")))?;
             let ffn_norm = vec1(format!("{p}.ffn_norm.weight"), h)?
-                .ok_or_else(|| Error::Other(format!("{p}.ffn_norm.weight missing")))?;
+                .ok_or_else(|| Error::BadModel(format!("{p}.ffn_norm.weight missing")))?;
             let bq = vec1(format!("{p}.attn_q.bias"), h)?;
             let bk = vec1(format!("{p}.attn_k.bias"), kvw)?;
             let bv = vec1(format!("{p}.attn_v.bias"), kvw)?;
@@ -147,11 +147,18 @@ impl Model {
                 down,
             });
         }
-        let (out_norm, _) = load_f32(&c, &mut r, "output_norm.weight")?;
+        let (out_norm, dims) = load_f32(&c, &mut r, "output_norm.weight")?;
+        if out_norm.len() != h {
+            return Err(Error::BadModel(format!(
+                "output_norm.weight has shape {dims:?} ({} values), expected [{h}]",
+                out_norm.len()
+            )));
+        }
         let (emb, dims) = load_f32(&c, &mut r, "token_embd.weight")?;
         if dims != [cfg.vocab, h] {
-            return Err(Error::Other(format!(
-                "token_embd.weight has shape {dims:?}"
+            return Err(Error::BadModel(format!(
+                "token_embd.weight has shape {dims:?}, expected [{}, {h}]",
+                cfg.vocab
             )));
         }
         let lm_head = if c.tensor_infos.contains_key("output.weight") {

@@ -265,7 +265,7 @@ fn segment(
         let n = TILE.min(end - t0);
         let x = &mut buf[..n];
         load_tile(data, base + t0, x);
-        let (tmax, bad) = tile_max(x);
+        let (tmax, bad) = tile_max(x, inv_t);
         if bad {
             p.flags |= ROW_NONFINITE;
             return p; // the row's statistics are NaN anyway
@@ -306,9 +306,10 @@ fn load_tile(data: LogitsData<'_>, at: usize, out: &mut [f32]) {
     }
 }
 
-/// The tile's max and whether it holds a NaN or +inf, in 8 lanes.
+/// The tile's max and whether it holds a NaN or +inf, or a finite logit whose x / T overflows (the
+/// kernels' `ROW_NONFINITE` rule), in 8 lanes.
 #[inline(always)]
-fn tile_max(x: &[f32]) -> (f32, bool) {
+fn tile_max(x: &[f32], inv_t: f32) -> (f32, bool) {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut bad = [false; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -316,7 +317,7 @@ fn tile_max(x: &[f32]) -> (f32, bool) {
     for c in chunks {
         for l in 0..LANES {
             let v = c[l];
-            bad[l] |= v.is_nan() | (v == f32::INFINITY);
+            bad[l] |= (v != f32::NEG_INFINITY) & !(v * inv_t).is_finite();
             m[l] = if v > m[l] { v } else { m[l] };
         }
     }
@@ -327,7 +328,7 @@ fn tile_max(x: &[f32]) -> (f32, bool) {
         b |= bad[l];
     }
     for &v in rest {
-        b |= v.is_nan() | (v == f32::INFINITY);
+        b |= (v != f32::NEG_INFINITY) & !(v * inv_t).is_finite();
         mm = if v > mm { v } else { mm };
     }
     (mm, b)
@@ -463,13 +464,21 @@ mod tests {
     #[test]
     fn tile_max_flags_nan_and_pos_inf_but_not_neg_inf() {
         let mut x = vec![0.5f32; 37];
-        assert_eq!(tile_max(&x), (0.5, false));
+        assert_eq!(tile_max(&x, 1.0), (0.5, false));
         x[3] = f32::NEG_INFINITY;
-        assert_eq!(tile_max(&x), (0.5, false));
+        assert_eq!(tile_max(&x, 1.0), (0.5, false));
         x[20] = f32::NAN;
-        assert!(tile_max(&x).1);
+        assert!(tile_max(&x, 1.0).1);
         x[20] = 0.0;
         x[36] = f32::INFINITY;
-        assert!(tile_max(&x).1);
+        assert!(tile_max(&x, 1.0).1);
+        // A finite logit whose x / T overflows is flagged too (in the tail and in the lanes).
+        x[36] = 0.0;
+        assert_eq!(tile_max(&x, 1e30), (0.5, false));
+        x[36] = 1e10;
+        assert!(tile_max(&x, 1e30).1);
+        x[36] = 0.0;
+        x[1] = -1e10;
+        assert!(tile_max(&x, 1e30).1);
     }
 }

@@ -231,10 +231,7 @@ impl Default for StatsOptions {
 
 impl StatsOptions {
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::BadTemperature(self.temperature));
-        }
-        Ok(())
+        check_temperature(self.temperature)
     }
 
     pub fn kernel_flags(&self) -> u32 {
@@ -249,6 +246,15 @@ impl StatsOptions {
         }
         f
     }
+}
+
+/// A temperature the kernels accept: 0 (greedy) or a normal, finite, positive number — below
+/// `f32::MIN_POSITIVE` (≈ 1.18e-38) 1/T is not finite (and a GPU flushes it to zero).
+pub fn check_temperature(t: f32) -> Result<()> {
+    if !speckv_kernels::verify::valid_temperature(t) {
+        return Err(Error::BadTemperature(t));
+    }
+    Ok(())
 }
 
 /// Block sizes the kernels accept.

@@ -2,8 +2,9 @@
 //! rule, same emission formulas), probabilities in f64, sequences in parallel (rayon).
 
 use rayon::prelude::*;
-use speckv_kernels::params::{VERIFY_ALL_MASKED, VERIFY_NONFINITE};
+use speckv_kernels::params::{VERIFY_ALL_MASKED, VERIFY_BAD_DRAFT, VERIFY_NONFINITE};
 use speckv_kernels::philox;
+use speckv_kernels::verify::PROB_MAX;
 
 use crate::stats::cpu::row_summary;
 use crate::stats::LogitsData;
@@ -57,6 +58,7 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
         DraftDist::Logits { data, temperature } => (Some(data), None, temperature[b]),
         DraftDist::Probs(p) => (None, Some(p), 1.0),
     };
+    // A greedy draft's q is one-hot at the token it drafted: its row is not read.
     let draft_greedy = draft_logits.is_some() && td == 0.0;
     let inv_td = if draft_greedy || draft_probs.is_some() {
         1.0
@@ -73,6 +75,7 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
         ratios,
         flags,
     };
+    let valid = |q: f64| (0.0..=PROB_MAX as f64).contains(&q);
 
     for i in 0..g {
         let x = v.draft_tokens[b * v.gamma_max + i] as usize;
@@ -82,7 +85,7 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
             return fail(tflags, ratios);
         }
         let ds = match draft_logits {
-            Some(d) if !greedy => {
+            Some(d) if !greedy && !draft_greedy => {
                 let s = row_summary(d, d_row(i), v.vocab, inv_td, None);
                 let f = problems(s.flags, s.sum);
                 if f != 0 {
@@ -103,7 +106,7 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
         let q_at = |j: usize| -> f64 {
             match (draft_logits, draft_probs, ds) {
                 (_, Some(p), _) => p[d_row(i) + j] as f64,
-                (Some(_), _, Some(s)) if draft_greedy => (s.argmax as usize == j) as u32 as f64,
+                _ if draft_greedy => (j == x) as u32 as f64,
                 (Some(d), _, Some(s)) => prob(d, d_row(i) + j, s.max, s.sum, inv_td),
                 _ => 0.0,
             }
@@ -114,10 +117,13 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
         } else {
             let px = prob(v.target, t_row(i) + x, ts.max, ts.sum, inv_tt);
             let qx = q_at(x);
-            if !(0.0..f64::INFINITY).contains(&qx) {
+            if !valid(px) || !valid(qx) {
                 return fail(VERIFY_NONFINITE, ratios);
             }
-            let ratio = if qx > 0.0 { (px / qx).min(1.0) } else { 1.0 };
+            if qx == 0.0 {
+                return fail(VERIFY_BAD_DRAFT, ratios);
+            }
+            let ratio = (px / qx).min(1.0);
             let u = philox::uniform_open(philox::bits(accept_seed, i as u32, b as u32, v.step));
             ((u as f64) < ratio, ratio as f32)
         };
@@ -130,7 +136,11 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
                 let key = philox::key(philox::derive(v.seed, philox::PURPOSE_EMIT, i as u32));
                 let mut best = (f64::NEG_INFINITY, -1i32);
                 for j in 0..v.vocab {
-                    let w = prob(v.target, t_row(i) + j, ts.max, ts.sum, inv_tt) - q_at(j);
+                    let qj = q_at(j);
+                    if !valid(qj) {
+                        return fail(VERIFY_NONFINITE, ratios);
+                    }
+                    let w = prob(v.target, t_row(i) + j, ts.max, ts.sum, inv_tt) - qj;
                     if w > 0.0 {
                         let bits = philox::word(
                             philox::philox4x32_10(philox::counter(j as u32, b as u32, v.step), key),

@@ -6,7 +6,7 @@ pub mod cpu;
 use speckv_kernels::params::{VerifyParams, VERIFY_DRAFT_PROBS};
 
 use crate::error::{Error, Result};
-use crate::stats::{LogitsData, MAX_VOCAB};
+use crate::stats::{check_temperature, LogitsData, MAX_VOCAB};
 
 /// The draft's distributions.
 #[derive(Clone, Copy, Debug)]
@@ -99,9 +99,17 @@ impl VerifyBatch<'_> {
         self.validate_values()
     }
 
-    /// γ_b and the drafted tokens (which a device-side controller may write without the host
-    /// seeing them: the kernel flags them too).
+    /// γ_b, the drafted tokens and the temperatures (values a device-side controller or engine
+    /// may write without the host seeing them: the kernel flags them too).
     pub fn validate_values(&self) -> Result<()> {
+        for &t in self.target_temperature {
+            check_temperature(t)?;
+        }
+        if let DraftDist::Logits { temperature, .. } = self.draft {
+            for &t in temperature {
+                check_temperature(t)?;
+            }
+        }
         for (b, &g) in self.gammas.iter().enumerate() {
             if g < 0 || g as usize > self.gamma_max {
                 return Err(Error::BadGamma {
@@ -125,7 +133,7 @@ impl VerifyBatch<'_> {
         Ok(())
     }
 
-    /// Shapes, lengths, dtypes and temperatures: what memory safety depends on.
+    /// Shapes, lengths and dtypes: what memory safety depends on.
     pub fn validate_shapes(&self) -> Result<()> {
         if self.batch == 0 {
             return Err(Error::Empty { what: "batch" });
@@ -193,9 +201,6 @@ impl VerifyBatch<'_> {
                     });
                 }
                 check_len("draft temperatures", temperature.len(), self.batch)?;
-                for &t in temperature {
-                    check_temperature(t)?;
-                }
             }
             DraftDist::Probs(p) => {
                 if p.len() < d_need {
@@ -218,9 +223,6 @@ impl VerifyBatch<'_> {
             self.target_temperature.len(),
             self.batch,
         )?;
-        for &t in self.target_temperature {
-            check_temperature(t)?;
-        }
         Ok(())
     }
 
@@ -291,13 +293,6 @@ fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
             got,
             expected,
         });
-    }
-    Ok(())
-}
-
-fn check_temperature(t: f32) -> Result<()> {
-    if !(t >= 0.0 && t.is_finite()) {
-        return Err(Error::BadTemperature(t));
     }
     Ok(())
 }

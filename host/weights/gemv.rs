@@ -1,12 +1,10 @@
-//! Fused dequantise + GEMV / small-M GEMM (M ≤ 16) for the three weight regimes, on every backend:
-//! the kernels' own source on the emulator, the CUDA backend, and the CPU backend's native version
-//! (rayon over output rows, weights decoded tile by tile into f32 and dotted in 8 lanes, AVX2 chosen
-//! at run time).
+//! Fused dequantise + GEMV / small-M GEMM (M ≤ 16) for the three weight regimes: shapes, kernel
+//! parameters, and the CPU backend's native version (rayon over output rows, weights decoded tile by
+//! tile into f32 and dotted in 8 lanes, AVX2 chosen at run time). The kernel runs on the emulator
+//! (`backend::emulate`) and on CUDA (`backend::cuda`).
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
-use speckv_kernels::emu::{self, LaunchConfig};
-use speckv_kernels::gemv::{self as kernel, Fp16, Int8, Nf4};
 use speckv_kernels::params::{GemvParams, NF4_BLOCK, NF4_CODE};
 
 use crate::error::{Error, Result};
@@ -62,50 +60,6 @@ pub(crate) fn raw(w: &QMatrix) -> (&[u8], Option<&[f32]>) {
         QMatrix::Int8 { q, scale, .. } => (bytemuck::cast_slice(q), Some(scale.as_slice())),
         QMatrix::Nf4 { packed, absmax, .. } => (packed, Some(absmax.as_slice())),
     }
-}
-
-/// y `[m, out]` = x `[m, in]` · Wᵀ on the emulator, `block` threads per block (one warp per row).
-pub fn emulate(w: &QMatrix, x: &[f32], m: usize, block: u32) -> Result<Vec<f32>> {
-    check(w, x, m)?;
-    crate::stats::check_block(block)?;
-    let (out, _) = w.shape();
-    let mut y = vec![0f32; m * out];
-    let (wb, scales) = raw(w);
-    let sp = scales
-        .as_ref()
-        .map(|s| s.as_ptr())
-        .unwrap_or(std::ptr::null());
-    let p = params(w, m, wb.as_ptr(), sp, x.as_ptr(), y.as_mut_ptr());
-    let rows_per_block = block / 32;
-    let cfg = LaunchConfig {
-        grid: (out as u32).div_ceil(rows_per_block),
-        block,
-        shared_bytes: 0,
-    };
-    let tile =
-        kernel::tile_for(m as u32).ok_or_else(|| Error::Other(format!("M = {m} above {MAX_M}")))?;
-    macro_rules! go {
-        ($fmt:ty) => {
-            match tile {
-                1 => emu::launch(cfg, || kernel::gemv::<$fmt, 1>(&p)),
-                2 => emu::launch(cfg, || kernel::gemv::<$fmt, 2>(&p)),
-                4 => emu::launch(cfg, || kernel::gemv::<$fmt, 4>(&p)),
-                8 => emu::launch(cfg, || kernel::gemv::<$fmt, 8>(&p)),
-                _ => emu::launch(cfg, || kernel::gemv::<$fmt, 16>(&p)),
-            }
-        };
-    }
-    // SAFETY: `check` matched x to the matrix, y has m·out slots, the weight bytes and scales come
-    // from a QMatrix whose invariants (lengths from its shape) hold, and each output is written by
-    // lane 0 of its own row's warp.
-    unsafe {
-        match w {
-            QMatrix::Fp16 { .. } => go!(Fp16)?,
-            QMatrix::Int8 { .. } => go!(Int8)?,
-            QMatrix::Nf4 { .. } => go!(Nf4)?,
-        }
-    }
-    Ok(y)
 }
 
 const KTILE: usize = 1024;

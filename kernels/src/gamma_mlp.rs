@@ -5,52 +5,99 @@
 //! memory, where `verify` reads it. No host synchronisation anywhere.
 //!
 //! One thread per sequence. The predicted acceptance rate is clamped to [0, 1]; ties go to the
-//! earlier candidate. An empty (count 0) or flagged accumulator gets `fallback_gamma`.
+//! earlier candidate. Fail-closed: a sequence whose accumulator is empty (`GAMMA_EMPTY`) or holds
+//! flagged rows (`GAMMA_FLAGGED_ROWS`), or whose features or predictions are not finite
+//! (`GAMMA_NONFINITE`), gets `fallback_gamma`, and the reason in `flags_out`.
+
+use core::mem::offset_of;
 
 use crate::gpu;
-use crate::params::{GammaMlpParams, MlpWeights};
+use crate::params::{GammaMlpParams, MlpWeights, GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE};
 
-/// Predicted acceptance rate (clamped to [0, 1]) for raw features `x`.
+/// Where the MLP's weights are read from: a host reference, or device memory (one `ld.global.nc`
+/// per weight, so nothing is copied into the thread's registers or local memory up front).
+pub trait MlpSource: Copy {
+    /// Element `i` of the weights struct viewed as f32s.
+    fn at(self, i: usize) -> f32;
+}
+
+const W1: usize = offset_of!(MlpWeights, w1) / 4;
+const B1: usize = offset_of!(MlpWeights, b1) / 4;
+const W2: usize = offset_of!(MlpWeights, w2) / 4;
+const MEAN: usize = offset_of!(MlpWeights, mean) / 4;
+const INV_STD: usize = offset_of!(MlpWeights, inv_std) / 4;
+const B2: usize = offset_of!(MlpWeights, b2) / 4;
+
+impl MlpSource for &MlpWeights {
+    #[inline(always)]
+    fn at(self, i: usize) -> f32 {
+        // SAFETY: `MlpWeights` is `#[repr(C)]` of f32 fields only (size asserted in params.rs),
+        // and callers pass indices below its 144 floats.
+        unsafe { *(self as *const MlpWeights as *const f32).add(i) }
+    }
+}
+
+/// Weights in global memory.
+#[derive(Clone, Copy)]
+pub struct DeviceMlp(pub *const MlpWeights);
+
+impl MlpSource for DeviceMlp {
+    #[inline(always)]
+    fn at(self, i: usize) -> f32 {
+        // SAFETY: the launch contract: `weights` points to one `MlpWeights` no thread writes.
+        unsafe { gpu::ld_nc(self.0 as *const f32, i) }
+    }
+}
+
+/// Predicted acceptance rate (clamped to [0, 1]) for raw features `x`; NaN when `x` or the
+/// weights are not finite.
 #[inline(always)]
-pub fn predict(w: &MlpWeights, x: &[f32; 6]) -> f32 {
+pub fn predict<W: MlpSource>(w: W, x: &[f32; 6]) -> f32 {
     let mut z = [0f32; 6];
     let mut i = 0;
     while i < 6 {
-        z[i] = (x[i] - w.mean[i]) * w.inv_std[i];
+        z[i] = (x[i] - w.at(MEAN + i)) * w.at(INV_STD + i);
         i += 1;
     }
-    let mut y = w.b2;
+    let mut y = w.at(B2);
     let mut j = 0;
     while j < 16 {
-        let mut h = w.b1[j];
+        let mut h = w.at(B1 + j);
         let mut i = 0;
         while i < 6 {
-            h += z[i] * w.w1[i * 16 + j];
+            h += z[i] * w.at(W1 + i * 16 + j);
             i += 1;
         }
         if h > 0.0 {
-            y += h * w.w2[j];
+            y += h * w.at(W2 + j);
         }
         j += 1;
+    }
+    if !y.is_finite() || !(z[0] + z[1] + z[2] + z[3] + z[4] + z[5]).is_finite() {
+        return f32::NAN;
     }
     y.clamp(0.0, 1.0)
 }
 
 /// The chosen candidate index and its predicted tokens per step, for the base features
-/// (mean entropy, mean confidence, max entropy, min confidence) and compression code.
+/// (mean entropy, mean confidence, max entropy, min confidence) and compression code; `None` when
+/// a feature or a prediction is not finite (the caller falls back).
 #[inline(always)]
-pub fn decide(
-    w: &MlpWeights,
+pub fn decide<W: MlpSource>(
+    w: W,
     base: [f32; 4],
     code: f32,
     candidates: &[i32],
     cost: Option<&[f32]>,
-) -> (usize, f32) {
+) -> Option<(usize, f32)> {
     // Iterators and `get` only: no bounds-check panic path reaches the PTX.
     let mut best = (0usize, f32::NEG_INFINITY, 0f32);
     for (c, &gi) in candidates.iter().enumerate() {
         let g = gi as f32;
         let a = predict(w, &[base[0], base[1], base[2], base[3], code, g]);
+        if a.is_nan() {
+            return None;
+        }
         let tokens = a * g + 1.0;
         let score = match cost.and_then(|k| k.get(c)) {
             Some(&k) => tokens / k,
@@ -60,31 +107,42 @@ pub fn decide(
             best = (c, score, tokens);
         }
     }
-    (best.0, best.2)
+    if best.1 == f32::NEG_INFINITY {
+        return None;
+    }
+    Some((best.0, best.2))
 }
 
 /// The kernel body.
 ///
 /// # Safety
 /// `p.weights` must point to one `MlpWeights`, `p.accum` and `p.gammas_out` (and, when not null,
-/// `p.compression` and `p.expected_out`) to `batch` elements, `p.cost` (when not null) to
-/// `n_candidates`; `n_candidates` must be 1..=8 with positive candidates and positive costs.
+/// `p.compression`, `p.expected_out` and `p.flags_out`) to `batch` elements, `p.cost` (when not
+/// null) to `n_candidates`; `n_candidates` must be 1..=8 with positive candidates and positive
+/// costs.
 #[inline(always)]
 pub unsafe fn gamma_mlp(p: &GammaMlpParams) {
     let b = gpu::block_idx_x() * gpu::block_dim_x() + gpu::thread_idx_x();
     if b >= p.batch {
         return;
     }
-    let a = *p.accum.add(b as usize);
+    let a = gpu::ld(p.accum, b as usize);
     let n = if (p.n_candidates as usize) < p.candidates.len() {
         p.n_candidates as usize
     } else {
         p.candidates.len()
     };
     let candidates = p.candidates.get(..n).unwrap_or(&[]);
-    let (gamma, expected) = if a.count == 0 || a.flags != 0 || candidates.is_empty() {
-        (p.fallback_gamma, f32::NAN)
-    } else {
+    let mut flags = 0;
+    if a.count == 0 {
+        flags |= GAMMA_EMPTY;
+    }
+    if a.flags != 0 {
+        flags |= GAMMA_FLAGGED_ROWS;
+    }
+    let mut gamma = p.fallback_gamma;
+    let mut expected = f32::NAN;
+    if flags == 0 && !candidates.is_empty() {
         let cnt = a.count as f32;
         let base = [
             a.entropy_sum / cnt,
@@ -95,22 +153,33 @@ pub unsafe fn gamma_mlp(p: &GammaMlpParams) {
         let code = if p.compression.is_null() {
             p.compression_code
         } else {
-            *p.compression.add(b as usize)
+            gpu::ld_nc(p.compression, b as usize)
         };
+        let mut cost = [0f32; crate::params::MAX_CANDIDATES];
+        if !p.cost.is_null() {
+            for (c, k) in cost.iter_mut().take(n).enumerate() {
+                *k = gpu::ld_nc(p.cost, c);
+            }
+        }
         let cost = if p.cost.is_null() {
             None
         } else {
-            Some(core::slice::from_raw_parts(p.cost, n))
+            cost.get(..n)
         };
-        let (c, tokens) = decide(&*p.weights, base, code, candidates, cost);
-        (
-            candidates.get(c).copied().unwrap_or(p.fallback_gamma),
-            tokens,
-        )
-    };
-    *p.gammas_out.add(b as usize) = gamma;
+        match decide(DeviceMlp(p.weights), base, code, candidates, cost) {
+            Some((c, tokens)) => {
+                gamma = candidates.get(c).copied().unwrap_or(p.fallback_gamma);
+                expected = tokens;
+            }
+            None => flags |= GAMMA_NONFINITE,
+        }
+    }
+    gpu::st(p.gammas_out, b as usize, gamma);
     if !p.expected_out.is_null() {
-        *p.expected_out.add(b as usize) = expected;
+        gpu::st(p.expected_out, b as usize, expected);
+    }
+    if !p.flags_out.is_null() {
+        gpu::st(p.flags_out, b as usize, flags);
     }
 }
 

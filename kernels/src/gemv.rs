@@ -25,7 +25,7 @@ impl WeightFormat for Fp16 {
     #[inline(always)]
     unsafe fn load(p: &GemvParams, row: u32, k: u32) -> f32 {
         let i = row as usize * p.in_features as usize + k as usize;
-        gpu::f16_to_f32(*(p.weight as *const u16).add(i))
+        gpu::f16_to_f32(gpu::ld_nc(p.weight as *const u16, i))
     }
 }
 
@@ -33,7 +33,7 @@ impl WeightFormat for Int8 {
     #[inline(always)]
     unsafe fn load(p: &GemvParams, row: u32, k: u32) -> f32 {
         let i = row as usize * p.in_features as usize + k as usize;
-        (*(p.weight as *const i8).add(i)) as f32 * *p.scales.add(row as usize)
+        gpu::ld_nc(p.weight as *const i8, i) as f32 * gpu::ld_nc(p.scales, row as usize)
     }
 }
 
@@ -41,13 +41,13 @@ impl WeightFormat for Nf4 {
     #[inline(always)]
     unsafe fn load(p: &GemvParams, row: u32, k: u32) -> f32 {
         let e = row as usize * p.in_features as usize + k as usize;
-        let byte = *p.weight.add(e / 2);
+        let byte: u8 = gpu::ld_nc(p.weight, e / 2);
         let nib = if e.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0x0f
         };
-        NF4_CODE[(nib & 0x0f) as usize] * *p.scales.add(e / NF4_BLOCK)
+        NF4_CODE[(nib & 0x0f) as usize] * gpu::ld_nc(p.scales, e / NF4_BLOCK)
     }
 }
 
@@ -76,7 +76,7 @@ pub unsafe fn gemv<W: WeightFormat, const MT: usize>(p: &GemvParams) {
         let w = W::load(p, row, k);
         for (r, a) in acc.iter_mut().enumerate() {
             if r < m {
-                *a += w * *p.x.add(r * kdim + k as usize);
+                *a += w * gpu::ld_nc(p.x, r * kdim + k as usize);
             }
         }
         k += gpu::WARP_SIZE;
@@ -88,7 +88,7 @@ pub unsafe fn gemv<W: WeightFormat, const MT: usize>(p: &GemvParams) {
             mask /= 2;
         }
         if lane == 0 && r < m {
-            *p.y.add(r * p.out_features as usize + row as usize) = *a;
+            gpu::st(p.y, r * p.out_features as usize + row as usize, *a);
         }
     }
 }

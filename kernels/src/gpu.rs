@@ -2,9 +2,21 @@
 //! (whose 2022 releases need LLVM 7 and cannot be used).
 //!
 //! On `nvptx64` every function is a PTX special register read or one inline PTX instruction. On the
-//! host the same functions are answered by the emulator ([`crate::emu`]): indices come from the
-//! emulated thread's context, `sync_threads` suspends the thread until its whole block has arrived,
-//! and a warp shuffle suspends it until every live lane of its warp has deposited its value.
+//! host the same functions are answered by the emulator ([`crate::emu`]) with its sanitizer on:
+//! indices come from the emulated thread's context, `sync_threads` suspends the thread until its
+//! whole block has arrived, a warp shuffle suspends it until every live lane of its warp has
+//! deposited its value, and every memory access is checked.
+//!
+//! **Memory goes through accessors**, never through a raw dereference:
+//! - global memory: [`ld`] / [`st`] (`ld.global` / `st.global`), [`ld_nc`] for inputs the kernel
+//!   never writes (`ld.global.nc`, the read-only data path), [`ld_v4`] for 16-byte vector loads, and
+//!   [`atomic_add_u32`] with [`threadfence`]. The emulator checks each access against the buffers
+//!   the launch registered (out of bounds, misaligned, a write to an input, a pointer into no
+//!   buffer) and reports two blocks (or two unsynchronised threads) writing the same byte;
+//! - shared memory: [`sh_ld`] / [`sh_st`] on the pointer [`dynamic_shared`] returns. The emulator
+//!   poisons shared memory at launch and reports a read of a byte no thread wrote, an access past
+//!   the launch's shared bytes, and a race: two threads touching the same byte between the same
+//!   pair of barriers (or, within a warp, the same pair of [`sync_warp`]s), at least one writing.
 //!
 //! Only 1-D launches are used by speckv's kernels, so only the `x` components exist.
 
@@ -45,6 +57,14 @@ mod imp {
     pub fn sync_threads() {
         // SAFETY: a block-wide barrier; callers keep it convergent.
         unsafe { nvptx::_syncthreads() }
+    }
+
+    /// `bar.warp.sync`: the lanes of the warp converge, and their memory accesses before it are
+    /// ordered before those after it.
+    #[inline(always)]
+    pub fn sync_warp() {
+        // SAFETY: a warp-wide barrier over the full mask; callers keep the warp converged.
+        unsafe { asm!("bar.warp.sync 0xffffffff;", options(nostack)) }
     }
 
     /// The block's dynamic shared memory (sized by the launch), as a `T` pointer.
@@ -99,7 +119,7 @@ mod imp {
         r
     }
 
-    /// 2^x, `ex2.approx.ftz.f32` (max relative error 2^-22).
+    /// 2^x, `ex2.approx.ftz.f32` (max relative error 2^-22; subnormals flushed to zero).
     #[inline(always)]
     pub fn exp2_approx(x: f32) -> f32 {
         let r: f32;
@@ -111,7 +131,7 @@ mod imp {
         r
     }
 
-    /// log2(x), `lg2.approx.ftz.f32` (max absolute error 2^-22 on [0.5, 2]).
+    /// log2(x), `lg2.approx.ftz.f32` (max absolute error 2^-22; subnormals flushed to zero).
     #[inline(always)]
     pub fn log2_approx(x: f32) -> f32 {
         let r: f32;
@@ -121,6 +141,136 @@ mod imp {
                  options(pure, nomem, nostack));
         }
         r
+    }
+
+    /// 1/x, `rcp.approx.ftz.f32` (max error 1 ulp; subnormals flushed to zero).
+    #[inline(always)]
+    pub fn rcp_approx(x: f32) -> f32 {
+        let r: f32;
+        // SAFETY: a register instruction.
+        unsafe {
+            asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x,
+                 options(pure, nomem, nostack));
+        }
+        r
+    }
+
+    // Global memory: one `ld.global` / `st.global` per access, of the access's width. Inline PTX
+    // rather than a dereference because the pointers arrive inside a by-value parameter struct,
+    // where LLVM cannot prove them global and would emit generic `ld`.
+
+    #[inline(always)]
+    pub unsafe fn ld_b8(p: *const u8, nc: bool) -> u8 {
+        let r: u32;
+        if nc {
+            asm!("ld.global.nc.u8 {r}, [{p}];", r = out(reg32) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        } else {
+            asm!("ld.global.u8 {r}, [{p}];", r = out(reg32) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        }
+        r as u8
+    }
+    #[inline(always)]
+    pub unsafe fn ld_b16(p: *const u8, nc: bool) -> u16 {
+        let r: u16;
+        if nc {
+            asm!("ld.global.nc.b16 {r}, [{p}];", r = out(reg16) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        } else {
+            asm!("ld.global.b16 {r}, [{p}];", r = out(reg16) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        }
+        r
+    }
+    #[inline(always)]
+    pub unsafe fn ld_b32(p: *const u8, nc: bool) -> u32 {
+        let r: u32;
+        if nc {
+            asm!("ld.global.nc.b32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        } else {
+            asm!("ld.global.b32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        }
+        r
+    }
+    #[inline(always)]
+    pub unsafe fn ld_b64(p: *const u8, nc: bool) -> u64 {
+        let r: u64;
+        if nc {
+            asm!("ld.global.nc.b64 {r}, [{p}];", r = out(reg64) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        } else {
+            asm!("ld.global.b64 {r}, [{p}];", r = out(reg64) r, p = in(reg64) p,
+                 options(readonly, nostack));
+        }
+        r
+    }
+    #[inline(always)]
+    pub unsafe fn ld_b128(p: *const u8, nc: bool) -> [u32; 4] {
+        let (a, b, c, d): (u32, u32, u32, u32);
+        if nc {
+            asm!("ld.global.nc.v4.b32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+                 a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+                 p = in(reg64) p, options(readonly, nostack));
+        } else {
+            asm!("ld.global.v4.b32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+                 a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+                 p = in(reg64) p, options(readonly, nostack));
+        }
+        [a, b, c, d]
+    }
+    #[inline(always)]
+    pub unsafe fn st_b8(p: *mut u8, v: u8) {
+        asm!("st.global.u8 [{p}], {v};", p = in(reg64) p, v = in(reg32) v as u32,
+             options(nostack));
+    }
+    #[inline(always)]
+    pub unsafe fn st_b16(p: *mut u8, v: u16) {
+        asm!("st.global.b16 [{p}], {v};", p = in(reg64) p, v = in(reg16) v, options(nostack));
+    }
+    #[inline(always)]
+    pub unsafe fn st_b32(p: *mut u8, v: u32) {
+        asm!("st.global.b32 [{p}], {v};", p = in(reg64) p, v = in(reg32) v, options(nostack));
+    }
+    #[inline(always)]
+    pub unsafe fn st_b64(p: *mut u8, v: u64) {
+        asm!("st.global.b64 [{p}], {v};", p = in(reg64) p, v = in(reg64) v, options(nostack));
+    }
+    #[inline(always)]
+    pub unsafe fn st_b128(p: *mut u8, v: [u32; 4]) {
+        asm!("st.global.v4.b32 [{p}], {{{a}, {b}, {c}, {d}}};", p = in(reg64) p,
+             a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+             options(nostack));
+    }
+
+    /// `atom.global.add.u32`, returning the old value.
+    #[inline(always)]
+    pub unsafe fn atomic_add_u32(p: *mut u32, v: u32) -> u32 {
+        let r: u32;
+        asm!("atom.global.add.u32 {r}, [{p}], {v};", r = out(reg32) r, p = in(reg64) p,
+             v = in(reg32) v, options(nostack));
+        r
+    }
+
+    /// `fence.acq_rel.gpu` (`__threadfence()`): this thread's global writes before it are seen
+    /// by the whole device before its writes after it.
+    #[inline(always)]
+    pub fn threadfence() {
+        // SAFETY: a memory fence.
+        unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
+    }
+
+    /// Shared memory: a plain access through the pointer `dynamic_shared` returned, which LLVM
+    /// infers to be in the shared space (`ld.shared` / `st.shared`).
+    #[inline(always)]
+    pub unsafe fn sh_ld<T: Copy>(base: *const T, i: usize) -> T {
+        *base.add(i)
+    }
+    #[inline(always)]
+    pub unsafe fn sh_st<T: Copy>(base: *mut T, i: usize, v: T) {
+        *base.add(i) = v;
     }
 }
 
@@ -147,6 +297,10 @@ mod imp {
     #[inline]
     pub fn sync_threads() {
         emu::sync_threads();
+    }
+    #[inline]
+    pub fn sync_warp() {
+        emu::sync_warp();
     }
     #[inline]
     pub fn dynamic_shared<T>() -> *mut T {
@@ -178,15 +332,167 @@ mod imp {
     }
     #[inline]
     pub fn exp2_approx(x: f32) -> f32 {
-        x.exp2()
+        emu::math::exp2(x)
     }
     #[inline]
     pub fn log2_approx(x: f32) -> f32 {
-        x.log2()
+        emu::math::log2(x)
+    }
+    #[inline]
+    pub fn rcp_approx(x: f32) -> f32 {
+        emu::math::rcp(x)
+    }
+
+    #[inline]
+    pub unsafe fn ld_b8(p: *const u8, nc: bool) -> u8 {
+        emu::global_load(p, nc)
+    }
+    #[inline]
+    pub unsafe fn ld_b16(p: *const u8, nc: bool) -> u16 {
+        emu::global_load(p, nc)
+    }
+    #[inline]
+    pub unsafe fn ld_b32(p: *const u8, nc: bool) -> u32 {
+        emu::global_load(p, nc)
+    }
+    #[inline]
+    pub unsafe fn ld_b64(p: *const u8, nc: bool) -> u64 {
+        emu::global_load(p, nc)
+    }
+    #[inline]
+    pub unsafe fn ld_b128(p: *const u8, nc: bool) -> [u32; 4] {
+        emu::global_load::<[u32; 4]>(p, nc)
+    }
+    #[inline]
+    pub unsafe fn st_b8(p: *mut u8, v: u8) {
+        emu::global_store(p, v)
+    }
+    #[inline]
+    pub unsafe fn st_b16(p: *mut u8, v: u16) {
+        emu::global_store(p, v)
+    }
+    #[inline]
+    pub unsafe fn st_b32(p: *mut u8, v: u32) {
+        emu::global_store(p, v)
+    }
+    #[inline]
+    pub unsafe fn st_b64(p: *mut u8, v: u64) {
+        emu::global_store(p, v)
+    }
+    #[inline]
+    pub unsafe fn st_b128(p: *mut u8, v: [u32; 4]) {
+        emu::global_store(p, v)
+    }
+    #[inline]
+    pub unsafe fn atomic_add_u32(p: *mut u32, v: u32) -> u32 {
+        emu::atomic_add_u32(p, v)
+    }
+    #[inline]
+    pub fn threadfence() {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+    #[inline]
+    pub unsafe fn sh_ld<T: Copy>(base: *const T, i: usize) -> T {
+        emu::shared_load(base, i)
+    }
+    #[inline]
+    pub unsafe fn sh_st<T: Copy>(base: *mut T, i: usize, v: T) {
+        emu::shared_store(base, i, v)
     }
 }
 
-pub use imp::*;
+pub use imp::{
+    atomic_add_u32, block_dim_x, block_idx_x, dynamic_shared, exp2_approx, f16_to_f32, grid_dim_x,
+    log2_approx, rcp_approx, sh_ld, sh_st, shfl_down_u32, shfl_idx_u32, shfl_xor_u32, sync_threads,
+    sync_warp, thread_idx_x, threadfence,
+};
+
+/// Element `i` of the global buffer at `base` (`ld.global`, the access's natural width; types of
+/// 12 or more than 16 bytes are read as 4-byte words).
+///
+/// # Safety
+/// Element `i` must be inside the buffer and aligned for `T` (the emulator checks both).
+#[inline(always)]
+pub unsafe fn ld<T: Copy>(base: *const T, i: usize) -> T {
+    load_as::<T>(base.wrapping_add(i) as *const u8, false)
+}
+
+/// [`ld`] through the read-only data path (`ld.global.nc`): only for buffers no thread of the
+/// launch writes.
+///
+/// # Safety
+/// As [`ld`], and the buffer is not written during the launch.
+#[inline(always)]
+pub unsafe fn ld_nc<T: Copy>(base: *const T, i: usize) -> T {
+    load_as::<T>(base.wrapping_add(i) as *const u8, true)
+}
+
+/// 16 bytes at element `i` of `base` in one `ld.global.nc.v4` (the read-only path; 16-byte aligned).
+///
+/// # Safety
+/// As [`ld_nc`], with `base + i` 16-byte aligned.
+#[inline(always)]
+pub unsafe fn ld_v4<T>(base: *const T, i: usize) -> [u32; 4] {
+    imp::ld_b128(base.wrapping_add(i) as *const u8, true)
+}
+
+/// Stores `v` to element `i` of the global buffer at `base` (`st.global`).
+///
+/// # Safety
+/// Element `i` must be inside the buffer and aligned for `T`, and no other thread may access it
+/// without synchronisation (the emulator reports two writers).
+#[inline(always)]
+pub unsafe fn st<T: Copy>(base: *mut T, i: usize, v: T) {
+    let p = base.wrapping_add(i) as *mut u8;
+    let n = core::mem::size_of::<T>();
+    // The size is a compile-time constant: one arm survives.
+    if n == 1 {
+        imp::st_b8(p, core::mem::transmute_copy(&v));
+    } else if n == 2 {
+        imp::st_b16(p, core::mem::transmute_copy(&v));
+    } else if n == 4 {
+        imp::st_b32(p, core::mem::transmute_copy(&v));
+    } else if n == 8 {
+        imp::st_b64(p, core::mem::transmute_copy(&v));
+    } else if n == 16 && core::mem::align_of::<T>() == 16 {
+        imp::st_b128(p, core::mem::transmute_copy(&v));
+    } else {
+        // Word by word (the parameter structs are multiples of 4 bytes, 4-byte aligned).
+        let words = n / 4;
+        let src = &v as *const T as *const u32;
+        let mut w = 0;
+        while w < words {
+            imp::st_b32(p.add(4 * w), core::ptr::read_unaligned(src.add(w)));
+            w += 1;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn load_as<T: Copy>(p: *const u8, nc: bool) -> T {
+    let n = core::mem::size_of::<T>();
+    if n == 1 {
+        core::mem::transmute_copy(&imp::ld_b8(p, nc))
+    } else if n == 2 {
+        core::mem::transmute_copy(&imp::ld_b16(p, nc))
+    } else if n == 4 {
+        core::mem::transmute_copy(&imp::ld_b32(p, nc))
+    } else if n == 8 {
+        core::mem::transmute_copy(&imp::ld_b64(p, nc))
+    } else if n == 16 && core::mem::align_of::<T>() == 16 {
+        core::mem::transmute_copy(&imp::ld_b128(p, nc))
+    } else {
+        let mut out = core::mem::MaybeUninit::<T>::uninit();
+        let dst = out.as_mut_ptr() as *mut u32;
+        let words = n / 4;
+        let mut w = 0;
+        while w < words {
+            core::ptr::write_unaligned(dst.add(w), imp::ld_b32(p.add(4 * w), nc));
+            w += 1;
+        }
+        out.assume_init()
+    }
+}
 
 /// This thread's lane within its warp.
 #[inline(always)]

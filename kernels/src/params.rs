@@ -51,8 +51,8 @@ pub const STATS_ACCUM_RESET: u32 = 4;
 pub const ROW_NONFINITE: u32 = 1;
 /// Every logit of the row was −inf (everything masked); statistics NaN, tokens −1.
 pub const ROW_ALL_MASKED: u32 = 2;
-/// The launch's temperature was negative, NaN or infinite (hosts reject this before launching;
-/// the kernel flags rather than trusts it).
+/// The launch's temperature was negative, NaN, infinite or below `f32::MIN_POSITIVE` (hosts
+/// reject this before launching; the kernel flags rather than trusts it).
 pub const ROW_BAD_TEMPERATURE: u32 = 4;
 
 /// The statistics of one row of logits, written by `softmax_stats`.
@@ -79,6 +79,22 @@ pub struct RowStats {
     pub sampled_prob: f32,
     /// `ROW_*` bits; zero for a good row.
     pub flags: u32,
+}
+
+impl RowStats {
+    /// The result of a flagged row: NaN statistics, tokens −1.
+    pub const fn flagged(flags: u32) -> RowStats {
+        RowStats {
+            max_logit: f32::NAN,
+            lse: f32::NAN,
+            entropy: f32::NAN,
+            confidence: f32::NAN,
+            argmax: -1,
+            sampled: -1,
+            sampled_prob: f32::NAN,
+            flags,
+        }
+    }
 }
 
 /// Running draft features of one sequence over the drafted tokens of the current speculation step,
@@ -219,7 +235,8 @@ unsafe impl Sync for VerifyParams {}
 /// `draft` holds f32 probabilities instead of logits.
 pub const VERIFY_DRAFT_PROBS: u32 = 1;
 
-/// A row read held a NaN or +inf logit (or a NaN / negative / infinite draft probability).
+/// A row read held a NaN or +inf logit, x / T overflowed, or a probability (p(x), q(x), their
+/// ratio, a draft probability read in the residual pass) was not finite and in [0, 1].
 pub const VERIFY_NONFINITE: u32 = 1;
 /// A row read was entirely −inf.
 pub const VERIFY_ALL_MASKED: u32 = 2;
@@ -227,8 +244,12 @@ pub const VERIFY_ALL_MASKED: u32 = 2;
 pub const VERIFY_BAD_GAMMA: u32 = 4;
 /// A drafted token was negative or ≥ vocab.
 pub const VERIFY_BAD_TOKEN: u32 = 8;
-/// A temperature was negative, NaN or infinite.
+/// A temperature was negative, NaN, infinite, or positive but below `f32::MIN_POSITIVE` (1/T
+/// would not be finite).
 pub const VERIFY_BAD_TEMPERATURE: u32 = 16;
+/// A drafted token had draft probability q(x) = 0: the draft cannot have proposed it (a greedy
+/// draft is one-hot at its own token, so this comes from probabilities or underflowed logits).
+pub const VERIFY_BAD_DRAFT: u32 = 32;
 
 /// The γ predictor's weights in f32 (6 → 16 ReLU → 1), with the feature standardisation folded in
 /// as mean and 1/std. Uploaded once; read by every `gamma_mlp` launch.
@@ -281,15 +302,27 @@ pub struct GammaMlpParams {
     pub cost: *const f32,
     /// `[batch]` output: γ for each sequence's next step (read by `verify`).
     pub gammas_out: *mut i32,
-    /// `[batch]` output: the chosen γ's predicted tokens per step â·γ + 1 (may be null).
+    /// `[batch]` output: the chosen γ's predicted tokens per step â·γ + 1, NaN for a fallback
+    /// (may be null).
     pub expected_out: *mut f32,
+    /// `[batch]` output: `GAMMA_*` bits, why `fallback_gamma` was written; 0 for a decision
+    /// (may be null).
+    pub flags_out: *mut u32,
     pub candidates: [i32; MAX_CANDIDATES],
     pub n_candidates: u32,
     pub batch: u32,
-    /// γ written for a sequence whose accumulator is empty or flagged.
+    /// γ written for a sequence whose accumulator is empty or flagged, or whose features or
+    /// predictions are not finite.
     pub fallback_gamma: i32,
     pub compression_code: f32,
 }
+
+/// `gamma_mlp`: no drafted token was accumulated this step (count 0).
+pub const GAMMA_EMPTY: u32 = 1;
+/// `gamma_mlp`: a drafted row of this step was flagged by `softmax_stats`.
+pub const GAMMA_FLAGGED_ROWS: u32 = 2;
+/// `gamma_mlp`: a feature, a weight or a prediction was not finite.
+pub const GAMMA_NONFINITE: u32 = 4;
 
 // SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
 unsafe impl Send for GammaMlpParams {}
@@ -353,5 +386,5 @@ const _: () = assert!(core::mem::size_of::<FeatureAccum>() == 24);
 const _: () = assert!(core::mem::size_of::<StatsState>() == 32);
 const _: () = assert!(core::mem::size_of::<VerifyParams>() == 136);
 const _: () = assert!(core::mem::size_of::<MlpWeights>() == 576);
-const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 96);
+const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 104);
 const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);

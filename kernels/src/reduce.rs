@@ -38,13 +38,13 @@ pub unsafe fn block_all_reduce<S: Reduce>(s: S, ctx: S::Ctx, shared: *mut S) -> 
     let s = warp_all_reduce(s, ctx);
     let warps = gpu::block_dim_x() / gpu::WARP_SIZE;
     if gpu::lane_id() == 0 {
-        *shared.add(gpu::warp_id() as usize) = s;
+        gpu::sh_st(shared, gpu::warp_id() as usize, s);
     }
     gpu::sync_threads();
-    let mut r = *shared;
+    let mut r = gpu::sh_ld(shared, 0);
     let mut w = 1;
     while w < warps {
-        r.merge(&*shared.add(w as usize), ctx);
+        r.merge(&gpu::sh_ld(shared, w as usize), ctx);
         w += 1;
     }
     gpu::sync_threads(); // `shared` may be reused after this

@@ -12,8 +12,10 @@
 //! ([`philox::gumbel`]), and the argmax breaks ties towards the lower index, so the token is the
 //! same on the GPU, the emulator and the CPU backend, whatever the block size.
 //!
-//! Non-finite input is flagged, never averaged: a NaN or +inf logit sets `ROW_NONFINITE`, a row of
-//! only −inf sets `ROW_ALL_MASKED`; −inf alone is a masked token with probability 0.
+//! Non-finite input is flagged, never averaged: a NaN or +inf logit (or x / T overflowing) sets
+//! `ROW_NONFINITE`, a row of only −inf sets `ROW_ALL_MASKED`; −inf alone is a masked token with
+//! probability 0. A temperature that is negative, NaN, infinite or below `f32::MIN_POSITIVE` (1/T
+//! not finite) sets `ROW_BAD_TEMPERATURE`. Statistics are finite or flagged, never silently NaN.
 
 use crate::gpu;
 use crate::params::{
@@ -22,6 +24,7 @@ use crate::params::{
 };
 use crate::philox;
 use crate::reduce::{block_all_reduce, Reduce};
+use crate::verify::valid_temperature;
 
 /// An element type the kernel reads: loads one logit as f32.
 pub trait Logit {
@@ -36,25 +39,26 @@ pub struct F32;
 pub struct F16;
 pub struct Bf16;
 
+// Logits are inputs no thread writes: loaded through the read-only path.
 impl Logit for F32 {
     const SIZE: usize = 4;
     #[inline(always)]
     unsafe fn load(base: *const u8, index: u64) -> f32 {
-        *(base as *const f32).add(index as usize)
+        gpu::ld_nc(base as *const f32, index as usize)
     }
 }
 impl Logit for F16 {
     const SIZE: usize = 2;
     #[inline(always)]
     unsafe fn load(base: *const u8, index: u64) -> f32 {
-        gpu::f16_to_f32(*(base as *const u16).add(index as usize))
+        gpu::f16_to_f32(gpu::ld_nc(base as *const u16, index as usize))
     }
 }
 impl Logit for Bf16 {
     const SIZE: usize = 2;
     #[inline(always)]
     unsafe fn load(base: *const u8, index: u64) -> f32 {
-        gpu::bf16_to_f32(*(base as *const u16).add(index as usize))
+        gpu::bf16_to_f32(gpu::ld_nc(base as *const u16, index as usize))
     }
 }
 
@@ -81,11 +85,12 @@ impl StatsState {
         if x == f32::NEG_INFINITY {
             return; // masked: probability 0
         }
-        if x.is_nan() || x == f32::INFINITY {
-            self.flags |= ROW_NONFINITE; // NaN or +inf
+        let z = x * inv_t;
+        if !z.is_finite() {
+            // NaN, +inf, or x / T overflowing (a temperature too small for these logits).
+            self.flags |= ROW_NONFINITE;
             return;
         }
-        let z = x * inv_t;
         if x > self.max {
             let m_new = z;
             if self.sum > 0.0 {
@@ -162,20 +167,15 @@ impl StatsState {
             flags |= ROW_ALL_MASKED;
         }
         if flags != 0 {
-            return RowStats {
-                max_logit: f32::NAN,
-                lse: f32::NAN,
-                entropy: f32::NAN,
-                confidence: f32::NAN,
-                argmax: -1,
-                sampled: -1,
-                sampled_prob: f32::NAN,
-                flags,
-            };
+            return RowStats::flagged(flags);
         }
         let ln_sum = gpu::ln_approx(self.sum);
         let entropy = ln_sum - self.u / self.sum;
         let confidence = 1.0 / self.sum;
+        if !(entropy.is_finite() && confidence.is_finite() && ln_sum.is_finite()) {
+            // Never for valid input; a result is either finite or flagged, never silently NaN.
+            return RowStats::flagged(ROW_NONFINITE);
+        }
         let mz = self.max * inv_t;
         let (sampled, sampled_prob) = if greedy {
             (self.argmax as i32, confidence)
@@ -239,14 +239,14 @@ pub unsafe fn softmax_stats<L: Logit>(p: &SoftmaxStatsParams) {
     let tid = gpu::thread_idx_x();
     let block = gpu::block_dim_x();
     let t = p.temperature;
-    let bad_temperature = !(0.0..f32::INFINITY).contains(&t);
+    let bad_temperature = !valid_temperature(t);
     let greedy = t == 0.0 || bad_temperature;
     let inv_t = if greedy { 1.0 } else { 1.0 / t };
     let sample = !greedy && (p.flags & STATS_SAMPLE) != 0;
 
     let base = p
         .logits
-        .add((row as usize) * (p.row_stride as usize) * L::SIZE);
+        .wrapping_add((row as usize) * (p.row_stride as usize) * L::SIZE);
     let mut st = StatsState::EMPTY;
     let mut i = tid;
     if sample {
@@ -272,13 +272,15 @@ pub unsafe fn softmax_stats<L: Logit>(p: &SoftmaxStatsParams) {
     let s = block_all_reduce(st, inv_t, gpu::dynamic_shared::<StatsState>());
     if tid == 0 {
         let r = s.finish(inv_t, greedy, sample, bad_temperature);
-        *p.out.add(row as usize) = r;
+        gpu::st(p.out, row as usize, r);
         if p.flags & STATS_ACCUMULATE != 0 && !p.accum.is_null() {
-            let a = &mut *p.accum.add(row as usize);
-            if p.flags & STATS_ACCUM_RESET != 0 {
-                *a = FeatureAccum::EMPTY;
-            }
+            let mut a = if p.flags & STATS_ACCUM_RESET != 0 {
+                FeatureAccum::EMPTY
+            } else {
+                gpu::ld(p.accum, row as usize)
+            };
             a.push(r.entropy, r.confidence, r.flags);
+            gpu::st(p.accum, row as usize, a);
         }
     }
 }

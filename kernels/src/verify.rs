@@ -19,8 +19,8 @@
 
 use crate::gpu;
 use crate::params::{
-    VerifyParams, VERIFY_ALL_MASKED, VERIFY_BAD_GAMMA, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_TOKEN,
-    VERIFY_DRAFT_PROBS, VERIFY_NONFINITE,
+    VerifyParams, VERIFY_ALL_MASKED, VERIFY_BAD_DRAFT, VERIFY_BAD_GAMMA, VERIFY_BAD_TEMPERATURE,
+    VERIFY_BAD_TOKEN, VERIFY_DRAFT_PROBS, VERIFY_NONFINITE,
 };
 use crate::philox;
 use crate::reduce::{block_all_reduce, KeyMax, Reduce};
@@ -38,7 +38,7 @@ pub struct RowMax {
     pub sum: f32,
     /// Index of `max`, lowest on ties.
     pub argmax: u32,
-    /// `VERIFY_NONFINITE` when a NaN or +inf was seen.
+    /// `VERIFY_NONFINITE` when a NaN or ±inf (other than a −inf logit) was seen.
     pub flags: u32,
 }
 
@@ -55,7 +55,8 @@ impl RowMax {
         if x == f32::NEG_INFINITY {
             return;
         }
-        if x.is_nan() || x == f32::INFINITY {
+        // NaN, +inf, or x / T overflowing (a temperature too small for these logits).
+        if !(x * inv_t).is_finite() {
             self.flags |= VERIFY_NONFINITE;
             return;
         }
@@ -163,9 +164,21 @@ pub const fn shared_bytes(block: u32) -> usize {
     (block.div_ceil(gpu::WARP_SIZE) as usize) * per_warp
 }
 
+/// A usable temperature: 0 (greedy) or a normal positive finite number, so that 1/T is finite.
+/// Negative, NaN, infinite and subnormal temperatures are flagged (`VERIFY_BAD_TEMPERATURE`).
 #[inline(always)]
-fn valid_temperature(t: f32) -> bool {
-    (0.0..f32::INFINITY).contains(&t)
+pub fn valid_temperature(t: f32) -> bool {
+    t == 0.0 || (f32::MIN_POSITIVE..f32::INFINITY).contains(&t)
+}
+
+/// Largest probability accepted as "at most 1 up to rounding" (a softmax computed in f32, or with
+/// the GPU's approximate exp, can exceed 1 by a few ulps).
+pub const PROB_MAX: f32 = 1.0 + 1.0 / 1024.0;
+
+/// A usable probability: finite and in [0, 1] up to rounding ([`PROB_MAX`]).
+#[inline(always)]
+pub fn valid_prob(q: f32) -> bool {
+    (0.0..=PROB_MAX).contains(&q)
 }
 
 /// One sequence's view of the launch.
@@ -190,11 +203,35 @@ impl<L: Logit> Seq<'_, L> {
     #[inline(always)]
     unsafe fn draft_prob(&self, i: u32, j: u32) -> f32 {
         let row = (self.b as u64 * self.p.gamma_max as u64 + i as u64) * self.p.draft_stride as u64;
-        *(self.p.draft as *const f32).add((row + j as u64) as usize)
+        gpu::ld_nc(self.p.draft as *const f32, (row + j as u64) as usize)
+    }
+    #[inline(always)]
+    unsafe fn token(&self, i: u32) -> i32 {
+        gpu::ld_nc(
+            self.p.draft_tokens,
+            (self.b * self.p.gamma_max + i) as usize,
+        )
     }
 }
 
+/// How the draft's distribution q is given.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Draft {
+    /// Logits at a positive temperature: q = softmax(x / T_d), reduced with the target row.
+    Logits,
+    /// The draft was greedy (T_d = 0): q is one-hot at the drafted token itself — not at the
+    /// argmax of the draft row, which another tie-break or precision could put elsewhere.
+    Greedy,
+    /// f32 probabilities, each validated when read.
+    Probs,
+}
+
 /// The kernel body, generic over the logit type.
+///
+/// Fail-closed: a sequence is flagged (`seq_flags` ≠ 0: no token accepted or emitted) when a row it
+/// reads holds NaN / +inf, is all −inf, when γ_b, a drafted token or a temperature is invalid, when
+/// p(x), q(x) or their ratio is not a finite probability, when a drafted token has q(x) = 0 (the
+/// draft could not have proposed it), or when a draft probability read anywhere is not in [0, 1].
 ///
 /// # Safety
 /// The buffers of `p` must have the shapes documented on [`VerifyParams`] (draft tokens and γ are
@@ -216,12 +253,12 @@ pub unsafe fn verify<L: Logit>(p: &VerifyParams) {
     let gmax = p.gamma_max;
     let probs_mode = p.flags & VERIFY_DRAFT_PROBS != 0;
 
-    let g = *p.gammas.add(b as usize);
-    let tt = *p.target_temperature.add(b as usize);
+    let g = gpu::ld_nc(p.gammas, b as usize);
+    let tt = gpu::ld_nc(p.target_temperature, b as usize);
     let td = if probs_mode {
         1.0
     } else {
-        *p.draft_temperature.add(b as usize)
+        gpu::ld_nc(p.draft_temperature, b as usize)
     };
     let mut flags = 0u32;
     if g < 0 || g as u32 > gmax {
@@ -233,20 +270,26 @@ pub unsafe fn verify<L: Logit>(p: &VerifyParams) {
     let g = if flags != 0 { 0 } else { g as u32 };
     let greedy = tt == 0.0;
     let inv_tt = if greedy { 1.0 } else { 1.0 / tt };
-    let draft_greedy = !probs_mode && td == 0.0;
-    let inv_td = if draft_greedy || probs_mode {
-        1.0
+    let draft = if probs_mode {
+        Draft::Probs
+    } else if td == 0.0 {
+        Draft::Greedy
     } else {
-        1.0 / td
+        Draft::Logits
     };
-    let read_draft_row = !greedy && !probs_mode;
+    let inv_td = if draft == Draft::Logits {
+        1.0 / td
+    } else {
+        1.0
+    };
+    let read_draft_row = !greedy && draft == Draft::Logits;
     let pair_shared = gpu::dynamic_shared::<RowPair>();
     let key_shared = gpu::dynamic_shared::<KeyMax>();
 
     if tid == 0 && !p.ratios.is_null() {
         let mut i = 0;
         while i < gmax {
-            *p.ratios.add((b * gmax + i) as usize) = f32::NAN;
+            gpu::st(p.ratios, (b * gmax + i) as usize, f32::NAN);
             i += 1;
         }
     }
@@ -257,7 +300,7 @@ pub unsafe fn verify<L: Logit>(p: &VerifyParams) {
     let mut rejected = false;
     let mut i = 0u32;
     while flags == 0 && i < g {
-        let x = *p.draft_tokens.add((b * gmax + i) as usize);
+        let x = s.token(i);
         if x < 0 || x as u32 >= p.vocab {
             flags |= VERIFY_BAD_TOKEN;
             break;
@@ -288,38 +331,31 @@ pub unsafe fn verify<L: Logit>(p: &VerifyParams) {
             ratio = if accept { 1.0 } else { 0.0 };
         } else {
             let px = st.target.prob(s.target(i, x), inv_tt);
-            let qx = if probs_mode {
-                let q = s.draft_prob(i, x);
-                if !(0.0..f32::INFINITY).contains(&q) {
-                    flags |= VERIFY_NONFINITE;
-                    break;
-                }
-                q
-            } else if draft_greedy {
-                if st.draft.argmax == x {
-                    1.0
-                } else {
-                    0.0
-                }
-            } else {
-                st.draft.prob(s.draft_logit(i, x), inv_td)
+            let qx = match draft {
+                Draft::Probs => s.draft_prob(i, x),
+                Draft::Greedy => 1.0,
+                Draft::Logits => st.draft.prob(s.draft_logit(i, x), inv_td),
             };
-            // q(x) = 0: the draft could not have proposed x; p/q = +inf, accept.
-            ratio = if qx > 0.0 {
-                let r = px / qx;
-                if r < 1.0 {
-                    r
-                } else {
-                    1.0
-                }
-            } else {
-                1.0
-            };
+            if !valid_prob(px) || !valid_prob(qx) {
+                flags |= VERIFY_NONFINITE;
+                break;
+            }
+            if qx == 0.0 {
+                // The draft gave its own token probability 0: it cannot have proposed it.
+                flags |= VERIFY_BAD_DRAFT;
+                break;
+            }
+            let r = px / qx;
+            if !(0.0..f32::INFINITY).contains(&r) {
+                flags |= VERIFY_NONFINITE;
+                break;
+            }
+            ratio = if r < 1.0 { r } else { 1.0 };
             let u = philox::uniform_open(philox::bits(accept_seed, i, b, p.step));
             accept = u < ratio;
         }
         if tid == 0 && !p.ratios.is_null() {
-            *p.ratios.add((b * gmax + i) as usize) = ratio;
+            gpu::st(p.ratios, (b * gmax + i) as usize, ratio);
         }
         if !accept {
             k = i;
@@ -327,16 +363,7 @@ pub unsafe fn verify<L: Logit>(p: &VerifyParams) {
             emit = if greedy {
                 st.target.argmax as i32
             } else {
-                let r = residual_sample(
-                    &s,
-                    i,
-                    &st,
-                    inv_tt,
-                    inv_td,
-                    probs_mode,
-                    draft_greedy,
-                    key_shared,
-                );
+                let r = residual_sample(&s, i, x, &st, inv_tt, inv_td, draft, key_shared);
                 flags |= r.flags;
                 r.idx as i32
             };
@@ -361,41 +388,47 @@ pub unsafe fn verify<L: Logit>(p: &VerifyParams) {
             let tok = if !ok {
                 -1
             } else if j < k {
-                *p.draft_tokens.add((b * gmax + j) as usize)
+                s.token(j)
             } else if j == k {
                 emit
             } else {
                 -1
             };
-            *p.emitted.add(base + j as usize) = tok;
+            gpu::st(p.emitted, base + j as usize, tok);
             if !p.counterfactual.is_null() {
                 let c = if ok && j <= g {
                     (if k < j { k } else { j }) as i32 + 1
                 } else {
                     -1
                 };
-                *p.counterfactual.add(base + j as usize) = c;
+                gpu::st(p.counterfactual, base + j as usize, c);
             }
             j += 1;
         }
-        *p.accepted.add(b as usize) = if ok { k as i32 } else { 0 };
-        *p.emitted_count.add(b as usize) = if ok { k as i32 + 1 } else { 0 };
-        *p.seq_flags.add(b as usize) = flags;
+        gpu::st(p.accepted, b as usize, if ok { k as i32 } else { 0 });
+        gpu::st(
+            p.emitted_count,
+            b as usize,
+            if ok { k as i32 + 1 } else { 0 },
+        );
+        gpu::st(p.seq_flags, b as usize, flags);
     }
 }
 
 /// A draw from norm(max(0, p_i − q_i)) by exponential race, or — when rounding left no positive
-/// residual — from p_i itself (Gumbel-max), so a token is always emitted.
+/// residual — from p_i itself (Gumbel-max), so a token is always emitted. With a greedy draft
+/// q_i is one-hot at the drafted token `x`; with probabilities, every q_j read is validated
+/// (`VERIFY_NONFINITE` when one is not in [0, 1]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn residual_sample<L: Logit>(
     s: &Seq<'_, L>,
     i: u32,
+    x: u32,
     st: &RowPair,
     inv_tt: f32,
     inv_td: f32,
-    probs_mode: bool,
-    draft_greedy: bool,
+    draft: Draft,
     shared: *mut KeyMax,
 ) -> KeyMax {
     let p = s.p;
@@ -405,17 +438,20 @@ unsafe fn residual_sample<L: Logit>(
     let mut j = gpu::thread_idx_x();
     while j < p.vocab {
         let pj = st.target.prob(s.target(i, j), inv_tt);
-        let qj = if probs_mode {
-            s.draft_prob(i, j)
-        } else if draft_greedy {
-            if st.draft.argmax == j {
-                1.0
-            } else {
-                0.0
+        let qj = match draft {
+            Draft::Probs => s.draft_prob(i, j),
+            Draft::Greedy => {
+                if j == x {
+                    1.0
+                } else {
+                    0.0
+                }
             }
-        } else {
-            st.draft.prob(s.draft_logit(i, j), inv_td)
+            Draft::Logits => st.draft.prob(s.draft_logit(i, j), inv_td),
         };
+        if !valid_prob(qj) || !valid_prob(pj) {
+            km.flags |= VERIFY_NONFINITE;
+        }
         let w = pj - qj;
         if w > 0.0 {
             let bits = philox::word(
@@ -428,7 +464,7 @@ unsafe fn residual_sample<L: Logit>(
         j += gpu::block_dim_x();
     }
     let km = block_all_reduce(km, (), shared);
-    if km.idx != u32::MAX {
+    if km.flags != 0 || km.idx != u32::MAX {
         return km;
     }
     gumbel_target(s, i, false, inv_tt, shared)

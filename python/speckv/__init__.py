@@ -27,6 +27,11 @@ import numpy as np
 
 from . import _speckv
 from ._speckv import SpeckvError, ptx  # noqa: F401
+from ._speckv import (  # noqa: F401  flag bits of RowStats.flags, verify's flags, decide_gamma's flags
+    ROW_NONFINITE, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE, VERIFY_NONFINITE, VERIFY_ALL_MASKED,
+    VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_DRAFT, GAMMA_EMPTY,
+    GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE,
+)
 
 __version__ = _speckv.__version__
 
@@ -67,14 +72,26 @@ def _dtype_code(x: Any) -> int:
 
 
 def _info(x: Any, what: str):
-    """(address, shape, element strides, device) of a tensor or array."""
+    """(address, shape, element strides, device) of a tensor or array, its address checked to be
+    aligned for its element type."""
     if _is_torch(x):
-        return x.data_ptr(), tuple(x.shape), tuple(x.stride()), ("cuda" if x.is_cuda else "cpu")
-    if isinstance(x, np.ndarray):
+        addr, size = x.data_ptr(), x.element_size()
+        info = addr, tuple(x.shape), tuple(x.stride()), ("cuda" if x.is_cuda else "cpu")
+    elif isinstance(x, np.ndarray):
         if any(s % x.itemsize for s in x.strides):
             raise SpeckvError(f"BadShape: {what} has strides that are not whole elements")
-        return x.ctypes.data, x.shape, tuple(s // x.itemsize for s in x.strides), "cpu"
-    raise SpeckvError(f"InvalidArgument: {what} must be a torch tensor or a numpy array, got {type(x)!r}")
+        addr = x.ctypes.data
+        # A record (stats, accumulators) needs its fields' alignment (4), not its size.
+        fields = x.dtype.fields
+        size = max(f[0].alignment for f in fields.values()) if fields else x.dtype.alignment
+        info = addr, x.shape, tuple(s // x.itemsize for s in x.strides), "cpu"
+    else:
+        info = None
+    if info is None:
+        raise SpeckvError(f"InvalidArgument: {what} must be a torch tensor or a numpy array, got {type(x)!r}")
+    if addr % size:
+        raise SpeckvError(f"Misaligned: {what} at {addr:#x} is not {size}-byte aligned for its dtype")
+    return info
 
 
 def _check_int(x: Any, what: str, code: str, n: int) -> None:
@@ -222,8 +239,12 @@ class Context:
         return out
 
     def decide_gamma(self, accum: Any, gammas: Any, *, compression_code: float = 0.0,
-                     fallback_gamma: int = 4, expected: Any = None):
-        """γ per sequence from `accum` into the int32 `gammas` (and â·γ + 1 into `expected`)."""
+                     fallback_gamma: int = 4, expected: Any = None, flags: Any = None):
+        """γ per sequence from `accum` into the int32 `gammas` (and â·γ + 1 into `expected`).
+
+        Fail-closed: a sequence with no or flagged features, or non-finite features or
+        predictions, gets `fallback_gamma`; the uint32 `flags` (optional) says why
+        (GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE; 0 for a decision)."""
         n = (accum.numel() * accum.element_size() if _is_torch(accum) else accum.nbytes) // 24
         acc = _record(accum, "accum", n, 6, self.device)
         _check_int(gammas, "gammas", "int32", n)
@@ -234,7 +255,13 @@ class Context:
             _check_int(expected, "expected", "float32", n)
             e_addr, _, _, edev = _info(expected, "expected")
             self._dev(edev, "expected")
-        self._raw.decide_gamma(acc, n, float(compression_code), int(fallback_gamma), g_addr, e_addr)
+        f_addr = 0
+        if flags is not None:
+            _check_int(flags, "flags", "uint32", n)
+            f_addr, _, _, fdev = _info(flags, "flags")
+            self._dev(fdev, "flags")
+        self._raw.decide_gamma(acc, n, float(compression_code), int(fallback_gamma), g_addr, e_addr,
+                               f_addr)
         return gammas
 
     def verify(self, target_logits: Any, draft: Any, draft_tokens: Any, gammas: Any, *,

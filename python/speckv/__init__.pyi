@@ -14,6 +14,18 @@ DRAFT_PROBS: int
 ACCUMULATE: Dict[Optional[str], int]
 STATS_FIELDS: List[Tuple[str, str]]
 ACCUM_FIELDS: List[Tuple[str, str]]
+ROW_NONFINITE: int
+ROW_ALL_MASKED: int
+ROW_BAD_TEMPERATURE: int
+VERIFY_NONFINITE: int
+VERIFY_ALL_MASKED: int
+VERIFY_BAD_GAMMA: int
+VERIFY_BAD_TOKEN: int
+VERIFY_BAD_TEMPERATURE: int
+VERIFY_BAD_DRAFT: int
+GAMMA_EMPTY: int
+GAMMA_FLAGGED_ROWS: int
+GAMMA_NONFINITE: int
 
 Tensor = Any  # torch.Tensor or numpy.ndarray
 
@@ -37,7 +49,8 @@ class Context:
                       seed: int = 0, step: int = 0, accumulate: Optional[str] = None,
                       accum: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor: ...
     def decide_gamma(self, accum: Tensor, gammas: Tensor, *, compression_code: float = 0.0,
-                     fallback_gamma: int = 4, expected: Optional[Tensor] = None) -> Tensor: ...
+                     fallback_gamma: int = 4, expected: Optional[Tensor] = None,
+                     flags: Optional[Tensor] = None) -> Tensor: ...
     def verify(self, target_logits: Tensor, draft: Tensor, draft_tokens: Tensor, gammas: Tensor, *,
                target_temperature: Optional[Tensor] = None, draft_temperature: Optional[Tensor] = None,
                draft_probs: bool = False, seed: int = 0, step: int = 0,

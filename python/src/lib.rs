@@ -146,6 +146,7 @@ impl Context {
     }
 
     /// Pointer-level `speckv_decide_gamma`.
+    #[allow(clippy::too_many_arguments)]
     fn decide_gamma(
         &self,
         accum: usize,
@@ -154,6 +155,7 @@ impl Context {
         fallback_gamma: i32,
         gammas_out: usize,
         expected_out: usize,
+        flags_out: usize,
     ) -> PyResult<()> {
         // SAFETY: as in `softmax_stats`.
         check(unsafe {
@@ -165,6 +167,7 @@ impl Context {
                 fallback_gamma,
                 ptr(gammas_out) as *mut i32,
                 ptr(expected_out) as *mut f32,
+                ptr(flags_out) as *mut u32,
             )
         })
     }
@@ -248,5 +251,22 @@ fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "FEATURE_ACCUM_BYTES",
         std::mem::size_of::<SpeckvFeatureAccum>(),
     )?;
+    // Flag bits, from the C ABI (which asserts them equal to the kernels').
+    for (name, v) in [
+        ("ROW_NONFINITE", SPECKV_ROW_NONFINITE),
+        ("ROW_ALL_MASKED", SPECKV_ROW_ALL_MASKED),
+        ("ROW_BAD_TEMPERATURE", SPECKV_ROW_BAD_TEMPERATURE),
+        ("VERIFY_NONFINITE", SPECKV_VERIFY_NONFINITE),
+        ("VERIFY_ALL_MASKED", SPECKV_VERIFY_ALL_MASKED),
+        ("VERIFY_BAD_GAMMA", SPECKV_VERIFY_BAD_GAMMA),
+        ("VERIFY_BAD_TOKEN", SPECKV_VERIFY_BAD_TOKEN),
+        ("VERIFY_BAD_TEMPERATURE", SPECKV_VERIFY_BAD_TEMPERATURE),
+        ("VERIFY_BAD_DRAFT", SPECKV_VERIFY_BAD_DRAFT),
+        ("GAMMA_EMPTY", SPECKV_GAMMA_EMPTY),
+        ("GAMMA_FLAGGED_ROWS", SPECKV_GAMMA_FLAGGED_ROWS),
+        ("GAMMA_NONFINITE", SPECKV_GAMMA_NONFINITE),
+    ] {
+        m.add(name, v)?;
+    }
     Ok(())
 }

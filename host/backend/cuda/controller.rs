@@ -75,6 +75,7 @@ impl CudaBackend {
                 cost: c as *const f32,
                 gammas_out: g as *mut i32,
                 expected_out: std::ptr::null_mut(),
+                flags_out: std::ptr::null_mut(),
             },
         );
         let cfg = LaunchConfig {

@@ -138,7 +138,16 @@ impl CudaBackend {
                 "no CUDA driver library (libcuda) was found".to_string(),
             ));
         }
-        let count = CudaContext::device_count()?;
+        let count = match CudaContext::device_count() {
+            Ok(c) => c,
+            // A driver without a GPU (cuInit says so): the one other "no CUDA" case.
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                return Err(Error::NoCuda(format!(
+                    "the CUDA driver sees no device ({e})"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if count <= ordinal as i32 {
             return Err(Error::NoCuda(format!(
                 "device {ordinal} requested, {count} present"
@@ -151,7 +160,14 @@ impl CudaBackend {
         let module = ctx.load_module(Ptx::from_src(ptx))?;
         let mut functions = HashMap::new();
         for f in KernelFn::ALL {
-            functions.insert(f, module.load_function(f.entry())?);
+            let func = module.load_function(f.entry()).map_err(|e| {
+                Error::CudaCall(format!(
+                    "entry point {} of the {} PTX: {e}",
+                    f.entry(),
+                    arch.name()
+                ))
+            })?;
+            functions.insert(f, func);
         }
         let name = ctx.name()?;
         let stream = ctx.default_stream();
@@ -309,5 +325,20 @@ impl CudaBackend {
         let t = self.time_events(iters, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
         let s = t.as_secs_f64();
         Ok(2.0 * bytes as f64 / s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend resolves every entry point `build.rs` checked in the PTX, and nothing else.
+    #[test]
+    fn kernel_fns_are_the_entry_points() {
+        let mut ours: Vec<&str> = KernelFn::ALL.iter().map(|f| f.entry()).collect();
+        let mut listed: Vec<&str> = crate::ptx::ENTRY_POINTS.to_vec();
+        ours.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(ours, listed);
     }
 }
