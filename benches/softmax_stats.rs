@@ -99,8 +99,13 @@ fn bench(cr: &mut Criterion) {
             g.throughput(Throughput::Bytes(l.bytes_read() as u64));
             g.bench_function(BenchmarkId::from_parameter(name(c)), |b| {
                 b.iter_custom(|iters| {
-                    cuda.time_softmax_stats(&l, &opts, iters as u32)
-                        .expect("launch")
+                    cuda.time_softmax_stats(
+                        &l,
+                        &opts,
+                        iters as u32,
+                        speckv::backend::cuda::StatsVersion::V2,
+                    )
+                    .expect("launch")
                         * iters as u32
                 })
             });

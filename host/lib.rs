@@ -10,7 +10,8 @@
 //! - [`model`] and [`decode`]: real GGUF models, plain and speculative decoding, traces;
 //! - [`backend`]: where kernels run — the native CPU, CUDA (cudarc, the embedded [`ptx`]), the
 //!   emulator of the CUDA execution model, or a caller's CUDA context;
-//! - [`report`]: `speckv report`.
+//! - [`plan`]: the launch (entry point, grid, block, shared memory) of every kernel for a shape;
+//! - [`measure`]: `speckv report`, `verify-sim`, overhead and step-cost measurements.
 
 pub mod backend;
 pub mod controller;
@@ -18,6 +19,7 @@ pub mod decode;
 pub mod error;
 pub mod measure;
 pub mod model;
+pub mod plan;
 pub mod ptx;
 pub mod stats;
 pub mod verify;

@@ -213,6 +213,16 @@ macro_rules! per_backend {
                 };
                 ($body)(&run, "emulator");
             }
+            /// v2 (rows split across blocks) on a 7-SM plan, so short rows split too.
+            #[test]
+            fn emulator_v2() {
+                let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
+                    speckv::backend::emulate::Emulator::new(32)
+                        .softmax_stats_v2(l, o, a, 7, None)
+                        .map(|r| r.stats)
+                };
+                ($body)(&run, "emulator_v2");
+            }
             #[test]
             fn cpu() {
                 let b = CpuBackend::new();
@@ -622,6 +632,151 @@ fn emulator_at_gpu_precision_stays_within_tolerance() {
                 }
             }
         }
+    }
+}
+
+/// v2 against the float64 reference and v1 on awkward shapes: rows whose starts are not 16-byte
+/// aligned (odd strides: scalar heads and tails), rows shorter than a vector, plans from 1 to 132
+/// SMs (1 to hundreds of blocks per row), every dtype, greedy, tempered and sampled.
+#[test]
+fn emulator_v2_matches_the_reference_and_v1_on_awkward_shapes() {
+    for (k, &(rows, vocab, pad)) in [
+        (1usize, 1usize, 0usize),
+        (3, 7, 1),
+        (2, 33, 3),
+        (4, 1000, 5),
+        (1, 50257, 0),
+        (3, 4099, 7),
+        (1, 128256, 0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let stride = vocab + pad;
+        let input = Input::new(common::grid_logits(rows * stride, 40 + k as u64));
+        for dtype in Dtype::ALL {
+            for (t, sample) in [(0.0f32, false), (1.0, true), (0.7, true), (1.3, false)] {
+                if vocab > 10_000 && (dtype == Dtype::Bf16 || t == 1.3) {
+                    continue;
+                }
+                let opts = StatsOptions {
+                    temperature: t,
+                    sample,
+                    seed: 11,
+                    step: 3,
+                    ..Default::default()
+                };
+                let l = Logits::new(input.data(dtype), rows, vocab, stride).unwrap();
+                let v1 = speckv::backend::emulate::softmax_stats(&l, &opts, None, 128).unwrap();
+                for sms in [1u32, 13, 132] {
+                    let label = format!("v2 sms {sms}");
+                    let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
+                        speckv::backend::emulate::Emulator::new(32)
+                            .softmax_stats_v2(l, o, a, sms, None)
+                            .map(|r| r.stats)
+                    };
+                    check_case(&run, &input, dtype, rows, vocab, stride, &opts, &label);
+                    let v2 = run(&l, &opts, None).unwrap();
+                    for (a, b) in v1.iter().zip(&v2) {
+                        assert_eq!(
+                            (a.argmax, a.sampled, a.flags),
+                            (b.argmax, b.sampled, b.flags),
+                            "{label} vs v1"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The plan fills an H200 at batch 1 (issue 12's floor: ≥ 2 × 132 blocks for 1 × 128256 f16) and
+/// never gives a block fewer than `MIN_CHUNK_VECS` vectors or more than 256 threads.
+#[test]
+fn v2_plans_fill_the_gpu() {
+    let (lp, p) = speckv::plan::softmax_stats_v2(1, 128_256, Dtype::F16, 132);
+    assert!(p.grid >= 264, "{p:?}");
+    assert_eq!(lp.entry, "softmax_stats_v2_f16");
+    assert_eq!(lp.grid[0], p.grid);
+    for (rows, vocab) in [
+        (1u32, 1u32),
+        (1, 32_000),
+        (64, 128_256),
+        (256, 50_257),
+        (1, 128_256),
+    ] {
+        for dtype in Dtype::ALL {
+            let (_, p) = speckv::plan::softmax_stats_v2(rows, vocab, dtype, 132);
+            let vecs = vocab.div_ceil(16 / dtype.size() as u32);
+            assert!(p.splits * p.chunk_vecs >= vecs, "{p:?} covers the row");
+            assert!(p.splits == 1 || p.chunk_vecs >= speckv_kernels::softmax_stats::MIN_CHUNK_VECS);
+            assert!((32..=256).contains(&p.block) && p.block % 32 == 0);
+            assert_eq!(p.grid, rows * p.splits);
+        }
+    }
+}
+
+/// The γ decision fused into v2's final merge equals the `gamma_mlp` kernel's, bit for bit, and
+/// the accumulators equal v1's.
+#[test]
+fn emulator_v2_fused_decision_equals_gamma_mlp() {
+    use speckv::controller::{Controller, CostModel, PAPER_CANDIDATES};
+    let mlp = speckv::measure::overhead::random_mlp(5);
+    let (rows, vocab, g) = (6usize, 3000usize, 3);
+    let draft = common::normal_logits(rows * g * vocab, 2.5, 77);
+    for cost in [None, Some(CostModel::assumed())] {
+        let c = Controller::new(mlp.clone(), &PAPER_CANDIDATES, cost).unwrap();
+        let w = c.mlp.to_f32();
+        let mut a1 = vec![FeatureAccum::EMPTY; rows];
+        let mut a2 = vec![FeatureAccum::EMPTY; rows];
+        let mut last = None;
+        for j in 0..g {
+            // Position j of every sequence: rows b·g + j of the draft block.
+            let rowsj: Vec<f32> = (0..rows)
+                .flat_map(|b| draft[(b * g + j) * vocab..(b * g + j + 1) * vocab].to_vec())
+                .collect();
+            let l = Logits::dense(LogitsData::F32(&rowsj), vocab).unwrap();
+            let opts = StatsOptions {
+                temperature: 1.0,
+                sample: true,
+                seed: 1,
+                step: j as u64,
+                accumulate: if j == 0 {
+                    Accumulate::Reset
+                } else {
+                    Accumulate::Add
+                },
+            };
+            speckv::backend::emulate::softmax_stats(&l, &opts, Some(&mut a1), 256).unwrap();
+            let d = speckv::backend::emulate::Decision {
+                controller: &c,
+                weights: &w,
+                compression_code: 1.0,
+                fallback: 2,
+            };
+            let r = speckv::backend::emulate::Emulator::new(32)
+                .softmax_stats_v2(&l, &opts, Some(&mut a2), 5, Some(d))
+                .unwrap();
+            last = Some(r);
+        }
+        for (x, y) in a1.iter().zip(&a2) {
+            assert_eq!(x.count, y.count);
+            assert!(common::close(
+                x.entropy_sum as f64,
+                y.entropy_sum as f64,
+                1e-5,
+                1e-6
+            ));
+        }
+        let r = last.unwrap();
+        let (gk, ek, fk) = speckv::backend::emulate::gamma_mlp(&c, &w, &a2, 1.0, 2, 64).unwrap();
+        assert_eq!(r.gammas.as_ref().unwrap(), &gk);
+        assert_eq!(r.gamma_flags.as_ref().unwrap(), &fk);
+        assert_eq!(
+            bytemuck::cast_slice::<f32, u32>(r.expected.as_ref().unwrap()),
+            bytemuck::cast_slice::<f32, u32>(&ek)
+        );
+        assert!(fk.iter().all(|&f| f == 0), "{fk:?}");
     }
 }
 

@@ -355,6 +355,16 @@ macro_rules! per_backend {
                     "emulator",
                 );
             }
+            /// v2 (rows in parallel, scalar walk, split draw) on a 7-SM plan.
+            #[test]
+            fn emulator_v2() {
+                ($body)(
+                    &|v: &VerifyBatch<'_>| {
+                        speckv::backend::emulate::Emulator::new(32).verify_v2(v, 7)
+                    },
+                    "emulator_v2",
+                );
+            }
             #[test]
             fn cpu() {
                 let c = CpuBackend::new();
@@ -426,7 +436,13 @@ per_backend!(
             "{label}: p = q must accept every token: {:?}",
             out.accepted
         );
-        assert!(out.ratios.iter().all(|&r| r == 1.0), "{label}");
+        // Exactly 1 where p and q come from one fused pass (v1, CPU); within rounding of 1 where
+        // q comes from the draft's own log-sum-exp (v2).
+        assert!(
+            out.ratios.iter().all(|&r| (1.0 - r).abs() <= 1e-6),
+            "{label}: {:?}",
+            out.ratios
+        );
         assert_same(&out, &case.reference(&v), label);
     }
 );
@@ -830,6 +846,54 @@ fn emulator_at_gpu_precision_decides_like_the_reference_away_from_thresholds() {
         near * 50 < compared,
         "{near} of {compared} sequences differ"
     );
+}
+
+/// v2 against v1 and the reference on several plans (1 to 132 SMs: one block per row up to many),
+/// awkward vocabularies (rows not 16-byte aligned) and every dtype; device-written γ, tokens and
+/// temperatures flagged as v1 flags them.
+#[test]
+fn emulator_v2_matches_v1_and_the_reference() {
+    for (k, &(batch, gmax, vocab)) in [(6usize, 3usize, 33usize), (5, 4, 1000), (3, 2, 4099)]
+        .iter()
+        .enumerate()
+    {
+        let case = mixed_case(batch, gmax, vocab, 2000 + k as u64);
+        let typed = case.typed();
+        for dtype in Dtype::ALL {
+            for probs in [false, true] {
+                let v = case.batch(&typed, dtype, probs);
+                let want = case.reference(&v);
+                let v1 = speckv::backend::emulate::verify(&v, 64).unwrap();
+                for sms in [1u32, 13, 132] {
+                    let l = format!("v2 sms {sms} vocab {vocab} {dtype:?} probs {probs}");
+                    let got = speckv::backend::emulate::Emulator::new(32)
+                        .verify_v2(&v, sms)
+                        .unwrap();
+                    assert_invariants(&v, &got, &l);
+                    assert_same(&got, &want, &l);
+                    assert_same(&got, &v1, &format!("{l} vs v1"));
+                }
+            }
+        }
+    }
+    let case = mixed_case(3, 2, 10, 9);
+    let typed = case.typed();
+    let good = case.batch(&typed, Dtype::F32, false);
+    let tokens = [0, 1, -3, 1, 4, 5];
+    let v = VerifyBatch {
+        gammas: &[7, 2, 2],
+        draft_tokens: &tokens,
+        target_temperature: &[1.0, 1.0, 1e-39],
+        ..good
+    };
+    let o = speckv::backend::emulate::Emulator::new(32)
+        .verify_v2_unchecked_values(&v, 5)
+        .unwrap();
+    assert_eq!(
+        o.flags,
+        vec![VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, VERIFY_BAD_TEMPERATURE]
+    );
+    assert_eq!(o.emitted_count, vec![0, 0, 0]);
 }
 
 /// A temperature the host never saw (written on the device) is flagged by the kernel itself.

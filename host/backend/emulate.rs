@@ -130,6 +130,218 @@ impl Emulator {
         Ok(out)
     }
 
+    /// `softmax_stats_v2` with the plan for a GPU of `sm_count` SMs (the emulator's grid is the
+    /// GPU's); with `decision`, the γ decision fused into each row's final merge (`STATS_DECIDE`),
+    /// returning (γ, predicted tokens, `GAMMA_*` flags) per row as `gamma_mlp` would.
+    pub fn softmax_stats_v2(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+        sm_count: u32,
+        decision: Option<Decision<'_>>,
+    ) -> Result<StatsV2Output> {
+        opts.validate()?;
+        let (_, plan) = crate::plan::softmax_stats_v2(
+            logits.rows() as u32,
+            logits.vocab() as u32,
+            logits.data().dtype(),
+            sm_count,
+        );
+        self.softmax_stats_v2_planned(logits, opts, accum, &plan, decision)
+    }
+
+    /// `softmax_stats_v2` with an explicit plan (any split count, chunk and block size).
+    pub fn softmax_stats_v2_planned(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+        plan: &speckv_kernels::softmax_stats::PlanV2,
+        decision: Option<Decision<'_>>,
+    ) -> Result<StatsV2Output> {
+        check_block(plan.block)?;
+        check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
+        if decision.is_some()
+            && (opts.accumulate == crate::stats::Accumulate::No || accum.is_none())
+        {
+            return Err(Error::Other(
+                "a fused γ decision needs accumulators (accumulate add or reset)".to_string(),
+            ));
+        }
+        let rows = logits.rows();
+        let splits = plan.splits.max(1) as usize;
+        if plan.grid as usize != rows * splits || plan.chunk_vecs == 0 {
+            return Err(Error::Other(format!(
+                "inconsistent v2 plan {plan:?} for {rows} rows"
+            )));
+        }
+        let initial: Option<Vec<FeatureAccum>> = accum.as_ref().map(|a| a.to_vec());
+        let dtype = logits.data().dtype();
+        let name = format!("softmax_stats_v2_{}", dtype.name());
+        let cost = decision.and_then(|d| d.controller.cost_table());
+        let out = emu::launch_schedules(
+            &name,
+            |seed| {
+                let mut r = StatsV2Output {
+                    stats: vec![RowStats::default(); rows],
+                    accum: initial.clone(),
+                    gammas: decision.map(|_| vec![0i32; rows]),
+                    expected: decision.map(|_| vec![0f32; rows]),
+                    gamma_flags: decision.map(|_| vec![0u32; rows]),
+                };
+                let mut partials = vec![speckv_kernels::params::StatsState::EMPTY; rows * splits];
+                let mut counters = vec![0u32; rows];
+                let accum_ptr = r
+                    .accum
+                    .as_mut()
+                    .map(|a| a.as_mut_ptr())
+                    .unwrap_or(std::ptr::null_mut());
+                let gp = decision.map(|d| {
+                    d.controller.params(
+                        rows,
+                        d.compression_code,
+                        d.fallback,
+                        GammaPtrs {
+                            weights: d.weights,
+                            accum: accum_ptr,
+                            compression: std::ptr::null(),
+                            cost: cost
+                                .as_ref()
+                                .map(|c| c.as_ptr())
+                                .unwrap_or(std::ptr::null()),
+                            gammas_out: r
+                                .gammas
+                                .as_mut()
+                                .map(|g| g.as_mut_ptr())
+                                .unwrap_or(std::ptr::null_mut()),
+                            expected_out: r
+                                .expected
+                                .as_mut()
+                                .map(|g| g.as_mut_ptr())
+                                .unwrap_or(std::ptr::null_mut()),
+                            flags_out: r
+                                .gamma_flags
+                                .as_mut()
+                                .map(|g| g.as_mut_ptr())
+                                .unwrap_or(std::ptr::null_mut()),
+                        },
+                    )
+                });
+                let base = stats_params(
+                    logits,
+                    opts,
+                    logits.data().bytes().as_ptr(),
+                    r.stats.as_mut_ptr(),
+                    accum_ptr,
+                );
+                let params = speckv_kernels::params::SoftmaxStatsV2Params {
+                    logits: base.logits,
+                    out: base.out,
+                    accum: base.accum,
+                    partials: partials.as_mut_ptr(),
+                    counters: counters.as_mut_ptr(),
+                    decision: gp
+                        .as_ref()
+                        .map(|g| g as *const _)
+                        .unwrap_or(std::ptr::null()),
+                    seed: base.seed,
+                    step: base.step,
+                    rows: base.rows,
+                    vocab: base.vocab,
+                    row_stride: base.row_stride,
+                    temperature: base.temperature,
+                    flags: base.flags
+                        | if decision.is_some() {
+                            speckv_kernels::params::STATS_DECIDE
+                        } else {
+                            0
+                        },
+                    splits: plan.splits,
+                    chunk_vecs: plan.chunk_vecs,
+                    temperature_group: 1,
+                    temperatures: std::ptr::null(),
+                };
+                let mut l = Launch::new(name.as_str(), plan.grid, plan.block, plan.shared_bytes)
+                    .input("logits", logits.data().bytes())
+                    .output("out", &mut r.stats)
+                    .output("partials", &mut partials)
+                    .output("counters", &mut counters)
+                    .schedule(seed)
+                    .math(self.math);
+                if let Some(a) = r.accum.as_mut() {
+                    l = l.output("accum", a);
+                }
+                if let (Some(g), Some(d)) = (gp.as_ref(), decision) {
+                    l = l
+                        .input("decision", std::slice::from_ref(g))
+                        .input("weights", std::slice::from_ref(d.weights))
+                        .output("gammas_out", r.gammas.as_mut().unwrap_or(&mut Vec::new()))
+                        .output(
+                            "expected_out",
+                            r.expected.as_mut().unwrap_or(&mut Vec::new()),
+                        )
+                        .output(
+                            "flags_out",
+                            r.gamma_flags.as_mut().unwrap_or(&mut Vec::new()),
+                        );
+                    if let Some(c) = cost.as_ref() {
+                        l = l.input("cost", c);
+                    }
+                }
+                // SAFETY: the registered buffers are the kernel's whole world: the logits cover
+                // every row (`Logits::new`), the outputs, accumulators and scratch have the
+                // shapes the plan needs, the counters start at zero, and the sanitizer checks
+                // every access against them.
+                unsafe {
+                    match logits.data() {
+                        LogitsData::F32(_) => {
+                            emu::launch_checked(&l, || kernel::softmax_stats_v2::<F32>(&params))
+                        }
+                        LogitsData::F16(_) => {
+                            emu::launch_checked(&l, || kernel::softmax_stats_v2::<F16>(&params))
+                        }
+                        LogitsData::Bf16(_) => {
+                            emu::launch_checked(&l, || kernel::softmax_stats_v2::<Bf16>(&params))
+                        }
+                    }
+                }?;
+                if counters.iter().any(|&c| c != 0) {
+                    return Err(emu::EmuError::KernelPanic {
+                        block: 0,
+                        message: format!("arrival counters not reset: {counters:?}"),
+                    });
+                }
+                Ok(r)
+            },
+            |r| {
+                let mut v = bytemuck::cast_slice::<RowStats, u8>(&r.stats).to_vec();
+                if let Some(a) = &r.accum {
+                    v.extend_from_slice(bytemuck::cast_slice(a));
+                }
+                for x in [
+                    &r.gammas,
+                    &r.gamma_flags
+                        .as_ref()
+                        .map(|f| f.iter().map(|&u| u as i32).collect()),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    v.extend_from_slice(bytemuck::cast_slice(x));
+                }
+                if let Some(e) = &r.expected {
+                    v.extend_from_slice(bytemuck::cast_slice(e));
+                }
+                v
+            },
+        )?;
+        if let (Some(dst), Some(src)) = (accum, out.accum.as_ref()) {
+            dst.copy_from_slice(src);
+        }
+        Ok(out)
+    }
+
     /// `verify` on validated input.
     pub fn verify(&self, v: &VerifyBatch<'_>) -> Result<VerifyOutput> {
         v.validate()?;
@@ -208,6 +420,216 @@ impl Emulator {
             verify_fingerprint,
         )
         .map_err(Error::from)
+    }
+
+    /// Verification by the v2 kernels, planned for a GPU of `sm_count` SMs: in logits mode the
+    /// draft rows' statistics first (`softmax_stats_v2` at each sequence's draft temperature, the
+    /// log-sum-exp v2 reads q(x) from), then `verify_v2_rows` and `verify_v2_sample`.
+    pub fn verify_v2(&self, v: &VerifyBatch<'_>, sm_count: u32) -> Result<VerifyOutput> {
+        v.validate()?;
+        self.verify_v2_unchecked_values(v, sm_count)
+    }
+
+    /// [`Emulator::verify_v2`] with only the shapes validated (γ, tokens and temperatures reach
+    /// the kernels as a device could write them).
+    pub fn verify_v2_unchecked_values(
+        &self,
+        v: &VerifyBatch<'_>,
+        sm_count: u32,
+    ) -> Result<VerifyOutput> {
+        v.validate_shapes()?;
+        let dtype = v.target.dtype();
+        let plan = speckv_kernels::verify::plan_v2(
+            v.batch as u32,
+            v.gamma_max as u32,
+            v.vocab as u32,
+            dtype.size(),
+            sm_count,
+        );
+        let name = format!("verify_v2_{}", dtype.name());
+        emu::launch_schedules(
+            &name,
+            |seed| {
+                // The draft rows' statistics (logits mode), as an engine's drafting left them.
+                let draft_stats: Option<Vec<RowStats>> = match v.draft {
+                    DraftDist::Logits { data, temperature } if v.gamma_max > 0 => {
+                        Some(self.draft_row_stats(data, temperature, v, sm_count, seed)?)
+                    }
+                    _ => None,
+                };
+                let mut out = VerifyOutput::new(v.batch, v.gamma_max);
+                let mut ws = vec![0u8; plan.workspace_bytes.max(16)];
+                let (draft, draft_t) = match v.draft {
+                    DraftDist::Logits { data, temperature } => (data.bytes(), Some(temperature)),
+                    DraftDist::Probs(p) => (bytemuck::cast_slice::<f32, u8>(p), None),
+                };
+                let base = v.params(VerifyPtrs {
+                    target: v.target.bytes().as_ptr(),
+                    draft: draft.as_ptr(),
+                    draft_tokens: v.draft_tokens.as_ptr(),
+                    gammas: v.gammas.as_ptr(),
+                    target_temperature: v.target_temperature.as_ptr(),
+                    draft_temperature: draft_t.map(|t| t.as_ptr()).unwrap_or(std::ptr::null()),
+                    accepted: out.accepted.as_mut_ptr(),
+                    emitted: out.emitted.as_mut_ptr(),
+                    emitted_count: out.emitted_count.as_mut_ptr(),
+                    ratios: out.ratios.as_mut_ptr(),
+                    counterfactual: out.counterfactual.as_mut_ptr(),
+                    seq_flags: out.flags.as_mut_ptr(),
+                });
+                let p2 = speckv_kernels::params::VerifyV2Params {
+                    base,
+                    draft_stats: draft_stats
+                        .as_ref()
+                        .map(|d| d.as_ptr())
+                        .unwrap_or(std::ptr::null()),
+                    workspace: ws.as_mut_ptr(),
+                    row_splits: plan.row_splits,
+                    row_chunk_vecs: plan.row_chunk_vecs,
+                    sample_splits: plan.sample_splits,
+                    sample_chunk_vecs: plan.sample_chunk_vecs,
+                };
+                for (phase, grid, block) in [
+                    ("rows", plan.row_grid, plan.row_block),
+                    ("sample", plan.sample_grid, plan.sample_block),
+                ] {
+                    let mut l = Launch::new(
+                        format!("verify_v2_{phase}_{}", dtype.name()),
+                        grid,
+                        block,
+                        plan.shared_bytes,
+                    )
+                    .input("target_logits", v.target.bytes())
+                    .input("draft", draft)
+                    .input("draft_tokens", v.draft_tokens)
+                    .input("gammas", v.gammas)
+                    .input("target_temperature", v.target_temperature)
+                    .output("accepted", &mut out.accepted)
+                    .output("emitted", &mut out.emitted)
+                    .output("emitted_count", &mut out.emitted_count)
+                    .output("ratios", &mut out.ratios)
+                    .output("counterfactual", &mut out.counterfactual)
+                    .output("seq_flags", &mut out.flags)
+                    .output("workspace", &mut ws)
+                    .schedule(seed)
+                    .math(self.math);
+                    if let Some(t) = draft_t {
+                        l = l.input("draft_temperature", t);
+                    }
+                    if let Some(d) = draft_stats.as_ref() {
+                        l = l.input("draft_stats", d);
+                    }
+                    // SAFETY: `validate_shapes` checked every input length against the shapes
+                    // the kernels read, the outputs are sized for them, the workspace for the
+                    // plan (zeroed), and the sanitizer checks every access against these buffers.
+                    unsafe {
+                        match (v.target, phase) {
+                            (LogitsData::F32(_), "rows") => emu::launch_checked(&l, || {
+                                verify_kernel::verify_v2_rows::<F32>(&p2)
+                            }),
+                            (LogitsData::F16(_), "rows") => emu::launch_checked(&l, || {
+                                verify_kernel::verify_v2_rows::<F16>(&p2)
+                            }),
+                            (LogitsData::Bf16(_), "rows") => emu::launch_checked(&l, || {
+                                verify_kernel::verify_v2_rows::<Bf16>(&p2)
+                            }),
+                            (LogitsData::F32(_), _) => emu::launch_checked(&l, || {
+                                verify_kernel::verify_v2_sample::<F32>(&p2)
+                            }),
+                            (LogitsData::F16(_), _) => emu::launch_checked(&l, || {
+                                verify_kernel::verify_v2_sample::<F16>(&p2)
+                            }),
+                            (LogitsData::Bf16(_), _) => emu::launch_checked(&l, || {
+                                verify_kernel::verify_v2_sample::<Bf16>(&p2)
+                            }),
+                        }
+                    }?;
+                }
+                let counters = speckv_kernels::verify::Layout::new(
+                    v.batch as u32,
+                    v.gamma_max as u32,
+                    plan.row_splits,
+                    plan.sample_splits,
+                )
+                .counter_bytes();
+                if ws[..counters].iter().any(|&x| x != 0) {
+                    return Err(emu::EmuError::KernelPanic {
+                        block: 0,
+                        message: "verify v2 left its counters non-zero".to_string(),
+                    });
+                }
+                Ok(out)
+            },
+            verify_fingerprint,
+        )
+        .map_err(Error::from)
+    }
+
+    /// The statistics of every draft row `[batch, γmax]` at its sequence's draft temperature
+    /// (`softmax_stats_v2` with per-row temperatures), for v2 verification's q(x).
+    fn draft_row_stats(
+        &self,
+        data: LogitsData<'_>,
+        temperature: &[f32],
+        v: &VerifyBatch<'_>,
+        sm_count: u32,
+        seed: u64,
+    ) -> std::result::Result<Vec<RowStats>, emu::EmuError> {
+        let rows = v.batch * v.gamma_max;
+        let plan = speckv_kernels::softmax_stats::plan_v2(
+            rows as u32,
+            v.vocab as u32,
+            data.dtype().size(),
+            sm_count,
+        );
+        let mut out = vec![RowStats::default(); rows];
+        let mut partials =
+            vec![speckv_kernels::params::StatsState::EMPTY; rows * plan.splits as usize];
+        let mut counters = vec![0u32; rows];
+        let params = speckv_kernels::params::SoftmaxStatsV2Params {
+            logits: data.bytes().as_ptr(),
+            out: out.as_mut_ptr(),
+            accum: std::ptr::null_mut(),
+            partials: partials.as_mut_ptr(),
+            counters: counters.as_mut_ptr(),
+            decision: std::ptr::null(),
+            seed: 0,
+            step: 0,
+            rows: rows as u32,
+            vocab: v.vocab as u32,
+            row_stride: v.draft_stride as u32,
+            temperature: 1.0,
+            flags: 0,
+            splits: plan.splits,
+            chunk_vecs: plan.chunk_vecs,
+            temperature_group: v.gamma_max as u32,
+            temperatures: temperature.as_ptr(),
+        };
+        let name = format!("softmax_stats_v2_{}", data.dtype().name());
+        let l = Launch::new(name.as_str(), plan.grid, plan.block, plan.shared_bytes)
+            .input("draft_logits", data.bytes())
+            .input("draft_temperature", temperature)
+            .output("out", &mut out)
+            .output("partials", &mut partials)
+            .output("counters", &mut counters)
+            .schedule(seed)
+            .math(self.math);
+        // SAFETY: `validate_shapes` checked the draft rows against `batch × γmax` rows at the draft
+        // stride, one temperature per sequence; the scratch is sized for the plan.
+        unsafe {
+            match data {
+                LogitsData::F32(_) => {
+                    emu::launch_checked(&l, || kernel::softmax_stats_v2::<F32>(&params))
+                }
+                LogitsData::F16(_) => {
+                    emu::launch_checked(&l, || kernel::softmax_stats_v2::<F16>(&params))
+                }
+                LogitsData::Bf16(_) => {
+                    emu::launch_checked(&l, || kernel::softmax_stats_v2::<Bf16>(&params))
+                }
+            }
+        }?;
+        Ok(out)
     }
 
     /// `gamma_mlp`: every sequence's γ for its next step from its accumulator. Returns (γ,
@@ -340,6 +762,26 @@ impl Emulator {
         )
         .map_err(Error::from)
     }
+}
+
+/// The γ decision fused into `softmax_stats_v2` (`STATS_DECIDE`).
+#[derive(Clone, Copy)]
+pub struct Decision<'a> {
+    pub controller: &'a Controller,
+    pub weights: &'a MlpWeights,
+    pub compression_code: f32,
+    pub fallback: i32,
+}
+
+/// What `softmax_stats_v2` produced: the rows' statistics, the accumulators after the launch, and
+/// with a fused decision the γ, predicted tokens and flags per row.
+#[derive(Clone, Debug)]
+pub struct StatsV2Output {
+    pub stats: Vec<RowStats>,
+    pub accum: Option<Vec<FeatureAccum>>,
+    pub gammas: Option<Vec<i32>>,
+    pub expected: Option<Vec<f32>>,
+    pub gamma_flags: Option<Vec<u32>>,
 }
 
 fn verify_fingerprint(o: &VerifyOutput) -> Vec<u8> {

@@ -1,7 +1,8 @@
 //! Launching the kernels on memory and streams another engine owns (the C ABI and the Python
 //! binding's CUDA path): raw driver calls on the caller's `CUcontext` and `CUstream`, the embedded
 //! PTX loaded once per context, parameters passed by value exactly as [`crate::backend::cuda`] passes them.
-//! Nothing is allocated per launch. Not yet run on a GPU (no device was lent while writing it):
+//! Nothing is allocated per launch: the v2 kernels' scratch is one workspace per context, grown only
+//! when a larger shape than any before arrives. Not yet run on a GPU (no device was lent while writing it):
 //! validated by the CPU emulator and ptxas only through the same kernels and launch shapes.
 
 use std::collections::HashMap;
@@ -10,7 +11,9 @@ use std::ffi::{c_void, CStr};
 use cudarc::driver::sys::{
     self, CUcontext, CUdevice_attribute, CUfunction, CUmodule, CUresult, CUstream,
 };
-use speckv_kernels::params::{GammaMlpParams, SoftmaxStatsParams, VerifyParams};
+use speckv_kernels::params::{
+    GammaMlpParams, SoftmaxStatsParams, SoftmaxStatsV2Params, VerifyParams,
+};
 
 use crate::backend::cuda::{driver_present, KernelFn, GAMMA_BLOCK, STATS_BLOCK, VERIFY_BLOCK};
 use crate::error::{Error, Result};
@@ -39,6 +42,10 @@ pub struct ExternalCuda {
     module: CUmodule,
     functions: HashMap<KernelFn, CUfunction>,
     pub arch: Arch,
+    /// Streaming multiprocessors of the context's device (the v2 launch plans).
+    pub sm_count: u32,
+    /// Scratch of the v2 kernels, grown (never per launch) when a larger shape arrives.
+    workspace: std::sync::Mutex<Option<DeviceBuffer>>,
 }
 
 // SAFETY: CUcontext, CUmodule and CUfunction handles may be used from any thread (the driver API
@@ -98,6 +105,8 @@ impl ExternalCuda {
             )?;
             Ok(v)
         };
+        let sm_count =
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
         let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let arch = Arch::for_capability(major, minor)?;
@@ -125,6 +134,8 @@ impl ExternalCuda {
             module,
             functions,
             arch,
+            sm_count,
+            workspace: std::sync::Mutex::new(None),
         })
     }
 
@@ -185,10 +196,95 @@ impl ExternalCuda {
         )
     }
 
+    /// A device scratch area of at least `bytes` bytes, zeroed when it is (re)allocated; the
+    /// kernels that use it leave their counters zero again. Grows only when a launch needs more than
+    /// any before (after synchronising `stream`, so no launch still uses the old area).
+    fn workspace(&self, bytes: usize, stream: *mut c_void) -> Result<u64> {
+        let mut w = self
+            .workspace
+            .lock()
+            .map_err(|_| Error::Other("workspace lock poisoned".to_string()))?;
+        let have = w.as_ref().map(|b| b.bytes).unwrap_or(0);
+        if have < bytes {
+            let _cur = Current::push(self.ctx)?;
+            // SAFETY: waits for the launches that may still use the old area.
+            check(
+                unsafe { sys::cuStreamSynchronize(stream as CUstream) },
+                "cuStreamSynchronize",
+            )?;
+            *w = None;
+            let grow = bytes.max(2 * have).max(4096);
+            let mut ptr: sys::CUdeviceptr = 0;
+            // SAFETY: allocates and zeroes `grow` bytes in the current context.
+            unsafe {
+                check(sys::cuMemAlloc_v2(&mut ptr, grow), "cuMemAlloc")?;
+                let buf = DeviceBuffer {
+                    ctx: self.ctx,
+                    ptr,
+                    bytes: grow,
+                };
+                check(sys::cuMemsetD8_v2(ptr, 0, grow), "cuMemsetD8")?;
+                *w = Some(buf);
+            }
+        }
+        Ok(w.as_ref().map(|b| b.ptr).unwrap_or(0))
+    }
+
+    /// `softmax_stats` v2 (rows split across blocks, planned for this device) on the caller's
+    /// buffers described by v1's parameters; the scratch is this context's workspace.
+    ///
     /// # Safety
     /// Every address in `p` must be a live device buffer of the size the kernel reads or writes
     /// (docs/kernels.md), in this context.
     pub unsafe fn softmax_stats(
+        &self,
+        dtype: Dtype,
+        p: &SoftmaxStatsParams,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let (_, plan) = crate::plan::softmax_stats_v2(p.rows, p.vocab, dtype, self.sm_count);
+        let counters = (p.rows as usize * 4).next_multiple_of(16);
+        let partials = p.rows as usize
+            * plan.splits as usize
+            * std::mem::size_of::<speckv_kernels::params::StatsState>();
+        let ws = self.workspace(counters + partials, stream)?;
+        let p2 = SoftmaxStatsV2Params {
+            logits: p.logits,
+            out: p.out,
+            accum: p.accum,
+            partials: (ws + counters as u64) as *mut speckv_kernels::params::StatsState,
+            counters: ws as *mut u32,
+            decision: std::ptr::null(),
+            seed: p.seed,
+            step: p.step,
+            rows: p.rows,
+            vocab: p.vocab,
+            row_stride: p.row_stride,
+            temperature: p.temperature,
+            flags: p.flags,
+            splits: plan.splits,
+            chunk_vecs: plan.chunk_vecs,
+            temperature_group: 1,
+            temperatures: std::ptr::null(),
+        };
+        // SAFETY: forwarded; the scratch is sized for this plan, its counters zero.
+        unsafe {
+            self.launch(
+                KernelFn::SoftmaxStatsV2(dtype),
+                plan.grid,
+                plan.block,
+                plan.shared_bytes,
+                stream,
+                &p2,
+            )
+        }
+    }
+
+    /// `softmax_stats` v1 (one block per row), kept for comparison.
+    ///
+    /// # Safety
+    /// As [`ExternalCuda::softmax_stats`].
+    pub unsafe fn softmax_stats_v1(
         &self,
         dtype: Dtype,
         p: &SoftmaxStatsParams,
@@ -242,10 +338,12 @@ impl ExternalCuda {
     }
 }
 
-/// Device memory speckv owns in a caller's context (the controller's weights, uploaded once).
+/// Device memory speckv owns in a caller's context (the controller's weights, uploaded once; the
+/// v2 kernels' workspace).
 pub struct DeviceBuffer {
     ctx: CUcontext,
     ptr: sys::CUdeviceptr,
+    bytes: usize,
 }
 
 // SAFETY: a device address and its context handle, usable from any thread.
@@ -276,7 +374,11 @@ impl ExternalCuda {
             unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.len().max(1)) },
             "cuMemAlloc",
         )?;
-        let buf = DeviceBuffer { ctx: self.ctx, ptr };
+        let buf = DeviceBuffer {
+            ctx: self.ctx,
+            ptr,
+            bytes: bytes.len().max(1),
+        };
         // SAFETY: copies `bytes` into the allocation just made, of at least that size.
         check(
             unsafe { sys::cuMemcpyHtoD_v2(ptr, bytes.as_ptr() as *const c_void, bytes.len()) },

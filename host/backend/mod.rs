@@ -108,7 +108,9 @@ impl Backend {
     ) -> Result<Duration> {
         match self {
             Backend::Cpu(c) => time_host(min_time, 3, || c.softmax_stats(logits, opts, None)),
-            Backend::Cuda(c) => time_device(min_time, |n| c.time_softmax_stats(logits, opts, n)),
+            Backend::Cuda(c) => time_device(min_time, |n| {
+                c.time_softmax_stats(logits, opts, n, cuda::StatsVersion::V2)
+            }),
         }
     }
 }

@@ -12,7 +12,9 @@
 use core::mem::offset_of;
 
 use crate::gpu;
-use crate::params::{GammaMlpParams, MlpWeights, GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE};
+use crate::params::{
+    FeatureAccum, GammaMlpParams, MlpWeights, GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE,
+};
 
 /// Where the MLP's weights are read from: a host reference, or device memory (one `ld.global.nc`
 /// per weight, so nothing is copied into the thread's registers or local memory up front).
@@ -54,25 +56,19 @@ impl MlpSource for DeviceMlp {
 #[inline(always)]
 pub fn predict<W: MlpSource>(w: W, x: &[f32; 6]) -> f32 {
     let mut z = [0f32; 6];
-    let mut i = 0;
-    while i < 6 {
+    crate::unroll!(i in 0..6 => {
         z[i] = (x[i] - w.at(MEAN + i)) * w.at(INV_STD + i);
-        i += 1;
-    }
+    });
     let mut y = w.at(B2);
-    let mut j = 0;
-    while j < 16 {
+    crate::unroll!(j in 0..16 => {
         let mut h = w.at(B1 + j);
-        let mut i = 0;
-        while i < 6 {
+        crate::unroll!(i in 0..6 => {
             h += z[i] * w.at(W1 + i * 16 + j);
-            i += 1;
-        }
+        });
         if h > 0.0 {
             y += h * w.at(W2 + j);
         }
-        j += 1;
-    }
+    });
     if !y.is_finite() || !(z[0] + z[1] + z[2] + z[3] + z[4] + z[5]).is_finite() {
         return f32::NAN;
     }
@@ -113,20 +109,14 @@ pub fn decide<W: MlpSource>(
     Some((best.0, best.2))
 }
 
-/// The kernel body.
+/// Decides sequence `b`'s γ from its accumulator `a` and writes `gammas_out[b]` (and, when not
+/// null, `expected_out[b]` and `flags_out[b]`): the kernel's per-thread work, also run by
+/// `softmax_stats_v2`'s final merge with `STATS_DECIDE`.
 ///
 /// # Safety
-/// `p.weights` must point to one `MlpWeights`, `p.accum` and `p.gammas_out` (and, when not null,
-/// `p.compression`, `p.expected_out` and `p.flags_out`) to `batch` elements, `p.cost` (when not
-/// null) to `n_candidates`; `n_candidates` must be 1..=8 with positive candidates and positive
-/// costs.
+/// `p`'s pointers as documented on [`gamma_mlp`], with at least `b + 1` entries.
 #[inline(always)]
-pub unsafe fn gamma_mlp(p: &GammaMlpParams) {
-    let b = gpu::block_idx_x() * gpu::block_dim_x() + gpu::thread_idx_x();
-    if b >= p.batch {
-        return;
-    }
-    let a = gpu::ld(p.accum, b as usize);
+pub unsafe fn decide_into(p: &GammaMlpParams, b: u32, a: &FeatureAccum) {
     let n = if (p.n_candidates as usize) < p.candidates.len() {
         p.n_candidates as usize
     } else {
@@ -155,23 +145,34 @@ pub unsafe fn gamma_mlp(p: &GammaMlpParams) {
         } else {
             gpu::ld_nc(p.compression, b as usize)
         };
-        let mut cost = [0f32; crate::params::MAX_CANDIDATES];
-        if !p.cost.is_null() {
-            for (c, k) in cost.iter_mut().take(n).enumerate() {
-                *k = gpu::ld_nc(p.cost, c);
+        // Every candidate by a constant index (registers, not local memory); the same
+        // arithmetic, in the same order, as `decide`.
+        let w = DeviceMlp(p.weights);
+        let mut best = (p.fallback_gamma, f32::NEG_INFINITY, 0f32);
+        let mut bad = false;
+        crate::unroll!(c in 0..8 => {
+            if c < n {
+                let gi = p.candidates[c];
+                let g = gi as f32;
+                let a = predict(w, &[base[0], base[1], base[2], base[3], code, g]);
+                bad |= a.is_nan();
+                let tokens = a * g + 1.0;
+                let score = if p.cost.is_null() {
+                    tokens
+                } else {
+                    tokens / gpu::ld_nc(p.cost, c)
+                };
+                if score > best.1 {
+                    best = (gi, score, tokens);
+                }
             }
-        }
-        let cost = if p.cost.is_null() {
-            None
+        });
+        let _ = candidates;
+        if bad || best.1 == f32::NEG_INFINITY {
+            flags |= GAMMA_NONFINITE;
         } else {
-            cost.get(..n)
-        };
-        match decide(DeviceMlp(p.weights), base, code, candidates, cost) {
-            Some((c, tokens)) => {
-                gamma = candidates.get(c).copied().unwrap_or(p.fallback_gamma);
-                expected = tokens;
-            }
-            None => flags |= GAMMA_NONFINITE,
+            gamma = best.0;
+            expected = best.2;
         }
     }
     gpu::st(p.gammas_out, b as usize, gamma);
@@ -181,6 +182,22 @@ pub unsafe fn gamma_mlp(p: &GammaMlpParams) {
     if !p.flags_out.is_null() {
         gpu::st(p.flags_out, b as usize, flags);
     }
+}
+
+/// The kernel body: one thread per sequence.
+///
+/// # Safety
+/// `p.weights` must point to one `MlpWeights`, `p.accum` and `p.gammas_out` (and, when not null,
+/// `p.compression`, `p.expected_out` and `p.flags_out`) to `batch` elements, `p.cost` (when not
+/// null) to `n_candidates`; `n_candidates` must be 1..=8 with positive candidates and positive
+/// costs.
+#[inline(always)]
+pub unsafe fn gamma_mlp(p: &GammaMlpParams) {
+    let b = gpu::block_idx_x() * gpu::block_dim_x() + gpu::thread_idx_x();
+    if b >= p.batch {
+        return;
+    }
+    decide_into(p, b, &gpu::ld(p.accum, b as usize));
 }
 
 /// # Safety

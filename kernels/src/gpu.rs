@@ -20,6 +20,31 @@
 //!
 //! Only 1-D launches are used by speckv's kernels, so only the `x` components exist.
 
+/// Repeats `$body` with `$i` bound to the constants 0, 1, …, N − 1 (N = 4, 8 or 16): loops written
+/// this way are unrolled whatever LLVM's heuristics say, so arrays indexed by `$i` stay in registers
+/// instead of local memory.
+#[macro_export]
+macro_rules! unroll {
+    ($i:ident in 0..4 => $body:block) => {
+        $crate::unroll!(@ $i [0 1 2 3] $body)
+    };
+    ($i:ident in 0..6 => $body:block) => {
+        $crate::unroll!(@ $i [0 1 2 3 4 5] $body)
+    };
+    ($i:ident in 0..8 => $body:block) => {
+        $crate::unroll!(@ $i [0 1 2 3 4 5 6 7] $body)
+    };
+    ($i:ident in 0..16 => $body:block) => {
+        $crate::unroll!(@ $i [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] $body)
+    };
+    (@ $i:ident [$($n:literal)*] $body:block) => {
+        $({
+            let $i: usize = $n;
+            $body
+        })*
+    };
+}
+
 /// Threads per warp, on every NVIDIA GPU speckv targets.
 pub const WARP_SIZE: u32 = 32;
 

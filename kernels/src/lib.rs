@@ -34,6 +34,7 @@ pub mod gpu;
 pub mod params;
 pub mod philox;
 pub mod reduce;
+pub mod rows;
 pub mod softmax_stats;
 pub mod verify;
 

@@ -47,6 +47,58 @@ pub const STATS_ACCUMULATE: u32 = 2;
 /// With `STATS_ACCUMULATE`: start `accum[row]` afresh with this row (first draft of a step).
 pub const STATS_ACCUM_RESET: u32 = 4;
 
+/// `softmax_stats_v2` with `STATS_ACCUMULATE`: after accumulating the row, decide its sequence's
+/// next γ with the 16-unit MLP (`SoftmaxStatsV2Params::decision`), in the same launch.
+pub const STATS_DECIDE: u32 = 8;
+
+/// Parameters of the `softmax_stats_v2_{f32,f16,bf16}` kernels, passed by value.
+///
+/// Each row is split across `splits` blocks (grid `rows × splits`, block b = row `b / splits`,
+/// split `b % splits`); every block reads `chunk_vecs` 16-byte vectors of its row, keeps its partial
+/// state in `partials`, and the last block of a row to arrive (an atomic counter per row) merges
+/// the row's partials in split order — so the result does not depend on which block came last —
+/// writes the row's statistics, updates its accumulator and, with `STATS_DECIDE`, decides γ.
+/// `speckv_kernels::softmax_stats::plan_v2` computes `splits`, `chunk_vecs` and the block size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SoftmaxStatsV2Params {
+    /// As in [`SoftmaxStatsParams`]: element-aligned; rows need not be 16-byte aligned (a row's
+    /// unaligned head and tail are read element by element).
+    pub logits: *const u8,
+    pub out: *mut RowStats,
+    pub accum: *mut FeatureAccum,
+    /// Scratch: `rows × splits` partial states.
+    pub partials: *mut StatsState,
+    /// Scratch: `rows` arrival counters, zero before the first launch; every launch leaves them
+    /// zero again.
+    pub counters: *mut u32,
+    /// The γ decision's parameters in device memory (their `accum` and `batch` are ignored: the
+    /// launch's accumulators and rows are used); null unless `STATS_DECIDE`.
+    pub decision: *const GammaMlpParams,
+    pub seed: u64,
+    pub step: u64,
+    pub rows: u32,
+    pub vocab: u32,
+    pub row_stride: u32,
+    pub temperature: f32,
+    /// `STATS_*` bits.
+    pub flags: u32,
+    /// Blocks per row (≥ 1).
+    pub splits: u32,
+    /// 16-byte vectors of a row's aligned body per block.
+    pub chunk_vecs: u32,
+    /// Rows per entry of `temperatures`: row r uses `temperatures[r / temperature_group]`
+    /// (e.g. γmax when the rows are a batch's drafted positions); ignored when `temperatures` is
+    /// null.
+    pub temperature_group: u32,
+    /// Per-row-group temperatures in device memory, or null: `temperature` for every row.
+    pub temperatures: *const f32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for SoftmaxStatsV2Params {}
+unsafe impl Sync for SoftmaxStatsV2Params {}
+
 /// The row held a NaN or +inf logit; its statistics are NaN and its tokens −1.
 pub const ROW_NONFINITE: u32 = 1;
 /// Every logit of the row was −inf (everything masked); statistics NaN, tokens −1.
@@ -157,9 +209,14 @@ impl Default for FeatureAccum {
 }
 
 /// The per-thread (and per-warp, per-block) partial state of `softmax_stats`'s online recurrence.
-/// It lives in dynamic shared memory between the warp and block reductions.
+/// It lives in dynamic shared memory between the warp and block reductions, and (v2) in the
+/// `partials` scratch between a row's blocks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(
+    not(target_arch = "nvptx64"),
+    derive(bytemuck::Pod, bytemuck::Zeroable)
+)]
 pub struct StatsState {
     /// Largest raw logit seen, −inf when none.
     pub max: f32,
@@ -388,3 +445,40 @@ const _: () = assert!(core::mem::size_of::<VerifyParams>() == 136);
 const _: () = assert!(core::mem::size_of::<MlpWeights>() == 576);
 const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 104);
 const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);
+const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 104);
+
+/// Parameters of the v2 verification kernels `verify_v2_rows_{f32,f16,bf16}` and
+/// `verify_v2_sample_{f32,f16,bf16}`, passed by value to both (launched one after the other on the
+/// same stream, same parameters).
+///
+/// `verify_v2_rows` (grid `batch × (γmax + 1) × row_splits`) reduces every target row a sequence
+/// may need to (max, Σ, argmax) with rows split across blocks; the last block of a sequence to
+/// finish runs the acceptance walk for it (one thread: q(x) is one load, from draft probabilities
+/// or from the draft's log-sum-exp in `draft_stats`). `verify_v2_sample` (grid
+/// `batch × sample_splits`) then draws the emitted token of every sequence that needs one — the
+/// residual at its first rejection or the bonus token — in one split pass over that one row.
+/// `speckv_kernels::verify::plan_v2` and `workspace_bytes` size the launches and the workspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyV2Params {
+    /// Shapes, inputs and outputs as for v1 (`draft` holds logits or, with `VERIFY_DRAFT_PROBS`,
+    /// probabilities).
+    pub base: VerifyParams,
+    /// Logits mode with a positive draft temperature: the statistics of every draft row `[batch,
+    /// γmax]` at the draft temperature, as `softmax_stats` wrote them (their `lse` gives q(x)); null
+    /// otherwise.
+    pub draft_stats: *const RowStats,
+    /// Scratch of `workspace_bytes(batch, γmax, row_splits, sample_splits)` bytes, zero before
+    /// the first launch; every launch pair leaves it ready for the next.
+    pub workspace: *mut u8,
+    pub row_splits: u32,
+    pub row_chunk_vecs: u32,
+    pub sample_splits: u32,
+    pub sample_chunk_vecs: u32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for VerifyV2Params {}
+unsafe impl Sync for VerifyV2Params {}
+
+const _: () = assert!(core::mem::size_of::<VerifyV2Params>() == 168);

@@ -19,8 +19,9 @@
 
 use crate::gpu;
 use crate::params::{
-    FeatureAccum, RowStats, SoftmaxStatsParams, StatsState, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE,
-    ROW_NONFINITE, STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_SAMPLE,
+    FeatureAccum, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, StatsState, ROW_ALL_MASKED,
+    ROW_BAD_TEMPERATURE, ROW_NONFINITE, STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_DECIDE,
+    STATS_SAMPLE,
 };
 use crate::philox;
 use crate::reduce::{block_all_reduce, Reduce};
@@ -33,6 +34,8 @@ pub trait Logit {
     /// # Safety
     /// `base` plus `index` elements must be readable.
     unsafe fn load(base: *const u8, index: u64) -> f32;
+    /// A 16-bit element's bits as f32 (f16 and bf16; unused for f32).
+    fn half(bits: u16) -> f32;
 }
 
 pub struct F32;
@@ -46,6 +49,10 @@ impl Logit for F32 {
     unsafe fn load(base: *const u8, index: u64) -> f32 {
         gpu::ld_nc(base as *const f32, index as usize)
     }
+    #[inline(always)]
+    fn half(_: u16) -> f32 {
+        0.0
+    }
 }
 impl Logit for F16 {
     const SIZE: usize = 2;
@@ -53,12 +60,20 @@ impl Logit for F16 {
     unsafe fn load(base: *const u8, index: u64) -> f32 {
         gpu::f16_to_f32(gpu::ld_nc(base as *const u16, index as usize))
     }
+    #[inline(always)]
+    fn half(bits: u16) -> f32 {
+        gpu::f16_to_f32(bits)
+    }
 }
 impl Logit for Bf16 {
     const SIZE: usize = 2;
     #[inline(always)]
     unsafe fn load(base: *const u8, index: u64) -> f32 {
         gpu::bf16_to_f32(gpu::ld_nc(base as *const u16, index as usize))
+    }
+    #[inline(always)]
+    fn half(bits: u16) -> f32 {
+        gpu::bf16_to_f32(bits)
     }
 }
 
@@ -313,4 +328,340 @@ pub unsafe extern "ptx-kernel" fn softmax_stats_f16(p: SoftmaxStatsParams) {
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn softmax_stats_bf16(p: SoftmaxStatsParams) {
     softmax_stats::<Bf16>(&p)
+}
+
+// =============================================================================================
+// v2: rows split across blocks, 16-byte loads, one Philox block per four elements, the γ
+// decision fused into the final merge.
+//
+// A row is cut into a scalar head (elements before the first 16-byte-aligned address, at most 7),
+// a body of 16-byte vectors, and a scalar tail. Block `s` of a row reads vectors
+// `[s·chunk_vecs, (s+1)·chunk_vecs)` of the body (split 0 also the head, the last split the tail),
+// `UNROLL` vectors per thread in flight. Per vector: its max first (one rescale per vector at most),
+// then Σ e^{z−m} and Σ e^{z−m}(z−m) with one `ex2` per element. Sampling keys z + g are formed only
+// where they can win: a Gumbel variate of 23-bit uniforms is below `GUMBEL_BOUND`, so an element
+// with z + GUMBEL_BOUND ≤ the thread's best key is skipped, exactly (no key it could form wins);
+// the Philox block of four elements is drawn once, when one of them needs it. The tokens are the
+// v1 kernel's and the CPU backend's, bit for bit.
+
+pub use crate::rows::{lanes, UNROLL};
+
+/// Largest Gumbel variate −ln(−ln u) for u = `uniform_open(bits)` ≤ 1 − 2^-24: −ln(2^-24 − …) <
+/// 16.64; the bound keeps a margin for `ln_det`'s rounding.
+pub const GUMBEL_BOUND: f32 = 16.7;
+
+/// How many blocks a v2 launch should have at least: two per SM, so batch 1 fills the GPU.
+pub const CTAS_PER_SM: u32 = 2;
+
+/// Fewest vectors a block is given (more blocks would only add merging).
+pub const MIN_CHUNK_VECS: u32 = 16;
+
+/// A v2 launch: `splits` blocks per row of `block` threads, `chunk_vecs` vectors each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanV2 {
+    pub splits: u32,
+    pub chunk_vecs: u32,
+    pub block: u32,
+    pub grid: u32,
+    pub shared_bytes: usize,
+}
+
+/// The launch of `softmax_stats_v2` for `rows` rows of `vocab` elements of `elem_bytes` bytes on a
+/// GPU with `sm_count` SMs: at least `CTAS_PER_SM × sm_count` blocks when the rows allow it, each
+/// with at least `MIN_CHUNK_VECS` vectors, and a block size that keeps `UNROLL` vectors per thread
+/// busy (32 to 256 threads). Host-side planning: not compiled into the PTX.
+#[cfg(not(target_arch = "nvptx64"))]
+pub const fn plan_v2(rows: u32, vocab: u32, elem_bytes: usize, sm_count: u32) -> PlanV2 {
+    let w = lanes(elem_bytes);
+    let vecs = vocab.div_ceil(w); // an upper bound of any row's body
+    let want = (CTAS_PER_SM * if sm_count == 0 { 1 } else { sm_count }).div_ceil(if rows == 0 {
+        1
+    } else {
+        rows
+    });
+    let most = {
+        let m = vecs.div_ceil(MIN_CHUNK_VECS);
+        if m == 0 {
+            1
+        } else {
+            m
+        }
+    };
+    let splits = if want < most { want } else { most };
+    let splits = if splits == 0 { 1 } else { splits };
+    let chunk_vecs = vecs.div_ceil(splits);
+    // One warp per 32 × UNROLL vectors of the chunk, 1 to 8 warps.
+    let warps = chunk_vecs.div_ceil(32 * UNROLL as u32);
+    let warps = if warps < 1 {
+        1
+    } else if warps > 8 {
+        8
+    } else {
+        warps
+    };
+    let block = warps * 32;
+    PlanV2 {
+        splits,
+        chunk_vecs: if chunk_vecs == 0 { 1 } else { chunk_vecs },
+        block,
+        grid: rows * splits,
+        shared_bytes: shared_bytes_v2(block),
+    }
+}
+
+/// Dynamic shared memory of a v2 launch: the block reduction plus one word for the broadcast of
+/// "this block merges the row".
+pub const fn shared_bytes_v2(block: u32) -> usize {
+    shared_bytes(block) + 16
+}
+
+/// A thread's v2 state: the statistics and the sampling race, plus the cached Philox block.
+struct Thread {
+    st: StatsState,
+    inv_t: f32,
+    sample: bool,
+    key: [u32; 2],
+    row: u32,
+    step: u64,
+    cached_group: u32,
+    cached: [u32; 4],
+}
+
+impl crate::rows::Visit for Thread {
+    #[inline(always)]
+    fn scalar(&mut self, x: f32, i: u32) {
+        Thread::scalar(self, x, i)
+    }
+    #[inline(always)]
+    fn vector(&mut self, x: &[f32; 8], n: usize, i0: u32) {
+        Thread::vector(self, x, n, i0)
+    }
+}
+
+impl Thread {
+    /// One scalar element (head or tail), as v1 takes it.
+    #[inline(always)]
+    fn scalar(&mut self, x: f32, i: u32) {
+        let key = if self.sample {
+            self.key_of(x, i)
+        } else {
+            f32::NEG_INFINITY
+        };
+        self.st.push(x, i, self.inv_t, key);
+    }
+
+    /// The sampling key of element `i`, or −inf where it cannot beat the thread's best.
+    #[inline(always)]
+    fn key_of(&mut self, x: f32, i: u32) -> f32 {
+        if x == f32::NEG_INFINITY {
+            return f32::NEG_INFINITY;
+        }
+        let z = x * self.inv_t;
+        // Cannot win (or z is not finite, which `push` flags): no key formed.
+        let can_win = z + GUMBEL_BOUND > self.st.key;
+        if !can_win {
+            return f32::NEG_INFINITY;
+        }
+        let group = i / 4;
+        if group != self.cached_group {
+            self.cached = philox::philox4x32_10(philox::counter(i, self.row, self.step), self.key);
+            self.cached_group = group;
+        }
+        z + philox::gumbel(philox::uniform_open(philox::word(self.cached, i)))
+    }
+
+    /// One vector of `n` elements starting at element `i0`.
+    #[inline(always)]
+    fn vector(&mut self, x: &[f32; 8], n: usize, i0: u32) {
+        let inv_t = self.inv_t;
+        // Validity and the vector's max (first occurrence).
+        let mut bad = false;
+        let mut vmax = f32::NEG_INFINITY;
+        let mut vk = 0u32;
+        crate::unroll!(k in 0..8 => {
+            if k < n {
+                let xk = x[k];
+                bad |= xk != f32::NEG_INFINITY && !(xk * inv_t).is_finite();
+                if xk > vmax {
+                    vmax = xk;
+                    vk = k as u32;
+                }
+            }
+        });
+        if bad {
+            self.st.flags |= ROW_NONFINITE;
+            return;
+        }
+        if vmax != f32::NEG_INFINITY {
+            let st = &mut self.st;
+            if vmax > st.max {
+                if st.sum > 0.0 {
+                    let d = st.max * inv_t - vmax * inv_t;
+                    let c = gpu::exp_approx(d);
+                    st.u = c * (st.u + d * st.sum);
+                    st.sum *= c;
+                }
+                st.max = vmax;
+                st.argmax = i0 + vk;
+            }
+            let mz = st.max * inv_t;
+            let (mut s, mut u) = (0f32, 0f32);
+            crate::unroll!(k in 0..8 => {
+                if k < n {
+                    let live = x[k] != f32::NEG_INFINITY;
+                    let d = if live { x[k] * inv_t - mz } else { 0.0 };
+                    let e = if live { gpu::exp_approx(d) } else { 0.0 };
+                    s += e;
+                    u += e * d;
+                }
+            });
+            st.sum += s;
+            st.u += u;
+        }
+        if self.sample {
+            crate::unroll!(k in 0..8 => {
+                if k < n {
+                    let i = i0 + k as u32;
+                    let key = self.key_of(x[k], i);
+                    if key > self.st.key {
+                        self.st.key = key;
+                        self.st.key_idx = i;
+                        self.st.key_z = x[k] * inv_t;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The v2 kernel body.
+///
+/// # Safety
+/// `p.logits` must hold `rows` rows at `row_stride` elements apart with `vocab` readable elements
+/// each, element-aligned; `p.out` `rows` results; `p.accum` (when accumulating) `rows`
+/// accumulators; `p.partials` `rows × splits` states and `p.counters` `rows` words, zero at the
+/// first launch and not shared with a concurrent launch; `p.decision` (with `STATS_DECIDE`) a
+/// `GammaMlpParams` whose buffers have `rows` entries. Launch `grid.x = rows × splits`, `block.x` a
+/// multiple of 32 (≤ 1024) and [`shared_bytes_v2`]`(block.x)` bytes of dynamic shared memory.
+#[inline(always)]
+pub unsafe fn softmax_stats_v2<L: Logit>(p: &SoftmaxStatsV2Params) {
+    // A `NonZeroU32` divisor: no division-by-zero panic path reaches the PTX.
+    let nz = core::num::NonZeroU32::new(p.splits).unwrap_or(core::num::NonZeroU32::MIN);
+    let splits = nz.get();
+    let b = gpu::block_idx_x();
+    let row = b / nz;
+    let split = b % nz;
+    if row >= p.rows {
+        return;
+    }
+    let tid = gpu::thread_idx_x();
+    let block = gpu::block_dim_x();
+    let t = if p.temperatures.is_null() {
+        p.temperature
+    } else {
+        let g =
+            core::num::NonZeroU32::new(p.temperature_group).unwrap_or(core::num::NonZeroU32::MIN);
+        gpu::ld_nc(p.temperatures, (row / g) as usize)
+    };
+    let bad_temperature = !valid_temperature(t);
+    let greedy = t == 0.0 || bad_temperature;
+    let inv_t = if greedy { 1.0 } else { 1.0 / t };
+    let sample = !greedy && (p.flags & STATS_SAMPLE) != 0;
+
+    let base = p
+        .logits
+        .wrapping_add((row as usize) * (p.row_stride as usize) * L::SIZE);
+    let mut th = Thread {
+        st: StatsState::EMPTY,
+        inv_t,
+        sample,
+        key: philox::key(p.seed),
+        row,
+        step: p.step,
+        cached_group: u32::MAX,
+        cached: [0; 4],
+    };
+    crate::rows::for_chunk::<L, Thread>(base, p.vocab, split, splits, p.chunk_vecs, &mut th);
+
+    let reduce_shared = gpu::dynamic_shared::<StatsState>();
+    let s = block_all_reduce(th.st, inv_t, reduce_shared);
+    if splits == 1 {
+        if tid == 0 {
+            finish_row(p, row, &s, inv_t, greedy, sample, bad_temperature);
+        }
+        return;
+    }
+    // Publish this block's partial; the last block of the row to arrive merges them all.
+    let flag = (reduce_shared as *mut u8).wrapping_add(shared_bytes(block)) as *mut u32;
+    if !crate::rows::arrive_last(
+        p.partials,
+        (row * splits + split) as usize,
+        s,
+        p.counters.wrapping_add(row as usize),
+        splits,
+        flag,
+    ) {
+        return;
+    }
+    // Every thread merges a strided subset in split order, then the fixed-order block reduction:
+    // the same result whichever block arrived last.
+    let mut m = StatsState::EMPTY;
+    let mut k = tid;
+    while k < splits {
+        m.merge(&gpu::ld(p.partials, (row * splits + k) as usize), inv_t);
+        k += block;
+    }
+    let s = block_all_reduce(m, inv_t, reduce_shared);
+    if tid == 0 {
+        // Ready for the next launch.
+        gpu::st(p.counters, row as usize, 0);
+        finish_row(p, row, &s, inv_t, greedy, sample, bad_temperature);
+    }
+}
+
+/// The row's statistics, its accumulator and (with `STATS_DECIDE`) its sequence's next γ.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn finish_row(
+    p: &SoftmaxStatsV2Params,
+    row: u32,
+    s: &StatsState,
+    inv_t: f32,
+    greedy: bool,
+    sample: bool,
+    bad_temperature: bool,
+) {
+    let r = s.finish(inv_t, greedy, sample, bad_temperature);
+    gpu::st(p.out, row as usize, r);
+    if p.flags & STATS_ACCUMULATE != 0 && !p.accum.is_null() {
+        let mut a = if p.flags & STATS_ACCUM_RESET != 0 {
+            FeatureAccum::EMPTY
+        } else {
+            gpu::ld(p.accum, row as usize)
+        };
+        a.push(r.entropy, r.confidence, r.flags);
+        gpu::st(p.accum, row as usize, a);
+        if p.flags & STATS_DECIDE != 0 && !p.decision.is_null() {
+            let d = gpu::ld(p.decision, 0);
+            crate::gamma_mlp::decide_into(&d, row, &a);
+        }
+    }
+}
+
+macro_rules! entries_v2 {
+    ($($name:ident: $ty:ty;)*) => {$(
+        /// # Safety
+        /// See [`softmax_stats_v2`].
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: SoftmaxStatsV2Params) {
+            softmax_stats_v2::<$ty>(&p)
+        }
+    )*};
+}
+
+entries_v2! {
+    softmax_stats_v2_f32: F32;
+    softmax_stats_v2_f16: F16;
+    softmax_stats_v2_bf16: Bf16;
 }

@@ -12,9 +12,10 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use speckv_kernels::params::{
-    FeatureAccum, GammaMlpParams, GemvParams, RowStats, SoftmaxStatsParams, VerifyParams,
+    FeatureAccum, GammaMlpParams, GemvParams, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params,
+    StatsState, VerifyParams,
 };
-use speckv_kernels::softmax_stats as kernel;
+use speckv_kernels::softmax_stats::{self as kernel, PlanV2};
 
 use crate::error::{Error, Result};
 use crate::ptx::Arch;
@@ -32,6 +33,7 @@ pub use gemv::{DeviceMatrix, GEMV_BLOCK};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelFn {
     SoftmaxStats(Dtype),
+    SoftmaxStatsV2(Dtype),
     Verify(Dtype),
     GammaMlp,
     /// Weight format and M tile (1, 2, 4, 8, 16).
@@ -39,7 +41,10 @@ pub enum KernelFn {
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 22] = [
+    pub const ALL: [KernelFn; 25] = [
+        KernelFn::SoftmaxStatsV2(Dtype::F32),
+        KernelFn::SoftmaxStatsV2(Dtype::F16),
+        KernelFn::SoftmaxStatsV2(Dtype::Bf16),
         KernelFn::GammaMlp,
         KernelFn::Gemv(Format::Fp16, 1),
         KernelFn::Gemv(Format::Fp16, 2),
@@ -70,6 +75,9 @@ impl KernelFn {
             KernelFn::SoftmaxStats(Dtype::F32) => "softmax_stats_f32",
             KernelFn::SoftmaxStats(Dtype::F16) => "softmax_stats_f16",
             KernelFn::SoftmaxStats(Dtype::Bf16) => "softmax_stats_bf16",
+            KernelFn::SoftmaxStatsV2(Dtype::F32) => "softmax_stats_v2_f32",
+            KernelFn::SoftmaxStatsV2(Dtype::F16) => "softmax_stats_v2_f16",
+            KernelFn::SoftmaxStatsV2(Dtype::Bf16) => "softmax_stats_v2_bf16",
             KernelFn::Verify(Dtype::F32) => "verify_f32",
             KernelFn::Verify(Dtype::F16) => "verify_f16",
             KernelFn::Verify(Dtype::Bf16) => "verify_bf16",
@@ -102,6 +110,8 @@ struct ByValue<T>(T);
 // integers, no padding-sensitive invariants) whose layout the PTX entry declares as one
 // `.param .align 8 .b8 [size]` aggregate; the driver copies its bytes.
 unsafe impl DeviceRepr for ByValue<SoftmaxStatsParams> {}
+// SAFETY: as above, for the v2 statistics kernel's parameters.
+unsafe impl DeviceRepr for ByValue<SoftmaxStatsV2Params> {}
 // SAFETY: as above, for the verification kernel's parameters.
 unsafe impl DeviceRepr for ByValue<VerifyParams> {}
 // SAFETY: as above, for the γ decision kernel's parameters.
@@ -113,6 +123,72 @@ unsafe impl DeviceRepr for ByValue<GemvParams> {}
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the driver library.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Which version of a kernel to launch (v1 stays callable for comparison).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatsVersion {
+    V1,
+    V2,
+}
+
+/// The scratch of one `softmax_stats_v2` launch: partial states and arrival counters (zeroed).
+struct StatsScratch {
+    partials: cudarc::driver::CudaSlice<u8>,
+    counters: cudarc::driver::CudaSlice<u32>,
+}
+
+impl StatsScratch {
+    fn new(cuda: &CudaBackend, rows: usize, plan: &PlanV2) -> Result<StatsScratch> {
+        Ok(StatsScratch {
+            partials: cuda.stream.alloc_zeros::<u8>(
+                rows * plan.splits as usize * std::mem::size_of::<StatsState>(),
+            )?,
+            counters: cuda.stream.alloc_zeros::<u32>(rows.max(1))?,
+        })
+    }
+
+    /// v2 parameters from v1's, pointing at this scratch.
+    fn params(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        p: SoftmaxStatsParams,
+        plan: &PlanV2,
+    ) -> SoftmaxStatsV2Params {
+        let (pp, _g1) = self.partials.device_ptr_mut(stream);
+        let (cp, _g2) = self.counters.device_ptr_mut(stream);
+        SoftmaxStatsV2Params {
+            logits: p.logits,
+            out: p.out,
+            accum: p.accum,
+            partials: pp as *mut StatsState,
+            counters: cp as *mut u32,
+            decision: std::ptr::null(),
+            seed: p.seed,
+            step: p.step,
+            rows: p.rows,
+            vocab: p.vocab,
+            row_stride: p.row_stride,
+            temperature: p.temperature,
+            flags: p.flags,
+            splits: plan.splits,
+            chunk_vecs: plan.chunk_vecs,
+            temperature_group: 1,
+            temperatures: std::ptr::null(),
+        }
+    }
+
+    /// Every launch must leave the counters zero (the next one relies on it).
+    fn check_counters(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let c = stream.clone_dtoh(&self.counters)?;
+        if c.iter().any(|&x| x != 0) {
+            return Err(Error::Other(format!(
+                "softmax_stats_v2 left its arrival counters non-zero: {c:?}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Block size used for `softmax_stats` launches.
@@ -128,6 +204,7 @@ pub struct CudaBackend {
     functions: HashMap<KernelFn, CudaFunction>,
     arch: Arch,
     name: String,
+    sm_count: u32,
 }
 
 impl CudaBackend {
@@ -170,6 +247,11 @@ impl CudaBackend {
             functions.insert(f, func);
         }
         let name = ctx.name()?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )?
+            .max(1) as u32;
         let stream = ctx.default_stream();
         Ok(CudaBackend {
             ctx,
@@ -178,6 +260,7 @@ impl CudaBackend {
             functions,
             arch,
             name,
+            sm_count,
         })
     }
 
@@ -187,6 +270,11 @@ impl CudaBackend {
 
     pub fn arch(&self) -> Arch {
         self.arch
+    }
+
+    /// Streaming multiprocessors of the device (what the v2 launch plans are made for).
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -236,12 +324,57 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Statistics of host logits (uploads, launches, downloads).
+    /// Launches `softmax_stats_v2` on device buffers with the plan for this device.
+    ///
+    /// # Safety
+    /// `params` must describe live device buffers of the sizes the kernel reads and writes, its
+    /// scratch sized for `plan` (counters zero).
+    unsafe fn launch_stats_v2(
+        &self,
+        dtype: Dtype,
+        params: SoftmaxStatsV2Params,
+        plan: &PlanV2,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (plan.grid, 1, 1),
+            block_dim: (plan.block, 1, 1),
+            shared_mem_bytes: plan.shared_bytes as u32,
+        };
+        let arg = ByValue(params);
+        let func = self.function(KernelFn::SoftmaxStatsV2(dtype));
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&arg);
+        // SAFETY: forwarded from this function's contract; the launch shape is the plan's.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Statistics of host logits by the v2 kernel (uploads, launches, downloads).
     pub fn softmax_stats(
         &self,
         logits: &Logits<'_>,
         opts: &StatsOptions,
         accum: Option<&mut [FeatureAccum]>,
+    ) -> Result<Vec<RowStats>> {
+        self.softmax_stats_version(logits, opts, accum, StatsVersion::V2)
+    }
+
+    /// Statistics of host logits by the v1 kernel (one block per row), kept for comparison.
+    pub fn softmax_stats_v1(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+    ) -> Result<Vec<RowStats>> {
+        self.softmax_stats_version(logits, opts, accum, StatsVersion::V1)
+    }
+
+    fn softmax_stats_version(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+        version: StatsVersion,
     ) -> Result<Vec<RowStats>> {
         opts.validate()?;
         check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
@@ -257,6 +390,13 @@ impl CudaBackend {
             ),
             None => None,
         };
+        let (_, plan) = crate::plan::softmax_stats_v2(
+            rows as u32,
+            logits.vocab() as u32,
+            logits.dtype(),
+            self.sm_count,
+        );
+        let mut scratch = StatsScratch::new(self, rows, &plan)?;
         {
             let (lp, _g1) = d_logits.device_ptr(&self.stream);
             let (op, _g2) = d_out.device_ptr_mut(&self.stream);
@@ -274,15 +414,23 @@ impl CudaBackend {
                 op as *mut RowStats,
                 ap as *mut FeatureAccum,
             );
-            // SAFETY: the buffers were sized from the validated shapes just above and live
-            // until after the synchronising downloads below.
-            unsafe { self.launch_stats(logits.dtype(), params) }?;
+            match version {
+                // SAFETY: the buffers were sized from the validated shapes just above and live
+                // until after the synchronising downloads below.
+                StatsVersion::V1 => unsafe { self.launch_stats(logits.dtype(), params) }?,
+                StatsVersion::V2 => {
+                    let p2 = scratch.params(&self.stream, params, &plan);
+                    // SAFETY: as above; the scratch was allocated for this plan, counters zeroed.
+                    unsafe { self.launch_stats_v2(logits.dtype(), p2, &plan) }?
+                }
+            }
         }
         let out_bytes = self.stream.clone_dtoh(&d_out)?;
         if let (Some(a), Some(d)) = (accum, d_accum.as_ref()) {
             let bytes = self.stream.clone_dtoh(d)?;
             a.copy_from_slice(bytemuck::cast_slice(&bytes));
         }
+        scratch.check_counters(&self.stream)?;
         Ok(bytemuck::pod_collect_to_vec(&out_bytes))
     }
 
@@ -293,6 +441,7 @@ impl CudaBackend {
         logits: &Logits<'_>,
         opts: &StatsOptions,
         iters: u32,
+        version: StatsVersion,
     ) -> Result<Duration> {
         opts.validate()?;
         let rows = logits.rows();
@@ -311,9 +460,20 @@ impl CudaBackend {
             op as *mut RowStats,
             std::ptr::null_mut(),
         );
+        let (_, plan) = crate::plan::softmax_stats_v2(
+            rows as u32,
+            logits.vocab() as u32,
+            logits.dtype(),
+            self.sm_count,
+        );
+        let mut scratch = StatsScratch::new(self, rows, &plan)?;
+        let p2 = scratch.params(&self.stream, params, &plan);
         // SAFETY: as in `softmax_stats`; the buffers live to the end of this function.
         self.time_events(iters, || unsafe {
-            self.launch_stats(logits.dtype(), params)
+            match version {
+                StatsVersion::V1 => self.launch_stats(logits.dtype(), params),
+                StatsVersion::V2 => self.launch_stats_v2(logits.dtype(), p2, &plan),
+            }
         })
     }
 

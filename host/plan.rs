@@ -1,0 +1,71 @@
+//! Launch plans: the entry point, grid, block and dynamic shared memory of a kernel launch for a
+//! shape, computed in one place. The CUDA backend, the C ABI and the emulator launch exactly what
+//! the plan says, and `speckv plan --json` prints it.
+
+use serde::Serialize;
+use speckv_kernels::softmax_stats::{self as stats_kernel, PlanV2};
+
+use crate::stats::Dtype;
+
+/// SMs of the GPU speckv designs for (H200); `speckv plan --sms` and the backends pass the real
+/// count where they know it.
+pub const H200_SMS: u32 = 132;
+
+/// One kernel launch.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LaunchPlan {
+    pub entry: String,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: usize,
+    /// The SM count the plan was made for.
+    pub sm_count: u32,
+    /// Blocks per SM if the grid were spread evenly (grid / SMs).
+    pub ctas_per_sm: f64,
+}
+
+impl LaunchPlan {
+    fn new(entry: String, grid: u32, block: u32, shared_bytes: usize, sm_count: u32) -> Self {
+        LaunchPlan {
+            entry,
+            grid: [grid, 1, 1],
+            block: [block, 1, 1],
+            shared_bytes,
+            sm_count,
+            ctas_per_sm: grid as f64 / sm_count.max(1) as f64,
+        }
+    }
+}
+
+/// `softmax_stats` v1: one block of 1024 threads per row.
+pub const STATS_V1_BLOCK: u32 = 1024;
+
+pub fn softmax_stats_v1(rows: u32, dtype: Dtype, sm_count: u32) -> LaunchPlan {
+    LaunchPlan::new(
+        format!("softmax_stats_{}", dtype.name()),
+        rows,
+        STATS_V1_BLOCK,
+        stats_kernel::shared_bytes(STATS_V1_BLOCK),
+        sm_count,
+    )
+}
+
+/// `softmax_stats` v2: rows split across blocks (see `speckv_kernels::softmax_stats::plan_v2`).
+pub fn softmax_stats_v2(
+    rows: u32,
+    vocab: u32,
+    dtype: Dtype,
+    sm_count: u32,
+) -> (LaunchPlan, PlanV2) {
+    let p = stats_kernel::plan_v2(rows, vocab, dtype.size(), sm_count);
+    (
+        LaunchPlan::new(
+            format!("softmax_stats_v2_{}", dtype.name()),
+            p.grid,
+            p.block,
+            p.shared_bytes,
+            sm_count,
+        ),
+        p,
+    )
+}
