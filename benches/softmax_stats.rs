@@ -103,7 +103,7 @@ fn bench(cr: &mut Criterion) {
                         &l,
                         &opts,
                         iters as u32,
-                        speckv::backend::cuda::StatsVersion::V2,
+                        speckv::backend::cuda::KernelVersion::V2,
                     )
                     .expect("launch")
                         * iters as u32

@@ -109,7 +109,9 @@ fn bench(cr: &mut Criterion) {
         if let Some(cu) = &cuda {
             g.bench_function(BenchmarkId::new("cuda", name(&c)), |b| {
                 b.iter_custom(|iters| {
-                    cu.time_verify(&v, iters as u32).expect("launch") * iters as u32
+                    cu.time_verify(&v, iters as u32, speckv::backend::cuda::KernelVersion::V2)
+                        .expect("launch")
+                        * iters as u32
                 })
             });
         }

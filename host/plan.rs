@@ -69,3 +69,47 @@ pub fn softmax_stats_v2(
         p,
     )
 }
+
+/// The v2 GEMV of `m` rows of x against an `out × inp` matrix in `format` (see
+/// `speckv_kernels::gemv::plan_v2`): CUDA cores at M = 1 (or K not a multiple of 64), tensor cores
+/// for the verification batch M = 2..16.
+pub fn gemv_v2(
+    format: crate::weights::quant::Format,
+    out: u32,
+    inp: u32,
+    m: u32,
+    sm_count: u32,
+) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
+    use speckv_kernels::gemv::PathV2;
+    let code = match format {
+        crate::weights::quant::Format::Fp16 => 0,
+        crate::weights::quant::Format::Int8 => 1,
+        crate::weights::quant::Format::Nf4 => 2,
+    };
+    let p = speckv_kernels::gemv::plan_v2(code, out, inp, m, sm_count);
+    let entry = match p.path {
+        PathV2::Cores { mt } => format!("gemv_v2_{}_m{mt}", format.name()),
+        PathV2::Tensor { nt } => format!("gemv_tc_{}_n{}", format.name(), 8 * nt),
+    };
+    (
+        LaunchPlan::new(entry, p.grid, p.block, p.shared_bytes, sm_count),
+        p,
+    )
+}
+
+/// `gemv` v1: one warp per output row, four rows per block of 128.
+pub fn gemv_v1(
+    format: crate::weights::quant::Format,
+    out: u32,
+    m: u32,
+    sm_count: u32,
+) -> LaunchPlan {
+    let tile = speckv_kernels::gemv::tile_for(m.clamp(1, 16)).unwrap_or(16);
+    LaunchPlan::new(
+        format!("gemv_{}_m{tile}", format.name()),
+        out.div_ceil(4),
+        128,
+        0,
+        sm_count,
+    )
+}

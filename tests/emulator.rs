@@ -201,3 +201,104 @@ fn emulator_rejects_impossible_launches() {
 fn intrinsics_outside_a_launch_panic_with_a_message() {
     gpu::thread_idx_x();
 }
+
+/// `mma_m16n8k16` on the emulator computes D = A·B + C with the documented fragment layout
+/// (`gpu::mma_layout`): random f16 A, B and f32 C distributed to the lanes by the layout, D
+/// gathered back by it, against a float64 product.
+#[test]
+fn emulator_mma_follows_the_fragment_layout() {
+    use rand::{Rng, SeedableRng};
+    use speckv_kernels::gpu::{f16_bits_to_f32, f32_to_f16_bits, mma_layout};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let a: Vec<u16> = (0..256)
+        .map(|_| f32_to_f16_bits(rng.gen_range(-2.0..2.0)))
+        .collect();
+    let b: Vec<u16> = (0..128)
+        .map(|_| f32_to_f16_bits(rng.gen_range(-2.0..2.0)))
+        .collect();
+    let c: Vec<f32> = (0..128).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let (a, b, c) = (&a, &b, &c);
+    let d: Vec<AtomicU32> = (0..128).map(|_| AtomicU32::new(0)).collect();
+    // SAFETY: the kernel touches only the atomics and the read-only inputs through safe code.
+    unsafe {
+        emu::launch(cfg(1, 32, 0), || {
+            let lane = gpu::lane_id();
+            let mut ar = [0u32; 4];
+            for h in 0..8u32 {
+                let (r, k) = mma_layout::a(lane, h);
+                ar[(h / 2) as usize] |= (a[(r * 16 + k) as usize] as u32) << (16 * (h % 2));
+            }
+            let mut br = [0u32; 2];
+            for h in 0..4u32 {
+                let (k, n) = mma_layout::b(lane, h);
+                br[(h / 2) as usize] |= (b[(k * 8 + n) as usize] as u32) << (16 * (h % 2));
+            }
+            let mut cr = [0f32; 4];
+            for e in 0..4u32 {
+                let (r, n) = mma_layout::c(lane, e);
+                cr[e as usize] = c[(r * 8 + n) as usize];
+            }
+            let dr = gpu::mma_m16n8k16(ar, br, cr);
+            for e in 0..4u32 {
+                let (r, n) = mma_layout::c(lane, e);
+                d[(r * 8 + n) as usize].store(dr[e as usize].to_bits(), Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+    }
+    for r in 0..16 {
+        for n in 0..8 {
+            let mut want = c[r * 8 + n] as f64;
+            for k in 0..16 {
+                want +=
+                    f16_bits_to_f32(a[r * 16 + k]) as f64 * f16_bits_to_f32(b[k * 8 + n]) as f64;
+            }
+            let got = f32::from_bits(d[r * 8 + n].load(Ordering::Relaxed)) as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "D[{r}][{n}] = {got}, want {want}"
+            );
+        }
+    }
+    // Every (row, col) of A, (k, n) of B and (row, n) of C is held by exactly one lane and half.
+    let mut seen_a = [0u8; 256];
+    let mut seen_c = [0u8; 128];
+    for lane in 0..32 {
+        for h in 0..8 {
+            let (r, k) = mma_layout::a(lane, h);
+            seen_a[(r * 16 + k) as usize] += 1;
+        }
+        for e in 0..4 {
+            let (r, n) = mma_layout::c(lane, e);
+            seen_c[(r * 8 + n) as usize] += 1;
+        }
+    }
+    assert!(seen_a.iter().all(|&x| x == 1) && seen_c.iter().all(|&x| x == 1));
+}
+
+#[test]
+fn f32_to_f16_rounds_to_nearest_even_like_half() {
+    use speckv_kernels::gpu::f32_to_f16_bits;
+    let mut x = 1e-9f32;
+    let mut cases = vec![
+        0.0f32,
+        -0.0,
+        65504.0,
+        65520.0,
+        1e9,
+        -1e9,
+        f32::INFINITY,
+        5.96e-8,
+        2.98e-8,
+        1.0 + 1.0 / 2048.0,
+    ];
+    while x < 1e6 {
+        cases.push(x);
+        cases.push(-x * 1.37);
+        x *= 1.7;
+    }
+    for v in cases {
+        assert_eq!(f32_to_f16_bits(v), half::f16::from_f32(v).to_bits(), "{v}");
+    }
+    assert!(half::f16::from_bits(f32_to_f16_bits(f32::NAN)).is_nan());
+}

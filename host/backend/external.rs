@@ -248,6 +248,9 @@ impl ExternalCuda {
             * plan.splits as usize
             * std::mem::size_of::<speckv_kernels::params::StatsState>();
         let ws = self.workspace(counters + partials, stream)?;
+        // The workspace is shared by every v2 launch of this context, with layouts that depend on
+        // the shapes: zero this launch's counters on the stream first (asynchronous, tiny).
+        self.zero_async(ws, counters, stream)?;
         let p2 = SoftmaxStatsV2Params {
             logits: p.logits,
             out: p.out,
@@ -280,6 +283,48 @@ impl ExternalCuda {
         }
     }
 
+    /// Zeroes `bytes` bytes at device address `at`, asynchronously on `stream`.
+    fn zero_async(&self, at: u64, bytes: usize, stream: *mut c_void) -> Result<()> {
+        let _cur = Current::push(self.ctx)?;
+        // SAFETY: `at` is this context's workspace, at least `bytes` long.
+        check(
+            unsafe { sys::cuMemsetD8Async(at, 0, bytes, stream as CUstream) },
+            "cuMemsetD8Async",
+        )
+    }
+
+    /// Verification by the v2 kernels (the draft rows' statistics in logits mode, then
+    /// `verify_v2_rows` and `verify_v2_sample`) on the caller's buffers described by v1's
+    /// parameters; the scratch is this context's workspace.
+    ///
+    /// # Safety
+    /// As [`ExternalCuda::softmax_stats`].
+    pub unsafe fn verify(&self, dtype: Dtype, p: &VerifyParams, stream: *mut c_void) -> Result<()> {
+        let plan = speckv_kernels::verify::full_plan_v2(
+            p.batch,
+            p.gamma_max,
+            p.vocab,
+            dtype.size(),
+            self.sm_count,
+        );
+        let ws = self.workspace(plan.bytes, stream)?;
+        self.zero_async(ws, plan.stats_partials, stream)?;
+        for l in crate::backend::verify_v2::launches(p, dtype, &plan, ws) {
+            // SAFETY: forwarded; the workspace holds the plan's scratch, counters zeroed.
+            unsafe {
+                match l.step {
+                    crate::backend::verify_v2::Step::DraftStats(sp) => {
+                        self.launch(l.f, l.grid, l.block, l.shared, stream, &sp)
+                    }
+                    crate::backend::verify_v2::Step::Verify(_, vp) => {
+                        self.launch(l.f, l.grid, l.block, l.shared, stream, &vp)
+                    }
+                }
+            }?;
+        }
+        Ok(())
+    }
+
     /// `softmax_stats` v1 (one block per row), kept for comparison.
     ///
     /// # Safety
@@ -304,9 +349,16 @@ impl ExternalCuda {
         }
     }
 
+    /// Verification by the v1 kernel (one block per sequence), kept for comparison.
+    ///
     /// # Safety
     /// As [`ExternalCuda::softmax_stats`].
-    pub unsafe fn verify(&self, dtype: Dtype, p: &VerifyParams, stream: *mut c_void) -> Result<()> {
+    pub unsafe fn verify_v1(
+        &self,
+        dtype: Dtype,
+        p: &VerifyParams,
+        stream: *mut c_void,
+    ) -> Result<()> {
         let shared = speckv_kernels::verify::shared_bytes(VERIFY_BLOCK);
         // SAFETY: forwarded.
         unsafe {

@@ -4,6 +4,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod emulate;
 pub mod external;
+pub mod verify_v2;
 
 use std::time::{Duration, Instant};
 
@@ -94,7 +95,9 @@ impl Backend {
     ) -> Result<Duration> {
         match self {
             Backend::Cpu(c) => time_host(min_time, 3, || c.verify(v)),
-            Backend::Cuda(c) => time_device(min_time, |n| c.time_verify(v, n)),
+            Backend::Cuda(c) => {
+                time_device(min_time, |n| c.time_verify(v, n, cuda::KernelVersion::V2))
+            }
         }
     }
 
@@ -109,7 +112,7 @@ impl Backend {
         match self {
             Backend::Cpu(c) => time_host(min_time, 3, || c.softmax_stats(logits, opts, None)),
             Backend::Cuda(c) => time_device(min_time, |n| {
-                c.time_softmax_stats(logits, opts, n, cuda::StatsVersion::V2)
+                c.time_softmax_stats(logits, opts, n, cuda::KernelVersion::V2)
             }),
         }
     }

@@ -344,6 +344,9 @@ pub struct ThreadCtx {
     /// Shuffle mailbox of this lane: (value, source lane) in, exchanged value out.
     shfl_in: Cell<(u32, u32)>,
     shfl_out: Cell<u32>,
+    /// `mma` mailbox of this lane: its A, B and C fragments in, D out.
+    mma_in: Cell<([u32; 4], [u32; 2], [f32; 4])>,
+    mma_out: Cell<[f32; 4]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,6 +354,7 @@ enum Event {
     Barrier,
     Shuffle,
     WarpSync,
+    Mma,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +363,7 @@ enum State {
     AtBarrier,
     AtShuffle,
     AtWarpSync,
+    AtMma,
     Done,
 }
 
@@ -395,6 +400,54 @@ pub fn sync_threads() {
 
 pub fn sync_warp() {
     suspend(Event::WarpSync);
+}
+
+/// `mma.sync.m16n8k16` (f16 × f16 + f32): a warp-collective operation. Each lane deposits its
+/// fragments (layout in `gpu::mma_layout`); when all 32 lanes have, the scheduler assembles A, B
+/// and C, computes every D element as the exactly rounded f32 of C plus Σ A·B (products of f16
+/// are exact), and hands each lane its D fragment. Fewer than 32 live lanes is an error (the
+/// instruction needs the whole warp).
+pub fn mma_m16n8k16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    with_thread(|t| t.mma_in.set((a, b, c)));
+    suspend(Event::Mma);
+    with_thread(|t| t.mma_out.get())
+}
+
+/// D = A·B + C for one warp's fragments (`ins[lane]`).
+fn mma_compute(ins: &[([u32; 4], [u32; 2], [f32; 4]); 32]) -> [[f32; 4]; 32] {
+    use crate::gpu::{f16_bits_to_f32, mma_layout};
+    let mut am = [[0f64; 16]; 16];
+    let mut bm = [[0f64; 8]; 16];
+    let mut cm = [[0f64; 8]; 16];
+    for (lane, (a, b, c)) in ins.iter().enumerate() {
+        let lane = lane as u32;
+        for h in 0..8u32 {
+            let bits = (a[(h / 2) as usize] >> (16 * (h % 2))) as u16;
+            let (r, col) = mma_layout::a(lane, h);
+            am[r as usize][col as usize] = f16_bits_to_f32(bits) as f64;
+        }
+        for h in 0..4u32 {
+            let bits = (b[(h / 2) as usize] >> (16 * (h % 2))) as u16;
+            let (k, n) = mma_layout::b(lane, h);
+            bm[k as usize][n as usize] = f16_bits_to_f32(bits) as f64;
+        }
+        for e in 0..4u32 {
+            let (r, n) = mma_layout::c(lane, e);
+            cm[r as usize][n as usize] = c[e as usize] as f64;
+        }
+    }
+    let mut out = [[0f32; 4]; 32];
+    for (lane, o) in out.iter_mut().enumerate() {
+        for e in 0..4u32 {
+            let (r, n) = mma_layout::c(lane as u32, e);
+            let mut s = cm[r as usize][n as usize];
+            for k in 0..16 {
+                s += am[r as usize][k] * bm[k][n as usize];
+            }
+            o[e as usize] = s as f32;
+        }
+    }
+    out
 }
 
 /// A 32-bit warp shuffle: lane `l` receives the value of lane `src(l)`.
@@ -1021,6 +1074,8 @@ unsafe fn run_block<F: Fn() + Sync>(
             yielder: Cell::new(std::ptr::null()),
             shfl_in: Cell::new((0, 0)),
             shfl_out: Cell::new(0),
+            mma_in: Cell::new(([0; 4], [0; 2], [0.0; 4])),
+            mma_out: Cell::new([0.0; 4]),
         })
         .collect();
 
@@ -1098,6 +1153,7 @@ fn schedule(
                 CoroutineResult::Yield(Event::Barrier) => State::AtBarrier,
                 CoroutineResult::Yield(Event::Shuffle) => State::AtShuffle,
                 CoroutineResult::Yield(Event::WarpSync) => State::AtWarpSync,
+                CoroutineResult::Yield(Event::Mma) => State::AtMma,
                 CoroutineResult::Return(()) => State::Done,
             };
         }
@@ -1135,6 +1191,26 @@ fn schedule(
                     state[i] = State::Runnable;
                 }
                 released = true;
+            } else if live.iter().all(|&i| state[i] == State::AtMma) {
+                if live.len() != 32 {
+                    return Err(EmuError::KernelPanic {
+                        block: block_idx,
+                        message: format!(
+                            "mma.sync in warp {w} with {} live lanes: it needs all 32",
+                            live.len()
+                        ),
+                    });
+                }
+                let mut ins = [([0u32; 4], [0u32; 2], [0f32; 4]); 32];
+                for (k, &i) in live.iter().enumerate() {
+                    ins[k] = ctxs[i].mma_in.get();
+                }
+                let outs = mma_compute(&ins);
+                for (k, &i) in live.iter().enumerate() {
+                    ctxs[i].mma_out.set(outs[k]);
+                    state[i] = State::Runnable;
+                }
+                released = true;
             } else if live.iter().all(|&i| state[i] == State::AtWarpSync) {
                 // A warp barrier: accesses after it are ordered after those before it.
                 let e = &block.warp_epochs[w];
@@ -1159,12 +1235,15 @@ fn schedule(
         }
         if !ran && !released {
             let shuffling = state.iter().filter(|s| **s == State::AtShuffle).count();
-            let warp_sync = state.iter().filter(|s| **s == State::AtWarpSync).count();
+            let warp_sync = state
+                .iter()
+                .filter(|s| matches!(**s, State::AtWarpSync | State::AtMma))
+                .count();
             return Err(EmuError::Deadlock {
                 block: block_idx,
                 detail: format!(
                     "{at_barrier} thread(s) at sync_threads, {shuffling} at a warp shuffle and \
-                     {warp_sync} at sync_warp whose warp never converges, {} returned",
+                     {warp_sync} at sync_warp or mma whose warp never converges, {} returned",
                     n - live_count
                 ),
             });

@@ -8,7 +8,7 @@
 //! butterfly per accumulator. W is read once whatever M is; x is re-read by every warp from cache.
 
 use crate::gpu;
-use crate::params::{GemvParams, NF4_BLOCK, NF4_CODE};
+use crate::params::{GemvParams, GemvV2Params, NF4_BLOCK, NF4_CODE};
 
 /// A weight storage format: element (row, k) as f32.
 pub trait WeightFormat {
@@ -117,4 +117,698 @@ entries! {
     gemv_fp16_m1: Fp16, 1; gemv_fp16_m2: Fp16, 2; gemv_fp16_m4: Fp16, 4; gemv_fp16_m8: Fp16, 8; gemv_fp16_m16: Fp16, 16;
     gemv_int8_m1: Int8, 1; gemv_int8_m2: Int8, 2; gemv_int8_m4: Int8, 4; gemv_int8_m8: Int8, 8; gemv_int8_m16: Int8, 16;
     gemv_nf4_m1: Nf4, 1; gemv_nf4_m2: Nf4, 2; gemv_nf4_m4: Nf4, 4; gemv_nf4_m8: Nf4, 8; gemv_nf4_m16: Nf4, 16;
+}
+
+// =============================================================================================
+// v2: 16-byte weight loads with several in flight, x staged once per block in shared memory,
+// several rows per warp, K split across blocks for narrow outputs (partial sums merged in split
+// order by the last block of a row tile), the NF4 code book in lane registers read by shuffles
+// with one absmax per 32- or 64-element block, M a compile-time tile with its accumulators in
+// registers; and a tensor-core path (`mma.sync` m16n8k16, weights dequantised to f16 in
+// registers) for the verification batch M = 2..16.
+
+/// CUDA-core v2: warps per block and output rows per warp.
+pub const V2_WARPS: u32 = 8;
+pub const V2_ROWS_PER_WARP: u32 = 2;
+/// Tensor-core v2: warps per block (16 output rows each).
+pub const TC_WARPS: u32 = 4;
+/// Shared memory budget of x's staging (no opt-in attribute needed below 48 KiB).
+pub const X_STAGE_BYTES: usize = 32 * 1024;
+/// Loads in flight per lane (CUDA-core path: vectors per row per iteration).
+pub const V2_UNROLL: usize = 2;
+
+/// A weight format as the v2 kernels read it: 16-byte vectors of `VEC` elements.
+pub trait FormatV2: WeightFormat {
+    /// Elements per 16-byte vector.
+    const VEC: u32;
+    /// Tensor-core path: elements of one lane's 16-byte chunk (= `VEC`) and m16n8k16 tiles in it.
+    const TILES: usize;
+    /// The byte offset of flat element `e` (a multiple of `VEC`).
+    fn byte_of(e: usize) -> usize;
+    /// What a zero vector of weights looks like (masked lanes).
+    const ZERO: [u32; 4];
+    /// Element (row, k) without the per-row scale (INT8 applies it once per row, at the end).
+    ///
+    /// # Safety
+    /// As [`WeightFormat::load`].
+    #[inline(always)]
+    unsafe fn load_unscaled(p: &GemvParams, row: u32, k: u32) -> f32 {
+        Self::load(p, row, k)
+    }
+}
+
+impl FormatV2 for Fp16 {
+    const VEC: u32 = 8;
+    const TILES: usize = 2;
+    #[inline(always)]
+    fn byte_of(e: usize) -> usize {
+        e * 2
+    }
+    const ZERO: [u32; 4] = [0; 4];
+}
+
+impl FormatV2 for Int8 {
+    const VEC: u32 = 16;
+    const TILES: usize = 4;
+    #[inline(always)]
+    unsafe fn load_unscaled(p: &GemvParams, row: u32, k: u32) -> f32 {
+        let i = row as usize * p.in_features as usize + k as usize;
+        gpu::ld_nc(p.weight as *const i8, i) as f32
+    }
+    #[inline(always)]
+    fn byte_of(e: usize) -> usize {
+        e
+    }
+    const ZERO: [u32; 4] = [0; 4];
+}
+
+impl FormatV2 for Nf4 {
+    const VEC: u32 = 32;
+    const TILES: usize = 8;
+    #[inline(always)]
+    fn byte_of(e: usize) -> usize {
+        e / 2
+    }
+    /// Nibble 7 is the code 0.0.
+    const ZERO: [u32; 4] = [0x7777_7777; 4];
+}
+
+/// Which kernel a v2 launch uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathV2 {
+    /// CUDA cores, M tile `mt` (1, 2, 4, 8, 16).
+    Cores { mt: u32 },
+    /// Tensor cores, `nt` n-tiles of 8 (1 or 2).
+    Tensor { nt: u32 },
+}
+
+/// A v2 GEMV launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemvPlanV2 {
+    pub path: PathV2,
+    pub rows_per_block: u32,
+    pub row_tiles: u32,
+    pub ksplits: u32,
+    pub kt: u32,
+    pub grid: u32,
+    pub block: u32,
+    pub shared_bytes: usize,
+    /// Workspace bytes (0 when `ksplits == 1`).
+    pub workspace_bytes: usize,
+    /// Byte offset of the partial sums in the workspace.
+    pub partials_offset: usize,
+}
+
+/// Plans a v2 GEMV of `m` rows of x against an `out × inp` matrix of `format` (0 fp16, 1 int8, 2
+/// nf4) on a GPU with `sm_count` SMs: tensor cores for m ≥ 2 when `inp` is a multiple of 64,
+/// CUDA cores otherwise; K split so the grid has at least two blocks per SM where the matrix
+/// allows (each split at least 256 elements of K), and x's staging fits `X_STAGE_BYTES`.
+/// Host-side planning: not compiled into the PTX.
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn plan_v2(format: u32, out: u32, inp: u32, m: u32, sm_count: u32) -> GemvPlanV2 {
+    let m = m.clamp(1, 16);
+    let tensor = m >= 2 && inp.is_multiple_of(64);
+    let (path, rows_per_block, block, x_bytes_per_k) = if tensor {
+        let nt = if m <= 8 { 1 } else { 2 };
+        (
+            PathV2::Tensor { nt },
+            TC_WARPS * 16,
+            TC_WARPS * 32,
+            nt as usize * 8 * 2,
+        )
+    } else {
+        let mt = tile_for(m).unwrap_or(16);
+        (
+            PathV2::Cores { mt },
+            V2_WARPS * V2_ROWS_PER_WARP,
+            V2_WARPS * 32,
+            mt as usize * 4,
+        )
+    };
+    let row_tiles = out.div_ceil(rows_per_block).max(1);
+    let kt_max = ((X_STAGE_BYTES / x_bytes_per_k) as u32 / 64 * 64).max(64);
+    let want = (2 * sm_count.max(1)).div_ceil(row_tiles);
+    let most = inp.div_ceil(256).max(1);
+    let splits = inp.div_ceil(kt_max).max(want.min(most)).max(1);
+    let kt = inp.div_ceil(splits).div_ceil(64) * 64;
+    let ksplits = inp.div_ceil(kt).max(1);
+    let counters = (row_tiles as usize * 4).div_ceil(16) * 16;
+    let _ = format;
+    GemvPlanV2 {
+        path,
+        rows_per_block,
+        row_tiles,
+        ksplits,
+        kt,
+        grid: row_tiles * ksplits,
+        block,
+        shared_bytes: kt as usize * x_bytes_per_k + 16,
+        workspace_bytes: if ksplits == 1 {
+            0
+        } else {
+            counters + ksplits as usize * m as usize * out as usize * 4
+        },
+        partials_offset: counters,
+    }
+}
+
+/// A 16-byte-aligned group of four f32 in shared memory (one `ld.shared.v4`).
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct F4([f32; 4]);
+
+/// The split-K epilogue: this block's partial sums are written (each writer fenced); the last
+/// block of the row tile to arrive sums every split's partials, in split order, into y.
+///
+/// # Safety
+/// Every thread of the block calls it after its own partial writes; `flag` is a free shared word.
+#[inline(always)]
+unsafe fn merge_splits(
+    p2: &GemvV2Params,
+    tile: u32,
+    rows_per_block: u32,
+    m: usize,
+    flag: *mut u32,
+) {
+    let p = &p2.base;
+    let out = p.out_features as usize;
+    let counter = (p2.workspace as *mut u32).wrapping_add(tile as usize);
+    let partials = p2
+        .workspace
+        .wrapping_add((p.out_features.div_ceil(rows_per_block) as usize * 4).div_ceil(16) * 16)
+        as *mut f32;
+    gpu::sync_threads();
+    if gpu::thread_idx_x() == 0 {
+        gpu::threadfence();
+        let arrived = gpu::atomic_add_u32(counter, 1);
+        gpu::sh_st(flag, 0, (arrived + 1 == p2.ksplits) as u32);
+    }
+    gpu::sync_threads();
+    let last = gpu::sh_ld(flag, 0) != 0;
+    gpu::sync_threads();
+    if !last {
+        return;
+    }
+    gpu::threadfence();
+    let row0 = (tile * rows_per_block) as usize;
+    let n = rows_per_block as usize * m;
+    let mut i = gpu::thread_idx_x() as usize;
+    while i < n {
+        let (mm, rr) = (i / rows_per_block as usize, i % rows_per_block as usize);
+        let row = row0 + rr;
+        if row < out {
+            let mut s = 0f32;
+            let mut k = 0;
+            while k < p2.ksplits as usize {
+                s += gpu::ld(partials, (k * m + mm) * out + row);
+                k += 1;
+            }
+            gpu::st(p.y, mm * out + row, s);
+        }
+        i += gpu::block_dim_x() as usize;
+    }
+    if gpu::thread_idx_x() == 0 {
+        gpu::st(counter, 0, 0);
+    }
+}
+
+/// Writes the finished dot product of (row, m) for this split: into y when K is not split, into
+/// the split's partial sums otherwise (fenced, for the merging block).
+#[inline(always)]
+unsafe fn put(
+    p2: &GemvV2Params,
+    split: u32,
+    rows_per_block: u32,
+    m: usize,
+    mm: usize,
+    row: usize,
+    v: f32,
+) {
+    let p = &p2.base;
+    let out = p.out_features as usize;
+    if p2.ksplits <= 1 {
+        gpu::st(p.y, mm * out + row, v);
+    } else {
+        let partials = p2
+            .workspace
+            .wrapping_add((p.out_features.div_ceil(rows_per_block) as usize * 4).div_ceil(16) * 16)
+            as *mut f32;
+        gpu::st(partials, (split as usize * m + mm) * out + row, v);
+        gpu::threadfence();
+    }
+}
+
+/// The CUDA-core v2 kernel body for an M tile of `MT` rows of x.
+///
+/// # Safety
+/// v1's buffers (see [`GemvParams`]), the weight buffer 16-byte aligned, `1 ≤ m ≤ MT`; the
+/// workspace as [`plan_v2`] sizes it (counters zero); the plan's launch shape.
+#[inline(always)]
+pub unsafe fn gemv_v2<W: FormatV2, const MT: usize>(p2: &GemvV2Params) {
+    let p = &p2.base;
+    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
+    let blk = gpu::block_idx_x();
+    let tile = blk / ksplits;
+    let split = blk % ksplits;
+    let rows_per_block = V2_WARPS * V2_ROWS_PER_WARP;
+    let kdim = p.in_features as usize;
+    let k0 = (split * p2.kt) as usize;
+    if k0 >= kdim {
+        return;
+    }
+    let k1 = if k0 + (p2.kt as usize) < kdim {
+        k0 + p2.kt as usize
+    } else {
+        kdim
+    };
+    let kt_nz =
+        core::num::NonZeroUsize::new(p2.kt as usize).unwrap_or(core::num::NonZeroUsize::MIN);
+    let kt = kt_nz.get();
+    let m = if (p.m as usize) < MT {
+        p.m as usize
+    } else {
+        MT
+    };
+    let tid = gpu::thread_idx_x() as usize;
+    let block = gpu::block_dim_x() as usize;
+    // Stage x[0..m][k0..k1) once: every warp reads it for every row.
+    let xs = gpu::dynamic_shared::<f32>();
+    let mut i = tid;
+    while i < m * kt {
+        let (r, kk) = (i / kt_nz, i % kt_nz);
+        let v = if k0 + kk < k1 {
+            gpu::ld_nc(p.x, r * kdim + k0 + kk)
+        } else {
+            0.0
+        };
+        gpu::sh_st(xs, r * kt + kk, v);
+        i += block;
+    }
+    let flag = (xs as *mut u8).wrapping_add(kt * MT * 4) as *mut u32;
+    gpu::sync_threads();
+
+    let lane = gpu::lane_id() as usize;
+    let warp = gpu::warp_id();
+    let code = NF4_CODE[lane & 15];
+    let out = p.out_features as usize;
+    let vec = W::VEC as usize;
+    crate::unroll!(rw in 0..2 => {
+        let row = (tile * rows_per_block + warp * V2_ROWS_PER_WARP) as usize + rw;
+        // A warp-uniform condition: the whole warp takes the row or skips it.
+        if row < out {
+            let mut acc = [0f32; MT];
+            let e0 = row * kdim;
+            // Body: 16-byte vectors from the first aligned element at or after k0.
+            let mis = (e0 + k0) % vec;
+            let kb = {
+                let kb = k0 + (vec - mis) % vec;
+                if kb < k1 { kb } else { k1 }
+            };
+            let nvec = (k1 - kb) / vec;
+            let ke = kb + nvec * vec;
+            // Head and tail, element by element.
+            let mut k = k0 + lane;
+            while k < kb {
+                let w = W::load_unscaled(p, row as u32, k as u32);
+                crate::unroll!(r in 0..16 => {
+                    if r < MT && r < m {
+                        acc[r] += w * gpu::sh_ld(xs, r * kt + (k - k0));
+                    }
+                });
+                k += 32;
+            }
+            let mut k = ke + lane;
+            while k < k1 {
+                let w = W::load_unscaled(p, row as u32, k as u32);
+                crate::unroll!(r in 0..16 => {
+                    if r < MT && r < m {
+                        acc[r] += w * gpu::sh_ld(xs, r * kt + (k - k0));
+                    }
+                });
+                k += 32;
+            }
+            // Body: every lane runs the same number of iterations (NF4's shuffles need the whole
+            // warp), V2_UNROLL vectors in flight each.
+            let mut v0 = 0usize;
+            while v0 < nvec {
+                let mut raw = [W::ZERO; V2_UNROLL];
+                let mut valid = [false; V2_UNROLL];
+                crate::unroll!(u in 0..4 => {
+                    if u < V2_UNROLL {
+                        let v = v0 + u * 32 + lane;
+                        if v < nvec {
+                            valid[u] = true;
+                            raw[u] = gpu::ld_v4(p.weight, W::byte_of(e0 + kb + v * vec));
+                        }
+                    }
+                });
+                crate::unroll!(u in 0..4 => {
+                    if u < V2_UNROLL {
+                        let v = v0 + u * 32 + lane;
+                        let kk = kb + v * vec - k0; // offset in the staged x
+                        dot_vec::<W, MT>(p, &mut acc, raw[u], valid[u], row, e0 + kb + v * vec, xs, kt, kk, m, code);
+                    }
+                });
+                v0 += V2_UNROLL * 32;
+            }
+            // Butterfly, scale, and out.
+            let scale = if W::VEC == 16 { gpu::ld_nc(p.scales, row) } else { 1.0 };
+            crate::unroll!(r in 0..16 => {
+                if r < MT {
+                    let mut a = acc[r];
+                    let mut mask = 16;
+                    while mask > 0 {
+                        a += gpu::shfl_xor_f32(a, mask);
+                        mask /= 2;
+                    }
+                    if lane == 0 && r < m {
+                        put(p2, split, rows_per_block, m, r, row, a * scale);
+                    }
+                }
+            });
+        }
+    });
+    if p2.ksplits > 1 {
+        merge_splits(p2, tile, rows_per_block, m, flag);
+    }
+}
+
+/// One 16-byte vector of weights (flat element `e` first) into the accumulators. Every lane calls
+/// it, valid or not (NF4 decodes by warp shuffles).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_vec<W: FormatV2, const MT: usize>(
+    p: &GemvParams,
+    acc: &mut [f32; MT],
+    raw: [u32; 4],
+    valid: bool,
+    _row: usize,
+    e: usize,
+    xs: *mut f32,
+    kt: usize,
+    kk: usize,
+    m: usize,
+    code: f32,
+) {
+    let aligned4 = kk.is_multiple_of(4);
+    if W::VEC == 8 {
+        // fp16: eight halves.
+        let mut w = [0f32; 8];
+        crate::unroll!(j in 0..4 => {
+            w[2 * j] = gpu::f16_to_f32((raw[j] & 0xffff) as u16);
+            w[2 * j + 1] = gpu::f16_to_f32((raw[j] >> 16) as u16);
+        });
+        if valid {
+            crate::unroll!(r in 0..16 => {
+                if r < MT && r < m {
+                    acc[r] += dot8(&w, xs, r * kt + kk, aligned4);
+                }
+            });
+        }
+    } else if W::VEC == 16 {
+        // int8: sixteen signed bytes (the row scale is applied once, at the end).
+        if valid {
+            crate::unroll!(h in 0..2 => {
+                let mut w = [0f32; 8];
+                crate::unroll!(j in 0..2 => {
+                    let word = raw[2 * h + j];
+                    crate::unroll!(q in 0..4 => {
+                        w[4 * j + q] = ((word >> (8 * q)) as u8 as i8) as f32;
+                    });
+                });
+                crate::unroll!(r in 0..16 => {
+                    if r < MT && r < m {
+                        acc[r] += dot8(&w, xs, r * kt + kk + 8 * h, aligned4);
+                    }
+                });
+            });
+        }
+    } else {
+        // nf4: 32 nibbles (element 2j in the high nibble of byte j), one absmax for all of them
+        // (a 32-aligned run of 32 elements lies in one 64-element block); the code book is read
+        // from the lanes' registers by shuffles, so every lane takes part.
+        let absmax = if valid {
+            gpu::ld_nc(p.scales, e / NF4_BLOCK)
+        } else {
+            0.0
+        };
+        crate::unroll!(h in 0..4 => {
+            let mut w = [0f32; 8];
+            let word0 = raw[h];
+            crate::unroll!(j in 0..4 => {
+                let byte = (word0 >> (8 * j)) & 0xff;
+                w[2 * j] = gpu::shfl_idx_f32(code, byte >> 4);
+                w[2 * j + 1] = gpu::shfl_idx_f32(code, byte & 0x0f);
+            });
+            if valid {
+                crate::unroll!(r in 0..16 => {
+                    if r < MT && r < m {
+                        acc[r] += absmax * dot8(&w, xs, r * kt + kk + 8 * h, aligned4);
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Σ w[j] · x[at + j] for eight staged x (two 16-byte shared loads when `at` is 4-aligned).
+#[inline(always)]
+unsafe fn dot8(w: &[f32; 8], xs: *mut f32, at: usize, aligned4: bool) -> f32 {
+    let mut x = [0f32; 8];
+    if aligned4 {
+        let a = gpu::sh_ld(xs as *const F4, at / 4);
+        let b = gpu::sh_ld(xs as *const F4, at / 4 + 1);
+        x = [
+            a.0[0], a.0[1], a.0[2], a.0[3], b.0[0], b.0[1], b.0[2], b.0[3],
+        ];
+    } else {
+        crate::unroll!(j in 0..8 => {
+            x[j] = gpu::sh_ld(xs, at + j);
+        });
+    }
+    let mut s = 0f32;
+    crate::unroll!(j in 0..8 => {
+        s += w[j] * x[j];
+    });
+    s
+}
+
+/// f16 pair (low, high) packed in a u32.
+#[inline(always)]
+fn pack2(lo: f32, hi: f32) -> u32 {
+    (gpu::f32_to_f16(lo) as u32) | ((gpu::f32_to_f16(hi) as u32) << 16)
+}
+
+/// The tensor-core v2 kernel body for `NT` n-tiles of 8 rows of x (M ≤ 8·NT): each warp owns 16
+/// output rows; lane (g, t) loads 16 bytes of rows g and g + 8 at k = 8t·(VEC/8) of each span, which
+/// — with x read from shared memory in the same order — are its A and B fragments for
+/// `W::TILES` m16n8k16 products (the k order inside a span is permuted alike in A and B, so the
+/// dot product is unchanged); weights and x enter the products as f16, the sums are f32.
+///
+/// # Safety
+/// As [`gemv_v2`], with `in_features` a multiple of 64 and `1 ≤ m ≤ 8·NT`.
+#[inline(always)]
+pub unsafe fn gemv_tc<W: FormatV2, const NT: usize>(p2: &GemvV2Params) {
+    let p = &p2.base;
+    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
+    let blk = gpu::block_idx_x();
+    let tile = blk / ksplits;
+    let split = blk % ksplits;
+    let rows_per_block = TC_WARPS * 16;
+    let kdim = p.in_features as usize;
+    let k0 = (split * p2.kt) as usize;
+    if k0 >= kdim {
+        return;
+    }
+    let k1 = if k0 + (p2.kt as usize) < kdim {
+        k0 + p2.kt as usize
+    } else {
+        kdim
+    };
+    let kt_nz =
+        core::num::NonZeroUsize::new(p2.kt as usize).unwrap_or(core::num::NonZeroUsize::MIN);
+    let kt = kt_nz.get();
+    let m = if (p.m as usize) < NT * 8 {
+        p.m as usize
+    } else {
+        NT * 8
+    };
+    let tid = gpu::thread_idx_x() as usize;
+    let block = gpu::block_dim_x() as usize;
+    // Stage x as f16: rows ≥ m and k ≥ k1 are zero.
+    let xs = gpu::dynamic_shared::<u16>();
+    let mut i = tid;
+    while i < NT * 8 * kt {
+        let (r, kk) = (i / kt_nz, i % kt_nz);
+        let v = if r < m && k0 + kk < k1 {
+            gpu::ld_nc(p.x, r * kdim + k0 + kk)
+        } else {
+            0.0
+        };
+        gpu::sh_st(xs, r * kt + kk, gpu::f32_to_f16(v));
+        i += block;
+    }
+    let flag = (xs as *mut u8).wrapping_add(kt * NT * 8 * 2) as *mut u32;
+    gpu::sync_threads();
+
+    let lane = gpu::lane_id() as usize;
+    let (g, t) = (lane / 4, lane % 4);
+    let warp = gpu::warp_id() as usize;
+    let out = p.out_features as usize;
+    let row_lo = (tile * rows_per_block) as usize + warp * 16 + g;
+    let row_hi = row_lo + 8;
+    let vec = W::VEC as usize;
+    let span = 4 * vec;
+    let code = NF4_CODE[lane & 15];
+    let mut c = [[0f32; 4]; NT];
+    let mut k = k0;
+    while k < k1 {
+        let kk = k + t * vec; // this lane's 16-byte chunk of rows g and g + 8
+        let live = kk < k1;
+        let lo = if live && row_lo < out {
+            gpu::ld_v4(p.weight, W::byte_of(row_lo * kdim + kk))
+        } else {
+            W::ZERO
+        };
+        let hi = if live && row_hi < out {
+            gpu::ld_v4(p.weight, W::byte_of(row_hi * kdim + kk))
+        } else {
+            W::ZERO
+        };
+        let (s_lo, s_hi) = if W::VEC == 32 {
+            (
+                if live && row_lo < out {
+                    gpu::ld_nc(p.scales, (row_lo * kdim + kk) / NF4_BLOCK)
+                } else {
+                    0.0
+                },
+                if live && row_hi < out {
+                    gpu::ld_nc(p.scales, (row_hi * kdim + kk) / NF4_BLOCK)
+                } else {
+                    0.0
+                },
+            )
+        } else {
+            (1.0, 1.0)
+        };
+        let xrel = kk - k0; // the staged x of this lane's chunk
+        crate::unroll!(j in 0..8 => {
+            if j < W::TILES {
+                // Tile j: this lane's columns (2t, 2t+1 | 2t+8, 2t+9) hold its chunk's elements
+                // 4j..4j+4 (pairs 4j,4j+1 and 4j+2,4j+3).
+                let (a0, a1, a2, a3) = frag::<W>(lo, hi, j, code, s_lo, s_hi);
+                crate::unroll!(nt in 0..2 => {
+                    if nt < NT {
+                        // A lane past k1 (the last span of a split) multiplies zeros, reading
+                        // nothing beyond its staged x; it still takes part in the warp's mma.
+                        let (b0, b1) = if live {
+                            let at = (g + 8 * nt) * kt + xrel + 4 * j;
+                            let pair = |i: usize| gpu::sh_ld(xs as *const u32, i / 2);
+                            (pair(at), pair(at + 2))
+                        } else {
+                            (0, 0)
+                        };
+                        c[nt] = gpu::mma_m16n8k16([a0, a1, a2, a3], [b0, b1], c[nt]);
+                    }
+                });
+            }
+        });
+        k += span;
+    }
+    // c[nt]: rows g (elements 0, 1) and g + 8 (2, 3), x rows 8nt + 2t (+1).
+    crate::unroll!(nt in 0..2 => {
+        if nt < NT {
+            crate::unroll!(e in 0..4 => {
+                let row = if e < 2 { row_lo } else { row_hi };
+                let mm = 8 * nt + 2 * t + (e % 2);
+                if row < out && mm < m {
+                    let scale = if W::VEC == 16 { gpu::ld_nc(p.scales, row) } else { 1.0 };
+                    put(p2, split, rows_per_block, m, mm, row, c[nt][e] * scale);
+                }
+            });
+        }
+    });
+    if p2.ksplits > 1 {
+        merge_splits(p2, tile, rows_per_block, m, flag);
+    }
+}
+
+/// The A fragment of tile `j` from a lane's two 16-byte chunks (rows g and g + 8).
+#[inline(always)]
+fn frag<W: FormatV2>(
+    lo: [u32; 4],
+    hi: [u32; 4],
+    j: usize,
+    code: f32,
+    s_lo: f32,
+    s_hi: f32,
+) -> (u32, u32, u32, u32) {
+    if W::VEC == 8 {
+        // fp16: words 2j (elements 4j, 4j+1) and 2j+1 (4j+2, 4j+3), already f16 pairs.
+        (lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1])
+    } else if W::VEC == 16 {
+        // int8: word j holds elements 4j..4j+4, exact in f16.
+        let cv = |w: u32, q: u32| ((w >> (8 * q)) as u8 as i8) as f32;
+        (
+            pack2(cv(lo[j], 0), cv(lo[j], 1)),
+            pack2(cv(hi[j], 0), cv(hi[j], 1)),
+            pack2(cv(lo[j], 2), cv(lo[j], 3)),
+            pack2(cv(hi[j], 2), cv(hi[j], 3)),
+        )
+    } else {
+        // nf4: elements 4j..4j+4 are bytes 2j (4j high, 4j+1 low) and 2j+1 of the chunk; every
+        // lane decodes (shuffles), scaled by its row's absmax.
+        let nib = |w: [u32; 4], q: usize| -> u32 {
+            let byte = (w[q / 8] >> (8 * ((q / 2) % 4))) & 0xff;
+            if q.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            }
+        };
+        let d = |w: [u32; 4], q: usize, s: f32| gpu::shfl_idx_f32(code, nib(w, q)) * s;
+        let q = 4 * j;
+        (
+            pack2(d(lo, q, s_lo), d(lo, q + 1, s_lo)),
+            pack2(d(hi, q, s_hi), d(hi, q + 1, s_hi)),
+            pack2(d(lo, q + 2, s_lo), d(lo, q + 3, s_lo)),
+            pack2(d(hi, q + 2, s_hi), d(hi, q + 3, s_hi)),
+        )
+    }
+}
+
+macro_rules! entries_v2 {
+    ($($name:ident: $fmt:ty, $mt:literal;)*) => {$(
+        /// # Safety
+        /// See [`gemv_v2`].
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: GemvV2Params) {
+            gemv_v2::<$fmt, $mt>(&p)
+        }
+    )*};
+}
+
+entries_v2! {
+    gemv_v2_fp16_m1: Fp16, 1; gemv_v2_fp16_m2: Fp16, 2; gemv_v2_fp16_m4: Fp16, 4; gemv_v2_fp16_m8: Fp16, 8; gemv_v2_fp16_m16: Fp16, 16;
+    gemv_v2_int8_m1: Int8, 1; gemv_v2_int8_m2: Int8, 2; gemv_v2_int8_m4: Int8, 4; gemv_v2_int8_m8: Int8, 8; gemv_v2_int8_m16: Int8, 16;
+    gemv_v2_nf4_m1: Nf4, 1; gemv_v2_nf4_m2: Nf4, 2; gemv_v2_nf4_m4: Nf4, 4; gemv_v2_nf4_m8: Nf4, 8; gemv_v2_nf4_m16: Nf4, 16;
+}
+
+macro_rules! entries_tc {
+    ($($name:ident: $fmt:ty, $nt:literal;)*) => {$(
+        /// # Safety
+        /// See [`gemv_tc`].
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: GemvV2Params) {
+            gemv_tc::<$fmt, $nt>(&p)
+        }
+    )*};
+}
+
+entries_tc! {
+    gemv_tc_fp16_n8: Fp16, 1; gemv_tc_fp16_n16: Fp16, 2;
+    gemv_tc_int8_n8: Int8, 1; gemv_tc_int8_n16: Int8, 2;
+    gemv_tc_nf4_n8: Nf4, 1; gemv_tc_nf4_n16: Nf4, 2;
 }

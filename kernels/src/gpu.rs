@@ -20,11 +20,14 @@
 //!
 //! Only 1-D launches are used by speckv's kernels, so only the `x` components exist.
 
-/// Repeats `$body` with `$i` bound to the constants 0, 1, …, N − 1 (N = 4, 8 or 16): loops written
+/// Repeats `$body` with `$i` bound to the constants 0, 1, …, N − 1 (N = 2, 4, 6, 8 or 16): loops written
 /// this way are unrolled whatever LLVM's heuristics say, so arrays indexed by `$i` stay in registers
 /// instead of local memory.
 #[macro_export]
 macro_rules! unroll {
+    ($i:ident in 0..2 => $body:block) => {
+        $crate::unroll!(@ $i [0 1] $body)
+    };
     ($i:ident in 0..4 => $body:block) => {
         $crate::unroll!(@ $i [0 1 2 3] $body)
     };
@@ -287,6 +290,35 @@ mod imp {
         unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
     }
 
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`: D = A·B + C for the warp's 16×16 f16
+    /// A, 16×8 f16 B and 16×8 f32 C, each lane holding its fragment (see `mma_m16n8k16`).
+    #[inline(always)]
+    pub fn mma_m16n8k16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+        let (d0, d1, d2, d3): (f32, f32, f32, f32);
+        // SAFETY: a warp-collective register instruction; every lane of the warp executes it.
+        unsafe {
+            asm!("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{c0}, {c1}, {c2}, {c3}}};",
+                 d0 = out(reg32) d0, d1 = out(reg32) d1, d2 = out(reg32) d2, d3 = out(reg32) d3,
+                 a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+                 b0 = in(reg32) b[0], b1 = in(reg32) b[1],
+                 c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+                 options(nomem, nostack));
+        }
+        [d0, d1, d2, d3]
+    }
+
+    /// f32 → f16 bits, round to nearest even (`cvt.rn.f16.f32`).
+    #[inline(always)]
+    pub fn f32_to_f16(x: f32) -> u16 {
+        let r: u16;
+        // SAFETY: a register conversion.
+        unsafe {
+            asm!("cvt.rn.f16.f32 {r}, {x};", r = out(reg16) r, x = in(reg32) x,
+                 options(pure, nomem, nostack));
+        }
+        r
+    }
+
     /// Shared memory: a plain access through the pointer `dynamic_shared` returned, which LLVM
     /// infers to be in the shared space (`ld.shared` / `st.shared`).
     #[inline(always)]
@@ -417,6 +449,14 @@ mod imp {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
     #[inline]
+    pub fn mma_m16n8k16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+        emu::mma_m16n8k16(a, b, c)
+    }
+    #[inline]
+    pub fn f32_to_f16(x: f32) -> u16 {
+        super::f32_to_f16_bits(x)
+    }
+    #[inline]
     pub unsafe fn sh_ld<T: Copy>(base: *const T, i: usize) -> T {
         emu::shared_load(base, i)
     }
@@ -427,9 +467,9 @@ mod imp {
 }
 
 pub use imp::{
-    atomic_add_u32, block_dim_x, block_idx_x, dynamic_shared, exp2_approx, f16_to_f32, grid_dim_x,
-    log2_approx, rcp_approx, sh_ld, sh_st, shfl_down_u32, shfl_idx_u32, shfl_xor_u32, sync_threads,
-    sync_warp, thread_idx_x, threadfence,
+    atomic_add_u32, block_dim_x, block_idx_x, dynamic_shared, exp2_approx, f16_to_f32, f32_to_f16,
+    grid_dim_x, log2_approx, mma_m16n8k16, rcp_approx, sh_ld, sh_st, shfl_down_u32, shfl_idx_u32,
+    shfl_xor_u32, sync_threads, sync_warp, thread_idx_x, threadfence,
 };
 
 /// Element `i` of the global buffer at `base` (`ld.global`, the access's natural width; types of
@@ -562,6 +602,75 @@ pub fn exp_approx(x: f32) -> f32 {
 #[inline(always)]
 pub fn ln_approx(x: f32) -> f32 {
     log2_approx(x) * core::f32::consts::LN_2
+}
+
+/// f32 → IEEE binary16 bits, round to nearest even (overflow to ±inf, NaN kept quiet), by bit
+/// manipulation: the host's answer to `cvt.rn.f16.f32`.
+#[inline]
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0xff {
+        return sign
+            | 0x7c00
+            | if man != 0 {
+                0x200 | (man >> 13) as u16
+            } else {
+                0
+            };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        // Subnormal (or zero) half: shift the implicit-one mantissa, round to nearest even.
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let mut r = m >> shift;
+        let rem = m & ((1 << shift) - 1);
+        if rem > half || (rem == half && r & 1 == 1) {
+            r += 1;
+        }
+        return sign | r as u16;
+    }
+    let mut r = ((e as u32) << 10) | (man >> 13);
+    let rem = man & 0x1fff;
+    if rem > 0x1000 || (rem == 0x1000 && r & 1 == 1) {
+        r += 1; // may carry into the exponent: still correct (up to inf)
+    }
+    sign | r as u16
+}
+
+/// The m16n8k16 fragment layout `mma_m16n8k16` uses, per lane (group g = lane / 4, thread t = lane
+/// % 4): A (16×16, row-major) registers `a[0]` = A[g][2t..2t+2], `a[1]` = A[g+8][2t..2t+2],
+/// `a[2]` = A[g][2t+8..2t+10], `a[3]` = A[g+8][2t+8..2t+10] (two f16 each, lower column in the
+/// low half); B (16×8, k × n) `b[0]` = B[2t..2t+2][g], `b[1]` = B[2t+8..2t+10][g]; C and D (16×8
+/// f32) `c[0..2]` = C[g][2t..2t+2], `c[2..4]` = C[g+8][2t..2t+2].
+pub mod mma_layout {
+    /// (row, col) of A held in half `h` (0..8) of lane `lane`.
+    pub const fn a(lane: u32, h: u32) -> (u32, u32) {
+        let (g, t) = (lane / 4, lane % 4);
+        let row = g + if h % 4 >= 2 { 8 } else { 0 };
+        let col = 2 * t + (h % 2) + if h >= 4 { 8 } else { 0 };
+        (row, col)
+    }
+    /// (k, n) of B held in half `h` (0..4) of lane `lane`.
+    pub const fn b(lane: u32, h: u32) -> (u32, u32) {
+        let (g, t) = (lane / 4, lane % 4);
+        (2 * t + (h % 2) + if h >= 2 { 8 } else { 0 }, g)
+    }
+    /// (row, col) of C / D held in element `e` (0..4) of lane `lane`.
+    pub const fn c(lane: u32, e: u32) -> (u32, u32) {
+        let (g, t) = (lane / 4, lane % 4);
+        (g + if e >= 2 { 8 } else { 0 }, 2 * t + (e % 2))
+    }
 }
 
 /// IEEE binary16 → f32 by bit manipulation, exact for every input (normals, subnormals, ±0,

@@ -482,3 +482,26 @@ unsafe impl Send for VerifyV2Params {}
 unsafe impl Sync for VerifyV2Params {}
 
 const _: () = assert!(core::mem::size_of::<VerifyV2Params>() == 168);
+
+/// Parameters of the v2 GEMV kernels (`gemv_v2_{fp16,int8,nf4}_m{1,2,4,8,16}` on CUDA cores,
+/// `gemv_tc_{fp16,int8,nf4}_n{8,16}` on tensor cores), passed by value: v1's buffers and shapes,
+/// plus the split of K across blocks and the workspace the splits' partial sums meet in.
+/// `speckv_kernels::gemv::plan_v2` chooses the kernel, the grid and `kt`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GemvV2Params {
+    pub base: GemvParams,
+    /// Scratch: `ceil(out / rows per block)` arrival counters (zero before the first launch; left
+    /// zero), then `ksplits × m × out` f32 partial sums. Unused (may be null) when `ksplits == 1`.
+    pub workspace: *mut u8,
+    /// Blocks along K per row tile.
+    pub ksplits: u32,
+    /// Elements of K per split (a multiple of 64).
+    pub kt: u32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for GemvV2Params {}
+unsafe impl Sync for GemvV2Params {}
+
+const _: () = assert!(core::mem::size_of::<GemvV2Params>() == 64);

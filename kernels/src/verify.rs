@@ -1268,3 +1268,52 @@ entries_verify_v2! {
     verify_v2_rows_f16, verify_v2_sample_f16: F16;
     verify_v2_rows_bf16, verify_v2_sample_bf16: Bf16;
 }
+
+/// Everything a stand-alone v2 verification needs: the draft rows' statistics first (logits mode;
+/// an engine that kept them from drafting skips this launch), then the two verification launches,
+/// and one workspace holding both scratches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FullPlanV2 {
+    pub verify: PlanV2,
+    /// The draft-row statistics launch (`batch × γmax` rows).
+    pub stats: crate::softmax_stats::PlanV2,
+    /// Byte offsets in the workspace (verification scratch first, at 0).
+    pub stats_counters: usize,
+    pub stats_partials: usize,
+    pub draft_stats: usize,
+    /// Bytes that must be zero before the first launch: `[0, verify counters)` and
+    /// `[stats_counters, stats_partials)`.
+    pub bytes: usize,
+}
+
+/// Plans a stand-alone v2 verification (see [`FullPlanV2`]). Host-side only.
+#[cfg(not(target_arch = "nvptx64"))]
+pub const fn full_plan_v2(
+    batch: u32,
+    gamma_max: u32,
+    vocab: u32,
+    elem_bytes: usize,
+    sm_count: u32,
+) -> FullPlanV2 {
+    let verify = plan_v2(batch, gamma_max, vocab, elem_bytes, sm_count);
+    let rows = batch * gamma_max;
+    let stats = crate::softmax_stats::plan_v2(
+        if rows == 0 { 1 } else { rows },
+        vocab,
+        elem_bytes,
+        sm_count,
+    );
+    let stats_counters = align16(verify.workspace_bytes);
+    let stats_partials = align16(stats_counters + rows as usize * 4);
+    let draft_stats = stats_partials
+        + rows as usize * stats.splits as usize * core::mem::size_of::<crate::params::StatsState>();
+    let bytes = draft_stats + rows as usize * core::mem::size_of::<crate::params::RowStats>();
+    FullPlanV2 {
+        verify,
+        stats,
+        stats_counters,
+        stats_partials,
+        draft_stats,
+        bytes,
+    }
+}

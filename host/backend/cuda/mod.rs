@@ -34,6 +34,8 @@ pub use gemv::{DeviceMatrix, GEMV_BLOCK};
 pub enum KernelFn {
     SoftmaxStats(Dtype),
     SoftmaxStatsV2(Dtype),
+    VerifyV2Rows(Dtype),
+    VerifyV2Sample(Dtype),
     Verify(Dtype),
     GammaMlp,
     /// Weight format and M tile (1, 2, 4, 8, 16).
@@ -41,7 +43,13 @@ pub enum KernelFn {
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 25] = [
+    pub const ALL: [KernelFn; 31] = [
+        KernelFn::VerifyV2Rows(Dtype::F32),
+        KernelFn::VerifyV2Rows(Dtype::F16),
+        KernelFn::VerifyV2Rows(Dtype::Bf16),
+        KernelFn::VerifyV2Sample(Dtype::F32),
+        KernelFn::VerifyV2Sample(Dtype::F16),
+        KernelFn::VerifyV2Sample(Dtype::Bf16),
         KernelFn::SoftmaxStatsV2(Dtype::F32),
         KernelFn::SoftmaxStatsV2(Dtype::F16),
         KernelFn::SoftmaxStatsV2(Dtype::Bf16),
@@ -78,6 +86,12 @@ impl KernelFn {
             KernelFn::SoftmaxStatsV2(Dtype::F32) => "softmax_stats_v2_f32",
             KernelFn::SoftmaxStatsV2(Dtype::F16) => "softmax_stats_v2_f16",
             KernelFn::SoftmaxStatsV2(Dtype::Bf16) => "softmax_stats_v2_bf16",
+            KernelFn::VerifyV2Rows(Dtype::F32) => "verify_v2_rows_f32",
+            KernelFn::VerifyV2Rows(Dtype::F16) => "verify_v2_rows_f16",
+            KernelFn::VerifyV2Rows(Dtype::Bf16) => "verify_v2_rows_bf16",
+            KernelFn::VerifyV2Sample(Dtype::F32) => "verify_v2_sample_f32",
+            KernelFn::VerifyV2Sample(Dtype::F16) => "verify_v2_sample_f16",
+            KernelFn::VerifyV2Sample(Dtype::Bf16) => "verify_v2_sample_bf16",
             KernelFn::Verify(Dtype::F32) => "verify_f32",
             KernelFn::Verify(Dtype::F16) => "verify_f16",
             KernelFn::Verify(Dtype::Bf16) => "verify_bf16",
@@ -112,6 +126,8 @@ struct ByValue<T>(T);
 unsafe impl DeviceRepr for ByValue<SoftmaxStatsParams> {}
 // SAFETY: as above, for the v2 statistics kernel's parameters.
 unsafe impl DeviceRepr for ByValue<SoftmaxStatsV2Params> {}
+// SAFETY: as above, for the v2 verification kernels' parameters.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::VerifyV2Params> {}
 // SAFETY: as above, for the verification kernel's parameters.
 unsafe impl DeviceRepr for ByValue<VerifyParams> {}
 // SAFETY: as above, for the γ decision kernel's parameters.
@@ -128,7 +144,7 @@ pub fn driver_present() -> bool {
 /// Which version of a kernel to launch (v1 stays callable for comparison).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum StatsVersion {
+pub enum KernelVersion {
     V1,
     V2,
 }
@@ -356,7 +372,7 @@ impl CudaBackend {
         opts: &StatsOptions,
         accum: Option<&mut [FeatureAccum]>,
     ) -> Result<Vec<RowStats>> {
-        self.softmax_stats_version(logits, opts, accum, StatsVersion::V2)
+        self.softmax_stats_version(logits, opts, accum, KernelVersion::V2)
     }
 
     /// Statistics of host logits by the v1 kernel (one block per row), kept for comparison.
@@ -366,7 +382,7 @@ impl CudaBackend {
         opts: &StatsOptions,
         accum: Option<&mut [FeatureAccum]>,
     ) -> Result<Vec<RowStats>> {
-        self.softmax_stats_version(logits, opts, accum, StatsVersion::V1)
+        self.softmax_stats_version(logits, opts, accum, KernelVersion::V1)
     }
 
     fn softmax_stats_version(
@@ -374,7 +390,7 @@ impl CudaBackend {
         logits: &Logits<'_>,
         opts: &StatsOptions,
         accum: Option<&mut [FeatureAccum]>,
-        version: StatsVersion,
+        version: KernelVersion,
     ) -> Result<Vec<RowStats>> {
         opts.validate()?;
         check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
@@ -417,8 +433,8 @@ impl CudaBackend {
             match version {
                 // SAFETY: the buffers were sized from the validated shapes just above and live
                 // until after the synchronising downloads below.
-                StatsVersion::V1 => unsafe { self.launch_stats(logits.dtype(), params) }?,
-                StatsVersion::V2 => {
+                KernelVersion::V1 => unsafe { self.launch_stats(logits.dtype(), params) }?,
+                KernelVersion::V2 => {
                     let p2 = scratch.params(&self.stream, params, &plan);
                     // SAFETY: as above; the scratch was allocated for this plan, counters zeroed.
                     unsafe { self.launch_stats_v2(logits.dtype(), p2, &plan) }?
@@ -441,7 +457,7 @@ impl CudaBackend {
         logits: &Logits<'_>,
         opts: &StatsOptions,
         iters: u32,
-        version: StatsVersion,
+        version: KernelVersion,
     ) -> Result<Duration> {
         opts.validate()?;
         let rows = logits.rows();
@@ -471,8 +487,8 @@ impl CudaBackend {
         // SAFETY: as in `softmax_stats`; the buffers live to the end of this function.
         self.time_events(iters, || unsafe {
             match version {
-                StatsVersion::V1 => self.launch_stats(logits.dtype(), params),
-                StatsVersion::V2 => self.launch_stats_v2(logits.dtype(), p2, &plan),
+                KernelVersion::V1 => self.launch_stats(logits.dtype(), params),
+                KernelVersion::V2 => self.launch_stats_v2(logits.dtype(), p2, &plan),
             }
         })
     }
