@@ -57,7 +57,14 @@ fn bench(c: &mut Criterion) {
                 if let (Some(cu), Some(d)) = (&cuda, &dev) {
                     g.bench_function(BenchmarkId::new("cuda", &id), |b| {
                         b.iter_custom(|iters| {
-                            cu.time_gemv(d, m, iters as u32).expect("launch") * iters as u32
+                            cu.time_gemv(
+                                d,
+                                m,
+                                iters as u32,
+                                speckv::backend::cuda::KernelVersion::V2,
+                            )
+                            .expect("launch")
+                                * iters as u32
                         })
                     });
                 }
@@ -153,7 +160,9 @@ fn peers() {
                     .iter()
                     .map(|q| {
                         let d = cu.upload_matrix(q).expect("upload");
-                        cu.time_gemv(&d, m, 200).expect("launch").as_secs_f64()
+                        cu.time_gemv(&d, m, 200, speckv::backend::cuda::KernelVersion::V2)
+                            .expect("launch")
+                            .as_secs_f64()
                     })
                     .collect();
                 let th = torch.as_ref().and_then(|py| {

@@ -113,3 +113,54 @@ pub fn gemv_v1(
         sm_count,
     )
 }
+
+/// Block size of `verify` v1 (its ~80 registers per thread allow at most 768).
+pub const VERIFY_V1_BLOCK: u32 = 256;
+
+/// `verify` v1: one block of 256 threads per sequence.
+pub fn verify_v1(batch: u32, dtype: Dtype, sm_count: u32) -> LaunchPlan {
+    LaunchPlan::new(
+        format!("verify_{}", dtype.name()),
+        batch,
+        VERIFY_V1_BLOCK,
+        speckv_kernels::verify::shared_bytes(VERIFY_V1_BLOCK),
+        sm_count,
+    )
+}
+
+/// `verify` v2, stand-alone: the draft rows' statistics (logits mode), `verify_v2_rows`,
+/// `verify_v2_sample`.
+pub fn verify_v2(
+    batch: u32,
+    gamma_max: u32,
+    vocab: u32,
+    dtype: Dtype,
+    sm_count: u32,
+) -> (Vec<LaunchPlan>, speckv_kernels::verify::FullPlanV2) {
+    let f = speckv_kernels::verify::full_plan_v2(batch, gamma_max, vocab, dtype.size(), sm_count);
+    let mut v = Vec::new();
+    if batch * gamma_max > 0 {
+        v.push(LaunchPlan::new(
+            format!("softmax_stats_v2_{}", dtype.name()),
+            f.stats.grid,
+            f.stats.block,
+            f.stats.shared_bytes,
+            sm_count,
+        ));
+    }
+    v.push(LaunchPlan::new(
+        format!("verify_v2_rows_{}", dtype.name()),
+        f.verify.row_grid,
+        f.verify.row_block,
+        f.verify.shared_bytes,
+        sm_count,
+    ));
+    v.push(LaunchPlan::new(
+        format!("verify_v2_sample_{}", dtype.name()),
+        f.verify.sample_grid,
+        f.verify.sample_block,
+        f.verify.shared_bytes,
+        sm_count,
+    ));
+    (v, f)
+}

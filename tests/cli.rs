@@ -97,3 +97,156 @@ fn forcing_cuda_without_a_device_is_an_error() {
     assert!(stderr.contains("CUDA"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `speckv plan --json` prints what the backends launch: the emulator runs each kernel for the
+/// same shape and SM count, every launch it makes is recorded, and the two lists must agree
+/// (entry, grid, block, shared bytes). Also the floor: 1 × 128256 f16 gets ≥ 2 × 132 CTAs.
+#[test]
+fn plan_json_is_what_the_backend_launches() {
+    use speckv::backend::emulate::Emulator;
+    use speckv::stats::{Logits, LogitsData, StatsOptions};
+    use speckv::verify::{DraftDist, VerifyBatch};
+    use speckv::weights::quant::{Format, QMatrix};
+    use speckv_kernels::emu::{record_launches, RecordedLaunch};
+
+    fn plan(args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["plan", "--json"];
+        a.extend_from_slice(args);
+        let (ok, stdout, stderr) = speckv(&a);
+        assert!(ok, "speckv {a:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+        for key in [
+            "entry",
+            "grid",
+            "block",
+            "shared_bytes",
+            "ctas_per_sm",
+            "launches",
+        ] {
+            assert!(!v[key].is_null(), "{key} missing in {v}");
+        }
+        v
+    }
+    fn planned(v: &serde_json::Value) -> Vec<RecordedLaunch> {
+        v["launches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| RecordedLaunch {
+                name: l["entry"].as_str().unwrap().to_string(),
+                config: speckv_kernels::emu::LaunchConfig {
+                    grid: l["grid"][0].as_u64().unwrap() as u32,
+                    block: l["block"][0].as_u64().unwrap() as u32,
+                    shared_bytes: l["shared_bytes"].as_u64().unwrap() as usize,
+                },
+            })
+            .collect()
+    }
+    fn distinct(seen: Vec<RecordedLaunch>) -> Vec<RecordedLaunch> {
+        let mut out: Vec<RecordedLaunch> = Vec::new();
+        for l in seen {
+            if !out.contains(&l) {
+                out.push(l);
+            }
+        }
+        out
+    }
+
+    let big = plan(&[
+        "--kernel",
+        "softmax_stats",
+        "--rows",
+        "1",
+        "--vocab",
+        "128256",
+        "--dtype",
+        "f16",
+    ]);
+    assert_eq!(big["entry"], "softmax_stats_v2_f16");
+    assert!(big["grid"][0].as_u64().unwrap() >= 264, "{big}");
+
+    let emu = Emulator::new(32);
+    // softmax_stats v2, 3 rows × 5000 f16 on 132 SMs.
+    let (rows, vocab) = (3usize, 5000usize);
+    let x: Vec<half::f16> = (0..rows * vocab)
+        .map(|i| half::f16::from_f32(((i * 37) % 101) as f32 / 16.0 - 3.0))
+        .collect();
+    let l = Logits::dense(LogitsData::F16(&x), vocab).unwrap();
+    let (r, seen) =
+        record_launches(|| emu.softmax_stats_v2(&l, &StatsOptions::default(), None, 132, None));
+    r.unwrap();
+    let p = plan(&[
+        "--kernel",
+        "softmax_stats",
+        "--rows",
+        "3",
+        "--vocab",
+        "5000",
+        "--dtype",
+        "f16",
+    ]);
+    assert_eq!(distinct(seen), planned(&p));
+
+    // verify v2, 2 sequences, γ = 3, logits draft (the draft rows' statistics launch included).
+    let (batch, g) = (2usize, 3usize);
+    let target: Vec<half::f16> = (0..batch * (g + 1) * vocab)
+        .map(|i| half::f16::from_f32(((i * 13) % 29) as f32 / 8.0))
+        .collect();
+    let draft: Vec<half::f16> = (0..batch * g * vocab)
+        .map(|i| half::f16::from_f32(((i * 7) % 31) as f32 / 8.0))
+        .collect();
+    let tokens = vec![5i32; batch * g];
+    let gammas = vec![g as i32; batch];
+    let temps = vec![1.0f32; batch];
+    let vb = VerifyBatch {
+        target: LogitsData::F16(&target),
+        target_stride: vocab,
+        draft: DraftDist::Logits {
+            data: LogitsData::F16(&draft),
+            temperature: &temps,
+        },
+        draft_stride: vocab,
+        draft_tokens: &tokens,
+        gammas: &gammas,
+        target_temperature: &temps,
+        batch,
+        gamma_max: g,
+        vocab,
+        seed: 3,
+        step: 0,
+    };
+    let (r, seen) = record_launches(|| emu.verify_v2(&vb, 132));
+    r.unwrap();
+    let p = plan(&[
+        "--kernel", "verify", "--batch", "2", "--gamma", "3", "--vocab", "5000", "--dtype", "f16",
+    ]);
+    assert_eq!(distinct(seen), planned(&p));
+
+    // gemv v2: CUDA cores at M = 1, tensor cores at M = 5, every format.
+    let (out, inp) = (96usize, 256usize);
+    let w: Vec<f32> = (0..out * inp)
+        .map(|i| ((i * 11) % 17) as f32 / 64.0 - 0.1)
+        .collect();
+    for format in Format::ALL {
+        let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+        for m in [1usize, 5] {
+            let xs: Vec<f32> = (0..m * inp).map(|i| (i % 7) as f32 / 8.0).collect();
+            let (r, seen) = record_launches(|| emu.gemv_v2(&q, &xs, m, 132));
+            r.unwrap();
+            let (o, i, mm) = (out.to_string(), inp.to_string(), m.to_string());
+            let p = plan(&[
+                "--kernel",
+                "gemv",
+                "--format",
+                format.name(),
+                "--out",
+                &o,
+                "--in",
+                &i,
+                "--m",
+                &mm,
+            ]);
+            assert_eq!(distinct(seen), planned(&p), "{} m={m}", format.name());
+        }
+    }
+}

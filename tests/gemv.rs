@@ -98,6 +98,19 @@ macro_rules! per_backend {
                     false,
                 );
             }
+            /// v1, the oracle kernel, on the device too.
+            #[test]
+            fn cuda_v1() {
+                let Some(c) = common::cuda() else { return };
+                ($body)(
+                    &|q: &QMatrix, x: &[f32], m: usize| {
+                        let d = c.upload_matrix(q)?;
+                        c.gemv_v1(&d, x, m)
+                    },
+                    "cuda_v1",
+                    false,
+                );
+            }
         }
     };
 }

@@ -262,3 +262,47 @@ fn the_scan_sees_a_planted_cycle() {
     );
     assert_eq!(p[1].0, "super");
 }
+
+/// Every shell script parses (`bash -n`) and every Python script compiles: the GPU bundle and
+/// the setup scripts run where nobody can fix a typo, and CI does not run all of them.
+#[test]
+fn scripts_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let first = text.lines().next().unwrap_or("");
+        let (tool, args): (&str, Vec<&str>) =
+            if path.extension().is_some_and(|e| e == "py") || first.contains("python") {
+                (
+                    "python3",
+                    vec!["-c", "import ast, sys; ast.parse(open(sys.argv[1]).read())"],
+                )
+            } else if first.contains("bash") || first.contains("/sh") {
+                ("bash", vec!["-n"])
+            } else {
+                continue;
+            };
+        let out = std::process::Command::new(tool)
+            .args(&args)
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{} does not parse: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 5,
+        "only {checked} scripts found in {}",
+        dir.display()
+    );
+}

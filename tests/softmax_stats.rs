@@ -239,6 +239,15 @@ macro_rules! per_backend {
                 };
                 ($body)(&run, "cuda");
             }
+            /// v1, the oracle kernel, on the device too.
+            #[test]
+            fn cuda_v1() {
+                let Some(c) = common::cuda() else { return };
+                let run = |l: &Logits<'_>, o: &StatsOptions, a: Option<&mut [FeatureAccum]>| {
+                    c.softmax_stats_v1(l, o, a)
+                };
+                ($body)(&run, "cuda_v1");
+            }
         }
     };
 }

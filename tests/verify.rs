@@ -375,6 +375,12 @@ macro_rules! per_backend {
                 let Some(c) = common::cuda() else { return };
                 ($body)(&|v: &VerifyBatch<'_>| c.verify(v), "cuda");
             }
+            /// v1, the oracle kernel, on the device too.
+            #[test]
+            fn cuda_v1() {
+                let Some(c) = common::cuda() else { return };
+                ($body)(&|v: &VerifyBatch<'_>| c.verify_v1(v), "cuda_v1");
+            }
         }
     };
 }

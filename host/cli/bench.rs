@@ -25,6 +25,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every kernel, v1 and v2, on the CUDA device with a cold L2, as a share of the device's
+    /// copy bandwidth measured in the same run (the gpu-check bundle runs it).
+    Gpu {
+        /// Fewer shapes and iterations.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Draft time per token and verification time as a function of γ, per weight regime, on the
     /// current backend; writes the cost models `speckv evaluate --cost` reads.
     Step {
@@ -82,6 +91,16 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
                 json_out(&r)
             } else {
                 print!("{}", measure::overhead::render(&r));
+                Ok(())
+            }
+        }
+        Command::Gpu { quick, json } => {
+            let cuda = speckv::backend::cuda::CudaBackend::new(0)?;
+            let r = measure::gpu_bench::run(&cuda, quick)?;
+            if json {
+                json_out(&r)
+            } else {
+                print!("{}", measure::gpu_bench::render(&r));
                 Ok(())
             }
         }

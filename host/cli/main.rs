@@ -6,6 +6,7 @@ mod bench;
 mod calibrate;
 mod evaluate;
 mod generate;
+mod plan;
 mod profile;
 mod ptx;
 mod quantize;
@@ -68,6 +69,9 @@ enum Command {
     },
     /// Write the embedded PTX of every kernel (entry points in docs/kernels.md).
     Ptx(ptx::Args),
+    /// The launch a kernel gets for a shape: entry point, grid, block, shared bytes, blocks per
+    /// SM (exactly what the backends launch).
+    Plan(plan::Args),
 }
 
 fn run(cli: Cli) -> speckv::Result<()> {
@@ -84,6 +88,7 @@ fn run(cli: Cli) -> speckv::Result<()> {
         Command::CalibrateDraft(a) => calibrate::run(a),
         Command::Bench { what } => bench::run(what, backend),
         Command::Ptx(a) => ptx::run(a),
+        Command::Plan(a) => plan::run(a, backend),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Measurements on a backend, above every kernel's host side: `speckv report` ([`report`]), the
 //! losslessness simulation behind `speckv verify-sim` ([`verify_sim`]), the γ decision's overhead
-//! ([`overhead`]) and the weight regimes' measured step costs ([`regime`]).
+//! ([`overhead`]), the weight regimes' measured step costs ([`regime`]), and the GPU kernel
+//! benchmark with a cold L2 against the device's copy bandwidth ([`gpu_bench`]).
 
+pub mod gpu_bench;
 pub mod overhead;
 pub mod regime;
 pub mod report;

@@ -58,9 +58,9 @@ fn resident(backend: &Backend, q: QMatrix) -> Result<Resident> {
 /// Mean time of one GEMV at `m` over at least `budget`.
 fn time_gemv(backend: &Backend, r: &Resident, m: usize, budget: Duration) -> Result<Duration> {
     match (backend, r) {
-        (Backend::Cuda(c), Resident::Device(d, _)) => {
-            crate::backend::time_device(budget, |n| c.time_gemv(d, m, n))
-        }
+        (Backend::Cuda(c), Resident::Device(d, _)) => crate::backend::time_device(budget, |n| {
+            c.time_gemv(d, m, n, crate::backend::cuda::KernelVersion::V2)
+        }),
         (_, Resident::Host(q)) | (_, Resident::Device(_, q)) => {
             let (_, inp) = q.shape();
             let x = vec![0.5f32; m * inp];

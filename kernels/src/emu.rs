@@ -947,6 +947,14 @@ where
         )));
     }
     quiet_reports();
+    LAUNCH_LOG.with(|log| {
+        if let Some(v) = log.borrow_mut().as_mut() {
+            v.push(RecordedLaunch {
+                name: l.name.clone(),
+                config: l.config(),
+            });
+        }
+    });
     let state = LaunchState {
         name: l.name.clone(),
         buffers: l
@@ -1000,6 +1008,28 @@ where
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// One launch seen by [`record_launches`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedLaunch {
+    pub name: String,
+    pub config: LaunchConfig,
+}
+
+thread_local! {
+    static LAUNCH_LOG: std::cell::RefCell<Option<Vec<RecordedLaunch>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` and returns, beside its result, every launch it made on this thread (name, grid,
+/// block, shared bytes; repeated once per schedule): how a test proves the host launches exactly
+/// the plan `speckv plan` prints.
+pub fn record_launches<R>(f: impl FnOnce() -> R) -> (R, Vec<RecordedLaunch>) {
+    let outer = LAUNCH_LOG.with(|log| log.borrow_mut().replace(Vec::new()));
+    let r = f();
+    let seen = LAUNCH_LOG.with(|log| std::mem::replace(&mut *log.borrow_mut(), outer));
+    (r, seen.unwrap_or_default())
 }
 
 /// The schedule seeds [`launch_schedules`] uses: `SPECKV_EMU_SCHEDULES` of them (default 3).

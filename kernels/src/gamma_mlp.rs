@@ -75,6 +75,64 @@ pub fn predict<W: MlpSource>(w: W, x: &[f32; 6]) -> f32 {
     y.clamp(0.0, 1.0)
 }
 
+/// The hidden layer's pre-activations without the γ input: the five features that do not change
+/// between candidates are summed once, in the order `predict` sums them, so adding γ's term per
+/// candidate gives `predict`'s value bit for bit while the weights are read once, not once per
+/// candidate.
+#[derive(Clone, Copy)]
+pub struct Partial {
+    h: [f32; 16],
+    /// Standardisation of γ (mean, 1 / std) and the finiteness of the five standardised features.
+    g_mean: f32,
+    g_inv_std: f32,
+    finite: f32,
+}
+
+impl Partial {
+    #[inline(always)]
+    pub fn new<W: MlpSource>(w: W, x: &[f32; 5]) -> Partial {
+        let mut z = [0f32; 5];
+        crate::unroll!(i in 0..6 => {
+            if i < 5 {
+                z[i] = (x[i] - w.at(MEAN + i)) * w.at(INV_STD + i);
+            }
+        });
+        let mut h = [0f32; 16];
+        crate::unroll!(j in 0..16 => {
+            let mut v = w.at(B1 + j);
+            crate::unroll!(i in 0..6 => {
+                if i < 5 {
+                    v += z[i] * w.at(W1 + i * 16 + j);
+                }
+            });
+            h[j] = v;
+        });
+        Partial {
+            h,
+            g_mean: w.at(MEAN + 5),
+            g_inv_std: w.at(INV_STD + 5),
+            finite: z[0] + z[1] + z[2] + z[3] + z[4],
+        }
+    }
+
+    /// `predict` at candidate γ = `g`.
+    #[inline(always)]
+    pub fn predict<W: MlpSource>(&self, w: W, g: f32) -> f32 {
+        let z5 = (g - self.g_mean) * self.g_inv_std;
+        let mut y = w.at(B2);
+        crate::unroll!(j in 0..16 => {
+            let h = self.h[j] + z5 * w.at(W1 + 5 * 16 + j);
+            if h > 0.0 {
+                y += h * w.at(W2 + j);
+            }
+        });
+        if !y.is_finite() || !(self.finite + z5).is_finite() {
+            return f32::NAN;
+        }
+        y.clamp(0.0, 1.0)
+    }
+}
+
 /// The chosen candidate index and its predicted tokens per step, for the base features
 /// (mean entropy, mean confidence, max entropy, min confidence) and compression code; `None` when
 /// a feature or a prediction is not finite (the caller falls back).
@@ -87,10 +145,11 @@ pub fn decide<W: MlpSource>(
     cost: Option<&[f32]>,
 ) -> Option<(usize, f32)> {
     // Iterators and `get` only: no bounds-check panic path reaches the PTX.
+    let part = Partial::new(w, &[base[0], base[1], base[2], base[3], code]);
     let mut best = (0usize, f32::NEG_INFINITY, 0f32);
     for (c, &gi) in candidates.iter().enumerate() {
         let g = gi as f32;
-        let a = predict(w, &[base[0], base[1], base[2], base[3], code, g]);
+        let a = part.predict(w, g);
         if a.is_nan() {
             return None;
         }
@@ -148,13 +207,14 @@ pub unsafe fn decide_into(p: &GammaMlpParams, b: u32, a: &FeatureAccum) {
         // Every candidate by a constant index (registers, not local memory); the same
         // arithmetic, in the same order, as `decide`.
         let w = DeviceMlp(p.weights);
+        let part = Partial::new(w, &[base[0], base[1], base[2], base[3], code]);
         let mut best = (p.fallback_gamma, f32::NEG_INFINITY, 0f32);
         let mut bad = false;
         crate::unroll!(c in 0..8 => {
             if c < n {
                 let gi = p.candidates[c];
                 let g = gi as f32;
-                let a = predict(w, &[base[0], base[1], base[2], base[3], code, g]);
+                let a = part.predict(w, g);
                 bad |= a.is_nan();
                 let tokens = a * g + 1.0;
                 let score = if p.cost.is_null() {

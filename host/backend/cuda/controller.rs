@@ -126,8 +126,104 @@ impl CudaBackend {
             .stream
             .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(accum))?;
         let mut gammas = self.stream.alloc_zeros::<i32>(accum.len())?;
-        self.time_events(iters, || {
+        self.time_cold(iters, || {
             self.launch_gamma_mlp(dc, &d_accum, &mut gammas, accum.len(), 0.0, 4)
         })
     }
 }
+
+impl CudaBackend {
+    /// Mean time (cold L2) of one `softmax_stats_v2` launch over `logits` accumulating into
+    /// per-row features, with (`decide`) or without the γ decision fused into its final merge: the
+    /// difference is what the fused decision adds to a drafted position.
+    pub fn time_stats_decide(
+        &self,
+        dc: &DeviceController,
+        logits: &crate::stats::Logits<'_>,
+        iters: u32,
+        decide: bool,
+    ) -> Result<Duration> {
+        use speckv_kernels::params::{GammaMlpParams, RowStats, STATS_ACCUMULATE, STATS_DECIDE};
+        let rows = logits.rows();
+        let st = &self.stream;
+        let d_logits = st.clone_htod(logits.data().bytes())?;
+        let mut d_out = st.alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
+        let accum0 = vec![FeatureAccum::EMPTY; rows];
+        let mut d_accum = st.clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(&accum0))?;
+        let mut d_gammas = st.alloc_zeros::<i32>(rows)?;
+        let mut d_flags = st.alloc_zeros::<u32>(rows)?;
+        let (_, plan) = crate::plan::softmax_stats_v2(
+            rows as u32,
+            logits.vocab() as u32,
+            logits.dtype(),
+            self.sm_count,
+        );
+        let mut scratch = super::stats::StatsScratch::new(self, rows, &plan)?;
+        let (lp, _g0) = d_logits.device_ptr(st);
+        let (op, _g1) = d_out.device_ptr_mut(st);
+        let (ap, _g2) = d_accum.device_ptr_mut(st);
+        let (gp, _g3) = d_gammas.device_ptr_mut(st);
+        let (fp, _g4) = d_flags.device_ptr_mut(st);
+        let (w, _g5) = dc.weights.device_ptr(st);
+        let (c, _g6) = match dc.cost.as_ref() {
+            Some(x) => {
+                let (p, g) = x.device_ptr(st);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let gparams: GammaMlpParams = dc.controller.params(
+            rows,
+            0.0,
+            4,
+            GammaPtrs {
+                weights: w as *const MlpWeights,
+                accum: ap as *const FeatureAccum,
+                compression: std::ptr::null(),
+                cost: c as *const f32,
+                gammas_out: gp as *mut i32,
+                expected_out: std::ptr::null_mut(),
+                flags_out: fp as *mut u32,
+            },
+        );
+        let d_decision = st.clone_htod(bytemuck::bytes_of(&Pod(gparams)))?;
+        let (dp, _g7) = d_decision.device_ptr(st);
+        let opts = crate::stats::StatsOptions {
+            temperature: 1.0,
+            sample: false,
+            seed: 0,
+            step: 0,
+            accumulate: crate::stats::Accumulate::Add,
+        };
+        let base = crate::stats::stats_params(
+            logits,
+            &opts,
+            lp as *const u8,
+            op as *mut speckv_kernels::params::RowStats,
+            ap as *mut FeatureAccum,
+        );
+        let mut p2 = scratch.params(st, base, &plan);
+        p2.flags = STATS_ACCUMULATE | if decide { STATS_DECIDE } else { 0 };
+        p2.decision = if decide {
+            dp as *const GammaMlpParams
+        } else {
+            std::ptr::null()
+        };
+        // SAFETY: every buffer above has `rows` entries or the plan's size and lives to the end of
+        // this function; the decision parameters point at them.
+        self.time_cold(iters, || unsafe {
+            self.launch_stats_v2(logits.dtype(), p2, &plan)
+        })
+    }
+}
+
+/// `GammaMlpParams` as bytes (a `#[repr(C)]` struct of pointers and scalars with no padding: its
+/// size is asserted in the kernels crate).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Pod(speckv_kernels::params::GammaMlpParams);
+// SAFETY: `GammaMlpParams` is `#[repr(C)]`, 104 bytes of 8-byte pointers, i32/u32/f32 fields and
+// an i32 array with no padding (asserted in params.rs); any bit pattern is a valid value to copy.
+unsafe impl bytemuck::Zeroable for Pod {}
+// SAFETY: as above.
+unsafe impl bytemuck::Pod for Pod {}

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use speckv_kernels::params::GemvParams;
+use speckv_kernels::gemv::PathV2;
+use speckv_kernels::params::{GemvParams, GemvV2Params};
 
-use super::{ByValue, CudaBackend, KernelFn};
+use super::{ByValue, CudaBackend, KernelFn, KernelVersion};
 use crate::error::{Error, Result};
 use crate::weights::quant::{Format, QMatrix};
 
@@ -93,8 +94,109 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// y `[m, out]` = x · Wᵀ for host x (upload, launch, download).
+    /// The v2 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's size).
+    fn launch_gemv_v2(
+        &self,
+        d: &DeviceMatrix,
+        x: &cudarc::driver::CudaSlice<f32>,
+        y: &mut cudarc::driver::CudaSlice<f32>,
+        m: usize,
+        ws: &mut cudarc::driver::CudaSlice<u8>,
+    ) -> Result<()> {
+        if m == 0 || m > crate::weights::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
+            return Err(Error::Other(format!(
+                "gemv: M = {m} or buffer sizes do not fit the {}×{} matrix",
+                d.out, d.inp
+            )));
+        }
+        let (_, plan) = crate::plan::gemv_v2(
+            d.format,
+            d.out as u32,
+            d.inp as u32,
+            m as u32,
+            self.sm_count,
+        );
+        if ws.len() < plan.workspace_bytes {
+            return Err(Error::Other(
+                "gemv v2: workspace smaller than the plan's".to_string(),
+            ));
+        }
+        let st = &self.stream;
+        let (w, _g0) = d.weight.device_ptr(st);
+        let (sc, _g1) = match d.scales.as_ref() {
+            Some(s) => {
+                let (p, g) = s.device_ptr(st);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (xp, _g2) = x.device_ptr(st);
+        let (yp, _g3) = y.device_ptr_mut(st);
+        let (wsp, _g4) = ws.device_ptr_mut(st);
+        let params = GemvV2Params {
+            base: GemvParams {
+                weight: w as *const u8,
+                scales: sc as *const f32,
+                x: xp as *const f32,
+                y: yp as *mut f32,
+                out_features: d.out as u32,
+                in_features: d.inp as u32,
+                m: m as u32,
+                _pad: 0,
+            },
+            workspace: wsp as *mut u8,
+            ksplits: plan.ksplits,
+            kt: plan.kt,
+        };
+        let f = match plan.path {
+            PathV2::Cores { mt } => KernelFn::GemvV2(d.format, mt),
+            PathV2::Tensor { nt } => KernelFn::GemvTc(d.format, nt),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (plan.grid, 1, 1),
+            block_dim: (plan.block, 1, 1),
+            shared_mem_bytes: plan.shared_bytes as u32,
+        };
+        let arg = ByValue(params);
+        let mut b = st.launch_builder(self.function(f));
+        b.arg(&arg);
+        // SAFETY: sizes checked above against the uploaded matrix (cudarc allocations are 256-byte
+        // aligned, so the 16-byte weight loads are aligned); the workspace is the plan's and
+        // zeroed; the buffers outlive the launch.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    fn gemv_workspace(&self, d: &DeviceMatrix, m: usize) -> Result<cudarc::driver::CudaSlice<u8>> {
+        let (_, plan) = crate::plan::gemv_v2(
+            d.format,
+            d.out as u32,
+            d.inp as u32,
+            m as u32,
+            self.sm_count,
+        );
+        Ok(self
+            .stream
+            .alloc_zeros::<u8>(plan.workspace_bytes.max(16))?)
+    }
+
+    /// y `[m, out]` = x · Wᵀ for host x by the v2 kernels (upload, launch, download).
     pub fn gemv(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.gemv_version(d, x, m, KernelVersion::V2)
+    }
+
+    /// y `[m, out]` = x · Wᵀ by the v1 kernels (one warp per row), kept for comparison.
+    pub fn gemv_v1(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.gemv_version(d, x, m, KernelVersion::V1)
+    }
+
+    fn gemv_version(
+        &self,
+        d: &DeviceMatrix,
+        x: &[f32],
+        m: usize,
+        version: KernelVersion,
+    ) -> Result<Vec<f32>> {
         if x.len() != m * d.inp {
             return Err(Error::Length {
                 what: "x",
@@ -104,14 +206,32 @@ impl CudaBackend {
         }
         let dx = self.stream.clone_htod(x)?;
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
-        self.launch_gemv(d, &dx, &mut dy, m)?;
+        match version {
+            KernelVersion::V1 => self.launch_gemv(d, &dx, &mut dy, m)?,
+            KernelVersion::V2 => {
+                let mut ws = self.gemv_workspace(d, m)?;
+                self.launch_gemv_v2(d, &dx, &mut dy, m, &mut ws)?;
+            }
+        }
         Ok(self.stream.clone_dtoh(&dy)?)
     }
 
     /// Mean time of one GEMV launch with device-resident weights and activations (CUDA events).
-    pub fn time_gemv(&self, d: &DeviceMatrix, m: usize, iters: u32) -> Result<Duration> {
+    pub fn time_gemv(
+        &self,
+        d: &DeviceMatrix,
+        m: usize,
+        iters: u32,
+        version: KernelVersion,
+    ) -> Result<Duration> {
         let dx = self.stream.alloc_zeros::<f32>(m * d.inp)?;
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
-        self.time_events(iters, || self.launch_gemv(d, &dx, &mut dy, m))
+        match version {
+            KernelVersion::V1 => self.time_cold(iters, || self.launch_gemv(d, &dx, &mut dy, m)),
+            KernelVersion::V2 => {
+                let mut ws = self.gemv_workspace(d, m)?;
+                self.time_cold(iters, || self.launch_gemv_v2(d, &dx, &mut dy, m, &mut ws))
+            }
+        }
     }
 }

@@ -6,24 +6,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr};
 use cudarc::nvrtc::Ptx;
 use speckv_kernels::params::{
-    FeatureAccum, GammaMlpParams, GemvParams, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params,
-    StatsState, VerifyParams,
+    GammaMlpParams, GemvParams, SoftmaxStatsParams, SoftmaxStatsV2Params, VerifyParams,
 };
-use speckv_kernels::softmax_stats::{self as kernel, PlanV2};
 
 use crate::error::{Error, Result};
 use crate::ptx::Arch;
-use crate::stats::{check_accum, stats_params, Dtype, Logits, StatsOptions};
+use crate::stats::Dtype;
 use crate::weights::quant::Format;
 
 mod controller;
 mod gemv;
+mod stats;
 mod verify;
 
 pub use controller::{DeviceController, GAMMA_BLOCK};
@@ -40,10 +36,35 @@ pub enum KernelFn {
     GammaMlp,
     /// Weight format and M tile (1, 2, 4, 8, 16).
     Gemv(Format, u32),
+    /// v2 on CUDA cores: weight format and M tile.
+    GemvV2(Format, u32),
+    /// v2 on tensor cores: weight format and n-tiles (1: M ≤ 8, 2: M ≤ 16).
+    GemvTc(Format, u32),
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 31] = [
+    pub const ALL: [KernelFn; 52] = [
+        KernelFn::GemvV2(Format::Fp16, 1),
+        KernelFn::GemvV2(Format::Fp16, 2),
+        KernelFn::GemvV2(Format::Fp16, 4),
+        KernelFn::GemvV2(Format::Fp16, 8),
+        KernelFn::GemvV2(Format::Fp16, 16),
+        KernelFn::GemvTc(Format::Fp16, 1),
+        KernelFn::GemvTc(Format::Fp16, 2),
+        KernelFn::GemvV2(Format::Int8, 1),
+        KernelFn::GemvV2(Format::Int8, 2),
+        KernelFn::GemvV2(Format::Int8, 4),
+        KernelFn::GemvV2(Format::Int8, 8),
+        KernelFn::GemvV2(Format::Int8, 16),
+        KernelFn::GemvTc(Format::Int8, 1),
+        KernelFn::GemvTc(Format::Int8, 2),
+        KernelFn::GemvV2(Format::Nf4, 1),
+        KernelFn::GemvV2(Format::Nf4, 2),
+        KernelFn::GemvV2(Format::Nf4, 4),
+        KernelFn::GemvV2(Format::Nf4, 8),
+        KernelFn::GemvV2(Format::Nf4, 16),
+        KernelFn::GemvTc(Format::Nf4, 1),
+        KernelFn::GemvTc(Format::Nf4, 2),
         KernelFn::VerifyV2Rows(Dtype::F32),
         KernelFn::VerifyV2Rows(Dtype::F16),
         KernelFn::VerifyV2Rows(Dtype::Bf16),
@@ -96,6 +117,31 @@ impl KernelFn {
             KernelFn::Verify(Dtype::F16) => "verify_f16",
             KernelFn::Verify(Dtype::Bf16) => "verify_bf16",
             KernelFn::GammaMlp => "gamma_mlp_f32",
+            KernelFn::GemvV2(f, t) => match (f, t) {
+                (Format::Fp16, 1) => "gemv_v2_fp16_m1",
+                (Format::Fp16, 2) => "gemv_v2_fp16_m2",
+                (Format::Fp16, 4) => "gemv_v2_fp16_m4",
+                (Format::Fp16, 8) => "gemv_v2_fp16_m8",
+                (Format::Fp16, _) => "gemv_v2_fp16_m16",
+                (Format::Int8, 1) => "gemv_v2_int8_m1",
+                (Format::Int8, 2) => "gemv_v2_int8_m2",
+                (Format::Int8, 4) => "gemv_v2_int8_m4",
+                (Format::Int8, 8) => "gemv_v2_int8_m8",
+                (Format::Int8, _) => "gemv_v2_int8_m16",
+                (Format::Nf4, 1) => "gemv_v2_nf4_m1",
+                (Format::Nf4, 2) => "gemv_v2_nf4_m2",
+                (Format::Nf4, 4) => "gemv_v2_nf4_m4",
+                (Format::Nf4, 8) => "gemv_v2_nf4_m8",
+                (Format::Nf4, _) => "gemv_v2_nf4_m16",
+            },
+            KernelFn::GemvTc(f, nt) => match (f, nt) {
+                (Format::Fp16, 1) => "gemv_tc_fp16_n8",
+                (Format::Fp16, _) => "gemv_tc_fp16_n16",
+                (Format::Int8, 1) => "gemv_tc_int8_n8",
+                (Format::Int8, _) => "gemv_tc_int8_n16",
+                (Format::Nf4, 1) => "gemv_tc_nf4_n8",
+                (Format::Nf4, _) => "gemv_tc_nf4_n16",
+            },
             KernelFn::Gemv(f, t) => match (f, t) {
                 (Format::Fp16, 1) => "gemv_fp16_m1",
                 (Format::Fp16, 2) => "gemv_fp16_m2",
@@ -132,6 +178,8 @@ unsafe impl DeviceRepr for ByValue<speckv_kernels::params::VerifyV2Params> {}
 unsafe impl DeviceRepr for ByValue<VerifyParams> {}
 // SAFETY: as above, for the γ decision kernel's parameters.
 unsafe impl DeviceRepr for ByValue<GammaMlpParams> {}
+// SAFETY: as above, for the v2 GEMV kernels' parameters.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::GemvV2Params> {}
 // SAFETY: as above, for the GEMV kernels' parameters.
 unsafe impl DeviceRepr for ByValue<GemvParams> {}
 
@@ -149,68 +197,10 @@ pub enum KernelVersion {
     V2,
 }
 
-/// The scratch of one `softmax_stats_v2` launch: partial states and arrival counters (zeroed).
-struct StatsScratch {
-    partials: cudarc::driver::CudaSlice<u8>,
-    counters: cudarc::driver::CudaSlice<u32>,
-}
-
-impl StatsScratch {
-    fn new(cuda: &CudaBackend, rows: usize, plan: &PlanV2) -> Result<StatsScratch> {
-        Ok(StatsScratch {
-            partials: cuda.stream.alloc_zeros::<u8>(
-                rows * plan.splits as usize * std::mem::size_of::<StatsState>(),
-            )?,
-            counters: cuda.stream.alloc_zeros::<u32>(rows.max(1))?,
-        })
-    }
-
-    /// v2 parameters from v1's, pointing at this scratch.
-    fn params(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        p: SoftmaxStatsParams,
-        plan: &PlanV2,
-    ) -> SoftmaxStatsV2Params {
-        let (pp, _g1) = self.partials.device_ptr_mut(stream);
-        let (cp, _g2) = self.counters.device_ptr_mut(stream);
-        SoftmaxStatsV2Params {
-            logits: p.logits,
-            out: p.out,
-            accum: p.accum,
-            partials: pp as *mut StatsState,
-            counters: cp as *mut u32,
-            decision: std::ptr::null(),
-            seed: p.seed,
-            step: p.step,
-            rows: p.rows,
-            vocab: p.vocab,
-            row_stride: p.row_stride,
-            temperature: p.temperature,
-            flags: p.flags,
-            splits: plan.splits,
-            chunk_vecs: plan.chunk_vecs,
-            temperature_group: 1,
-            temperatures: std::ptr::null(),
-        }
-    }
-
-    /// Every launch must leave the counters zero (the next one relies on it).
-    fn check_counters(&self, stream: &Arc<CudaStream>) -> Result<()> {
-        let c = stream.clone_dtoh(&self.counters)?;
-        if c.iter().any(|&x| x != 0) {
-            return Err(Error::Other(format!(
-                "softmax_stats_v2 left its arrival counters non-zero: {c:?}"
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Block size used for `softmax_stats` launches.
-pub const STATS_BLOCK: u32 = 1024;
-/// Block size used for `verify` launches (its ~80 registers per thread allow at most 768).
-pub const VERIFY_BLOCK: u32 = 256;
+/// Block size of `softmax_stats` v1 launches.
+pub const STATS_BLOCK: u32 = crate::plan::STATS_V1_BLOCK;
+/// Block size of `verify` v1 launches.
+pub const VERIFY_BLOCK: u32 = crate::plan::VERIFY_V1_BLOCK;
 
 /// One GPU, its stream and the loaded kernels.
 pub struct CudaBackend {
@@ -302,203 +292,51 @@ impl CudaBackend {
         &self.functions[&f]
     }
 
-    /// Mean time of `iters` calls of `launch` on the stream, by CUDA events (the first call is
-    /// a warm-up outside the timed region).
-    fn time_events(&self, iters: u32, mut launch: impl FnMut() -> Result<()>) -> Result<Duration> {
+    /// L2 cache size of the device in bytes.
+    pub fn l2_bytes(&self) -> Result<usize> {
+        Ok(self
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?
+            .max(0) as usize)
+    }
+
+    /// Mean time of one call of `launch` with a cold L2: before every timed call a buffer of twice
+    /// the L2 is zeroed (not timed), so nothing the call reads is still cached; CUDA events bracket
+    /// only the call. One untimed warm-up call first (module load, first-touch).
+    pub fn time_cold(
+        &self,
+        iters: u32,
+        mut launch: impl FnMut() -> Result<()>,
+    ) -> Result<Duration> {
+        let flush_bytes = (2 * self.l2_bytes()?).max(64 << 20);
+        let mut flush = self.stream.alloc_zeros::<u8>(flush_bytes)?;
         launch()?;
         let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-        let start = self.ctx.new_event(Some(flags))?;
-        let end = self.ctx.new_event(Some(flags))?;
-        start.record(&self.stream)?;
-        for _ in 0..iters.max(1) {
+        let n = iters.max(1) as usize;
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            self.stream.memset_zeros(&mut flush)?;
+            let start = self.ctx.new_event(Some(flags))?;
+            let end = self.ctx.new_event(Some(flags))?;
+            start.record(&self.stream)?;
             launch()?;
+            end.record(&self.stream)?;
+            events.push((start, end));
         }
-        end.record(&self.stream)?;
-        end.synchronize()?;
-        let ms = start.elapsed_ms(&end)?;
-        Ok(Duration::from_secs_f64(
-            ms as f64 / 1e3 / iters.max(1) as f64,
-        ))
-    }
-
-    /// Launches `softmax_stats` on device buffers.
-    ///
-    /// # Safety
-    /// `params` must describe live device buffers of the sizes the kernel reads and writes.
-    unsafe fn launch_stats(&self, dtype: Dtype, params: SoftmaxStatsParams) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (params.rows, 1, 1),
-            block_dim: (STATS_BLOCK, 1, 1),
-            shared_mem_bytes: kernel::shared_bytes(STATS_BLOCK) as u32,
-        };
-        let arg = ByValue(params);
-        let func = self.function(KernelFn::SoftmaxStats(dtype));
-        let mut b = self.stream.launch_builder(func);
-        b.arg(&arg);
-        // SAFETY: forwarded from this function's contract; the launch shape is the kernel's.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
-    /// Launches `softmax_stats_v2` on device buffers with the plan for this device.
-    ///
-    /// # Safety
-    /// `params` must describe live device buffers of the sizes the kernel reads and writes, its
-    /// scratch sized for `plan` (counters zero).
-    unsafe fn launch_stats_v2(
-        &self,
-        dtype: Dtype,
-        params: SoftmaxStatsV2Params,
-        plan: &PlanV2,
-    ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (plan.grid, 1, 1),
-            block_dim: (plan.block, 1, 1),
-            shared_mem_bytes: plan.shared_bytes as u32,
-        };
-        let arg = ByValue(params);
-        let func = self.function(KernelFn::SoftmaxStatsV2(dtype));
-        let mut b = self.stream.launch_builder(func);
-        b.arg(&arg);
-        // SAFETY: forwarded from this function's contract; the launch shape is the plan's.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
-    /// Statistics of host logits by the v2 kernel (uploads, launches, downloads).
-    pub fn softmax_stats(
-        &self,
-        logits: &Logits<'_>,
-        opts: &StatsOptions,
-        accum: Option<&mut [FeatureAccum]>,
-    ) -> Result<Vec<RowStats>> {
-        self.softmax_stats_version(logits, opts, accum, KernelVersion::V2)
-    }
-
-    /// Statistics of host logits by the v1 kernel (one block per row), kept for comparison.
-    pub fn softmax_stats_v1(
-        &self,
-        logits: &Logits<'_>,
-        opts: &StatsOptions,
-        accum: Option<&mut [FeatureAccum]>,
-    ) -> Result<Vec<RowStats>> {
-        self.softmax_stats_version(logits, opts, accum, KernelVersion::V1)
-    }
-
-    fn softmax_stats_version(
-        &self,
-        logits: &Logits<'_>,
-        opts: &StatsOptions,
-        accum: Option<&mut [FeatureAccum]>,
-        version: KernelVersion,
-    ) -> Result<Vec<RowStats>> {
-        opts.validate()?;
-        check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
-        let rows = logits.rows();
-        let d_logits = self.stream.clone_htod(logits.data().bytes())?;
-        let mut d_out = self
-            .stream
-            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
-        let mut d_accum = match &accum {
-            Some(a) => Some(
-                self.stream
-                    .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(a))?,
-            ),
-            None => None,
-        };
-        let (_, plan) = crate::plan::softmax_stats_v2(
-            rows as u32,
-            logits.vocab() as u32,
-            logits.dtype(),
-            self.sm_count,
-        );
-        let mut scratch = StatsScratch::new(self, rows, &plan)?;
-        {
-            let (lp, _g1) = d_logits.device_ptr(&self.stream);
-            let (op, _g2) = d_out.device_ptr_mut(&self.stream);
-            let (ap, _g3) = match d_accum.as_mut() {
-                Some(a) => {
-                    let (p, g) = a.device_ptr_mut(&self.stream);
-                    (p, Some(g))
-                }
-                None => (0, None),
-            };
-            let params = stats_params(
-                logits,
-                opts,
-                lp as *const u8,
-                op as *mut RowStats,
-                ap as *mut FeatureAccum,
-            );
-            match version {
-                // SAFETY: the buffers were sized from the validated shapes just above and live
-                // until after the synchronising downloads below.
-                KernelVersion::V1 => unsafe { self.launch_stats(logits.dtype(), params) }?,
-                KernelVersion::V2 => {
-                    let p2 = scratch.params(&self.stream, params, &plan);
-                    // SAFETY: as above; the scratch was allocated for this plan, counters zeroed.
-                    unsafe { self.launch_stats_v2(logits.dtype(), p2, &plan) }?
-                }
-            }
+        self.stream.synchronize()?;
+        let mut ms = 0f64;
+        for (s, e) in &events {
+            ms += s.elapsed_ms(e)? as f64;
         }
-        let out_bytes = self.stream.clone_dtoh(&d_out)?;
-        if let (Some(a), Some(d)) = (accum, d_accum.as_ref()) {
-            let bytes = self.stream.clone_dtoh(d)?;
-            a.copy_from_slice(bytemuck::cast_slice(&bytes));
-        }
-        scratch.check_counters(&self.stream)?;
-        Ok(bytemuck::pod_collect_to_vec(&out_bytes))
+        Ok(Duration::from_secs_f64(ms / 1e3 / n as f64))
     }
 
-    /// Mean time of one `softmax_stats` launch over device-resident logits (uploaded once, timed
-    /// with CUDA events, transfers excluded).
-    pub fn time_softmax_stats(
-        &self,
-        logits: &Logits<'_>,
-        opts: &StatsOptions,
-        iters: u32,
-        version: KernelVersion,
-    ) -> Result<Duration> {
-        opts.validate()?;
-        let rows = logits.rows();
-        let d_logits = self.stream.clone_htod(logits.data().bytes())?;
-        let mut d_out = self
-            .stream
-            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
-        let (lp, _g1) = d_logits.device_ptr(&self.stream);
-        let (op, _g2) = d_out.device_ptr_mut(&self.stream);
-        let mut o = *opts;
-        o.accumulate = crate::stats::Accumulate::No;
-        let params = stats_params(
-            logits,
-            &o,
-            lp as *const u8,
-            op as *mut RowStats,
-            std::ptr::null_mut(),
-        );
-        let (_, plan) = crate::plan::softmax_stats_v2(
-            rows as u32,
-            logits.vocab() as u32,
-            logits.dtype(),
-            self.sm_count,
-        );
-        let mut scratch = StatsScratch::new(self, rows, &plan)?;
-        let p2 = scratch.params(&self.stream, params, &plan);
-        // SAFETY: as in `softmax_stats`; the buffers live to the end of this function.
-        self.time_events(iters, || unsafe {
-            match version {
-                KernelVersion::V1 => self.launch_stats(logits.dtype(), params),
-                KernelVersion::V2 => self.launch_stats_v2(logits.dtype(), p2, &plan),
-            }
-        })
-    }
-
-    /// Device-to-device copy bandwidth (read + write bytes per second) of `bytes` bytes, the
-    /// ceiling the memory-bound kernels are compared with.
+    /// Device-to-device copy bandwidth (read + write bytes per second) of `bytes` bytes with a
+    /// cold L2, the ceiling the memory-bound kernels are compared with.
     pub fn copy_bandwidth(&self, bytes: usize, iters: u32) -> Result<f64> {
         let src = self.stream.alloc_zeros::<u8>(bytes)?;
         let mut dst = self.stream.alloc_zeros::<u8>(bytes)?;
-        let t = self.time_events(iters, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
+        let t = self.time_cold(iters, || Ok(self.stream.memcpy_dtod(&src, &mut dst)?))?;
         let s = t.as_secs_f64();
         Ok(2.0 * bytes as f64 / s)
     }

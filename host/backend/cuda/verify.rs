@@ -234,11 +234,11 @@ impl CudaBackend {
         v.validate()?;
         let mut d = self.upload_verify(v)?;
         match version {
-            KernelVersion::V1 => self.time_events(iters, || self.launch_verify(v, &mut d)),
+            KernelVersion::V1 => self.time_cold(iters, || self.launch_verify(v, &mut d)),
             KernelVersion::V2 => {
                 let plan = self.verify_plan(v);
                 let mut ws = self.stream.alloc_zeros::<u8>(plan.bytes.max(16))?;
-                self.time_events(iters, || self.launch_verify_v2(v, &mut d, &plan, &mut ws))
+                self.time_cold(iters, || self.launch_verify_v2(v, &mut d, &plan, &mut ws))
             }
         }
     }

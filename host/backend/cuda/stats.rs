@@ -1,0 +1,247 @@
+//! `softmax_stats` on the device: v1 (one block per row) and v2 (rows split across blocks, with
+//! its scratch of partial states and arrival counters), launched, run on host logits, and timed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use speckv_kernels::params::{
+    FeatureAccum, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, StatsState,
+};
+use speckv_kernels::softmax_stats::{self as kernel, PlanV2};
+
+use super::{ByValue, CudaBackend, KernelFn, KernelVersion, STATS_BLOCK};
+use crate::error::{Error, Result};
+use crate::stats::{check_accum, stats_params, Dtype, Logits, StatsOptions};
+
+/// The scratch of one `softmax_stats_v2` launch: partial states and arrival counters (zeroed).
+pub(super) struct StatsScratch {
+    partials: cudarc::driver::CudaSlice<u8>,
+    counters: cudarc::driver::CudaSlice<u32>,
+}
+
+impl StatsScratch {
+    pub(super) fn new(cuda: &CudaBackend, rows: usize, plan: &PlanV2) -> Result<StatsScratch> {
+        Ok(StatsScratch {
+            partials: cuda.stream.alloc_zeros::<u8>(
+                rows * plan.splits as usize * std::mem::size_of::<StatsState>(),
+            )?,
+            counters: cuda.stream.alloc_zeros::<u32>(rows.max(1))?,
+        })
+    }
+
+    /// v2 parameters from v1's, pointing at this scratch.
+    pub(super) fn params(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        p: SoftmaxStatsParams,
+        plan: &PlanV2,
+    ) -> SoftmaxStatsV2Params {
+        let (pp, _g1) = self.partials.device_ptr_mut(stream);
+        let (cp, _g2) = self.counters.device_ptr_mut(stream);
+        SoftmaxStatsV2Params {
+            logits: p.logits,
+            out: p.out,
+            accum: p.accum,
+            partials: pp as *mut StatsState,
+            counters: cp as *mut u32,
+            decision: std::ptr::null(),
+            seed: p.seed,
+            step: p.step,
+            rows: p.rows,
+            vocab: p.vocab,
+            row_stride: p.row_stride,
+            temperature: p.temperature,
+            flags: p.flags,
+            splits: plan.splits,
+            chunk_vecs: plan.chunk_vecs,
+            temperature_group: 1,
+            temperatures: std::ptr::null(),
+        }
+    }
+
+    /// Every launch must leave the counters zero (the next one relies on it).
+    pub(super) fn check_counters(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let c = stream.clone_dtoh(&self.counters)?;
+        if c.iter().any(|&x| x != 0) {
+            return Err(Error::Other(format!(
+                "softmax_stats_v2 left its arrival counters non-zero: {c:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// Launches `softmax_stats` on device buffers.
+    ///
+    /// # Safety
+    /// `params` must describe live device buffers of the sizes the kernel reads and writes.
+    unsafe fn launch_stats(&self, dtype: Dtype, params: SoftmaxStatsParams) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (params.rows, 1, 1),
+            block_dim: (STATS_BLOCK, 1, 1),
+            shared_mem_bytes: kernel::shared_bytes(STATS_BLOCK) as u32,
+        };
+        let arg = ByValue(params);
+        let func = self.function(KernelFn::SoftmaxStats(dtype));
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&arg);
+        // SAFETY: forwarded from this function's contract; the launch shape is the kernel's.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Launches `softmax_stats_v2` on device buffers with the plan for this device.
+    ///
+    /// # Safety
+    /// `params` must describe live device buffers of the sizes the kernel reads and writes, its
+    /// scratch sized for `plan` (counters zero).
+    pub(super) unsafe fn launch_stats_v2(
+        &self,
+        dtype: Dtype,
+        params: SoftmaxStatsV2Params,
+        plan: &PlanV2,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (plan.grid, 1, 1),
+            block_dim: (plan.block, 1, 1),
+            shared_mem_bytes: plan.shared_bytes as u32,
+        };
+        let arg = ByValue(params);
+        let func = self.function(KernelFn::SoftmaxStatsV2(dtype));
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&arg);
+        // SAFETY: forwarded from this function's contract; the launch shape is the plan's.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Statistics of host logits by the v2 kernel (uploads, launches, downloads).
+    pub fn softmax_stats(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+    ) -> Result<Vec<RowStats>> {
+        self.softmax_stats_version(logits, opts, accum, KernelVersion::V2)
+    }
+
+    /// Statistics of host logits by the v1 kernel (one block per row), kept for comparison.
+    pub fn softmax_stats_v1(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+    ) -> Result<Vec<RowStats>> {
+        self.softmax_stats_version(logits, opts, accum, KernelVersion::V1)
+    }
+
+    fn softmax_stats_version(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+        version: KernelVersion,
+    ) -> Result<Vec<RowStats>> {
+        opts.validate()?;
+        check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
+        let rows = logits.rows();
+        let d_logits = self.stream.clone_htod(logits.data().bytes())?;
+        let mut d_out = self
+            .stream
+            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
+        let mut d_accum = match &accum {
+            Some(a) => Some(
+                self.stream
+                    .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(a))?,
+            ),
+            None => None,
+        };
+        let (_, plan) = crate::plan::softmax_stats_v2(
+            rows as u32,
+            logits.vocab() as u32,
+            logits.dtype(),
+            self.sm_count,
+        );
+        let mut scratch = StatsScratch::new(self, rows, &plan)?;
+        {
+            let (lp, _g1) = d_logits.device_ptr(&self.stream);
+            let (op, _g2) = d_out.device_ptr_mut(&self.stream);
+            let (ap, _g3) = match d_accum.as_mut() {
+                Some(a) => {
+                    let (p, g) = a.device_ptr_mut(&self.stream);
+                    (p, Some(g))
+                }
+                None => (0, None),
+            };
+            let params = stats_params(
+                logits,
+                opts,
+                lp as *const u8,
+                op as *mut RowStats,
+                ap as *mut FeatureAccum,
+            );
+            match version {
+                // SAFETY: the buffers were sized from the validated shapes just above and live
+                // until after the synchronising downloads below.
+                KernelVersion::V1 => unsafe { self.launch_stats(logits.dtype(), params) }?,
+                KernelVersion::V2 => {
+                    let p2 = scratch.params(&self.stream, params, &plan);
+                    // SAFETY: as above; the scratch was allocated for this plan, counters zeroed.
+                    unsafe { self.launch_stats_v2(logits.dtype(), p2, &plan) }?
+                }
+            }
+        }
+        let out_bytes = self.stream.clone_dtoh(&d_out)?;
+        if let (Some(a), Some(d)) = (accum, d_accum.as_ref()) {
+            let bytes = self.stream.clone_dtoh(d)?;
+            a.copy_from_slice(bytemuck::cast_slice(&bytes));
+        }
+        scratch.check_counters(&self.stream)?;
+        Ok(bytemuck::pod_collect_to_vec(&out_bytes))
+    }
+
+    /// Mean time of one `softmax_stats` launch over device-resident logits (uploaded once, timed
+    /// with CUDA events, transfers excluded, L2 flushed before every launch).
+    pub fn time_softmax_stats(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        iters: u32,
+        version: KernelVersion,
+    ) -> Result<Duration> {
+        opts.validate()?;
+        let rows = logits.rows();
+        let d_logits = self.stream.clone_htod(logits.data().bytes())?;
+        let mut d_out = self
+            .stream
+            .alloc_zeros::<u8>(rows * std::mem::size_of::<RowStats>())?;
+        let (lp, _g1) = d_logits.device_ptr(&self.stream);
+        let (op, _g2) = d_out.device_ptr_mut(&self.stream);
+        let mut o = *opts;
+        o.accumulate = crate::stats::Accumulate::No;
+        let params = stats_params(
+            logits,
+            &o,
+            lp as *const u8,
+            op as *mut RowStats,
+            std::ptr::null_mut(),
+        );
+        let (_, plan) = crate::plan::softmax_stats_v2(
+            rows as u32,
+            logits.vocab() as u32,
+            logits.dtype(),
+            self.sm_count,
+        );
+        let mut scratch = StatsScratch::new(self, rows, &plan)?;
+        let p2 = scratch.params(&self.stream, params, &plan);
+        // SAFETY: as in `softmax_stats`; the buffers live to the end of this function.
+        self.time_cold(iters, || unsafe {
+            match version {
+                KernelVersion::V1 => self.launch_stats(logits.dtype(), params),
+                KernelVersion::V2 => self.launch_stats_v2(logits.dtype(), p2, &plan),
+            }
+        })
+    }
+}

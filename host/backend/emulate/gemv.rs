@@ -1,0 +1,160 @@
+//! The GEMV, v1 and v2, on the emulator.
+
+use speckv_kernels::emu::{self, Launch};
+use speckv_kernels::gemv::{self as gemv_kernel, Fp16, Int8, Nf4};
+
+use super::Emulator;
+use crate::error::{Error, Result};
+use crate::stats::check_block;
+use crate::weights::gemv::{check as check_gemv, params as gemv_params, raw, MAX_M};
+use crate::weights::quant::QMatrix;
+
+impl Emulator {
+    /// y `[m, out]` = x `[m, in]` · Wᵀ (one warp per output row).
+    pub fn gemv(&self, w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        check_gemv(w, x, m)?;
+        check_block(self.block)?;
+        let (out, _) = w.shape();
+        let (wb, scales) = raw(w);
+        let tile = gemv_kernel::tile_for(m as u32)
+            .ok_or_else(|| Error::Other(format!("M = {m} above {MAX_M}")))?;
+        let name = format!("gemv_{}_m{tile}", w.format().name());
+        let rows_per_block = self.block / 32;
+        emu::launch_schedules(
+            &name,
+            |seed| {
+                let mut y = vec![0f32; m * out];
+                let sp = scales.map(|s| s.as_ptr()).unwrap_or(std::ptr::null());
+                let p = gemv_params(w, m, wb.as_ptr(), sp, x.as_ptr(), y.as_mut_ptr());
+                let mut l = Launch::new(
+                    name.as_str(),
+                    (out as u32).div_ceil(rows_per_block),
+                    self.block,
+                    0,
+                )
+                .input("weight", wb)
+                .input("x", x)
+                .output("y", &mut y)
+                .schedule(seed)
+                .math(self.math);
+                if let Some(s) = scales {
+                    l = l.input("scales", s);
+                }
+                macro_rules! go {
+                    ($fmt:ty) => {
+                        match tile {
+                            1 => emu::launch_checked(&l, || gemv_kernel::gemv::<$fmt, 1>(&p)),
+                            2 => emu::launch_checked(&l, || gemv_kernel::gemv::<$fmt, 2>(&p)),
+                            4 => emu::launch_checked(&l, || gemv_kernel::gemv::<$fmt, 4>(&p)),
+                            8 => emu::launch_checked(&l, || gemv_kernel::gemv::<$fmt, 8>(&p)),
+                            _ => emu::launch_checked(&l, || gemv_kernel::gemv::<$fmt, 16>(&p)),
+                        }
+                    };
+                }
+                // SAFETY: `check_gemv` matched x to the matrix, y has m·out slots, the weight
+                // bytes and scales come from a QMatrix whose invariants (lengths from its shape)
+                // hold, and the sanitizer checks every access against these buffers.
+                unsafe {
+                    match w {
+                        QMatrix::Fp16 { .. } => go!(Fp16),
+                        QMatrix::Int8 { .. } => go!(Int8),
+                        QMatrix::Nf4 { .. } => go!(Nf4),
+                    }
+                }?;
+                Ok(y)
+            },
+            |y| bytemuck::cast_slice::<f32, u8>(y).to_vec(),
+        )
+        .map_err(Error::from)
+    }
+}
+
+impl Emulator {
+    /// y `[m, out]` = x `[m, in]` · Wᵀ by the v2 kernels, planned for `sm_count` SMs (tensor cores
+    /// for M ≥ 2 when K is a multiple of 64, CUDA cores otherwise; K split across blocks).
+    pub fn gemv_v2(&self, w: &QMatrix, x: &[f32], m: usize, sm_count: u32) -> Result<Vec<f32>> {
+        use speckv_kernels::gemv::PathV2;
+        check_gemv(w, x, m)?;
+        let (out, inp) = w.shape();
+        let (wb, scales) = raw(w);
+        if (wb.as_ptr() as usize) % 16 != 0 {
+            return Err(Error::Other(
+                "weights must be 16-byte aligned for v2".to_string(),
+            ));
+        }
+        let (lp, plan) =
+            crate::plan::gemv_v2(w.format(), out as u32, inp as u32, m as u32, sm_count);
+        emu::launch_schedules(
+            &lp.entry,
+            |seed| {
+                let mut y = vec![0f32; m * out];
+                let mut ws = vec![0u32; plan.workspace_bytes.div_ceil(4).max(4)];
+                let sp = scales.map(|s| s.as_ptr()).unwrap_or(std::ptr::null());
+                let base = gemv_params(w, m, wb.as_ptr(), sp, x.as_ptr(), y.as_mut_ptr());
+                let p2 = speckv_kernels::params::GemvV2Params {
+                    base,
+                    workspace: ws.as_mut_ptr() as *mut u8,
+                    ksplits: plan.ksplits,
+                    kt: plan.kt,
+                };
+                let mut l =
+                    Launch::new(lp.entry.as_str(), plan.grid, plan.block, plan.shared_bytes)
+                        .input("weight", wb)
+                        .input("x", x)
+                        .output("y", &mut y)
+                        .output("workspace", &mut ws)
+                        .schedule(seed)
+                        .math(self.math);
+                if let Some(s) = scales {
+                    l = l.input("scales", s);
+                }
+                macro_rules! cores {
+                    ($fmt:ty) => {
+                        match plan.path {
+                            PathV2::Cores { mt: 1 } => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v2::<$fmt, 1>(&p2))
+                            }
+                            PathV2::Cores { mt: 2 } => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v2::<$fmt, 2>(&p2))
+                            }
+                            PathV2::Cores { mt: 4 } => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v2::<$fmt, 4>(&p2))
+                            }
+                            PathV2::Cores { mt: 8 } => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v2::<$fmt, 8>(&p2))
+                            }
+                            PathV2::Cores { .. } => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v2::<$fmt, 16>(&p2))
+                            }
+                            PathV2::Tensor { nt: 1 } => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_tc::<$fmt, 1>(&p2))
+                            }
+                            PathV2::Tensor { .. } => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_tc::<$fmt, 2>(&p2))
+                            }
+                        }
+                    };
+                }
+                // SAFETY: `check_gemv` matched x to the matrix, y has m·out slots, the weights are
+                // a QMatrix's (lengths from its shape, 16-byte aligned), the workspace is sized and
+                // zeroed for the plan, and the sanitizer checks every access against these buffers.
+                unsafe {
+                    match w {
+                        QMatrix::Fp16 { .. } => cores!(Fp16),
+                        QMatrix::Int8 { .. } => cores!(Int8),
+                        QMatrix::Nf4 { .. } => cores!(Nf4),
+                    }
+                }?;
+                if plan.ksplits > 1 && ws[..plan.partials_offset / 4].iter().any(|&c| c != 0) {
+                    return Err(emu::EmuError::KernelPanic {
+                        block: 0,
+                        message: "gemv v2 left its counters non-zero".to_string(),
+                    });
+                }
+                Ok(y)
+            },
+            |y| bytemuck::cast_slice::<f32, u8>(y).to_vec(),
+        )
+        .map_err(Error::from)
+    }
+}

@@ -1,0 +1,175 @@
+//! `speckv plan`: the launch (entry point, grid, block, dynamic shared memory, blocks per SM) a
+//! kernel gets for a shape — exactly what the backends launch.
+
+use speckv::plan::{self, LaunchPlan};
+use speckv::weights::quant::Format;
+use speckv::{BackendKind, Dtype, Error};
+
+use crate::args::json_out;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kernel {
+    #[value(name = "softmax_stats")]
+    SoftmaxStats,
+    Verify,
+    Gemv,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, value_enum)]
+    kernel: Kernel,
+    /// softmax_stats: rows of logits.
+    #[arg(long)]
+    rows: Option<u32>,
+    /// verify: sequences.
+    #[arg(long)]
+    batch: Option<u32>,
+    /// verify: γmax.
+    #[arg(long)]
+    gamma: Option<u32>,
+    #[arg(long)]
+    vocab: Option<u32>,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
+    dtype: DtypeArg,
+    /// gemv: weight format.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// gemv: output features.
+    #[arg(long)]
+    out: Option<u32>,
+    /// gemv: input features.
+    #[arg(long = "in")]
+    inp: Option<u32>,
+    /// gemv: rows of x (1..=16).
+    #[arg(long)]
+    m: Option<u32>,
+    /// Kernel version (1: the oracle, 2: what the backends launch).
+    #[arg(long, default_value_t = 2)]
+    version: u32,
+    /// SMs to plan for (default: the CUDA device's, else an H200's 132).
+    #[arg(long)]
+    sms: Option<u32>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn need(v: Option<u32>, what: &str) -> speckv::Result<u32> {
+    match v {
+        Some(x) if x > 0 => Ok(x),
+        Some(_) => Err(Error::Other(format!("--{what} must be at least 1"))),
+        None => Err(Error::Other(format!(
+            "--{what} is required for this kernel"
+        ))),
+    }
+}
+
+pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
+    let sms = match a.sms {
+        Some(0) => return Err(Error::Other("--sms must be at least 1".to_string())),
+        Some(s) => s,
+        None => match (backend, speckv::backend::cuda::driver_present()) {
+            (BackendKind::Cpu, _) | (_, false) => plan::H200_SMS,
+            _ => speckv::backend::cuda::CudaBackend::new(0)
+                .map(|c| c.sm_count())
+                .unwrap_or(plan::H200_SMS),
+        },
+    };
+    if a.version != 1 && a.version != 2 {
+        return Err(Error::Other(format!(
+            "--version must be 1 or 2, got {}",
+            a.version
+        )));
+    }
+    let dtype = match a.dtype {
+        DtypeArg::F32 => Dtype::F32,
+        DtypeArg::F16 => Dtype::F16,
+        DtypeArg::Bf16 => Dtype::Bf16,
+    };
+    let (main, all, details): (LaunchPlan, Vec<LaunchPlan>, serde_json::Value) = match a.kernel {
+        Kernel::SoftmaxStats => {
+            let rows = need(a.rows, "rows")?;
+            let vocab = need(a.vocab, "vocab")?;
+            if a.version == 1 {
+                let p = plan::softmax_stats_v1(rows, dtype, sms);
+                (p.clone(), vec![p], serde_json::json!({}))
+            } else {
+                let (p, k) = plan::softmax_stats_v2(rows, vocab, dtype, sms);
+                (
+                    p.clone(),
+                    vec![p],
+                    serde_json::json!({"splits": k.splits, "chunk_vecs": k.chunk_vecs}),
+                )
+            }
+        }
+        Kernel::Verify => {
+            let batch = need(a.batch, "batch")?;
+            let gamma = a
+                .gamma
+                .ok_or_else(|| Error::Other("--gamma is required".into()))?;
+            let vocab = need(a.vocab, "vocab")?;
+            if a.version == 1 {
+                let p = plan::verify_v1(batch, dtype, sms);
+                (p.clone(), vec![p], serde_json::json!({}))
+            } else {
+                let (ps, f) = plan::verify_v2(batch, gamma, vocab, dtype, sms);
+                let main = ps
+                    .iter()
+                    .find(|p| p.entry.starts_with("verify_v2_rows"))
+                    .cloned()
+                    .unwrap_or_else(|| ps[0].clone());
+                (
+                    main,
+                    ps,
+                    serde_json::json!({"row_splits": f.verify.row_splits, "sample_splits": f.verify.sample_splits, "workspace_bytes": f.bytes}),
+                )
+            }
+        }
+        Kernel::Gemv => {
+            let format = a
+                .format
+                .ok_or_else(|| Error::Other("--format is required".into()))?;
+            let out = need(a.out, "out")?;
+            let inp = need(a.inp, "in")?;
+            let m = need(a.m, "m")?;
+            if m > 16 {
+                return Err(Error::Other(format!("--m must be 1..=16, got {m}")));
+            }
+            if a.version == 1 {
+                let p = plan::gemv_v1(format, out, m, sms);
+                (p.clone(), vec![p], serde_json::json!({}))
+            } else {
+                let (p, k) = plan::gemv_v2(format, out, inp, m, sms);
+                (
+                    p.clone(),
+                    vec![p],
+                    serde_json::json!({"ksplits": k.ksplits, "kt": k.kt, "rows_per_block": k.rows_per_block, "workspace_bytes": k.workspace_bytes}),
+                )
+            }
+        }
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&main).map_err(|e| Error::Other(e.to_string()))?;
+        v["version"] = a.version.into();
+        v["launches"] = serde_json::to_value(&all).map_err(|e| Error::Other(e.to_string()))?;
+        v["details"] = details;
+        return json_out(&v);
+    }
+    for p in &all {
+        println!(
+            "{:<24} grid {:>6} × block {:>4}, {:>6} B shared, {:.2} blocks/SM on {} SMs",
+            p.entry, p.grid[0], p.block[0], p.shared_bytes, p.ctas_per_sm, p.sm_count
+        );
+    }
+    if details != serde_json::json!({}) {
+        println!("{details}");
+    }
+    Ok(())
+}

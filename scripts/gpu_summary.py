@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""One JSON summary of a GPU run: `speckv bench gpu --json` (kernels.json), the PyTorch peers
+(peers.json) and the CUDA tests' results (tests.json), with each goal of the kernels issue
+evaluated — met, not met, or not measured — from numbers measured in this run only.
+
+  python3 gpu_summary.py kernels.json peers.json tests.json > summary.json
+"""
+import json
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except Exception as e:  # a missing or broken part is reported, not fatal
+        return {"error": f"{path}: {e}"}
+
+
+k, peers, tests = (load(p) for p in sys.argv[1:4])
+cases = k.get("cases", [])
+
+
+def case(kernel, version, shape):
+    for c in cases:
+        if c["kernel"] == kernel and c["version"] == version and c["shape"] == shape:
+            return c
+    return None
+
+
+goals = []
+
+
+def goal(name, value, target, met, detail):
+    goals.append({"goal": name, "value": value, "target": target,
+                  "status": "not measured" if value is None else ("met" if met else "not met"), "detail": detail})
+
+
+for rows in (1, 64):
+    c = case("softmax_stats", 2, f"{rows}x128256 f16")
+    goal(f"softmax_stats v2 {rows}×128256 f16: share of copy bandwidth", c and round(c["share_of_copy"], 3),
+         "≥ 0.85", bool(c and c["share_of_copy"] >= 0.85), c)
+for shape, us in (peers.get("verify") or {}).items():
+    c = case("verify", 2, shape)
+    sp = c and us / c["us"]
+    goal(f"verify v2 {shape}: speed-up over PyTorch eager", sp and round(sp, 2), "≥ 5", bool(sp and sp >= 5), c)
+    goal(f"verify v2 {shape}: share of copy bandwidth", c and round(c["share_of_copy"], 3), "≥ 0.80",
+         bool(c and c["share_of_copy"] >= 0.80), c)
+for c in cases:
+    if c["kernel"] == "gemv" and c["version"] == 2 and c["shape"].startswith("fp16") and c["shape"].endswith("M1"):
+        peer = (peers.get("matmul") or {}).get(c["shape"])
+        ratio = peer and peer / c["us"]
+        goal(f"gemv v2 {c['shape']}: speed vs cuBLAS (torch.matmul)", ratio and round(ratio, 2), "≥ 1.0",
+             bool(ratio and ratio >= 1.0), {"ours_us": c["us"], "cublas_us": peer})
+        shape = c["shape"][len("fp16 "):-len(" M1")]
+        for fmt, target in (("int8", 1.8), ("nf4", 3.3)):
+            q = case("gemv", 2, f"{fmt} {shape} M1")
+            r = q and c["us"] / q["us"]
+            goal(f"gemv v2 {fmt} {shape} M1: FP16 time / {fmt} time", r and round(r, 2), f"≥ {target}",
+                 bool(r and r >= target), q)
+        for fmt in ("fp16", "int8", "nf4"):
+            m1, m16 = case("gemv", 2, f"{fmt} {shape} M1"), case("gemv", 2, f"{fmt} {shape} M16")
+            r = m1 and m16 and m16["us"] / m1["us"]
+            goal(f"gemv v2 {fmt} {shape}: M=16 time / M=1 time", r and round(r, 2), "≤ 1.3", bool(r and r <= 1.3),
+                 {"m1_us": m1 and m1["us"], "m16_us": m16 and m16["us"]})
+fd = k.get("fused_decision_us")
+goal("fused γ decision: µs added to softmax_stats_v2", fd and round(fd, 2), "≤ 2", bool(fd is not None and fd <= 2.0),
+     {"rows": 64})
+json.dump({"kernels": k, "peers": peers, "tests": tests, "goals": goals}, sys.stdout, indent=1)
+print(file=sys.stderr)
+for g in goals:
+    print(f"{g['status']:<13} {g['goal']}: {g['value']} (goal {g['target']})", file=sys.stderr)
