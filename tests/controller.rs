@@ -786,3 +786,65 @@ fn simulate_and_overhead_commands_run() {
     assert!(j.get("gpu_us_per_batch").is_some());
     assert_eq!(j["paper_ms"], 0.336);
 }
+
+/// `gamma_mlp` on the device against the emulator (the same source): flags bit for bit, predicted
+/// tokens per step to f32 rounding, γ equal except at near-ties of the predicted tokens (the GPU
+/// computes with its own FMA contraction). Skipped without a CUDA device.
+#[test]
+fn cuda_gamma_mlp_matches_the_emulator() {
+    let Some(cuda) = common::cuda() else { return };
+    let data = synthetic(100, 19);
+    let (tr, va, te) = mlp::split_by_run(&data).unwrap();
+    let (m, _) = mlp::train(&data, &tr, &va, &te, TrainConfig::default()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+    let mut accum: Vec<FeatureAccum> = (0..1000)
+        .map(|_| {
+            let n = rng.gen_range(1..9u32);
+            let me: f32 = rng.gen_range(0.0..3.0);
+            let mc: f32 = rng.gen_range(0.2..1.0);
+            FeatureAccum {
+                count: n,
+                flags: 0,
+                entropy_sum: me * n as f32,
+                entropy_max: me * 1.5,
+                confidence_sum: mc * n as f32,
+                confidence_min: mc * 0.8,
+            }
+        })
+        .collect();
+    accum[1].count = 0;
+    accum[2].flags = speckv::ROW_NONFINITE;
+    accum[3].entropy_sum = f32::NAN;
+    for cost in [None, Some(CostModel::assumed())] {
+        let c = Controller::new(m.clone(), &PAPER_CANDIDATES, cost).unwrap();
+        let w = c.mlp.to_f32();
+        let dc = cuda.upload_controller(&c).unwrap();
+        for code in [0.0f32, 2.0] {
+            let (ge, ee, fe) =
+                speckv::backend::emulate::gamma_mlp(&c, &w, &accum, code, 3, 64).unwrap();
+            let (gc, ec, fc) = cuda.gamma_mlp(&dc, &accum, code, 3).unwrap();
+            assert_eq!(fc, fe, "flags");
+            let mut differ = 0;
+            for i in 0..accum.len() {
+                if fe[i] != 0 {
+                    assert_eq!(gc[i], 3);
+                    assert!(ec[i].is_nan());
+                    continue;
+                }
+                assert!(
+                    common::close(ec[i] as f64, ee[i] as f64, 1e-4, 1e-5),
+                    "{i}: {} vs {}",
+                    ec[i],
+                    ee[i]
+                );
+                if gc[i] != ge[i] {
+                    differ += 1;
+                }
+            }
+            assert!(
+                differ <= accum.len() / 100,
+                "{differ} γ differ beyond near-ties"
+            );
+        }
+    }
+}

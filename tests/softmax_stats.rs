@@ -1004,3 +1004,84 @@ fn cuda_matches_the_cpu_backend_bit_for_bit_on_tokens() {
         }
     }
 }
+
+/// The γ decision fused into `softmax_stats_v2` on the device: the same statistics, accumulators,
+/// flags and (up to near-ties of predicted tokens) γ as the emulator, and the arrival counters left
+/// at zero. Skipped without a CUDA device.
+#[test]
+fn cuda_v2_fused_decision_matches_the_emulator() {
+    use speckv::controller::{Controller, CostModel, PAPER_CANDIDATES};
+    let Some(cuda) = common::cuda() else { return };
+    let mlp = speckv::measure::overhead::random_mlp(6);
+    let (rows, vocab, g) = (24usize, 16000usize, 3);
+    let draft = common::normal_logits(rows * g * vocab, 2.5, 78);
+    let c = Controller::new(mlp, &PAPER_CANDIDATES, Some(CostModel::assumed())).unwrap();
+    let w = c.mlp.to_f32();
+    let dc = cuda.upload_controller(&c).unwrap();
+    let mut ae = vec![FeatureAccum::EMPTY; rows];
+    let mut ac = vec![FeatureAccum::EMPTY; rows];
+    let (mut re, mut rc) = (None, None);
+    for j in 0..g {
+        let rowsj: Vec<f32> = (0..rows)
+            .flat_map(|b| draft[(b * g + j) * vocab..(b * g + j + 1) * vocab].to_vec())
+            .collect();
+        let l = Logits::dense(LogitsData::F32(&rowsj), vocab).unwrap();
+        let opts = StatsOptions {
+            temperature: 1.0,
+            sample: true,
+            seed: 1,
+            step: j as u64,
+            accumulate: if j == 0 {
+                Accumulate::Reset
+            } else {
+                Accumulate::Add
+            },
+        };
+        let d = speckv::backend::emulate::Decision {
+            controller: &c,
+            weights: &w,
+            compression_code: 1.0,
+            fallback: 2,
+        };
+        re = Some(
+            speckv::backend::emulate::Emulator::new(32)
+                .softmax_stats_v2(&l, &opts, Some(&mut ae), cuda.sm_count(), Some(d))
+                .unwrap(),
+        );
+        rc = Some(
+            cuda.softmax_stats_decide(&dc, &l, &opts, &mut ac, 1.0, 2)
+                .unwrap(),
+        );
+        let (e, k) = (re.as_ref().unwrap(), rc.as_ref().unwrap());
+        for (x, y) in e.stats.iter().zip(&k.stats) {
+            assert_eq!(x.argmax, y.argmax);
+            assert!(common::close(
+                x.entropy as f64,
+                y.entropy as f64,
+                1e-4,
+                1e-5
+            ));
+        }
+    }
+    let (e, k) = (re.unwrap(), rc.unwrap());
+    for (x, y) in ae.iter().zip(&ac) {
+        assert_eq!(x.count, y.count);
+        assert!(common::close(
+            x.entropy_sum as f64,
+            y.entropy_sum as f64,
+            1e-4,
+            1e-5
+        ));
+    }
+    assert_eq!(e.gamma_flags, k.gamma_flags);
+    let (ge, gc) = (e.gammas.unwrap(), k.gammas.unwrap());
+    let (ee, ec) = (e.expected.unwrap(), k.expected.unwrap());
+    for i in 0..rows {
+        assert!(common::close(ec[i] as f64, ee[i] as f64, 1e-3, 1e-4), "{i}");
+    }
+    let differ = ge.iter().zip(&gc).filter(|(a, b)| a != b).count();
+    assert!(
+        differ <= 1,
+        "γ differs on {differ} of {rows} rows: {ge:?} vs {gc:?}"
+    );
+}
