@@ -55,18 +55,17 @@ fn bench(c: &mut Criterion) {
                     b.iter(|| speckv::weights::gemv::cpu(&q, &x, m).expect("valid"))
                 });
                 if let (Some(cu), Some(d)) = (&cuda, &dev) {
-                    g.bench_function(BenchmarkId::new("cuda", &id), |b| {
-                        b.iter_custom(|iters| {
-                            cu.time_gemv(
-                                d,
-                                m,
-                                iters as u32,
-                                speckv::backend::cuda::KernelVersion::V2,
-                            )
-                            .expect("launch")
-                                * iters as u32
-                        })
-                    });
+                    for (label, version) in [
+                        ("cuda_v1", speckv::backend::cuda::KernelVersion::V1),
+                        ("cuda_v2", speckv::backend::cuda::KernelVersion::V2),
+                    ] {
+                        g.bench_function(BenchmarkId::new(label, &id), |b| {
+                            b.iter_custom(|iters| {
+                                cu.time_gemv(d, m, iters as u32, version).expect("launch")
+                                    * iters as u32
+                            })
+                        });
+                    }
                 }
             }
         }

@@ -94,21 +94,19 @@ fn bench(cr: &mut Criterion) {
     g.finish();
     if let Some(cuda) = cuda_backend() {
         let mut g = cr.benchmark_group("softmax_stats/cuda");
+        // Ids are v1/<case> and v2/<case>.
         for c in &cs {
             let l = logits(&d, c);
             g.throughput(Throughput::Bytes(l.bytes_read() as u64));
-            g.bench_function(BenchmarkId::from_parameter(name(c)), |b| {
-                b.iter_custom(|iters| {
-                    cuda.time_softmax_stats(
-                        &l,
-                        &opts,
-                        iters as u32,
-                        speckv::backend::cuda::KernelVersion::V2,
-                    )
-                    .expect("launch")
-                        * iters as u32
-                })
-            });
+            for (v, version) in VERSIONS {
+                g.bench_function(BenchmarkId::new(v, name(c)), |b| {
+                    b.iter_custom(|iters| {
+                        cuda.time_softmax_stats(&l, &opts, iters as u32, version)
+                            .expect("launch")
+                            * iters as u32
+                    })
+                });
+            }
         }
         g.finish();
     }
@@ -239,3 +237,9 @@ fn main() {
     Criterion::default().configure_from_args().final_summary();
     peers();
 }
+
+/// Both versions on the device: v1 (the oracle, one block per row) beside v2.
+const VERSIONS: [(&str, speckv::backend::cuda::KernelVersion); 2] = [
+    ("v1", speckv::backend::cuda::KernelVersion::V1),
+    ("v2", speckv::backend::cuda::KernelVersion::V2),
+];

@@ -107,13 +107,16 @@ fn bench(cr: &mut Criterion) {
             b.iter(|| cpu.verify(&v).expect("valid"))
         });
         if let Some(cu) = &cuda {
-            g.bench_function(BenchmarkId::new("cuda", name(&c)), |b| {
-                b.iter_custom(|iters| {
-                    cu.time_verify(&v, iters as u32, speckv::backend::cuda::KernelVersion::V2)
-                        .expect("launch")
-                        * iters as u32
-                })
-            });
+            for (label, version) in [
+                ("cuda_v1", speckv::backend::cuda::KernelVersion::V1),
+                ("cuda_v2", speckv::backend::cuda::KernelVersion::V2),
+            ] {
+                g.bench_function(BenchmarkId::new(label, name(&c)), |b| {
+                    b.iter_custom(|iters| {
+                        cu.time_verify(&v, iters as u32, version).expect("launch") * iters as u32
+                    })
+                });
+            }
         }
     }
     g.finish();
