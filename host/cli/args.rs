@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use speckv::weights::quant::Format;
+use speckv::weights::Regime;
 use speckv::{BackendKind, Error, Result};
 
 /// A target GGUF, its draft (a second GGUF or a layer subset of the target) and the target's
@@ -19,19 +19,24 @@ pub struct ModelArgs {
     /// Self-speculative draft keeping these layers (from `speckv calibrate-draft`).
     #[arg(long, value_delimiter = ',')]
     pub draft_layers: Option<Vec<usize>>,
-    /// Target weight regime.
-    #[arg(long, value_enum, default_value_t = Format::Fp16)]
-    pub target: Format,
+    /// Target weight regime: `gguf` keeps the file's own blocks (Q4_K, Q6_K, ...) and multiplies
+    /// them by integer dot products; fp16 / int8 / nf4 re-store the dequantised weights.
+    #[arg(long, value_enum, default_value_t = Regime::Gguf)]
+    pub target: Regime,
+    /// Weight regime of a `--draft` model (default: its own GGUF blocks).
+    #[arg(long, value_enum, default_value_t = Regime::Gguf)]
+    pub draft_regime: Regime,
 }
 
 impl ModelArgs {
-    /// Loads the pair (target in its regime, draft in FP16).
+    /// Loads the pair (target and draft in their regimes).
     pub fn load(&self) -> Result<speckv::decode::pair::Pair> {
         speckv::decode::pair::Pair::load(
             &self.model,
             self.draft.as_deref(),
             self.draft_layers.as_deref(),
             self.target,
+            self.draft_regime,
         )
     }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use speckv::model::tokenizer::Tokenizer;
-use speckv::weights::quant::Format;
+use speckv::weights::Regime;
 
 use crate::args::json_out;
 
@@ -22,8 +22,8 @@ pub struct Args {
     tokens: usize,
     #[arg(long, default_value_t = 1.0 / 3.0)]
     max_cost: f64,
-    #[arg(long, value_enum, default_value_t = Format::Fp16)]
-    target: Format,
+    #[arg(long, value_enum, default_value_t = Regime::Gguf)]
+    target: Regime,
     #[arg(long)]
     json: bool,
 }

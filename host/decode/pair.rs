@@ -14,14 +14,18 @@ use crate::decode::{self, Draft, GenConfig, GenStats, Policy};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{read_gguf, Model};
-use crate::weights::quant::Format;
+use crate::weights::Regime;
 
-/// The compression regime code of a weight format.
-pub fn compression_of(f: Format) -> Compression {
-    match f {
-        Format::Fp16 => Compression::Fp16,
-        Format::Int8 => Compression::Int8,
-        Format::Nf4 => Compression::Nf4,
+/// The controller's compression code of a weight regime. GGUF blocks map by the bits per weight
+/// the model's linear layers take: under 6 → the 4-bit code, under 10 → the 8-bit code, else FP16.
+pub fn compression_of(r: Regime, bits_per_weight: f64) -> Compression {
+    match r {
+        Regime::Fp16 => Compression::Fp16,
+        Regime::Int8 => Compression::Int8,
+        Regime::Nf4 => Compression::Nf4,
+        Regime::Gguf if bits_per_weight < 6.0 => Compression::Nf4,
+        Regime::Gguf if bits_per_weight < 10.0 => Compression::Int8,
+        Regime::Gguf => Compression::Fp16,
     }
 }
 
@@ -37,18 +41,20 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Loads the target in `format`; the draft from `draft` (FP16, same vocabulary), else a
-    /// self-speculative draft keeping `draft_layers`, else every other layer (first and last
-    /// kept).
+    /// Loads the target in `regime`; the draft from `draft` (same vocabulary) in `draft_regime`,
+    /// else a self-speculative draft keeping `draft_layers`, else every other layer (first and
+    /// last kept).
     pub fn load(
         model: &Path,
         draft: Option<&Path>,
         draft_layers: Option<&[usize]>,
-        format: Format,
+        regime: Regime,
+        draft_regime: Regime,
     ) -> Result<Pair> {
         let (c, _) = read_gguf(model)?;
         let tokenizer = Tokenizer::from_gguf(&c)?;
-        let target = Model::load(model, format)?;
+        let target = Model::load(model, regime)?;
+        let compression = compression_of(regime, target.bits_per_weight());
         let n = target.cfg.layers;
         let (draft_model, mask, draft_name) = match (draft, draft_layers) {
             (Some(_), Some(_)) => {
@@ -57,14 +63,15 @@ impl Pair {
                 ))
             }
             (Some(p), None) => {
-                let d = Model::load(p, Format::Fp16)?;
+                let d = Model::load(p, draft_regime)?;
                 if d.cfg.vocab != target.cfg.vocab {
                     return Err(Error::Other(format!(
                         "draft vocabulary {} differs from the target's {}",
                         d.cfg.vocab, target.cfg.vocab
                     )));
                 }
-                (Some(d), Vec::new(), format!("{} (fp16)", p.display()))
+                let name = format!("{} ({})", p.display(), draft_regime.name());
+                (Some(d), Vec::new(), name)
             }
             (None, Some(keep)) => {
                 if let Some(l) = keep.iter().find(|&&l| l >= n) {
@@ -90,7 +97,7 @@ impl Pair {
             target,
             draft_model,
             mask,
-            compression: compression_of(format),
+            compression,
             draft_name,
         })
     }

@@ -147,3 +147,21 @@ pub(super) fn load_f32(
     let v = guarded(|| t.flatten_all()?.to_vec1::<f32>())?;
     Ok((v, dims))
 }
+
+/// A tensor's GGUF type, its bytes as stored (blocks), and its shape `[out, in]`.
+pub(super) fn load_raw(
+    c: &Content,
+    r: &mut BufReader<File>,
+    name: &str,
+) -> Result<(
+    Option<candle_core::quantized::GgmlDType>,
+    Vec<u8>,
+    Vec<usize>,
+)> {
+    let q = guarded(|| c.tensor(r, name, &Device::Cpu))
+        .map_err(|e| Error::BadModel(format!("tensor {name}: {e}")))?;
+    let dims = q.shape().dims().to_vec();
+    let bytes = guarded(|| q.data().map(|d| d.into_owned()))
+        .map_err(|e| Error::BadModel(format!("tensor {name}: {e}")))?;
+    Ok((Some(q.dtype()), bytes, dims))
+}

@@ -1,5 +1,11 @@
-//! The forward pass's elementwise and attention pieces: RMSNorm, bias, RoPE (adjacent pairs or
-//! halves), grouped-query attention over the cache.
+//! The forward pass's elementwise and attention pieces: RMSNorm, RoPE from a table of cos /
+//! sin (adjacent pairs or halves), grouped-query attention over the f16 cache with heads split
+//! across threads.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::weights::cpu::vec::{axpy_f16, dot_f16};
 
 pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], h: usize) {
     for (xr, or) in x.chunks(h).zip(out.chunks_mut(h)) {
@@ -11,83 +17,128 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], h: usize
     }
 }
 
-pub(super) fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
-    if let Some(b) = b {
-        for row in y.chunks_mut(b.len()) {
-            for (a, c) in row.iter_mut().zip(b) {
-                *a += c;
-            }
-        }
-    }
-}
-
-/// Rotary embedding in place on `[m, heads, hd]` at positions pos0.., llama's adjacent pairs
-/// (GGUF stores llama's q/k permuted for them) or qwen2's halves (`neox`).
-pub(super) fn rope(x: &mut [f32], heads: usize, hd: usize, pos0: usize, base: f32, neox: bool) {
-    let half = hd / 2;
-    for (i, row) in x.chunks_mut(heads * hd).enumerate() {
-        let pos = (pos0 + i) as f64;
-        for head in row.chunks_mut(hd) {
-            for j in 0..half {
-                let theta = pos * (base as f64).powf(-2.0 * j as f64 / hd as f64);
-                let (s, c) = theta.sin_cos();
-                let (a, b) = if neox {
-                    (j, j + half)
-                } else {
-                    (2 * j, 2 * j + 1)
-                };
-                let (x0, x1) = (head[a] as f64, head[b] as f64);
-                head[a] = (x0 * c - x1 * s) as f32;
-                head[b] = (x0 * s + x1 * c) as f32;
-            }
-        }
-    }
-}
-
-/// Causal grouped-query attention of m new positions over the cache.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attention(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    m: usize,
-    pos0: usize,
-    heads: usize,
-    kv_heads: usize,
+/// cos and sin of every (position, pair) up to `positions`: `[positions, hd / 2]`, computed in
+/// f64 once at load.
+pub(super) struct RopeTable {
+    half: usize,
+    base: f64,
     hd: usize,
-) -> Vec<f32> {
-    let group = heads / kv_heads;
-    let kvw = kv_heads * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; m * heads * hd];
-    let mut scores = Vec::new();
-    for i in 0..m {
-        let n = pos0 + i + 1; // positions visible to query i
-        for h in 0..heads {
-            let kvh = h / group;
-            let qv = &q[(i * heads + h) * hd..(i * heads + h + 1) * hd];
-            scores.clear();
-            let mut mx = f32::NEG_INFINITY;
-            for p in 0..n {
-                let kv = &kc[p * kvw + kvh * hd..p * kvw + (kvh + 1) * hd];
-                let s = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
-                mx = mx.max(s);
-                scores.push(s);
+    cs: Vec<(f32, f32)>,
+}
+
+/// Positions the table covers; later ones are computed on the fly.
+const TABLE_POSITIONS: usize = 8192;
+
+impl RopeTable {
+    pub fn new(hd: usize, base: f32, context: usize) -> RopeTable {
+        let half = hd / 2;
+        let n = context.min(TABLE_POSITIONS);
+        let mut cs = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for j in 0..half {
+                cs.push(Self::angle(p, j, base as f64, hd));
             }
-            let mut z = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - mx).exp();
-                z += *s;
-            }
-            let o = &mut out[(i * heads + h) * hd..(i * heads + h + 1) * hd];
-            for (p, s) in scores.iter().enumerate() {
-                let w = s / z;
-                let vv = &vc[p * kvw + kvh * hd..p * kvw + (kvh + 1) * hd];
-                for (a, b) in o.iter_mut().zip(vv) {
-                    *a += w * b;
+        }
+        RopeTable {
+            half,
+            base: base as f64,
+            hd,
+            cs,
+        }
+    }
+
+    fn angle(pos: usize, j: usize, base: f64, hd: usize) -> (f32, f32) {
+        let theta = pos as f64 * base.powf(-2.0 * j as f64 / hd as f64);
+        let (s, c) = theta.sin_cos();
+        (c as f32, s as f32)
+    }
+
+    /// Rotary embedding in place on `[m, heads, hd]` at positions pos0.., llama's adjacent pairs
+    /// (GGUF stores llama's q/k permuted for them) or qwen2's halves (`neox`).
+    pub fn apply(&self, x: &mut [f32], heads: usize, pos0: usize, neox: bool) {
+        let (hd, half) = (self.hd, self.half);
+        for (i, row) in x.chunks_mut(heads * hd).enumerate() {
+            let pos = pos0 + i;
+            for head in row.chunks_mut(hd) {
+                for j in 0..half {
+                    let (c, s) = match self.cs.get(pos * half + j) {
+                        Some(&v) => v,
+                        None => Self::angle(pos, j, self.base, hd),
+                    };
+                    let (a, b) = if neox {
+                        (j, j + half)
+                    } else {
+                        (2 * j, 2 * j + 1)
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
                 }
             }
         }
     }
-    out
+}
+
+/// The attention's shape.
+pub(super) struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+}
+
+/// Causal grouped-query attention of m new positions (queries `[m, heads, hd]`) over the cache's
+/// first `pos0 + m` positions (`[pos, kv_heads · hd]`, f16). Heads run in parallel; each writes
+/// its `[m, hd]` block of `att_h` and uses its row of `scores` (`capacity` long).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention(
+    q: &[f32],
+    kc: &[f16],
+    vc: &[f16],
+    m: usize,
+    pos0: usize,
+    s: &Heads,
+    att_h: &mut [f32],
+    scores: &mut [f32],
+    att: &mut [f32],
+) {
+    let (heads, hd) = (s.heads, s.hd);
+    let group = heads / s.kv_heads;
+    let kvw = s.kv_heads * hd;
+    let cap = scores.len() / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    att_h[..heads * m * hd]
+        .par_chunks_mut(m * hd)
+        .zip(scores.par_chunks_mut(cap))
+        .enumerate()
+        .for_each(|(h, (out, sc))| {
+            let kvh = h / group;
+            for i in 0..m {
+                let n = pos0 + i + 1; // positions visible to query i
+                let qv = &q[(i * heads + h) * hd..(i * heads + h + 1) * hd];
+                let mut mx = f32::NEG_INFINITY;
+                for (p, sp) in sc[..n].iter_mut().enumerate() {
+                    let kv = &kc[p * kvw + kvh * hd..p * kvw + (kvh + 1) * hd];
+                    *sp = dot_f16(qv, kv) * scale;
+                    mx = mx.max(*sp);
+                }
+                let mut z = 0f32;
+                for sp in sc[..n].iter_mut() {
+                    *sp = (*sp - mx).exp();
+                    z += *sp;
+                }
+                let o = &mut out[i * hd..(i + 1) * hd];
+                o.fill(0.0);
+                let iz = 1.0 / z;
+                for (p, sp) in sc[..n].iter().enumerate() {
+                    let vv = &vc[p * kvw + kvh * hd..p * kvw + (kvh + 1) * hd];
+                    axpy_f16(o, sp * iz, vv);
+                }
+            }
+        });
+    for i in 0..m {
+        for h in 0..heads {
+            att[(i * heads + h) * hd..(i * heads + h + 1) * hd]
+                .copy_from_slice(&att_h[(h * m + i) * hd..(h * m + i + 1) * hd]);
+        }
+    }
 }

@@ -18,6 +18,7 @@
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub mod vec;
 
 use rayon::prelude::*;
 use speckv_kernels::params::{NF4_BLOCK, NF4_CODE};

@@ -1,0 +1,314 @@
+//! The forward pass over chunks of up to `MAX_M` positions, writing only the buffers the cache
+//! owns ([`KvCache`]'s work space): nothing is allocated unless the cache grows past what was
+//! reserved, and [`Model::forward_into`] returns the logits without copying them.
+
+use half::slice::HalfFloatSliceExt;
+
+use super::ops::{attention, rms_norm, Heads};
+use super::{Embed, KvCache, Model, Proj};
+use crate::error::{Error, Result};
+use crate::weights::cpu::{self, Acts, Linear, MAX_M};
+
+/// y `[m, out]` = x · Wᵀ (x quantised in `acts` already when the product is an integer one).
+fn product(
+    l: &Linear,
+    x: &[f32],
+    acts: &Acts,
+    m: usize,
+    y: &mut [f32],
+    yt: &mut [f32],
+) -> Result<()> {
+    let (out, _) = l.shape();
+    cpu::matmul(l, x, acts, m, &mut y[..m * out], yt)
+}
+
+/// Every projection of `p` on x `[m, inp]`, written side by side into y `[m, Σ out]`.
+#[allow(clippy::too_many_arguments)]
+fn project(
+    p: &Proj,
+    x: &[f32],
+    acts: &mut Acts,
+    m: usize,
+    inp: usize,
+    y: &mut [f32],
+    yt: &mut [f32],
+    part: &mut [f32],
+) -> Result<()> {
+    if p.integer() {
+        acts.quantize(&x[..m * inp], m, inp)?;
+    }
+    match p {
+        Proj::Fused(l) => product(l, x, acts, m, y, yt),
+        Proj::Split(v) => {
+            let total: usize = v.iter().map(|l| l.shape().0).sum();
+            let mut c0 = 0;
+            for l in v {
+                let o = l.shape().0;
+                product(l, x, acts, m, part, yt)?;
+                for i in 0..m {
+                    y[i * total + c0..i * total + c0 + o]
+                        .copy_from_slice(&part[i * o..(i + 1) * o]);
+                }
+                c0 += o;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One product with its own activation quantisation.
+fn single(
+    l: &Linear,
+    x: &[f32],
+    acts: &mut Acts,
+    m: usize,
+    y: &mut [f32],
+    yt: &mut [f32],
+) -> Result<()> {
+    let (_, inp) = l.shape();
+    if l.integer() {
+        acts.quantize(&x[..m * inp], m, inp)?;
+    }
+    product(l, x, acts, m, y, yt)
+}
+
+impl Model {
+    /// Logits `[keep, vocab]` of the last `keep` positions after `tokens`, appended to `cache`
+    /// (1 for decoding, γ + 1 for verification, any number for scoring a text).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, keep: usize) -> Result<Vec<f32>> {
+        self.forward_layers(tokens, cache, keep, None)
+    }
+
+    /// [`Model::forward`] running only the layers marked true in `active` (a self-speculative
+    /// draft shares the target's weights and skips layers); `None` uses the model's own mask.
+    pub fn forward_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        keep: usize,
+        active: Option<&[bool]>,
+    ) -> Result<Vec<f32>> {
+        let active = self.check(tokens, cache, active)?;
+        let v = self.cfg.vocab;
+        let keep = keep.clamp(1, tokens.len());
+        let first_kept = tokens.len() - keep;
+        let mut out = Vec::with_capacity(keep * v);
+        let mut done = 0;
+        for ch in tokens.chunks(MAX_M) {
+            let want = done + ch.len() > first_kept;
+            self.chunk(ch, cache, want, active)?;
+            if want {
+                let from = first_kept.saturating_sub(done);
+                out.extend_from_slice(&cache.work.logits[from * v..ch.len() * v]);
+            }
+            done += ch.len();
+        }
+        Ok(out)
+    }
+
+    /// The decode loop's forward pass: logits `[keep, vocab]` (keep ≤ `MAX_M`) of the last
+    /// positions, borrowed from the cache's buffers. Allocates nothing once the cache has room.
+    pub fn forward_into<'c>(
+        &self,
+        tokens: &[u32],
+        cache: &'c mut KvCache,
+        keep: usize,
+        active: Option<&[bool]>,
+    ) -> Result<&'c [f32]> {
+        let active = self.check(tokens, cache, active)?;
+        if keep == 0 || keep > MAX_M.min(tokens.len()) {
+            return Err(Error::Other(format!(
+                "keep = {keep} rows of {} positions: 1 to {} are returned at once",
+                tokens.len(),
+                MAX_M.min(tokens.len())
+            )));
+        }
+        let split = tokens.len() - keep;
+        for ch in tokens[..split].chunks(MAX_M) {
+            self.chunk(ch, cache, false, active)?;
+        }
+        self.chunk(&tokens[split..], cache, true, active)?;
+        Ok(&cache.work.logits[..keep * self.cfg.vocab])
+    }
+
+    fn check<'a>(
+        &'a self,
+        tokens: &[u32],
+        cache: &KvCache,
+        active: Option<&'a [bool]>,
+    ) -> Result<&'a [bool]> {
+        let active = active.unwrap_or(&self.active);
+        if active.len() != self.cfg.layers {
+            return Err(Error::Length {
+                what: "active layers",
+                got: active.len(),
+                expected: self.cfg.layers,
+            });
+        }
+        if tokens.is_empty() {
+            return Err(Error::Empty { what: "tokens" });
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(Error::Other(format!(
+                "token {t} is outside the vocabulary of {}",
+                self.cfg.vocab
+            )));
+        }
+        if cache.width != self.cfg.kv_heads * self.cfg.head_dim || cache.k.len() != self.cfg.layers
+        {
+            return Err(Error::Other(
+                "the KV cache was made for another model".to_string(),
+            ));
+        }
+        if cache.len + tokens.len() > self.cfg.context {
+            return Err(Error::Other(format!(
+                "{} positions exceed the context of {}",
+                cache.len + tokens.len(),
+                self.cfg.context
+            )));
+        }
+        Ok(active)
+    }
+
+    fn embed_row(&self, t: u32, out: &mut [f32]) {
+        let h = self.cfg.hidden;
+        match &self.embed {
+            Embed::F16(e) => e[t as usize * h..(t as usize + 1) * h].convert_to_f32_slice(out),
+            Embed::Blocks(b) => b.dequantize_row(t as usize, out),
+        }
+    }
+
+    /// Up to `MAX_M` positions through the active layers (and the LM head when `logits`).
+    fn chunk(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: bool,
+        active: &[bool],
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (m, h, hd, ffn) = (tokens.len(), cfg.hidden, cfg.head_dim, cfg.ffn);
+        let kvw = cfg.kv_heads * hd;
+        let qw = h + 2 * kvw;
+        let pos0 = cache.len;
+        cache.reserve(pos0 + m);
+        let KvCache {
+            k: kc,
+            v: vc,
+            work: w,
+            ..
+        } = cache;
+        for (i, &t) in tokens.iter().enumerate() {
+            self.embed_row(t, &mut w.x[i * h..(i + 1) * h]);
+        }
+        let heads = Heads {
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            hd,
+        };
+        let neox = cfg.arch == "qwen2";
+        for (li, l) in self.layers.iter().enumerate() {
+            if !active[li] {
+                // Skipped layers' cache rows are never read by this model's mask.
+                continue;
+            }
+            rms_norm(
+                &w.x[..m * h],
+                &l.attn_norm,
+                cfg.rms_eps,
+                &mut w.xn[..m * h],
+                h,
+            );
+            project(
+                &l.qkv,
+                &w.xn,
+                &mut w.acts,
+                m,
+                h,
+                &mut w.qkv,
+                &mut w.yt,
+                &mut w.att_h,
+            )?;
+            for i in 0..m {
+                let row = &mut w.qkv[i * qw..(i + 1) * qw];
+                if let Some(b) = &l.qkv_bias {
+                    for (a, c) in row.iter_mut().zip(b) {
+                        *a += c;
+                    }
+                }
+                w.q[i * h..(i + 1) * h].copy_from_slice(&row[..h]);
+                w.k[i * kvw..(i + 1) * kvw].copy_from_slice(&row[h..h + kvw]);
+                w.v[i * kvw..(i + 1) * kvw].copy_from_slice(&row[h + kvw..]);
+            }
+            self.rope.apply(&mut w.q[..m * h], cfg.heads, pos0, neox);
+            self.rope
+                .apply(&mut w.k[..m * kvw], cfg.kv_heads, pos0, neox);
+            let at = pos0 * kvw..(pos0 + m) * kvw;
+            kc[li][at.clone()].convert_from_f32_slice(&w.k[..m * kvw]);
+            vc[li][at].convert_from_f32_slice(&w.v[..m * kvw]);
+            let n = (pos0 + m) * kvw;
+            attention(
+                &w.q[..m * h],
+                &kc[li][..n],
+                &vc[li][..n],
+                m,
+                pos0,
+                &heads,
+                &mut w.att_h,
+                &mut w.scores,
+                &mut w.att,
+            );
+            single(&l.o, &w.att, &mut w.acts, m, &mut w.o, &mut w.yt)?;
+            for (a, b) in w.x[..m * h].iter_mut().zip(&w.o[..m * h]) {
+                *a += b;
+            }
+            rms_norm(
+                &w.x[..m * h],
+                &l.ffn_norm,
+                cfg.rms_eps,
+                &mut w.xn[..m * h],
+                h,
+            );
+            project(
+                &l.gate_up,
+                &w.xn,
+                &mut w.acts,
+                m,
+                h,
+                &mut w.gu,
+                &mut w.yt,
+                &mut w.act,
+            )?;
+            for i in 0..m {
+                let (g, u) = w.gu[i * 2 * ffn..(i + 1) * 2 * ffn].split_at(ffn);
+                for ((a, g), u) in w.act[i * ffn..(i + 1) * ffn].iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            single(&l.down, &w.act, &mut w.acts, m, &mut w.o, &mut w.yt)?;
+            for (a, b) in w.x[..m * h].iter_mut().zip(&w.o[..m * h]) {
+                *a += b;
+            }
+        }
+        cache.len = pos0 + m;
+        if logits {
+            let w = &mut cache.work;
+            rms_norm(
+                &w.x[..m * h],
+                &self.out_norm,
+                cfg.rms_eps,
+                &mut w.xn[..m * h],
+                h,
+            );
+            single(
+                &self.lm_head,
+                &w.xn,
+                &mut w.acts,
+                m,
+                &mut w.logits,
+                &mut w.yt,
+            )?;
+        }
+        Ok(())
+    }
+}
