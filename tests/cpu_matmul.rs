@@ -72,10 +72,15 @@ fn reference(w: &Linear, x: &[f32], m: usize) -> Vec<f64> {
     y
 }
 
-/// x as the integer path sees it: each 32-block rounded to dx · q.
-fn quantised(x: &[f32]) -> Vec<f32> {
+/// x as the integer path sees it: each block (32 elements, or 256 for the K-quants) rounded to
+/// dx · q.
+fn quantised(x: &[f32], w: &Linear) -> Vec<f32> {
+    let block = match w {
+        Linear::Blocks(b) if matches!(b.ty, BlockType::Q4K | BlockType::Q6K) => 256,
+        _ => 32,
+    };
     let mut out = Vec::with_capacity(x.len());
-    for b in x.chunks_exact(32) {
+    for b in x.chunks_exact(block) {
         let d = b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         out.extend(b.iter().map(|v| (v * id).round().clamp(-127.0, 127.0) * d));
@@ -125,7 +130,7 @@ fn scalar_integer_product_is_exact_on_quantised_activations() {
                 let x = xs(m, inp, (out * m) as u64);
                 let y = run(Isa::Scalar, &w, &x, m);
                 let xr = if w.integer() {
-                    quantised(&x)
+                    quantised(&x, &w)
                 } else {
                     x.clone()
                 };

@@ -34,6 +34,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The CPU decoding path's products (GGUF blocks, FP16, INT8, NF4) streaming from memory at
+    /// M = 1..=9, next to the copy and read bandwidth measured in the same run.
+    Cpu {
+        /// MiB per matrix (default: twice this machine's 300 MiB L3, so weights come from DRAM).
+        #[arg(long, default_value_t = 640)]
+        mib: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Draft time per token and verification time as a function of γ, per weight regime, on the
     /// current backend; writes the cost models `speckv evaluate --cost` reads.
     Step {
@@ -101,6 +110,20 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
                 json_out(&r)
             } else {
                 print!("{}", measure::gpu_bench::render(&r));
+                Ok(())
+            }
+        }
+        Command::Cpu { mib, json } => {
+            if mib == 0 || mib > 8192 {
+                return Err(speckv::Error::Other(format!(
+                    "--mib {mib}: 1 to 8192 MiB per matrix"
+                )));
+            }
+            let r = measure::cpu_bench::run(mib)?;
+            if json {
+                json_out(&r)
+            } else {
+                print!("{}", measure::cpu_bench::render(&r));
                 Ok(())
             }
         }

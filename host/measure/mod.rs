@@ -3,6 +3,7 @@
 //! ([`overhead`]), the weight regimes' measured step costs ([`regime`]), and the GPU kernel
 //! benchmark with a cold L2 against the device's copy bandwidth ([`gpu_bench`]).
 
+pub mod cpu_bench;
 pub mod gpu_bench;
 pub mod overhead;
 pub mod regime;

@@ -103,14 +103,21 @@ pub fn nf4_i8() -> [i8; 16] {
     t
 }
 
-/// 8-bit activations: per position and 32-element block, codes q (i8), scale dx = absmax / 127,
-/// and dx · Σq per 16-element half (the offset terms need it).
+/// 8-bit activations of each position, twice:
+/// - per 32-element block: codes q (i8), scale dx = absmax / 127, and dx · Σq per 16-element half
+///   (the offset terms need it) — for the 32-element block types, INT8 and NF4;
+/// - per 256-element block (when 256 | k): codes, one scale, and Σq per 16 elements — for the
+///   K-quants, whose sub-block scales are small integers, so a whole 256-element block is summed
+///   in integers and scaled once.
 pub struct Acts {
     m: usize,
     k: usize,
     qs: Vec<i8>,
     dx: Vec<f32>,
     d16: Vec<f32>,
+    qk: Vec<i8>,
+    dk: Vec<f32>,
+    bsum: Vec<i16>,
 }
 
 impl Acts {
@@ -123,6 +130,9 @@ impl Acts {
             qs: vec![0; MAX_M * k],
             dx: vec![0.0; MAX_M * k / 32],
             d16: vec![0.0; MAX_M * k / 16],
+            qk: vec![0; MAX_M * k],
+            dk: vec![0.0; MAX_M * k / 32],
+            bsum: vec![0; MAX_M * k / 16],
         }
     }
 
@@ -152,7 +162,33 @@ impl Acts {
             self.d16[2 * b] = d * sums[0] as f32;
             self.d16[2 * b + 1] = d * sums[1] as f32;
         }
+        if k % 256 == 0 {
+            for (b, xb) in x.chunks_exact(256).enumerate() {
+                let a = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = a / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let q = &mut self.qk[256 * b..256 * b + 256];
+                for (qj, v) in q.iter_mut().zip(xb) {
+                    *qj = (v * id).round().clamp(-127.0, 127.0) as i8;
+                }
+                for (g, s) in self.bsum[16 * b..16 * b + 16].iter_mut().enumerate() {
+                    *s = q[16 * g..16 * g + 16].iter().map(|&c| c as i16).sum();
+                }
+                self.dk[b] = d;
+            }
+        }
         Ok(())
+    }
+
+    /// Position i's per-256 codes, scales and sums of 16 (valid when 256 | k).
+    #[inline(always)]
+    pub(crate) fn row_k(&self, i: usize) -> (&[i8], &[f32], &[i16]) {
+        let nb = self.k / 256;
+        (
+            &self.qk[i * self.k..(i + 1) * self.k],
+            &self.dk[i * nb..(i + 1) * nb],
+            &self.bsum[16 * i * nb..16 * (i + 1) * nb],
+        )
     }
 
     /// Position i's codes, scales and half sums.

@@ -5,12 +5,9 @@
 use std::arch::x86_64::*;
 
 use super::{float_row, nf4_i8, Acts, Linear};
-use crate::weights::ggml::{half_at, q4k_scale_min, BlockType};
+use crate::weights::ggml::{q4k_scale_min, BlockType};
 use crate::weights::quant::QMatrix;
 use speckv_kernels::params::NF4_BLOCK;
-
-/// One position's codes, scales and half sums.
-type Row<'a> = (&'a [i8], &'a [f32], &'a [f32]);
 
 macro_rules! dot_maddubs {
     ($w:expr, $x:expr) => {
@@ -84,7 +81,7 @@ macro_rules! kernels {
                 wv: __m256i,
                 sv: __m256,
                 o: [f32; 2],
-                xs: &[Row; MB],
+                xs: &X32<MB>,
                 b: usize,
                 acc: &mut [__m256; MB],
                 off: &mut [f32; MB],
@@ -92,65 +89,87 @@ macro_rules! kernels {
                 // Signed codes: |w| · (x with w's sign), so the u8 × i8 instruction serves.
                 let aw = if SIGNED { _mm256_abs_epi8(wv) } else { wv };
                 for i in 0..MB {
-                    let (qs, dx, d16) = xs[i];
-                    let q = &qs[32 * b..32 * b + 32];
-                    let xv = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+                    // In bounds: `x32` checked every position covers the row (b < in / 32).
+                    let xv = _mm256_loadu_si256(xs.q[i].add(32 * b) as *const __m256i);
                     let xv = if SIGNED { _mm256_sign_epi8(xv, wv) } else { xv };
                     let p = dot_u8(aw, xv);
-                    let scale = _mm256_mul_ps(sv, _mm256_set1_ps(dx[b]));
+                    let scale = _mm256_mul_ps(sv, _mm256_set1_ps(*xs.d[i].add(b)));
                     acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[i]);
                     if !SIGNED {
-                        off[i] += o[0] * d16[2 * b] + o[1] * d16[2 * b + 1];
+                        let h = xs.h[i].add(2 * b);
+                        off[i] += o[0] * *h + o[1] * *h.add(1);
+                    }
+                }
+            }
+
+            /// Base pointers of each position's per-32 codes, scales and half sums.
+            struct X32<const MB: usize> {
+                q: [*const i8; MB],
+                d: [*const f32; MB],
+                h: [*const f32; MB],
+            }
+
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn x32<const MB: usize>(a: &Acts, i0: usize, inp: usize) -> X32<MB> {
+                let mut x = X32 { q: [std::ptr::null(); MB], d: [std::ptr::null(); MB], h: [std::ptr::null(); MB] };
+                for i in 0..MB {
+                    let (q, d, h) = a.row(i0 + i);
+                    assert!(q.len() >= inp && d.len() >= inp / 32 && h.len() >= inp / 16);
+                    x.q[i] = q.as_ptr();
+                    x.d[i] = d.as_ptr();
+                    x.h[i] = h.as_ptr();
+                }
+                x
+            }
+
+            /// Q4_0 (T = 0), Q4_1 (1), Q5_0 (2) rows, one loop per type. Q4_0 and Q5_0 codes are
+            /// made signed (nibble − 8, value − 16) so no offset term is needed; Q4_1 keeps its
+            /// min through the activations' half sums.
+            #[target_feature(enable = $feat)]
+            unsafe fn row_b32<const MB: usize, const T: u8>(row: &[u8], xs: &X32<MB>, acc: &mut [__m256; MB], off: &mut [f32; MB]) {
+                let m4 = _mm_set1_epi8(0x0F);
+                let nb = if T == 0 { 18 } else if T == 1 { 20 } else { 22 };
+                let at = if T == 0 { 2 } else if T == 1 { 4 } else { 6 };
+                for (b, blk) in row.chunks_exact(nb).enumerate() {
+                    let p = blk.as_ptr();
+                    let d = half(blk, 0);
+                    let v = _mm_loadu_si128(p.add(at) as *const __m128i);
+                    let lo = _mm_and_si128(v, m4);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                    let wv = _mm256_set_m128i(hi, lo);
+                    if T == 1 {
+                        let m = half(blk, 2);
+                        apply::<MB, false>(wv, _mm256_set1_ps(d), [m, m], xs, b, acc, off);
+                    } else if T == 0 {
+                        let sw = _mm256_sub_epi8(wv, _mm256_set1_epi8(8));
+                        apply::<MB, true>(sw, _mm256_set1_ps(d), [0.0; 2], xs, b, acc, off);
+                    } else {
+                        let qh = (p.add(2) as *const u32).read_unaligned();
+                        let h = _mm256_and_si256(bits32(u32::from_le(qh)), _mm256_set1_epi8(0x10));
+                        let sw = _mm256_sub_epi8(_mm256_or_si256(wv, h), _mm256_set1_epi8(16));
+                        apply::<MB, true>(sw, _mm256_set1_ps(d), [0.0; 2], xs, b, acc, off);
                     }
                 }
             }
 
             /// Row `r` of an integer-path matrix dotted with the group's positions.
             #[target_feature(enable = $feat)]
-            unsafe fn row_int<const MB: usize>(w: &Linear, r: usize, xs: &[Row; MB]) -> [f32; MB] {
+            unsafe fn row_int<const MB: usize>(w: &Linear, r: usize, a: &Acts, i0: usize) -> [f32; MB] {
                 let mut acc = [_mm256_setzero_ps(); MB];
                 let mut off = [0f32; MB];
-                let m4 = _mm256_set1_epi8(0x0F);
-                let m3 = _mm256_set1_epi8(3);
+                let xs = &x32::<MB>(a, i0, w.shape().1);
                 match w {
                     Linear::Blocks(bm) => {
                         let row = bm.row(r);
                         let ty = bm.ty;
                         match ty {
-                            BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 => {
-                                for (b, blk) in row.chunks_exact(ty.bytes()).enumerate() {
-                                    let d = half_at(blk, 0);
-                                    let (at, o) = match ty {
-                                        BlockType::Q4_0 => (2, -8.0 * d),
-                                        BlockType::Q4_1 => (4, half_at(blk, 2)),
-                                        _ => (6, -16.0 * d),
-                                    };
-                                    let v = load16(&blk[at..]);
-                                    let lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
-                                    let hi =
-                                        _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
-                                    let mut wv = _mm256_set_m128i(hi, lo);
-                                    if ty == BlockType::Q5_0 {
-                                        let qh =
-                                            u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                                        let h =
-                                            _mm256_and_si256(bits32(qh), _mm256_set1_epi8(0x10));
-                                        wv = _mm256_or_si256(wv, h);
-                                    }
-                                    apply::<MB, false>(
-                                        wv,
-                                        _mm256_set1_ps(d),
-                                        [o, o],
-                                        xs,
-                                        b,
-                                        &mut acc,
-                                        &mut off,
-                                    );
-                                }
-                            }
+                            BlockType::Q4_0 => row_b32::<MB, 0>(row, xs, &mut acc, &mut off),
+                            BlockType::Q4_1 => row_b32::<MB, 1>(row, xs, &mut acc, &mut off),
+                            BlockType::Q5_0 => row_b32::<MB, 2>(row, xs, &mut acc, &mut off),
                             BlockType::Q8_0 => {
                                 for (b, blk) in row.chunks_exact(34).enumerate() {
-                                    let d = _mm256_set1_ps(half_at(blk, 0));
+                                    let d = _mm256_set1_ps(half(blk, 0));
                                     apply::<MB, true>(
                                         load32(&blk[2..]),
                                         d,
@@ -162,86 +181,8 @@ macro_rules! kernels {
                                     );
                                 }
                             }
-                            BlockType::Q4K => {
-                                for (sbk, blk) in row.chunks_exact(144).enumerate() {
-                                    let (d, dmin) = (half_at(blk, 0), half_at(blk, 2));
-                                    let sc = &blk[4..16];
-                                    for c in 0..4 {
-                                        let v = load32(&blk[16 + 32 * c..]);
-                                        let lo = _mm256_and_si256(v, m4);
-                                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                                        let (s0, n0) = q4k_scale_min(2 * c, sc);
-                                        let (s1, n1) = q4k_scale_min(2 * c + 1, sc);
-                                        let (o0, o1) = (-dmin * n0 as f32, -dmin * n1 as f32);
-                                        let b = 8 * sbk + 2 * c;
-                                        apply::<MB, false>(
-                                            lo,
-                                            _mm256_set1_ps(d * s0 as f32),
-                                            [o0, o0],
-                                            xs,
-                                            b,
-                                            &mut acc,
-                                            &mut off,
-                                        );
-                                        apply::<MB, false>(
-                                            hi,
-                                            _mm256_set1_ps(d * s1 as f32),
-                                            [o1, o1],
-                                            xs,
-                                            b + 1,
-                                            &mut acc,
-                                            &mut off,
-                                        );
-                                    }
-                                }
-                            }
-                            BlockType::Q6K => {
-                                for (sbk, blk) in row.chunks_exact(210).enumerate() {
-                                    let d = half_at(blk, 208);
-                                    for h in 0..2 {
-                                        let qla = load32(&blk[64 * h..]);
-                                        let qlb = load32(&blk[64 * h + 32..]);
-                                        let qh = load32(&blk[128 + 32 * h..]);
-                                        let high = |s: i32| -> __m256i {
-                                            let t = match s {
-                                                0 => qh,
-                                                2 => _mm256_srli_epi16(qh, 2),
-                                                4 => _mm256_srli_epi16(qh, 4),
-                                                _ => _mm256_srli_epi16(qh, 6),
-                                            };
-                                            _mm256_slli_epi16(_mm256_and_si256(t, m3), 4)
-                                        };
-                                        let codes = [
-                                            _mm256_or_si256(_mm256_and_si256(qla, m4), high(0)),
-                                            _mm256_or_si256(_mm256_and_si256(qlb, m4), high(2)),
-                                            _mm256_or_si256(
-                                                _mm256_and_si256(_mm256_srli_epi16(qla, 4), m4),
-                                                high(4),
-                                            ),
-                                            _mm256_or_si256(
-                                                _mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4),
-                                                high(6),
-                                            ),
-                                        ];
-                                        for (j, wv) in codes.into_iter().enumerate() {
-                                            let sub = 4 * h + j;
-                                            let sa = blk[192 + 2 * sub] as i8 as f32 * d;
-                                            let sb = blk[193 + 2 * sub] as i8 as f32 * d;
-                                            let sv =
-                                                _mm256_set_m128(_mm_set1_ps(sb), _mm_set1_ps(sa));
-                                            apply::<MB, false>(
-                                                wv,
-                                                sv,
-                                                [-32.0 * sa, -32.0 * sb],
-                                                xs,
-                                                8 * sbk + sub,
-                                                &mut acc,
-                                                &mut off,
-                                            );
-                                        }
-                                    }
-                                }
-                            }
+                            BlockType::Q4K => row_q4k::<MB>(row, a, i0, &mut acc, &mut off),
+                            BlockType::Q6K => row_q6k::<MB>(row, a, i0, &mut acc, &mut off),
                             BlockType::F16 | BlockType::F32 => {}
                         }
                     }
@@ -285,6 +226,137 @@ macro_rules! kernels {
                     y[i] = hsum(acc[i]) + off[i];
                 }
                 y
+            }
+
+            /// f16 at byte `i` of `b`, converted by F16C.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn half(b: &[u8], i: usize) -> f32 {
+                let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            }
+
+            /// Two high bits of each byte's code, moved to bits 4–5.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn high2(t: __m256i, m3: __m256i) -> __m256i {
+                _mm256_slli_epi16(_mm256_and_si256(t, m3), 4)
+            }
+
+            /// Σ of 16 i16 lanes of (u8 × i8 pair sums) times per-lane i16 scales → i32 lanes.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn scaled_dot(w: __m256i, x: __m256i, scale: __m256i) -> __m256i {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), scale)
+            }
+
+            /// Base pointers of each position's per-256 codes, scales and sums of 16; every
+            /// slice was checked to cover the whole row (`Acts::row_k` of a k = in row).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn k_rows<const MB: usize>(a: &Acts, i0: usize, inp: usize) -> ([*const i8; MB], [*const f32; MB], [*const i16; MB]) {
+                let mut q = [std::ptr::null(); MB];
+                let mut d = [std::ptr::null(); MB];
+                let mut bs = [std::ptr::null(); MB];
+                for i in 0..MB {
+                    let (qk, dk, b) = a.row_k(i0 + i);
+                    assert!(qk.len() >= inp && dk.len() >= inp / 256 && b.len() >= inp / 16);
+                    q[i] = qk.as_ptr();
+                    d[i] = dk.as_ptr();
+                    bs[i] = b.as_ptr();
+                }
+                (q, d, bs)
+            }
+
+            /// Q4_K rows against 8-bit activations with one scale per 256: each super-block is
+            /// summed in integers (sub-block scales applied by `madd`), scaled in f32 once.
+            #[target_feature(enable = $feat)]
+            unsafe fn row_q4k<const MB: usize>(row: &[u8], a: &Acts, i0: usize, acc: &mut [__m256; MB], off: &mut [f32; MB]) {
+                let m4 = _mm256_set1_epi8(0x0F);
+                let (xq, xd, xb) = k_rows::<MB>(a, i0, row.len() / 144 * 256);
+                for (sb, blk) in row.chunks_exact(144).enumerate() {
+                    let (d, dmin) = (half(blk, 0), half(blk, 2));
+                    let mut sc = [0i16; 8];
+                    let mut mn = [0i32; 8];
+                    for j in 0..8 {
+                        let (s, m) = q4k_scale_min(j, &blk[4..16]);
+                        sc[j] = s as i16;
+                        mn[j] = m as i32;
+                    }
+                    let qs = blk[16..144].as_ptr();
+                    let mut sumi = [_mm256_setzero_si256(); MB];
+                    for c in 0..4 {
+                        let v = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                        let lo = _mm256_and_si256(v, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        let (s0, s1) = (_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
+                        for i in 0..MB {
+                            // In bounds: k_rows checked each position covers the row.
+                            let q = xq[i].add(256 * sb + 64 * c);
+                            let x0 = _mm256_loadu_si256(q as *const __m256i);
+                            let x1 = _mm256_loadu_si256(q.add(32) as *const __m256i);
+                            let p = _mm256_add_epi32(scaled_dot(lo, x0, s0), scaled_dot(hi, x1, s1));
+                            sumi[i] = _mm256_add_epi32(sumi[i], p);
+                        }
+                    }
+                    for i in 0..MB {
+                        let dk = *xd[i].add(sb);
+                        let bs = xb[i].add(16 * sb);
+                        let mut mins = 0i32;
+                        for j in 0..8 {
+                            mins += mn[j] * (*bs.add(2 * j) as i32 + *bs.add(2 * j + 1) as i32);
+                        }
+                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_set1_ps(d * dk), acc[i]);
+                        off[i] -= dmin * dk * mins as f32;
+                    }
+                }
+            }
+
+            /// Q6_K rows, as [`row_q4k`]: 6-bit codes 0..63 (their −32 is applied through the
+            /// sums of 16), i8 scales per 16 applied by `madd`.
+            #[target_feature(enable = $feat)]
+            unsafe fn row_q6k<const MB: usize>(row: &[u8], a: &Acts, i0: usize, acc: &mut [__m256; MB], off: &mut [f32; MB]) {
+                let m4 = _mm256_set1_epi8(0x0F);
+                let m3 = _mm256_set1_epi8(3);
+                let (xq, xd, xb) = k_rows::<MB>(a, i0, row.len() / 210 * 256);
+                for (sb, blk) in row.chunks_exact(210).enumerate() {
+                    let d = half(blk, 208);
+                    let scales: &[u8; 16] = blk[192..208].try_into().unwrap_or(&[0; 16]);
+                    let p = blk.as_ptr();
+                    let mut sumi = [_mm256_setzero_si256(); MB];
+                    for h in 0..2 {
+                        let qla = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);
+                        let qlb = _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i);
+                        let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+                        let codes = [
+                            _mm256_or_si256(_mm256_and_si256(qla, m4), high2(qh, m3)),
+                            _mm256_or_si256(_mm256_and_si256(qlb, m4), high2(_mm256_srli_epi16(qh, 2), m3)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qla, 4), m4), high2(_mm256_srli_epi16(qh, 4), m3)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlb, 4), m4), high2(_mm256_srli_epi16(qh, 6), m3)),
+                        ];
+                        for (j, wv) in codes.into_iter().enumerate() {
+                            let sub = 4 * h + j;
+                            let sv = _mm256_set_m128i(
+                                _mm_set1_epi16(scales[2 * sub + 1] as i8 as i16),
+                                _mm_set1_epi16(scales[2 * sub] as i8 as i16),
+                            );
+                            for i in 0..MB {
+                                let xv = _mm256_loadu_si256(xq[i].add(256 * sb + 32 * sub) as *const __m256i);
+                                sumi[i] = _mm256_add_epi32(sumi[i], scaled_dot(wv, xv, sv));
+                            }
+                        }
+                    }
+                    for i in 0..MB {
+                        let dk = *xd[i].add(sb);
+                        let bs = xb[i].add(16 * sb);
+                        let mut corr = 0i32;
+                        for g in 0..16 {
+                            corr += scales[g] as i8 as i32 * *bs.add(g) as i32;
+                        }
+                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[i]), _mm256_set1_ps(d * dk), acc[i]);
+                        off[i] -= 32.0 * d * dk * corr as f32;
+                    }
+                }
             }
 
             /// Row bytes of f16 or f32 dotted with the group's f32 positions (F16C + FMA).
@@ -347,8 +419,7 @@ macro_rules! kernels {
             ) {
                 let (_, inp) = w.shape();
                 let v = if w.integer() {
-                    let xs: [Row; MB] = std::array::from_fn(|i| a.row(i0 + i));
-                    row_int::<MB>(w, r, &xs)
+                    row_int::<MB>(w, r, a, i0)
                 } else {
                     let (bytes, is_f16) = float_row(w, r);
                     let xs: [&[f32]; MB] =
