@@ -12,6 +12,7 @@ use speckv::decode::{self, Draft, GenConfig, Policy};
 use speckv::model::tokenizer::Tokenizer;
 use speckv::model::{read_gguf, Model};
 use speckv::weights::quant::Format;
+use speckv::weights::Regime;
 
 fn smollm2() -> Option<PathBuf> {
     let p =
@@ -92,7 +93,7 @@ fn speculative_greedy_equals_plain_greedy_for_every_policy_and_regime() {
         Policy::Heuristic,
         Policy::SpecKv(Box::new(ctl)),
     ];
-    for format in Format::ALL {
+    for format in Regime::ALL {
         let m = Model::load(&p, format).unwrap();
         // Self-speculative draft: every other layer, first and last kept.
         let n = m.cfg.layers;
@@ -140,7 +141,7 @@ fn speculative_greedy_equals_plain_greedy_with_a_draft_that_accepts() {
     let draft = Model::load(&p, Format::Fp16).unwrap();
     let policies = [Policy::Fixed(3), Policy::Fixed(8), Policy::Heuristic];
     let (mut full, mut partial, mut none) = (0, 0, 0);
-    for format in [Format::Int8, Format::Nf4] {
+    for format in [Regime::Int8, Regime::Nf4, Regime::Gguf] {
         let target = Model::load(&p, format).unwrap();
         let cfg = GenConfig {
             max_tokens: 32,

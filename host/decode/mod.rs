@@ -171,9 +171,10 @@ pub fn plain_streamed(
     let cpu = CpuBackend::new();
     let start = Instant::now();
     let mut cache = KvCache::new(&target.cfg);
+    cache.reserve(prompt.len() + cfg.max_tokens + 1);
     let mut logits = target.forward(prompt, &mut cache, 1)?;
     let prefill = start.elapsed().as_secs_f64();
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(cfg.max_tokens);
     let v = target.cfg.vocab;
     for step in 0..cfg.max_tokens {
         let next = if cfg.temperature == 0.0 {
@@ -204,7 +205,7 @@ pub fn plain_streamed(
         if out.len() == cfg.max_tokens {
             break;
         }
-        logits = target.forward(&[next], &mut cache, 1)?;
+        logits.copy_from_slice(target.forward_into(&[next], &mut cache, 1, None)?);
     }
     let s = start.elapsed().as_secs_f64();
     Ok(GenStats {
@@ -269,6 +270,9 @@ pub fn speculative_traced(
     let start = Instant::now();
     let mut tcache = KvCache::new(&target.cfg);
     let mut dcache = KvCache::new(&dmodel.cfg);
+    let room = prompt.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
+    tcache.reserve(room);
+    dcache.reserve(room);
     // Prefill all but the last prompt token; it becomes the pending token.
     let (head, last) = prompt.split_at(prompt.len() - 1);
     if !head.is_empty() {
@@ -313,8 +317,8 @@ pub fn speculative_traced(
         let mut feed: Vec<u32> = std::mem::take(&mut backlog);
         feed.push(pending);
         while (xs.len() as u32) < gmax {
-            let q = dmodel.forward_layers(&feed, &mut dcache, 1, dmask)?;
-            let l = Logits::dense(LogitsData::F32(&q), v)?;
+            let q = dmodel.forward_into(&feed, &mut dcache, 1, dmask)?;
+            let l = Logits::dense(LogitsData::F32(q), v)?;
             let o = StatsOptions {
                 temperature: cfg.temperature,
                 sample: !greedy,
@@ -350,7 +354,7 @@ pub fn speculative_traced(
             xs.push(x);
             ents.push(st.entropy);
             confs.push(st.confidence);
-            qrows.extend_from_slice(&q);
+            qrows.extend_from_slice(q);
             feed = vec![x];
         }
         let g = xs.len();
@@ -363,12 +367,12 @@ pub fn speculative_traced(
         let before = tcache.len();
         let mut tin = vec![pending];
         tin.extend_from_slice(&xs);
-        let p = target.forward(&tin, &mut tcache, g + 1)?;
+        let p = target.forward_into(&tin, &mut tcache, g + 1, None)?;
         let temps = [cfg.temperature];
         let gammas = [g as i32];
         let tokens: Vec<i32> = xs.iter().map(|&x| x as i32).collect();
         let vb = VerifyBatch {
-            target: LogitsData::F32(&p),
+            target: LogitsData::F32(p),
             target_stride: v,
             draft: DraftDist::Logits {
                 data: LogitsData::F32(&qrows),

@@ -141,7 +141,9 @@ pub fn run(mib: usize) -> Result<CpuBench> {
         let w = matrix(storage, n_rows, 100 + k as u64)?;
         let mut acts = Acts::new(WIDTH);
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
-        let x: Vec<f32> = (0..MAX_M * WIDTH).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..MAX_M * WIDTH)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
         let mut y = vec![0f32; MAX_M * n_rows];
         let mut yt = vec![0f32; MAX_M * n_rows];
         let mut ms = Vec::new();

@@ -236,6 +236,12 @@ impl Isa {
         v
     }
 
+    /// Whether this CPU runs `isa` (checked once).
+    pub fn supported(isa: Isa) -> bool {
+        static AV: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
+        AV.get_or_init(Isa::available).contains(&isa)
+    }
+
     /// The fastest available: VNNI when the CPU has it, then AVX2. `SPECKV_CPU_ISA=scalar|avx2|
     /// avxvnni|avx512vnni` forces one the CPU has.
     pub fn best() -> Isa {
@@ -285,7 +291,7 @@ pub fn matmul_with(
             acts.m, acts.k
         )));
     }
-    if !Isa::available().contains(&isa) {
+    if !Isa::supported(isa) {
         return Err(Error::Other(format!("this CPU cannot run {isa:?}")));
     }
     let x = &x[..m * inp];

@@ -29,7 +29,8 @@ pub(super) fn rows(w: &Linear, x: &[f32], a: &Acts, m: usize, r0: usize, yt: &mu
     for (j, y) in yt.chunks_exact_mut(m).enumerate() {
         let r = r0 + j;
         if w.integer() {
-            let kq = matches!(w, Linear::Blocks(b) if matches!(b.ty, BlockType::Q4K | BlockType::Q6K));
+            let kq =
+                matches!(w, Linear::Blocks(b) if matches!(b.ty, BlockType::Q4K | BlockType::Q6K));
             for (i, yi) in y.iter_mut().enumerate() {
                 if kq {
                     *yi = k_quant(w, r, a, i);
