@@ -6,6 +6,7 @@ mod bench;
 mod calibrate;
 mod evaluate;
 mod generate;
+mod logits;
 mod plan;
 mod profile;
 mod ptx;
@@ -62,6 +63,9 @@ enum Command {
     /// Choose the layers of a self-speculative draft: greedy layer removal maximising measured
     /// greedy acceptance until the draft costs at most --max-cost of the target per token.
     CalibrateDraft(calibrate::Args),
+    /// Next-token logits on given token ids, raw f32 (the teacher-forced comparison with
+    /// llama.cpp in scripts/llamacpp_peer.py).
+    Logits(logits::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -86,6 +90,7 @@ fn run(cli: Cli) -> speckv::Result<()> {
         Command::Generate(a) => generate::run(a, backend),
         Command::Profile(a) => profile::run(a, backend),
         Command::CalibrateDraft(a) => calibrate::run(a),
+        Command::Logits(a) => logits::run(a),
         Command::Bench { what } => bench::run(what, backend),
         Command::Ptx(a) => ptx::run(a),
         Command::Plan(a) => plan::run(a, backend),

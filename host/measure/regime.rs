@@ -12,6 +12,8 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::controller::CostModel;
 use crate::error::Result;
+use crate::weights::cpu::{matmul, Acts, Linear};
+use crate::weights::ggml::{self, BlockType};
 use crate::weights::quant::{relative_rms_error, Format, QMatrix};
 
 /// A linear layer of a model: (name, out, in, how many per transformer layer).
@@ -42,17 +44,29 @@ pub fn random_weights(out: usize, inp: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Backend-resident matrix ready to time.
+/// Backend-resident matrix ready to time: on the CPU, in the decoding path's storage.
 enum Resident {
-    Host(QMatrix),
+    Host(Linear),
     Device(crate::backend::cuda::DeviceMatrix, QMatrix),
 }
 
 fn resident(backend: &Backend, q: QMatrix) -> Result<Resident> {
     Ok(match backend {
-        Backend::Cpu(_) => Resident::Host(q),
+        Backend::Cpu(_) => Resident::Host(Linear::Regime(q)),
         Backend::Cuda(c) => Resident::Device(c.upload_matrix(&q)?, q),
     })
+}
+
+/// Mean time of the CPU decoding path's product at `m` (activations quantised once, outside).
+fn time_host_product(l: &Linear, m: usize, budget: Duration) -> Result<Duration> {
+    let (out, inp) = l.shape();
+    let x: Vec<f32> = (0..m * inp)
+        .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
+        .collect();
+    let mut acts = Acts::new(inp);
+    acts.quantize(&x, m, inp)?;
+    let (mut y, mut yt) = (vec![0f32; m * out], vec![0f32; m * out]);
+    crate::backend::time_host(budget, 2, || matmul(l, &x, &acts, m, &mut y, &mut yt))
 }
 
 /// Mean time of one GEMV at `m` over at least `budget`.
@@ -61,7 +75,8 @@ fn time_gemv(backend: &Backend, r: &Resident, m: usize, budget: Duration) -> Res
         (Backend::Cuda(c), Resident::Device(d, _)) => crate::backend::time_device(budget, |n| {
             c.time_gemv(d, m, n, crate::backend::cuda::KernelVersion::V2)
         }),
-        (_, Resident::Host(q)) | (_, Resident::Device(_, q)) => {
+        (_, Resident::Host(l)) => time_host_product(l, m, budget),
+        (_, Resident::Device(_, q)) => {
             let (_, inp) = q.shape();
             let x = vec![0.5f32; m * inp];
             crate::backend::time_host(budget, 2, || crate::weights::gemv::cpu(q, &x, m))
@@ -126,18 +141,36 @@ pub fn quant_error() -> Result<QuantError> {
     })
 }
 
-/// The regime table on `backend`, spending about `budget` per timing.
+/// The regime table on `backend`, spending about `budget` per timing: FP16, INT8, NF4, and on
+/// the CPU backend the `gguf` regime (Q4_K blocks, the usual GGUF storage of an 8B model).
 pub fn regimes(backend: &Backend, decision_us: f64, budget: Duration) -> Result<Vec<RegimeRow>> {
     let mut rows = Vec::new();
-    for format in Format::ALL {
+    let mut kinds: Vec<Option<Format>> = Format::ALL.into_iter().map(Some).collect();
+    if matches!(backend, Backend::Cpu(_)) {
+        kinds.push(None);
+    }
+    for kind in kinds {
         let mut layers = Vec::new();
         let (mut step, mut decode, mut gbps) = (0.0, 0.0, 0.0);
         for (k, &(name, out, inp, count)) in LLAMA3_8B.iter().enumerate() {
-            let w = random_weights(out, inp, 10 + k as u64);
-            let q = QMatrix::quantize(&w, out, inp, format, false)?;
-            drop(w);
-            let bytes = q.bytes();
-            let r = resident(backend, q)?;
+            let r = match kind {
+                Some(format) => {
+                    let w = random_weights(out, inp, 10 + k as u64);
+                    let q = QMatrix::quantize(&w, out, inp, format, false)?;
+                    drop(w);
+                    resident(backend, q)?
+                }
+                None => Resident::Host(Linear::Blocks(ggml::random(
+                    BlockType::Q4K,
+                    out,
+                    inp,
+                    10 + k as u64,
+                )?)),
+            };
+            let bytes = match &r {
+                Resident::Host(l) => l.bytes(),
+                Resident::Device(_, q) => q.bytes(),
+            };
             let t1 = time_gemv(backend, &r, 1, budget)?.as_secs_f64();
             let t5 = time_gemv(backend, &r, 5, budget)?.as_secs_f64();
             if out == 14336 {
@@ -148,8 +181,10 @@ pub fn regimes(backend: &Backend, decision_us: f64, budget: Duration) -> Result<
             layers.push((name.to_string(), t1 * 1e6, t5 * 1e6));
         }
         rows.push(RegimeRow {
-            name: format.name(),
-            bits_per_weight: format.bits_per_weight(14336, 4096),
+            name: kind.map_or("gguf (Q4_K)", |f| f.name()),
+            bits_per_weight: kind.map_or(BlockType::Q4K.bits_per_weight(), |f| {
+                f.bits_per_weight(14336, 4096)
+            }),
             gemv_gbps: gbps,
             step_ms: step * 1e3,
             decode_ms: decode * 1e3,

@@ -251,10 +251,10 @@ pub fn render(r: &Report) -> String {
         s.push_str("  (the CUDA kernel is validated on the CPU emulator and by ptxas only)\n");
     }
     s.push_str("\nweight regimes (Llama-3-8B-shaped target: 32 layers of q,o 4096×4096, k,v 1024×4096, gate,up 14336×4096, down 4096×14336)\n");
-    s.push_str("  regime  bits/w  GEMV GB/s (14336×4096, M=1)  decode ms (M=1)  verify step ms (γ=4, M=5)  decision share\n");
+    s.push_str("  regime        bits/w  GEMV GB/s (14336×4096, M=1)  decode ms (M=1)  verify step ms (γ=4, M=5)  decision share\n");
     for g in &r.regimes {
         s.push_str(&format!(
-            "  {:<6} {:>6.2} {:>29.2} {:>16.1} {:>26.1} {:>13.1e}%\n",
+            "  {:<12} {:>6.2} {:>29.2} {:>16.1} {:>26.1} {:>13.1e}%\n",
             g.name,
             g.bits_per_weight,
             g.gemv_gbps,
