@@ -14,10 +14,12 @@ fn k_quant(w: &Linear, r: usize, a: &Acts, i: usize) -> f32 {
         let q = &qk[32 * b..32 * b + 32];
         let d = dk[b / 8];
         for h in 0..2 {
-            let mut dot = 0i32;
-            for j in 16 * h..16 * h + 16 {
-                dot += sb.c[j] as i32 * q[j] as i32;
-            }
+            let r = 16 * h..16 * h + 16;
+            let dot: i32 = sb.c[r.clone()]
+                .iter()
+                .zip(&q[r])
+                .map(|(&c, &x)| c as i32 * x as i32)
+                .sum();
             acc += d * (sb.s[h] * dot as f32 + sb.o[h] * bsum[2 * b + h] as f32);
         }
     }
@@ -42,15 +44,15 @@ pub(super) fn rows(w: &Linear, x: &[f32], a: &Acts, m: usize, r0: usize, yt: &mu
                     let sb = sub_block(w, r, b);
                     let q = &qs[32 * b..32 * b + 32];
                     for h in 0..2 {
-                        let mut dot = 0i32;
-                        for jj in 16 * h..16 * h + 16 {
-                            let c = if sb.signed {
-                                sb.c[jj] as i8 as i32
-                            } else {
-                                sb.c[jj] as i32
-                            };
-                            dot += c * q[jj] as i32;
-                        }
+                        let r = 16 * h..16 * h + 16;
+                        let dot: i32 = sb.c[r.clone()]
+                            .iter()
+                            .zip(&q[r])
+                            .map(|(&c, &x)| {
+                                let c = if sb.signed { c as i8 as i32 } else { c as i32 };
+                                c * x as i32
+                            })
+                            .sum();
                         acc += sb.s[h] * dx[b] * dot as f32 + sb.o[h] * d16[2 * b + h];
                     }
                 }
