@@ -108,9 +108,9 @@ impl Config {
         };
         let why = if cfg.layers == 0 || cfg.hidden == 0 || cfg.ffn == 0 {
             Some("block_count, embedding_length and feed_forward_length must be at least 1")
-        } else if cfg.heads == 0 || cfg.kv_heads == 0 || cfg.heads % cfg.kv_heads != 0 {
+        } else if cfg.heads == 0 || cfg.kv_heads == 0 || !cfg.heads.is_multiple_of(cfg.kv_heads) {
             Some("head_count must be a positive multiple of head_count_kv")
-        } else if cfg.hidden % cfg.heads != 0 || cfg.head_dim % 2 != 0 {
+        } else if !cfg.hidden.is_multiple_of(cfg.heads) || !cfg.head_dim.is_multiple_of(2) {
             Some("embedding_length / head_count must be an even whole number (RoPE pairs)")
         } else if cfg.layers > 4096
             || cfg.hidden > 1 << 16

@@ -161,7 +161,7 @@ impl<'a> Logits<'a> {
         if vocab == 0 {
             return Err(Error::Empty { what: "vocab" });
         }
-        if data.len() % vocab != 0 {
+        if !data.len().is_multiple_of(vocab) {
             return Err(Error::Length {
                 what: "logits (not a whole number of rows)",
                 got: data.len(),
@@ -259,7 +259,7 @@ pub fn check_temperature(t: f32) -> Result<()> {
 
 /// Block sizes the kernels accept.
 pub fn check_block(block: u32) -> Result<()> {
-    if block == 0 || block > 1024 || block % 32 != 0 {
+    if block == 0 || block > 1024 || !block.is_multiple_of(32) {
         return Err(Error::BadBlockSize(block));
     }
     Ok(())

@@ -155,7 +155,7 @@ fn row_dot(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize,
             }
             QMatrix::Nf4 { packed, .. } => {
                 let am = absmax.unwrap_or(&[]);
-                if base % NF4_BLOCK == 0 && n % NF4_BLOCK == 0 {
+                if base.is_multiple_of(NF4_BLOCK) && n % NF4_BLOCK == 0 {
                     // Whole blocks: one absmax per 32 bytes, both nibbles of a byte from a table.
                     let lut = nf4_pair_lut();
                     let bytes = &packed[base / 2..(base + n) / 2];
@@ -170,7 +170,7 @@ fn row_dot(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize,
                             pair[1] = lo * s;
                         }
                     }
-                } else if base % 2 == 0 && n % 2 == 0 {
+                } else if base.is_multiple_of(2) && n % 2 == 0 {
                     // Whole bytes: both nibbles from a 256-entry table, scaled by their block's absmax.
                     let lut = nf4_pair_lut();
                     for (j, (pair, &byte)) in wt
@@ -187,7 +187,7 @@ fn row_dot(w: &QMatrix, absmax: Option<&[f32]>, x: &[f32], m: usize, row: usize,
                     for (j, d) in wt.iter_mut().enumerate() {
                         let e = base + j;
                         let b = packed[e / 2];
-                        let nib = if e % 2 == 0 { b >> 4 } else { b & 15 };
+                        let nib = if e.is_multiple_of(2) { b >> 4 } else { b & 15 };
                         *d = NF4_CODE[nib as usize] * am[e / NF4_BLOCK];
                     }
                 }

@@ -107,7 +107,7 @@ impl BlockMatrix {
                 what: "matrix dimensions",
             });
         }
-        if inp % ty.block() != 0 || (ty.block() > 1 && inp % 32 != 0) {
+        if !inp.is_multiple_of(ty.block()) || (ty.block() > 1 && !inp.is_multiple_of(32)) {
             return Err(Error::BadModel(format!(
                 "a {} row of {inp} elements is not a whole number of {}-element blocks",
                 ty.name(),
@@ -174,7 +174,7 @@ impl BlockMatrix {
 
     /// Q8_0 blocks of row-major `w` (32 | in): the store for types kept only as f32 elsewhere.
     pub fn quantize_q8_0(w: &[f32], out: usize, inp: usize) -> Result<BlockMatrix> {
-        if inp % 32 != 0 || w.len() != out * inp {
+        if !inp.is_multiple_of(32) || w.len() != out * inp {
             return Err(Error::BadModel(format!(
                 "Q8_0 needs rows of a multiple of 32 ({out}×{inp}, {} values)",
                 w.len()

@@ -173,7 +173,7 @@ impl QMatrix {
             }
             Format::Nf4 => {
                 let n = w.len();
-                if n % NF4_BLOCK != 0 {
+                if !n.is_multiple_of(NF4_BLOCK) {
                     return Err(Error::Other(format!(
                         "nf4 needs out·in to be a multiple of the block size {NF4_BLOCK}; {out}×{inp} = {n} is not"
                     )));
@@ -188,7 +188,7 @@ impl QMatrix {
                     for (j, &x) in blk.iter().enumerate() {
                         let code = if a > 0.0 { nf4_code(x / a) } else { 7 }; // 7 is the code of 0.0
                         let e = b * NF4_BLOCK + j;
-                        if e % 2 == 0 {
+                        if e.is_multiple_of(2) {
                             packed[e / 2] |= code << 4;
                         } else {
                             packed[e / 2] |= code;

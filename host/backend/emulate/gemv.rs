@@ -77,7 +77,7 @@ impl Emulator {
         check_gemv(w, x, m)?;
         let (out, inp) = w.shape();
         let (wb, scales) = raw(w);
-        if (wb.as_ptr() as usize) % 16 != 0 {
+        if !(wb.as_ptr() as usize).is_multiple_of(16) {
             return Err(Error::Other(
                 "weights must be 16-byte aligned for v2".to_string(),
             ));

@@ -138,7 +138,8 @@ impl Acts {
 
     /// Quantises x `[m, k]` (k a multiple of 32, within capacity).
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) -> Result<()> {
-        if k % 32 != 0 || m == 0 || m > MAX_M || m * k > self.qs.len() || x.len() != m * k {
+        if !k.is_multiple_of(32) || m == 0 || m > MAX_M || m * k > self.qs.len() || x.len() != m * k
+        {
             return Err(Error::Other(format!(
                 "activations [{m}, {k}] ({} values) do not fit 8-bit blocks of 32 within [{MAX_M}, {}]",
                 x.len(),
@@ -162,7 +163,7 @@ impl Acts {
             self.d16[2 * b] = d * sums[0] as f32;
             self.d16[2 * b + 1] = d * sums[1] as f32;
         }
-        if k % 256 == 0 {
+        if k.is_multiple_of(256) {
             for (b, xb) in x.chunks_exact(256).enumerate() {
                 let a = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = a / 127.0;
@@ -395,7 +396,11 @@ pub(crate) fn sub_block(w: &Linear, r: usize, b: usize) -> Sub {
                     let (sc, mn) = crate::weights::ggml::q4k_scale_min(sub, &blk[4..16]);
                     let qs = &blk[16 + 32 * (sub / 2)..16 + 32 * (sub / 2) + 32];
                     for (cj, q) in c.iter_mut().zip(qs) {
-                        *cj = if sub % 2 == 0 { q & 0xF } else { q >> 4 };
+                        *cj = if sub.is_multiple_of(2) {
+                            q & 0xF
+                        } else {
+                            q >> 4
+                        };
                     }
                     s = [d * sc as f32; 2];
                     o = [-dmin * mn as f32; 2];
@@ -434,7 +439,7 @@ pub(crate) fn sub_block(w: &Linear, r: usize, b: usize) -> Sub {
             let t = nf4_i8();
             for (j, cj) in c.iter_mut().enumerate() {
                 let byte = packed[(e0 + j) / 2];
-                let nib = if (e0 + j) % 2 == 0 {
+                let nib = if (e0 + j).is_multiple_of(2) {
                     byte >> 4
                 } else {
                     byte & 15
