@@ -246,7 +246,9 @@ fn integer_nf4_is_a_small_fraction_of_nf4_own_error() {
     };
     let table = rel(&int_nf4, &float_nf4);
     let own = rel(&float_nf4, &w);
-    eprintln!("int8 NF4 table vs float NF4: relative RMS {table:.2e}; NF4 vs the weights: {own:.2e}");
+    eprintln!(
+        "int8 NF4 table vs float NF4: relative RMS {table:.2e}; NF4 vs the weights: {own:.2e}"
+    );
     // Measured: 6.06e-3 against 9.20e-2 (6.6 %).
     assert!(table < 0.1 * own, "table error {table} vs NF4 own {own}");
 }

@@ -134,9 +134,12 @@ macro_rules! kernels {
             unsafe fn row_b32<const MB: usize, const T: u8>(
                 row: &[u8],
                 xs: &X32<MB>,
-                acc: &mut [__m256; MB],
-                off: &mut [f32; MB],
+                acc_out: &mut [__m256; MB],
+                off_out: &mut [f32; MB],
             ) {
+                // Accumulators as locals, so they stay in registers across the loop.
+                let (mut acc_l, mut off_l) = (*acc_out, *off_out);
+                let (acc, off) = (&mut acc_l, &mut off_l);
                 let m4 = _mm_set1_epi8(0x0F);
                 let nb = if T == 0 {
                     18
@@ -172,6 +175,8 @@ macro_rules! kernels {
                         apply::<MB, true>(sw, _mm256_set1_ps(d), [0.0; 2], xs, b, acc, off);
                     }
                 }
+                *acc_out = acc_l;
+                *off_out = off_l;
             }
 
             /// Row `r` of an integer-path matrix dotted with the group's positions.
