@@ -245,3 +245,32 @@ fn the_decode_loop_forward_pass_allocates_nothing() {
         assert_eq!(n, 0, "{regime:?}: {n} allocations in 16 forward passes");
     }
 }
+
+#[test]
+fn greedy_plain_decoding_allocates_nothing_per_token() {
+    // The whole decode call's allocations do not grow with the number of tokens: the loop itself
+    // (forward pass, argmax, the token pushed into reserved room) allocates nothing.
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(p) = smollm2() else { return };
+    let m = Model::load(&p, Regime::Gguf).unwrap();
+    let prompt: Vec<u32> = (100..120).collect();
+    let count = |n: usize| {
+        let cfg = speckv::decode::GenConfig {
+            max_tokens: n,
+            temperature: 0.0,
+            seed: 0,
+            gamma_max: 8,
+            compression: speckv::controller::records::Compression::Nf4,
+        };
+        let before = ALLOCS.load(Ordering::SeqCst);
+        let out = speckv::decode::plain(&m, &prompt, &[], &cfg).unwrap();
+        assert_eq!(out.tokens.len(), n);
+        ALLOCS.load(Ordering::SeqCst) - before
+    };
+    count(2); // warm the pool's queues
+    // The least of three calls: the pool's injector queue allocates a block every 63 calls into
+    // the pool (one per decode call), which may land in any one call.
+    let least = |n: usize| (0..3).map(|_| count(n)).min().unwrap_or(0);
+    let (short, long) = (least(4), least(36));
+    assert_eq!(short, long, "4 tokens: {short} allocations, 36 tokens: {long}");
+}

@@ -163,7 +163,19 @@ pub fn plain_streamed(
     prompt: &[u32],
     stop: &[u32],
     cfg: &GenConfig,
-    on_token: &mut dyn FnMut(u32),
+    on_token: &mut (dyn FnMut(u32) + Send),
+) -> Result<GenStats> {
+    // The loop runs on a thread of the pool: the products' parallel jobs then go to that thread's
+    // own queue, not the pool's injector queue (which allocates), and it works on them itself.
+    rayon::scope(|_| plain_loop(target, prompt, stop, cfg, on_token))
+}
+
+fn plain_loop(
+    target: &Model,
+    prompt: &[u32],
+    stop: &[u32],
+    cfg: &GenConfig,
+    on_token: &mut (dyn FnMut(u32) + Send),
 ) -> Result<GenStats> {
     if prompt.is_empty() {
         return Err(Error::Empty { what: "prompt" });
@@ -242,7 +254,20 @@ pub fn speculative_traced(
     stop: &[u32],
     policy: &Policy,
     cfg: &GenConfig,
-    on_step: &mut dyn FnMut(&StepTrace),
+    on_step: &mut (dyn FnMut(&StepTrace) + Send),
+) -> Result<GenStats> {
+    // On a pool thread, as `plain_streamed`.
+    rayon::scope(|_| speculative_loop(target, draft, prompt, stop, policy, cfg, on_step))
+}
+
+fn speculative_loop(
+    target: &Model,
+    draft: &Draft<'_>,
+    prompt: &[u32],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+    on_step: &mut (dyn FnMut(&StepTrace) + Send),
 ) -> Result<GenStats> {
     if prompt.is_empty() {
         return Err(Error::Empty { what: "prompt" });
