@@ -268,9 +268,12 @@ fn greedy_plain_decoding_allocates_nothing_per_token() {
         ALLOCS.load(Ordering::SeqCst) - before
     };
     count(2); // warm the pool's queues
-    // The least of three calls: the pool's injector queue allocates a block every 63 calls into
-    // the pool (one per decode call), which may land in any one call.
+              // The least of three calls: the pool's injector queue allocates a block every 63 calls into
+              // the pool (one per decode call), which may land in any one call.
     let least = |n: usize| (0..3).map(|_| count(n)).min().unwrap_or(0);
     let (short, long) = (least(4), least(36));
-    assert_eq!(short, long, "4 tokens: {short} allocations, 36 tokens: {long}");
+    assert_eq!(
+        short, long,
+        "4 tokens: {short} allocations, 36 tokens: {long}"
+    );
 }

@@ -130,8 +130,6 @@ macro_rules! kernels {
             /// Q4_0 (T = 0), Q4_1 (1), Q5_0 (2) rows, one loop per type. Q4_0 and Q5_0 codes are
             /// made signed (nibble − 8, value − 16) so no offset term is needed; Q4_1 keeps its
             /// min through the activations' half sums.
-            // Each type's loop is its own function, so its registers are allocated for it alone.
-            #[inline(never)]
             #[target_feature(enable = $feat)]
             unsafe fn row_b32<const MB: usize, const T: u8>(
                 row: &[u8],
@@ -306,8 +304,6 @@ macro_rules! kernels {
 
             /// Q4_K rows against 8-bit activations with one scale per 256: each super-block is
             /// summed in integers (sub-block scales applied by `madd`), scaled in f32 once.
-            // Each type's loop is its own function, so its registers are allocated for it alone.
-            #[inline(never)]
             #[target_feature(enable = $feat)]
             unsafe fn row_q4k<const MB: usize>(
                 row: &[u8],
@@ -386,8 +382,6 @@ macro_rules! kernels {
 
             /// Q6_K rows, as [`row_q4k`]: 6-bit codes 0..63 (their −32 is applied through the
             /// sums of 16), i8 scales per 16 applied by `madd`.
-            // Each type's loop is its own function, so its registers are allocated for it alone.
-            #[inline(never)]
             #[target_feature(enable = $feat)]
             unsafe fn row_q6k<const MB: usize>(
                 row: &[u8],
@@ -455,8 +449,6 @@ macro_rules! kernels {
             }
 
             /// Row bytes of f16 or f32 dotted with the group's f32 positions (F16C + FMA).
-            // Each type's loop is its own function, so its registers are allocated for it alone.
-            #[inline(never)]
             #[target_feature(enable = $feat)]
             unsafe fn row_float<const MB: usize>(
                 bytes: &[u8],
