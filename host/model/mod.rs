@@ -178,10 +178,10 @@ impl Loader<'_> {
         if !self.c.tensor_infos.contains_key(name) {
             return Ok(None);
         }
-        let (v, _) = load_f32(self.c, &mut self.r, name)?;
+        let (v, dims) = load_f32(self.c, &mut self.r, name)?;
         if v.len() != n {
             return Err(Error::BadModel(format!(
-                "tensor {name} has {} values, expected {n}",
+                "tensor {name} has shape {dims:?} ({} values), expected [{n}]",
                 v.len()
             )));
         }
