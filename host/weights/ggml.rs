@@ -1,6 +1,6 @@
 //! GGUF weights kept in the blocks they are stored in (the `gguf` regime): the byte layouts of the
 //! block types the supported models use, their float reference decoding, and a matrix of rows of
-//! blocks. The integer dot products that read them live in [`crate::weights::cpu`].
+//! blocks. The integer dot products that read them live in `weights::cpu`.
 //!
 //! Layouts (ggml's, little-endian; `d`, `m`, `dmin` are f16):
 //! - Q4_0 (32 elements, 18 bytes): `d`, 16 bytes of nibbles; element j < 16 is the low nibble of

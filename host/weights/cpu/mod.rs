@@ -17,6 +17,9 @@
 
 mod scalar;
 #[cfg(target_arch = "x86_64")]
+#[macro_use]
+mod simd_k;
+#[cfg(target_arch = "x86_64")]
 mod simd;
 pub mod vec;
 
