@@ -35,7 +35,7 @@ fn project(
     part: &mut [f32],
 ) -> Result<()> {
     if p.integer() {
-        acts.quantize(&x[..m * inp], m, inp)?;
+        acts.quantize_for(&x[..m * inp], m, inp, p.needs())?;
     }
     match p {
         Proj::Fused(l) => product(l, x, acts, m, y, yt),
@@ -67,7 +67,7 @@ fn single(
 ) -> Result<()> {
     let (_, inp) = l.shape();
     if l.integer() {
-        acts.quantize(&x[..m * inp], m, inp)?;
+        acts.quantize_for(&x[..m * inp], m, inp, l.needs())?;
     }
     product(l, x, acts, m, y, yt)
 }

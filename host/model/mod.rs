@@ -46,6 +46,16 @@ impl Proj {
             Proj::Split(v) => v.iter().any(|l| l.integer()),
         }
     }
+    /// The activation forms any of the products reads.
+    pub(crate) fn needs(&self) -> (bool, bool) {
+        match self {
+            Proj::Fused(l) => l.needs(),
+            Proj::Split(v) => v
+                .iter()
+                .map(|l| l.needs())
+                .fold((false, false), |a, b| (a.0 || b.0, a.1 || b.1)),
+        }
+    }
 }
 
 pub(crate) struct Layer {

@@ -63,6 +63,14 @@ impl Linear {
             Linear::Regime(q) => !matches!(q, QMatrix::Fp16 { .. }),
         }
     }
+    /// Whether the product reads the per-256 activations (the K-quants).
+    pub fn k_quant(&self) -> bool {
+        matches!(self, Linear::Blocks(b) if matches!(b.ty, BlockType::Q4K | BlockType::Q6K))
+    }
+    /// The activation forms the product reads: (per 32, per 256).
+    pub fn needs(&self) -> (bool, bool) {
+        (self.integer() && !self.k_quant(), self.k_quant())
+    }
     /// A short name of the storage: "Q4_K", "int8", ...
     pub fn kind(&self) -> &'static str {
         match self {
@@ -115,6 +123,9 @@ pub fn nf4_i8() -> [i8; 16] {
 pub struct Acts {
     m: usize,
     k: usize,
+    /// Which of the two forms the last `quantize_for` wrote.
+    has32: bool,
+    has256: bool,
     qs: Vec<i8>,
     dx: Vec<f32>,
     d16: Vec<f32>,
@@ -130,6 +141,8 @@ impl Acts {
         Acts {
             m: 0,
             k: 0,
+            has32: false,
+            has256: false,
             qs: vec![0; MAX_M * k],
             dx: vec![0.0; MAX_M * k / 32],
             d16: vec![0.0; MAX_M * k / 16],
@@ -139,8 +152,21 @@ impl Acts {
         }
     }
 
-    /// Quantises x `[m, k]` (k a multiple of 32, within capacity).
+    /// Quantises x `[m, k]` (k a multiple of 32, within capacity) in both forms (the second when
+    /// 256 | k).
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) -> Result<()> {
+        self.quantize_for(x, m, k, (true, true))
+    }
+
+    /// Quantises x in the forms `needs` = (per 32, per 256) asks for — what [`Linear::needs`]
+    /// returns — so the decoding path never writes a form no product will read.
+    pub fn quantize_for(
+        &mut self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        needs: (bool, bool),
+    ) -> Result<()> {
         if !k.is_multiple_of(32) || m == 0 || m > MAX_M || m * k > self.qs.len() || x.len() != m * k
         {
             return Err(Error::Other(format!(
@@ -151,7 +177,13 @@ impl Acts {
         }
         self.m = m;
         self.k = k;
-        for (b, xb) in x.chunks_exact(32).enumerate() {
+        self.has32 = needs.0;
+        self.has256 = needs.1 && k.is_multiple_of(256);
+        for (b, xb) in x
+            .chunks_exact(32)
+            .enumerate()
+            .take(if needs.0 { usize::MAX } else { 0 })
+        {
             let a = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = a / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -166,7 +198,7 @@ impl Acts {
             self.d16[2 * b] = d * sums[0] as f32;
             self.d16[2 * b + 1] = d * sums[1] as f32;
         }
-        if k.is_multiple_of(256) {
+        if self.has256 {
             for (b, xb) in x.chunks_exact(256).enumerate() {
                 let a = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = a / 127.0;
@@ -289,10 +321,13 @@ pub fn matmul_with(
         )));
     }
     w.check()?;
-    if w.integer() && (acts.m != m || acts.k != inp) {
+    let (n32, n256) = w.needs();
+    if w.integer()
+        && (acts.m != m || acts.k != inp || (n32 && !acts.has32) || (n256 && !acts.has256))
+    {
         return Err(Error::Other(format!(
-            "the 8-bit activations hold [{}, {}], the product needs [{m}, {inp}]",
-            acts.m, acts.k
+            "the 8-bit activations hold [{}, {}] (per 32: {}, per 256: {}), the product needs [{m}, {inp}] (per 32: {n32}, per 256: {n256})",
+            acts.m, acts.k, acts.has32, acts.has256
         )));
     }
     if !Isa::supported(isa) {

@@ -189,7 +189,17 @@ macro_rules! kernels {
             ) -> [f32; MB] {
                 let mut acc = [_mm256_setzero_ps(); MB];
                 let mut off = [0f32; MB];
-                let xs = &x32::<MB>(a, i0, w.shape().1);
+                // The per-32 positions, built only for the types that read them (the K-quants
+                // read the per-256 form, so theirs stay null and unread).
+                let xs = &if w.k_quant() {
+                    X32 {
+                        q: [std::ptr::null(); MB],
+                        d: [std::ptr::null(); MB],
+                        h: [std::ptr::null(); MB],
+                    }
+                } else {
+                    x32::<MB>(a, i0, w.shape().1)
+                };
                 match w {
                     Linear::Blocks(bm) => {
                         let row = bm.row(r);
