@@ -33,7 +33,7 @@ fn report_json_has_the_documented_keys() {
             .map(|c| c.len()),
         Some(4)
     );
-    assert_eq!(v["kernels"]["softmax_stats"]["validated_on_gpu"], false);
+    assert_eq!(v["kernels"]["softmax_stats"]["validated_on_gpu"], true);
 }
 
 #[test]

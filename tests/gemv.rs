@@ -94,7 +94,9 @@ macro_rules! per_backend {
                         let d = c.upload_matrix(q)?;
                         c.gemv(&d, x, m)
                     },
-                    "cuda",
+                    // `gemv` is v2 (tensor cores for M ≥ 2): the label says so, as the tolerance
+                    // reads it.
+                    "cuda v2",
                     false,
                 );
             }
@@ -480,4 +482,39 @@ fn v2_plans_split_narrow_outputs() {
         lp.entry, "gemv_v2_int8_m16",
         "K % 64 != 0 stays on CUDA cores"
     );
+}
+
+/// Every tensor-core entry issues exactly one `mma.sync.aligned` per tile and n-tile: a copy in a
+/// branch (LLVM may duplicate inline asm into both arms) hangs a warp whose lanes take different
+/// arms, as NF4 at M = 16 did on an H200 before the staged x was padded (`TC_PAD`).
+#[test]
+fn tensor_core_entries_issue_one_mma_per_tile() {
+    use speckv_kernels::gemv::{FormatV2, Fp16, Int8, Nf4};
+    let tiles = [
+        ("fp16", Fp16::TILES),
+        ("int8", Int8::TILES),
+        ("nf4", Nf4::TILES),
+    ];
+    let mut checked = 0;
+    for arch in speckv::ptx::Arch::ALL {
+        let Ok(ptx) = arch.ptx() else { continue };
+        for (fmt, t) in tiles {
+            for (suffix, nt) in [("n8", 1), ("n16", 2)] {
+                let entry = format!(".entry gemv_tc_{fmt}_{suffix}(");
+                let start = ptx
+                    .find(&entry)
+                    .unwrap_or_else(|| panic!("{}: no {entry}", arch.name()));
+                let body = &ptx[start..];
+                let body = &body[..body.find("\n}\n").expect("entry body ends")];
+                assert_eq!(
+                    body.matches("mma.sync.aligned").count(),
+                    t * nt,
+                    "{} gemv_tc_{fmt}_{suffix}: mma instructions",
+                    arch.name()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 6, "no PTX was checked");
 }

@@ -54,11 +54,22 @@ fn f16_logits(n: usize, seed: u64) -> Vec<half::f16> {
 /// Runs every case; `quick` uses fewer iterations and shapes.
 pub fn run(cuda: &CudaBackend, quick: bool) -> Result<GpuBench> {
     let iters = if quick { 5 } else { 20 };
+    // Progress on stderr, one line per case, so a run cut short by a time limit still says how far
+    // it got and what each case took.
+    let t0 = std::time::Instant::now();
     let copy_gbps = cuda.copy_bandwidth(1 << 30, iters)? / 1e9;
+    eprintln!(
+        "[{:6.1} s] copy {copy_gbps:.0} GB/s",
+        t0.elapsed().as_secs_f64()
+    );
     let mut cases = Vec::new();
     let mut push = |kernel, version, shape: String, bytes: u64, t: Duration| {
         let us = t.as_secs_f64() * 1e6;
         let gbps = bytes as f64 / t.as_secs_f64() / 1e9;
+        eprintln!(
+            "[{:6.1} s] {kernel} v{version} {shape}: {us:.2} µs, {gbps:.0} GB/s",
+            t0.elapsed().as_secs_f64()
+        );
         cases.push(Case {
             kernel,
             version,
@@ -181,6 +192,7 @@ pub fn run(cuda: &CudaBackend, quick: bool) -> Result<GpuBench> {
     let dc = cuda.upload_controller(&ctl)?;
     let with = cuda.time_stats_decide(&dc, &l, iters, true)?;
     let without = cuda.time_stats_decide(&dc, &l, iters, false)?;
+    eprintln!("[{:6.1} s] fused decision done", t0.elapsed().as_secs_f64());
     Ok(GpuBench {
         device: cuda.device_name().to_string(),
         sm_count: cuda.sm_count(),

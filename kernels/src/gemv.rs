@@ -134,6 +134,12 @@ pub const V2_ROWS_PER_WARP: u32 = 2;
 pub const TC_WARPS: u32 = 4;
 /// Shared memory budget of x's staging (no opt-in attribute needed below 48 KiB).
 pub const X_STAGE_BYTES: usize = 32 * 1024;
+/// Zero elements after each staged row of x on the tensor-core path: one span of the widest
+/// format (4 lanes × 32 NF4 elements), so a lane past the end of its split reads zeros without a
+/// branch. A branch there let LLVM duplicate the `mma.sync.aligned` after it into both arms (the
+/// inline asm is not marked convergent), and lanes of one warp that took different arms hung the
+/// warp on the GPU (seen on an H200 with NF4, M = 16, K = 4096); the PTX test counts the `mma`s.
+pub const TC_PAD: usize = 128;
 /// Loads in flight per lane (CUDA-core path: vectors per row per iteration).
 pub const V2_UNROLL: usize = 2;
 
@@ -262,7 +268,7 @@ pub fn plan_v2(format: u32, out: u32, inp: u32, m: u32, sm_count: u32) -> GemvPl
         kt,
         grid: row_tiles * ksplits,
         block,
-        shared_bytes: kt as usize * x_bytes_per_k + 16,
+        shared_bytes: (kt as usize + if tensor { TC_PAD } else { 0 }) * x_bytes_per_k + 16,
         workspace_bytes: if ksplits == 1 {
             0
         } else {
@@ -627,7 +633,6 @@ pub unsafe fn gemv_tc<W: FormatV2, const NT: usize>(p2: &GemvV2Params) {
     };
     let kt_nz =
         core::num::NonZeroUsize::new(p2.kt as usize).unwrap_or(core::num::NonZeroUsize::MIN);
-    let kt = kt_nz.get();
     let m = if (p.m as usize) < NT * 8 {
         p.m as usize
     } else {
@@ -635,20 +640,22 @@ pub unsafe fn gemv_tc<W: FormatV2, const NT: usize>(p2: &GemvV2Params) {
     };
     let tid = gpu::thread_idx_x() as usize;
     let block = gpu::block_dim_x() as usize;
-    // Stage x as f16: rows ≥ m and k ≥ k1 are zero.
+    // Stage x as f16, rows `kts` = kt + TC_PAD apart: rows ≥ m, k ≥ k1 and the pad are zero.
+    let kts_nz = kt_nz.saturating_add(TC_PAD);
+    let kts = kts_nz.get();
     let xs = gpu::dynamic_shared::<u16>();
     let mut i = tid;
-    while i < NT * 8 * kt {
-        let (r, kk) = (i / kt_nz, i % kt_nz);
+    while i < NT * 8 * kts {
+        let (r, kk) = (i / kts_nz, i % kts_nz);
         let v = if r < m && k0 + kk < k1 {
             gpu::ld_nc(p.x, r * kdim + k0 + kk)
         } else {
             0.0
         };
-        gpu::sh_st(xs, r * kt + kk, gpu::f32_to_f16(v));
+        gpu::sh_st(xs, r * kts + kk, gpu::f32_to_f16(v));
         i += block;
     }
-    let flag = (xs as *mut u8).wrapping_add(kt * NT * 8 * 2) as *mut u32;
+    let flag = (xs as *mut u8).wrapping_add(kts * NT * 8 * 2) as *mut u32;
     gpu::sync_threads();
 
     let lane = gpu::lane_id() as usize;
@@ -699,15 +706,12 @@ pub unsafe fn gemv_tc<W: FormatV2, const NT: usize>(p2: &GemvV2Params) {
                 let (a0, a1, a2, a3) = frag::<W>(lo, hi, j, code, s_lo, s_hi);
                 crate::unroll!(nt in 0..2 => {
                     if nt < NT {
-                        // A lane past k1 (the last span of a split) multiplies zeros, reading
-                        // nothing beyond its staged x; it still takes part in the warp's mma.
-                        let (b0, b1) = if live {
-                            let at = (g + 8 * nt) * kt + xrel + 4 * j;
-                            let pair = |i: usize| gpu::sh_ld(xs as *const u32, i / 2);
-                            (pair(at), pair(at + 2))
-                        } else {
-                            (0, 0)
-                        };
+                        // A lane past k1 (the last span of a split) has zero weights and reads
+                        // the zero pad after its staged row: no branch, so every lane of the
+                        // warp reaches the same mma instruction.
+                        let at = (g + 8 * nt) * kts + xrel + 4 * j;
+                        let pair = |i: usize| gpu::sh_ld(xs as *const u32, i / 2);
+                        let (b0, b1) = (pair(at), pair(at + 2));
                         c[nt] = gpu::mma_m16n8k16([a0, a1, a2, a3], [b0, b1], c[nt]);
                     }
                 });
