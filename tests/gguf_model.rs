@@ -268,12 +268,66 @@ fn greedy_plain_decoding_allocates_nothing_per_token() {
         ALLOCS.load(Ordering::SeqCst) - before
     };
     count(2); // warm the pool's queues
-              // The least of three calls: the pool's injector queue allocates a block every 63 calls into
-              // the pool (one per decode call), which may land in any one call.
+              // The least of three calls: the pool's injector queue allocates a block every 63 calls into the
+              // pool (one per decode call), which may land in any one call.
     let least = |n: usize| (0..3).map(|_| count(n)).min().unwrap_or(0);
     let (short, long) = (least(4), least(36));
     assert_eq!(
         short, long,
         "4 tokens: {short} allocations, 36 tokens: {long}"
     );
+}
+
+#[test]
+fn speculative_decoding_allocates_nothing_per_step() {
+    // Between one step's trace and the next (a whole step: drafting, statistics, verification, the
+    // caches cut back, the trace refilled) nothing is allocated: every buffer is sized before the
+    // first step. Two drafts: the target itself (every draft accepted: the backlog path) and the
+    // target with a quarter of its layers skipped (drafts rejected).
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(p) = smollm2() else { return };
+    let m = Model::load(&p, Regime::Gguf).unwrap();
+    let skip: Vec<bool> = (0..m.cfg.layers).map(|l| l % 4 == 3).collect();
+    let drafts = [
+        ("itself", speckv::decode::Draft::Model(&m)),
+        ("skip", speckv::decode::Draft::SkipLayers(skip)),
+    ];
+    let prompt: Vec<u32> = (100..120).collect();
+    for policy in ["fixed:3", "confidence:0.6", "heuristic"] {
+        let pl = speckv::decode::Policy::parse(policy, None).unwrap();
+        for (name, draft) in &drafts {
+            for temperature in [0.0f32, 0.8] {
+                let cfg = speckv::decode::GenConfig {
+                    max_tokens: 24,
+                    temperature,
+                    seed: 3,
+                    gamma_max: 6,
+                    compression: speckv::controller::records::Compression::Nf4,
+                };
+                let (mut last, mut steps, mut between, mut drafted) = (None, 0, 0, 0);
+                let out = speckv::decode::speculative_traced(
+                    &m,
+                    draft,
+                    &prompt,
+                    &[],
+                    &pl,
+                    &cfg,
+                    &mut |t| {
+                        let now = ALLOCS.load(Ordering::SeqCst);
+                        if let Some(l) = last {
+                            between += now - l;
+                        }
+                        last = Some(now);
+                        steps += 1;
+                        drafted += t.gamma;
+                    },
+                )
+                .unwrap();
+                let label = format!("{policy}, draft {name}, T = {temperature}");
+                assert_eq!(out.tokens.len(), 24, "{label}");
+                assert!(steps >= 3 && drafted > 0, "{label}: {steps} steps");
+                assert_eq!(between, 0, "{label}: allocations in {} steps", steps - 1);
+            }
+        }
+    }
 }

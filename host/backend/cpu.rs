@@ -5,6 +5,7 @@
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use crate::error::Result;
+use crate::stats::cpu::StatsScratch;
 use crate::stats::{self, Logits, StatsOptions};
 use crate::verify::{self, VerifyBatch, VerifyOutput};
 
@@ -59,9 +60,27 @@ impl CpuBackend {
         stats::cpu::softmax_stats(self.threads, logits, opts, accum)
     }
 
+    /// [`CpuBackend::softmax_stats`] into `scratch` (no allocation once it has held as many rows).
+    pub fn softmax_stats_into<'s>(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+        scratch: &'s mut StatsScratch,
+    ) -> Result<&'s [RowStats]> {
+        stats::cpu::softmax_stats_into(self.threads, logits, opts, accum, scratch)
+    }
+
     /// Batched verification (see [`crate::verify`]).
     pub fn verify(&self, v: &VerifyBatch<'_>) -> Result<VerifyOutput> {
         v.validate()?;
         Ok(verify::cpu::verify(v))
+    }
+
+    /// [`CpuBackend::verify`] into `out`, reusing its buffers (a batch of one allocates nothing).
+    pub fn verify_into(&self, v: &VerifyBatch<'_>, out: &mut VerifyOutput) -> Result<()> {
+        v.validate()?;
+        verify::cpu::verify_into(v, out);
+        Ok(())
     }
 }

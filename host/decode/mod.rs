@@ -22,8 +22,9 @@ use crate::controller::records::Compression;
 use crate::controller::Controller;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
+use crate::stats::cpu::StatsScratch;
 use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
-use crate::verify::{DraftDist, VerifyBatch};
+use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
 
 /// How γ is chosen each step.
 #[derive(Clone, Debug)]
@@ -306,9 +307,29 @@ fn speculative_loop(
     }
     let prefill = start.elapsed().as_secs_f64();
     let mut pending = last[0];
-    let mut backlog: Vec<u32> = Vec::new();
-    let mut out: Vec<u32> = Vec::new();
-    let mut hist = BTreeMap::new();
+    // Every buffer of the loop, sized for its largest step here: a step allocates nothing.
+    let gm = cfg.gamma_max as usize;
+    let mut backlog: Vec<u32> = Vec::with_capacity(room);
+    let mut feed: Vec<u32> = Vec::with_capacity(room);
+    let mut out: Vec<u32> = Vec::with_capacity(cfg.max_tokens);
+    let mut xs: Vec<u32> = Vec::with_capacity(gm);
+    let mut qrows: Vec<f32> = Vec::with_capacity(gm * v);
+    let mut tin: Vec<u32> = Vec::with_capacity(gm + 1);
+    let mut tokens: Vec<i32> = Vec::with_capacity(gm);
+    let mut scratch = StatsScratch::default();
+    let mut vout = VerifyOutput::new(1, gm);
+    let mut trace = StepTrace {
+        position: 0,
+        entropy: Vec::with_capacity(gm),
+        confidence: Vec::with_capacity(gm),
+        gamma: 0,
+        accepted: 0,
+        counterfactual: Vec::with_capacity(gm + 1),
+        draft_seconds: 0.0,
+        verify_seconds: 0.0,
+        emitted: Vec::with_capacity(gm + 1),
+    };
+    let mut hist = [0usize; crate::weights::gemv::MAX_M];
     let (mut steps, mut drafted, mut accepted_total) = (0usize, 0usize, 0usize);
     let mut prev_accum: Option<FeatureAccum> = None;
     let mut heuristic_gamma = 4u32;
@@ -335,14 +356,19 @@ fn speculative_loop(
         };
         // Draft up to gmax tokens.
         let t_draft = Instant::now();
-        let (mut ents, mut confs) = (Vec::new(), Vec::new());
-        let mut xs: Vec<u32> = Vec::new();
-        let mut qrows: Vec<f32> = Vec::new();
+        trace.entropy.clear();
+        trace.confidence.clear();
+        xs.clear();
+        qrows.clear();
         let mut accum = [FeatureAccum::EMPTY];
-        let mut feed: Vec<u32> = std::mem::take(&mut backlog);
+        let mut fed = false;
+        feed.clear();
+        feed.extend_from_slice(&backlog);
+        backlog.clear();
         feed.push(pending);
         while (xs.len() as u32) < gmax {
             let q = dmodel.forward_into(&feed, &mut dcache, 1, dmask)?;
+            fed = true;
             let l = Logits::dense(LogitsData::F32(q), v)?;
             let o = StatsOptions {
                 temperature: cfg.temperature,
@@ -356,7 +382,7 @@ fn speculative_loop(
                 },
             };
             rng_step += 1;
-            let st = cpu.softmax_stats(&l, &o, Some(&mut accum))?[0];
+            let st = cpu.softmax_stats_into(&l, &o, Some(&mut accum), &mut scratch)?[0];
             if st.flags != 0 {
                 return Err(Error::NonFiniteLogits {
                     step: rng_step as usize,
@@ -365,9 +391,10 @@ fn speculative_loop(
             }
             if let Policy::Confidence(p) = policy {
                 if st.confidence < *p {
-                    // Stop before this low-confidence token; its row was fed, so undo it.
-                    dcache.truncate(dcache.len() - feed.len());
-                    backlog = std::mem::take(&mut feed);
+                    // Stop before this low-confidence token. What was fed stays in the draft's
+                    // cache: before the first draft it is committed (the backlog and the pending
+                    // token), so the draft need not see it again; after a draft the cache is cut
+                    // back to the accepted tokens below, as for any step.
                     break;
                 }
             }
@@ -377,25 +404,28 @@ fn speculative_loop(
                 st.sampled as u32
             };
             xs.push(x);
-            ents.push(st.entropy);
-            confs.push(st.confidence);
+            trace.entropy.push(st.entropy);
+            trace.confidence.push(st.confidence);
             qrows.extend_from_slice(q);
-            feed = vec![x];
+            feed.clear();
+            feed.push(x);
         }
         let g = xs.len();
-        if backlog.is_empty() && g == 0 {
-            backlog = std::mem::take(&mut feed); // nothing fed: the draft has yet to see these
+        if !fed {
+            backlog.extend_from_slice(&feed); // nothing fed: the draft has yet to see these
         }
         let draft_seconds = t_draft.elapsed().as_secs_f64();
         // Verify: target over [pending, x_0..x_{g-1}] → g + 1 rows.
         let t_verify = Instant::now();
         let before = tcache.len();
-        let mut tin = vec![pending];
+        tin.clear();
+        tin.push(pending);
         tin.extend_from_slice(&xs);
         let p = target.forward_into(&tin, &mut tcache, g + 1, None)?;
         let temps = [cfg.temperature];
         let gammas = [g as i32];
-        let tokens: Vec<i32> = xs.iter().map(|&x| x as i32).collect();
+        tokens.clear();
+        tokens.extend(xs.iter().map(|&x| x as i32));
         let vb = VerifyBatch {
             target: LogitsData::F32(p),
             target_stride: v,
@@ -413,7 +443,8 @@ fn speculative_loop(
             seed: cfg.seed,
             step: steps as u64,
         };
-        let o = cpu.verify(&vb)?;
+        cpu.verify_into(&vb, &mut vout)?;
+        let o = &vout;
         if o.flags[0] != 0 {
             return Err(Error::NonFiniteLogits {
                 step: steps,
@@ -425,31 +456,38 @@ fn speculative_loop(
         }
         let verify_seconds = t_verify.elapsed().as_secs_f64();
         let k = o.accepted[0] as usize;
-        let emitted: Vec<u32> = o.tokens(0).iter().map(|&t| t as u32).collect();
-        on_step(&StepTrace {
-            position: prompt.len() + out.len(),
-            entropy: ents,
-            confidence: confs,
-            gamma: g as u32,
-            accepted: k as u32,
-            counterfactual: o.counterfactual[..=g].iter().map(|&c| c as u32).collect(),
-            draft_seconds,
-            verify_seconds,
-            emitted: emitted.clone(),
-        });
+        trace.position = prompt.len() + out.len();
+        trace.gamma = g as u32;
+        trace.accepted = k as u32;
+        trace.counterfactual.clear();
+        trace
+            .counterfactual
+            .extend(o.counterfactual[..=g].iter().map(|&c| c as u32));
+        trace.draft_seconds = draft_seconds;
+        trace.verify_seconds = verify_seconds;
+        trace.emitted.clear();
+        trace.emitted.extend(o.tokens(0).iter().map(|&t| t as u32));
+        on_step(&trace);
         steps += 1;
         drafted += g;
         accepted_total += k;
-        *hist.entry(g as u32).or_insert(0) += 1;
+        hist[g] += 1;
         // Target cache: pending + the k accepted drafts.
         tcache.truncate(before + 1 + k);
-        // Draft cache: after drafting g ≥ 1 tokens it holds C + g entries (…, pending, x_0..x_{g-2});
-        // x_{g-1} was never fed. Keep the committed ones; a fully accepted step leaves x_{g-1} in
-        // the backlog. (g = 0: the backlog already holds what the draft has not seen.)
+        // Draft cache: after drafting g ≥ 1 tokens it holds C + g entries (…, pending, x_0..x_{g-2})
+        // — C + g + 1 when a confidence stop fed x_{g-1} too. Keep the committed ones; a fully
+        // accepted step whose x_{g-1} was never fed leaves it in the backlog. (g = 0: the backlog
+        // already holds what the draft has not seen.)
         if g > 0 {
-            dcache.truncate(before + 1 + k.min(g - 1));
-            backlog = if k == g { vec![xs[g - 1]] } else { Vec::new() };
+            let last_fed = dcache.len() == before + 1 + g;
+            let keep = if k == g && last_fed { g } else { k.min(g - 1) };
+            dcache.truncate(before + 1 + keep);
+            backlog.clear();
+            if k == g && !last_fed {
+                backlog.push(xs[g - 1]);
+            }
         }
+        let emitted = &trace.emitted;
         for (i, &t) in emitted.iter().enumerate() {
             if stop.contains(&t) {
                 break 'outer;
@@ -476,7 +514,7 @@ fn speculative_loop(
         accepted: accepted_total,
         acceptance_rate: accepted_total as f64 / drafted.max(1) as f64,
         mean_gamma: drafted as f64 / steps.max(1) as f64,
-        gamma_histogram: hist,
+        gamma_histogram: (0u32..).zip(hist).filter(|&(_, n)| n > 0).collect(),
         seconds: s,
         prefill_seconds: prefill,
         tokens_per_second: out.len() as f64 / (s - prefill).max(1e-9),

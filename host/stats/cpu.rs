@@ -28,6 +28,27 @@ pub fn softmax_stats(
     opts: &StatsOptions,
     accum: Option<&mut [FeatureAccum]>,
 ) -> Result<Vec<RowStats>> {
+    let mut scratch = StatsScratch::default();
+    softmax_stats_into(threads, logits, opts, accum, &mut scratch)?;
+    Ok(scratch.rows)
+}
+
+/// The working memory of [`softmax_stats_into`]: segment partials and the rows' statistics, kept
+/// between calls so a decode loop allocates nothing once it has seen its largest step.
+#[derive(Clone, Debug, Default)]
+pub struct StatsScratch {
+    partials: Vec<Partial>,
+    rows: Vec<RowStats>,
+}
+
+/// [`softmax_stats`] into `scratch`; the rows' statistics are returned from it.
+pub fn softmax_stats_into<'s>(
+    threads: usize,
+    logits: &Logits<'_>,
+    opts: &StatsOptions,
+    accum: Option<&mut [FeatureAccum]>,
+    scratch: &'s mut StatsScratch,
+) -> Result<&'s [RowStats]> {
     opts.validate()?;
     check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
     let greedy = opts.temperature == 0.0;
@@ -44,30 +65,29 @@ pub fn softmax_stats(
             .max(1)
     };
     let seg_len = vocab.div_ceil(per_row);
-    let partials: Vec<Partial> = (0..rows * per_row)
-        .into_par_iter()
-        .map(|job| {
-            let (row, seg) = (job / per_row, job % per_row);
-            let start = seg * seg_len;
-            let end = ((seg + 1) * seg_len).min(vocab);
-            let base = row * logits.row_stride();
-            let rng = sample.then_some((opts.seed, opts.step, row as u32));
-            segment_dispatch(logits.data(), base, start, end, inv_t, rng)
-        })
-        .collect();
-    let out: Vec<RowStats> = partials
-        .chunks(per_row)
-        .map(|parts| {
-            let mut p = Partial::EMPTY;
-            for q in parts {
-                p.merge(q, inv_t);
-            }
-            p.finish(inv_t, greedy, sample)
-        })
-        .collect();
+    let partials = &mut scratch.partials;
+    partials.clear();
+    partials.resize(rows * per_row, Partial::EMPTY);
+    partials.par_iter_mut().enumerate().for_each(|(job, slot)| {
+        let (row, seg) = (job / per_row, job % per_row);
+        let start = seg * seg_len;
+        let end = ((seg + 1) * seg_len).min(vocab);
+        let base = row * logits.row_stride();
+        let rng = sample.then_some((opts.seed, opts.step, row as u32));
+        *slot = segment_dispatch(logits.data(), base, start, end, inv_t, rng);
+    });
+    let out = &mut scratch.rows;
+    out.clear();
+    out.extend(partials.chunks(per_row).map(|parts| {
+        let mut p = Partial::EMPTY;
+        for q in parts {
+            p.merge(q, inv_t);
+        }
+        p.finish(inv_t, greedy, sample)
+    }));
     if let Some(acc) = accum {
         if opts.accumulate != Accumulate::No {
-            for (a, r) in acc.iter_mut().zip(&out) {
+            for (a, r) in acc.iter_mut().zip(out.iter()) {
                 if opts.accumulate == Accumulate::Reset {
                     *a = FeatureAccum::EMPTY;
                 }

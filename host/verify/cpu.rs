@@ -10,46 +10,72 @@ use crate::stats::cpu::row_summary;
 use crate::stats::LogitsData;
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
 
-/// One sequence's decisions (the CPU backend's twin of the kernel's block).
+/// One sequence's decisions (the CPU backend's twin of the kernel's block); its ratios are written
+/// into the sequence's slice of the output.
+#[derive(Clone, Copy)]
 struct SeqResult {
     accepted: u32,
     emit: i32,
-    ratios: Vec<(usize, f32)>,
     flags: u32,
 }
 
 /// The CPU backend's verification (validated input).
 pub(crate) fn verify(v: &VerifyBatch<'_>) -> VerifyOutput {
-    let results: Vec<SeqResult> = (0..v.batch)
-        .into_par_iter()
-        .map(|b| verify_seq(v, b))
-        .collect();
     let mut out = VerifyOutput::new(v.batch, v.gamma_max);
-    let w = v.gamma_max + 1;
-    for (b, r) in results.into_iter().enumerate() {
-        out.flags[b] = r.flags;
-        for (i, ratio) in r.ratios {
-            out.ratios[b * v.gamma_max + i] = ratio;
-        }
-        if r.flags != 0 {
-            continue;
-        }
-        let g = v.gammas[b] as u32;
-        let k = r.accepted;
-        out.accepted[b] = k as i32;
-        out.emitted_count[b] = k as i32 + 1;
-        for j in 0..k as usize {
-            out.emitted[b * w + j] = v.draft_tokens[b * v.gamma_max + j];
-        }
-        out.emitted[b * w + k as usize] = r.emit;
-        for gp in 0..=g {
-            out.counterfactual[b * w + gp as usize] = k.min(gp) as i32 + 1;
-        }
-    }
+    verify_into(v, &mut out);
     out
 }
 
-fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
+/// [`verify`] into `out`, reusing its buffers: a batch of one sequence (the decode loop's)
+/// allocates nothing once `out` has held a step of this size.
+pub(crate) fn verify_into(v: &VerifyBatch<'_>, out: &mut VerifyOutput) {
+    out.reset(v.batch, v.gamma_max);
+    let gm = v.gamma_max;
+    if v.batch == 1 {
+        let r = verify_seq(v, 0, &mut out.ratios);
+        commit(v, out, 0, r);
+        return;
+    }
+    let results: Vec<SeqResult> = if gm == 0 {
+        (0..v.batch)
+            .into_par_iter()
+            .map(|b| verify_seq(v, b, &mut []))
+            .collect()
+    } else {
+        out.ratios
+            .par_chunks_mut(gm)
+            .enumerate()
+            .map(|(b, ratios)| verify_seq(v, b, ratios))
+            .collect()
+    };
+    for (b, r) in results.into_iter().enumerate() {
+        commit(v, out, b, r);
+    }
+}
+
+/// Writes sequence `b`'s decisions into `out`.
+fn commit(v: &VerifyBatch<'_>, out: &mut VerifyOutput, b: usize, r: SeqResult) {
+    let w = v.gamma_max + 1;
+    out.flags[b] = r.flags;
+    if r.flags != 0 {
+        return;
+    }
+    let g = v.gammas[b] as u32;
+    let k = r.accepted;
+    out.accepted[b] = k as i32;
+    out.emitted_count[b] = k as i32 + 1;
+    for j in 0..k as usize {
+        out.emitted[b * w + j] = v.draft_tokens[b * v.gamma_max + j];
+    }
+    out.emitted[b * w + k as usize] = r.emit;
+    for gp in 0..=g {
+        out.counterfactual[b * w + gp as usize] = k.min(gp) as i32 + 1;
+    }
+}
+
+/// Sequence `b`'s decisions; min(1, p/q) of every evaluated position into `ratios` (its γmax
+/// slots, left as they are elsewhere).
+fn verify_seq(v: &VerifyBatch<'_>, b: usize, ratios: &mut [f32]) -> SeqResult {
     let g = v.gammas[b] as usize;
     let tt = v.target_temperature[b];
     let greedy = tt == 0.0;
@@ -68,11 +94,9 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
     let t_row = |i: usize| (b * (v.gamma_max + 1) + i) * v.target_stride;
     let d_row = |i: usize| (b * v.gamma_max + i) * v.draft_stride;
     let accept_seed = philox::derive(v.seed, philox::PURPOSE_ACCEPT, 0);
-    let mut ratios = Vec::new();
-    let fail = |flags, ratios| SeqResult {
+    let fail = |flags| SeqResult {
         accepted: 0,
         emit: -1,
-        ratios,
         flags,
     };
     let valid = |q: f64| (0.0..=PROB_MAX as f64).contains(&q);
@@ -82,14 +106,14 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
         let ts = row_summary(v.target, t_row(i), v.vocab, inv_tt, None);
         let tflags = problems(ts.flags, ts.sum);
         if tflags != 0 {
-            return fail(tflags, ratios);
+            return fail(tflags);
         }
         let ds = match draft_logits {
             Some(d) if !greedy && !draft_greedy => {
                 let s = row_summary(d, d_row(i), v.vocab, inv_td, None);
                 let f = problems(s.flags, s.sum);
                 if f != 0 {
-                    return fail(f, ratios);
+                    return fail(f);
                 }
                 Some(s)
             }
@@ -118,16 +142,16 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
             let px = prob(v.target, t_row(i) + x, ts.max, ts.sum, inv_tt);
             let qx = q_at(x);
             if !valid(px) || !valid(qx) {
-                return fail(VERIFY_NONFINITE, ratios);
+                return fail(VERIFY_NONFINITE);
             }
             if qx == 0.0 {
-                return fail(VERIFY_BAD_DRAFT, ratios);
+                return fail(VERIFY_BAD_DRAFT);
             }
             let ratio = (px / qx).min(1.0);
             let u = philox::uniform_open(philox::bits(accept_seed, i as u32, b as u32, v.step));
             ((u as f64) < ratio, ratio as f32)
         };
-        ratios.push((i, ratio));
+        ratios[i] = ratio;
         if !accept {
             let emit = if greedy {
                 ts.argmax as i32
@@ -138,7 +162,7 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
                 for j in 0..v.vocab {
                     let qj = q_at(j);
                     if !valid(qj) {
-                        return fail(VERIFY_NONFINITE, ratios);
+                        return fail(VERIFY_NONFINITE);
                     }
                     let w = prob(v.target, t_row(i) + j, ts.max, ts.sum, inv_tt) - qj;
                     if w > 0.0 {
@@ -161,7 +185,6 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
             return SeqResult {
                 accepted: i as u32,
                 emit,
-                ratios,
                 flags: 0,
             };
         }
@@ -171,7 +194,7 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
         let ts = row_summary(v.target, t_row(g), v.vocab, 1.0, None);
         let f = problems(ts.flags, ts.sum);
         if f != 0 {
-            return fail(f, ratios);
+            return fail(f);
         }
         ts.argmax as i32
     } else {
@@ -188,14 +211,13 @@ fn verify_seq(v: &VerifyBatch<'_>, b: usize) -> SeqResult {
         );
         let f = problems(ts.flags, ts.sum);
         if f != 0 {
-            return fail(f, ratios);
+            return fail(f);
         }
         ts.key_idx as i32
     };
     SeqResult {
         accepted: g as u32,
         emit,
-        ratios,
         flags: 0,
     }
 }

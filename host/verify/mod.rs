@@ -77,6 +77,23 @@ impl VerifyOutput {
         }
     }
 
+    /// Sized and filled as [`VerifyOutput::new`] leaves it, reusing the buffers (no allocation when
+    /// they are large enough).
+    pub fn reset(&mut self, batch: usize, gamma_max: usize) {
+        fn fill<T: Copy>(v: &mut Vec<T>, n: usize, x: T) {
+            v.clear();
+            v.resize(n, x);
+        }
+        self.batch = batch;
+        self.gamma_max = gamma_max;
+        fill(&mut self.accepted, batch, 0);
+        fill(&mut self.emitted, batch * (gamma_max + 1), -1);
+        fill(&mut self.emitted_count, batch, 0);
+        fill(&mut self.ratios, batch * gamma_max, f32::NAN);
+        fill(&mut self.counterfactual, batch * (gamma_max + 1), -1);
+        fill(&mut self.flags, batch, 0);
+    }
+
     /// The tokens sequence `b` emitted.
     pub fn tokens(&self, b: usize) -> &[i32] {
         let w = self.gamma_max + 1;
