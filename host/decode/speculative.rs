@@ -1,0 +1,301 @@
+//! The speculative loop: draft up to γ tokens (the policy may stop earlier, per token), verify them
+//! in one target pass, commit the accepted ones and the bonus token, roll both caches back.
+
+use std::time::Instant;
+
+use speckv_kernels::params::FeatureAccum;
+
+use crate::backend::cpu::CpuBackend;
+use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Model};
+use crate::stats::cpu::StatsScratch;
+use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
+use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
+
+/// Speculative decoding of `prompt` with `policy`.
+pub fn speculative(
+    target: &Model,
+    draft: &Draft<'_>,
+    prompt: &[u32],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+) -> Result<GenStats> {
+    speculative_traced(target, draft, prompt, stop, policy, cfg, &mut |_| {})
+}
+
+/// [`speculative`], calling `on_step` after every speculation step.
+pub fn speculative_traced(
+    target: &Model,
+    draft: &Draft<'_>,
+    prompt: &[u32],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+    on_step: &mut (dyn FnMut(&StepTrace) + Send),
+) -> Result<GenStats> {
+    // On a pool thread, as `plain_streamed`.
+    rayon::scope(|_| speculative_loop(target, draft, prompt, stop, policy, cfg, on_step))
+}
+
+fn speculative_loop(
+    target: &Model,
+    draft: &Draft<'_>,
+    prompt: &[u32],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+    on_step: &mut (dyn FnMut(&StepTrace) + Send),
+) -> Result<GenStats> {
+    if prompt.is_empty() {
+        return Err(Error::Empty { what: "prompt" });
+    }
+    if cfg.gamma_max == 0 || cfg.gamma_max as usize > crate::weights::gemv::MAX_M - 1 {
+        return Err(Error::Other(format!(
+            "γmax must be 1..={}",
+            crate::weights::gemv::MAX_M - 1
+        )));
+    }
+    let v = target.cfg.vocab;
+    let (dmodel, dmask): (&Model, Option<&[bool]>) = match draft {
+        Draft::Model(m) => {
+            if m.cfg.vocab != v {
+                return Err(Error::Other(format!(
+                    "draft vocabulary {} differs from the target's {v}",
+                    m.cfg.vocab
+                )));
+            }
+            (m, None)
+        }
+        Draft::SkipLayers(mask) => (target, Some(mask.as_slice())),
+    };
+    let cpu = CpuBackend::new();
+    let start = Instant::now();
+    let mut tcache = KvCache::new(&target.cfg);
+    let mut dcache = KvCache::new(&dmodel.cfg);
+    let room = prompt.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
+    tcache.reserve(room);
+    dcache.reserve(room);
+    // Prefill all but the last prompt token; it becomes the pending token.
+    let (head, last) = prompt.split_at(prompt.len() - 1);
+    if !head.is_empty() {
+        target.forward(head, &mut tcache, 1)?;
+        dmodel.forward_layers(head, &mut dcache, 1, dmask)?;
+    }
+    let prefill = start.elapsed().as_secs_f64();
+    let mut pending = last[0];
+    // Every buffer of the loop, sized for its largest step here: a step allocates nothing.
+    let gm = cfg.gamma_max as usize;
+    let mut backlog: Vec<u32> = Vec::with_capacity(room);
+    let mut feed: Vec<u32> = Vec::with_capacity(room);
+    let mut out: Vec<u32> = Vec::with_capacity(cfg.max_tokens);
+    let mut xs: Vec<u32> = Vec::with_capacity(gm);
+    let mut qrows: Vec<f32> = Vec::with_capacity(gm * v);
+    let mut tin: Vec<u32> = Vec::with_capacity(gm + 1);
+    let mut tokens: Vec<i32> = Vec::with_capacity(gm);
+    let mut scratch = StatsScratch::default();
+    let mut vout = VerifyOutput::new(1, gm);
+    let mut trace = StepTrace {
+        position: 0,
+        entropy: Vec::with_capacity(gm),
+        confidence: Vec::with_capacity(gm),
+        gamma: 0,
+        accepted: 0,
+        counterfactual: Vec::with_capacity(gm + 1),
+        draft_seconds: 0.0,
+        verify_seconds: 0.0,
+        emitted: Vec::with_capacity(gm + 1),
+    };
+    let mut hist = [0usize; crate::weights::gemv::MAX_M];
+    let (mut steps, mut drafted, mut accepted_total) = (0usize, 0usize, 0usize);
+    let mut prev_accum: Option<FeatureAccum> = None;
+    let mut heuristic_gamma = 4u32;
+    let greedy = cfg.temperature == 0.0;
+    let mut rng_step = 0u64;
+    'outer: while out.len() < cfg.max_tokens {
+        let gmax = match policy {
+            Policy::Fixed(n) => (*n).min(cfg.gamma_max),
+            Policy::SpecKv(c) => match prev_accum {
+                Some(a) if a.count > 0 => {
+                    let n = a.count as f64;
+                    let base = [
+                        a.entropy_sum as f64 / n,
+                        a.confidence_sum as f64 / n,
+                        a.entropy_max as f64,
+                        a.confidence_min as f64,
+                    ];
+                    c.decide(base, cfg.compression).gamma.min(cfg.gamma_max)
+                }
+                _ => 4.min(cfg.gamma_max),
+            },
+            Policy::Confidence(_) => cfg.gamma_max,
+            Policy::Heuristic => heuristic_gamma.min(cfg.gamma_max),
+        };
+        // Draft up to gmax tokens.
+        let t_draft = Instant::now();
+        trace.entropy.clear();
+        trace.confidence.clear();
+        xs.clear();
+        qrows.clear();
+        let mut accum = [FeatureAccum::EMPTY];
+        let mut fed = false;
+        feed.clear();
+        feed.extend_from_slice(&backlog);
+        backlog.clear();
+        feed.push(pending);
+        while (xs.len() as u32) < gmax {
+            let q = dmodel.forward_into(&feed, &mut dcache, 1, dmask)?;
+            fed = true;
+            let l = Logits::dense(LogitsData::F32(q), v)?;
+            let o = StatsOptions {
+                temperature: cfg.temperature,
+                sample: !greedy,
+                seed: crate::philox::derive(cfg.seed, crate::philox::PURPOSE_DRAFT, 0),
+                step: rng_step,
+                accumulate: if xs.is_empty() {
+                    Accumulate::Reset
+                } else {
+                    Accumulate::Add
+                },
+            };
+            rng_step += 1;
+            let st = cpu.softmax_stats_into(&l, &o, Some(&mut accum), &mut scratch)?[0];
+            if st.flags != 0 {
+                return Err(Error::NonFiniteLogits {
+                    step: rng_step as usize,
+                    what: format!("draft logits flagged {:#x}", st.flags),
+                });
+            }
+            if let Policy::Confidence(p) = policy {
+                if st.confidence < *p {
+                    // Stop before this low-confidence token. What was fed stays in the draft's
+                    // cache: before the first draft it is committed (the backlog and the pending
+                    // token), so the draft need not see it again; after a draft the cache is cut
+                    // back to the accepted tokens below, as for any step.
+                    break;
+                }
+            }
+            let x = if greedy {
+                st.argmax as u32
+            } else {
+                st.sampled as u32
+            };
+            xs.push(x);
+            trace.entropy.push(st.entropy);
+            trace.confidence.push(st.confidence);
+            qrows.extend_from_slice(q);
+            feed.clear();
+            feed.push(x);
+        }
+        let g = xs.len();
+        if !fed {
+            backlog.extend_from_slice(&feed); // nothing fed: the draft has yet to see these
+        }
+        let draft_seconds = t_draft.elapsed().as_secs_f64();
+        // Verify: target over [pending, x_0..x_{g-1}] → g + 1 rows.
+        let t_verify = Instant::now();
+        let before = tcache.len();
+        tin.clear();
+        tin.push(pending);
+        tin.extend_from_slice(&xs);
+        let p = target.forward_into(&tin, &mut tcache, g + 1, None)?;
+        let temps = [cfg.temperature];
+        let gammas = [g as i32];
+        tokens.clear();
+        tokens.extend(xs.iter().map(|&x| x as i32));
+        let vb = VerifyBatch {
+            target: LogitsData::F32(p),
+            target_stride: v,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(&qrows),
+                temperature: &temps,
+            },
+            draft_stride: v,
+            draft_tokens: &tokens,
+            gammas: &gammas,
+            target_temperature: &temps,
+            batch: 1,
+            gamma_max: g,
+            vocab: v,
+            seed: cfg.seed,
+            step: steps as u64,
+        };
+        cpu.verify_into(&vb, &mut vout)?;
+        let o = &vout;
+        if o.flags[0] != 0 {
+            return Err(Error::NonFiniteLogits {
+                step: steps,
+                what: format!(
+                    "target or draft rows flagged by verification ({:#x})",
+                    o.flags[0]
+                ),
+            });
+        }
+        let verify_seconds = t_verify.elapsed().as_secs_f64();
+        let k = o.accepted[0] as usize;
+        trace.position = prompt.len() + out.len();
+        trace.gamma = g as u32;
+        trace.accepted = k as u32;
+        trace.counterfactual.clear();
+        trace
+            .counterfactual
+            .extend(o.counterfactual[..=g].iter().map(|&c| c as u32));
+        trace.draft_seconds = draft_seconds;
+        trace.verify_seconds = verify_seconds;
+        trace.emitted.clear();
+        trace.emitted.extend(o.tokens(0).iter().map(|&t| t as u32));
+        on_step(&trace);
+        steps += 1;
+        drafted += g;
+        accepted_total += k;
+        hist[g] += 1;
+        // Target cache: pending + the k accepted drafts.
+        tcache.truncate(before + 1 + k);
+        // Draft cache: after drafting g ≥ 1 tokens it holds C + g entries (…, pending, x_0..x_{g-2})
+        // — C + g + 1 when a confidence stop fed x_{g-1} too. Keep the committed ones; a fully
+        // accepted step whose x_{g-1} was never fed leaves it in the backlog. (g = 0: the backlog
+        // already holds what the draft has not seen.)
+        if g > 0 {
+            let last_fed = dcache.len() == before + 1 + g;
+            let keep = if k == g && last_fed { g } else { k.min(g - 1) };
+            dcache.truncate(before + 1 + keep);
+            backlog.clear();
+            if k == g && !last_fed {
+                backlog.push(xs[g - 1]);
+            }
+        }
+        let emitted = &trace.emitted;
+        for (i, &t) in emitted.iter().enumerate() {
+            if stop.contains(&t) {
+                break 'outer;
+            }
+            out.push(t);
+            if out.len() == cfg.max_tokens {
+                break 'outer;
+            }
+            if i + 1 == emitted.len() {
+                pending = t;
+            }
+        }
+        heuristic_gamma = if k == g && g > 0 {
+            (heuristic_gamma + 2).min(cfg.gamma_max)
+        } else {
+            heuristic_gamma.saturating_sub(1).max(1)
+        };
+        prev_accum = Some(accum[0]);
+    }
+    let s = start.elapsed().as_secs_f64();
+    Ok(GenStats {
+        steps,
+        drafted,
+        accepted: accepted_total,
+        acceptance_rate: accepted_total as f64 / drafted.max(1) as f64,
+        mean_gamma: drafted as f64 / steps.max(1) as f64,
+        gamma_histogram: (0u32..).zip(hist).filter(|&(_, n)| n > 0).collect(),
+        seconds: s,
+        prefill_seconds: prefill,
+        tokens_per_second: out.len() as f64 / (s - prefill).max(1e-9),
+        tokens: out,
+    })
+}
