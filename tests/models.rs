@@ -92,6 +92,9 @@ fn speculative_greedy_equals_plain_greedy_for_every_policy_and_regime() {
         Policy::Confidence(0.6),
         Policy::Heuristic,
         Policy::SpecKv(Box::new(ctl)),
+        Policy::parse("auto", None).unwrap(),
+        Policy::parse("adaedl", None).unwrap(),
+        Policy::parse("hf-dynamic", None).unwrap(),
     ];
     for format in Regime::ALL {
         let m = Model::load(&p, format).unwrap();
@@ -281,4 +284,59 @@ fn calibration_of_the_full_model_agrees_with_itself() {
         speckv::decode::calibrate::calibrate(&m, &[prompt], &tok.stop, 10, 0.0).is_err(),
         "a zero cost bound is refused"
     );
+}
+
+/// The `auto` policy's per-token decisions see exactly the features its hazard model is trained
+/// on: the live inputs of every draft (recorded in the step trace) equal the training examples
+/// built from the same steps' trace rows (`speckv profile`'s CSV form), bit for bit.
+#[test]
+fn auto_policy_sees_the_features_it_was_trained_on() {
+    let Some(p) = smollm2() else { return };
+    let (c, _) = read_gguf(&p).unwrap();
+    let tok = Tokenizer::from_gguf(&c).unwrap();
+    let prompt = tok
+        .encode(&Tokenizer::chat_prompt("Name four planets."))
+        .unwrap();
+    let target = Model::load(&p, Regime::Int8).unwrap();
+    let draft = Model::load(&p, Regime::Gguf).unwrap();
+    let cfg = GenConfig {
+        max_tokens: 40,
+        temperature: 0.0,
+        seed: 1,
+        gamma_max: 8,
+        compression: Compression::Int8,
+    };
+    let policy = Policy::parse("auto", None).unwrap();
+    let mut steps = Vec::new();
+    decode::speculative_traced(
+        &target,
+        &Draft::Model(&draft),
+        &prompt,
+        &tok.stop,
+        &policy,
+        &cfg,
+        &mut |t| steps.push(t.clone()),
+    )
+    .unwrap();
+    let rows =
+        speckv::decode::profile::trace_rows(&steps, Compression::Int8, "test", 0, 0).unwrap();
+    let examples = speckv::controller::hazard::examples(&rows).unwrap();
+    let mut live = Vec::new();
+    let (mut stopped_early, mut kept) = (0, 0);
+    for s in &steps {
+        let g = s.gamma as usize;
+        let early = s.stop_features.len() == g + 1;
+        assert!(early || s.stop_features.len() == g, "{s:?}");
+        stopped_early += early as usize;
+        kept += g;
+        if g > 0 {
+            live.extend_from_slice(&s.stop_features[..=(s.accepted as usize).min(g - 1)]);
+        }
+    }
+    assert!(
+        stopped_early > 0 && kept > 0,
+        "the rule must both stop and keep drafts here"
+    );
+    let trained: Vec<_> = examples.iter().map(|e| e.x).collect();
+    assert_eq!(trained, live);
 }

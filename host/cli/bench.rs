@@ -15,7 +15,7 @@ use crate::args::{check_seconds, cpu_only, json_out, progress_bar, write_json, M
 pub enum Command {
     /// Decoding tokens/s of plain decoding and of each γ policy over a prompt set, models loaded
     /// once (greedy; CPU backend); with --traces and --cost, the trace-based oracle too.
-    Decode(DecodeArgs),
+    Decode(Box<DecodeArgs>),
     /// Time of one γ decision: CPU µs per decision (all candidates through the MLP) and, with a
     /// GPU, µs per batch decision of 256 sequences, next to the paper's 0.34 ms.
     Overhead {
@@ -67,11 +67,16 @@ pub struct DecodeArgs {
     offset: usize,
     #[arg(long, default_value_t = 1)]
     per_category: usize,
-    /// Comma-separated: plain, fixed:N, speckv, speckv-cost, confidence:P, heuristic.
+    /// Runs of the prompt set per policy (each run of a prompt is one unit of the paired
+    /// intervals).
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Comma-separated: plain, auto, fixed:N, speckv, speckv-cost, confidence:P, hf-dynamic,
+    /// heuristic, adaedl[:LAMBDA[:KAPPA]].
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "plain,fixed:1,fixed:2,fixed:3,fixed:4,fixed:5,fixed:6,fixed:7,fixed:8,heuristic,confidence:0.5"
+        default_value = "plain,auto,fixed:1,fixed:2,fixed:3,fixed:4,fixed:5,fixed:6,fixed:7,fixed:8,heuristic,hf-dynamic,adaedl,confidence:0.75"
     )]
     policies: Vec<String>,
     #[arg(long)]
@@ -92,7 +97,7 @@ pub struct DecodeArgs {
 
 pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
     match what {
-        Command::Decode(a) => decode(a, backend),
+        Command::Decode(a) => decode(*a, backend),
         Command::Overhead { model, json } => {
             let backend = Backend::new(backend)?;
             let r = measure::overhead::measure(&backend, model.as_deref())?;
@@ -149,10 +154,15 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
         ));
     }
     let p = a.models.load()?;
-    let ids: Vec<Vec<u32>> = chosen
+    let once: Vec<Vec<u32>> = chosen
         .iter()
         .map(|(_, pr)| p.encode_chat(&pr.prompt))
         .collect::<speckv::Result<_>>()?;
+    if a.repeats == 0 {
+        return Err(Error::Other("--repeats must be at least 1".to_string()));
+    }
+    // Each repeat is another paired unit: every policy runs the prompt again, in the same order.
+    let ids: Vec<Vec<u32>> = (0..a.repeats).flat_map(|_| once.iter().cloned()).collect();
     let cfg = GenConfig {
         max_tokens: a.max_tokens,
         temperature: 0.0,
@@ -200,7 +210,8 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
     if a.json {
         return json_out(&serde_json::json!({
             "target": a.models.target.name(), "draft": p.draft_name, "prompts": ids.len(),
-            "max_tokens": a.max_tokens, "policies": res, "traces": trace,
+            "max_tokens": a.max_tokens, "repeats": a.repeats, "policies": res,
+            "paired": pair::paired_table(&res), "traces": trace,
         }));
     }
     println!(

@@ -14,13 +14,17 @@ pub struct Args {
     models: ModelArgs,
     #[arg(long)]
     prompt: String,
-    /// fixed:N, speckv, speckv-cost, confidence:P, heuristic, or plain (no draft).
-    #[arg(long, default_value = "fixed:4")]
+    /// auto (the default: per-token stopping by the shipped hazard model, costs measured while
+    /// decoding — no other flag needed), fixed:N, speckv, speckv-cost, confidence:P (llama.cpp's
+    /// --draft-p-min), hf-dynamic (HF's confidence threshold 0.4), heuristic (HF's +2/−1),
+    /// adaedl[:LAMBDA[:KAPPA]], or plain (no draft).
+    #[arg(long, default_value = "auto")]
     policy: String,
     /// Predictor for speckv / speckv-cost (from `speckv train`).
     #[arg(long)]
     controller: Option<PathBuf>,
-    /// Cost model for speckv-cost (from `speckv bench step`).
+    /// Cost model for speckv-cost (from `speckv bench step`); for auto, the prior its online
+    /// costs start from.
     #[arg(long)]
     cost: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]

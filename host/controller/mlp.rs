@@ -80,7 +80,7 @@ impl Mlp {
         w
     }
 
-    fn check(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         let all = self
             .w1
             .iter()
@@ -258,12 +258,31 @@ pub struct TrainReport {
     pub test: Option<Fit>,
 }
 
+/// One training example: inputs, target, and the group (prompt run) that keeps it out of the
+/// validation and test splits of its neighbours.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Example {
+    pub x: [f64; INPUTS],
+    pub y: f64,
+    pub group: u32,
+}
+
 /// (features at the measured γ, measured acceptance rate) of a record.
-fn example(r: &StepRecord) -> ([f64; INPUTS], f64) {
-    (r.features(r.gamma), r.acceptance_rate)
+fn example(r: &StepRecord) -> Example {
+    Example {
+        x: r.features(r.gamma),
+        y: r.acceptance_rate,
+        group: r.run,
+    }
 }
 
 pub fn fit(m: &Mlp, rs: &[&StepRecord]) -> Fit {
+    let ex: Vec<Example> = rs.iter().map(|r| example(r)).collect();
+    fit_examples(m, &ex.iter().collect::<Vec<_>>())
+}
+
+/// [`fit`] on examples.
+pub fn fit_examples(m: &Mlp, rs: &[&Example]) -> Fit {
     let n = rs.len();
     if n == 0 {
         return Fit {
@@ -274,7 +293,7 @@ pub fn fit(m: &Mlp, rs: &[&StepRecord]) -> Fit {
     }
     let (mut se, mut sp, mut sy, mut spp, mut syy, mut spy) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     for r in rs {
-        let (x, y) = example(r);
+        let (x, y) = (r.x, r.y);
         let p = m.predict(&x);
         se += (p - y) * (p - y);
         sp += p;
@@ -297,7 +316,14 @@ pub fn fit(m: &Mlp, rs: &[&StepRecord]) -> Fit {
 /// Splits records by prompt run: the last run is the test set, the one before it validation, the
 /// rest training (with two runs: no test set; with one: an error).
 pub fn split_by_run(records: &[StepRecord]) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
-    let mut runs: Vec<u32> = records.iter().map(|r| r.run).collect();
+    split_groups(records.iter().map(|r| r.run))
+}
+
+/// [`split_by_run`] for any examples' groups (prompt runs).
+pub fn split_groups(
+    groups: impl IntoIterator<Item = u32>,
+) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+    let mut runs: Vec<u32> = groups.into_iter().collect();
     runs.sort_unstable();
     runs.dedup();
     match runs.len() {
@@ -309,7 +335,6 @@ pub fn split_by_run(records: &[StepRecord]) -> Result<(Vec<u32>, Vec<u32>, Vec<u
     }
 }
 
-#[allow(clippy::needless_range_loop)] // index arithmetic mirrors the parameter layout
 /// Trains on the records of `train_runs`, early-stopping on `val_runs`, reporting `test_runs`.
 pub fn train(
     records: &[StepRecord],
@@ -318,8 +343,24 @@ pub fn train(
     test_runs: &[u32],
     cfg: TrainConfig,
 ) -> Result<(Mlp, TrainReport)> {
-    let pick = |runs: &[u32]| -> Vec<&StepRecord> {
-        records.iter().filter(|r| runs.contains(&r.run)).collect()
+    let ex: Vec<Example> = records.iter().map(example).collect();
+    train_examples(&ex, train_runs, val_runs, test_runs, cfg)
+}
+
+#[allow(clippy::needless_range_loop)] // index arithmetic mirrors the parameter layout
+/// [`train`] on examples grouped by `group` (prompt runs).
+pub fn train_examples(
+    examples: &[Example],
+    train_runs: &[u32],
+    val_runs: &[u32],
+    test_runs: &[u32],
+    cfg: TrainConfig,
+) -> Result<(Mlp, TrainReport)> {
+    let pick = |runs: &[u32]| -> Vec<&Example> {
+        examples
+            .iter()
+            .filter(|r| runs.contains(&r.group))
+            .collect()
     };
     let (tr, va, te) = (pick(train_runs), pick(val_runs), pick(test_runs));
     if tr.len() < 2 || va.is_empty() {
@@ -333,18 +374,16 @@ pub fn train(
     let mut mean = [0.0; INPUTS];
     let mut std = [0.0; INPUTS];
     for r in &tr {
-        let (x, _) = example(r);
         for i in 0..INPUTS {
-            mean[i] += x[i];
+            mean[i] += r.x[i];
         }
     }
     for m in &mut mean {
         *m /= tr.len() as f64;
     }
     for r in &tr {
-        let (x, _) = example(r);
         for i in 0..INPUTS {
-            std[i] += (x[i] - mean[i]).powi(2);
+            std[i] += (r.x[i] - mean[i]).powi(2);
         }
     }
     for s in &mut std {
@@ -373,7 +412,7 @@ pub fn train(
     for w in m.w2.iter_mut() {
         w[0] = rng.gen_range(-lim2..lim2) * 0.5;
     }
-    m.b2[0] = tr.iter().map(|r| r.acceptance_rate).sum::<f64>() / tr.len() as f64;
+    m.b2[0] = tr.iter().map(|r| r.y).sum::<f64>() / tr.len() as f64;
 
     let n_params = INPUTS * HIDDEN + HIDDEN + HIDDEN + 1;
     let mut adam_m = vec![0.0; n_params];
@@ -389,7 +428,7 @@ pub fn train(
         for chunk in order.chunks(cfg.batch.max(1)) {
             let mut g = vec![0.0; n_params];
             for &k in chunk {
-                let (x, y) = example(tr[k]);
+                let (x, y) = (tr[k].x, tr[k].y);
                 let mut z = [0.0; INPUTS];
                 for i in 0..INPUTS {
                     z[i] = (x[i] - m.feature_mean[i]) / m.feature_std[i];
@@ -444,7 +483,7 @@ pub fn train(
             }
             step(&mut m.b2[0], idx, false);
         }
-        let v = fit(&m, &va).mse;
+        let v = fit_examples(&m, &va).mse;
         if v < best.0 - 1e-9 {
             best = (v, m.clone(), epoch + 1);
         } else if epoch + 1 - best.2 >= cfg.patience {
@@ -463,9 +502,9 @@ pub fn train(
         test_runs: test_runs.to_vec(),
         best_epoch,
         epochs_run,
-        train: fit(&model, &tr),
-        val: fit(&model, &va),
-        test: (!te.is_empty()).then(|| fit(&model, &te)),
+        train: fit_examples(&model, &tr),
+        val: fit_examples(&model, &va),
+        test: (!te.is_empty()).then(|| fit_examples(&model, &te)),
     };
     Ok((model, report))
 }

@@ -2,6 +2,7 @@
 //! the cost model the `speckv-cost` policy maximises tokens per unit time with.
 
 pub mod evaluate;
+pub mod hazard;
 pub mod mlp;
 pub mod plot;
 pub mod records;

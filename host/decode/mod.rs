@@ -20,8 +20,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
+use crate::controller::hazard::HazardModel;
 use crate::controller::records::Compression;
-use crate::controller::Controller;
+use crate::controller::{Controller, CostModel};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
 use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
@@ -36,16 +37,70 @@ pub enum Policy {
     Confidence(f32),
     /// HF's schedule: start at 4, +2 after a fully accepted step, −1 otherwise.
     Heuristic,
+    /// Per-token stopping by the hazard model under costs measured while decoding
+    /// ([`crate::controller::hazard`]), up to γmax.
+    Auto(Box<Auto>),
+    /// AdaEDL's rule: stop before a draft whose entropy-based lower bound on its acceptance,
+    /// 1 − √(κ·H), is below λ (H the draft's entropy in nats), up to γmax.
+    AdaEdl {
+        lambda: f32,
+        kappa: f32,
+    },
+}
+
+/// The `auto` policy's model and the prior its online costs start from.
+#[derive(Clone, Debug)]
+pub struct Auto {
+    pub model: HazardModel,
+    pub prior: CostModel,
+}
+
+impl Auto {
+    /// The shipped hazard model, costs starting from [`CostModel::assumed`].
+    pub fn shipped() -> Result<Auto> {
+        Ok(Auto {
+            model: HazardModel::default_model()?,
+            prior: CostModel::assumed(),
+        })
+    }
 }
 
 impl Policy {
-    /// `fixed:N`, `confidence:P`, `heuristic`; `speckv` and `speckv-cost` need a controller.
+    /// `fixed:N`, `confidence:P` (llama.cpp's `--draft-p-min P`), `hf-dynamic` (HF transformers'
+    /// assistant confidence threshold, `confidence:0.4`), `heuristic` (HF's +2/−1 schedule),
+    /// `adaedl[:λ[:κ]]`, `auto` (the shipped hazard model); `speckv` and `speckv-cost` need a
+    /// controller.
     pub fn parse(s: &str, controller: Option<Controller>) -> Result<Policy> {
         let bad = || {
             Error::Other(format!(
-                "policy {s:?}: expected fixed:N, speckv, speckv-cost, confidence:P or heuristic"
+                "policy {s:?}: expected fixed:N, auto, speckv, speckv-cost, confidence:P, \
+                 hf-dynamic, heuristic or adaedl[:LAMBDA[:KAPPA]]"
             ))
         };
+        if s == "auto" {
+            return Ok(Policy::Auto(Box::new(Auto::shipped()?)));
+        }
+        if s == "hf-dynamic" {
+            return Ok(Policy::Confidence(0.4));
+        }
+        if s == "adaedl" || s.starts_with("adaedl:") {
+            let mut it = s.split(':').skip(1);
+            let mut num = |d: f32| -> Result<f32> {
+                match it.next() {
+                    None => Ok(d),
+                    Some(v) => v
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|x| x.is_finite() && *x >= 0.0)
+                        .ok_or_else(bad),
+                }
+            };
+            let (lambda, kappa) = (num(ADAEDL_LAMBDA)?, num(ADAEDL_KAPPA)?);
+            if it.next().is_some() || lambda > 1.0 {
+                return Err(bad());
+            }
+            return Ok(Policy::AdaEdl { lambda, kappa });
+        }
         match s.split_once(':') {
             Some(("fixed", n)) => n.parse().map(Policy::Fixed).map_err(|_| bad()),
             Some(("confidence", p)) => {
@@ -68,6 +123,14 @@ impl Policy {
         }
     }
 }
+
+/// Weight of a new measurement in the `auto` policy's moving averages of step costs.
+pub const ONLINE_COST_ALPHA: f64 = 0.2;
+
+/// AdaEDL's defaults here: λ = 0.5 and κ = 0.5 (stop when 1 − √(H/2) < ½, i.e. H > ½ nat). Ours,
+/// not the paper's tuned values; `adaedl:λ:κ` sets both.
+pub const ADAEDL_LAMBDA: f32 = 0.5;
+pub const ADAEDL_KAPPA: f32 = 0.5;
 
 /// The draft: another model, or the target itself with some layers skipped.
 pub enum Draft<'a> {
@@ -122,6 +185,9 @@ pub struct StepTrace {
     /// Tokens the step emitted (accepted drafts and the bonus token), before any stop token is
     /// cut.
     pub emitted: Vec<u32>,
+    /// `auto` only: the hazard model's inputs for each draft it decided on — the kept drafts,
+    /// then the one it stopped before, if any (empty for other policies).
+    pub stop_features: Vec<[f64; crate::controller::mlp::INPUTS]>,
 }
 
 /// Index of the largest logit, ties to the lower index (as the kernels break them); an error for a

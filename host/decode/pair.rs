@@ -146,6 +146,13 @@ pub fn policy_from_name(
     if name == "plain" {
         return Ok(None);
     }
+    if let ("auto", Some(c)) = (name, cost) {
+        // The online costs start from the given model instead of the assumed one.
+        return Ok(Some(Policy::Auto(Box::new(crate::decode::Auto {
+            model: crate::controller::hazard::HazardModel::default_model()?,
+            prior: CostModel::load(c)?,
+        }))));
+    }
     let ctl = match controller {
         Some(p) if name == "speckv" || name == "speckv-cost" => {
             let cost = match (name, cost) {
@@ -217,6 +224,58 @@ pub struct PolicyResult {
     pub gamma_histogram: BTreeMap<u32, usize>,
     /// Whether the tokens equal plain greedy decoding's on every prompt (greedy runs only).
     pub matches_plain: Option<bool>,
+    /// Decoding tokens/s of each prompt run, in prompt order (the unit of the paired intervals).
+    pub per_prompt_tokens_per_second: Vec<f64>,
+}
+
+/// `policy` against `against` over the same prompt runs: the geometric mean of the per-prompt
+/// ratios of tokens/s and its 95 % t-interval (on the log ratios).
+#[derive(Clone, Debug, Serialize)]
+pub struct Paired {
+    pub policy: String,
+    pub against: String,
+    pub prompts: usize,
+    pub ratio: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// Two-sided 95 % quantile of Student's t with `df` degrees of freedom (Cornish–Fisher expansion
+/// around the normal quantile; within 0.01 of the exact value from df = 3 up).
+fn t975(df: usize) -> f64 {
+    let z: f64 = 1.959964;
+    let d = df.max(1) as f64;
+    z + (z.powi(3) + z) / (4.0 * d)
+        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * d * d)
+}
+
+/// The paired comparison of two policies in `results` (None if either is missing or fewer than
+/// two prompt runs).
+pub fn paired(results: &[PolicyResult], policy: &str, against: &str) -> Option<Paired> {
+    let a = results.iter().find(|r| r.policy == policy)?;
+    let b = results.iter().find(|r| r.policy == against)?;
+    let logs: Vec<f64> = a
+        .per_prompt_tokens_per_second
+        .iter()
+        .zip(&b.per_prompt_tokens_per_second)
+        .map(|(x, y)| (x / y).ln())
+        .filter(|v| v.is_finite())
+        .collect();
+    let n = logs.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = logs.iter().sum::<f64>() / n as f64;
+    let var = logs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = t975(n - 1) * (var / n as f64).sqrt();
+    Some(Paired {
+        policy: policy.to_string(),
+        against: against.to_string(),
+        prompts: n,
+        ratio: mean.exp(),
+        low: (mean - half).exp(),
+        high: (mean + half).exp(),
+    })
 }
 
 /// Runs every policy over the prompts (models loaded once), each prompt once per policy. The loop
@@ -243,6 +302,7 @@ pub fn bench_decode(
         accepted: usize,
         hist: BTreeMap<u32, usize>,
         outs: Vec<Vec<u32>>,
+        per_prompt: Vec<f64>,
     }
     let mut acc: Vec<Acc> = policies.iter().map(|_| Acc::default()).collect();
     for (i, ids) in prompts.iter().enumerate() {
@@ -257,6 +317,8 @@ pub fn bench_decode(
             for (g, n) in &s.gamma_histogram {
                 *a.hist.entry(*g).or_insert(0) += n;
             }
+            a.per_prompt
+                .push(s.tokens.len() as f64 / (s.seconds - s.prefill_seconds).max(1e-9));
             a.outs.push(s.tokens);
         }
     }
@@ -284,8 +346,37 @@ pub fn bench_decode(
                 (Some(p), true) => Some(*p == a.outs),
                 _ => None,
             },
+            per_prompt_tokens_per_second: a.per_prompt,
         })
         .collect())
+}
+
+/// The comparisons the controller work reports: `auto` (or each adaptive policy present) against
+/// the best fixed γ of the run, fixed:4 and HF's dynamic schedule.
+pub fn paired_table(results: &[PolicyResult]) -> Vec<Paired> {
+    let best_fixed = results
+        .iter()
+        .filter(|r| r.policy.starts_with("fixed:"))
+        .max_by(|a, b| a.tokens_per_second.total_cmp(&b.tokens_per_second))
+        .map(|r| r.policy.clone());
+    let mut out = Vec::new();
+    for r in results {
+        if r.policy == "plain" || r.policy.starts_with("fixed:") {
+            continue;
+        }
+        let mut against: Vec<&str> = Vec::new();
+        if let Some(b) = &best_fixed {
+            against.push(b);
+        }
+        against.extend(["fixed:4", "hf-dynamic", "plain"]);
+        against.dedup();
+        for a in against {
+            if a != r.policy {
+                out.extend(paired(results, &r.policy, a));
+            }
+        }
+    }
+    out
 }
 
 /// Markdown table of `bench_decode`'s results, with ratios to fixed:4 and to plain where present.
@@ -329,6 +420,16 @@ pub fn render_bench(results: &[PolicyResult]) -> String {
             "\nbest fixed γ: {} at {:.2} tokens/s\n",
             b.policy, b.tokens_per_second
         );
+    }
+    let pairs = paired_table(results);
+    if !pairs.is_empty() {
+        s += "\npaired over the same prompt runs (geometric mean of per-prompt tokens/s ratios, 95 % t-interval):\n\n| policy | against | prompt runs | ratio | 95 % interval |\n|---|---|---:|---:|---|\n";
+        for p in pairs {
+            s += &format!(
+                "| {} | {} | {} | {:.3}× | {:.3}–{:.3} |\n",
+                p.policy, p.against, p.prompts, p.ratio, p.low, p.high
+            );
+        }
     }
     s
 }

@@ -98,6 +98,12 @@ pub struct TraceRow {
     pub lag_max_draft_entropy: Option<f64>,
     pub lag_min_draft_confidence: Option<f64>,
     pub lag_accepted: Option<u32>,
+    /// Draft γ' − 1's own entropy and confidence (the hazard model's per-token inputs; empty in
+    /// traces written before these columns).
+    #[serde(default)]
+    pub draft_entropy: Option<f64>,
+    #[serde(default)]
+    pub draft_confidence: Option<f64>,
     /// Measured wall times of the traced step (γmax drafts; one verification of γmax + 1).
     pub draft_ms: f64,
     pub verify_ms: f64,
@@ -162,6 +168,8 @@ pub fn trace_rows(
                 lag_max_draft_entropy: lag.map(|l| l.0[2]),
                 lag_min_draft_confidence: lag.map(|l| l.0[3]),
                 lag_accepted: lag.map(|l| l.1),
+                draft_entropy: Some(s.entropy[gp - 1] as f64),
+                draft_confidence: Some(s.confidence[gp - 1] as f64),
                 draft_ms: s.draft_seconds * 1e3,
                 verify_ms: s.verify_seconds * 1e3,
             });
@@ -304,6 +312,7 @@ mod tests {
             draft_seconds: 0.01,
             verify_seconds: 0.02,
             emitted: vec![1; k as usize + 1],
+            stop_features: Vec::new(),
         }
     }
 

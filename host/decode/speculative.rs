@@ -6,7 +6,8 @@ use std::time::Instant;
 use speckv_kernels::params::FeatureAccum;
 
 use crate::backend::cpu::CpuBackend;
-use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
+use crate::controller::hazard::{OnlineCost, StopRule};
+use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace, ONLINE_COST_ALPHA};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
 use crate::stats::cpu::StatsScratch;
@@ -106,6 +107,11 @@ fn speculative_loop(
         draft_seconds: 0.0,
         verify_seconds: 0.0,
         emitted: Vec::with_capacity(gm + 1),
+        stop_features: Vec::with_capacity(gm + 1),
+    };
+    let mut cost = match policy {
+        Policy::Auto(a) => Some(OnlineCost::new(a.prior.clone(), ONLINE_COST_ALPHA)),
+        _ => None,
     };
     let mut hist = [0usize; crate::weights::gemv::MAX_M];
     let (mut steps, mut drafted, mut accepted_total) = (0usize, 0usize, 0usize);
@@ -129,7 +135,7 @@ fn speculative_loop(
                 }
                 _ => 4.min(cfg.gamma_max),
             },
-            Policy::Confidence(_) => cfg.gamma_max,
+            Policy::Confidence(_) | Policy::Auto(_) | Policy::AdaEdl { .. } => cfg.gamma_max,
             Policy::Heuristic => heuristic_gamma.min(cfg.gamma_max),
         };
         // Draft up to gmax tokens.
@@ -140,6 +146,9 @@ fn speculative_loop(
         qrows.clear();
         let mut accum = [FeatureAccum::EMPTY];
         let mut fed = false;
+        let mut forwards = 0usize;
+        let mut rule = StopRule::new();
+        trace.stop_features.clear();
         feed.clear();
         feed.extend_from_slice(&backlog);
         backlog.clear();
@@ -147,6 +156,7 @@ fn speculative_loop(
         while (xs.len() as u32) < gmax {
             let q = dmodel.forward_into(&feed, &mut dcache, 1, dmask)?;
             fed = true;
+            forwards += 1;
             let l = Logits::dense(LogitsData::F32(q), v)?;
             let o = StatsOptions {
                 temperature: cfg.temperature,
@@ -167,14 +177,34 @@ fn speculative_loop(
                     what: format!("draft logits flagged {:#x}", st.flags),
                 });
             }
-            if let Policy::Confidence(p) = policy {
-                if st.confidence < *p {
-                    // Stop before this low-confidence token. What was fed stays in the draft's
-                    // cache: before the first draft it is committed (the backlog and the pending
-                    // token), so the draft need not see it again; after a draft the cache is cut
-                    // back to the accepted tokens below, as for any step.
-                    break;
+            // Per-token stopping: stop before this draft? What was fed stays in the draft's cache:
+            // before the first draft it is committed (the backlog and the pending token), so the
+            // draft need not see it again; after a draft the cache is cut back to the accepted
+            // tokens below, as for any step.
+            let stop = match policy {
+                Policy::Confidence(p) => st.confidence < *p,
+                Policy::AdaEdl { lambda, kappa } => {
+                    1.0 - (kappa * st.entropy.max(0.0)).sqrt() < *lambda
                 }
+                Policy::Auto(a) => {
+                    let c = cost
+                        .as_ref()
+                        .ok_or_else(|| Error::Other("auto: no cost".into()))?;
+                    let d = rule.decide(
+                        &a.model,
+                        st.entropy,
+                        st.confidence,
+                        cfg.compression,
+                        c,
+                        gmax as usize,
+                    );
+                    trace.stop_features.push(d.features);
+                    !d.keep
+                }
+                _ => false,
+            };
+            if stop {
+                break;
             }
             let x = if greedy {
                 st.argmax as u32
@@ -233,6 +263,9 @@ fn speculative_loop(
             });
         }
         let verify_seconds = t_verify.elapsed().as_secs_f64();
+        if let Some(c) = cost.as_mut() {
+            c.observe(forwards, draft_seconds, g, verify_seconds);
+        }
         let k = o.accepted[0] as usize;
         trace.position = prompt.len() + out.len();
         trace.gamma = g as u32;

@@ -1,0 +1,222 @@
+//! Per-token stopping (`controller::hazard`): training examples from traces, the stopping rule
+//! against its closed form, the online costs, and the policies' names.
+
+use speckv::controller::hazard::{self, HazardModel, OnlineCost, StopRule};
+use speckv::controller::mlp::{Mlp, HIDDEN, INPUTS};
+use speckv::controller::records::Compression;
+use speckv::controller::CostModel;
+use speckv::decode::profile::trace_rows;
+use speckv::decode::{Policy, StepTrace};
+
+/// A model whose hazard is `h` whatever the features.
+fn constant(h: f64) -> HazardModel {
+    HazardModel {
+        mlp: Mlp {
+            w1: [[0.0; HIDDEN]; INPUTS],
+            b1: [0.0; HIDDEN],
+            w2: [[0.0]; HIDDEN],
+            b2: [h],
+            feature_mean: [0.0; INPUTS],
+            feature_std: [1.0; INPUTS],
+        },
+        source: "test".into(),
+    }
+}
+
+fn step(entropy: &[f32], confidence: &[f32], accepted: u32) -> StepTrace {
+    let g = entropy.len() as u32;
+    StepTrace {
+        position: 7,
+        entropy: entropy.to_vec(),
+        confidence: confidence.to_vec(),
+        gamma: g,
+        accepted,
+        counterfactual: (0..=g).map(|x| accepted.min(x) + 1).collect(),
+        draft_seconds: 0.01,
+        verify_seconds: 0.02,
+        emitted: vec![1; accepted as usize + 1],
+        stop_features: Vec::new(),
+    }
+}
+
+#[test]
+fn examples_are_the_drafts_reached_labelled_by_acceptance() {
+    let steps = [
+        step(&[0.5, 1.0, 2.0, 0.25], &[0.9, 0.6, 0.3, 0.8], 2),
+        step(&[0.125, 3.0], &[0.95, 0.2], 0),
+        step(&[0.75, 0.5], &[0.7, 0.9], 2),
+    ];
+    let rows = trace_rows(&steps, Compression::Nf4, "code", 4, 1).unwrap();
+    let ex = hazard::examples(&rows).unwrap();
+    // Step 0 reaches drafts 0, 1, 2 (accepted 2: labels 1, 1, 0); step 1 draft 0 (label 0); step 2
+    // both drafts (labels 1, 1).
+    let labels: Vec<f64> = ex.iter().map(|e| e.y).collect();
+    assert_eq!(labels, [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
+    assert!(ex.iter().all(|e| e.group == 4));
+    // Draft 2 of step 0: its own values, the prefix mean entropy and min confidence, NF4, j = 2.
+    let x = ex[2].x;
+    assert_eq!(x[0], 2.0);
+    assert_eq!(x[1], 0.3f32 as f64);
+    assert!((x[2] - 3.5 / 3.0).abs() < 1e-15);
+    assert_eq!(x[3], 0.3f32 as f64);
+    assert_eq!(x[4], Compression::Nf4.code());
+    assert_eq!(x[5], 2.0);
+    // Traces written before the per-draft columns give the same features from the prefix means.
+    let old: Vec<_> = rows
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            r.draft_entropy = None;
+            r.draft_confidence = None;
+            r
+        })
+        .collect();
+    for (a, b) in hazard::examples(&old).unwrap().iter().zip(&ex) {
+        for (u, v) in a.x.iter().zip(&b.x) {
+            assert!((u - v).abs() < 1e-12, "{:?} vs {:?}", a.x, b.x);
+        }
+        assert_eq!(a.y, b.y);
+    }
+    // Rows out of order are an error, not a silent mislabelling.
+    let mut shuffled = rows.clone();
+    shuffled.swap(0, 1);
+    assert!(hazard::examples(&shuffled).is_err());
+    assert!(hazard::examples(&[]).is_err());
+}
+
+/// Tokens per unit time of a step verifying `g` drafts under constant hazard `h`, as the rule
+/// accounts it (γ + 1 draft passes below γmax, γmax at it).
+fn rate(h: f64, g: usize, gmax: usize, draft: f64, verify: &dyn Fn(usize) -> f64) -> f64 {
+    let tokens: f64 = 1.0 + (1..=g).map(|i| h.powi(i as i32)).sum::<f64>();
+    let forwards = if g < gmax { g + 1 } else { g };
+    tokens / (forwards as f64 * draft + verify(g))
+}
+
+#[test]
+fn the_rule_stops_where_the_rate_stops_growing() {
+    let gmax = 8;
+    for &(h, draft, slope) in &[
+        (0.9, 0.05, 0.02),
+        (0.6, 0.3, 0.1),
+        (0.3, 0.3, 0.4),
+        (0.95, 0.01, 0.0),
+        (0.05, 0.5, 0.5),
+    ] {
+        let prior = CostModel {
+            draft_ms_per_token: draft,
+            verify_ms: (0..=gmax).map(|g| 1.0 + slope * g as f64).collect(),
+            source: "test".into(),
+        };
+        let verify = |g: usize| 1.0 + slope * g as f64;
+        let cost = OnlineCost::new(prior, 0.2);
+        let model = constant(h);
+        let mut rule = StopRule::new();
+        let mut kept = 0;
+        while kept < gmax {
+            let d = rule.decide(&model, 1.0, 0.5, Compression::Fp16, &cost, gmax);
+            assert_eq!(d.hazard, h);
+            if !d.keep {
+                break;
+            }
+            kept += 1;
+        }
+        // With a constant hazard the lookahead is exact: the rule keeps drafting while a longer
+        // step has a higher rate than stopping now.
+        let best_after = |j: usize| {
+            (j + 1..=gmax)
+                .map(|g| rate(h, g, gmax, draft, &verify))
+                .fold(f64::NEG_INFINITY, f64::max)
+        };
+        for j in 0..kept {
+            assert!(
+                best_after(j) > rate(h, j, gmax, draft, &verify),
+                "h {h}: kept {j}"
+            );
+        }
+        if kept < gmax {
+            assert!(
+                best_after(kept) <= rate(h, kept, gmax, draft, &verify),
+                "h {h}: stopped at {kept}"
+            );
+        }
+        if h >= 0.9 {
+            assert_eq!(kept, gmax, "h {h}: cheap drafts, likely accepted");
+        }
+        if h <= 0.05 {
+            assert_eq!(kept, 0, "h {h}: drafts that fail");
+        }
+    }
+}
+
+#[test]
+fn online_costs_follow_measurements_and_keep_the_prior_shape() {
+    let prior = CostModel {
+        draft_ms_per_token: 0.5,
+        verify_ms: vec![1.0, 1.5, 2.0, 2.5],
+        source: "test".into(),
+    };
+    let mut c = OnlineCost::new(prior, 0.5);
+    assert_eq!((c.draft(), c.verify(2)), (0.5, 2.0));
+    c.observe(3, 0.3, 2, 4.0);
+    assert!((c.draft() - 0.1).abs() < 1e-12);
+    assert_eq!(c.verify(2), 4.0);
+    // γ = 1 not seen: the prior's shape scaled to the nearest γ measured (2): 4 · 1.5 / 2.
+    assert_eq!(c.verify(1), 3.0);
+    c.observe(1, 0.3, 2, 6.0);
+    assert!((c.draft() - 0.2).abs() < 1e-12, "EMA with α = ½");
+    assert_eq!(c.verify(2), 5.0);
+    // Non-finite or zero times are not measurements.
+    c.observe(1, f64::NAN, 2, 0.0);
+    assert!((c.draft() - 0.2).abs() < 1e-12);
+    assert_eq!(c.verify(2), 5.0);
+}
+
+#[test]
+fn the_shipped_model_loads_and_predicts_probabilities() {
+    let m = HazardModel::default_model().unwrap();
+    assert!(m.source.contains("train --hazard"), "{}", m.source);
+    for x in [
+        [0.1, 0.95, 0.1, 0.95, 0.0, 0.0],
+        [3.0, 0.2, 2.0, 0.2, 2.0, 5.0],
+    ] {
+        let h = m.hazard(&x);
+        assert!((0.001..=0.999).contains(&h), "{h}");
+    }
+    // Confident drafts are likelier to be accepted than uncertain ones.
+    assert!(
+        m.hazard(&[0.05, 0.98, 0.05, 0.98, 1.0, 1.0]) > m.hazard(&[3.0, 0.15, 3.0, 0.15, 1.0, 1.0])
+    );
+    assert_eq!(
+        m.hazard(&[f64::NAN; INPUTS]),
+        0.001,
+        "NaN features fail closed"
+    );
+}
+
+#[test]
+fn policy_names_parse_and_bad_ones_are_errors() {
+    assert!(matches!(Policy::parse("auto", None), Ok(Policy::Auto(_))));
+    assert!(matches!(
+        Policy::parse("hf-dynamic", None),
+        Ok(Policy::Confidence(p)) if p == 0.4
+    ));
+    match Policy::parse("adaedl:0.3:2", None) {
+        Ok(Policy::AdaEdl { lambda, kappa }) => assert_eq!((lambda, kappa), (0.3, 2.0)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        Policy::parse("adaedl", None),
+        Ok(Policy::AdaEdl { .. })
+    ));
+    for bad in [
+        "adaedl:2",
+        "adaedl:x",
+        "adaedl:0.5:-1",
+        "adaedl:0.1:0.2:0.3",
+        "auto:1",
+        "hf",
+    ] {
+        let e = Policy::parse(bad, None).unwrap_err().to_string();
+        assert!(e.contains("expected"), "{bad}: {e}");
+    }
+}
