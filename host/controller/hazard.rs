@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::controller::mlp::{Example, Mlp, INPUTS};
 use crate::controller::records::Compression;
+use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
-use crate::decode::profile::TraceRow;
 use crate::error::{Error, Result};
 
 /// The most drafts per step the rule plans for (the GEMV's largest M is γmax + 1).

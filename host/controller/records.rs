@@ -158,3 +158,42 @@ pub fn read_records_from(reader: impl std::io::Read, name: &str) -> Result<Vec<S
     }
     Ok(out)
 }
+
+/// One CSV row: a traced step seen at γ' (`gamma`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceRow {
+    pub run: u32,
+    pub compression: Compression,
+    pub gamma: u32,
+    pub task: String,
+    pub step: u32,
+    pub accepted: u32,
+    pub acceptance_rate: f64,
+    pub tokens_produced: u32,
+    pub mean_draft_entropy: f64,
+    pub mean_draft_confidence: f64,
+    pub max_draft_entropy: f64,
+    pub min_draft_confidence: f64,
+    /// Index of the prompt in the prompt file.
+    pub prompt: usize,
+    /// Committed tokens (prompt included) before the step.
+    pub position: usize,
+    pub trace_gamma_max: u32,
+    pub trace_accepted: u32,
+    /// The previous step's features over its γmax drafts and its accepted count (empty on a
+    /// prompt's first step).
+    pub lag_mean_draft_entropy: Option<f64>,
+    pub lag_mean_draft_confidence: Option<f64>,
+    pub lag_max_draft_entropy: Option<f64>,
+    pub lag_min_draft_confidence: Option<f64>,
+    pub lag_accepted: Option<u32>,
+    /// Draft γ' − 1's own entropy and confidence (the hazard model's per-token inputs; empty in
+    /// traces written before these columns).
+    #[serde(default)]
+    pub draft_entropy: Option<f64>,
+    #[serde(default)]
+    pub draft_confidence: Option<f64>,
+    /// Measured wall times of the traced step (γmax drafts; one verification of γmax + 1).
+    pub draft_ms: f64,
+    pub verify_ms: f64,
+}
