@@ -46,12 +46,7 @@ pub fn run(a: Args) -> speckv::Result<()> {
                 files.join(" ")
             ),
         };
-        let s = serde_json::to_string_pretty(&model)
-            .map_err(|e| speckv::Error::Other(format!("hazard model: {e}")))?;
-        std::fs::write(&a.out, s + "\n").map_err(|source| speckv::Error::Io {
-            context: format!("writing {}", a.out.display()),
-            source,
-        })?;
+        model.save(&a.out)?;
         (rep, "drafts")
     } else {
         let mut records = Vec::new();

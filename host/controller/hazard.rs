@@ -204,14 +204,14 @@ impl HazardModel {
     }
 
     pub fn load(path: &std::path::Path) -> Result<HazardModel> {
-        let s = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            context: format!("reading {}", path.display()),
-            source,
-        })?;
-        let m: HazardModel = serde_json::from_str(&s)
-            .map_err(|e| Error::Other(format!("{}: not a hazard model: {e}", path.display())))?;
+        let m: HazardModel = crate::controller::load_json(path, "a hazard model")?;
         m.mlp.check()?;
         Ok(m)
+    }
+
+    /// Writes the model as JSON (the layout [`HazardModel::load`] reads).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        crate::controller::save_json(path, self)
     }
 
     /// h = P(accept | prefix accepted) for features `x`, clamped to [0.001, 0.999] (a non-finite

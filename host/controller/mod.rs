@@ -51,12 +51,7 @@ impl CostModel {
     }
 
     pub fn load(path: &Path) -> Result<CostModel> {
-        let s = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            context: format!("reading {}", path.display()),
-            source,
-        })?;
-        let c: CostModel = serde_json::from_str(&s)
-            .map_err(|e| Error::Other(format!("{}: not a cost model: {e}", path.display())))?;
+        let c: CostModel = load_json(path, "a cost model")?;
         c.check()?;
         Ok(c)
     }
@@ -253,4 +248,24 @@ pub(crate) struct GammaPtrs {
     pub gammas_out: *mut i32,
     pub flags_out: *mut u32,
     pub expected_out: *mut f32,
+}
+
+/// Reads `path` as JSON of a `what` (e.g. "a cost model"), saying which file was not one.
+pub(crate) fn load_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let s = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    })?;
+    serde_json::from_str(&s)
+        .map_err(|e| Error::Other(format!("{}: not {what}: {e}", path.display())))
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub(crate) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let s = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, s + "\n").map_err(|source| Error::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    })
 }

@@ -109,8 +109,12 @@ fn speculative_loop(
         emitted: Vec::with_capacity(gm + 1),
         stop_features: Vec::with_capacity(gm + 1),
     };
-    let mut cost = match policy {
-        Policy::Auto(a) => Some(OnlineCost::new(a.prior.clone(), ONLINE_COST_ALPHA)),
+    // `auto`: its model with the step costs it measures while decoding.
+    let mut auto = match policy {
+        Policy::Auto(a) => Some((
+            &a.model,
+            OnlineCost::new(a.prior.clone(), ONLINE_COST_ALPHA),
+        )),
         _ => None,
     };
     let mut hist = [0usize; crate::weights::gemv::MAX_M];
@@ -181,21 +185,18 @@ fn speculative_loop(
             // before the first draft it is committed (the backlog and the pending token), so the
             // draft need not see it again; after a draft the cache is cut back to the accepted
             // tokens below, as for any step.
-            let stop = match policy {
-                Policy::Confidence(p) => st.confidence < *p,
-                Policy::AdaEdl { lambda, kappa } => {
+            let stop = match (policy, &auto) {
+                (Policy::Confidence(p), _) => st.confidence < *p,
+                (Policy::AdaEdl { lambda, kappa }, _) => {
                     1.0 - (kappa * st.entropy.max(0.0)).sqrt() < *lambda
                 }
-                Policy::Auto(a) => {
-                    let c = cost
-                        .as_ref()
-                        .ok_or_else(|| Error::Other("auto: no cost".into()))?;
+                (_, Some((model, cost))) => {
                     let d = rule.decide(
-                        &a.model,
+                        model,
                         st.entropy,
                         st.confidence,
                         cfg.compression,
-                        c,
+                        cost,
                         gmax as usize,
                     );
                     trace.stop_features.push(d.features);
@@ -263,8 +264,8 @@ fn speculative_loop(
             });
         }
         let verify_seconds = t_verify.elapsed().as_secs_f64();
-        if let Some(c) = cost.as_mut() {
-            c.observe(forwards, draft_seconds, g, verify_seconds);
+        if let Some((_, cost)) = auto.as_mut() {
+            cost.observe(forwards, draft_seconds, g, verify_seconds);
         }
         let k = o.accepted[0] as usize;
         trace.position = prompt.len() + out.len();
