@@ -269,6 +269,7 @@ impl ExternalCuda {
             chunk_vecs: plan.chunk_vecs,
             temperature_group: 1,
             temperatures: std::ptr::null(),
+            stop: std::ptr::null(),
         };
         // SAFETY: forwarded; the scratch is sized for this plan, its counters zero.
         unsafe {

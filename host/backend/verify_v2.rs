@@ -54,6 +54,7 @@ pub fn launches(p: &VerifyParams, dtype: Dtype, plan: &FullPlanV2, ws: u64) -> V
             chunk_vecs: s.chunk_vecs,
             temperature_group: p.gamma_max,
             temperatures: p.draft_temperature,
+            stop: std::ptr::null(),
         };
         out.push(Launch {
             f: KernelFn::SoftmaxStatsV2(dtype),

@@ -9,10 +9,16 @@
 //! equal to h_j, promises more tokens per second than stopping now, under costs measured while
 //! decoding ([`OnlineCost`]).
 //!
-//! The same features are built from `speckv profile`'s traces for training ([`examples`]), so the
-//! model is trained on exactly what the live policy sees (`tests/controller.rs` checks it).
+//! The rule itself is `speckv_kernels::stop_rule`, in f32: the CPU runs those functions and
+//! `softmax_stats_v2` runs them in its epilogue (`STATS_STOP`), so both make the same decisions on
+//! the same inputs (`tests/stop_rule.rs`). The same features are built from `speckv profile`'s
+//! traces for training ([`examples`]), replaying the f32 accumulator, so the model is trained on
+//! exactly what the live policy sees (`tests/models.rs` checks it).
 
 use serde::{Deserialize, Serialize};
+
+use speckv_kernels::params::{FeatureAccum, MlpWeights, RowStats, StopState, STOP_TIMES};
+use speckv_kernels::stop_rule;
 
 use crate::controller::mlp::{Example, Mlp, INPUTS};
 use crate::controller::records::Compression;
@@ -23,25 +29,25 @@ use crate::error::{Error, Result};
 /// The most drafts per step the rule plans for (the GEMV's largest M is γmax + 1).
 pub const MAX_GAMMA: usize = crate::weights::gemv::MAX_M - 1;
 
-/// The hazard model's inputs for draft `position` (0-based) of a step: (its entropy, its
-/// confidence, mean entropy over drafts 0..=position, min confidence over drafts 0..=position,
-/// compression code, position).
+/// The hazard model's inputs for draft `position` (0-based) of a step, as the rule computes them on
+/// the CPU and in `softmax_stats_v2`'s epilogue: (its entropy, its confidence, mean entropy over
+/// drafts 0..=position, min confidence over drafts 0..=position, compression code, position), in
+/// f32 from the step's feature accumulator after this draft's row.
 pub fn token_features(
-    entropy: f64,
-    confidence: f64,
-    prefix_mean_entropy: f64,
-    prefix_min_confidence: f64,
+    entropy: f32,
+    confidence: f32,
+    accum: &FeatureAccum,
     compression: Compression,
     position: usize,
 ) -> [f64; INPUTS] {
-    [
+    stop_rule::features(
         entropy,
         confidence,
-        prefix_mean_entropy,
-        prefix_min_confidence,
-        compression.code(),
-        position as f64,
-    ]
+        accum,
+        compression.code() as f32,
+        position as u32,
+    )
+    .map(|v| v as f64)
 }
 
 /// Training examples from trace rows (`speckv profile --out steps.csv`): one per draft j of a traced
@@ -60,6 +66,8 @@ pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
             j += 1;
         }
         let step = &rows[i..j];
+        // The accumulator the live rule reads, replayed in the same f32 arithmetic.
+        let mut accum = FeatureAccum::EMPTY;
         for (n, r) in step.iter().enumerate() {
             if r.gamma as usize != n + 1 {
                 return Err(Error::Other(format!(
@@ -88,15 +96,10 @@ pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
                     (e, c)
                 }
             };
+            let (e, c) = (e as f32, c as f32);
+            accum.push(e, c, 0);
             out.push(Example {
-                x: token_features(
-                    e,
-                    c,
-                    r.mean_draft_entropy,
-                    r.min_draft_confidence,
-                    r.compression,
-                    n,
-                ),
+                x: token_features(e, c, &accum, r.compression, n),
                 y: (accepted > n) as u32 as f64,
                 group: r.run,
             });
@@ -175,6 +178,17 @@ impl OnlineCost {
         }
     }
 
+    /// The rule's step times: `time(γ)` for γ = 0..=`gamma_max` (γ + 1 draft passes below γmax,
+    /// γmax at it, plus the verification at γ); +inf beyond `gamma_max`.
+    pub fn step_times(&self, gamma_max: usize) -> [f32; STOP_TIMES] {
+        let mut t = [f32::INFINITY; STOP_TIMES];
+        for (g, slot) in t.iter_mut().enumerate().take(gamma_max.min(MAX_GAMMA) + 1) {
+            let forwards = if g < gamma_max { g + 1 } else { g };
+            *slot = (forwards as f64 * self.draft() + self.verify(g)) as f32;
+        }
+        t
+    }
+
     /// Draft time per forward pass, in the units of [`OnlineCost::verify`] (both are measured
     /// together, after every step; before the first, both are the prior's).
     pub fn draft(&self) -> f64 {
@@ -214,30 +228,24 @@ impl HazardModel {
         crate::controller::save_json(path, self)
     }
 
-    /// h = P(accept | prefix accepted) for features `x`, clamped to [0.001, 0.999] (a non-finite
-    /// feature or prediction → 0.001: fail closed, stop).
+    /// The model's f32 weights, as the rule and the kernel read them.
+    pub fn weights(&self) -> MlpWeights {
+        self.mlp.to_f32()
+    }
+
+    /// h = P(accept | prefix accepted) for features `x`, computed in f32 as the rule computes it
+    /// (`stop_rule::hazard`): within [0.001, 0.999]; 0.001 when a feature or the prediction is not
+    /// finite (fail closed, stop).
     pub fn hazard(&self, x: &[f64; INPUTS]) -> f64 {
-        if !x.iter().all(|v| v.is_finite()) {
-            return 0.001; // the ReLU would silently drop a NaN feature
-        }
-        let h = self.mlp.predict(x);
-        if h.is_finite() {
-            h.clamp(0.001, 0.999)
-        } else {
-            0.001
-        }
+        stop_rule::hazard(&self.weights(), &x.map(|v| v as f32)) as f64
     }
 }
 
-/// One step's state of the stopping rule: the running prefix features and A_{j−1}.
-#[derive(Clone, Copy, Debug)]
+/// One step's stopping rule on the CPU: the kernels' [`stop_rule::decide`] on a sequence's
+/// [`StopState`], so the CPU decides exactly as `softmax_stats_v2`'s epilogue does.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct StopRule {
-    entropy_sum: f64,
-    min_confidence: f64,
-    /// A_{j−1} (1 before the first draft) and Σ_{i<j} A_i.
-    survive: f64,
-    expected: f64,
-    position: usize,
+    pub state: StopState,
 }
 
 /// What the rule saw and decided for one draft.
@@ -249,71 +257,39 @@ pub struct StopDecision {
     pub keep: bool,
 }
 
-impl Default for StopRule {
-    fn default() -> Self {
-        StopRule::new()
-    }
-}
-
 impl StopRule {
     pub fn new() -> StopRule {
         StopRule {
-            entropy_sum: 0.0,
-            min_confidence: f64::INFINITY,
-            survive: 1.0,
-            expected: 1.0,
-            position: 0,
+            state: StopState::START,
         }
     }
 
-    /// The decision for the draft just computed (entropy, confidence) at position j of the step,
-    /// with room for `gamma_max` drafts in all.
+    /// The decision for the draft whose row statistics `row` were just computed (and pushed into
+    /// `accum`), with the step times `times` (from [`OnlineCost::step_times`]) and room for
+    /// `gamma_max` drafts in all.
     pub fn decide(
         &mut self,
-        model: &HazardModel,
-        entropy: f32,
-        confidence: f32,
+        weights: &MlpWeights,
+        accum: &FeatureAccum,
+        row: &RowStats,
         compression: Compression,
-        cost: &OnlineCost,
+        times: &[f32; STOP_TIMES],
         gamma_max: usize,
     ) -> StopDecision {
-        let j = self.position;
-        let (e, c) = (entropy as f64, confidence as f64);
-        self.entropy_sum += e;
-        self.min_confidence = self.min_confidence.min(c);
-        let x = token_features(
-            e,
-            c,
-            self.entropy_sum / (j + 1) as f64,
-            self.min_confidence,
-            compression,
-            j,
+        let d = stop_rule::decide_host(
+            weights,
+            &mut self.state,
+            accum,
+            row.entropy,
+            row.confidence,
+            compression.code() as f32,
+            gamma_max.min(MAX_GAMMA) as u32,
+            times,
         );
-        let h = model.hazard(&x);
-        // Step time when verifying γ drafts, the draft of position γ computed too when γ < γmax.
-        let time = |g: usize| {
-            let forwards = if g < gamma_max { g + 1 } else { g };
-            forwards as f64 * cost.draft() + cost.verify(g)
-        };
-        let stop_rate = self.expected / time(j);
-        let (mut a, mut e_tokens, mut keep) = (self.survive, self.expected, false);
-        for g in j + 1..=gamma_max {
-            a *= h;
-            e_tokens += a;
-            if e_tokens / time(g) > stop_rate {
-                keep = true;
-                break;
-            }
-        }
-        if keep {
-            self.survive *= h;
-            self.expected += self.survive;
-            self.position += 1;
-        }
         StopDecision {
-            features: x,
-            hazard: h,
-            keep,
+            features: d.features.map(|v| v as f64),
+            hazard: d.hazard as f64,
+            keep: d.keep,
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::model::{KvCache, Model};
 use crate::stats::cpu::StatsScratch;
 use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
+use speckv_kernels::params::STOP_TIMES;
 
 /// Speculative decoding of `prompt` with `policy`.
 pub fn speculative(
@@ -112,7 +113,7 @@ fn speculative_loop(
     // `auto`: its model with the step costs it measures while decoding.
     let mut auto = match policy {
         Policy::Auto(a) => Some((
-            &a.model,
+            a.model.weights(),
             OnlineCost::new(a.prior.clone(), ONLINE_COST_ALPHA),
         )),
         _ => None,
@@ -152,6 +153,9 @@ fn speculative_loop(
         let mut fed = false;
         let mut forwards = 0usize;
         let mut rule = StopRule::new();
+        let times = auto
+            .as_ref()
+            .map(|(_, cost)| cost.step_times(gmax as usize));
         trace.stop_features.clear();
         feed.clear();
         feed.extend_from_slice(&backlog);
@@ -190,13 +194,13 @@ fn speculative_loop(
                 (Policy::AdaEdl { lambda, kappa }, _) => {
                     1.0 - (kappa * st.entropy.max(0.0)).sqrt() < *lambda
                 }
-                (_, Some((model, cost))) => {
+                (_, Some((weights, _))) => {
                     let d = rule.decide(
-                        model,
-                        st.entropy,
-                        st.confidence,
+                        weights,
+                        &accum[0],
+                        &st,
                         cfg.compression,
-                        cost,
+                        times.as_ref().unwrap_or(&[f32::INFINITY; STOP_TIMES]),
                         gmax as usize,
                     );
                     trace.stop_features.push(d.features);

@@ -36,6 +36,7 @@ pub mod philox;
 pub mod reduce;
 pub mod rows;
 pub mod softmax_stats;
+pub mod stop_rule;
 pub mod verify;
 
 #[cfg(not(target_arch = "nvptx64"))]

@@ -51,6 +51,10 @@ pub const STATS_ACCUM_RESET: u32 = 4;
 /// next γ with the 16-unit MLP (`SoftmaxStatsV2Params::decision`), in the same launch.
 pub const STATS_DECIDE: u32 = 8;
 
+/// `softmax_stats_v2` with `STATS_ACCUMULATE`: per-token stopping — decide whether the row's
+/// sequence keeps this draft and drafts on (`SoftmaxStatsV2Params::stop`, see `stop_rule`).
+pub const STATS_STOP: u32 = 16;
+
 /// Parameters of the `softmax_stats_v2_{f32,f16,bf16}` kernels, passed by value.
 ///
 /// Each row is split across `splits` blocks (grid `rows × splits`, block b = row `b / splits`,
@@ -93,6 +97,71 @@ pub struct SoftmaxStatsV2Params {
     pub temperature_group: u32,
     /// Per-row-group temperatures in device memory, or null: `temperature` for every row.
     pub temperatures: *const f32,
+    /// The stopping rule's parameters in device memory; null unless `STATS_STOP`.
+    pub stop: *const StopParams,
+}
+
+/// Entries of [`StopParams::step_time`]: γ = 0..=15 (the GEMV's largest M is γmax + 1 = 16).
+pub const STOP_TIMES: usize = 16;
+
+/// The stopping rule's parameters, in device memory (`SoftmaxStatsV2Params::stop`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StopParams {
+    /// The hazard model.
+    pub weights: *const MlpWeights,
+    /// `[rows]` per-sequence state, reset by the first draft's launch (`STATS_ACCUM_RESET`).
+    pub state: *mut StopState,
+    /// `[rows]` γ_b: the drafts kept so far, written after every decision (read by `verify`).
+    pub gammas_out: *mut i32,
+    /// One word, or null: incremented once by every sequence that stops (early or at γmax); the
+    /// host zeroes it before a step's first draft.
+    pub stopped_count: *mut u32,
+    /// `time(γ)` for γ = 0..=`gamma_max`: a step's time when it verifies γ drafts (γ + 1 draft
+    /// passes below γmax, γmax at it), any unit.
+    pub step_time: [f32; STOP_TIMES],
+    /// Most drafts per step, ≤ `STOP_TIMES − 1`.
+    pub gamma_max: u32,
+    /// The target's compression code (0 fp16, 1 int8, 2 nf4).
+    pub compression_code: f32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for StopParams {}
+unsafe impl Sync for StopParams {}
+
+/// One sequence's state within a step.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(
+    not(target_arch = "nvptx64"),
+    derive(bytemuck::Pod, bytemuck::Zeroable)
+)]
+pub struct StopState {
+    /// A_{j−1}: the chance that every draft kept so far is accepted (1 before the first).
+    pub survive: f32,
+    /// 1 + Σ A_i over the drafts kept: the step's expected emitted tokens so far.
+    pub expected: f32,
+    /// Drafts kept (the position of the next decision).
+    pub kept: u32,
+    /// 1 once the sequence has stopped this step.
+    pub stopped: u32,
+}
+
+impl StopState {
+    /// Before a step's first draft.
+    pub const START: StopState = StopState {
+        survive: 1.0,
+        expected: 1.0,
+        kept: 0,
+        stopped: 0,
+    };
+}
+
+impl Default for StopState {
+    fn default() -> Self {
+        Self::START
+    }
 }
 
 // SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
@@ -445,7 +514,9 @@ const _: () = assert!(core::mem::size_of::<VerifyParams>() == 136);
 const _: () = assert!(core::mem::size_of::<MlpWeights>() == 576);
 const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 104);
 const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);
-const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 104);
+const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 112);
+const _: () = assert!(core::mem::size_of::<StopParams>() == 104);
+const _: () = assert!(core::mem::size_of::<StopState>() == 16);
 
 /// Parameters of the v2 verification kernels `verify_v2_rows_{f32,f16,bf16}` and
 /// `verify_v2_sample_{f32,f16,bf16}`, passed by value to both (launched one after the other on the

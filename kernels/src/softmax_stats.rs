@@ -21,7 +21,7 @@ use crate::gpu;
 use crate::params::{
     FeatureAccum, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, StatsState, ROW_ALL_MASKED,
     ROW_BAD_TEMPERATURE, ROW_NONFINITE, STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_DECIDE,
-    STATS_SAMPLE,
+    STATS_SAMPLE, STATS_STOP,
 };
 use crate::philox;
 use crate::reduce::{block_all_reduce, Reduce};
@@ -619,7 +619,8 @@ pub unsafe fn softmax_stats_v2<L: Logit>(p: &SoftmaxStatsV2Params) {
     }
 }
 
-/// The row's statistics, its accumulator and (with `STATS_DECIDE`) its sequence's next γ.
+/// The row's statistics, its accumulator and (with `STATS_DECIDE`) its sequence's next γ, or
+/// (with `STATS_STOP`) whether its sequence drafts on.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn finish_row(
@@ -633,7 +634,14 @@ unsafe fn finish_row(
 ) {
     let r = s.finish(inv_t, greedy, sample, bad_temperature);
     gpu::st(p.out, row as usize, r);
-    if p.flags & STATS_ACCUMULATE != 0 && !p.accum.is_null() {
+    if p.flags & STATS_ACCUMULATE != 0
+        && p.flags & STATS_STOP != 0
+        && !p.accum.is_null()
+        && !p.stop.is_null()
+    {
+        let reset = p.flags & STATS_ACCUM_RESET != 0;
+        crate::stop_rule::epilogue(p, p.stop, row, r.entropy, r.confidence, r.flags, reset);
+    } else if p.flags & STATS_ACCUMULATE != 0 && !p.accum.is_null() {
         let mut a = if p.flags & STATS_ACCUM_RESET != 0 {
             FeatureAccum::EMPTY
         } else {

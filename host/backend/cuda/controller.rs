@@ -311,6 +311,8 @@ impl CudaBackend {
             gammas: Some(st.clone_dtoh(&b.gammas)?),
             expected: Some(st.clone_dtoh(&b.expected)?),
             gamma_flags: Some(st.clone_dtoh(&b.flags)?),
+            stop_state: None,
+            stopped_count: None,
         })
     }
 

@@ -57,6 +57,7 @@ impl StatsScratch {
             chunk_vecs: plan.chunk_vecs,
             temperature_group: 1,
             temperatures: std::ptr::null(),
+            stop: std::ptr::null(),
         }
     }
 

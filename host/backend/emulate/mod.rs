@@ -21,7 +21,7 @@ mod gemv;
 mod stats;
 mod verify;
 
-pub use stats::{Decision, StatsV2Output};
+pub use stats::{Decision, StatsV2Output, Stop};
 
 /// The emulator as a backend: a block size and a math mode for every launch.
 #[derive(Clone, Copy, Debug)]

@@ -1,7 +1,9 @@
 //! `softmax_stats` v1 and v2 (with the fused γ decision) on the emulator.
 
 use speckv_kernels::emu::{self, Launch};
-use speckv_kernels::params::{FeatureAccum, MlpWeights, RowStats};
+use speckv_kernels::params::{
+    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP, STOP_TIMES,
+};
 use speckv_kernels::softmax_stats::{self as kernel, Bf16, F16, F32};
 
 use super::Emulator;
@@ -18,6 +20,17 @@ pub struct Decision<'a> {
     pub fallback: i32,
 }
 
+/// Per-token stopping fused into `softmax_stats_v2` (`STATS_STOP`): the hazard model, each
+/// sequence's state before the launch, the step times and γmax.
+#[derive(Clone, Copy)]
+pub struct Stop<'a> {
+    pub weights: &'a MlpWeights,
+    pub state: &'a [StopState],
+    pub times: [f32; STOP_TIMES],
+    pub gamma_max: u32,
+    pub compression_code: f32,
+}
+
 /// What `softmax_stats_v2` produced: the rows' statistics, the accumulators after the launch, and
 /// with a fused decision the γ, predicted tokens and flags per row.
 #[derive(Clone, Debug)]
@@ -27,6 +40,10 @@ pub struct StatsV2Output {
     pub gammas: Option<Vec<i32>>,
     pub expected: Option<Vec<f32>>,
     pub gamma_flags: Option<Vec<u32>>,
+    /// With [`Stop`]: each sequence's state after the launch (γ_b is in `gammas`) and how many
+    /// sequences stopped in it.
+    pub stop_state: Option<Vec<StopState>>,
+    pub stopped_count: Option<u32>,
 }
 
 impl Emulator {
@@ -147,13 +164,59 @@ impl Emulator {
         plan: &speckv_kernels::softmax_stats::PlanV2,
         decision: Option<Decision<'_>>,
     ) -> Result<StatsV2Output> {
+        self.softmax_stats_v2_fused(logits, opts, accum, plan, decision, None)
+    }
+
+    /// `softmax_stats_v2` with per-token stopping in its epilogue (`STATS_STOP`): one row per
+    /// sequence, its draft just computed. `out.gammas` holds γ_b, `out.stop_state` the states to
+    /// pass to the next draft's launch.
+    pub fn softmax_stats_v2_stop(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum],
+        plan: &speckv_kernels::softmax_stats::PlanV2,
+        stop: Stop<'_>,
+    ) -> Result<StatsV2Output> {
+        if stop.state.len() != logits.rows() {
+            return Err(Error::Other(format!(
+                "{} stop states for {} rows",
+                stop.state.len(),
+                logits.rows()
+            )));
+        }
+        if stop.gamma_max as usize >= STOP_TIMES {
+            return Err(Error::Other(format!(
+                "γmax {} above the stopping rule's {}",
+                stop.gamma_max,
+                STOP_TIMES - 1
+            )));
+        }
+        self.softmax_stats_v2_fused(logits, opts, Some(accum), plan, None, Some(stop))
+    }
+
+    fn softmax_stats_v2_fused(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: Option<&mut [FeatureAccum]>,
+        plan: &speckv_kernels::softmax_stats::PlanV2,
+        decision: Option<Decision<'_>>,
+        stop: Option<Stop<'_>>,
+    ) -> Result<StatsV2Output> {
         check_block(plan.block)?;
         check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
-        if decision.is_some()
+        if (decision.is_some() || stop.is_some())
             && (opts.accumulate == crate::stats::Accumulate::No || accum.is_none())
         {
             return Err(Error::Other(
-                "a fused γ decision needs accumulators (accumulate add or reset)".to_string(),
+                "a fused γ decision or stopping rule needs accumulators (accumulate add or reset)"
+                    .to_string(),
+            ));
+        }
+        if decision.is_some() && stop.is_some() {
+            return Err(Error::Other(
+                "a launch either decides γ or stops per token, not both".to_string(),
             ));
         }
         let rows = logits.rows();
@@ -176,7 +239,13 @@ impl Emulator {
                     gammas: decision.map(|_| vec![0i32; rows]),
                     expected: decision.map(|_| vec![0f32; rows]),
                     gamma_flags: decision.map(|_| vec![0u32; rows]),
+                    stop_state: stop.map(|s| s.state.to_vec()),
+                    stopped_count: stop.map(|_| 0),
                 };
+                if let Some(st) = stop {
+                    r.gammas = Some(st.state.iter().map(|x| x.kept as i32).collect());
+                }
+                let mut stopped = [0u32];
                 let mut partials = vec![speckv_kernels::params::StatsState::EMPTY; rows * splits];
                 let mut counters = vec![0u32; rows];
                 let accum_ptr = r
@@ -215,6 +284,23 @@ impl Emulator {
                         },
                     )
                 });
+                let sp = stop.map(|st| StopParams {
+                    weights: st.weights,
+                    state: r
+                        .stop_state
+                        .as_mut()
+                        .map(|v| v.as_mut_ptr())
+                        .unwrap_or(std::ptr::null_mut()),
+                    gammas_out: r
+                        .gammas
+                        .as_mut()
+                        .map(|g| g.as_mut_ptr())
+                        .unwrap_or(std::ptr::null_mut()),
+                    stopped_count: stopped.as_mut_ptr(),
+                    step_time: st.times,
+                    gamma_max: st.gamma_max,
+                    compression_code: st.compression_code,
+                });
                 let base = stats_params(
                     logits,
                     opts,
@@ -243,11 +329,16 @@ impl Emulator {
                             speckv_kernels::params::STATS_DECIDE
                         } else {
                             0
-                        },
+                        }
+                        | if stop.is_some() { STATS_STOP } else { 0 },
                     splits: plan.splits,
                     chunk_vecs: plan.chunk_vecs,
                     temperature_group: 1,
                     temperatures: std::ptr::null(),
+                    stop: sp
+                        .as_ref()
+                        .map(|x| x as *const _)
+                        .unwrap_or(std::ptr::null()),
                 };
                 let mut l = Launch::new(name.as_str(), plan.grid, plan.block, plan.shared_bytes)
                     .input("logits", logits.data().bytes())
@@ -276,6 +367,17 @@ impl Emulator {
                         l = l.input("cost", c);
                     }
                 }
+                if let (Some(x), Some(st)) = (sp.as_ref(), stop) {
+                    l = l
+                        .input("stop", std::slice::from_ref(x))
+                        .input("weights", std::slice::from_ref(st.weights))
+                        .output(
+                            "stop_state",
+                            r.stop_state.as_mut().unwrap_or(&mut Vec::new()),
+                        )
+                        .output("gammas_out", r.gammas.as_mut().unwrap_or(&mut Vec::new()))
+                        .output("stopped_count", &mut stopped);
+                }
                 // SAFETY: the registered buffers are the kernel's whole world: the logits cover
                 // every row (`Logits::new`), the outputs, accumulators and scratch have the
                 // shapes the plan needs, the counters start at zero, and the sanitizer checks
@@ -299,6 +401,9 @@ impl Emulator {
                         message: format!("arrival counters not reset: {counters:?}"),
                     });
                 }
+                if stop.is_some() {
+                    r.stopped_count = Some(stopped[0]);
+                }
                 Ok(r)
             },
             |r| {
@@ -320,6 +425,10 @@ impl Emulator {
                 if let Some(e) = &r.expected {
                     v.extend_from_slice(bytemuck::cast_slice(e));
                 }
+                if let Some(x) = &r.stop_state {
+                    v.extend_from_slice(bytemuck::cast_slice(x));
+                }
+                v.extend_from_slice(&r.stopped_count.unwrap_or(u32::MAX).to_le_bytes());
                 v
             },
         )?;

@@ -273,6 +273,7 @@ impl Emulator {
             chunk_vecs: plan.chunk_vecs,
             temperature_group: v.gamma_max as u32,
             temperatures: temperature.as_ptr(),
+            stop: std::ptr::null(),
         };
         let name = format!("softmax_stats_v2_{}", data.dtype().name());
         let l = Launch::new(name.as_str(), plan.grid, plan.block, plan.shared_bytes)

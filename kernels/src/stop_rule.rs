@@ -1,0 +1,213 @@
+//! Per-token stopping, the decision `softmax_stats_v2` fuses into its epilogue with `STATS_STOP`:
+//! after each drafted token, draft on or stop, from what is known at that moment. The host's
+//! `controller::hazard::StopRule` runs these same functions, so the CPU and the GPU make the same
+//! decisions on the same inputs, bit for bit.
+//!
+//! The hazard model (the 16-unit MLP's shape, [`MlpWeights`]) predicts
+//! h_j = P(draft j is accepted | drafts 0..j−1 were) from six inputs: this draft's entropy and
+//! confidence, the step's mean entropy and minimum confidence over drafts 0..=j (the sequence's
+//! [`FeatureAccum`] just after this row), the compression code and j. With A_j = h_0 ⋯ h_j, a step
+//! that verifies γ drafts emits 1 + A_0 + … + A_{γ−1} tokens on average, and costs `time(γ)` (draft
+//! passes plus verification, a table the host fills from costs measured while decoding). The rule
+//! keeps draft j and drafts on while some γ in j+1..=γmax, with the hazards after j taken equal to
+//! h_j, promises more tokens per unit time than stopping now (γ = j).
+//!
+//! How a draft loop on the device learns it may end: each sequence's [`StopState`] records
+//! `stopped`, its γ_b is written to `gammas_out` after every decision (where `verify` reads it),
+//! and every sequence that stops adds one to `stopped_count` once per step. A loop that enqueues
+//! its γmax draft passes ahead (or replays them as a CUDA graph) lets the passes of stopped
+//! sequences fall through: their rows' statistics are still written, but neither their
+//! accumulator nor their state changes. The host reads nothing per token; it reads
+//! `stopped_count` (host-mapped or copied with the step's results) to learn, per step, how many
+//! sequences ended early.
+
+use core::ptr::addr_of;
+
+use crate::gamma_mlp::{predict, DeviceMlp, MlpSource};
+use crate::gpu;
+use crate::params::{
+    FeatureAccum, MlpWeights, SoftmaxStatsV2Params, StopParams, StopState, STOP_TIMES,
+};
+
+/// The hazard a non-finite feature or prediction gets: fail closed, stop.
+pub const HAZARD_FLOOR: f32 = 0.001;
+/// The largest hazard used (a prediction of certainty would never stop).
+pub const HAZARD_CEIL: f32 = 0.999;
+
+/// What the rule saw and decided for one draft.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StopDecision {
+    /// The hazard model's inputs.
+    pub features: [f32; 6],
+    pub hazard: f32,
+    /// Keep this draft and draft the next (false: stop before this draft).
+    pub keep: bool,
+}
+
+/// The hazard model's inputs for the draft at position `position` whose row is the last one
+/// pushed into `accum`.
+#[inline(always)]
+pub fn features(
+    entropy: f32,
+    confidence: f32,
+    accum: &FeatureAccum,
+    code: f32,
+    position: u32,
+) -> [f32; 6] {
+    // An empty or flagged accumulator gives a NaN mean: the hazard fails closed.
+    let mean = if accum.count == 0 || accum.flags != 0 {
+        f32::NAN
+    } else {
+        accum.entropy_sum / accum.count as f32
+    };
+    [
+        entropy,
+        confidence,
+        mean,
+        accum.confidence_min,
+        code,
+        position as f32,
+    ]
+}
+
+/// h = P(accept | prefix accepted), within [`HAZARD_FLOOR`, `HAZARD_CEIL`]; [`HAZARD_FLOOR`] when a
+/// feature, a weight or the prediction is not finite.
+#[inline(always)]
+pub fn hazard<W: MlpSource>(w: W, x: &[f32; 6]) -> f32 {
+    let h = predict(w, x);
+    if h.is_nan() {
+        HAZARD_FLOOR
+    } else {
+        h.clamp(HAZARD_FLOOR, HAZARD_CEIL)
+    }
+}
+
+/// The decision for the draft just computed (its `entropy` and `confidence`, already pushed into
+/// `accum`), updating `s`: on keep, the draft is counted and `s.kept` grows; on stop, or when
+/// `gamma_max` drafts are kept, `s.stopped` is set. `time(γ)` is the step time at γ.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn decide<W: MlpSource, T: Fn(u32) -> f32>(
+    w: W,
+    s: &mut StopState,
+    accum: &FeatureAccum,
+    entropy: f32,
+    confidence: f32,
+    code: f32,
+    gamma_max: u32,
+    time: T,
+) -> StopDecision {
+    let j = s.kept;
+    let x = features(entropy, confidence, accum, code, j);
+    let h = hazard(w, &x);
+    let stop_rate = s.expected / time(j);
+    let (mut a, mut tokens, mut keep) = (s.survive, s.expected, false);
+    let mut g = j + 1;
+    while g <= gamma_max {
+        a *= h;
+        tokens += a;
+        // A NaN or infinite time compares false: stop.
+        if tokens / time(g) > stop_rate {
+            keep = true;
+            break;
+        }
+        g += 1;
+    }
+    if keep {
+        s.survive *= h;
+        s.expected += s.survive;
+        s.kept += 1;
+    }
+    if !keep || s.kept >= gamma_max {
+        s.stopped = 1;
+    }
+    StopDecision {
+        features: x,
+        hazard: h,
+        keep,
+    }
+}
+
+/// The epilogue of `softmax_stats_v2` with `STATS_STOP` for `row` (its sequence), after the row's
+/// statistics (`entropy`, `confidence`, `row_flags`) are known: updates the accumulator and the
+/// stop state, writes γ_b. A stopped sequence's accumulator and state are left as they are.
+///
+/// The parameters are read field by field from device memory, and the step times by index through
+/// a pointer: a copy of the struct would be indexed dynamically and live in local memory.
+///
+/// # Safety
+/// `p.accum` points to `rows` accumulators; `sp` to the launch's `StopParams`, which no thread
+/// writes, with `rows`-long `state` and `gammas_out`, and `weights` one `MlpWeights` no thread
+/// writes.
+#[inline(always)]
+pub unsafe fn epilogue(
+    p: &SoftmaxStatsV2Params,
+    sp: *const StopParams,
+    row: u32,
+    entropy: f32,
+    confidence: f32,
+    row_flags: u32,
+    reset: bool,
+) {
+    let r = row as usize;
+    let state = gpu::ld_nc(addr_of!((*sp).state), 0);
+    let mut s = if reset {
+        StopState::START
+    } else {
+        gpu::ld(state, r)
+    };
+    if s.stopped != 0 {
+        return;
+    }
+    let mut a = if reset {
+        FeatureAccum::EMPTY
+    } else {
+        gpu::ld(p.accum, r)
+    };
+    a.push(entropy, confidence, row_flags);
+    gpu::st(p.accum, r, a);
+    let gamma_max = gpu::ld_nc(addr_of!((*sp).gamma_max), 0);
+    let gmax = if gamma_max < STOP_TIMES as u32 {
+        gamma_max
+    } else {
+        STOP_TIMES as u32 - 1
+    };
+    let times = addr_of!((*sp).step_time) as *const f32;
+    decide(
+        DeviceMlp(gpu::ld_nc(addr_of!((*sp).weights), 0)),
+        &mut s,
+        &a,
+        entropy,
+        confidence,
+        gpu::ld_nc(addr_of!((*sp).compression_code), 0),
+        gmax,
+        // γ ≤ gmax < STOP_TIMES: inside the table.
+        |g| gpu::ld_nc(times, g as usize),
+    );
+    gpu::st(state, r, s);
+    gpu::st(gpu::ld_nc(addr_of!((*sp).gammas_out), 0), r, s.kept as i32);
+    let count = gpu::ld_nc(addr_of!((*sp).stopped_count), 0);
+    if s.stopped != 0 && !count.is_null() {
+        gpu::atomic_add_u32(count, 1);
+    }
+}
+
+/// The same decision on the host, with the weights in host memory: what
+/// `controller::hazard::StopRule` runs.
+#[cfg(not(target_arch = "nvptx64"))]
+#[allow(clippy::too_many_arguments)]
+pub fn decide_host(
+    w: &MlpWeights,
+    s: &mut StopState,
+    accum: &FeatureAccum,
+    entropy: f32,
+    confidence: f32,
+    code: f32,
+    gamma_max: u32,
+    step_time: &[f32; STOP_TIMES],
+) -> StopDecision {
+    let gmax = gamma_max.min(STOP_TIMES as u32 - 1);
+    decide(w, s, accum, entropy, confidence, code, gmax, |g| {
+        step_time.get(g as usize).copied().unwrap_or(f32::NAN)
+    })
+}

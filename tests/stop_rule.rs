@@ -1,0 +1,261 @@
+//! Per-token stopping (`speckv_kernels::stop_rule`) fused into `softmax_stats_v2`'s epilogue
+//! (`STATS_STOP`), on the emulator with its sanitizer and several schedules, against the CPU's
+//! `controller::hazard::StopRule` fed the same row statistics: the same features, hazards,
+//! decisions, γ_b and states, bit for bit. Then the rule's own contract: stopped sequences stay
+//! put, γmax ends a step, flagged rows fail closed.
+
+mod common;
+
+use speckv::backend::emulate::{Emulator, Stop};
+use speckv::controller::hazard::{HazardModel, OnlineCost, StopRule};
+use speckv::controller::mlp::{Mlp, HIDDEN, INPUTS};
+use speckv::controller::records::Compression;
+use speckv::controller::CostModel;
+use speckv::{Accumulate, FeatureAccum, Logits, LogitsData, StatsOptions};
+use speckv_kernels::params::{MlpWeights, StopState, STOP_TIMES};
+use speckv_kernels::softmax_stats::{plan_v2, shared_bytes_v2, PlanV2};
+
+/// Logits of `rows` sequences, sequence b at its own scale (confident to flat drafts).
+fn batch_logits(rows: usize, vocab: usize, position: usize) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|b| {
+            let scale = 0.3 + 1.4 * b as f32;
+            common::normal_logits(vocab, scale, (100 * b + position) as u64)
+        })
+        .collect()
+}
+
+fn opts(position: usize) -> StatsOptions {
+    StatsOptions {
+        temperature: 0.0,
+        sample: false,
+        seed: 3,
+        step: position as u64,
+        accumulate: if position == 0 {
+            Accumulate::Reset
+        } else {
+            Accumulate::Add
+        },
+    }
+}
+
+/// Plans with one and with many blocks per row, at the smallest and the largest block size.
+fn plans(rows: usize, vocab: usize) -> Vec<PlanV2> {
+    let mut out = Vec::new();
+    for sms in [1, 7, 132] {
+        let p = plan_v2(rows as u32, vocab as u32, 4, sms);
+        for block in [p.block, 32, 1024] {
+            out.push(PlanV2 {
+                block,
+                shared_bytes: shared_bytes_v2(block),
+                ..p
+            });
+        }
+    }
+    assert!(out.iter().any(|p| p.splits == 1) && out.iter().any(|p| p.splits > 1));
+    out
+}
+
+/// Drafts γmax positions for every sequence on the emulator (the CPU rule fed each launch's row
+/// statistics alongside) and returns the final (γ_b, states) after checking every launch.
+fn run_step(
+    weights: &MlpWeights,
+    times: &[f32; STOP_TIMES],
+    gamma_max: usize,
+    rows: usize,
+    vocab: usize,
+    plan: &PlanV2,
+    poison: Option<(usize, usize)>,
+) -> (Vec<i32>, Vec<StopState>) {
+    let emu = Emulator::new(plan.block);
+    let mut state = vec![StopState::START; rows];
+    let mut accum = vec![FeatureAccum::EMPTY; rows];
+    let mut cpu = vec![StopRule::new(); rows];
+    let mut cpu_accum = vec![FeatureAccum::EMPTY; rows];
+    let mut cpu_done = vec![false; rows];
+    let mut gammas = vec![0i32; rows];
+    for j in 0..gamma_max {
+        let mut x = batch_logits(rows, vocab, j);
+        if let Some((b, at)) = poison {
+            if at == j {
+                x[b * vocab + 5] = f32::NAN;
+            }
+        }
+        let l = Logits::dense(LogitsData::F32(&x), vocab).unwrap();
+        let stop = Stop {
+            weights,
+            state: &state,
+            times: *times,
+            gamma_max: gamma_max as u32,
+            compression_code: Compression::Int8.code() as f32,
+        };
+        let before = (accum.clone(), state.clone());
+        let r = emu
+            .softmax_stats_v2_stop(&l, &opts(j), &mut accum, plan, stop)
+            .unwrap();
+        let new_state = r.stop_state.clone().unwrap();
+        let g = r.gammas.clone().unwrap();
+        let mut stopped_now = 0;
+        for b in 0..rows {
+            let st = r.stats[b];
+            if cpu_done[b] {
+                // A stopped sequence: its accumulator, state and γ_b stay as they were.
+                assert_eq!(accum[b], before.0[b], "row {b} pos {j}");
+                assert_eq!(new_state[b], before.1[b], "row {b} pos {j}");
+                assert_eq!(g[b], gammas[b]);
+                continue;
+            }
+            cpu_accum[b].push(st.entropy, st.confidence, st.flags);
+            let d = cpu[b].decide(
+                weights,
+                &cpu_accum[b],
+                &st,
+                Compression::Int8,
+                times,
+                gamma_max,
+            );
+            assert_eq!(
+                bytemuck::bytes_of(&accum[b]),
+                bytemuck::bytes_of(&cpu_accum[b]),
+                "row {b} pos {j}: accumulators"
+            );
+            assert_eq!(
+                bytemuck::bytes_of(&new_state[b]),
+                bytemuck::bytes_of(&cpu[b].state),
+                "row {b} pos {j}: the kernel decided {:?}, the CPU {d:?}",
+                new_state[b]
+            );
+            assert_eq!(g[b] as u32, cpu[b].state.kept, "row {b} pos {j}: γ_b");
+            if cpu[b].state.stopped != 0 {
+                cpu_done[b] = true;
+                stopped_now += 1;
+            }
+        }
+        assert_eq!(r.stopped_count, Some(stopped_now), "pos {j}");
+        state = new_state;
+        gammas = g;
+    }
+    (gammas, state)
+}
+
+fn shipped_times(gamma_max: usize) -> [f32; STOP_TIMES] {
+    OnlineCost::new(CostModel::assumed(), 0.2).step_times(gamma_max)
+}
+
+#[test]
+fn emulator_epilogue_decides_as_the_cpu_rule() {
+    let model = HazardModel::default_model().unwrap();
+    let w = model.weights();
+    let (rows, vocab, gmax) = (6, 1500, 7);
+    let times = shipped_times(gmax);
+    let mut outcomes = std::collections::BTreeSet::new();
+    for plan in plans(rows, vocab) {
+        let (g, s) = run_step(&w, &times, gmax, rows, vocab, &plan, None);
+        assert!(s.iter().all(|x| x.stopped == 1), "every sequence ends");
+        outcomes.extend(g);
+    }
+    // Flat and confident drafts: the rule both stops early and drafts on here.
+    assert!(
+        outcomes.len() >= 2 && outcomes.iter().any(|&g| g < gmax as i32),
+        "{outcomes:?}"
+    );
+}
+
+/// A model whose hazard is `h` whatever the features.
+fn constant(h: f64) -> MlpWeights {
+    HazardModel {
+        mlp: Mlp {
+            w1: [[0.0; HIDDEN]; INPUTS],
+            b1: [0.0; HIDDEN],
+            w2: [[0.0]; HIDDEN],
+            b2: [h],
+            feature_mean: [0.0; INPUTS],
+            feature_std: [1.0; INPUTS],
+        },
+        source: "test".into(),
+    }
+    .weights()
+}
+
+#[test]
+fn gamma_max_ends_the_step_and_flagged_rows_fail_closed() {
+    let (rows, vocab, gmax) = (4, 700, 5);
+    // Cheap drafts, flat verification: a near-certain hazard drafts to γmax.
+    let mut times = [f32::INFINITY; STOP_TIMES];
+    for (g, t) in times.iter_mut().enumerate().take(gmax + 1) {
+        *t = 1.0 + 0.01 * g as f32;
+    }
+    let plan = plan_v2(rows as u32, vocab as u32, 4, 7);
+    let (g, s) = run_step(&constant(0.99), &times, gmax, rows, vocab, &plan, None);
+    assert_eq!(g, vec![gmax as i32; rows]);
+    assert!(s.iter().all(|x| x.stopped == 1 && x.kept == gmax as u32));
+    // A NaN in sequence 2's third draft: that draft is not kept, the others draft on.
+    let (g, _) = run_step(
+        &constant(0.99),
+        &times,
+        gmax,
+        rows,
+        vocab,
+        &plan,
+        Some((2, 2)),
+    );
+    assert_eq!(g, vec![5, 5, 2, 5]);
+    // A hopeless hazard stops before the first draft: γ = 0, a plain step.
+    let (g, s) = run_step(&constant(0.01), &times, gmax, rows, vocab, &plan, None);
+    assert_eq!(g, vec![0; rows]);
+    assert!(s.iter().all(|x| x.stopped == 1 && x.kept == 0));
+}
+
+#[test]
+fn stop_launches_reject_inconsistent_inputs() {
+    let x = batch_logits(2, 64, 0);
+    let l = Logits::dense(LogitsData::F32(&x), 64).unwrap();
+    let w = constant(0.5);
+    let plan = plan_v2(2, 64, 4, 1);
+    let emu = Emulator::new(plan.block);
+    let mut accum = vec![FeatureAccum::EMPTY; 2];
+    let one = [StopState::START];
+    let stop = Stop {
+        weights: &w,
+        state: &one,
+        times: shipped_times(4),
+        gamma_max: 4,
+        compression_code: 0.0,
+    };
+    let e = emu
+        .softmax_stats_v2_stop(&l, &opts(0), &mut accum, &plan, stop)
+        .unwrap_err();
+    assert!(e.to_string().contains("1 stop states for 2 rows"), "{e}");
+    let two = [StopState::START; 2];
+    let e = emu
+        .softmax_stats_v2_stop(
+            &l,
+            &opts(0),
+            &mut accum,
+            &plan,
+            Stop {
+                state: &two,
+                gamma_max: STOP_TIMES as u32,
+                ..stop
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("γmax 16"), "{e}");
+    let no_accum = StatsOptions {
+        accumulate: Accumulate::No,
+        ..opts(0)
+    };
+    let e = emu
+        .softmax_stats_v2_stop(
+            &l,
+            &no_accum,
+            &mut accum,
+            &plan,
+            Stop {
+                state: &two,
+                ..stop
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("accumulators"), "{e}");
+}
