@@ -237,3 +237,72 @@ fn policy_names_parse_and_bad_ones_are_errors() {
         assert!(e.contains("expected"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn calibration_pulls_the_hazard_to_the_acceptance_seen() {
+    use speckv::controller::hazard::{Calibration, MAX_LOG_ODDS_SCALE};
+    // The model says 0.9; drafts are accepted half the time (a fixed pseudo-random sequence).
+    let model = 0.9f64;
+    let calibrated = |k: f64| k * model / (1.0 - model + k * model);
+    let mut c = Calibration::new(0.1);
+    let mut state = 12345u64;
+    for _ in 0..400 {
+        let k = c.odds_scale() as f64;
+        let h = [calibrated(k); 3];
+        let mut accepted = 0;
+        while accepted < 3 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if (state >> 33) & 1 == 0 {
+                break;
+            }
+            accepted += 1;
+        }
+        c.observe(&h, accepted);
+    }
+    let h = calibrated(c.odds_scale() as f64);
+    assert!((h - 0.5).abs() < 0.1, "calibrated hazard {h}");
+    // Every draft accepted: the scale grows, up to its bound.
+    let mut c = Calibration::new(0.5);
+    for _ in 0..100 {
+        c.observe(&[0.5, 0.5], 2);
+    }
+    assert_eq!(c.odds_scale(), (MAX_LOG_ODDS_SCALE.exp()) as f32);
+    // Only drafts reached are outcomes: after a rejection at 0, draft 1 teaches nothing.
+    let mut a = Calibration::new(0.1);
+    let mut b = Calibration::new(0.1);
+    a.observe(&[0.5, 0.9], 0);
+    b.observe(&[0.5], 0);
+    assert_eq!(a.odds_scale(), b.odds_scale());
+    assert!(a.odds_scale() < 1.0);
+}
+
+#[test]
+fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
+    use speckv::controller::hazard::{PlainGate, PROBE_EVERY};
+    let gmax = 6;
+    let prior = CostModel {
+        draft_ms_per_token: 0.4,
+        verify_ms: (0..=gmax).map(|g| 1.0 + 0.3 * g as f64).collect(),
+        source: "test".into(),
+    };
+    let cost = OnlineCost::new(prior, 0.2);
+    let times = cost.step_times(gmax);
+    let mut gate = PlainGate::default();
+    assert!(gate.speculate(&cost, &times, gmax), "nothing seen yet");
+    // First drafts rarely accepted: expensive drafts cannot pay; a probe every PROBE_EVERY.
+    gate.observe_first(0.1);
+    let pattern: Vec<bool> = (0..2 * (PROBE_EVERY + 1))
+        .map(|_| gate.speculate(&cost, &times, gmax))
+        .collect();
+    let mut want = vec![false; PROBE_EVERY];
+    want.push(true);
+    assert_eq!(pattern, [want.clone(), want].concat());
+    // Likely accepted: 1 + 0.95 + … tokens for 1.7 + 0.3 per draft beats 1 token per 1.0.
+    let mut gate = PlainGate::default();
+    gate.observe_first(0.95);
+    assert!((0..10).all(|_| gate.speculate(&cost, &times, gmax)));
+    // γmax 0: never.
+    assert!(!gate.speculate(&cost, &cost.step_times(0), 0));
+}

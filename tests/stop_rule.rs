@@ -58,6 +58,7 @@ fn plans(rows: usize, vocab: usize) -> Vec<PlanV2> {
 
 /// Drafts γmax positions for every sequence on the emulator (the CPU rule fed each launch's row
 /// statistics alongside) and returns the final (γ_b, states) after checking every launch.
+#[allow(clippy::too_many_arguments)]
 fn run_step(
     weights: &MlpWeights,
     times: &[f32; STOP_TIMES],
@@ -66,11 +67,12 @@ fn run_step(
     vocab: usize,
     plan: &PlanV2,
     poison: Option<(usize, usize)>,
+    odds_scale: f32,
 ) -> (Vec<i32>, Vec<StopState>) {
     let emu = Emulator::new(plan.block);
     let mut state = vec![StopState::START; rows];
     let mut accum = vec![FeatureAccum::EMPTY; rows];
-    let mut cpu = vec![StopRule::new(); rows];
+    let mut cpu = vec![StopRule::calibrated(odds_scale); rows];
     let mut cpu_accum = vec![FeatureAccum::EMPTY; rows];
     let mut cpu_done = vec![false; rows];
     let mut gammas = vec![0i32; rows];
@@ -88,6 +90,7 @@ fn run_step(
             times: *times,
             gamma_max: gamma_max as u32,
             compression_code: Compression::Int8.code() as f32,
+            odds_scale,
         };
         let before = (accum.clone(), state.clone());
         let r = emu
@@ -149,8 +152,10 @@ fn emulator_epilogue_decides_as_the_cpu_rule() {
     let (rows, vocab, gmax) = (6, 1500, 7);
     let times = shipped_times(gmax);
     let mut outcomes = std::collections::BTreeSet::new();
-    for plan in plans(rows, vocab) {
-        let (g, s) = run_step(&w, &times, gmax, rows, vocab, &plan, None);
+    for (i, plan) in plans(rows, vocab).iter().enumerate() {
+        // As trained, and calibrated online (the model's odds scaled).
+        let k = [1.0, 0.6, 1.7][i % 3];
+        let (g, s) = run_step(&w, &times, gmax, rows, vocab, plan, None, k);
         assert!(s.iter().all(|x| x.stopped == 1), "every sequence ends");
         outcomes.extend(g);
     }
@@ -186,7 +191,7 @@ fn gamma_max_ends_the_step_and_flagged_rows_fail_closed() {
         *t = 1.0 + 0.01 * g as f32;
     }
     let plan = plan_v2(rows as u32, vocab as u32, 4, 7);
-    let (g, s) = run_step(&constant(0.99), &times, gmax, rows, vocab, &plan, None);
+    let (g, s) = run_step(&constant(0.99), &times, gmax, rows, vocab, &plan, None, 1.0);
     assert_eq!(g, vec![gmax as i32; rows]);
     assert!(s.iter().all(|x| x.stopped == 1 && x.kept == gmax as u32));
     // A NaN in sequence 2's third draft: that draft is not kept, the others draft on.
@@ -198,10 +203,11 @@ fn gamma_max_ends_the_step_and_flagged_rows_fail_closed() {
         vocab,
         &plan,
         Some((2, 2)),
+        1.0,
     );
     assert_eq!(g, vec![5, 5, 2, 5]);
     // A hopeless hazard stops before the first draft: γ = 0, a plain step.
-    let (g, s) = run_step(&constant(0.01), &times, gmax, rows, vocab, &plan, None);
+    let (g, s) = run_step(&constant(0.01), &times, gmax, rows, vocab, &plan, None, 1.0);
     assert_eq!(g, vec![0; rows]);
     assert!(s.iter().all(|x| x.stopped == 1 && x.kept == 0));
 }
@@ -221,6 +227,7 @@ fn stop_launches_reject_inconsistent_inputs() {
         times: shipped_times(4),
         gamma_max: 4,
         compression_code: 0.0,
+        odds_scale: 1.0,
     };
     let e = emu
         .softmax_stats_v2_stop(&l, &opts(0), &mut accum, &plan, stop)

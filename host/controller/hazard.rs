@@ -237,15 +237,17 @@ impl HazardModel {
     /// (`stop_rule::hazard`): within [0.001, 0.999]; 0.001 when a feature or the prediction is not
     /// finite (fail closed, stop).
     pub fn hazard(&self, x: &[f64; INPUTS]) -> f64 {
-        stop_rule::hazard(&self.weights(), &x.map(|v| v as f32)) as f64
+        stop_rule::hazard(&self.weights(), &x.map(|v| v as f32), 1.0) as f64
     }
 }
 
 /// One step's stopping rule on the CPU: the kernels' [`stop_rule::decide`] on a sequence's
 /// [`StopState`], so the CPU decides exactly as `softmax_stats_v2`'s epilogue does.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct StopRule {
     pub state: StopState,
+    /// The online calibration's odds scale ([`Calibration::odds_scale`]; 1: the model as trained).
+    pub odds_scale: f32,
 }
 
 /// What the rule saw and decided for one draft.
@@ -257,10 +259,22 @@ pub struct StopDecision {
     pub keep: bool,
 }
 
+impl Default for StopRule {
+    fn default() -> Self {
+        StopRule::new()
+    }
+}
+
 impl StopRule {
     pub fn new() -> StopRule {
+        StopRule::calibrated(1.0)
+    }
+
+    /// A step's rule with the model's odds multiplied by `odds_scale`.
+    pub fn calibrated(odds_scale: f32) -> StopRule {
         StopRule {
             state: StopState::START,
+            odds_scale,
         }
     }
 
@@ -283,6 +297,7 @@ impl StopRule {
             row.entropy,
             row.confidence,
             compression.code() as f32,
+            self.odds_scale,
             gamma_max.min(MAX_GAMMA) as u32,
             times,
         );
@@ -291,6 +306,174 @@ impl StopRule {
             hazard: d.hazard as f64,
             keep: d.keep,
         }
+    }
+}
+
+/// Online calibration of the hazard model: a scale k on its odds, h' = k·h / (1 − h + k·h), fitted
+/// while decoding by stochastic gradient ascent on the log-likelihood of the verified drafts'
+/// outcomes (d log L / d log k = y − h' per draft). A model trained on other prompts, another
+/// machine's traces or another regime is pulled towards the acceptance actually seen.
+#[derive(Clone, Copy, Debug)]
+pub struct Calibration {
+    log_k: f64,
+    rate: f64,
+}
+
+/// |log k| is kept below this (k within [1/20, 20]).
+pub const MAX_LOG_ODDS_SCALE: f64 = 3.0;
+
+impl Calibration {
+    pub fn new(rate: f64) -> Calibration {
+        Calibration { log_k: 0.0, rate }
+    }
+
+    /// The scale the rule applies to the model's odds.
+    pub fn odds_scale(&self) -> f32 {
+        self.log_k.exp() as f32
+    }
+
+    /// One verified step: `hazards[i]` is the (calibrated) hazard the rule used for kept draft i,
+    /// `accepted` the drafts accepted. Draft i is an outcome when drafts before it were accepted:
+    /// accepted (y = 1) for i < `accepted`, rejected (y = 0) at i = `accepted`.
+    pub fn observe(&mut self, hazards: &[f64], accepted: usize) {
+        for (i, &h) in hazards.iter().enumerate().take(accepted + 1) {
+            let y = (i < accepted) as u32 as f64;
+            if h.is_finite() {
+                self.log_k += self.rate * (y - h);
+            }
+        }
+        self.log_k = self.log_k.clamp(-MAX_LOG_ODDS_SCALE, MAX_LOG_ODDS_SCALE);
+    }
+}
+
+/// After this many plain steps in a row, the gate speculates once to keep its estimate current.
+pub const PROBE_EVERY: usize = 4;
+
+/// Whether a step should speculate at all, decided before it drafts (a step whose rule stops before
+/// its first draft has already paid for that draft): speculate when the best γ ≥ 1, with a
+/// constant hazard equal to a moving average of recent first-draft hazards, promises more tokens
+/// per second than a plain step (one target pass, `verify(0)`). Every [`PROBE_EVERY`] plain steps
+/// it speculates anyway. It does not count the draft catching up on the skipped tokens later (one
+/// batched pass), so it leans slightly towards plain steps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlainGate {
+    first_hazard: Option<f64>,
+    plain_run: usize,
+}
+
+impl PlainGate {
+    pub fn speculate(
+        &mut self,
+        cost: &OnlineCost,
+        times: &[f32; STOP_TIMES],
+        gamma_max: usize,
+    ) -> bool {
+        let Some(h) = self.first_hazard else {
+            return true;
+        };
+        if gamma_max == 0 {
+            return false;
+        }
+        if self.plain_run >= PROBE_EVERY {
+            self.plain_run = 0;
+            return true;
+        }
+        let plain = 1.0 / cost.verify(0);
+        let (mut a, mut tokens, mut best) = (1.0, 1.0, f64::NEG_INFINITY);
+        for &t in times.iter().take(gamma_max.min(MAX_GAMMA) + 1).skip(1) {
+            a *= h;
+            tokens += a;
+            best = best.max(tokens / t as f64);
+        }
+        if best > plain {
+            self.plain_run = 0;
+            true
+        } else {
+            self.plain_run += 1;
+            false
+        }
+    }
+
+    /// The hazard of a step's first draft.
+    pub fn observe_first(&mut self, h: f64) {
+        if h.is_finite() {
+            self.first_hazard = Some(self.first_hazard.map_or(h, |v| v + 0.3 * (h - v)));
+        }
+    }
+}
+
+/// Step-cost moving average weight of [`AutoState`].
+pub const ONLINE_COST_ALPHA: f64 = 0.2;
+/// Calibration learning rate of [`AutoState`].
+pub const CALIBRATION_RATE: f64 = 0.1;
+
+/// The `auto` policy's state across the steps of one generation: the hazard model's f32 weights,
+/// the costs measured so far, the calibration and the gate.
+#[derive(Clone, Debug)]
+pub struct AutoState {
+    pub weights: MlpWeights,
+    pub cost: OnlineCost,
+    pub calibration: Calibration,
+    pub gate: PlainGate,
+    hazards: [f64; MAX_GAMMA + 1],
+    kept: usize,
+}
+
+impl AutoState {
+    pub fn new(model: &HazardModel, prior: CostModel) -> AutoState {
+        AutoState {
+            weights: model.weights(),
+            cost: OnlineCost::new(prior, ONLINE_COST_ALPHA),
+            calibration: Calibration::new(CALIBRATION_RATE),
+            gate: PlainGate::default(),
+            hazards: [0.0; MAX_GAMMA + 1],
+            kept: 0,
+        }
+    }
+
+    /// Before a step: its step times, the drafts it may make (0: a plain step) and its rule.
+    pub fn begin_step(&mut self, gamma_max: usize) -> ([f32; STOP_TIMES], usize, StopRule) {
+        let times = self.cost.step_times(gamma_max);
+        let g = if self.gate.speculate(&self.cost, &times, gamma_max) {
+            gamma_max
+        } else {
+            0
+        };
+        self.kept = 0;
+        (
+            times,
+            g,
+            StopRule::calibrated(self.calibration.odds_scale()),
+        )
+    }
+
+    /// The rule's decision for a draft of this step.
+    pub fn record(&mut self, d: &StopDecision) {
+        if d.features[5] == 0.0 {
+            self.gate.observe_first(d.hazard);
+        }
+        if d.keep {
+            if let Some(slot) = self.hazards.get_mut(self.kept) {
+                *slot = d.hazard;
+                self.kept += 1;
+            }
+        }
+    }
+
+    /// After verification: `forwards` draft passes took `draft_seconds`, verifying γ drafts took
+    /// `verify_seconds`, and `accepted` were accepted.
+    pub fn end_step(
+        &mut self,
+        forwards: usize,
+        draft_seconds: f64,
+        gamma: usize,
+        verify_seconds: f64,
+        accepted: usize,
+    ) {
+        self.cost
+            .observe(forwards, draft_seconds, gamma, verify_seconds);
+        let n = self.kept.min(gamma);
+        self.calibration.observe(&self.hazards[..n], accepted);
     }
 }
 

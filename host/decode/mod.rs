@@ -124,9 +124,6 @@ impl Policy {
     }
 }
 
-/// Weight of a new measurement in the `auto` policy's moving averages of step costs.
-pub const ONLINE_COST_ALPHA: f64 = 0.2;
-
 /// AdaEDL's defaults here: λ = 0.5 and κ = 0.5 (stop when 1 − √(H/2) < ½, i.e. H > ½ nat). Ours,
 /// not the paper's tuned values; `adaedl:λ:κ` sets both.
 pub const ADAEDL_LAMBDA: f32 = 0.5;

@@ -6,8 +6,8 @@ use std::time::Instant;
 use speckv_kernels::params::FeatureAccum;
 
 use crate::backend::cpu::CpuBackend;
-use crate::controller::hazard::{OnlineCost, StopRule};
-use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace, ONLINE_COST_ALPHA};
+use crate::controller::hazard::{AutoState, StopRule};
+use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
 use crate::stats::cpu::StatsScratch;
@@ -112,10 +112,7 @@ fn speculative_loop(
     };
     // `auto`: its model with the step costs it measures while decoding.
     let mut auto = match policy {
-        Policy::Auto(a) => Some((
-            a.model.weights(),
-            OnlineCost::new(a.prior.clone(), ONLINE_COST_ALPHA),
-        )),
+        Policy::Auto(a) => Some(AutoState::new(&a.model, a.prior.clone())),
         _ => None,
     };
     let mut hist = [0usize; crate::weights::gemv::MAX_M];
@@ -152,10 +149,14 @@ fn speculative_loop(
         let mut accum = [FeatureAccum::EMPTY];
         let mut fed = false;
         let mut forwards = 0usize;
-        let mut rule = StopRule::new();
-        let times = auto
-            .as_ref()
-            .map(|(_, cost)| cost.step_times(gmax as usize));
+        // `auto`: the gate may make this a plain step; the rule carries the calibration.
+        let (times, gmax, mut rule) = match auto.as_mut() {
+            Some(a) => {
+                let (t, g, r) = a.begin_step(gmax as usize);
+                (t, g as u32, r)
+            }
+            None => ([f32::INFINITY; STOP_TIMES], gmax, StopRule::new()),
+        };
         trace.stop_features.clear();
         feed.clear();
         feed.extend_from_slice(&backlog);
@@ -189,20 +190,21 @@ fn speculative_loop(
             // before the first draft it is committed (the backlog and the pending token), so the
             // draft need not see it again; after a draft the cache is cut back to the accepted
             // tokens below, as for any step.
-            let stop = match (policy, &auto) {
+            let stop = match (policy, auto.as_mut()) {
                 (Policy::Confidence(p), _) => st.confidence < *p,
                 (Policy::AdaEdl { lambda, kappa }, _) => {
                     1.0 - (kappa * st.entropy.max(0.0)).sqrt() < *lambda
                 }
-                (_, Some((weights, _))) => {
+                (_, Some(a)) => {
                     let d = rule.decide(
-                        weights,
+                        &a.weights,
                         &accum[0],
                         &st,
                         cfg.compression,
-                        times.as_ref().unwrap_or(&[f32::INFINITY; STOP_TIMES]),
+                        &times,
                         gmax as usize,
                     );
+                    a.record(&d);
                     trace.stop_features.push(d.features);
                     !d.keep
                 }
@@ -268,10 +270,10 @@ fn speculative_loop(
             });
         }
         let verify_seconds = t_verify.elapsed().as_secs_f64();
-        if let Some((_, cost)) = auto.as_mut() {
-            cost.observe(forwards, draft_seconds, g, verify_seconds);
-        }
         let k = o.accepted[0] as usize;
+        if let Some(a) = auto.as_mut() {
+            a.end_step(forwards, draft_seconds, g, verify_seconds, k);
+        }
         trace.position = prompt.len() + out.len();
         trace.gamma = g as u32;
         trace.accepted = k as u32;

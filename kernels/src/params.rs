@@ -124,6 +124,9 @@ pub struct StopParams {
     pub gamma_max: u32,
     /// The target's compression code (0 fp16, 1 int8, 2 nf4).
     pub compression_code: f32,
+    /// Online calibration: the model's odds h / (1 − h) are multiplied by this (1: as trained).
+    pub odds_scale: f32,
+    pub _pad: u32,
 }
 
 // SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
@@ -515,7 +518,7 @@ const _: () = assert!(core::mem::size_of::<MlpWeights>() == 576);
 const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 104);
 const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 112);
-const _: () = assert!(core::mem::size_of::<StopParams>() == 104);
+const _: () = assert!(core::mem::size_of::<StopParams>() == 112);
 const _: () = assert!(core::mem::size_of::<StopState>() == 16);
 
 /// Parameters of the v2 verification kernels `verify_v2_rows_{f32,f16,bf16}` and

@@ -70,15 +70,23 @@ pub fn features(
     ]
 }
 
-/// h = P(accept | prefix accepted), within [`HAZARD_FLOOR`, `HAZARD_CEIL`]; [`HAZARD_FLOOR`] when a
-/// feature, a weight or the prediction is not finite.
+/// h = P(accept | prefix accepted), within [`HAZARD_FLOOR`, `HAZARD_CEIL`], with the model's odds
+/// multiplied by `odds_scale` (online calibration; 1 leaves the model as trained);
+/// [`HAZARD_FLOOR`] when a feature, a weight, the scale or the prediction is not finite.
 #[inline(always)]
-pub fn hazard<W: MlpSource>(w: W, x: &[f32; 6]) -> f32 {
+pub fn hazard<W: MlpSource>(w: W, x: &[f32; 6], odds_scale: f32) -> f32 {
     let h = predict(w, x);
     if h.is_nan() {
+        return HAZARD_FLOOR;
+    }
+    let h = h.clamp(HAZARD_FLOOR, HAZARD_CEIL);
+    // h' = k·h / (1 − h + k·h): odds k·h / (1 − h). No exp, so the CPU and the GPU agree exactly.
+    let kh = odds_scale * h;
+    let c = kh / (1.0 - h + kh);
+    if c.is_nan() {
         HAZARD_FLOOR
     } else {
-        h.clamp(HAZARD_FLOOR, HAZARD_CEIL)
+        c.clamp(HAZARD_FLOOR, HAZARD_CEIL)
     }
 }
 
@@ -94,12 +102,13 @@ pub fn decide<W: MlpSource, T: Fn(u32) -> f32>(
     entropy: f32,
     confidence: f32,
     code: f32,
+    odds_scale: f32,
     gamma_max: u32,
     time: T,
 ) -> StopDecision {
     let j = s.kept;
     let x = features(entropy, confidence, accum, code, j);
-    let h = hazard(w, &x);
+    let h = hazard(w, &x, odds_scale);
     let stop_rate = s.expected / time(j);
     let (mut a, mut tokens, mut keep) = (s.survive, s.expected, false);
     let mut g = j + 1;
@@ -180,6 +189,7 @@ pub unsafe fn epilogue(
         entropy,
         confidence,
         gpu::ld_nc(addr_of!((*sp).compression_code), 0),
+        gpu::ld_nc(addr_of!((*sp).odds_scale), 0),
         gmax,
         // γ ≤ gmax < STOP_TIMES: inside the table.
         |g| gpu::ld_nc(times, g as usize),
@@ -203,11 +213,20 @@ pub fn decide_host(
     entropy: f32,
     confidence: f32,
     code: f32,
+    odds_scale: f32,
     gamma_max: u32,
     step_time: &[f32; STOP_TIMES],
 ) -> StopDecision {
     let gmax = gamma_max.min(STOP_TIMES as u32 - 1);
-    decide(w, s, accum, entropy, confidence, code, gmax, |g| {
-        step_time.get(g as usize).copied().unwrap_or(f32::NAN)
-    })
+    decide(
+        w,
+        s,
+        accum,
+        entropy,
+        confidence,
+        code,
+        odds_scale,
+        gmax,
+        |g| step_time.get(g as usize).copied().unwrap_or(f32::NAN),
+    )
 }

@@ -29,6 +29,8 @@ pub struct Stop<'a> {
     pub times: [f32; STOP_TIMES],
     pub gamma_max: u32,
     pub compression_code: f32,
+    /// The online calibration's odds scale (1: the model as trained).
+    pub odds_scale: f32,
 }
 
 /// What `softmax_stats_v2` produced: the rows' statistics, the accumulators after the launch, and
@@ -300,6 +302,8 @@ impl Emulator {
                     step_time: st.times,
                     gamma_max: st.gamma_max,
                     compression_code: st.compression_code,
+                    odds_scale: st.odds_scale,
+                    _pad: 0,
                 });
                 let base = stats_params(
                     logits,
