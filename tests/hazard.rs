@@ -86,23 +86,41 @@ fn examples_are_the_drafts_reached_labelled_by_acceptance() {
     assert!(hazard::examples(&[]).is_err());
 }
 
-/// Tokens per unit time of a step verifying `g` drafts under constant hazard `h`, as the rule
-/// accounts it (γ + 1 draft passes below γmax, γmax at it).
-fn rate(h: f64, g: usize, gmax: usize, draft: f64, verify: &dyn Fn(usize) -> f64) -> f64 {
-    let tokens: f64 = 1.0 + (1..=g).map(|i| h.powi(i as i32)).sum::<f64>();
-    let forwards = if g < gmax { g + 1 } else { g };
-    tokens / (forwards as f64 * draft + verify(g))
+/// Expected tokens of a step verifying `g` drafts under constant hazard `h`.
+fn tokens(h: f64, g: usize) -> f64 {
+    1.0 + (1..=g).map(|i| h.powi(i as i32)).sum::<f64>()
+}
+
+/// The γ a constant hazard `h` should end with, worked out in f64 from the rule's accounting: at
+/// draft j (j + 1 passes spent) discard it (γ = j), keep it and stop (γ = j + 1), or draft on to
+/// some γ ≥ j + 2 (γ passes).
+fn expected_gamma(h: f64, gmax: usize, draft: f64, verify: &dyn Fn(usize) -> f64) -> usize {
+    for j in 0..gmax {
+        let spent = (j + 1) as f64 * draft;
+        let discard = tokens(h, j) / (spent + verify(j));
+        let stop = tokens(h, j + 1) / (spent + verify(j + 1));
+        let on = (j + 2..=gmax)
+            .map(|g| tokens(h, g) / (g as f64 * draft + verify(g)))
+            .fold(f64::NEG_INFINITY, f64::max);
+        if on <= discard.max(stop) {
+            return if stop > discard { j + 1 } else { j };
+        }
+    }
+    gmax
 }
 
 #[test]
 fn the_rule_stops_where_the_rate_stops_growing() {
     let gmax = 8;
+    let mut seen = std::collections::BTreeSet::new();
     for &(h, draft, slope) in &[
         (0.9, 0.05, 0.02),
         (0.6, 0.3, 0.1),
         (0.3, 0.3, 0.4),
         (0.95, 0.01, 0.0),
         (0.05, 0.5, 0.5),
+        (0.5, 0.2, 0.05),
+        (0.7, 0.1, 0.3),
     ] {
         let prior = CostModel {
             draft_ms_per_token: draft,
@@ -110,46 +128,32 @@ fn the_rule_stops_where_the_rate_stops_growing() {
             source: "test".into(),
         };
         let verify = |g: usize| 1.0 + slope * g as f64;
-        let cost = OnlineCost::new(prior, 0.2);
-        let times = cost.step_times(gmax);
+        let costs = OnlineCost::new(prior, 0.2).step_costs(gmax);
         let weights = constant(h).weights();
         let mut rule = StopRule::new();
         let mut accum = FeatureAccum::EMPTY;
         let mut kept = 0;
-        while kept < gmax {
+        loop {
             accum.push(1.0, 0.5, 0);
             let row = RowStats {
                 entropy: 1.0,
                 confidence: 0.5,
                 ..Default::default()
             };
-            let d = rule.decide(&weights, &accum, &row, Compression::Fp16, &times, gmax);
+            let d = rule.decide(&weights, &accum, &row, Compression::Fp16, &costs, gmax);
             assert_eq!(d.hazard, h as f32 as f64, "the rule computes in f32");
             assert_eq!(d.features[5], kept as f64);
-            if !d.keep {
+            assert!(d.keep || !d.more, "drafting on keeps the draft");
+            kept += d.keep as usize;
+            if !d.more {
                 break;
             }
-            kept += 1;
         }
-        // With a constant hazard the lookahead is exact: the rule keeps drafting while a longer
-        // step has a higher rate than stopping now.
-        let best_after = |j: usize| {
-            (j + 1..=gmax)
-                .map(|g| rate(h, g, gmax, draft, &verify))
-                .fold(f64::NEG_INFINITY, f64::max)
-        };
-        for j in 0..kept {
-            assert!(
-                best_after(j) > rate(h, j, gmax, draft, &verify),
-                "h {h}: kept {j}"
-            );
-        }
-        if kept < gmax {
-            assert!(
-                best_after(kept) <= rate(h, kept, gmax, draft, &verify),
-                "h {h}: stopped at {kept}"
-            );
-        }
+        assert_eq!(rule.state.kept as usize, kept);
+        assert_eq!(rule.state.stopped, 1);
+        // With a constant hazard the lookahead is exact.
+        assert_eq!(kept, expected_gamma(h, gmax, draft, &verify), "h {h}");
+        seen.insert(kept);
         if h >= 0.9 {
             assert_eq!(kept, gmax, "h {h}: cheap drafts, likely accepted");
         }
@@ -157,6 +161,7 @@ fn the_rule_stops_where_the_rate_stops_growing() {
             assert_eq!(kept, 0, "h {h}: drafts that fail");
         }
     }
+    assert!(seen.len() >= 3, "the cases end at different γ: {seen:?}");
 }
 
 #[test]
@@ -180,12 +185,11 @@ fn online_costs_follow_measurements_and_keep_the_prior_shape() {
     c.observe(1, f64::NAN, 2, 0.0);
     assert!((c.draft() - 0.2).abs() < 1e-12);
     assert_eq!(c.verify(2), 5.0);
-    // The rule's step times: γ + 1 draft passes below γmax, γmax at it, plus verification.
-    let t = c.step_times(2);
-    assert_eq!(t[0], (c.draft() + c.verify(0)) as f32);
-    assert_eq!(t[1], (2.0 * c.draft() + c.verify(1)) as f32);
-    assert_eq!(t[2], (2.0 * c.draft() + c.verify(2)) as f32);
-    assert!(t[3..].iter().all(|x| x.is_infinite()), "{t:?}");
+    // The rule's costs: a draft pass and the verification at γ ≤ γmax.
+    let t = c.step_costs(2);
+    assert_eq!(t.draft, c.draft() as f32);
+    assert_eq!(t.verify[..3], [0, 1, 2].map(|g| c.verify(g) as f32));
+    assert!(t.verify[3..].iter().all(|x| x.is_infinite()), "{t:?}");
 }
 
 #[test]
@@ -288,21 +292,21 @@ fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
         source: "test".into(),
     };
     let cost = OnlineCost::new(prior, 0.2);
-    let times = cost.step_times(gmax);
+    let costs = cost.step_costs(gmax);
     let mut gate = PlainGate::default();
-    assert!(gate.speculate(&cost, &times, gmax), "nothing seen yet");
+    assert!(gate.speculate(&costs, gmax), "nothing seen yet");
     // First drafts rarely accepted: expensive drafts cannot pay; a probe every PROBE_EVERY.
     gate.observe_first(0.1);
     let pattern: Vec<bool> = (0..2 * (PROBE_EVERY + 1))
-        .map(|_| gate.speculate(&cost, &times, gmax))
+        .map(|_| gate.speculate(&costs, gmax))
         .collect();
     let mut want = vec![false; PROBE_EVERY];
     want.push(true);
     assert_eq!(pattern, [want.clone(), want].concat());
-    // Likely accepted: 1 + 0.95 + … tokens for 1.7 + 0.3 per draft beats 1 token per 1.0.
+    // Likely accepted: 1 + 0.95 + … tokens for 1 + 0.7 per draft beats 1 token per 1.0.
     let mut gate = PlainGate::default();
     gate.observe_first(0.95);
-    assert!((0..10).all(|_| gate.speculate(&cost, &times, gmax)));
+    assert!((0..10).all(|_| gate.speculate(&costs, gmax)));
     // γmax 0: never.
-    assert!(!gate.speculate(&cost, &cost.step_times(0), 0));
+    assert!(!gate.speculate(&cost.step_costs(0), 0));
 }

@@ -12,7 +12,7 @@ use speckv::controller::mlp::{Mlp, HIDDEN, INPUTS};
 use speckv::controller::records::Compression;
 use speckv::controller::CostModel;
 use speckv::{Accumulate, FeatureAccum, Logits, LogitsData, StatsOptions};
-use speckv_kernels::params::{MlpWeights, StopState, STOP_TIMES};
+use speckv_kernels::params::{MlpWeights, StepCosts, StopState, STOP_TIMES};
 use speckv_kernels::softmax_stats::{plan_v2, shared_bytes_v2, PlanV2};
 
 /// Logits of `rows` sequences, sequence b at its own scale (confident to flat drafts).
@@ -61,7 +61,7 @@ fn plans(rows: usize, vocab: usize) -> Vec<PlanV2> {
 #[allow(clippy::too_many_arguments)]
 fn run_step(
     weights: &MlpWeights,
-    times: &[f32; STOP_TIMES],
+    costs: &StepCosts,
     gamma_max: usize,
     rows: usize,
     vocab: usize,
@@ -87,7 +87,7 @@ fn run_step(
         let stop = Stop {
             weights,
             state: &state,
-            times: *times,
+            costs: *costs,
             gamma_max: gamma_max as u32,
             compression_code: Compression::Int8.code() as f32,
             odds_scale,
@@ -114,7 +114,7 @@ fn run_step(
                 &cpu_accum[b],
                 &st,
                 Compression::Int8,
-                times,
+                costs,
                 gamma_max,
             );
             assert_eq!(
@@ -141,8 +141,8 @@ fn run_step(
     (gammas, state)
 }
 
-fn shipped_times(gamma_max: usize) -> [f32; STOP_TIMES] {
-    OnlineCost::new(CostModel::assumed(), 0.2).step_times(gamma_max)
+fn shipped_costs(gamma_max: usize) -> StepCosts {
+    OnlineCost::new(CostModel::assumed(), 0.2).step_costs(gamma_max)
 }
 
 #[test]
@@ -150,12 +150,12 @@ fn emulator_epilogue_decides_as_the_cpu_rule() {
     let model = HazardModel::default_model().unwrap();
     let w = model.weights();
     let (rows, vocab, gmax) = (6, 1500, 7);
-    let times = shipped_times(gmax);
+    let costs = shipped_costs(gmax);
     let mut outcomes = std::collections::BTreeSet::new();
     for (i, plan) in plans(rows, vocab).iter().enumerate() {
         // As trained, and calibrated online (the model's odds scaled).
         let k = [1.0, 0.6, 1.7][i % 3];
-        let (g, s) = run_step(&w, &times, gmax, rows, vocab, plan, None, k);
+        let (g, s) = run_step(&w, &costs, gmax, rows, vocab, plan, None, k);
         assert!(s.iter().all(|x| x.stopped == 1), "every sequence ends");
         outcomes.extend(g);
     }
@@ -185,19 +185,22 @@ fn constant(h: f64) -> MlpWeights {
 #[test]
 fn gamma_max_ends_the_step_and_flagged_rows_fail_closed() {
     let (rows, vocab, gmax) = (4, 700, 5);
-    // Cheap drafts, flat verification: a near-certain hazard drafts to γmax.
-    let mut times = [f32::INFINITY; STOP_TIMES];
-    for (g, t) in times.iter_mut().enumerate().take(gmax + 1) {
-        *t = 1.0 + 0.01 * g as f32;
+    // Cheap drafts: a near-certain hazard drafts to γmax.
+    let mut costs = StepCosts {
+        draft: 0.001,
+        verify: [f32::INFINITY; STOP_TIMES],
+    };
+    for (g, t) in costs.verify.iter_mut().enumerate().take(gmax + 1) {
+        *t = 1.0 + 0.1 * g as f32;
     }
     let plan = plan_v2(rows as u32, vocab as u32, 4, 7);
-    let (g, s) = run_step(&constant(0.99), &times, gmax, rows, vocab, &plan, None, 1.0);
+    let (g, s) = run_step(&constant(0.99), &costs, gmax, rows, vocab, &plan, None, 1.0);
     assert_eq!(g, vec![gmax as i32; rows]);
     assert!(s.iter().all(|x| x.stopped == 1 && x.kept == gmax as u32));
     // A NaN in sequence 2's third draft: that draft is not kept, the others draft on.
     let (g, _) = run_step(
         &constant(0.99),
-        &times,
+        &costs,
         gmax,
         rows,
         vocab,
@@ -207,7 +210,7 @@ fn gamma_max_ends_the_step_and_flagged_rows_fail_closed() {
     );
     assert_eq!(g, vec![5, 5, 2, 5]);
     // A hopeless hazard stops before the first draft: γ = 0, a plain step.
-    let (g, s) = run_step(&constant(0.01), &times, gmax, rows, vocab, &plan, None, 1.0);
+    let (g, s) = run_step(&constant(0.01), &costs, gmax, rows, vocab, &plan, None, 1.0);
     assert_eq!(g, vec![0; rows]);
     assert!(s.iter().all(|x| x.stopped == 1 && x.kept == 0));
 }
@@ -224,7 +227,7 @@ fn stop_launches_reject_inconsistent_inputs() {
     let stop = Stop {
         weights: &w,
         state: &one,
-        times: shipped_times(4),
+        costs: shipped_costs(4),
         gamma_max: 4,
         compression_code: 0.0,
         odds_scale: 1.0,

@@ -17,7 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use speckv_kernels::params::{FeatureAccum, MlpWeights, RowStats, StopState, STOP_TIMES};
+use speckv_kernels::params::{
+    FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
+};
 use speckv_kernels::stop_rule;
 
 use crate::controller::mlp::{Example, Mlp, INPUTS};
@@ -178,15 +180,17 @@ impl OnlineCost {
         }
     }
 
-    /// The rule's step times: `time(γ)` for γ = 0..=`gamma_max` (γ + 1 draft passes below γmax,
-    /// γmax at it, plus the verification at γ); +inf beyond `gamma_max`.
-    pub fn step_times(&self, gamma_max: usize) -> [f32; STOP_TIMES] {
-        let mut t = [f32::INFINITY; STOP_TIMES];
-        for (g, slot) in t.iter_mut().enumerate().take(gamma_max.min(MAX_GAMMA) + 1) {
-            let forwards = if g < gamma_max { g + 1 } else { g };
-            *slot = (forwards as f64 * self.draft() + self.verify(g)) as f32;
+    /// The rule's costs: one draft pass and the verification at γ = 0..=`gamma_max` (+inf beyond).
+    pub fn step_costs(&self, gamma_max: usize) -> StepCosts {
+        let mut verify = [f32::INFINITY; STOP_TIMES];
+        let n = gamma_max.min(MAX_GAMMA) + 1;
+        for (g, slot) in verify.iter_mut().enumerate().take(n) {
+            *slot = self.verify(g) as f32;
         }
-        t
+        StepCosts {
+            draft: self.draft() as f32,
+            verify,
+        }
     }
 
     /// Draft time per forward pass, in the units of [`OnlineCost::verify`] (both are measured
@@ -255,8 +259,10 @@ pub struct StopRule {
 pub struct StopDecision {
     pub features: [f64; INPUTS],
     pub hazard: f64,
-    /// Draft on (keep this draft and draft the next) or stop before this draft.
+    /// Keep this draft (verify it).
     pub keep: bool,
+    /// Draft the next token (implies `keep`).
+    pub more: bool,
 }
 
 impl Default for StopRule {
@@ -279,7 +285,7 @@ impl StopRule {
     }
 
     /// The decision for the draft whose row statistics `row` were just computed (and pushed into
-    /// `accum`), with the step times `times` (from [`OnlineCost::step_times`]) and room for
+    /// `accum`), with the step costs `costs` (from [`OnlineCost::step_costs`]) and room for
     /// `gamma_max` drafts in all.
     pub fn decide(
         &mut self,
@@ -287,7 +293,7 @@ impl StopRule {
         accum: &FeatureAccum,
         row: &RowStats,
         compression: Compression,
-        times: &[f32; STOP_TIMES],
+        costs: &StepCosts,
         gamma_max: usize,
     ) -> StopDecision {
         let d = stop_rule::decide_host(
@@ -299,12 +305,13 @@ impl StopRule {
             compression.code() as f32,
             self.odds_scale,
             gamma_max.min(MAX_GAMMA) as u32,
-            times,
+            costs,
         );
         StopDecision {
             features: d.features.map(|v| v as f64),
             hazard: d.hazard as f64,
             keep: d.keep,
+            more: d.more,
         }
     }
 }
@@ -362,12 +369,7 @@ pub struct PlainGate {
 }
 
 impl PlainGate {
-    pub fn speculate(
-        &mut self,
-        cost: &OnlineCost,
-        times: &[f32; STOP_TIMES],
-        gamma_max: usize,
-    ) -> bool {
+    pub fn speculate(&mut self, costs: &StepCosts, gamma_max: usize) -> bool {
         let Some(h) = self.first_hazard else {
             return true;
         };
@@ -378,12 +380,14 @@ impl PlainGate {
             self.plain_run = 0;
             return true;
         }
-        let plain = 1.0 / cost.verify(0);
+        // A plain step: one target pass. Speculating to γ: γ draft passes and the verification.
+        let plain = 1.0 / costs.verify[0] as f64;
         let (mut a, mut tokens, mut best) = (1.0, 1.0, f64::NEG_INFINITY);
-        for &t in times.iter().take(gamma_max.min(MAX_GAMMA) + 1).skip(1) {
+        let n = gamma_max.min(MAX_GAMMA) + 1;
+        for (g, &v) in costs.verify.iter().enumerate().take(n).skip(1) {
             a *= h;
             tokens += a;
-            best = best.max(tokens / t as f64);
+            best = best.max(tokens / (g as f64 * costs.draft as f64 + v as f64));
         }
         if best > plain {
             self.plain_run = 0;
@@ -431,17 +435,17 @@ impl AutoState {
         }
     }
 
-    /// Before a step: its step times, the drafts it may make (0: a plain step) and its rule.
-    pub fn begin_step(&mut self, gamma_max: usize) -> ([f32; STOP_TIMES], usize, StopRule) {
-        let times = self.cost.step_times(gamma_max);
-        let g = if self.gate.speculate(&self.cost, &times, gamma_max) {
+    /// Before a step: its costs, the drafts it may make (0: a plain step) and its rule.
+    pub fn begin_step(&mut self, gamma_max: usize) -> (StepCosts, usize, StopRule) {
+        let costs = self.cost.step_costs(gamma_max);
+        let g = if self.gate.speculate(&costs, gamma_max) {
             gamma_max
         } else {
             0
         };
         self.kept = 0;
         (
-            times,
+            costs,
             g,
             StopRule::calibrated(self.calibration.odds_scale()),
         )

@@ -13,7 +13,6 @@ use crate::model::{KvCache, Model};
 use crate::stats::cpu::StatsScratch;
 use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
-use speckv_kernels::params::STOP_TIMES;
 
 /// Speculative decoding of `prompt` with `policy`.
 pub fn speculative(
@@ -150,12 +149,12 @@ fn speculative_loop(
         let mut fed = false;
         let mut forwards = 0usize;
         // `auto`: the gate may make this a plain step; the rule carries the calibration.
-        let (times, gmax, mut rule) = match auto.as_mut() {
+        let (costs, gmax, mut rule) = match auto.as_mut() {
             Some(a) => {
-                let (t, g, r) = a.begin_step(gmax as usize);
-                (t, g as u32, r)
+                let (c, g, r) = a.begin_step(gmax as usize);
+                (Some(c), g as u32, r)
             }
-            None => ([f32::INFINITY; STOP_TIMES], gmax, StopRule::new()),
+            None => (None, gmax, StopRule::new()),
         };
         trace.stop_features.clear();
         feed.clear();
@@ -186,31 +185,32 @@ fn speculative_loop(
                     what: format!("draft logits flagged {:#x}", st.flags),
                 });
             }
-            // Per-token stopping: stop before this draft? What was fed stays in the draft's cache:
-            // before the first draft it is committed (the backlog and the pending token), so the
-            // draft need not see it again; after a draft the cache is cut back to the accepted
-            // tokens below, as for any step.
-            let stop = match (policy, auto.as_mut()) {
-                (Policy::Confidence(p), _) => st.confidence < *p,
-                (Policy::AdaEdl { lambda, kappa }, _) => {
-                    1.0 - (kappa * st.entropy.max(0.0)).sqrt() < *lambda
+            // Per-token stopping: keep this draft? draft the next? What was fed stays in the
+            // draft's cache: before the first draft it is committed (the backlog and the pending
+            // token), so the draft need not see it again; after a draft the cache is cut back to
+            // the accepted tokens below, as for any step.
+            let (keep, more) = match (policy, auto.as_mut(), costs.as_ref()) {
+                (Policy::Confidence(p), ..) => (st.confidence >= *p, st.confidence >= *p),
+                (Policy::AdaEdl { lambda, kappa }, ..) => {
+                    let ok = 1.0 - (kappa * st.entropy.max(0.0)).sqrt() >= *lambda;
+                    (ok, ok)
                 }
-                (_, Some(a)) => {
+                (_, Some(a), Some(c)) => {
                     let d = rule.decide(
                         &a.weights,
                         &accum[0],
                         &st,
                         cfg.compression,
-                        &times,
+                        c,
                         gmax as usize,
                     );
                     a.record(&d);
                     trace.stop_features.push(d.features);
-                    !d.keep
+                    (d.keep, d.more)
                 }
-                _ => false,
+                _ => (true, true),
             };
-            if stop {
+            if !keep {
                 break;
             }
             let x = if greedy {
@@ -224,6 +224,9 @@ fn speculative_loop(
             qrows.extend_from_slice(q);
             feed.clear();
             feed.push(x);
+            if !more {
+                break; // x is verified but not fed: the draft sees it next step, as at γmax
+            }
         }
         let g = xs.len();
         if !fed {

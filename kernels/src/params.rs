@@ -101,7 +101,7 @@ pub struct SoftmaxStatsV2Params {
     pub stop: *const StopParams,
 }
 
-/// Entries of [`StopParams::step_time`]: γ = 0..=15 (the GEMV's largest M is γmax + 1 = 16).
+/// Entries of [`StepCosts::verify`]: γ = 0..=15 (the GEMV's largest M is γmax + 1 = 16).
 pub const STOP_TIMES: usize = 16;
 
 /// The stopping rule's parameters, in device memory (`SoftmaxStatsV2Params::stop`).
@@ -117,16 +117,24 @@ pub struct StopParams {
     /// One word, or null: incremented once by every sequence that stops (early or at γmax); the
     /// host zeroes it before a step's first draft.
     pub stopped_count: *mut u32,
-    /// `time(γ)` for γ = 0..=`gamma_max`: a step's time when it verifies γ drafts (γ + 1 draft
-    /// passes below γmax, γmax at it), any unit.
-    pub step_time: [f32; STOP_TIMES],
+    /// The costs the rule weighs, any time unit.
+    pub costs: StepCosts,
     /// Most drafts per step, ≤ `STOP_TIMES − 1`.
     pub gamma_max: u32,
     /// The target's compression code (0 fp16, 1 int8, 2 nf4).
     pub compression_code: f32,
     /// Online calibration: the model's odds h / (1 − h) are multiplied by this (1: as trained).
     pub odds_scale: f32,
-    pub _pad: u32,
+}
+
+/// A step's costs as the stopping rule sees them: one draft pass, and the verification of γ drafts
+/// (γ + 1 target positions) for γ = 0..=γmax (entries beyond γmax unused). Any unit: only ratios
+/// enter the decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepCosts {
+    pub draft: f32,
+    pub verify: [f32; STOP_TIMES],
 }
 
 // SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.

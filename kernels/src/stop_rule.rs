@@ -7,10 +7,10 @@
 //! h_j = P(draft j is accepted | drafts 0..j−1 were) from six inputs: this draft's entropy and
 //! confidence, the step's mean entropy and minimum confidence over drafts 0..=j (the sequence's
 //! [`FeatureAccum`] just after this row), the compression code and j. With A_j = h_0 ⋯ h_j, a step
-//! that verifies γ drafts emits 1 + A_0 + … + A_{γ−1} tokens on average, and costs `time(γ)` (draft
-//! passes plus verification, a table the host fills from costs measured while decoding). The rule
-//! keeps draft j and drafts on while some γ in j+1..=γmax, with the hazards after j taken equal to
-//! h_j, promises more tokens per unit time than stopping now (γ = j).
+//! that verifies γ drafts emits 1 + A_0 + … + A_{γ−1} tokens on average. Its cost is its draft
+//! passes plus the verification of γ drafts ([`StepCosts`], measured while decoding by the host).
+//! Once draft j is computed its pass is spent, so [`decide`] chooses between discarding it,
+//! keeping it and stopping, and drafting on, by expected tokens per unit cost.
 //!
 //! How a draft loop on the device learns it may end: each sequence's [`StopState`] records
 //! `stopped`, its γ_b is written to `gammas_out` after every decision (where `verify` reads it),
@@ -26,7 +26,7 @@ use core::ptr::addr_of;
 use crate::gamma_mlp::{predict, DeviceMlp, MlpSource};
 use crate::gpu;
 use crate::params::{
-    FeatureAccum, MlpWeights, SoftmaxStatsV2Params, StopParams, StopState, STOP_TIMES,
+    FeatureAccum, MlpWeights, SoftmaxStatsV2Params, StepCosts, StopParams, StopState, STOP_TIMES,
 };
 
 /// The hazard a non-finite feature or prediction gets: fail closed, stop.
@@ -40,8 +40,10 @@ pub struct StopDecision {
     /// The hazard model's inputs.
     pub features: [f32; 6],
     pub hazard: f32,
-    /// Keep this draft and draft the next (false: stop before this draft).
+    /// Keep this draft (verify it).
     pub keep: bool,
+    /// Draft the next token (implies `keep`).
+    pub more: bool,
 }
 
 /// The hazard model's inputs for the draft at position `position` whose row is the last one
@@ -90,12 +92,20 @@ pub fn hazard<W: MlpSource>(w: W, x: &[f32; 6], odds_scale: f32) -> f32 {
     }
 }
 
-/// The decision for the draft just computed (its `entropy` and `confidence`, already pushed into
-/// `accum`), updating `s`: on keep, the draft is counted and `s.kept` grows; on stop, or when
-/// `gamma_max` drafts are kept, `s.stopped` is set. `time(γ)` is the step time at γ.
+/// The decision for draft j (the state's `kept`), just computed — its `entropy` and `confidence`
+/// already pushed into `accum` — under one draft pass costing `draft` and the verification of γ
+/// drafts costing `verify(γ)`. The j + 1 draft passes made so far are spent whatever happens, so the
+/// rule compares
+/// - discarding draft j: γ = j, (j + 1)·draft + verify(j);
+/// - keeping it and drafting no more: γ = j + 1, (j + 1)·draft + verify(j + 1);
+/// - drafting on to some γ in j + 2..=γmax: γ·draft + verify(γ), the hazards after j taken equal to
+///   h_j,
+///
+/// by expected tokens per unit cost (1 + A_0 + … + A_{γ−1}, A_i = h_0 ⋯ h_i), and updates `s`: a
+/// kept draft is counted; the sequence stops unless drafting on wins and room is left.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn decide<W: MlpSource, T: Fn(u32) -> f32>(
+pub fn decide<W: MlpSource, V: Fn(u32) -> f32>(
     w: W,
     s: &mut StopState,
     accum: &FeatureAccum,
@@ -104,36 +114,50 @@ pub fn decide<W: MlpSource, T: Fn(u32) -> f32>(
     code: f32,
     odds_scale: f32,
     gamma_max: u32,
-    time: T,
+    draft: f32,
+    verify: V,
 ) -> StopDecision {
     let j = s.kept;
     let x = features(entropy, confidence, accum, code, j);
     let h = hazard(w, &x, odds_scale);
-    let stop_rate = s.expected / time(j);
-    let (mut a, mut tokens, mut keep) = (s.survive, s.expected, false);
-    let mut g = j + 1;
+    let spent = (j + 1) as f32 * draft;
+    let discard = s.expected / (spent + verify(j));
+    let mut a = s.survive * h;
+    let mut tokens = s.expected + a;
+    let stop_after = tokens / (spent + verify(j + 1));
+    let stop_best = if stop_after > discard {
+        stop_after
+    } else {
+        discard
+    };
+    let mut more = false;
+    let mut g = j + 2;
     while g <= gamma_max {
         a *= h;
         tokens += a;
-        // A NaN or infinite time compares false: stop.
-        if tokens / time(g) > stop_rate {
-            keep = true;
+        // A NaN or infinite cost compares false: no more drafts.
+        if tokens / (g as f32 * draft + verify(g)) > stop_best {
+            more = true;
             break;
         }
         g += 1;
     }
+    // Drafting on keeps this draft; stopping keeps it when that beats discarding it. A NaN rate
+    // (non-finite cost) discards: fail closed.
+    let keep = j < gamma_max && (more || stop_after > discard);
     if keep {
         s.survive *= h;
         s.expected += s.survive;
         s.kept += 1;
     }
-    if !keep || s.kept >= gamma_max {
+    if !more || s.kept >= gamma_max {
         s.stopped = 1;
     }
     StopDecision {
         features: x,
         hazard: h,
         keep,
+        more: more && s.kept < gamma_max,
     }
 }
 
@@ -181,7 +205,7 @@ pub unsafe fn epilogue(
     } else {
         STOP_TIMES as u32 - 1
     };
-    let times = addr_of!((*sp).step_time) as *const f32;
+    let verify = addr_of!((*sp).costs.verify) as *const f32;
     decide(
         DeviceMlp(gpu::ld_nc(addr_of!((*sp).weights), 0)),
         &mut s,
@@ -191,8 +215,9 @@ pub unsafe fn epilogue(
         gpu::ld_nc(addr_of!((*sp).compression_code), 0),
         gpu::ld_nc(addr_of!((*sp).odds_scale), 0),
         gmax,
+        gpu::ld_nc(addr_of!((*sp).costs.draft), 0),
         // γ ≤ gmax < STOP_TIMES: inside the table.
-        |g| gpu::ld_nc(times, g as usize),
+        |g| gpu::ld_nc(verify, g as usize),
     );
     gpu::st(state, r, s);
     gpu::st(gpu::ld_nc(addr_of!((*sp).gammas_out), 0), r, s.kept as i32);
@@ -215,7 +240,7 @@ pub fn decide_host(
     code: f32,
     odds_scale: f32,
     gamma_max: u32,
-    step_time: &[f32; STOP_TIMES],
+    costs: &StepCosts,
 ) -> StopDecision {
     let gmax = gamma_max.min(STOP_TIMES as u32 - 1);
     decide(
@@ -227,6 +252,7 @@ pub fn decide_host(
         code,
         odds_scale,
         gmax,
-        |g| step_time.get(g as usize).copied().unwrap_or(f32::NAN),
+        costs.draft,
+        |g| costs.verify.get(g as usize).copied().unwrap_or(f32::NAN),
     )
 }

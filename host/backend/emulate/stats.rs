@@ -2,7 +2,7 @@
 
 use speckv_kernels::emu::{self, Launch};
 use speckv_kernels::params::{
-    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP, STOP_TIMES,
+    FeatureAccum, MlpWeights, RowStats, StepCosts, StopParams, StopState, STATS_STOP, STOP_TIMES,
 };
 use speckv_kernels::softmax_stats::{self as kernel, Bf16, F16, F32};
 
@@ -26,7 +26,7 @@ pub struct Decision<'a> {
 pub struct Stop<'a> {
     pub weights: &'a MlpWeights,
     pub state: &'a [StopState],
-    pub times: [f32; STOP_TIMES],
+    pub costs: StepCosts,
     pub gamma_max: u32,
     pub compression_code: f32,
     /// The online calibration's odds scale (1: the model as trained).
@@ -299,11 +299,10 @@ impl Emulator {
                         .map(|g| g.as_mut_ptr())
                         .unwrap_or(std::ptr::null_mut()),
                     stopped_count: stopped.as_mut_ptr(),
-                    step_time: st.times,
+                    costs: st.costs,
                     gamma_max: st.gamma_max,
                     compression_code: st.compression_code,
                     odds_scale: st.odds_scale,
-                    _pad: 0,
                 });
                 let base = stats_params(
                     logits,
