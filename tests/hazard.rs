@@ -310,3 +310,54 @@ fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
     // γmax 0: never.
     assert!(!gate.speculate(&cost.step_costs(0), 0));
 }
+
+#[test]
+fn speckv_policies_use_the_shipped_predictor_without_a_controller() {
+    use speckv::decode::pair::policy_from_name;
+    for name in ["speckv", "speckv-cost"] {
+        match policy_from_name(name, None, None) {
+            Ok(Some(Policy::SpecKv(c))) => {
+                assert_eq!(c.mlp, speckv::controller::mlp::Mlp::shipped().unwrap());
+                assert_eq!(c.cost_table().is_some(), name == "speckv-cost");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // The shipped predictor's compression input matters: same features, other regime.
+    let m = speckv::controller::mlp::Mlp::shipped().unwrap();
+    let x = |code: f64| [1.0, 0.6, 2.5, 0.3, code, 4.0];
+    assert_ne!(m.predict(&x(0.0)), m.predict(&x(2.0)));
+}
+
+#[test]
+fn auto_replayed_on_traces_counts_its_drafts_and_plain_steps() {
+    use speckv::controller::replay::auto_on_traces;
+    let gmax = 4usize;
+    let cost = CostModel {
+        draft_ms_per_token: 10.0,
+        verify_ms: (0..=gmax).map(|g| 50.0 + 5.0 * g as f64).collect(),
+        source: "test".into(),
+    };
+    let full = |accepted: u32| step(&[0.5; 4], &[0.8; 4], accepted);
+    // Every draft accepted and a confident model: γmax every step, at the closed-form rate.
+    let steps: Vec<_> = (0..6).map(|_| full(4)).collect();
+    let rows = trace_rows(&steps, Compression::Int8, "code", 0, 3).unwrap();
+    let r = auto_on_traces(&rows, &constant(0.99), &cost).unwrap();
+    assert_eq!((r.steps, r.plain_steps, r.mean_gamma), (6, 0, 4.0));
+    let want = 5.0 / (4.0 * 10.0 + 70.0) * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // A hopeless model: the first step pays one draft and discards it, then the gate makes plain
+    // steps, probing once after PROBE_EVERY of them.
+    let steps: Vec<_> = (0..7).map(|_| full(0)).collect();
+    let rows = trace_rows(&steps, Compression::Int8, "code", 0, 3).unwrap();
+    let r = auto_on_traces(&rows, &constant(0.01), &cost).unwrap();
+    assert_eq!((r.steps, r.plain_steps, r.mean_gamma), (7, 5, 0.0), "{r:?}");
+    // 7 tokens; 2 drafts paid (first step and the probe), 7 verifications of γ = 0.
+    let want = 7.0 / (2.0 * 10.0 + 7.0 * 50.0) * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // Only full-information traces can be replayed.
+    let partial = rows[..3].to_vec();
+    let e = auto_on_traces(&partial, &constant(0.5), &cost).unwrap_err();
+    assert!(e.to_string().contains("full-information"), "{e}");
+    assert!(auto_on_traces(&[], &constant(0.5), &cost).is_err());
+}

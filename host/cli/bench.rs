@@ -79,6 +79,7 @@ pub struct DecodeArgs {
         default_value = "plain,auto,fixed:1,fixed:2,fixed:3,fixed:4,fixed:5,fixed:6,fixed:7,fixed:8,heuristic,hf-dynamic,adaedl,confidence:0.75"
     )]
     policies: Vec<String>,
+    /// Predictor for speckv / speckv-cost (from `speckv train`); default: the shipped one.
     #[arg(long)]
     controller: Option<PathBuf>,
     /// Cost model (speckv-cost; the oracle with --traces).
@@ -194,10 +195,17 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
             let fixed: BTreeMap<_, _> = (1..=gmax)
                 .map(|g| (g, profile::fixed_tokens_per_second(&steps, g, &cm)))
                 .collect();
+            // `auto` replayed on the same steps (the shipped hazard model, costs held at `cm`).
+            let rows = controller::hazard::read_trace_rows(t)?;
+            let model = controller::hazard::HazardModel::default_model()?;
+            let auto = controller::replay::auto_on_traces(&rows, &model, &cm)?;
             Some(serde_json::json!({
                 "steps": steps.len(),
                 "oracle_tokens_per_second": profile::oracle_tokens_per_second(&steps, &cm),
                 "fixed_tokens_per_second": fixed,
+                "auto_tokens_per_second": auto.tokens_per_second,
+                "auto_mean_gamma": auto.mean_gamma,
+                "auto_plain_steps": auto.plain_steps,
             }))
         }
         (Some(_), None) => {

@@ -20,7 +20,8 @@ pub struct Args {
     /// adaedl[:LAMBDA[:KAPPA]], or plain (no draft).
     #[arg(long, default_value = "auto")]
     policy: String,
-    /// Predictor for speckv / speckv-cost (from `speckv train`).
+    /// Predictor for speckv / speckv-cost (from `speckv train`); without it, the one shipped with
+    /// speckv (trained on the Qwen2.5-Coder pair's traces of every regime).
     #[arg(long)]
     controller: Option<PathBuf>,
     /// Cost model for speckv-cost (from `speckv bench step`); for auto, the prior its online

@@ -86,18 +86,7 @@ pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
             if accepted < n {
                 break; // draft n is only reached when drafts 0..n−1 were accepted
             }
-            let (e, c) = match (r.draft_entropy, r.draft_confidence) {
-                (Some(e), Some(c)) => (e, c),
-                _ => {
-                    let prev = n.checked_sub(1).map(|p| &step[p]);
-                    let k = (n + 1) as f64;
-                    let e = k * r.mean_draft_entropy
-                        - prev.map_or(0.0, |p| n as f64 * p.mean_draft_entropy);
-                    let c = k * r.mean_draft_confidence
-                        - prev.map_or(0.0, |p| n as f64 * p.mean_draft_confidence);
-                    (e, c)
-                }
-            };
+            let (e, c) = draft_values(step, n);
             let (e, c) = (e as f32, c as f32);
             accum.push(e, c, 0);
             out.push(Example {
@@ -114,6 +103,27 @@ pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
         });
     }
     Ok(out)
+}
+
+/// Draft n's own (entropy, confidence) in the rows of one traced step: the rows' per-draft
+/// columns, or — in traces written before them — derived from consecutive prefix means (exact up
+/// to rounding).
+pub(crate) fn draft_values(step: &[TraceRow], n: usize) -> (f64, f64) {
+    let Some(r) = step.get(n) else {
+        return (f64::NAN, f64::NAN);
+    };
+    match (r.draft_entropy, r.draft_confidence) {
+        (Some(e), Some(c)) => (e, c),
+        _ => {
+            let prev = n.checked_sub(1).and_then(|p| step.get(p));
+            let k = (n + 1) as f64;
+            let e =
+                k * r.mean_draft_entropy - prev.map_or(0.0, |p| n as f64 * p.mean_draft_entropy);
+            let c = k * r.mean_draft_confidence
+                - prev.map_or(0.0, |p| n as f64 * p.mean_draft_confidence);
+            (e, c)
+        }
+    }
 }
 
 /// Step costs measured while decoding: an exponential moving average of the draft's time per

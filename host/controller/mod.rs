@@ -6,6 +6,7 @@ pub mod hazard;
 pub mod mlp;
 pub mod plot;
 pub mod records;
+pub mod replay;
 pub mod simulate;
 
 use std::path::Path;

@@ -153,20 +153,20 @@ pub fn policy_from_name(
             prior: CostModel::load(c)?,
         }))));
     }
-    let ctl = match controller {
-        Some(p) if name == "speckv" || name == "speckv-cost" => {
-            let cost = match (name, cost) {
-                ("speckv-cost", Some(c)) => Some(CostModel::load(c)?),
-                ("speckv-cost", None) => Some(CostModel::assumed()),
-                _ => None,
-            };
-            Some(Controller::new(
-                crate::controller::mlp::Mlp::load(p)?,
-                &controller::PAPER_CANDIDATES,
-                cost,
-            )?)
-        }
-        _ => None,
+    let ctl = if name == "speckv" || name == "speckv-cost" {
+        let cost = match (name, cost) {
+            ("speckv-cost", Some(c)) => Some(CostModel::load(c)?),
+            ("speckv-cost", None) => Some(CostModel::assumed()),
+            _ => None,
+        };
+        // Without --controller: the predictor shipped with speckv.
+        let mlp = match controller {
+            Some(p) => crate::controller::mlp::Mlp::load(p)?,
+            None => crate::controller::mlp::Mlp::shipped()?,
+        };
+        Some(Controller::new(mlp, &controller::PAPER_CANDIDATES, cost)?)
+    } else {
+        None
     };
     Policy::parse(name, ctl).map(Some)
 }

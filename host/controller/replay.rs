@@ -1,0 +1,103 @@
+//! The `auto` policy replayed on full-information traces (`speckv profile`: every step drafted
+//! γmax tokens, each draft's entropy and confidence recorded with the step's accepted count), under
+//! a fixed cost model: what `auto` would have emitted and spent on the very steps the trace oracle
+//! and the fixed-γ sweep are computed on. The whole policy runs — the stopping rule, the online
+//! calibration and the plain-step gate, restarted for every prompt as `generate` restarts them —
+//! with the costs held at the model's (no timing noise).
+
+use std::collections::BTreeMap;
+
+use speckv_kernels::params::{FeatureAccum, RowStats};
+
+use crate::controller::hazard::{draft_values, AutoState, HazardModel};
+use crate::controller::records::TraceRow;
+use crate::controller::CostModel;
+use crate::error::{Error, Result};
+
+/// What the replay produced.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Replay {
+    pub tokens_per_second: f64,
+    pub mean_gamma: f64,
+    /// Steps the gate made plain.
+    pub plain_steps: usize,
+    pub steps: usize,
+}
+
+/// Replays `auto` with `model` on trace rows (grouped by run, prompt and step, in file order).
+/// Tokens per second use `cost`'s milliseconds: a step that drafts n tokens and verifies γ costs
+/// n·draft + verify(γ); a plain step verify(0).
+pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) -> Result<Replay> {
+    // Steps per (run, prompt), in order.
+    let mut prompts: BTreeMap<(u32, usize), Vec<&[TraceRow]>> = BTreeMap::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let key = (rows[i].run, rows[i].prompt, rows[i].step);
+        let mut j = i;
+        while j < rows.len() && (rows[j].run, rows[j].prompt, rows[j].step) == key {
+            j += 1;
+        }
+        let step = &rows[i..j];
+        if step.len() as u32 != rows[i].trace_gamma_max || step.is_empty() {
+            return Err(Error::Other(format!(
+                "trace rows of run {} prompt {} step {}: {} rows for γmax {} (a full-information \
+                 trace lists every drafted position)",
+                key.0,
+                key.1,
+                key.2,
+                step.len(),
+                rows[i].trace_gamma_max
+            )));
+        }
+        prompts.entry((key.0, key.1)).or_default().push(step);
+        i = j;
+    }
+    if prompts.is_empty() {
+        return Err(Error::Empty {
+            what: "trace rows (no step to replay)",
+        });
+    }
+    let (mut tokens, mut ms, mut gammas) = (0.0f64, 0.0f64, 0usize);
+    let (mut plain, mut steps) = (0usize, 0usize);
+    for step_rows in prompts.values() {
+        let mut auto = AutoState::new(model, cost.clone());
+        for step in step_rows {
+            let gmax = step.len();
+            let accepted = step[0].trace_accepted as usize;
+            let compression = step[0].compression;
+            let (costs, g_allowed, mut rule) = auto.begin_step(gmax);
+            let mut accum = FeatureAccum::EMPTY;
+            let (mut gamma, mut forwards) = (0usize, 0usize);
+            for n in 0..g_allowed {
+                let (e, c) = draft_values(step, n);
+                let st = RowStats {
+                    entropy: e as f32,
+                    confidence: c as f32,
+                    ..Default::default()
+                };
+                accum.push(st.entropy, st.confidence, 0);
+                forwards += 1;
+                let d = rule.decide(&auto.weights, &accum, &st, compression, &costs, g_allowed);
+                auto.record(&d);
+                gamma += d.keep as usize;
+                if !d.more {
+                    break;
+                }
+            }
+            let draft_ms = forwards as f64 * cost.draft_ms_per_token;
+            let verify_ms = cost.verify(gamma as u32);
+            auto.end_step(forwards, draft_ms, gamma, verify_ms, accepted.min(gamma));
+            tokens += (accepted.min(gamma) + 1) as f64;
+            ms += draft_ms + verify_ms;
+            gammas += gamma;
+            plain += (g_allowed == 0) as usize;
+            steps += 1;
+        }
+    }
+    Ok(Replay {
+        tokens_per_second: tokens / ms * 1e3,
+        mean_gamma: gammas as f64 / steps as f64,
+        plain_steps: plain,
+        steps,
+    })
+}
