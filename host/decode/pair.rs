@@ -471,7 +471,13 @@ mod tests {
             policy_from_name("fixed:3", None, None).unwrap(),
             Some(Policy::Fixed(3))
         ));
-        assert!(policy_from_name("speckv", None, None).is_err());
+        // Without --controller, the shipped predictor; a controller that cannot be read is an error.
+        assert!(matches!(
+            policy_from_name("speckv", None, None).unwrap(),
+            Some(Policy::SpecKv(_))
+        ));
+        let missing = std::path::Path::new("/nonexistent/controller.json");
+        assert!(policy_from_name("speckv", Some(missing), None).is_err());
         assert!(policy_from_name("fixed:x", None, None).is_err());
         assert!(policy_from_name("confidence:1.5", None, None).is_err());
     }
