@@ -270,3 +270,19 @@ pub(crate) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
         source,
     })
 }
+
+/// The per-step predictor shipped with speckv, used by `--policy speckv` / `speckv-cost` without
+/// `--controller`: `speckv train --steps results/qwen/{fp16,int8,nf4,gguf}/steps.csv --out
+/// host/controller/default_controller.json` (the Qwen2.5-Coder 0.5B → 1.5B traces of every regime;
+/// the compression code is one of its inputs).
+pub const DEFAULT_CONTROLLER_JSON: &str = include_str!("default_controller.json");
+
+impl Mlp {
+    /// The shipped per-step predictor ([`DEFAULT_CONTROLLER_JSON`]).
+    pub fn shipped() -> Result<Mlp> {
+        let m: Mlp = serde_json::from_str(DEFAULT_CONTROLLER_JSON)
+            .map_err(|e| Error::Other(format!("the shipped controller is not valid: {e}")))?;
+        m.check()?;
+        Ok(m)
+    }
+}
