@@ -317,15 +317,7 @@ fn cuda_epilogue_decides_as_the_cpu_rule() {
     let (rows, vocab, gmax) = (24, 32000, 7);
     let costs = shipped_costs(gmax);
     let launch = |l: &Logits<'_>, o: &StatsOptions, a: &mut [FeatureAccum], s: Stop<'_>| {
-        let inputs = speckv::backend::cuda::StopInputs {
-            weights: s.weights,
-            state: s.state,
-            costs: s.costs,
-            gamma_max: s.gamma_max,
-            compression_code: s.compression_code,
-            odds_scale: s.odds_scale,
-        };
-        cuda.softmax_stats_stop(l, o, a, inputs).unwrap()
+        cuda.softmax_stats_stop(l, o, a, s).unwrap()
     };
     for k in [1.0, 0.6] {
         let (g, s) = run_step_on(&launch, &w, &costs, gmax, rows, vocab, None, k, false);

@@ -59,15 +59,7 @@ pub fn token_features(
 /// written before those columns — from consecutive prefix means (exact up to rounding).
 pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
     let mut out = Vec::new();
-    let mut i = 0;
-    while i < rows.len() {
-        let r0 = &rows[i];
-        let key = (r0.run, r0.prompt, r0.step);
-        let mut j = i;
-        while j < rows.len() && (rows[j].run, rows[j].prompt, rows[j].step) == key {
-            j += 1;
-        }
-        let step = &rows[i..j];
+    for step in trace_steps(rows) {
         // The accumulator the live rule reads, replayed in the same f32 arithmetic.
         let mut accum = FeatureAccum::EMPTY;
         for (n, r) in step.iter().enumerate() {
@@ -95,7 +87,6 @@ pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
                 group: r.run,
             });
         }
-        i = j;
     }
     if out.is_empty() {
         return Err(Error::Empty {
@@ -103,6 +94,11 @@ pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
         });
     }
     Ok(out)
+}
+
+/// The rows of each traced step (consecutive rows of one run, prompt and step), in file order.
+pub(crate) fn trace_steps(rows: &[TraceRow]) -> impl Iterator<Item = &[TraceRow]> {
+    rows.chunk_by(|a, b| (a.run, a.prompt, a.step) == (b.run, b.prompt, b.step))
 }
 
 /// Draft n's own (entropy, confidence) in the rows of one traced step: the rows' per-draft

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use crate::controller::hazard::{draft_values, AutoState, HazardModel};
+use crate::controller::hazard::{draft_values, trace_steps, AutoState, HazardModel};
 use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
@@ -30,27 +30,20 @@ pub struct Replay {
 pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) -> Result<Replay> {
     // Steps per (run, prompt), in order.
     let mut prompts: BTreeMap<(u32, usize), Vec<&[TraceRow]>> = BTreeMap::new();
-    let mut i = 0;
-    while i < rows.len() {
-        let key = (rows[i].run, rows[i].prompt, rows[i].step);
-        let mut j = i;
-        while j < rows.len() && (rows[j].run, rows[j].prompt, rows[j].step) == key {
-            j += 1;
-        }
-        let step = &rows[i..j];
-        if step.len() as u32 != rows[i].trace_gamma_max || step.is_empty() {
+    for step in trace_steps(rows) {
+        let r = &step[0];
+        if step.len() as u32 != r.trace_gamma_max {
             return Err(Error::Other(format!(
                 "trace rows of run {} prompt {} step {}: {} rows for γmax {} (a full-information \
                  trace lists every drafted position)",
-                key.0,
-                key.1,
-                key.2,
+                r.run,
+                r.prompt,
+                r.step,
                 step.len(),
-                rows[i].trace_gamma_max
+                r.trace_gamma_max
             )));
         }
-        prompts.entry((key.0, key.1)).or_default().push(step);
-        i = j;
+        prompts.entry((r.run, r.prompt)).or_default().push(step);
     }
     if prompts.is_empty() {
         return Err(Error::Empty {

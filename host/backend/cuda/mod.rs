@@ -25,7 +25,6 @@ mod verify;
 
 pub use controller::{DeviceController, GAMMA_BLOCK};
 pub use gemv::{DeviceMatrix, GEMV_BLOCK};
-pub use stop::StopInputs;
 
 /// Every kernel entry point of the embedded PTX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -3,25 +3,13 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use speckv_kernels::params::{
-    FeatureAccum, MlpWeights, RowStats, StepCosts, StopParams, StopState, STATS_STOP, STOP_TIMES,
+    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP, STOP_TIMES,
 };
 
 use super::CudaBackend;
-use crate::backend::emulate::StatsV2Output;
+use crate::backend::emulate::{StatsV2Output, Stop};
 use crate::error::{Error, Result};
 use crate::stats::{check_accum, stats_params, Accumulate, Logits, StatsOptions};
-
-/// The stopping rule's inputs for one launch (what the emulator's `Stop` carries).
-#[derive(Clone, Copy)]
-pub struct StopInputs<'a> {
-    pub weights: &'a MlpWeights,
-    /// Each sequence's state before the launch.
-    pub state: &'a [StopState],
-    pub costs: StepCosts,
-    pub gamma_max: u32,
-    pub compression_code: f32,
-    pub odds_scale: f32,
-}
 
 /// `StopParams` as bytes (`#[repr(C)]`, 112 bytes of pointers and 4-byte scalars, no padding:
 /// its size is asserted in the kernels crate).
@@ -44,7 +32,7 @@ impl CudaBackend {
         logits: &Logits<'_>,
         opts: &StatsOptions,
         accum: &mut [FeatureAccum],
-        stop: StopInputs<'_>,
+        stop: Stop<'_>,
     ) -> Result<StatsV2Output> {
         opts.validate()?;
         check_accum(Some(accum.len()), logits.rows(), opts)?;
