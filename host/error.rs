@@ -72,6 +72,8 @@ pub enum Error {
     NullPointer(&'static str),
     #[error("malformed model: {0}")]
     BadModel(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
     #[error("decoding step {step}: the model produced {what}; no token can be chosen from it")]
     NonFiniteLogits { step: usize, what: String },
     #[error(

@@ -164,3 +164,75 @@ pub fn verify_v2(
     ));
     (v, f)
 }
+
+/// Block sizes of the forward pass's elementwise and attention kernels.
+pub const EMBED_BLOCK: u32 = 128;
+pub const RMS_NORM_BLOCK: u32 = 256;
+pub const QKV_ROPE_BLOCK: u32 = 256;
+pub const ATTENTION_BLOCK: u32 = 128;
+pub const SILU_MUL_BLOCK: u32 = 256;
+
+/// `embed_f16`: one block per token.
+pub fn embed(m: u32, sm_count: u32) -> LaunchPlan {
+    LaunchPlan::new("embed_f16".into(), m, EMBED_BLOCK, 0, sm_count)
+}
+
+/// `rms_norm_f32` with `block` threads: one block per row.
+pub fn rms_norm(rows: u32, block: u32, sm_count: u32) -> LaunchPlan {
+    LaunchPlan::new(
+        "rms_norm_f32".into(),
+        rows,
+        block,
+        speckv_kernels::rms_norm::shared_bytes(block),
+        sm_count,
+    )
+}
+
+/// `qkv_rope_f32` with `block` threads: one thread per rotated pair and per v element.
+pub fn qkv_rope(
+    m: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    block: u32,
+    sm_count: u32,
+) -> LaunchPlan {
+    let items = speckv_kernels::qkv_rope::work_items(m, heads, kv_heads, head_dim);
+    LaunchPlan::new(
+        "qkv_rope_f32".into(),
+        items.div_ceil(block.max(1)).max(1),
+        block,
+        0,
+        sm_count,
+    )
+}
+
+/// `attention_f32_e{1,2,4,8}` with `block` threads: one block per (position, head); None for a
+/// head size the kernel does not take.
+pub fn attention(
+    m: u32,
+    heads: u32,
+    head_dim: u32,
+    block: u32,
+    sm_count: u32,
+) -> Option<LaunchPlan> {
+    let epl = speckv_kernels::attention::per_lane(head_dim)?;
+    Some(LaunchPlan::new(
+        format!("attention_f32_e{epl}"),
+        m * heads,
+        block,
+        speckv_kernels::attention::shared_bytes(block, head_dim),
+        sm_count,
+    ))
+}
+
+/// `silu_mul_f32` with `block` threads: one thread per four outputs.
+pub fn silu_mul(m: u32, ffn: u32, block: u32, sm_count: u32) -> LaunchPlan {
+    LaunchPlan::new(
+        "silu_mul_f32".into(),
+        (m * ffn / 4).div_ceil(block.max(1)).max(1),
+        block,
+        0,
+        sm_count,
+    )
+}

@@ -4,6 +4,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod emulate;
 pub mod external;
+pub mod forward;
 pub mod verify_v2;
 
 use std::time::{Duration, Instant};

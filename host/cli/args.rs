@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use speckv::weights::Regime;
-use speckv::{BackendKind, Error, Result};
+use speckv::{Error, Result};
 
 /// A target GGUF, its draft (a second GGUF or a layer subset of the target) and the target's
 /// weight regime.
@@ -39,16 +39,6 @@ impl ModelArgs {
             self.draft_regime,
         )
     }
-}
-
-/// The real-model path runs on the CPU backend only (the CUDA forward pass is not written yet).
-pub fn cpu_only(backend: BackendKind, command: &str) -> Result<()> {
-    if backend == BackendKind::Cuda {
-        return Err(Error::Other(format!(
-            "{command} runs on the CPU backend only for now (the CUDA forward pass is not written)"
-        )));
-    }
-    Ok(())
 }
 
 pub fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {

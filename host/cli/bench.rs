@@ -9,7 +9,7 @@ use speckv::decode::{pair, profile, GenConfig};
 use speckv::measure;
 use speckv::{Backend, BackendKind, Error};
 
-use crate::args::{check_seconds, cpu_only, json_out, progress_bar, write_json, ModelArgs};
+use crate::args::{check_seconds, json_out, progress_bar, write_json, ModelArgs};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -52,6 +52,19 @@ pub enum Command {
         /// Seconds of measurement per timing.
         #[arg(long, default_value_t = 0.1)]
         seconds: f64,
+        /// Time speckv's whole device decode step at a model's shapes (CUDA only; weights made on
+        /// the device): qwen2.5-coder-1.5b or qwen2.5-coder-0.5b.
+        #[arg(long)]
+        shapes: Option<String>,
+        /// With --shapes: the draft's shapes (default: the same as the target's).
+        #[arg(long)]
+        draft_shapes: Option<String>,
+        /// With --shapes: the cache length the steps attend over.
+        #[arg(long, default_value_t = 256)]
+        position: usize,
+        /// With --shapes: timed launches per measurement.
+        #[arg(long, default_value_t = 20)]
+        iters: u32,
         #[arg(long)]
         json: bool,
     },
@@ -88,6 +101,10 @@ pub struct DecodeArgs {
     /// Traces from `speckv profile` for the oracle.
     #[arg(long)]
     traces: Option<PathBuf>,
+    /// Only predict tokens/s from --traces under --cost (no model is loaded or run): e.g. the
+    /// CPU-measured traces under a GPU cost model from `bench step --backend cuda --shapes`.
+    #[arg(long)]
+    predict_only: bool,
     #[arg(long, default_value_t = 48)]
     max_tokens: usize,
     #[arg(long, default_value_t = 8)]
@@ -136,7 +153,28 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
         Command::Step {
             out_dir,
             seconds,
+            shapes: Some(t),
+            draft_shapes,
+            position,
+            iters,
             json,
+        } => {
+            let _ = seconds;
+            device_step(
+                backend,
+                &t,
+                draft_shapes.as_deref(),
+                position,
+                iters,
+                out_dir,
+                json,
+            )
+        }
+        Command::Step {
+            out_dir,
+            seconds,
+            json,
+            ..
         } => {
             let backend = Backend::new(backend)?;
             step(&backend, out_dir, check_seconds(seconds)?, json)
@@ -144,8 +182,65 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
     }
 }
 
+/// Tokens/s of plain decoding, every fixed γ, HF's heuristic, `auto` and the oracle, predicted from
+/// traced steps under a cost model.
+fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<serde_json::Value> {
+    let recs = records::read_records(traces)?;
+    let cm = controller::CostModel::load(cost)?;
+    let traced: Vec<&records::StepRecord> = recs
+        .iter()
+        .filter(|r| r.trace_gamma_max == Some(r.gamma))
+        .collect();
+    let steps: Vec<(u32, u32)> = traced.iter().map(|r| (r.gamma, r.accepted)).collect();
+    let heur: Vec<(u32, u32, bool)> = traced
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let first = i == 0 || {
+                let p = traced[i - 1];
+                (p.run, &p.task) != (r.run, &r.task)
+            };
+            (r.gamma, r.accepted, first)
+        })
+        .collect();
+    let gmax = steps.iter().map(|s| s.0).min().unwrap_or(0);
+    let fixed: BTreeMap<_, _> = (1..=gmax)
+        .map(|g| (g, profile::fixed_tokens_per_second(&steps, g, &cm)))
+        .collect();
+    // `auto` replayed on the same steps (the shipped hazard model, costs held at `cm`).
+    let rows = controller::hazard::read_trace_rows(traces)?;
+    let model = controller::hazard::HazardModel::default_model()?;
+    let auto = controller::replay::auto_on_traces(&rows, &model, &cm)?;
+    Ok(serde_json::json!({
+        "steps": steps.len(),
+        "cost_model": cm.source,
+        "plain_tokens_per_second": 1e3 / cm.verify(0),
+        "oracle_tokens_per_second": profile::oracle_tokens_per_second(&steps, &cm),
+        "fixed_tokens_per_second": fixed,
+        "heuristic_tokens_per_second": profile::heuristic_tokens_per_second(&heur, &cm),
+        "auto_tokens_per_second": auto.tokens_per_second,
+        "auto_mean_gamma": auto.mean_gamma,
+        "auto_plain_steps": auto.plain_steps,
+    }))
+}
+
 fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
-    cpu_only(backend, "bench decode")?;
+    if a.predict_only {
+        let (Some(t), Some(c)) = (&a.traces, &a.cost) else {
+            return Err(Error::Other(
+                "--predict-only needs --traces and --cost".to_string(),
+            ));
+        };
+        let v = predict(t, c)?;
+        if a.json {
+            return json_out(&v);
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| Error::Other(e.to_string()))?
+        );
+        return Ok(());
+    }
     let chosen = pair::prompts_from_file(&a.prompts, a.offset, a.per_category)?;
     let mut pols = Vec::new();
     for name in &a.policies {
@@ -155,6 +250,7 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
         ));
     }
     let p = a.models.load()?;
+    let device = speckv::decode::device::Device::open(backend, &p.target, p.draft_model())?;
     let once: Vec<Vec<u32>> = chosen
         .iter()
         .map(|(_, pr)| p.encode_chat(&pr.prompt))
@@ -173,7 +269,7 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
     };
     let bar = progress_bar((pols.len() * ids.len()) as u64, "decoding");
     let mut started = false;
-    let res = pair::bench_decode(&p, &ids, &pols, &cfg, &mut |name, i| {
+    let res = pair::bench_decode(&p, &device, &ids, &pols, &cfg, &mut |name, i| {
         bar.set_message(format!("prompt {} {name}", i + 1));
         if started {
             bar.inc(1);
@@ -183,31 +279,7 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
     bar.finish_and_clear();
     // The trace-based oracle and fixed γ under the measured cost model.
     let trace = match (&a.traces, &a.cost) {
-        (Some(t), Some(c)) => {
-            let recs = records::read_records(t)?;
-            let cm = controller::CostModel::load(c)?;
-            let steps: Vec<(u32, u32)> = recs
-                .iter()
-                .filter(|r| r.trace_gamma_max == Some(r.gamma))
-                .map(|r| (r.gamma, r.accepted))
-                .collect();
-            let gmax = steps.iter().map(|s| s.0).min().unwrap_or(0);
-            let fixed: BTreeMap<_, _> = (1..=gmax)
-                .map(|g| (g, profile::fixed_tokens_per_second(&steps, g, &cm)))
-                .collect();
-            // `auto` replayed on the same steps (the shipped hazard model, costs held at `cm`).
-            let rows = controller::hazard::read_trace_rows(t)?;
-            let model = controller::hazard::HazardModel::default_model()?;
-            let auto = controller::replay::auto_on_traces(&rows, &model, &cm)?;
-            Some(serde_json::json!({
-                "steps": steps.len(),
-                "oracle_tokens_per_second": profile::oracle_tokens_per_second(&steps, &cm),
-                "fixed_tokens_per_second": fixed,
-                "auto_tokens_per_second": auto.tokens_per_second,
-                "auto_mean_gamma": auto.mean_gamma,
-                "auto_plain_steps": auto.plain_steps,
-            }))
-        }
+        (Some(t), Some(c)) => Some(predict(t, c)?),
         (Some(_), None) => {
             return Err(Error::Other(
                 "--traces needs --cost (the .cost.json speckv profile wrote)".to_string(),
@@ -240,6 +312,67 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
                 .unwrap_or_default()
         );
     }
+    Ok(())
+}
+
+/// `bench step --shapes`: the device decode step at a model's shapes, on CUDA.
+fn device_step(
+    backend: BackendKind,
+    target: &str,
+    draft: Option<&str>,
+    position: usize,
+    iters: u32,
+    out_dir: PathBuf,
+    json: bool,
+) -> speckv::Result<()> {
+    use speckv::model::device::named_shape;
+    if backend == BackendKind::Cpu {
+        return Err(Error::Other(
+            "bench step --shapes times the CUDA decode step: use --backend cuda (or auto on a GPU)"
+                .to_string(),
+        ));
+    }
+    if iters == 0 || position == 0 {
+        return Err(Error::Other(
+            "--iters and --position must be at least 1".to_string(),
+        ));
+    }
+    let t = named_shape(target)?;
+    let d = named_shape(draft.unwrap_or(target))?;
+    let cuda = speckv::backend::cuda::CudaBackend::new(0)?;
+    let r = speckv::measure::device_step::device_steps(&cuda, &t, &d, position, iters)?;
+    std::fs::create_dir_all(&out_dir).map_err(|source| Error::Io {
+        context: format!("creating {}", out_dir.display()),
+        source,
+    })?;
+    for s in &r.regimes {
+        write_json(
+            &out_dir.join(format!("cost_{}.json", s.format.name())),
+            &s.cost,
+        )?;
+    }
+    if json {
+        return json_out(&r);
+    }
+    println!(
+        "device decode step on {} at cache length {} (copy bandwidth {:.0} GB/s); draft {:.3} ms",
+        r.device, r.position, r.copy_bandwidth_gb_s, r.draft_ms_per_token
+    );
+    for s in &r.regimes {
+        println!(
+            "{:<5} M=1 {:.3} ms ({:.0}% of the weights' streaming time {:.3} ms); γ=0..8: {:?}",
+            s.format.name(),
+            s.cost.verify_ms[0],
+            100.0 * s.bandwidth_fraction,
+            s.stream_ms,
+            s.cost
+                .verify_ms
+                .iter()
+                .map(|v| (v * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>()
+        );
+    }
+    println!("written: {}/cost_{{fp16,int8,nf4}}.json", out_dir.display());
     Ok(())
 }
 

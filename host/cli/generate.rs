@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use speckv::decode::{pair, GenConfig};
 use speckv::BackendKind;
 
-use crate::args::{check_temperature, cpu_only, json_out, ModelArgs};
+use crate::args::{check_temperature, json_out, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -42,10 +42,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
-    cpu_only(backend, "generate")?;
     check_temperature(a.temperature)?;
     let pol = pair::policy_from_name(&a.policy, a.controller.as_deref(), a.cost.as_deref())?;
     let p = a.models.load()?;
+    let device = speckv::decode::device::Device::open(backend, &p.target, p.draft_model())?;
     let ids = p.encode_chat(&a.prompt)?;
     let cfg = GenConfig {
         max_tokens: a.max_tokens,
@@ -72,15 +72,15 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             }
         }
     };
+    let room = ids.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
+    let (mut tp, mut dp) = device.passes(&p.target, p.draft_model(), p.draft_mask(), room)?;
     let stats = match &pol {
-        None => {
-            speckv::decode::plain_streamed(&p.target, &ids, &p.tokenizer.stop, &cfg, &mut |t| {
-                stream(&[t])
-            })?
-        }
-        Some(pl) => speckv::decode::speculative_traced(
-            &p.target,
-            &p.draft(),
+        None => speckv::decode::plain_on(tp.as_mut(), &ids, &p.tokenizer.stop, &cfg, &mut |t| {
+            stream(&[t])
+        })?,
+        Some(pl) => speckv::decode::speculative_on(
+            tp.as_mut(),
+            dp.as_mut(),
             &ids,
             &p.tokenizer.stop,
             pl,

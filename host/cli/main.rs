@@ -53,8 +53,8 @@ enum Command {
     Simulate(simulate::Args),
     /// Quantise a float32 .npy matrix to FP16, INT8 or NF4 safetensors.
     Quantize(quantize::Args),
-    /// Generate text with speculative decoding (CPU backend): streams the text, then tokens/s,
-    /// acceptance, mean γ and the γ histogram.
+    /// Generate text with speculative decoding (the CPU forward pass, or speckv's device pass with
+    /// --backend cuda): streams the text, then tokens/s, acceptance, mean γ and the γ histogram.
     Generate(generate::Args),
     /// Full-information traces: every step drafts γmax tokens and verifies all, recording the
     /// outcome of every γ ≤ γmax (same random numbers), the draft features (prefix and lagged) and

@@ -13,6 +13,8 @@ pub enum Kernel {
     SoftmaxStats,
     Verify,
     Gemv,
+    /// The whole device decode step of a model's shapes (`--shapes`, `--format`, `--m`).
+    Step,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -54,6 +56,9 @@ pub struct Args {
     /// Kernel version (1: the oracle, 2: what the backends launch).
     #[arg(long, default_value_t = 2)]
     version: u32,
+    /// step: a model's shapes (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b).
+    #[arg(long)]
+    shapes: Option<String>,
     /// SMs to plan for (default: the CUDA device's, else an H200's 132).
     #[arg(long)]
     sms: Option<u32>,
@@ -131,6 +136,31 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                     serde_json::json!({"row_splits": f.verify.row_splits, "sample_splits": f.verify.sample_splits, "workspace_bytes": f.bytes}),
                 )
             }
+        }
+        Kernel::Step => {
+            let name = a
+                .shapes
+                .as_deref()
+                .ok_or_else(|| Error::Other("--shapes is required for the step".into()))?;
+            let format = a
+                .format
+                .ok_or_else(|| Error::Other("--format is required".into()))?;
+            let m = need(a.m, "m")?;
+            let shape =
+                speckv::model::device::Shape::of(&speckv::model::device::named_shape(name)?)?;
+            let ops = speckv::model::device::step_plan(&shape, format, m as usize, sms)?;
+            let launches: Vec<LaunchPlan> = ops.iter().map(|(_, p)| p.clone()).collect();
+            let fewest = launches
+                .iter()
+                .min_by_key(|p| p.grid[0])
+                .cloned()
+                .ok_or(Error::Empty { what: "launches" })?;
+            let under = launches.iter().filter(|p| p.grid[0] < sms).count();
+            (
+                fewest,
+                launches,
+                serde_json::json!({"launches": ops.len(), "launches_with_fewer_blocks_than_sms": under}),
+            )
         }
         Kernel::Gemv => {
             let format = a

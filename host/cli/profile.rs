@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use speckv::decode::{pair, profile, GenConfig, Policy};
 use speckv::{BackendKind, Error};
 
-use crate::args::{check_temperature, cpu_only, progress_bar, write_json, ModelArgs};
+use crate::args::{check_temperature, progress_bar, write_json, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,10 +38,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
-    cpu_only(backend, "profile")?;
     check_temperature(a.temperature)?;
     let chosen = pair::prompts_from_file(&a.prompts, a.offset, a.per_category)?;
     let p = a.models.load()?;
+    let device = speckv::decode::device::Device::open(backend, &p.target, p.draft_model())?;
     let cfg = GenConfig {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -60,9 +60,11 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         bar.set_message(format!("{} #{run}", pr.category));
         let ids = p.encode_chat(&pr.prompt)?;
         let mut steps = Vec::new();
-        let s = speckv::decode::speculative_traced(
-            &p.target,
-            &p.draft(),
+        let room = ids.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
+        let (mut tp, mut dp) = device.passes(&p.target, p.draft_model(), p.draft_mask(), room)?;
+        let s = speckv::decode::speculative_on(
+            tp.as_mut(),
+            dp.as_mut(),
             &ids,
             &p.tokenizer.stop,
             &Policy::Fixed(a.gamma_max),
@@ -78,9 +80,9 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         if a.cost_reps > 0 {
             let mut ctx = ids.clone();
             ctx.extend_from_slice(&s.tokens);
-            costs.push(profile::measure_costs(
-                &p.target,
-                &p.draft(),
+            costs.push(profile::measure_costs_on(
+                tp.as_mut(),
+                dp.as_mut(),
                 &ctx,
                 a.gamma_max,
                 a.cost_reps,

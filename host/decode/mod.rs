@@ -8,11 +8,12 @@
 //! it proposed but never fed (the last one of a fully accepted step), kept in a backlog.
 
 pub mod calibrate;
+pub mod device;
 pub mod pair;
 pub mod profile;
 mod speculative;
 
-pub use speculative::{speculative, speculative_traced};
+pub use speculative::{speculative, speculative_on, speculative_traced};
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use crate::controller::hazard::HazardModel;
 use crate::controller::records::Compression;
 use crate::controller::{Controller, CostModel};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Model};
+use crate::model::{CpuPass, Model, Pass};
 use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 
 /// How γ is chosen each step.
@@ -229,13 +230,24 @@ pub fn plain_streamed(
     cfg: &GenConfig,
     on_token: &mut (dyn FnMut(u32) + Send),
 ) -> Result<GenStats> {
+    plain_on(&mut CpuPass::new(target, None), prompt, stop, cfg, on_token)
+}
+
+/// [`plain_streamed`] on any pass (CPU, CUDA, the emulator).
+pub fn plain_on(
+    pass: &mut (dyn Pass + Send),
+    prompt: &[u32],
+    stop: &[u32],
+    cfg: &GenConfig,
+    on_token: &mut (dyn FnMut(u32) + Send),
+) -> Result<GenStats> {
     // The loop runs on a thread of the pool: the products' parallel jobs then go to that thread's
     // own queue, not the pool's injector queue (which allocates), and it works on them itself.
-    rayon::scope(|_| plain_loop(target, prompt, stop, cfg, on_token))
+    rayon::scope(|_| plain_loop(pass, prompt, stop, cfg, on_token))
 }
 
 fn plain_loop(
-    target: &Model,
+    pass: &mut (dyn Pass + Send),
     prompt: &[u32],
     stop: &[u32],
     cfg: &GenConfig,
@@ -246,12 +258,11 @@ fn plain_loop(
     }
     let cpu = CpuBackend::new();
     let start = Instant::now();
-    let mut cache = KvCache::new(&target.cfg);
-    cache.reserve(prompt.len() + cfg.max_tokens + 1);
-    let mut logits = target.forward(prompt, &mut cache, 1)?;
+    pass.reserve(prompt.len() + cfg.max_tokens + 1)?;
+    let mut logits = pass.run(prompt, 1)?.to_vec();
     let prefill = start.elapsed().as_secs_f64();
     let mut out = Vec::with_capacity(cfg.max_tokens);
-    let v = target.cfg.vocab;
+    let v = pass.cfg().vocab;
     for step in 0..cfg.max_tokens {
         let next = if cfg.temperature == 0.0 {
             argmax(&logits, step)?
@@ -281,7 +292,7 @@ fn plain_loop(
         if out.len() == cfg.max_tokens {
             break;
         }
-        logits.copy_from_slice(target.forward_into(&[next], &mut cache, 1, None)?);
+        logits.copy_from_slice(pass.run(&[next], 1)?);
     }
     let s = start.elapsed().as_secs_f64();
     Ok(GenStats {

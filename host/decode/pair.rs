@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::controller::records::Compression;
 use crate::controller::{self, Controller, CostModel};
+use crate::decode::device::Device;
 use crate::decode::profile::Prompt;
 use crate::decode::{self, Draft, GenConfig, GenStats, Policy};
 use crate::error::{Error, Result};
@@ -102,6 +103,16 @@ impl Pair {
         })
     }
 
+    /// The draft model, when it is not the target skipping layers.
+    pub fn draft_model(&self) -> Option<&Model> {
+        self.draft_model.as_ref()
+    }
+
+    /// The self-speculative draft's layers (empty with a draft model).
+    pub fn draft_mask(&self) -> &[bool] {
+        &self.mask
+    }
+
     pub fn draft(&self) -> Draft<'_> {
         match &self.draft_model {
             Some(m) => Draft::Model(m),
@@ -114,22 +125,27 @@ impl Pair {
         self.tokenizer.encode(&Tokenizer::chat_prompt(prompt))
     }
 
-    /// Decodes `prompt_ids` with `policy` (`None` = plain decoding of the target).
+    /// Decodes `prompt_ids` with `policy` (`None` = plain decoding of the target) on `device`.
     pub fn run(
         &self,
+        device: &Device,
         prompt_ids: &[u32],
         policy: Option<&Policy>,
         cfg: &GenConfig,
     ) -> Result<GenStats> {
+        let room = prompt_ids.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
+        let (mut t, mut d) = device.passes(&self.target, self.draft_model(), &self.mask, room)?;
+        let stop = &self.tokenizer.stop;
         match policy {
-            None => decode::plain(&self.target, prompt_ids, &self.tokenizer.stop, cfg),
-            Some(p) => decode::speculative(
-                &self.target,
-                &self.draft(),
+            None => decode::plain_on(t.as_mut(), prompt_ids, stop, cfg, &mut |_| {}),
+            Some(p) => decode::speculative_on(
+                t.as_mut(),
+                d.as_mut(),
                 prompt_ids,
-                &self.tokenizer.stop,
+                stop,
                 p,
                 cfg,
+                &mut |_| {},
             ),
         }
     }
@@ -283,6 +299,7 @@ pub fn paired(results: &[PolicyResult], policy: &str, against: &str) -> Option<P
 /// background load) spreads over all policies instead of biasing the ones that ran last.
 pub fn bench_decode(
     pair: &Pair,
+    device: &Device,
     prompts: &[Vec<u32>],
     policies: &[(String, Option<Policy>)],
     cfg: &GenConfig,
@@ -308,7 +325,7 @@ pub fn bench_decode(
     for (i, ids) in prompts.iter().enumerate() {
         for ((name, pol), a) in policies.iter().zip(acc.iter_mut()) {
             progress(name, i);
-            let s = pair.run(ids, pol.as_ref(), cfg)?;
+            let s = pair.run(device, ids, pol.as_ref(), cfg)?;
             a.tokens += s.tokens.len();
             a.secs += s.seconds - s.prefill_seconds;
             a.steps += s.steps;

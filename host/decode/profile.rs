@@ -21,7 +21,7 @@ use crate::controller::records::Compression;
 use crate::controller::CostModel;
 use crate::decode::{Draft, StepTrace};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Model};
+use crate::model::{CpuPass, Model, Pass};
 
 /// One prompt of a prompt set (`prompts/prompts.jsonl`: `{"category": …, "prompt": …}`).
 #[derive(Clone, Debug, Deserialize)]
@@ -159,39 +159,57 @@ pub fn measure_costs(
             "measuring costs needs a context of at least 2 tokens and reps ≥ 1".to_string(),
         ));
     }
-    let (dmodel, dmask): (&Model, Option<&[bool]>) = match draft {
-        Draft::Model(m) => (m, None),
-        Draft::SkipLayers(mask) => (target, Some(mask.as_slice())),
+    let mut tpass = CpuPass::new(target, None);
+    let mut dpass = match draft {
+        Draft::Model(m) => CpuPass::new(m, None),
+        Draft::SkipLayers(mask) => CpuPass::new(target, Some(mask.as_slice())),
     };
+    measure_costs_on(&mut tpass, &mut dpass, context, gamma_max, reps)
+}
+
+/// [`measure_costs`] on any target and draft passes (emptied first). A pass's time includes
+/// reading its logits back to the host, as the decode loop does.
+pub fn measure_costs_on(
+    tpass: &mut dyn Pass,
+    dpass: &mut dyn Pass,
+    context: &[u32],
+    gamma_max: u32,
+    reps: usize,
+) -> Result<CostModel> {
+    if context.len() < 2 || reps == 0 {
+        return Err(Error::Other(
+            "measuring costs needs a context of at least 2 tokens and reps ≥ 1".to_string(),
+        ));
+    }
+    tpass.truncate(0);
+    dpass.truncate(0);
     let fill: Vec<u32> = context
         .iter()
         .cycle()
         .take(gamma_max as usize + 1)
         .copied()
         .collect();
-    let mut tcache = KvCache::new(&target.cfg);
-    target.forward(context, &mut tcache, 1)?;
-    let base = tcache.len();
+    tpass.run(context, 1)?;
+    let base = tpass.len();
     let mut verify_ms = Vec::new();
     for g in 0..=gamma_max as usize {
         let mut best = f64::INFINITY;
         for _ in 0..reps {
             let t = Instant::now();
-            target.forward(&fill[..g + 1], &mut tcache, g + 1)?;
+            tpass.run(&fill[..g + 1], g + 1)?;
             best = best.min(t.elapsed().as_secs_f64() * 1e3);
-            tcache.truncate(base);
+            tpass.truncate(base);
         }
         verify_ms.push(best);
     }
-    let mut dcache = KvCache::new(&dmodel.cfg);
-    dmodel.forward_layers(context, &mut dcache, 1, dmask)?;
-    let dbase = dcache.len();
+    dpass.run(context, 1)?;
+    let dbase = dpass.len();
     let mut draft_ms = f64::INFINITY;
     for _ in 0..reps {
         let t = Instant::now();
-        dmodel.forward_layers(&fill[..1], &mut dcache, 1, dmask)?;
+        dpass.run(&fill[..1], 1)?;
         draft_ms = draft_ms.min(t.elapsed().as_secs_f64() * 1e3);
-        dcache.truncate(dbase);
+        dpass.truncate(dbase);
     }
     Ok(CostModel {
         draft_ms_per_token: draft_ms,
@@ -258,6 +276,31 @@ pub fn fixed_tokens_per_second(steps: &[(u32, u32)], gamma: u32, cost: &CostMode
     }
     let tok: f64 = steps.iter().map(|&(_, k)| (k.min(gamma) + 1) as f64).sum();
     Some(tok / (steps.len() as f64 * cost.step(gamma)) * 1e3)
+}
+
+/// HF's heuristic schedule replayed on traced steps `(γmax, accepted, first step of a prompt)`:
+/// γ starts at 4 on each prompt, +2 after a fully accepted step, −1 (at least 1) otherwise, at
+/// most γmax; a traced step at γ yields min(k, γ) + 1 tokens at γ's cost (steps are replayed
+/// where they were traced, as for [`fixed_tokens_per_second`]).
+pub fn heuristic_tokens_per_second(steps: &[(u32, u32, bool)], cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() {
+        return None;
+    }
+    let (mut tok, mut time, mut g) = (0.0f64, 0.0f64, 4u32);
+    for &(gmax, k, first) in steps {
+        if first {
+            g = 4;
+        }
+        let gamma = g.min(gmax).max(1);
+        tok += (k.min(gamma) + 1) as f64;
+        time += cost.step(gamma);
+        g = if k >= gamma {
+            (gamma + 2).min(gmax)
+        } else {
+            gamma.saturating_sub(1).max(1)
+        };
+    }
+    Some(tok / time * 1e3)
 }
 
 #[cfg(test)]

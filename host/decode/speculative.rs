@@ -9,7 +9,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::controller::hazard::{AutoState, StopRule};
 use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Model};
+use crate::model::{CpuPass, Model, Pass};
 use crate::stats::cpu::StatsScratch;
 use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
@@ -36,13 +36,31 @@ pub fn speculative_traced(
     cfg: &GenConfig,
     on_step: &mut (dyn FnMut(&StepTrace) + Send),
 ) -> Result<GenStats> {
+    let mut tpass = CpuPass::new(target, None);
+    let mut dpass = match draft {
+        Draft::Model(m) => CpuPass::new(m, None),
+        Draft::SkipLayers(mask) => CpuPass::new(target, Some(mask.as_slice())),
+    };
+    speculative_on(&mut tpass, &mut dpass, prompt, stop, policy, cfg, on_step)
+}
+
+/// [`speculative_traced`] on any target and draft passes (CPU, CUDA, the emulator).
+pub fn speculative_on(
+    tpass: &mut (dyn Pass + Send),
+    dpass: &mut (dyn Pass + Send),
+    prompt: &[u32],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+    on_step: &mut (dyn FnMut(&StepTrace) + Send),
+) -> Result<GenStats> {
     // On a pool thread, as `plain_streamed`.
-    rayon::scope(|_| speculative_loop(target, draft, prompt, stop, policy, cfg, on_step))
+    rayon::scope(|_| speculative_loop(tpass, dpass, prompt, stop, policy, cfg, on_step))
 }
 
 fn speculative_loop(
-    target: &Model,
-    draft: &Draft<'_>,
+    tpass: &mut (dyn Pass + Send),
+    dpass: &mut (dyn Pass + Send),
     prompt: &[u32],
     stop: &[u32],
     policy: &Policy,
@@ -58,31 +76,23 @@ fn speculative_loop(
             crate::weights::gemv::MAX_M - 1
         )));
     }
-    let v = target.cfg.vocab;
-    let (dmodel, dmask): (&Model, Option<&[bool]>) = match draft {
-        Draft::Model(m) => {
-            if m.cfg.vocab != v {
-                return Err(Error::Other(format!(
-                    "draft vocabulary {} differs from the target's {v}",
-                    m.cfg.vocab
-                )));
-            }
-            (m, None)
-        }
-        Draft::SkipLayers(mask) => (target, Some(mask.as_slice())),
-    };
+    let v = tpass.cfg().vocab;
+    if dpass.cfg().vocab != v {
+        return Err(Error::Other(format!(
+            "draft vocabulary {} differs from the target's {v}",
+            dpass.cfg().vocab
+        )));
+    }
     let cpu = CpuBackend::new();
     let start = Instant::now();
-    let mut tcache = KvCache::new(&target.cfg);
-    let mut dcache = KvCache::new(&dmodel.cfg);
     let room = prompt.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
-    tcache.reserve(room);
-    dcache.reserve(room);
+    tpass.reserve(room)?;
+    dpass.reserve(room)?;
     // Prefill all but the last prompt token; it becomes the pending token.
     let (head, last) = prompt.split_at(prompt.len() - 1);
     if !head.is_empty() {
-        target.forward(head, &mut tcache, 1)?;
-        dmodel.forward_layers(head, &mut dcache, 1, dmask)?;
+        tpass.run(head, 1)?;
+        dpass.run(head, 1)?;
     }
     let prefill = start.elapsed().as_secs_f64();
     let mut pending = last[0];
@@ -162,7 +172,7 @@ fn speculative_loop(
         backlog.clear();
         feed.push(pending);
         while (xs.len() as u32) < gmax {
-            let q = dmodel.forward_into(&feed, &mut dcache, 1, dmask)?;
+            let q = dpass.run(&feed, 1)?;
             fed = true;
             forwards += 1;
             let l = Logits::dense(LogitsData::F32(q), v)?;
@@ -235,11 +245,11 @@ fn speculative_loop(
         let draft_seconds = t_draft.elapsed().as_secs_f64();
         // Verify: target over [pending, x_0..x_{g-1}] → g + 1 rows.
         let t_verify = Instant::now();
-        let before = tcache.len();
+        let before = tpass.len();
         tin.clear();
         tin.push(pending);
         tin.extend_from_slice(&xs);
-        let p = target.forward_into(&tin, &mut tcache, g + 1, None)?;
+        let p = tpass.run(&tin, g + 1)?;
         let temps = [cfg.temperature];
         let gammas = [g as i32];
         tokens.clear();
@@ -294,15 +304,15 @@ fn speculative_loop(
         accepted_total += k;
         hist[g] += 1;
         // Target cache: pending + the k accepted drafts.
-        tcache.truncate(before + 1 + k);
+        tpass.truncate(before + 1 + k);
         // Draft cache: after drafting g ≥ 1 tokens it holds C + g entries (…, pending, x_0..x_{g-2})
         // — C + g + 1 when a confidence stop fed x_{g-1} too. Keep the committed ones; a fully
         // accepted step whose x_{g-1} was never fed leaves it in the backlog. (g = 0: the backlog
         // already holds what the draft has not seen.)
         if g > 0 {
-            let last_fed = dcache.len() == before + 1 + g;
+            let last_fed = dpass.len() == before + 1 + g;
             let keep = if k == g && last_fed { g } else { k.min(g - 1) };
-            dcache.truncate(before + 1 + keep);
+            dpass.truncate(before + 1 + keep);
             backlog.clear();
             if k == g && !last_fed {
                 backlog.push(xs[g - 1]);

@@ -4,6 +4,7 @@
 //! benchmark with a cold L2 against the device's copy bandwidth ([`gpu_bench`]).
 
 pub mod cpu_bench;
+pub mod device_step;
 pub mod gpu_bench;
 pub mod overhead;
 pub mod regime;

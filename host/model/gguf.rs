@@ -12,7 +12,8 @@ use candle_core::Device;
 use crate::error::{Error, Result};
 
 /// Architecture hyper-parameters from GGUF metadata.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub arch: String,
     pub layers: usize,

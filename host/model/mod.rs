@@ -10,15 +10,18 @@
 //! panic inside it is caught and turned into an error.
 
 mod cache;
+pub mod device;
 mod forward;
 mod gguf;
 mod ops;
+pub mod pass;
 pub mod tokenizer;
 
 pub use cache::KvCache;
 pub use gguf::{guarded, read_gguf, Config};
 use gguf::{load_f32, load_raw};
 use ops::RopeTable;
+pub use pass::{CpuPass, Pass};
 
 use std::fs::File;
 use std::io::BufReader;

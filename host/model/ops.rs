@@ -53,6 +53,24 @@ impl RopeTable {
         (c as f32, s as f32)
     }
 
+    /// (cos, sin) of every (position, pair) for positions `0..positions`: the values [`apply`]
+    /// uses, as the device forward pass's table.
+    ///
+    /// [`apply`]: RopeTable::apply
+    pub fn pairs(&self, positions: usize) -> Vec<[f32; 2]> {
+        let mut out = Vec::with_capacity(positions * self.half);
+        for pos in 0..positions {
+            for j in 0..self.half {
+                let (c, s) = match self.cs.get(pos * self.half + j) {
+                    Some(&v) => v,
+                    None => Self::angle(pos, j, self.base, self.hd),
+                };
+                out.push([c, s]);
+            }
+        }
+        out
+    }
+
     /// Rotary embedding in place on `[m, heads, hd]` at positions pos0.., llama's adjacent pairs
     /// (GGUF stores llama's q/k permuted for them) or qwen2's halves (`neox`).
     pub fn apply(&self, x: &mut [f32], heads: usize, pos0: usize, neox: bool) {

@@ -57,4 +57,12 @@ pub const ENTRY_POINTS: &[&str] = &[
     "gemv_tc_int8_n16",
     "gemv_tc_nf4_n8",
     "gemv_tc_nf4_n16",
+    "embed_f16",
+    "rms_norm_f32",
+    "qkv_rope_f32",
+    "attention_f32_e1",
+    "attention_f32_e2",
+    "attention_f32_e4",
+    "attention_f32_e8",
+    "silu_mul_f32",
 ];

@@ -7,7 +7,7 @@
 //! accumulators (one per row of x — a compile-time tile, so they stay in registers), then a warp
 //! butterfly per accumulator. W is read once whatever M is; x is re-read by every warp from cache.
 
-use crate::gpu;
+use crate::gpu::{self, F4};
 use crate::params::{GemvParams, GemvV2Params, NF4_BLOCK, NF4_CODE};
 
 /// A weight storage format: element (row, k) as f32.
@@ -277,11 +277,6 @@ pub fn plan_v2(format: u32, out: u32, inp: u32, m: u32, sm_count: u32) -> GemvPl
         partials_offset: counters,
     }
 }
-
-/// A 16-byte-aligned group of four f32 in shared memory (one `ld.shared.v4`).
-#[repr(C, align(16))]
-#[derive(Clone, Copy)]
-struct F4([f32; 4]);
 
 /// The split-K epilogue: this block's partial sums are written (each writer fenced); the last
 /// block of the row tile to arrive sums every split's partials, in split order, into y.

@@ -183,6 +183,18 @@ mod imp {
         r
     }
 
+    /// √x, correctly rounded (`sqrt.rn.f32`), as the host's `f32::sqrt`.
+    #[inline(always)]
+    pub fn sqrt_rn(x: f32) -> f32 {
+        let r: f32;
+        // SAFETY: a register instruction.
+        unsafe {
+            asm!("sqrt.rn.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x,
+                 options(pure, nomem, nostack));
+        }
+        r
+    }
+
     // Global memory: one `ld.global` / `st.global` per access, of the access's width. Inline PTX
     // rather than a dereference because the pointers arrive inside a by-value parameter struct,
     // where LLVM cannot prove them global and would emit generic `ld`.
@@ -457,6 +469,10 @@ mod imp {
         super::f32_to_f16_bits(x)
     }
     #[inline]
+    pub fn sqrt_rn(x: f32) -> f32 {
+        x.sqrt()
+    }
+    #[inline]
     pub unsafe fn sh_ld<T: Copy>(base: *const T, i: usize) -> T {
         emu::shared_load(base, i)
     }
@@ -469,7 +485,7 @@ mod imp {
 pub use imp::{
     atomic_add_u32, block_dim_x, block_idx_x, dynamic_shared, exp2_approx, f16_to_f32, f32_to_f16,
     grid_dim_x, log2_approx, mma_m16n8k16, rcp_approx, sh_ld, sh_st, shfl_down_u32, shfl_idx_u32,
-    shfl_xor_u32, sync_threads, sync_warp, thread_idx_x, threadfence,
+    shfl_xor_u32, sqrt_rn, sync_threads, sync_warp, thread_idx_x, threadfence,
 };
 
 /// Element `i` of the global buffer at `base` (`ld.global`, the access's natural width; types of
@@ -558,6 +574,11 @@ unsafe fn load_as<T: Copy>(p: *const u8, nc: bool) -> T {
         out.assume_init()
     }
 }
+
+/// Four f32 in one 16-byte-aligned group: [`ld`] / [`st`] move it with one `.v4` access.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct F4(pub [f32; 4]);
 
 /// This thread's lane within its warp.
 #[inline(always)]

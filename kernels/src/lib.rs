@@ -27,14 +27,19 @@
 #![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
 
 /// Every PTX entry point by name (also `include!`d by `build.rs`).
+pub mod attention;
+pub mod embed;
 pub mod entries;
 pub mod gamma_mlp;
 pub mod gemv;
 pub mod gpu;
 pub mod params;
 pub mod philox;
+pub mod qkv_rope;
 pub mod reduce;
+pub mod rms_norm;
 pub mod rows;
+pub mod silu_mul;
 pub mod softmax_stats;
 pub mod stop_rule;
 pub mod verify;

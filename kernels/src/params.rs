@@ -587,3 +587,138 @@ unsafe impl Send for GemvV2Params {}
 unsafe impl Sync for GemvV2Params {}
 
 const _: () = assert!(core::mem::size_of::<GemvV2Params>() == 64);
+
+// ---------------------------------------------------------------------------------------------
+// The forward pass of a llama / qwen2 decoder (`rms_norm`, `embed`, `qkv_rope`, `attention`,
+// `silu_mul`): activations are f32 `[m, width]` row-major, the KV cache is f16 `[capacity,
+// kv_heads · head_dim]` per layer, and the cache length before the step is read from device memory
+// (`cache_len`), so a captured step replays at any position without new parameters.
+
+/// Parameters of `rms_norm_f32`: for each of `rows` rows, x ← x + residual (when `residual` is not
+/// null; written back), then out = x / √(mean(x²) + eps) · weight.
+///
+/// One block per row (`grid.x = rows`), `block.x` a multiple of 32 up to 1024, `block.x / 32 · 4`
+/// bytes of dynamic shared memory; `hidden` a multiple of 4 and every buffer 16-byte aligned
+/// (rows are read and written as 16-byte vectors).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNormParams {
+    /// `[rows, hidden]`, read and (with a residual) written.
+    pub x: *mut f32,
+    /// `[rows, hidden]` added to x first; null for none.
+    pub residual: *const f32,
+    /// `[hidden]` gains.
+    pub weight: *const f32,
+    /// `[rows, hidden]`.
+    pub out: *mut f32,
+    pub hidden: u32,
+    pub rows: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+/// Parameters of `embed_f16`: x[i] = table[tokens[i]] as f32 for `m` tokens (a token outside the
+/// vocabulary writes NaN rows: loud, never a clamp). Grid `m`, any block size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EmbedParams {
+    /// f16 bits `[vocab, hidden]`.
+    pub table: *const u16,
+    /// `[m]`.
+    pub tokens: *const u32,
+    /// `[m, hidden]`.
+    pub x: *mut f32,
+    pub hidden: u32,
+    pub vocab: u32,
+    pub m: u32,
+    pub _pad: u32,
+}
+
+/// Parameters of `qkv_rope_f32`: splits the fused projection `qkv [m, (heads + 2·kv_heads)·hd]`
+/// (q, then k, then v, by position) after adding `bias`; rotates q and k by the rotary table at
+/// positions `cache_len + i`; writes q to `q [m, heads·hd]` and k, v (as f16) into the cache rows
+/// `cache_len + i`. A position at or past `capacity` or the table's `rope_positions` is not
+/// written (the host checks first).
+///
+/// One thread per (position, pair of a q or k head) and per (position, v element): `grid.x =
+/// ceil(m · ((heads + kv_heads)·hd/2 + kv_heads·hd) / block.x)`, any block size, no shared memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct QkvRopeParams {
+    pub qkv: *const f32,
+    /// `[(heads + 2·kv_heads)·hd]`, or null.
+    pub bias: *const f32,
+    /// `[rope_positions, hd/2]` (cos, sin) pairs.
+    pub rope: *const [f32; 2],
+    pub q: *mut f32,
+    /// f16 bits `[capacity, kv_heads·hd]`.
+    pub k_cache: *mut u16,
+    pub v_cache: *mut u16,
+    /// The cache length before this step (one u32 in device memory).
+    pub cache_len: *const u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub m: u32,
+    pub capacity: u32,
+    pub rope_positions: u32,
+    /// 1: rotate halves (qwen2, "neox"); 0: adjacent pairs (llama as GGUF stores it).
+    pub neox: u32,
+    pub _pad: u32,
+}
+
+/// Parameters of `attention_f32`: causal grouped-query attention of the `m` new positions over the
+/// cache (position i sees cache rows `0 ..= cache_len + i`): out[i, h] = Σ_p softmax_p(q·k_p ·
+/// scale) v_p, with `q [m, heads·hd]` and `out [m, heads·hd]` f32, k / v f16 rows of the cache.
+///
+/// One block per (position, head): `grid.x = m · heads` (block b: position b / heads, head b %
+/// heads), `block.x` a multiple of 32 up to 1024; each warp walks every `warps`-th position with an
+/// online softmax, lanes holding `head_dim / 32` elements (at least 1, `head_dim ≤ 256`, a power of
+/// two ≥ 8); dynamic shared memory `warps · (2 + head_dim) · 4` bytes
+/// ([`attention::shared_bytes`](crate::attention::shared_bytes)).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    pub q: *const f32,
+    pub k_cache: *const u16,
+    pub v_cache: *const u16,
+    pub out: *mut f32,
+    pub cache_len: *const u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub m: u32,
+    pub capacity: u32,
+    /// Usually 1/√head_dim.
+    pub scale: f32,
+}
+
+/// Parameters of `silu_mul_f32`: out[i, j] = silu(gu[i, j]) · gu[i, ffn + j] for the fused
+/// gate / up projection `gu [m, 2·ffn]`. One thread per 4 outputs (`ffn` a multiple of 4, buffers
+/// 16-byte aligned): `grid.x = ceil(m · ffn / 4 / block.x)`, no shared memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SiluMulParams {
+    pub gu: *const f32,
+    pub out: *mut f32,
+    pub ffn: u32,
+    pub m: u32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for RmsNormParams {}
+unsafe impl Sync for RmsNormParams {}
+unsafe impl Send for EmbedParams {}
+unsafe impl Sync for EmbedParams {}
+unsafe impl Send for QkvRopeParams {}
+unsafe impl Sync for QkvRopeParams {}
+unsafe impl Send for AttentionParams {}
+unsafe impl Sync for AttentionParams {}
+unsafe impl Send for SiluMulParams {}
+unsafe impl Sync for SiluMulParams {}
+
+const _: () = assert!(core::mem::size_of::<RmsNormParams>() == 48);
+const _: () = assert!(core::mem::size_of::<EmbedParams>() == 40);
+const _: () = assert!(core::mem::size_of::<QkvRopeParams>() == 88);
+const _: () = assert!(core::mem::size_of::<AttentionParams>() == 64);
+const _: () = assert!(core::mem::size_of::<SiluMulParams>() == 24);

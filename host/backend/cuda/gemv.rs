@@ -27,7 +27,18 @@ impl DeviceMatrix {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// (out, in).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+    pub fn format(&self) -> Format {
+        self.format
+    }
 }
+
+/// The byte every synthetic weight and scale is filled with: finite in every regime (f16 0.046,
+/// int8 42, NF4 code 2, f32 scales ~1.5e-13), and not zero, so nothing could take a shortcut.
+const SYNTHETIC_BYTE: u8 = 0x2a;
 
 impl CudaBackend {
     pub fn upload_matrix(&self, w: &QMatrix) -> Result<DeviceMatrix> {
@@ -44,6 +55,84 @@ impl CudaBackend {
             },
             bytes: w.bytes(),
         })
+    }
+
+    /// A matrix of `format` at `out × inp` made on the device (every byte [`SYNTHETIC_BYTE`]): for
+    /// timing a model's shapes without its weights, which cannot travel to the GPU machine.
+    pub fn synthetic_matrix(&self, format: Format, out: usize, inp: usize) -> Result<DeviceMatrix> {
+        let n = out * inp;
+        let (wbytes, scales) = match format {
+            Format::Fp16 => (2 * n, 0),
+            Format::Int8 => (n, out),
+            Format::Nf4 => {
+                if !n.is_multiple_of(speckv_kernels::params::NF4_BLOCK) {
+                    return Err(Error::Unsupported(format!(
+                        "an NF4 matrix of {out}×{inp}: whole 64-element blocks are needed"
+                    )));
+                }
+                (n / 2, n / speckv_kernels::params::NF4_BLOCK)
+            }
+        };
+        let st = &self.stream;
+        let mut weight = st.alloc_zeros::<u8>(wbytes)?;
+        let mut sc = if scales > 0 {
+            Some(st.alloc_zeros::<f32>(scales)?)
+        } else {
+            None
+        };
+        {
+            let (wp, _g) = weight.device_ptr_mut(st);
+            // SAFETY: `wp` is a live allocation of `wbytes` bytes, filled on this stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(wp, SYNTHETIC_BYTE, wbytes, st.cu_stream())
+            }?;
+        }
+        if let Some(s) = sc.as_mut() {
+            let (sp, _g) = s.device_ptr_mut(st);
+            // SAFETY: `sp` is a live allocation of `scales` f32, filled on this stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    sp,
+                    SYNTHETIC_BYTE,
+                    4 * scales,
+                    st.cu_stream(),
+                )
+            }?;
+        }
+        Ok(DeviceMatrix {
+            format,
+            out,
+            inp,
+            weight,
+            scales: sc,
+            bytes: wbytes + 4 * scales,
+        })
+    }
+
+    /// y `[m, out]` = x · Wᵀ on device buffers by the v2 plan's kernel, with `ws` as its workspace
+    /// ([`CudaBackend::gemv_workspace_bytes`], zeroed once: every launch leaves it zeroed).
+    pub fn launch_gemv_v2_into(
+        &self,
+        d: &DeviceMatrix,
+        x: &cudarc::driver::CudaSlice<f32>,
+        y: &mut cudarc::driver::CudaSlice<f32>,
+        m: usize,
+        ws: &mut cudarc::driver::CudaSlice<u8>,
+    ) -> Result<()> {
+        self.launch_gemv_v2(d, x, y, m, ws)
+    }
+
+    /// Workspace bytes the v2 GEMV of `d` needs at `m` rows.
+    pub fn gemv_workspace_bytes(&self, d: &DeviceMatrix, m: usize) -> usize {
+        crate::plan::gemv_v2(
+            d.format,
+            d.out as u32,
+            d.inp as u32,
+            m as u32,
+            self.sm_count,
+        )
+        .1
+        .workspace_bytes
     }
 
     fn launch_gemv(

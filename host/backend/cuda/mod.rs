@@ -18,12 +18,14 @@ use crate::stats::Dtype;
 use crate::weights::quant::Format;
 
 mod controller;
+mod forward;
 mod gemv;
 mod stats;
 mod stop;
 mod verify;
 
 pub use controller::{DeviceController, GAMMA_BLOCK};
+pub use forward::CacheRefs;
 pub use gemv::{DeviceMatrix, GEMV_BLOCK};
 
 /// Every kernel entry point of the embedded PTX.
@@ -41,10 +43,16 @@ pub enum KernelFn {
     GemvV2(Format, u32),
     /// v2 on tensor cores: weight format and n-tiles (1: M ≤ 8, 2: M ≤ 16).
     GemvTc(Format, u32),
+    Embed,
+    RmsNorm,
+    QkvRope,
+    /// Elements of a head per lane (1, 2, 4, 8).
+    Attention(u32),
+    SiluMul,
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 52] = [
+    pub const ALL: [KernelFn; 60] = [
         KernelFn::GemvV2(Format::Fp16, 1),
         KernelFn::GemvV2(Format::Fp16, 2),
         KernelFn::GemvV2(Format::Fp16, 4),
@@ -97,6 +105,14 @@ impl KernelFn {
         KernelFn::Verify(Dtype::F32),
         KernelFn::Verify(Dtype::F16),
         KernelFn::Verify(Dtype::Bf16),
+        KernelFn::Embed,
+        KernelFn::RmsNorm,
+        KernelFn::QkvRope,
+        KernelFn::Attention(1),
+        KernelFn::Attention(2),
+        KernelFn::Attention(4),
+        KernelFn::Attention(8),
+        KernelFn::SiluMul,
     ];
 
     /// The PTX entry name.
@@ -118,6 +134,14 @@ impl KernelFn {
             KernelFn::Verify(Dtype::F16) => "verify_f16",
             KernelFn::Verify(Dtype::Bf16) => "verify_bf16",
             KernelFn::GammaMlp => "gamma_mlp_f32",
+            KernelFn::Embed => "embed_f16",
+            KernelFn::RmsNorm => "rms_norm_f32",
+            KernelFn::QkvRope => "qkv_rope_f32",
+            KernelFn::Attention(1) => "attention_f32_e1",
+            KernelFn::Attention(2) => "attention_f32_e2",
+            KernelFn::Attention(4) => "attention_f32_e4",
+            KernelFn::Attention(_) => "attention_f32_e8",
+            KernelFn::SiluMul => "silu_mul_f32",
             KernelFn::GemvV2(f, t) => match (f, t) {
                 (Format::Fp16, 1) => "gemv_v2_fp16_m1",
                 (Format::Fp16, 2) => "gemv_v2_fp16_m2",
@@ -183,6 +207,16 @@ unsafe impl DeviceRepr for ByValue<GammaMlpParams> {}
 unsafe impl DeviceRepr for ByValue<speckv_kernels::params::GemvV2Params> {}
 // SAFETY: as above, for the GEMV kernels' parameters.
 unsafe impl DeviceRepr for ByValue<GemvParams> {}
+// SAFETY: as above, for the forward-pass kernels' parameters.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::EmbedParams> {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::RmsNormParams> {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::QkvRopeParams> {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::AttentionParams> {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::SiluMulParams> {}
 
 /// True when a CUDA driver library can be loaded (cudarc panics on first use otherwise).
 pub fn driver_present() -> bool {

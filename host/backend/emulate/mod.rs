@@ -17,6 +17,7 @@ use crate::verify::{VerifyBatch, VerifyOutput};
 use crate::weights::quant::QMatrix;
 
 mod controller;
+mod forward;
 mod gemv;
 mod stats;
 mod verify;

@@ -1,0 +1,303 @@
+//! The forward-pass kernels on a CUDA device: each launch checks its buffers against the shape as
+//! the emulated launch does ([`crate::backend::forward`]) and launches what [`crate::plan`] says.
+//! Buffers stay on the device; nothing here synchronises with the host.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use speckv_kernels::params::{
+    AttentionParams, EmbedParams, QkvRopeParams, RmsNormParams, SiluMulParams,
+};
+
+use super::{ByValue, CudaBackend, KernelFn};
+use crate::backend::forward::{check_multiple, Heads, MAX_STEP};
+use crate::error::{Error, Result};
+use crate::plan::LaunchPlan;
+
+fn config(p: &LaunchPlan) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (p.grid[0], 1, 1),
+        block_dim: (p.block[0], 1, 1),
+        shared_mem_bytes: p.shared_bytes as u32,
+    }
+}
+
+/// At least `need` elements in a device buffer.
+fn room<T>(what: &'static str, s: &CudaSlice<T>, need: usize) -> Result<()> {
+    if s.len() < need {
+        return Err(Error::Length {
+            what,
+            got: s.len(),
+            expected: need,
+        });
+    }
+    Ok(())
+}
+
+fn step(m: usize) -> Result<()> {
+    if m == 0 || m > MAX_STEP {
+        return Err(Error::Other(format!(
+            "{m} positions in one step: 1 to {MAX_STEP} are supported"
+        )));
+    }
+    Ok(())
+}
+
+/// The device-side KV cache of one layer and where a step writes in it.
+pub struct CacheRefs<'a> {
+    pub k: &'a mut CudaSlice<u16>,
+    pub v: &'a mut CudaSlice<u16>,
+    /// One u32: the length before the step.
+    pub len: &'a CudaSlice<u32>,
+    pub capacity: usize,
+}
+
+impl CudaBackend {
+    /// x `[m, hidden]` = rows `tokens[..m]` of the f16 table (`vocab × hidden`).
+    pub fn launch_embed(
+        &self,
+        table: &CudaSlice<u16>,
+        tokens: &CudaSlice<u32>,
+        x: &mut CudaSlice<f32>,
+        hidden: usize,
+        m: usize,
+    ) -> Result<()> {
+        check_multiple("hidden", hidden, 8)?;
+        step(m)?;
+        room("tokens", tokens, m)?;
+        room("x", x, m * hidden)?;
+        let vocab = table.len() / hidden;
+        let st = &self.stream;
+        let (tp, _g0) = table.device_ptr(st);
+        let (kp, _g1) = tokens.device_ptr(st);
+        let (xp, _g2) = x.device_ptr_mut(st);
+        let p = EmbedParams {
+            table: tp as *const u16,
+            tokens: kp as *const u32,
+            x: xp as *mut f32,
+            hidden: hidden as u32,
+            vocab: vocab as u32,
+            m: m as u32,
+            _pad: 0,
+        };
+        let plan = crate::plan::embed(m as u32, self.sm_count);
+        let arg = ByValue(p);
+        let mut b = st.launch_builder(self.function(KernelFn::Embed));
+        b.arg(&arg);
+        // SAFETY: the table holds vocab × hidden f16 (vocab from its length), tokens m, x m ·
+        // hidden f32; cudarc allocations are 256-byte aligned; the buffers outlive the launch.
+        unsafe { b.launch(config(&plan)) }?;
+        Ok(())
+    }
+
+    /// RMSNorm of `rows` rows of x after adding `residual` (when given): x is updated in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_rms_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        weight: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        hidden: usize,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_multiple("hidden", hidden, 4)?;
+        step(rows)?;
+        room("x", x, rows * hidden)?;
+        room("out", out, rows * hidden)?;
+        room("weight", weight, hidden)?;
+        if let Some(r) = residual {
+            room("residual", r, rows * hidden)?;
+        }
+        let st = &self.stream;
+        let (xp, _g0) = x.device_ptr_mut(st);
+        let (rp, _g1) = match residual {
+            Some(r) => {
+                let (p, g) = r.device_ptr(st);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (wp, _g2) = weight.device_ptr(st);
+        let (op, _g3) = out.device_ptr_mut(st);
+        let p = RmsNormParams {
+            x: xp as *mut f32,
+            residual: rp as *const f32,
+            weight: wp as *const f32,
+            out: op as *mut f32,
+            hidden: hidden as u32,
+            rows: rows as u32,
+            eps,
+            _pad: 0,
+        };
+        let plan = crate::plan::rms_norm(rows as u32, crate::plan::RMS_NORM_BLOCK, self.sm_count);
+        let arg = ByValue(p);
+        let mut b = st.launch_builder(self.function(KernelFn::RmsNorm));
+        b.arg(&arg);
+        // SAFETY: sizes checked above; separate allocations, 256-byte aligned; hidden a multiple
+        // of 4; the buffers outlive the launch.
+        unsafe { b.launch(config(&plan)) }?;
+        Ok(())
+    }
+
+    /// Bias + rotary embedding of `m` rows of the fused projection; q out, k / v into the cache
+    /// at the device-resident length. `rope` is `[positions, head_dim / 2]` (cos, sin) flattened.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_qkv_rope(
+        &self,
+        qkv: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        rope: &CudaSlice<f32>,
+        q: &mut CudaSlice<f32>,
+        cache: CacheRefs<'_>,
+        heads: Heads,
+        neox: bool,
+        m: usize,
+    ) -> Result<()> {
+        heads.check()?;
+        step(m)?;
+        room("qkv", qkv, m * heads.qkv_width())?;
+        room("q", q, m * heads.q_width())?;
+        room("k cache", cache.k, cache.capacity * heads.kv_width())?;
+        room("v cache", cache.v, cache.capacity * heads.kv_width())?;
+        room("cache length", cache.len, 1)?;
+        if let Some(b) = bias {
+            room("qkv bias", b, heads.qkv_width())?;
+        }
+        let st = &self.stream;
+        let (ap, _g0) = qkv.device_ptr(st);
+        let (bp, _g1) = match bias {
+            Some(b) => {
+                let (p, g) = b.device_ptr(st);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (rp, _g2) = rope.device_ptr(st);
+        let (qp, _g3) = q.device_ptr_mut(st);
+        let (kp, _g4) = cache.k.device_ptr_mut(st);
+        let (vp, _g5) = cache.v.device_ptr_mut(st);
+        let (lp, _g6) = cache.len.device_ptr(st);
+        let p = QkvRopeParams {
+            qkv: ap as *const f32,
+            bias: bp as *const f32,
+            rope: rp as *const [f32; 2],
+            q: qp as *mut f32,
+            k_cache: kp as *mut u16,
+            v_cache: vp as *mut u16,
+            cache_len: lp as *const u32,
+            heads: heads.heads as u32,
+            kv_heads: heads.kv_heads as u32,
+            head_dim: heads.head_dim as u32,
+            m: m as u32,
+            capacity: cache.capacity as u32,
+            rope_positions: (rope.len() / heads.head_dim) as u32,
+            neox: neox as u32,
+            _pad: 0,
+        };
+        let plan = crate::plan::qkv_rope(
+            m as u32,
+            heads.heads as u32,
+            heads.kv_heads as u32,
+            heads.head_dim as u32,
+            crate::plan::QKV_ROPE_BLOCK,
+            self.sm_count,
+        );
+        let arg = ByValue(p);
+        let mut b = st.launch_builder(self.function(KernelFn::QkvRope));
+        b.arg(&arg);
+        // SAFETY: sizes checked above; the kernel skips positions past the cache or the table
+        // (the device-resident length is the caller's to keep within them); the buffers outlive
+        // the launch.
+        unsafe { b.launch(config(&plan)) }?;
+        Ok(())
+    }
+
+    /// Causal attention of `m` query rows over the layer's cache.
+    pub fn launch_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        cache: CacheRefs<'_>,
+        out: &mut CudaSlice<f32>,
+        heads: Heads,
+        m: usize,
+    ) -> Result<()> {
+        heads.check()?;
+        step(m)?;
+        room("q", q, m * heads.q_width())?;
+        room("out", out, m * heads.q_width())?;
+        room("k cache", cache.k, cache.capacity * heads.kv_width())?;
+        room("v cache", cache.v, cache.capacity * heads.kv_width())?;
+        room("cache length", cache.len, 1)?;
+        let plan = crate::plan::attention(
+            m as u32,
+            heads.heads as u32,
+            heads.head_dim as u32,
+            crate::plan::ATTENTION_BLOCK,
+            self.sm_count,
+        )
+        .ok_or_else(|| Error::Unsupported(format!("head size {}", heads.head_dim)))?;
+        let epl = speckv_kernels::attention::per_lane(heads.head_dim as u32).unwrap_or(1);
+        let st = &self.stream;
+        let (qp, _g0) = q.device_ptr(st);
+        let (kp, _g1) = cache.k.device_ptr(st);
+        let (vp, _g2) = cache.v.device_ptr(st);
+        let (op, _g3) = out.device_ptr_mut(st);
+        let (lp, _g4) = cache.len.device_ptr(st);
+        let p = AttentionParams {
+            q: qp as *const f32,
+            k_cache: kp as *const u16,
+            v_cache: vp as *const u16,
+            out: op as *mut f32,
+            cache_len: lp as *const u32,
+            heads: heads.heads as u32,
+            kv_heads: heads.kv_heads as u32,
+            head_dim: heads.head_dim as u32,
+            m: m as u32,
+            capacity: cache.capacity as u32,
+            scale: 1.0 / (heads.head_dim as f32).sqrt(),
+        };
+        let arg = ByValue(p);
+        let mut b = st.launch_builder(self.function(KernelFn::Attention(epl)));
+        b.arg(&arg);
+        // SAFETY: sizes checked above; the entry's elements per lane match the head size; the
+        // kernel returns early for a length past the cache; the buffers outlive the launch.
+        unsafe { b.launch(config(&plan)) }?;
+        Ok(())
+    }
+
+    /// out `[m, ffn]` = silu(gate) · up.
+    pub fn launch_silu_mul(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        ffn: usize,
+        m: usize,
+    ) -> Result<()> {
+        check_multiple("ffn", ffn, 4)?;
+        step(m)?;
+        room("gate/up", gu, m * 2 * ffn)?;
+        room("out", out, m * ffn)?;
+        let st = &self.stream;
+        let (gp, _g0) = gu.device_ptr(st);
+        let (op, _g1) = out.device_ptr_mut(st);
+        let p = SiluMulParams {
+            gu: gp as *const f32,
+            out: op as *mut f32,
+            ffn: ffn as u32,
+            m: m as u32,
+        };
+        let plan = crate::plan::silu_mul(
+            m as u32,
+            ffn as u32,
+            crate::plan::SILU_MUL_BLOCK,
+            self.sm_count,
+        );
+        let arg = ByValue(p);
+        let mut b = st.launch_builder(self.function(KernelFn::SiluMul));
+        b.arg(&arg);
+        // SAFETY: sizes checked above, 256-byte-aligned allocations, ffn a multiple of 4; the
+        // buffers outlive the launch.
+        unsafe { b.launch(config(&plan)) }?;
+        Ok(())
+    }
+}

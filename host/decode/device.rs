@@ -1,0 +1,129 @@
+//! Where the real-model path's forward passes run: the CPU, a CUDA GPU (speckv's kernels in the
+//! launch program of [`crate::model::device`]), or — to check that path without a GPU — the
+//! emulator of the CUDA execution model running the same program.
+//!
+//! The statistics, the γ decision and verification still run on the host between passes: one
+//! logits read-back per pass (a real device round trip on CUDA). Fusing them on the device is the
+//! next step of the CUDA decode loop.
+
+use crate::backend::cuda::CudaBackend;
+use crate::backend::emulate::Emulator;
+use crate::backend::BackendKind;
+use crate::error::{Error, Result};
+use crate::model::device::{CudaForward, DeviceView, DeviceWeights, EmulatedForward};
+use crate::model::{CpuPass, Model, Pass};
+
+/// Environment variable that makes `--backend cuda` run the device program on the emulator (for
+/// tests: the same passes, without a GPU).
+pub const EMULATE_ENV: &str = "SPECKV_CUDA_EMULATE";
+
+/// Block size of the emulated launches (the device's own plans use the CUDA block sizes).
+const EMULATOR_BLOCK: u32 = 128;
+
+/// Where the passes of a decode run.
+pub enum Device {
+    Cpu,
+    Cuda(Box<CudaDevice>),
+    Emulator(Emulator),
+}
+
+/// A GPU with the pair's weights uploaded.
+pub struct CudaDevice {
+    pub cuda: CudaBackend,
+    pub target: DeviceWeights,
+    /// None: a self-speculative draft on the target's weights.
+    pub draft: Option<DeviceWeights>,
+}
+
+/// A boxed pass of a decode.
+pub type BoxPass<'a> = Box<dyn Pass + Send + 'a>;
+
+impl Device {
+    /// `cpu` and `auto` → the CPU (the CUDA forward pass has not yet run on a GPU, so it is not
+    /// chosen unasked); `cuda` → the first GPU with both models uploaded, or the emulator when
+    /// `SPECKV_CUDA_EMULATE=1`.
+    pub fn open(kind: BackendKind, target: &Model, draft: Option<&Model>) -> Result<Device> {
+        if kind != BackendKind::Cuda {
+            return Ok(Device::Cpu);
+        }
+        let check = |m: &Model| DeviceView::new(m).map(|_| ());
+        check(target)?;
+        if let Some(d) = draft {
+            check(d)?;
+        }
+        if std::env::var(EMULATE_ENV).is_ok_and(|v| v == "1") {
+            return Ok(Device::Emulator(Emulator::new(EMULATOR_BLOCK)));
+        }
+        let cuda = CudaBackend::new(0)?;
+        let positions = |m: &Model| m.cfg.context;
+        let target = DeviceWeights::upload(&cuda, &DeviceView::new(target)?, positions(target))?;
+        let draft = match draft {
+            Some(d) => Some(DeviceWeights::upload(
+                &cuda,
+                &DeviceView::new(d)?,
+                positions(d),
+            )?),
+            None => None,
+        };
+        Ok(Device::Cuda(Box::new(CudaDevice {
+            cuda,
+            target,
+            draft,
+        })))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+            Device::Emulator(_) => "emulator",
+        }
+    }
+
+    /// Fresh target and draft passes holding `positions`: the draft is `draft`, or the target
+    /// running only the layers of `mask`.
+    pub fn passes<'a>(
+        &'a self,
+        target: &'a Model,
+        draft: Option<&'a Model>,
+        mask: &'a [bool],
+        positions: usize,
+    ) -> Result<(BoxPass<'a>, BoxPass<'a>)> {
+        let capacity = |m: &Model| positions.min(m.cfg.context);
+        if positions > target.cfg.context {
+            return Err(Error::Other(format!(
+                "{positions} positions exceed the target's context of {}",
+                target.cfg.context
+            )));
+        }
+        let layers = draft.is_none().then(|| mask.to_vec());
+        match self {
+            Device::Cpu => {
+                let t = CpuPass::new(target, None);
+                let d = match draft {
+                    Some(m) => CpuPass::new(m, None),
+                    None => CpuPass::new(target, Some(mask)),
+                };
+                Ok((Box::new(t), Box::new(d)))
+            }
+            Device::Emulator(e) => {
+                let t = EmulatedForward::new(target, *e, crate::plan::H200_SMS, capacity(target))?;
+                let dm = draft.unwrap_or(target);
+                let mut d = EmulatedForward::new(dm, *e, crate::plan::H200_SMS, capacity(dm))?;
+                if let Some(m) = layers.clone() {
+                    d.set_active_layers(m)?;
+                }
+                Ok((Box::new(t), Box::new(d)))
+            }
+            Device::Cuda(c) => {
+                let t = CudaForward::new(&c.cuda, &c.target, capacity(target))?;
+                let dw = c.draft.as_ref().unwrap_or(&c.target);
+                let mut d = CudaForward::new(&c.cuda, dw, positions.min(dw.cfg.context))?;
+                if let Some(m) = layers.clone() {
+                    d.set_active_layers(m)?;
+                }
+                Ok((Box::new(t), Box::new(d)))
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `speckv bench step --backend cuda --shapes T --draft-shapes D`: the whole decode step of speckv's
+//! device forward pass at a model's shapes, with weights made on the device (real weights cannot
+//! travel to the GPU machine): the target at M = γ + 1 for γ = 0..=8 in every regime, the draft at
+//! M = 1 in FP16, each a mean over timed launches with the L2 flushed before each. Written as the
+//! cost model `speckv profile` writes, so `evaluate --cost` and `bench decode --cost` turn the
+//! CPU-measured traces into predicted GPU tokens per second.
+
+use serde::Serialize;
+
+use crate::backend::cuda::CudaBackend;
+use crate::controller::CostModel;
+use crate::error::Result;
+use crate::model::device::{CudaForward, DeviceWeights};
+use crate::model::Config;
+use crate::weights::quant::Format;
+
+/// γ = 0..=GAMMA_MAX are timed (M = γ + 1).
+pub const GAMMA_MAX: usize = 8;
+
+/// One regime's measured step.
+#[derive(Debug, Serialize)]
+pub struct RegimeStep {
+    pub format: Format,
+    pub cost: CostModel,
+    /// Bytes of the target's linear layers and LM head (what a step streams).
+    pub weight_bytes: usize,
+    /// Those bytes at the measured copy bandwidth (read + write counted as the copy does: the
+    /// step only reads, so this is bytes / (bandwidth / 2)).
+    pub stream_ms: f64,
+    /// stream_ms over the measured M = 1 step: the goal is ≥ 0.8 at FP16.
+    pub bandwidth_fraction: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceSteps {
+    pub device: String,
+    pub target: Config,
+    pub draft: Config,
+    /// Cache length the steps attend over.
+    pub position: usize,
+    pub copy_bandwidth_gb_s: f64,
+    pub draft_ms_per_token: f64,
+    pub regimes: Vec<RegimeStep>,
+}
+
+/// Times the target's step in every regime and the draft's (FP16) at cache length `position`.
+pub fn device_steps(
+    cuda: &CudaBackend,
+    target: &Config,
+    draft: &Config,
+    position: usize,
+    iters: u32,
+) -> Result<DeviceSteps> {
+    let capacity = position + GAMMA_MAX + 1;
+    let bw = cuda.copy_bandwidth(256 << 20, iters.max(3))?;
+    let dw = DeviceWeights::synthetic(cuda, draft, Format::Fp16, capacity)?;
+    let draft_ms = {
+        let mut d = CudaForward::new(cuda, &dw, capacity)?;
+        d.time_step(1, position, iters)?.as_secs_f64() * 1e3
+    };
+    drop(dw);
+    let mut regimes = Vec::new();
+    for format in Format::ALL {
+        let tw = DeviceWeights::synthetic(cuda, target, format, capacity)?;
+        let weight_bytes = tw.matrix_bytes();
+        let mut t = CudaForward::new(cuda, &tw, capacity)?;
+        let mut verify_ms = Vec::new();
+        for g in 0..=GAMMA_MAX {
+            verify_ms.push(t.time_step(g + 1, position, iters)?.as_secs_f64() * 1e3);
+        }
+        let stream_ms = weight_bytes as f64 / (bw / 2.0) * 1e3;
+        regimes.push(RegimeStep {
+            format,
+            bandwidth_fraction: stream_ms / verify_ms[0],
+            cost: CostModel {
+                draft_ms_per_token: draft_ms,
+                verify_ms,
+                source: format!(
+                    "measured by `speckv bench step --backend cuda` on {}: speckv's device forward \
+                     pass, a {}-layer {}-wide {} target (M = γ + 1) and a {}-layer {}-wide fp16 \
+                     draft (M = 1), weights made on the device, cache length {position}",
+                    cuda.device_name(),
+                    target.layers,
+                    target.hidden,
+                    format.name(),
+                    draft.layers,
+                    draft.hidden
+                ),
+            },
+            weight_bytes,
+            stream_ms,
+        });
+    }
+    Ok(DeviceSteps {
+        device: cuda.device_name().to_string(),
+        target: target.clone(),
+        draft: draft.clone(),
+        position,
+        copy_bandwidth_gb_s: bw / 1e9,
+        draft_ms_per_token: draft_ms,
+        regimes,
+    })
+}

@@ -1,0 +1,397 @@
+//! The device forward pass on a CUDA GPU: weights uploaded once (or made on the device at a
+//! model's shapes, for timing), activations, KV cache and cache length resident on the device. A
+//! step is the program's launches on the backend's stream; the host waits only when it reads the
+//! logits back.
+//!
+//! Not yet run on a GPU (no device was lent while it was written): validated on the CPU emulator
+//! (the same program and kernels, [`super::EmulatedForward`]) and by ptxas only.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cudarc::driver::CudaSlice;
+
+use super::{program, Act, DeviceView, Lin, Norm, Op, Shape};
+use crate::backend::cuda::{CacheRefs, CudaBackend, DeviceMatrix};
+use crate::backend::forward::{check_step, MAX_STEP};
+use crate::error::{Error, Result};
+use crate::model::pass::{fixed_capacity, Pass};
+use crate::model::Config;
+use crate::weights::quant::Format;
+
+/// A model's weights on the device.
+pub struct DeviceWeights {
+    pub cfg: Config,
+    pub shape: Shape,
+    pub eps: f32,
+    pub active: Vec<bool>,
+    mats: HashMap<Lin, DeviceMatrix>,
+    norms: HashMap<Norm, CudaSlice<f32>>,
+    biases: Vec<Option<CudaSlice<f32>>>,
+    table: CudaSlice<u16>,
+    /// (cos, sin) pairs `[positions, head_dim / 2]`, flattened.
+    rope: Vec<f32>,
+}
+
+fn norms_of(shape: &Shape) -> Vec<Norm> {
+    let mut v: Vec<Norm> = (0..shape.layers)
+        .flat_map(|l| [Norm::Attn(l), Norm::Ffn(l)])
+        .collect();
+    v.push(Norm::Out);
+    v
+}
+
+impl DeviceWeights {
+    /// Uploads a loaded model (a speckv regime) with a rotary table for `positions`.
+    pub fn upload(cuda: &CudaBackend, view: &DeviceView<'_>, positions: usize) -> Result<Self> {
+        let shape = view.shape;
+        let mut mats = HashMap::new();
+        for w in shape.linears() {
+            mats.insert(w, cuda.upload_matrix(view.matrix(w)?)?);
+        }
+        let st = cuda.stream();
+        let mut norms = HashMap::new();
+        for n in norms_of(&shape) {
+            norms.insert(n, st.clone_htod(view.norm(n)?)?);
+        }
+        let mut biases = Vec::new();
+        for l in 0..shape.layers {
+            biases.push(match view.bias(l) {
+                Some(b) => Some(st.clone_htod(b)?),
+                None => None,
+            });
+        }
+        Ok(DeviceWeights {
+            cfg: view.model.cfg.clone(),
+            shape,
+            eps: view.eps(),
+            active: view.active().to_vec(),
+            mats,
+            norms,
+            biases,
+            table: st.clone_htod(view.embed_table())?,
+            rope: view.rope_table(positions).concat(),
+        })
+    }
+
+    /// Weights made on the device at the shapes of `cfg` in `format` (every matrix a fixed byte
+    /// pattern, norms 1, no biases, a zero embedding table): what a step costs at a model's
+    /// shapes, without its weights.
+    pub fn synthetic(
+        cuda: &CudaBackend,
+        cfg: &Config,
+        format: Format,
+        positions: usize,
+    ) -> Result<Self> {
+        let shape = Shape::of(cfg)?;
+        let mut mats = HashMap::new();
+        for w in shape.linears() {
+            let (o, i) = shape.dims(w);
+            mats.insert(w, cuda.synthetic_matrix(format, o, i)?);
+        }
+        let st = cuda.stream();
+        let mut norms = HashMap::new();
+        for n in norms_of(&shape) {
+            norms.insert(n, st.clone_htod(&vec![1f32; shape.hidden])?);
+        }
+        let rope = super::super::ops::RopeTable::new(cfg.head_dim, cfg.rope_base, cfg.context)
+            .pairs(positions)
+            .concat();
+        Ok(DeviceWeights {
+            cfg: cfg.clone(),
+            shape,
+            eps: cfg.rms_eps,
+            active: vec![true; shape.layers],
+            mats,
+            norms,
+            biases: (0..shape.layers).map(|_| None).collect(),
+            table: st.alloc_zeros::<u16>(shape.vocab * shape.hidden)?,
+            rope,
+        })
+    }
+
+    /// Bytes of the linear layers and the LM head: what one step must stream.
+    pub fn matrix_bytes(&self) -> usize {
+        self.mats.values().map(|m| m.bytes()).sum()
+    }
+}
+
+/// A model's decode state on a CUDA device.
+pub struct CudaForward<'b> {
+    cuda: &'b CudaBackend,
+    w: &'b DeviceWeights,
+    /// Which layers run (the weights' own, or a self-speculative draft's subset).
+    active: Vec<bool>,
+    acts: HashMap<Act, CudaSlice<f32>>,
+    k: Vec<CudaSlice<u16>>,
+    v: Vec<CudaSlice<u16>>,
+    rope: CudaSlice<f32>,
+    len_dev: CudaSlice<u32>,
+    tokens_dev: CudaSlice<u32>,
+    ws: CudaSlice<u8>,
+    len: usize,
+    capacity: usize,
+    /// The last [`Pass::run`]'s logits.
+    last: Vec<f32>,
+}
+
+impl<'b> CudaForward<'b> {
+    /// A decode state of `capacity` positions (at most the weights' rotary table).
+    pub fn new(cuda: &'b CudaBackend, w: &'b DeviceWeights, capacity: usize) -> Result<Self> {
+        let s = w.shape;
+        let half = s.heads.head_dim / 2;
+        if capacity == 0 || capacity * half > w.rope.len() {
+            return Err(Error::Other(format!(
+                "a KV cache of {capacity} positions: 1 to the rotary table's {} are allowed",
+                w.rope.len() / half.max(1)
+            )));
+        }
+        let st = cuda.stream();
+        let mut acts = HashMap::new();
+        for a in Act::ALL {
+            acts.insert(a, st.alloc_zeros::<f32>(MAX_STEP * a.width(&s))?);
+        }
+        let kvw = s.heads.kv_width();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..s.layers {
+            k.push(st.alloc_zeros::<u16>(capacity * kvw)?);
+            v.push(st.alloc_zeros::<u16>(capacity * kvw)?);
+        }
+        let ws_bytes = s
+            .linears()
+            .iter()
+            .flat_map(|l| {
+                let d = &w.mats[l];
+                [1, MAX_STEP].map(|m| cuda.gemv_workspace_bytes(d, m))
+            })
+            .max()
+            .unwrap_or(0)
+            .max(16);
+        Ok(CudaForward {
+            rope: st.clone_htod(&w.rope[..capacity * half * 2])?,
+            len_dev: st.alloc_zeros::<u32>(1)?,
+            tokens_dev: st.alloc_zeros::<u32>(MAX_STEP)?,
+            ws: st.alloc_zeros::<u8>(ws_bytes)?,
+            cuda,
+            active: w.active.clone(),
+            w,
+            acts,
+            k,
+            v,
+            len: 0,
+            capacity,
+            last: Vec::new(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
+    pub fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
+        if active.len() != self.w.shape.layers {
+            return Err(Error::Length {
+                what: "active layers",
+                got: active.len(),
+                expected: self.w.shape.layers,
+            });
+        }
+        self.active = active;
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = len.min(self.len);
+    }
+
+    /// Logits `[keep, vocab]` of the last `keep` positions after `tokens` (chunks of ≤ 16).
+    pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::Empty { what: "tokens" });
+        }
+        if keep == 0 || keep > tokens.len() {
+            return Err(Error::Other(format!(
+                "keep = {keep} rows of {} positions",
+                tokens.len()
+            )));
+        }
+        let vocab = self.w.shape.vocab;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Other(format!(
+                "token {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if self.len + tokens.len() > self.capacity {
+            return Err(Error::Other(format!(
+                "{} positions exceed the KV cache's {}",
+                self.len + tokens.len(),
+                self.capacity
+            )));
+        }
+        let first_kept = tokens.len() - keep;
+        let mut out = Vec::with_capacity(keep * vocab);
+        let mut done = 0;
+        for ch in tokens.chunks(MAX_STEP) {
+            let want = done + ch.len() > first_kept;
+            self.enqueue(ch, want)?;
+            if want {
+                let all: Vec<f32> = self.cuda.stream().clone_dtoh(&self.acts[&Act::Logits])?;
+                let from = first_kept.saturating_sub(done);
+                out.extend_from_slice(&all[from * vocab..ch.len() * vocab]);
+            }
+            done += ch.len();
+        }
+        Ok(out)
+    }
+
+    /// Enqueues one chunk (tokens and length copied to the device, then the program); the host
+    /// does not wait.
+    fn enqueue(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
+        let m = tokens.len();
+        check_step(m, self.len, self.capacity)?;
+        let st = self.cuda.stream().clone();
+        st.memcpy_htod(tokens, &mut self.tokens_dev)?;
+        st.memcpy_htod(&[self.len as u32], &mut self.len_dev)?;
+        for op in program(&self.active, logits) {
+            self.run(op, m)?;
+        }
+        self.len += m;
+        Ok(())
+    }
+
+    /// Mean device time of one step of `m` positions at cache length `at` (CUDA events, the L2
+    /// flushed before each), the LM head included; the cache length is reset before each step.
+    pub fn time_step(&mut self, m: usize, at: usize, iters: u32) -> Result<Duration> {
+        check_step(m, at, self.capacity)?;
+        let st = self.cuda.stream().clone();
+        st.memcpy_htod(&vec![0u32; m], &mut self.tokens_dev)?;
+        let ops = program(&self.active, true);
+        let cuda = self.cuda;
+        cuda.time_cold(iters, || {
+            st.memcpy_htod(&[at as u32], &mut self.len_dev)?;
+            for &op in &ops {
+                self.run(op, m)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Takes an activation buffer out for a launch that writes it (put back after the launch).
+    fn take(&mut self, a: Act) -> Result<CudaSlice<f32>> {
+        self.acts
+            .remove(&a)
+            .ok_or_else(|| Error::Other(format!("activation {a:?} is missing (a failed launch)")))
+    }
+
+    fn run(&mut self, op: Op, m: usize) -> Result<()> {
+        let s = self.w.shape;
+        let c = self.cuda;
+        match op {
+            Op::Embed => {
+                let mut x = self.take(Act::X)?;
+                let r = c.launch_embed(&self.w.table, &self.tokens_dev, &mut x, s.hidden, m);
+                self.acts.insert(Act::X, x);
+                r
+            }
+            Op::RmsNorm { norm, residual } => {
+                let (mut x, mut xn) = (self.take(Act::X)?, self.take(Act::Xn)?);
+                let r = c.launch_rms_norm(
+                    &mut x,
+                    if residual {
+                        self.acts.get(&Act::O)
+                    } else {
+                        None
+                    },
+                    &self.w.norms[&norm],
+                    &mut xn,
+                    s.hidden,
+                    m,
+                    self.w.eps,
+                );
+                self.acts.insert(Act::X, x);
+                self.acts.insert(Act::Xn, xn);
+                r
+            }
+            Op::Gemv { w, x, y } => {
+                let mut out = self.take(y)?;
+                let r = c.launch_gemv_v2_into(
+                    &self.w.mats[&w],
+                    &self.acts[&x],
+                    &mut out,
+                    m,
+                    &mut self.ws,
+                );
+                self.acts.insert(y, out);
+                r
+            }
+            Op::QkvRope { layer } => {
+                let mut q = self.take(Act::Q)?;
+                let cache = CacheRefs {
+                    k: &mut self.k[layer],
+                    v: &mut self.v[layer],
+                    len: &self.len_dev,
+                    capacity: self.capacity,
+                };
+                let r = c.launch_qkv_rope(
+                    &self.acts[&Act::Qkv],
+                    self.w.biases[layer].as_ref(),
+                    &self.rope,
+                    &mut q,
+                    cache,
+                    s.heads,
+                    s.neox,
+                    m,
+                );
+                self.acts.insert(Act::Q, q);
+                r
+            }
+            Op::Attention { layer } => {
+                let mut out = self.take(Act::Att)?;
+                let cache = CacheRefs {
+                    k: &mut self.k[layer],
+                    v: &mut self.v[layer],
+                    len: &self.len_dev,
+                    capacity: self.capacity,
+                };
+                let r = c.launch_attention(&self.acts[&Act::Q], cache, &mut out, s.heads, m);
+                self.acts.insert(Act::Att, out);
+                r
+            }
+            Op::SiluMul => {
+                let mut out = self.take(Act::Ffn)?;
+                let r = c.launch_silu_mul(&self.acts[&Act::Gu], &mut out, s.ffn, m);
+                self.acts.insert(Act::Ffn, out);
+                r
+            }
+        }
+    }
+}
+
+impl Pass for CudaForward<'_> {
+    fn run(&mut self, tokens: &[u32], keep: usize) -> Result<&[f32]> {
+        self.last = self.forward(tokens, keep)?;
+        Ok(&self.last)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn truncate(&mut self, len: usize) {
+        CudaForward::truncate(self, len)
+    }
+    fn reserve(&mut self, positions: usize) -> Result<()> {
+        fixed_capacity(positions, self.capacity)
+    }
+    fn cfg(&self) -> &Config {
+        &self.w.cfg
+    }
+    fn backend(&self) -> &'static str {
+        "cuda"
+    }
+}

@@ -1,0 +1,240 @@
+//! The device forward pass on the emulator: every [`Op`] of the program is the kernel's own source
+//! run by [`Emulator`] (sanitizer on, several schedules), over host buffers standing in for device
+//! memory. Slow by design; it is how `cargo test` checks the GPU's decode step without a GPU.
+
+use std::collections::HashMap;
+
+use super::{program, Act, DeviceView, Op};
+use crate::backend::emulate::Emulator;
+use crate::backend::forward::{check_step, AlignedF32, MAX_STEP};
+use crate::error::{Error, Result};
+use crate::model::pass::{fixed_capacity, Pass};
+use crate::model::{Config, Model};
+
+/// A model's decode state on the emulator: activations, KV cache, cache length.
+pub struct EmulatedForward<'m> {
+    view: DeviceView<'m>,
+    /// Which layers run (the model's own, or a self-speculative draft's subset).
+    active: Vec<bool>,
+    emu: Emulator,
+    sm_count: u32,
+    acts: HashMap<Act, AlignedF32>,
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
+    rope: Vec<[f32; 2]>,
+    len: usize,
+    capacity: usize,
+    /// The last [`Pass::run`]'s logits.
+    last: Vec<f32>,
+}
+
+impl<'m> EmulatedForward<'m> {
+    /// A decode state for `model` holding up to `capacity` positions, launching with `emu`'s block
+    /// size for the elementwise and attention kernels and GEMV plans made for `sm_count` SMs.
+    pub fn new(
+        model: &'m Model,
+        emu: Emulator,
+        sm_count: u32,
+        capacity: usize,
+    ) -> Result<EmulatedForward<'m>> {
+        let view = DeviceView::new(model)?;
+        if capacity == 0 || capacity > model.cfg.context {
+            return Err(Error::Other(format!(
+                "a KV cache of {capacity} positions: 1 to the context of {} are allowed",
+                model.cfg.context
+            )));
+        }
+        let s = view.shape;
+        let acts = Act::ALL
+            .iter()
+            .map(|&a| (a, AlignedF32::zeros(MAX_STEP * a.width(&s))))
+            .collect();
+        let kvw = s.heads.kv_width();
+        Ok(EmulatedForward {
+            rope: view.rope_table(capacity),
+            active: view.active().to_vec(),
+            view,
+            emu,
+            sm_count,
+            acts,
+            k: vec![vec![0; capacity * kvw]; s.layers],
+            v: vec![vec![0; capacity * kvw]; s.layers],
+            len: 0,
+            capacity,
+            last: Vec::new(),
+        })
+    }
+
+    /// Positions in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
+    pub fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
+        if active.len() != self.view.shape.layers {
+            return Err(Error::Length {
+                what: "active layers",
+                got: active.len(),
+                expected: self.view.shape.layers,
+            });
+        }
+        self.active = active;
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position from `len` on (rejected drafts): only the length changes, as on the
+    /// device.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = len.min(self.len);
+    }
+
+    /// Logits `[keep, vocab]` of the last `keep` positions after `tokens`, appended to the cache
+    /// in chunks of at most 16 (the CPU pass's [`Model::forward`], on the device kernels).
+    pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(Error::Empty { what: "tokens" });
+        }
+        if keep == 0 || keep > tokens.len() {
+            return Err(Error::Other(format!(
+                "keep = {keep} rows of {} positions",
+                tokens.len()
+            )));
+        }
+        if self.len + tokens.len() > self.capacity {
+            return Err(Error::Other(format!(
+                "{} positions exceed the KV cache's {}",
+                self.len + tokens.len(),
+                self.capacity
+            )));
+        }
+        let vocab = self.view.shape.vocab;
+        let first_kept = tokens.len() - keep;
+        let mut out = Vec::with_capacity(keep * vocab);
+        let mut done = 0;
+        for ch in tokens.chunks(MAX_STEP) {
+            let want = done + ch.len() > first_kept;
+            self.chunk(ch, want)?;
+            if want {
+                let from = first_kept.saturating_sub(done);
+                out.extend_from_slice(&self.rows(Act::Logits, ch.len())[from * vocab..]);
+            }
+            done += ch.len();
+        }
+        Ok(out)
+    }
+
+    /// One chunk of at most 16 positions through the program.
+    fn chunk(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
+        let m = tokens.len();
+        check_step(m, self.len, self.capacity)?;
+        for op in program(&self.active, logits) {
+            self.run(op, tokens)?;
+        }
+        self.len += m;
+        Ok(())
+    }
+
+    /// The first `m` rows of an activation buffer.
+    fn rows(&self, a: Act, m: usize) -> &[f32] {
+        rows(&self.acts, a, m, &self.view.shape)
+    }
+
+    fn put(&mut self, a: Act, v: &[f32]) {
+        if let Some(b) = self.acts.get_mut(&a) {
+            b.as_mut_slice()[..v.len()].copy_from_slice(v);
+        }
+    }
+
+    fn run(&mut self, op: Op, tokens: &[u32]) -> Result<()> {
+        let m = tokens.len();
+        let s = self.view.shape;
+        match op {
+            Op::Embed => {
+                let x = self.emu.embed(self.view.embed_table(), s.hidden, tokens)?;
+                self.put(Act::X, &x);
+            }
+            Op::RmsNorm { norm, residual } => {
+                let w = self.view.norm(norm)?;
+                let r = if residual {
+                    Some(self.rows(Act::O, m))
+                } else {
+                    None
+                };
+                let (x, xn) = self
+                    .emu
+                    .rms_norm(self.rows(Act::X, m), r, w, self.view.eps())?;
+                self.put(Act::X, &x);
+                self.put(Act::Xn, &xn);
+            }
+            Op::Gemv { w, x, y } => {
+                let q = self.view.matrix(w)?;
+                let out = self.emu.gemv_v2(q, self.rows(x, m), m, self.sm_count)?;
+                self.put(y, &out);
+            }
+            Op::QkvRope { layer } => {
+                let q = self.emu.qkv_rope(
+                    rows(&self.acts, Act::Qkv, m, &s),
+                    self.view.bias(layer),
+                    &self.rope,
+                    s.heads,
+                    s.neox,
+                    self.len,
+                    &mut self.k[layer],
+                    &mut self.v[layer],
+                )?;
+                self.put(Act::Q, &q);
+            }
+            Op::Attention { layer } => {
+                let att = self.emu.attention(
+                    self.rows(Act::Q, m),
+                    &self.k[layer],
+                    &self.v[layer],
+                    s.heads,
+                    self.len,
+                )?;
+                self.put(Act::Att, &att);
+            }
+            Op::SiluMul => {
+                let f = self.emu.silu_mul(self.rows(Act::Gu, m), s.ffn)?;
+                self.put(Act::Ffn, &f);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first `m` rows of an activation buffer (a free function, so a launch can borrow the
+/// activations and the cache separately).
+fn rows<'a>(acts: &'a HashMap<Act, AlignedF32>, a: Act, m: usize, s: &super::Shape) -> &'a [f32] {
+    match acts.get(&a) {
+        Some(b) => &b.as_slice()[..m * a.width(s)],
+        None => &[],
+    }
+}
+
+impl Pass for EmulatedForward<'_> {
+    fn run(&mut self, tokens: &[u32], keep: usize) -> Result<&[f32]> {
+        self.last = self.forward(tokens, keep)?;
+        Ok(&self.last)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn truncate(&mut self, len: usize) {
+        EmulatedForward::truncate(self, len)
+    }
+    fn reserve(&mut self, positions: usize) -> Result<()> {
+        fixed_capacity(positions, self.capacity)
+    }
+    fn cfg(&self) -> &Config {
+        &self.view.model.cfg
+    }
+    fn backend(&self) -> &'static str {
+        "emulator"
+    }
+}

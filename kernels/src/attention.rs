@@ -1,0 +1,203 @@
+//! Causal grouped-query attention of the new positions over the f16 KV cache (decode and
+//! verification: 1 to 16 queries per sequence).
+//!
+//! One block per (query position, head). Each warp walks every `warps`-th cache position with an
+//! online softmax (running max, running sum, running weighted sum of v), its lanes holding
+//! `head_dim / 32` elements of q, k and v (one load of 2, 4, 8 or 16 bytes per row); the q·k dot
+//! product is a warp butterfly, so every lane agrees on the score. The warps' states meet in shared
+//! memory and are merged in warp order: the result does not depend on scheduling.
+//!
+//! v1 (this file): the grid is `m · heads` blocks, fewer than an H200's SMs at batch 1 (a 1.5B
+//! Qwen2 has 12 heads); a split over cache positions (flash-decoding) is the next version.
+
+use crate::gpu;
+use crate::params::AttentionParams;
+
+/// The widest head this kernel takes (8 elements per lane).
+pub const MAX_HEAD_DIM: u32 = 256;
+
+/// Elements of a head each lane holds, or None for a head size the kernel does not take (8, 16 or
+/// 32 use one element per lane and leave lanes idle; 64, 128, 256 use 2, 4, 8).
+pub const fn per_lane(head_dim: u32) -> Option<u32> {
+    match head_dim {
+        8 | 16 | 32 => Some(1),
+        64 => Some(2),
+        128 => Some(4),
+        256 => Some(8),
+        _ => None,
+    }
+}
+
+/// Dynamic shared memory of a launch with `block` threads: per warp its max, its sum and its
+/// `head_dim` weighted sums.
+pub const fn shared_bytes(block: u32, head_dim: u32) -> usize {
+    (block / 32) as usize * (2 + head_dim as usize) * 4
+}
+
+/// `EPL` f16 elements from `base[at..]` as f32 (one 2-, 4-, 8- or 16-byte load).
+#[inline(always)]
+unsafe fn halves<const EPL: usize>(base: *const u16, at: usize) -> [f32; EPL] {
+    let mut out = [0f32; EPL];
+    if EPL == 1 {
+        crate::unroll!(j in 0..2 => {
+            if j < EPL {
+                out[j] = gpu::f16_to_f32(gpu::ld_nc(base, at));
+            }
+        });
+    } else if EPL == 2 {
+        let w: u32 = gpu::ld_nc(base as *const u32, at / 2);
+        crate::unroll!(j in 0..2 => {
+            if j < EPL {
+                out[j] = gpu::f16_to_f32((w >> (16 * j)) as u16);
+            }
+        });
+    } else if EPL == 4 {
+        let w: u64 = gpu::ld_nc(base as *const u64, at / 4);
+        crate::unroll!(j in 0..4 => {
+            if j < EPL {
+                out[j] = gpu::f16_to_f32((w >> (16 * j)) as u16);
+            }
+        });
+    } else {
+        let w = gpu::ld_v4(base, at);
+        crate::unroll!(j in 0..8 => {
+            if j < EPL {
+                out[j] = gpu::f16_to_f32((w[j / 2] >> (16 * (j % 2))) as u16);
+            }
+        });
+    }
+    out
+}
+
+/// The kernel body for `EPL` elements per lane ([`per_lane`]).
+///
+/// # Safety
+/// q and out hold `m × heads·head_dim` f32, the caches `capacity × kv_heads·head_dim` f16 (rows
+/// `0 ..= cache_len + m − 1` written), `heads` a multiple of `kv_heads`, `per_lane(head_dim) ==
+/// EPL`; the documented launch.
+#[inline(always)]
+pub unsafe fn attention<const EPL: usize>(p: &AttentionParams) {
+    let heads_nz =
+        core::num::NonZeroUsize::new(p.heads as usize).unwrap_or(core::num::NonZeroUsize::MIN);
+    let b = gpu::block_idx_x() as usize;
+    let (i, h) = (b / heads_nz, b % heads_nz);
+    if i >= p.m as usize {
+        return;
+    }
+    let heads = heads_nz.get();
+    let group = core::num::NonZeroUsize::new(heads / (p.kv_heads as usize).max(1))
+        .unwrap_or(core::num::NonZeroUsize::MIN);
+    let kvh = h / group;
+    let hd = p.head_dim as usize;
+    let kvw = p.kv_heads as usize * hd;
+    let n = gpu::ld(p.cache_len, 0) as usize + i + 1; // positions query i sees
+    if n > p.capacity as usize {
+        return;
+    }
+    let lane = gpu::lane_id() as usize;
+    let warp = gpu::warp_id() as usize;
+    let warps = (gpu::block_dim_x() / gpu::WARP_SIZE) as usize;
+    let e0 = lane * EPL;
+    let live = e0 < hd;
+    // q scaled so the scores are in base 2 (ex2).
+    let qs = p.scale * core::f32::consts::LOG2_E;
+    let mut q = [0f32; EPL];
+    if live {
+        let at = (i * heads + h) * hd + e0;
+        crate::unroll!(j in 0..8 => {
+            if j < EPL {
+                q[j] = gpu::ld_nc(p.q, at + j) * qs;
+            }
+        });
+    }
+    let mut mx = f32::NEG_INFINITY;
+    let mut sum = 0f32;
+    let mut acc = [0f32; EPL];
+    // `pos` depends on the warp only: every lane of a warp runs the same iterations (shuffles).
+    let mut pos = warp;
+    while pos < n {
+        let row = pos * kvw + kvh * hd + e0;
+        let mut d = 0f32;
+        if live {
+            let k = halves::<EPL>(p.k_cache, row);
+            crate::unroll!(j in 0..8 => {
+                if j < EPL {
+                    d += q[j] * k[j];
+                }
+            });
+        }
+        let mut mask = 16;
+        while mask > 0 {
+            d += gpu::shfl_xor_f32(d, mask);
+            mask /= 2;
+        }
+        let m_new = if d > mx { d } else { mx };
+        let corr = gpu::exp2_approx(mx - m_new);
+        let w = gpu::exp2_approx(d - m_new);
+        sum = sum * corr + w;
+        if live {
+            let v = halves::<EPL>(p.v_cache, row);
+            crate::unroll!(j in 0..8 => {
+                if j < EPL {
+                    acc[j] = acc[j] * corr + w * v[j];
+                }
+            });
+        }
+        mx = m_new;
+        pos += warps;
+    }
+    let sh = gpu::dynamic_shared::<f32>();
+    let stride = 2 + hd;
+    if lane == 0 {
+        gpu::sh_st(sh, warp * stride, mx);
+        gpu::sh_st(sh, warp * stride + 1, sum);
+    }
+    if live {
+        crate::unroll!(j in 0..8 => {
+            if j < EPL {
+                gpu::sh_st(sh, warp * stride + 2 + e0 + j, acc[j]);
+            }
+        });
+    }
+    gpu::sync_threads();
+    let mut e = gpu::thread_idx_x() as usize;
+    while e < hd {
+        let mut top = f32::NEG_INFINITY;
+        let mut w = 0;
+        while w < warps {
+            let mw = gpu::sh_ld(sh, w * stride);
+            top = if mw > top { mw } else { top };
+            w += 1;
+        }
+        let (mut num, mut den) = (0f32, 0f32);
+        let mut w = 0;
+        while w < warps {
+            let mw = gpu::sh_ld(sh, w * stride);
+            // A warp that saw no position (n < warps) holds −∞ and adds nothing.
+            if mw > f32::NEG_INFINITY {
+                let c = gpu::exp2_approx(mw - top);
+                den += gpu::sh_ld(sh, w * stride + 1) * c;
+                num += gpu::sh_ld(sh, w * stride + 2 + e) * c;
+            }
+            w += 1;
+        }
+        gpu::st(p.out, (i * heads + h) * hd + e, num / den);
+        e += gpu::block_dim_x() as usize;
+    }
+}
+
+macro_rules! entries {
+    ($($name:ident: $epl:literal;)*) => {$(
+        /// # Safety
+        /// See [`attention`].
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: AttentionParams) {
+            attention::<$epl>(&p)
+        }
+    )*};
+}
+
+entries! {
+    attention_f32_e1: 1; attention_f32_e2: 2; attention_f32_e4: 4; attention_f32_e8: 8;
+}

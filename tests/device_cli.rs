@@ -1,0 +1,211 @@
+//! `--backend cuda` on the real-model commands (`generate`, `profile`, `bench decode`), checked
+//! without a GPU: `SPECKV_CUDA_EMULATE=1` runs the same device passes (speckv's kernels in the
+//! launch program) on the emulator, on SmolLM2-135M in the FP16 regime (skipped with a message where
+//! the model has not been fetched). Without that variable and without a GPU, the command says CUDA
+//! is unavailable; the gguf regime, which has no device kernels, is refused before any GPU work.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn smollm2() -> Option<PathBuf> {
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: {} missing (run scripts/fetch-model smollm2)",
+            p.display()
+        );
+        None
+    }
+}
+
+/// Runs speckv; `emulate` sets SPECKV_CUDA_EMULATE=1 (one emulator schedule: the kernels' schedule
+/// independence is the kernel tests' business, this checks the passes).
+fn speckv(args: &[&str], emulate: bool) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_speckv"));
+    c.args(args).env_remove("SPECKV_CUDA_EMULATE");
+    if emulate {
+        c.env("SPECKV_CUDA_EMULATE", "1")
+            .env("SPECKV_EMU_SCHEDULES", "1");
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tokens(json: &str) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("speckv-device-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn generate_on_the_device_passes_decodes_the_cpu_tokens() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let gen = |backend: &str, policy: &str, emulate: bool| {
+        let (ok, out, err) = speckv(
+            &[
+                "--backend",
+                backend,
+                "generate",
+                "--model",
+                m,
+                "--target",
+                "fp16",
+                "--prompt",
+                "What is 2+2?",
+                "--max-tokens",
+                "3",
+                "--policy",
+                policy,
+                "--json",
+            ],
+            emulate,
+        );
+        assert!(ok, "{backend} {policy}: {err}");
+        tokens(&out)
+    };
+    let cpu = gen("cpu", "plain", false);
+    assert_eq!(cpu.len(), 3);
+    assert_eq!(
+        gen("cuda", "plain", true),
+        cpu,
+        "the device pass decodes the CPU's tokens"
+    );
+    // Speculative on the device passes (the target skipping every other layer drafts): lossless.
+    assert_eq!(gen("cuda", "fixed:2", true), cpu);
+}
+
+#[test]
+fn profile_and_bench_decode_run_on_the_device_passes() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let prompts = tmp("prompts.jsonl");
+    std::fs::write(&prompts, "{\"category\": \"math\", \"prompt\": \"2+2?\"}\n").unwrap();
+    let p = prompts.to_str().unwrap();
+    let csv = tmp("steps.csv");
+    let (ok, out, err) = speckv(
+        &[
+            "--backend",
+            "cuda",
+            "profile",
+            "--model",
+            m,
+            "--target",
+            "fp16",
+            "--prompts",
+            p,
+            "--per-category",
+            "1",
+            "--max-tokens",
+            "2",
+            "--gamma-max",
+            "2",
+            "--out",
+            csv.to_str().unwrap(),
+        ],
+        true,
+    );
+    assert!(ok, "{out}{err}");
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert!(rows.lines().count() > 1, "{rows}");
+    assert!(csv.with_extension("cost.json").exists());
+    let (ok, out, err) = speckv(
+        &[
+            "--backend",
+            "cuda",
+            "bench",
+            "decode",
+            "--model",
+            m,
+            "--target",
+            "fp16",
+            "--prompts",
+            p,
+            "--offset",
+            "0",
+            "--per-category",
+            "1",
+            "--max-tokens",
+            "2",
+            "--policies",
+            "plain,fixed:2",
+            "--json",
+        ],
+        true,
+    );
+    assert!(ok, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let fixed = v["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["policy"] == "fixed:2")
+        .unwrap();
+    assert_eq!(fixed["matches_plain"], true, "{out}");
+}
+
+#[test]
+fn backend_without_a_device_or_device_kernels_is_an_error() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    // GGUF blocks have no device kernels: refused before any GPU work, GPU or not.
+    let (ok, _, err) = speckv(
+        &[
+            "--backend",
+            "cuda",
+            "generate",
+            "--model",
+            m,
+            "--target",
+            "gguf",
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "1",
+        ],
+        false,
+    );
+    assert!(
+        !ok && err.contains("not supported") && err.contains("gguf"),
+        "{err}"
+    );
+    if speckv::backend::cuda::driver_present() {
+        return; // a machine with a driver runs the real thing instead
+    }
+    let (ok, _, err) = speckv(
+        &[
+            "--backend",
+            "cuda",
+            "generate",
+            "--model",
+            m,
+            "--target",
+            "fp16",
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "1",
+        ],
+        false,
+    );
+    assert!(!ok && err.contains("CUDA backend is unavailable"), "{err}");
+}

@@ -1,0 +1,299 @@
+//! The device forward pass (the launch program the GPU runs: `embed`, `rms_norm`, v2 GEMV,
+//! `qkv_rope`, `attention`, `silu_mul`, LM head) on the emulator, against the CPU forward pass on
+//! tiny llama and qwen2 models written as GGUF, in every speckv regime: logits within a stated
+//! tolerance, and the same greedy tokens.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file::Value;
+use speckv::backend::emulate::Emulator;
+use speckv::model::device::{program, Act, EmulatedForward, Lin, Norm, Op};
+use speckv::model::{KvCache, Model};
+use speckv::weights::quant::Format;
+use speckv::weights::Regime;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("speckv-device-forward-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// The tiny llama model as qwen2: its metadata under `qwen2.`, q/k/v biases added.
+fn qwen2_spec(seed: u64) -> common::tiny::Spec {
+    use common::tiny::*;
+    let mut s = spec(seed);
+    let md = std::mem::take(&mut s.metadata);
+    for (k, v) in md {
+        let k = k.replacen("llama.", "qwen2.", 1);
+        s.metadata.insert(k, v);
+    }
+    s.metadata
+        .insert("general.architecture".into(), Value::String("qwen2".into()));
+    let kv = KV_HEADS * HIDDEN / HEADS;
+    for l in 0..LAYERS {
+        for (n, w, k) in [("q", HIDDEN, 1), ("k", kv, 2), ("v", kv, 3)] {
+            s.tensors.insert(
+                format!("blk.{l}.attn_{n}.bias"),
+                (
+                    vec![w],
+                    common::normal_logits(w, 0.3, seed * 100 + l as u64 * 10 + k),
+                ),
+            );
+        }
+    }
+    s
+}
+
+fn model(arch: &str, format: Format) -> Model {
+    let spec = if arch == "qwen2" {
+        qwen2_spec(3)
+    } else {
+        common::tiny::spec(3)
+    };
+    let p = tmp(&format!("{arch}.gguf"));
+    common::tiny::write(&spec, &p);
+    Model::load(&p, format).unwrap()
+}
+
+/// The prompt: 21 tokens, so the pass runs a chunk of 16 and one of 5.
+fn prompt() -> Vec<u32> {
+    (0..21u32).map(|i| (i * 97 + 13) % 512).collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Max |device − CPU| over the logits, and the logits' scale (max |CPU|).
+fn gap(dev: &[f32], cpu: &[f32]) -> (f32, f32) {
+    let d = dev
+        .iter()
+        .zip(cpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    (d, cpu.iter().map(|v| v.abs()).fold(0f32, f32::max))
+}
+
+/// Max |device − CPU| logit over the logit scale allowed per regime: the CPU's products differ from
+/// the GPU's (the tensor-core path rounds x to f16 for M ≥ 2; the CPU's INT8 and NF4 products
+/// quantise activations to 8 bits). Measured on the tiny models (`--nocapture` prints it): FP16
+/// 2.7e-4 / 3.5e-4, INT8 6.0e-3 / 6.6e-3, NF4 9.8e-3 / 1.2e-2 (llama / qwen2); the bounds are
+/// about twice the largest.
+fn tolerance(format: Format) -> f32 {
+    match format {
+        Format::Fp16 => 1e-3,
+        Format::Int8 => 1.5e-2,
+        Format::Nf4 => 2.5e-2,
+    }
+}
+
+#[test]
+fn device_pass_matches_the_cpu_pass_in_every_regime() {
+    for arch in ["llama", "qwen2"] {
+        for format in [Format::Fp16, Format::Int8, Format::Nf4] {
+            let m = model(arch, format);
+            let tokens = prompt();
+            let mut cache = KvCache::new(&m.cfg);
+            let cpu = m.forward(&tokens, &mut cache, tokens.len()).unwrap();
+            let mut dev = EmulatedForward::new(&m, Emulator::new(128), 132, 64).unwrap();
+            let got = dev.forward(&tokens, tokens.len()).unwrap();
+            assert_eq!(got.len(), cpu.len());
+            let (d, scale) = gap(&got, &cpu);
+            let tol = tolerance(format) * scale;
+            eprintln!("{arch} {format:?}: max |device − cpu| = {d:.2e} (logit scale {scale:.2})");
+            assert!(d <= tol, "{arch} {format:?}: {d} > {tol}");
+
+            // Greedy decoding, one token at a time on both: the same tokens while the CPU's top
+            // two are further apart than the measured gap.
+            let (mut t_cpu, mut t_dev) = (
+                argmax(&cpu[cpu.len() - m.cfg.vocab..]),
+                argmax(&got[got.len() - m.cfg.vocab..]),
+            );
+            for step in 0..6 {
+                assert_eq!(t_dev, t_cpu, "{arch} {format:?}: step {step}");
+                let c = m.forward(&[t_cpu], &mut cache, 1).unwrap();
+                let g = dev.forward(&[t_dev], 1).unwrap();
+                let (d, scale) = gap(&g, &c);
+                assert!(
+                    d <= tolerance(format) * scale,
+                    "{arch} {format:?} step {step}: {d}"
+                );
+                t_cpu = argmax(&c);
+                t_dev = argmax(&g);
+            }
+            assert_eq!(dev.len(), tokens.len() + 6);
+        }
+    }
+}
+
+#[test]
+fn rollback_then_redo_gives_the_same_logits() {
+    let m = model("qwen2", Format::Fp16);
+    let mut dev = EmulatedForward::new(&m, Emulator::new(64), 132, 40).unwrap();
+    let tokens = prompt();
+    dev.forward(&tokens[..10], 1).unwrap();
+    let first = dev.forward(&tokens[10..14], 4).unwrap();
+    // Reject the last three (a verification that accepted one of four), then redo them.
+    dev.truncate(11);
+    let again = dev.forward(&tokens[11..14], 3).unwrap();
+    assert_eq!(again, first[m.cfg.vocab..].to_vec());
+}
+
+#[test]
+fn the_program_is_the_layers_in_order() {
+    let p = program(&[true, false, true], true);
+    // Embed, 9 launches per active layer, the final norm and the LM head.
+    assert_eq!(p.len(), 1 + 2 * 9 + 2);
+    assert_eq!(p[0], Op::Embed);
+    assert_eq!(
+        p[1],
+        Op::RmsNorm {
+            norm: Norm::Attn(0),
+            residual: false
+        }
+    );
+    assert_eq!(
+        p[10],
+        Op::RmsNorm {
+            norm: Norm::Attn(2),
+            residual: true
+        },
+        "the skipped layer runs nothing; the next norm adds layer 0's output"
+    );
+    assert_eq!(
+        p[p.len() - 1],
+        Op::Gemv {
+            w: Lin::LmHead,
+            x: Act::Xn,
+            y: Act::Logits
+        }
+    );
+    assert_eq!(
+        program(&[true], false).len(),
+        10,
+        "no LM head without logits"
+    );
+}
+
+#[test]
+fn the_gguf_regime_and_bad_capacities_are_refused() {
+    let p = tmp("plain.gguf");
+    common::tiny::write(&common::tiny::spec(1), &p);
+    let g = Model::load(&p, Regime::Gguf).unwrap();
+    assert!(matches!(
+        EmulatedForward::new(&g, Emulator::new(64), 132, 16),
+        Err(speckv::Error::Unsupported(_))
+    ));
+    let m = Model::load(&p, Format::Fp16).unwrap();
+    assert!(EmulatedForward::new(&m, Emulator::new(64), 132, 0).is_err());
+    assert!(EmulatedForward::new(&m, Emulator::new(64), 132, 100_000).is_err());
+    let mut dev = EmulatedForward::new(&m, Emulator::new(64), 132, 8).unwrap();
+    assert!(dev.forward(&[1; 9], 1).is_err(), "past the cache");
+    assert!(dev.forward(&[600], 1).is_err(), "past the vocabulary");
+    assert!(dev.forward(&[1, 2], 3).is_err(), "keep more than given");
+    assert_eq!(dev.len(), 0, "a refused call leaves the cache as it was");
+}
+
+#[test]
+fn decode_loops_on_the_device_program_are_lossless() {
+    use speckv::controller::records::Compression;
+    use speckv::decode::{plain_on, speculative_on, GenConfig, Policy};
+    use speckv::model::CpuPass;
+    let target = model("qwen2", Format::Fp16);
+    let p = tmp("draft.gguf");
+    let mut spec = qwen2_spec(4);
+    // A draft that agrees with the target often: the target's weights, one layer fewer applied.
+    spec.tensors = qwen2_spec(3).tensors;
+    common::tiny::write(&spec, &p);
+    let draft = Model::load(&p, Format::Fp16).unwrap();
+    let prompt = prompt();
+    let cfg = GenConfig {
+        max_tokens: 10,
+        temperature: 0.0,
+        seed: 0,
+        gamma_max: 3,
+        compression: Compression::Fp16,
+    };
+    let room = prompt.len() + 10 + 3 + 2;
+    let emu = || Emulator::new(128);
+    let mut t = EmulatedForward::new(&target, emu(), 132, room).unwrap();
+    let plain = plain_on(&mut t, &prompt, &[], &cfg, &mut |_| {}).unwrap();
+    let mut t = EmulatedForward::new(&target, emu(), 132, room).unwrap();
+    let mut d = EmulatedForward::new(&draft, emu(), 132, room).unwrap();
+    d.set_active_layers(vec![true, false]).unwrap();
+    let spec_out = speculative_on(
+        &mut t,
+        &mut d,
+        &prompt,
+        &[],
+        &Policy::Fixed(3),
+        &cfg,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        spec_out.tokens, plain.tokens,
+        "greedy speculative decoding is lossless"
+    );
+    assert!(
+        spec_out.steps < plain.tokens.len(),
+        "the draft was accepted at least once"
+    );
+    // And the CPU pass decodes the same tokens.
+    let cpu = plain_on(
+        &mut CpuPass::new(&target, None),
+        &prompt,
+        &[],
+        &cfg,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(cpu.tokens, plain.tokens);
+}
+
+/// The same program on a CUDA device (skipped without one): logits against the CPU pass within
+/// the emulator test's tolerance, and the CUDA and emulated passes within float rounding of each
+/// other (their kernels are the same source; only `ex2.approx` and FMA contraction differ).
+#[test]
+fn cuda_forward_matches_the_cpu_pass() {
+    use speckv::model::device::{CudaForward, DeviceView, DeviceWeights};
+    let Some(cuda) = common::cuda() else { return };
+    for arch in ["llama", "qwen2"] {
+        for format in [Format::Fp16, Format::Int8, Format::Nf4] {
+            let m = model(arch, format);
+            let tokens = prompt();
+            let mut cache = KvCache::new(&m.cfg);
+            let cpu = m.forward(&tokens, &mut cache, tokens.len()).unwrap();
+            let w = DeviceWeights::upload(cuda, &DeviceView::new(&m).unwrap(), 64).unwrap();
+            let mut dev = CudaForward::new(cuda, &w, 64).unwrap();
+            let got = dev.forward(&tokens, tokens.len()).unwrap();
+            let (d, scale) = gap(&got, &cpu);
+            let tol = tolerance(format) * scale;
+            eprintln!("cuda {arch} {format:?}: max |device − cpu| = {d:.2e}");
+            assert!(d <= tol, "{arch} {format:?}: {d} > {tol}");
+            let mut emu =
+                EmulatedForward::new(&m, Emulator::new(128).gpu_math(1), cuda.sm_count(), 64)
+                    .unwrap();
+            let e = emu.forward(&tokens, tokens.len()).unwrap();
+            let (d2, _) = gap(&got, &e);
+            assert!(
+                d2 <= 1e-3 * scale,
+                "{arch} {format:?}: cuda vs emulator {d2}"
+            );
+            // Rollback and one more token on both.
+            dev.truncate(15);
+            cache.truncate(15);
+            let g = dev.forward(&[7], 1).unwrap();
+            let c = m.forward(&[7], &mut cache, 1).unwrap();
+            assert!(gap(&g, &c).0 <= tol);
+        }
+    }
+}
