@@ -250,3 +250,37 @@ fn plan_json_is_what_the_backend_launches() {
         }
     }
 }
+
+/// `bench predict` on the committed FP16 traces: plain is one token per M = 1 pass, fixed γ and the
+/// oracle are what `bench decode --traces` computes, the oracle bounds every fixed γ and the
+/// heuristic.
+#[test]
+fn bench_predict_reads_traces_and_a_cost_model() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let traces = format!("{root}/results/qwen/fp16/steps.csv");
+    let cost = format!("{root}/results/qwen/fp16/steps.cost.json");
+    let (ok, out, err) = speckv(&[
+        "bench", "predict", "--traces", &traces, "--cost", &cost, "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cost).unwrap()).unwrap();
+    let plain = v["plain_tokens_per_second"].as_f64().unwrap();
+    assert!((plain - 1e3 / c["verify_ms"][0].as_f64().unwrap()).abs() < 1e-9);
+    let oracle = v["oracle_tokens_per_second"].as_f64().unwrap();
+    for (_, f) in v["fixed_tokens_per_second"].as_object().unwrap() {
+        assert!(f.as_f64().unwrap() <= oracle + 1e-9);
+    }
+    assert!(v["heuristic_tokens_per_second"].as_f64().unwrap() <= oracle + 1e-9);
+    assert!(v["steps"].as_u64().unwrap() > 0);
+    let (ok, _, err) = speckv(&[
+        "bench",
+        "predict",
+        "--traces",
+        &traces,
+        "--cost",
+        "/nonexistent",
+    ]);
+    assert!(!ok && err.contains("nonexistent"), "{err}");
+}

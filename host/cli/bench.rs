@@ -14,8 +14,23 @@ use crate::args::{check_seconds, json_out, progress_bar, write_json, ModelArgs};
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Decoding tokens/s of plain decoding and of each γ policy over a prompt set, models loaded
-    /// once (greedy; CPU backend); with --traces and --cost, the trace-based oracle too.
+    /// once (greedy; the CPU pass, or speckv's device pass with --backend cuda); with --traces and
+    /// --cost, the trace-based predictions too.
     Decode(Box<DecodeArgs>),
+    /// Tokens/s predicted from traced steps under a cost model, no model run: plain decoding,
+    /// every fixed γ, HF's heuristic schedule, `auto` (replayed) and the oracle — e.g. the CPU's
+    /// traces under the GPU cost model of `bench step --backend cuda --shapes`, or HF's
+    /// (`scripts/hf_peer.py --cost-out`).
+    Predict {
+        /// Traces from `speckv profile`.
+        #[arg(long)]
+        traces: PathBuf,
+        /// Cost model (`profile`'s .cost.json, `bench step`'s cost_REGIME.json).
+        #[arg(long)]
+        cost: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Time of one γ decision: CPU µs per decision (all candidates through the MLP) and, with a
     /// GPU, µs per batch decision of 256 sequences, next to the paper's 0.34 ms.
     Overhead {
@@ -101,10 +116,6 @@ pub struct DecodeArgs {
     /// Traces from `speckv profile` for the oracle.
     #[arg(long)]
     traces: Option<PathBuf>,
-    /// Only predict tokens/s from --traces under --cost (no model is loaded or run): e.g. the
-    /// CPU-measured traces under a GPU cost model from `bench step --backend cuda --shapes`.
-    #[arg(long)]
-    predict_only: bool,
     #[arg(long, default_value_t = 48)]
     max_tokens: usize,
     #[arg(long, default_value_t = 8)]
@@ -116,6 +127,14 @@ pub struct DecodeArgs {
 pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
     match what {
         Command::Decode(a) => decode(*a, backend),
+        Command::Predict { traces, cost, json } => {
+            let v = predict(&traces, &cost)?;
+            if json {
+                return json_out(&v);
+            }
+            print!("{}", render_predict(&v));
+            Ok(())
+        }
         Command::Overhead { model, json } => {
             let backend = Backend::new(backend)?;
             let r = measure::overhead::measure(&backend, model.as_deref())?;
@@ -224,23 +243,44 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
     }))
 }
 
-fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
-    if a.predict_only {
-        let (Some(t), Some(c)) = (&a.traces, &a.cost) else {
-            return Err(Error::Other(
-                "--predict-only needs --traces and --cost".to_string(),
-            ));
-        };
-        let v = predict(t, c)?;
-        if a.json {
-            return json_out(&v);
+/// The predictions as a table.
+fn render_predict(v: &serde_json::Value) -> String {
+    let mut rows: Vec<(String, Option<f64>)> = vec![
+        ("plain".into(), v["plain_tokens_per_second"].as_f64()),
+        (
+            "auto (replayed)".into(),
+            v["auto_tokens_per_second"].as_f64(),
+        ),
+        (
+            "heuristic (HF +2/−1)".into(),
+            v["heuristic_tokens_per_second"].as_f64(),
+        ),
+    ];
+    if let Some(f) = v["fixed_tokens_per_second"].as_object() {
+        for (g, t) in f {
+            rows.push((format!("fixed:{g}"), t.as_f64()));
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| Error::Other(e.to_string()))?
-        );
-        return Ok(());
     }
+    rows.push(("oracle".into(), v["oracle_tokens_per_second"].as_f64()));
+    let plain = v["plain_tokens_per_second"].as_f64().unwrap_or(f64::NAN);
+    let mut out = format!(
+        "{} traced steps; cost model: {}\n{:<22} {:>10} {:>9}\n",
+        v["steps"],
+        v["cost_model"].as_str().unwrap_or(""),
+        "policy",
+        "tokens/s",
+        "× plain"
+    );
+    for (name, t) in rows {
+        match t {
+            Some(t) => out += &format!("{name:<22} {t:>10.2} {:>9.3}\n", t / plain),
+            None => out += &format!("{name:<22} {:>10} {:>9}\n", "–", "–"),
+        }
+    }
+    out
+}
+
+fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
     let chosen = pair::prompts_from_file(&a.prompts, a.offset, a.per_category)?;
     let mut pols = Vec::new();
     for name in &a.policies {

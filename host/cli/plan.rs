@@ -192,10 +192,28 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         v["details"] = details;
         return json_out(&v);
     }
+    // Identical launches (a step repeats each layer's) are printed once with their count.
+    let mut seen: Vec<(&LaunchPlan, usize)> = Vec::new();
     for p in &all {
+        match seen.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((p, 1)),
+        }
+    }
+    for (p, n) in seen {
         println!(
-            "{:<24} grid {:>6} × block {:>4}, {:>6} B shared, {:.2} blocks/SM on {} SMs",
-            p.entry, p.grid[0], p.block[0], p.shared_bytes, p.ctas_per_sm, p.sm_count
+            "{:<24} grid {:>6} × block {:>4}, {:>6} B shared, {:.2} blocks/SM on {} SMs{}",
+            p.entry,
+            p.grid[0],
+            p.block[0],
+            p.shared_bytes,
+            p.ctas_per_sm,
+            p.sm_count,
+            if n > 1 {
+                format!("  (× {n})")
+            } else {
+                String::new()
+            }
         );
     }
     if details != serde_json::json!({}) {

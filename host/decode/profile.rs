@@ -374,4 +374,29 @@ mod tests {
         }
         assert!((o - best).abs() < 1e-9, "oracle {o} vs exhaustive {best}");
     }
+
+    #[test]
+    fn heuristic_replay_follows_the_schedule_and_restarts_per_prompt() {
+        let cost = CostModel {
+            draft_ms_per_token: 1.0,
+            verify_ms: (0..=8).map(|g| 10.0 + g as f64).collect(),
+            source: String::new(),
+        };
+        // Prompt 1: full accept at γ 4 (→ 6), at 6 (→ 8), then 2 of 8 accepted (→ 7). Prompt 2
+        // starts again at 4: full accept (→ 6), then two rejections (6 → 5 → 4).
+        let steps = [
+            (8, 8, true),
+            (8, 8, false),
+            (8, 2, false),
+            (8, 8, true),
+            (8, 0, false),
+            (8, 0, false),
+        ];
+        let gammas = [4u32, 6, 8, 4, 6, 5];
+        let tok: f64 = [5.0, 7.0, 3.0, 5.0, 1.0, 1.0].iter().sum();
+        let time: f64 = gammas.iter().map(|&g| cost.step(g)).sum();
+        let got = heuristic_tokens_per_second(&steps, &cost).unwrap();
+        assert!((got - tok / time * 1e3).abs() < 1e-9, "{got}");
+        assert!(heuristic_tokens_per_second(&[], &cost).is_none());
+    }
 }
