@@ -3,7 +3,11 @@
 (peers.json) and the CUDA tests' results (tests.json), with each goal of the kernels issue
 evaluated — met, not met, or not measured — from numbers measured in this run only.
 
-  python3 gpu_summary.py kernels.json peers.json tests.json > summary.json
+  python3 gpu_summary.py kernels.json peers.json tests.json [OUT_DIR] > summary.json
+
+With OUT_DIR, the decode-step goals too, from step.json (`bench step --backend cuda --shapes`),
+predict_speckv.json / predict_hf.json (`bench predict` of the CPU-measured FP16 traces under the
+GPU cost model and under HF transformers' cost model from hf_peer.py).
 """
 import json
 import sys
@@ -71,7 +75,30 @@ for shape in gemv_shapes:
 fd = k.get("fused_decision_us")
 goal("fused γ decision: µs added to softmax_stats_v2", fd and round(fd, 2), "≤ 2", bool(fd is not None and fd <= 2.0),
      {"rows": 64})
-json.dump({"kernels": k, "peers": peers, "tests": tests, "goals": goals}, sys.stdout, indent=1)
+step = {}
+if len(sys.argv) > 4:
+    out = sys.argv[4]
+    step = load(f"{out}/step.json")
+    ours = load(f"{out}/predict_speckv.json")
+    hf = load(f"{out}/predict_hf.json")
+    fp16 = next((r for r in step.get("regimes", []) if r.get("format") == "fp16"), None)
+    frac = fp16 and fp16.get("bandwidth_fraction")
+    goal("plain decode step, 1.5B target, FP16, batch 1: weights' streaming time / step time",
+         frac and round(frac, 3), "≥ 0.80", bool(frac and frac >= 0.8), fp16)
+    auto, plain = ours.get("auto_tokens_per_second"), ours.get("plain_tokens_per_second")
+    r = auto and plain and auto / plain
+    goal("speckv auto, predicted tokens/s on this GPU (FP16 traces): × plain target decoding",
+         r and round(r, 3), "≥ 2", bool(r and r >= 2), {"auto": auto, "plain": plain})
+    h = hf.get("heuristic_tokens_per_second")
+    r = auto and h and auto / h
+    goal("speckv auto vs HF assisted generation (its heuristic schedule, HF's measured costs)",
+         r and round(r, 3), "≥ 2", bool(r and r >= 2), {"auto": auto, "hf_heuristic": h})
+json.dump({"kernels": k, "peers": peers, "tests": tests, "step": step, "goals": goals}, sys.stdout, indent=1)
 print(file=sys.stderr)
 for g in goals:
     print(f"{g['status']:<13} {g['goal']}: {g['value']} (goal {g['target']})", file=sys.stderr)
+if len(sys.argv) > 4:
+    with open(f"{sys.argv[4]}/summary.md", "w") as f:
+        f.write("| goal | measured | target | status |\n| --- | --- | --- | --- |\n")
+        for g in goals:
+            f.write(f"| {g['goal']} | {g['value']} | {g['target']} | {g['status']} |\n")

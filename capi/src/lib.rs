@@ -240,7 +240,9 @@ fn status_of(e: &Error) -> SpeckvStatus {
         Error::WrongStream(_) => SpeckvStatus::WrongStream,
         Error::Io { .. } | Error::BadModel(_) => SpeckvStatus::Io,
         Error::NonFiniteLogits { .. } => SpeckvStatus::InvalidArgument,
-        Error::Emulator(_) | Error::Other(_) => SpeckvStatus::InvalidArgument,
+        Error::Emulator(_) | Error::Other(_) | Error::Unsupported(_) => {
+            SpeckvStatus::InvalidArgument
+        }
     }
 }
 
