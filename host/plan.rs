@@ -226,6 +226,33 @@ pub fn attention(
     ))
 }
 
+/// `attention_v2_f32_e{1,2,4,8}` with `block` threads: each (position, head) pair's cache positions
+/// split across blocks so the grid has at least two blocks per SM; the plan, the splits and the
+/// workspace bytes (None for a head size the kernel does not take).
+pub fn attention_v2(
+    m: u32,
+    heads: u32,
+    head_dim: u32,
+    block: u32,
+    sm_count: u32,
+) -> Option<(LaunchPlan, u32, usize)> {
+    use speckv_kernels::attention as a;
+    let epl = a::per_lane(head_dim)?;
+    let pairs = m * heads;
+    let splits = a::splits_v2(pairs, sm_count);
+    Some((
+        LaunchPlan::new(
+            format!("attention_v2_f32_e{epl}"),
+            pairs * splits,
+            block,
+            a::shared_bytes_v2(block, head_dim),
+            sm_count,
+        ),
+        splits,
+        a::workspace_bytes_v2(pairs, splits, head_dim),
+    ))
+}
+
 /// `silu_mul_f32` with `block` threads: one thread per four outputs.
 pub fn silu_mul(m: u32, ffn: u32, block: u32, sm_count: u32) -> LaunchPlan {
     LaunchPlan::new(

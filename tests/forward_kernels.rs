@@ -371,3 +371,41 @@ fn attention_refuses_bad_shapes() {
     );
     assert!(e.attention(&q[..31], &k, &k, s, 0).is_err());
 }
+
+/// v2 splits each pair's cache positions across blocks: against the same f64 reference, at plans
+/// for 1, 7 and 132 SMs (1 to 32 splits, so some splits are empty at short lengths), every block
+/// size, and within float rounding of v1.
+#[test]
+fn attention_v2_matches_the_reference_at_every_split() {
+    for (heads, kv_heads, hd) in [(4, 2, 16), (14, 2, 64), (2, 2, 128), (2, 1, 256)] {
+        let s = Heads {
+            heads,
+            kv_heads,
+            head_dim: hd,
+        };
+        let capacity = 80;
+        let k = f16_grid(capacity * s.kv_width(), 7 + hd as u64);
+        let v = f16_grid(capacity * s.kv_width(), 8 + hd as u64);
+        for (m, len) in [(1usize, 0usize), (1, 63), (5, 20), (16, 60)] {
+            let q = common::normal_logits(m * s.q_width(), 1.0, (3 * m + len) as u64);
+            let want = attention_reference(&q, &k, &v, s, len);
+            let v1 = Emulator::new(128).attention(&q, &k, &v, s, len).unwrap();
+            for (sms, block) in [(1u32, 32u32), (7, 128), (132, 1024), (132, 64)] {
+                let got = Emulator::new(block)
+                    .attention_v2(&q, &k, &v, s, len, sms)
+                    .unwrap();
+                for (j, ((&g, &w), &o)) in got.iter().zip(&want).zip(&v1).enumerate() {
+                    assert!(
+                        close(g as f64, w, 1e-5, 1e-6) && close(g as f64, o as f64, 1e-5, 1e-6),
+                        "{s:?} m {m} len {len} sms {sms} block {block} [{j}]: {g} vs {w} (v1 {o})"
+                    );
+                }
+            }
+        }
+    }
+    let (_, splits, _) = speckv::plan::attention_v2(1, 12, 128, 128, 132).unwrap();
+    assert_eq!(
+        splits, 22,
+        "12 heads at batch 1 get 22 splits: 264 blocks = 2 per SM"
+    );
+}

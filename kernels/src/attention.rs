@@ -7,11 +7,11 @@
 //! product is a warp butterfly, so every lane agrees on the score. The warps' states meet in shared
 //! memory and are merged in warp order: the result does not depend on scheduling.
 //!
-//! v1 (this file): the grid is `m · heads` blocks, fewer than an H200's SMs at batch 1 (a 1.5B
-//! Qwen2 has 12 heads); a split over cache positions (flash-decoding) is the next version.
+//! v1: the grid is `m · heads` blocks, fewer than an H200's SMs at batch 1 (a 1.5B Qwen2 has 12
+//! heads). v2 (below; what the backends launch) splits each pair's cache positions across blocks.
 
 use crate::gpu;
-use crate::params::AttentionParams;
+use crate::params::{AttentionParams, AttentionV2Params};
 
 /// The widest head this kernel takes (8 elements per lane).
 pub const MAX_HEAD_DIM: u32 = 256;
@@ -200,4 +200,240 @@ macro_rules! entries {
 
 entries! {
     attention_f32_e1: 1; attention_f32_e2: 2; attention_f32_e4: 4; attention_f32_e8: 8;
+}
+
+// =============================================================================================
+// v2: the cache positions of each (query position, head) split across `splits` blocks
+// (flash-decoding), so a step at batch 1 fills the GPU: v1 gives a 12-head model 12 blocks. Each
+// block reads the cache length, takes its share of the positions (ceil(n / splits), so every split
+// has work at any length and a replayed step needs no new parameters), reduces it as v1 does, and
+// writes its (max, sum, weighted sums) to the workspace; the last block of the pair to arrive merges
+// the splits in split order, so the result does not depend on the schedule.
+
+/// Blocks a v2 launch gives each (position, head) pair for `pairs` pairs on `sm_count` SMs: at least
+/// two blocks per SM in all, at most [`MAX_SPLITS`].
+pub const fn splits_v2(pairs: u32, sm_count: u32) -> u32 {
+    let want = (2 * sm_count).div_ceil(if pairs == 0 { 1 } else { pairs });
+    if want > MAX_SPLITS {
+        MAX_SPLITS
+    } else if want == 0 {
+        1
+    } else {
+        want
+    }
+}
+
+/// The most splits per pair (a split below ~8 positions per warp gains nothing).
+pub const MAX_SPLITS: u32 = 32;
+
+/// Workspace bytes of a v2 launch: one arrival counter per pair (padded to 16 bytes), then per
+/// (pair, split) its max, sum and `head_dim` weighted sums.
+pub const fn workspace_bytes_v2(pairs: u32, splits: u32, head_dim: u32) -> usize {
+    counters_bytes(pairs) + (pairs * splits) as usize * (2 + head_dim as usize) * 4
+}
+
+const fn counters_bytes(pairs: u32) -> usize {
+    (pairs as usize * 4).div_ceil(16) * 16
+}
+
+/// The v2 kernel body for `EPL` elements per lane.
+///
+/// # Safety
+/// As [`attention`], with `p2.workspace` of [`workspace_bytes_v2`] bytes (counters zero; left
+/// zero), `splits ≥ 1` and the grid `m · heads · splits`.
+#[inline(always)]
+pub unsafe fn attention_v2<const EPL: usize>(p2: &AttentionV2Params) {
+    let p = &p2.base;
+    let splits_nz =
+        core::num::NonZeroUsize::new(p2.splits as usize).unwrap_or(core::num::NonZeroUsize::MIN);
+    let heads_nz =
+        core::num::NonZeroUsize::new(p.heads as usize).unwrap_or(core::num::NonZeroUsize::MIN);
+    let b = gpu::block_idx_x() as usize;
+    let (pair, split) = (b / splits_nz, b % splits_nz);
+    let (i, h) = (pair / heads_nz, pair % heads_nz);
+    if i >= p.m as usize {
+        return;
+    }
+    let heads = heads_nz.get();
+    let group = core::num::NonZeroUsize::new(heads / (p.kv_heads as usize).max(1))
+        .unwrap_or(core::num::NonZeroUsize::MIN);
+    let kvh = h / group;
+    let hd = p.head_dim as usize;
+    let kvw = p.kv_heads as usize * hd;
+    let n = gpu::ld(p.cache_len, 0) as usize + i + 1;
+    if n > p.capacity as usize {
+        return;
+    }
+    let chunk = n.div_ceil(splits_nz.get());
+    let start = split * chunk;
+    let end = if start + chunk < n { start + chunk } else { n };
+    let lane = gpu::lane_id() as usize;
+    let warp = gpu::warp_id() as usize;
+    let warps = (gpu::block_dim_x() / gpu::WARP_SIZE) as usize;
+    let e0 = lane * EPL;
+    let live = e0 < hd;
+    let qs = p.scale * core::f32::consts::LOG2_E;
+    let mut q = [0f32; EPL];
+    if live {
+        let at = (i * heads + h) * hd + e0;
+        crate::unroll!(j in 0..8 => {
+            if j < EPL {
+                q[j] = gpu::ld_nc(p.q, at + j) * qs;
+            }
+        });
+    }
+    let (mut mx, mut sum, mut acc) = (f32::NEG_INFINITY, 0f32, [0f32; EPL]);
+    let mut pos = start + warp;
+    while pos < end {
+        let row = pos * kvw + kvh * hd + e0;
+        let mut d = 0f32;
+        if live {
+            let k = halves::<EPL>(p.k_cache, row);
+            crate::unroll!(j in 0..8 => {
+                if j < EPL {
+                    d += q[j] * k[j];
+                }
+            });
+        }
+        let mut mask = 16;
+        while mask > 0 {
+            d += gpu::shfl_xor_f32(d, mask);
+            mask /= 2;
+        }
+        let m_new = if d > mx { d } else { mx };
+        let corr = gpu::exp2_approx(mx - m_new);
+        let w = gpu::exp2_approx(d - m_new);
+        sum = sum * corr + w;
+        if live {
+            let v = halves::<EPL>(p.v_cache, row);
+            crate::unroll!(j in 0..8 => {
+                if j < EPL {
+                    acc[j] = acc[j] * corr + w * v[j];
+                }
+            });
+        }
+        mx = m_new;
+        pos += warps;
+    }
+    // The block's warps meet in shared memory (as v1); the flag word follows them.
+    let sh = gpu::dynamic_shared::<f32>();
+    let stride = 2 + hd;
+    if lane == 0 {
+        gpu::sh_st(sh, warp * stride, mx);
+        gpu::sh_st(sh, warp * stride + 1, sum);
+    }
+    if live {
+        crate::unroll!(j in 0..8 => {
+            if j < EPL {
+                gpu::sh_st(sh, warp * stride + 2 + e0 + j, acc[j]);
+            }
+        });
+    }
+    gpu::sync_threads();
+    let counters = p2.workspace as *mut u32;
+    let partials = p2.workspace.wrapping_add(counters_bytes(p.m * p.heads)) as *mut f32;
+    let mine = (pair * splits_nz.get() + split) * stride;
+    // The block's merged state: max and sum by thread 0, weighted sums by every thread.
+    let mut top = f32::NEG_INFINITY;
+    let mut w = 0;
+    while w < warps {
+        let mw = gpu::sh_ld(sh, w * stride);
+        top = if mw > top { mw } else { top };
+        w += 1;
+    }
+    let scale_of = |w: usize| {
+        let mw = gpu::sh_ld(sh, w * stride);
+        if mw > f32::NEG_INFINITY {
+            gpu::exp2_approx(mw - top)
+        } else {
+            0.0
+        }
+    };
+    let tid = gpu::thread_idx_x() as usize;
+    let block = gpu::block_dim_x() as usize;
+    if tid == 0 {
+        let mut den = 0f32;
+        let mut w = 0;
+        while w < warps {
+            den += gpu::sh_ld(sh, w * stride + 1) * scale_of(w);
+            w += 1;
+        }
+        gpu::st(partials, mine, top);
+        gpu::st(partials, mine + 1, den);
+    }
+    let mut e = tid;
+    while e < hd {
+        let mut num = 0f32;
+        let mut w = 0;
+        while w < warps {
+            num += gpu::sh_ld(sh, w * stride + 2 + e) * scale_of(w);
+            w += 1;
+        }
+        gpu::st(partials, mine + 2 + e, num);
+        e += block;
+    }
+    // Arrive; the last block of the pair merges every split's partials in split order.
+    let flag = sh.wrapping_add(warps * stride) as *mut u32;
+    gpu::threadfence();
+    gpu::sync_threads();
+    if tid == 0 {
+        let arrived = gpu::atomic_add_u32(counters.wrapping_add(pair), 1);
+        gpu::sh_st(flag, 0, (arrived + 1 == p2.splits) as u32);
+    }
+    gpu::sync_threads();
+    if gpu::sh_ld(flag, 0) == 0 {
+        return;
+    }
+    gpu::threadfence();
+    let first = pair * splits_nz.get() * stride;
+    let mut top = f32::NEG_INFINITY;
+    let mut s = 0;
+    while s < splits_nz.get() {
+        let ms = gpu::ld(partials, first + s * stride);
+        top = if ms > top { ms } else { top };
+        s += 1;
+    }
+    let mut e = tid;
+    while e < hd {
+        let (mut num, mut den) = (0f32, 0f32);
+        let mut s = 0;
+        while s < splits_nz.get() {
+            let at = first + s * stride;
+            let ms = gpu::ld(partials, at);
+            // An empty split (n < splits) holds −∞ and adds nothing.
+            if ms > f32::NEG_INFINITY {
+                let c = gpu::exp2_approx(ms - top);
+                den += gpu::ld(partials, at + 1) * c;
+                num += gpu::ld(partials, at + 2 + e) * c;
+            }
+            s += 1;
+        }
+        gpu::st(p.out, (i * heads + h) * hd + e, num / den);
+        e += block;
+    }
+    gpu::sync_threads();
+    if tid == 0 {
+        gpu::st(counters, pair, 0);
+    }
+}
+
+/// Dynamic shared memory of a v2 launch: v1's, plus the flag word (16-byte padded).
+pub const fn shared_bytes_v2(block: u32, head_dim: u32) -> usize {
+    shared_bytes(block, head_dim) + 16
+}
+
+macro_rules! entries_v2 {
+    ($($name:ident: $epl:literal;)*) => {$(
+        /// # Safety
+        /// See [`attention_v2`].
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: AttentionV2Params) {
+            attention_v2::<$epl>(&p)
+        }
+    )*};
+}
+
+entries_v2! {
+    attention_v2_f32_e1: 1; attention_v2_f32_e2: 2; attention_v2_f32_e4: 4; attention_v2_f32_e8: 8;
 }

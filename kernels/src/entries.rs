@@ -64,5 +64,9 @@ pub const ENTRY_POINTS: &[&str] = &[
     "attention_f32_e2",
     "attention_f32_e4",
     "attention_f32_e8",
+    "attention_v2_f32_e1",
+    "attention_v2_f32_e2",
+    "attention_v2_f32_e4",
+    "attention_v2_f32_e8",
     "silu_mul_f32",
 ];

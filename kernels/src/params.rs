@@ -693,6 +693,22 @@ pub struct AttentionParams {
     pub scale: f32,
 }
 
+/// Parameters of `attention_v2_f32_e{1,2,4,8}`: v1's, plus the split of each (position, head)
+/// pair's cache positions across `splits` blocks (grid `m · heads · splits`, block b: pair b /
+/// splits, split b % splits; each split takes ceil(n / splits) positions of the n its query sees)
+/// and the workspace where the splits meet
+/// ([`attention::workspace_bytes_v2`](crate::attention::workspace_bytes_v2): arrival counters,
+/// zero before the first launch and left zero, then every split's partial state). Dynamic shared
+/// memory [`attention::shared_bytes_v2`](crate::attention::shared_bytes_v2).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionV2Params {
+    pub base: AttentionParams,
+    pub workspace: *mut u8,
+    pub splits: u32,
+    pub _pad: u32,
+}
+
 /// Parameters of `silu_mul_f32`: out[i, j] = silu(gu[i, j]) · gu[i, ffn + j] for the fused
 /// gate / up projection `gu [m, 2·ffn]`. One thread per 4 outputs (`ffn` a multiple of 4, buffers
 /// 16-byte aligned): `grid.x = ceil(m · ffn / 4 / block.x)`, no shared memory.
@@ -715,6 +731,8 @@ unsafe impl Sync for QkvRopeParams {}
 unsafe impl Send for AttentionParams {}
 unsafe impl Sync for AttentionParams {}
 unsafe impl Send for SiluMulParams {}
+unsafe impl Send for AttentionV2Params {}
+unsafe impl Sync for AttentionV2Params {}
 unsafe impl Sync for SiluMulParams {}
 
 const _: () = assert!(core::mem::size_of::<RmsNormParams>() == 48);
@@ -722,3 +740,4 @@ const _: () = assert!(core::mem::size_of::<EmbedParams>() == 40);
 const _: () = assert!(core::mem::size_of::<QkvRopeParams>() == 88);
 const _: () = assert!(core::mem::size_of::<AttentionParams>() == 64);
 const _: () = assert!(core::mem::size_of::<SiluMulParams>() == 24);
+const _: () = assert!(core::mem::size_of::<AttentionV2Params>() == 80);

@@ -4,10 +4,10 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use speckv_kernels::params::{
-    AttentionParams, EmbedParams, QkvRopeParams, RmsNormParams, SiluMulParams,
+    AttentionParams, AttentionV2Params, EmbedParams, QkvRopeParams, RmsNormParams, SiluMulParams,
 };
 
-use super::{ByValue, CudaBackend, KernelFn};
+use super::{ByValue, CudaBackend, KernelFn, KernelVersion};
 use crate::backend::forward::{check_multiple, Heads, MAX_STEP};
 use crate::error::{Error, Result};
 use crate::plan::LaunchPlan;
@@ -212,7 +212,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Causal attention of `m` query rows over the layer's cache.
+    /// Causal attention of `m` query rows over the layer's cache: v2 (cache positions split across
+    /// blocks, `ws` its workspace of [`CudaBackend::attention_workspace_bytes`], zeroed once) or the
+    /// v1 oracle (`ws` unused).
+    #[allow(clippy::too_many_arguments)]
     pub fn launch_attention(
         &self,
         q: &CudaSlice<f32>,
@@ -220,6 +223,8 @@ impl CudaBackend {
         out: &mut CudaSlice<f32>,
         heads: Heads,
         m: usize,
+        version: KernelVersion,
+        ws: &mut CudaSlice<u8>,
     ) -> Result<()> {
         heads.check()?;
         step(m)?;
@@ -228,14 +233,29 @@ impl CudaBackend {
         room("k cache", cache.k, cache.capacity * heads.kv_width())?;
         room("v cache", cache.v, cache.capacity * heads.kv_width())?;
         room("cache length", cache.len, 1)?;
-        let plan = crate::plan::attention(
+        let unsupported = || Error::Unsupported(format!("head size {}", heads.head_dim));
+        let (plan, splits, ws_bytes) = crate::plan::attention_v2(
             m as u32,
             heads.heads as u32,
             heads.head_dim as u32,
             crate::plan::ATTENTION_BLOCK,
             self.sm_count,
         )
-        .ok_or_else(|| Error::Unsupported(format!("head size {}", heads.head_dim)))?;
+        .ok_or_else(unsupported)?;
+        let plan = match version {
+            KernelVersion::V2 => {
+                room("attention workspace", ws, ws_bytes)?;
+                plan
+            }
+            KernelVersion::V1 => crate::plan::attention(
+                m as u32,
+                heads.heads as u32,
+                heads.head_dim as u32,
+                crate::plan::ATTENTION_BLOCK,
+                self.sm_count,
+            )
+            .ok_or_else(unsupported)?,
+        };
         let epl = speckv_kernels::attention::per_lane(heads.head_dim as u32).unwrap_or(1);
         let st = &self.stream;
         let (qp, _g0) = q.device_ptr(st);
@@ -256,13 +276,44 @@ impl CudaBackend {
             capacity: cache.capacity as u32,
             scale: 1.0 / (heads.head_dim as f32).sqrt(),
         };
-        let arg = ByValue(p);
-        let mut b = st.launch_builder(self.function(KernelFn::Attention(epl)));
-        b.arg(&arg);
-        // SAFETY: sizes checked above; the entry's elements per lane match the head size; the
-        // kernel returns early for a length past the cache; the buffers outlive the launch.
+        let (wp, _g5) = ws.device_ptr_mut(st);
+        let p2 = AttentionV2Params {
+            base: p,
+            workspace: wp as *mut u8,
+            splits,
+            _pad: 0,
+        };
+        let (arg1, arg2) = (ByValue(p), ByValue(p2));
+        let mut b = match version {
+            KernelVersion::V1 => {
+                let mut b = st.launch_builder(self.function(KernelFn::Attention(epl)));
+                b.arg(&arg1);
+                b
+            }
+            KernelVersion::V2 => {
+                let mut b = st.launch_builder(self.function(KernelFn::AttentionV2(epl)));
+                b.arg(&arg2);
+                b
+            }
+        };
+        // SAFETY: sizes checked above (the v2 workspace is the plan's, its counters zero); the
+        // entry's elements per lane match the head size; the kernel returns early for a length
+        // past the cache; the buffers outlive the launch.
         unsafe { b.launch(config(&plan)) }?;
         Ok(())
+    }
+
+    /// Workspace bytes of attention v2 at `m` positions (the most a step of `m` needs).
+    pub fn attention_workspace_bytes(&self, heads: Heads, m: usize) -> usize {
+        crate::plan::attention_v2(
+            m as u32,
+            heads.heads as u32,
+            heads.head_dim as u32,
+            crate::plan::ATTENTION_BLOCK,
+            self.sm_count,
+        )
+        .map(|(_, _, b)| b)
+        .unwrap_or(0)
     }
 
     /// out `[m, ffn]` = silu(gate) · up.

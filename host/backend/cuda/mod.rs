@@ -48,11 +48,13 @@ pub enum KernelFn {
     QkvRope,
     /// Elements of a head per lane (1, 2, 4, 8).
     Attention(u32),
+    /// v2 (cache positions split across blocks), elements of a head per lane.
+    AttentionV2(u32),
     SiluMul,
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 60] = [
+    pub const ALL: [KernelFn; 64] = [
         KernelFn::GemvV2(Format::Fp16, 1),
         KernelFn::GemvV2(Format::Fp16, 2),
         KernelFn::GemvV2(Format::Fp16, 4),
@@ -112,6 +114,10 @@ impl KernelFn {
         KernelFn::Attention(2),
         KernelFn::Attention(4),
         KernelFn::Attention(8),
+        KernelFn::AttentionV2(1),
+        KernelFn::AttentionV2(2),
+        KernelFn::AttentionV2(4),
+        KernelFn::AttentionV2(8),
         KernelFn::SiluMul,
     ];
 
@@ -141,6 +147,10 @@ impl KernelFn {
             KernelFn::Attention(2) => "attention_f32_e2",
             KernelFn::Attention(4) => "attention_f32_e4",
             KernelFn::Attention(_) => "attention_f32_e8",
+            KernelFn::AttentionV2(1) => "attention_v2_f32_e1",
+            KernelFn::AttentionV2(2) => "attention_v2_f32_e2",
+            KernelFn::AttentionV2(4) => "attention_v2_f32_e4",
+            KernelFn::AttentionV2(_) => "attention_v2_f32_e8",
             KernelFn::SiluMul => "silu_mul_f32",
             KernelFn::GemvV2(f, t) => match (f, t) {
                 (Format::Fp16, 1) => "gemv_v2_fp16_m1",
@@ -215,6 +225,8 @@ unsafe impl DeviceRepr for ByValue<speckv_kernels::params::RmsNormParams> {}
 unsafe impl DeviceRepr for ByValue<speckv_kernels::params::QkvRopeParams> {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for ByValue<speckv_kernels::params::AttentionParams> {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::AttentionV2Params> {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for ByValue<speckv_kernels::params::SiluMulParams> {}
 

@@ -5,12 +5,12 @@
 
 use speckv_kernels::emu::{self, Launch};
 use speckv_kernels::params::{
-    AttentionParams, EmbedParams, QkvRopeParams, RmsNormParams, SiluMulParams,
+    AttentionParams, AttentionV2Params, EmbedParams, QkvRopeParams, RmsNormParams, SiluMulParams,
 };
 
 use super::Emulator;
 use crate::backend::forward::{
-    check_aligned, check_len, check_multiple, check_step, AlignedF32, Heads, MAX_STEP,
+    check_aligned, check_len, check_multiple, check_step, AlignedF32, Heads,
 };
 use crate::error::{Error, Result};
 use crate::stats::check_block;
@@ -246,16 +246,8 @@ impl Emulator {
         heads: Heads,
         len: usize,
     ) -> Result<Vec<f32>> {
-        check_block(self.block)?;
-        heads.check()?;
-        let (qw, kvw) = (heads.q_width(), heads.kv_width());
-        let m = q.len() / qw;
-        check_len("q", q.len(), m, qw)?;
-        let capacity = k_cache.len() / kvw;
-        check_len("k cache", k_cache.len(), capacity, kvw)?;
-        check_len("v cache", v_cache.len(), capacity, kvw)?;
-        check_step(m, len, capacity)?;
-        debug_assert!(m <= MAX_STEP);
+        let (m, capacity) = self.check_attention(q, k_cache, v_cache, heads, len)?;
+        let qw = heads.q_width();
         let plan = crate::plan::attention(
             m as u32,
             heads.heads as u32,
@@ -307,6 +299,110 @@ impl Emulator {
                         _ => emu::launch_checked(&l, || att::<8>(&p)),
                     }
                 }?;
+                Ok(out)
+            },
+            |o| bytes(o),
+        )
+        .map_err(Error::from)
+    }
+
+    /// The checks both attention versions make: (m, cache capacity).
+    fn check_attention(
+        &self,
+        q: &[f32],
+        k_cache: &[u16],
+        v_cache: &[u16],
+        heads: Heads,
+        len: usize,
+    ) -> Result<(usize, usize)> {
+        check_block(self.block)?;
+        heads.check()?;
+        let (qw, kvw) = (heads.q_width(), heads.kv_width());
+        let m = q.len() / qw;
+        check_len("q", q.len(), m, qw)?;
+        let capacity = k_cache.len() / kvw;
+        check_len("k cache", k_cache.len(), capacity, kvw)?;
+        check_len("v cache", v_cache.len(), capacity, kvw)?;
+        check_step(m, len, capacity)?;
+        Ok((m, capacity))
+    }
+
+    /// [`Emulator::attention`] by v2, each pair's cache positions split across blocks as planned
+    /// for `sm_count` SMs (the workspace's counters must come back zero).
+    pub fn attention_v2(
+        &self,
+        q: &[f32],
+        k_cache: &[u16],
+        v_cache: &[u16],
+        heads: Heads,
+        len: usize,
+        sm_count: u32,
+    ) -> Result<Vec<f32>> {
+        let (m, capacity) = self.check_attention(q, k_cache, v_cache, heads, len)?;
+        let qw = heads.q_width();
+        let (plan, splits, ws_bytes) = crate::plan::attention_v2(
+            m as u32,
+            heads.heads as u32,
+            heads.head_dim as u32,
+            self.block,
+            sm_count,
+        )
+        .ok_or_else(|| Error::Unsupported(format!("head size {}", heads.head_dim)))?;
+        let lens = [len as u32];
+        let counters = (m * heads.heads).div_ceil(4) * 4;
+        emu::launch_schedules(
+            &plan.entry,
+            |seed| {
+                let mut out = vec![0f32; m * qw];
+                let mut ws = vec![0u32; ws_bytes.div_ceil(4)];
+                let p = AttentionV2Params {
+                    base: AttentionParams {
+                        q: q.as_ptr(),
+                        k_cache: k_cache.as_ptr(),
+                        v_cache: v_cache.as_ptr(),
+                        out: out.as_mut_ptr(),
+                        cache_len: lens.as_ptr(),
+                        heads: heads.heads as u32,
+                        kv_heads: heads.kv_heads as u32,
+                        head_dim: heads.head_dim as u32,
+                        m: m as u32,
+                        capacity: capacity as u32,
+                        scale: 1.0 / (heads.head_dim as f32).sqrt(),
+                    },
+                    workspace: ws.as_mut_ptr() as *mut u8,
+                    splits,
+                    _pad: 0,
+                };
+                let l = Launch::new(
+                    plan.entry.as_str(),
+                    plan.grid[0],
+                    self.block,
+                    plan.shared_bytes,
+                )
+                .input("q", q)
+                .input("k_cache", k_cache)
+                .input("v_cache", v_cache)
+                .input("cache_len", &lens)
+                .output("out", &mut out)
+                .output("workspace", &mut ws)
+                .schedule(seed)
+                .math(self.math);
+                use speckv_kernels::attention::attention_v2 as att;
+                // SAFETY: as for v1, and the workspace is the plan's size, zeroed.
+                unsafe {
+                    match speckv_kernels::attention::per_lane(heads.head_dim as u32) {
+                        Some(1) => emu::launch_checked(&l, || att::<1>(&p)),
+                        Some(2) => emu::launch_checked(&l, || att::<2>(&p)),
+                        Some(4) => emu::launch_checked(&l, || att::<4>(&p)),
+                        _ => emu::launch_checked(&l, || att::<8>(&p)),
+                    }
+                }?;
+                if ws[..counters].iter().any(|&c| c != 0) {
+                    return Err(emu::EmuError::KernelPanic {
+                        block: 0,
+                        message: "attention v2 left its counters non-zero".to_string(),
+                    });
+                }
                 Ok(out)
             },
             |o| bytes(o),

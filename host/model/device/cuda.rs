@@ -12,7 +12,7 @@ use std::time::Duration;
 use cudarc::driver::CudaSlice;
 
 use super::{program, Act, DeviceView, Lin, Norm, Op, Shape};
-use crate::backend::cuda::{CacheRefs, CudaBackend, DeviceMatrix};
+use crate::backend::cuda::{CacheRefs, CudaBackend, DeviceMatrix, KernelVersion};
 use crate::backend::forward::{check_step, MAX_STEP};
 use crate::error::{Error, Result};
 use crate::model::pass::{fixed_capacity, Pass};
@@ -129,6 +129,8 @@ pub struct CudaForward<'b> {
     len_dev: CudaSlice<u32>,
     tokens_dev: CudaSlice<u32>,
     ws: CudaSlice<u8>,
+    /// attention v2's workspace (counters zero between launches).
+    attn_ws: CudaSlice<u8>,
     len: usize,
     capacity: usize,
     /// The last [`Pass::run`]'s logits.
@@ -173,6 +175,8 @@ impl<'b> CudaForward<'b> {
             len_dev: st.alloc_zeros::<u32>(1)?,
             tokens_dev: st.alloc_zeros::<u32>(MAX_STEP)?,
             ws: st.alloc_zeros::<u8>(ws_bytes)?,
+            attn_ws: st
+                .alloc_zeros::<u8>(cuda.attention_workspace_bytes(s.heads, MAX_STEP).max(16))?,
             cuda,
             active: w.active.clone(),
             w,
@@ -360,7 +364,15 @@ impl<'b> CudaForward<'b> {
                     len: &self.len_dev,
                     capacity: self.capacity,
                 };
-                let r = c.launch_attention(&self.acts[&Act::Q], cache, &mut out, s.heads, m);
+                let r = c.launch_attention(
+                    &self.acts[&Act::Q],
+                    cache,
+                    &mut out,
+                    s.heads,
+                    m,
+                    KernelVersion::V2,
+                    &mut self.attn_ws,
+                );
                 self.acts.insert(Act::Att, out);
                 r
             }

@@ -190,12 +190,13 @@ impl<'m> EmulatedForward<'m> {
                 self.put(Act::Q, &q);
             }
             Op::Attention { layer } => {
-                let att = self.emu.attention(
+                let att = self.emu.attention_v2(
                     self.rows(Act::Q, m),
                     &self.k[layer],
                     &self.v[layer],
                     s.heads,
                     self.len,
+                    self.sm_count,
                 )?;
                 self.put(Act::Att, &att);
             }

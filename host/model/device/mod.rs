@@ -358,14 +358,17 @@ pub fn step_plan(
                 plan::QKV_ROPE_BLOCK,
                 sm_count,
             ),
-            Op::Attention { .. } => plan::attention(
-                m32,
-                h.heads as u32,
-                h.head_dim as u32,
-                plan::ATTENTION_BLOCK,
-                sm_count,
-            )
-            .ok_or_else(|| Error::Unsupported(format!("head size {}", h.head_dim)))?,
+            Op::Attention { .. } => {
+                plan::attention_v2(
+                    m32,
+                    h.heads as u32,
+                    h.head_dim as u32,
+                    plan::ATTENTION_BLOCK,
+                    sm_count,
+                )
+                .ok_or_else(|| Error::Unsupported(format!("head size {}", h.head_dim)))?
+                .0
+            }
             Op::SiluMul => plan::silu_mul(m32, shape.ffn as u32, plan::SILU_MUL_BLOCK, sm_count),
         };
         out.push((op, lp));
