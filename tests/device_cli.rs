@@ -4,24 +4,12 @@
 //! the model has not been fetched). Without that variable and without a GPU, the command says CUDA
 //! is unavailable; the gguf regime, which has no device kernels, is refused before any GPU work.
 
-use std::io::Write;
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
-fn smollm2() -> Option<PathBuf> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: {} missing (run scripts/fetch-model smollm2)",
-            p.display()
-        );
-        None
-    }
-}
+use common::smollm2;
 
 /// Runs speckv; `emulate` sets SPECKV_CUDA_EMULATE=1 (one emulator schedule: the kernels' schedule
 /// independence is the kernel tests' business, this checks the passes).

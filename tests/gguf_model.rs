@@ -4,8 +4,9 @@
 //!   independent f64 transformer written here), within a stated tolerance;
 //! - the decode loop's forward pass allocates nothing (a counting global allocator).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -38,20 +39,7 @@ static GLOBAL: Counting = Counting;
 /// The tests of this file run one at a time, so one's allocations never count in the other's.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn smollm2() -> Option<PathBuf> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: {} missing (run scripts/fetch-model smollm2)",
-            p.display()
-        );
-        None
-    }
-}
+use common::smollm2;
 
 /// Tensor `name` dequantised by candle-core, as f64.
 fn tensor(c: &Content, r: &mut std::fs::File, name: &str) -> Vec<f64> {

@@ -3,8 +3,7 @@
 //! greedy identity — speculative greedy output equals the target's own greedy output, token for
 //! token, for every policy and weight regime.
 
-use std::io::Write;
-use std::path::PathBuf;
+mod common;
 
 use speckv::controller::records::Compression;
 use speckv::controller::{Controller, PAPER_CANDIDATES};
@@ -14,20 +13,7 @@ use speckv::model::{read_gguf, Model};
 use speckv::weights::quant::Format;
 use speckv::weights::Regime;
 
-fn smollm2() -> Option<PathBuf> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: {} missing (run scripts/fetch-model smollm2)",
-            p.display()
-        );
-        None
-    }
-}
+use common::smollm2;
 
 #[test]
 fn tokenizer_round_trips_and_knows_the_chat_tokens() {

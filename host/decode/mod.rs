@@ -136,6 +136,16 @@ pub enum Draft<'a> {
     SkipLayers(Vec<bool>),
 }
 
+impl Draft<'_> {
+    /// The draft's CPU pass: its own model, or `target` running only the kept layers.
+    pub fn cpu_pass<'b>(&'b self, target: &'b Model) -> CpuPass<'b> {
+        match self {
+            Draft::Model(m) => CpuPass::new(m, None),
+            Draft::SkipLayers(mask) => CpuPass::new(target, Some(mask.as_slice())),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GenConfig {
     pub max_tokens: usize,

@@ -154,16 +154,8 @@ pub fn measure_costs(
     gamma_max: u32,
     reps: usize,
 ) -> Result<CostModel> {
-    if context.len() < 2 || reps == 0 {
-        return Err(Error::Other(
-            "measuring costs needs a context of at least 2 tokens and reps ≥ 1".to_string(),
-        ));
-    }
     let mut tpass = CpuPass::new(target, None);
-    let mut dpass = match draft {
-        Draft::Model(m) => CpuPass::new(m, None),
-        Draft::SkipLayers(mask) => CpuPass::new(target, Some(mask.as_slice())),
-    };
+    let mut dpass = draft.cpu_pass(target);
     measure_costs_on(&mut tpass, &mut dpass, context, gamma_max, reps)
 }
 

@@ -37,10 +37,7 @@ pub fn speculative_traced(
     on_step: &mut (dyn FnMut(&StepTrace) + Send),
 ) -> Result<GenStats> {
     let mut tpass = CpuPass::new(target, None);
-    let mut dpass = match draft {
-        Draft::Model(m) => CpuPass::new(m, None),
-        Draft::SkipLayers(mask) => CpuPass::new(target, Some(mask.as_slice())),
-    };
+    let mut dpass = draft.cpu_pass(target);
     speculative_on(&mut tpass, &mut dpass, prompt, stop, policy, cfg, on_step)
 }
 

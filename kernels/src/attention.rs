@@ -69,56 +69,89 @@ unsafe fn halves<const EPL: usize>(base: *const u16, at: usize) -> [f32; EPL] {
     out
 }
 
-/// The kernel body for `EPL` elements per lane ([`per_lane`]).
-///
-/// # Safety
-/// q and out hold `m × heads·head_dim` f32, the caches `capacity × kv_heads·head_dim` f16 (rows
-/// `0 ..= cache_len + m − 1` written), `heads` a multiple of `kv_heads`, `per_lane(head_dim) ==
-/// EPL`; the documented launch.
+/// One (query position, head) pair as a block sees it.
+struct Pair {
+    /// Query position in the step, head, and the key-value head it reads.
+    i: usize,
+    h: usize,
+    heads: usize,
+    hd: usize,
+    /// Offset of this lane's elements in a cache row (`kv_head · head_dim + e0`).
+    lane_col: usize,
+    kvw: usize,
+    /// Positions the query sees (`cache_len + i + 1`).
+    n: usize,
+    lane: usize,
+    warp: usize,
+    warps: usize,
+    /// This lane's first element, and whether it holds any (`head_dim < 32` leaves lanes idle).
+    e0: usize,
+    live: bool,
+}
+
+/// The pair `pair` (`i · heads + h`) of a launch, or None when it is past the step or its length
+/// past the cache (the host checks first; every block of the pair agrees).
 #[inline(always)]
-pub unsafe fn attention<const EPL: usize>(p: &AttentionParams) {
+unsafe fn pair_of<const EPL: usize>(p: &AttentionParams, pair: usize) -> Option<Pair> {
     let heads_nz =
         core::num::NonZeroUsize::new(p.heads as usize).unwrap_or(core::num::NonZeroUsize::MIN);
-    let b = gpu::block_idx_x() as usize;
-    let (i, h) = (b / heads_nz, b % heads_nz);
+    let (i, h) = (pair / heads_nz, pair % heads_nz);
     if i >= p.m as usize {
-        return;
+        return None;
     }
     let heads = heads_nz.get();
     let group = core::num::NonZeroUsize::new(heads / (p.kv_heads as usize).max(1))
         .unwrap_or(core::num::NonZeroUsize::MIN);
-    let kvh = h / group;
     let hd = p.head_dim as usize;
-    let kvw = p.kv_heads as usize * hd;
-    let n = gpu::ld(p.cache_len, 0) as usize + i + 1; // positions query i sees
+    let n = gpu::ld(p.cache_len, 0) as usize + i + 1;
     if n > p.capacity as usize {
-        return;
+        return None;
     }
     let lane = gpu::lane_id() as usize;
-    let warp = gpu::warp_id() as usize;
-    let warps = (gpu::block_dim_x() / gpu::WARP_SIZE) as usize;
     let e0 = lane * EPL;
-    let live = e0 < hd;
+    Some(Pair {
+        i,
+        h,
+        heads,
+        hd,
+        lane_col: (h / group) * hd + e0,
+        kvw: p.kv_heads as usize * hd,
+        n,
+        lane,
+        warp: gpu::warp_id() as usize,
+        warps: (gpu::block_dim_x() / gpu::WARP_SIZE) as usize,
+        e0,
+        live: e0 < hd,
+    })
+}
+
+/// One warp's online softmax over the cache positions `start + warp, start + warp + warps, … <
+/// end`: its running max and sum (base 2) and its weighted sums of v. `pos` depends on the warp only,
+/// so every lane of a warp runs the same iterations (the shuffles need them all).
+#[inline(always)]
+unsafe fn warp_pass<const EPL: usize>(
+    p: &AttentionParams,
+    s: &Pair,
+    start: usize,
+    end: usize,
+) -> (f32, f32, [f32; EPL]) {
     // q scaled so the scores are in base 2 (ex2).
     let qs = p.scale * core::f32::consts::LOG2_E;
     let mut q = [0f32; EPL];
-    if live {
-        let at = (i * heads + h) * hd + e0;
+    if s.live {
+        let at = (s.i * s.heads + s.h) * s.hd + s.e0;
         crate::unroll!(j in 0..8 => {
             if j < EPL {
                 q[j] = gpu::ld_nc(p.q, at + j) * qs;
             }
         });
     }
-    let mut mx = f32::NEG_INFINITY;
-    let mut sum = 0f32;
-    let mut acc = [0f32; EPL];
-    // `pos` depends on the warp only: every lane of a warp runs the same iterations (shuffles).
-    let mut pos = warp;
-    while pos < n {
-        let row = pos * kvw + kvh * hd + e0;
+    let (mut mx, mut sum, mut acc) = (f32::NEG_INFINITY, 0f32, [0f32; EPL]);
+    let mut pos = start + s.warp;
+    while pos < end {
+        let row = pos * s.kvw + s.lane_col;
         let mut d = 0f32;
-        if live {
+        if s.live {
             let k = halves::<EPL>(p.k_cache, row);
             crate::unroll!(j in 0..8 => {
                 if j < EPL {
@@ -135,7 +168,7 @@ pub unsafe fn attention<const EPL: usize>(p: &AttentionParams) {
         let corr = gpu::exp2_approx(mx - m_new);
         let w = gpu::exp2_approx(d - m_new);
         sum = sum * corr + w;
-        if live {
+        if s.live {
             let v = halves::<EPL>(p.v_cache, row);
             crate::unroll!(j in 0..8 => {
                 if j < EPL {
@@ -144,44 +177,86 @@ pub unsafe fn attention<const EPL: usize>(p: &AttentionParams) {
             });
         }
         mx = m_new;
-        pos += warps;
+        pos += s.warps;
     }
-    let sh = gpu::dynamic_shared::<f32>();
-    let stride = 2 + hd;
-    if lane == 0 {
-        gpu::sh_st(sh, warp * stride, mx);
-        gpu::sh_st(sh, warp * stride + 1, sum);
+    (mx, sum, acc)
+}
+
+/// Puts a warp's state in shared memory (`2 + head_dim` floats per warp: max, sum, weighted sums)
+/// and waits for the block.
+#[inline(always)]
+unsafe fn stash<const EPL: usize>(sh: *mut f32, s: &Pair, state: (f32, f32, [f32; EPL])) {
+    let (mx, sum, acc) = state;
+    let stride = 2 + s.hd;
+    if s.lane == 0 {
+        gpu::sh_st(sh, s.warp * stride, mx);
+        gpu::sh_st(sh, s.warp * stride + 1, sum);
     }
-    if live {
+    if s.live {
         crate::unroll!(j in 0..8 => {
             if j < EPL {
-                gpu::sh_st(sh, warp * stride + 2 + e0 + j, acc[j]);
+                gpu::sh_st(sh, s.warp * stride + 2 + s.e0 + j, acc[j]);
             }
         });
     }
     gpu::sync_threads();
+}
+
+/// The largest of `count` maxima, the k-th read by `load(k)` (from shared memory or the workspace).
+#[inline(always)]
+fn top_of(count: usize, load: impl Fn(usize) -> f32) -> f32 {
+    let mut top = f32::NEG_INFINITY;
+    let mut w = 0;
+    while w < count {
+        let m = load(w);
+        top = if m > top { m } else { top };
+        w += 1;
+    }
+    top
+}
+
+/// Σ_w load(w, slot) · 2^(max_w − top) over the `count` states whose max is finite (a state that
+/// saw no position holds −∞ and adds nothing).
+#[inline(always)]
+fn merged(
+    count: usize,
+    top: f32,
+    max_of: impl Fn(usize) -> f32,
+    load: impl Fn(usize) -> f32,
+) -> f32 {
+    let mut total = 0f32;
+    let mut w = 0;
+    while w < count {
+        let m = max_of(w);
+        if m > f32::NEG_INFINITY {
+            total += load(w) * gpu::exp2_approx(m - top);
+        }
+        w += 1;
+    }
+    total
+}
+
+/// The kernel body for `EPL` elements per lane ([`per_lane`]).
+///
+/// # Safety
+/// q and out hold `m × heads·head_dim` f32, the caches `capacity × kv_heads·head_dim` f16 (rows
+/// `0 ..= cache_len + m − 1` written), `heads` a multiple of `kv_heads`, `per_lane(head_dim) ==
+/// EPL`; the documented launch.
+#[inline(always)]
+pub unsafe fn attention<const EPL: usize>(p: &AttentionParams) {
+    let Some(s) = pair_of::<EPL>(p, gpu::block_idx_x() as usize) else {
+        return;
+    };
+    let sh = gpu::dynamic_shared::<f32>();
+    stash(sh, &s, warp_pass::<EPL>(p, &s, 0, s.n));
+    let stride = 2 + s.hd;
+    let max_of = |w: usize| gpu::sh_ld(sh, w * stride);
+    let top = top_of(s.warps, max_of);
+    let den = merged(s.warps, top, max_of, |w| gpu::sh_ld(sh, w * stride + 1));
     let mut e = gpu::thread_idx_x() as usize;
-    while e < hd {
-        let mut top = f32::NEG_INFINITY;
-        let mut w = 0;
-        while w < warps {
-            let mw = gpu::sh_ld(sh, w * stride);
-            top = if mw > top { mw } else { top };
-            w += 1;
-        }
-        let (mut num, mut den) = (0f32, 0f32);
-        let mut w = 0;
-        while w < warps {
-            let mw = gpu::sh_ld(sh, w * stride);
-            // A warp that saw no position (n < warps) holds −∞ and adds nothing.
-            if mw > f32::NEG_INFINITY {
-                let c = gpu::exp2_approx(mw - top);
-                den += gpu::sh_ld(sh, w * stride + 1) * c;
-                num += gpu::sh_ld(sh, w * stride + 2 + e) * c;
-            }
-            w += 1;
-        }
-        gpu::st(p.out, (i * heads + h) * hd + e, num / den);
+    while e < s.hd {
+        let num = merged(s.warps, top, max_of, |w| gpu::sh_ld(sh, w * stride + 2 + e));
+        gpu::st(p.out, (s.i * s.heads + s.h) * s.hd + e, num / den);
         e += gpu::block_dim_x() as usize;
     }
 }
@@ -246,134 +321,44 @@ pub unsafe fn attention_v2<const EPL: usize>(p2: &AttentionV2Params) {
     let p = &p2.base;
     let splits_nz =
         core::num::NonZeroUsize::new(p2.splits as usize).unwrap_or(core::num::NonZeroUsize::MIN);
-    let heads_nz =
-        core::num::NonZeroUsize::new(p.heads as usize).unwrap_or(core::num::NonZeroUsize::MIN);
+    let splits = splits_nz.get();
     let b = gpu::block_idx_x() as usize;
     let (pair, split) = (b / splits_nz, b % splits_nz);
-    let (i, h) = (pair / heads_nz, pair % heads_nz);
-    if i >= p.m as usize {
+    let Some(s) = pair_of::<EPL>(p, pair) else {
         return;
-    }
-    let heads = heads_nz.get();
-    let group = core::num::NonZeroUsize::new(heads / (p.kv_heads as usize).max(1))
-        .unwrap_or(core::num::NonZeroUsize::MIN);
-    let kvh = h / group;
-    let hd = p.head_dim as usize;
-    let kvw = p.kv_heads as usize * hd;
-    let n = gpu::ld(p.cache_len, 0) as usize + i + 1;
-    if n > p.capacity as usize {
-        return;
-    }
-    let chunk = n.div_ceil(splits_nz.get());
+    };
+    let chunk = s.n.div_ceil(splits);
     let start = split * chunk;
-    let end = if start + chunk < n { start + chunk } else { n };
-    let lane = gpu::lane_id() as usize;
-    let warp = gpu::warp_id() as usize;
-    let warps = (gpu::block_dim_x() / gpu::WARP_SIZE) as usize;
-    let e0 = lane * EPL;
-    let live = e0 < hd;
-    let qs = p.scale * core::f32::consts::LOG2_E;
-    let mut q = [0f32; EPL];
-    if live {
-        let at = (i * heads + h) * hd + e0;
-        crate::unroll!(j in 0..8 => {
-            if j < EPL {
-                q[j] = gpu::ld_nc(p.q, at + j) * qs;
-            }
-        });
-    }
-    let (mut mx, mut sum, mut acc) = (f32::NEG_INFINITY, 0f32, [0f32; EPL]);
-    let mut pos = start + warp;
-    while pos < end {
-        let row = pos * kvw + kvh * hd + e0;
-        let mut d = 0f32;
-        if live {
-            let k = halves::<EPL>(p.k_cache, row);
-            crate::unroll!(j in 0..8 => {
-                if j < EPL {
-                    d += q[j] * k[j];
-                }
-            });
-        }
-        let mut mask = 16;
-        while mask > 0 {
-            d += gpu::shfl_xor_f32(d, mask);
-            mask /= 2;
-        }
-        let m_new = if d > mx { d } else { mx };
-        let corr = gpu::exp2_approx(mx - m_new);
-        let w = gpu::exp2_approx(d - m_new);
-        sum = sum * corr + w;
-        if live {
-            let v = halves::<EPL>(p.v_cache, row);
-            crate::unroll!(j in 0..8 => {
-                if j < EPL {
-                    acc[j] = acc[j] * corr + w * v[j];
-                }
-            });
-        }
-        mx = m_new;
-        pos += warps;
-    }
-    // The block's warps meet in shared memory (as v1); the flag word follows them.
+    let end = if start + chunk < s.n {
+        start + chunk
+    } else {
+        s.n
+    };
     let sh = gpu::dynamic_shared::<f32>();
-    let stride = 2 + hd;
-    if lane == 0 {
-        gpu::sh_st(sh, warp * stride, mx);
-        gpu::sh_st(sh, warp * stride + 1, sum);
-    }
-    if live {
-        crate::unroll!(j in 0..8 => {
-            if j < EPL {
-                gpu::sh_st(sh, warp * stride + 2 + e0 + j, acc[j]);
-            }
-        });
-    }
-    gpu::sync_threads();
+    stash(sh, &s, warp_pass::<EPL>(p, &s, start, end));
+    // This block's state, merged over its warps, into the workspace.
+    let stride = 2 + s.hd;
     let counters = p2.workspace as *mut u32;
     let partials = p2.workspace.wrapping_add(counters_bytes(p.m * p.heads)) as *mut f32;
-    let mine = (pair * splits_nz.get() + split) * stride;
-    // The block's merged state: max and sum by thread 0, weighted sums by every thread.
-    let mut top = f32::NEG_INFINITY;
-    let mut w = 0;
-    while w < warps {
-        let mw = gpu::sh_ld(sh, w * stride);
-        top = if mw > top { mw } else { top };
-        w += 1;
-    }
-    let scale_of = |w: usize| {
-        let mw = gpu::sh_ld(sh, w * stride);
-        if mw > f32::NEG_INFINITY {
-            gpu::exp2_approx(mw - top)
-        } else {
-            0.0
-        }
-    };
+    let mine = (pair * splits + split) * stride;
+    let max_of = |w: usize| gpu::sh_ld(sh, w * stride);
+    let top = top_of(s.warps, max_of);
     let tid = gpu::thread_idx_x() as usize;
     let block = gpu::block_dim_x() as usize;
     if tid == 0 {
-        let mut den = 0f32;
-        let mut w = 0;
-        while w < warps {
-            den += gpu::sh_ld(sh, w * stride + 1) * scale_of(w);
-            w += 1;
-        }
         gpu::st(partials, mine, top);
+        let den = merged(s.warps, top, max_of, |w| gpu::sh_ld(sh, w * stride + 1));
         gpu::st(partials, mine + 1, den);
     }
     let mut e = tid;
-    while e < hd {
-        let mut num = 0f32;
-        let mut w = 0;
-        while w < warps {
-            num += gpu::sh_ld(sh, w * stride + 2 + e) * scale_of(w);
-            w += 1;
-        }
+    while e < s.hd {
+        let num = merged(s.warps, top, max_of, |w| gpu::sh_ld(sh, w * stride + 2 + e));
         gpu::st(partials, mine + 2 + e, num);
         e += block;
     }
-    // Arrive; the last block of the pair merges every split's partials in split order.
-    let flag = sh.wrapping_add(warps * stride) as *mut u32;
+    // Arrive; the last block of the pair merges every split's state in split order (an empty
+    // split, n < splits, holds −∞ and adds nothing).
+    let flag = sh.wrapping_add(s.warps * stride) as *mut u32;
     gpu::threadfence();
     gpu::sync_threads();
     if tid == 0 {
@@ -385,30 +370,18 @@ pub unsafe fn attention_v2<const EPL: usize>(p2: &AttentionV2Params) {
         return;
     }
     gpu::threadfence();
-    let first = pair * splits_nz.get() * stride;
-    let mut top = f32::NEG_INFINITY;
-    let mut s = 0;
-    while s < splits_nz.get() {
-        let ms = gpu::ld(partials, first + s * stride);
-        top = if ms > top { ms } else { top };
-        s += 1;
-    }
+    let first = pair * splits * stride;
+    let split_max = |k: usize| gpu::ld(partials, first + k * stride);
+    let top = top_of(splits, split_max);
+    let den = merged(splits, top, split_max, |k| {
+        gpu::ld(partials, first + k * stride + 1)
+    });
     let mut e = tid;
-    while e < hd {
-        let (mut num, mut den) = (0f32, 0f32);
-        let mut s = 0;
-        while s < splits_nz.get() {
-            let at = first + s * stride;
-            let ms = gpu::ld(partials, at);
-            // An empty split (n < splits) holds −∞ and adds nothing.
-            if ms > f32::NEG_INFINITY {
-                let c = gpu::exp2_approx(ms - top);
-                den += gpu::ld(partials, at + 1) * c;
-                num += gpu::ld(partials, at + 2 + e) * c;
-            }
-            s += 1;
-        }
-        gpu::st(p.out, (i * heads + h) * hd + e, num / den);
+    while e < s.hd {
+        let num = merged(splits, top, split_max, |k| {
+            gpu::ld(partials, first + k * stride + 2 + e)
+        });
+        gpu::st(p.out, (s.i * s.heads + s.h) * s.hd + e, num / den);
         e += block;
     }
     gpu::sync_threads();

@@ -8,6 +8,23 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use speckv::backend::cuda::CudaBackend;
 
+/// SmolLM2-135M-Instruct (Q4_1) from `scripts/fetch-model smollm2`, or `None` and a visible
+/// "skipped" message where it has not been fetched.
+pub fn smollm2() -> Option<std::path::PathBuf> {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: {} missing (run scripts/fetch-model smollm2)",
+            p.display()
+        );
+        None
+    }
+}
+
 /// Seeded normal logits scaled by `scale`.
 pub fn normal_logits(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

@@ -41,6 +41,13 @@ fn step(m: usize) -> Result<()> {
     Ok(())
 }
 
+/// The cache of `heads`' layout holds its capacity, and the length word is there.
+fn check_cache(cache: &CacheRefs<'_>, heads: Heads) -> Result<()> {
+    room("k cache", cache.k, cache.capacity * heads.kv_width())?;
+    room("v cache", cache.v, cache.capacity * heads.kv_width())?;
+    room("cache length", cache.len, 1)
+}
+
 /// The device-side KV cache of one layer and where a step writes in it.
 pub struct CacheRefs<'a> {
     pub k: &'a mut CudaSlice<u16>,
@@ -51,6 +58,22 @@ pub struct CacheRefs<'a> {
 }
 
 impl CudaBackend {
+    /// Launches `f` with its parameter struct by value on the backend's stream, as `plan` says.
+    ///
+    /// # Safety
+    /// `params` must satisfy `f`'s contract for that launch: buffers of the sizes and alignment it
+    /// documents, alive until the stream has passed the launch.
+    unsafe fn launch_by_value<P>(&self, f: KernelFn, params: P, plan: &LaunchPlan) -> Result<()>
+    where
+        ByValue<P>: cudarc::driver::DeviceRepr,
+    {
+        let arg = ByValue(params);
+        let mut b = self.stream.launch_builder(self.function(f));
+        b.arg(&arg);
+        b.launch(config(plan))?;
+        Ok(())
+    }
+
     /// x `[m, hidden]` = rows `tokens[..m]` of the f16 table (`vocab × hidden`).
     pub fn launch_embed(
         &self,
@@ -79,13 +102,9 @@ impl CudaBackend {
             _pad: 0,
         };
         let plan = crate::plan::embed(m as u32, self.sm_count);
-        let arg = ByValue(p);
-        let mut b = st.launch_builder(self.function(KernelFn::Embed));
-        b.arg(&arg);
         // SAFETY: the table holds vocab × hidden f16 (vocab from its length), tokens m, x m ·
         // hidden f32; cudarc allocations are 256-byte aligned; the buffers outlive the launch.
-        unsafe { b.launch(config(&plan)) }?;
-        Ok(())
+        unsafe { self.launch_by_value(KernelFn::Embed, p, &plan) }
     }
 
     /// RMSNorm of `rows` rows of x after adding `residual` (when given): x is updated in place.
@@ -130,13 +149,9 @@ impl CudaBackend {
             _pad: 0,
         };
         let plan = crate::plan::rms_norm(rows as u32, crate::plan::RMS_NORM_BLOCK, self.sm_count);
-        let arg = ByValue(p);
-        let mut b = st.launch_builder(self.function(KernelFn::RmsNorm));
-        b.arg(&arg);
         // SAFETY: sizes checked above; separate allocations, 256-byte aligned; hidden a multiple
         // of 4; the buffers outlive the launch.
-        unsafe { b.launch(config(&plan)) }?;
-        Ok(())
+        unsafe { self.launch_by_value(KernelFn::RmsNorm, p, &plan) }
     }
 
     /// Bias + rotary embedding of `m` rows of the fused projection; q out, k / v into the cache
@@ -157,9 +172,7 @@ impl CudaBackend {
         step(m)?;
         room("qkv", qkv, m * heads.qkv_width())?;
         room("q", q, m * heads.q_width())?;
-        room("k cache", cache.k, cache.capacity * heads.kv_width())?;
-        room("v cache", cache.v, cache.capacity * heads.kv_width())?;
-        room("cache length", cache.len, 1)?;
+        check_cache(&cache, heads)?;
         if let Some(b) = bias {
             room("qkv bias", b, heads.qkv_width())?;
         }
@@ -202,14 +215,10 @@ impl CudaBackend {
             crate::plan::QKV_ROPE_BLOCK,
             self.sm_count,
         );
-        let arg = ByValue(p);
-        let mut b = st.launch_builder(self.function(KernelFn::QkvRope));
-        b.arg(&arg);
         // SAFETY: sizes checked above; the kernel skips positions past the cache or the table
         // (the device-resident length is the caller's to keep within them); the buffers outlive
         // the launch.
-        unsafe { b.launch(config(&plan)) }?;
-        Ok(())
+        unsafe { self.launch_by_value(KernelFn::QkvRope, p, &plan) }
     }
 
     /// Causal attention of `m` query rows over the layer's cache: v2 (cache positions split across
@@ -230,9 +239,7 @@ impl CudaBackend {
         step(m)?;
         room("q", q, m * heads.q_width())?;
         room("out", out, m * heads.q_width())?;
-        room("k cache", cache.k, cache.capacity * heads.kv_width())?;
-        room("v cache", cache.v, cache.capacity * heads.kv_width())?;
-        room("cache length", cache.len, 1)?;
+        check_cache(&cache, heads)?;
         let unsupported = || Error::Unsupported(format!("head size {}", heads.head_dim));
         let (plan, splits, ws_bytes) = crate::plan::attention_v2(
             m as u32,
@@ -283,24 +290,15 @@ impl CudaBackend {
             splits,
             _pad: 0,
         };
-        let (arg1, arg2) = (ByValue(p), ByValue(p2));
-        let mut b = match version {
-            KernelVersion::V1 => {
-                let mut b = st.launch_builder(self.function(KernelFn::Attention(epl)));
-                b.arg(&arg1);
-                b
-            }
-            KernelVersion::V2 => {
-                let mut b = st.launch_builder(self.function(KernelFn::AttentionV2(epl)));
-                b.arg(&arg2);
-                b
-            }
-        };
         // SAFETY: sizes checked above (the v2 workspace is the plan's, its counters zero); the
         // entry's elements per lane match the head size; the kernel returns early for a length
         // past the cache; the buffers outlive the launch.
-        unsafe { b.launch(config(&plan)) }?;
-        Ok(())
+        unsafe {
+            match version {
+                KernelVersion::V1 => self.launch_by_value(KernelFn::Attention(epl), p, &plan),
+                KernelVersion::V2 => self.launch_by_value(KernelFn::AttentionV2(epl), p2, &plan),
+            }
+        }
     }
 
     /// Workspace bytes of attention v2 at `m` positions (the most a step of `m` needs).
@@ -343,12 +341,8 @@ impl CudaBackend {
             crate::plan::SILU_MUL_BLOCK,
             self.sm_count,
         );
-        let arg = ByValue(p);
-        let mut b = st.launch_builder(self.function(KernelFn::SiluMul));
-        b.arg(&arg);
         // SAFETY: sizes checked above, 256-byte-aligned allocations, ffn a multiple of 4; the
         // buffers outlive the launch.
-        unsafe { b.launch(config(&plan)) }?;
-        Ok(())
+        unsafe { self.launch_by_value(KernelFn::SiluMul, p, &plan) }
     }
 }

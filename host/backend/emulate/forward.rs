@@ -237,7 +237,7 @@ impl Emulator {
     }
 
     /// Causal attention of q `[m, heads · head_dim]` (positions `len..len + m`) over the cache
-    /// rows `0..len + m`: out `[m, heads · head_dim]`.
+    /// rows `0..len + m`: out `[m, heads · head_dim]`, by v1 (one block per position and head).
     pub fn attention(
         &self,
         q: &[f32],
@@ -246,85 +246,7 @@ impl Emulator {
         heads: Heads,
         len: usize,
     ) -> Result<Vec<f32>> {
-        let (m, capacity) = self.check_attention(q, k_cache, v_cache, heads, len)?;
-        let qw = heads.q_width();
-        let plan = crate::plan::attention(
-            m as u32,
-            heads.heads as u32,
-            heads.head_dim as u32,
-            self.block,
-            1,
-        )
-        .ok_or_else(|| Error::Unsupported(format!("head size {}", heads.head_dim)))?;
-        let lens = [len as u32];
-        emu::launch_schedules(
-            &plan.entry,
-            |seed| {
-                let mut out = vec![0f32; m * qw];
-                let p = AttentionParams {
-                    q: q.as_ptr(),
-                    k_cache: k_cache.as_ptr(),
-                    v_cache: v_cache.as_ptr(),
-                    out: out.as_mut_ptr(),
-                    cache_len: lens.as_ptr(),
-                    heads: heads.heads as u32,
-                    kv_heads: heads.kv_heads as u32,
-                    head_dim: heads.head_dim as u32,
-                    m: m as u32,
-                    capacity: capacity as u32,
-                    scale: 1.0 / (heads.head_dim as f32).sqrt(),
-                };
-                let l = Launch::new(
-                    plan.entry.as_str(),
-                    plan.grid[0],
-                    self.block,
-                    plan.shared_bytes,
-                )
-                .input("q", q)
-                .input("k_cache", k_cache)
-                .input("v_cache", v_cache)
-                .input("cache_len", &lens)
-                .output("out", &mut out)
-                .schedule(seed)
-                .math(self.math);
-                use speckv_kernels::attention::attention as att;
-                // SAFETY: q and the caches match the head layout (checked), len + m fits the
-                // cache, the entry's elements per lane match the head size; the sanitizer
-                // checks every access.
-                unsafe {
-                    match speckv_kernels::attention::per_lane(heads.head_dim as u32) {
-                        Some(1) => emu::launch_checked(&l, || att::<1>(&p)),
-                        Some(2) => emu::launch_checked(&l, || att::<2>(&p)),
-                        Some(4) => emu::launch_checked(&l, || att::<4>(&p)),
-                        _ => emu::launch_checked(&l, || att::<8>(&p)),
-                    }
-                }?;
-                Ok(out)
-            },
-            |o| bytes(o),
-        )
-        .map_err(Error::from)
-    }
-
-    /// The checks both attention versions make: (m, cache capacity).
-    fn check_attention(
-        &self,
-        q: &[f32],
-        k_cache: &[u16],
-        v_cache: &[u16],
-        heads: Heads,
-        len: usize,
-    ) -> Result<(usize, usize)> {
-        check_block(self.block)?;
-        heads.check()?;
-        let (qw, kvw) = (heads.q_width(), heads.kv_width());
-        let m = q.len() / qw;
-        check_len("q", q.len(), m, qw)?;
-        let capacity = k_cache.len() / kvw;
-        check_len("k cache", k_cache.len(), capacity, kvw)?;
-        check_len("v cache", v_cache.len(), capacity, kvw)?;
-        check_step(m, len, capacity)?;
-        Ok((m, capacity))
+        self.attention_version(q, k_cache, v_cache, heads, len, None)
     }
 
     /// [`Emulator::attention`] by v2, each pair's cache positions split across blocks as planned
@@ -338,42 +260,63 @@ impl Emulator {
         len: usize,
         sm_count: u32,
     ) -> Result<Vec<f32>> {
-        let (m, capacity) = self.check_attention(q, k_cache, v_cache, heads, len)?;
-        let qw = heads.q_width();
-        let (plan, splits, ws_bytes) = crate::plan::attention_v2(
-            m as u32,
-            heads.heads as u32,
-            heads.head_dim as u32,
-            self.block,
-            sm_count,
-        )
-        .ok_or_else(|| Error::Unsupported(format!("head size {}", heads.head_dim)))?;
+        self.attention_version(q, k_cache, v_cache, heads, len, Some(sm_count))
+    }
+
+    /// v1 (`v2_sms` None) or v2 planned for `v2_sms` SMs.
+    fn attention_version(
+        &self,
+        q: &[f32],
+        k_cache: &[u16],
+        v_cache: &[u16],
+        heads: Heads,
+        len: usize,
+        v2_sms: Option<u32>,
+    ) -> Result<Vec<f32>> {
+        check_block(self.block)?;
+        heads.check()?;
+        let (qw, kvw) = (heads.q_width(), heads.kv_width());
+        let m = q.len() / qw;
+        check_len("q", q.len(), m, qw)?;
+        let capacity = k_cache.len() / kvw;
+        check_len("k cache", k_cache.len(), capacity, kvw)?;
+        check_len("v cache", v_cache.len(), capacity, kvw)?;
+        check_step(m, len, capacity)?;
+        let (m32, h32, hd32) = (m as u32, heads.heads as u32, heads.head_dim as u32);
+        let unsupported = || Error::Unsupported(format!("head size {}", heads.head_dim));
+        // (plan, splits, workspace bytes); v1 has neither splits nor a workspace.
+        let (plan, splits, ws_bytes) = match v2_sms {
+            Some(sms) => crate::plan::attention_v2(m32, h32, hd32, self.block, sms),
+            None => crate::plan::attention(m32, h32, hd32, self.block, 1).map(|p| (p, 0, 0)),
+        }
+        .ok_or_else(unsupported)?;
         let lens = [len as u32];
         let counters = (m * heads.heads).div_ceil(4) * 4;
         emu::launch_schedules(
             &plan.entry,
             |seed| {
                 let mut out = vec![0f32; m * qw];
-                let mut ws = vec![0u32; ws_bytes.div_ceil(4)];
-                let p = AttentionV2Params {
-                    base: AttentionParams {
-                        q: q.as_ptr(),
-                        k_cache: k_cache.as_ptr(),
-                        v_cache: v_cache.as_ptr(),
-                        out: out.as_mut_ptr(),
-                        cache_len: lens.as_ptr(),
-                        heads: heads.heads as u32,
-                        kv_heads: heads.kv_heads as u32,
-                        head_dim: heads.head_dim as u32,
-                        m: m as u32,
-                        capacity: capacity as u32,
-                        scale: 1.0 / (heads.head_dim as f32).sqrt(),
-                    },
+                let mut ws = vec![0u32; ws_bytes.div_ceil(4).max(1)];
+                let base = AttentionParams {
+                    q: q.as_ptr(),
+                    k_cache: k_cache.as_ptr(),
+                    v_cache: v_cache.as_ptr(),
+                    out: out.as_mut_ptr(),
+                    cache_len: lens.as_ptr(),
+                    heads: h32,
+                    kv_heads: heads.kv_heads as u32,
+                    head_dim: hd32,
+                    m: m32,
+                    capacity: capacity as u32,
+                    scale: 1.0 / (heads.head_dim as f32).sqrt(),
+                };
+                let p2 = AttentionV2Params {
+                    base,
                     workspace: ws.as_mut_ptr() as *mut u8,
                     splits,
                     _pad: 0,
                 };
-                let l = Launch::new(
+                let mut l = Launch::new(
                     plan.entry.as_str(),
                     plan.grid[0],
                     self.block,
@@ -384,20 +327,33 @@ impl Emulator {
                 .input("v_cache", v_cache)
                 .input("cache_len", &lens)
                 .output("out", &mut out)
-                .output("workspace", &mut ws)
                 .schedule(seed)
                 .math(self.math);
-                use speckv_kernels::attention::attention_v2 as att;
-                // SAFETY: as for v1, and the workspace is the plan's size, zeroed.
+                if v2_sms.is_some() {
+                    l = l.output("workspace", &mut ws);
+                }
+                use speckv_kernels::attention::{attention as v1, attention_v2 as v2};
+                macro_rules! go {
+                    ($epl:literal) => {
+                        if v2_sms.is_some() {
+                            emu::launch_checked(&l, || v2::<$epl>(&p2))
+                        } else {
+                            emu::launch_checked(&l, || v1::<$epl>(&base))
+                        }
+                    };
+                }
+                // SAFETY: q and the caches match the head layout (checked), len + m fits the
+                // cache, the entry's elements per lane match the head size, v2's workspace is
+                // the plan's size and zeroed; the sanitizer checks every access.
                 unsafe {
-                    match speckv_kernels::attention::per_lane(heads.head_dim as u32) {
-                        Some(1) => emu::launch_checked(&l, || att::<1>(&p)),
-                        Some(2) => emu::launch_checked(&l, || att::<2>(&p)),
-                        Some(4) => emu::launch_checked(&l, || att::<4>(&p)),
-                        _ => emu::launch_checked(&l, || att::<8>(&p)),
+                    match speckv_kernels::attention::per_lane(hd32) {
+                        Some(1) => go!(1),
+                        Some(2) => go!(2),
+                        Some(4) => go!(4),
+                        _ => go!(8),
                     }
                 }?;
-                if ws[..counters].iter().any(|&c| c != 0) {
+                if v2_sms.is_some() && ws[..counters].iter().any(|&c| c != 0) {
                     return Err(emu::EmuError::KernelPanic {
                         block: 0,
                         message: "attention v2 left its counters non-zero".to_string(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cudarc::driver::CudaSlice;
 
-use super::{program, Act, DeviceView, Lin, Norm, Op, Shape};
+use super::{forward_chunks, program, Act, DeviceView, Lin, Norm, Op, Shape};
 use crate::backend::cuda::{CacheRefs, CudaBackend, DeviceMatrix, KernelVersion};
 use crate::backend::forward::{check_step, MAX_STEP};
 use crate::error::{Error, Result};
@@ -217,42 +217,21 @@ impl<'b> CudaForward<'b> {
 
     /// Logits `[keep, vocab]` of the last `keep` positions after `tokens` (chunks of ≤ 16).
     pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(Error::Empty { what: "tokens" });
-        }
-        if keep == 0 || keep > tokens.len() {
-            return Err(Error::Other(format!(
-                "keep = {keep} rows of {} positions",
-                tokens.len()
-            )));
-        }
-        let vocab = self.w.shape.vocab;
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Other(format!(
-                "token {t} is outside the vocabulary of {vocab}"
-            )));
-        }
-        if self.len + tokens.len() > self.capacity {
-            return Err(Error::Other(format!(
-                "{} positions exceed the KV cache's {}",
-                self.len + tokens.len(),
-                self.capacity
-            )));
-        }
-        let first_kept = tokens.len() - keep;
-        let mut out = Vec::with_capacity(keep * vocab);
-        let mut done = 0;
-        for ch in tokens.chunks(MAX_STEP) {
-            let want = done + ch.len() > first_kept;
+        let (len, capacity, vocab) = (self.len, self.capacity, self.w.shape.vocab);
+        forward_chunks(tokens, keep, len, capacity, vocab, |ch, want| {
             self.enqueue(ch, want)?;
-            if want {
-                let all: Vec<f32> = self.cuda.stream().clone_dtoh(&self.acts[&Act::Logits])?;
-                let from = first_kept.saturating_sub(done);
-                out.extend_from_slice(&all[from * vocab..ch.len() * vocab]);
+            if !want {
+                return Ok(Vec::new());
             }
-            done += ch.len();
-        }
-        Ok(out)
+            // Only the chunk's rows come back (the buffer holds 16).
+            let logits = self.acts.get(&Act::Logits).ok_or_else(|| {
+                Error::Other("the logits buffer is missing (a failed launch)".to_string())
+            })?;
+            Ok(self
+                .cuda
+                .stream()
+                .clone_dtoh(&logits.slice(..ch.len() * vocab))?)
+        })
     }
 
     /// Enqueues one chunk (tokens and length copied to the device, then the program); the host

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{program, Act, DeviceView, Op};
+use super::{forward_chunks, program, Act, DeviceView, Op};
 use crate::backend::emulate::Emulator;
 use crate::backend::forward::{check_step, AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
@@ -96,36 +96,15 @@ impl<'m> EmulatedForward<'m> {
     /// Logits `[keep, vocab]` of the last `keep` positions after `tokens`, appended to the cache
     /// in chunks of at most 16 (the CPU pass's [`Model::forward`], on the device kernels).
     pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(Error::Empty { what: "tokens" });
-        }
-        if keep == 0 || keep > tokens.len() {
-            return Err(Error::Other(format!(
-                "keep = {keep} rows of {} positions",
-                tokens.len()
-            )));
-        }
-        if self.len + tokens.len() > self.capacity {
-            return Err(Error::Other(format!(
-                "{} positions exceed the KV cache's {}",
-                self.len + tokens.len(),
-                self.capacity
-            )));
-        }
-        let vocab = self.view.shape.vocab;
-        let first_kept = tokens.len() - keep;
-        let mut out = Vec::with_capacity(keep * vocab);
-        let mut done = 0;
-        for ch in tokens.chunks(MAX_STEP) {
-            let want = done + ch.len() > first_kept;
+        let (len, capacity, vocab) = (self.len, self.capacity, self.view.shape.vocab);
+        forward_chunks(tokens, keep, len, capacity, vocab, |ch, want| {
             self.chunk(ch, want)?;
-            if want {
-                let from = first_kept.saturating_sub(done);
-                out.extend_from_slice(&self.rows(Act::Logits, ch.len())[from * vocab..]);
-            }
-            done += ch.len();
-        }
-        Ok(out)
+            Ok(if want {
+                self.rows(Act::Logits, ch.len()).to_vec()
+            } else {
+                Vec::new()
+            })
+        })
     }
 
     /// One chunk of at most 16 positions through the program.

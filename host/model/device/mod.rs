@@ -156,6 +156,52 @@ pub fn program(active: &[bool], logits: bool) -> Vec<Op> {
     ops
 }
 
+/// What both executors do with a call: check it (tokens, `keep`, room in the cache), then run
+/// `chunk` on each run of at most 16 positions — `true` when its logits are wanted, and then it
+/// returns them, `[chunk, vocab]` — and keep the logits of the last `keep` positions.
+pub(crate) fn forward_chunks(
+    tokens: &[u32],
+    keep: usize,
+    len: usize,
+    capacity: usize,
+    vocab: usize,
+    mut chunk: impl FnMut(&[u32], bool) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    if tokens.is_empty() {
+        return Err(Error::Empty { what: "tokens" });
+    }
+    if keep == 0 || keep > tokens.len() {
+        return Err(Error::Other(format!(
+            "keep = {keep} rows of {} positions",
+            tokens.len()
+        )));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Other(format!(
+            "token {t} is outside the vocabulary of {vocab}"
+        )));
+    }
+    if len + tokens.len() > capacity {
+        return Err(Error::Other(format!(
+            "{} positions exceed the KV cache's {capacity}",
+            len + tokens.len()
+        )));
+    }
+    let first_kept = tokens.len() - keep;
+    let mut out = Vec::with_capacity(keep * vocab);
+    let mut done = 0;
+    for ch in tokens.chunks(crate::backend::forward::MAX_STEP) {
+        let want = done + ch.len() > first_kept;
+        let rows = chunk(ch, want)?;
+        if want {
+            let from = first_kept.saturating_sub(done);
+            out.extend_from_slice(&rows[from * vocab..]);
+        }
+        done += ch.len();
+    }
+    Ok(out)
+}
+
 /// The model's dimensions as the kernels see them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
