@@ -24,9 +24,7 @@ fn speckv(args: &[&str]) -> (Option<i32>, String, String) {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("speckv-bad-input-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    common::tmp("bad-input", name)
 }
 
 #[test]

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::smollm2;
@@ -38,10 +37,8 @@ fn tokens(json: &str) -> Vec<u64> {
         .collect()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("speckv-device-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+fn tmp(name: &str) -> std::path::PathBuf {
+    common::tmp("device-cli", name)
 }
 
 #[test]

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use candle_core::quantized::gguf_file::Value;
 use speckv::backend::emulate::Emulator;
 use speckv::model::device::{program, Act, EmulatedForward, Lin, Norm, Op};
@@ -14,10 +12,8 @@ use speckv::model::{KvCache, Model};
 use speckv::weights::quant::Format;
 use speckv::weights::Regime;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("speckv-device-forward-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+fn tmp(name: &str) -> std::path::PathBuf {
+    common::tmp("device-forward", name)
 }
 
 /// The tiny llama model as qwen2: its metadata under `qwen2.`, q/k/v biases added.

@@ -1,8 +1,10 @@
 //! Per-token stopping (`controller::hazard`): training examples from traces, the stopping rule
 //! against its closed form, the online costs, and the policies' names.
 
+mod common;
+
 use speckv::controller::hazard::{self, HazardModel, OnlineCost, StopRule};
-use speckv::controller::mlp::{Mlp, HIDDEN, INPUTS};
+use speckv::controller::mlp::INPUTS;
 use speckv::controller::records::Compression;
 use speckv::controller::CostModel;
 use speckv::decode::profile::trace_rows;
@@ -11,17 +13,7 @@ use speckv_kernels::params::{FeatureAccum, RowStats};
 
 /// A model whose hazard is `h` whatever the features.
 fn constant(h: f64) -> HazardModel {
-    HazardModel {
-        mlp: Mlp {
-            w1: [[0.0; HIDDEN]; INPUTS],
-            b1: [0.0; HIDDEN],
-            w2: [[0.0]; HIDDEN],
-            b2: [h],
-            feature_mean: [0.0; INPUTS],
-            feature_std: [1.0; INPUTS],
-        },
-        source: "test".into(),
-    }
+    common::constant_hazard(h)
 }
 
 fn step(entropy: &[f32], confidence: &[f32], accepted: u32) -> StepTrace {

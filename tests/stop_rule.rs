@@ -8,7 +8,6 @@ mod common;
 
 use speckv::backend::emulate::{Emulator, StatsV2Output, Stop};
 use speckv::controller::hazard::{HazardModel, OnlineCost, StopRule};
-use speckv::controller::mlp::{Mlp, HIDDEN, INPUTS};
 use speckv::controller::records::Compression;
 use speckv::controller::CostModel;
 use speckv::{Accumulate, FeatureAccum, Logits, LogitsData, StatsOptions};
@@ -205,18 +204,7 @@ fn emulator_epilogue_decides_as_the_cpu_rule() {
 
 /// A model whose hazard is `h` whatever the features.
 fn constant(h: f64) -> MlpWeights {
-    HazardModel {
-        mlp: Mlp {
-            w1: [[0.0; HIDDEN]; INPUTS],
-            b1: [0.0; HIDDEN],
-            w2: [[0.0]; HIDDEN],
-            b2: [h],
-            feature_mean: [0.0; INPUTS],
-            feature_std: [1.0; INPUTS],
-        },
-        source: "test".into(),
-    }
-    .weights()
+    common::constant_hazard(h).weights()
 }
 
 #[test]

@@ -46,24 +46,17 @@ impl Device {
         if kind != BackendKind::Cuda {
             return Ok(Device::Cpu);
         }
-        let check = |m: &Model| DeviceView::new(m).map(|_| ());
-        check(target)?;
-        if let Some(d) = draft {
-            check(d)?;
-        }
+        // Both models' parts are checked for device kernels before any GPU work.
+        let tview = DeviceView::new(target)?;
+        let dview = draft.map(DeviceView::new).transpose()?;
         if std::env::var(EMULATE_ENV).is_ok_and(|v| v == "1") {
             return Ok(Device::Emulator(Emulator::new(EMULATOR_BLOCK)));
         }
         let cuda = CudaBackend::new(0)?;
-        let positions = |m: &Model| m.cfg.context;
-        let target = DeviceWeights::upload(&cuda, &DeviceView::new(target)?, positions(target))?;
-        let draft = match draft {
-            Some(d) => Some(DeviceWeights::upload(
-                &cuda,
-                &DeviceView::new(d)?,
-                positions(d),
-            )?),
-            None => None,
+        let target = DeviceWeights::upload(&cuda, &tview, target.cfg.context)?;
+        let draft = match (&dview, draft) {
+            (Some(v), Some(d)) => Some(DeviceWeights::upload(&cuda, v, d.cfg.context)?),
+            _ => None,
         };
         Ok(Device::Cuda(Box::new(CudaDevice {
             cuda,

@@ -25,6 +25,30 @@ pub fn smollm2() -> Option<std::path::PathBuf> {
     }
 }
 
+/// `name` in a folder of the system's temporary directory for this test binary (`tag`) and
+/// process, created if needed.
+pub fn tmp(tag: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("speckv-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// A hazard model whose output is `h` whatever the features (every weight zero, bias `h`).
+pub fn constant_hazard(h: f64) -> speckv::controller::hazard::HazardModel {
+    use speckv::controller::mlp::{Mlp, HIDDEN, INPUTS};
+    speckv::controller::hazard::HazardModel {
+        mlp: Mlp {
+            w1: [[0.0; HIDDEN]; INPUTS],
+            b1: [0.0; HIDDEN],
+            w2: [[0.0]; HIDDEN],
+            b2: [h],
+            feature_mean: [0.0; INPUTS],
+            feature_std: [1.0; INPUTS],
+        },
+        source: "test".into(),
+    }
+}
+
 /// Seeded normal logits scaled by `scale`.
 pub fn normal_logits(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

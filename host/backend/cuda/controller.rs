@@ -162,13 +162,7 @@ impl DeviceController {
         &'a self,
         st: &'a std::sync::Arc<cudarc::driver::CudaStream>,
     ) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
-        match self.cost.as_ref() {
-            Some(x) => {
-                let (p, g) = x.device_ptr(st);
-                (p, Some(g))
-            }
-            None => (0, None),
-        }
+        super::ptr_or_null(self.cost.as_ref(), st)
     }
 }
 

@@ -129,13 +129,7 @@ impl CudaBackend {
         }
         let st = &self.stream;
         let (xp, _g0) = x.device_ptr_mut(st);
-        let (rp, _g1) = match residual {
-            Some(r) => {
-                let (p, g) = r.device_ptr(st);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (rp, _g1) = super::ptr_or_null(residual, st);
         let (wp, _g2) = weight.device_ptr(st);
         let (op, _g3) = out.device_ptr_mut(st);
         let p = RmsNormParams {
@@ -178,13 +172,7 @@ impl CudaBackend {
         }
         let st = &self.stream;
         let (ap, _g0) = qkv.device_ptr(st);
-        let (bp, _g1) = match bias {
-            Some(b) => {
-                let (p, g) = b.device_ptr(st);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (bp, _g1) = super::ptr_or_null(bias, st);
         let (rp, _g2) = rope.device_ptr(st);
         let (qp, _g3) = q.device_ptr_mut(st);
         let (kp, _g4) = cache.k.device_ptr_mut(st);

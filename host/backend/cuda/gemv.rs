@@ -150,13 +150,7 @@ impl CudaBackend {
         }
         let st = &self.stream;
         let (w, _g0) = d.weight.device_ptr(st);
-        let (sc, _g1) = match d.scales.as_ref() {
-            Some(s) => {
-                let (p, g) = s.device_ptr(st);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (sc, _g1) = super::ptr_or_null(d.scales.as_ref(), st);
         let (xp, _g2) = x.device_ptr(st);
         let (yp, _g3) = y.device_ptr_mut(st);
         let params = GemvParams {
@@ -212,13 +206,7 @@ impl CudaBackend {
         }
         let st = &self.stream;
         let (w, _g0) = d.weight.device_ptr(st);
-        let (sc, _g1) = match d.scales.as_ref() {
-            Some(s) => {
-                let (p, g) = s.device_ptr(st);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (sc, _g1) = super::ptr_or_null(d.scales.as_ref(), st);
         let (xp, _g2) = x.device_ptr(st);
         let (yp, _g3) = y.device_ptr_mut(st);
         let (wsp, _g4) = ws.device_ptr_mut(st);

@@ -230,6 +230,22 @@ unsafe impl DeviceRepr for ByValue<speckv_kernels::params::AttentionV2Params> {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for ByValue<speckv_kernels::params::SiluMulParams> {}
 
+/// The device address of an optional buffer on `st` (0, a null pointer, for none) and the guard
+/// that orders the launch after the buffer's earlier uses; keep the guard until the launch is made.
+pub(crate) fn ptr_or_null<'a, T>(
+    s: Option<&'a cudarc::driver::CudaSlice<T>>,
+    st: &'a Arc<CudaStream>,
+) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
+    use cudarc::driver::DevicePtr;
+    match s {
+        Some(x) => {
+            let (p, g) = x.device_ptr(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
 /// True when a CUDA driver library can be loaded (cudarc panics on first use otherwise).
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the driver library.

@@ -61,13 +61,7 @@ impl CudaBackend {
         let (tok, _g2) = d.tokens.device_ptr(st);
         let (gam, _g3) = d.gammas.device_ptr(st);
         let (tt, _g4) = d.t_temp.device_ptr(st);
-        let (dt, _g5) = match d.d_temp.as_ref() {
-            Some(x) => {
-                let (p, g) = x.device_ptr(st);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (dt, _g5) = super::ptr_or_null(d.d_temp.as_ref(), st);
         let (acc, _g6) = d.accepted.device_ptr_mut(st);
         let (emi, _g7) = d.emitted.device_ptr_mut(st);
         let (cnt, _g8) = d.count.device_ptr_mut(st);
@@ -122,13 +116,7 @@ impl CudaBackend {
         let (tok, _g2) = d.tokens.device_ptr(st);
         let (gam, _g3) = d.gammas.device_ptr(st);
         let (tt, _g4) = d.t_temp.device_ptr(st);
-        let (dt, _g5) = match d.d_temp.as_ref() {
-            Some(x) => {
-                let (p, g) = x.device_ptr(st);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (dt, _g5) = super::ptr_or_null(d.d_temp.as_ref(), st);
         let (acc, _g6) = d.accepted.device_ptr_mut(st);
         let (emi, _g7) = d.emitted.device_ptr_mut(st);
         let (cnt, _g8) = d.count.device_ptr_mut(st);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cudarc::driver::CudaSlice;
 
-use super::{forward_chunks, program, Act, DeviceView, Lin, Norm, Op, Shape};
+use super::{forward_chunks, Act, DeviceView, Lin, Norm, Op, SeqState, Shape};
 use crate::backend::cuda::{CacheRefs, CudaBackend, DeviceMatrix, KernelVersion};
 use crate::backend::forward::{check_step, MAX_STEP};
 use crate::error::{Error, Result};
@@ -120,8 +120,6 @@ impl DeviceWeights {
 pub struct CudaForward<'b> {
     cuda: &'b CudaBackend,
     w: &'b DeviceWeights,
-    /// Which layers run (the weights' own, or a self-speculative draft's subset).
-    active: Vec<bool>,
     acts: HashMap<Act, CudaSlice<f32>>,
     k: Vec<CudaSlice<u16>>,
     v: Vec<CudaSlice<u16>>,
@@ -131,10 +129,7 @@ pub struct CudaForward<'b> {
     ws: CudaSlice<u8>,
     /// attention v2's workspace (counters zero between launches).
     attn_ws: CudaSlice<u8>,
-    len: usize,
-    capacity: usize,
-    /// The last [`Pass::run`]'s logits.
-    last: Vec<f32>,
+    seq: SeqState,
 }
 
 impl<'b> CudaForward<'b> {
@@ -178,46 +173,35 @@ impl<'b> CudaForward<'b> {
             attn_ws: st
                 .alloc_zeros::<u8>(cuda.attention_workspace_bytes(s.heads, MAX_STEP).max(16))?,
             cuda,
-            active: w.active.clone(),
             w,
             acts,
             k,
             v,
-            len: 0,
-            capacity,
-            last: Vec::new(),
+            seq: SeqState::new(w.active.clone(), capacity),
         })
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.seq.len
     }
 
     /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
     pub fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
-        if active.len() != self.w.shape.layers {
-            return Err(Error::Length {
-                what: "active layers",
-                got: active.len(),
-                expected: self.w.shape.layers,
-            });
-        }
-        self.active = active;
-        Ok(())
+        self.seq.set_active_layers(active)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.seq.len == 0
     }
 
     /// Forgets every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
-        self.len = len.min(self.len);
+        self.seq.truncate(len)
     }
 
     /// Logits `[keep, vocab]` of the last `keep` positions after `tokens` (chunks of ≤ 16).
     pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
-        let (len, capacity, vocab) = (self.len, self.capacity, self.w.shape.vocab);
+        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.w.shape.vocab);
         forward_chunks(tokens, keep, len, capacity, vocab, |ch, want| {
             self.enqueue(ch, want)?;
             if !want {
@@ -238,24 +222,25 @@ impl<'b> CudaForward<'b> {
     /// does not wait.
     fn enqueue(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
         let m = tokens.len();
-        check_step(m, self.len, self.capacity)?;
+        check_step(m, self.seq.len, self.seq.capacity)?;
         let st = self.cuda.stream().clone();
         st.memcpy_htod(tokens, &mut self.tokens_dev)?;
-        st.memcpy_htod(&[self.len as u32], &mut self.len_dev)?;
-        for op in program(&self.active, logits) {
+        st.memcpy_htod(&[self.seq.len as u32], &mut self.len_dev)?;
+        for k in 0..self.seq.program(logits).len() {
+            let op = self.seq.program(logits)[k];
             self.run(op, m)?;
         }
-        self.len += m;
+        self.seq.len += m;
         Ok(())
     }
 
     /// Mean device time of one step of `m` positions at cache length `at` (CUDA events, the L2
     /// flushed before each), the LM head included; the cache length is reset before each step.
     pub fn time_step(&mut self, m: usize, at: usize, iters: u32) -> Result<Duration> {
-        check_step(m, at, self.capacity)?;
+        check_step(m, at, self.seq.capacity)?;
         let st = self.cuda.stream().clone();
         st.memcpy_htod(&vec![0u32; m], &mut self.tokens_dev)?;
-        let ops = program(&self.active, true);
+        let ops = self.seq.program(true).to_vec();
         let cuda = self.cuda;
         cuda.time_cold(iters, || {
             st.memcpy_htod(&[at as u32], &mut self.len_dev)?;
@@ -320,7 +305,7 @@ impl<'b> CudaForward<'b> {
                     k: &mut self.k[layer],
                     v: &mut self.v[layer],
                     len: &self.len_dev,
-                    capacity: self.capacity,
+                    capacity: self.seq.capacity,
                 };
                 let r = c.launch_qkv_rope(
                     &self.acts[&Act::Qkv],
@@ -341,7 +326,7 @@ impl<'b> CudaForward<'b> {
                     k: &mut self.k[layer],
                     v: &mut self.v[layer],
                     len: &self.len_dev,
-                    capacity: self.capacity,
+                    capacity: self.seq.capacity,
                 };
                 let r = c.launch_attention(
                     &self.acts[&Act::Q],
@@ -367,17 +352,17 @@ impl<'b> CudaForward<'b> {
 
 impl Pass for CudaForward<'_> {
     fn run(&mut self, tokens: &[u32], keep: usize) -> Result<&[f32]> {
-        self.last = self.forward(tokens, keep)?;
-        Ok(&self.last)
+        self.seq.last = self.forward(tokens, keep)?;
+        Ok(&self.seq.last)
     }
     fn len(&self) -> usize {
-        self.len
+        self.seq.len
     }
     fn truncate(&mut self, len: usize) {
         CudaForward::truncate(self, len)
     }
     fn reserve(&mut self, positions: usize) -> Result<()> {
-        fixed_capacity(positions, self.capacity)
+        fixed_capacity(positions, self.seq.capacity)
     }
     fn cfg(&self) -> &Config {
         &self.w.cfg

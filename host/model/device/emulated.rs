@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{forward_chunks, program, Act, DeviceView, Op};
+use super::{forward_chunks, Act, DeviceView, Op, SeqState};
 use crate::backend::emulate::Emulator;
 use crate::backend::forward::{check_step, AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
@@ -14,18 +14,13 @@ use crate::model::{Config, Model};
 /// A model's decode state on the emulator: activations, KV cache, cache length.
 pub struct EmulatedForward<'m> {
     view: DeviceView<'m>,
-    /// Which layers run (the model's own, or a self-speculative draft's subset).
-    active: Vec<bool>,
     emu: Emulator,
     sm_count: u32,
     acts: HashMap<Act, AlignedF32>,
     k: Vec<Vec<u16>>,
     v: Vec<Vec<u16>>,
     rope: Vec<[f32; 2]>,
-    len: usize,
-    capacity: usize,
-    /// The last [`Pass::run`]'s logits.
-    last: Vec<f32>,
+    seq: SeqState,
 }
 
 impl<'m> EmulatedForward<'m> {
@@ -51,52 +46,40 @@ impl<'m> EmulatedForward<'m> {
             .collect();
         let kvw = s.heads.kv_width();
         Ok(EmulatedForward {
+            seq: SeqState::new(view.active().to_vec(), capacity),
             rope: view.rope_table(capacity),
-            active: view.active().to_vec(),
             view,
             emu,
             sm_count,
             acts,
             k: vec![vec![0; capacity * kvw]; s.layers],
             v: vec![vec![0; capacity * kvw]; s.layers],
-            len: 0,
-            capacity,
-            last: Vec::new(),
         })
     }
 
     /// Positions in the cache.
     pub fn len(&self) -> usize {
-        self.len
+        self.seq.len
     }
 
     /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
     pub fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
-        if active.len() != self.view.shape.layers {
-            return Err(Error::Length {
-                what: "active layers",
-                got: active.len(),
-                expected: self.view.shape.layers,
-            });
-        }
-        self.active = active;
-        Ok(())
+        self.seq.set_active_layers(active)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.seq.len == 0
     }
 
-    /// Forgets every position from `len` on (rejected drafts): only the length changes, as on the
-    /// device.
+    /// Forgets every position from `len` on (rejected drafts).
     pub fn truncate(&mut self, len: usize) {
-        self.len = len.min(self.len);
+        self.seq.truncate(len)
     }
 
     /// Logits `[keep, vocab]` of the last `keep` positions after `tokens`, appended to the cache
     /// in chunks of at most 16 (the CPU pass's [`Model::forward`], on the device kernels).
     pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
-        let (len, capacity, vocab) = (self.len, self.capacity, self.view.shape.vocab);
+        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.view.shape.vocab);
         forward_chunks(tokens, keep, len, capacity, vocab, |ch, want| {
             self.chunk(ch, want)?;
             Ok(if want {
@@ -110,11 +93,12 @@ impl<'m> EmulatedForward<'m> {
     /// One chunk of at most 16 positions through the program.
     fn chunk(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
         let m = tokens.len();
-        check_step(m, self.len, self.capacity)?;
-        for op in program(&self.active, logits) {
+        check_step(m, self.seq.len, self.seq.capacity)?;
+        for k in 0..self.seq.program(logits).len() {
+            let op = self.seq.program(logits)[k];
             self.run(op, tokens)?;
         }
-        self.len += m;
+        self.seq.len += m;
         Ok(())
     }
 
@@ -162,7 +146,7 @@ impl<'m> EmulatedForward<'m> {
                     &self.rope,
                     s.heads,
                     s.neox,
-                    self.len,
+                    self.seq.len,
                     &mut self.k[layer],
                     &mut self.v[layer],
                 )?;
@@ -174,7 +158,7 @@ impl<'m> EmulatedForward<'m> {
                     &self.k[layer],
                     &self.v[layer],
                     s.heads,
-                    self.len,
+                    self.seq.len,
                     self.sm_count,
                 )?;
                 self.put(Act::Att, &att);
@@ -199,17 +183,17 @@ fn rows<'a>(acts: &'a HashMap<Act, AlignedF32>, a: Act, m: usize, s: &super::Sha
 
 impl Pass for EmulatedForward<'_> {
     fn run(&mut self, tokens: &[u32], keep: usize) -> Result<&[f32]> {
-        self.last = self.forward(tokens, keep)?;
-        Ok(&self.last)
+        self.seq.last = self.forward(tokens, keep)?;
+        Ok(&self.seq.last)
     }
     fn len(&self) -> usize {
-        self.len
+        self.seq.len
     }
     fn truncate(&mut self, len: usize) {
         EmulatedForward::truncate(self, len)
     }
     fn reserve(&mut self, positions: usize) -> Result<()> {
-        fixed_capacity(positions, self.capacity)
+        fixed_capacity(positions, self.seq.capacity)
     }
     fn cfg(&self) -> &Config {
         &self.view.model.cfg

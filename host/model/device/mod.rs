@@ -156,6 +156,54 @@ pub fn program(active: &[bool], logits: bool) -> Vec<Op> {
     ops
 }
 
+/// What both executors keep about their sequence besides the buffers: which layers run and the
+/// launch programs for them (built once, not per step), the cache length and capacity, and the last
+/// [`Pass::run`](crate::model::Pass::run)'s logits.
+pub(crate) struct SeqState {
+    active: Vec<bool>,
+    /// Without and with the LM head.
+    programs: [Vec<Op>; 2],
+    pub len: usize,
+    pub capacity: usize,
+    pub last: Vec<f32>,
+}
+
+impl SeqState {
+    pub(crate) fn new(active: Vec<bool>, capacity: usize) -> SeqState {
+        SeqState {
+            programs: [program(&active, false), program(&active, true)],
+            active,
+            len: 0,
+            capacity,
+            last: Vec::new(),
+        }
+    }
+
+    /// The launches of a chunk, with the LM head when `logits`.
+    pub(crate) fn program(&self, logits: bool) -> &[Op] {
+        &self.programs[logits as usize]
+    }
+
+    /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
+    pub(crate) fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
+        if active.len() != self.active.len() {
+            return Err(Error::Length {
+                what: "active layers",
+                got: active.len(),
+                expected: self.active.len(),
+            });
+        }
+        self.programs = [program(&active, false), program(&active, true)];
+        self.active = active;
+        Ok(())
+    }
+
+    /// Forgets every position from `len` on: only the length changes, as on the device.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = len.min(self.len);
+    }
+}
+
 /// What both executors do with a call: check it (tokens, `keep`, room in the cache), then run
 /// `chunk` on each run of at most 16 positions — `true` when its logits are wanted, and then it
 /// returns them, `[chunk, vocab]` — and keep the logits of the last `keep` positions.
