@@ -34,4 +34,4 @@ pub use speckv_kernels::params::{
 };
 pub use speckv_kernels::philox;
 pub use stats::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
-pub use verify::{DraftDist, VerifyBatch, VerifyOutput};
+pub use verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyStep};

@@ -273,6 +273,9 @@ fn bench_predict_reads_traces_and_a_cost_model() {
         assert!(f.as_f64().unwrap() <= oracle + 1e-9);
     }
     assert!(v["heuristic_tokens_per_second"].as_f64().unwrap() <= oracle + 1e-9);
+    let hf = v["hf_default_tokens_per_second"].as_f64().unwrap();
+    assert!(hf > 0.0 && hf <= oracle + 1e-9, "{hf}");
+    assert!(v["hf_default_mean_gamma"].as_f64().unwrap() >= 1.0);
     assert!(v["steps"].as_u64().unwrap() > 0);
     let (ok, _, err) = speckv(&[
         "bench",

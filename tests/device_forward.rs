@@ -6,11 +6,15 @@
 mod common;
 
 use candle_core::quantized::gguf_file::Value;
+use speckv::backend::cpu::CpuBackend;
 use speckv::backend::emulate::Emulator;
 use speckv::model::device::{program, Act, EmulatedForward, Lin, Norm, Op};
-use speckv::model::{KvCache, Model};
+use speckv::model::{CpuPass, KvCache, Model, Pass};
+use speckv::stats::{Accumulate, Logits, LogitsData, StatsOptions};
+use speckv::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyStep};
 use speckv::weights::quant::Format;
 use speckv::weights::Regime;
+use speckv::FeatureAccum;
 
 fn tmp(name: &str) -> std::path::PathBuf {
     common::tmp("device-forward", name)
@@ -202,7 +206,6 @@ fn the_gguf_regime_and_bad_capacities_are_refused() {
 fn decode_loops_on_the_device_program_are_lossless() {
     use speckv::controller::records::Compression;
     use speckv::decode::{plain_on, speculative_on, GenConfig, Policy};
-    use speckv::model::CpuPass;
     let target = model("qwen2", Format::Fp16);
     let p = tmp("draft.gguf");
     let mut spec = qwen2_spec(4);
@@ -292,4 +295,196 @@ fn cuda_forward_matches_the_cpu_pass() {
             assert!(gap(&g, &c).0 <= tol);
         }
     }
+}
+
+/// A draft step and a verification step of a pass whose logits stay where they are computed
+/// (`run_stats`, `run_verify`) against the host's statistics and verification of the same rows,
+/// read back from a twin pass: the row itself bit-identical, the argmax, the sampled token and
+/// every verdict exact, entropy and confidence within float rounding. Greedy and sampled.
+fn resident_steps_match_the_host(a: &mut dyn Pass, b: &mut dyn Pass, label: &str) {
+    let cpu = CpuBackend::new();
+    let vocab = a.cfg().vocab;
+    let head = prompt();
+    a.run(&head, 1).unwrap();
+    b.run(&head, 1).unwrap();
+    let at = a.len();
+    for temperature in [0.0f32, 0.8] {
+        let ctx = format!("{label}, T = {temperature}");
+        // A draft step from a non-empty accumulator (the step's second draft).
+        let opts = StatsOptions {
+            temperature,
+            sample: temperature > 0.0,
+            seed: 11,
+            step: 5,
+            accumulate: Accumulate::Add,
+        };
+        let start = FeatureAccum {
+            count: 1,
+            flags: 0,
+            entropy_sum: 2.5,
+            entropy_max: 2.5,
+            confidence_sum: 0.25,
+            confidence_min: 0.25,
+        };
+        let row = a.run(&[9, 300], 1).unwrap().to_vec();
+        let mut want_acc = [start];
+        let want = cpu
+            .softmax_stats(
+                &Logits::dense(LogitsData::F32(&row), vocab).unwrap(),
+                &opts,
+                Some(&mut want_acc),
+            )
+            .unwrap()[0];
+        let mut acc = [start];
+        let (got, got_row) = b.run_stats(&[9, 300], &opts, &mut acc, true).unwrap();
+        assert_eq!(got_row.unwrap(), &row[..], "{ctx}: the row");
+        assert_eq!(got.argmax, want.argmax, "{ctx}: argmax");
+        assert_eq!(got.sampled, want.sampled, "{ctx}: sampled token");
+        assert_eq!(got.flags, 0, "{ctx}");
+        for (g, w, what) in [
+            (got.entropy, want.entropy, "entropy"),
+            (got.confidence, want.confidence, "confidence"),
+            (acc[0].entropy_sum, want_acc[0].entropy_sum, "entropy sum"),
+            (
+                acc[0].confidence_min,
+                want_acc[0].confidence_min,
+                "min conf",
+            ),
+        ] {
+            assert!(
+                common::close(g as f64, w as f64, 1e-5, 1e-6),
+                "{ctx}: {what} {g} vs {w}"
+            );
+        }
+        assert_eq!(acc[0].count, 2, "{ctx}: accumulated");
+        let (_, none) = b.run_stats(&[4], &opts, &mut acc, false).unwrap();
+        assert!(none.is_none(), "{ctx}: no row unless wanted");
+        a.truncate(at);
+        b.truncate(at);
+        // Plain decoding's step chooses the same token.
+        let plain = StatsOptions {
+            accumulate: Accumulate::No,
+            ..opts
+        };
+        let want_tok = if temperature == 0.0 {
+            want.argmax
+        } else {
+            want.sampled
+        };
+        assert_eq!(
+            b.next_token(&[9, 300], &plain).unwrap() as i32,
+            want_tok,
+            "{ctx}: next token"
+        );
+        b.truncate(at);
+
+        // Verification of three drafts: the first the target's own choice, so some are accepted.
+        let pending = 21u32;
+        let p0 = a.run(&[pending], 1).unwrap().to_vec();
+        a.truncate(at);
+        let x0 = want_token(&p0);
+        let drafts = [x0 as i32, 77, 400];
+        let tokens = [pending, x0, 77, 400];
+        let p = a.run(&tokens, 4).unwrap().to_vec();
+        // Draft rows: any distributions; the target's shifted ones keep q close to p.
+        let q: Vec<f32> = p[vocab..].iter().map(|x| x * 0.9).collect();
+        let step = VerifyStep {
+            draft_tokens: &drafts,
+            draft_rows: (temperature > 0.0).then_some(&q[..]),
+            temperature,
+            seed: 3,
+            step: 8,
+        };
+        let mut want = VerifyOutput::new(1, 3);
+        let temps = [temperature];
+        let gammas = [3];
+        let batch = VerifyBatch {
+            target: LogitsData::F32(&p),
+            target_stride: vocab,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(if temperature > 0.0 {
+                    &q
+                } else {
+                    &p[..3 * vocab]
+                }),
+                temperature: &temps,
+            },
+            draft_stride: vocab,
+            draft_tokens: &drafts,
+            gammas: &gammas,
+            target_temperature: &temps,
+            batch: 1,
+            gamma_max: 3,
+            vocab,
+            seed: 3,
+            step: 8,
+        };
+        cpu.verify_into(&batch, &mut want).unwrap();
+        let mut got = VerifyOutput::new(1, 1);
+        b.run_verify(&tokens, &step, &mut got).unwrap();
+        assert_eq!(got.accepted, want.accepted, "{ctx}: accepted");
+        assert_eq!(got.emitted, want.emitted, "{ctx}: emitted");
+        assert_eq!(got.counterfactual, want.counterfactual, "{ctx}");
+        assert_eq!(got.flags, want.flags, "{ctx}");
+        assert_eq!(got.emitted_count[0], got.accepted[0] + 1, "{ctx}");
+        if temperature == 0.0 {
+            assert!(
+                got.accepted[0] >= 1,
+                "{ctx}: the target's own token is accepted"
+            );
+        }
+        assert_eq!(b.len(), at + 4, "{ctx}: the positions are in the cache");
+        a.truncate(at);
+        b.truncate(at);
+    }
+    // Misuse is an error, not a wrong verdict: more positions than drafts + 1, a sampled step
+    // without the draft's rows.
+    let mut out = VerifyOutput::new(1, 1);
+    let bad = VerifyStep {
+        draft_tokens: &[1],
+        draft_rows: None,
+        temperature: 0.0,
+        seed: 0,
+        step: 0,
+    };
+    assert!(b.run_verify(&[1, 2, 3], &bad, &mut out).is_err(), "{label}");
+    let sampled = VerifyStep {
+        temperature: 0.5,
+        ..bad
+    };
+    assert!(
+        b.run_verify(&[1, 2], &sampled, &mut out).is_err(),
+        "{label}"
+    );
+    assert_eq!(
+        b.len(),
+        at,
+        "{label}: a refused step leaves the cache as it was"
+    );
+}
+
+fn want_token(row: &[f32]) -> u32 {
+    argmax(row)
+}
+
+#[test]
+fn draft_and_verify_steps_run_where_the_logits_are() {
+    let m = model("qwen2", Format::Int8);
+    let mut a = EmulatedForward::new(&m, Emulator::new(128), 132, 64).unwrap();
+    let mut b = EmulatedForward::new(&m, Emulator::new(64), 132, 64).unwrap();
+    resident_steps_match_the_host(&mut a, &mut b, "emulator");
+    let mut a = CpuPass::new(&m, None);
+    let mut b = CpuPass::new(&m, None);
+    resident_steps_match_the_host(&mut a, &mut b, "cpu");
+}
+
+#[test]
+fn cuda_draft_and_verify_steps_run_where_the_logits_are() {
+    use speckv::model::device::{CudaForward, DeviceView, DeviceWeights};
+    let Some(cuda) = common::cuda() else { return };
+    let m = model("qwen2", Format::Int8);
+    let w = DeviceWeights::upload(cuda, &DeviceView::new(&m).unwrap(), 64).unwrap();
+    let mut a = CudaForward::new(cuda, &w, 64).unwrap();
+    let mut b = CudaForward::new(cuda, &w, 64).unwrap();
+    resident_steps_match_the_host(&mut a, &mut b, "cuda");
 }

@@ -211,7 +211,7 @@ fn policy_names_parse_and_bad_ones_are_errors() {
     assert!(matches!(Policy::parse("auto", None), Ok(Policy::Auto(_))));
     assert!(matches!(
         Policy::parse("hf-dynamic", None),
-        Ok(Policy::Confidence(p)) if p == 0.4
+        Ok(Policy::HfThreshold(p)) if p == 0.4
     ));
     match Policy::parse("adaedl:0.3:2", None) {
         Ok(Policy::AdaEdl { lambda, kappa }) => assert_eq!((lambda, kappa), (0.3, 2.0)),
@@ -352,4 +352,33 @@ fn auto_replayed_on_traces_counts_its_drafts_and_plain_steps() {
     let e = auto_on_traces(&partial, &constant(0.5), &cost).unwrap_err();
     assert!(e.to_string().contains("full-information"), "{e}");
     assert!(auto_on_traces(&[], &constant(0.5), &cost).is_err());
+}
+
+#[test]
+fn hf_default_schedule_replayed_keeps_the_draft_below_the_threshold() {
+    use speckv::controller::replay::threshold_on_traces;
+    let cost = CostModel {
+        draft_ms_per_token: 10.0,
+        verify_ms: (0..=4).map(|g| 50.0 + 5.0 * g as f64).collect(),
+        source: "test".into(),
+    };
+    // Step 1: the third draft falls below 0.4, so γ = 3 (HF stops after the token it judged);
+    // 2 accepted → 3 tokens. Step 2: never below → γmax = 4; 4 accepted → 5 tokens. Step 3: the
+    // first draft is below → γ = 1; 0 accepted → 1 token.
+    let steps = [
+        step(&[0.5; 4], &[0.9, 0.6, 0.3, 0.8], 2),
+        step(&[0.5; 4], &[0.9, 0.9, 0.9, 0.9], 4),
+        step(&[0.5; 4], &[0.2, 0.9, 0.9, 0.9], 0),
+    ];
+    let rows = trace_rows(&steps, Compression::Fp16, "code", 0, 3).unwrap();
+    let r = threshold_on_traces(&rows, &cost, 0.4).unwrap();
+    assert_eq!((r.steps, r.plain_steps), (3, 0));
+    assert!((r.mean_gamma - 8.0 / 3.0).abs() < 1e-12, "{r:?}");
+    let ms = (3.0 * 10.0 + 65.0) + (4.0 * 10.0 + 70.0) + (10.0 + 55.0);
+    let want = (3.0 + 5.0 + 1.0) / ms * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // A threshold of 0 never stops early: fixed γmax.
+    let r = threshold_on_traces(&rows, &cost, 0.0).unwrap();
+    assert_eq!(r.mean_gamma, 4.0);
+    assert!(threshold_on_traces(&[], &cost, 0.4).is_err());
 }

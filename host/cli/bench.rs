@@ -201,8 +201,11 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
     }
 }
 
-/// Tokens/s of plain decoding, every fixed γ, HF's heuristic, `auto` and the oracle, predicted from
-/// traced steps under a cost model.
+/// HF transformers' default `assistant_confidence_threshold`.
+const HF_CONFIDENCE_THRESHOLD: f64 = 0.4;
+
+/// Tokens/s of plain decoding, every fixed γ, HF's default schedule and its heuristic, `auto` and
+/// the oracle, predicted from traced steps under a cost model.
 fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<serde_json::Value> {
     let recs = records::read_records(traces)?;
     let cm = controller::CostModel::load(cost)?;
@@ -230,6 +233,7 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
     let rows = controller::hazard::read_trace_rows(traces)?;
     let model = controller::hazard::HazardModel::default_model()?;
     let auto = controller::replay::auto_on_traces(&rows, &model, &cm)?;
+    let hf = controller::replay::threshold_on_traces(&rows, &cm, HF_CONFIDENCE_THRESHOLD)?;
     Ok(serde_json::json!({
         "steps": steps.len(),
         "cost_model": cm.source,
@@ -240,6 +244,8 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
         "auto_tokens_per_second": auto.tokens_per_second,
         "auto_mean_gamma": auto.mean_gamma,
         "auto_plain_steps": auto.plain_steps,
+        "hf_default_tokens_per_second": hf.tokens_per_second,
+        "hf_default_mean_gamma": hf.mean_gamma,
     }))
 }
 
@@ -250,6 +256,10 @@ fn render_predict(v: &serde_json::Value) -> String {
         (
             "auto (replayed)".into(),
             v["auto_tokens_per_second"].as_f64(),
+        ),
+        (
+            "HF default (conf 0.4)".into(),
+            v["hf_default_tokens_per_second"].as_f64(),
         ),
         (
             "heuristic (HF +2/−1)".into(),

@@ -28,28 +28,7 @@ pub struct Replay {
 /// Tokens per second use `cost`'s milliseconds: a step that drafts n tokens and verifies γ costs
 /// n·draft + verify(γ); a plain step verify(0).
 pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) -> Result<Replay> {
-    // Steps per (run, prompt), in order.
-    let mut prompts: BTreeMap<(u32, usize), Vec<&[TraceRow]>> = BTreeMap::new();
-    for step in trace_steps(rows) {
-        let r = &step[0];
-        if step.len() as u32 != r.trace_gamma_max {
-            return Err(Error::Other(format!(
-                "trace rows of run {} prompt {} step {}: {} rows for γmax {} (a full-information \
-                 trace lists every drafted position)",
-                r.run,
-                r.prompt,
-                r.step,
-                step.len(),
-                r.trace_gamma_max
-            )));
-        }
-        prompts.entry((r.run, r.prompt)).or_default().push(step);
-    }
-    if prompts.is_empty() {
-        return Err(Error::Empty {
-            what: "trace rows (no step to replay)",
-        });
-    }
+    let prompts = prompt_steps(rows)?;
     let (mut tokens, mut ms, mut gammas) = (0.0f64, 0.0f64, 0usize);
     let (mut plain, mut steps) = (0usize, 0usize);
     for step_rows in prompts.values() {
@@ -93,4 +72,62 @@ pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) 
         plain_steps: plain,
         steps,
     })
+}
+
+/// HF transformers' default assisted-generation schedule (`num_assistant_tokens` 20, schedule
+/// `constant`, `assistant_confidence_threshold` 0.4) replayed on trace rows under `cost`: a step
+/// drafts until a draft's probability falls below `threshold` — that draft included, as HF's
+/// `ConfidenceCriteria` stops after the token it judges — and at most the trace's γmax (HF allows
+/// 20). HF also re-fits the threshold online (an ROC cost over past drafts, when scikit-learn is
+/// installed); the replay holds it fixed.
+pub fn threshold_on_traces(rows: &[TraceRow], cost: &CostModel, threshold: f64) -> Result<Replay> {
+    let prompts = prompt_steps(rows)?;
+    let (mut tokens, mut ms, mut gammas, mut steps) = (0.0f64, 0.0f64, 0usize, 0usize);
+    for step in prompts.values().flatten() {
+        let gmax = step.len();
+        let gamma = (0..gmax)
+            .find(|&n| draft_values(step, n).1 < threshold)
+            .map_or(gmax, |n| n + 1);
+        let accepted = (step[0].trace_accepted as usize).min(gamma);
+        tokens += (accepted + 1) as f64;
+        ms += gamma as f64 * cost.draft_ms_per_token + cost.verify(gamma as u32);
+        gammas += gamma;
+        steps += 1;
+    }
+    Ok(Replay {
+        tokens_per_second: tokens / ms * 1e3,
+        mean_gamma: gammas as f64 / steps as f64,
+        plain_steps: 0,
+        steps,
+    })
+}
+
+/// Each (run, prompt)'s trace steps in order, a step its rows γ = 1..=γmax.
+type PromptSteps<'a> = BTreeMap<(u32, usize), Vec<&'a [TraceRow]>>;
+
+/// Trace steps (each its rows γ = 1..=γmax) per (run, prompt), in order; an error for a step
+/// missing rows, or for no step at all.
+fn prompt_steps(rows: &[TraceRow]) -> Result<PromptSteps<'_>> {
+    let mut prompts = PromptSteps::new();
+    for step in trace_steps(rows) {
+        let r = &step[0];
+        if step.len() as u32 != r.trace_gamma_max {
+            return Err(Error::Other(format!(
+                "trace rows of run {} prompt {} step {}: {} rows for γmax {} (a full-information \
+                 trace lists every drafted position)",
+                r.run,
+                r.prompt,
+                r.step,
+                step.len(),
+                r.trace_gamma_max
+            )));
+        }
+        prompts.entry((r.run, r.prompt)).or_default().push(step);
+    }
+    if prompts.is_empty() {
+        return Err(Error::Empty {
+            what: "trace rows (no step to replay)",
+        });
+    }
+    Ok(prompts)
 }

@@ -20,13 +20,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::cpu::CpuBackend;
 use crate::controller::hazard::HazardModel;
 use crate::controller::records::Compression;
 use crate::controller::{Controller, CostModel};
 use crate::error::{Error, Result};
 use crate::model::{CpuPass, Model, Pass};
-use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
+use crate::stats::{Accumulate, StatsOptions};
 
 /// How γ is chosen each step.
 #[derive(Clone, Debug)]
@@ -34,8 +33,13 @@ pub enum Policy {
     Fixed(u32),
     /// The MLP on the previous step's draft features (lagged: causal).
     SpecKv(Box<Controller>),
-    /// Draft while the drafted token's top-1 probability is at least p, up to γmax.
+    /// Draft while the drafted token's top-1 probability is at least p, up to γmax; a draft below
+    /// p is discarded (llama.cpp's `--draft-p-min`).
     Confidence(f32),
+    /// HF transformers' default assisted generation: draft until the drafted token's probability
+    /// falls below p, that draft kept (its `ConfidenceCriteria` stops after the token it judged),
+    /// up to γmax.
+    HfThreshold(f32),
     /// HF's schedule: start at 4, +2 after a fully accepted step, −1 otherwise.
     Heuristic,
     /// Per-token stopping by the hazard model under costs measured while decoding
@@ -68,7 +72,7 @@ impl Auto {
 
 impl Policy {
     /// `fixed:N`, `confidence:P` (llama.cpp's `--draft-p-min P`), `hf-dynamic` (HF transformers'
-    /// assistant confidence threshold, `confidence:0.4`), `heuristic` (HF's +2/−1 schedule),
+    /// assistant confidence threshold 0.4, the judged draft kept), `heuristic` (HF's +2/−1 schedule),
     /// `adaedl[:λ[:κ]]`, `auto` (the shipped hazard model); `speckv` and `speckv-cost` need a
     /// controller.
     pub fn parse(s: &str, controller: Option<Controller>) -> Result<Policy> {
@@ -82,7 +86,7 @@ impl Policy {
             return Ok(Policy::Auto(Box::new(Auto::shipped()?)));
         }
         if s == "hf-dynamic" {
-            return Ok(Policy::Confidence(0.4));
+            return Ok(Policy::HfThreshold(0.4));
         }
         if s == "adaedl" || s.starts_with("adaedl:") {
             let mut it = s.split(':').skip(1);
@@ -198,33 +202,7 @@ pub struct StepTrace {
     pub stop_features: Vec<[f64; crate::controller::mlp::INPUTS]>,
 }
 
-/// Index of the largest logit, ties to the lower index (as the kernels break them); an error for a
-/// row holding NaN or +inf, or only −inf (there is no token to choose).
-pub fn argmax(row: &[f32], step: usize) -> Result<u32> {
-    if let Some(i) = row.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
-        return Err(Error::NonFiniteLogits {
-            step,
-            what: format!("logit {} at token {i}", row[i]),
-        });
-    }
-    let (i, v) = row
-        .iter()
-        .enumerate()
-        .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
-            if v > b.1 {
-                (i, v)
-            } else {
-                b
-            }
-        });
-    if v == f32::NEG_INFINITY {
-        return Err(Error::NonFiniteLogits {
-            step,
-            what: "a row of only −inf logits".to_string(),
-        });
-    }
-    Ok(i as u32)
-}
+pub use crate::model::pass::argmax;
 
 /// Plain decoding of the target (no draft): the reference speculative decoding must equal in
 /// greedy mode. Sampling uses the same Gumbel-max stream as the kernels (`softmax_stats`).
@@ -266,34 +244,19 @@ fn plain_loop(
     if prompt.is_empty() {
         return Err(Error::Empty { what: "prompt" });
     }
-    let cpu = CpuBackend::new();
     let start = Instant::now();
     pass.reserve(prompt.len() + cfg.max_tokens + 1)?;
-    let mut logits = pass.run(prompt, 1)?.to_vec();
+    let opts = |step: usize| StatsOptions {
+        temperature: cfg.temperature,
+        sample: cfg.temperature != 0.0,
+        seed: cfg.seed,
+        step: step as u64,
+        accumulate: Accumulate::No,
+    };
+    let mut next = pass.next_token(prompt, &opts(0))?;
     let prefill = start.elapsed().as_secs_f64();
     let mut out = Vec::with_capacity(cfg.max_tokens);
-    let v = pass.cfg().vocab;
     for step in 0..cfg.max_tokens {
-        let next = if cfg.temperature == 0.0 {
-            argmax(&logits, step)?
-        } else {
-            let l = Logits::dense(LogitsData::F32(&logits), v)?;
-            let o = StatsOptions {
-                temperature: cfg.temperature,
-                sample: true,
-                seed: cfg.seed,
-                step: step as u64,
-                accumulate: Accumulate::No,
-            };
-            let st = cpu.softmax_stats(&l, &o, None)?[0];
-            if st.flags != 0 {
-                return Err(Error::NonFiniteLogits {
-                    step,
-                    what: format!("a flagged row (flags {:#x})", st.flags),
-                });
-            }
-            st.sampled as u32
-        };
         if stop.contains(&next) {
             break;
         }
@@ -302,7 +265,7 @@ fn plain_loop(
         if out.len() == cfg.max_tokens {
             break;
         }
-        logits.copy_from_slice(pass.run(&[next], 1)?);
+        next = pass.next_token(&[next], &opts(step + 1))?;
     }
     let s = start.elapsed().as_secs_f64();
     Ok(GenStats {

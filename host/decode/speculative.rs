@@ -5,14 +5,12 @@ use std::time::Instant;
 
 use speckv_kernels::params::FeatureAccum;
 
-use crate::backend::cpu::CpuBackend;
 use crate::controller::hazard::{AutoState, StopRule};
 use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
 use crate::error::{Error, Result};
 use crate::model::{CpuPass, Model, Pass};
-use crate::stats::cpu::StatsScratch;
-use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
-use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
+use crate::stats::{Accumulate, StatsOptions};
+use crate::verify::{VerifyOutput, VerifyStep};
 
 /// Speculative decoding of `prompt` with `policy`.
 pub fn speculative(
@@ -80,7 +78,6 @@ fn speculative_loop(
             dpass.cfg().vocab
         )));
     }
-    let cpu = CpuBackend::new();
     let start = Instant::now();
     let room = prompt.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
     tpass.reserve(room)?;
@@ -102,7 +99,6 @@ fn speculative_loop(
     let mut qrows: Vec<f32> = Vec::with_capacity(gm * v);
     let mut tin: Vec<u32> = Vec::with_capacity(gm + 1);
     let mut tokens: Vec<i32> = Vec::with_capacity(gm);
-    let mut scratch = StatsScratch::default();
     let mut vout = VerifyOutput::new(1, gm);
     let mut trace = StepTrace {
         position: 0,
@@ -143,7 +139,10 @@ fn speculative_loop(
                 }
                 _ => 4.min(cfg.gamma_max),
             },
-            Policy::Confidence(_) | Policy::Auto(_) | Policy::AdaEdl { .. } => cfg.gamma_max,
+            Policy::Confidence(_)
+            | Policy::HfThreshold(_)
+            | Policy::Auto(_)
+            | Policy::AdaEdl { .. } => cfg.gamma_max,
             Policy::Heuristic => heuristic_gamma.min(cfg.gamma_max),
         };
         // Draft up to gmax tokens.
@@ -169,10 +168,6 @@ fn speculative_loop(
         backlog.clear();
         feed.push(pending);
         while (xs.len() as u32) < gmax {
-            let q = dpass.run(&feed, 1)?;
-            fed = true;
-            forwards += 1;
-            let l = Logits::dense(LogitsData::F32(q), v)?;
             let o = StatsOptions {
                 temperature: cfg.temperature,
                 sample: !greedy,
@@ -185,7 +180,11 @@ fn speculative_loop(
                 },
             };
             rng_step += 1;
-            let st = cpu.softmax_stats_into(&l, &o, Some(&mut accum), &mut scratch)?[0];
+            // The statistics are computed where the logits are; the row comes back only when
+            // sampling (verification then needs the draft's distribution).
+            let (st, q) = dpass.run_stats(&feed, &o, &mut accum, !greedy)?;
+            fed = true;
+            forwards += 1;
             if st.flags != 0 {
                 return Err(Error::NonFiniteLogits {
                     step: rng_step as usize,
@@ -198,6 +197,15 @@ fn speculative_loop(
             // the accepted tokens below, as for any step.
             let (keep, more) = match (policy, auto.as_mut(), costs.as_ref()) {
                 (Policy::Confidence(p), ..) => (st.confidence >= *p, st.confidence >= *p),
+                (Policy::HfThreshold(p), ..) => {
+                    // HF judges the probability of the token it drew.
+                    let prob = if greedy {
+                        st.confidence
+                    } else {
+                        st.sampled_prob
+                    };
+                    (true, prob >= *p)
+                }
                 (Policy::AdaEdl { lambda, kappa }, ..) => {
                     let ok = 1.0 - (kappa * st.entropy.max(0.0)).sqrt() >= *lambda;
                     (ok, ok)
@@ -228,7 +236,9 @@ fn speculative_loop(
             xs.push(x);
             trace.entropy.push(st.entropy);
             trace.confidence.push(st.confidence);
-            qrows.extend_from_slice(q);
+            if let Some(q) = q {
+                qrows.extend_from_slice(q);
+            }
             feed.clear();
             feed.push(x);
             if !more {
@@ -246,29 +256,17 @@ fn speculative_loop(
         tin.clear();
         tin.push(pending);
         tin.extend_from_slice(&xs);
-        let p = tpass.run(&tin, g + 1)?;
-        let temps = [cfg.temperature];
-        let gammas = [g as i32];
         tokens.clear();
         tokens.extend(xs.iter().map(|&x| x as i32));
-        let vb = VerifyBatch {
-            target: LogitsData::F32(p),
-            target_stride: v,
-            draft: DraftDist::Logits {
-                data: LogitsData::F32(&qrows),
-                temperature: &temps,
-            },
-            draft_stride: v,
+        let vs = VerifyStep {
             draft_tokens: &tokens,
-            gammas: &gammas,
-            target_temperature: &temps,
-            batch: 1,
-            gamma_max: g,
-            vocab: v,
+            draft_rows: (!greedy).then_some(&qrows[..]),
+            temperature: cfg.temperature,
             seed: cfg.seed,
             step: steps as u64,
         };
-        cpu.verify_into(&vb, &mut vout)?;
+        // Verified where the target's logits are; only the verdict comes back.
+        tpass.run_verify(&tin, &vs, &mut vout)?;
         let o = &vout;
         if o.flags[0] != 0 {
             return Err(Error::NonFiniteLogits {

@@ -2,8 +2,14 @@
 //! [`KvCache`], or the device program ([`device`](super::device)) on CUDA or on the emulator. The
 //! decode loops drive a [`Pass`], so `generate`, `profile` and `bench decode` run on any of them.
 
+use speckv_kernels::params::{FeatureAccum, RowStats};
+
 use super::{Config, KvCache, Model};
+use crate::backend::cpu::CpuBackend;
 use crate::error::{Error, Result};
+use crate::stats::cpu::StatsScratch;
+use crate::stats::{Logits, LogitsData, StatsOptions};
+use crate::verify::{VerifyOutput, VerifyStep};
 use crate::weights::cpu::MAX_M;
 
 /// A forward pass with its KV cache.
@@ -24,6 +30,124 @@ pub trait Pass {
     fn cfg(&self) -> &Config;
     /// Where the pass runs ("cpu", "cuda", "emulator").
     fn backend(&self) -> &'static str;
+    /// A draft step: appends `tokens` and returns the statistics of the last position's logits
+    /// (`accum` updated as `opts` says), computed where the logits are — the device's
+    /// `softmax_stats` kernel for a device pass, which then reads back one `RowStats` and the
+    /// accumulator instead of a vocabulary of logits. With `want_row` the row itself comes back
+    /// too (sampling verifies against the draft's distribution).
+    fn run_stats(
+        &mut self,
+        tokens: &[u32],
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum; 1],
+        want_row: bool,
+    ) -> Result<(RowStats, Option<&[f32]>)>;
+    /// A plain decoding step: appends `tokens` and returns the next token of the last position's
+    /// logits — the argmax (greedy, `opts.temperature` 0) or the Gumbel-max draw of `opts` —
+    /// chosen where the logits are. An error for a row with no token to choose (NaN, +inf or
+    /// only −inf logits).
+    fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {
+        let step = opts.step as usize;
+        let v = self.cfg().vocab;
+        let row = self.run(tokens, 1)?;
+        if opts.temperature == 0.0 {
+            return argmax(row, step);
+        }
+        let l = Logits::dense(LogitsData::F32(row), v)?;
+        let st = CpuBackend::new().softmax_stats(&l, opts, None)?[0];
+        token_of(&st, opts)
+    }
+    /// A verification step: appends `tokens` (the pending token and the drafts) and verifies the
+    /// drafts against the logits of every position, where they are — the device's `verify`
+    /// kernels for a device pass, which then reads back the verdict only.
+    fn run_verify(
+        &mut self,
+        tokens: &[u32],
+        step: &VerifyStep<'_>,
+        out: &mut VerifyOutput,
+    ) -> Result<()>;
+}
+
+/// Index of the largest logit, ties to the lower index (as the kernels break them); an error for a
+/// row holding NaN or +inf, or only −inf (there is no token to choose).
+pub fn argmax(row: &[f32], step: usize) -> Result<u32> {
+    if let Some(i) = row.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+        return Err(Error::NonFiniteLogits {
+            step,
+            what: format!("logit {} at token {i}", row[i]),
+        });
+    }
+    let (i, v) = row
+        .iter()
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+            if v > b.1 {
+                (i, v)
+            } else {
+                b
+            }
+        });
+    if v == f32::NEG_INFINITY {
+        return Err(Error::NonFiniteLogits {
+            step,
+            what: "a row of only −inf logits".to_string(),
+        });
+    }
+    Ok(i as u32)
+}
+
+/// The token a row's statistics chose (the Gumbel-max draw; the argmax when greedy), or the error
+/// of a flagged row.
+pub(crate) fn token_of(st: &RowStats, opts: &StatsOptions) -> Result<u32> {
+    let t = if opts.temperature == 0.0 {
+        st.argmax
+    } else {
+        st.sampled
+    };
+    if st.flags != 0 || t < 0 {
+        return Err(Error::NonFiniteLogits {
+            step: opts.step as usize,
+            what: format!("a flagged row (flags {:#x})", st.flags),
+        });
+    }
+    Ok(t as u32)
+}
+
+/// [`Pass::next_token`] of a device pass: the statistics kernel chooses, one `RowStats` comes
+/// back.
+pub(crate) fn resident_next_token(
+    pass: &mut (impl Pass + ?Sized),
+    tokens: &[u32],
+    opts: &StatsOptions,
+) -> Result<u32> {
+    let (st, _) = pass.run_stats(tokens, opts, &mut [FeatureAccum::EMPTY], false)?;
+    token_of(&st, opts)
+}
+
+/// [`Pass::run_stats`] on host logits by the CPU's statistics.
+pub(crate) fn host_stats<'q>(
+    q: &'q [f32],
+    vocab: usize,
+    opts: &StatsOptions,
+    accum: &mut [FeatureAccum; 1],
+    want_row: bool,
+    scratch: &mut StatsScratch,
+) -> Result<(RowStats, Option<&'q [f32]>)> {
+    let l = Logits::dense(LogitsData::F32(q), vocab)?;
+    let st = CpuBackend::new().softmax_stats_into(&l, opts, Some(accum), scratch)?[0];
+    Ok((st, want_row.then_some(q)))
+}
+
+/// [`Pass::run_verify`] on host logits by the CPU's verification.
+pub(crate) fn host_verify(
+    p: &[f32],
+    vocab: usize,
+    step: &VerifyStep<'_>,
+    out: &mut VerifyOutput,
+) -> Result<()> {
+    let temps = [step.temperature];
+    let gammas = [step.draft_tokens.len() as i32];
+    CpuBackend::new().verify_into(&step.batch(p, vocab, &temps, &gammas)?, out)
 }
 
 /// The CPU forward pass ([`Model::forward_into`]) over its own cache, optionally through a subset
@@ -34,6 +158,7 @@ pub struct CpuPass<'m> {
     active: Option<&'m [bool]>,
     /// Logits of a call keeping more than `MAX_M` rows (scoring a text), owned.
     wide: Vec<f32>,
+    scratch: StatsScratch,
 }
 
 impl<'m> CpuPass<'m> {
@@ -43,6 +168,7 @@ impl<'m> CpuPass<'m> {
             cache: KvCache::new(&model.cfg),
             active,
             wide: Vec::new(),
+            scratch: StatsScratch::default(),
         }
     }
 }
@@ -74,6 +200,30 @@ impl Pass for CpuPass<'_> {
     }
     fn backend(&self) -> &'static str {
         "cpu"
+    }
+    fn run_stats(
+        &mut self,
+        tokens: &[u32],
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum; 1],
+        want_row: bool,
+    ) -> Result<(RowStats, Option<&[f32]>)> {
+        let v = self.model.cfg.vocab;
+        let q = self
+            .model
+            .forward_into(tokens, &mut self.cache, 1, self.active)?;
+        host_stats(q, v, opts, accum, want_row, &mut self.scratch)
+    }
+    fn run_verify(
+        &mut self,
+        tokens: &[u32],
+        step: &VerifyStep<'_>,
+        out: &mut VerifyOutput,
+    ) -> Result<()> {
+        step.check_positions(tokens.len())?;
+        let v = self.model.cfg.vocab;
+        let p = self.run(tokens, tokens.len())?;
+        host_verify(p, v, step, out)
     }
 }
 

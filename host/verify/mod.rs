@@ -43,6 +43,84 @@ pub struct VerifyBatch<'a> {
     pub step: u64,
 }
 
+/// Most positions of one verification pass (the device passes' step, γmax + 1).
+pub const MAX_VERIFY_POSITIONS: usize = 16;
+
+/// What verifying one sequence's step needs besides the target's logits.
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyStep<'a> {
+    /// The γ drafted tokens.
+    pub draft_tokens: &'a [i32],
+    /// The draft's logits rows `[γ, vocab]`; `None` in greedy decoding, where verification never
+    /// reads them (q is one-hot at the drafted token).
+    pub draft_rows: Option<&'a [f32]>,
+    /// Target and draft temperature; 0 = greedy.
+    pub temperature: f32,
+    pub seed: u64,
+    /// The verification's Philox step.
+    pub step: u64,
+}
+
+impl VerifyStep<'_> {
+    /// A verification pass over `n` positions: the pending token and the γ drafts, in one chunk
+    /// of at most 16 (checked before anything runs, so a refused step leaves the cache as it was).
+    pub fn check_positions(&self, n: usize) -> Result<()> {
+        let g = self.draft_tokens.len();
+        if n != g + 1 || n > MAX_VERIFY_POSITIONS {
+            return Err(Error::Other(format!(
+                "verification of {g} drafts takes {} positions (at most {MAX_VERIFY_POSITIONS}); got {n}",
+                g + 1
+            )));
+        }
+        if self.draft_rows.is_none() && self.temperature != 0.0 {
+            return Err(Error::Other(
+                "sampled verification needs the draft's logits rows".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The batch of one sequence over the host rows `target` (`[γ + 1, vocab]`), with `temps`
+    /// and `gammas` the one-element arrays it borrows.
+    pub(crate) fn batch<'a>(
+        &'a self,
+        target: &'a [f32],
+        vocab: usize,
+        temps: &'a [f32; 1],
+        gammas: &'a [i32; 1],
+    ) -> Result<VerifyBatch<'a>> {
+        let g = self.draft_tokens.len();
+        self.check_positions(g + 1)?;
+        let draft = match self.draft_rows {
+            Some(q) => q,
+            // Greedy verification never reads the draft's rows: the target's own rows stand in
+            // as a buffer of the shape the batch must have.
+            None => target.get(..g * vocab).ok_or(Error::Length {
+                what: "target logits",
+                got: target.len(),
+                expected: (g + 1) * vocab,
+            })?,
+        };
+        Ok(VerifyBatch {
+            target: LogitsData::F32(target),
+            target_stride: vocab,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(draft),
+                temperature: temps,
+            },
+            draft_stride: vocab,
+            draft_tokens: self.draft_tokens,
+            gammas,
+            target_temperature: temps,
+            batch: 1,
+            gamma_max: g,
+            vocab,
+            seed: self.seed,
+            step: self.step,
+        })
+    }
+}
+
 /// What verification decided, per sequence.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VerifyOutput {

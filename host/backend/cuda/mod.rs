@@ -27,6 +27,8 @@ mod verify;
 pub use controller::{DeviceController, GAMMA_BLOCK};
 pub use forward::CacheRefs;
 pub use gemv::{DeviceMatrix, GEMV_BLOCK};
+pub use stats::ResidentStats;
+pub use verify::ResidentVerify;
 
 /// Every kernel entry point of the embedded PTX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use speckv_kernels::params::{
     FeatureAccum, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, StatsState,
 };
@@ -16,8 +16,8 @@ use crate::stats::{check_accum, stats_params, Dtype, Logits, StatsOptions};
 
 /// The scratch of one `softmax_stats_v2` launch: partial states and arrival counters (zeroed).
 pub(super) struct StatsScratch {
-    partials: cudarc::driver::CudaSlice<u8>,
-    counters: cudarc::driver::CudaSlice<u32>,
+    partials: CudaSlice<u8>,
+    counters: CudaSlice<u32>,
 }
 
 impl StatsScratch {
@@ -73,7 +73,88 @@ impl StatsScratch {
     }
 }
 
+/// Buffers for the statistics of one row that a forward pass left on the device (a decode loop's
+/// draft step), kept across calls.
+pub struct ResidentStats {
+    out: CudaSlice<u8>,
+    accum: CudaSlice<u8>,
+    scratch: StatsScratch,
+    plan: PlanV2,
+    vocab: usize,
+}
+
 impl CudaBackend {
+    /// [`ResidentStats`] for f32 rows of `vocab` logits.
+    pub fn resident_stats(&self, vocab: usize) -> Result<ResidentStats> {
+        let (_, plan) = crate::plan::softmax_stats_v2(1, vocab as u32, Dtype::F32, self.sm_count);
+        Ok(ResidentStats {
+            out: self
+                .stream
+                .alloc_zeros::<u8>(std::mem::size_of::<RowStats>())?,
+            accum: self
+                .stream
+                .alloc_zeros::<u8>(std::mem::size_of::<FeatureAccum>())?,
+            scratch: StatsScratch::new(self, 1, &plan)?,
+            plan,
+            vocab,
+        })
+    }
+
+    /// Statistics of row `row` of `logits` (f32 rows of the buffers' vocabulary) by the v2
+    /// kernel, `accum` updated as `opts` says: 56 bytes cross to the device and back instead of
+    /// the row.
+    pub fn stats_resident(
+        &self,
+        r: &mut ResidentStats,
+        logits: &CudaSlice<f32>,
+        row: usize,
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum; 1],
+    ) -> Result<RowStats> {
+        opts.validate()?;
+        let v = r.vocab;
+        if (row + 1) * v > logits.len() {
+            return Err(Error::Other(format!(
+                "row {row} of {} logits of vocabulary {v}",
+                logits.len()
+            )));
+        }
+        let st = &self.stream;
+        st.memcpy_htod(
+            bytemuck::cast_slice::<FeatureAccum, u8>(accum),
+            &mut r.accum,
+        )?;
+        {
+            let (lp, _g1) = logits.device_ptr(st);
+            let (op, _g2) = r.out.device_ptr_mut(st);
+            let (ap, _g3) = r.accum.device_ptr_mut(st);
+            let params = SoftmaxStatsParams {
+                logits: (lp + (row * v * std::mem::size_of::<f32>()) as u64) as *const u8,
+                out: op as *mut RowStats,
+                accum: ap as *mut FeatureAccum,
+                seed: opts.seed,
+                step: opts.step,
+                rows: 1,
+                vocab: v as u32,
+                row_stride: v as u32,
+                temperature: opts.temperature,
+                flags: opts.kernel_flags(),
+                _pad: 0,
+            };
+            let p2 = r.scratch.params(st, params, &r.plan);
+            // SAFETY: the row lies inside `logits` (checked above), which outlives the launch
+            // (the downloads below synchronise); `out` and `accum` hold one result each, the
+            // scratch was allocated for this plan and every launch leaves its counters zero.
+            unsafe { self.launch_stats_v2(Dtype::F32, p2, &r.plan) }?;
+        }
+        let mut out = [0u8; std::mem::size_of::<RowStats>()];
+        st.memcpy_dtoh(&r.out, &mut out)?;
+        let mut acc = [0u8; std::mem::size_of::<FeatureAccum>()];
+        st.memcpy_dtoh(&r.accum, &mut acc)?;
+        accum[0] = bytemuck::pod_read_unaligned(&acc);
+        Ok(bytemuck::pod_read_unaligned(&out))
+    }
+
     /// Launches `softmax_stats` on device buffers.
     ///
     /// # Safety

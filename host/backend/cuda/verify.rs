@@ -2,41 +2,70 @@
 
 use std::time::Duration;
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use speckv_kernels::verify as verify_kernel;
 
 use super::{ByValue, CudaBackend, KernelFn, KernelVersion, VERIFY_BLOCK};
 use crate::backend::verify_v2::{launches, Step};
-use crate::error::Result;
-use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs};
+use crate::error::{Error, Result};
+use crate::stats::LogitsData;
+use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs, VerifyStep};
 
-/// Device copies of one verification batch's inputs and outputs.
-struct VerifyBuffers {
-    target: cudarc::driver::CudaSlice<u8>,
-    draft: cudarc::driver::CudaSlice<u8>,
-    tokens: cudarc::driver::CudaSlice<i32>,
-    gammas: cudarc::driver::CudaSlice<i32>,
-    t_temp: cudarc::driver::CudaSlice<f32>,
-    d_temp: Option<cudarc::driver::CudaSlice<f32>>,
-    accepted: cudarc::driver::CudaSlice<i32>,
-    emitted: cudarc::driver::CudaSlice<i32>,
-    count: cudarc::driver::CudaSlice<i32>,
-    ratios: cudarc::driver::CudaSlice<f32>,
-    counterfactual: cudarc::driver::CudaSlice<i32>,
-    flags: cudarc::driver::CudaSlice<u32>,
+/// Device copies of one verification batch's inputs and outputs (the target and draft rows
+/// apart: uploaded, or resident where a forward pass left them).
+pub struct VerifyBuffers {
+    tokens: CudaSlice<i32>,
+    gammas: CudaSlice<i32>,
+    t_temp: CudaSlice<f32>,
+    d_temp: Option<CudaSlice<f32>>,
+    accepted: CudaSlice<i32>,
+    emitted: CudaSlice<i32>,
+    count: CudaSlice<i32>,
+    ratios: CudaSlice<f32>,
+    counterfactual: CudaSlice<i32>,
+    flags: CudaSlice<u32>,
+}
+
+/// A sequence's verification buffers kept across steps, for rows a forward pass leaves on the
+/// device.
+pub struct ResidentVerify {
+    bufs: VerifyBuffers,
+    ws: CudaSlice<u8>,
+    /// The draft's rows, uploaded when sampling (allocated on first use).
+    draft: Option<CudaSlice<f32>>,
+    gamma_max: usize,
+    vocab: usize,
+}
+
+/// Uploaded target and draft rows.
+struct Rows {
+    target: CudaSlice<u8>,
+    draft: CudaSlice<u8>,
 }
 
 impl CudaBackend {
-    fn upload_verify(&self, v: &VerifyBatch<'_>) -> Result<VerifyBuffers> {
+    fn upload_verify(&self, v: &VerifyBatch<'_>) -> Result<(Rows, VerifyBuffers)> {
         let st = &self.stream;
-        let (draft_bytes, d_temp): (&[u8], Option<&[f32]>) = match v.draft {
-            DraftDist::Logits { data, temperature } => (data.bytes(), Some(temperature)),
-            DraftDist::Probs(p) => (bytemuck::cast_slice(p), None),
+        let draft_bytes: &[u8] = match v.draft {
+            DraftDist::Logits { data, .. } => data.bytes(),
+            DraftDist::Probs(p) => bytemuck::cast_slice(p),
+        };
+        let rows = Rows {
+            target: st.clone_htod(v.target.bytes())?,
+            draft: st.clone_htod(draft_bytes)?,
+        };
+        Ok((rows, self.verify_buffers(v)?))
+    }
+
+    /// Buffers for the non-row inputs of `v` (uploaded) and its outputs (zeroed).
+    fn verify_buffers(&self, v: &VerifyBatch<'_>) -> Result<VerifyBuffers> {
+        let st = &self.stream;
+        let d_temp = match v.draft {
+            DraftDist::Logits { temperature, .. } => Some(temperature),
+            DraftDist::Probs(_) => None,
         };
         let w = v.gamma_max + 1;
         Ok(VerifyBuffers {
-            target: st.clone_htod(v.target.bytes())?,
-            draft: st.clone_htod(draft_bytes)?,
             tokens: st.clone_htod(v.draft_tokens)?,
             gammas: st.clone_htod(v.gammas)?,
             t_temp: st.clone_htod(v.target_temperature)?,
@@ -54,10 +83,10 @@ impl CudaBackend {
     }
 
     /// Launches `verify` on uploaded buffers.
-    fn launch_verify(&self, v: &VerifyBatch<'_>, d: &mut VerifyBuffers) -> Result<()> {
+    fn launch_verify(&self, v: &VerifyBatch<'_>, r: &Rows, d: &mut VerifyBuffers) -> Result<()> {
         let st = &self.stream;
-        let (t, _g0) = d.target.device_ptr(st);
-        let (dr, _g1) = d.draft.device_ptr(st);
+        let (t, _g0) = r.target.device_ptr(st);
+        let (dr, _g1) = r.draft.device_ptr(st);
         let (tok, _g2) = d.tokens.device_ptr(st);
         let (gam, _g3) = d.gammas.device_ptr(st);
         let (tt, _g4) = d.t_temp.device_ptr(st);
@@ -106,13 +135,34 @@ impl CudaBackend {
     fn launch_verify_v2(
         &self,
         v: &VerifyBatch<'_>,
+        r: &Rows,
         d: &mut VerifyBuffers,
         plan: &speckv_kernels::verify::FullPlanV2,
-        ws: &mut cudarc::driver::CudaSlice<u8>,
+        ws: &mut CudaSlice<u8>,
     ) -> Result<()> {
         let st = &self.stream;
-        let (t, _g0) = d.target.device_ptr(st);
-        let (dr, _g1) = d.draft.device_ptr(st);
+        let (t, _g0) = r.target.device_ptr(st);
+        let (dr, _g1) = r.draft.device_ptr(st);
+        // SAFETY: forwarded: the rows were uploaded for `v`, whose shapes `validate` checked.
+        unsafe { self.launch_verify_v2_at(v, t, dr, d, plan, ws) }
+    }
+
+    /// The v2 launch sequence with the target and draft rows at device addresses `t` and `dr`.
+    ///
+    /// # Safety
+    /// `t` must address `v`'s target rows and `dr` its draft rows (or, in greedy verification,
+    /// which never reads them, any live buffer), alive until the launches complete; `d` must hold
+    /// `v`'s other inputs and outputs and `ws` the plan's workspace, zeroed.
+    unsafe fn launch_verify_v2_at(
+        &self,
+        v: &VerifyBatch<'_>,
+        t: u64,
+        dr: u64,
+        d: &mut VerifyBuffers,
+        plan: &speckv_kernels::verify::FullPlanV2,
+        ws: &mut CudaSlice<u8>,
+    ) -> Result<()> {
+        let st = &self.stream;
         let (tok, _g2) = d.tokens.device_ptr(st);
         let (gam, _g3) = d.gammas.device_ptr(st);
         let (tt, _g4) = d.t_temp.device_ptr(st);
@@ -189,26 +239,164 @@ impl CudaBackend {
 
     fn verify_version(&self, v: &VerifyBatch<'_>, version: KernelVersion) -> Result<VerifyOutput> {
         v.validate()?;
-        let mut d = self.upload_verify(v)?;
+        let (r, mut d) = self.upload_verify(v)?;
         match version {
-            KernelVersion::V1 => self.launch_verify(v, &mut d)?,
+            KernelVersion::V1 => self.launch_verify(v, &r, &mut d)?,
             KernelVersion::V2 => {
                 let plan = self.verify_plan(v);
                 let mut ws = self.stream.alloc_zeros::<u8>(plan.bytes.max(16))?;
-                self.launch_verify_v2(v, &mut d, &plan, &mut ws)?;
+                self.launch_verify_v2(v, &r, &mut d, &plan, &mut ws)?;
             }
         }
-        let st = &self.stream;
         let mut out = VerifyOutput::new(v.batch, v.gamma_max);
-        out.accepted = st.clone_dtoh(&d.accepted)?;
-        out.emitted = st.clone_dtoh(&d.emitted)?;
-        out.emitted_count = st.clone_dtoh(&d.count)?;
-        if v.gamma_max > 0 {
-            out.ratios = st.clone_dtoh(&d.ratios)?;
-        }
-        out.counterfactual = st.clone_dtoh(&d.counterfactual)?;
-        out.flags = st.clone_dtoh(&d.flags)?;
+        self.read_verdict(&d, &mut out)?;
         Ok(out)
+    }
+
+    /// Downloads the outputs into `out` (sized for the batch).
+    fn read_verdict(&self, d: &VerifyBuffers, out: &mut VerifyOutput) -> Result<()> {
+        let st = &self.stream;
+        let w = out.gamma_max + 1;
+        st.memcpy_dtoh(&d.accepted.slice(..out.batch), &mut out.accepted)?;
+        st.memcpy_dtoh(&d.emitted.slice(..out.batch * w), &mut out.emitted)?;
+        st.memcpy_dtoh(&d.count.slice(..out.batch), &mut out.emitted_count)?;
+        if out.gamma_max > 0 {
+            let n = out.batch * out.gamma_max;
+            st.memcpy_dtoh(&d.ratios.slice(..n), &mut out.ratios)?;
+        }
+        st.memcpy_dtoh(
+            &d.counterfactual.slice(..out.batch * w),
+            &mut out.counterfactual,
+        )?;
+        st.memcpy_dtoh(&d.flags.slice(..out.batch), &mut out.flags)?;
+        Ok(())
+    }
+
+    /// Buffers for verifying one sequence's steps of up to `gamma_max` drafts over rows that stay
+    /// on the device ([`CudaBackend::verify_resident`]).
+    pub fn resident_verify(&self, gamma_max: usize, vocab: usize) -> Result<ResidentVerify> {
+        let tokens = vec![0i32; gamma_max.max(1)];
+        let temps = [0f32];
+        let gammas = [0i32];
+        let v = VerifyBatch {
+            target: LogitsData::F32(&[]),
+            target_stride: vocab,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(&[]),
+                temperature: &temps,
+            },
+            draft_stride: vocab,
+            draft_tokens: &tokens,
+            gammas: &gammas,
+            target_temperature: &temps,
+            batch: 1,
+            gamma_max,
+            vocab,
+            seed: 0,
+            step: 0,
+        };
+        let plan = self.verify_plan(&v);
+        Ok(ResidentVerify {
+            bufs: self.verify_buffers(&v)?,
+            ws: self.stream.alloc_zeros::<u8>(plan.bytes.max(16))?,
+            draft: None,
+            gamma_max,
+            vocab,
+        })
+    }
+
+    /// Verifies one sequence's γ drafts against rows `0..=γ` of `target` (f32 logits that a
+    /// forward pass left on the device) by the v2 kernels. Uploads the drafted tokens, γ and the
+    /// temperature (and the draft's rows when sampling), reads back only the verdict.
+    pub fn verify_resident(
+        &self,
+        r: &mut ResidentVerify,
+        target: &CudaSlice<f32>,
+        step: &VerifyStep<'_>,
+        out: &mut VerifyOutput,
+    ) -> Result<()> {
+        let g = step.draft_tokens.len();
+        let vocab = r.vocab;
+        if g > r.gamma_max || target.len() < (g + 1) * vocab {
+            return Err(Error::Other(format!(
+                "verification of {g} drafts over {} logits of vocabulary {vocab}: the buffers hold γ ≤ {}",
+                target.len(),
+                r.gamma_max
+            )));
+        }
+        let temps = [step.temperature];
+        let gammas = [g as i32];
+        // The batch as the kernels see it: its rows are on the device, so the host slices are
+        // empty and only the values are checked here (shapes just above).
+        let v = VerifyBatch {
+            target: LogitsData::F32(&[]),
+            target_stride: vocab,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(&[]),
+                temperature: &temps,
+            },
+            draft_stride: vocab,
+            draft_tokens: step.draft_tokens,
+            gammas: &gammas,
+            target_temperature: &temps,
+            batch: 1,
+            gamma_max: g,
+            vocab,
+            seed: step.seed,
+            step: step.step,
+        };
+        v.validate_values()?;
+        let st = &self.stream;
+        if g > 0 {
+            st.memcpy_htod(step.draft_tokens, &mut r.bufs.tokens.slice_mut(..g))?;
+        }
+        st.memcpy_htod(&gammas, &mut r.bufs.gammas)?;
+        st.memcpy_htod(&temps, &mut r.bufs.t_temp)?;
+        if let Some(dt) = r.bufs.d_temp.as_mut() {
+            st.memcpy_htod(&temps, dt)?;
+        }
+        match step.draft_rows {
+            Some(q) => {
+                if q.len() < g * vocab {
+                    return Err(Error::Length {
+                        what: "draft logits",
+                        got: q.len(),
+                        expected: g * vocab,
+                    });
+                }
+                if r.draft.is_none() {
+                    r.draft = Some(st.alloc_zeros::<f32>(r.gamma_max.max(1) * vocab)?);
+                }
+                if let Some(d) = r.draft.as_mut() {
+                    if g > 0 {
+                        st.memcpy_htod(&q[..g * vocab], &mut d.slice_mut(..g * vocab))?;
+                    }
+                }
+            }
+            None => step.check_positions(g + 1)?,
+        }
+        // The plan of this γ; its workspace fits in the one allocated for γmax.
+        let plan = self.verify_plan(&v);
+        let (t, _g0) = target.device_ptr(st);
+        let (dr, _g1) = match (step.draft_rows, r.draft.as_ref()) {
+            (Some(_), Some(d)) => d.device_ptr(st),
+            // Greedy verification never reads the draft's rows: the target's stand in.
+            _ => target.device_ptr(st),
+        };
+        if plan.bytes > r.ws.len() {
+            return Err(Error::Other(format!(
+                "verify's workspace of {} bytes is below the plan's {}",
+                r.ws.len(),
+                plan.bytes
+            )));
+        }
+        // SAFETY: `target` holds γ + 1 rows (checked above) and lives to the end of this
+        // function, after the synchronising downloads; the draft rows, when read, were uploaded
+        // just above; `r.bufs` was allocated for γmax ≥ γ and `r.ws` for a plan at least this
+        // large, its counters left zero by every launch sequence.
+        unsafe { self.launch_verify_v2_at(&v, t, dr, &mut r.bufs, &plan, &mut r.ws) }?;
+        out.reset(1, g);
+        self.read_verdict(&r.bufs, out)
     }
 
     /// Mean time of one verification (v1: one launch; v2: its launch sequence) on
@@ -220,13 +408,15 @@ impl CudaBackend {
         version: KernelVersion,
     ) -> Result<Duration> {
         v.validate()?;
-        let mut d = self.upload_verify(v)?;
+        let (r, mut d) = self.upload_verify(v)?;
         match version {
-            KernelVersion::V1 => self.time_cold(iters, || self.launch_verify(v, &mut d)),
+            KernelVersion::V1 => self.time_cold(iters, || self.launch_verify(v, &r, &mut d)),
             KernelVersion::V2 => {
                 let plan = self.verify_plan(v);
                 let mut ws = self.stream.alloc_zeros::<u8>(plan.bytes.max(16))?;
-                self.time_cold(iters, || self.launch_verify_v2(v, &mut d, &plan, &mut ws))
+                self.time_cold(iters, || {
+                    self.launch_verify_v2(v, &r, &mut d, &plan, &mut ws)
+                })
             }
         }
     }

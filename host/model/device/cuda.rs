@@ -1,7 +1,9 @@
 //! The device forward pass on a CUDA GPU: weights uploaded once (or made on the device at a
 //! model's shapes, for timing), activations, KV cache and cache length resident on the device. A
-//! step is the program's launches on the backend's stream; the host waits only when it reads the
-//! logits back.
+//! step is the program's launches on the backend's stream. The decode loops' steps
+//! ([`Pass::run_stats`], [`Pass::next_token`], [`Pass::run_verify`]) finish on the device too —
+//! statistics and verification run on the logits buffer — and the host waits only to read their
+//! small results back; [`Pass::run`] reads the logits themselves back.
 //!
 //! Not yet run on a GPU (no device was lent while it was written): validated on the CPU emulator
 //! (the same program and kernels, [`super::EmulatedForward`]) and by ptxas only.
@@ -10,13 +12,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cudarc::driver::CudaSlice;
+use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use super::{forward_chunks, Act, DeviceView, Lin, Norm, Op, SeqState, Shape};
-use crate::backend::cuda::{CacheRefs, CudaBackend, DeviceMatrix, KernelVersion};
+use super::{forward_chunks, resident_chunks, Act, DeviceView, Lin, Norm, Op, SeqState, Shape};
+use crate::backend::cuda::{
+    CacheRefs, CudaBackend, DeviceMatrix, KernelVersion, ResidentStats, ResidentVerify,
+};
 use crate::backend::forward::{check_step, MAX_STEP};
 use crate::error::{Error, Result};
-use crate::model::pass::{fixed_capacity, Pass};
+use crate::model::pass::{fixed_capacity, resident_next_token, Pass};
 use crate::model::Config;
+use crate::stats::StatsOptions;
+use crate::verify::{VerifyOutput, VerifyStep};
 use crate::weights::quant::Format;
 
 /// A model's weights on the device.
@@ -130,6 +137,10 @@ pub struct CudaForward<'b> {
     /// attention v2's workspace (counters zero between launches).
     attn_ws: CudaSlice<u8>,
     seq: SeqState,
+    /// The draft step's statistics and the verification, on the logits buffer (made on first
+    /// use).
+    stats: Option<ResidentStats>,
+    verify: Option<ResidentVerify>,
 }
 
 impl<'b> CudaForward<'b> {
@@ -178,6 +189,8 @@ impl<'b> CudaForward<'b> {
             k,
             v,
             seq: SeqState::new(w.active.clone(), capacity),
+            stats: None,
+            verify: None,
         })
     }
 
@@ -208,13 +221,30 @@ impl<'b> CudaForward<'b> {
                 return Ok(Vec::new());
             }
             // Only the chunk's rows come back (the buffer holds 16).
-            let logits = self.acts.get(&Act::Logits).ok_or_else(|| {
-                Error::Other("the logits buffer is missing (a failed launch)".to_string())
-            })?;
+            let logits = self.logits()?;
             Ok(self
                 .cuda
                 .stream()
                 .clone_dtoh(&logits.slice(..ch.len() * vocab))?)
+        })
+    }
+
+    /// Appends `tokens` leaving the last chunk's logits in the device's logits buffer (nothing
+    /// read back, the host does not wait); returns how many rows that chunk has.
+    fn advance(&mut self, tokens: &[u32]) -> Result<usize> {
+        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.w.shape.vocab);
+        let mut last = 0;
+        resident_chunks(tokens, len, capacity, vocab, |ch, want| {
+            last = ch.len();
+            self.enqueue(ch, want)
+        })?;
+        Ok(last)
+    }
+
+    /// The logits buffer (absent only after a failed launch).
+    fn logits(&self) -> Result<&CudaSlice<f32>> {
+        self.acts.get(&Act::Logits).ok_or_else(|| {
+            Error::Other("the logits buffer is missing (a failed launch)".to_string())
         })
     }
 
@@ -369,5 +399,53 @@ impl Pass for CudaForward<'_> {
     }
     fn backend(&self) -> &'static str {
         "cuda"
+    }
+    fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {
+        resident_next_token(self, tokens, opts)
+    }
+    fn run_stats(
+        &mut self,
+        tokens: &[u32],
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum; 1],
+        want_row: bool,
+    ) -> Result<(RowStats, Option<&[f32]>)> {
+        let m = self.advance(tokens)?;
+        let v = self.w.shape.vocab;
+        let cuda = self.cuda;
+        let mut r = match self.stats.take() {
+            Some(r) => r,
+            None => cuda.resident_stats(v)?,
+        };
+        let logits = self.logits()?;
+        let st = cuda.stats_resident(&mut r, logits, m - 1, opts, accum);
+        self.stats = Some(r);
+        let st = st?;
+        let logits = self.logits()?;
+        if !want_row {
+            return Ok((st, None));
+        }
+        let row = cuda
+            .stream()
+            .clone_dtoh(&logits.slice((m - 1) * v..m * v))?;
+        self.seq.last = row;
+        Ok((st, Some(&self.seq.last)))
+    }
+    fn run_verify(
+        &mut self,
+        tokens: &[u32],
+        step: &VerifyStep<'_>,
+        out: &mut VerifyOutput,
+    ) -> Result<()> {
+        step.check_positions(tokens.len())?;
+        self.advance(tokens)?;
+        let cuda = self.cuda;
+        let mut r = match self.verify.take() {
+            Some(r) => r,
+            None => cuda.resident_verify(MAX_STEP - 1, self.w.shape.vocab)?,
+        };
+        let done = cuda.verify_resident(&mut r, self.logits()?, step, out);
+        self.verify = Some(r);
+        done
     }
 }

@@ -4,12 +4,16 @@
 
 use std::collections::HashMap;
 
-use super::{forward_chunks, Act, DeviceView, Op, SeqState};
+use speckv_kernels::params::{FeatureAccum, RowStats};
+
+use super::{forward_chunks, resident_chunks, Act, DeviceView, Op, SeqState};
 use crate::backend::emulate::Emulator;
 use crate::backend::forward::{check_step, AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
-use crate::model::pass::{fixed_capacity, Pass};
+use crate::model::pass::{fixed_capacity, resident_next_token, Pass};
 use crate::model::{Config, Model};
+use crate::stats::{Logits, LogitsData, StatsOptions};
+use crate::verify::{VerifyOutput, VerifyStep};
 
 /// A model's decode state on the emulator: activations, KV cache, cache length.
 pub struct EmulatedForward<'m> {
@@ -88,6 +92,18 @@ impl<'m> EmulatedForward<'m> {
                 Vec::new()
             })
         })
+    }
+
+    /// Appends `tokens` leaving the logits of the last chunk's positions in the device's logits
+    /// buffer (nothing read back); returns how many rows that chunk has.
+    fn advance(&mut self, tokens: &[u32]) -> Result<usize> {
+        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.view.shape.vocab);
+        let mut last = 0;
+        resident_chunks(tokens, len, capacity, vocab, |ch, want| {
+            last = ch.len();
+            self.chunk(ch, want)
+        })?;
+        Ok(last)
     }
 
     /// One chunk of at most 16 positions through the program.
@@ -200,5 +216,42 @@ impl Pass for EmulatedForward<'_> {
     }
     fn backend(&self) -> &'static str {
         "emulator"
+    }
+    fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {
+        resident_next_token(self, tokens, opts)
+    }
+    fn run_stats(
+        &mut self,
+        tokens: &[u32],
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum; 1],
+        want_row: bool,
+    ) -> Result<(RowStats, Option<&[f32]>)> {
+        let m = self.advance(tokens)?;
+        let v = self.view.shape.vocab;
+        let row = &self.rows(Act::Logits, m)[(m - 1) * v..];
+        let l = Logits::dense(LogitsData::F32(row), v)?;
+        let st = self
+            .emu
+            .softmax_stats_v2(&l, opts, Some(accum), self.sm_count, None)?
+            .stats[0];
+        Ok((st, want_row.then_some(row)))
+    }
+    fn run_verify(
+        &mut self,
+        tokens: &[u32],
+        step: &VerifyStep<'_>,
+        out: &mut VerifyOutput,
+    ) -> Result<()> {
+        step.check_positions(tokens.len())?;
+        let m = self.advance(tokens)?;
+        let g = step.draft_tokens.len();
+        let v = self.view.shape.vocab;
+        let (temps, gammas) = ([step.temperature], [g as i32]);
+        let p = self.rows(Act::Logits, m);
+        *out = self
+            .emu
+            .verify_v2(&step.batch(p, v, &temps, &gammas)?, self.sm_count)?;
+        Ok(())
     }
 }

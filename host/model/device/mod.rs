@@ -204,17 +204,34 @@ impl SeqState {
     }
 }
 
-/// What both executors do with a call: check it (tokens, `keep`, room in the cache), then run
-/// `chunk` on each run of at most 16 positions — `true` when its logits are wanted, and then it
-/// returns them, `[chunk, vocab]` — and keep the logits of the last `keep` positions.
-pub(crate) fn forward_chunks(
+// A verification pass is one chunk of the device program.
+const _: () = assert!(crate::verify::MAX_VERIFY_POSITIONS <= crate::backend::forward::MAX_STEP);
+
+/// The checks of [`forward_chunks`] without keeping any rows: `chunk` runs each run of at most 16
+/// positions, `true` for the last (its logits are computed and stay on the device).
+pub(crate) fn resident_chunks(
+    tokens: &[u32],
+    len: usize,
+    capacity: usize,
+    vocab: usize,
+    mut chunk: impl FnMut(&[u32], bool) -> Result<()>,
+) -> Result<()> {
+    check_call(tokens, 1, len, capacity, vocab)?;
+    let n = tokens.len().div_ceil(crate::backend::forward::MAX_STEP);
+    for (i, ch) in tokens.chunks(crate::backend::forward::MAX_STEP).enumerate() {
+        chunk(ch, i + 1 == n)?;
+    }
+    Ok(())
+}
+
+/// A call's tokens, `keep` and room in the cache, checked.
+fn check_call(
     tokens: &[u32],
     keep: usize,
     len: usize,
     capacity: usize,
     vocab: usize,
-    mut chunk: impl FnMut(&[u32], bool) -> Result<Vec<f32>>,
-) -> Result<Vec<f32>> {
+) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::Empty { what: "tokens" });
     }
@@ -235,6 +252,21 @@ pub(crate) fn forward_chunks(
             len + tokens.len()
         )));
     }
+    Ok(())
+}
+
+/// What both executors do with a call: check it (tokens, `keep`, room in the cache), then run
+/// `chunk` on each run of at most 16 positions — `true` when its logits are wanted, and then it
+/// returns them, `[chunk, vocab]` — and keep the logits of the last `keep` positions.
+pub(crate) fn forward_chunks(
+    tokens: &[u32],
+    keep: usize,
+    len: usize,
+    capacity: usize,
+    vocab: usize,
+    mut chunk: impl FnMut(&[u32], bool) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    check_call(tokens, keep, len, capacity, vocab)?;
     let first_kept = tokens.len() - keep;
     let mut out = Vec::with_capacity(keep * vocab);
     let mut done = 0;
