@@ -487,4 +487,24 @@ fn cuda_draft_and_verify_steps_run_where_the_logits_are() {
     let mut a = CudaForward::new(cuda, &w, 64).unwrap();
     let mut b = CudaForward::new(cuda, &w, 64).unwrap();
     resident_steps_match_the_host(&mut a, &mut b, "cuda");
+    // A step replayed from its captured graph computes what its launches do one by one: the same
+    // kernels in the same order, so the same bits — also after a rollback, where the replayed
+    // graph reads the new length from device memory.
+    let mut graph = CudaForward::new(cuda, &w, 64).unwrap();
+    let mut eager = CudaForward::new(cuda, &w, 64).unwrap();
+    eager.set_graphs(false);
+    let tokens = prompt();
+    assert_eq!(
+        graph.forward(&tokens, tokens.len()).unwrap(),
+        eager.forward(&tokens, tokens.len()).unwrap()
+    );
+    for (cut, t) in [(10, 3u32), (15, 8), (12, 40)] {
+        graph.truncate(cut);
+        eager.truncate(cut);
+        assert_eq!(
+            graph.forward(&[t], 1).unwrap(),
+            eager.forward(&[t], 1).unwrap(),
+            "after a rollback to {cut}"
+        );
+    }
 }

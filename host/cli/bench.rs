@@ -405,16 +405,23 @@ fn device_step(
         return json_out(&r);
     }
     println!(
-        "device decode step on {} at cache length {} (copy bandwidth {:.0} GB/s); draft {:.3} ms",
-        r.device, r.position, r.copy_bandwidth_gb_s, r.draft_ms_per_token
+        "device decode step on {} at cache length {} (copy bandwidth {:.0} GB/s); draft {:.3} ms \
+         ({:.3} ms without a CUDA graph)",
+        r.device,
+        r.position,
+        r.copy_bandwidth_gb_s,
+        r.draft_ms_per_token,
+        r.draft_eager_ms_per_token
     );
     for s in &r.regimes {
         println!(
-            "{:<5} M=1 {:.3} ms ({:.0}% of the weights' streaming time {:.3} ms); γ=0..8: {:?}",
+            "{:<5} M=1 {:.3} ms ({:.0}% of the weights' streaming time {:.3} ms; {:.3} ms without a \
+             graph); γ=0..8: {:?}",
             s.format.name(),
             s.cost.verify_ms[0],
             100.0 * s.bandwidth_fraction,
             s.stream_ms,
+            s.eager_verify_ms[0],
             s.cost
                 .verify_ms
                 .iter()

@@ -1,7 +1,8 @@
 //! `speckv bench step --backend cuda --shapes T --draft-shapes D`: the whole decode step of speckv's
 //! device forward pass at a model's shapes, with weights made on the device (real weights cannot
 //! travel to the GPU machine): the target at M = γ + 1 for γ = 0..=8 in every regime, the draft at
-//! M = 1 in FP16, each a mean over timed launches with the L2 flushed before each. Written as the
+//! M = 1 in FP16, each a mean over timed launches with the L2 flushed before each, replayed as
+//! captured CUDA graphs (the cost model) and issued launch by launch (`eager_*`). Written as the
 //! cost model `speckv profile` writes, so `evaluate --cost` and `bench decode --cost` turn the
 //! CPU-measured traces into predicted GPU tokens per second.
 
@@ -29,6 +30,9 @@ pub struct RegimeStep {
     pub stream_ms: f64,
     /// stream_ms over the measured M = 1 step: the goal is ≥ 0.8 at FP16.
     pub bandwidth_fraction: f64,
+    /// The same steps with every launch issued by the host (no CUDA graph), M = γ + 1: what the
+    /// graphs save in launch gaps.
+    pub eager_verify_ms: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,6 +44,8 @@ pub struct DeviceSteps {
     pub position: usize,
     pub copy_bandwidth_gb_s: f64,
     pub draft_ms_per_token: f64,
+    /// The draft's step without a graph.
+    pub draft_eager_ms_per_token: f64,
     pub regimes: Vec<RegimeStep>,
 }
 
@@ -54,9 +60,11 @@ pub fn device_steps(
     let capacity = position + GAMMA_MAX + 1;
     let bw = cuda.copy_bandwidth(256 << 20, iters.max(3))?;
     let dw = DeviceWeights::synthetic(cuda, draft, Format::Fp16, capacity)?;
-    let draft_ms = {
+    let (draft_ms, draft_eager_ms) = {
         let mut d = CudaForward::new(cuda, &dw, capacity)?;
-        d.time_step(1, position, iters)?.as_secs_f64() * 1e3
+        let graph = d.time_step(1, position, iters)?.as_secs_f64() * 1e3;
+        d.set_graphs(false);
+        (graph, d.time_step(1, position, iters)?.as_secs_f64() * 1e3)
     };
     drop(dw);
     let mut regimes = Vec::new();
@@ -67,6 +75,11 @@ pub fn device_steps(
         let mut verify_ms = Vec::new();
         for g in 0..=GAMMA_MAX {
             verify_ms.push(t.time_step(g + 1, position, iters)?.as_secs_f64() * 1e3);
+        }
+        t.set_graphs(false);
+        let mut eager_verify_ms = Vec::new();
+        for g in 0..=GAMMA_MAX {
+            eager_verify_ms.push(t.time_step(g + 1, position, iters)?.as_secs_f64() * 1e3);
         }
         let stream_ms = weight_bytes as f64 / (bw / 2.0) * 1e3;
         regimes.push(RegimeStep {
@@ -89,6 +102,7 @@ pub fn device_steps(
             },
             weight_bytes,
             stream_ms,
+            eager_verify_ms,
         });
     }
     Ok(DeviceSteps {
@@ -98,6 +112,7 @@ pub fn device_steps(
         position,
         copy_bandwidth_gb_s: bw / 1e9,
         draft_ms_per_token: draft_ms,
+        draft_eager_ms_per_token: draft_eager_ms,
         regimes,
     })
 }

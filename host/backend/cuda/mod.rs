@@ -323,7 +323,14 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )?
             .max(1) as u32;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
+        // Every allocation, copy and launch of this backend is ordered on this one stream, so
+        // cudarc's per-buffer events are not needed — and inside a capture they would record into
+        // the graph and wait on events from outside it.
+        // SAFETY: no other stream touches this context's buffers (the backend owns the context
+        // and hands out only `stream`).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
         Ok(CudaBackend {
             ctx,
             stream,

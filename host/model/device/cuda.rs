@@ -11,7 +11,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use super::{forward_chunks, resident_chunks, Act, DeviceView, Lin, Norm, Op, SeqState, Shape};
@@ -141,7 +142,21 @@ pub struct CudaForward<'b> {
     /// use).
     stats: Option<ResidentStats>,
     verify: Option<ResidentVerify>,
+    /// Captured steps, one CUDA graph per (positions, logits wanted): a step's launches differ only
+    /// in m (the kernels read the tokens and the cache length from device memory), so one capture
+    /// replays for every step of that shape.
+    graphs: HashMap<(usize, bool), StepGraph>,
+    use_graphs: bool,
 }
+
+/// A captured step. cudarc's graph holds raw driver handles and so is not `Send`; the decode loops
+/// run a pass on a pool thread.
+struct StepGraph(CudaGraph);
+
+// SAFETY: a graph's handles may be used from any thread (the driver API is thread-safe, and
+// `CudaGraph::launch` binds the context to the calling thread first); a `StepGraph` is only reached
+// through `&mut CudaForward`, so it is never used from two threads at once.
+unsafe impl Send for StepGraph {}
 
 impl<'b> CudaForward<'b> {
     /// A decode state of `capacity` positions (at most the weights' rotary table).
@@ -191,6 +206,8 @@ impl<'b> CudaForward<'b> {
             seq: SeqState::new(w.active.clone(), capacity),
             stats: None,
             verify: None,
+            graphs: HashMap::new(),
+            use_graphs: true,
         })
     }
 
@@ -200,7 +217,14 @@ impl<'b> CudaForward<'b> {
 
     /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
     pub fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
+        self.graphs.clear(); // captured with the old program
         self.seq.set_active_layers(active)
+    }
+
+    /// Whether steps replay captured CUDA graphs (the default) or issue every launch from the
+    /// host.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -256,28 +280,59 @@ impl<'b> CudaForward<'b> {
         let st = self.cuda.stream().clone();
         st.memcpy_htod(tokens, &mut self.tokens_dev)?;
         st.memcpy_htod(&[self.seq.len as u32], &mut self.len_dev)?;
-        for k in 0..self.seq.program(logits).len() {
-            let op = self.seq.program(logits)[k];
-            self.run(op, m)?;
-        }
+        self.launch_program(m, logits)?;
         self.seq.len += m;
         Ok(())
     }
 
+    /// The program's launches for `m` positions: a captured graph's replay, or each launch.
+    fn launch_program(&mut self, m: usize, logits: bool) -> Result<()> {
+        if !self.use_graphs {
+            for k in 0..self.seq.program(logits).len() {
+                let op = self.seq.program(logits)[k];
+                self.run(op, m)?;
+            }
+            return Ok(());
+        }
+        if !self.graphs.contains_key(&(m, logits)) {
+            let g = self.capture(m, logits)?;
+            self.graphs.insert((m, logits), StepGraph(g));
+        }
+        match self.graphs.get(&(m, logits)) {
+            Some(g) => Ok(g.0.launch()?),
+            None => Err(Error::Other("a captured step went missing".to_string())),
+        }
+    }
+
+    /// Captures the program's launches for `m` positions as a graph (nothing runs yet).
+    fn capture(&mut self, m: usize, logits: bool) -> Result<CudaGraph> {
+        let st = self.cuda.stream().clone();
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let mut launched = Ok(());
+        for k in 0..self.seq.program(logits).len() {
+            let op = self.seq.program(logits)[k];
+            launched = self.run(op, m);
+            if launched.is_err() {
+                break;
+            }
+        }
+        // The capture is ended either way, so the stream is usable after an error.
+        let graph = st.end_capture(CUgraphInstantiate_flags(0));
+        launched?;
+        graph?.ok_or_else(|| Error::CudaCall("capturing a step produced no graph".to_string()))
+    }
+
     /// Mean device time of one step of `m` positions at cache length `at` (CUDA events, the L2
     /// flushed before each), the LM head included; the cache length is reset before each step.
+    /// With graphs on, the capture happens in the untimed warm-up.
     pub fn time_step(&mut self, m: usize, at: usize, iters: u32) -> Result<Duration> {
         check_step(m, at, self.seq.capacity)?;
         let st = self.cuda.stream().clone();
         st.memcpy_htod(&vec![0u32; m], &mut self.tokens_dev)?;
-        let ops = self.seq.program(true).to_vec();
         let cuda = self.cuda;
         cuda.time_cold(iters, || {
             st.memcpy_htod(&[at as u32], &mut self.len_dev)?;
-            for &op in &ops {
-                self.run(op, m)?;
-            }
-            Ok(())
+            self.launch_program(m, true)
         })
     }
 
