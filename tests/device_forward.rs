@@ -456,6 +456,19 @@ fn resident_steps_match_the_host(a: &mut dyn Pass, b: &mut dyn Pass, label: &str
         b.run_verify(&[1, 2], &sampled, &mut out).is_err(),
         "{label}"
     );
+    let bad_opts = StatsOptions {
+        temperature: -1.0,
+        sample: true,
+        seed: 0,
+        step: 0,
+        accumulate: Accumulate::No,
+    };
+    let mut acc = [FeatureAccum::EMPTY];
+    assert!(
+        b.run_stats(&[1], &bad_opts, &mut acc, false).is_err(),
+        "{label}"
+    );
+    assert!(b.next_token(&[1], &bad_opts).is_err(), "{label}");
     assert_eq!(
         b.len(),
         at,

@@ -47,6 +47,7 @@ pub trait Pass {
     /// chosen where the logits are. An error for a row with no token to choose (NaN, +inf or
     /// only −inf logits).
     fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {
+        opts.validate()?;
         let step = opts.step as usize;
         let v = self.cfg().vocab;
         let row = self.run(tokens, 1)?;
@@ -104,13 +105,15 @@ pub(crate) fn token_of(st: &RowStats, opts: &StatsOptions) -> Result<u32> {
     } else {
         st.sampled
     };
-    if st.flags != 0 || t < 0 {
+    if st.flags != 0 {
         return Err(Error::NonFiniteLogits {
             step: opts.step as usize,
             what: format!("a flagged row (flags {:#x})", st.flags),
         });
     }
-    Ok(t as u32)
+    u32::try_from(t).map_err(|_| {
+        Error::Other("no token was drawn: a sampled step needs `sample` set".to_string())
+    })
 }
 
 /// [`Pass::next_token`] of a device pass: the statistics kernel chooses, one `RowStats` comes
@@ -208,6 +211,7 @@ impl Pass for CpuPass<'_> {
         accum: &mut [FeatureAccum; 1],
         want_row: bool,
     ) -> Result<(RowStats, Option<&[f32]>)> {
+        opts.validate()?; // before anything runs: a refused step leaves the cache as it was
         let v = self.model.cfg.vocab;
         let q = self
             .model

@@ -13,7 +13,7 @@ use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs, VerifyStep
 
 /// Device copies of one verification batch's inputs and outputs (the target and draft rows
 /// apart: uploaded, or resident where a forward pass left them).
-pub struct VerifyBuffers {
+struct VerifyBuffers {
     tokens: CudaSlice<i32>,
     gammas: CudaSlice<i32>,
     t_temp: CudaSlice<f32>,

@@ -465,6 +465,7 @@ impl Pass for CudaForward<'_> {
         accum: &mut [FeatureAccum; 1],
         want_row: bool,
     ) -> Result<(RowStats, Option<&[f32]>)> {
+        opts.validate()?; // before anything runs: a refused step leaves the cache as it was
         let m = self.advance(tokens)?;
         let v = self.w.shape.vocab;
         let cuda = self.cuda;

@@ -227,6 +227,7 @@ impl Pass for EmulatedForward<'_> {
         accum: &mut [FeatureAccum; 1],
         want_row: bool,
     ) -> Result<(RowStats, Option<&[f32]>)> {
+        opts.validate()?; // before anything runs: a refused step leaves the cache as it was
         let m = self.advance(tokens)?;
         let v = self.view.shape.vocab;
         let row = &self.rows(Act::Logits, m)[(m - 1) * v..];
