@@ -101,11 +101,28 @@ impl VerifyStep<'_> {
                 expected: (g + 1) * vocab,
             })?,
         };
-        Ok(VerifyBatch {
-            target: LogitsData::F32(target),
+        let mut v = self.device_batch(vocab, temps, gammas);
+        v.target = LogitsData::F32(target);
+        v.draft = DraftDist::Logits {
+            data: LogitsData::F32(draft),
+            temperature: temps,
+        };
+        Ok(v)
+    }
+
+    /// The batch as kernels see it when the rows stay on a device: its host row slices are empty
+    /// (only `validate_values` applies; the caller checks the device rows' shapes).
+    pub(crate) fn device_batch<'a>(
+        &'a self,
+        vocab: usize,
+        temps: &'a [f32; 1],
+        gammas: &'a [i32; 1],
+    ) -> VerifyBatch<'a> {
+        VerifyBatch {
+            target: LogitsData::F32(&[]),
             target_stride: vocab,
             draft: DraftDist::Logits {
-                data: LogitsData::F32(draft),
+                data: LogitsData::F32(&[]),
                 temperature: temps,
             },
             draft_stride: vocab,
@@ -113,11 +130,11 @@ impl VerifyStep<'_> {
             gammas,
             target_temperature: temps,
             batch: 1,
-            gamma_max: g,
+            gamma_max: self.draft_tokens.len(),
             vocab,
             seed: self.seed,
             step: self.step,
-        })
+        }
     }
 }
 

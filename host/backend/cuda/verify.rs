@@ -8,7 +8,6 @@ use speckv_kernels::verify as verify_kernel;
 use super::{ByValue, CudaBackend, KernelFn, KernelVersion, VERIFY_BLOCK};
 use crate::backend::verify_v2::{launches, Step};
 use crate::error::{Error, Result};
-use crate::stats::LogitsData;
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs, VerifyStep};
 
 /// Device copies of one verification batch's inputs and outputs (the target and draft rows
@@ -275,26 +274,17 @@ impl CudaBackend {
     /// Buffers for verifying one sequence's steps of up to `gamma_max` drafts over rows that stay
     /// on the device ([`CudaBackend::verify_resident`]).
     pub fn resident_verify(&self, gamma_max: usize, vocab: usize) -> Result<ResidentVerify> {
+        // A step at γmax (at least 1: no zero-sized buffers) sizes every buffer and the
+        // workspace; `verify_resident` checks each step's plan against it.
         let tokens = vec![0i32; gamma_max.max(1)];
-        let temps = [0f32];
-        let gammas = [0i32];
-        let v = VerifyBatch {
-            target: LogitsData::F32(&[]),
-            target_stride: vocab,
-            draft: DraftDist::Logits {
-                data: LogitsData::F32(&[]),
-                temperature: &temps,
-            },
-            draft_stride: vocab,
+        let step = VerifyStep {
             draft_tokens: &tokens,
-            gammas: &gammas,
-            target_temperature: &temps,
-            batch: 1,
-            gamma_max,
-            vocab,
+            draft_rows: None,
+            temperature: 0.0,
             seed: 0,
             step: 0,
         };
+        let v = step.device_batch(vocab, &[0.0], &[0]);
         let plan = self.verify_plan(&v);
         Ok(ResidentVerify {
             bufs: self.verify_buffers(&v)?,
@@ -326,25 +316,8 @@ impl CudaBackend {
         }
         let temps = [step.temperature];
         let gammas = [g as i32];
-        // The batch as the kernels see it: its rows are on the device, so the host slices are
-        // empty and only the values are checked here (shapes just above).
-        let v = VerifyBatch {
-            target: LogitsData::F32(&[]),
-            target_stride: vocab,
-            draft: DraftDist::Logits {
-                data: LogitsData::F32(&[]),
-                temperature: &temps,
-            },
-            draft_stride: vocab,
-            draft_tokens: step.draft_tokens,
-            gammas: &gammas,
-            target_temperature: &temps,
-            batch: 1,
-            gamma_max: g,
-            vocab,
-            seed: step.seed,
-            step: step.step,
-        };
+        // Its rows are on the device (shapes checked just above): only the values are checked.
+        let v = step.device_batch(vocab, &temps, &gammas);
         v.validate_values()?;
         let st = &self.stream;
         if g > 0 {
