@@ -149,6 +149,12 @@ pub struct CudaForward<'b> {
     use_graphs: bool,
 }
 
+/// The logits buffer among the activations (absent only after a failed launch).
+fn logits_of(acts: &HashMap<Act, CudaSlice<f32>>) -> Result<&CudaSlice<f32>> {
+    acts.get(&Act::Logits)
+        .ok_or_else(|| Error::Other("the logits buffer is missing (a failed launch)".to_string()))
+}
+
 /// A captured step. cudarc's graph holds raw driver handles and so is not `Send`; the decode loops
 /// run a pass on a pool thread.
 struct StepGraph(CudaGraph);
@@ -267,9 +273,7 @@ impl<'b> CudaForward<'b> {
 
     /// The logits buffer (absent only after a failed launch).
     fn logits(&self) -> Result<&CudaSlice<f32>> {
-        self.acts.get(&Act::Logits).ok_or_else(|| {
-            Error::Other("the logits buffer is missing (a failed launch)".to_string())
-        })
+        logits_of(&self.acts)
     }
 
     /// Enqueues one chunk (tokens and length copied to the device, then the program); the host
@@ -477,14 +481,14 @@ impl Pass for CudaForward<'_> {
         let st = cuda.stats_resident(&mut r, logits, m - 1, opts, accum);
         self.stats = Some(r);
         let st = st?;
-        let logits = self.logits()?;
         if !want_row {
             return Ok((st, None));
         }
-        let row = cuda
-            .stream()
-            .clone_dtoh(&logits.slice((m - 1) * v..m * v))?;
-        self.seq.last = row;
+        // Into the pass's own row buffer: no allocation per draft once it has its size.
+        let logits = logits_of(&self.acts)?;
+        self.seq.last.resize(v, 0.0);
+        cuda.stream()
+            .memcpy_dtoh(&logits.slice((m - 1) * v..m * v), &mut self.seq.last)?;
         Ok((st, Some(&self.seq.last)))
     }
     fn run_verify(
