@@ -46,18 +46,7 @@ pub trait Pass {
     /// logits — the argmax (greedy, `opts.temperature` 0) or the Gumbel-max draw of `opts` —
     /// chosen where the logits are. An error for a row with no token to choose (NaN, +inf or
     /// only −inf logits).
-    fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {
-        opts.validate()?;
-        let step = opts.step as usize;
-        let v = self.cfg().vocab;
-        let row = self.run(tokens, 1)?;
-        if opts.temperature == 0.0 {
-            return argmax(row, step);
-        }
-        let l = Logits::dense(LogitsData::F32(row), v)?;
-        let st = CpuBackend::new().softmax_stats(&l, opts, None)?[0];
-        token_of(&st, opts)
-    }
+    fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32>;
     /// A verification step: appends `tokens` (the pending token and the drafts) and verifies the
     /// drafts against the logits of every position, where they are — the device's `verify`
     /// kernels for a device pass, which then reads back the verdict only.
@@ -127,32 +116,6 @@ pub(crate) fn resident_next_token(
     token_of(&st, opts)
 }
 
-/// [`Pass::run_stats`] on host logits by the CPU's statistics.
-pub(crate) fn host_stats<'q>(
-    q: &'q [f32],
-    vocab: usize,
-    opts: &StatsOptions,
-    accum: &mut [FeatureAccum; 1],
-    want_row: bool,
-    scratch: &mut StatsScratch,
-) -> Result<(RowStats, Option<&'q [f32]>)> {
-    let l = Logits::dense(LogitsData::F32(q), vocab)?;
-    let st = CpuBackend::new().softmax_stats_into(&l, opts, Some(accum), scratch)?[0];
-    Ok((st, want_row.then_some(q)))
-}
-
-/// [`Pass::run_verify`] on host logits by the CPU's verification.
-pub(crate) fn host_verify(
-    p: &[f32],
-    vocab: usize,
-    step: &VerifyStep<'_>,
-    out: &mut VerifyOutput,
-) -> Result<()> {
-    let temps = [step.temperature];
-    let gammas = [step.draft_tokens.len() as i32];
-    CpuBackend::new().verify_into(&step.batch(p, vocab, &temps, &gammas)?, out)
-}
-
 /// The CPU forward pass ([`Model::forward_into`]) over its own cache, optionally through a subset
 /// of the layers (a self-speculative draft).
 pub struct CpuPass<'m> {
@@ -161,6 +124,8 @@ pub struct CpuPass<'m> {
     active: Option<&'m [bool]>,
     /// Logits of a call keeping more than `MAX_M` rows (scoring a text), owned.
     wide: Vec<f32>,
+    /// The statistics and verification of the decode loops' steps, made once per pass.
+    cpu: CpuBackend,
     scratch: StatsScratch,
 }
 
@@ -171,6 +136,7 @@ impl<'m> CpuPass<'m> {
             cache: KvCache::new(&model.cfg),
             active,
             wide: Vec::new(),
+            cpu: CpuBackend::new(),
             scratch: StatsScratch::default(),
         }
     }
@@ -216,7 +182,26 @@ impl Pass for CpuPass<'_> {
         let q = self
             .model
             .forward_into(tokens, &mut self.cache, 1, self.active)?;
-        host_stats(q, v, opts, accum, want_row, &mut self.scratch)
+        let l = Logits::dense(LogitsData::F32(q), v)?;
+        let st = self
+            .cpu
+            .softmax_stats_into(&l, opts, Some(accum), &mut self.scratch)?[0];
+        Ok((st, want_row.then_some(q)))
+    }
+    fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {
+        opts.validate()?;
+        let v = self.model.cfg.vocab;
+        let row = self
+            .model
+            .forward_into(tokens, &mut self.cache, 1, self.active)?;
+        if opts.temperature == 0.0 {
+            return argmax(row, opts.step as usize);
+        }
+        let l = Logits::dense(LogitsData::F32(row), v)?;
+        let st = self
+            .cpu
+            .softmax_stats_into(&l, opts, None, &mut self.scratch)?[0];
+        token_of(&st, opts)
     }
     fn run_verify(
         &mut self,
@@ -226,8 +211,12 @@ impl Pass for CpuPass<'_> {
     ) -> Result<()> {
         step.check_positions(tokens.len())?;
         let v = self.model.cfg.vocab;
-        let p = self.run(tokens, tokens.len())?;
-        host_verify(p, v, step, out)
+        let (temps, gammas) = ([step.temperature], [step.draft_tokens.len() as i32]);
+        let p = self
+            .model
+            .forward_into(tokens, &mut self.cache, tokens.len(), self.active)?;
+        self.cpu
+            .verify_into(&step.batch(p, v, &temps, &gammas)?, out)
     }
 }
 
