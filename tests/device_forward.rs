@@ -246,6 +246,23 @@ fn decode_loops_on_the_device_program_are_lossless() {
         spec_out.steps < plain.tokens.len(),
         "the draft was accepted at least once"
     );
+    // `auto`, its stopping rule deciding in the draft's statistics kernel: lossless too.
+    let mut t = EmulatedForward::new(&target, emu(), 132, room).unwrap();
+    let mut d = EmulatedForward::new(&draft, emu(), 132, room).unwrap();
+    d.set_active_layers(vec![true, false]).unwrap();
+    let mut drafted = 0;
+    let auto = speculative_on(
+        &mut t,
+        &mut d,
+        &prompt,
+        &[],
+        &Policy::Auto(Box::new(speckv::decode::Auto::shipped().unwrap())),
+        &cfg,
+        &mut |s| drafted += s.gamma,
+    )
+    .unwrap();
+    assert_eq!(auto.tokens, plain.tokens, "auto is lossless");
+    assert!(drafted > 0, "auto drafted");
     // And the CPU pass decodes the same tokens.
     let cpu = plain_on(
         &mut CpuPass::new(&target, None),
@@ -336,7 +353,7 @@ fn resident_steps_match_the_host(a: &mut dyn Pass, b: &mut dyn Pass, label: &str
             )
             .unwrap()[0];
         let mut acc = [start];
-        let (got, got_row) = b.run_stats(&[9, 300], &opts, &mut acc, true).unwrap();
+        let (got, got_row) = b.run_stats(&[9, 300], &opts, &mut acc, true, None).unwrap();
         assert_eq!(got_row.unwrap(), &row[..], "{ctx}: the row");
         assert_eq!(got.argmax, want.argmax, "{ctx}: argmax");
         assert_eq!(got.sampled, want.sampled, "{ctx}: sampled token");
@@ -357,7 +374,7 @@ fn resident_steps_match_the_host(a: &mut dyn Pass, b: &mut dyn Pass, label: &str
             );
         }
         assert_eq!(acc[0].count, 2, "{ctx}: accumulated");
-        let (_, none) = b.run_stats(&[4], &opts, &mut acc, false).unwrap();
+        let (_, none) = b.run_stats(&[4], &opts, &mut acc, false, None).unwrap();
         assert!(none.is_none(), "{ctx}: no row unless wanted");
         a.truncate(at);
         b.truncate(at);
@@ -465,7 +482,7 @@ fn resident_steps_match_the_host(a: &mut dyn Pass, b: &mut dyn Pass, label: &str
     };
     let mut acc = [FeatureAccum::EMPTY];
     assert!(
-        b.run_stats(&[1], &bad_opts, &mut acc, false).is_err(),
+        b.run_stats(&[1], &bad_opts, &mut acc, false, None).is_err(),
         "{label}"
     );
     assert!(b.next_token(&[1], &bad_opts).is_err(), "{label}");

@@ -17,9 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use speckv_kernels::params::{
-    FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
-};
+use speckv_kernels::params::{FeatureAccum, MlpWeights, StepCosts, STOP_TIMES};
 use speckv_kernels::stop_rule;
 
 use crate::controller::mlp::{Example, Mlp, INPUTS};
@@ -28,8 +26,7 @@ use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
 
-/// The most drafts per step the rule plans for (the GEMV's largest M is γmax + 1).
-pub const MAX_GAMMA: usize = crate::weights::gemv::MAX_M - 1;
+pub use crate::controller::stop::{StopDecision, StopRule, MAX_GAMMA};
 
 /// The hazard model's inputs for draft `position` (0-based) of a step, as the rule computes them on
 /// the CPU and in `softmax_stats_v2`'s epilogue: (its entropy, its confidence, mean entropy over
@@ -248,77 +245,6 @@ impl HazardModel {
     /// finite (fail closed, stop).
     pub fn hazard(&self, x: &[f64; INPUTS]) -> f64 {
         stop_rule::hazard(&self.weights(), &x.map(|v| v as f32), 1.0) as f64
-    }
-}
-
-/// One step's stopping rule on the CPU: the kernels' [`stop_rule::decide`] on a sequence's
-/// [`StopState`], so the CPU decides exactly as `softmax_stats_v2`'s epilogue does.
-#[derive(Clone, Copy, Debug)]
-pub struct StopRule {
-    pub state: StopState,
-    /// The online calibration's odds scale ([`Calibration::odds_scale`]; 1: the model as trained).
-    pub odds_scale: f32,
-}
-
-/// What the rule saw and decided for one draft.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StopDecision {
-    pub features: [f64; INPUTS],
-    pub hazard: f64,
-    /// Keep this draft (verify it).
-    pub keep: bool,
-    /// Draft the next token (implies `keep`).
-    pub more: bool,
-}
-
-impl Default for StopRule {
-    fn default() -> Self {
-        StopRule::new()
-    }
-}
-
-impl StopRule {
-    pub fn new() -> StopRule {
-        StopRule::calibrated(1.0)
-    }
-
-    /// A step's rule with the model's odds multiplied by `odds_scale`.
-    pub fn calibrated(odds_scale: f32) -> StopRule {
-        StopRule {
-            state: StopState::START,
-            odds_scale,
-        }
-    }
-
-    /// The decision for the draft whose row statistics `row` were just computed (and pushed into
-    /// `accum`), with the step costs `costs` (from [`OnlineCost::step_costs`]) and room for
-    /// `gamma_max` drafts in all.
-    pub fn decide(
-        &mut self,
-        weights: &MlpWeights,
-        accum: &FeatureAccum,
-        row: &RowStats,
-        compression: Compression,
-        costs: &StepCosts,
-        gamma_max: usize,
-    ) -> StopDecision {
-        let d = stop_rule::decide_host(
-            weights,
-            &mut self.state,
-            accum,
-            row.entropy,
-            row.confidence,
-            compression.code() as f32,
-            self.odds_scale,
-            gamma_max.min(MAX_GAMMA) as u32,
-            costs,
-        );
-        StopDecision {
-            features: d.features.map(|v| v as f64),
-            hazard: d.hazard as f64,
-            keep: d.keep,
-            more: d.more,
-        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod plot;
 pub mod records;
 pub mod replay;
 pub mod simulate;
+pub mod stop;
 
 use std::path::Path;
 

@@ -180,9 +180,17 @@ fn speculative_loop(
                 },
             };
             rng_step += 1;
-            // The statistics are computed where the logits are; the row comes back only when
-            // sampling (verification then needs the draft's distribution).
-            let (st, q) = dpass.run_stats(&feed, &o, &mut accum, !greedy)?;
+            // The statistics are computed where the logits are, and `auto`'s stopping rule
+            // decides there too (on a device pass, in the statistics kernel's epilogue); the row
+            // comes back only when sampling (verification then needs the draft's distribution).
+            let mut ds = match (auto.as_ref(), costs.as_ref()) {
+                (Some(a), Some(c)) => {
+                    Some(rule.draft_stop(&a.weights, cfg.compression, c, gmax as usize))
+                }
+                _ => None,
+            };
+            let (st, q) = dpass.run_stats(&feed, &o, &mut accum, !greedy, ds.as_mut())?;
+            let after = ds.map(|d| d.state);
             fed = true;
             forwards += 1;
             if st.flags != 0 {
@@ -195,7 +203,7 @@ fn speculative_loop(
             // draft's cache: before the first draft it is committed (the backlog and the pending
             // token), so the draft need not see it again; after a draft the cache is cut back to
             // the accepted tokens below, as for any step.
-            let (keep, more) = match (policy, auto.as_mut(), costs.as_ref()) {
+            let (keep, more) = match (policy, auto.as_mut(), after) {
                 (Policy::Confidence(p), ..) => (st.confidence >= *p, st.confidence >= *p),
                 (Policy::HfThreshold(p), ..) => {
                     // HF judges the probability of the token it drew.
@@ -210,15 +218,8 @@ fn speculative_loop(
                     let ok = 1.0 - (kappa * st.entropy.max(0.0)).sqrt() >= *lambda;
                     (ok, ok)
                 }
-                (_, Some(a), Some(c)) => {
-                    let d = rule.decide(
-                        &a.weights,
-                        &accum[0],
-                        &st,
-                        cfg.compression,
-                        c,
-                        gmax as usize,
-                    );
+                (_, Some(a), Some(after)) => {
+                    let d = rule.observe(&a.weights, &accum[0], &st, cfg.compression, after);
                     a.record(&d);
                     trace.stop_features.push(d.features);
                     (d.keep, d.more)

@@ -3,11 +3,13 @@
 //! decode loops drive a [`Pass`], so `generate`, `profile` and `bench decode` run on any of them.
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
+use speckv_kernels::stop_rule;
 
 use super::{Config, KvCache, Model};
 use crate::backend::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::stats::cpu::StatsScratch;
+pub use crate::stats::DraftStop;
 use crate::stats::{Logits, LogitsData, StatsOptions};
 use crate::verify::{VerifyOutput, VerifyStep};
 use crate::weights::cpu::MAX_M;
@@ -34,13 +36,17 @@ pub trait Pass {
     /// (`accum` updated as `opts` says), computed where the logits are — the device's
     /// `softmax_stats` kernel for a device pass, which then reads back one `RowStats` and the
     /// accumulator instead of a vocabulary of logits. With `want_row` the row itself comes back
-    /// too (sampling verifies against the draft's distribution).
+    /// too (sampling verifies against the draft's distribution). With `stop` the per-token
+    /// stopping rule decides too, where the statistics are computed — in `softmax_stats_v2`'s
+    /// epilogue (`STATS_STOP`) on a device pass — and `stop.state` is updated as the kernel
+    /// updates it (see [`DraftStop`]).
     fn run_stats(
         &mut self,
         tokens: &[u32],
         opts: &StatsOptions,
         accum: &mut [FeatureAccum; 1],
         want_row: bool,
+        stop: Option<&mut DraftStop<'_>>,
     ) -> Result<(RowStats, Option<&[f32]>)>;
     /// A plain decoding step: appends `tokens` and returns the next token of the last position's
     /// logits — the argmax (greedy, `opts.temperature` 0) or the Gumbel-max draw of `opts` —
@@ -112,7 +118,7 @@ pub(crate) fn resident_next_token(
     tokens: &[u32],
     opts: &StatsOptions,
 ) -> Result<u32> {
-    let (st, _) = pass.run_stats(tokens, opts, &mut [FeatureAccum::EMPTY], false)?;
+    let (st, _) = pass.run_stats(tokens, opts, &mut [FeatureAccum::EMPTY], false, None)?;
     token_of(&st, opts)
 }
 
@@ -176,16 +182,41 @@ impl Pass for CpuPass<'_> {
         opts: &StatsOptions,
         accum: &mut [FeatureAccum; 1],
         want_row: bool,
+        stop: Option<&mut DraftStop<'_>>,
     ) -> Result<(RowStats, Option<&[f32]>)> {
-        opts.validate()?; // before anything runs: a refused step leaves the cache as it was
+        // Before anything runs: a refused step leaves the cache as it was.
+        opts.validate()?;
+        if let Some(s) = stop.as_deref() {
+            s.check(opts)?;
+        }
         let v = self.model.cfg.vocab;
         let q = self
             .model
             .forward_into(tokens, &mut self.cache, 1, self.active)?;
         let l = Logits::dense(LogitsData::F32(q), v)?;
+        let before = accum[0];
         let st = self
             .cpu
             .softmax_stats_into(&l, opts, Some(accum), &mut self.scratch)?[0];
+        if let Some(s) = stop {
+            let mut state = s.entry_state(opts);
+            if state.stopped != 0 {
+                accum[0] = before; // the kernel's epilogue leaves a stopped sequence alone
+            } else {
+                stop_rule::decide_host(
+                    s.weights,
+                    &mut state,
+                    &accum[0],
+                    st.entropy,
+                    st.confidence,
+                    s.compression_code,
+                    s.odds_scale,
+                    s.gamma_max,
+                    &s.costs,
+                );
+                s.state = state;
+            }
+        }
         Ok((st, want_row.then_some(q)))
     }
     fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {

@@ -6,7 +6,8 @@ pub mod cpu;
 
 use half::{bf16, f16};
 use speckv_kernels::params::{
-    SoftmaxStatsParams, STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_SAMPLE,
+    MlpWeights, SoftmaxStatsParams, StepCosts, StopState, STATS_ACCUMULATE, STATS_ACCUM_RESET,
+    STATS_SAMPLE, STOP_TIMES,
 };
 
 use crate::error::{Error, Result};
@@ -301,5 +302,54 @@ pub fn stats_params(
         temperature: opts.temperature,
         flags: opts.kernel_flags(),
         _pad: 0,
+    }
+}
+
+/// The per-token stopping rule's inputs for one draft step (the `auto` policy), and its state
+/// across the step's drafts: what `softmax_stats_v2` reads through `StopParams` and updates in its
+/// `STATS_STOP` epilogue. After a draft, `state.kept` grew when the draft is kept, and
+/// `state.stopped` is set when the step drafts no more. A step's first draft (`Accumulate::Reset`)
+/// starts from [`StopState::START`] whatever `state` holds; a sequence that has stopped is left as
+/// it is — neither its accumulator nor its state changes — as on the device.
+#[derive(Clone, Copy, Debug)]
+pub struct DraftStop<'a> {
+    pub weights: &'a MlpWeights,
+    /// The step's costs as the rule weighs them (any unit).
+    pub costs: StepCosts,
+    /// Most drafts this step, ≤ `STOP_TIMES − 1` (larger values are an error).
+    pub gamma_max: u32,
+    /// The target's compression code (0 fp16, 1 int8, 2 nf4).
+    pub compression_code: f32,
+    /// The online calibration's odds scale (1: the model as trained).
+    pub odds_scale: f32,
+    pub state: StopState,
+}
+
+impl DraftStop<'_> {
+    /// The checks every pass makes before it runs anything: accumulators on and γmax within the
+    /// rule's table.
+    pub fn check(&self, opts: &StatsOptions) -> Result<()> {
+        if opts.accumulate == Accumulate::No {
+            return Err(Error::Other(
+                "per-token stopping needs accumulators (accumulate add or reset)".to_string(),
+            ));
+        }
+        if self.gamma_max as usize >= STOP_TIMES {
+            return Err(Error::Other(format!(
+                "γmax {} above the stopping rule's {}",
+                self.gamma_max,
+                STOP_TIMES - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// The state the device starts this draft from (a reset starts the step).
+    pub fn entry_state(&self, opts: &StatsOptions) -> StopState {
+        if opts.accumulate == Accumulate::Reset {
+            StopState::START
+        } else {
+            self.state
+        }
     }
 }

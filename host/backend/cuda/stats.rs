@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use speckv_kernels::params::{
-    FeatureAccum, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, StatsState,
+    FeatureAccum, MlpWeights, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, StatsState,
+    StopParams, StopState, STATS_STOP,
 };
 use speckv_kernels::softmax_stats::{self as kernel, PlanV2};
 
 use super::{ByValue, CudaBackend, KernelFn, KernelVersion, STATS_BLOCK};
 use crate::error::{Error, Result};
-use crate::stats::{check_accum, stats_params, Dtype, Logits, StatsOptions};
+use crate::stats::{check_accum, stats_params, DraftStop, Dtype, Logits, StatsOptions};
 
 /// The scratch of one `softmax_stats_v2` launch: partial states and arrival counters (zeroed).
 pub(super) struct StatsScratch {
@@ -73,36 +74,59 @@ impl StatsScratch {
     }
 }
 
+/// `StopParams` as bytes (`#[repr(C)]`, 112 bytes of pointers and 4-byte scalars, no padding:
+/// its size is asserted in the kernels crate).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub(super) struct PodStop(pub StopParams);
+// SAFETY: `StopParams` is `#[repr(C)]` of 8-byte pointers followed by f32/u32 fields whose sizes
+// add up to the asserted 112 bytes: no padding, and any bit pattern is a valid value to copy.
+unsafe impl bytemuck::Zeroable for PodStop {}
+// SAFETY: as above.
+unsafe impl bytemuck::Pod for PodStop {}
+
 /// Buffers for the statistics of one row that a forward pass left on the device (a decode loop's
-/// draft step), kept across calls.
+/// draft step), kept across calls. The row's results are packed in one buffer, so a step crosses
+/// the bus once each way: `[RowStats | FeatureAccum | StopState]` (32 + 24 + 16 bytes, every
+/// field 4-byte aligned), the accumulator and stop state uploaded, all three read back.
 pub struct ResidentStats {
-    out: CudaSlice<u8>,
-    accum: CudaSlice<u8>,
+    io: CudaSlice<u8>,
     scratch: StatsScratch,
     plan: PlanV2,
     vocab: usize,
+    /// Per-token stopping (made on first use): the hazard model as last uploaded, γ_b, and the
+    /// launch's `StopParams`.
+    stop: Option<ResidentStop>,
 }
+
+struct ResidentStop {
+    weights: CudaSlice<u8>,
+    uploaded: MlpWeights,
+    gammas: CudaSlice<i32>,
+    params: CudaSlice<u8>,
+}
+
+const IO_ACCUM: usize = std::mem::size_of::<RowStats>();
+const IO_STATE: usize = IO_ACCUM + std::mem::size_of::<FeatureAccum>();
+const IO_BYTES: usize = IO_STATE + std::mem::size_of::<StopState>();
 
 impl CudaBackend {
     /// [`ResidentStats`] for f32 rows of `vocab` logits.
     pub fn resident_stats(&self, vocab: usize) -> Result<ResidentStats> {
         let (_, plan) = crate::plan::softmax_stats_v2(1, vocab as u32, Dtype::F32, self.sm_count);
         Ok(ResidentStats {
-            out: self
-                .stream
-                .alloc_zeros::<u8>(std::mem::size_of::<RowStats>())?,
-            accum: self
-                .stream
-                .alloc_zeros::<u8>(std::mem::size_of::<FeatureAccum>())?,
+            io: self.stream.alloc_zeros::<u8>(IO_BYTES)?,
             scratch: StatsScratch::new(self, 1, &plan)?,
             plan,
             vocab,
+            stop: None,
         })
     }
 
     /// Statistics of row `row` of `logits` (f32 rows of the buffers' vocabulary) by the v2
     /// kernel, `accum` updated as `opts` says: 56 bytes cross to the device and back instead of
-    /// the row.
+    /// the row. With `stop` the stopping rule runs in the kernel's epilogue (`STATS_STOP`) and
+    /// `stop.state` comes back too.
     pub fn stats_resident(
         &self,
         r: &mut ResidentStats,
@@ -110,8 +134,12 @@ impl CudaBackend {
         row: usize,
         opts: &StatsOptions,
         accum: &mut [FeatureAccum; 1],
+        stop: Option<&mut DraftStop<'_>>,
     ) -> Result<RowStats> {
         opts.validate()?;
+        if let Some(s) = stop.as_deref() {
+            s.check(opts)?;
+        }
         let v = r.vocab;
         if (row + 1) * v > logits.len() {
             return Err(Error::Other(format!(
@@ -120,18 +148,22 @@ impl CudaBackend {
             )));
         }
         let st = &self.stream;
-        st.memcpy_htod(
-            bytemuck::cast_slice::<FeatureAccum, u8>(accum),
-            &mut r.accum,
-        )?;
+        let state = stop.as_deref().map(|s| s.state).unwrap_or(StopState::START);
+        let mut up = [0u8; IO_BYTES - IO_ACCUM];
+        up[..IO_STATE - IO_ACCUM].copy_from_slice(bytemuck::bytes_of(&accum[0]));
+        up[IO_STATE - IO_ACCUM..].copy_from_slice(bytemuck::bytes_of(&state));
+        st.memcpy_htod(&up, &mut r.io.slice_mut(IO_ACCUM..))?;
+        let stop_ptr = match stop.as_deref() {
+            Some(s) => self.stop_params(r, s)?,
+            None => 0,
+        };
         {
             let (lp, _g1) = logits.device_ptr(st);
-            let (op, _g2) = r.out.device_ptr_mut(st);
-            let (ap, _g3) = r.accum.device_ptr_mut(st);
+            let (iop, _g2) = r.io.device_ptr_mut(st);
             let params = SoftmaxStatsParams {
                 logits: (lp + (row * v * std::mem::size_of::<f32>()) as u64) as *const u8,
-                out: op as *mut RowStats,
-                accum: ap as *mut FeatureAccum,
+                out: iop as *mut RowStats,
+                accum: (iop + IO_ACCUM as u64) as *mut FeatureAccum,
                 seed: opts.seed,
                 step: opts.step,
                 rows: 1,
@@ -141,18 +173,65 @@ impl CudaBackend {
                 flags: opts.kernel_flags(),
                 _pad: 0,
             };
-            let p2 = r.scratch.params(st, params, &r.plan);
+            let mut p2 = r.scratch.params(st, params, &r.plan);
+            if stop_ptr != 0 {
+                p2.flags |= STATS_STOP;
+                p2.stop = stop_ptr as *const StopParams;
+            }
             // SAFETY: the row lies inside `logits` (checked above), which outlives the launch
-            // (the downloads below synchronise); `out` and `accum` hold one result each, the
-            // scratch was allocated for this plan and every launch leaves its counters zero.
+            // (the download below synchronises); `io` holds one result, accumulator and stop state
+            // at the offsets given, the scratch was allocated for this plan and every launch
+            // leaves its counters zero; a stop's parameters point at `io`'s state and at the
+            // pass's own weights and γ_b buffers, which live as long as `r`.
             unsafe { self.launch_stats_v2(Dtype::F32, p2, &r.plan) }?;
         }
-        let mut out = [0u8; std::mem::size_of::<RowStats>()];
-        st.memcpy_dtoh(&r.out, &mut out)?;
-        let mut acc = [0u8; std::mem::size_of::<FeatureAccum>()];
-        st.memcpy_dtoh(&r.accum, &mut acc)?;
-        accum[0] = bytemuck::pod_read_unaligned(&acc);
-        Ok(bytemuck::pod_read_unaligned(&out))
+        let mut out = [0u8; IO_BYTES];
+        st.memcpy_dtoh(&r.io, &mut out)?;
+        accum[0] = bytemuck::pod_read_unaligned(&out[IO_ACCUM..IO_STATE]);
+        if let Some(s) = stop {
+            s.state = bytemuck::pod_read_unaligned(&out[IO_STATE..]);
+        }
+        Ok(bytemuck::pod_read_unaligned(&out[..IO_ACCUM]))
+    }
+
+    /// The device address of this step's `StopParams` for `s` (the hazard model uploaded when it
+    /// changed, the parameters every call: the costs change per step).
+    fn stop_params(&self, r: &mut ResidentStats, s: &DraftStop<'_>) -> Result<u64> {
+        let st = &self.stream;
+        let rs = match r.stop.take() {
+            Some(x) => x,
+            None => ResidentStop {
+                weights: st.clone_htod(bytemuck::bytes_of(s.weights))?,
+                uploaded: *s.weights,
+                gammas: st.alloc_zeros::<i32>(1)?,
+                params: st.alloc_zeros::<u8>(std::mem::size_of::<StopParams>())?,
+            },
+        };
+        let mut rs = rs;
+        if rs.uploaded != *s.weights {
+            st.memcpy_htod(bytemuck::bytes_of(s.weights), &mut rs.weights)?;
+            rs.uploaded = *s.weights;
+        }
+        let addr = {
+            let (wp, _g1) = rs.weights.device_ptr(st);
+            let (gp, _g2) = rs.gammas.device_ptr_mut(st);
+            let (iop, _g3) = r.io.device_ptr_mut(st);
+            let params = StopParams {
+                weights: wp as *const MlpWeights,
+                state: (iop + IO_STATE as u64) as *mut StopState,
+                gammas_out: gp as *mut i32,
+                stopped_count: std::ptr::null_mut(),
+                costs: s.costs,
+                gamma_max: s.gamma_max,
+                compression_code: s.compression_code,
+                odds_scale: s.odds_scale,
+            };
+            st.memcpy_htod(bytemuck::bytes_of(&PodStop(params)), &mut rs.params)?;
+            let (pp, _g4) = rs.params.device_ptr(st);
+            pp
+        };
+        r.stop = Some(rs);
+        Ok(addr)
     }
 
     /// Launches `softmax_stats` on device buffers.

@@ -6,21 +6,11 @@ use speckv_kernels::params::{
     FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP, STOP_TIMES,
 };
 
+use super::stats::PodStop;
 use super::CudaBackend;
 use crate::backend::emulate::{StatsV2Output, Stop};
 use crate::error::{Error, Result};
 use crate::stats::{check_accum, stats_params, Accumulate, Logits, StatsOptions};
-
-/// `StopParams` as bytes (`#[repr(C)]`, 112 bytes of pointers and 4-byte scalars, no padding:
-/// its size is asserted in the kernels crate).
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct Pod(StopParams);
-// SAFETY: `StopParams` is `#[repr(C)]` of 8-byte pointers followed by f32/u32 fields whose sizes
-// add up to the asserted 112 bytes: no padding, and any bit pattern is a valid value to copy.
-unsafe impl bytemuck::Zeroable for Pod {}
-// SAFETY: as above.
-unsafe impl bytemuck::Pod for Pod {}
 
 impl CudaBackend {
     /// `softmax_stats_v2` with per-token stopping in its epilogue: one row per sequence, its draft
@@ -81,7 +71,7 @@ impl CudaBackend {
                 compression_code: stop.compression_code,
                 odds_scale: stop.odds_scale,
             };
-            let pbuf = st.clone_htod(bytemuck::bytes_of(&Pod(params)))?;
+            let pbuf = st.clone_htod(bytemuck::bytes_of(&PodStop(params)))?;
             let (pp, _g4) = pbuf.device_ptr(st);
             let (lp, _g5) = lg.device_ptr(st);
             let (op, _g6) = out.device_ptr_mut(st);

@@ -21,7 +21,7 @@ use crate::backend::cuda::{
 };
 use crate::backend::forward::{check_step, MAX_STEP};
 use crate::error::{Error, Result};
-use crate::model::pass::{fixed_capacity, resident_next_token, Pass};
+use crate::model::pass::{fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::Config;
 use crate::stats::StatsOptions;
 use crate::verify::{VerifyOutput, VerifyStep};
@@ -468,8 +468,13 @@ impl Pass for CudaForward<'_> {
         opts: &StatsOptions,
         accum: &mut [FeatureAccum; 1],
         want_row: bool,
+        stop: Option<&mut DraftStop<'_>>,
     ) -> Result<(RowStats, Option<&[f32]>)> {
-        opts.validate()?; // before anything runs: a refused step leaves the cache as it was
+        // Before anything runs: a refused step leaves the cache as it was.
+        opts.validate()?;
+        if let Some(s) = stop.as_deref() {
+            s.check(opts)?;
+        }
         let m = self.advance(tokens)?;
         let v = self.w.shape.vocab;
         let cuda = self.cuda;
@@ -478,7 +483,7 @@ impl Pass for CudaForward<'_> {
             None => cuda.resident_stats(v)?,
         };
         let logits = self.logits()?;
-        let st = cuda.stats_resident(&mut r, logits, m - 1, opts, accum);
+        let st = cuda.stats_resident(&mut r, logits, m - 1, opts, accum, stop);
         self.stats = Some(r);
         let st = st?;
         if !want_row {

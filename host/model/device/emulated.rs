@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use super::{forward_chunks, resident_chunks, Act, DeviceView, Op, SeqState};
-use crate::backend::emulate::Emulator;
+use crate::backend::emulate::{Emulator, Stop};
 use crate::backend::forward::{check_step, AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
-use crate::model::pass::{fixed_capacity, resident_next_token, Pass};
+use crate::model::pass::{fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::{Config, Model};
 use crate::stats::{Logits, LogitsData, StatsOptions};
 use crate::verify::{VerifyOutput, VerifyStep};
@@ -226,16 +226,52 @@ impl Pass for EmulatedForward<'_> {
         opts: &StatsOptions,
         accum: &mut [FeatureAccum; 1],
         want_row: bool,
+        stop: Option<&mut DraftStop<'_>>,
     ) -> Result<(RowStats, Option<&[f32]>)> {
-        opts.validate()?; // before anything runs: a refused step leaves the cache as it was
+        // Before anything runs: a refused step leaves the cache as it was.
+        opts.validate()?;
+        if let Some(s) = stop.as_deref() {
+            s.check(opts)?;
+        }
         let m = self.advance(tokens)?;
         let v = self.view.shape.vocab;
         let row = &self.rows(Act::Logits, m)[(m - 1) * v..];
         let l = Logits::dense(LogitsData::F32(row), v)?;
-        let st = self
-            .emu
-            .softmax_stats_v2(&l, opts, Some(accum), self.sm_count, None)?
-            .stats[0];
+        let st = match stop {
+            None => {
+                self.emu
+                    .softmax_stats_v2(&l, opts, Some(accum), self.sm_count, None)?
+                    .stats[0]
+            }
+            Some(s) => {
+                // The decision in the statistics kernel's epilogue, as on the GPU.
+                let (_, plan) = crate::plan::softmax_stats_v2(
+                    1,
+                    v as u32,
+                    crate::stats::Dtype::F32,
+                    self.sm_count,
+                );
+                let state = [s.state];
+                let o = self.emu.softmax_stats_v2_stop(
+                    &l,
+                    opts,
+                    accum,
+                    &plan,
+                    Stop {
+                        weights: s.weights,
+                        state: &state,
+                        costs: s.costs,
+                        gamma_max: s.gamma_max,
+                        compression_code: s.compression_code,
+                        odds_scale: s.odds_scale,
+                    },
+                )?;
+                if let Some(&after) = o.stop_state.as_ref().and_then(|v| v.first()) {
+                    s.state = after;
+                }
+                o.stats[0]
+            }
+        };
         Ok((st, want_row.then_some(row)))
     }
     fn run_verify(
