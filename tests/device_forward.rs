@@ -538,3 +538,137 @@ fn cuda_draft_and_verify_steps_run_where_the_logits_are() {
         );
     }
 }
+
+/// A batched decode state against one single-sequence state per sequence: three sequences stepped
+/// together (five positions each, then one each after rolling two of them back to different
+/// lengths) give each sequence the logits its own pass gives, within the FP16 tolerance (the batch's
+/// GEMVs run at M ≥ 2, which rounds activations to f16), with the same argmax per row. Single-
+/// sequence calls on a batched state, and uneven or overfull steps, are errors that leave it alone.
+fn batch_matches_single_sequences<'a>(
+    batch: &mut dyn BatchState,
+    single: &mut dyn FnMut() -> Box<dyn Pass + 'a>,
+    label: &str,
+) {
+    let vocab = 512;
+    let seqs = 3;
+    let first: Vec<Vec<u32>> = (0..seqs as u32)
+        .map(|b| (0..5).map(|i| (b * 131 + i * 17 + 3) % 512).collect())
+        .collect();
+    let flat: Vec<u32> = first.concat();
+    let got = batch.step(&flat).unwrap();
+    assert_eq!(got.len(), 15 * vocab);
+    let cut = [5usize, 2, 4];
+    let next = [40u32, 41, 300];
+    let mut want_first = Vec::new();
+    let mut want_next = Vec::new();
+    for b in 0..seqs {
+        let mut p = single();
+        want_first.push(p.run(&first[b], 5).unwrap().to_vec());
+        p.truncate(cut[b]);
+        want_next.push(p.run(&[next[b]], 1).unwrap().to_vec());
+    }
+    for (b, &len) in cut.iter().enumerate() {
+        batch.truncate_seq(b, len).unwrap();
+    }
+    assert_eq!(batch.lens(), &cut[..], "{label}");
+    let got_next = batch.step(&next).unwrap();
+    let tol = tolerance(Format::Fp16);
+    for b in 0..seqs {
+        for (what, g, w) in [
+            (
+                "first step",
+                &got[b * 5 * vocab..(b + 1) * 5 * vocab],
+                &want_first[b][..],
+            ),
+            (
+                "after rollback",
+                &got_next[b * vocab..(b + 1) * vocab],
+                &want_next[b][..],
+            ),
+        ] {
+            let (d, scale) = gap(g, w);
+            assert!(
+                d <= tol * scale,
+                "{label} seq {b} {what}: {d} > {tol} × {scale}"
+            );
+            for (r, (gr, wr)) in g.chunks(vocab).zip(w.chunks(vocab)).enumerate() {
+                assert_eq!(argmax(gr), argmax(wr), "{label} seq {b} {what} row {r}");
+            }
+        }
+    }
+    assert_eq!(batch.lens(), &[6, 3, 5][..]);
+    // 4 tokens over 3 sequences; 6 each (18 rows, past one step); a sequence out of range.
+    assert!(batch.step(&[1, 2, 3, 4]).is_err(), "{label}");
+    assert!(batch.step(&[1; 18]).is_err(), "{label}");
+    assert!(
+        batch.step(&[1, 2, 512]).is_err(),
+        "{label}: token past the vocabulary"
+    );
+    assert!(batch.truncate_seq(3, 0).is_err(), "{label}");
+    assert_eq!(
+        batch.lens(),
+        &[6, 3, 5][..],
+        "{label}: refusals change nothing"
+    );
+    assert!(
+        batch.single_call().is_err(),
+        "{label}: Pass calls on a batch"
+    );
+}
+
+/// The batch calls both device executors share.
+trait BatchState {
+    fn step(&mut self, tokens: &[u32]) -> speckv::Result<Vec<f32>>;
+    fn truncate_seq(&mut self, seq: usize, len: usize) -> speckv::Result<()>;
+    fn lens(&self) -> Vec<usize>;
+    /// A single-sequence call (`Pass::run`).
+    fn single_call(&mut self) -> speckv::Result<()>;
+}
+
+macro_rules! batch_state {
+    ($t:ty) => {
+        impl BatchState for $t {
+            fn step(&mut self, tokens: &[u32]) -> speckv::Result<Vec<f32>> {
+                self.step_batch(tokens)
+            }
+            fn truncate_seq(&mut self, seq: usize, len: usize) -> speckv::Result<()> {
+                <$t>::truncate_seq(self, seq, len)
+            }
+            fn lens(&self) -> Vec<usize> {
+                <$t>::lens(self).to_vec()
+            }
+            fn single_call(&mut self) -> speckv::Result<()> {
+                Pass::run(self, &[1], 1).map(|_| ())
+            }
+        }
+    };
+}
+
+batch_state!(EmulatedForward<'_>);
+batch_state!(speckv::model::device::CudaForward<'_>);
+
+#[test]
+fn batched_sequences_step_as_each_alone() {
+    let m = model("qwen2", Format::Fp16);
+    let mut batch = EmulatedForward::new_batch(&m, Emulator::new(128), 132, 32, 3).unwrap();
+    let mut single = || {
+        Box::new(EmulatedForward::new(&m, Emulator::new(128), 132, 32).unwrap()) as Box<dyn Pass>
+    };
+    batch_matches_single_sequences(&mut batch, &mut single, "emulator");
+    assert!(EmulatedForward::new_batch(&m, Emulator::new(128), 132, 32, 0).is_err());
+    assert!(EmulatedForward::new_batch(&m, Emulator::new(128), 132, 32, 17).is_err());
+}
+
+#[test]
+fn cuda_batched_sequences_step_as_each_alone() {
+    use speckv::model::device::{CudaForward, DeviceView, DeviceWeights};
+    let Some(cuda) = common::cuda() else { return };
+    let m = model("qwen2", Format::Fp16);
+    let w = DeviceWeights::upload(cuda, &DeviceView::new(&m).unwrap(), 64).unwrap();
+    for graphs in [true, false] {
+        let mut batch = CudaForward::new_batch(cuda, &w, 32, 3).unwrap();
+        batch.set_graphs(graphs);
+        let mut single = || Box::new(CudaForward::new(cuda, &w, 32).unwrap()) as Box<dyn Pass>;
+        batch_matches_single_sequences(&mut batch, &mut single, &format!("cuda, graphs {graphs}"));
+    }
+}

@@ -409,3 +409,107 @@ fn attention_v2_matches_the_reference_at_every_split() {
         "12 heads at batch 1 get 22 splits: 264 blocks = 2 per SM"
     );
 }
+
+// ---- batches ----------------------------------------------------------------------------------
+
+/// A batch of sequences at different cache lengths, m positions each: `qkv_rope` writes every
+/// sequence's q rows and cache rows exactly as a launch of that sequence alone does, and
+/// `attention_v2` over the batch matches the v1 oracle run per sequence (and the f64 reference),
+/// with the caches laid one after another and the lengths read per sequence.
+#[test]
+fn batched_qkv_rope_and_attention_equal_each_sequence_alone() {
+    for (heads, kv_heads, hd) in [(4, 2, 16), (14, 2, 64), (2, 1, 256)] {
+        let s = Heads {
+            heads,
+            kv_heads,
+            head_dim: hd,
+        };
+        let (qkvw, qw, kvw) = (s.qkv_width(), s.q_width(), s.kv_width());
+        let capacity = 64;
+        let rope = rope_table(capacity, hd);
+        for (m, lens) in [
+            (2usize, vec![0usize, 9, 30]),
+            (4, vec![5, 5, 1, 60]),
+            (1, vec![63, 0]),
+            (16, vec![3]),
+        ] {
+            let seqs = lens.len();
+            let ctx = format!("{s:?} m {m} lens {lens:?}");
+            let qkv = common::normal_logits(seqs * m * qkvw, 1.0, (hd + m) as u64);
+            let bias = common::normal_logits(qkvw, 0.25, 5);
+            let k0 = f16_grid(seqs * capacity * kvw, 11);
+            let v0 = f16_grid(seqs * capacity * kvw, 12);
+            let e = Emulator::new(128);
+            let (mut kb, mut vb) = (k0.clone(), v0.clone());
+            let qb = e
+                .qkv_rope_batch(&qkv, Some(&bias), &rope, s, true, &lens, &mut kb, &mut vb)
+                .unwrap();
+            for (b, &len) in lens.iter().enumerate() {
+                let cache = b * capacity * kvw..(b + 1) * capacity * kvw;
+                let (mut k, mut v) = (k0[cache.clone()].to_vec(), v0[cache.clone()].to_vec());
+                let rows = &qkv[b * m * qkvw..(b + 1) * m * qkvw];
+                let q = e
+                    .qkv_rope(rows, Some(&bias), &rope, s, true, len, &mut k, &mut v)
+                    .unwrap();
+                assert_eq!(&qb[b * m * qw..(b + 1) * m * qw], &q[..], "{ctx}: q of {b}");
+                assert_eq!(&kb[cache.clone()], &k[..], "{ctx}: k cache of {b}");
+                assert_eq!(&vb[cache.clone()], &v[..], "{ctx}: v cache of {b}");
+            }
+            // Attention over the caches just written.
+            for (sms, block) in [(1u32, 32u32), (132, 128), (7, 1024)] {
+                let got = Emulator::new(block)
+                    .attention_v2_batch(&qb, &kb, &vb, s, &lens, sms)
+                    .unwrap();
+                for (b, &len) in lens.iter().enumerate() {
+                    let cache = b * capacity * kvw..(b + 1) * capacity * kvw;
+                    let q = &qb[b * m * qw..(b + 1) * m * qw];
+                    let (k, v) = (&kb[cache.clone()], &vb[cache]);
+                    let oracle = Emulator::new(128).attention(q, k, v, s, len).unwrap();
+                    let want = attention_reference(q, k, v, s, len);
+                    let mine = &got[b * m * qw..(b + 1) * m * qw];
+                    for (j, ((&g, &o), &w)) in mine.iter().zip(&oracle).zip(&want).enumerate() {
+                        assert!(
+                            close(g as f64, o as f64, 1e-5, 1e-6) && close(g as f64, w, 1e-5, 1e-6),
+                            "{ctx} sms {sms} block {block} seq {b} [{j}]: {g} vs v1 {o}, ref {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_steps_refuse_uneven_or_overfull_batches() {
+    let s = Heads {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+    };
+    let rope = rope_table(8, 16);
+    let e = Emulator::new(64);
+    let (mut k, mut v) = (vec![0u16; 2 * 8 * 32], vec![0u16; 2 * 8 * 32]);
+    // 3 rows over 2 sequences.
+    let qkv = vec![0f32; 3 * s.qkv_width()];
+    assert!(e
+        .qkv_rope_batch(&qkv, None, &rope, s, false, &[0, 0], &mut k, &mut v)
+        .is_err());
+    // One sequence's step past its cache; no sequences at all.
+    let qkv = vec![0f32; 4 * s.qkv_width()];
+    assert!(e
+        .qkv_rope_batch(&qkv, None, &rope, s, false, &[0, 7], &mut k, &mut v)
+        .is_err());
+    assert!(e
+        .qkv_rope_batch(&qkv, None, &rope, s, false, &[], &mut k, &mut v)
+        .is_err());
+    let q = vec![0f32; 4 * s.q_width()];
+    assert!(e.attention_v2_batch(&q, &k, &v, s, &[0, 7], 4).is_err());
+    // 18 rows: more than one step holds.
+    let (mut k, mut v) = (vec![0u16; 9 * 8 * 32], vec![0u16; 9 * 8 * 32]);
+    let qkv = vec![0f32; 18 * s.qkv_width()];
+    assert!(e
+        .qkv_rope_batch(&qkv, None, &rope, s, false, &[0; 9], &mut k, &mut v)
+        .is_err());
+    // The refusals left the caches alone.
+    assert!(k.iter().chain(&v).all(|&x| x == 0));
+}

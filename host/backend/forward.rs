@@ -75,6 +75,27 @@ pub fn check_step(m: usize, len: usize, capacity: usize) -> Result<()> {
     Ok(())
 }
 
+/// A batched step of `rows` rows over sequences at cache lengths `lens` (each `capacity`
+/// positions): every sequence gets the same number of positions m, all rows fit one step
+/// (≤ [`MAX_STEP`]) and each sequence's new positions fit its cache. Returns m.
+pub fn check_batch(rows: usize, lens: &[usize], capacity: usize) -> Result<usize> {
+    if lens.is_empty() {
+        return Err(Error::Empty { what: "sequences" });
+    }
+    if rows == 0 || !rows.is_multiple_of(lens.len()) {
+        return Err(Error::Other(format!(
+            "{rows} rows do not split evenly over {} sequences",
+            lens.len()
+        )));
+    }
+    check_step(rows, 0, MAX_STEP)?;
+    let m = rows / lens.len();
+    for &len in lens {
+        check_step(m, len, capacity)?;
+    }
+    Ok(m)
+}
+
 /// The 16-byte alignment the vectorised kernels' loads and stores need.
 pub fn check_aligned<T>(what: &'static str, s: &[T]) -> Result<()> {
     if !(s.as_ptr() as usize).is_multiple_of(16) {

@@ -71,9 +71,11 @@ unsafe fn halves<const EPL: usize>(base: *const u16, at: usize) -> [f32; EPL] {
 
 /// One (query position, head) pair as a block sees it.
 struct Pair {
-    /// Query position in the step, head, and the key-value head it reads.
-    i: usize,
+    /// Row of the query in the launch (position i of sequence b is row b·m + i), its head.
+    row: usize,
     h: usize,
+    /// The first element of the sequence's cache (`b · capacity · kvw`).
+    cache: usize,
     heads: usize,
     hd: usize,
     /// Offset of this lane's elements in a cache row (`kv_head · head_dim + e0`).
@@ -89,33 +91,38 @@ struct Pair {
     live: bool,
 }
 
-/// The pair `pair` (`i · heads + h`) of a launch, or None when it is past the step or its length
-/// past the cache (the host checks first; every block of the pair agrees).
+/// The pair `pair` (`row · heads + h`) of a launch over `seqs` sequences of `m` positions, or None
+/// when it is past the step or its length past the cache (the host checks first; every block of
+/// the pair agrees).
 #[inline(always)]
-unsafe fn pair_of<const EPL: usize>(p: &AttentionParams, pair: usize) -> Option<Pair> {
+unsafe fn pair_of<const EPL: usize>(p: &AttentionParams, pair: usize, seqs: usize) -> Option<Pair> {
     let heads_nz =
         core::num::NonZeroUsize::new(p.heads as usize).unwrap_or(core::num::NonZeroUsize::MIN);
-    let (i, h) = (pair / heads_nz, pair % heads_nz);
-    if i >= p.m as usize {
+    let (row, h) = (pair / heads_nz, pair % heads_nz);
+    let m_nz = core::num::NonZeroUsize::new(p.m as usize)?;
+    if row >= seqs * m_nz.get() {
         return None;
     }
+    let (seq, i) = (row / m_nz, row % m_nz);
     let heads = heads_nz.get();
     let group = core::num::NonZeroUsize::new(heads / (p.kv_heads as usize).max(1))
         .unwrap_or(core::num::NonZeroUsize::MIN);
     let hd = p.head_dim as usize;
-    let n = gpu::ld(p.cache_len, 0) as usize + i + 1;
+    let n = gpu::ld(p.cache_len, seq) as usize + i + 1;
     if n > p.capacity as usize {
         return None;
     }
     let lane = gpu::lane_id() as usize;
     let e0 = lane * EPL;
+    let kvw = p.kv_heads as usize * hd;
     Some(Pair {
-        i,
+        row,
         h,
+        cache: seq * p.capacity as usize * kvw,
         heads,
         hd,
         lane_col: (h / group) * hd + e0,
-        kvw: p.kv_heads as usize * hd,
+        kvw,
         n,
         lane,
         warp: gpu::warp_id() as usize,
@@ -139,7 +146,7 @@ unsafe fn warp_pass<const EPL: usize>(
     let qs = p.scale * core::f32::consts::LOG2_E;
     let mut q = [0f32; EPL];
     if s.live {
-        let at = (s.i * s.heads + s.h) * s.hd + s.e0;
+        let at = (s.row * s.heads + s.h) * s.hd + s.e0;
         crate::unroll!(j in 0..8 => {
             if j < EPL {
                 q[j] = gpu::ld_nc(p.q, at + j) * qs;
@@ -149,7 +156,7 @@ unsafe fn warp_pass<const EPL: usize>(
     let (mut mx, mut sum, mut acc) = (f32::NEG_INFINITY, 0f32, [0f32; EPL]);
     let mut pos = start + s.warp;
     while pos < end {
-        let row = pos * s.kvw + s.lane_col;
+        let row = s.cache + pos * s.kvw + s.lane_col;
         let mut d = 0f32;
         if s.live {
             let k = halves::<EPL>(p.k_cache, row);
@@ -244,7 +251,7 @@ fn merged(
 /// EPL`; the documented launch.
 #[inline(always)]
 pub unsafe fn attention<const EPL: usize>(p: &AttentionParams) {
-    let Some(s) = pair_of::<EPL>(p, gpu::block_idx_x() as usize) else {
+    let Some(s) = pair_of::<EPL>(p, gpu::block_idx_x() as usize, 1) else {
         return;
     };
     let sh = gpu::dynamic_shared::<f32>();
@@ -256,7 +263,7 @@ pub unsafe fn attention<const EPL: usize>(p: &AttentionParams) {
     let mut e = gpu::thread_idx_x() as usize;
     while e < s.hd {
         let num = merged(s.warps, top, max_of, |w| gpu::sh_ld(sh, w * stride + 2 + e));
-        gpu::st(p.out, (s.i * s.heads + s.h) * s.hd + e, num / den);
+        gpu::st(p.out, (s.row * s.heads + s.h) * s.hd + e, num / den);
         e += gpu::block_dim_x() as usize;
     }
 }
@@ -314,8 +321,10 @@ const fn counters_bytes(pairs: u32) -> usize {
 /// The v2 kernel body for `EPL` elements per lane.
 ///
 /// # Safety
-/// As [`attention`], with `p2.workspace` of [`workspace_bytes_v2`] bytes (counters zero; left
-/// zero), `splits ≥ 1` and the grid `m · heads · splits`.
+/// As [`attention`] for each of max(seqs, 1) sequences (q, out, the caches and `cache_len` holding
+/// all of them, as [`AttentionV2Params`] lays them out), with `p2.workspace` of
+/// [`workspace_bytes_v2`] bytes for `seqs · m · heads` pairs (counters zero; left zero), `splits ≥
+/// 1` and the grid `seqs · m · heads · splits`.
 #[inline(always)]
 pub unsafe fn attention_v2<const EPL: usize>(p2: &AttentionV2Params) {
     let p = &p2.base;
@@ -324,7 +333,8 @@ pub unsafe fn attention_v2<const EPL: usize>(p2: &AttentionV2Params) {
     let splits = splits_nz.get();
     let b = gpu::block_idx_x() as usize;
     let (pair, split) = (b / splits_nz, b % splits_nz);
-    let Some(s) = pair_of::<EPL>(p, pair) else {
+    let seqs = if p2.seqs == 0 { 1 } else { p2.seqs };
+    let Some(s) = pair_of::<EPL>(p, pair, seqs as usize) else {
         return;
     };
     let chunk = s.n.div_ceil(splits);
@@ -339,7 +349,9 @@ pub unsafe fn attention_v2<const EPL: usize>(p2: &AttentionV2Params) {
     // This block's state, merged over its warps, into the workspace.
     let stride = 2 + s.hd;
     let counters = p2.workspace as *mut u32;
-    let partials = p2.workspace.wrapping_add(counters_bytes(p.m * p.heads)) as *mut f32;
+    let partials = p2
+        .workspace
+        .wrapping_add(counters_bytes(seqs * p.m * p.heads)) as *mut f32;
     let mine = (pair * splits + split) * stride;
     let max_of = |w: usize| gpu::sh_ld(sh, w * stride);
     let top = top_of(s.warps, max_of);
@@ -381,7 +393,7 @@ pub unsafe fn attention_v2<const EPL: usize>(p2: &AttentionV2Params) {
         let num = merged(splits, top, split_max, |k| {
             gpu::ld(partials, first + k * stride + 2 + e)
         });
-        gpu::st(p.out, (s.i * s.heads + s.h) * s.hd + e, num / den);
+        gpu::st(p.out, (s.row * s.heads + s.h) * s.hd + e, num / den);
         e += block;
     }
     gpu::sync_threads();

@@ -640,6 +640,10 @@ pub struct EmbedParams {
 /// `cache_len + i`. A position at or past `capacity` or the table's `rope_positions` is not
 /// written (the host checks first).
 ///
+/// Batched: `seqs` sequences of `m` positions each (0 counts as 1). Row r of `qkv` and `q` is
+/// position r % m of sequence r / m, whose cache is rows `b · capacity ..` of `k_cache` / `v_cache`
+/// and whose length is `cache_len[b]`.
+///
 /// One thread per (position, pair of a q or k head) and per (position, v element): `grid.x =
 /// ceil(m · ((heads + kv_heads)·hd/2 + kv_heads·hd) / block.x)`, any block size, no shared memory.
 #[repr(C)]
@@ -664,7 +668,8 @@ pub struct QkvRopeParams {
     pub rope_positions: u32,
     /// 1: rotate halves (qwen2, "neox"); 0: adjacent pairs (llama as GGUF stores it).
     pub neox: u32,
-    pub _pad: u32,
+    /// Sequences in the batch (0: one).
+    pub seqs: u32,
 }
 
 /// Parameters of `attention_f32`: causal grouped-query attention of the `m` new positions over the
@@ -700,13 +705,19 @@ pub struct AttentionParams {
 /// ([`attention::workspace_bytes_v2`](crate::attention::workspace_bytes_v2): arrival counters,
 /// zero before the first launch and left zero, then every split's partial state). Dynamic shared
 /// memory [`attention::shared_bytes_v2`](crate::attention::shared_bytes_v2).
+///
+/// Batched (v2 only; v1, the oracle, runs one sequence): `seqs` sequences of `base.m` positions
+/// each (0 counts as 1), laid out as for [`QkvRopeParams`] — row r of q and out is position r % m of
+/// sequence r / m, whose cache starts at row `b · capacity` and whose length is `cache_len[b]`; the
+/// grid and the workspace count `seqs · m · heads` pairs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionV2Params {
     pub base: AttentionParams,
     pub workspace: *mut u8,
     pub splits: u32,
-    pub _pad: u32,
+    /// Sequences in the batch (0: one).
+    pub seqs: u32,
 }
 
 /// Parameters of `silu_mul_f32`: out[i, j] = silu(gu[i, j]) · gu[i, ffn + j] for the fused

@@ -9,6 +9,7 @@ use crate::params::QkvRopeParams;
 
 /// Threads a launch needs: one per (position, rotated pair of a q or k head) and per (position, v
 /// element).
+/// `m` counts the rows of the launch (every sequence's positions).
 pub const fn work_items(m: u32, heads: u32, kv_heads: u32, head_dim: u32) -> u32 {
     m * ((heads + kv_heads) * head_dim / 2 + kv_heads * head_dim)
 }
@@ -27,10 +28,10 @@ unsafe fn val(p: &QkvRopeParams, width: usize, i: usize, c: usize) -> f32 {
 /// The kernel body.
 ///
 /// # Safety
-/// `qkv` holds `m × (heads + 2·kv_heads)·head_dim` f32 (bias, when not null, one row of it), q
-/// `m × heads·head_dim`, the caches `capacity × kv_heads·head_dim` f16, rope `rope_positions ×
-/// head_dim/2` pairs; `head_dim` even, `heads` a multiple of `kv_heads`; one thread per
-/// [`work_items`].
+/// With s = max(seqs, 1): `qkv` holds `s·m × (heads + 2·kv_heads)·head_dim` f32 (bias, when not
+/// null, one row of it), q `s·m × heads·head_dim`, the caches `s·capacity × kv_heads·head_dim` f16,
+/// `cache_len` s words, rope `rope_positions × head_dim/2` pairs; `head_dim` even, `heads` a
+/// multiple of `kv_heads`; one thread per [`work_items`] of `s·m` rows.
 #[inline(always)]
 pub unsafe fn qkv_rope(p: &QkvRopeParams) {
     let hd = p.head_dim as usize;
@@ -43,16 +44,24 @@ pub unsafe fn qkv_rope(p: &QkvRopeParams) {
         None => return,
     };
     let t = (gpu::block_idx_x() * gpu::block_dim_x() + gpu::thread_idx_x()) as usize;
+    // Row i of the batch: position i % m of sequence i / m.
     let (i, r) = (t / per_nz, t % per_nz);
-    if i >= p.m as usize {
+    let seqs = if p.seqs == 0 { 1 } else { p.seqs as usize };
+    let Some(m_nz) = core::num::NonZeroUsize::new(p.m as usize) else {
+        return;
+    };
+    if i >= seqs * m_nz.get() {
         return;
     }
-    let pos = gpu::ld(p.cache_len, 0) as usize + i;
+    let seq = i / m_nz;
+    let pos = gpu::ld(p.cache_len, seq) as usize + i % m_nz;
     if pos >= p.capacity as usize || pos >= p.rope_positions as usize {
         return;
     }
     let width = (heads + 2 * kvh) * hd;
     let kvw = kvh * hd;
+    // The sequence's own cache rows.
+    let cache = seq * p.capacity as usize * kvw;
     if r < rotated {
         // q heads come first in the fused row and k heads follow them, so head `head` of the
         // concatenation starts at column head·hd either way.
@@ -73,14 +82,14 @@ pub unsafe fn qkv_rope(p: &QkvRopeParams) {
             gpu::st(p.q, at + a, y0);
             gpu::st(p.q, at + b, y1);
         } else {
-            let at = pos * kvw + (head - heads) * hd;
+            let at = cache + pos * kvw + (head - heads) * hd;
             gpu::st(p.k_cache, at + a, gpu::f32_to_f16(y0));
             gpu::st(p.k_cache, at + b, gpu::f32_to_f16(y1));
         }
     } else {
         let e = r - rotated;
         let v = val(p, width, i, (heads + kvh) * hd + e);
-        gpu::st(p.v_cache, pos * kvw + e, gpu::f32_to_f16(v));
+        gpu::st(p.v_cache, cache + pos * kvw + e, gpu::f32_to_f16(v));
     }
 }
 

@@ -41,20 +41,30 @@ fn step(m: usize) -> Result<()> {
     Ok(())
 }
 
-/// The cache of `heads`' layout holds its capacity, and the length word is there.
-fn check_cache(cache: &CacheRefs<'_>, heads: Heads) -> Result<()> {
-    room("k cache", cache.k, cache.capacity * heads.kv_width())?;
-    room("v cache", cache.v, cache.capacity * heads.kv_width())?;
-    room("cache length", cache.len, 1)
+/// The caches of `heads`' layout hold every sequence's capacity, the length words are there, and
+/// `m` positions per sequence fit one step. Returns the rows of the step.
+fn check_cache(cache: &CacheRefs<'_>, heads: Heads, m: usize) -> Result<usize> {
+    let seqs = cache.seqs;
+    if seqs == 0 {
+        return Err(Error::Empty { what: "sequences" });
+    }
+    room("k cache", cache.k, seqs * cache.capacity * heads.kv_width())?;
+    room("v cache", cache.v, seqs * cache.capacity * heads.kv_width())?;
+    room("cache lengths", cache.len, seqs)?;
+    step(m)?;
+    step(seqs * m)?;
+    Ok(seqs * m)
 }
 
-/// The device-side KV cache of one layer and where a step writes in it.
+/// The device-side KV cache of one layer and where a step writes in it: `seqs` sequences of
+/// `capacity` rows each, one after another.
 pub struct CacheRefs<'a> {
     pub k: &'a mut CudaSlice<u16>,
     pub v: &'a mut CudaSlice<u16>,
-    /// One u32: the length before the step.
+    /// `seqs` u32: each sequence's length before the step.
     pub len: &'a CudaSlice<u32>,
     pub capacity: usize,
+    pub seqs: usize,
 }
 
 impl CudaBackend {
@@ -148,8 +158,9 @@ impl CudaBackend {
         unsafe { self.launch_by_value(KernelFn::RmsNorm, p, &plan) }
     }
 
-    /// Bias + rotary embedding of `m` rows of the fused projection; q out, k / v into the cache
-    /// at the device-resident length. `rope` is `[positions, head_dim / 2]` (cos, sin) flattened.
+    /// Bias + rotary embedding of `m` rows per sequence of the fused projection (`seqs · m` rows,
+    /// sequence by sequence); q out, k / v into each sequence's cache at its device-resident
+    /// length. `rope` is `[positions, head_dim / 2]` (cos, sin) flattened.
     #[allow(clippy::too_many_arguments)]
     pub fn launch_qkv_rope(
         &self,
@@ -163,10 +174,9 @@ impl CudaBackend {
         m: usize,
     ) -> Result<()> {
         heads.check()?;
-        step(m)?;
-        room("qkv", qkv, m * heads.qkv_width())?;
-        room("q", q, m * heads.q_width())?;
-        check_cache(&cache, heads)?;
+        let rows = check_cache(&cache, heads, m)?;
+        room("qkv", qkv, rows * heads.qkv_width())?;
+        room("q", q, rows * heads.q_width())?;
         if let Some(b) = bias {
             room("qkv bias", b, heads.qkv_width())?;
         }
@@ -193,10 +203,10 @@ impl CudaBackend {
             capacity: cache.capacity as u32,
             rope_positions: (rope.len() / heads.head_dim) as u32,
             neox: neox as u32,
-            _pad: 0,
+            seqs: cache.seqs as u32,
         };
         let plan = crate::plan::qkv_rope(
-            m as u32,
+            rows as u32,
             heads.heads as u32,
             heads.kv_heads as u32,
             heads.head_dim as u32,
@@ -209,9 +219,10 @@ impl CudaBackend {
         unsafe { self.launch_by_value(KernelFn::QkvRope, p, &plan) }
     }
 
-    /// Causal attention of `m` query rows over the layer's cache: v2 (cache positions split across
-    /// blocks, `ws` its workspace of [`CudaBackend::attention_workspace_bytes`], zeroed once) or the
-    /// v1 oracle (`ws` unused).
+    /// Causal attention of `m` query rows per sequence over each sequence's cache: v2 (cache
+    /// positions split across blocks, `ws` its workspace of
+    /// [`CudaBackend::attention_workspace_bytes`] for the step's rows, zeroed once) or the v1
+    /// oracle (one sequence; `ws` unused).
     #[allow(clippy::too_many_arguments)]
     pub fn launch_attention(
         &self,
@@ -224,13 +235,17 @@ impl CudaBackend {
         ws: &mut CudaSlice<u8>,
     ) -> Result<()> {
         heads.check()?;
-        step(m)?;
-        room("q", q, m * heads.q_width())?;
-        room("out", out, m * heads.q_width())?;
-        check_cache(&cache, heads)?;
+        let rows = check_cache(&cache, heads, m)?;
+        room("q", q, rows * heads.q_width())?;
+        room("out", out, rows * heads.q_width())?;
+        if version == KernelVersion::V1 && cache.seqs != 1 {
+            return Err(Error::Unsupported(
+                "attention v1 (the oracle) runs one sequence; v2 takes batches".to_string(),
+            ));
+        }
         let unsupported = || Error::Unsupported(format!("head size {}", heads.head_dim));
         let (plan, splits, ws_bytes) = crate::plan::attention_v2(
-            m as u32,
+            rows as u32,
             heads.heads as u32,
             heads.head_dim as u32,
             crate::plan::ATTENTION_BLOCK,
@@ -276,7 +291,7 @@ impl CudaBackend {
             base: p,
             workspace: wp as *mut u8,
             splits,
-            _pad: 0,
+            seqs: cache.seqs as u32,
         };
         // SAFETY: sizes checked above (the v2 workspace is the plan's, its counters zero); the
         // entry's elements per lane match the head size; the kernel returns early for a length
@@ -289,7 +304,8 @@ impl CudaBackend {
         }
     }
 
-    /// Workspace bytes of attention v2 at `m` positions (the most a step of `m` needs).
+    /// Workspace bytes of attention v2 at `m` rows (every sequence's positions: the most a step of
+    /// `m` rows needs).
     pub fn attention_workspace_bytes(&self, heads: Heads, m: usize) -> usize {
         crate::plan::attention_v2(
             m as u32,

@@ -10,7 +10,7 @@ use speckv_kernels::params::{
 
 use super::Emulator;
 use crate::backend::forward::{
-    check_aligned, check_len, check_multiple, check_step, AlignedF32, Heads,
+    check_aligned, check_batch, check_len, check_multiple, AlignedF32, Heads,
 };
 use crate::error::{Error, Result};
 use crate::stats::check_block;
@@ -160,33 +160,52 @@ impl Emulator {
         k_cache: &mut [u16],
         v_cache: &mut [u16],
     ) -> Result<Vec<f32>> {
+        self.qkv_rope_batch(qkv, bias, rope, heads, neox, &[len], k_cache, v_cache)
+    }
+
+    /// [`Emulator::qkv_rope`] for a batch of `lens.len()` sequences of m positions each: `qkv`
+    /// holds their rows sequence by sequence, the caches their `capacity` rows each, sequence b
+    /// at length `lens[b]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_rope_batch(
+        &self,
+        qkv: &[f32],
+        bias: Option<&[f32]>,
+        rope: &[[f32; 2]],
+        heads: Heads,
+        neox: bool,
+        lens: &[usize],
+        k_cache: &mut [u16],
+        v_cache: &mut [u16],
+    ) -> Result<Vec<f32>> {
         heads.check()?;
         let (qkvw, kvw) = (heads.qkv_width(), heads.kv_width());
-        let m = qkv.len() / qkvw;
-        check_len("qkv", qkv.len(), m, qkvw)?;
+        let rows = qkv.len() / qkvw;
+        check_len("qkv", qkv.len(), rows, qkvw)?;
         if let Some(b) = bias {
             check_len("qkv bias", b.len(), 1, qkvw)?;
         }
-        let capacity = k_cache.len() / kvw;
-        check_len("k cache", k_cache.len(), capacity, kvw)?;
-        check_len("v cache", v_cache.len(), capacity, kvw)?;
+        let seqs = lens.len().max(1);
+        let capacity = k_cache.len() / kvw / seqs;
+        check_len("k cache", k_cache.len(), seqs * capacity, kvw)?;
+        check_len("v cache", v_cache.len(), seqs * capacity, kvw)?;
         let half = heads.head_dim / 2;
         let rope_positions = rope.len() / half;
         check_len("rotary table", rope.len(), rope_positions, half)?;
-        check_step(m, len, capacity.min(rope_positions))?;
+        let m = check_batch(rows, lens, capacity.min(rope_positions))?;
         let plan = crate::plan::qkv_rope(
-            m as u32,
+            rows as u32,
             heads.heads as u32,
             heads.kv_heads as u32,
             heads.head_dim as u32,
             self.block,
             1,
         );
-        let lens = [len as u32];
+        let lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
         let (q, k, v) = emu::launch_schedules(
             &plan.entry,
             |seed| {
-                let mut q = vec![0f32; m * heads.q_width()];
+                let mut q = vec![0f32; rows * heads.q_width()];
                 let (mut k, mut v) = (k_cache.to_vec(), v_cache.to_vec());
                 let p = QkvRopeParams {
                     qkv: qkv.as_ptr(),
@@ -203,7 +222,7 @@ impl Emulator {
                     capacity: capacity as u32,
                     rope_positions: rope_positions as u32,
                     neox: neox as u32,
-                    _pad: 0,
+                    seqs: seqs as u32,
                 };
                 let mut l = Launch::new(plan.entry.as_str(), plan.grid[0], self.block, 0)
                     .input("qkv", qkv)
@@ -246,7 +265,7 @@ impl Emulator {
         heads: Heads,
         len: usize,
     ) -> Result<Vec<f32>> {
-        self.attention_version(q, k_cache, v_cache, heads, len, None)
+        self.attention_version(q, k_cache, v_cache, heads, &[len], None)
     }
 
     /// [`Emulator::attention`] by v2, each pair's cache positions split across blocks as planned
@@ -260,42 +279,63 @@ impl Emulator {
         len: usize,
         sm_count: u32,
     ) -> Result<Vec<f32>> {
-        self.attention_version(q, k_cache, v_cache, heads, len, Some(sm_count))
+        self.attention_version(q, k_cache, v_cache, heads, &[len], Some(sm_count))
     }
 
-    /// v1 (`v2_sms` None) or v2 planned for `v2_sms` SMs.
+    /// [`Emulator::attention_v2`] for a batch of `lens.len()` sequences of m positions each, laid
+    /// out as for [`Emulator::qkv_rope_batch`].
+    pub fn attention_v2_batch(
+        &self,
+        q: &[f32],
+        k_cache: &[u16],
+        v_cache: &[u16],
+        heads: Heads,
+        lens: &[usize],
+        sm_count: u32,
+    ) -> Result<Vec<f32>> {
+        self.attention_version(q, k_cache, v_cache, heads, lens, Some(sm_count))
+    }
+
+    /// v1 (`v2_sms` None, one sequence) or v2 planned for `v2_sms` SMs.
     fn attention_version(
         &self,
         q: &[f32],
         k_cache: &[u16],
         v_cache: &[u16],
         heads: Heads,
-        len: usize,
+        lens: &[usize],
         v2_sms: Option<u32>,
     ) -> Result<Vec<f32>> {
         check_block(self.block)?;
         heads.check()?;
+        if v2_sms.is_none() && lens.len() != 1 {
+            return Err(Error::Unsupported(
+                "attention v1 (the oracle) runs one sequence; v2 takes batches".to_string(),
+            ));
+        }
         let (qw, kvw) = (heads.q_width(), heads.kv_width());
-        let m = q.len() / qw;
-        check_len("q", q.len(), m, qw)?;
-        let capacity = k_cache.len() / kvw;
-        check_len("k cache", k_cache.len(), capacity, kvw)?;
-        check_len("v cache", v_cache.len(), capacity, kvw)?;
-        check_step(m, len, capacity)?;
-        let (m32, h32, hd32) = (m as u32, heads.heads as u32, heads.head_dim as u32);
+        let rows = q.len() / qw;
+        check_len("q", q.len(), rows, qw)?;
+        let seqs = lens.len().max(1);
+        let capacity = k_cache.len() / kvw / seqs;
+        check_len("k cache", k_cache.len(), seqs * capacity, kvw)?;
+        check_len("v cache", v_cache.len(), seqs * capacity, kvw)?;
+        let m = check_batch(rows, lens, capacity)?;
+        let (rows32, h32, hd32) = (rows as u32, heads.heads as u32, heads.head_dim as u32);
         let unsupported = || Error::Unsupported(format!("head size {}", heads.head_dim));
-        // (plan, splits, workspace bytes); v1 has neither splits nor a workspace.
+        // (plan, splits, workspace bytes) over every sequence's rows; v1 has neither splits nor
+        // a workspace.
         let (plan, splits, ws_bytes) = match v2_sms {
-            Some(sms) => crate::plan::attention_v2(m32, h32, hd32, self.block, sms),
-            None => crate::plan::attention(m32, h32, hd32, self.block, 1).map(|p| (p, 0, 0)),
+            Some(sms) => crate::plan::attention_v2(rows32, h32, hd32, self.block, sms),
+            None => crate::plan::attention(rows32, h32, hd32, self.block, 1).map(|p| (p, 0, 0)),
         }
         .ok_or_else(unsupported)?;
-        let lens = [len as u32];
-        let counters = (m * heads.heads).div_ceil(4) * 4;
+        let lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let counters = (rows * heads.heads).div_ceil(4) * 4;
         emu::launch_schedules(
             &plan.entry,
             |seed| {
-                let mut out = vec![0f32; m * qw];
+                let mut out = vec![0f32; rows * qw];
                 let mut ws = vec![0u32; ws_bytes.div_ceil(4).max(1)];
                 let base = AttentionParams {
                     q: q.as_ptr(),
@@ -306,7 +346,7 @@ impl Emulator {
                     heads: h32,
                     kv_heads: heads.kv_heads as u32,
                     head_dim: hd32,
-                    m: m32,
+                    m: m as u32,
                     capacity: capacity as u32,
                     scale: 1.0 / (heads.head_dim as f32).sqrt(),
                 };
@@ -314,7 +354,7 @@ impl Emulator {
                     base,
                     workspace: ws.as_mut_ptr() as *mut u8,
                     splits,
-                    _pad: 0,
+                    seqs: seqs as u32,
                 };
                 let mut l = Launch::new(
                     plan.entry.as_str(),

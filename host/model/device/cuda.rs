@@ -19,7 +19,7 @@ use super::{forward_chunks, resident_chunks, Act, DeviceView, Lin, Norm, Op, Seq
 use crate::backend::cuda::{
     CacheRefs, CudaBackend, DeviceMatrix, KernelVersion, ResidentStats, ResidentVerify,
 };
-use crate::backend::forward::{check_step, MAX_STEP};
+use crate::backend::forward::MAX_STEP;
 use crate::error::{Error, Result};
 use crate::model::pass::{fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::Config;
@@ -124,7 +124,8 @@ impl DeviceWeights {
     }
 }
 
-/// A model's decode state on a CUDA device.
+/// A model's decode state on a CUDA device: of one sequence, or of a batch stepped together
+/// ([`CudaForward::new_batch`]).
 pub struct CudaForward<'b> {
     cuda: &'b CudaBackend,
     w: &'b DeviceWeights,
@@ -167,6 +168,18 @@ unsafe impl Send for StepGraph {}
 impl<'b> CudaForward<'b> {
     /// A decode state of `capacity` positions (at most the weights' rotary table).
     pub fn new(cuda: &'b CudaBackend, w: &'b DeviceWeights, capacity: usize) -> Result<Self> {
+        Self::new_batch(cuda, w, capacity, 1)
+    }
+
+    /// A decode state of `seqs` sequences of `capacity` positions each, stepped together
+    /// ([`CudaForward::step_batch`]).
+    pub fn new_batch(
+        cuda: &'b CudaBackend,
+        w: &'b DeviceWeights,
+        capacity: usize,
+        seqs: usize,
+    ) -> Result<Self> {
+        let seq = SeqState::new(w.active.clone(), capacity, seqs)?;
         let s = w.shape;
         let half = s.heads.head_dim / 2;
         if capacity == 0 || capacity * half > w.rope.len() {
@@ -184,8 +197,8 @@ impl<'b> CudaForward<'b> {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..s.layers {
-            k.push(st.alloc_zeros::<u16>(capacity * kvw)?);
-            v.push(st.alloc_zeros::<u16>(capacity * kvw)?);
+            k.push(st.alloc_zeros::<u16>(seqs * capacity * kvw)?);
+            v.push(st.alloc_zeros::<u16>(seqs * capacity * kvw)?);
         }
         let ws_bytes = s
             .linears()
@@ -199,7 +212,7 @@ impl<'b> CudaForward<'b> {
             .max(16);
         Ok(CudaForward {
             rope: st.clone_htod(&w.rope[..capacity * half * 2])?,
-            len_dev: st.alloc_zeros::<u32>(1)?,
+            len_dev: st.alloc_zeros::<u32>(seqs)?,
             tokens_dev: st.alloc_zeros::<u32>(MAX_STEP)?,
             ws: st.alloc_zeros::<u8>(ws_bytes)?,
             attn_ws: st
@@ -209,7 +222,7 @@ impl<'b> CudaForward<'b> {
             acts,
             k,
             v,
-            seq: SeqState::new(w.active.clone(), capacity),
+            seq,
             stats: None,
             verify: None,
             graphs: HashMap::new(),
@@ -217,8 +230,31 @@ impl<'b> CudaForward<'b> {
         })
     }
 
+    /// Positions in the cache (of the first sequence).
     pub fn len(&self) -> usize {
-        self.seq.len
+        self.seq.len()
+    }
+
+    /// Every sequence's positions.
+    pub fn lens(&self) -> &[usize] {
+        self.seq.lens()
+    }
+
+    /// One step of every sequence of the batch: `tokens` holds m tokens per sequence, sequence by
+    /// sequence (at most 16 in all). Returns the logits `[seqs · m, vocab]`.
+    pub fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        super::check_vocab(tokens, self.w.shape.vocab)?;
+        self.enqueue(tokens, true)?;
+        let rows = tokens.len() * self.w.shape.vocab;
+        Ok(self
+            .cuda
+            .stream()
+            .clone_dtoh(&self.logits()?.slice(..rows))?)
+    }
+
+    /// Forgets every position of sequence `seq` from `len` on.
+    pub fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
+        self.seq.truncate_seq(seq, len)
     }
 
     /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
@@ -234,7 +270,7 @@ impl<'b> CudaForward<'b> {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seq.len == 0
+        self.seq.len() == 0
     }
 
     /// Forgets every position from `len` on.
@@ -244,7 +280,8 @@ impl<'b> CudaForward<'b> {
 
     /// Logits `[keep, vocab]` of the last `keep` positions after `tokens` (chunks of ≤ 16).
     pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
-        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.w.shape.vocab);
+        self.seq.single()?;
+        let (len, capacity, vocab) = (self.seq.len(), self.seq.capacity, self.w.shape.vocab);
         forward_chunks(tokens, keep, len, capacity, vocab, |ch, want| {
             self.enqueue(ch, want)?;
             if !want {
@@ -262,7 +299,8 @@ impl<'b> CudaForward<'b> {
     /// Appends `tokens` leaving the last chunk's logits in the device's logits buffer (nothing
     /// read back, the host does not wait); returns how many rows that chunk has.
     fn advance(&mut self, tokens: &[u32]) -> Result<usize> {
-        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.w.shape.vocab);
+        self.seq.single()?;
+        let (len, capacity, vocab) = (self.seq.len(), self.seq.capacity, self.w.shape.vocab);
         let mut last = 0;
         resident_chunks(tokens, len, capacity, vocab, |ch, want| {
             last = ch.len();
@@ -276,16 +314,19 @@ impl<'b> CudaForward<'b> {
         logits_of(&self.acts)
     }
 
-    /// Enqueues one chunk (tokens and length copied to the device, then the program); the host
-    /// does not wait.
+    /// Enqueues one chunk of m positions per sequence (tokens and lengths copied to the device,
+    /// then the program); the host does not wait.
     fn enqueue(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
-        let m = tokens.len();
-        check_step(m, self.seq.len, self.seq.capacity)?;
+        let m = self.seq.check_batch(tokens.len())?;
         let st = self.cuda.stream().clone();
         st.memcpy_htod(tokens, &mut self.tokens_dev)?;
-        st.memcpy_htod(&[self.seq.len as u32], &mut self.len_dev)?;
+        let mut lens = [0u32; MAX_STEP];
+        for (d, &l) in lens.iter_mut().zip(self.seq.lens()) {
+            *d = l as u32;
+        }
+        st.memcpy_htod(&lens[..self.seq.seqs()], &mut self.len_dev)?;
         self.launch_program(m, logits)?;
-        self.seq.len += m;
+        self.seq.advance(m);
         Ok(())
     }
 
@@ -326,16 +367,18 @@ impl<'b> CudaForward<'b> {
         graph?.ok_or_else(|| Error::CudaCall("capturing a step produced no graph".to_string()))
     }
 
-    /// Mean device time of one step of `m` positions at cache length `at` (CUDA events, the L2
-    /// flushed before each), the LM head included; the cache length is reset before each step.
-    /// With graphs on, the capture happens in the untimed warm-up.
+    /// Mean device time of one step of `m` positions of every sequence, each at cache length `at`
+    /// (CUDA events, the L2 flushed before each), the LM head included; the cache lengths are
+    /// reset before each step. With graphs on, the capture happens in the untimed warm-up.
     pub fn time_step(&mut self, m: usize, at: usize, iters: u32) -> Result<Duration> {
-        check_step(m, at, self.seq.capacity)?;
+        let seqs = self.seq.seqs();
+        crate::backend::forward::check_batch(seqs * m, &vec![at; seqs], self.seq.capacity)?;
         let st = self.cuda.stream().clone();
-        st.memcpy_htod(&vec![0u32; m], &mut self.tokens_dev)?;
+        st.memcpy_htod(&vec![0u32; seqs * m], &mut self.tokens_dev)?;
+        let lens = vec![at as u32; seqs];
         let cuda = self.cuda;
         cuda.time_cold(iters, || {
-            st.memcpy_htod(&[at as u32], &mut self.len_dev)?;
+            st.memcpy_htod(&lens, &mut self.len_dev)?;
             self.launch_program(m, true)
         })
     }
@@ -347,13 +390,16 @@ impl<'b> CudaForward<'b> {
             .ok_or_else(|| Error::Other(format!("activation {a:?} is missing (a failed launch)")))
     }
 
+    /// One launch of the program at `m` positions per sequence (row-wise kernels take every
+    /// sequence's rows).
     fn run(&mut self, op: Op, m: usize) -> Result<()> {
         let s = self.w.shape;
         let c = self.cuda;
+        let (seqs, rows) = (self.seq.seqs(), self.seq.seqs() * m);
         match op {
             Op::Embed => {
                 let mut x = self.take(Act::X)?;
-                let r = c.launch_embed(&self.w.table, &self.tokens_dev, &mut x, s.hidden, m);
+                let r = c.launch_embed(&self.w.table, &self.tokens_dev, &mut x, s.hidden, rows);
                 self.acts.insert(Act::X, x);
                 r
             }
@@ -369,7 +415,7 @@ impl<'b> CudaForward<'b> {
                     &self.w.norms[&norm],
                     &mut xn,
                     s.hidden,
-                    m,
+                    rows,
                     self.w.eps,
                 );
                 self.acts.insert(Act::X, x);
@@ -382,7 +428,7 @@ impl<'b> CudaForward<'b> {
                     &self.w.mats[&w],
                     &self.acts[&x],
                     &mut out,
-                    m,
+                    rows,
                     &mut self.ws,
                 );
                 self.acts.insert(y, out);
@@ -395,6 +441,7 @@ impl<'b> CudaForward<'b> {
                     v: &mut self.v[layer],
                     len: &self.len_dev,
                     capacity: self.seq.capacity,
+                    seqs,
                 };
                 let r = c.launch_qkv_rope(
                     &self.acts[&Act::Qkv],
@@ -416,6 +463,7 @@ impl<'b> CudaForward<'b> {
                     v: &mut self.v[layer],
                     len: &self.len_dev,
                     capacity: self.seq.capacity,
+                    seqs,
                 };
                 let r = c.launch_attention(
                     &self.acts[&Act::Q],
@@ -431,7 +479,7 @@ impl<'b> CudaForward<'b> {
             }
             Op::SiluMul => {
                 let mut out = self.take(Act::Ffn)?;
-                let r = c.launch_silu_mul(&self.acts[&Act::Gu], &mut out, s.ffn, m);
+                let r = c.launch_silu_mul(&self.acts[&Act::Gu], &mut out, s.ffn, rows);
                 self.acts.insert(Act::Ffn, out);
                 r
             }
@@ -445,7 +493,7 @@ impl Pass for CudaForward<'_> {
         Ok(&self.seq.last)
     }
     fn len(&self) -> usize {
-        self.seq.len
+        self.seq.len()
     }
     fn truncate(&mut self, len: usize) {
         CudaForward::truncate(self, len)

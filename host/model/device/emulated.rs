@@ -6,16 +6,17 @@ use std::collections::HashMap;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use super::{forward_chunks, resident_chunks, Act, DeviceView, Op, SeqState};
+use super::{check_vocab, forward_chunks, resident_chunks, Act, DeviceView, Op, SeqState};
 use crate::backend::emulate::{Emulator, Stop};
-use crate::backend::forward::{check_step, AlignedF32, MAX_STEP};
+use crate::backend::forward::{AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
 use crate::model::pass::{fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::{Config, Model};
 use crate::stats::{Logits, LogitsData, StatsOptions};
 use crate::verify::{VerifyOutput, VerifyStep};
 
-/// A model's decode state on the emulator: activations, KV cache, cache length.
+/// A model's decode state on the emulator: activations, KV cache, cache length — of one sequence,
+/// or of a batch stepped together ([`EmulatedForward::new_batch`]).
 pub struct EmulatedForward<'m> {
     view: DeviceView<'m>,
     emu: Emulator,
@@ -36,6 +37,18 @@ impl<'m> EmulatedForward<'m> {
         sm_count: u32,
         capacity: usize,
     ) -> Result<EmulatedForward<'m>> {
+        Self::new_batch(model, emu, sm_count, capacity, 1)
+    }
+
+    /// A decode state of `seqs` sequences of up to `capacity` positions each, stepped together
+    /// ([`EmulatedForward::step_batch`]).
+    pub fn new_batch(
+        model: &'m Model,
+        emu: Emulator,
+        sm_count: u32,
+        capacity: usize,
+        seqs: usize,
+    ) -> Result<EmulatedForward<'m>> {
         let view = DeviceView::new(model)?;
         if capacity == 0 || capacity > model.cfg.context {
             return Err(Error::Other(format!(
@@ -50,20 +63,38 @@ impl<'m> EmulatedForward<'m> {
             .collect();
         let kvw = s.heads.kv_width();
         Ok(EmulatedForward {
-            seq: SeqState::new(view.active().to_vec(), capacity),
+            seq: SeqState::new(view.active().to_vec(), capacity, seqs)?,
             rope: view.rope_table(capacity),
             view,
             emu,
             sm_count,
             acts,
-            k: vec![vec![0; capacity * kvw]; s.layers],
-            v: vec![vec![0; capacity * kvw]; s.layers],
+            k: vec![vec![0; seqs * capacity * kvw]; s.layers],
+            v: vec![vec![0; seqs * capacity * kvw]; s.layers],
         })
     }
 
-    /// Positions in the cache.
+    /// Positions in the cache (of the first sequence).
     pub fn len(&self) -> usize {
-        self.seq.len
+        self.seq.len()
+    }
+
+    /// Every sequence's positions.
+    pub fn lens(&self) -> &[usize] {
+        self.seq.lens()
+    }
+
+    /// One step of every sequence of the batch: `tokens` holds m tokens per sequence, sequence by
+    /// sequence (at most 16 in all). Returns the logits `[seqs · m, vocab]`.
+    pub fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        check_vocab(tokens, self.view.shape.vocab)?;
+        self.chunk(tokens, true)?;
+        Ok(self.rows(Act::Logits, tokens.len()).to_vec())
+    }
+
+    /// Forgets every position of sequence `seq` from `len` on.
+    pub fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
+        self.seq.truncate_seq(seq, len)
     }
 
     /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
@@ -72,7 +103,7 @@ impl<'m> EmulatedForward<'m> {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seq.len == 0
+        self.seq.len() == 0
     }
 
     /// Forgets every position from `len` on (rejected drafts).
@@ -83,7 +114,8 @@ impl<'m> EmulatedForward<'m> {
     /// Logits `[keep, vocab]` of the last `keep` positions after `tokens`, appended to the cache
     /// in chunks of at most 16 (the CPU pass's [`Model::forward`], on the device kernels).
     pub fn forward(&mut self, tokens: &[u32], keep: usize) -> Result<Vec<f32>> {
-        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.view.shape.vocab);
+        self.seq.single()?;
+        let (len, capacity, vocab) = (self.seq.len(), self.seq.capacity, self.view.shape.vocab);
         forward_chunks(tokens, keep, len, capacity, vocab, |ch, want| {
             self.chunk(ch, want)?;
             Ok(if want {
@@ -97,7 +129,8 @@ impl<'m> EmulatedForward<'m> {
     /// Appends `tokens` leaving the logits of the last chunk's positions in the device's logits
     /// buffer (nothing read back); returns how many rows that chunk has.
     fn advance(&mut self, tokens: &[u32]) -> Result<usize> {
-        let (len, capacity, vocab) = (self.seq.len, self.seq.capacity, self.view.shape.vocab);
+        self.seq.single()?;
+        let (len, capacity, vocab) = (self.seq.len(), self.seq.capacity, self.view.shape.vocab);
         let mut last = 0;
         resident_chunks(tokens, len, capacity, vocab, |ch, want| {
             last = ch.len();
@@ -106,15 +139,14 @@ impl<'m> EmulatedForward<'m> {
         Ok(last)
     }
 
-    /// One chunk of at most 16 positions through the program.
+    /// One chunk of at most 16 rows through the program: m positions of every sequence.
     fn chunk(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
-        let m = tokens.len();
-        check_step(m, self.seq.len, self.seq.capacity)?;
+        let m = self.seq.check_batch(tokens.len())?;
         for k in 0..self.seq.program(logits).len() {
             let op = self.seq.program(logits)[k];
             self.run(op, tokens)?;
         }
-        self.seq.len += m;
+        self.seq.advance(m);
         Ok(())
     }
 
@@ -156,25 +188,25 @@ impl<'m> EmulatedForward<'m> {
                 self.put(y, &out);
             }
             Op::QkvRope { layer } => {
-                let q = self.emu.qkv_rope(
+                let q = self.emu.qkv_rope_batch(
                     rows(&self.acts, Act::Qkv, m, &s),
                     self.view.bias(layer),
                     &self.rope,
                     s.heads,
                     s.neox,
-                    self.seq.len,
+                    self.seq.lens(),
                     &mut self.k[layer],
                     &mut self.v[layer],
                 )?;
                 self.put(Act::Q, &q);
             }
             Op::Attention { layer } => {
-                let att = self.emu.attention_v2(
+                let att = self.emu.attention_v2_batch(
                     self.rows(Act::Q, m),
                     &self.k[layer],
                     &self.v[layer],
                     s.heads,
-                    self.seq.len,
+                    self.seq.lens(),
                     self.sm_count,
                 )?;
                 self.put(Act::Att, &att);
@@ -203,7 +235,7 @@ impl Pass for EmulatedForward<'_> {
         Ok(&self.seq.last)
     }
     fn len(&self) -> usize {
-        self.seq.len
+        self.seq.len()
     }
     fn truncate(&mut self, len: usize) {
         EmulatedForward::truncate(self, len)

@@ -156,27 +156,85 @@ pub fn program(active: &[bool], logits: bool) -> Vec<Op> {
     ops
 }
 
-/// What both executors keep about their sequence besides the buffers: which layers run and the
-/// launch programs for them (built once, not per step), the cache length and capacity, and the last
+/// What both executors keep about their sequences besides the buffers: which layers run and the
+/// launch programs for them (built once, not per step), each sequence's cache length (one unless
+/// the state is batched) and their capacity, and the last
 /// [`Pass::run`](crate::model::Pass::run)'s logits.
 pub(crate) struct SeqState {
     active: Vec<bool>,
     /// Without and with the LM head.
     programs: [Vec<Op>; 2],
-    pub len: usize,
+    /// Every sequence's length.
+    lens: Vec<usize>,
     pub capacity: usize,
     pub last: Vec<f32>,
 }
 
 impl SeqState {
-    pub(crate) fn new(active: Vec<bool>, capacity: usize) -> SeqState {
-        SeqState {
+    pub(crate) fn new(active: Vec<bool>, capacity: usize, seqs: usize) -> Result<SeqState> {
+        if seqs == 0 || seqs > crate::backend::forward::MAX_STEP {
+            return Err(Error::Other(format!(
+                "{seqs} sequences in a batch: 1 to {} (one position each in a step of at most {0} \
+                 rows)",
+                crate::backend::forward::MAX_STEP
+            )));
+        }
+        Ok(SeqState {
             programs: [program(&active, false), program(&active, true)],
             active,
-            len: 0,
+            lens: vec![0; seqs],
             capacity,
             last: Vec::new(),
+        })
+    }
+
+    /// The first sequence's length (the only one of an unbatched state).
+    pub(crate) fn len(&self) -> usize {
+        self.lens[0]
+    }
+
+    pub(crate) fn seqs(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Every sequence's length.
+    pub(crate) fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// The single-sequence calls (the [`Pass`](crate::model::Pass) methods) on a batched state are
+    /// an error: it steps with its batch calls.
+    pub(crate) fn single(&self) -> Result<()> {
+        if self.seqs() != 1 {
+            return Err(Error::Other(format!(
+                "a forward state of {} sequences steps them together (`step_batch`)",
+                self.seqs()
+            )));
         }
+        Ok(())
+    }
+
+    /// A step of `rows` tokens over every sequence checked: returns its positions per sequence.
+    pub(crate) fn check_batch(&self, rows: usize) -> Result<usize> {
+        crate::backend::forward::check_batch(rows, &self.lens, self.capacity)
+    }
+
+    /// After a step: every sequence holds `m` more positions.
+    pub(crate) fn advance(&mut self, m: usize) {
+        for l in &mut self.lens {
+            *l += m;
+        }
+    }
+
+    /// Forgets every position of sequence `seq` from `len` on.
+    pub(crate) fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
+        let n = self.lens.len();
+        let l = self
+            .lens
+            .get_mut(seq)
+            .ok_or_else(|| Error::Other(format!("sequence {seq} of a batch of {n}")))?;
+        *l = len.min(*l);
+        Ok(())
     }
 
     /// The launches of a chunk, with the LM head when `logits`.
@@ -198,9 +256,10 @@ impl SeqState {
         Ok(())
     }
 
-    /// Forgets every position from `len` on: only the length changes, as on the device.
+    /// Forgets every position from `len` on (of the first sequence): only the length changes, as
+    /// on the device.
     pub(crate) fn truncate(&mut self, len: usize) {
-        self.len = len.min(self.len);
+        self.lens[0] = len.min(self.lens[0]);
     }
 }
 
@@ -224,6 +283,16 @@ pub(crate) fn resident_chunks(
     Ok(())
 }
 
+/// Every token is inside the vocabulary.
+pub(crate) fn check_vocab(tokens: &[u32], vocab: usize) -> Result<()> {
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Other(format!(
+            "token {t} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}
+
 /// A call's tokens, `keep` and room in the cache, checked.
 fn check_call(
     tokens: &[u32],
@@ -241,11 +310,7 @@ fn check_call(
             tokens.len()
         )));
     }
-    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Other(format!(
-            "token {t} is outside the vocabulary of {vocab}"
-        )));
-    }
+    check_vocab(tokens, vocab)?;
     if len + tokens.len() > capacity {
         return Err(Error::Other(format!(
             "{} positions exceed the KV cache's {capacity}",
