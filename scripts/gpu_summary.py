@@ -103,3 +103,10 @@ if len(sys.argv) > 4:
         f.write("| goal | measured | target | status |\n| --- | --- | --- | --- |\n")
         for g in goals:
             f.write(f"| {g['goal']} | {g['value']} | {g['target']} | {g['status']} |\n")
+        rows = [(r.get("format"), b) for r in step.get("regimes", []) for b in r.get("batched", [])]
+        if rows:
+            f.write("\n| batched decode step (1.5B target, not a goal) | sequences | ms per step "
+                    "| ms per token | × batch 1's tokens/s |\n| --- | --- | --- | --- | --- |\n")
+            for fmt, b in rows:
+                f.write(f"| {fmt} | {b['seqs']} | {b['ms']:.3f} | {b['ms_per_token']:.3f} "
+                        f"| {b['speedup']:.2f} |\n")

@@ -194,3 +194,29 @@ fn backend_without_a_device_or_device_kernels_is_an_error() {
     );
     assert!(!ok && err.contains("CUDA backend is unavailable"), "{err}");
 }
+
+/// `bench step --shapes` checks its options before it looks for a GPU: a batch larger than one
+/// step holds, a "batch" of one, no timed launches.
+#[test]
+fn bench_step_refuses_bad_options_before_any_gpu_work() {
+    for (flag, value, says) in [
+        ("--batch-sizes", "4,17", "batch size 17"),
+        ("--batch-sizes", "1", "batch size 1"),
+        ("--iters", "0", "--iters"),
+    ] {
+        let (ok, _, err) = speckv(
+            &[
+                "--backend",
+                "cuda",
+                "bench",
+                "step",
+                "--shapes",
+                "qwen2.5-coder-0.5b",
+                flag,
+                value,
+            ],
+            false,
+        );
+        assert!(!ok && err.contains(says), "{flag} {value}: {err}");
+    }
+}

@@ -80,6 +80,10 @@ pub enum Command {
         /// With --shapes: timed launches per measurement.
         #[arg(long, default_value_t = 20)]
         iters: u32,
+        /// With --shapes: also time decode steps of this many sequences together (one position
+        /// each, 2..=16), e.g. 4,16.
+        #[arg(long, value_delimiter = ',')]
+        batch_sizes: Vec<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -176,18 +180,16 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
             draft_shapes,
             position,
             iters,
+            batch_sizes,
             json,
         } => {
             let _ = seconds;
-            device_step(
-                backend,
-                &t,
-                draft_shapes.as_deref(),
+            let o = speckv::measure::device_step::StepOptions {
                 position,
                 iters,
-                out_dir,
-                json,
-            )
+                batches: batch_sizes,
+            };
+            device_step(backend, &t, draft_shapes.as_deref(), &o, out_dir, json)
         }
         Command::Step {
             out_dir,
@@ -370,8 +372,7 @@ fn device_step(
     backend: BackendKind,
     target: &str,
     draft: Option<&str>,
-    position: usize,
-    iters: u32,
+    o: &speckv::measure::device_step::StepOptions,
     out_dir: PathBuf,
     json: bool,
 ) -> speckv::Result<()> {
@@ -382,15 +383,11 @@ fn device_step(
                 .to_string(),
         ));
     }
-    if iters == 0 || position == 0 {
-        return Err(Error::Other(
-            "--iters and --position must be at least 1".to_string(),
-        ));
-    }
+    o.check()?;
     let t = named_shape(target)?;
     let d = named_shape(draft.unwrap_or(target))?;
     let cuda = speckv::backend::cuda::CudaBackend::new(0)?;
-    let r = speckv::measure::device_step::device_steps(&cuda, &t, &d, position, iters)?;
+    let r = speckv::measure::device_step::device_steps(&cuda, &t, &d, o)?;
     std::fs::create_dir_all(&out_dir).map_err(|source| Error::Io {
         context: format!("creating {}", out_dir.display()),
         source,
@@ -428,6 +425,12 @@ fn device_step(
                 .map(|v| (v * 1000.0).round() / 1000.0)
                 .collect::<Vec<_>>()
         );
+        for b in &s.batched {
+            println!(
+                "      batch {:>2}: {:.3} ms per step, {:.3} ms per token ({:.1}× batch 1's tokens/s)",
+                b.seqs, b.ms, b.ms_per_token, b.speedup
+            );
+        }
     }
     println!("written: {}/cost_{{fp16,int8,nf4}}.json", out_dir.display());
     Ok(())

@@ -31,7 +31,7 @@ pub struct Args {
     /// softmax_stats: rows of logits.
     #[arg(long)]
     rows: Option<u32>,
-    /// verify: sequences.
+    /// verify, step: sequences (step: default 1).
     #[arg(long)]
     batch: Option<u32>,
     /// verify: γmax.
@@ -148,7 +148,9 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             let m = need(a.m, "m")?;
             let shape =
                 speckv::model::device::Shape::of(&speckv::model::device::named_shape(name)?)?;
-            let ops = speckv::model::device::step_plan(&shape, format, m as usize, sms)?;
+            let seqs = need(a.batch.or(Some(1)), "batch")?;
+            let ops =
+                speckv::model::device::step_plan(&shape, format, m as usize, seqs as usize, sms)?;
             let launches: Vec<LaunchPlan> = ops.iter().map(|(_, p)| p.clone()).collect();
             let fewest = launches
                 .iter()

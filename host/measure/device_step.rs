@@ -4,7 +4,9 @@
 //! M = 1 in FP16, each a mean over timed launches with the L2 flushed before each, replayed as
 //! captured CUDA graphs (the cost model) and issued launch by launch (`eager_*`). Written as the
 //! cost model `speckv profile` writes, so `evaluate --cost` and `bench decode --cost` turn the
-//! CPU-measured traces into predicted GPU tokens per second.
+//! CPU-measured traces into predicted GPU tokens per second. With `--batch-sizes`, decode steps of
+//! B sequences (one position each, every sequence at the same cache length) too: what a batch pays
+//! per token once the weights are streamed for all of its rows.
 
 use serde::Serialize;
 
@@ -33,6 +35,49 @@ pub struct RegimeStep {
     /// The same steps with every launch issued by the host (no CUDA graph), M = γ + 1: what the
     /// graphs save in launch gaps.
     pub eager_verify_ms: Vec<f64>,
+    /// Decode steps of several sequences together (M = 1 each), as asked.
+    pub batched: Vec<BatchStep>,
+}
+
+/// One batched decode step: `seqs` sequences, one new position each.
+#[derive(Debug, Serialize)]
+pub struct BatchStep {
+    pub seqs: usize,
+    pub ms: f64,
+    /// ms per sequence: the cost of a token at this batch size.
+    pub ms_per_token: f64,
+    /// The batch-1 step's ms over ms_per_token: how many times the batch-1 throughput.
+    pub speedup: f64,
+}
+
+/// What `bench step --shapes` measures besides the shapes.
+#[derive(Clone, Debug)]
+pub struct StepOptions {
+    /// Cache length the steps attend over.
+    pub position: usize,
+    /// Timed launches per measurement.
+    pub iters: u32,
+    /// Batch sizes of the batched decode steps (each 2..=16; empty: none).
+    pub batches: Vec<usize>,
+}
+
+impl StepOptions {
+    /// At least one launch at a cache length of at least 1; batch sizes within one step.
+    pub fn check(&self) -> Result<()> {
+        use crate::error::Error;
+        if self.iters == 0 || self.position == 0 {
+            return Err(Error::Other(
+                "--iters and --position must be at least 1".to_string(),
+            ));
+        }
+        let max = crate::backend::forward::MAX_STEP;
+        if let Some(&b) = self.batches.iter().find(|&&b| b < 2 || b > max) {
+            return Err(Error::Other(format!(
+                "batch size {b}: 2 to {max} sequences (one position each in a step)"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -49,14 +94,16 @@ pub struct DeviceSteps {
     pub regimes: Vec<RegimeStep>,
 }
 
-/// Times the target's step in every regime and the draft's (FP16) at cache length `position`.
+/// Times the target's step in every regime and the draft's (FP16) at cache length `position`,
+/// and the target's batched decode steps.
 pub fn device_steps(
     cuda: &CudaBackend,
     target: &Config,
     draft: &Config,
-    position: usize,
-    iters: u32,
+    o: &StepOptions,
 ) -> Result<DeviceSteps> {
+    o.check()?;
+    let (position, iters) = (o.position, o.iters);
     let capacity = position + GAMMA_MAX + 1;
     let bw = cuda.copy_bandwidth(256 << 20, iters.max(3))?;
     let dw = DeviceWeights::synthetic(cuda, draft, Format::Fp16, capacity)?;
@@ -81,6 +128,17 @@ pub fn device_steps(
         for g in 0..=GAMMA_MAX {
             eager_verify_ms.push(t.time_step(g + 1, position, iters)?.as_secs_f64() * 1e3);
         }
+        let mut batched = Vec::new();
+        for &seqs in &o.batches {
+            let mut b = CudaForward::new_batch(cuda, &tw, capacity, seqs)?;
+            let ms = b.time_step(1, position, iters)?.as_secs_f64() * 1e3;
+            batched.push(BatchStep {
+                seqs,
+                ms,
+                ms_per_token: ms / seqs as f64,
+                speedup: verify_ms[0] / (ms / seqs as f64),
+            });
+        }
         let stream_ms = weight_bytes as f64 / (bw / 2.0) * 1e3;
         regimes.push(RegimeStep {
             format,
@@ -103,6 +161,7 @@ pub fn device_steps(
             weight_bytes,
             stream_ms,
             eager_verify_ms,
+            batched,
         });
     }
     Ok(DeviceSteps {

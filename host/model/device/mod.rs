@@ -519,18 +519,21 @@ impl<'m> DeviceView<'m> {
     }
 }
 
-/// The launch of every op of one forward step of `m` positions (LM head included) at `shape`
-/// with the linear layers in `format`, planned for `sm_count` SMs: what the CUDA executor
-/// launches, for `speckv plan --kernel step`.
+/// The launch of every op of one forward step of `m` positions of each of `seqs` sequences (LM
+/// head included) at `shape` with the linear layers in `format`, planned for `sm_count` SMs: what
+/// the CUDA executor launches, for `speckv plan --kernel step`. Every kernel's rows are the batch's
+/// `seqs · m`.
 pub fn step_plan(
     shape: &Shape,
     format: crate::weights::quant::Format,
     m: usize,
+    seqs: usize,
     sm_count: u32,
 ) -> Result<Vec<(Op, crate::plan::LaunchPlan)>> {
     use crate::plan;
-    crate::backend::forward::check_step(m, 0, m)?;
-    let m32 = m as u32;
+    let rows = seqs * m;
+    crate::backend::forward::check_batch(rows, &vec![0; seqs], m)?;
+    let m32 = rows as u32;
     let h = shape.heads;
     let mut out = Vec::new();
     for op in program(&vec![true; shape.layers], true) {
