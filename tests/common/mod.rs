@@ -190,7 +190,8 @@ pub mod tiny {
         spec
     }
 
-    /// Writes `spec` as a GGUF file.
+    /// Writes `spec` as a GGUF file: into a file of this thread's, then renamed into place, so a
+    /// test reading `path` while another rewrites it (the same tiny model) sees a whole file.
     pub fn write(spec: &Spec, path: &Path) {
         let qs: Vec<(String, QTensor)> = spec
             .tensors
@@ -202,7 +203,10 @@ pub mod tiny {
             .collect();
         let md: Vec<(&str, &Value)> = spec.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let ts: Vec<(&str, &QTensor)> = qs.iter().map(|(n, q)| (n.as_str(), q)).collect();
-        let mut f = std::fs::File::create(path).unwrap();
+        let part = path.with_extension(format!("part-{:?}", std::thread::current().id()));
+        let mut f = std::fs::File::create(&part).unwrap();
         gguf_file::write(&mut f, &md, &ts).unwrap();
+        drop(f);
+        std::fs::rename(&part, path).unwrap();
     }
 }
