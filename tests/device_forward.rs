@@ -672,3 +672,129 @@ fn cuda_batched_sequences_step_as_each_alone() {
         batch_matches_single_sequences(&mut batch, &mut single, &format!("cuda, graphs {graphs}"));
     }
 }
+
+/// A draft phase (`Pass::draft_run`: γ chosen up front; on CUDA enqueued at once, each token fed
+/// from the previous pass's statistics on the device) against the same drafts made one
+/// `run_stats` at a time on a twin pass: the same tokens, statistics, accumulator and rows, bit for
+/// bit, and the same cache afterwards (the next step's logits equal). Greedy and sampled, fed one
+/// token and two. Misuse is an error that leaves the cache as it was.
+fn draft_phase_matches_stepwise(a: &mut dyn Pass, b: &mut dyn Pass, label: &str) {
+    use speckv::model::DraftRun;
+    let head = prompt();
+    a.run(&head, 1).unwrap();
+    b.run(&head, 1).unwrap();
+    let at = a.len();
+    for (temperature, feed) in [
+        (0.0f32, vec![21u32]),
+        (0.8, vec![5, 77]),
+        (0.0, vec![9, 300]),
+    ] {
+        let ctx = format!("{label}, T = {temperature}, feed {feed:?}");
+        let opts = StatsOptions {
+            temperature,
+            sample: temperature > 0.0,
+            seed: 4,
+            step: 10,
+            accumulate: Accumulate::Reset,
+        };
+        let gamma = 4;
+        let mut run = DraftRun::default();
+        a.draft_run(&feed, gamma, &opts, temperature > 0.0, &mut run)
+            .unwrap();
+        // The twin, one pass at a time.
+        let mut acc = [FeatureAccum::EMPTY];
+        let mut input = feed.clone();
+        let mut rows = Vec::new();
+        for j in 0..gamma {
+            let o = StatsOptions {
+                step: 10 + j as u64,
+                accumulate: if j == 0 {
+                    Accumulate::Reset
+                } else {
+                    Accumulate::Add
+                },
+                ..opts
+            };
+            let (st, row) = b.run_stats(&input, &o, &mut acc, true, None).unwrap();
+            rows.extend_from_slice(row.unwrap());
+            let x = if temperature == 0.0 {
+                st.argmax
+            } else {
+                st.sampled
+            };
+            assert_eq!(run.tokens[j] as i32, x, "{ctx}: token {j}");
+            assert_eq!(run.stats[j], st, "{ctx}: statistics {j}");
+            input = vec![x as u32];
+        }
+        assert_eq!(run.accum, acc[0], "{ctx}: accumulator");
+        if temperature > 0.0 {
+            assert_eq!(run.rows, rows, "{ctx}: rows");
+        } else {
+            assert!(run.rows.is_empty(), "{ctx}: no rows unless asked");
+        }
+        let len = at + feed.len() + gamma - 1;
+        assert_eq!(
+            (a.len(), b.len()),
+            (len, len),
+            "{ctx}: the last draft is not fed"
+        );
+        let last = *run.tokens.last().unwrap();
+        assert_eq!(
+            a.run(&[last], 1).unwrap().to_vec(),
+            b.run(&[last], 1).unwrap().to_vec(),
+            "{ctx}: the caches agree"
+        );
+        a.truncate(at);
+        b.truncate(at);
+    }
+    let mut run = DraftRun::default();
+    let greedy = StatsOptions {
+        temperature: 0.0,
+        sample: false,
+        seed: 0,
+        step: 0,
+        accumulate: Accumulate::Reset,
+    };
+    let unsampled = StatsOptions {
+        temperature: 0.5,
+        ..greedy
+    };
+    for (feed, gamma, o) in [
+        (vec![1u32], 0usize, greedy),
+        (vec![1], 16, greedy),
+        (vec![], 2, greedy),
+        (vec![1], 2, unsampled),
+        (vec![512], 2, greedy),
+    ] {
+        assert!(
+            a.draft_run(&feed, gamma, &o, false, &mut run).is_err(),
+            "{label}: {feed:?} γ {gamma}"
+        );
+    }
+    assert_eq!(a.len(), at, "{label}: refusals leave the cache alone");
+}
+
+#[test]
+fn draft_phases_equal_their_drafts_one_by_one() {
+    let m = model("qwen2", Format::Nf4);
+    let mut a = EmulatedForward::new(&m, Emulator::new(128), 132, 64).unwrap();
+    let mut b = EmulatedForward::new(&m, Emulator::new(64), 132, 64).unwrap();
+    draft_phase_matches_stepwise(&mut a, &mut b, "emulator");
+    let mut a = CpuPass::new(&m, None);
+    let mut b = CpuPass::new(&m, None);
+    draft_phase_matches_stepwise(&mut a, &mut b, "cpu");
+}
+
+#[test]
+fn cuda_draft_phases_equal_their_drafts_one_by_one() {
+    use speckv::model::device::{CudaForward, DeviceView, DeviceWeights};
+    let Some(cuda) = common::cuda() else { return };
+    let m = model("qwen2", Format::Nf4);
+    let w = DeviceWeights::upload(cuda, &DeviceView::new(&m).unwrap(), 64).unwrap();
+    for graphs in [true, false] {
+        let mut a = CudaForward::new(cuda, &w, 64).unwrap();
+        let mut b = CudaForward::new(cuda, &w, 64).unwrap();
+        a.set_graphs(graphs);
+        draft_phase_matches_stepwise(&mut a, &mut b, &format!("cuda, graphs {graphs}"));
+    }
+}

@@ -8,7 +8,7 @@ use speckv_kernels::params::FeatureAccum;
 use crate::controller::hazard::{AutoState, StopRule};
 use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
 use crate::error::{Error, Result};
-use crate::model::{CpuPass, Model, Pass};
+use crate::model::{CpuPass, DraftRun, Model, Pass};
 use crate::stats::{Accumulate, StatsOptions};
 use crate::verify::{VerifyOutput, VerifyStep};
 
@@ -91,15 +91,18 @@ fn speculative_loop(
     let prefill = start.elapsed().as_secs_f64();
     let mut pending = last[0];
     // Every buffer of the loop, sized for its largest step here: a step allocates nothing.
+    let greedy = cfg.temperature == 0.0;
     let gm = cfg.gamma_max as usize;
     let mut backlog: Vec<u32> = Vec::with_capacity(room);
     let mut feed: Vec<u32> = Vec::with_capacity(room);
     let mut out: Vec<u32> = Vec::with_capacity(cfg.max_tokens);
     let mut xs: Vec<u32> = Vec::with_capacity(gm);
-    let mut qrows: Vec<f32> = Vec::with_capacity(gm * v);
+    // Draft rows are kept only when sampling (verification then needs the draft's distribution).
+    let mut qrows: Vec<f32> = Vec::with_capacity(if greedy { 0 } else { gm * v });
     let mut tin: Vec<u32> = Vec::with_capacity(gm + 1);
     let mut tokens: Vec<i32> = Vec::with_capacity(gm);
     let mut vout = VerifyOutput::new(1, gm);
+    let mut run = DraftRun::default();
     let mut trace = StepTrace {
         position: 0,
         entropy: Vec::with_capacity(gm),
@@ -121,7 +124,6 @@ fn speculative_loop(
     let (mut steps, mut drafted, mut accepted_total) = (0usize, 0usize, 0usize);
     let mut prev_accum: Option<FeatureAccum> = None;
     let mut heuristic_gamma = 4u32;
-    let greedy = cfg.temperature == 0.0;
     let mut rng_step = 0u64;
     'outer: while out.len() < cfg.max_tokens {
         let gmax = match policy {
@@ -167,7 +169,33 @@ fn speculative_loop(
         feed.extend_from_slice(&backlog);
         backlog.clear();
         feed.push(pending);
-        while (xs.len() as u32) < gmax {
+        // A γ chosen before drafting needs no per-token decision: the pass runs the whole phase
+        // (on CUDA enqueued at once, each token fed on the device, one wait).
+        let up_front = matches!(
+            policy,
+            Policy::Fixed(_) | Policy::SpecKv(_) | Policy::Heuristic
+        );
+        if up_front && gmax > 0 {
+            let o = StatsOptions {
+                temperature: cfg.temperature,
+                sample: !greedy,
+                seed: crate::philox::derive(cfg.seed, crate::philox::PURPOSE_DRAFT, 0),
+                step: rng_step,
+                accumulate: Accumulate::Reset,
+            };
+            dpass.draft_run(&feed, gmax as usize, &o, !greedy, &mut run)?;
+            rng_step += gmax as u64;
+            fed = true;
+            forwards = run.tokens.len();
+            accum[0] = run.accum;
+            xs.extend_from_slice(&run.tokens);
+            trace.entropy.extend(run.stats.iter().map(|s| s.entropy));
+            trace
+                .confidence
+                .extend(run.stats.iter().map(|s| s.confidence));
+            qrows.extend_from_slice(&run.rows);
+        }
+        while !up_front && (xs.len() as u32) < gmax {
             let o = StatsOptions {
                 temperature: cfg.temperature,
                 sample: !greedy,

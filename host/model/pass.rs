@@ -10,7 +10,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::stats::cpu::StatsScratch;
 pub use crate::stats::DraftStop;
-use crate::stats::{Logits, LogitsData, StatsOptions};
+use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use crate::verify::{VerifyOutput, VerifyStep};
 use crate::weights::cpu::MAX_M;
 
@@ -53,6 +53,23 @@ pub trait Pass {
     /// chosen where the logits are. An error for a row with no token to choose (NaN, +inf or
     /// only −inf logits).
     fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32>;
+    /// A draft phase whose γ is chosen before drafting (no per-token stop): appends `feed`, then
+    /// each draft but the last, and returns in `out` every draft's token (the argmax, or when
+    /// sampling the Gumbel-max draw of step `opts.step + j`) and statistics, the step's
+    /// accumulator over them (reset by the first), and with `want_rows` their logits rows
+    /// `[gamma, vocab]`. A flagged row is an error. By default one [`Pass::run_stats`] per draft; a
+    /// CUDA pass enqueues the whole phase, each pass's token fed from the previous pass's
+    /// statistics in device memory, and waits once.
+    fn draft_run(
+        &mut self,
+        feed: &[u32],
+        gamma: usize,
+        opts: &StatsOptions,
+        want_rows: bool,
+        out: &mut DraftRun,
+    ) -> Result<()> {
+        draft_run_stepwise(self, feed, gamma, opts, want_rows, out)
+    }
     /// A verification step: appends `tokens` (the pending token and the drafts) and verifies the
     /// drafts against the logits of every position, where they are — the device's `verify`
     /// kernels for a device pass, which then reads back the verdict only.
@@ -62,6 +79,102 @@ pub trait Pass {
         step: &VerifyStep<'_>,
         out: &mut VerifyOutput,
     ) -> Result<()>;
+}
+
+/// What [`Pass::draft_run`] returns: each draft's token and statistics, the step's accumulator,
+/// and the drafts' rows when asked (empty otherwise).
+#[derive(Clone, Debug)]
+pub struct DraftRun {
+    pub tokens: Vec<u32>,
+    pub stats: Vec<RowStats>,
+    pub accum: FeatureAccum,
+    pub rows: Vec<f32>,
+}
+
+impl Default for DraftRun {
+    fn default() -> Self {
+        DraftRun {
+            tokens: Vec::new(),
+            stats: Vec::new(),
+            accum: FeatureAccum::EMPTY,
+            rows: Vec::new(),
+        }
+    }
+}
+
+impl DraftRun {
+    fn clear(&mut self) {
+        self.tokens.clear();
+        self.stats.clear();
+        self.accum = FeatureAccum::EMPTY;
+        self.rows.clear();
+    }
+}
+
+/// The checks of a draft phase before anything runs: 1..=15 drafts, something to feed, options
+/// that choose a token (sampling with a temperature draws one).
+pub(crate) fn check_draft_run(feed: &[u32], gamma: usize, opts: &StatsOptions) -> Result<()> {
+    opts.validate()?;
+    if feed.is_empty() {
+        return Err(Error::Empty { what: "draft feed" });
+    }
+    if gamma == 0 || gamma >= MAX_M {
+        return Err(Error::Other(format!(
+            "a draft phase of {gamma} drafts: 1 to {} are allowed",
+            MAX_M - 1
+        )));
+    }
+    if opts.temperature > 0.0 && !opts.sample {
+        return Err(Error::Other(
+            "a sampled draft phase draws its tokens: `sample` must be set".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The options of draft `j` of a phase: its own random step, the accumulator reset by the first.
+pub(crate) fn draft_options(opts: &StatsOptions, j: usize) -> StatsOptions {
+    StatsOptions {
+        step: opts.step + j as u64,
+        accumulate: if j == 0 {
+            Accumulate::Reset
+        } else {
+            Accumulate::Add
+        },
+        ..*opts
+    }
+}
+
+/// [`Pass::draft_run`] one [`Pass::run_stats`] at a time (the host learns each token before the
+/// next pass).
+pub fn draft_run_stepwise(
+    pass: &mut (impl Pass + ?Sized),
+    feed: &[u32],
+    gamma: usize,
+    opts: &StatsOptions,
+    want_rows: bool,
+    out: &mut DraftRun,
+) -> Result<()> {
+    check_draft_run(feed, gamma, opts)?;
+    out.clear();
+    let mut accum = [FeatureAccum::EMPTY];
+    for j in 0..gamma {
+        let o = draft_options(opts, j);
+        let last = out.tokens.last().copied();
+        let input = match &last {
+            None => feed,
+            Some(t) => std::slice::from_ref(t),
+        };
+        let (st, row) = pass.run_stats(input, &o, &mut accum, want_rows, None)?;
+        let x = token_of(&st, &o)?;
+        if let Some(r) = row {
+            out.rows.extend_from_slice(r);
+        }
+        out.tokens.push(x);
+        out.stats.push(st);
+    }
+    out.accum = accum[0];
+    Ok(())
 }
 
 /// Index of the largest logit, ties to the lower index (as the kernels break them); an error for a

@@ -194,6 +194,58 @@ impl CudaBackend {
         Ok(bytemuck::pod_read_unaligned(&out[..IO_ACCUM]))
     }
 
+    /// Enqueues the statistics of row `row` of `logits` into `RowStats` slot `slot` of `out` (8
+    /// u32 words a slot) with the accumulator in `accum` (6 words) updated as `opts` says: nothing
+    /// crosses the bus and the host does not wait (a draft phase reads every slot back at its end).
+    #[allow(clippy::too_many_arguments)]
+    pub fn stats_enqueue(
+        &self,
+        r: &mut ResidentStats,
+        logits: &CudaSlice<f32>,
+        row: usize,
+        opts: &StatsOptions,
+        out: &mut CudaSlice<u32>,
+        slot: usize,
+        accum: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        opts.validate()?;
+        const SLOT: usize = std::mem::size_of::<RowStats>() / 4;
+        const ACCUM: usize = std::mem::size_of::<FeatureAccum>() / 4;
+        let v = r.vocab;
+        if (row + 1) * v > logits.len() || (slot + 1) * SLOT > out.len() || accum.len() < ACCUM {
+            return Err(Error::Other(format!(
+                "statistics of row {row} ({} logits, vocabulary {v}) into slot {slot} of {} words \
+                 with a {}-word accumulator",
+                logits.len(),
+                out.len(),
+                accum.len()
+            )));
+        }
+        let st = &self.stream;
+        let (lp, _g1) = logits.device_ptr(st);
+        let (op, _g2) = out.device_ptr_mut(st);
+        let (ap, _g3) = accum.device_ptr_mut(st);
+        let params = SoftmaxStatsParams {
+            logits: (lp + (row * v * std::mem::size_of::<f32>()) as u64) as *const u8,
+            out: (op + (slot * SLOT * 4) as u64) as *mut RowStats,
+            accum: ap as *mut FeatureAccum,
+            seed: opts.seed,
+            step: opts.step,
+            rows: 1,
+            vocab: v as u32,
+            row_stride: v as u32,
+            temperature: opts.temperature,
+            flags: opts.kernel_flags(),
+            _pad: 0,
+        };
+        let p2 = r.scratch.params(st, params, &r.plan);
+        // SAFETY: the row lies inside `logits`, the slot inside `out` and the accumulator inside
+        // `accum` (checked above; u32 words, so 4-byte aligned as `RowStats` and `FeatureAccum`
+        // need); the scratch was allocated for this plan and every launch leaves its counters zero;
+        // the caller keeps the buffers alive until the stream has passed the launch.
+        unsafe { self.launch_stats_v2(Dtype::F32, p2, &r.plan) }
+    }
+
     /// The device address of this step's `StopParams` for `s` (the hazard model uploaded when it
     /// changed, the parameters every call: the costs change per step).
     fn stop_params(&self, r: &mut ResidentStats, s: &DraftStop<'_>) -> Result<u64> {

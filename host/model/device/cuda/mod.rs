@@ -8,6 +8,11 @@
 //! Not yet run on a GPU (no device was lent while it was written): validated on the CPU emulator
 //! (the same program and kernels, [`super::EmulatedForward`]) and by ptxas only.
 
+mod draft;
+mod weights;
+
+pub use weights::DeviceWeights;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -15,114 +20,14 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use super::{forward_chunks, resident_chunks, Act, DeviceView, Lin, Norm, Op, SeqState, Shape};
-use crate::backend::cuda::{
-    CacheRefs, CudaBackend, DeviceMatrix, KernelVersion, ResidentStats, ResidentVerify,
-};
+use super::{forward_chunks, resident_chunks, Act, Op, SeqState};
+use crate::backend::cuda::{CacheRefs, CudaBackend, KernelVersion, ResidentStats, ResidentVerify};
 use crate::backend::forward::MAX_STEP;
 use crate::error::{Error, Result};
 use crate::model::pass::{fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::Config;
 use crate::stats::StatsOptions;
 use crate::verify::{VerifyOutput, VerifyStep};
-use crate::weights::quant::Format;
-
-/// A model's weights on the device.
-pub struct DeviceWeights {
-    pub cfg: Config,
-    pub shape: Shape,
-    pub eps: f32,
-    pub active: Vec<bool>,
-    mats: HashMap<Lin, DeviceMatrix>,
-    norms: HashMap<Norm, CudaSlice<f32>>,
-    biases: Vec<Option<CudaSlice<f32>>>,
-    table: CudaSlice<u16>,
-    /// (cos, sin) pairs `[positions, head_dim / 2]`, flattened.
-    rope: Vec<f32>,
-}
-
-fn norms_of(shape: &Shape) -> Vec<Norm> {
-    let mut v: Vec<Norm> = (0..shape.layers)
-        .flat_map(|l| [Norm::Attn(l), Norm::Ffn(l)])
-        .collect();
-    v.push(Norm::Out);
-    v
-}
-
-impl DeviceWeights {
-    /// Uploads a loaded model (a speckv regime) with a rotary table for `positions`.
-    pub fn upload(cuda: &CudaBackend, view: &DeviceView<'_>, positions: usize) -> Result<Self> {
-        let shape = view.shape;
-        let mut mats = HashMap::new();
-        for w in shape.linears() {
-            mats.insert(w, cuda.upload_matrix(view.matrix(w)?)?);
-        }
-        let st = cuda.stream();
-        let mut norms = HashMap::new();
-        for n in norms_of(&shape) {
-            norms.insert(n, st.clone_htod(view.norm(n)?)?);
-        }
-        let mut biases = Vec::new();
-        for l in 0..shape.layers {
-            biases.push(match view.bias(l) {
-                Some(b) => Some(st.clone_htod(b)?),
-                None => None,
-            });
-        }
-        Ok(DeviceWeights {
-            cfg: view.model.cfg.clone(),
-            shape,
-            eps: view.eps(),
-            active: view.active().to_vec(),
-            mats,
-            norms,
-            biases,
-            table: st.clone_htod(view.embed_table())?,
-            rope: view.rope_table(positions).concat(),
-        })
-    }
-
-    /// Weights made on the device at the shapes of `cfg` in `format` (every matrix a fixed byte
-    /// pattern, norms 1, no biases, a zero embedding table): what a step costs at a model's
-    /// shapes, without its weights.
-    pub fn synthetic(
-        cuda: &CudaBackend,
-        cfg: &Config,
-        format: Format,
-        positions: usize,
-    ) -> Result<Self> {
-        let shape = Shape::of(cfg)?;
-        let mut mats = HashMap::new();
-        for w in shape.linears() {
-            let (o, i) = shape.dims(w);
-            mats.insert(w, cuda.synthetic_matrix(format, o, i)?);
-        }
-        let st = cuda.stream();
-        let mut norms = HashMap::new();
-        for n in norms_of(&shape) {
-            norms.insert(n, st.clone_htod(&vec![1f32; shape.hidden])?);
-        }
-        let rope = super::super::ops::RopeTable::new(cfg.head_dim, cfg.rope_base, cfg.context)
-            .pairs(positions)
-            .concat();
-        Ok(DeviceWeights {
-            cfg: cfg.clone(),
-            shape,
-            eps: cfg.rms_eps,
-            active: vec![true; shape.layers],
-            mats,
-            norms,
-            biases: (0..shape.layers).map(|_| None).collect(),
-            table: st.alloc_zeros::<u16>(shape.vocab * shape.hidden)?,
-            rope,
-        })
-    }
-
-    /// Bytes of the linear layers and the LM head: what one step must stream.
-    pub fn matrix_bytes(&self) -> usize {
-        self.mats.values().map(|m| m.bytes()).sum()
-    }
-}
 
 /// A model's decode state on a CUDA device: of one sequence, or of a batch stepped together
 /// ([`CudaForward::new_batch`]).
@@ -143,6 +48,8 @@ pub struct CudaForward<'b> {
     /// use).
     stats: Option<ResidentStats>,
     verify: Option<ResidentVerify>,
+    /// A draft phase's buffers (made on first use).
+    draft: Option<draft::DraftPhase>,
     /// Captured steps, one CUDA graph per (positions, logits wanted): a step's launches differ only
     /// in m (the kernels read the tokens and the cache length from device memory), so one capture
     /// replays for every step of that shape.
@@ -225,6 +132,7 @@ impl<'b> CudaForward<'b> {
             seq,
             stats: None,
             verify: None,
+            draft: None,
             graphs: HashMap::new(),
             use_graphs: true,
         })
@@ -543,6 +451,16 @@ impl Pass for CudaForward<'_> {
         cuda.stream()
             .memcpy_dtoh(&logits.slice((m - 1) * v..m * v), &mut self.seq.last)?;
         Ok((st, Some(&self.seq.last)))
+    }
+    fn draft_run(
+        &mut self,
+        feed: &[u32],
+        gamma: usize,
+        opts: &StatsOptions,
+        want_rows: bool,
+        out: &mut crate::model::DraftRun,
+    ) -> Result<()> {
+        self.draft_phase(feed, gamma, opts, want_rows, out)
     }
     fn run_verify(
         &mut self,

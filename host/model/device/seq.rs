@@ -1,0 +1,196 @@
+//! What both device executors keep about their sequences besides the buffers ([`SeqState`]), and
+//! the checks and chunking of a call (a call of more than 16 positions runs as several steps).
+
+use super::{program, Op};
+use crate::error::{Error, Result};
+
+/// What both executors keep about their sequences besides the buffers: which layers run and the
+/// launch programs for them (built once, not per step), each sequence's cache length (one unless
+/// the state is batched) and their capacity, and the last
+/// [`Pass::run`](crate::model::Pass::run)'s logits.
+pub(crate) struct SeqState {
+    active: Vec<bool>,
+    /// Without and with the LM head.
+    programs: [Vec<Op>; 2],
+    /// Every sequence's length.
+    lens: Vec<usize>,
+    pub capacity: usize,
+    pub last: Vec<f32>,
+}
+
+impl SeqState {
+    pub(crate) fn new(active: Vec<bool>, capacity: usize, seqs: usize) -> Result<SeqState> {
+        if seqs == 0 || seqs > crate::backend::forward::MAX_STEP {
+            return Err(Error::Other(format!(
+                "{seqs} sequences in a batch: 1 to {} (one position each in a step of at most {0} \
+                 rows)",
+                crate::backend::forward::MAX_STEP
+            )));
+        }
+        Ok(SeqState {
+            programs: [program(&active, false), program(&active, true)],
+            active,
+            lens: vec![0; seqs],
+            capacity,
+            last: Vec::new(),
+        })
+    }
+
+    /// The first sequence's length (the only one of an unbatched state).
+    pub(crate) fn len(&self) -> usize {
+        self.lens[0]
+    }
+
+    pub(crate) fn seqs(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Every sequence's length.
+    pub(crate) fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// The single-sequence calls (the [`Pass`](crate::model::Pass) methods) on a batched state are
+    /// an error: it steps with its batch calls.
+    pub(crate) fn single(&self) -> Result<()> {
+        if self.seqs() != 1 {
+            return Err(Error::Other(format!(
+                "a forward state of {} sequences steps them together (`step_batch`)",
+                self.seqs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A step of `rows` tokens over every sequence checked: returns its positions per sequence.
+    pub(crate) fn check_batch(&self, rows: usize) -> Result<usize> {
+        crate::backend::forward::check_batch(rows, &self.lens, self.capacity)
+    }
+
+    /// After a step: every sequence holds `m` more positions.
+    pub(crate) fn advance(&mut self, m: usize) {
+        for l in &mut self.lens {
+            *l += m;
+        }
+    }
+
+    /// Forgets every position of sequence `seq` from `len` on.
+    pub(crate) fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
+        let n = self.lens.len();
+        let l = self
+            .lens
+            .get_mut(seq)
+            .ok_or_else(|| Error::Other(format!("sequence {seq} of a batch of {n}")))?;
+        *l = len.min(*l);
+        Ok(())
+    }
+
+    /// The launches of a chunk, with the LM head when `logits`.
+    pub(crate) fn program(&self, logits: bool) -> &[Op] {
+        &self.programs[logits as usize]
+    }
+
+    /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
+    pub(crate) fn set_active_layers(&mut self, active: Vec<bool>) -> Result<()> {
+        if active.len() != self.active.len() {
+            return Err(Error::Length {
+                what: "active layers",
+                got: active.len(),
+                expected: self.active.len(),
+            });
+        }
+        self.programs = [program(&active, false), program(&active, true)];
+        self.active = active;
+        Ok(())
+    }
+
+    /// Forgets every position from `len` on (of the first sequence): only the length changes, as
+    /// on the device.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.lens[0] = len.min(self.lens[0]);
+    }
+}
+
+// A verification pass is one chunk of the device program.
+const _: () = assert!(crate::verify::MAX_VERIFY_POSITIONS <= crate::backend::forward::MAX_STEP);
+
+/// The checks of [`forward_chunks`] without keeping any rows: `chunk` runs each run of at most 16
+/// positions, `true` for the last (its logits are computed and stay on the device).
+pub(crate) fn resident_chunks(
+    tokens: &[u32],
+    len: usize,
+    capacity: usize,
+    vocab: usize,
+    mut chunk: impl FnMut(&[u32], bool) -> Result<()>,
+) -> Result<()> {
+    check_call(tokens, 1, len, capacity, vocab)?;
+    let n = tokens.len().div_ceil(crate::backend::forward::MAX_STEP);
+    for (i, ch) in tokens.chunks(crate::backend::forward::MAX_STEP).enumerate() {
+        chunk(ch, i + 1 == n)?;
+    }
+    Ok(())
+}
+
+/// Every token is inside the vocabulary.
+pub(crate) fn check_vocab(tokens: &[u32], vocab: usize) -> Result<()> {
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Other(format!(
+            "token {t} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}
+
+/// A call's tokens, `keep` and room in the cache, checked.
+fn check_call(
+    tokens: &[u32],
+    keep: usize,
+    len: usize,
+    capacity: usize,
+    vocab: usize,
+) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::Empty { what: "tokens" });
+    }
+    if keep == 0 || keep > tokens.len() {
+        return Err(Error::Other(format!(
+            "keep = {keep} rows of {} positions",
+            tokens.len()
+        )));
+    }
+    check_vocab(tokens, vocab)?;
+    if len + tokens.len() > capacity {
+        return Err(Error::Other(format!(
+            "{} positions exceed the KV cache's {capacity}",
+            len + tokens.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What both executors do with a call: check it (tokens, `keep`, room in the cache), then run
+/// `chunk` on each run of at most 16 positions — `true` when its logits are wanted, and then it
+/// returns them, `[chunk, vocab]` — and keep the logits of the last `keep` positions.
+pub(crate) fn forward_chunks(
+    tokens: &[u32],
+    keep: usize,
+    len: usize,
+    capacity: usize,
+    vocab: usize,
+    mut chunk: impl FnMut(&[u32], bool) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    check_call(tokens, keep, len, capacity, vocab)?;
+    let first_kept = tokens.len() - keep;
+    let mut out = Vec::with_capacity(keep * vocab);
+    let mut done = 0;
+    for ch in tokens.chunks(crate::backend::forward::MAX_STEP) {
+        let want = done + ch.len() > first_kept;
+        let rows = chunk(ch, want)?;
+        if want {
+            let from = first_kept.saturating_sub(done);
+            out.extend_from_slice(&rows[from * vocab..]);
+        }
+        done += ch.len();
+    }
+    Ok(out)
+}
