@@ -103,6 +103,10 @@ if len(sys.argv) > 4:
         f.write("| goal | measured | target | status |\n| --- | --- | --- | --- |\n")
         for g in goals:
             f.write(f"| {g['goal']} | {g['value']} | {g['target']} | {g['status']} |\n")
+        ph, sw = step.get("draft_phase_ms_per_token"), step.get("draft_stepwise_ms_per_token")
+        if ph and sw:
+            f.write(f"\ndraft phase (0.5B draft, 4 drafts, host clock per draft): {ph:.3f} ms enqueued "
+                    f"at once vs {sw:.3f} ms with a wait per draft ({sw / ph:.2f}×)\n")
         rows = [(r.get("format"), b) for r in step.get("regimes", []) for b in r.get("batched", [])]
         if rows:
             f.write("\n| batched decode step (1.5B target, not a goal) | sequences | ms per step "

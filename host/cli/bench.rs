@@ -403,12 +403,16 @@ fn device_step(
     }
     println!(
         "device decode step on {} at cache length {} (copy bandwidth {:.0} GB/s); draft {:.3} ms \
-         ({:.3} ms without a CUDA graph)",
+         ({:.3} ms without a CUDA graph); a draft phase of {} drafts, per draft on the host's clock: \
+         {:.3} ms enqueued at once, {:.3} ms waiting per draft",
         r.device,
         r.position,
         r.copy_bandwidth_gb_s,
         r.draft_ms_per_token,
-        r.draft_eager_ms_per_token
+        r.draft_eager_ms_per_token,
+        speckv::measure::device_step::PHASE_GAMMA,
+        r.draft_phase_ms_per_token,
+        r.draft_stepwise_ms_per_token
     );
     for s in &r.regimes {
         println!(

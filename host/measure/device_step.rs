@@ -20,6 +20,9 @@ use crate::weights::quant::Format;
 /// γ = 0..=GAMMA_MAX are timed (M = γ + 1).
 pub const GAMMA_MAX: usize = 8;
 
+/// Drafts per timed draft phase.
+pub const PHASE_GAMMA: usize = 4;
+
 /// One regime's measured step.
 #[derive(Debug, Serialize)]
 pub struct RegimeStep {
@@ -91,6 +94,11 @@ pub struct DeviceSteps {
     pub draft_ms_per_token: f64,
     /// The draft's step without a graph.
     pub draft_eager_ms_per_token: f64,
+    /// A greedy draft phase of [`PHASE_GAMMA`] drafts, host wall clock per draft (graphs on, the L2
+    /// not flushed: what a decode loop sees): enqueued at once with the tokens fed on the device
+    /// (`Pass::draft_run`), and one `run_stats` per draft with a host wait each.
+    pub draft_phase_ms_per_token: f64,
+    pub draft_stepwise_ms_per_token: f64,
     pub regimes: Vec<RegimeStep>,
 }
 
@@ -113,6 +121,7 @@ pub fn device_steps(
         d.set_graphs(false);
         (graph, d.time_step(1, position, iters)?.as_secs_f64() * 1e3)
     };
+    let (phase_ms, stepwise_ms) = draft_phase_times(cuda, &dw, position, iters)?;
     drop(dw);
     let mut regimes = Vec::new();
     for format in Format::ALL {
@@ -172,6 +181,49 @@ pub fn device_steps(
         copy_bandwidth_gb_s: bw / 1e9,
         draft_ms_per_token: draft_ms,
         draft_eager_ms_per_token: draft_eager_ms,
+        draft_phase_ms_per_token: phase_ms,
+        draft_stepwise_ms_per_token: stepwise_ms,
         regimes,
     })
+}
+
+/// Host wall clock per draft of a greedy draft phase at cache length `position`: enqueued at once,
+/// and one statistics readback per draft (the mean over `iters` phases after one untimed, which
+/// captures the graphs).
+fn draft_phase_times(
+    cuda: &CudaBackend,
+    dw: &DeviceWeights,
+    position: usize,
+    iters: u32,
+) -> Result<(f64, f64)> {
+    use crate::model::pass::draft_run_stepwise;
+    use crate::model::{DraftRun, Pass};
+    use crate::stats::{Accumulate, StatsOptions};
+    let mut d = CudaForward::new(cuda, dw, position + PHASE_GAMMA + 1)?;
+    d.forward(&vec![0; position], 1)?;
+    let opts = StatsOptions {
+        temperature: 0.0,
+        sample: false,
+        seed: 0,
+        step: 0,
+        accumulate: Accumulate::Reset,
+    };
+    let mut run = DraftRun::default();
+    let mut per_draft = |stepwise: bool| -> Result<f64> {
+        let mut once = |d: &mut CudaForward<'_>| -> Result<()> {
+            d.truncate(position);
+            if stepwise {
+                draft_run_stepwise(d, &[0], PHASE_GAMMA, &opts, false, &mut run)
+            } else {
+                d.draft_run(&[0], PHASE_GAMMA, &opts, false, &mut run)
+            }
+        };
+        once(&mut d)?;
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            once(&mut d)?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / (iters as usize * PHASE_GAMMA) as f64)
+    };
+    Ok((per_draft(false)?, per_draft(true)?))
 }
