@@ -2,9 +2,9 @@
 //! launch program of [`crate::model::device`]), or — to check that path without a GPU — the
 //! emulator of the CUDA execution model running the same program.
 //!
-//! The statistics, the γ decision and verification still run on the host between passes: one
-//! logits read-back per pass (a real device round trip on CUDA). Fusing them on the device is the
-//! next step of the CUDA decode loop.
+//! On a device pass the steps finish where the logits are: the draft's statistics (and `auto`'s
+//! stopping rule) and verification run on the device, and only their small results come back; a
+//! draft phase whose γ is chosen up front is enqueued at once ([`crate::model::Pass::draft_run`]).
 
 use crate::backend::cuda::CudaBackend;
 use crate::backend::emulate::Emulator;

@@ -102,7 +102,7 @@ fn speculative_loop(
     let mut tin: Vec<u32> = Vec::with_capacity(gm + 1);
     let mut tokens: Vec<i32> = Vec::with_capacity(gm);
     let mut vout = VerifyOutput::new(1, gm);
-    let mut run = DraftRun::default();
+    let mut run = DraftRun::with_capacity(gm, if greedy { 0 } else { gm * v });
     let mut trace = StepTrace {
         position: 0,
         entropy: Vec::with_capacity(gm),

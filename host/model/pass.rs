@@ -103,6 +103,17 @@ impl Default for DraftRun {
 }
 
 impl DraftRun {
+    /// Room for `gamma` drafts and `rows` floats of their rows: a loop that reuses it allocates
+    /// nothing per step.
+    pub fn with_capacity(gamma: usize, rows: usize) -> DraftRun {
+        DraftRun {
+            tokens: Vec::with_capacity(gamma),
+            stats: Vec::with_capacity(gamma),
+            accum: FeatureAccum::EMPTY,
+            rows: Vec::with_capacity(rows),
+        }
+    }
+
     fn clear(&mut self) {
         self.tokens.clear();
         self.stats.clear();

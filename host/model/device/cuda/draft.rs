@@ -92,11 +92,12 @@ impl CudaForward<'_> {
     ) -> Result<()> {
         let (l0, m0, v) = (self.seq.len(), feed.len(), self.w.shape.vocab);
         let st = self.cuda.stream().clone();
-        // The only uploads: the fed tokens and every pass's length.
-        let lens: Vec<u32> = (0..gamma)
-            .map(|j| (if j == 0 { l0 } else { l0 + m0 + j - 1 }) as u32)
-            .collect();
-        st.memcpy_htod(&lens, &mut ph.lens.slice_mut(..gamma))?;
+        // The only uploads: the fed tokens and every pass's length (nothing allocated per phase).
+        let mut lens = [0u32; MAX_STEP];
+        for (j, l) in lens.iter_mut().enumerate().take(gamma) {
+            *l = (if j == 0 { l0 } else { l0 + m0 + j - 1 }) as u32;
+        }
+        st.memcpy_htod(&lens[..gamma], &mut ph.lens.slice_mut(..gamma))?;
         st.memcpy_htod(feed, &mut self.tokens_dev.slice_mut(..m0))?;
         let word = if opts.temperature == 0.0 {
             ARGMAX_WORD
@@ -128,8 +129,10 @@ impl CudaForward<'_> {
             }
         }
         // The phase's one wait.
-        let words = st.clone_dtoh(&ph.stats.slice(..gamma * SLOT))?;
-        let acc = st.clone_dtoh(&ph.accum)?;
+        let mut words = [0u32; MAX_STEP * SLOT];
+        st.memcpy_dtoh(&ph.stats.slice(..gamma * SLOT), &mut words[..gamma * SLOT])?;
+        let mut acc = [0u32; std::mem::size_of::<FeatureAccum>() / 4];
+        st.memcpy_dtoh(&ph.accum, &mut acc)?;
         out.tokens.clear();
         out.stats.clear();
         out.rows.clear();
