@@ -81,6 +81,16 @@ pub trait Pass {
     ) -> Result<()>;
 }
 
+/// The checks of a draft step before anything runs (a refused step leaves the cache as it was):
+/// the options, and the stopping rule's inputs when it decides too.
+pub(crate) fn check_stats_call(opts: &StatsOptions, stop: Option<&DraftStop<'_>>) -> Result<()> {
+    opts.validate()?;
+    if let Some(s) = stop {
+        s.check(opts)?;
+    }
+    Ok(())
+}
+
 /// What [`Pass::draft_run`] returns: each draft's token and statistics, the step's accumulator,
 /// and the drafts' rows when asked (empty otherwise).
 #[derive(Clone, Debug)]
@@ -308,11 +318,7 @@ impl Pass for CpuPass<'_> {
         want_row: bool,
         stop: Option<&mut DraftStop<'_>>,
     ) -> Result<(RowStats, Option<&[f32]>)> {
-        // Before anything runs: a refused step leaves the cache as it was.
-        opts.validate()?;
-        if let Some(s) = stop.as_deref() {
-            s.check(opts)?;
-        }
+        check_stats_call(opts, stop.as_deref())?;
         let v = self.model.cfg.vocab;
         let q = self
             .model

@@ -85,6 +85,31 @@ unsafe impl bytemuck::Zeroable for PodStop {}
 // SAFETY: as above.
 unsafe impl bytemuck::Pod for PodStop {}
 
+/// The parameters of the statistics of row `row` of the f32 logits at device address `logits`
+/// (rows of `vocab`), written to the `RowStats` at `out` and the accumulator at `accum`.
+fn row_params(
+    logits: u64,
+    row: usize,
+    vocab: usize,
+    out: u64,
+    accum: u64,
+    opts: &StatsOptions,
+) -> SoftmaxStatsParams {
+    SoftmaxStatsParams {
+        logits: (logits + (row * vocab * std::mem::size_of::<f32>()) as u64) as *const u8,
+        out: out as *mut RowStats,
+        accum: accum as *mut FeatureAccum,
+        seed: opts.seed,
+        step: opts.step,
+        rows: 1,
+        vocab: vocab as u32,
+        row_stride: vocab as u32,
+        temperature: opts.temperature,
+        flags: opts.kernel_flags(),
+        _pad: 0,
+    }
+}
+
 /// Buffers for the statistics of one row that a forward pass left on the device (a decode loop's
 /// draft step), kept across calls. The row's results are packed in one buffer, so a step crosses
 /// the bus once each way: `[RowStats | FeatureAccum | StopState]` (32 + 24 + 16 bytes, every
@@ -160,19 +185,7 @@ impl CudaBackend {
         {
             let (lp, _g1) = logits.device_ptr(st);
             let (iop, _g2) = r.io.device_ptr_mut(st);
-            let params = SoftmaxStatsParams {
-                logits: (lp + (row * v * std::mem::size_of::<f32>()) as u64) as *const u8,
-                out: iop as *mut RowStats,
-                accum: (iop + IO_ACCUM as u64) as *mut FeatureAccum,
-                seed: opts.seed,
-                step: opts.step,
-                rows: 1,
-                vocab: v as u32,
-                row_stride: v as u32,
-                temperature: opts.temperature,
-                flags: opts.kernel_flags(),
-                _pad: 0,
-            };
+            let params = row_params(lp, row, v, iop, iop + IO_ACCUM as u64, opts);
             let mut p2 = r.scratch.params(st, params, &r.plan);
             if stop_ptr != 0 {
                 p2.flags |= STATS_STOP;
@@ -225,19 +238,7 @@ impl CudaBackend {
         let (lp, _g1) = logits.device_ptr(st);
         let (op, _g2) = out.device_ptr_mut(st);
         let (ap, _g3) = accum.device_ptr_mut(st);
-        let params = SoftmaxStatsParams {
-            logits: (lp + (row * v * std::mem::size_of::<f32>()) as u64) as *const u8,
-            out: (op + (slot * SLOT * 4) as u64) as *mut RowStats,
-            accum: ap as *mut FeatureAccum,
-            seed: opts.seed,
-            step: opts.step,
-            rows: 1,
-            vocab: v as u32,
-            row_stride: v as u32,
-            temperature: opts.temperature,
-            flags: opts.kernel_flags(),
-            _pad: 0,
-        };
+        let params = row_params(lp, row, v, op + (slot * SLOT * 4) as u64, ap, opts);
         let p2 = r.scratch.params(st, params, &r.plan);
         // SAFETY: the row lies inside `logits`, the slot inside `out` and the accumulator inside
         // `accum` (checked above; u32 words, so 4-byte aligned as `RowStats` and `FeatureAccum`

@@ -10,7 +10,7 @@ use super::{check_vocab, forward_chunks, resident_chunks, Act, DeviceView, Op, S
 use crate::backend::emulate::{Emulator, Stop};
 use crate::backend::forward::{AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
-use crate::model::pass::{fixed_capacity, resident_next_token, DraftStop, Pass};
+use crate::model::pass::{check_stats_call, fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::{Config, Model};
 use crate::stats::{Logits, LogitsData, StatsOptions};
 use crate::verify::{VerifyOutput, VerifyStep};
@@ -260,11 +260,7 @@ impl Pass for EmulatedForward<'_> {
         want_row: bool,
         stop: Option<&mut DraftStop<'_>>,
     ) -> Result<(RowStats, Option<&[f32]>)> {
-        // Before anything runs: a refused step leaves the cache as it was.
-        opts.validate()?;
-        if let Some(s) = stop.as_deref() {
-            s.check(opts)?;
-        }
+        check_stats_call(opts, stop.as_deref())?;
         let m = self.advance(tokens)?;
         let v = self.view.shape.vocab;
         let row = &self.rows(Act::Logits, m)[(m - 1) * v..];

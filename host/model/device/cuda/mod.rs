@@ -24,7 +24,7 @@ use super::{forward_chunks, resident_chunks, Act, Op, SeqState};
 use crate::backend::cuda::{CacheRefs, CudaBackend, KernelVersion, ResidentStats, ResidentVerify};
 use crate::backend::forward::MAX_STEP;
 use crate::error::{Error, Result};
-use crate::model::pass::{fixed_capacity, resident_next_token, DraftStop, Pass};
+use crate::model::pass::{check_stats_call, fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::Config;
 use crate::stats::StatsOptions;
 use crate::verify::{VerifyOutput, VerifyStep};
@@ -426,11 +426,7 @@ impl Pass for CudaForward<'_> {
         want_row: bool,
         stop: Option<&mut DraftStop<'_>>,
     ) -> Result<(RowStats, Option<&[f32]>)> {
-        // Before anything runs: a refused step leaves the cache as it was.
-        opts.validate()?;
-        if let Some(s) = stop.as_deref() {
-            s.check(opts)?;
-        }
+        check_stats_call(opts, stop.as_deref())?;
         let m = self.advance(tokens)?;
         let v = self.w.shape.vocab;
         let cuda = self.cuda;
