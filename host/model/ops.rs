@@ -19,6 +19,7 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], h: usize
 
 /// cos and sin of every (position, pair) up to `positions`: `[positions, hd / 2]`, computed in
 /// f64 once at load.
+#[derive(Clone)]
 pub(super) struct RopeTable {
     half: usize,
     base: f64,

@@ -122,6 +122,9 @@ pub struct ResidentStats {
     /// Per-token stopping (made on first use): the hazard model as last uploaded, γ_b, and the
     /// launch's `StopParams`.
     stop: Option<ResidentStop>,
+    /// What `io` holds after the accumulator, as last read back: a draft that continues from
+    /// there (the step's next draft) need not upload it again.
+    device_in: Option<[u8; IO_BYTES - IO_ACCUM]>,
 }
 
 struct ResidentStop {
@@ -129,6 +132,8 @@ struct ResidentStop {
     uploaded: MlpWeights,
     gammas: CudaSlice<i32>,
     params: CudaSlice<u8>,
+    /// The parameters as last uploaded: a step's drafts share their costs, so one upload a step.
+    uploaded_params: Option<PodStop>,
 }
 
 const IO_ACCUM: usize = std::mem::size_of::<RowStats>();
@@ -145,13 +150,15 @@ impl CudaBackend {
             plan,
             vocab,
             stop: None,
+            device_in: None,
         })
     }
 
     /// Statistics of row `row` of `logits` (f32 rows of the buffers' vocabulary) by the v2
-    /// kernel, `accum` updated as `opts` says: 56 bytes cross to the device and back instead of
-    /// the row. With `stop` the stopping rule runs in the kernel's epilogue (`STATS_STOP`) and
-    /// `stop.state` comes back too.
+    /// kernel, `accum` updated as `opts` says: 72 bytes come back instead of the row, and the 40
+    /// of the accumulator and stop state go up only when they differ from what the device holds
+    /// (not for a step's next draft). With `stop` the stopping rule runs in the kernel's epilogue
+    /// (`STATS_STOP`) and `stop.state` comes back too.
     pub fn stats_resident(
         &self,
         r: &mut ResidentStats,
@@ -177,7 +184,9 @@ impl CudaBackend {
         let mut up = [0u8; IO_BYTES - IO_ACCUM];
         up[..IO_STATE - IO_ACCUM].copy_from_slice(bytemuck::bytes_of(&accum[0]));
         up[IO_STATE - IO_ACCUM..].copy_from_slice(bytemuck::bytes_of(&state));
-        st.memcpy_htod(&up, &mut r.io.slice_mut(IO_ACCUM..))?;
+        if r.device_in.take() != Some(up) {
+            st.memcpy_htod(&up, &mut r.io.slice_mut(IO_ACCUM..))?;
+        }
         let stop_ptr = match stop.as_deref() {
             Some(s) => self.stop_params(r, s)?,
             None => 0,
@@ -200,6 +209,9 @@ impl CudaBackend {
         }
         let mut out = [0u8; IO_BYTES];
         st.memcpy_dtoh(&r.io, &mut out)?;
+        let mut held = [0u8; IO_BYTES - IO_ACCUM];
+        held.copy_from_slice(&out[IO_ACCUM..]);
+        r.device_in = Some(held);
         accum[0] = bytemuck::pod_read_unaligned(&out[IO_ACCUM..IO_STATE]);
         if let Some(s) = stop {
             s.state = bytemuck::pod_read_unaligned(&out[IO_STATE..]);
@@ -247,8 +259,8 @@ impl CudaBackend {
         unsafe { self.launch_stats_v2(Dtype::F32, p2, &r.plan) }
     }
 
-    /// The device address of this step's `StopParams` for `s` (the hazard model uploaded when it
-    /// changed, the parameters every call: the costs change per step).
+    /// The device address of this step's `StopParams` for `s` (the hazard model and the
+    /// parameters uploaded only when they changed: the costs change per step, not per draft).
     fn stop_params(&self, r: &mut ResidentStats, s: &DraftStop<'_>) -> Result<u64> {
         let st = &self.stream;
         let rs = match r.stop.take() {
@@ -258,6 +270,7 @@ impl CudaBackend {
                 uploaded: *s.weights,
                 gammas: st.alloc_zeros::<i32>(1)?,
                 params: st.alloc_zeros::<u8>(std::mem::size_of::<StopParams>())?,
+                uploaded_params: None,
             },
         };
         let mut rs = rs;
@@ -279,7 +292,14 @@ impl CudaBackend {
                 compression_code: s.compression_code,
                 odds_scale: s.odds_scale,
             };
-            st.memcpy_htod(bytemuck::bytes_of(&PodStop(params)), &mut rs.params)?;
+            let pod = PodStop(params);
+            let same = rs
+                .uploaded_params
+                .is_some_and(|u| bytemuck::bytes_of(&u) == bytemuck::bytes_of(&pod));
+            if !same {
+                st.memcpy_htod(bytemuck::bytes_of(&pod), &mut rs.params)?;
+                rs.uploaded_params = Some(pod);
+            }
             let (pp, _g4) = rs.params.device_ptr(st);
             pp
         };

@@ -88,11 +88,10 @@ impl<'b> CudaForward<'b> {
     ) -> Result<Self> {
         let seq = SeqState::new(w.active.clone(), capacity, seqs)?;
         let s = w.shape;
-        let half = s.heads.head_dim / 2;
-        if capacity == 0 || capacity * half > w.rope.len() {
+        if capacity == 0 || capacity > w.rope_positions {
             return Err(Error::Other(format!(
-                "a KV cache of {capacity} positions: 1 to the rotary table's {} are allowed",
-                w.rope.len() / half.max(1)
+                "a KV cache of {capacity} positions: 1 to the weights' {} are allowed",
+                w.rope_positions
             )));
         }
         let st = cuda.stream();
@@ -118,7 +117,7 @@ impl<'b> CudaForward<'b> {
             .unwrap_or(0)
             .max(16);
         Ok(CudaForward {
-            rope: st.clone_htod(&w.rope[..capacity * half * 2])?,
+            rope: st.clone_htod(&w.rope.pairs(capacity).concat())?,
             len_dev: st.alloc_zeros::<u32>(seqs)?,
             tokens_dev: st.alloc_zeros::<u32>(MAX_STEP)?,
             ws: st.alloc_zeros::<u8>(ws_bytes)?,

@@ -21,8 +21,10 @@ pub struct DeviceWeights {
     pub(super) norms: HashMap<Norm, CudaSlice<f32>>,
     pub(super) biases: Vec<Option<CudaSlice<f32>>>,
     pub(super) table: CudaSlice<u16>,
-    /// (cos, sin) pairs `[positions, head_dim / 2]`, flattened.
-    pub(super) rope: Vec<f32>,
+    /// The rotary angles (the CPU pass's own table), and the most positions a decode state on
+    /// these weights may hold: each state uploads the (cos, sin) pairs of its own capacity.
+    pub(super) rope: crate::model::RopeTable,
+    pub(super) rope_positions: usize,
 }
 
 fn norms_of(shape: &Shape) -> Vec<Norm> {
@@ -34,7 +36,8 @@ fn norms_of(shape: &Shape) -> Vec<Norm> {
 }
 
 impl DeviceWeights {
-    /// Uploads a loaded model (a speckv regime) with a rotary table for `positions`.
+    /// Uploads a loaded model (a speckv regime) for decode states of up to `positions` positions
+    /// (each state uploads the rotary pairs of its own capacity).
     pub fn upload(cuda: &CudaBackend, view: &DeviceView<'_>, positions: usize) -> Result<Self> {
         let shape = view.shape;
         let mut mats = HashMap::new();
@@ -62,7 +65,8 @@ impl DeviceWeights {
             norms,
             biases,
             table: st.clone_htod(view.embed_table())?,
-            rope: view.rope_table(positions).concat(),
+            rope: view.model.rope.clone(),
+            rope_positions: positions,
         })
     }
 
@@ -86,9 +90,6 @@ impl DeviceWeights {
         for n in norms_of(&shape) {
             norms.insert(n, st.clone_htod(&vec![1f32; shape.hidden])?);
         }
-        let rope = crate::model::RopeTable::new(cfg.head_dim, cfg.rope_base, cfg.context)
-            .pairs(positions)
-            .concat();
         Ok(DeviceWeights {
             cfg: cfg.clone(),
             shape,
@@ -98,7 +99,8 @@ impl DeviceWeights {
             norms,
             biases: (0..shape.layers).map(|_| None).collect(),
             table: st.alloc_zeros::<u16>(shape.vocab * shape.hidden)?,
-            rope,
+            rope: crate::model::RopeTable::new(cfg.head_dim, cfg.rope_base, cfg.context),
+            rope_positions: positions,
         })
     }
 
