@@ -79,6 +79,75 @@ fn generate_on_the_device_passes_decodes_the_cpu_tokens() {
     assert_eq!(gen("cuda", "fixed:2", true), cpu);
 }
 
+/// Two prompts given to `generate` decode as one batch on the device passes: each gets the tokens
+/// it gets alone on the CPU (plain and speculative, greedy). The CPU has no batched state: an
+/// error that names the backend that has.
+#[test]
+fn generate_batches_several_prompts_on_the_device_passes() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let prompts = ["What is 2+2?", "Name a colour."];
+    let gen = |backend: &str, policy: &str, prompts: &[&str], emulate: bool| {
+        let mut args = vec![
+            "--backend",
+            backend,
+            "generate",
+            "--model",
+            m,
+            "--target",
+            "fp16",
+        ];
+        for p in prompts {
+            args.extend(["--prompt", p]);
+        }
+        args.extend(["--max-tokens", "3", "--gamma-max", "2", "--policy", policy]);
+        args.push("--json");
+        speckv(&args, emulate)
+    };
+    let alone: Vec<Vec<u64>> = prompts
+        .iter()
+        .map(|p| {
+            let (ok, out, err) = gen("cpu", "plain", &[p], false);
+            assert!(ok, "{err}");
+            tokens(&out)
+        })
+        .collect();
+    for policy in ["plain", "fixed:2"] {
+        let (ok, out, err) = gen("cuda", policy, &prompts, true);
+        assert!(ok, "{policy}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let seqs = v["sequences"].as_array().unwrap();
+        for (b, want) in alone.iter().enumerate() {
+            let got: Vec<u64> = seqs[b]["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap())
+                .collect();
+            assert_eq!(&got, want, "{policy}: prompt {b}");
+        }
+        assert!(v["target_passes"].as_u64().unwrap() > 0, "{out}");
+    }
+    let (ok, _, err) = gen("cpu", "fixed:2", &prompts, false);
+    assert!(!ok && err.contains("--backend cuda"), "{err}");
+    // Two sequences verify at most 7 drafts each in a step of 16 rows: γmax 8 is refused.
+    let mut args = vec![
+        "--backend",
+        "cuda",
+        "generate",
+        "--model",
+        m,
+        "--target",
+        "fp16",
+    ];
+    for p in prompts {
+        args.extend(["--prompt", p]);
+    }
+    args.extend(["--max-tokens", "3", "--policy", "fixed:2"]);
+    let (ok, _, err) = speckv(&args, true);
+    assert!(!ok && err.contains("γmax 1 to 7"), "{err}");
+}
+
 #[test]
 fn profile_and_bench_decode_run_on_the_device_passes() {
     let Some(m) = smollm2() else { return };

@@ -12,8 +12,11 @@ use crate::args::{check_temperature, json_out, ModelArgs};
 pub struct Args {
     #[command(flatten)]
     models: ModelArgs,
-    #[arg(long)]
-    prompt: String,
+    /// The prompt. Given several times (up to 16), the prompts are decoded together as one
+    /// batch on the device program (`--backend cuda`), each with its own γ per step; every
+    /// policy but `auto` batches.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
     /// auto (the default: per-token stopping by the shipped hazard model, costs measured while
     /// decoding — no other flag needed), fixed:N, speckv, speckv-cost, confidence:P (llama.cpp's
     /// --draft-p-min), hf-dynamic (HF's confidence threshold 0.4), heuristic (HF's +2/−1),
@@ -46,7 +49,6 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
     let pol = pair::policy_from_name(&a.policy, a.controller.as_deref(), a.cost.as_deref())?;
     let p = a.models.load()?;
     let device = speckv::decode::device::Device::open(backend, &p.target, p.draft_model())?;
-    let ids = p.encode_chat(&a.prompt)?;
     let cfg = GenConfig {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -54,6 +56,10 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         gamma_max: a.gamma_max,
         compression: p.compression,
     };
+    if a.prompt.len() > 1 {
+        return run_batch(&a, &p, &device, pol.as_ref(), &cfg);
+    }
+    let ids = p.encode_chat(&a.prompt[0])?;
     // Stream: after each step, print what the text so far adds (BPE pieces can only be decoded
     // whole, so decode the committed tokens and print the new suffix).
     let mut shown = String::new();
@@ -111,6 +117,76 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         stats.acceptance_rate,
         stats.mean_gamma,
         stats.gamma_histogram
+    );
+    Ok(())
+}
+
+/// Several prompts decoded as one batch: each text, then the batch's summary.
+fn run_batch(
+    a: &Args,
+    p: &pair::Pair,
+    device: &speckv::decode::device::Device,
+    pol: Option<&speckv::decode::Policy>,
+    cfg: &GenConfig,
+) -> speckv::Result<()> {
+    use speckv::decode::batch;
+    let ids = a
+        .prompt
+        .iter()
+        .map(|q| p.encode_chat(q))
+        .collect::<speckv::Result<Vec<_>>>()?;
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let room = batch::batch_room(longest, cfg, ids.len());
+    let (mut tp, mut dp) =
+        device.batch_passes(&p.target, p.draft_model(), p.draft_mask(), room, ids.len())?;
+    let stop = &p.tokenizer.stop;
+    let stats = match pol {
+        None => batch::plain_batch(tp.as_mut(), &ids, stop, cfg)?,
+        Some(pl) => batch::speculative_batch(tp.as_mut(), dp.as_mut(), &ids, stop, pl, cfg)?,
+    };
+    let texts = stats
+        .sequences
+        .iter()
+        .map(|q| p.tokenizer.decode(&q.tokens))
+        .collect::<speckv::Result<Vec<_>>>()?;
+    if a.json {
+        let seqs: Vec<_> = stats
+            .sequences
+            .iter()
+            .zip(&texts)
+            .map(|(q, text)| {
+                serde_json::json!({
+                    "text": text, "tokens": q.tokens, "acceptance_rate": q.acceptance_rate,
+                    "mean_gamma": q.mean_gamma, "gamma_histogram": q.gamma_histogram,
+                    "steps": q.steps,
+                })
+            })
+            .collect();
+        return json_out(&serde_json::json!({
+            "sequences": seqs, "tokens_per_second": stats.tokens_per_second,
+            "target_passes": stats.target_passes, "draft_passes": stats.draft_passes,
+            "seconds": stats.seconds, "prefill_seconds": stats.prefill_seconds,
+        }));
+    }
+    for (b, (q, text)) in stats.sequences.iter().zip(&texts).enumerate() {
+        println!("--- prompt {b} ---\n{text}");
+        eprintln!(
+            "[{b}] {} tokens, {} steps, acceptance {:.3}, mean γ {:.2}",
+            q.tokens.len(),
+            q.steps,
+            q.acceptance_rate,
+            q.mean_gamma
+        );
+    }
+    eprintln!(
+        "\n{} prompts in {:.2} s ({:.2} s prefill): {:.2} tokens/s decoding in all; {} target \
+         and {} draft passes",
+        ids.len(),
+        stats.seconds,
+        stats.prefill_seconds,
+        stats.tokens_per_second,
+        stats.target_passes,
+        stats.draft_passes
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ use crate::backend::emulate::Emulator;
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
 use crate::model::device::{CudaForward, DeviceView, DeviceWeights, EmulatedForward};
-use crate::model::{CpuPass, Model, Pass};
+use crate::model::{BatchPass, CpuPass, Model, Pass};
 
 /// Environment variable that makes `--backend cuda` run the device program on the emulator (for
 /// tests: the same passes, without a GPU).
@@ -37,6 +37,9 @@ pub struct CudaDevice {
 
 /// A boxed pass of a decode.
 pub type BoxPass<'a> = Box<dyn Pass + Send + 'a>;
+
+/// A boxed batched state of a decode.
+pub type BoxBatch<'a> = Box<dyn BatchPass + Send + 'a>;
 
 impl Device {
     /// `cpu` and `auto` → the CPU (the CUDA forward pass has not yet run on a GPU, so it is not
@@ -113,6 +116,51 @@ impl Device {
                 let dw = c.draft.as_ref().unwrap_or(&c.target);
                 let mut d = CudaForward::new(&c.cuda, dw, positions.min(dw.cfg.context))?;
                 if let Some(m) = layers.clone() {
+                    d.set_active_layers(m)?;
+                }
+                Ok((Box::new(t), Box::new(d)))
+            }
+        }
+    }
+
+    /// Fresh batched target and draft states of `seqs` sequences holding `positions` each (see
+    /// [`Device::passes`]); the CPU has no batched state.
+    pub fn batch_passes<'a>(
+        &'a self,
+        target: &'a Model,
+        draft: Option<&'a Model>,
+        mask: &'a [bool],
+        positions: usize,
+        seqs: usize,
+    ) -> Result<(BoxBatch<'a>, BoxBatch<'a>)> {
+        if positions > target.cfg.context {
+            return Err(Error::Other(format!(
+                "{positions} positions exceed the target's context of {}",
+                target.cfg.context
+            )));
+        }
+        let dm = draft.unwrap_or(target);
+        let dcap = positions.min(dm.cfg.context);
+        let layers = draft.is_none().then(|| mask.to_vec());
+        match self {
+            Device::Cpu => Err(Error::Other(
+                "batched decoding (several prompts) runs on the device program: --backend cuda"
+                    .into(),
+            )),
+            Device::Emulator(e) => {
+                let sms = crate::plan::H200_SMS;
+                let t = EmulatedForward::new_batch(target, *e, sms, positions, seqs)?;
+                let mut d = EmulatedForward::new_batch(dm, *e, sms, dcap, seqs)?;
+                if let Some(m) = layers {
+                    d.set_active_layers(m)?;
+                }
+                Ok((Box::new(t), Box::new(d)))
+            }
+            Device::Cuda(c) => {
+                let t = CudaForward::new_batch(&c.cuda, &c.target, positions, seqs)?;
+                let dw = c.draft.as_ref().unwrap_or(&c.target);
+                let mut d = CudaForward::new_batch(&c.cuda, dw, dcap, seqs)?;
+                if let Some(m) = layers {
                     d.set_active_layers(m)?;
                 }
                 Ok((Box::new(t), Box::new(d)))

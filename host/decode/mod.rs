@@ -7,6 +7,7 @@
 //! "pending" token), which the next step feeds first; the draft cache may also lag by the drafts
 //! it proposed but never fed (the last one of a fully accepted step), kept in a backlog.
 
+pub mod batch;
 pub mod calibrate;
 pub mod device;
 pub mod pair;
@@ -71,6 +72,14 @@ impl Auto {
 }
 
 impl Policy {
+    /// γ is chosen before drafting (`fixed:N`, `speckv`, `heuristic`): no per-token decision.
+    pub fn up_front(&self) -> bool {
+        matches!(
+            self,
+            Policy::Fixed(_) | Policy::SpecKv(_) | Policy::Heuristic
+        )
+    }
+
     /// `fixed:N`, `confidence:P` (llama.cpp's `--draft-p-min P`), `hf-dynamic` (HF transformers'
     /// assistant confidence threshold 0.4, the judged draft kept), `heuristic` (HF's +2/−1 schedule),
     /// `adaedl[:λ[:κ]]`, `auto` (the shipped hazard model); `speckv` and `speckv-cost` need a

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use speckv_kernels::params::FeatureAccum;
+use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use crate::controller::hazard::{AutoState, StopRule};
 use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
@@ -126,27 +126,7 @@ fn speculative_loop(
     let mut heuristic_gamma = 4u32;
     let mut rng_step = 0u64;
     'outer: while out.len() < cfg.max_tokens {
-        let gmax = match policy {
-            Policy::Fixed(n) => (*n).min(cfg.gamma_max),
-            Policy::SpecKv(c) => match prev_accum {
-                Some(a) if a.count > 0 => {
-                    let n = a.count as f64;
-                    let base = [
-                        a.entropy_sum as f64 / n,
-                        a.confidence_sum as f64 / n,
-                        a.entropy_max as f64,
-                        a.confidence_min as f64,
-                    ];
-                    c.decide(base, cfg.compression).gamma.min(cfg.gamma_max)
-                }
-                _ => 4.min(cfg.gamma_max),
-            },
-            Policy::Confidence(_)
-            | Policy::HfThreshold(_)
-            | Policy::Auto(_)
-            | Policy::AdaEdl { .. } => cfg.gamma_max,
-            Policy::Heuristic => heuristic_gamma.min(cfg.gamma_max),
-        };
+        let gmax = step_gamma(policy, prev_accum.as_ref(), heuristic_gamma, cfg);
         // Draft up to gmax tokens.
         let t_draft = Instant::now();
         trace.entropy.clear();
@@ -171,10 +151,7 @@ fn speculative_loop(
         feed.push(pending);
         // A γ chosen before drafting needs no per-token decision: the pass runs the whole phase
         // (on CUDA enqueued at once, each token fed on the device, one wait).
-        let up_front = matches!(
-            policy,
-            Policy::Fixed(_) | Policy::SpecKv(_) | Policy::Heuristic
-        );
+        let up_front = policy.up_front();
         if up_front && gmax > 0 {
             let o = StatsOptions {
                 temperature: cfg.temperature,
@@ -231,22 +208,9 @@ fn speculative_loop(
             // draft's cache: before the first draft it is committed (the backlog and the pending
             // token), so the draft need not see it again; after a draft the cache is cut back to
             // the accepted tokens below, as for any step.
-            let (keep, more) = match (policy, auto.as_mut(), after) {
-                (Policy::Confidence(p), ..) => (st.confidence >= *p, st.confidence >= *p),
-                (Policy::HfThreshold(p), ..) => {
-                    // HF judges the probability of the token it drew.
-                    let prob = if greedy {
-                        st.confidence
-                    } else {
-                        st.sampled_prob
-                    };
-                    (true, prob >= *p)
-                }
-                (Policy::AdaEdl { lambda, kappa }, ..) => {
-                    let ok = 1.0 - (kappa * st.entropy.max(0.0)).sqrt() >= *lambda;
-                    (ok, ok)
-                }
-                (_, Some(a), Some(after)) => {
+            let (keep, more) = match (token_verdict(policy, &st, greedy), auto.as_mut(), after) {
+                (Some(v), ..) => v,
+                (None, Some(a), Some(after)) => {
                     let d = rule.observe(&a.weights, &accum[0], &st, cfg.compression, after);
                     a.record(&d);
                     trace.stop_features.push(d.features);
@@ -334,11 +298,10 @@ fn speculative_loop(
         // accepted step whose x_{g-1} was never fed leaves it in the backlog. (g = 0: the backlog
         // already holds what the draft has not seen.)
         if g > 0 {
-            let last_fed = dpass.len() == before + 1 + g;
-            let keep = if k == g && last_fed { g } else { k.min(g - 1) };
+            let (keep, unseen) = draft_keep(k, g, dpass.len() == before + 1 + g);
             dpass.truncate(before + 1 + keep);
             backlog.clear();
-            if k == g && !last_fed {
+            if unseen {
                 backlog.push(xs[g - 1]);
             }
         }
@@ -355,11 +318,7 @@ fn speculative_loop(
                 pending = t;
             }
         }
-        heuristic_gamma = if k == g && g > 0 {
-            (heuristic_gamma + 2).min(cfg.gamma_max)
-        } else {
-            heuristic_gamma.saturating_sub(1).max(1)
-        };
+        heuristic_gamma = next_heuristic(heuristic_gamma, g, k, cfg.gamma_max);
         prev_accum = Some(accum[0]);
     }
     let s = start.elapsed().as_secs_f64();
@@ -375,4 +334,76 @@ fn speculative_loop(
         tokens_per_second: out.len() as f64 / (s - prefill).max(1e-9),
         tokens: out,
     })
+}
+
+/// The most drafts of a step: the policy's γ when it is chosen up front (`speckv` on the
+/// previous step's draft features, lagged: causal; 4 before any), γmax for the per-token rules.
+pub(super) fn step_gamma(
+    policy: &Policy,
+    prev_accum: Option<&FeatureAccum>,
+    heuristic_gamma: u32,
+    cfg: &GenConfig,
+) -> u32 {
+    match policy {
+        Policy::Fixed(n) => (*n).min(cfg.gamma_max),
+        Policy::SpecKv(c) => match prev_accum {
+            Some(a) if a.count > 0 => {
+                let n = a.count as f64;
+                let base = [
+                    a.entropy_sum as f64 / n,
+                    a.confidence_sum as f64 / n,
+                    a.entropy_max as f64,
+                    a.confidence_min as f64,
+                ];
+                c.decide(base, cfg.compression).gamma.min(cfg.gamma_max)
+            }
+            _ => 4.min(cfg.gamma_max),
+        },
+        Policy::Confidence(_)
+        | Policy::HfThreshold(_)
+        | Policy::Auto(_)
+        | Policy::AdaEdl { .. } => cfg.gamma_max,
+        Policy::Heuristic => heuristic_gamma.min(cfg.gamma_max),
+    }
+}
+
+/// A per-token rule's verdict on a draft, from its statistics: (keep it, draft the next); `None`
+/// for the policies that decide otherwise (γ up front, or `auto`'s stopping rule).
+pub(super) fn token_verdict(policy: &Policy, st: &RowStats, greedy: bool) -> Option<(bool, bool)> {
+    match policy {
+        Policy::Confidence(p) => Some((st.confidence >= *p, st.confidence >= *p)),
+        Policy::HfThreshold(p) => {
+            // HF judges the probability of the token it drew.
+            let prob = if greedy {
+                st.confidence
+            } else {
+                st.sampled_prob
+            };
+            Some((true, prob >= *p))
+        }
+        Policy::AdaEdl { lambda, kappa } => {
+            let ok = 1.0 - (kappa * st.entropy.max(0.0)).sqrt() >= *lambda;
+            Some((ok, ok))
+        }
+        _ => None,
+    }
+}
+
+/// HF's schedule after a step of `g` drafts with `k` accepted: +2 after a fully accepted step,
+/// −1 otherwise, within 1..=γmax.
+pub(super) fn next_heuristic(h: u32, g: usize, k: usize, gamma_max: u32) -> u32 {
+    if k == g && g > 0 {
+        (h + 2).min(gamma_max)
+    } else {
+        h.saturating_sub(1).max(1)
+    }
+}
+
+/// After a step of `g ≥ 1` drafts with `k` accepted, the drafts the draft's cache keeps past the
+/// pending token, and whether the last draft (accepted, but never fed: `last_fed` false) goes to
+/// the backlog. Drafting g tokens fed the draft x_0..x_{g-2} — and x_{g-1} too when a per-token
+/// stop fed it — after the pending token.
+pub(super) fn draft_keep(k: usize, g: usize, last_fed: bool) -> (usize, bool) {
+    let keep = if k == g && last_fed { g } else { k.min(g - 1) };
+    (keep, k == g && !last_fed)
 }

@@ -21,7 +21,7 @@ pub use cache::KvCache;
 pub use gguf::{guarded, read_gguf, Config};
 use gguf::{load_f32, load_raw};
 use ops::RopeTable;
-pub use pass::{CpuPass, DraftRun, DraftStop, Pass};
+pub use pass::{BatchPass, CpuPass, DraftRun, DraftStop, Pass};
 
 use std::fs::File;
 use std::io::BufReader;

@@ -381,6 +381,25 @@ impl Pass for CpuPass<'_> {
     }
 }
 
+/// A decode state of several sequences stepped together, the same number of positions m each
+/// (the device executors' batched mode, [`EmulatedForward::new_batch`] and
+/// [`CudaForward::new_batch`]); the batched decode loops drive it. Its single-sequence
+/// [`Pass`] calls are errors.
+///
+/// [`EmulatedForward::new_batch`]: super::device::EmulatedForward::new_batch
+/// [`CudaForward::new_batch`]: super::device::CudaForward::new_batch
+pub trait BatchPass: Pass {
+    /// Every sequence's positions in the cache.
+    fn lens(&self) -> &[usize];
+    /// Positions each sequence's cache holds at most.
+    fn capacity(&self) -> usize;
+    /// One step of every sequence: `tokens` holds m tokens per sequence, sequence by sequence
+    /// (at most 16 in all); returns the logits `[seqs · m, vocab]`.
+    fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Forgets every position of sequence `seq` from `len` on.
+    fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()>;
+}
+
 /// `positions` fit a device cache allocated for `capacity` (device caches do not grow: the graph
 /// and the kernels' parameters hold their addresses).
 pub(crate) fn fixed_capacity(positions: usize, capacity: usize) -> Result<()> {

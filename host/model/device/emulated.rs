@@ -229,6 +229,8 @@ fn rows<'a>(acts: &'a HashMap<Act, AlignedF32>, a: Act, m: usize, s: &super::Sha
     }
 }
 
+super::seq::batch_pass!(EmulatedForward<'_>);
+
 impl Pass for EmulatedForward<'_> {
     fn run(&mut self, tokens: &[u32], keep: usize) -> Result<&[f32]> {
         self.seq.last = self.forward(tokens, keep)?;

@@ -111,6 +111,29 @@ impl SeqState {
     }
 }
 
+/// Both executors' batched states are a [`BatchPass`](crate::model::BatchPass): their inherent
+/// batch calls.
+macro_rules! batch_pass {
+    ($t:ty) => {
+        impl crate::model::BatchPass for $t {
+            fn lens(&self) -> &[usize] {
+                self.seq.lens()
+            }
+            fn capacity(&self) -> usize {
+                self.seq.capacity
+            }
+            fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+                <$t>::step_batch(self, tokens)
+            }
+            fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
+                self.seq.truncate_seq(seq, len)
+            }
+        }
+    };
+}
+
+pub(super) use batch_pass;
+
 // A verification pass is one chunk of the device program.
 const _: () = assert!(crate::verify::MAX_VERIFY_POSITIONS <= crate::backend::forward::MAX_STEP);
 

@@ -394,6 +394,8 @@ impl<'b> CudaForward<'b> {
     }
 }
 
+super::seq::batch_pass!(CudaForward<'_>);
+
 impl Pass for CudaForward<'_> {
     fn run(&mut self, tokens: &[u32], keep: usize) -> Result<&[f32]> {
         self.seq.last = self.forward(tokens, keep)?;

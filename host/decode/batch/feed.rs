@@ -1,0 +1,109 @@
+//! The host's side of a batched decode: feeding the batched state (padded, cut back), and the
+//! CPU backend turning each sequence's row into statistics and tokens.
+
+use speckv_kernels::params::{FeatureAccum, RowStats};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::forward::MAX_STEP;
+use crate::error::Result;
+use crate::model::pass::{argmax, token_of};
+use crate::model::BatchPass;
+use crate::stats::cpu::StatsScratch;
+use crate::stats::{Logits, LogitsData, StatsOptions};
+
+/// The host's side of a batched decode: each sequence's latest logits row, and the CPU backend
+/// that turns rows into statistics, tokens and verdicts.
+pub(super) struct Host {
+    vocab: usize,
+    /// `[B, vocab]`: each sequence's row after the last token it was fed.
+    pub(super) last: Vec<f32>,
+    pub(super) tokens: Vec<u32>,
+    pub(super) cpu: CpuBackend,
+    scratch: StatsScratch,
+}
+
+impl Host {
+    pub(super) fn new(seqs: usize, vocab: usize) -> Host {
+        Host {
+            vocab,
+            last: vec![0.0; seqs * vocab],
+            tokens: Vec::with_capacity(MAX_STEP),
+            cpu: CpuBackend::new(),
+            scratch: StatsScratch::default(),
+        }
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.last[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// The statistics of sequence `i`'s row, `accum` updated as `opts` says, and the row.
+    pub(super) fn stats(
+        &mut self,
+        i: usize,
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum; 1],
+    ) -> Result<(RowStats, &[f32])> {
+        let v = self.vocab;
+        let row = &self.last[i * v..(i + 1) * v];
+        let l = Logits::dense(LogitsData::F32(row), v)?;
+        let st = self
+            .cpu
+            .softmax_stats_into(&l, opts, Some(accum), &mut self.scratch)?[0];
+        Ok((st, row))
+    }
+
+    /// Sequence `i`'s next token: the argmax, or the Gumbel-max draw of `opts`.
+    pub(super) fn choose(&mut self, i: usize, opts: &StatsOptions) -> Result<u32> {
+        if opts.temperature == 0.0 {
+            return argmax(self.row(i), opts.step as usize);
+        }
+        let st = self.stats(i, opts, &mut [FeatureAccum::EMPTY])?.0;
+        token_of(&st, opts)
+    }
+}
+
+/// Feeds every sequence its tokens (none for some) in passes of at most 16 / B positions each,
+/// and leaves in `host.last` each fed sequence's row after its last token. Returns the passes.
+pub(super) fn feed(pass: &mut dyn BatchPass, feeds: &[&[u32]], host: &mut Host) -> Result<usize> {
+    let (per, v) = (MAX_STEP / feeds.len(), host.vocab);
+    let longest = feeds.iter().map(|f| f.len()).max().unwrap_or(0);
+    let mut passes = 0;
+    for at in (0..longest).step_by(per) {
+        let parts: Vec<&[u32]> = feeds
+            .iter()
+            .map(|f| &f[at.min(f.len())..(at + per).min(f.len())])
+            .collect();
+        let (rows, m) = step_padded(pass, &parts, &mut host.tokens)?;
+        passes += 1;
+        for (i, (p, f)) in parts.iter().zip(feeds).enumerate() {
+            if !p.is_empty() && at + p.len() == f.len() {
+                let r = i * m + p.len() - 1;
+                host.last[i * v..(i + 1) * v].copy_from_slice(&rows[r * v..(r + 1) * v]);
+            }
+        }
+    }
+    Ok(passes)
+}
+
+/// One pass of every sequence over its part (at least one token in all), each padded to the
+/// longest part and cut back after it: returns the logits `[B · m, vocab]` and m.
+pub(super) fn step_padded(
+    pass: &mut dyn BatchPass,
+    parts: &[&[u32]],
+    tokens: &mut Vec<u32>,
+) -> Result<(Vec<f32>, usize)> {
+    let m = parts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
+    let before = pass.lens().to_vec();
+    tokens.clear();
+    for p in parts {
+        tokens.extend_from_slice(p);
+        let pad = p.last().copied().unwrap_or(0);
+        tokens.resize(tokens.len() + m - p.len(), pad);
+    }
+    let rows = pass.step_batch(tokens)?;
+    for (i, p) in parts.iter().enumerate() {
+        pass.truncate_seq(i, before[i] + p.len())?;
+    }
+    Ok((rows, m))
+}

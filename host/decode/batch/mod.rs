@@ -1,0 +1,291 @@
+//! Batched decoding: several prompts decoded together on a device executor's batched state
+//! ([`BatchPass`]) — plain decoding, and speculative decoding in which every sequence drafts its
+//! own γ each step and one batched verification checks them all.
+//!
+//! The executors step every sequence the same number of positions m. A pass whose sequences have
+//! fewer tokens to feed pads them at their end (copies of their last token, or token 0) and cuts
+//! the padded positions off the caches right after (`truncate_seq`): attention is causal, so no
+//! real position ever sees them. A finished sequence feeds nothing and its cache stays as it was.
+//! Verification reads the target's rows as the pass leaves them, `[B, γ_step + 1, vocab]` with
+//! γ_step the step's largest γ, and each sequence's γ_b says how many of its rows are real.
+//!
+//! The logits come back to the host after every pass, where the draft's statistics and
+//! verification run on the CPU backend: the single-sequence loops finish both on the device, the
+//! batched ones do not yet. Sampling: sequence b draws its tokens (plain decoding, drafts) with
+//! seed `seed + b`, and verification uses its batch row b's stream; a batch of one decodes as the
+//! single-sequence loops do, token for token. `auto` is refused: its costs are measured per step
+//! of one sequence.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+mod feed;
+mod seq;
+
+use feed::{feed, step_padded, Host};
+use seq::{Seq, SeqCounts};
+
+use super::{GenConfig, GenStats, Policy};
+use crate::backend::forward::MAX_STEP;
+use crate::error::{Error, Result};
+use crate::model::BatchPass;
+use crate::stats::{Accumulate, LogitsData, StatsOptions};
+use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
+
+/// What a batched decode did.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchStats {
+    /// Each sequence's own counts; their `seconds` and `prefill_seconds` are the batch's, their
+    /// `tokens_per_second` their own tokens over the batch's decoding time.
+    pub sequences: Vec<GenStats>,
+    /// Batched forward passes after the prefill, of the target and of the draft.
+    pub target_passes: usize,
+    pub draft_passes: usize,
+    pub seconds: f64,
+    pub prefill_seconds: f64,
+    /// Every sequence's tokens over the decoding phase's wall time.
+    pub tokens_per_second: f64,
+}
+
+/// Positions each sequence's cache needs for a batched decode of `seqs` prompts, the longest
+/// `longest_prompt` tokens long: the tokens it commits, a step's drafts, and the padding of a
+/// pass (at most 16 / seqs positions, cut off right after).
+pub fn batch_room(longest_prompt: usize, cfg: &GenConfig, seqs: usize) -> usize {
+    longest_prompt + cfg.max_tokens + cfg.gamma_max as usize + 2 + MAX_STEP / seqs.max(1)
+}
+
+/// Plain decoding of every prompt on `pass`, a batched state of one sequence per prompt (fresh):
+/// sequence b decodes what [`super::plain_on`] decodes with seed `seed + b`.
+pub fn plain_batch(
+    pass: &mut dyn BatchPass,
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    cfg: &GenConfig,
+) -> Result<BatchStats> {
+    check_batch(&[&*pass], prompts, cfg)?;
+    let (b, v) = (prompts.len(), pass.cfg().vocab);
+    let start = Instant::now();
+    let mut host = Host::new(b, v);
+    let feeds: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    feed(pass, &feeds, &mut host)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let opts = |seq: usize, step: usize| StatsOptions {
+        temperature: cfg.temperature,
+        sample: cfg.temperature != 0.0,
+        seed: cfg.seed.wrapping_add(seq as u64),
+        step: step as u64,
+        accumulate: Accumulate::No,
+    };
+    let mut next = (0..b)
+        .map(|i| host.choose(i, &opts(i, 0)))
+        .collect::<Result<Vec<u32>>>()?;
+    let mut outs: Vec<Vec<u32>> = vec![Vec::with_capacity(cfg.max_tokens); b];
+    let mut done = vec![cfg.max_tokens == 0; b];
+    let mut passes = 0;
+    for step in 0..cfg.max_tokens {
+        for i in 0..b {
+            if done[i] || stop.contains(&next[i]) {
+                done[i] = true;
+                continue;
+            }
+            outs[i].push(next[i]);
+            done[i] = outs[i].len() == cfg.max_tokens;
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let feeds: Vec<&[u32]> = (0..b)
+            .map(|i| if done[i] { &[][..] } else { &next[i..i + 1] })
+            .collect();
+        passes += feed(pass, &feeds, &mut host)?;
+        for i in (0..b).filter(|&i| !done[i]) {
+            next[i] = host.choose(i, &opts(i, step + 1))?;
+        }
+    }
+    let seqs = outs
+        .into_iter()
+        .map(|tokens| SeqCounts::default().stats(tokens))
+        .collect();
+    Ok(finish(seqs, passes, 0, start, prefill))
+}
+
+/// Speculative decoding of every prompt with `policy`, each sequence its own γ per step:
+/// `target` and `draft` are batched states of one sequence per prompt (fresh). Greedy decoding
+/// gives each sequence the tokens plain greedy decoding gives it.
+pub fn speculative_batch(
+    target: &mut dyn BatchPass,
+    draft: &mut dyn BatchPass,
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+) -> Result<BatchStats> {
+    check_batch(&[&*target, &*draft], prompts, cfg)?;
+    if matches!(policy, Policy::Auto(_)) {
+        return Err(Error::Other(
+            "`auto` decodes one sequence at a time (its costs are measured per step of one \
+             sequence); batched decoding takes fixed:N, speckv, heuristic, confidence:P, \
+             hf-dynamic or adaedl"
+                .into(),
+        ));
+    }
+    let (b, v, gm) = (prompts.len(), target.cfg().vocab, cfg.gamma_max as usize);
+    if draft.cfg().vocab != v {
+        return Err(Error::Other(format!(
+            "draft vocabulary {} differs from the target's {v}",
+            draft.cfg().vocab
+        )));
+    }
+    if gm == 0 || (gm + 1) * b > MAX_STEP {
+        return Err(Error::Other(format!(
+            "γmax {gm} over {b} sequences: a verification pass of (γmax + 1) · sequences = {} \
+             positions must fit a step of {MAX_STEP}: γmax 1 to {} (--gamma-max)",
+            (gm + 1) * b,
+            (MAX_STEP / b).saturating_sub(1)
+        )));
+    }
+    let greedy = cfg.temperature == 0.0;
+    let start = Instant::now();
+    let heads: Vec<&[u32]> = prompts.iter().map(|p| &p[..p.len() - 1]).collect();
+    let mut host = Host::new(b, v);
+    feed(target, &heads, &mut host)?;
+    feed(draft, &heads, &mut host)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .map(|p| Seq::new(p[p.len() - 1], cfg, greedy, v))
+        .collect();
+    let (mut target_passes, mut draft_passes, mut steps) = (0, 0, 0u64);
+    let mut vout = VerifyOutput::new(b, gm);
+    let (mut tokens, mut gammas, mut qrows) = (Vec::new(), Vec::new(), Vec::new());
+    let temps = vec![cfg.temperature; b];
+    while seqs.iter().any(|s| !s.done) {
+        // Draft: the first pass feeds each drafting sequence its backlog and pending token.
+        let mut feeds: Vec<Vec<u32>> = vec![Vec::new(); b];
+        for (s, f) in seqs.iter_mut().zip(&mut feeds) {
+            s.begin(policy, cfg, f);
+        }
+        loop {
+            let fs: Vec<&[u32]> = feeds.iter().map(|f| &f[..]).collect();
+            if fs.iter().all(|f| f.is_empty()) {
+                break;
+            }
+            draft_passes += feed(draft, &fs, &mut host)?;
+            for (i, (s, f)) in seqs.iter_mut().zip(&mut feeds).enumerate() {
+                if !f.is_empty() {
+                    f.clear();
+                    s.draft(i, policy, cfg, &mut host, f)?;
+                }
+            }
+        }
+        // Verify: the target over [pending, drafts…] of every unfinished sequence, one pass.
+        let tins: Vec<Vec<u32>> = seqs.iter().map(Seq::verify_feed).collect();
+        let before = target.lens().to_vec();
+        let fs: Vec<&[u32]> = tins.iter().map(|t| &t[..]).collect();
+        let (rows, m) = step_padded(target, &fs, &mut host.tokens)?;
+        target_passes += 1;
+        let g_step = m - 1;
+        tokens.clear();
+        gammas.clear();
+        for s in &seqs {
+            tokens.extend(s.xs.iter().map(|&x| x as i32));
+            tokens.resize(tokens.len() + g_step - s.xs.len(), 0);
+            gammas.push(s.xs.len() as i32);
+        }
+        let draft_rows = if greedy {
+            // Greedy verification never reads the draft's rows: the target's stand in.
+            &rows[..b * g_step * v]
+        } else {
+            qrows.clear();
+            for s in &seqs {
+                qrows.extend_from_slice(&s.qrows);
+                qrows.resize(qrows.len() + (g_step - s.xs.len()) * v, 0.0);
+            }
+            &qrows[..]
+        };
+        let vb = VerifyBatch {
+            target: LogitsData::F32(&rows),
+            target_stride: v,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(draft_rows),
+                temperature: &temps,
+            },
+            draft_stride: v,
+            draft_tokens: &tokens,
+            gammas: &gammas,
+            target_temperature: &temps,
+            batch: b,
+            gamma_max: g_step,
+            vocab: v,
+            seed: cfg.seed,
+            step: steps,
+        };
+        vout.reset(b, g_step);
+        host.cpu.verify_into(&vb, &mut vout)?;
+        steps += 1;
+        for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {
+            s.commit(i, &vout, before[i], target, draft, stop, cfg)?;
+        }
+    }
+    let seqs = seqs.into_iter().map(|s| s.counts.stats(s.out)).collect();
+    Ok(finish(seqs, target_passes, draft_passes, start, prefill))
+}
+
+/// The batch's times, in every sequence's statistics too.
+fn finish(
+    mut seqs: Vec<GenStats>,
+    target_passes: usize,
+    draft_passes: usize,
+    start: Instant,
+    prefill: f64,
+) -> BatchStats {
+    let s = start.elapsed().as_secs_f64();
+    let decoding = (s - prefill).max(1e-9);
+    for q in &mut seqs {
+        q.seconds = s;
+        q.prefill_seconds = prefill;
+        q.tokens_per_second = q.tokens.len() as f64 / decoding;
+    }
+    let all: usize = seqs.iter().map(|q| q.tokens.len()).sum();
+    BatchStats {
+        sequences: seqs,
+        target_passes,
+        draft_passes,
+        seconds: s,
+        prefill_seconds: prefill,
+        tokens_per_second: all as f64 / decoding,
+    }
+}
+
+/// The prompts fit the states: one per sequence, none empty, fresh states with room for them.
+fn check_batch(passes: &[&dyn BatchPass], prompts: &[Vec<u32>], cfg: &GenConfig) -> Result<()> {
+    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+        return Err(Error::Empty { what: "prompt" });
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let room = batch_room(longest, cfg, prompts.len());
+    for p in passes {
+        if p.lens().len() != prompts.len() {
+            return Err(Error::Other(format!(
+                "{} prompts for a batched state of {} sequences",
+                prompts.len(),
+                p.lens().len()
+            )));
+        }
+        if p.lens().iter().any(|&l| l != 0) {
+            return Err(Error::Other(
+                "a batched decode starts from empty caches".into(),
+            ));
+        }
+        if room > p.capacity() {
+            return Err(Error::Other(format!(
+                "a batched decode of prompts up to {longest} tokens and {} new ones needs caches \
+                 of {room} positions (`batch_room`); these hold {}",
+                cfg.max_tokens,
+                p.capacity()
+            )));
+        }
+    }
+    Ok(())
+}

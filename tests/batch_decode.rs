@@ -1,0 +1,222 @@
+//! Batched decoding ([`speckv::decode::batch`]) on the emulated device program with the tiny
+//! model: several prompts of different lengths decoded together, each sequence its own γ per
+//! step, give each prompt what decoding it alone gives; a batch of one is the single-sequence loop
+//! token for token, sampled too; misuse is refused before anything runs. The CUDA twin runs in the
+//! gpu-check bundle (skipped here).
+
+mod common;
+
+use speckv::backend::emulate::Emulator;
+use speckv::controller::records::Compression;
+use speckv::decode::batch::{batch_room, plain_batch, speculative_batch, BatchStats};
+use speckv::decode::{plain_on, speculative_on, GenConfig, Policy};
+use speckv::model::device::EmulatedForward;
+use speckv::model::Model;
+use speckv::weights::quant::Format;
+
+fn model() -> Model {
+    let p = common::tmp("batch-decode", "tiny.gguf");
+    common::tiny::write(&common::tiny::spec(3), &p);
+    Model::load(&p, Format::Fp16).unwrap()
+}
+
+/// Three prompts: 21 tokens (prefilled in two passes of five per sequence and more), 6, and 1
+/// (nothing to prefill).
+fn prompts() -> Vec<Vec<u32>> {
+    let p = |n: u32, k: u32| (0..n).map(|i| (i * 97 + k) % 512).collect::<Vec<u32>>();
+    vec![p(21, 13), p(6, 40), p(1, 7)]
+}
+
+fn cfg(temperature: f32, gamma_max: u32) -> GenConfig {
+    GenConfig {
+        max_tokens: 12,
+        temperature,
+        seed: 5,
+        gamma_max,
+        compression: Compression::Fp16,
+    }
+}
+
+fn state(m: &Model, cap: usize, seqs: usize) -> EmulatedForward<'_> {
+    EmulatedForward::new_batch(m, Emulator::new(128), 132, cap, seqs).unwrap()
+}
+
+/// The draft: the target's own weights with its second layer skipped (agrees with it often).
+fn draft_state(m: &Model, cap: usize, seqs: usize) -> EmulatedForward<'_> {
+    let mut d = state(m, cap, seqs);
+    d.set_active_layers(vec![true, false]).unwrap();
+    d
+}
+
+fn tokens(s: &BatchStats) -> Vec<Vec<u32>> {
+    s.sequences.iter().map(|q| q.tokens.clone()).collect()
+}
+
+#[test]
+fn plain_batches_decode_each_prompt_as_alone() {
+    let m = model();
+    let ps = prompts();
+    for t in [0.0, 0.9] {
+        let c = cfg(t, 3);
+        let cap = batch_room(21, &c, 3);
+        let got = plain_batch(&mut state(&m, cap, 3), &ps, &[], &c).unwrap();
+        for (b, p) in ps.iter().enumerate() {
+            // Sequence b draws with seed + b.
+            let mut cb = c.clone();
+            cb.seed += b as u64;
+            let mut one = EmulatedForward::new(&m, Emulator::new(128), 132, cap).unwrap();
+            let want = plain_on(&mut one, p, &[], &cb, &mut |_| {}).unwrap();
+            assert_eq!(got.sequences[b].tokens, want.tokens, "T {t}, seq {b}");
+        }
+        assert_eq!(got.target_passes, 11, "one pass per token after the first");
+        // A stop token ends its sequence only.
+        let stop = got.sequences[1].tokens[2];
+        let cut = plain_batch(&mut state(&m, cap, 3), &ps, &[stop], &c).unwrap();
+        for (b, (g, w)) in tokens(&cut).iter().zip(tokens(&got)).enumerate() {
+            let end = w.iter().position(|&x| x == stop).unwrap_or(w.len());
+            assert_eq!(g[..], w[..end], "T {t}, seq {b} stopped");
+        }
+    }
+}
+
+#[test]
+fn speculative_batches_are_lossless_with_a_gamma_per_sequence() {
+    let m = model();
+    let ps = prompts();
+    let c = cfg(0.0, 3);
+    let cap = batch_room(21, &c, 3);
+    let plain = tokens(&plain_batch(&mut state(&m, cap, 3), &ps, &[], &c).unwrap());
+    for policy in [
+        Policy::Fixed(3),
+        Policy::Heuristic,
+        Policy::Confidence(0.3),
+        Policy::HfThreshold(0.4),
+        Policy::AdaEdl {
+            lambda: 0.5,
+            kappa: 0.5,
+        },
+    ] {
+        let (mut t, mut d) = (state(&m, cap, 3), draft_state(&m, cap, 3));
+        let got = speculative_batch(&mut t, &mut d, &ps, &[], &policy, &c).unwrap();
+        assert_eq!(tokens(&got), plain, "{policy:?}: greedy is lossless");
+        for (b, q) in got.sequences.iter().enumerate() {
+            assert!(q.accepted <= q.drafted, "{policy:?} seq {b}");
+            assert_eq!(q.gamma_histogram.values().sum::<usize>(), q.steps);
+            assert!(q.steps <= got.target_passes, "{policy:?} seq {b}");
+        }
+        let accepted: usize = got.sequences.iter().map(|q| q.accepted).sum();
+        assert!(accepted > 0, "{policy:?}: the draft was accepted");
+        assert!(
+            got.target_passes < 12,
+            "{policy:?}: fewer target passes ({}) than tokens",
+            got.target_passes
+        );
+        // Each sequence committed its tokens: the caches end at prompt + tokens − 1 or less
+        // (the draft may lag by a backlog), never past it.
+        for (b, p) in ps.iter().enumerate() {
+            assert_eq!(t.lens()[b], p.len() - 1 + 12, "{policy:?} seq {b}");
+            assert!(d.lens()[b] <= t.lens()[b], "{policy:?} seq {b}");
+        }
+    }
+}
+
+#[test]
+fn a_batch_of_one_is_the_single_sequence_loop() {
+    let m = model();
+    let p = prompts().swap_remove(0);
+    for (t, policy) in [
+        (0.9, Policy::Fixed(4)),
+        (0.9, Policy::Confidence(0.3)),
+        (0.0, Policy::Heuristic),
+    ] {
+        let c = cfg(t, 4);
+        let cap = batch_room(p.len(), &c, 1);
+        let (mut tb, mut db) = (state(&m, cap, 1), draft_state(&m, cap, 1));
+        let got = speculative_batch(&mut tb, &mut db, std::slice::from_ref(&p), &[], &policy, &c)
+            .unwrap();
+        let (mut ts, mut ds) = (state(&m, cap, 1), draft_state(&m, cap, 1));
+        let want = speculative_on(&mut ts, &mut ds, &p, &[], &policy, &c, &mut |_| {}).unwrap();
+        let q = &got.sequences[0];
+        assert_eq!(q.tokens, want.tokens, "T {t} {policy:?}");
+        assert_eq!(
+            (q.steps, q.drafted, q.accepted),
+            (want.steps, want.drafted, want.accepted),
+            "T {t} {policy:?}"
+        );
+        assert_eq!(q.gamma_histogram, want.gamma_histogram, "T {t} {policy:?}");
+    }
+}
+
+#[test]
+fn batched_decodes_refuse_misuse_before_running() {
+    let m = model();
+    let ps = prompts();
+    let c = cfg(0.0, 3);
+    let cap = batch_room(21, &c, 3);
+    fn spec(
+        t: &mut EmulatedForward,
+        d: &mut EmulatedForward,
+        ps: &[Vec<u32>],
+        pol: &Policy,
+        c: &GenConfig,
+    ) -> speckv::Result<BatchStats> {
+        speculative_batch(t, d, ps, &[], pol, c)
+    }
+    let (mut t, mut d) = (state(&m, cap, 3), draft_state(&m, cap, 3));
+    let auto = Policy::Auto(Box::new(speckv::decode::Auto::shipped().unwrap()));
+    let e = spec(&mut t, &mut d, &ps, &auto, &c).unwrap_err();
+    assert!(e.to_string().contains("auto"), "{e}");
+    // γmax 4 over 4 sequences: 20 verification rows > 16.
+    let four = [ps.clone(), vec![vec![1]]].concat();
+    let (mut t4, mut d4) = (state(&m, cap, 4), draft_state(&m, cap, 4));
+    let e = spec(&mut t4, &mut d4, &four, &Policy::Fixed(4), &cfg(0.0, 4)).unwrap_err();
+    assert!(e.to_string().contains("γmax 4 over 4"), "{e}");
+    for (what, ps) in [
+        ("two prompts for three", ps[..2].to_vec()),
+        (
+            "an empty prompt",
+            vec![ps[0].clone(), vec![], ps[2].clone()],
+        ),
+    ] {
+        assert!(
+            spec(&mut t, &mut d, &ps, &Policy::Fixed(3), &c).is_err(),
+            "{what}"
+        );
+        assert!(plain_batch(&mut t, &ps, &[], &c).is_err(), "{what}");
+    }
+    let small = batch_room(21, &c, 3) - 1;
+    let e = plain_batch(&mut state(&m, small, 3), &ps, &[], &c).unwrap_err();
+    assert!(e.to_string().contains("batch_room"), "{e}");
+    assert_eq!(t.lens(), &[0, 0, 0][..], "refusals leave the caches empty");
+    assert_eq!(d.lens(), &[0, 0, 0][..]);
+    // A state that has run is not fresh.
+    plain_batch(&mut t, &ps, &[], &c).unwrap();
+    let e = plain_batch(&mut t, &ps, &[], &c).unwrap_err();
+    assert!(e.to_string().contains("empty caches"), "{e}");
+}
+
+/// The same decodes on a CUDA device (skipped without one): greedy batches lossless, and a batch
+/// of one the single-sequence loop.
+#[test]
+fn cuda_speculative_batches_are_lossless() {
+    use speckv::model::device::{CudaForward, DeviceView, DeviceWeights};
+    let Some(cuda) = common::cuda() else { return };
+    let m = model();
+    let w = DeviceWeights::upload(cuda, &DeviceView::new(&m).unwrap(), 256).unwrap();
+    let ps = prompts();
+    let c = cfg(0.0, 3);
+    let cap = batch_room(21, &c, 3);
+    let st = || CudaForward::new_batch(cuda, &w, cap, 3).unwrap();
+    let plain = tokens(&plain_batch(&mut st(), &ps, &[], &c).unwrap());
+    for (b, p) in ps.iter().enumerate() {
+        let mut one = CudaForward::new(cuda, &w, cap).unwrap();
+        let want = plain_on(&mut one, p, &[], &c, &mut |_| {}).unwrap();
+        assert_eq!(plain[b], want.tokens, "seq {b}");
+    }
+    for policy in [Policy::Fixed(3), Policy::Confidence(0.3)] {
+        let mut d = st();
+        d.set_active_layers(vec![true, false]).unwrap();
+        let got = speculative_batch(&mut st(), &mut d, &ps, &[], &policy, &c).unwrap();
+        assert_eq!(tokens(&got), plain, "{policy:?}");
+    }
+}
