@@ -13,6 +13,7 @@ use crate::model::BatchPass;
 use crate::stats::{Accumulate, StatsOptions};
 use crate::verify::VerifyOutput;
 
+/// A sequence of a speculative batch: what the single-sequence loop keeps, per sequence.
 pub(super) struct Seq {
     pending: u32,
     /// Committed tokens the draft has yet to see.
