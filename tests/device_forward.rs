@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file::Value;
 use speckv::backend::cpu::CpuBackend;
 use speckv::backend::emulate::Emulator;
 use speckv::model::device::{program, Act, EmulatedForward, Lin, Norm, Op};
-use speckv::model::{CpuPass, KvCache, Model, Pass};
+use speckv::model::{BatchPass, CpuPass, KvCache, Model, Pass};
 use speckv::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use speckv::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyStep};
 use speckv::weights::quant::Format;
@@ -545,7 +545,7 @@ fn cuda_draft_and_verify_steps_run_where_the_logits_are() {
 /// GEMVs run at M ≥ 2, which rounds activations to f16), with the same argmax per row. Single-
 /// sequence calls on a batched state, and uneven or overfull steps, are errors that leave it alone.
 fn batch_matches_single_sequences<'a>(
-    batch: &mut dyn BatchState,
+    batch: &mut dyn BatchPass,
     single: &mut dyn FnMut() -> Box<dyn Pass + 'a>,
     label: &str,
 ) {
@@ -555,8 +555,19 @@ fn batch_matches_single_sequences<'a>(
         .map(|b| (0..5).map(|i| (b * 131 + i * 17 + 3) % 512).collect())
         .collect();
     let flat: Vec<u32> = first.concat();
-    let got = batch.step(&flat).unwrap();
+    let got = batch.step_batch(&flat).unwrap();
     assert_eq!(got.len(), 15 * vocab);
+    // The same step's rows read back by index (any order, runs and single rows).
+    let mut some = Vec::new();
+    batch.logits_rows(&[14, 0, 1, 2, 7], &mut some).unwrap();
+    for (k, r) in [14, 0, 1, 2, 7].into_iter().enumerate() {
+        assert_eq!(
+            some[k * vocab..(k + 1) * vocab],
+            got[r * vocab..(r + 1) * vocab],
+            "{label}: row {r}"
+        );
+    }
+    assert!(batch.logits_rows(&[15], &mut some).is_err(), "{label}");
     let cut = [5usize, 2, 4];
     let next = [40u32, 41, 300];
     let mut want_first = Vec::new();
@@ -571,7 +582,7 @@ fn batch_matches_single_sequences<'a>(
         batch.truncate_seq(b, len).unwrap();
     }
     assert_eq!(batch.lens(), &cut[..], "{label}");
-    let got_next = batch.step(&next).unwrap();
+    let got_next = batch.step_batch(&next).unwrap();
     let tol = tolerance(Format::Fp16);
     for b in 0..seqs {
         for (what, g, w) in [
@@ -598,10 +609,10 @@ fn batch_matches_single_sequences<'a>(
     }
     assert_eq!(batch.lens(), &[6, 3, 5][..]);
     // 4 tokens over 3 sequences; 6 each (18 rows, past one step); a sequence out of range.
-    assert!(batch.step(&[1, 2, 3, 4]).is_err(), "{label}");
-    assert!(batch.step(&[1; 18]).is_err(), "{label}");
+    assert!(batch.step_batch(&[1, 2, 3, 4]).is_err(), "{label}");
+    assert!(batch.step_batch(&[1; 18]).is_err(), "{label}");
     assert!(
-        batch.step(&[1, 2, 512]).is_err(),
+        batch.step_batch(&[1, 2, 512]).is_err(),
         "{label}: token past the vocabulary"
     );
     assert!(batch.truncate_seq(3, 0).is_err(), "{label}");
@@ -611,41 +622,14 @@ fn batch_matches_single_sequences<'a>(
         "{label}: refusals change nothing"
     );
     assert!(
-        batch.single_call().is_err(),
+        batch.run(&[1], 1).is_err(),
         "{label}: Pass calls on a batch"
     );
+    // A step without the LM head advances every sequence and leaves no rows to read.
+    batch.step_batch_resident(&[1, 2, 3], false).unwrap();
+    assert_eq!(batch.lens(), &[7, 4, 6][..], "{label}");
+    assert!(batch.logits_rows(&[0], &mut some).is_err(), "{label}");
 }
-
-/// The batch calls both device executors share.
-trait BatchState {
-    fn step(&mut self, tokens: &[u32]) -> speckv::Result<Vec<f32>>;
-    fn truncate_seq(&mut self, seq: usize, len: usize) -> speckv::Result<()>;
-    fn lens(&self) -> Vec<usize>;
-    /// A single-sequence call (`Pass::run`).
-    fn single_call(&mut self) -> speckv::Result<()>;
-}
-
-macro_rules! batch_state {
-    ($t:ty) => {
-        impl BatchState for $t {
-            fn step(&mut self, tokens: &[u32]) -> speckv::Result<Vec<f32>> {
-                self.step_batch(tokens)
-            }
-            fn truncate_seq(&mut self, seq: usize, len: usize) -> speckv::Result<()> {
-                <$t>::truncate_seq(self, seq, len)
-            }
-            fn lens(&self) -> Vec<usize> {
-                <$t>::lens(self).to_vec()
-            }
-            fn single_call(&mut self) -> speckv::Result<()> {
-                Pass::run(self, &[1], 1).map(|_| ())
-            }
-        }
-    };
-}
-
-batch_state!(EmulatedForward<'_>);
-batch_state!(speckv::model::device::CudaForward<'_>);
 
 #[test]
 fn batched_sequences_step_as_each_alone() {

@@ -396,6 +396,11 @@ pub trait BatchPass: Pass {
     /// One step of every sequence: `tokens` holds m tokens per sequence, sequence by sequence
     /// (at most 16 in all); returns the logits `[seqs · m, vocab]`.
     fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// [`BatchPass::step_batch`] leaving the logits where they are computed — none without
+    /// `logits` (the LM head is skipped) — for [`BatchPass::logits_rows`] to read the rows wanted.
+    fn step_batch_resident(&mut self, tokens: &[u32], logits: bool) -> Result<()>;
+    /// Appends to `out` the logits of `rows` (indices into the last step's `seqs · m` rows).
+    fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
     /// Forgets every position of sequence `seq` from `len` on.
     fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()>;
 }

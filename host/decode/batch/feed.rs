@@ -18,6 +18,8 @@ pub(super) struct Host {
     /// `[B, vocab]`: each sequence's row after the last token it was fed.
     pub(super) last: Vec<f32>,
     pub(super) tokens: Vec<u32>,
+    /// Rows read back from a pass.
+    pub(super) rows: Vec<f32>,
     pub(super) cpu: CpuBackend,
     scratch: StatsScratch,
 }
@@ -28,6 +30,7 @@ impl Host {
             vocab,
             last: vec![0.0; seqs * vocab],
             tokens: Vec::with_capacity(MAX_STEP),
+            rows: Vec::with_capacity(MAX_STEP * vocab),
             cpu: CpuBackend::new(),
             scratch: StatsScratch::default(),
         }
@@ -74,25 +77,37 @@ pub(super) fn feed(pass: &mut dyn BatchPass, feeds: &[&[u32]], host: &mut Host) 
             .iter()
             .map(|f| &f[at.min(f.len())..(at + per).min(f.len())])
             .collect();
-        let (rows, m) = step_padded(pass, &parts, &mut host.tokens)?;
+        // Only the rows of sequences whose feed ends in this pass are read back; a pass where
+        // none does skips the LM head.
+        let m = parts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
+        let ends: Vec<(usize, usize)> = parts
+            .iter()
+            .zip(feeds)
+            .enumerate()
+            .filter(|(_, (p, f))| !p.is_empty() && at + p.len() == f.len())
+            .map(|(i, (p, _))| (i, i * m + p.len() - 1))
+            .collect();
+        step_padded(pass, &parts, !ends.is_empty(), &mut host.tokens)?;
         passes += 1;
-        for (i, (p, f)) in parts.iter().zip(feeds).enumerate() {
-            if !p.is_empty() && at + p.len() == f.len() {
-                let r = i * m + p.len() - 1;
-                host.last[i * v..(i + 1) * v].copy_from_slice(&rows[r * v..(r + 1) * v]);
-            }
+        host.rows.clear();
+        let rows: Vec<usize> = ends.iter().map(|&(_, r)| r).collect();
+        pass.logits_rows(&rows, &mut host.rows)?;
+        for (k, &(i, _)) in ends.iter().enumerate() {
+            host.last[i * v..(i + 1) * v].copy_from_slice(&host.rows[k * v..(k + 1) * v]);
         }
     }
     Ok(passes)
 }
 
 /// One pass of every sequence over its part (at least one token in all), each padded to the
-/// longest part and cut back after it: returns the logits `[B · m, vocab]` and m.
+/// longest part m and cut back after it; with `logits` the pass leaves its logits `[B · m,
+/// vocab]` on the device. Returns m.
 pub(super) fn step_padded(
     pass: &mut dyn BatchPass,
     parts: &[&[u32]],
+    logits: bool,
     tokens: &mut Vec<u32>,
-) -> Result<(Vec<f32>, usize)> {
+) -> Result<usize> {
     let m = parts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
     let before = pass.lens().to_vec();
     tokens.clear();
@@ -101,9 +116,9 @@ pub(super) fn step_padded(
         let pad = p.last().copied().unwrap_or(0);
         tokens.resize(tokens.len() + m - p.len(), pad);
     }
-    let rows = pass.step_batch(tokens)?;
+    pass.step_batch_resident(tokens, logits)?;
     for (i, p) in parts.iter().enumerate() {
         pass.truncate_seq(i, before[i] + p.len())?;
     }
-    Ok((rows, m))
+    Ok(m)
 }

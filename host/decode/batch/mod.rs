@@ -183,8 +183,12 @@ pub fn speculative_batch(
         let tins: Vec<Vec<u32>> = seqs.iter().map(Seq::verify_feed).collect();
         let before = target.lens().to_vec();
         let fs: Vec<&[u32]> = tins.iter().map(|t| &t[..]).collect();
-        let (rows, m) = step_padded(target, &fs, &mut host.tokens)?;
+        let m = step_padded(target, &fs, true, &mut host.tokens)?;
         target_passes += 1;
+        let mut rows = std::mem::take(&mut host.rows);
+        rows.clear();
+        let all: Vec<usize> = (0..b * m).collect();
+        target.logits_rows(&all, &mut rows)?;
         let g_step = m - 1;
         tokens.clear();
         gammas.clear();
@@ -223,6 +227,7 @@ pub fn speculative_batch(
         };
         vout.reset(b, g_step);
         host.cpu.verify_into(&vb, &mut vout)?;
+        host.rows = rows; // its buffer, for the next pass
         steps += 1;
         for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {
             s.commit(i, &vout, before[i], target, draft, stop, cfg)?;

@@ -87,9 +87,29 @@ impl<'m> EmulatedForward<'m> {
     /// One step of every sequence of the batch: `tokens` holds m tokens per sequence, sequence by
     /// sequence (at most 16 in all). Returns the logits `[seqs · m, vocab]`.
     pub fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        check_vocab(tokens, self.view.shape.vocab)?;
-        self.chunk(tokens, true)?;
+        self.step_batch_resident(tokens, true)?;
         Ok(self.rows(Act::Logits, tokens.len()).to_vec())
+    }
+
+    /// [`EmulatedForward::step_batch`] leaving the logits on the device (none without `logits`:
+    /// the LM head is skipped); [`EmulatedForward::logits_rows`] reads the rows wanted.
+    pub fn step_batch_resident(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
+        check_vocab(tokens, self.view.shape.vocab)?;
+        self.seq.step_rows = 0;
+        self.chunk(tokens, logits)?;
+        self.seq.step_rows = if logits { tokens.len() } else { 0 };
+        Ok(())
+    }
+
+    /// Appends to `out` the logits of `rows` of the last batched step, in order.
+    pub fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        self.seq.check_rows(rows)?;
+        let v = self.view.shape.vocab;
+        let all = self.rows(Act::Logits, self.seq.step_rows);
+        for &r in rows {
+            out.extend_from_slice(&all[r * v..(r + 1) * v]);
+        }
+        Ok(())
     }
 
     /// Forgets every position of sequence `seq` from `len` on.

@@ -16,6 +16,8 @@ pub(crate) struct SeqState {
     lens: Vec<usize>,
     pub capacity: usize,
     pub last: Vec<f32>,
+    /// Rows of the last batched step whose logits the device holds (0: none).
+    pub step_rows: usize,
 }
 
 impl SeqState {
@@ -33,6 +35,7 @@ impl SeqState {
             lens: vec![0; seqs],
             capacity,
             last: Vec::new(),
+            step_rows: 0,
         })
     }
 
@@ -85,6 +88,17 @@ impl SeqState {
         Ok(())
     }
 
+    /// `rows` of the last batched step's logits are on the device.
+    pub(crate) fn check_rows(&self, rows: &[usize]) -> Result<()> {
+        match rows.iter().find(|&&r| r >= self.step_rows) {
+            Some(r) => Err(Error::Other(format!(
+                "logits row {r} of a step that left {} rows",
+                self.step_rows
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The launches of a chunk, with the LM head when `logits`.
     pub(crate) fn program(&self, logits: bool) -> &[Op] {
         &self.programs[logits as usize]
@@ -124,6 +138,12 @@ macro_rules! batch_pass {
             }
             fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
                 <$t>::step_batch(self, tokens)
+            }
+            fn step_batch_resident(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
+                <$t>::step_batch_resident(self, tokens, logits)
+            }
+            fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+                <$t>::logits_rows(self, rows, out)
             }
             fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
                 self.seq.truncate_seq(seq, len)

@@ -150,13 +150,40 @@ impl<'b> CudaForward<'b> {
     /// One step of every sequence of the batch: `tokens` holds m tokens per sequence, sequence by
     /// sequence (at most 16 in all). Returns the logits `[seqs · m, vocab]`.
     pub fn step_batch(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        super::check_vocab(tokens, self.w.shape.vocab)?;
-        self.enqueue(tokens, true)?;
+        self.step_batch_resident(tokens, true)?;
         let rows = tokens.len() * self.w.shape.vocab;
         Ok(self
             .cuda
             .stream()
             .clone_dtoh(&self.logits()?.slice(..rows))?)
+    }
+
+    /// [`CudaForward::step_batch`] leaving the logits on the device (none without `logits`: the
+    /// LM head is skipped); [`CudaForward::logits_rows`] reads the rows wanted. Nothing waits.
+    pub fn step_batch_resident(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
+        super::check_vocab(tokens, self.w.shape.vocab)?;
+        self.seq.step_rows = 0;
+        self.enqueue(tokens, logits)?;
+        self.seq.step_rows = if logits { tokens.len() } else { 0 };
+        Ok(())
+    }
+
+    /// Appends to `out` the logits of `rows` of the last batched step, in order: one copy per
+    /// run of consecutive rows.
+    pub fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        self.seq.check_rows(rows)?;
+        let (v, logits, st) = (self.w.shape.vocab, self.logits()?, self.cuda.stream());
+        let mut i = 0;
+        while i < rows.len() {
+            let mut j = i + 1;
+            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                j += 1;
+            }
+            let run = st.clone_dtoh(&logits.slice(rows[i] * v..(rows[j - 1] + 1) * v))?;
+            out.extend_from_slice(&run);
+            i = j;
+        }
+        Ok(())
     }
 
     /// Forgets every position of sequence `seq` from `len` on.
