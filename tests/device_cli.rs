@@ -87,22 +87,18 @@ fn generate_batches_several_prompts_on_the_device_passes() {
     let Some(m) = smollm2() else { return };
     let m = m.to_str().unwrap();
     let prompts = ["What is 2+2?", "Name a colour."];
-    let gen = |backend: &str, policy: &str, prompts: &[&str], emulate: bool| {
-        let mut args = vec![
-            "--backend",
-            backend,
-            "generate",
-            "--model",
-            m,
-            "--target",
-            "fp16",
-        ];
+    // `generate` with `prompts`, γmax 2 unless `gamma` says otherwise, JSON out.
+    let gen_with = |backend: &str, policy: &str, prompts: &[&str], gamma: &str, emulate: bool| {
+        let mut args = vec!["--backend", backend, "generate", "--model", m];
         for p in prompts {
             args.extend(["--prompt", p]);
         }
-        args.extend(["--max-tokens", "3", "--gamma-max", "2", "--policy", policy]);
-        args.push("--json");
+        args.extend(["--target", "fp16", "--max-tokens", "3", "--policy", policy]);
+        args.extend(["--gamma-max", gamma, "--json"]);
         speckv(&args, emulate)
+    };
+    let gen = |backend: &str, policy: &str, prompts: &[&str], emulate: bool| {
+        gen_with(backend, policy, prompts, "2", emulate)
     };
     let alone: Vec<Vec<u64>> = prompts
         .iter()
@@ -131,20 +127,7 @@ fn generate_batches_several_prompts_on_the_device_passes() {
     let (ok, _, err) = gen("cpu", "fixed:2", &prompts, false);
     assert!(!ok && err.contains("--backend cuda"), "{err}");
     // Two sequences verify at most 7 drafts each in a step of 16 rows: γmax 8 is refused.
-    let mut args = vec![
-        "--backend",
-        "cuda",
-        "generate",
-        "--model",
-        m,
-        "--target",
-        "fp16",
-    ];
-    for p in prompts {
-        args.extend(["--prompt", p]);
-    }
-    args.extend(["--max-tokens", "3", "--policy", "fixed:2"]);
-    let (ok, _, err) = speckv(&args, true);
+    let (ok, _, err) = gen_with("cuda", "fixed:2", &prompts, "8", true);
     assert!(!ok && err.contains("γmax 1 to 7"), "{err}");
 }
 

@@ -77,7 +77,7 @@ impl Device {
     }
 
     /// Fresh target and draft passes holding `positions`: the draft is `draft`, or the target
-    /// running only the layers of `mask`.
+    /// running only the layers of `mask`. A device pass is a batched state of one sequence.
     pub fn passes<'a>(
         &'a self,
         target: &'a Model,
@@ -85,42 +85,17 @@ impl Device {
         mask: &'a [bool],
         positions: usize,
     ) -> Result<(BoxPass<'a>, BoxPass<'a>)> {
-        let capacity = |m: &Model| positions.min(m.cfg.context);
-        if positions > target.cfg.context {
-            return Err(Error::Other(format!(
-                "{positions} positions exceed the target's context of {}",
-                target.cfg.context
-            )));
+        if !matches!(self, Device::Cpu) {
+            let (t, d) = self.batch_passes(target, draft, mask, positions, 1)?;
+            return Ok((t, d));
         }
-        let layers = draft.is_none().then(|| mask.to_vec());
-        match self {
-            Device::Cpu => {
-                let t = CpuPass::new(target, None);
-                let d = match draft {
-                    Some(m) => CpuPass::new(m, None),
-                    None => CpuPass::new(target, Some(mask)),
-                };
-                Ok((Box::new(t), Box::new(d)))
-            }
-            Device::Emulator(e) => {
-                let t = EmulatedForward::new(target, *e, crate::plan::H200_SMS, capacity(target))?;
-                let dm = draft.unwrap_or(target);
-                let mut d = EmulatedForward::new(dm, *e, crate::plan::H200_SMS, capacity(dm))?;
-                if let Some(m) = layers.clone() {
-                    d.set_active_layers(m)?;
-                }
-                Ok((Box::new(t), Box::new(d)))
-            }
-            Device::Cuda(c) => {
-                let t = CudaForward::new(&c.cuda, &c.target, capacity(target))?;
-                let dw = c.draft.as_ref().unwrap_or(&c.target);
-                let mut d = CudaForward::new(&c.cuda, dw, positions.min(dw.cfg.context))?;
-                if let Some(m) = layers.clone() {
-                    d.set_active_layers(m)?;
-                }
-                Ok((Box::new(t), Box::new(d)))
-            }
-        }
+        fits(positions, target)?;
+        let t = CpuPass::new(target, None);
+        let d = match draft {
+            Some(m) => CpuPass::new(m, None),
+            None => CpuPass::new(target, Some(mask)),
+        };
+        Ok((Box::new(t), Box::new(d)))
     }
 
     /// Fresh batched target and draft states of `seqs` sequences holding `positions` each (see
@@ -133,12 +108,7 @@ impl Device {
         positions: usize,
         seqs: usize,
     ) -> Result<(BoxBatch<'a>, BoxBatch<'a>)> {
-        if positions > target.cfg.context {
-            return Err(Error::Other(format!(
-                "{positions} positions exceed the target's context of {}",
-                target.cfg.context
-            )));
-        }
+        fits(positions, target)?;
         let dm = draft.unwrap_or(target);
         let dcap = positions.min(dm.cfg.context);
         let layers = draft.is_none().then(|| mask.to_vec());
@@ -167,4 +137,15 @@ impl Device {
             }
         }
     }
+}
+
+/// A decode of `positions` fits the target's context.
+fn fits(positions: usize, target: &Model) -> Result<()> {
+    if positions > target.cfg.context {
+        return Err(Error::Other(format!(
+            "{positions} positions exceed the target's context of {}",
+            target.cfg.context
+        )));
+    }
+    Ok(())
 }
