@@ -568,6 +568,50 @@ fn batch_matches_single_sequences<'a>(
         );
     }
     assert!(batch.logits_rows(&[15], &mut some).is_err(), "{label}");
+    // The step verified where its logits are (3 sequences of γmax 4, γ_b 4, 0 and 2, greedy)
+    // gives the verdict of the CPU backend's verification of the same rows.
+    let drafts: Vec<i32> = (0..12).map(|i| (i * 37 % vocab) as i32).collect();
+    let (gammas, temps) = ([4, 0, 2], [0.0f32; 3]);
+    let mut v = VerifyBatch {
+        target: LogitsData::F32(&[]),
+        target_stride: vocab,
+        draft: DraftDist::Logits {
+            data: LogitsData::F32(&[]),
+            temperature: &temps,
+        },
+        draft_stride: vocab,
+        draft_tokens: &drafts,
+        gammas: &gammas,
+        target_temperature: &temps,
+        batch: 3,
+        gamma_max: 4,
+        vocab,
+        seed: 9,
+        step: 2,
+    };
+    let mut out = VerifyOutput::new(3, 4);
+    batch.verify_step(&v, &mut out).unwrap();
+    let mut host = v;
+    host.target = LogitsData::F32(&got);
+    host.draft = DraftDist::Logits {
+        data: LogitsData::F32(&got[..12 * vocab]),
+        temperature: &temps,
+    };
+    let want = CpuBackend::new().verify(&host).unwrap();
+    assert_eq!(out.accepted, want.accepted, "{label}");
+    assert_eq!(out.emitted, want.emitted, "{label}");
+    assert_eq!(out.counterfactual, want.counterfactual, "{label}");
+    // Not the step's shape (γmax 3 over 15 rows), sampled without the draft's rows: refused.
+    v.gamma_max = 3;
+    assert!(batch.verify_step(&v, &mut out).is_err(), "{label}");
+    v.gamma_max = 4;
+    let hot = [0.8f32; 3];
+    v.target_temperature = &hot;
+    v.draft = DraftDist::Logits {
+        data: LogitsData::F32(&[]),
+        temperature: &hot,
+    };
+    assert!(batch.verify_step(&v, &mut out).is_err(), "{label}");
     let cut = [5usize, 2, 4];
     let next = [40u32, 41, 300];
     let mut want_first = Vec::new();

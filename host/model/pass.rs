@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::stats::cpu::StatsScratch;
 pub use crate::stats::DraftStop;
 use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
-use crate::verify::{VerifyOutput, VerifyStep};
+use crate::verify::{VerifyBatch, VerifyOutput, VerifyStep};
 use crate::weights::cpu::MAX_M;
 
 /// A forward pass with its KV cache.
@@ -401,6 +401,10 @@ pub trait BatchPass: Pass {
     fn step_batch_resident(&mut self, tokens: &[u32], logits: bool) -> Result<()>;
     /// Appends to `out` the logits of `rows` (indices into the last step's `seqs · m` rows).
     fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
+    /// Verifies the last step's logits where they are, as the target rows `[seqs, γmax + 1,
+    /// vocab]` of `v` (`v.target` is not read; `v.draft` holds the draft's rows when sampling,
+    /// empty when greedy); only the verdict comes back.
+    fn verify_step(&mut self, v: &VerifyBatch<'_>, out: &mut VerifyOutput) -> Result<()>;
     /// Forgets every position of sequence `seq` from `len` on.
     fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()>;
 }

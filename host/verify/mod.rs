@@ -213,6 +213,49 @@ impl VerifyBatch<'_> {
 
     /// γ_b, the drafted tokens and the temperatures (values a device-side controller or engine
     /// may write without the host seeing them: the kernel flags them too).
+    /// The checks of a batch whose target rows stay on a device (its `target` is empty; the
+    /// caller checks the device rows): the per-sequence arrays' lengths, then
+    /// [`VerifyBatch::validate_values`]; sampled sequences need the draft's rows.
+    pub fn validate_device(&self) -> Result<()> {
+        let b = self.batch;
+        let d_temps = match self.draft {
+            DraftDist::Logits { temperature, .. } => temperature.len(),
+            DraftDist::Probs(_) => b,
+        };
+        for (what, got, expected) in [
+            ("γ per sequence", self.gammas.len(), b),
+            ("target temperatures", self.target_temperature.len(), b),
+            ("draft temperatures", d_temps, b),
+            (
+                "drafted tokens",
+                self.draft_tokens.len(),
+                b * self.gamma_max,
+            ),
+        ] {
+            if got != expected {
+                return Err(Error::Length {
+                    what,
+                    got,
+                    expected,
+                });
+            }
+        }
+        self.validate_values()?;
+        let rows = b * self.gamma_max * self.vocab;
+        let have = match self.draft {
+            DraftDist::Logits { data, .. } => data.len(),
+            DraftDist::Probs(p) => p.len(),
+        };
+        if self.target_temperature.iter().any(|&t| t != 0.0) && have < rows {
+            return Err(Error::Length {
+                what: "draft rows of a sampled verification",
+                got: have,
+                expected: rows,
+            });
+        }
+        Ok(())
+    }
+
     pub fn validate_values(&self) -> Result<()> {
         for &t in self.target_temperature {
             check_temperature(t)?;

@@ -8,6 +8,7 @@ use speckv_kernels::verify as verify_kernel;
 use super::{ByValue, CudaBackend, KernelFn, KernelVersion, VERIFY_BLOCK};
 use crate::backend::verify_v2::{launches, Step};
 use crate::error::{Error, Result};
+use crate::stats::LogitsData;
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyPtrs, VerifyStep};
 
 /// Device copies of one verification batch's inputs and outputs (the target and draft rows
@@ -32,6 +33,7 @@ pub struct ResidentVerify {
     ws: CudaSlice<u8>,
     /// The draft's rows, uploaded when sampling (allocated on first use).
     draft: Option<CudaSlice<f32>>,
+    batch: usize,
     gamma_max: usize,
     vocab: usize,
 }
@@ -271,25 +273,43 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Buffers for verifying one sequence's steps of up to `gamma_max` drafts over rows that stay
-    /// on the device ([`CudaBackend::verify_resident`]).
-    pub fn resident_verify(&self, gamma_max: usize, vocab: usize) -> Result<ResidentVerify> {
-        // A step at γmax (at least 1: no zero-sized buffers) sizes every buffer and the
-        // workspace; `verify_resident` checks each step's plan against it.
-        let tokens = vec![0i32; gamma_max.max(1)];
-        let step = VerifyStep {
+    /// Buffers for verifying steps of up to `batch` sequences and `gamma_max` drafts each over
+    /// rows that stay on the device ([`CudaBackend::verify_resident`],
+    /// [`CudaBackend::verify_resident_batch`]).
+    pub fn resident_verify(
+        &self,
+        batch: usize,
+        gamma_max: usize,
+        vocab: usize,
+    ) -> Result<ResidentVerify> {
+        // A step of `batch` sequences at γmax (at least 1: no zero-sized buffers) sizes every
+        // buffer and the workspace; `verify_resident_batch` checks each step against it.
+        let (batch, g) = (batch.max(1), gamma_max.max(1));
+        let tokens = vec![0i32; batch * g];
+        let (gammas, temps) = (vec![0i32; batch], vec![0f32; batch]);
+        let v = VerifyBatch {
+            target: LogitsData::F32(&[]),
+            target_stride: vocab,
+            draft: DraftDist::Logits {
+                data: LogitsData::F32(&[]),
+                temperature: &temps,
+            },
+            draft_stride: vocab,
             draft_tokens: &tokens,
-            draft_rows: None,
-            temperature: 0.0,
+            gammas: &gammas,
+            target_temperature: &temps,
+            batch,
+            gamma_max: g,
+            vocab,
             seed: 0,
             step: 0,
         };
-        let v = step.device_batch(vocab, &[0.0], &[0]);
         let plan = self.verify_plan(&v);
         Ok(ResidentVerify {
             bufs: self.verify_buffers(&v)?,
             ws: self.stream.alloc_zeros::<u8>(plan.bytes.max(16))?,
             draft: None,
+            batch,
             gamma_max,
             vocab,
         })
@@ -306,56 +326,82 @@ impl CudaBackend {
         out: &mut VerifyOutput,
     ) -> Result<()> {
         let g = step.draft_tokens.len();
-        let vocab = r.vocab;
-        if g > r.gamma_max || target.len() < (g + 1) * vocab {
+        step.check_positions(g + 1)?;
+        let (temps, gammas) = ([step.temperature], [g as i32]);
+        let mut v = step.device_batch(r.vocab, &temps, &gammas);
+        if let Some(q) = step.draft_rows {
+            v.draft = DraftDist::Logits {
+                data: LogitsData::F32(q.get(..g * r.vocab).unwrap_or(q)),
+                temperature: &temps,
+            };
+        }
+        self.verify_resident_batch(r, target, &v, out)
+    }
+
+    /// Verifies a batch against `target`, `[batch, γmax + 1, vocab]` f32 logits a forward pass
+    /// left on the device (`v.target` is not read: it may be empty), by the v2 kernels. Uploads
+    /// the drafted tokens, the γ and temperatures per sequence (and the draft's rows, `v.draft`,
+    /// when sampling), reads back only the verdict.
+    pub fn verify_resident_batch(
+        &self,
+        r: &mut ResidentVerify,
+        target: &CudaSlice<f32>,
+        v: &VerifyBatch<'_>,
+        out: &mut VerifyOutput,
+    ) -> Result<()> {
+        let (b, g, vocab) = (v.batch, v.gamma_max, r.vocab);
+        if v.vocab != vocab || b > r.batch || g > r.gamma_max || target.len() < b * (g + 1) * vocab
+        {
             return Err(Error::Other(format!(
-                "verification of {g} drafts over {} logits of vocabulary {vocab}: the buffers hold γ ≤ {}",
+                "verification of {b} sequences of up to {g} drafts (vocabulary {}) over {} logits: \
+                 the buffers hold {} sequences of γ ≤ {}, vocabulary {vocab}",
+                v.vocab,
                 target.len(),
+                r.batch,
                 r.gamma_max
             )));
         }
-        let temps = [step.temperature];
-        let gammas = [g as i32];
-        // Its rows are on the device (shapes checked just above): only the values are checked.
-        let v = step.device_batch(vocab, &temps, &gammas);
-        v.validate_values()?;
+        // Its target rows are on the device (their number checked just above).
+        v.validate_device()?;
         let st = &self.stream;
-        if g > 0 {
-            st.memcpy_htod(step.draft_tokens, &mut r.bufs.tokens.slice_mut(..g))?;
+        if b * g > 0 {
+            st.memcpy_htod(v.draft_tokens, &mut r.bufs.tokens.slice_mut(..b * g))?;
         }
-        st.memcpy_htod(&gammas, &mut r.bufs.gammas)?;
-        st.memcpy_htod(&temps, &mut r.bufs.t_temp)?;
+        st.memcpy_htod(v.gammas, &mut r.bufs.gammas.slice_mut(..b))?;
+        st.memcpy_htod(v.target_temperature, &mut r.bufs.t_temp.slice_mut(..b))?;
+        let (rows, d_temps) = match v.draft {
+            DraftDist::Logits { data, temperature } => (data, temperature),
+            DraftDist::Probs(_) => {
+                return Err(Error::Other(
+                    "device-resident verification takes the draft's logits, not probabilities"
+                        .into(),
+                ))
+            }
+        };
         if let Some(dt) = r.bufs.d_temp.as_mut() {
-            st.memcpy_htod(&temps, dt)?;
+            st.memcpy_htod(d_temps, &mut dt.slice_mut(..b))?;
         }
-        match step.draft_rows {
-            Some(q) => {
-                if q.len() < g * vocab {
-                    return Err(Error::Length {
-                        what: "draft logits",
-                        got: q.len(),
-                        expected: g * vocab,
-                    });
-                }
+        let n = b * g * vocab;
+        let sampled = match rows {
+            LogitsData::F32(q) if q.len() >= n && n > 0 => {
                 if r.draft.is_none() {
-                    r.draft = Some(st.alloc_zeros::<f32>(r.gamma_max.max(1) * vocab)?);
+                    let cap = r.batch * r.gamma_max.max(1) * vocab;
+                    r.draft = Some(st.alloc_zeros::<f32>(cap)?);
                 }
                 if let Some(d) = r.draft.as_mut() {
-                    if g > 0 {
-                        st.memcpy_htod(&q[..g * vocab], &mut d.slice_mut(..g * vocab))?;
-                    }
+                    st.memcpy_htod(&q[..n], &mut d.slice_mut(..n))?;
                 }
+                true
             }
-            None => step.check_positions(g + 1)?,
-        }
-        // The plan of this γ; its workspace fits in the one allocated for γmax.
-        let plan = self.verify_plan(&v);
-        let (t, _g0) = target.device_ptr(st);
-        let (dr, _g1) = match (step.draft_rows, r.draft.as_ref()) {
-            (Some(_), Some(d)) => d.device_ptr(st),
-            // Greedy verification never reads the draft's rows: the target's stand in.
-            _ => target.device_ptr(st),
+            LogitsData::F32(_) => false,
+            _ => {
+                return Err(Error::Other(
+                    "device-resident verification takes the draft's rows as f32".into(),
+                ))
+            }
         };
+        // The plan of this step; its workspace fits in the one allocated for the largest.
+        let plan = self.verify_plan(v);
         if plan.bytes > r.ws.len() {
             return Err(Error::Other(format!(
                 "verify's workspace of {} bytes is below the plan's {}",
@@ -363,12 +409,18 @@ impl CudaBackend {
                 plan.bytes
             )));
         }
-        // SAFETY: `target` holds γ + 1 rows (checked above) and lives to the end of this
+        let (t, _g0) = target.device_ptr(st);
+        let (dr, _g1) = match (sampled, r.draft.as_ref()) {
+            (true, Some(d)) => d.device_ptr(st),
+            // Greedy verification never reads the draft's rows: the target's stand in.
+            _ => target.device_ptr(st),
+        };
+        // SAFETY: `target` holds b · (γ + 1) rows (checked above) and lives to the end of this
         // function, after the synchronising downloads; the draft rows, when read, were uploaded
-        // just above; `r.bufs` was allocated for γmax ≥ γ and `r.ws` for a plan at least this
-        // large, its counters left zero by every launch sequence.
-        unsafe { self.launch_verify_v2_at(&v, t, dr, &mut r.bufs, &plan, &mut r.ws) }?;
-        out.reset(1, g);
+        // just above; `r.bufs` was allocated for at least b sequences of γmax ≥ γ and `r.ws` for
+        // a plan at least this large, its counters left zero by every launch sequence.
+        unsafe { self.launch_verify_v2_at(v, t, dr, &mut r.bufs, &plan, &mut r.ws) }?;
+        out.reset(b, g);
         self.read_verdict(&r.bufs, out)
     }
 

@@ -6,12 +6,14 @@
 //! fewer tokens to feed pads them at their end (copies of their last token, or token 0) and cuts
 //! the padded positions off the caches right after (`truncate_seq`): attention is causal, so no
 //! real position ever sees them. A finished sequence feeds nothing and its cache stays as it was.
-//! Verification reads the target's rows as the pass leaves them, `[B, γ_step + 1, vocab]` with
-//! γ_step the step's largest γ, and each sequence's γ_b says how many of its rows are real.
+//! Verification runs where the target's logits are (`BatchPass::verify_step`: the v2 kernels on
+//! the device, emulated or CUDA), reading the rows as the pass leaves them, `[B, γ_step + 1,
+//! vocab]` with γ_step the step's largest γ; each sequence's γ_b says how many of its rows are
+//! real, and only the verdict comes back.
 //!
-//! The logits come back to the host after every pass, where the draft's statistics and
-//! verification run on the CPU backend: the single-sequence loops finish both on the device, the
-//! batched ones do not yet. Sampling: sequence b draws its tokens (plain decoding, drafts) with
+//! The draft's logits come back to the host, one row per drafting sequence and pass
+//! (`logits_rows`), where its statistics run on the CPU backend: the single-sequence loops compute
+//! them on the device, the batched ones do not yet. Sampling: sequence b draws its tokens (plain decoding, drafts) with
 //! seed `seed + b`, and verification uses its batch row b's stream; a batch of one decodes as the
 //! single-sequence loops do, token for token. `auto` is refused: its costs are measured per step
 //! of one sequence.
@@ -185,10 +187,6 @@ pub fn speculative_batch(
         let fs: Vec<&[u32]> = tins.iter().map(|t| &t[..]).collect();
         let m = step_padded(target, &fs, true, &mut host.tokens)?;
         target_passes += 1;
-        let mut rows = std::mem::take(&mut host.rows);
-        rows.clear();
-        let all: Vec<usize> = (0..b * m).collect();
-        target.logits_rows(&all, &mut rows)?;
         let g_step = m - 1;
         tokens.clear();
         gammas.clear();
@@ -197,22 +195,20 @@ pub fn speculative_batch(
             tokens.resize(tokens.len() + g_step - s.xs.len(), 0);
             gammas.push(s.xs.len() as i32);
         }
-        let draft_rows = if greedy {
-            // Greedy verification never reads the draft's rows: the target's stand in.
-            &rows[..b * g_step * v]
-        } else {
-            qrows.clear();
+        qrows.clear();
+        if !greedy {
             for s in &seqs {
                 qrows.extend_from_slice(&s.qrows);
                 qrows.resize(qrows.len() + (g_step - s.xs.len()) * v, 0.0);
             }
-            &qrows[..]
-        };
+        }
+        // Verified where the target's logits are (the draft's rows go up when sampling); only
+        // the verdict comes back.
         let vb = VerifyBatch {
-            target: LogitsData::F32(&rows),
+            target: LogitsData::F32(&[]),
             target_stride: v,
             draft: DraftDist::Logits {
-                data: LogitsData::F32(draft_rows),
+                data: LogitsData::F32(&qrows),
                 temperature: &temps,
             },
             draft_stride: v,
@@ -225,9 +221,7 @@ pub fn speculative_batch(
             seed: cfg.seed,
             step: steps,
         };
-        vout.reset(b, g_step);
-        host.cpu.verify_into(&vb, &mut vout)?;
-        host.rows = rows; // its buffer, for the next pass
+        target.verify_step(&vb, &mut vout)?;
         steps += 1;
         for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {
             s.commit(i, &vout, before[i], target, draft, stop, cfg)?;

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::pass::{check_stats_call, fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::{Config, Model};
 use crate::stats::{Logits, LogitsData, StatsOptions};
-use crate::verify::{VerifyOutput, VerifyStep};
+use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyStep};
 
 /// A model's decode state on the emulator: activations, KV cache, cache length — of one sequence,
 /// or of a batch stepped together ([`EmulatedForward::new_batch`]).
@@ -98,6 +98,30 @@ impl<'m> EmulatedForward<'m> {
         self.seq.step_rows = 0;
         self.chunk(tokens, logits)?;
         self.seq.step_rows = if logits { tokens.len() } else { 0 };
+        Ok(())
+    }
+
+    /// Verifies the last batched step's logits, `[seqs, γmax + 1, vocab]`, as the target rows of
+    /// `v` (one sequence per sequence of the state; `v.target` is not read) by the emulated v2
+    /// kernels.
+    pub fn verify_step(&mut self, v: &VerifyBatch<'_>, out: &mut VerifyOutput) -> Result<()> {
+        self.seq.check_verify(v)?;
+        v.validate_device()?;
+        let p = self.rows(Act::Logits, self.seq.step_rows);
+        let mut vb = *v;
+        vb.target = LogitsData::F32(p);
+        vb.target_stride = self.view.shape.vocab;
+        if let DraftDist::Logits { data, temperature } = v.draft {
+            if data.is_empty() {
+                // Greedy verification never reads the draft's rows: the target's stand in.
+                let n = v.batch * v.gamma_max * self.view.shape.vocab;
+                vb.draft = DraftDist::Logits {
+                    data: LogitsData::F32(&p[..n]),
+                    temperature,
+                };
+            }
+        }
+        *out = self.emu.verify_v2(&vb, self.sm_count)?;
         Ok(())
     }
 

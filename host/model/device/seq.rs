@@ -99,6 +99,22 @@ impl SeqState {
         }
     }
 
+    /// `v` verifies the last batched step: one sequence per sequence of the state, γmax + 1 rows
+    /// each, on the device.
+    pub(crate) fn check_verify(&self, v: &crate::verify::VerifyBatch<'_>) -> Result<()> {
+        if v.batch != self.seqs() || v.batch * (v.gamma_max + 1) != self.step_rows {
+            return Err(Error::Other(format!(
+                "verification of {} sequences of γmax {} over a step that left {} rows of {} \
+                 sequences",
+                v.batch,
+                v.gamma_max,
+                self.step_rows,
+                self.seqs()
+            )));
+        }
+        Ok(())
+    }
+
     /// The launches of a chunk, with the LM head when `logits`.
     pub(crate) fn program(&self, logits: bool) -> &[Op] {
         &self.programs[logits as usize]
@@ -144,6 +160,13 @@ macro_rules! batch_pass {
             }
             fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
                 <$t>::logits_rows(self, rows, out)
+            }
+            fn verify_step(
+                &mut self,
+                v: &crate::verify::VerifyBatch<'_>,
+                out: &mut crate::verify::VerifyOutput,
+            ) -> Result<()> {
+                <$t>::verify_step(self, v, out)
             }
             fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
                 self.seq.truncate_seq(seq, len)

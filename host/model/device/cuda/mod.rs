@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::model::pass::{check_stats_call, fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::Config;
 use crate::stats::StatsOptions;
-use crate::verify::{VerifyOutput, VerifyStep};
+use crate::verify::{VerifyBatch, VerifyOutput, VerifyStep};
 
 /// A model's decode state on a CUDA device: of one sequence, or of a batch stepped together
 /// ([`CudaForward::new_batch`]).
@@ -166,6 +166,31 @@ impl<'b> CudaForward<'b> {
         self.enqueue(tokens, logits)?;
         self.seq.step_rows = if logits { tokens.len() } else { 0 };
         Ok(())
+    }
+
+    /// Verifies the last batched step's logits, `[seqs, γmax + 1, vocab]` on the device, as the
+    /// target rows of `v` (one sequence per sequence of the state; `v.target` is not read).
+    pub fn verify_step(&mut self, v: &VerifyBatch<'_>, out: &mut VerifyOutput) -> Result<()> {
+        self.seq.check_verify(v)?;
+        let mut r = self.take_verify()?;
+        let done = self
+            .cuda
+            .verify_resident_batch(&mut r, self.logits()?, v, out);
+        self.verify = Some(r);
+        done
+    }
+
+    /// The verification buffers (made on first use, for every sequence at the most drafts a
+    /// step of 16 rows holds), taken out while a verification borrows the logits.
+    fn take_verify(&mut self) -> Result<ResidentVerify> {
+        match self.verify.take() {
+            Some(r) => Ok(r),
+            None => {
+                let b = self.seq.seqs();
+                let g = MAX_STEP / b - 1;
+                self.cuda.resident_verify(b, g, self.w.shape.vocab)
+            }
+        }
     }
 
     /// Appends to `out` the logits of `rows` of the last batched step, in order: one copy per
@@ -494,12 +519,8 @@ impl Pass for CudaForward<'_> {
     ) -> Result<()> {
         step.check_positions(tokens.len())?;
         self.advance(tokens)?;
-        let cuda = self.cuda;
-        let mut r = match self.verify.take() {
-            Some(r) => r,
-            None => cuda.resident_verify(MAX_STEP - 1, self.w.shape.vocab)?,
-        };
-        let done = cuda.verify_resident(&mut r, self.logits()?, step, out);
+        let mut r = self.take_verify()?;
+        let done = self.cuda.verify_resident(&mut r, self.logits()?, step, out);
         self.verify = Some(r);
         done
     }
