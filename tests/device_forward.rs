@@ -572,23 +572,8 @@ fn batch_matches_single_sequences<'a>(
     // gives the verdict of the CPU backend's verification of the same rows.
     let drafts: Vec<i32> = (0..12).map(|i| (i * 37 % vocab) as i32).collect();
     let (gammas, temps) = ([4, 0, 2], [0.0f32; 3]);
-    let mut v = VerifyBatch {
-        target: LogitsData::F32(&[]),
-        target_stride: vocab,
-        draft: DraftDist::Logits {
-            data: LogitsData::F32(&[]),
-            temperature: &temps,
-        },
-        draft_stride: vocab,
-        draft_tokens: &drafts,
-        gammas: &gammas,
-        target_temperature: &temps,
-        batch: 3,
-        gamma_max: 4,
-        vocab,
-        seed: 9,
-        step: 2,
-    };
+    let mut v = VerifyBatch::resident(vocab, 4, &drafts, &gammas, &temps);
+    (v.seed, v.step) = (9, 2);
     let mut out = VerifyOutput::new(3, 4);
     batch.verify_step(&v, &mut out).unwrap();
     let mut host = v;

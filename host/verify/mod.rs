@@ -118,6 +118,25 @@ impl VerifyStep<'_> {
         temps: &'a [f32; 1],
         gammas: &'a [i32; 1],
     ) -> VerifyBatch<'a> {
+        let g = self.draft_tokens.len();
+        let mut v = VerifyBatch::resident(vocab, g, self.draft_tokens, gammas, temps);
+        (v.seed, v.step) = (self.seed, self.step);
+        v
+    }
+}
+
+impl<'a> VerifyBatch<'a> {
+    /// A batch whose target rows stay on a device, `gammas.len()` sequences of up to
+    /// `gamma_max` drafts (`draft_tokens` `[batch, γmax]`), each verified at its temperature in
+    /// `temps` (target and draft alike): its host row slices are empty — set `draft` when
+    /// sampling — and its seed and step 0. [`VerifyBatch::validate_device`] checks it.
+    pub fn resident(
+        vocab: usize,
+        gamma_max: usize,
+        draft_tokens: &'a [i32],
+        gammas: &'a [i32],
+        temps: &'a [f32],
+    ) -> VerifyBatch<'a> {
         VerifyBatch {
             target: LogitsData::F32(&[]),
             target_stride: vocab,
@@ -126,14 +145,14 @@ impl VerifyStep<'_> {
                 temperature: temps,
             },
             draft_stride: vocab,
-            draft_tokens: self.draft_tokens,
+            draft_tokens,
             gammas,
             target_temperature: temps,
-            batch: 1,
-            gamma_max: self.draft_tokens.len(),
+            batch: gammas.len(),
+            gamma_max,
             vocab,
-            seed: self.seed,
-            step: self.step,
+            seed: 0,
+            step: 0,
         }
     }
 }

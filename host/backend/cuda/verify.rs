@@ -287,23 +287,7 @@ impl CudaBackend {
         let (batch, g) = (batch.max(1), gamma_max.max(1));
         let tokens = vec![0i32; batch * g];
         let (gammas, temps) = (vec![0i32; batch], vec![0f32; batch]);
-        let v = VerifyBatch {
-            target: LogitsData::F32(&[]),
-            target_stride: vocab,
-            draft: DraftDist::Logits {
-                data: LogitsData::F32(&[]),
-                temperature: &temps,
-            },
-            draft_stride: vocab,
-            draft_tokens: &tokens,
-            gammas: &gammas,
-            target_temperature: &temps,
-            batch,
-            gamma_max: g,
-            vocab,
-            seed: 0,
-            step: 0,
-        };
+        let v = VerifyBatch::resident(vocab, g, &tokens, &gammas, &temps);
         let plan = self.verify_plan(&v);
         Ok(ResidentVerify {
             bufs: self.verify_buffers(&v)?,

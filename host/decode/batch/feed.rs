@@ -79,20 +79,15 @@ pub(super) fn feed(pass: &mut dyn BatchPass, feeds: &[&[u32]], host: &mut Host) 
             .collect();
         // Only the rows of sequences whose feed ends in this pass are read back; a pass where
         // none does skips the LM head.
-        let m = parts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
-        let ends: Vec<(usize, usize)> = parts
-            .iter()
-            .zip(feeds)
-            .enumerate()
-            .filter(|(_, (p, f))| !p.is_empty() && at + p.len() == f.len())
-            .map(|(i, (p, _))| (i, i * m + p.len() - 1))
+        let ends: Vec<usize> = (0..feeds.len())
+            .filter(|&i| !parts[i].is_empty() && at + parts[i].len() == feeds[i].len())
             .collect();
-        step_padded(pass, &parts, !ends.is_empty(), &mut host.tokens)?;
+        let m = step_padded(pass, &parts, !ends.is_empty(), &mut host.tokens)?;
         passes += 1;
+        let rows: Vec<usize> = ends.iter().map(|&i| i * m + parts[i].len() - 1).collect();
         host.rows.clear();
-        let rows: Vec<usize> = ends.iter().map(|&(_, r)| r).collect();
         pass.logits_rows(&rows, &mut host.rows)?;
-        for (k, &(i, _)) in ends.iter().enumerate() {
+        for (k, &i) in ends.iter().enumerate() {
             host.last[i * v..(i + 1) * v].copy_from_slice(&host.rows[k * v..(k + 1) * v]);
         }
     }

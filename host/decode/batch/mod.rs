@@ -204,23 +204,12 @@ pub fn speculative_batch(
         }
         // Verified where the target's logits are (the draft's rows go up when sampling); only
         // the verdict comes back.
-        let vb = VerifyBatch {
-            target: LogitsData::F32(&[]),
-            target_stride: v,
-            draft: DraftDist::Logits {
-                data: LogitsData::F32(&qrows),
-                temperature: &temps,
-            },
-            draft_stride: v,
-            draft_tokens: &tokens,
-            gammas: &gammas,
-            target_temperature: &temps,
-            batch: b,
-            gamma_max: g_step,
-            vocab: v,
-            seed: cfg.seed,
-            step: steps,
+        let mut vb = VerifyBatch::resident(v, g_step, &tokens, &gammas, &temps);
+        vb.draft = DraftDist::Logits {
+            data: LogitsData::F32(&qrows),
+            temperature: &temps,
         };
+        (vb.seed, vb.step) = (cfg.seed, steps);
         target.verify_step(&vb, &mut vout)?;
         steps += 1;
         for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {

@@ -65,8 +65,11 @@ impl CudaForward<'_> {
             while j < rows.len() && rows[j] == rows[j - 1] + 1 {
                 j += 1;
             }
-            let run = st.clone_dtoh(&logits.slice(rows[i] * v..(rows[j - 1] + 1) * v))?;
-            out.extend_from_slice(&run);
+            // Straight into `out`'s new tail (no staging vector per run).
+            let (from, n) = (out.len(), (j - i) * v);
+            out.resize(from + n, 0.0);
+            let src = logits.slice(rows[i] * v..(rows[j - 1] + 1) * v);
+            st.memcpy_dtoh(&src, &mut out[from..])?;
             i = j;
         }
         Ok(())
