@@ -1,8 +1,9 @@
-//! Batched decoding ([`speckv::decode::batch`]) on the emulated device program with the tiny
-//! model: several prompts of different lengths decoded together, each sequence its own γ per
-//! step, give each prompt what decoding it alone gives; a batch of one is the single-sequence loop
-//! token for token, sampled too; misuse is refused before anything runs. The CUDA twin runs in the
-//! gpu-check bundle (skipped here).
+//! Batched decoding ([`speckv::decode::batch`]) with the tiny model, on the CPU's batched state and
+//! on the emulated device program (one test body per backend, expanded by `batch_tests!`):
+//! several prompts of different lengths decoded together, each sequence its own γ per step, give
+//! each prompt what decoding it alone gives; a batch of one is the single-sequence loop token for
+//! token, sampled too; misuse is refused before anything runs. The CUDA twin runs in the gpu-check
+//! bundle (skipped here).
 
 mod common;
 
@@ -11,8 +12,48 @@ use speckv::controller::records::Compression;
 use speckv::decode::batch::{batch_room, plain_batch, speculative_batch, BatchStats};
 use speckv::decode::{plain_on, speculative_on, GenConfig, Policy};
 use speckv::model::device::EmulatedForward;
-use speckv::model::Model;
+use speckv::model::{BatchPass, CpuPass, Model, Pass};
 use speckv::weights::quant::Format;
+
+/// A fresh batched state of `seqs` sequences holding `cap` positions each, on one backend.
+type State = for<'m> fn(&'m Model, usize, usize) -> Box<dyn BatchPass + Send + 'm>;
+
+fn cpu_state(m: &Model, _cap: usize, seqs: usize) -> Box<dyn BatchPass + Send + '_> {
+    Box::new(CpuPass::new_batch(m, None, seqs).unwrap())
+}
+
+fn emulated_state(m: &Model, cap: usize, seqs: usize) -> Box<dyn BatchPass + Send + '_> {
+    Box::new(EmulatedForward::new_batch(m, Emulator::new(128), 132, cap, seqs).unwrap())
+}
+
+/// Each test body below, once per backend.
+macro_rules! batch_tests {
+    ($($backend:ident: $state:expr;)*) => {$(
+        mod $backend {
+            #[test]
+            fn plain_batches_decode_each_prompt_as_alone() {
+                super::plain_batches_decode_each_prompt_as_alone($state)
+            }
+            #[test]
+            fn speculative_batches_are_lossless_with_a_gamma_per_sequence() {
+                super::speculative_batches_are_lossless_with_a_gamma_per_sequence($state)
+            }
+            #[test]
+            fn a_batch_of_one_is_the_single_sequence_loop() {
+                super::a_batch_of_one_is_the_single_sequence_loop($state)
+            }
+            #[test]
+            fn batched_decodes_refuse_misuse_before_running() {
+                super::batched_decodes_refuse_misuse_before_running($state)
+            }
+        }
+    )*};
+}
+
+batch_tests! {
+    cpu: super::cpu_state;
+    emulator: super::emulated_state;
+}
 
 /// The tiny model with an output head of its own: with the embedding tied, its greedy tokens
 /// repeat the last one, and every draft would be accepted.
@@ -48,10 +89,6 @@ fn cfg(temperature: f32, gamma_max: u32) -> GenConfig {
     }
 }
 
-fn state(m: &Model, cap: usize, seqs: usize) -> EmulatedForward<'_> {
-    EmulatedForward::new_batch(m, Emulator::new(128), 132, cap, seqs).unwrap()
-}
-
 /// The draft model: the target's weights with noise added to its output head (it agrees with the
 /// target on some tokens, not all).
 fn draft_model() -> Model {
@@ -68,34 +105,34 @@ fn draft_model() -> Model {
 
 const DRAFT_NOISE: f32 = 0.15;
 
-fn draft_state(m: &Model, cap: usize, seqs: usize) -> EmulatedForward<'_> {
-    state(m, cap, seqs)
+/// A batched state of one sequence as the single-sequence loops' pass.
+fn as_pass<'a>(b: &'a mut Box<dyn BatchPass + Send + '_>) -> &'a mut (dyn Pass + Send) {
+    &mut **b
 }
 
 fn tokens(s: &BatchStats) -> Vec<Vec<u32>> {
     s.sequences.iter().map(|q| q.tokens.clone()).collect()
 }
 
-#[test]
-fn plain_batches_decode_each_prompt_as_alone() {
+fn plain_batches_decode_each_prompt_as_alone(state: State) {
     let m = model();
     let ps = prompts();
     for t in [0.0, 0.9] {
         let c = cfg(t, 3);
         let cap = batch_room(21, &c, 3);
-        let got = plain_batch(&mut state(&m, cap, 3), &ps, &[], &c).unwrap();
+        let got = plain_batch(&mut *state(&m, cap, 3), &ps, &[], &c).unwrap();
         for (b, p) in ps.iter().enumerate() {
             // Sequence b draws with seed + b.
             let mut cb = c.clone();
             cb.seed += b as u64;
-            let mut one = EmulatedForward::new(&m, Emulator::new(128), 132, cap).unwrap();
-            let want = plain_on(&mut one, p, &[], &cb, &mut |_| {}).unwrap();
+            let mut one = state(&m, cap, 1);
+            let want = plain_on(as_pass(&mut one), p, &[], &cb, &mut |_| {}).unwrap();
             assert_eq!(got.sequences[b].tokens, want.tokens, "T {t}, seq {b}");
         }
         assert_eq!(got.target_passes, 11, "one pass per token after the first");
         // A stop token ends its sequence only.
         let stop = got.sequences[1].tokens[2];
-        let cut = plain_batch(&mut state(&m, cap, 3), &ps, &[stop], &c).unwrap();
+        let cut = plain_batch(&mut *state(&m, cap, 3), &ps, &[stop], &c).unwrap();
         for (b, (g, w)) in tokens(&cut).iter().zip(tokens(&got)).enumerate() {
             let end = w.iter().position(|&x| x == stop).unwrap_or(w.len());
             assert_eq!(g[..], w[..end], "T {t}, seq {b} stopped");
@@ -103,14 +140,13 @@ fn plain_batches_decode_each_prompt_as_alone() {
     }
 }
 
-#[test]
-fn speculative_batches_are_lossless_with_a_gamma_per_sequence() {
+fn speculative_batches_are_lossless_with_a_gamma_per_sequence(state: State) {
     let m = model();
     let dm = draft_model();
     let ps = prompts();
     let c = cfg(0.0, 3);
     let cap = batch_room(21, &c, 3);
-    let plain = tokens(&plain_batch(&mut state(&m, cap, 3), &ps, &[], &c).unwrap());
+    let plain = tokens(&plain_batch(&mut *state(&m, cap, 3), &ps, &[], &c).unwrap());
     for policy in [
         Policy::Fixed(3),
         Policy::Heuristic,
@@ -121,8 +157,8 @@ fn speculative_batches_are_lossless_with_a_gamma_per_sequence() {
             kappa: 0.5,
         },
     ] {
-        let (mut t, mut d) = (state(&m, cap, 3), draft_state(&dm, cap, 3));
-        let got = speculative_batch(&mut t, &mut d, &ps, &[], &policy, &c).unwrap();
+        let (mut t, mut d) = (state(&m, cap, 3), state(&dm, cap, 3));
+        let got = speculative_batch(&mut *t, &mut *d, &ps, &[], &policy, &c).unwrap();
         assert_eq!(tokens(&got), plain, "{policy:?}: greedy is lossless");
         for (b, q) in got.sequences.iter().enumerate() {
             assert!(q.accepted <= q.drafted, "{policy:?} seq {b}");
@@ -156,8 +192,7 @@ fn speculative_batches_are_lossless_with_a_gamma_per_sequence() {
     }
 }
 
-#[test]
-fn a_batch_of_one_is_the_single_sequence_loop() {
+fn a_batch_of_one_is_the_single_sequence_loop(state: State) {
     let (m, dm) = (model(), draft_model());
     let p = prompts().swap_remove(0);
     for (t, policy) in [
@@ -167,11 +202,12 @@ fn a_batch_of_one_is_the_single_sequence_loop() {
     ] {
         let c = cfg(t, 4);
         let cap = batch_room(p.len(), &c, 1);
-        let (mut tb, mut db) = (state(&m, cap, 1), draft_state(&dm, cap, 1));
-        let got = speculative_batch(&mut tb, &mut db, std::slice::from_ref(&p), &[], &policy, &c)
-            .unwrap();
-        let (mut ts, mut ds) = (state(&m, cap, 1), draft_state(&dm, cap, 1));
-        let want = speculative_on(&mut ts, &mut ds, &p, &[], &policy, &c, &mut |_| {}).unwrap();
+        let (mut tb, mut db) = (state(&m, cap, 1), state(&dm, cap, 1));
+        let ps = std::slice::from_ref(&p);
+        let got = speculative_batch(&mut *tb, &mut *db, ps, &[], &policy, &c).unwrap();
+        let (mut ts, mut ds) = (state(&m, cap, 1), state(&dm, cap, 1));
+        let (ts, ds) = (as_pass(&mut ts), as_pass(&mut ds));
+        let want = speculative_on(ts, ds, &p, &[], &policy, &c, &mut |_| {}).unwrap();
         let q = &got.sequences[0];
         assert_eq!(q.tokens, want.tokens, "T {t} {policy:?}");
         assert_eq!(
@@ -183,28 +219,28 @@ fn a_batch_of_one_is_the_single_sequence_loop() {
     }
 }
 
-#[test]
-fn batched_decodes_refuse_misuse_before_running() {
+fn batched_decodes_refuse_misuse_before_running(state: State) {
     let (m, dm) = (model(), draft_model());
     let ps = prompts();
     let c = cfg(0.0, 3);
     let cap = batch_room(21, &c, 3);
+    type Boxed<'m> = Box<dyn BatchPass + Send + 'm>;
     fn spec(
-        t: &mut EmulatedForward,
-        d: &mut EmulatedForward,
+        t: &mut Boxed,
+        d: &mut Boxed,
         ps: &[Vec<u32>],
         pol: &Policy,
         c: &GenConfig,
     ) -> speckv::Result<BatchStats> {
-        speculative_batch(t, d, ps, &[], pol, c)
+        speculative_batch(&mut **t, &mut **d, ps, &[], pol, c)
     }
-    let (mut t, mut d) = (state(&m, cap, 3), draft_state(&dm, cap, 3));
+    let (mut t, mut d) = (state(&m, cap, 3), state(&dm, cap, 3));
     let auto = Policy::Auto(Box::new(speckv::decode::Auto::shipped().unwrap()));
     let e = spec(&mut t, &mut d, &ps, &auto, &c).unwrap_err();
     assert!(e.to_string().contains("auto"), "{e}");
     // γmax 4 over 4 sequences: 20 verification rows > 16.
     let four = [ps.clone(), vec![vec![1]]].concat();
-    let (mut t4, mut d4) = (state(&m, cap, 4), draft_state(&dm, cap, 4));
+    let (mut t4, mut d4) = (state(&m, cap, 4), state(&dm, cap, 4));
     let e = spec(&mut t4, &mut d4, &four, &Policy::Fixed(4), &cfg(0.0, 4)).unwrap_err();
     assert!(e.to_string().contains("γmax 4 over 4"), "{e}");
     for (what, ps) in [
@@ -218,16 +254,21 @@ fn batched_decodes_refuse_misuse_before_running() {
             spec(&mut t, &mut d, &ps, &Policy::Fixed(3), &c).is_err(),
             "{what}"
         );
-        assert!(plain_batch(&mut t, &ps, &[], &c).is_err(), "{what}");
+        assert!(plain_batch(&mut *t, &ps, &[], &c).is_err(), "{what}");
     }
-    let small = batch_room(21, &c, 3) - 1;
-    let e = plain_batch(&mut state(&m, small, 3), &ps, &[], &c).unwrap_err();
+    // Caches too small: the emulator's hold `cap`, the CPU's the model's context.
+    let mut small = state(&m, cap, 3);
+    let long = GenConfig {
+        max_tokens: small.capacity(),
+        ..c.clone()
+    };
+    let e = plain_batch(&mut *small, &ps, &[], &long).unwrap_err();
     assert!(e.to_string().contains("batch_room"), "{e}");
     assert_eq!(t.lens(), &[0, 0, 0][..], "refusals leave the caches empty");
     assert_eq!(d.lens(), &[0, 0, 0][..]);
     // A state that has run is not fresh.
-    plain_batch(&mut t, &ps, &[], &c).unwrap();
-    let e = plain_batch(&mut t, &ps, &[], &c).unwrap_err();
+    plain_batch(&mut *t, &ps, &[], &c).unwrap();
+    let e = plain_batch(&mut *t, &ps, &[], &c).unwrap_err();
     assert!(e.to_string().contains("empty caches"), "{e}");
 }
 

@@ -672,6 +672,18 @@ fn batched_sequences_step_as_each_alone() {
     assert!(EmulatedForward::new_batch(&m, Emulator::new(128), 132, 32, 17).is_err());
 }
 
+/// The CPU's batched state (every sequence's rows in one product per weight matrix, attention per
+/// sequence) against the CPU pass of one sequence.
+#[test]
+fn cpu_batched_sequences_step_as_each_alone() {
+    let m = model("qwen2", Format::Fp16);
+    let mut batch = CpuPass::new_batch(&m, None, 3).unwrap();
+    let mut single = || Box::new(CpuPass::new(&m, None)) as Box<dyn Pass>;
+    batch_matches_single_sequences(&mut batch, &mut single, "cpu");
+    assert!(CpuPass::new_batch(&m, None, 0).is_err());
+    assert!(CpuPass::new_batch(&m, None, 17).is_err());
+}
+
 #[test]
 fn cuda_batched_sequences_step_as_each_alone() {
     use speckv::model::device::{CudaForward, DeviceView, DeviceWeights};

@@ -13,8 +13,8 @@ pub struct Args {
     #[command(flatten)]
     models: ModelArgs,
     /// The prompt. Given several times (up to 16), the prompts are decoded together as one
-    /// batch on the device program (`--backend cuda`), each with its own γ per step; every
-    /// policy but `auto` batches.
+    /// batch (one product per weight matrix and step for all of them, on any backend), each with
+    /// its own γ per step; every policy but `auto` batches.
     #[arg(long, required = true)]
     prompt: Vec<String>,
     /// auto (the default: per-token stopping by the shipped hazard model, costs measured while

@@ -85,21 +85,12 @@ impl Device {
         mask: &'a [bool],
         positions: usize,
     ) -> Result<(BoxPass<'a>, BoxPass<'a>)> {
-        if !matches!(self, Device::Cpu) {
-            let (t, d) = self.batch_passes(target, draft, mask, positions, 1)?;
-            return Ok((t, d));
-        }
-        fits(positions, target)?;
-        let t = CpuPass::new(target, None);
-        let d = match draft {
-            Some(m) => CpuPass::new(m, None),
-            None => CpuPass::new(target, Some(mask)),
-        };
-        Ok((Box::new(t), Box::new(d)))
+        let (t, d) = self.batch_passes(target, draft, mask, positions, 1)?;
+        Ok((t, d))
     }
 
     /// Fresh batched target and draft states of `seqs` sequences holding `positions` each (see
-    /// [`Device::passes`]); the CPU has no batched state.
+    /// [`Device::passes`]).
     pub fn batch_passes<'a>(
         &'a self,
         target: &'a Model,
@@ -113,10 +104,14 @@ impl Device {
         let dcap = positions.min(dm.cfg.context);
         let layers = draft.is_none().then(|| mask.to_vec());
         match self {
-            Device::Cpu => Err(Error::Other(
-                "batched decoding (several prompts) runs on the device program: --backend cuda"
-                    .into(),
-            )),
+            Device::Cpu => {
+                let t = CpuPass::new_batch(target, None, seqs)?;
+                let d = match draft {
+                    Some(m) => CpuPass::new_batch(m, None, seqs)?,
+                    None => CpuPass::new_batch(target, Some(mask), seqs)?,
+                };
+                Ok((Box::new(t), Box::new(d)))
+            }
             Device::Emulator(e) => {
                 let sms = crate::plan::H200_SMS;
                 let t = EmulatedForward::new_batch(target, *e, sms, positions, seqs)?;

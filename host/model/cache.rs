@@ -1,6 +1,8 @@
 //! Per-sequence state of the forward pass: the KV cache (f16, rows of every layer's keys and values
 //! by position, rolled back by length) and every buffer a forward pass of up to `MAX_M` positions
-//! writes, allocated once so the decode loop allocates nothing.
+//! writes, allocated once so the decode loop allocates nothing. A batched CPU state
+//! ([`CpuPass::new_batch`](super::CpuPass::new_batch)) holds one [`Kv`] per sequence and one
+//! [`Work`] for all of them: a step's `B · m ≤ MAX_M` rows share the products.
 
 use half::f16;
 
@@ -28,53 +30,96 @@ pub(super) struct Work {
     /// `[out, m]` scratch of the products.
     pub yt: Vec<f32>,
     pub acts: Acts,
-    /// Attention scores, one row of `capacity` per head.
+    /// Attention scores, one row per head as long as the longest cache's capacity.
     pub scores: Vec<f32>,
+    heads: usize,
 }
 
-/// Per-sequence attention state: keys and values of every position so far, per layer, in f16.
+impl Work {
+    pub(super) fn new(cfg: &Config) -> Work {
+        let (h, kvw) = (cfg.hidden, cfg.kv_heads * cfg.head_dim);
+        let qkv = h + 2 * kvw;
+        let widest = cfg.vocab.max(2 * cfg.ffn).max(qkv);
+        let m = MAX_M;
+        Work {
+            x: vec![0.0; m * h],
+            xn: vec![0.0; m * h],
+            qkv: vec![0.0; m * qkv],
+            q: vec![0.0; m * h],
+            k: vec![0.0; m * kvw],
+            v: vec![0.0; m * kvw],
+            att_h: vec![0.0; m * h],
+            att: vec![0.0; m * h],
+            o: vec![0.0; m * h],
+            gu: vec![0.0; m * 2 * cfg.ffn],
+            act: vec![0.0; m * cfg.ffn],
+            logits: vec![0.0; m * cfg.vocab],
+            yt: vec![0.0; m * widest],
+            acts: Acts::new(h.max(cfg.ffn)),
+            scores: Vec::new(),
+            heads: cfg.heads,
+        }
+    }
+
+    /// Score rows for caches of up to `capacity` positions (grows only).
+    pub(super) fn fit_scores(&mut self, capacity: usize) {
+        if self.scores.len() < self.heads * capacity {
+            self.scores.resize(self.heads * capacity, 0.0);
+        }
+    }
+}
+
+/// One sequence's keys and values of every position so far, per layer, in f16 (its length is
+/// kept beside it: [`KvCache::len`], or a batched state's lengths).
+pub(super) struct Kv {
+    pub k: Vec<Vec<f16>>,
+    pub v: Vec<Vec<f16>>,
+    pub width: usize,
+    pub capacity: usize,
+}
+
+impl Kv {
+    pub(super) fn new(cfg: &Config) -> Kv {
+        let mut kv = Kv {
+            k: vec![Vec::new(); cfg.layers],
+            v: vec![Vec::new(); cfg.layers],
+            width: cfg.kv_heads * cfg.head_dim,
+            capacity: 0,
+        };
+        kv.reserve(INITIAL_POSITIONS);
+        kv
+    }
+
+    /// Room for `positions` in total (growth at least doubles, and copies).
+    pub(super) fn reserve(&mut self, positions: usize) {
+        if positions <= self.capacity {
+            return;
+        }
+        let cap = positions.max(2 * self.capacity);
+        for l in 0..self.k.len() {
+            self.k[l].resize(cap * self.width, f16::ZERO);
+            self.v[l].resize(cap * self.width, f16::ZERO);
+        }
+        self.capacity = cap;
+    }
+}
+
+/// Per-sequence attention state: keys and values of every position so far, and the forward
+/// pass's buffers.
 pub struct KvCache {
-    pub(super) k: Vec<Vec<f16>>,
-    pub(super) v: Vec<Vec<f16>>,
-    pub(super) width: usize,
+    pub(super) kv: Kv,
     pub(super) len: usize,
-    pub(super) capacity: usize,
-    heads: usize,
     pub(super) work: Work,
 }
 
 impl KvCache {
     pub fn new(cfg: &Config) -> KvCache {
-        let (h, kvw) = (cfg.hidden, cfg.kv_heads * cfg.head_dim);
-        let qkv = h + 2 * kvw;
-        let widest = cfg.vocab.max(2 * cfg.ffn).max(qkv);
-        let m = MAX_M;
         let mut c = KvCache {
-            k: vec![Vec::new(); cfg.layers],
-            v: vec![Vec::new(); cfg.layers],
-            width: kvw,
+            kv: Kv::new(cfg),
             len: 0,
-            capacity: 0,
-            heads: cfg.heads,
-            work: Work {
-                x: vec![0.0; m * h],
-                xn: vec![0.0; m * h],
-                qkv: vec![0.0; m * qkv],
-                q: vec![0.0; m * h],
-                k: vec![0.0; m * kvw],
-                v: vec![0.0; m * kvw],
-                att_h: vec![0.0; m * h],
-                att: vec![0.0; m * h],
-                o: vec![0.0; m * h],
-                gu: vec![0.0; m * 2 * cfg.ffn],
-                act: vec![0.0; m * cfg.ffn],
-                logits: vec![0.0; m * cfg.vocab],
-                yt: vec![0.0; m * widest],
-                acts: Acts::new(h.max(cfg.ffn)),
-                scores: Vec::new(),
-            },
+            work: Work::new(cfg),
         };
-        c.reserve(INITIAL_POSITIONS);
+        c.work.fit_scores(c.kv.capacity);
         c
     }
 
@@ -88,16 +133,8 @@ impl KvCache {
     /// Makes room for `positions` in total, so a decode loop that reserved its length up front
     /// never grows the cache (growth copies; it is the only allocation of a forward pass).
     pub fn reserve(&mut self, positions: usize) {
-        if positions <= self.capacity {
-            return;
-        }
-        let cap = positions.max(2 * self.capacity);
-        for l in 0..self.k.len() {
-            self.k[l].resize(cap * self.width, f16::ZERO);
-            self.v[l].resize(cap * self.width, f16::ZERO);
-        }
-        self.work.scores.resize(self.heads * cap, 0.0);
-        self.capacity = cap;
+        self.kv.reserve(positions);
+        self.work.fit_scores(self.kv.capacity);
     }
 
     /// Forgets every position from `len` on (rejected draft tokens).

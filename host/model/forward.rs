@@ -1,9 +1,12 @@
 //! The forward pass over chunks of up to `MAX_M` positions, writing only the buffers the cache
 //! owns ([`KvCache`]'s work space): nothing is allocated unless the cache grows past what was
-//! reserved, and [`Model::forward_into`] returns the logits without copying them.
+//! reserved, and [`Model::forward_into`] returns the logits without copying them. A chunk may hold
+//! several sequences, m positions each (a batched CPU state): their rows share every product, and
+//! each attends over its own cache from its own position.
 
 use half::slice::HalfFloatSliceExt;
 
+use super::cache::{Kv, Work};
 use super::ops::{attention, rms_norm, Heads};
 use super::{Embed, KvCache, Model, Proj};
 use crate::error::{Error, Result};
@@ -88,7 +91,22 @@ impl Model {
         keep: usize,
         active: Option<&[bool]>,
     ) -> Result<Vec<f32>> {
-        let active = self.check(tokens, cache, active)?;
+        let KvCache { kv, len, work } = cache;
+        self.forward_wide(tokens, kv, len, work, keep, active)
+    }
+
+    /// [`Model::forward_layers`] on one sequence's parts.
+    pub(super) fn forward_wide(
+        &self,
+        tokens: &[u32],
+        kv: &mut Kv,
+        len: &mut usize,
+        work: &mut Work,
+        keep: usize,
+        active: Option<&[bool]>,
+    ) -> Result<Vec<f32>> {
+        let (kvs, lens) = (std::slice::from_mut(kv), std::slice::from_mut(len));
+        let active = self.check(tokens, kvs, lens, active)?;
         let v = self.cfg.vocab;
         let keep = keep.clamp(1, tokens.len());
         let first_kept = tokens.len() - keep;
@@ -96,10 +114,10 @@ impl Model {
         let mut done = 0;
         for ch in tokens.chunks(MAX_M) {
             let want = done + ch.len() > first_kept;
-            self.chunk(ch, cache, want, active)?;
+            self.chunk(ch, kvs, lens, work, want, active)?;
             if want {
                 let from = first_kept.saturating_sub(done);
-                out.extend_from_slice(&cache.work.logits[from * v..ch.len() * v]);
+                out.extend_from_slice(&work.logits[from * v..ch.len() * v]);
             }
             done += ch.len();
         }
@@ -115,7 +133,22 @@ impl Model {
         keep: usize,
         active: Option<&[bool]>,
     ) -> Result<&'c [f32]> {
-        let active = self.check(tokens, cache, active)?;
+        let KvCache { kv, len, work } = cache;
+        self.forward_parts(tokens, kv, len, work, keep, active)
+    }
+
+    /// [`Model::forward_into`] on one sequence's parts.
+    pub(super) fn forward_parts<'w>(
+        &self,
+        tokens: &[u32],
+        kv: &mut Kv,
+        len: &mut usize,
+        work: &'w mut Work,
+        keep: usize,
+        active: Option<&[bool]>,
+    ) -> Result<&'w [f32]> {
+        let (kvs, lens) = (std::slice::from_mut(kv), std::slice::from_mut(len));
+        let active = self.check(tokens, kvs, lens, active)?;
         if keep == 0 || keep > MAX_M.min(tokens.len()) {
             return Err(Error::Other(format!(
                 "keep = {keep} rows of {} positions: 1 to {} are returned at once",
@@ -125,16 +158,35 @@ impl Model {
         }
         let split = tokens.len() - keep;
         for ch in tokens[..split].chunks(MAX_M) {
-            self.chunk(ch, cache, false, active)?;
+            self.chunk(ch, kvs, lens, work, false, active)?;
         }
-        self.chunk(&tokens[split..], cache, true, active)?;
-        Ok(&cache.work.logits[..keep * self.cfg.vocab])
+        self.chunk(&tokens[split..], kvs, lens, work, true, active)?;
+        Ok(&work.logits[..keep * self.cfg.vocab])
     }
 
+    /// One step of several sequences: `tokens` holds m tokens per sequence of `kvs`, sequence
+    /// by sequence (at most `MAX_M` in all; the caller checked the shape); with `logits` the
+    /// step's logits `[B · m, vocab]` are left in `work.logits`.
+    pub(super) fn forward_batch(
+        &self,
+        tokens: &[u32],
+        kvs: &mut [Kv],
+        lens: &mut [usize],
+        work: &mut Work,
+        logits: bool,
+        active: Option<&[bool]>,
+    ) -> Result<()> {
+        let active = self.check(tokens, kvs, lens, active)?;
+        self.chunk(tokens, kvs, lens, work, logits, active)
+    }
+
+    /// The call's tokens fit the vocabulary, the caches this model and the context `tokens`
+    /// split evenly over the sequences.
     fn check<'a>(
         &'a self,
         tokens: &[u32],
-        cache: &KvCache,
+        kvs: &[Kv],
+        lens: &[usize],
         active: Option<&'a [bool]>,
     ) -> Result<&'a [bool]> {
         let active = active.unwrap_or(&self.active);
@@ -154,16 +206,20 @@ impl Model {
                 self.cfg.vocab
             )));
         }
-        if cache.width != self.cfg.kv_heads * self.cfg.head_dim || cache.k.len() != self.cfg.layers
+        let width = self.cfg.kv_heads * self.cfg.head_dim;
+        if kvs
+            .iter()
+            .any(|kv| kv.width != width || kv.k.len() != self.cfg.layers)
         {
             return Err(Error::Other(
                 "the KV cache was made for another model".to_string(),
             ));
         }
-        if cache.len + tokens.len() > self.cfg.context {
+        let m = tokens.len() / kvs.len().max(1);
+        if let Some(&len) = lens.iter().find(|&&l| l + m > self.cfg.context) {
             return Err(Error::Other(format!(
                 "{} positions exceed the context of {}",
-                cache.len + tokens.len(),
+                len + m,
                 self.cfg.context
             )));
         }
@@ -178,26 +234,26 @@ impl Model {
         }
     }
 
-    /// Up to `MAX_M` positions through the active layers (and the LM head when `logits`).
+    /// Up to `MAX_M` rows through the active layers (and the LM head when `logits`): m positions
+    /// of each sequence of `kvs`, sequence by sequence, sequence s from position `lens[s]` on.
     fn chunk(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        kvs: &mut [Kv],
+        lens: &mut [usize],
+        w: &mut Work,
         logits: bool,
         active: &[bool],
     ) -> Result<()> {
         let cfg = &self.cfg;
-        let (m, h, hd, ffn) = (tokens.len(), cfg.hidden, cfg.head_dim, cfg.ffn);
+        let (rows, h, hd, ffn) = (tokens.len(), cfg.hidden, cfg.head_dim, cfg.ffn);
+        let m = rows / kvs.len();
         let kvw = cfg.kv_heads * hd;
         let qw = h + 2 * kvw;
-        let pos0 = cache.len;
-        cache.reserve(pos0 + m);
-        let KvCache {
-            k: kc,
-            v: vc,
-            work: w,
-            ..
-        } = cache;
+        for (kv, &len) in kvs.iter_mut().zip(lens.iter()) {
+            kv.reserve(len + m);
+        }
+        w.fit_scores(kvs.iter().map(|kv| kv.capacity).max().unwrap_or(0));
         for (i, &t) in tokens.iter().enumerate() {
             self.embed_row(t, &mut w.x[i * h..(i + 1) * h]);
         }
@@ -213,23 +269,23 @@ impl Model {
                 continue;
             }
             rms_norm(
-                &w.x[..m * h],
+                &w.x[..rows * h],
                 &l.attn_norm,
                 cfg.rms_eps,
-                &mut w.xn[..m * h],
+                &mut w.xn[..rows * h],
                 h,
             );
             project(
                 &l.qkv,
                 &w.xn,
                 &mut w.acts,
-                m,
+                rows,
                 h,
                 &mut w.qkv,
                 &mut w.yt,
                 &mut w.att_h,
             )?;
-            for i in 0..m {
+            for i in 0..rows {
                 let row = &mut w.qkv[i * qw..(i + 1) * qw];
                 if let Some(b) = &l.qkv_bias {
                     for (a, c) in row.iter_mut().zip(b) {
@@ -240,71 +296,76 @@ impl Model {
                 w.k[i * kvw..(i + 1) * kvw].copy_from_slice(&row[h..h + kvw]);
                 w.v[i * kvw..(i + 1) * kvw].copy_from_slice(&row[h + kvw..]);
             }
-            self.rope.apply(&mut w.q[..m * h], cfg.heads, pos0, neox);
-            self.rope
-                .apply(&mut w.k[..m * kvw], cfg.kv_heads, pos0, neox);
-            let at = pos0 * kvw..(pos0 + m) * kvw;
-            kc[li][at.clone()].convert_from_f32_slice(&w.k[..m * kvw]);
-            vc[li][at].convert_from_f32_slice(&w.v[..m * kvw]);
-            let n = (pos0 + m) * kvw;
-            attention(
-                &w.q[..m * h],
-                &kc[li][..n],
-                &vc[li][..n],
-                m,
-                pos0,
-                &heads,
-                &mut w.att_h,
-                &mut w.scores,
-                &mut w.att,
-            );
-            single(&l.o, &w.att, &mut w.acts, m, &mut w.o, &mut w.yt)?;
-            for (a, b) in w.x[..m * h].iter_mut().zip(&w.o[..m * h]) {
+            // Each sequence from its own position, over its own cache.
+            for (s, (kv, &pos0)) in kvs.iter_mut().zip(lens.iter()).enumerate() {
+                let (qs, ks) = (s * m * h..(s + 1) * m * h, s * m * kvw..(s + 1) * m * kvw);
+                self.rope.apply(&mut w.q[qs.clone()], cfg.heads, pos0, neox);
+                self.rope
+                    .apply(&mut w.k[ks.clone()], cfg.kv_heads, pos0, neox);
+                let at = pos0 * kvw..(pos0 + m) * kvw;
+                kv.k[li][at.clone()].convert_from_f32_slice(&w.k[ks.clone()]);
+                kv.v[li][at].convert_from_f32_slice(&w.v[ks]);
+                let n = (pos0 + m) * kvw;
+                attention(
+                    &w.q[qs.clone()],
+                    &kv.k[li][..n],
+                    &kv.v[li][..n],
+                    m,
+                    pos0,
+                    &heads,
+                    &mut w.att_h,
+                    &mut w.scores,
+                    &mut w.att[qs],
+                );
+            }
+            single(&l.o, &w.att, &mut w.acts, rows, &mut w.o, &mut w.yt)?;
+            for (a, b) in w.x[..rows * h].iter_mut().zip(&w.o[..rows * h]) {
                 *a += b;
             }
             rms_norm(
-                &w.x[..m * h],
+                &w.x[..rows * h],
                 &l.ffn_norm,
                 cfg.rms_eps,
-                &mut w.xn[..m * h],
+                &mut w.xn[..rows * h],
                 h,
             );
             project(
                 &l.gate_up,
                 &w.xn,
                 &mut w.acts,
-                m,
+                rows,
                 h,
                 &mut w.gu,
                 &mut w.yt,
                 &mut w.act,
             )?;
-            for i in 0..m {
+            for i in 0..rows {
                 let (g, u) = w.gu[i * 2 * ffn..(i + 1) * 2 * ffn].split_at(ffn);
                 for ((a, g), u) in w.act[i * ffn..(i + 1) * ffn].iter_mut().zip(g).zip(u) {
                     *a = g / (1.0 + (-g).exp()) * u;
                 }
             }
-            single(&l.down, &w.act, &mut w.acts, m, &mut w.o, &mut w.yt)?;
-            for (a, b) in w.x[..m * h].iter_mut().zip(&w.o[..m * h]) {
+            single(&l.down, &w.act, &mut w.acts, rows, &mut w.o, &mut w.yt)?;
+            for (a, b) in w.x[..rows * h].iter_mut().zip(&w.o[..rows * h]) {
                 *a += b;
             }
         }
-        cache.len = pos0 + m;
+        for l in lens.iter_mut() {
+            *l += m;
+        }
         if logits {
-            let w = &mut cache.work;
             rms_norm(
-                &w.x[..m * h],
+                &w.x[..rows * h],
                 &self.out_norm,
                 cfg.rms_eps,
-                &mut w.xn[..m * h],
+                &mut w.xn[..rows * h],
                 h,
             );
             single(
                 &self.lm_head,
                 &w.xn,
                 &mut w.acts,
-                m,
+                rows,
                 &mut w.logits,
                 &mut w.yt,
             )?;

@@ -10,6 +10,7 @@
 //! panic inside it is caught and turned into an error.
 
 mod cache;
+mod cpu_pass;
 pub mod device;
 mod forward;
 mod gguf;
@@ -18,10 +19,11 @@ pub mod pass;
 pub mod tokenizer;
 
 pub use cache::KvCache;
+pub use cpu_pass::CpuPass;
 pub use gguf::{guarded, read_gguf, Config};
 use gguf::{load_f32, load_raw};
 use ops::RopeTable;
-pub use pass::{BatchPass, CpuPass, DraftRun, DraftStop, Pass};
+pub use pass::{BatchPass, DraftRun, DraftStop, Pass};
 
 use std::fs::File;
 use std::io::BufReader;

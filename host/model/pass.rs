@@ -1,16 +1,14 @@
-//! A model's forward pass together with its decode state, wherever it runs: the CPU pass over a
-//! [`KvCache`], or the device program ([`device`](super::device)) on CUDA or on the emulator. The
+//! A model's forward pass together with its decode state, wherever it runs: the CPU pass over its
+//! KV caches ([`CpuPass`](super::CpuPass)), or the device program ([`device`](super::device)) on CUDA or on the emulator. The
 //! decode loops drive a [`Pass`], so `generate`, `profile` and `bench decode` run on any of them.
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
-use speckv_kernels::stop_rule;
 
-use super::{Config, KvCache, Model};
-use crate::backend::cpu::CpuBackend;
+use super::Config;
+use crate::backend::forward::MAX_STEP;
 use crate::error::{Error, Result};
-use crate::stats::cpu::StatsScratch;
 pub use crate::stats::DraftStop;
-use crate::stats::{Accumulate, Logits, LogitsData, StatsOptions};
+use crate::stats::{Accumulate, StatsOptions};
 use crate::verify::{VerifyBatch, VerifyOutput, VerifyStep};
 use crate::weights::cpu::MAX_M;
 
@@ -256,134 +254,10 @@ pub(crate) fn resident_next_token(
     token_of(&st, opts)
 }
 
-/// The CPU forward pass ([`Model::forward_into`]) over its own cache, optionally through a subset
-/// of the layers (a self-speculative draft).
-pub struct CpuPass<'m> {
-    model: &'m Model,
-    cache: KvCache,
-    active: Option<&'m [bool]>,
-    /// Logits of a call keeping more than `MAX_M` rows (scoring a text), owned.
-    wide: Vec<f32>,
-    /// The statistics and verification of the decode loops' steps, made once per pass.
-    cpu: CpuBackend,
-    scratch: StatsScratch,
-}
-
-impl<'m> CpuPass<'m> {
-    pub fn new(model: &'m Model, active: Option<&'m [bool]>) -> CpuPass<'m> {
-        CpuPass {
-            model,
-            cache: KvCache::new(&model.cfg),
-            active,
-            wide: Vec::new(),
-            cpu: CpuBackend::new(),
-            scratch: StatsScratch::default(),
-        }
-    }
-}
-
-impl Pass for CpuPass<'_> {
-    fn run(&mut self, tokens: &[u32], keep: usize) -> Result<&[f32]> {
-        if keep <= MAX_M {
-            return self
-                .model
-                .forward_into(tokens, &mut self.cache, keep, self.active);
-        }
-        self.wide = self
-            .model
-            .forward_layers(tokens, &mut self.cache, keep, self.active)?;
-        Ok(&self.wide)
-    }
-    fn len(&self) -> usize {
-        self.cache.len()
-    }
-    fn truncate(&mut self, len: usize) {
-        self.cache.truncate(len)
-    }
-    fn reserve(&mut self, positions: usize) -> Result<()> {
-        self.cache.reserve(positions);
-        Ok(())
-    }
-    fn cfg(&self) -> &Config {
-        &self.model.cfg
-    }
-    fn backend(&self) -> &'static str {
-        "cpu"
-    }
-    fn run_stats(
-        &mut self,
-        tokens: &[u32],
-        opts: &StatsOptions,
-        accum: &mut [FeatureAccum; 1],
-        want_row: bool,
-        stop: Option<&mut DraftStop<'_>>,
-    ) -> Result<(RowStats, Option<&[f32]>)> {
-        check_stats_call(opts, stop.as_deref())?;
-        let v = self.model.cfg.vocab;
-        let q = self
-            .model
-            .forward_into(tokens, &mut self.cache, 1, self.active)?;
-        let l = Logits::dense(LogitsData::F32(q), v)?;
-        let before = accum[0];
-        let st = self
-            .cpu
-            .softmax_stats_into(&l, opts, Some(accum), &mut self.scratch)?[0];
-        if let Some(s) = stop {
-            let mut state = s.entry_state(opts);
-            if state.stopped != 0 {
-                accum[0] = before; // the kernel's epilogue leaves a stopped sequence alone
-            } else {
-                stop_rule::decide_host(
-                    s.weights,
-                    &mut state,
-                    &accum[0],
-                    st.entropy,
-                    st.confidence,
-                    s.compression_code,
-                    s.odds_scale,
-                    s.gamma_max,
-                    &s.costs,
-                );
-                s.state = state;
-            }
-        }
-        Ok((st, want_row.then_some(q)))
-    }
-    fn next_token(&mut self, tokens: &[u32], opts: &StatsOptions) -> Result<u32> {
-        opts.validate()?;
-        let v = self.model.cfg.vocab;
-        let row = self
-            .model
-            .forward_into(tokens, &mut self.cache, 1, self.active)?;
-        if opts.temperature == 0.0 {
-            return argmax(row, opts.step as usize);
-        }
-        let l = Logits::dense(LogitsData::F32(row), v)?;
-        let st = self
-            .cpu
-            .softmax_stats_into(&l, opts, None, &mut self.scratch)?[0];
-        token_of(&st, opts)
-    }
-    fn run_verify(
-        &mut self,
-        tokens: &[u32],
-        step: &VerifyStep<'_>,
-        out: &mut VerifyOutput,
-    ) -> Result<()> {
-        step.check_positions(tokens.len())?;
-        let v = self.model.cfg.vocab;
-        let (temps, gammas) = ([step.temperature], [step.draft_tokens.len() as i32]);
-        let p = self
-            .model
-            .forward_into(tokens, &mut self.cache, tokens.len(), self.active)?;
-        self.cpu
-            .verify_into(&step.batch(p, v, &temps, &gammas)?, out)
-    }
-}
-
 /// A decode state of several sequences stepped together, the same number of positions m each
-/// (the device executors' batched mode, [`EmulatedForward::new_batch`] and
-/// [`CudaForward::new_batch`]); the batched decode loops drive it. Its single-sequence
+/// ([`CpuPass::new_batch`](super::CpuPass::new_batch), and the device executors' batched mode,
+/// [`EmulatedForward::new_batch`] and [`CudaForward::new_batch`]); the batched decode loops drive
+/// it. Its single-sequence
 /// [`Pass`] calls are errors.
 ///
 /// [`EmulatedForward::new_batch`]: super::device::EmulatedForward::new_batch
@@ -407,6 +281,61 @@ pub trait BatchPass: Pass {
     fn verify_step(&mut self, v: &VerifyBatch<'_>, out: &mut VerifyOutput) -> Result<()>;
     /// Forgets every position of sequence `seq` from `len` on.
     fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()>;
+}
+
+/// A batched state of `seqs` sequences: 1 to 16 (one position each in a step of at most 16 rows).
+pub(crate) fn check_seqs(seqs: usize) -> Result<()> {
+    if seqs == 0 || seqs > MAX_STEP {
+        return Err(Error::Other(format!(
+            "{seqs} sequences in a batch: 1 to {MAX_STEP} (one position each in a step of at most \
+             {MAX_STEP} rows)"
+        )));
+    }
+    Ok(())
+}
+
+/// `rows` of the last batched step's `step_rows` logits rows are there.
+pub(crate) fn check_rows(rows: &[usize], step_rows: usize) -> Result<()> {
+    match rows.iter().find(|&&r| r >= step_rows) {
+        Some(r) => Err(Error::Other(format!(
+            "logits row {r} of a step that left {step_rows} rows"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `v` verifies the last batched step of a state of `seqs` sequences that left `step_rows` rows:
+/// one sequence per sequence of the state, γmax + 1 rows each.
+pub(crate) fn check_verify(v: &VerifyBatch<'_>, seqs: usize, step_rows: usize) -> Result<()> {
+    if v.batch != seqs || v.batch * (v.gamma_max + 1) != step_rows {
+        return Err(Error::Other(format!(
+            "verification of {} sequences of γmax {} over a step that left {step_rows} rows of \
+             {seqs} sequences",
+            v.batch, v.gamma_max
+        )));
+    }
+    Ok(())
+}
+
+/// Forgets every position of sequence `seq` (of `lens`) from `len` on.
+pub(crate) fn truncate_seq(lens: &mut [usize], seq: usize, len: usize) -> Result<()> {
+    let n = lens.len();
+    let l = lens
+        .get_mut(seq)
+        .ok_or_else(|| Error::Other(format!("sequence {seq} of a batch of {n}")))?;
+    *l = len.min(*l);
+    Ok(())
+}
+
+/// The single-sequence calls (the [`Pass`] methods) on a batched state of `seqs` sequences are an
+/// error: it steps with its batch calls.
+pub(crate) fn check_single(seqs: usize) -> Result<()> {
+    if seqs != 1 {
+        return Err(Error::Other(format!(
+            "a forward state of {seqs} sequences steps them together (`step_batch`)"
+        )));
+    }
+    Ok(())
 }
 
 /// `positions` fit a device cache allocated for `capacity` (device caches do not grow: the graph

@@ -275,6 +275,25 @@ impl VerifyBatch<'_> {
         Ok(())
     }
 
+    /// This device-resident batch over target rows `p` `[batch, γmax + 1, vocab]` in host memory
+    /// (an executor's step, emulated or on the CPU). Greedy verification never reads the draft's
+    /// rows: where there are none, the target's stand in.
+    pub fn over_rows<'b>(&'b self, p: &'b [f32], vocab: usize) -> VerifyBatch<'b> {
+        let mut vb: VerifyBatch<'b> = *self;
+        vb.target = LogitsData::F32(p);
+        vb.target_stride = vocab;
+        if let DraftDist::Logits { data, temperature } = self.draft {
+            if data.is_empty() {
+                let n = (self.batch * self.gamma_max * vocab).min(p.len());
+                vb.draft = DraftDist::Logits {
+                    data: LogitsData::F32(&p[..n]),
+                    temperature,
+                };
+            }
+        }
+        vb
+    }
+
     pub fn validate_values(&self) -> Result<()> {
         for &t in self.target_temperature {
             check_temperature(t)?;

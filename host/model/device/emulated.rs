@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::pass::{check_stats_call, fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::{Config, Model};
 use crate::stats::{Logits, LogitsData, StatsOptions};
-use crate::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyStep};
+use crate::verify::{VerifyBatch, VerifyOutput, VerifyStep};
 
 /// A model's decode state on the emulator: activations, KV cache, cache length — of one sequence,
 /// or of a batch stepped together ([`EmulatedForward::new_batch`]).
@@ -108,19 +108,7 @@ impl<'m> EmulatedForward<'m> {
         self.seq.check_verify(v)?;
         v.validate_device()?;
         let p = self.rows(Act::Logits, self.seq.step_rows);
-        let mut vb = *v;
-        vb.target = LogitsData::F32(p);
-        vb.target_stride = self.view.shape.vocab;
-        if let DraftDist::Logits { data, temperature } = v.draft {
-            if data.is_empty() {
-                // Greedy verification never reads the draft's rows: the target's stand in.
-                let n = v.batch * v.gamma_max * self.view.shape.vocab;
-                vb.draft = DraftDist::Logits {
-                    data: LogitsData::F32(&p[..n]),
-                    temperature,
-                };
-            }
-        }
+        let vb = v.over_rows(p, self.view.shape.vocab);
         *out = self.emu.verify_v2(&vb, self.sm_count)?;
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use super::{program, Op};
 use crate::error::{Error, Result};
+use crate::model::pass;
 
 /// What both executors keep about their sequences besides the buffers: which layers run and the
 /// launch programs for them (built once, not per step), each sequence's cache length (one unless
@@ -22,13 +23,7 @@ pub(crate) struct SeqState {
 
 impl SeqState {
     pub(crate) fn new(active: Vec<bool>, capacity: usize, seqs: usize) -> Result<SeqState> {
-        if seqs == 0 || seqs > crate::backend::forward::MAX_STEP {
-            return Err(Error::Other(format!(
-                "{seqs} sequences in a batch: 1 to {} (one position each in a step of at most {0} \
-                 rows)",
-                crate::backend::forward::MAX_STEP
-            )));
-        }
+        pass::check_seqs(seqs)?;
         Ok(SeqState {
             programs: [program(&active, false), program(&active, true)],
             active,
@@ -56,13 +51,7 @@ impl SeqState {
     /// The single-sequence calls (the [`Pass`](crate::model::Pass) methods) on a batched state are
     /// an error: it steps with its batch calls.
     pub(crate) fn single(&self) -> Result<()> {
-        if self.seqs() != 1 {
-            return Err(Error::Other(format!(
-                "a forward state of {} sequences steps them together (`step_batch`)",
-                self.seqs()
-            )));
-        }
-        Ok(())
+        pass::check_single(self.seqs())
     }
 
     /// A step of `rows` tokens over every sequence checked: returns its positions per sequence.
@@ -79,40 +68,18 @@ impl SeqState {
 
     /// Forgets every position of sequence `seq` from `len` on.
     pub(crate) fn truncate_seq(&mut self, seq: usize, len: usize) -> Result<()> {
-        let n = self.lens.len();
-        let l = self
-            .lens
-            .get_mut(seq)
-            .ok_or_else(|| Error::Other(format!("sequence {seq} of a batch of {n}")))?;
-        *l = len.min(*l);
-        Ok(())
+        pass::truncate_seq(&mut self.lens, seq, len)
     }
 
     /// `rows` of the last batched step's logits are on the device.
     pub(crate) fn check_rows(&self, rows: &[usize]) -> Result<()> {
-        match rows.iter().find(|&&r| r >= self.step_rows) {
-            Some(r) => Err(Error::Other(format!(
-                "logits row {r} of a step that left {} rows",
-                self.step_rows
-            ))),
-            None => Ok(()),
-        }
+        pass::check_rows(rows, self.step_rows)
     }
 
     /// `v` verifies the last batched step: one sequence per sequence of the state, γmax + 1 rows
     /// each, on the device.
     pub(crate) fn check_verify(&self, v: &crate::verify::VerifyBatch<'_>) -> Result<()> {
-        if v.batch != self.seqs() || v.batch * (v.gamma_max + 1) != self.step_rows {
-            return Err(Error::Other(format!(
-                "verification of {} sequences of γmax {} over a step that left {} rows of {} \
-                 sequences",
-                v.batch,
-                v.gamma_max,
-                self.step_rows,
-                self.seqs()
-            )));
-        }
-        Ok(())
+        pass::check_verify(v, self.seqs(), self.step_rows)
     }
 
     /// The launches of a chunk, with the LM head when `logits`.
