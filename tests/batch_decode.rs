@@ -243,6 +243,11 @@ fn batched_decodes_refuse_misuse_before_running(state: State) {
     let (mut t4, mut d4) = (state(&m, cap, 4), state(&dm, cap, 4));
     let e = spec(&mut t4, &mut d4, &four, &Policy::Fixed(4), &cfg(0.0, 4)).unwrap_err();
     assert!(e.to_string().contains("γmax 4 over 4"), "{e}");
+    // Nine sequences leave no room for a draft (2 · 9 rows > 16), whatever γmax.
+    let nine: Vec<Vec<u32>> = (0..9).map(|i| vec![i + 1]).collect();
+    let (mut t9, mut d9) = (state(&m, cap, 9), state(&dm, cap, 9));
+    let e = spec(&mut t9, &mut d9, &nine, &Policy::Fixed(1), &cfg(0.0, 1)).unwrap_err();
+    assert!(e.to_string().contains("at most 8 sequences"), "{e}");
     for (what, ps) in [
         ("two prompts for three", ps[..2].to_vec()),
         (

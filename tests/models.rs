@@ -327,3 +327,71 @@ fn auto_policy_sees_the_features_it_was_trained_on() {
     let trained: Vec<_> = examples.iter().map(|e| e.x).collect();
     assert_eq!(trained, live);
 }
+
+/// `bench batch`: the prompts decoded together and one at a time give the same tokens (greedy),
+/// the batch in fewer target passes; γmax is capped per batch size so a verification of every
+/// sequence fits a step of 16 rows; the speed-up is the ratio of the two tokens/s it prints.
+/// Runs it cannot do are refused before any model runs.
+#[test]
+fn bench_batch_decodes_the_same_tokens_together_and_alone() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "batch", "--model", m, "--max-tokens", "4"];
+        args.extend(["--per-category", "1", "--json"]);
+        args.extend(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_speckv"))
+            .args(&args)
+            .env_remove("SPECKV_CUDA_EMULATE")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&["--batch-sizes", "1,3", "--policies", "plain,fixed:2"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{out}");
+    for r in rows {
+        let b = r["batch"].as_u64().unwrap();
+        assert_eq!(r["same_tokens"], true, "{r}");
+        let tokens = r["tokens"].as_u64().unwrap();
+        assert!(tokens >= b && tokens <= 4 * b, "{r}");
+        let (bp, ap) = (
+            r["batched"]["target_passes"].as_u64().unwrap(),
+            r["one_at_a_time"]["target_passes"].as_u64().unwrap(),
+        );
+        assert!(bp <= ap, "{r}");
+        if b == 3 {
+            assert!(bp < ap, "three prompts share their passes: {r}");
+        }
+        let tps = |side: &str| r[side]["tokens_per_second"].as_f64().unwrap();
+        let ratio = tps("batched") / tps("one_at_a_time");
+        assert!(
+            (r["speedup"].as_f64().unwrap() - ratio).abs() < 1e-9 * ratio,
+            "{r}"
+        );
+        let want_gamma = match (r["policy"].as_str().unwrap(), b) {
+            ("plain", _) => serde_json::Value::Null,
+            (_, 1) => 8.into(),
+            _ => 4.into(), // 16 / 3 − 1
+        };
+        assert_eq!(r["gamma_max"], want_gamma, "{r}");
+    }
+    for (extra, says) in [
+        (&["--policies", "auto"][..], "does not batch"),
+        (&["--batch-sizes", "17"][..], "1 to 16"),
+        (
+            &["--batch-sizes", "16", "--policies", "fixed:2"][..],
+            "no room for a draft",
+        ),
+        (&["--batch-sizes", "5"][..], "needs 5 prompts"),
+    ] {
+        let (ok, _, err) = run(extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+    }
+}

@@ -17,6 +17,10 @@ pub enum Command {
     /// once (greedy; the CPU pass, or speckv's device pass with --backend cuda); with --traces and
     /// --cost, the trace-based predictions too.
     Decode(Box<DecodeArgs>),
+    /// Several prompts decoded together (`generate --prompt A --prompt B …`) against the same
+    /// prompts decoded one at a time, on the same backend in the same run: tokens/s of both and
+    /// their ratio, per batch size and policy (greedy).
+    Batch(Box<crate::bench_batch::BatchArgs>),
     /// Tokens/s predicted from traced steps under a cost model, no model run: plain decoding,
     /// every fixed γ, HF's heuristic schedule, `auto` (replayed) and the oracle — e.g. the CPU's
     /// traces under the GPU cost model of `bench step --backend cuda --shapes`, or HF's
@@ -131,6 +135,7 @@ pub struct DecodeArgs {
 pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
     match what {
         Command::Decode(a) => decode(*a, backend),
+        Command::Batch(a) => crate::bench_batch::run(*a, backend),
         Command::Predict { traces, cost, json } => {
             let v = predict(&traces, &cost)?;
             if json {

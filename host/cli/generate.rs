@@ -38,8 +38,10 @@ pub struct Args {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 8)]
-    gamma_max: u32,
+    /// Most drafts per step; default 8, and with several prompts at most 16 / prompts − 1 (a
+    /// verification of every sequence is one step of 16 rows; a larger value given is an error).
+    #[arg(long)]
+    gamma_max: Option<u32>,
     #[arg(long)]
     json: bool,
 }
@@ -53,7 +55,9 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
         seed: a.seed,
-        gamma_max: a.gamma_max,
+        gamma_max: a
+            .gamma_max
+            .unwrap_or_else(|| speckv::decode::batch::bench::batch_gamma(8, a.prompt.len())),
         compression: p.compression,
     };
     if a.prompt.len() > 1 {
@@ -135,15 +139,7 @@ fn run_batch(
         .iter()
         .map(|q| p.encode_chat(q))
         .collect::<speckv::Result<Vec<_>>>()?;
-    let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
-    let room = batch::batch_room(longest, cfg, ids.len());
-    let (mut tp, mut dp) =
-        device.batch_passes(&p.target, p.draft_model(), p.draft_mask(), room, ids.len())?;
-    let stop = &p.tokenizer.stop;
-    let stats = match pol {
-        None => batch::plain_batch(tp.as_mut(), &ids, stop, cfg)?,
-        Some(pl) => batch::speculative_batch(tp.as_mut(), dp.as_mut(), &ids, stop, pl, cfg)?,
-    };
+    let stats = batch::bench::run_batch(p, device, &ids, pol, cfg)?;
     let texts = stats
         .sequences
         .iter()
@@ -180,13 +176,17 @@ fn run_batch(
     }
     eprintln!(
         "\n{} prompts in {:.2} s ({:.2} s prefill): {:.2} tokens/s decoding in all; {} target \
-         and {} draft passes",
+         and {} draft passes{}",
         ids.len(),
         stats.seconds,
         stats.prefill_seconds,
         stats.tokens_per_second,
         stats.target_passes,
-        stats.draft_passes
+        stats.draft_passes,
+        match pol {
+            Some(_) => format!(", γmax {}", cfg.gamma_max),
+            None => String::new(),
+        }
     );
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod bench;
+mod bench_batch;
 mod calibrate;
 mod evaluate;
 mod generate;

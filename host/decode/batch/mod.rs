@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+pub mod bench;
 mod feed;
 mod seq;
 
@@ -137,6 +138,14 @@ pub fn speculative_batch(
         return Err(Error::Other(format!(
             "draft vocabulary {} differs from the target's {v}",
             draft.cfg().vocab
+        )));
+    }
+    if (MAX_STEP / b) < 2 {
+        return Err(Error::Other(format!(
+            "{b} sequences leave no room for a draft in a verification step of {MAX_STEP} rows: \
+             speculative batches hold at most {} sequences (plain decoding batches up to \
+             {MAX_STEP})",
+            MAX_STEP / 2
         )));
     }
     if gm == 0 || (gm + 1) * b > MAX_STEP {
