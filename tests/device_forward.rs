@@ -568,6 +568,82 @@ fn batch_matches_single_sequences<'a>(
         );
     }
     assert!(batch.logits_rows(&[15], &mut some).is_err(), "{label}");
+    // Statistics where the logits are, each row with its own temperature, seed, random step and
+    // accumulate mode, against the CPU backend's statistics of the same rows: the same argmax and
+    // draw, the same numbers within f32 rounding.
+    let rows = [14usize, 0, 7];
+    let modes = [Accumulate::Reset, Accumulate::Add, Accumulate::No];
+    let opts: Vec<StatsOptions> = (0..3)
+        .map(|k| StatsOptions {
+            temperature: [0.0, 0.7, 1.3][k],
+            sample: k > 0,
+            seed: 11 + k as u64,
+            step: 3 * k as u64,
+            accumulate: modes[k],
+        })
+        .collect();
+    let cpu = CpuBackend::new();
+    let row = |r: usize| Logits::dense(LogitsData::F32(&got[r * vocab..(r + 1) * vocab]), vocab);
+    let mut held = [FeatureAccum::EMPTY];
+    let reset = StatsOptions {
+        accumulate: Accumulate::Reset,
+        ..opts[1]
+    };
+    cpu.softmax_stats(&row(3).unwrap(), &reset, Some(&mut held))
+        .unwrap();
+    let start = [FeatureAccum::EMPTY, held[0], FeatureAccum::EMPTY];
+    let mut accs = start.to_vec();
+    let mut stats = Vec::new();
+    batch
+        .rows_stats(&rows, &opts, &mut accs, &mut stats)
+        .unwrap();
+    assert_eq!(stats.len(), 3, "{label}");
+    for k in 0..3 {
+        let mut a = [start[k]];
+        let want = cpu
+            .softmax_stats(&row(rows[k]).unwrap(), &opts[k], Some(&mut a))
+            .unwrap()[0];
+        let (g, w) = (stats[k], want);
+        assert_eq!(
+            (g.argmax, g.sampled, g.flags),
+            (w.argmax, w.sampled, w.flags),
+            "{label} {k}"
+        );
+        for (what, x, y) in [
+            ("entropy", g.entropy, w.entropy),
+            ("confidence", g.confidence, w.confidence),
+            ("lse", g.lse, w.lse),
+            ("accumulated entropy", accs[k].entropy_sum, a[0].entropy_sum),
+            (
+                "least confidence",
+                accs[k].confidence_min,
+                a[0].confidence_min,
+            ),
+        ] {
+            assert!(
+                x == y || (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{label} {k} {what}: {x} vs {y}"
+            );
+        }
+        assert_eq!(accs[k].count, a[0].count, "{label} {k}");
+    }
+    assert_eq!(
+        accs[1].count, 2,
+        "{label}: added to the accumulator it was given"
+    );
+    assert_eq!(accs[2].count, 0, "{label}: not accumulated");
+    // One options and accumulator per row, rows the step left.
+    assert!(
+        batch
+            .rows_stats(&rows[..2], &opts, &mut accs, &mut stats)
+            .is_err(),
+        "{label}"
+    );
+    let (o1, a1) = (&opts[..1], &mut accs[..1]);
+    assert!(
+        batch.rows_stats(&[15], o1, a1, &mut stats).is_err(),
+        "{label}"
+    );
     // The step verified where its logits are (3 sequences of γmax 4, γ_b 4, 0 and 2, greedy)
     // gives the verdict of the CPU backend's verification of the same rows.
     let drafts: Vec<i32> = (0..12).map(|i| (i * 37 % vocab) as i32).collect();

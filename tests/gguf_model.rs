@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::Device;
-use speckv::model::{KvCache, Model};
+use speckv::decode::batch::{plain_batch, speculative_batch};
+use speckv::model::{CpuPass, KvCache, Model};
 use speckv::weights::Regime;
 
 struct Counting;
@@ -317,5 +318,50 @@ fn speculative_decoding_allocates_nothing_per_step() {
                 assert_eq!(between, 0, "{label}: allocations in {} steps", steps - 1);
             }
         }
+    }
+}
+
+#[test]
+fn batched_decoding_allocates_nothing_per_token() {
+    // The batched loops on the CPU's batched state: a whole decode call's allocations (the states
+    // made, the buffers sized, the statistics returned) do not grow with the number of tokens —
+    // plain and speculative, greedy and sampled, three prompts of different lengths.
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(p) = smollm2() else { return };
+    let m = Model::load(&p, Regime::Gguf).unwrap();
+    let skip: Vec<bool> = (0..m.cfg.layers).map(|l| l % 4 != 3).collect();
+    let prompts: Vec<Vec<u32>> = vec![(100..120).collect(), (200..205).collect(), vec![7]];
+    let fixed = speckv::decode::Policy::parse("fixed:3", None).unwrap();
+    for (speculative, temperature) in [(false, 0.0f32), (false, 0.8), (true, 0.0), (true, 0.8)] {
+        let count = |n: usize| {
+            let cfg = speckv::decode::GenConfig {
+                max_tokens: n,
+                temperature,
+                seed: 3,
+                gamma_max: 4,
+                compression: speckv::controller::records::Compression::Nf4,
+            };
+            let before = ALLOCS.load(Ordering::SeqCst);
+            let mut t = CpuPass::new_batch(&m, None, 3).unwrap();
+            let mut d = CpuPass::new_batch(&m, Some(&skip), 3).unwrap();
+            let out = if speculative {
+                speculative_batch(&mut t, &mut d, &prompts, &[], &fixed, &cfg)
+            } else {
+                plain_batch(&mut t, &prompts, &[], &cfg)
+            }
+            .unwrap();
+            for q in &out.sequences {
+                assert_eq!(q.tokens.len(), n);
+            }
+            ALLOCS.load(Ordering::SeqCst) - before
+        };
+        count(2); // warm the pool's queues
+        let least = |n: usize| (0..2).map(|_| count(n)).min().unwrap_or(0);
+        let (short, long) = (least(4), least(16));
+        assert_eq!(
+            short, long,
+            "speculative {speculative}, T {temperature}: 4 tokens {short} allocations, 16 tokens \
+             {long}"
+        );
     }
 }

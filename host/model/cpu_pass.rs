@@ -8,8 +8,8 @@ use speckv_kernels::stop_rule;
 
 use super::cache::{Kv, Work};
 use super::pass::{
-    argmax, check_rows, check_seqs, check_single, check_stats_call, check_verify, token_of,
-    truncate_seq, BatchPass, DraftStop, Pass,
+    argmax, check_rows, check_rows_stats, check_seqs, check_single, check_stats_call, check_verify,
+    token_of, truncate_seq, BatchPass, DraftStop, Pass,
 };
 use super::{Config, Model};
 use crate::backend::cpu::CpuBackend;
@@ -224,6 +224,29 @@ impl BatchPass for CpuPass<'_> {
         let v = self.model.cfg.vocab;
         for &r in rows {
             out.extend_from_slice(&self.work.logits[r * v..(r + 1) * v]);
+        }
+        Ok(())
+    }
+    fn rows_stats(
+        &mut self,
+        rows: &[usize],
+        opts: &[StatsOptions],
+        accums: &mut [FeatureAccum],
+        out: &mut Vec<RowStats>,
+    ) -> Result<()> {
+        check_rows_stats(rows, opts, accums, self.step_rows)?;
+        let v = self.model.cfg.vocab;
+        out.clear();
+        for (k, &r) in rows.iter().enumerate() {
+            let row = &self.work.logits[r * v..(r + 1) * v];
+            let acc = Some(&mut accums[k..k + 1]);
+            out.push(Self::stats_of(
+                &self.cpu,
+                &mut self.scratch,
+                row,
+                &opts[k],
+                acc,
+            )?);
         }
         Ok(())
     }

@@ -275,6 +275,17 @@ pub trait BatchPass: Pass {
     fn step_batch_resident(&mut self, tokens: &[u32], logits: bool) -> Result<()>;
     /// Appends to `out` the logits of `rows` (indices into the last step's `seqs · m` rows).
     fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
+    /// The statistics of rows of the last step, computed where its logits are: `rows[k]` with
+    /// `opts[k]` (its own seed, random step and accumulate mode), `accums[k]` updated as they say;
+    /// into `out` (cleared first). On a device: one statistics launch per row and one read-back of
+    /// every `RowStats` and accumulator — no logits row crosses the bus.
+    fn rows_stats(
+        &mut self,
+        rows: &[usize],
+        opts: &[StatsOptions],
+        accums: &mut [FeatureAccum],
+        out: &mut Vec<RowStats>,
+    ) -> Result<()>;
     /// Verifies the last step's logits where they are, as the target rows `[seqs, γmax + 1,
     /// vocab]` of `v` (`v.target` is not read; `v.draft` holds the draft's rows when sampling,
     /// empty when greedy); only the verdict comes back.
@@ -302,6 +313,29 @@ pub(crate) fn check_rows(rows: &[usize], step_rows: usize) -> Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// A [`BatchPass::rows_stats`] call: one options and accumulator per row, options that are
+/// valid, rows the last step left.
+pub(crate) fn check_rows_stats(
+    rows: &[usize],
+    opts: &[StatsOptions],
+    accums: &[FeatureAccum],
+    step_rows: usize,
+) -> Result<()> {
+    for (what, got) in [("row options", opts.len()), ("accumulators", accums.len())] {
+        if got != rows.len() {
+            return Err(Error::Length {
+                what,
+                got,
+                expected: rows.len(),
+            });
+        }
+    }
+    for o in opts {
+        o.validate()?;
+    }
+    check_rows(rows, step_rows)
 }
 
 /// `v` verifies the last batched step of a state of `seqs` sequences that left `step_rows` rows:

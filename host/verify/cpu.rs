@@ -26,50 +26,87 @@ pub(crate) fn verify(v: &VerifyBatch<'_>) -> VerifyOutput {
     out
 }
 
-/// [`verify`] into `out`, reusing its buffers: a batch of one sequence (the decode loop's)
-/// allocates nothing once `out` has held a step of this size.
+/// [`verify`] into `out`, reusing its buffers: a batch allocates nothing once `out` has held a
+/// step of this size (each sequence writes its own slots of `out`, in parallel).
 pub(crate) fn verify_into(v: &VerifyBatch<'_>, out: &mut VerifyOutput) {
     out.reset(v.batch, v.gamma_max);
-    let gm = v.gamma_max;
+    let (gm, w) = (v.gamma_max, v.gamma_max + 1);
+    let VerifyOutput {
+        accepted,
+        emitted,
+        emitted_count,
+        ratios,
+        counterfactual,
+        flags,
+        ..
+    } = out;
+    let one =
+        |b: usize, ratios: &mut [f32], s: Slots<'_>| commit(v, b, verify_seq(v, b, ratios), s);
     if v.batch == 1 {
-        let r = verify_seq(v, 0, &mut out.ratios);
-        commit(v, out, 0, r);
+        let s = Slots {
+            accepted: &mut accepted[0],
+            count: &mut emitted_count[0],
+            flags: &mut flags[0],
+            emitted: &mut emitted[..],
+            counterfactual: &mut counterfactual[..],
+        };
+        one(0, ratios, s);
         return;
     }
-    let results: Vec<SeqResult> = if gm == 0 {
-        (0..v.batch)
-            .into_par_iter()
-            .map(|b| verify_seq(v, b, &mut []))
-            .collect()
-    } else {
-        out.ratios
-            .par_chunks_mut(gm)
-            .enumerate()
-            .map(|(b, ratios)| verify_seq(v, b, ratios))
-            .collect()
+    let slots = (
+        accepted.par_iter_mut(),
+        emitted_count.par_iter_mut(),
+        flags.par_iter_mut(),
+        emitted.par_chunks_mut(w),
+        counterfactual.par_chunks_mut(w),
+    );
+    let slot = |(accepted, count, flags, emitted, counterfactual)| Slots {
+        accepted,
+        count,
+        flags,
+        emitted,
+        counterfactual,
     };
-    for (b, r) in results.into_iter().enumerate() {
-        commit(v, out, b, r);
+    if gm == 0 {
+        // No ratios (no drafts): zipping an empty `ratios` would end the iteration at once.
+        slots
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(b, s)| one(b, &mut [], slot(s)));
+    } else {
+        (ratios.par_chunks_mut(gm), slots)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(b, (r, s))| one(b, r, slot(s)));
     }
 }
 
-/// Writes sequence `b`'s decisions into `out`.
-fn commit(v: &VerifyBatch<'_>, out: &mut VerifyOutput, b: usize, r: SeqResult) {
-    let w = v.gamma_max + 1;
-    out.flags[b] = r.flags;
+/// Sequence b's slots of a [`VerifyOutput`]: its accepted count, emitted count and flags, and its
+/// `γmax + 1` emitted tokens and counterfactuals.
+struct Slots<'a> {
+    accepted: &'a mut i32,
+    count: &'a mut i32,
+    flags: &'a mut u32,
+    emitted: &'a mut [i32],
+    counterfactual: &'a mut [i32],
+}
+
+/// Writes sequence `b`'s decisions into its slots.
+fn commit(v: &VerifyBatch<'_>, b: usize, r: SeqResult, s: Slots<'_>) {
+    *s.flags = r.flags;
     if r.flags != 0 {
         return;
     }
     let g = v.gammas[b] as u32;
     let k = r.accepted;
-    out.accepted[b] = k as i32;
-    out.emitted_count[b] = k as i32 + 1;
+    *s.accepted = k as i32;
+    *s.count = k as i32 + 1;
     for j in 0..k as usize {
-        out.emitted[b * w + j] = v.draft_tokens[b * v.gamma_max + j];
+        s.emitted[j] = v.draft_tokens[b * v.gamma_max + j];
     }
-    out.emitted[b * w + k as usize] = r.emit;
+    s.emitted[k as usize] = r.emit;
     for gp in 0..=g {
-        out.counterfactual[b * w + gp as usize] = k.min(gp) as i32 + 1;
+        s.counterfactual[gp as usize] = k.min(gp) as i32 + 1;
     }
 }
 

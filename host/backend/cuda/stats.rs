@@ -220,8 +220,9 @@ impl CudaBackend {
     }
 
     /// Enqueues the statistics of row `row` of `logits` into `RowStats` slot `slot` of `out` (8
-    /// u32 words a slot) with the accumulator in `accum` (6 words) updated as `opts` says: nothing
-    /// crosses the bus and the host does not wait (a draft phase reads every slot back at its end).
+    /// u32 words a slot) with the accumulator in slot `accum_slot` of `accum` (6 words a slot)
+    /// updated as `opts` says: nothing crosses the bus and the host does not wait (a draft phase
+    /// reads every slot back at its end).
     #[allow(clippy::too_many_arguments)]
     pub fn stats_enqueue(
         &self,
@@ -232,15 +233,19 @@ impl CudaBackend {
         out: &mut CudaSlice<u32>,
         slot: usize,
         accum: &mut CudaSlice<u32>,
+        accum_slot: usize,
     ) -> Result<()> {
         opts.validate()?;
         const SLOT: usize = std::mem::size_of::<RowStats>() / 4;
         const ACCUM: usize = std::mem::size_of::<FeatureAccum>() / 4;
         let v = r.vocab;
-        if (row + 1) * v > logits.len() || (slot + 1) * SLOT > out.len() || accum.len() < ACCUM {
+        if (row + 1) * v > logits.len()
+            || (slot + 1) * SLOT > out.len()
+            || (accum_slot + 1) * ACCUM > accum.len()
+        {
             return Err(Error::Other(format!(
                 "statistics of row {row} ({} logits, vocabulary {v}) into slot {slot} of {} words \
-                 with a {}-word accumulator",
+                 with accumulator {accum_slot} of {} words",
                 logits.len(),
                 out.len(),
                 accum.len()
@@ -250,10 +255,11 @@ impl CudaBackend {
         let (lp, _g1) = logits.device_ptr(st);
         let (op, _g2) = out.device_ptr_mut(st);
         let (ap, _g3) = accum.device_ptr_mut(st);
-        let params = row_params(lp, row, v, op + (slot * SLOT * 4) as u64, ap, opts);
+        let (o, a) = ((slot * SLOT * 4) as u64, (accum_slot * ACCUM * 4) as u64);
+        let params = row_params(lp, row, v, op + o, ap + a, opts);
         let p2 = r.scratch.params(st, params, &r.plan);
-        // SAFETY: the row lies inside `logits`, the slot inside `out` and the accumulator inside
-        // `accum` (checked above; u32 words, so 4-byte aligned as `RowStats` and `FeatureAccum`
+        // SAFETY: the row lies inside `logits`, the slot inside `out` and the accumulator slot
+        // inside `accum` (checked above; u32 words, so 4-byte aligned as `RowStats` and `FeatureAccum`
         // need); the scratch was allocated for this plan and every launch leaves its counters zero;
         // the caller keeps the buffers alive until the stream has passed the launch.
         unsafe { self.launch_stats_v2(Dtype::F32, p2, &r.plan) }

@@ -1,22 +1,23 @@
-//! Batched decoding: several prompts decoded together on a device executor's batched state
-//! ([`BatchPass`]) — plain decoding, and speculative decoding in which every sequence drafts its
-//! own γ each step and one batched verification checks them all.
+//! Batched decoding: several prompts decoded together on a batched state ([`BatchPass`]: the
+//! CPU's, or a device executor's) — plain decoding, and speculative decoding in which every
+//! sequence drafts its own γ each step and one batched verification checks them all.
 //!
 //! The executors step every sequence the same number of positions m. A pass whose sequences have
 //! fewer tokens to feed pads them at their end (copies of their last token, or token 0) and cuts
 //! the padded positions off the caches right after (`truncate_seq`): attention is causal, so no
 //! real position ever sees them. A finished sequence feeds nothing and its cache stays as it was.
-//! Verification runs where the target's logits are (`BatchPass::verify_step`: the v2 kernels on
-//! the device, emulated or CUDA), reading the rows as the pass leaves them, `[B, γ_step + 1,
-//! vocab]` with γ_step the step's largest γ; each sequence's γ_b says how many of its rows are
-//! real, and only the verdict comes back.
 //!
-//! The draft's logits come back to the host, one row per drafting sequence and pass
-//! (`logits_rows`), where its statistics run on the CPU backend: the single-sequence loops compute
-//! them on the device, the batched ones do not yet. Sampling: sequence b draws its tokens (plain decoding, drafts) with
-//! seed `seed + b`, and verification uses its batch row b's stream; a batch of one decodes as the
-//! single-sequence loops do, token for token. `auto` is refused: its costs are measured per step
-//! of one sequence.
+//! Everything a step decides from logits is computed where they are, and only its result comes
+//! back: each sequence's next token (plain decoding) and each draft's statistics
+//! (`BatchPass::rows_stats`: its own seed, random step and accumulator, one `RowStats` back), and
+//! the verdict of verification (`BatchPass::verify_step`, over the rows as the pass leaves them,
+//! `[B, γ_step + 1, vocab]` with γ_step the step's largest γ; each sequence's γ_b says how many of
+//! its rows are real). A draft's logits row comes back only when sampling, for verification
+//! against the draft's distribution. A prefill computes no logits.
+//!
+//! Sampling: sequence b draws its tokens (plain decoding, drafts) with seed `seed + b`, and
+//! verification uses its batch row b's stream; a batch of one decodes as the single-sequence loops
+//! do, token for token. `auto` is refused: its costs are measured per step of one sequence.
 
 use std::time::Instant;
 
@@ -26,15 +27,17 @@ pub mod bench;
 mod feed;
 mod seq;
 
-use feed::{feed, step_padded, Host};
+use feed::{feed_with, read_rows, step_padded, Host};
 use seq::{Seq, SeqCounts};
 
 use super::{GenConfig, GenStats, Policy};
 use crate::backend::forward::MAX_STEP;
 use crate::error::{Error, Result};
+use crate::model::pass::token_of;
 use crate::model::BatchPass;
 use crate::stats::{Accumulate, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
+use speckv_kernels::params::FeatureAccum;
 
 /// What a batched decode did.
 #[derive(Clone, Debug, Serialize)]
@@ -61,6 +64,17 @@ pub fn batch_room(longest_prompt: usize, cfg: &GenConfig, seqs: usize) -> usize 
 /// Plain decoding of every prompt on `pass`, a batched state of one sequence per prompt (fresh):
 /// sequence b decodes what [`super::plain_on`] decodes with seed `seed + b`.
 pub fn plain_batch(
+    pass: &mut (dyn BatchPass + Send),
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    cfg: &GenConfig,
+) -> Result<BatchStats> {
+    // On a pool thread, as the single-sequence loops: the products' parallel jobs then go to its
+    // own queue, not the pool's injector queue (which allocates).
+    rayon::scope(|_| plain_loop(pass, prompts, stop, cfg))
+}
+
+fn plain_loop(
     pass: &mut dyn BatchPass,
     prompts: &[Vec<u32>],
     stop: &[u32],
@@ -69,10 +83,7 @@ pub fn plain_batch(
     check_batch(&[&*pass], prompts, cfg)?;
     let (b, v) = (prompts.len(), pass.cfg().vocab);
     let start = Instant::now();
-    let mut host = Host::new(b, v);
-    let feeds: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
-    feed(pass, &feeds, &mut host)?;
-    let prefill = start.elapsed().as_secs_f64();
+    let mut host = Host::new(b, v, false);
     let opts = |seq: usize, step: usize| StatsOptions {
         temperature: cfg.temperature,
         sample: cfg.temperature != 0.0,
@@ -80,12 +91,34 @@ pub fn plain_batch(
         step: step as u64,
         accumulate: Accumulate::No,
     };
-    let mut next = (0..b)
-        .map(|i| host.choose(i, &opts(i, 0)))
-        .collect::<Result<Vec<u32>>>()?;
-    let mut outs: Vec<Vec<u32>> = vec![Vec::with_capacity(cfg.max_tokens); b];
+    // Each ended sequence's next token, chosen where the logits are (one `RowStats` back each).
+    let mut choose = |pass: &mut dyn BatchPass,
+                      ended: &[usize],
+                      rows: &[usize],
+                      step: usize,
+                      next: &mut [u32]| {
+        let req = &mut host.req;
+        req.clear();
+        for &i in ended {
+            req.opts.push(opts(i, step));
+            req.accums.push(FeatureAccum::EMPTY);
+        }
+        req.run(pass, rows)?;
+        for (k, &i) in ended.iter().enumerate() {
+            next[i] = token_of(&req.stats[k], &req.opts[k])?;
+        }
+        Ok(())
+    };
+    let mut next = vec![0u32; b];
+    feed_with(pass, prompts, &mut host.feed, true, |p, e, r| {
+        choose(p, e, r, 0, &mut next)
+    })?;
+    let prefill = start.elapsed().as_secs_f64();
+    // Each with its own room (`vec![v; b]` would clone, and a clone has no spare capacity).
+    let mut outs: Vec<Vec<u32>> = (0..b).map(|_| Vec::with_capacity(cfg.max_tokens)).collect();
     let mut done = vec![cfg.max_tokens == 0; b];
     let mut passes = 0;
+    let mut feeds: Vec<Vec<u32>> = (0..b).map(|_| Vec::with_capacity(1)).collect();
     for step in 0..cfg.max_tokens {
         for i in 0..b {
             if done[i] || stop.contains(&next[i]) {
@@ -98,13 +131,15 @@ pub fn plain_batch(
         if done.iter().all(|&d| d) {
             break;
         }
-        let feeds: Vec<&[u32]> = (0..b)
-            .map(|i| if done[i] { &[][..] } else { &next[i..i + 1] })
-            .collect();
-        passes += feed(pass, &feeds, &mut host)?;
-        for i in (0..b).filter(|&i| !done[i]) {
-            next[i] = host.choose(i, &opts(i, step + 1))?;
+        for (i, f) in feeds.iter_mut().enumerate() {
+            f.clear();
+            if !done[i] {
+                f.push(next[i]);
+            }
         }
+        passes += feed_with(pass, &feeds, &mut host.feed, true, |p, e, r| {
+            choose(p, e, r, step + 1, &mut next)
+        })?;
     }
     let seqs = outs
         .into_iter()
@@ -117,6 +152,18 @@ pub fn plain_batch(
 /// `target` and `draft` are batched states of one sequence per prompt (fresh). Greedy decoding
 /// gives each sequence the tokens plain greedy decoding gives it.
 pub fn speculative_batch(
+    target: &mut (dyn BatchPass + Send),
+    draft: &mut (dyn BatchPass + Send),
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+) -> Result<BatchStats> {
+    // On a pool thread, as `plain_batch`.
+    rayon::scope(|_| speculative_loop(target, draft, prompts, stop, policy, cfg))
+}
+
+fn speculative_loop(
     target: &mut dyn BatchPass,
     draft: &mut dyn BatchPass,
     prompts: &[Vec<u32>],
@@ -159,9 +206,10 @@ pub fn speculative_batch(
     let greedy = cfg.temperature == 0.0;
     let start = Instant::now();
     let heads: Vec<&[u32]> = prompts.iter().map(|p| &p[..p.len() - 1]).collect();
-    let mut host = Host::new(b, v);
-    feed(target, &heads, &mut host)?;
-    feed(draft, &heads, &mut host)?;
+    let mut host = Host::new(b, v, !greedy);
+    let nothing = |_: &mut dyn BatchPass, _: &[usize], _: &[usize]| Ok(());
+    feed_with(target, &heads, &mut host.feed, false, nothing)?;
+    feed_with(draft, &heads, &mut host.feed, false, nothing)?;
     let prefill = start.elapsed().as_secs_f64();
     let mut seqs: Vec<Seq> = prompts
         .iter()
@@ -171,30 +219,47 @@ pub fn speculative_batch(
     let mut vout = VerifyOutput::new(b, gm);
     let (mut tokens, mut gammas, mut qrows) = (Vec::new(), Vec::new(), Vec::new());
     let temps = vec![cfg.temperature; b];
+    let mut feeds: Vec<Vec<u32>> = (0..b).map(|_| Vec::with_capacity(MAX_STEP)).collect();
     while seqs.iter().any(|s| !s.done) {
         // Draft: the first pass feeds each drafting sequence its backlog and pending token.
-        let mut feeds: Vec<Vec<u32>> = vec![Vec::new(); b];
         for (s, f) in seqs.iter_mut().zip(&mut feeds) {
+            f.clear();
             s.begin(policy, cfg, f);
         }
-        loop {
-            let fs: Vec<&[u32]> = feeds.iter().map(|f| &f[..]).collect();
-            if fs.iter().all(|f| f.is_empty()) {
-                break;
-            }
-            draft_passes += feed(draft, &fs, &mut host)?;
+        while feeds.iter().any(|f| !f.is_empty()) {
+            let (req, read, last) = (&mut host.req, &mut host.rows, &mut host.last);
+            // Each ended sequence's draft statistics where the logits are (its own seed, random
+            // step and accumulator); its row comes back only when sampling.
+            draft_passes += feed_with(draft, &feeds, &mut host.feed, true, |p, ended, rows| {
+                req.clear();
+                for &i in ended {
+                    req.opts.push(seqs[i].draft_options(i, cfg));
+                    req.accums.push(seqs[i].accum[0]);
+                }
+                req.run(p, rows)?;
+                for (k, &i) in ended.iter().enumerate() {
+                    seqs[i].accum[0] = req.accums[k];
+                    seqs[i].last = req.stats[k];
+                }
+                if greedy {
+                    return Ok(());
+                }
+                read_rows(p, ended, rows, read, last)
+            })?;
             for (i, (s, f)) in seqs.iter_mut().zip(&mut feeds).enumerate() {
                 if !f.is_empty() {
                     f.clear();
-                    s.draft(i, policy, cfg, &mut host, f)?;
+                    let row = if greedy { &[][..] } else { host.row(i) };
+                    s.draft(i, policy, row, f)?;
                 }
             }
         }
         // Verify: the target over [pending, drafts…] of every unfinished sequence, one pass.
-        let tins: Vec<Vec<u32>> = seqs.iter().map(Seq::verify_feed).collect();
-        let before = target.lens().to_vec();
-        let fs: Vec<&[u32]> = tins.iter().map(|t| &t[..]).collect();
-        let m = step_padded(target, &fs, true, &mut host.tokens)?;
+        for (s, f) in seqs.iter().zip(&mut feeds) {
+            s.verify_feed(f);
+        }
+        let all = |f: &[u32]| (0, f.len());
+        let m = step_padded(target, &feeds, all, true, &mut host.feed.tokens)?;
         target_passes += 1;
         let g_step = m - 1;
         tokens.clear();
@@ -222,7 +287,7 @@ pub fn speculative_batch(
         target.verify_step(&vb, &mut vout)?;
         steps += 1;
         for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {
-            s.commit(i, &vout, before[i], target, draft, stop, cfg)?;
+            s.commit(i, &vout, target, draft, stop, cfg)?;
         }
     }
     let seqs = seqs.into_iter().map(|s| s.counts.stats(s.out)).collect();

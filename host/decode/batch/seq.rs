@@ -3,9 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use speckv_kernels::params::FeatureAccum;
+use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use super::feed::Host;
 use crate::decode::speculative::{draft_keep, next_heuristic, step_gamma, token_verdict};
 use crate::decode::{GenConfig, GenStats, Policy};
 use crate::error::{Error, Result};
@@ -28,7 +27,9 @@ pub(super) struct Seq {
     gmax: usize,
     pub(super) xs: Vec<u32>,
     pub(super) qrows: Vec<f32>,
-    accum: [FeatureAccum; 1],
+    pub(super) accum: [FeatureAccum; 1],
+    /// The statistics of the row the last draft pass left for it.
+    pub(super) last: RowStats,
     pub(super) counts: SeqCounts,
 }
 
@@ -48,6 +49,7 @@ impl Seq {
             xs: Vec::with_capacity(gm),
             qrows: Vec::with_capacity(if greedy { 0 } else { gm * vocab }),
             accum: [FeatureAccum::EMPTY],
+            last: RowStats::default(),
             counts: SeqCounts::default(),
         }
     }
@@ -70,16 +72,9 @@ impl Seq {
         }
     }
 
-    /// The statistics of the row the last draft pass left for sequence `i`: keeps the draft or
-    /// not, and puts in `feed` the token to feed next when it drafts on.
-    pub(super) fn draft(
-        &mut self,
-        i: usize,
-        policy: &Policy,
-        cfg: &GenConfig,
-        host: &mut Host,
-        feed: &mut Vec<u32>,
-    ) -> Result<()> {
+    /// The options of sequence `i`'s next draft: its own seed and random step (advanced), the
+    /// accumulator reset by the step's first draft.
+    pub(super) fn draft_options(&mut self, i: usize, cfg: &GenConfig) -> StatsOptions {
         let o = StatsOptions {
             temperature: cfg.temperature,
             sample: !self.greedy,
@@ -96,7 +91,20 @@ impl Seq {
             },
         };
         self.rng_step += 1;
-        let (st, row) = host.stats(i, &o, &mut self.accum)?;
+        o
+    }
+
+    /// Sequence `i`'s draft from the statistics of its last row (`self.last`; `row` is that row
+    /// when sampling, empty when greedy): keeps it or not, and puts in `feed` the token to feed
+    /// next when it drafts on.
+    pub(super) fn draft(
+        &mut self,
+        i: usize,
+        policy: &Policy,
+        row: &[f32],
+        feed: &mut Vec<u32>,
+    ) -> Result<()> {
+        let st = self.last;
         if st.flags != 0 {
             return Err(Error::NonFiniteLogits {
                 step: self.rng_step as usize,
@@ -120,26 +128,22 @@ impl Seq {
         Ok(())
     }
 
-    /// What the verification pass feeds: the pending token and the drafts (nothing when done).
-    pub(super) fn verify_feed(&self) -> Vec<u32> {
-        if self.done {
-            return Vec::new();
+    /// Puts in `feed` what the verification pass feeds: the pending token and the drafts
+    /// (nothing when done).
+    pub(super) fn verify_feed(&self, feed: &mut Vec<u32>) {
+        feed.clear();
+        if !self.done {
+            feed.push(self.pending);
+            feed.extend_from_slice(&self.xs);
         }
-        let mut t = Vec::with_capacity(self.xs.len() + 1);
-        t.push(self.pending);
-        t.extend_from_slice(&self.xs);
-        t
     }
 
-    /// Commits sequence `i`'s verdict: the caches cut back to the accepted prefix (`before`: the
-    /// target's length before the verification pass), the emitted tokens appended up to a stop
-    /// token or `max_tokens`.
-    #[allow(clippy::too_many_arguments)]
+    /// Commits sequence `i`'s verdict after its verification pass: the caches cut back to the
+    /// accepted prefix, the emitted tokens appended up to a stop token or `max_tokens`.
     pub(super) fn commit(
         &mut self,
         i: usize,
         vout: &VerifyOutput,
-        before: usize,
         target: &mut dyn BatchPass,
         draft: &mut dyn BatchPass,
         stop: &[u32],
@@ -155,6 +159,8 @@ impl Seq {
             });
         }
         let (g, k) = (self.xs.len(), vout.accepted[i] as usize);
+        // The pass fed the pending token and the g drafts.
+        let before = target.lens()[i] - 1 - g;
         target.truncate_seq(i, before + 1 + k)?;
         if g > 0 {
             let (keep, unseen) = draft_keep(k, g, draft.lens()[i] == before + 1 + g);

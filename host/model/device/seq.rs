@@ -128,6 +128,16 @@ macro_rules! batch_pass {
             fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
                 <$t>::logits_rows(self, rows, out)
             }
+            fn rows_stats(
+                &mut self,
+                rows: &[usize],
+                opts: &[crate::stats::StatsOptions],
+                accums: &mut [speckv_kernels::params::FeatureAccum],
+                out: &mut Vec<speckv_kernels::params::RowStats>,
+            ) -> Result<()> {
+                crate::model::pass::check_rows_stats(rows, opts, accums, self.seq.step_rows)?;
+                <$t>::rows_stats(self, rows, opts, accums, out)
+            }
             fn verify_step(
                 &mut self,
                 v: &crate::verify::VerifyBatch<'_>,

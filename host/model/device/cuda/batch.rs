@@ -1,11 +1,25 @@
 //! A batched decode state's calls on CUDA: steps of every sequence, the rows read back, and
 //! verification where the logits are.
 
+use cudarc::driver::CudaSlice;
+use speckv_kernels::params::{FeatureAccum, RowStats};
+
 use super::CudaForward;
 use crate::backend::cuda::ResidentVerify;
 use crate::backend::forward::MAX_STEP;
 use crate::error::Result;
+use crate::stats::StatsOptions;
 use crate::verify::{VerifyBatch, VerifyOutput};
+
+const SLOT: usize = std::mem::size_of::<RowStats>() / 4;
+const ACCUM: usize = std::mem::size_of::<FeatureAccum>() / 4;
+
+/// A batched step's per-row statistics and accumulators on the device: a slot each for up to 16
+/// rows.
+pub(super) struct RowsStats {
+    stats: CudaSlice<u32>,
+    accum: CudaSlice<u32>,
+}
 
 impl CudaForward<'_> {
     /// One step of every sequence of the batch: `tokens` holds m tokens per sequence, sequence by
@@ -52,6 +66,59 @@ impl CudaForward<'_> {
                 self.cuda.resident_verify(b, g, self.w.shape.vocab)
             }
         }
+    }
+
+    /// The statistics of `rows` of the last batched step, each with its options and accumulator
+    /// (checked by the caller: [`BatchPass::rows_stats`](crate::model::BatchPass::rows_stats)):
+    /// the accumulators go up, one `softmax_stats_v2` launch per row, then one read-back of every
+    /// row's `RowStats` and one of the accumulators.
+    pub fn rows_stats(
+        &mut self,
+        rows: &[usize],
+        opts: &[StatsOptions],
+        accums: &mut [FeatureAccum],
+        out: &mut Vec<RowStats>,
+    ) -> Result<()> {
+        let (n, cuda) = (rows.len(), self.cuda);
+        out.clear();
+        if n == 0 {
+            return Ok(());
+        }
+        let st = cuda.stream();
+        let mut r = match self.stats.take() {
+            Some(r) => r,
+            None => cuda.resident_stats(self.w.shape.vocab)?,
+        };
+        let mut b = match self.rows_stats.take() {
+            Some(b) => b,
+            None => RowsStats {
+                stats: st.alloc_zeros::<u32>(MAX_STEP * SLOT)?,
+                accum: st.alloc_zeros::<u32>(MAX_STEP * ACCUM)?,
+            },
+        };
+        let done = (|| -> Result<()> {
+            st.memcpy_htod(
+                bytemuck::cast_slice::<FeatureAccum, u32>(accums),
+                &mut b.accum.slice_mut(..n * ACCUM),
+            )?;
+            let logits = self.logits()?;
+            for (k, (&row, o)) in rows.iter().zip(opts).enumerate() {
+                cuda.stats_enqueue(&mut r, logits, row, o, &mut b.stats, k, &mut b.accum, k)?;
+            }
+            out.resize(n, RowStats::default());
+            st.memcpy_dtoh(
+                &b.stats.slice(..n * SLOT),
+                bytemuck::cast_slice_mut(&mut out[..]),
+            )?;
+            st.memcpy_dtoh(
+                &b.accum.slice(..n * ACCUM),
+                bytemuck::cast_slice_mut(accums),
+            )?;
+            Ok(())
+        })();
+        self.stats = Some(r);
+        self.rows_stats = Some(b);
+        done
     }
 
     /// Appends to `out` the logits of `rows` of the last batched step, in order: one copy per

@@ -120,7 +120,7 @@ impl CudaForward<'_> {
             let logits = logits_of(&self.acts)?;
             let o = draft_options(opts, j);
             self.cuda
-                .stats_enqueue(r, logits, m - 1, &o, &mut ph.stats, j, &mut ph.accum)?;
+                .stats_enqueue(r, logits, m - 1, &o, &mut ph.stats, j, &mut ph.accum, 0)?;
             if let (true, Some(rows)) = (want_rows, ph.rows.as_mut()) {
                 st.memcpy_dtod(
                     &logits.slice((m - 1) * v..m * v),

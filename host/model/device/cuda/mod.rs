@@ -51,6 +51,8 @@ pub struct CudaForward<'b> {
     verify: Option<ResidentVerify>,
     /// A draft phase's buffers (made on first use).
     draft: Option<draft::DraftPhase>,
+    /// A batched step's per-row statistics and accumulators (made on first use).
+    rows_stats: Option<batch::RowsStats>,
     /// Captured steps, one CUDA graph per (positions, logits wanted): a step's launches differ only
     /// in m (the kernels read the tokens and the cache length from device memory), so one capture
     /// replays for every step of that shape.
@@ -132,6 +134,7 @@ impl<'b> CudaForward<'b> {
             seq,
             stats: None,
             verify: None,
+            rows_stats: None,
             draft: None,
             graphs: HashMap::new(),
             use_graphs: true,
