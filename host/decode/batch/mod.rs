@@ -13,7 +13,8 @@
 //! the verdict of verification (`BatchPass::verify_step`, over the rows as the pass leaves them,
 //! `[B, γ_step + 1, vocab]` with γ_step the step's largest γ; each sequence's γ_b says how many of
 //! its rows are real). A draft's logits row comes back only when sampling, for verification
-//! against the draft's distribution. A prefill computes no logits.
+//! against the draft's distribution. A speculative prefill computes no logits (the prompt's last
+//! token is fed with the first verification), nor does any prefill pass in which no prompt ends.
 //!
 //! Sampling: sequence b draws its tokens (plain decoding, drafts) with seed `seed + b`, and
 //! verification uses its batch row b's stream; a batch of one decodes as the single-sequence loops
