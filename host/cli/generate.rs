@@ -57,7 +57,7 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         seed: a.seed,
         gamma_max: a
             .gamma_max
-            .unwrap_or_else(|| speckv::decode::batch::bench::batch_gamma(8, a.prompt.len())),
+            .unwrap_or_else(|| speckv::decode::batch::batch_gamma(8, a.prompt.len())),
         compression: p.compression,
     };
     if a.prompt.len() > 1 {
@@ -139,7 +139,7 @@ fn run_batch(
         .iter()
         .map(|q| p.encode_chat(q))
         .collect::<speckv::Result<Vec<_>>>()?;
-    let stats = batch::bench::run_batch(p, device, &ids, pol, cfg)?;
+    let stats = batch::run_batch(p, device, &ids, pol, cfg)?;
     let texts = stats
         .sequences
         .iter()

@@ -4,36 +4,12 @@
 
 use serde::Serialize;
 
-use super::{batch_room, plain_batch, speculative_batch, BatchStats};
+use super::{batch_gamma, run_batch};
 use crate::backend::forward::MAX_STEP;
 use crate::decode::device::Device;
 use crate::decode::pair::Pair;
 use crate::decode::{GenConfig, Policy};
 use crate::error::{Error, Result};
-
-/// Decodes `prompts` together on `device` with `policy` (`None` = plain decoding of the target).
-pub fn run_batch(
-    pair: &Pair,
-    device: &Device,
-    prompts: &[Vec<u32>],
-    policy: Option<&Policy>,
-    cfg: &GenConfig,
-) -> Result<BatchStats> {
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let room = batch_room(longest, cfg, prompts.len());
-    let (mut t, mut d) = device.batch_passes(
-        &pair.target,
-        pair.draft_model(),
-        pair.draft_mask(),
-        room,
-        prompts.len(),
-    )?;
-    let stop = &pair.tokenizer.stop;
-    match policy {
-        None => plain_batch(t.as_mut(), prompts, stop, cfg),
-        Some(p) => speculative_batch(t.as_mut(), d.as_mut(), prompts, stop, p, cfg),
-    }
-}
 
 /// One way of decoding a batch's prompts: its decoding time (prefill excluded) and target passes.
 #[derive(Clone, Debug, Serialize)]
@@ -60,11 +36,6 @@ pub struct BatchBench {
     /// products round differently only where a backend's M changes its arithmetic).
     pub same_tokens: bool,
     pub acceptance_rate: Option<f64>,
-}
-
-/// The γmax of a speculative batch of `b` sequences: `gamma_max`, capped at 16 / b − 1.
-pub fn batch_gamma(gamma_max: u32, b: usize) -> u32 {
-    gamma_max.min((MAX_STEP / b.max(1)).saturating_sub(1) as u32)
 }
 
 /// Every batch size of `sizes` × every policy: the first b prompts of `pool` decoded together,

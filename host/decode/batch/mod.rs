@@ -23,6 +23,7 @@
 use std::time::Instant;
 
 use serde::Serialize;
+use speckv_kernels::params::FeatureAccum;
 
 pub mod bench;
 mod feed;
@@ -31,6 +32,8 @@ mod seq;
 use feed::{feed_with, read_rows, step_padded, Host};
 use seq::{Seq, SeqCounts};
 
+use super::device::Device;
+use super::pair::Pair;
 use super::{GenConfig, GenStats, Policy};
 use crate::backend::forward::MAX_STEP;
 use crate::error::{Error, Result};
@@ -38,7 +41,6 @@ use crate::model::pass::token_of;
 use crate::model::BatchPass;
 use crate::stats::{Accumulate, LogitsData, StatsOptions};
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
-use speckv_kernels::params::FeatureAccum;
 
 /// What a batched decode did.
 #[derive(Clone, Debug, Serialize)]
@@ -293,6 +295,35 @@ fn speculative_loop(
     }
     let seqs = seqs.into_iter().map(|s| s.counts.stats(s.out)).collect();
     Ok(finish(seqs, target_passes, draft_passes, start, prefill))
+}
+
+/// Decodes `prompts` together on `device` with `policy` (`None` = plain decoding of the target).
+pub fn run_batch(
+    pair: &Pair,
+    device: &Device,
+    prompts: &[Vec<u32>],
+    policy: Option<&Policy>,
+    cfg: &GenConfig,
+) -> Result<BatchStats> {
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let room = batch_room(longest, cfg, prompts.len());
+    let (mut t, mut d) = device.batch_passes(
+        &pair.target,
+        pair.draft_model(),
+        pair.draft_mask(),
+        room,
+        prompts.len(),
+    )?;
+    let stop = &pair.tokenizer.stop;
+    match policy {
+        None => plain_batch(t.as_mut(), prompts, stop, cfg),
+        Some(p) => speculative_batch(t.as_mut(), d.as_mut(), prompts, stop, p, cfg),
+    }
+}
+
+/// The γmax of a speculative batch of `b` sequences: `gamma_max`, capped at 16 / b − 1.
+pub fn batch_gamma(gamma_max: u32, b: usize) -> u32 {
+    gamma_max.min((MAX_STEP / b.max(1)).saturating_sub(1) as u32)
 }
 
 /// The batch's times, in every sequence's statistics too.
