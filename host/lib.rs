@@ -28,9 +28,9 @@ pub mod weights;
 pub use backend::{Backend, BackendKind};
 pub use error::{Error, Result};
 pub use speckv_kernels::params::{
-    FeatureAccum, RowStats, GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE, ROW_ALL_MASKED,
-    ROW_BAD_TEMPERATURE, ROW_NONFINITE, VERIFY_ALL_MASKED, VERIFY_BAD_DRAFT, VERIFY_BAD_GAMMA,
-    VERIFY_BAD_TEMPERATURE, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
+    FeatureAccum, RowStats, StatsRow, GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE,
+    ROW_ALL_MASKED, ROW_BAD_INDEX, ROW_BAD_TEMPERATURE, ROW_NONFINITE, VERIFY_ALL_MASKED,
+    VERIFY_BAD_DRAFT, VERIFY_BAD_GAMMA, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_TOKEN, VERIFY_NONFINITE,
 };
 pub use speckv_kernels::philox;
 pub use stats::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};

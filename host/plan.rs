@@ -70,6 +70,27 @@ pub fn softmax_stats_v2(
     )
 }
 
+/// `softmax_stats` v3: v2's plan for `rows` described rows (see
+/// `speckv_kernels::softmax_stats::plan_v3`).
+pub fn softmax_stats_v3(
+    rows: u32,
+    vocab: u32,
+    dtype: Dtype,
+    sm_count: u32,
+) -> (LaunchPlan, PlanV2) {
+    let p = stats_kernel::plan_v3(rows, vocab, dtype.size(), sm_count);
+    (
+        LaunchPlan::new(
+            format!("softmax_stats_v3_{}", dtype.name()),
+            p.grid,
+            p.block,
+            p.shared_bytes,
+            sm_count,
+        ),
+        p,
+    )
+}
+
 /// The v2 GEMV of `m` rows of x against an `out × inp` matrix in `format` (see
 /// `speckv_kernels::gemv::plan_v2`): CUDA cores at M = 1 (or K not a multiple of 64), tensor cores
 /// for the verification batch M = 2..16.

@@ -123,6 +123,14 @@ impl Input {
             Dtype::Bf16 => LogitsData::Bf16(&self.bf16s),
         }
     }
+    /// Elements `from..from + n` in `dtype`.
+    fn part(&self, dtype: Dtype, from: usize, n: usize) -> LogitsData<'_> {
+        match dtype {
+            Dtype::F32 => LogitsData::F32(&self.f32s[from..from + n]),
+            Dtype::F16 => LogitsData::F16(&self.f16s[from..from + n]),
+            Dtype::Bf16 => LogitsData::Bf16(&self.bf16s[from..from + n]),
+        }
+    }
     /// The values as the kernel sees them in `dtype`.
     fn seen(&self, dtype: Dtype) -> Vec<f32> {
         let d = self.data(dtype);
@@ -154,49 +162,53 @@ fn check_case(
     let seen = input.seen(dtype);
     for (r, got) in out.iter().enumerate() {
         let x = &seen[r * stride..r * stride + vocab];
-        let want = reference_row(x, opts.temperature);
-        let ctx = format!(
-            "{label} {dtype:?} row {r} rows {rows} vocab {vocab} T {}: got {got:?} want {want:?}",
-            opts.temperature
-        );
-        assert_eq!(got.flags, want.flags, "{ctx}");
-        assert_eq!(got.argmax, want.argmax, "{ctx}");
-        if want.flags != 0 {
-            assert!(
-                got.entropy.is_nan() && got.confidence.is_nan() && got.lse.is_nan(),
-                "{ctx}"
-            );
-            assert_eq!(got.sampled, -1, "{ctx}");
-            continue;
-        }
-        assert_eq!(got.max_logit as f64, want.max_logit, "{ctx}");
+        let ctx = format!("{label} {dtype:?} row {r} rows {rows} vocab {vocab}");
+        check_row(got, x, opts, r as u32, &ctx);
+    }
+}
+
+/// One row's statistics against the float64 reference of its logits `x` (as the kernel saw them)
+/// and, when sampled, the token replayed from Philox stream `stream`.
+fn check_row(got: &RowStats, x: &[f32], opts: &StatsOptions, stream: u32, label: &str) {
+    let want = reference_row(x, opts.temperature);
+    let ctx = format!("{label} T {}: got {got:?} want {want:?}", opts.temperature);
+    assert_eq!(got.flags, want.flags, "{ctx}");
+    assert_eq!(got.argmax, want.argmax, "{ctx}");
+    if want.flags != 0 {
         assert!(
-            common::close(got.lse as f64, want.lse, 1e-5, 1e-6),
-            "lse {ctx}"
+            got.entropy.is_nan() && got.confidence.is_nan() && got.lse.is_nan(),
+            "{ctx}"
         );
+        assert_eq!(got.sampled, -1, "{ctx}");
+        return;
+    }
+    assert_eq!(got.max_logit as f64, want.max_logit, "{ctx}");
+    assert!(
+        common::close(got.lse as f64, want.lse, 1e-5, 1e-6),
+        "lse {ctx}"
+    );
+    assert!(
+        common::close(got.entropy as f64, want.entropy, 1e-5, 1e-6),
+        "entropy {ctx}"
+    );
+    assert!(
+        common::close(got.confidence as f64, want.confidence, 1e-5, 1e-6),
+        "confidence {ctx}"
+    );
+    if opts.temperature == 0.0 {
+        assert_eq!(got.sampled, got.argmax, "greedy samples the argmax: {ctx}");
+        assert_eq!(got.sampled_prob, got.confidence, "{ctx}");
+    } else if opts.sample {
+        let want_tok = replay_sample(x, opts.temperature, opts.seed, opts.step, stream);
+        assert_eq!(got.sampled, want_tok, "sampled token {ctx}");
+        let z = x[want_tok as usize] as f64 / opts.temperature as f64;
+        let p = (z - want.lse).exp();
         assert!(
-            common::close(got.entropy as f64, want.entropy, 1e-5, 1e-6),
-            "entropy {ctx}"
+            common::close(got.sampled_prob as f64, p, 1e-5, 1e-7),
+            "sampled_prob {ctx}"
         );
-        assert!(
-            common::close(got.confidence as f64, want.confidence, 1e-5, 1e-6),
-            "confidence {ctx}"
-        );
-        if opts.temperature == 0.0 {
-            assert_eq!(got.sampled, got.argmax, "greedy samples the argmax: {ctx}");
-            assert_eq!(got.sampled_prob, got.confidence, "{ctx}");
-        } else if opts.sample {
-            let want_tok = replay_sample(x, opts.temperature, opts.seed, opts.step, r as u32);
-            assert_eq!(got.sampled, want_tok, "sampled token {ctx}");
-            let z = x[want_tok as usize] as f64 / opts.temperature as f64;
-            let p = (z - want.lse).exp();
-            assert!(
-                common::close(got.sampled_prob as f64, p, 1e-5, 1e-7),
-                "sampled_prob {ctx}"
-            );
-        } else {
-            assert_eq!(got.sampled, -1, "{ctx}");
-        }
+    } else {
+        assert_eq!(got.sampled, -1, "{ctx}");
     }
 }
 
@@ -1084,4 +1096,363 @@ fn cuda_v2_fused_decision_matches_the_emulator() {
         differ <= 1,
         "γ differs on {differ} of {rows} rows: {ge:?} vs {gc:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// v3: a batch's rows, each with its own options and accumulator, in one launch
+
+/// Launch row k's options: greedy, sampled, tempered and sampled again, with their own seeds and
+/// steps, starting, adding to or leaving their accumulators.
+fn v3_options(k: usize) -> StatsOptions {
+    let (temperature, sample, accumulate) = match k % 4 {
+        0 => (0.0, false, Accumulate::Reset),
+        1 => (0.7, true, Accumulate::Add),
+        2 => (1.3, false, Accumulate::No),
+        _ => (1.0, true, Accumulate::Add),
+    };
+    StatsOptions {
+        temperature,
+        sample,
+        seed: 11 + k as u64,
+        step: 3 * k as u64,
+        accumulate,
+    }
+}
+
+/// Accumulators with history: row k's has seen k + 1 rows already.
+fn v3_accums(n: usize) -> Vec<FeatureAccum> {
+    (0..n)
+        .map(|k| {
+            let mut a = FeatureAccum::EMPTY;
+            for j in 0..=k {
+                a.push(0.5 + 0.25 * j as f32, 0.9 - 0.05 * j as f32, 0);
+            }
+            a
+        })
+        .collect()
+}
+
+fn accum_close(a: &FeatureAccum, b: &FeatureAccum) -> bool {
+    a.count == b.count
+        && a.flags == b.flags
+        && [
+            (a.entropy_sum, b.entropy_sum),
+            (a.entropy_max, b.entropy_max),
+            (a.confidence_sum, b.confidence_sum),
+            (a.confidence_min, b.confidence_min),
+        ]
+        .iter()
+        .all(|&(x, y)| common::close(x as f64, y as f64, 1e-5, 1e-6))
+}
+
+/// v3 against the float64 reference and against v2 launched on each row alone: rows out of order
+/// and read twice, every row with its own options and accumulator, awkward shapes (unaligned
+/// heads and tails, rows shorter than a vector), every dtype, plans for 1 to 132 SMs. Tokens are
+/// a one-row launch's (Philox stream 0), bit for bit; accumulators as v2 leaves them.
+#[test]
+fn emulator_v3_matches_the_reference_and_one_row_launches() {
+    let cases: Vec<(usize, usize, usize, Vec<usize>)> = vec![
+        (1, 1, 0, vec![0]),
+        (3, 7, 1, vec![2, 0, 2]),
+        (4, 33, 3, vec![1, 3, 0, 2]),
+        (5, 1000, 5, vec![4, 1, 1, 3, 0]),
+        (2, 4099, 7, vec![1, 0]),
+        (16, 151, 0, (0..16).rev().collect()),
+        (1, 50257, 0, vec![0, 0]),
+    ];
+    for (case, (logit_rows, vocab, pad, rows)) in cases.iter().enumerate() {
+        let stride = vocab + pad;
+        let input = Input::new(common::grid_logits(logit_rows * stride, 70 + case as u64));
+        let opts: Vec<StatsOptions> = (0..rows.len()).map(v3_options).collect();
+        let initial = v3_accums(rows.len());
+        for dtype in Dtype::ALL {
+            if *vocab > 10_000 && dtype != Dtype::F32 {
+                continue;
+            }
+            let seen = input.seen(dtype);
+            let l = Logits::new(input.data(dtype), *logit_rows, *vocab, stride).unwrap();
+            for sms in [1u32, 13, 132] {
+                let emu = speckv::backend::emulate::Emulator::new(32);
+                let mut acc = initial.clone();
+                let out = emu
+                    .softmax_stats_v3(&l, rows, &opts, &mut acc, sms)
+                    .unwrap();
+                assert_eq!(out.len(), rows.len());
+                for (k, &r) in rows.iter().enumerate() {
+                    let ctx = format!(
+                        "v3 {dtype:?} {logit_rows}x{vocab}+{pad} sms {sms} row {k} (logits {r})"
+                    );
+                    let x = &seen[r * stride..r * stride + vocab];
+                    check_row(&out[k], x, &opts[k], 0, &ctx);
+                    let one = Logits::dense(input.part(dtype, r * stride, *vocab), *vocab).unwrap();
+                    let mut a1 = [initial[k]];
+                    let v2 = emu
+                        .softmax_stats_v2(&one, &opts[k], Some(&mut a1[..]), sms, None)
+                        .unwrap()
+                        .stats[0];
+                    assert_eq!(
+                        (out[k].argmax, out[k].sampled, out[k].flags),
+                        (v2.argmax, v2.sampled, v2.flags),
+                        "{ctx} vs v2 alone"
+                    );
+                    assert!(
+                        accum_close(&acc[k], &a1[0]),
+                        "{ctx}: {:?} vs v2's {:?}",
+                        acc[k],
+                        a1[0]
+                    );
+                    if opts[k].accumulate == Accumulate::No {
+                        assert_eq!(acc[k], initial[k], "{ctx}: an accumulator left alone");
+                    } else {
+                        assert_ne!(acc[k], initial[k], "{ctx}: an accumulator updated");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// v3 at every block size from 32 to 1024 threads, three blocks per row: the same tokens, each
+/// row within the reference's tolerance.
+#[test]
+fn emulator_v3_every_block_size() {
+    let (logit_rows, vocab) = (3usize, 1000usize);
+    let input = Input::new(common::normal_logits(logit_rows * vocab, 3.0, 950));
+    let l = Logits::dense(input.data(Dtype::F16), vocab).unwrap();
+    let seen = input.seen(Dtype::F16);
+    let rows = [2usize, 0, 1, 2];
+    let opts: Vec<StatsOptions> = (0..rows.len()).map(v3_options).collect();
+    let vecs = (vocab as u32).div_ceil(8);
+    let mut first: Option<Vec<RowStats>> = None;
+    for block in [32u32, 64, 96, 128, 256, 512, 992, 1024] {
+        let plan = speckv_kernels::softmax_stats::PlanV2 {
+            splits: 3,
+            chunk_vecs: vecs.div_ceil(3),
+            block,
+            grid: 3 * rows.len() as u32,
+            shared_bytes: speckv_kernels::softmax_stats::shared_bytes_v2(block),
+        };
+        let mut acc = v3_accums(rows.len());
+        let out = speckv::backend::emulate::Emulator::new(block)
+            .softmax_stats_v3_planned(&l, &rows, &opts, &mut acc, &plan)
+            .unwrap();
+        for (k, &r) in rows.iter().enumerate() {
+            let x = &seen[r * vocab..(r + 1) * vocab];
+            check_row(
+                &out[k],
+                x,
+                &opts[k],
+                0,
+                &format!("v3 block {block} row {k}"),
+            );
+        }
+        match &first {
+            Some(f) => {
+                for (a, b) in f.iter().zip(&out) {
+                    assert_eq!(
+                        (a.argmax, a.sampled),
+                        (b.argmax, b.sampled),
+                        "block {block}"
+                    );
+                }
+            }
+            None => first = Some(out),
+        }
+    }
+}
+
+/// Descriptions another host could write, launched unchecked: a logits row or an accumulator slot
+/// the launch lacks is flagged `ROW_BAD_INDEX` and touches nothing; a bad temperature is flagged
+/// as v2 flags it; the γ-decision and stopping bits are ignored (v3 accumulates only).
+#[test]
+fn emulator_v3_flags_descriptions_it_cannot_follow() {
+    use speckv::{StatsRow, ROW_BAD_INDEX, ROW_BAD_TEMPERATURE};
+    use speckv_kernels::params::{STATS_ACCUMULATE, STATS_DECIDE, STATS_SAMPLE, STATS_STOP};
+    let (logit_rows, vocab) = (3usize, 257usize);
+    let input = Input::new(common::normal_logits(logit_rows * vocab, 2.0, 960));
+    let l = Logits::dense(input.data(Dtype::F32), vocab).unwrap();
+    let row = |row: u32, temperature: f32, flags: u32, accum_slot: u32| StatsRow {
+        seed: 9,
+        step: 1,
+        row,
+        stream: 0,
+        temperature,
+        flags,
+        accum_slot,
+        _pad: 0,
+    };
+    let add = STATS_ACCUMULATE;
+    let desc = [
+        row(0, 1.0, add | STATS_SAMPLE, 0),
+        row(3, 1.0, add, 1),
+        row(1, 1.0, add, 3),
+        row(2, -1.0, STATS_SAMPLE, 1),
+        row(2, 0.8, add | STATS_DECIDE | STATS_STOP, 2),
+    ];
+    let plan = speckv::plan::softmax_stats_v3(desc.len() as u32, vocab as u32, Dtype::F32, 13).1;
+    let initial = v3_accums(3);
+    let mut acc = initial.clone();
+    let emu = speckv::backend::emulate::Emulator::new(32);
+    let out = emu
+        .softmax_stats_v3_unchecked(&l, &desc, &mut acc, &plan)
+        .unwrap();
+    assert_eq!(out[0].flags, 0, "{:?}", out[0]);
+    assert_ne!(acc[0], initial[0]);
+    for k in [1, 2] {
+        // Bit for bit (NaN ≠ NaN as floats).
+        assert_eq!(
+            bytemuck::bytes_of(&out[k]),
+            bytemuck::bytes_of(&RowStats::flagged(ROW_BAD_INDEX)),
+            "row {k}: {:?}",
+            out[k]
+        );
+    }
+    assert_eq!(
+        acc[1], initial[1],
+        "flagged rows and a row not accumulating leave slot 1"
+    );
+    assert_eq!(
+        out[3].flags & ROW_BAD_TEMPERATURE,
+        ROW_BAD_TEMPERATURE,
+        "{:?}",
+        out[3]
+    );
+    assert_eq!(out[3].sampled, -1);
+    // Row 4 as a plain accumulating row.
+    let plain = [row(2, 0.8, add, 2)];
+    let plan1 = speckv::plan::softmax_stats_v3(1, vocab as u32, Dtype::F32, 13).1;
+    let mut acc1 = initial.clone();
+    let one = emu
+        .softmax_stats_v3_unchecked(&l, &plain, &mut acc1, &plan1)
+        .unwrap();
+    assert_eq!((out[4].argmax, out[4].flags), (one[0].argmax, one[0].flags));
+    assert!(
+        accum_close(&acc[2], &acc1[2]),
+        "{:?} vs {:?}",
+        acc[2],
+        acc1[2]
+    );
+}
+
+/// What a v3 call is refused for, before anything is launched, with what was wrong: options or
+/// accumulators not one per row, a row past the logits, a bad temperature, an inconsistent plan
+/// — on the emulator, and on CUDA where present.
+#[test]
+fn v3_calls_are_checked() {
+    let v = common::normal_logits(3 * 64, 1.0, 7);
+    let l = Logits::dense(LogitsData::F32(&v), 64).unwrap();
+    let opts = [StatsOptions::default(); 2];
+    let mut bad_t = opts;
+    bad_t[1].temperature = -0.5;
+    let emu = speckv::backend::emulate::Emulator::new(32);
+    type Call<'a> = Box<
+        dyn Fn(&[usize], &[StatsOptions], &mut [FeatureAccum]) -> speckv::Result<Vec<RowStats>>
+            + 'a,
+    >;
+    let mut backends: Vec<(&str, Call<'_>)> = vec![(
+        "emulator",
+        Box::new(|r, o, a| emu.softmax_stats_v3(&l, r, o, a, 132)),
+    )];
+    if let Some(cuda) = common::cuda() {
+        backends.push((
+            "cuda",
+            Box::new(|r, o, a| cuda.softmax_stats_v3(&l, r, o, a)),
+        ));
+    }
+    for (name, call) in &backends {
+        let mut two = [FeatureAccum::EMPTY; 2];
+        let e = call(&[0, 1], &opts[..1], &mut two).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Length {
+                    what: "row options",
+                    got: 1,
+                    expected: 2
+                }
+            ),
+            "{name}: {e}"
+        );
+        let e = call(&[0, 1], &opts, &mut two[..1]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Length {
+                    what: "accumulators",
+                    got: 1,
+                    expected: 2
+                }
+            ),
+            "{name}: {e}"
+        );
+        let e = call(&[0, 3], &opts, &mut two).unwrap_err();
+        assert_eq!(e.to_string(), "logits row 3 of 3 rows", "{name}");
+        let e = call(&[0, 1], &bad_t, &mut two).unwrap_err();
+        assert!(
+            matches!(e, Error::BadTemperature(t) if t == -0.5),
+            "{name}: {e}"
+        );
+        assert_eq!(
+            two,
+            [FeatureAccum::EMPTY; 2],
+            "{name}: refused calls change nothing"
+        );
+        assert!(
+            call(&[], &[], &mut []).unwrap().is_empty(),
+            "{name}: no rows, no launch"
+        );
+    }
+    let mut plan = speckv::plan::softmax_stats_v3(2, 64, Dtype::F32, 132).1;
+    plan.grid += 1;
+    let e = emu
+        .softmax_stats_v3_planned(&l, &[0, 1], &opts, &mut [FeatureAccum::EMPTY; 2], &plan)
+        .unwrap_err();
+    assert!(e.to_string().contains("inconsistent v3 plan"), "{e}");
+}
+
+/// On a GPU: v3 over a batch's rows at the Qwen pair's vocabulary against the CPU backend on each
+/// row alone — tokens and flags bit for bit, statistics and accumulators within tolerance.
+/// Skipped without a CUDA device.
+#[test]
+fn cuda_v3_matches_the_cpu_backend_row_by_row() {
+    let Some(cuda) = common::cuda() else { return };
+    let cpu = CpuBackend::new();
+    for &(logit_rows, vocab) in &[(16usize, 151_936usize), (5, 128_256), (3, 33)] {
+        let input = Input::new(common::normal_logits(logit_rows * vocab, 3.0, vocab as u64));
+        let rows: Vec<usize> = (0..logit_rows).rev().chain([0]).collect();
+        let opts: Vec<StatsOptions> = (0..rows.len()).map(v3_options).collect();
+        for dtype in Dtype::ALL {
+            let l = Logits::dense(input.data(dtype), vocab).unwrap();
+            let mut acc = v3_accums(rows.len());
+            let initial = acc.clone();
+            let out = cuda.softmax_stats_v3(&l, &rows, &opts, &mut acc).unwrap();
+            for (k, &r) in rows.iter().enumerate() {
+                let one = Logits::dense(input.part(dtype, r * vocab, vocab), vocab).unwrap();
+                let mut a1 = [initial[k]];
+                let acc1 = (opts[k].accumulate != Accumulate::No).then_some(&mut a1[..]);
+                let want = cpu.softmax_stats(&one, &opts[k], acc1).unwrap()[0];
+                let got = out[k];
+                let ctx =
+                    format!("{logit_rows}x{vocab} {dtype:?} row {k}: cuda {got:?} cpu {want:?}");
+                assert_eq!(
+                    (got.argmax, got.sampled, got.flags),
+                    (want.argmax, want.sampled, want.flags),
+                    "{ctx}"
+                );
+                for (x, y) in [
+                    (got.entropy, want.entropy),
+                    (got.confidence, want.confidence),
+                    (got.lse, want.lse),
+                ] {
+                    assert!(common::close(x as f64, y as f64, 1e-5, 1e-6), "{ctx}");
+                }
+                assert!(
+                    accum_close(&acc[k], &a1[0]),
+                    "{ctx}: {:?} vs {:?}",
+                    acc[k],
+                    a1[0]
+                );
+            }
+        }
+    }
 }

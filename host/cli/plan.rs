@@ -53,7 +53,8 @@ pub struct Args {
     /// gemv: rows of x (1..=16).
     #[arg(long)]
     m: Option<u32>,
-    /// Kernel version (1: the oracle, 2: what the backends launch).
+    /// Kernel version (1: the oracle, 2: what the backends launch; softmax_stats also 3, a batch's
+    /// rows with their own options, which batched decoding launches).
     #[arg(long, default_value_t = 2)]
     version: u32,
     /// step: a model's shapes (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b).
@@ -87,9 +88,14 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                 .unwrap_or(plan::H200_SMS),
         },
     };
-    if a.version != 1 && a.version != 2 {
+    let most = if matches!(a.kernel, Kernel::SoftmaxStats) {
+        3
+    } else {
+        2
+    };
+    if a.version == 0 || a.version > most {
         return Err(Error::Other(format!(
-            "--version must be 1 or 2, got {}",
+            "--version must be 1 to {most} for this kernel, got {}",
             a.version
         )));
     }
@@ -106,7 +112,11 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                 let p = plan::softmax_stats_v1(rows, dtype, sms);
                 (p.clone(), vec![p], serde_json::json!({}))
             } else {
-                let (p, k) = plan::softmax_stats_v2(rows, vocab, dtype, sms);
+                let (p, k) = if a.version == 3 {
+                    plan::softmax_stats_v3(rows, vocab, dtype, sms)
+                } else {
+                    plan::softmax_stats_v2(rows, vocab, dtype, sms)
+                };
                 (
                     p.clone(),
                     vec![p],

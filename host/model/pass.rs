@@ -323,19 +323,7 @@ pub(crate) fn check_rows_stats(
     accums: &[FeatureAccum],
     step_rows: usize,
 ) -> Result<()> {
-    for (what, got) in [("row options", opts.len()), ("accumulators", accums.len())] {
-        if got != rows.len() {
-            return Err(Error::Length {
-                what,
-                got,
-                expected: rows.len(),
-            });
-        }
-    }
-    for o in opts {
-        o.validate()?;
-    }
-    check_rows(rows, step_rows)
+    crate::stats::check_stats_rows(rows, opts, accums.len(), step_rows)
 }
 
 /// `v` verifies the last batched step of a state of `seqs` sequences that left `step_rows` rows:

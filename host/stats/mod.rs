@@ -6,8 +6,8 @@ pub mod cpu;
 
 use half::{bf16, f16};
 use speckv_kernels::params::{
-    MlpWeights, SoftmaxStatsParams, StepCosts, StopState, STATS_ACCUMULATE, STATS_ACCUM_RESET,
-    STATS_SAMPLE, STOP_TIMES,
+    MlpWeights, SoftmaxStatsParams, StatsRow, StepCosts, StopState, STATS_ACCUMULATE,
+    STATS_ACCUM_RESET, STATS_SAMPLE, STOP_TIMES,
 };
 
 use crate::error::{Error, Result};
@@ -280,6 +280,53 @@ pub fn check_accum(accum_len: Option<usize>, rows: usize, opts: &StatsOptions) -
         }),
         _ => Ok(()),
     }
+}
+
+/// A launch of `softmax_stats_v3` over `logit_rows` rows of logits: launch row k reads logits row
+/// `rows[k]` with `opts[k]` (each valid) and updates accumulator k (`accums` has one per row).
+pub fn check_stats_rows(
+    rows: &[usize],
+    opts: &[StatsOptions],
+    accums: usize,
+    logit_rows: usize,
+) -> Result<()> {
+    for (what, got) in [("row options", opts.len()), ("accumulators", accums)] {
+        if got != rows.len() {
+            return Err(Error::Length {
+                what,
+                got,
+                expected: rows.len(),
+            });
+        }
+    }
+    for o in opts {
+        o.validate()?;
+    }
+    match rows.iter().find(|&&r| r >= logit_rows) {
+        Some(r) => Err(Error::Other(format!("logits row {r} of {logit_rows} rows"))),
+        None => Ok(()),
+    }
+}
+
+/// The row descriptions of a checked [`check_stats_rows`] launch into `out` (cleared first): row
+/// k reads `rows[k]`, draws from Philox stream 0 as a one-row launch does, and owns accumulator k.
+pub fn fill_stats_rows(rows: &[usize], opts: &[StatsOptions], out: &mut Vec<StatsRow>) {
+    out.clear();
+    out.extend(
+        rows.iter()
+            .zip(opts)
+            .enumerate()
+            .map(|(k, (&row, o))| StatsRow {
+                seed: o.seed,
+                step: o.step,
+                row: row as u32,
+                stream: 0,
+                temperature: o.temperature,
+                flags: o.kernel_flags(),
+                accum_slot: k as u32,
+                _pad: 0,
+            }),
+    );
 }
 
 /// Kernel parameters for validated inputs, with the caller's (host or device) addresses.

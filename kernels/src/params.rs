@@ -179,6 +179,72 @@ impl Default for StopState {
 unsafe impl Send for SoftmaxStatsV2Params {}
 unsafe impl Sync for SoftmaxStatsV2Params {}
 
+/// One row of a `softmax_stats_v3` launch: which logits row it reads, with its own options, and
+/// which accumulator it updates — the per-row state a batch of sequences needs (each sequence has
+/// its seed, random step, temperature and place in its speculation step), so a whole batch's rows
+/// take one launch instead of one each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(
+    not(target_arch = "nvptx64"),
+    derive(bytemuck::Pod, bytemuck::Zeroable)
+)]
+pub struct StatsRow {
+    /// Philox seed and step of this row's draw.
+    pub seed: u64,
+    pub step: u64,
+    /// Row of `logits` this launch row reads (`< logit_rows`).
+    pub row: u32,
+    /// Philox stream of the draw (v2 uses its launch row; a one-row launch, stream 0).
+    pub stream: u32,
+    /// Softmax temperature, 0 for greedy.
+    pub temperature: f32,
+    /// `STATS_SAMPLE`, `STATS_ACCUMULATE`, `STATS_ACCUM_RESET` (other bits are ignored: v3 does not
+    /// decide γ or stop).
+    pub flags: u32,
+    /// The accumulator this row updates, `accum[accum_slot]` (`< accum_slots`); two accumulating
+    /// rows of one launch must not share one.
+    pub accum_slot: u32,
+    pub _pad: u32,
+}
+
+/// Parameters of the `softmax_stats_v3_{f32,f16,bf16}` kernels, passed by value: v2's split rows,
+/// each launch row `k` described by `row_params[k]` (device memory). The launch row `k` writes
+/// `out[k]` and uses `partials[k × splits ..]` and `counters[k]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SoftmaxStatsV3Params {
+    /// `logit_rows` rows `row_stride` elements apart, element-aligned.
+    pub logits: *const u8,
+    /// `rows` results.
+    pub out: *mut RowStats,
+    /// `accum_slots` accumulators, or null when no row accumulates.
+    pub accum: *mut FeatureAccum,
+    /// Scratch: `rows × splits` partial states.
+    pub partials: *mut StatsState,
+    /// Scratch: `rows` arrival counters, zero before the first launch and left zero.
+    pub counters: *mut u32,
+    /// `rows` row descriptions.
+    pub row_params: *const StatsRow,
+    /// Launch rows.
+    pub rows: u32,
+    /// Rows of `logits`; a row description pointing past them is flagged `ROW_BAD_INDEX`.
+    pub logit_rows: u32,
+    pub vocab: u32,
+    pub row_stride: u32,
+    /// Accumulators behind `accum`; a slot past them is flagged `ROW_BAD_INDEX`.
+    pub accum_slots: u32,
+    /// Blocks per row (≥ 1), as v2's plan says.
+    pub splits: u32,
+    /// 16-byte vectors of a row's aligned body per block.
+    pub chunk_vecs: u32,
+    pub _pad: u32,
+}
+
+// SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
+unsafe impl Send for SoftmaxStatsV3Params {}
+unsafe impl Sync for SoftmaxStatsV3Params {}
+
 /// The row held a NaN or +inf logit; its statistics are NaN and its tokens −1.
 pub const ROW_NONFINITE: u32 = 1;
 /// Every logit of the row was −inf (everything masked); statistics NaN, tokens −1.
@@ -186,6 +252,10 @@ pub const ROW_ALL_MASKED: u32 = 2;
 /// The launch's temperature was negative, NaN, infinite or below `f32::MIN_POSITIVE` (hosts
 /// reject this before launching; the kernel flags rather than trusts it).
 pub const ROW_BAD_TEMPERATURE: u32 = 4;
+/// `softmax_stats_v3`: the row's description named a logits row or an accumulator the launch does
+/// not have; statistics NaN, tokens −1, no accumulator touched (hosts reject this before
+/// launching).
+pub const ROW_BAD_INDEX: u32 = 8;
 
 /// The statistics of one row of logits, written by `softmax_stats`.
 #[repr(C)]
@@ -526,6 +596,8 @@ const _: () = assert!(core::mem::size_of::<MlpWeights>() == 576);
 const _: () = assert!(core::mem::size_of::<GammaMlpParams>() == 104);
 const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 112);
+const _: () = assert!(core::mem::size_of::<StatsRow>() == 40);
+const _: () = assert!(core::mem::size_of::<SoftmaxStatsV3Params>() == 80);
 const _: () = assert!(core::mem::size_of::<StopParams>() == 112);
 const _: () = assert!(core::mem::size_of::<StopState>() == 16);
 

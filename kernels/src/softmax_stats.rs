@@ -19,9 +19,9 @@
 
 use crate::gpu;
 use crate::params::{
-    FeatureAccum, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, StatsState, ROW_ALL_MASKED,
-    ROW_BAD_TEMPERATURE, ROW_NONFINITE, STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_DECIDE,
-    STATS_SAMPLE, STATS_STOP,
+    FeatureAccum, RowStats, SoftmaxStatsParams, SoftmaxStatsV2Params, SoftmaxStatsV3Params,
+    StatsState, ROW_ALL_MASKED, ROW_BAD_INDEX, ROW_BAD_TEMPERATURE, ROW_NONFINITE,
+    STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_DECIDE, STATS_SAMPLE, STATS_STOP,
 };
 use crate::philox;
 use crate::reduce::{block_all_reduce, Reduce};
@@ -534,6 +534,108 @@ impl Thread {
     }
 }
 
+/// One block's share of a row, as v2 and v3 both reduce it.
+struct RowJob {
+    /// The row's first element.
+    base: *const u8,
+    vocab: u32,
+    /// The launch row: its partials and arrival counter.
+    row: u32,
+    split: u32,
+    splits: u32,
+    chunk_vecs: u32,
+    temperature: f32,
+    sample: bool,
+    seed: u64,
+    step: u64,
+    /// Philox stream of the draw.
+    stream: u32,
+}
+
+/// A row's merged state and how it was read, on thread 0 of the block that finished it.
+struct Merged {
+    s: StatsState,
+    inv_t: f32,
+    greedy: bool,
+    sample: bool,
+    bad_temperature: bool,
+}
+
+/// Reduces this block's chunk of the row; every thread of the block calls it (it synchronises
+/// the block). Returns the row's merged state on thread 0 of the block that merges the row — the
+/// only block when `splits` is 1, else the last to arrive, which merges the partials in split
+/// order (the same result whichever block that is) and leaves the row's counter zero.
+///
+/// # Safety
+/// `j.base` holds `j.vocab` readable elements; `partials` `splits` states and `counter` one word
+/// for this row, not shared with a concurrent launch; [`shared_bytes_v2`]`(block.x)` bytes of
+/// dynamic shared memory.
+#[inline(always)]
+unsafe fn reduce_row<L: Logit>(
+    j: &RowJob,
+    partials: *mut StatsState,
+    counter: *mut u32,
+) -> Option<Merged> {
+    let tid = gpu::thread_idx_x();
+    let block = gpu::block_dim_x();
+    let t = j.temperature;
+    let bad_temperature = !valid_temperature(t);
+    let greedy = t == 0.0 || bad_temperature;
+    let inv_t = if greedy { 1.0 } else { 1.0 / t };
+    let sample = !greedy && j.sample;
+    let mut th = Thread {
+        st: StatsState::EMPTY,
+        inv_t,
+        sample,
+        key: philox::key(j.seed),
+        row: j.stream,
+        step: j.step,
+        cached_group: u32::MAX,
+        cached: [0; 4],
+    };
+    crate::rows::for_chunk::<L, Thread>(j.base, j.vocab, j.split, j.splits, j.chunk_vecs, &mut th);
+
+    let reduce_shared = gpu::dynamic_shared::<StatsState>();
+    let s = block_all_reduce(th.st, inv_t, reduce_shared);
+    let merged = |s: StatsState| Merged {
+        s,
+        inv_t,
+        greedy,
+        sample,
+        bad_temperature,
+    };
+    if j.splits == 1 {
+        return if tid == 0 { Some(merged(s)) } else { None };
+    }
+    // Publish this block's partial; the last block of the row to arrive merges them all.
+    let flag = (reduce_shared as *mut u8).wrapping_add(shared_bytes(block)) as *mut u32;
+    if !crate::rows::arrive_last(
+        partials,
+        (j.row * j.splits + j.split) as usize,
+        s,
+        counter,
+        j.splits,
+        flag,
+    ) {
+        return None;
+    }
+    // Every thread merges a strided subset in split order, then the fixed-order block reduction:
+    // the same result whichever block arrived last.
+    let mut m = StatsState::EMPTY;
+    let mut k = tid;
+    while k < j.splits {
+        m.merge(&gpu::ld(partials, (j.row * j.splits + k) as usize), inv_t);
+        k += block;
+    }
+    let s = block_all_reduce(m, inv_t, reduce_shared);
+    if tid != 0 {
+        return None;
+    }
+    // Ready for the next launch.
+    gpu::st(counter, 0, 0);
+    Some(merged(s))
+}
+
 /// The v2 kernel body.
 ///
 /// # Safety
@@ -547,75 +649,36 @@ impl Thread {
 pub unsafe fn softmax_stats_v2<L: Logit>(p: &SoftmaxStatsV2Params) {
     // A `NonZeroU32` divisor: no division-by-zero panic path reaches the PTX.
     let nz = core::num::NonZeroU32::new(p.splits).unwrap_or(core::num::NonZeroU32::MIN);
-    let splits = nz.get();
     let b = gpu::block_idx_x();
     let row = b / nz;
-    let split = b % nz;
     if row >= p.rows {
         return;
     }
-    let tid = gpu::thread_idx_x();
-    let block = gpu::block_dim_x();
-    let t = if p.temperatures.is_null() {
+    let temperature = if p.temperatures.is_null() {
         p.temperature
     } else {
         let g =
             core::num::NonZeroU32::new(p.temperature_group).unwrap_or(core::num::NonZeroU32::MIN);
         gpu::ld_nc(p.temperatures, (row / g) as usize)
     };
-    let bad_temperature = !valid_temperature(t);
-    let greedy = t == 0.0 || bad_temperature;
-    let inv_t = if greedy { 1.0 } else { 1.0 / t };
-    let sample = !greedy && (p.flags & STATS_SAMPLE) != 0;
-
-    let base = p
-        .logits
-        .wrapping_add((row as usize) * (p.row_stride as usize) * L::SIZE);
-    let mut th = Thread {
-        st: StatsState::EMPTY,
-        inv_t,
-        sample,
-        key: philox::key(p.seed),
+    let job = RowJob {
+        base: p
+            .logits
+            .wrapping_add((row as usize) * (p.row_stride as usize) * L::SIZE),
+        vocab: p.vocab,
         row,
+        split: b % nz,
+        splits: nz.get(),
+        chunk_vecs: p.chunk_vecs,
+        temperature,
+        sample: p.flags & STATS_SAMPLE != 0,
+        seed: p.seed,
         step: p.step,
-        cached_group: u32::MAX,
-        cached: [0; 4],
+        stream: row,
     };
-    crate::rows::for_chunk::<L, Thread>(base, p.vocab, split, splits, p.chunk_vecs, &mut th);
-
-    let reduce_shared = gpu::dynamic_shared::<StatsState>();
-    let s = block_all_reduce(th.st, inv_t, reduce_shared);
-    if splits == 1 {
-        if tid == 0 {
-            finish_row(p, row, &s, inv_t, greedy, sample, bad_temperature);
-        }
-        return;
-    }
-    // Publish this block's partial; the last block of the row to arrive merges them all.
-    let flag = (reduce_shared as *mut u8).wrapping_add(shared_bytes(block)) as *mut u32;
-    if !crate::rows::arrive_last(
-        p.partials,
-        (row * splits + split) as usize,
-        s,
-        p.counters.wrapping_add(row as usize),
-        splits,
-        flag,
-    ) {
-        return;
-    }
-    // Every thread merges a strided subset in split order, then the fixed-order block reduction:
-    // the same result whichever block arrived last.
-    let mut m = StatsState::EMPTY;
-    let mut k = tid;
-    while k < splits {
-        m.merge(&gpu::ld(p.partials, (row * splits + k) as usize), inv_t);
-        k += block;
-    }
-    let s = block_all_reduce(m, inv_t, reduce_shared);
-    if tid == 0 {
-        // Ready for the next launch.
-        gpu::st(p.counters, row as usize, 0);
-        finish_row(p, row, &s, inv_t, greedy, sample, bad_temperature);
+    let counter = p.counters.wrapping_add(row as usize);
+    if let Some(m) = reduce_row::<L>(&job, p.partials, counter) {
+        finish_row(p, row, &m.s, m.inv_t, m.greedy, m.sample, m.bad_temperature);
     }
 }
 
@@ -672,4 +735,100 @@ entries_v2! {
     softmax_stats_v2_f32: F32;
     softmax_stats_v2_f16: F16;
     softmax_stats_v2_bf16: Bf16;
+}
+
+// =============================================================================================
+// v3: v2's split rows, each launch row described in device memory (`StatsRow`: which logits row,
+// its seed, step, stream, temperature, flags and accumulator). A batch of sequences, each at its
+// own place in its speculation step, gets every row's statistics from one launch — where v2,
+// whose options are the launch's, needs one launch per sequence. v3 does not decide γ or stop
+// (those epilogues read per-launch parameters): use v2 for them.
+
+/// v3's launch is v2's plan for the same number of rows.
+#[cfg(not(target_arch = "nvptx64"))]
+pub const fn plan_v3(rows: u32, vocab: u32, elem_bytes: usize, sm_count: u32) -> PlanV2 {
+    plan_v2(rows, vocab, elem_bytes, sm_count)
+}
+
+/// The v3 kernel body.
+///
+/// # Safety
+/// `p.row_params` must hold `rows` descriptions and `p.out` `rows` results; `p.logits`
+/// `logit_rows` rows at `row_stride` elements apart with `vocab` readable elements each,
+/// element-aligned; `p.accum` `accum_slots` accumulators (or be null); no two accumulating rows
+/// may name the same slot; `p.partials` `rows × splits` states and `p.counters` `rows` words,
+/// zero at the first launch and not shared with a concurrent launch. Launch `grid.x = rows ×
+/// splits`, `block.x` a multiple of 32 (≤ 1024) and [`shared_bytes_v2`]`(block.x)` bytes of
+/// dynamic shared memory. A description naming a logits row or slot the launch lacks is flagged
+/// (`ROW_BAD_INDEX`), not followed.
+#[inline(always)]
+pub unsafe fn softmax_stats_v3<L: Logit>(p: &SoftmaxStatsV3Params) {
+    let nz = core::num::NonZeroU32::new(p.splits).unwrap_or(core::num::NonZeroU32::MIN);
+    let b = gpu::block_idx_x();
+    let k = b / nz;
+    if k >= p.rows {
+        return;
+    }
+    let split = b % nz;
+    // Field by field through the pointer: the description stays in registers.
+    let d = p.row_params.wrapping_add(k as usize);
+    let row = gpu::ld_nc(core::ptr::addr_of!((*d).row), 0);
+    let flags = gpu::ld_nc(core::ptr::addr_of!((*d).flags), 0);
+    let slot = gpu::ld_nc(core::ptr::addr_of!((*d).accum_slot), 0);
+    let accumulate = flags & STATS_ACCUMULATE != 0 && !p.accum.is_null();
+    // Uniform across the block (every thread read the same description): no barrier is skipped
+    // by some threads only.
+    if row >= p.logit_rows || (accumulate && slot >= p.accum_slots) {
+        if split == 0 && gpu::thread_idx_x() == 0 {
+            gpu::st(p.out, k as usize, RowStats::flagged(ROW_BAD_INDEX));
+        }
+        return;
+    }
+    let job = RowJob {
+        base: p
+            .logits
+            .wrapping_add((row as usize) * (p.row_stride as usize) * L::SIZE),
+        vocab: p.vocab,
+        row: k,
+        split,
+        splits: nz.get(),
+        chunk_vecs: p.chunk_vecs,
+        temperature: gpu::ld_nc(core::ptr::addr_of!((*d).temperature), 0),
+        sample: flags & STATS_SAMPLE != 0,
+        seed: gpu::ld_nc(core::ptr::addr_of!((*d).seed), 0),
+        step: gpu::ld_nc(core::ptr::addr_of!((*d).step), 0),
+        stream: gpu::ld_nc(core::ptr::addr_of!((*d).stream), 0),
+    };
+    let counter = p.counters.wrapping_add(k as usize);
+    if let Some(m) = reduce_row::<L>(&job, p.partials, counter) {
+        let r = m.s.finish(m.inv_t, m.greedy, m.sample, m.bad_temperature);
+        gpu::st(p.out, k as usize, r);
+        if accumulate {
+            let mut a = if flags & STATS_ACCUM_RESET != 0 {
+                FeatureAccum::EMPTY
+            } else {
+                gpu::ld(p.accum, slot as usize)
+            };
+            a.push(r.entropy, r.confidence, r.flags);
+            gpu::st(p.accum, slot as usize, a);
+        }
+    }
+}
+
+macro_rules! entries_v3 {
+    ($($name:ident: $ty:ty;)*) => {$(
+        /// # Safety
+        /// See [`softmax_stats_v3`].
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: SoftmaxStatsV3Params) {
+            softmax_stats_v3::<$ty>(&p)
+        }
+    )*};
+}
+
+entries_v3! {
+    softmax_stats_v3_f32: F32;
+    softmax_stats_v3_f16: F16;
+    softmax_stats_v3_bf16: Bf16;
 }

@@ -21,6 +21,7 @@ mod controller;
 mod forward;
 mod gemv;
 mod stats;
+mod stats_v3;
 mod stop;
 mod verify;
 
@@ -28,6 +29,7 @@ pub use controller::{DeviceController, GAMMA_BLOCK};
 pub use forward::CacheRefs;
 pub use gemv::{DeviceMatrix, GEMV_BLOCK};
 pub use stats::ResidentStats;
+pub use stats_v3::ResidentRows;
 pub use verify::ResidentVerify;
 
 /// Every kernel entry point of the embedded PTX.
@@ -35,6 +37,8 @@ pub use verify::ResidentVerify;
 pub enum KernelFn {
     SoftmaxStats(Dtype),
     SoftmaxStatsV2(Dtype),
+    /// v3: every launch row described in device memory.
+    SoftmaxStatsV3(Dtype),
     VerifyV2Rows(Dtype),
     VerifyV2Sample(Dtype),
     Verify(Dtype),
@@ -56,7 +60,7 @@ pub enum KernelFn {
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 64] = [
+    pub const ALL: [KernelFn; 67] = [
         KernelFn::GemvV2(Format::Fp16, 1),
         KernelFn::GemvV2(Format::Fp16, 2),
         KernelFn::GemvV2(Format::Fp16, 4),
@@ -87,6 +91,9 @@ impl KernelFn {
         KernelFn::SoftmaxStatsV2(Dtype::F32),
         KernelFn::SoftmaxStatsV2(Dtype::F16),
         KernelFn::SoftmaxStatsV2(Dtype::Bf16),
+        KernelFn::SoftmaxStatsV3(Dtype::F32),
+        KernelFn::SoftmaxStatsV3(Dtype::F16),
+        KernelFn::SoftmaxStatsV3(Dtype::Bf16),
         KernelFn::GammaMlp,
         KernelFn::Gemv(Format::Fp16, 1),
         KernelFn::Gemv(Format::Fp16, 2),
@@ -132,6 +139,9 @@ impl KernelFn {
             KernelFn::SoftmaxStatsV2(Dtype::F32) => "softmax_stats_v2_f32",
             KernelFn::SoftmaxStatsV2(Dtype::F16) => "softmax_stats_v2_f16",
             KernelFn::SoftmaxStatsV2(Dtype::Bf16) => "softmax_stats_v2_bf16",
+            KernelFn::SoftmaxStatsV3(Dtype::F32) => "softmax_stats_v3_f32",
+            KernelFn::SoftmaxStatsV3(Dtype::F16) => "softmax_stats_v3_f16",
+            KernelFn::SoftmaxStatsV3(Dtype::Bf16) => "softmax_stats_v3_bf16",
             KernelFn::VerifyV2Rows(Dtype::F32) => "verify_v2_rows_f32",
             KernelFn::VerifyV2Rows(Dtype::F16) => "verify_v2_rows_f16",
             KernelFn::VerifyV2Rows(Dtype::Bf16) => "verify_v2_rows_bf16",
@@ -209,6 +219,8 @@ struct ByValue<T>(T);
 unsafe impl DeviceRepr for ByValue<SoftmaxStatsParams> {}
 // SAFETY: as above, for the v2 statistics kernel's parameters.
 unsafe impl DeviceRepr for ByValue<SoftmaxStatsV2Params> {}
+// SAFETY: as above, for the v3 statistics kernel's parameters.
+unsafe impl DeviceRepr for ByValue<speckv_kernels::params::SoftmaxStatsV3Params> {}
 // SAFETY: as above, for the v2 verification kernels' parameters.
 unsafe impl DeviceRepr for ByValue<speckv_kernels::params::VerifyV2Params> {}
 // SAFETY: as above, for the verification kernel's parameters.

@@ -20,6 +20,7 @@ mod controller;
 mod forward;
 mod gemv;
 mod stats;
+mod stats_v3;
 mod verify;
 
 pub use stats::{Decision, StatsV2Output, Stop};

@@ -115,7 +115,7 @@ impl<'m> EmulatedForward<'m> {
 
     /// The statistics of `rows` of the last batched step, each with its options and accumulator
     /// (checked by the caller: [`BatchPass::rows_stats`](crate::model::BatchPass::rows_stats)),
-    /// by the emulated `softmax_stats_v2`, one launch per row as on the GPU.
+    /// by the emulated `softmax_stats_v3`: one launch for every row, as on the GPU.
     pub fn rows_stats(
         &mut self,
         rows: &[usize],
@@ -124,21 +124,12 @@ impl<'m> EmulatedForward<'m> {
         out: &mut Vec<RowStats>,
     ) -> Result<()> {
         let v = self.view.shape.vocab;
-        let all = self::rows(
-            &self.acts,
-            Act::Logits,
-            self.seq.step_rows,
-            &self.view.shape,
-        );
-        out.clear();
-        for (k, &r) in rows.iter().enumerate() {
-            let l = Logits::dense(LogitsData::F32(&all[r * v..(r + 1) * v]), v)?;
-            let acc = Some(&mut accums[k..k + 1]);
-            let st = self
-                .emu
-                .softmax_stats_v2(&l, &opts[k], acc, self.sm_count, None)?;
-            out.push(st.stats[0]);
-        }
+        let n = self.seq.step_rows;
+        let all = self::rows(&self.acts, Act::Logits, n, &self.view.shape);
+        let l = Logits::dense(LogitsData::F32(&all[..n * v]), v)?;
+        *out = self
+            .emu
+            .softmax_stats_v3(&l, rows, opts, accums, self.sm_count)?;
         Ok(())
     }
 

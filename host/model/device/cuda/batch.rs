@@ -1,7 +1,6 @@
 //! A batched decode state's calls on CUDA: steps of every sequence, the rows read back, and
 //! verification where the logits are.
 
-use cudarc::driver::CudaSlice;
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use super::CudaForward;
@@ -10,16 +9,6 @@ use crate::backend::forward::MAX_STEP;
 use crate::error::Result;
 use crate::stats::StatsOptions;
 use crate::verify::{VerifyBatch, VerifyOutput};
-
-const SLOT: usize = std::mem::size_of::<RowStats>() / 4;
-const ACCUM: usize = std::mem::size_of::<FeatureAccum>() / 4;
-
-/// A batched step's per-row statistics and accumulators on the device: a slot each for up to 16
-/// rows.
-pub(super) struct RowsStats {
-    stats: CudaSlice<u32>,
-    accum: CudaSlice<u32>,
-}
 
 impl CudaForward<'_> {
     /// One step of every sequence of the batch: `tokens` holds m tokens per sequence, sequence by
@@ -70,8 +59,8 @@ impl CudaForward<'_> {
 
     /// The statistics of `rows` of the last batched step, each with its options and accumulator
     /// (checked by the caller: [`BatchPass::rows_stats`](crate::model::BatchPass::rows_stats)):
-    /// the accumulators go up, one `softmax_stats_v2` launch per row, then one read-back of every
-    /// row's `RowStats` and one of the accumulators.
+    /// one copy up of the row descriptions and accumulators, one `softmax_stats_v3` launch, one
+    /// copy back of every row's `RowStats` and accumulator.
     pub fn rows_stats(
         &mut self,
         rows: &[usize],
@@ -79,45 +68,13 @@ impl CudaForward<'_> {
         accums: &mut [FeatureAccum],
         out: &mut Vec<RowStats>,
     ) -> Result<()> {
-        let (n, cuda) = (rows.len(), self.cuda);
-        out.clear();
-        if n == 0 {
-            return Ok(());
-        }
-        let st = cuda.stream();
-        let mut r = match self.stats.take() {
+        let cuda = self.cuda;
+        let mut r = match self.rows_stats.take() {
             Some(r) => r,
-            None => cuda.resident_stats(self.w.shape.vocab)?,
+            None => cuda.resident_rows(MAX_STEP, self.w.shape.vocab)?,
         };
-        let mut b = match self.rows_stats.take() {
-            Some(b) => b,
-            None => RowsStats {
-                stats: st.alloc_zeros::<u32>(MAX_STEP * SLOT)?,
-                accum: st.alloc_zeros::<u32>(MAX_STEP * ACCUM)?,
-            },
-        };
-        let done = (|| -> Result<()> {
-            st.memcpy_htod(
-                bytemuck::cast_slice::<FeatureAccum, u32>(accums),
-                &mut b.accum.slice_mut(..n * ACCUM),
-            )?;
-            let logits = self.logits()?;
-            for (k, (&row, o)) in rows.iter().zip(opts).enumerate() {
-                cuda.stats_enqueue(&mut r, logits, row, o, &mut b.stats, k, &mut b.accum, k)?;
-            }
-            out.resize(n, RowStats::default());
-            st.memcpy_dtoh(
-                &b.stats.slice(..n * SLOT),
-                bytemuck::cast_slice_mut(&mut out[..]),
-            )?;
-            st.memcpy_dtoh(
-                &b.accum.slice(..n * ACCUM),
-                bytemuck::cast_slice_mut(accums),
-            )?;
-            Ok(())
-        })();
-        self.stats = Some(r);
-        self.rows_stats = Some(b);
+        let done = cuda.rows_stats_resident(&mut r, self.logits()?, rows, opts, accums, out);
+        self.rows_stats = Some(r);
         done
     }
 

@@ -52,7 +52,7 @@ pub struct CudaForward<'b> {
     /// A draft phase's buffers (made on first use).
     draft: Option<draft::DraftPhase>,
     /// A batched step's per-row statistics and accumulators (made on first use).
-    rows_stats: Option<batch::RowsStats>,
+    rows_stats: Option<crate::backend::cuda::ResidentRows>,
     /// Captured steps, one CUDA graph per (positions, logits wanted): a step's launches differ only
     /// in m (the kernels read the tokens and the cache length from device memory), so one capture
     /// replays for every step of that shape.
