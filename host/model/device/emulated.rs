@@ -114,7 +114,7 @@ impl<'m> EmulatedForward<'m> {
     }
 
     /// The statistics of `rows` of the last batched step, each with its options and accumulator
-    /// (checked by the caller: [`BatchPass::rows_stats`](crate::model::BatchPass::rows_stats)),
+    /// (one options and accumulator per row, valid options, rows the step left),
     /// by the emulated `softmax_stats_v3`: one launch for every row, as on the GPU.
     pub fn rows_stats(
         &mut self,
@@ -123,6 +123,7 @@ impl<'m> EmulatedForward<'m> {
         accums: &mut [FeatureAccum],
         out: &mut Vec<RowStats>,
     ) -> Result<()> {
+        crate::model::pass::check_rows_stats(rows, opts, accums, self.seq.step_rows)?;
         let v = self.view.shape.vocab;
         let n = self.seq.step_rows;
         let all = self::rows(&self.acts, Act::Logits, n, &self.view.shape);
