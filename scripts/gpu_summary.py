@@ -72,6 +72,11 @@ for shape in gemv_shapes:
         r = m1 and m16 and m16["us"] / m1["us"]
         goal(f"gemv v2 {fmt} {shape}: M=16 time / M=1 time", r and round(r, 2), "≤ 1.3", bool(r and r <= 1.3),
              {"m1_us": m1 and m1["us"], "m16_us": m16 and m16["us"]})
+for b in (4, 16):
+    v2, v3 = (case("rows_stats", v, f"{b}x151936 f32 sample") for v in (2, 3))
+    r = v2 and v3 and v3["us"] / v2["us"]
+    goal(f"batched row statistics {b}×151936 f32: v3 one launch / v2 one launch per row", r and round(r, 3),
+         "≤ 1.0", bool(r and r <= 1.0), {"v2_us": v2 and v2["us"], "v3_us": v3 and v3["us"]})
 fd = k.get("fused_decision_us")
 goal("fused γ decision: µs added to softmax_stats_v2", fd and round(fd, 2), "≤ 2", bool(fd is not None and fd <= 2.0),
      {"rows": 64})

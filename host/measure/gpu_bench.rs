@@ -1,4 +1,4 @@
-//! `speckv bench gpu`: every kernel, v1 and v2, timed on the device with a cold L2 (a buffer of
+//! `speckv bench gpu`: every kernel, v1 and v2 (and the statistics' v3), timed on the device with a cold L2 (a buffer of
 //! twice the L2 zeroed before every timed launch) and reported as a share of the device-to-device
 //! copy bandwidth measured in the same run — the honest ceiling of a memory-bound kernel. The
 //! PyTorch peers (eager statistics and verification, `torch.matmul` for the GEMV) run beside it
@@ -103,6 +103,37 @@ pub fn run(cuda: &CudaBackend, quick: bool) -> Result<GpuBench> {
                     t,
                 );
             }
+        }
+    }
+    // Batched decoding's row statistics at the Qwen pair's vocabulary, on f32 rows as the forward
+    // pass leaves them, each row its own seed and accumulator: v2 one launch per row (as before
+    // v3) against v3's one launch.
+    const QV: usize = 151_936;
+    for b in [4usize, 16] {
+        let x: Vec<f32> = f16_logits(b * QV, 300 + b as u64)
+            .iter()
+            .map(|h| h.to_f32())
+            .collect();
+        let l = Logits::dense(LogitsData::F32(&x), QV)?;
+        let rows: Vec<usize> = (0..b).collect();
+        let opts: Vec<StatsOptions> = (0..b)
+            .map(|k| StatsOptions {
+                temperature: 0.8,
+                sample: true,
+                seed: k as u64,
+                step: 1,
+                accumulate: crate::stats::Accumulate::Add,
+            })
+            .collect();
+        for (v, one_launch) in [(2, false), (3, true)] {
+            let t = cuda.time_rows_stats(&l, &rows, &opts, iters, one_launch)?;
+            push(
+                "rows_stats",
+                v,
+                format!("{b}x{QV} f32 sample"),
+                (b * QV * 4) as u64,
+                t,
+            );
         }
     }
     // verify: draft = target (everything accepted: the most a step reads), stochastic, γ = 4.

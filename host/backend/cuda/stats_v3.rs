@@ -66,6 +66,31 @@ impl CudaBackend {
         accums: &mut [FeatureAccum],
         out: &mut Vec<RowStats>,
     ) -> Result<()> {
+        out.clear();
+        let n = self.rows_upload(r, logits, rows, opts, accums)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.rows_launch(r, logits, n)?;
+        let st = &self.stream;
+        r.staging.resize(n * (ACCUM + STATS), 0);
+        st.memcpy_dtoh(&r.io.slice(n * DESC..n * (DESC + ACCUM + STATS)), &mut r.staging[..])?;
+        let (a, s) = r.staging.split_at(n * ACCUM);
+        bytemuck::cast_slice_mut::<FeatureAccum, u8>(accums).copy_from_slice(a);
+        out.resize(n, RowStats::default());
+        bytemuck::cast_slice_mut::<RowStats, u8>(&mut out[..]).copy_from_slice(s);
+        Ok(())
+    }
+
+    /// Checks a call and uploads its descriptions and accumulators; returns the rows.
+    fn rows_upload(
+        &self,
+        r: &mut ResidentRows,
+        logits: &CudaSlice<f32>,
+        rows: &[usize],
+        opts: &[StatsOptions],
+        accums: &[FeatureAccum],
+    ) -> Result<usize> {
         let (n, v) = (rows.len(), r.vocab);
         check_stats_rows(rows, opts, accums.len(), logits.len() / v.max(1))?;
         if n > r.cap {
@@ -74,55 +99,85 @@ impl CudaBackend {
                 r.cap
             )));
         }
-        out.clear();
-        if n == 0 {
-            return Ok(());
+        if n > 0 {
+            fill_stats_rows(rows, opts, &mut r.desc);
+            r.staging.clear();
+            r.staging.extend_from_slice(bytemuck::cast_slice(&r.desc));
+            r.staging.extend_from_slice(bytemuck::cast_slice(accums));
+            self.stream
+                .memcpy_htod(&r.staging[..], &mut r.io.slice_mut(..n * (DESC + ACCUM)))?;
         }
-        fill_stats_rows(rows, opts, &mut r.desc);
-        r.staging.clear();
-        r.staging.extend_from_slice(bytemuck::cast_slice(&r.desc));
-        r.staging.extend_from_slice(bytemuck::cast_slice(accums));
-        let st = &self.stream;
-        st.memcpy_htod(&r.staging[..], &mut r.io.slice_mut(..n * (DESC + ACCUM)))?;
+        Ok(n)
+    }
+
+    /// One v3 launch over the `n` rows [`CudaBackend::rows_upload`] put in `r` (1 ≤ n ≤ cap).
+    fn rows_launch(&self, r: &mut ResidentRows, logits: &CudaSlice<f32>, n: usize) -> Result<()> {
+        let (st, v) = (&self.stream, r.vocab);
         let plan = self.plan_v3(n, v, Dtype::F32);
-        {
-            let (lp, _g1) = logits.device_ptr(st);
-            let (io, _g2) = r.io.device_ptr_mut(st);
-            let (pp, _g3) = r.partials.device_ptr_mut(st);
-            let (cp, _g4) = r.counters.device_ptr_mut(st);
-            let params = SoftmaxStatsV3Params {
-                logits: lp as *const u8,
-                out: (io + (n * (DESC + ACCUM)) as u64) as *mut RowStats,
-                accum: (io + (n * DESC) as u64) as *mut FeatureAccum,
-                partials: pp as *mut StatsState,
-                counters: cp as *mut u32,
-                row_params: io as *const StatsRow,
-                rows: n as u32,
-                logit_rows: (logits.len() / v) as u32,
-                vocab: v as u32,
-                row_stride: v as u32,
-                accum_slots: n as u32,
-                splits: plan.splits,
-                chunk_vecs: plan.chunk_vecs,
-                _pad: 0,
-            };
-            // SAFETY: the descriptions name checked rows of `logits` and distinct slots 0..n of
-            // the accumulators just uploaded; `io` holds n descriptions, accumulators and
-            // results at the offsets above (each 4- or 8-byte aligned: 40 · n and 64 · n bytes
-            // in); the scratch holds the most any n ≤ cap plans and every launch leaves its
-            // counters zero; the buffers outlive the synchronising copy below.
-            unsafe { self.launch_stats_v3(Dtype::F32, params, &plan) }?;
+        let (lp, _g1) = logits.device_ptr(st);
+        let (io, _g2) = r.io.device_ptr_mut(st);
+        let (pp, _g3) = r.partials.device_ptr_mut(st);
+        let (cp, _g4) = r.counters.device_ptr_mut(st);
+        let params = SoftmaxStatsV3Params {
+            logits: lp as *const u8,
+            out: (io + (n * (DESC + ACCUM)) as u64) as *mut RowStats,
+            accum: (io + (n * DESC) as u64) as *mut FeatureAccum,
+            partials: pp as *mut StatsState,
+            counters: cp as *mut u32,
+            row_params: io as *const StatsRow,
+            rows: n as u32,
+            logit_rows: (logits.len() / v) as u32,
+            vocab: v as u32,
+            row_stride: v as u32,
+            accum_slots: n as u32,
+            splits: plan.splits,
+            chunk_vecs: plan.chunk_vecs,
+            _pad: 0,
+        };
+        // SAFETY: `rows_upload` checked the n descriptions (rows of `logits`, distinct slots
+        // 0..n) and put them and the accumulators in `io` at the offsets above (each 4- or 8-byte
+        // aligned: 40 · n and 64 · n bytes in); n ≤ cap, so the scratch holds what the plan
+        // needs, and every launch leaves its counters zero; the caller keeps the buffers alive
+        // until the stream has passed the launch.
+        unsafe { self.launch_stats_v3(Dtype::F32, params, &plan) }
+    }
+
+    /// Mean time of the statistics of `rows` of f32 `logits` (uploaded once), each row with its
+    /// options, cold L2, launches only: v3's one launch (`one_launch`), or v2's one launch per
+    /// row as batched decoding made them before v3. The copies around them are one each way in
+    /// both, so not timed.
+    pub fn time_rows_stats(
+        &self,
+        logits: &Logits<'_>,
+        rows: &[usize],
+        opts: &[StatsOptions],
+        iters: u32,
+        one_launch: bool,
+    ) -> Result<std::time::Duration> {
+        let crate::stats::LogitsData::F32(x) = logits.data() else {
+            return Err(Error::Other(
+                "batched row statistics are timed on f32 logits, as the forward pass leaves them"
+                    .to_string(),
+            ));
+        };
+        let (n, v) = (rows.len(), logits.vocab());
+        let accums = vec![FeatureAccum::EMPTY; n];
+        let d_logits = self.stream.clone_htod(x)?;
+        if one_launch {
+            let mut r = self.resident_rows(n, v)?;
+            let n = self.rows_upload(&mut r, &d_logits, rows, opts, &accums)?;
+            return self.time_cold(iters, || self.rows_launch(&mut r, &d_logits, n));
         }
-        r.staging.resize(n * (ACCUM + STATS), 0);
-        st.memcpy_dtoh(
-            &r.io.slice(n * DESC..n * (DESC + ACCUM + STATS)),
-            &mut r.staging[..],
-        )?;
-        let (a, s) = r.staging.split_at(n * ACCUM);
-        bytemuck::cast_slice_mut::<FeatureAccum, u8>(accums).copy_from_slice(a);
-        out.resize(n, RowStats::default());
-        bytemuck::cast_slice_mut::<RowStats, u8>(&mut out[..]).copy_from_slice(s);
-        Ok(())
+        check_stats_rows(rows, opts, n, logits.rows())?;
+        let mut r = self.resident_stats(v)?;
+        let mut out = self.stream.alloc_zeros::<u32>(n.max(1) * STATS / 4)?;
+        let mut acc = self.stream.alloc_zeros::<u32>(n.max(1) * ACCUM / 4)?;
+        self.time_cold(iters, || {
+            for (k, (&row, o)) in rows.iter().zip(opts).enumerate() {
+                self.stats_enqueue(&mut r, &d_logits, row, o, &mut out, k, &mut acc, k)?;
+            }
+            Ok(())
+        })
     }
 
     /// Statistics of host logits by the v3 kernel (uploads, launches, downloads): launch row k
