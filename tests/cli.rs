@@ -84,6 +84,49 @@ fn bad_arguments_fail_with_a_message_not_a_panic() {
     assert!(!ok);
     assert!(stderr.contains("--seconds must be positive"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // v3 is the statistics kernel's alone.
+    for (kernel, most) in [("verify", 2), ("softmax_stats", 3)] {
+        let (ok, _, stderr) = speckv(&[
+            "--backend",
+            "cpu",
+            "plan",
+            "--kernel",
+            kernel,
+            "--version",
+            "4",
+            "--rows",
+            "1",
+            "--batch",
+            "1",
+            "--gamma",
+            "1",
+            "--vocab",
+            "8",
+        ]);
+        assert!(!ok);
+        assert!(
+            stderr.contains(&format!(
+                "--version must be 1 to {most} for this kernel, got 4"
+            )),
+            "{stderr}"
+        );
+    }
+    let (ok, _, stderr) = speckv(&[
+        "--backend",
+        "cpu",
+        "plan",
+        "--kernel",
+        "verify",
+        "--version",
+        "3",
+        "--batch",
+        "1",
+        "--gamma",
+        "1",
+        "--vocab",
+        "8",
+    ]);
+    assert!(!ok && stderr.contains("must be 1 to 2"), "{stderr}");
 }
 
 #[test]
@@ -185,6 +228,27 @@ fn plan_json_is_what_the_backend_launches() {
         "--dtype",
         "f16",
     ]);
+    assert_eq!(distinct(seen), planned(&p));
+
+    // softmax_stats v3, 4 described rows (out of order, one read twice) of those 3 rows.
+    let opts = [StatsOptions::default(); 4];
+    let mut acc = [speckv::FeatureAccum::EMPTY; 4];
+    let (r, seen) =
+        record_launches(|| emu.softmax_stats_v3(&l, &[2, 0, 2, 1], &opts, &mut acc, 132));
+    r.unwrap();
+    let p = plan(&[
+        "--kernel",
+        "softmax_stats",
+        "--version",
+        "3",
+        "--rows",
+        "4",
+        "--vocab",
+        "5000",
+        "--dtype",
+        "f16",
+    ]);
+    assert_eq!(p["entry"], "softmax_stats_v3_f16");
     assert_eq!(distinct(seen), planned(&p));
 
     // verify v2, 2 sequences, γ = 3, logits draft (the draft rows' statistics launch included).

@@ -74,7 +74,10 @@ impl CudaBackend {
         self.rows_launch(r, logits, n)?;
         let st = &self.stream;
         r.staging.resize(n * (ACCUM + STATS), 0);
-        st.memcpy_dtoh(&r.io.slice(n * DESC..n * (DESC + ACCUM + STATS)), &mut r.staging[..])?;
+        st.memcpy_dtoh(
+            &r.io.slice(n * DESC..n * (DESC + ACCUM + STATS)),
+            &mut r.staging[..],
+        )?;
         let (a, s) = r.staging.split_at(n * ACCUM);
         bytemuck::cast_slice_mut::<FeatureAccum, u8>(accums).copy_from_slice(a);
         out.resize(n, RowStats::default());
