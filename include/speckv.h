@@ -55,6 +55,21 @@
 #define SPECKV_ROW_BAD_TEMPERATURE 4
 
 /*
+ [`speckv_softmax_stats_rows`] on CUDA: the row's description named a logits row or an
+ accumulator slot the call does not have (NaN statistics, tokens −1, nothing accumulated).
+ */
+#define SPECKV_ROW_BAD_INDEX 8
+
+/*
+ `SpeckvStatsRow.flags` bits: draw a token; update the row's accumulator; start it afresh.
+ */
+#define SPECKV_STATS_SAMPLE 1
+
+#define SPECKV_STATS_ACCUMULATE 2
+
+#define SPECKV_STATS_ACCUM_RESET 4
+
+/*
  Per-sequence flags of [`speckv_verify`] (a flagged sequence accepts and emits nothing):
  non-finite logits or probabilities (NaN / inf logits, x / T overflowing, p(x), q(x), their ratio
  or a draft probability not in [0, 1]), an all-masked row, γ_b outside 0..=gamma_max, a drafted
@@ -252,6 +267,82 @@ typedef struct SpeckvStatsArgs {
 } SpeckvStatsArgs;
 
 /*
+ One row of a `softmax_stats_v3` launch: which logits row it reads, with its own options, and
+ which accumulator it updates — the per-row state a batch of sequences needs (each sequence has
+ its seed, random step, temperature and place in its speculation step), so a whole batch's rows
+ take one launch instead of one each.
+ */
+typedef struct StatsRow {
+  /*
+   Philox seed and step of this row's draw.
+   */
+  uint64_t seed;
+  uint64_t step;
+  /*
+   Row of `logits` this launch row reads (`< logit_rows`).
+   */
+  uint32_t row;
+  /*
+   Philox stream of the draw (v2 uses its launch row; a one-row launch, stream 0).
+   */
+  uint32_t stream;
+  /*
+   Softmax temperature, 0 for greedy.
+   */
+  float temperature;
+  /*
+   `STATS_SAMPLE`, `STATS_ACCUMULATE`, `STATS_ACCUM_RESET` (other bits are ignored: v3 does not
+   decide γ or stop).
+   */
+  uint32_t flags;
+  /*
+   The accumulator this row updates, `accum[accum_slot]` (`< accum_slots`); two accumulating
+   rows of one launch must not share one.
+   */
+  uint32_t accum_slot;
+  uint32_t _pad;
+} StatsRow;
+
+/*
+ One row of [`speckv_softmax_stats_rows`] (the kernels' `StatsRow`, 40 bytes): the logits row
+ it reads, its Philox seed, step and stream, temperature, `SPECKV_STATS_*` flags and accumulator
+ slot.
+ */
+typedef struct StatsRow SpeckvStatsRow;
+
+/*
+ Arguments of [`speckv_softmax_stats_rows`]: `rows` described rows of a `[logit_rows,
+ row_stride]` logits buffer, each with its own options and accumulator.
+ */
+typedef struct SpeckvStatsRowsArgs {
+  /*
+   `[logit_rows, row_stride]` logits (`dtype`).
+   */
+  const void *logits;
+  uint32_t dtype;
+  uint32_t logit_rows;
+  uint32_t vocab;
+  /*
+   Elements between rows, ≥ vocab.
+   */
+  uint32_t row_stride;
+  /*
+   `[rows]` row descriptions.
+   */
+  const SpeckvStatsRow *row_params;
+  uint32_t rows;
+  /*
+   Accumulators at `accum` (0 when `accum` is null: then no row may accumulate).
+   */
+  uint32_t accum_slots;
+  SpeckvFeatureAccum *accum;
+  /*
+   `[rows]` output: row k's statistics at `out[k]`.
+   */
+  SpeckvRowStats *out;
+} SpeckvStatsRowsArgs;
+
+/*
  Arguments of [`speckv_verify`]: `batch` sequences, each with γ_b ≤ `gamma_max` drafts.
  */
 typedef struct SpeckvVerifyArgs {
@@ -384,6 +475,20 @@ enum SpeckvStatus speckv_load_controller(struct SpeckvContext *ctx,
  */
 enum SpeckvStatus speckv_softmax_stats(const struct SpeckvContext *ctx,
                                        const struct SpeckvStatsArgs *args);
+
+/*
+ Softmax statistics of described rows — each its logits row, seed, step, stream, temperature,
+ flags and accumulator slot — in one pass: a batch of sequences at different places in their
+ speculation steps. Row k draws as [`speckv_softmax_stats`] draws row `stream` with the same
+ seed and step. CPU: synchronous; the descriptions are checked (a missing row or slot, a bad
+ temperature, an unknown flag, two accumulating rows sharing a slot: `InvalidArgument`).
+ CUDA: every pointer a device pointer, asynchronous on the context's stream; the descriptions
+ are device memory the host does not read: the kernel flags a row or slot the call lacks
+ (`SPECKV_ROW_BAD_INDEX`) and a bad temperature, and two accumulating rows sharing a slot are
+ the caller's error (that slot's value is undefined).
+ */
+enum SpeckvStatus speckv_softmax_stats_rows(const struct SpeckvContext *ctx,
+                                            const struct SpeckvStatsRowsArgs *args);
 
 /*
  γ for each of `batch` sequences from their draft features (`accum`, from the statistics pass

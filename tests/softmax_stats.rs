@@ -1332,6 +1332,16 @@ fn emulator_v3_flags_descriptions_it_cannot_follow() {
         acc[2],
         acc1[2]
     );
+    // Two accumulating rows naming one slot race: the sanitizer reports it, nothing is returned.
+    let shared = [row(0, 1.0, add, 1), row(1, 1.0, add, 1)];
+    let plan2 = speckv::plan::softmax_stats_v3(2, vocab as u32, Dtype::F32, 13).1;
+    let e = emu
+        .softmax_stats_v3_unchecked(&l, &shared, &mut initial.clone(), &plan2)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("global write race on `accum`"),
+        "{e}"
+    );
 }
 
 /// What a v3 call is refused for, before anything is launched, with what was wrong: options or
@@ -1454,5 +1464,74 @@ fn cuda_v3_matches_the_cpu_backend_row_by_row() {
                 );
             }
         }
+    }
+}
+
+/// The CPU twin of v3 (`CpuBackend::softmax_stats_rows`) against the emulated kernel on the same
+/// descriptions, streams other than 0 included: tokens, argmax and flags exact, statistics and
+/// accumulators within tolerance; and the one-options CPU pass is its case of rows 0..n.
+#[test]
+fn cpu_rows_twin_matches_the_emulated_v3_kernel() {
+    use speckv::StatsRow;
+    let (logit_rows, vocab) = (5usize, 3001usize);
+    let input = Input::new(common::normal_logits(logit_rows * vocab, 2.5, 970));
+    let cpu = CpuBackend::new();
+    for dtype in Dtype::ALL {
+        let l = Logits::dense(input.data(dtype), vocab).unwrap();
+        let desc: Vec<StatsRow> = (0..7usize)
+            .map(|k| {
+                let o = v3_options(k);
+                StatsRow {
+                    seed: o.seed,
+                    step: o.step,
+                    row: ((k * 3) % logit_rows) as u32,
+                    stream: (k * 11) as u32,
+                    temperature: o.temperature,
+                    flags: o.kernel_flags(),
+                    accum_slot: k as u32,
+                    _pad: 0,
+                }
+            })
+            .collect();
+        let mut a_cpu = v3_accums(desc.len());
+        let mut a_emu = a_cpu.clone();
+        let got = cpu.softmax_stats_rows(&l, &desc, &mut a_cpu).unwrap();
+        let plan = speckv::plan::softmax_stats_v3(desc.len() as u32, vocab as u32, dtype, 13).1;
+        let want = speckv::backend::emulate::Emulator::new(64)
+            .softmax_stats_v3_unchecked(&l, &desc, &mut a_emu, &plan)
+            .unwrap();
+        for k in 0..desc.len() {
+            let ctx = format!("{dtype:?} row {k}: cpu {:?} emulator {:?}", got[k], want[k]);
+            assert_eq!(
+                (got[k].argmax, got[k].sampled, got[k].flags),
+                (want[k].argmax, want[k].sampled, want[k].flags),
+                "{ctx}"
+            );
+            assert!(
+                common::close(got[k].entropy as f64, want[k].entropy as f64, 1e-5, 1e-6),
+                "{ctx}"
+            );
+            assert!(accum_close(&a_cpu[k], &a_emu[k]), "{ctx}");
+        }
+        // Rows 0..n, stream r, one set of options: the one-options pass, bit for bit.
+        let o = v3_options(1);
+        let same: Vec<StatsRow> = (0..logit_rows)
+            .map(|r| StatsRow {
+                seed: o.seed,
+                step: o.step,
+                row: r as u32,
+                stream: r as u32,
+                temperature: o.temperature,
+                flags: o.kernel_flags(),
+                accum_slot: r as u32,
+                _pad: 0,
+            })
+            .collect();
+        let mut a1 = v3_accums(logit_rows);
+        let mut a2 = a1.clone();
+        let rows = cpu.softmax_stats_rows(&l, &same, &mut a1).unwrap();
+        let pass = cpu.softmax_stats(&l, &o, Some(&mut a2)).unwrap();
+        assert_eq!(rows, pass, "{dtype:?}");
+        assert_eq!(a1, a2, "{dtype:?}");
     }
 }

@@ -23,7 +23,9 @@ use speckv::controller::{Controller, CostModel};
 use speckv::error::Error;
 use speckv::stats::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
 use speckv::verify::{DraftDist, VerifyBatch};
-use speckv_kernels::params::{FeatureAccum, GammaMlpParams, MlpWeights, RowStats};
+use speckv_kernels::params::{
+    FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsV3Params, StatsRow,
+};
 
 /// What a call did.
 #[repr(C)]
@@ -78,6 +80,14 @@ pub const SPECKV_DEVICE_CUDA: u32 = 1;
 pub const SPECKV_ROW_NONFINITE: u32 = 1;
 pub const SPECKV_ROW_ALL_MASKED: u32 = 2;
 pub const SPECKV_ROW_BAD_TEMPERATURE: u32 = 4;
+/// [`speckv_softmax_stats_rows`] on CUDA: the row's description named a logits row or an
+/// accumulator slot the call does not have (NaN statistics, tokens −1, nothing accumulated).
+pub const SPECKV_ROW_BAD_INDEX: u32 = 8;
+
+/// `SpeckvStatsRow.flags` bits: draw a token; update the row's accumulator; start it afresh.
+pub const SPECKV_STATS_SAMPLE: u32 = 1;
+pub const SPECKV_STATS_ACCUMULATE: u32 = 2;
+pub const SPECKV_STATS_ACCUM_RESET: u32 = 4;
 
 /// Per-sequence flags of [`speckv_verify`] (a flagged sequence accepts and emits nothing):
 /// non-finite logits or probabilities (NaN / inf logits, x / T overflowing, p(x), q(x), their ratio
@@ -105,6 +115,10 @@ mod same_as_kernels {
     const _: () = assert!(super::SPECKV_ROW_NONFINITE == k::ROW_NONFINITE);
     const _: () = assert!(super::SPECKV_ROW_ALL_MASKED == k::ROW_ALL_MASKED);
     const _: () = assert!(super::SPECKV_ROW_BAD_TEMPERATURE == k::ROW_BAD_TEMPERATURE);
+    const _: () = assert!(super::SPECKV_ROW_BAD_INDEX == k::ROW_BAD_INDEX);
+    const _: () = assert!(super::SPECKV_STATS_SAMPLE == k::STATS_SAMPLE);
+    const _: () = assert!(super::SPECKV_STATS_ACCUMULATE == k::STATS_ACCUMULATE);
+    const _: () = assert!(super::SPECKV_STATS_ACCUM_RESET == k::STATS_ACCUM_RESET);
     const _: () = assert!(super::SPECKV_VERIFY_NONFINITE == k::VERIFY_NONFINITE);
     const _: () = assert!(super::SPECKV_VERIFY_ALL_MASKED == k::VERIFY_ALL_MASKED);
     const _: () = assert!(super::SPECKV_VERIFY_BAD_GAMMA == k::VERIFY_BAD_GAMMA);
@@ -144,6 +158,33 @@ pub struct SpeckvStatsArgs {
     /// `[rows]` accumulators (required unless accumulate is NO).
     pub accum: *mut SpeckvFeatureAccum,
     /// `[rows]` output.
+    pub out: *mut SpeckvRowStats,
+}
+
+/// One row of [`speckv_softmax_stats_rows`] (the kernels' `StatsRow`, 40 bytes): the logits row
+/// it reads, its Philox seed, step and stream, temperature, `SPECKV_STATS_*` flags and accumulator
+/// slot.
+pub type SpeckvStatsRow = StatsRow;
+
+/// Arguments of [`speckv_softmax_stats_rows`]: `rows` described rows of a `[logit_rows,
+/// row_stride]` logits buffer, each with its own options and accumulator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SpeckvStatsRowsArgs {
+    /// `[logit_rows, row_stride]` logits (`dtype`).
+    pub logits: *const c_void,
+    pub dtype: u32,
+    pub logit_rows: u32,
+    pub vocab: u32,
+    /// Elements between rows, ≥ vocab.
+    pub row_stride: u32,
+    /// `[rows]` row descriptions.
+    pub row_params: *const SpeckvStatsRow,
+    pub rows: u32,
+    /// Accumulators at `accum` (0 when `accum` is null: then no row may accumulate).
+    pub accum_slots: u32,
+    pub accum: *mut SpeckvFeatureAccum,
+    /// `[rows]` output: row k's statistics at `out[k]`.
     pub out: *mut SpeckvRowStats,
 }
 
@@ -650,6 +691,104 @@ pub unsafe extern "C" fn speckv_softmax_stats(
                 };
                 // SAFETY: device buffers of the stated shapes (contract).
                 unsafe { cuda.softmax_stats(dt, &p, *stream) }.st()
+            }
+        }
+    })
+}
+
+/// Softmax statistics of described rows — each its logits row, seed, step, stream, temperature,
+/// flags and accumulator slot — in one pass: a batch of sequences at different places in their
+/// speculation steps. Row k draws as [`speckv_softmax_stats`] draws row `stream` with the same
+/// seed and step. CPU: synchronous; the descriptions are checked (a missing row or slot, a bad
+/// temperature, an unknown flag, two accumulating rows sharing a slot: `InvalidArgument`).
+/// CUDA: every pointer a device pointer, asynchronous on the context's stream; the descriptions
+/// are device memory the host does not read: the kernel flags a row or slot the call lacks
+/// (`SPECKV_ROW_BAD_INDEX`) and a bad temperature, and two accumulating rows sharing a slot are
+/// the caller's error (that slot's value is undefined).
+#[no_mangle]
+pub unsafe extern "C" fn speckv_softmax_stats_rows(
+    ctx: *const SpeckvContext,
+    args: *const SpeckvStatsRowsArgs,
+) -> SpeckvStatus {
+    guard(|| {
+        let c = ctx_ref(ctx)?;
+        non_null(args, "args")?;
+        // SAFETY: non-null, readable (contract).
+        let a = unsafe { *args };
+        let dt = dtype(a.dtype)?;
+        if a.rows == 0 {
+            return Ok(());
+        }
+        non_null(a.logits, "args.logits")?;
+        non_null(a.row_params, "args.row_params")?;
+        non_null(a.out, "args.out")?;
+        aligned_to(a.logits, dt.size(), "args.logits")?;
+        aligned(a.row_params, "args.row_params")?;
+        aligned(a.out, "args.out")?;
+        aligned(a.accum, "args.accum")?;
+        if a.accum.is_null() != (a.accum_slots == 0) {
+            return fail(
+                SpeckvStatus::InvalidArgument,
+                format!(
+                    "args.accum is {} but accum_slots is {}: give both or neither",
+                    if a.accum.is_null() { "null" } else { "set" },
+                    a.accum_slots
+                ),
+            );
+        }
+        let (rows, slots) = (a.rows as usize, a.accum_slots as usize);
+        let (logit_rows, vocab, stride) = (
+            a.logit_rows as usize,
+            a.vocab as usize,
+            a.row_stride as usize,
+        );
+        if logit_rows == 0 || vocab == 0 || stride < vocab {
+            return fail(
+                SpeckvStatus::BadShape,
+                format!(
+                    "logit_rows {logit_rows} and vocab {vocab} must be ≥ 1, vocab ≤ row_stride \
+                     {stride}"
+                ),
+            );
+        }
+        let len = span(logit_rows, stride, vocab)?;
+        match &c.device {
+            Device::Cpu(cpu) => {
+                // SAFETY: `len` elements at `a.logits`, `rows` descriptions and `slots`
+                // accumulators, per the header's shape contract, used only during this call.
+                let data = unsafe { logits_at(a.logits, dt, len) };
+                let desc = unsafe { std::slice::from_raw_parts(a.row_params, rows) };
+                let accum: &mut [FeatureAccum] = if slots == 0 {
+                    &mut []
+                } else {
+                    unsafe { std::slice::from_raw_parts_mut(a.accum, slots) }
+                };
+                let l = Logits::new(data, logit_rows, vocab, stride).st()?;
+                let stats = cpu.softmax_stats_rows(&l, desc, accum).st()?;
+                // SAFETY: `rows` writable outputs (contract).
+                unsafe { std::ptr::copy_nonoverlapping(stats.as_ptr(), a.out, rows) };
+                Ok(())
+            }
+            Device::Cuda { cuda, stream } => {
+                let p = SoftmaxStatsV3Params {
+                    logits: a.logits as *const u8,
+                    out: a.out,
+                    accum: a.accum,
+                    partials: std::ptr::null_mut(),
+                    counters: std::ptr::null_mut(),
+                    row_params: a.row_params,
+                    rows: a.rows,
+                    logit_rows: a.logit_rows,
+                    vocab: a.vocab,
+                    row_stride: a.row_stride,
+                    accum_slots: a.accum_slots,
+                    splits: 0,
+                    chunk_vecs: 0,
+                    _pad: 0,
+                };
+                // SAFETY: device buffers of the stated shapes (contract); the kernel flags
+                // descriptions naming rows or slots past them.
+                unsafe { cuda.softmax_stats_rows(dt, &p, *stream) }.st()
             }
         }
     })

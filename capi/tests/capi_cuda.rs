@@ -118,6 +118,80 @@ fn c_abi_on_a_caller_cuda_stream_matches_cpu() {
                 tokens[b * G + j] = h_stats[b].sampled;
             }
         }
+        // Described rows (out of order, their own seeds, steps, streams, temperatures and
+        // accumulators) in one pass, on both; then a row past the logits, flagged on the device.
+        let n = 6usize;
+        let mut desc: Vec<SpeckvStatsRow> = (0..n)
+            .map(|k| SpeckvStatsRow {
+                seed: 3 + k as u64,
+                step: k as u64,
+                row: ((k * 5) % (B * G)) as u32,
+                stream: k as u32,
+                temperature: if k % 3 == 0 { 0.0 } else { 0.7 },
+                flags: SPECKV_STATS_SAMPLE
+                    | SPECKV_STATS_ACCUMULATE
+                    | if k % 2 == 0 {
+                        SPECKV_STATS_ACCUM_RESET
+                    } else {
+                        0
+                    },
+                accum_slot: k as u32,
+                _pad: 0,
+            })
+            .collect();
+        let mut h_rows = vec![RowStats::default(); n];
+        let mut h_racc = vec![FeatureAccum::EMPTY; n];
+        let mut ra = SpeckvStatsRowsArgs {
+            logits: draft.as_ptr() as *const c_void,
+            dtype: SPECKV_DTYPE_F32,
+            logit_rows: (B * G) as u32,
+            vocab: V as u32,
+            row_stride: V as u32,
+            row_params: desc.as_ptr(),
+            rows: n as u32,
+            accum_slots: n as u32,
+            accum: h_racc.as_mut_ptr(),
+            out: h_rows.as_mut_ptr(),
+        };
+        assert_eq!(speckv_softmax_stats_rows(cpu, &ra), SpeckvStatus::Ok);
+        desc[n - 1].row = (B * G) as u32; // past the logits: flagged on the device
+        let d_desc = stream
+            .clone_htod(bytemuck::cast_slice::<SpeckvStatsRow, u8>(&desc))
+            .unwrap();
+        let mut d_rows = stream.alloc_zeros::<u8>(n * 32).unwrap();
+        let mut d_racc = stream
+            .clone_htod(bytemuck::cast_slice::<FeatureAccum, u8>(
+                &[FeatureAccum::EMPTY; 6],
+            ))
+            .unwrap();
+        {
+            let (dl, _g0) = d_draft.device_ptr(&stream);
+            let (dd, _g1) = d_desc.device_ptr(&stream);
+            let (ds, _g2) = d_rows.device_ptr_mut(&stream);
+            let (da, _g3) = d_racc.device_ptr_mut(&stream);
+            ra.logits = dl as *const c_void;
+            ra.row_params = dd as *const SpeckvStatsRow;
+            ra.out = ds as *mut RowStats;
+            ra.accum = da as *mut FeatureAccum;
+            assert_eq!(speckv_softmax_stats_rows(gpu, &ra), SpeckvStatus::Ok);
+        }
+        let got: Vec<u8> = stream.clone_dtoh(&d_rows).unwrap();
+        let got: &[RowStats] = bytemuck::cast_slice(&got);
+        let acc: Vec<u8> = stream.clone_dtoh(&d_racc).unwrap();
+        let acc: &[FeatureAccum] = bytemuck::cast_slice(&acc);
+        for k in 0..n - 1 {
+            assert_eq!(
+                (got[k].argmax, got[k].sampled, got[k].flags),
+                (h_rows[k].argmax, h_rows[k].sampled, h_rows[k].flags),
+                "described row {k}"
+            );
+            assert!((got[k].entropy - h_rows[k].entropy).abs() < 1e-4);
+            assert_eq!(acc[k].count, h_racc[k].count);
+            assert!((acc[k].entropy_sum - h_racc[k].entropy_sum).abs() < 1e-4);
+        }
+        assert_eq!(got[n - 1].flags, SPECKV_ROW_BAD_INDEX);
+        assert_eq!(acc[n - 1].count, 0, "a flagged row accumulates nothing");
+
         // γ on the device from the device accumulators, and on the CPU.
         let mut h_g = [0i32; B];
         assert_eq!(

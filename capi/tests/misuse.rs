@@ -271,3 +271,122 @@ fn ptx_export_and_cuda_without_a_driver() {
     let v = unsafe { CStr::from_ptr(speckv_version()) };
     assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
 }
+
+/// Described rows on the CPU: each row as the one-options pass gives it when its description says
+/// the same (logits row r, stream r), accumulators too; then what a call is refused for.
+#[test]
+fn stats_rows_match_the_one_options_pass_and_misuse_is_reported() {
+    let ctx = cpu();
+    let (rows, vocab) = (3usize, 37usize);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7919) % 101) as f32 / 16.0 - 3.0)
+        .collect();
+    let mut want = vec![RowStats::default(); rows];
+    let mut want_acc = vec![FeatureAccum::EMPTY; rows];
+    let mut one = stats_args(&logits, &mut want, rows as u32, vocab as u32);
+    (one.temperature, one.sample, one.seed, one.step) = (0.8, 1, 5, 2);
+    one.accumulate = SPECKV_ACCUMULATE_ADD;
+    one.accum = want_acc.as_mut_ptr();
+    let order = [2u32, 0, 1];
+    let desc: Vec<SpeckvStatsRow> = order
+        .iter()
+        .map(|&r| SpeckvStatsRow {
+            seed: 5,
+            step: 2,
+            row: r,
+            stream: r,
+            temperature: 0.8,
+            flags: SPECKV_STATS_SAMPLE | SPECKV_STATS_ACCUMULATE,
+            accum_slot: r,
+            _pad: 0,
+        })
+        .collect();
+    let mut out = vec![RowStats::default(); rows];
+    let mut acc = vec![FeatureAccum::EMPTY; rows];
+    let args = |desc: &[SpeckvStatsRow], out: &mut [RowStats], acc: &mut [FeatureAccum]| {
+        SpeckvStatsRowsArgs {
+            logits: logits.as_ptr() as *const c_void,
+            dtype: SPECKV_DTYPE_F32,
+            logit_rows: rows as u32,
+            vocab: vocab as u32,
+            row_stride: vocab as u32,
+            row_params: desc.as_ptr(),
+            rows: desc.len() as u32,
+            accum_slots: acc.len() as u32,
+            accum: acc.as_mut_ptr(),
+            out: out.as_mut_ptr(),
+        }
+    };
+    // SAFETY (every call below): buffers of the stated shapes or deliberately null/bad values.
+    unsafe {
+        assert_eq!(speckv_softmax_stats(ctx, &one), SpeckvStatus::Ok);
+        let good = args(&desc, &mut out, &mut acc);
+        assert_eq!(speckv_softmax_stats_rows(ctx, &good), SpeckvStatus::Ok);
+        for (k, &r) in order.iter().enumerate() {
+            assert_eq!(
+                out[k], want[r as usize],
+                "described row {k} (logits row {r})"
+            );
+            assert!(out[k].sampled >= 0);
+        }
+        assert_eq!(acc, want_acc);
+
+        let mut a = good;
+        a.rows = 0;
+        a.row_params = null();
+        assert_eq!(
+            speckv_softmax_stats_rows(ctx, &a),
+            SpeckvStatus::Ok,
+            "no rows, nothing"
+        );
+        let mut a = good;
+        a.row_params = null();
+        assert_eq!(
+            speckv_softmax_stats_rows(ctx, &a),
+            SpeckvStatus::NullPointer
+        );
+        assert!(last_error().contains("row_params"), "{}", last_error());
+        let mut a = good;
+        a.accum = null_mut();
+        assert_eq!(
+            speckv_softmax_stats_rows(ctx, &a),
+            SpeckvStatus::InvalidArgument
+        );
+        assert!(
+            last_error().contains("give both or neither"),
+            "{}",
+            last_error()
+        );
+        let mut a = good;
+        a.dtype = 9;
+        assert_eq!(speckv_softmax_stats_rows(ctx, &a), SpeckvStatus::BadDtype);
+        let mut a = good;
+        a.row_stride = 4;
+        assert_eq!(speckv_softmax_stats_rows(ctx, &a), SpeckvStatus::BadShape);
+        type Edit = fn(&mut SpeckvStatsRow);
+        let bad: [(Edit, &str); 5] = [
+            (|d| d.row = 3, "reads logits row 3 of 3"),
+            (|d| d.accum_slot = 2, "share accumulator slot 2"),
+            (|d| d.accum_slot = 7, "accumulates into slot 7 of 3"),
+            (|d| d.flags |= 8, "flags 0xb"),
+            (|d| d.temperature = -1.0, "temperature"),
+        ];
+        for (edit, message) in bad {
+            let mut d = desc.clone();
+            edit(&mut d[1]);
+            let before = acc.clone();
+            let a = args(&d, &mut out, &mut acc);
+            assert_eq!(
+                speckv_softmax_stats_rows(ctx, &a),
+                SpeckvStatus::InvalidArgument
+            );
+            assert!(
+                last_error().contains(message),
+                "{message}: {}",
+                last_error()
+            );
+            assert_eq!(acc, before, "{message}: a refused call changes nothing");
+        }
+        speckv_context_destroy(ctx);
+    }
+}

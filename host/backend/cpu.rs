@@ -60,6 +60,17 @@ impl CpuBackend {
         stats::cpu::softmax_stats(self.threads, logits, opts, accum)
     }
 
+    /// The statistics of the described rows (`softmax_stats_v3`'s twin: each row its logits row,
+    /// seed, step, stream, temperature, flags and accumulator slot), launch row k at `out[k]`.
+    pub fn softmax_stats_rows(
+        &self,
+        logits: &Logits<'_>,
+        desc: &[speckv_kernels::params::StatsRow],
+        accum: &mut [FeatureAccum],
+    ) -> Result<Vec<RowStats>> {
+        stats::rows::softmax_stats_rows(self.threads, logits, desc, accum)
+    }
+
     /// [`CpuBackend::softmax_stats`] into `scratch` (no allocation once it has held as many rows).
     pub fn softmax_stats_into<'s>(
         &self,

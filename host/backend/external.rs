@@ -12,7 +12,7 @@ use cudarc::driver::sys::{
     self, CUcontext, CUdevice_attribute, CUfunction, CUmodule, CUresult, CUstream,
 };
 use speckv_kernels::params::{
-    GammaMlpParams, SoftmaxStatsParams, SoftmaxStatsV2Params, VerifyParams,
+    GammaMlpParams, SoftmaxStatsParams, SoftmaxStatsV2Params, SoftmaxStatsV3Params, VerifyParams,
 };
 
 use crate::backend::cuda::{driver_present, KernelFn, GAMMA_BLOCK, STATS_BLOCK, VERIFY_BLOCK};
@@ -280,6 +280,47 @@ impl ExternalCuda {
                 plan.shared_bytes,
                 stream,
                 &p2,
+            )
+        }
+    }
+
+    /// `softmax_stats_v3` on the caller's buffers: `p`'s logits, outputs, accumulators and row
+    /// descriptions are the caller's; its scratch fields are ignored — the scratch is this
+    /// context's workspace, the plan this device's.
+    ///
+    /// # Safety
+    /// As [`ExternalCuda::softmax_stats`]; `p.row_params` holds `p.rows` descriptions in device
+    /// memory, and no two accumulating ones name one slot.
+    pub unsafe fn softmax_stats_rows(
+        &self,
+        dtype: Dtype,
+        p: &SoftmaxStatsV3Params,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let (_, plan) = crate::plan::softmax_stats_v3(p.rows, p.vocab, dtype, self.sm_count);
+        let counters = (p.rows as usize * 4).next_multiple_of(16);
+        let partials = p.rows as usize
+            * plan.splits as usize
+            * std::mem::size_of::<speckv_kernels::params::StatsState>();
+        let ws = self.workspace(counters + partials, stream)?;
+        // Shared with every launch of this context: this launch's counters zeroed first.
+        self.zero_async(ws, counters, stream)?;
+        let p3 = SoftmaxStatsV3Params {
+            partials: (ws + counters as u64) as *mut speckv_kernels::params::StatsState,
+            counters: ws as *mut u32,
+            splits: plan.splits,
+            chunk_vecs: plan.chunk_vecs,
+            ..*p
+        };
+        // SAFETY: forwarded; the scratch is sized for this plan, its counters zero.
+        unsafe {
+            self.launch(
+                KernelFn::SoftmaxStatsV3(dtype),
+                plan.grid,
+                plan.block,
+                plan.shared_bytes,
+                stream,
+                &p3,
             )
         }
     }

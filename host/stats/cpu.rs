@@ -9,17 +9,17 @@
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use rayon::prelude::*;
 use speckv_kernels::params::{FeatureAccum, RowStats, ROW_ALL_MASKED, ROW_NONFINITE};
 use speckv_kernels::philox;
 
+use super::rows::{rows_into, RowJob};
 use crate::error::Result;
 use crate::stats::{check_accum, Accumulate, Logits, LogitsData, StatsOptions};
 
 const TILE: usize = 1024;
 const LANES: usize = 8;
 /// Below this many elements a row is not split across threads.
-const MIN_SEGMENT: usize = 16 * 1024;
+pub(super) const MIN_SEGMENT: usize = 16 * 1024;
 
 /// Statistics of every row on `threads` threads; updates `accum` as `opts.accumulate` says.
 pub fn softmax_stats(
@@ -51,40 +51,23 @@ pub fn softmax_stats_into<'s>(
 ) -> Result<&'s [RowStats]> {
     opts.validate()?;
     check_accum(accum.as_ref().map(|a| a.len()), logits.rows(), opts)?;
-    let greedy = opts.temperature == 0.0;
-    let inv_t = if greedy { 1.0 } else { 1.0 / opts.temperature };
-    let sample = !greedy && opts.sample;
-    let rows = logits.rows();
-    let vocab = logits.vocab();
-    let per_row = if rows >= threads {
-        1
-    } else {
-        (2 * threads)
-            .div_ceil(rows)
-            .min(vocab.div_ceil(MIN_SEGMENT))
-            .max(1)
+    let stride = logits.row_stride();
+    let job = |r: usize| RowJob {
+        base: r * stride,
+        temperature: opts.temperature,
+        sample: opts.sample,
+        rng: (opts.seed, opts.step, r as u32),
     };
-    let seg_len = vocab.div_ceil(per_row);
-    let partials = &mut scratch.partials;
-    partials.clear();
-    partials.resize(rows * per_row, Partial::EMPTY);
-    partials.par_iter_mut().enumerate().for_each(|(job, slot)| {
-        let (row, seg) = (job / per_row, job % per_row);
-        let start = seg * seg_len;
-        let end = ((seg + 1) * seg_len).min(vocab);
-        let base = row * logits.row_stride();
-        let rng = sample.then_some((opts.seed, opts.step, row as u32));
-        *slot = segment_dispatch(logits.data(), base, start, end, inv_t, rng);
-    });
     let out = &mut scratch.rows;
-    out.clear();
-    out.extend(partials.chunks(per_row).map(|parts| {
-        let mut p = Partial::EMPTY;
-        for q in parts {
-            p.merge(q, inv_t);
-        }
-        p.finish(inv_t, greedy, sample)
-    }));
+    rows_into(
+        threads,
+        logits.data(),
+        logits.vocab(),
+        logits.rows(),
+        job,
+        &mut scratch.partials,
+        out,
+    );
     if let Some(acc) = accum {
         if opts.accumulate != Accumulate::No {
             for (a, r) in acc.iter_mut().zip(out.iter()) {
@@ -129,7 +112,7 @@ pub(crate) fn row_summary(
 
 /// A segment's partial state (the CPU twin of the kernel's `StatsState`, with f64 sums).
 #[derive(Clone, Copy, Debug)]
-struct Partial {
+pub(super) struct Partial {
     max: f32,
     argmax: u32,
     sum: f64,
@@ -141,7 +124,7 @@ struct Partial {
 }
 
 impl Partial {
-    const EMPTY: Partial = Partial {
+    pub(super) const EMPTY: Partial = Partial {
         max: f32::NEG_INFINITY,
         argmax: u32::MAX,
         sum: 0.0,
@@ -152,7 +135,7 @@ impl Partial {
         flags: 0,
     };
 
-    fn merge(&mut self, o: &Partial, inv_t: f32) {
+    pub(super) fn merge(&mut self, o: &Partial, inv_t: f32) {
         self.flags |= o.flags;
         if o.key > self.key || (o.key == self.key && o.key_idx < self.key_idx) {
             self.key = o.key;
@@ -183,7 +166,7 @@ impl Partial {
         }
     }
 
-    fn finish(&self, inv_t: f32, greedy: bool, sample: bool) -> RowStats {
+    pub(super) fn finish(&self, inv_t: f32, greedy: bool, sample: bool) -> RowStats {
         let mut flags = self.flags;
         if flags == 0 && self.sum == 0.0 {
             flags |= ROW_ALL_MASKED;
@@ -237,7 +220,7 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
-fn segment_dispatch(
+pub(super) fn segment_dispatch(
     data: LogitsData<'_>,
     base: usize,
     start: usize,

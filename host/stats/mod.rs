@@ -3,6 +3,7 @@
 //! `softmax_stats` kernel.
 
 pub mod cpu;
+pub mod rows;
 
 use half::{bf16, f16};
 use speckv_kernels::params::{

@@ -50,8 +50,9 @@ impl Emulator {
     }
 
     /// `softmax_stats_v3` with row descriptions as another host could write them (any row,
-    /// stream, slot or temperature): the kernel flags what it cannot follow. Only the plan and
-    /// the buffers are checked.
+    /// stream, slot or temperature): the kernel flags what it cannot follow, and two accumulating
+    /// rows naming one slot are the sanitizer's write race (an error). Only the plan and the
+    /// buffers are checked.
     pub fn softmax_stats_v3_unchecked(
         &self,
         logits: &Logits<'_>,
