@@ -28,9 +28,10 @@ import numpy as np
 from . import _speckv
 from ._speckv import SpeckvError, ptx  # noqa: F401
 from ._speckv import (  # noqa: F401  flag bits of RowStats.flags, verify's flags, decide_gamma's flags
-    ROW_NONFINITE, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE, VERIFY_NONFINITE, VERIFY_ALL_MASKED,
-    VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_DRAFT, GAMMA_EMPTY,
-    GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE,
+    ROW_NONFINITE, ROW_ALL_MASKED, ROW_BAD_TEMPERATURE, ROW_BAD_INDEX, VERIFY_NONFINITE,
+    VERIFY_ALL_MASKED, VERIFY_BAD_GAMMA, VERIFY_BAD_TOKEN, VERIFY_BAD_TEMPERATURE, VERIFY_BAD_DRAFT,
+    GAMMA_EMPTY, GAMMA_FLAGGED_ROWS, GAMMA_NONFINITE, STATS_SAMPLE, STATS_ACCUMULATE,
+    STATS_ACCUM_RESET,
 )
 
 __version__ = _speckv.__version__
@@ -47,7 +48,14 @@ ACCUM_FIELDS = [
     ("count", "<u4"), ("flags", "<u4"), ("entropy_sum", "<f4"), ("entropy_max", "<f4"),
     ("confidence_sum", "<f4"), ("confidence_min", "<f4"),
 ]
+# One described row of `softmax_stats_rows` (40 bytes): its logits row, Philox seed, step and
+# stream, temperature, STATS_* flags and accumulator slot.
+ROW_FIELDS = [
+    ("seed", "<u8"), ("step", "<u8"), ("row", "<u4"), ("stream", "<u4"), ("temperature", "<f4"),
+    ("flags", "<u4"), ("accum_slot", "<u4"), ("_pad", "<u4"),
+]
 assert len(STATS_FIELDS) * 4 == _speckv.ROW_STATS_BYTES
+assert np.dtype(ROW_FIELDS).itemsize == _speckv.STATS_ROW_BYTES
 assert len(ACCUM_FIELDS) * 4 == _speckv.FEATURE_ACCUM_BYTES
 
 
@@ -57,6 +65,20 @@ def stats_dtype() -> np.dtype:
 
 def accum_dtype() -> np.dtype:
     return np.dtype(ACCUM_FIELDS)
+
+
+def rows_dtype() -> np.dtype:
+    return np.dtype(ROW_FIELDS)
+
+
+def new_rows(n: int, like: Any = None):
+    """Row descriptions for `softmax_stats_rows` (numpy structured array, or int32 [n, 10] tensor
+    on `like`'s device, to be filled through a host copy)."""
+    if like is not None and _is_torch(like):
+        import torch
+
+        return torch.zeros((n, 10), dtype=torch.int32, device=like.device)
+    return np.zeros(n, dtype=rows_dtype())
 
 
 def _is_torch(x: Any) -> bool:
@@ -236,6 +258,28 @@ class Context:
             acc_addr = _record(accum, "accum", rows, 6, dev)
         self._raw.softmax_stats(addr, _dtype_code(logits), rows, vocab, stride, out_addr,
                                 float(temperature), bool(sample), int(seed), int(step), mode, acc_addr)
+        return out
+
+    def softmax_stats_rows(self, logits: Any, rows: Any, *, accum: Any = None, out: Any = None):
+        """Statistics of described rows of `logits` ([..., vocab]) in one pass: `rows` (see
+        `new_rows`) says, per row, which logits row it reads, its seed, step, stream, temperature,
+        STATS_* flags and accumulator slot in `accum`; returns `out` (row k at out[k])."""
+        shape = tuple(_info(logits, "logits")[1])
+        logit_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        addr, vocab, stride, dev = _rows(logits, "logits", logit_rows)
+        self._dev(dev, "logits")
+        nbytes = (rows.element_size() * rows.numel()) if _is_torch(rows) else rows.nbytes
+        n = nbytes // _speckv.STATS_ROW_BYTES
+        rows_addr = _record(rows, "rows", n, _speckv.STATS_ROW_BYTES // 4, dev)
+        if out is None:
+            out = new_stats(n, logits if _is_torch(logits) else None)
+        out_addr = _record(out, "out", n, 8, dev)
+        slots, acc_addr = 0, 0
+        if accum is not None:
+            slots = ((accum.element_size() * accum.numel()) if _is_torch(accum) else accum.nbytes) // 24
+            acc_addr = _record(accum, "accum", slots, 6, dev)
+        self._raw.softmax_stats_rows(addr, _dtype_code(logits), logit_rows, vocab, stride, rows_addr,
+                                     n, slots, acc_addr, out_addr)
         return out
 
     def decide_gamma(self, accum: Any, gammas: Any, *, compression_code: float = 0.0,

@@ -145,6 +145,37 @@ impl Context {
         check(unsafe { speckv_softmax_stats(self.raw, &a) })
     }
 
+    /// Pointer-level `speckv_softmax_stats_rows`.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_stats_rows(
+        &self,
+        logits: usize,
+        dtype: u32,
+        logit_rows: u32,
+        vocab: u32,
+        row_stride: u32,
+        row_params: usize,
+        rows: u32,
+        accum_slots: u32,
+        accum: usize,
+        out: usize,
+    ) -> PyResult<()> {
+        let a = SpeckvStatsRowsArgs {
+            logits: ptr(logits),
+            dtype,
+            logit_rows,
+            vocab,
+            row_stride,
+            row_params: ptr(row_params) as *const SpeckvStatsRow,
+            rows,
+            accum_slots,
+            accum: ptr(accum) as *mut SpeckvFeatureAccum,
+            out: ptr(out) as *mut SpeckvRowStats,
+        };
+        // SAFETY: as in `softmax_stats`.
+        check(unsafe { speckv_softmax_stats_rows(self.raw, &a) })
+    }
+
     /// Pointer-level `speckv_decide_gamma`.
     #[allow(clippy::too_many_arguments)]
     fn decide_gamma(
@@ -247,6 +278,7 @@ fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let v = unsafe { CStr::from_ptr(speckv_version()) };
     m.add("__version__", v.to_string_lossy().into_owned())?;
     m.add("ROW_STATS_BYTES", std::mem::size_of::<SpeckvRowStats>())?;
+    m.add("STATS_ROW_BYTES", std::mem::size_of::<SpeckvStatsRow>())?;
     m.add(
         "FEATURE_ACCUM_BYTES",
         std::mem::size_of::<SpeckvFeatureAccum>(),
@@ -256,6 +288,10 @@ fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("ROW_NONFINITE", SPECKV_ROW_NONFINITE),
         ("ROW_ALL_MASKED", SPECKV_ROW_ALL_MASKED),
         ("ROW_BAD_TEMPERATURE", SPECKV_ROW_BAD_TEMPERATURE),
+        ("ROW_BAD_INDEX", SPECKV_ROW_BAD_INDEX),
+        ("STATS_SAMPLE", SPECKV_STATS_SAMPLE),
+        ("STATS_ACCUMULATE", SPECKV_STATS_ACCUMULATE),
+        ("STATS_ACCUM_RESET", SPECKV_STATS_ACCUM_RESET),
         ("VERIFY_NONFINITE", SPECKV_VERIFY_NONFINITE),
         ("VERIFY_ALL_MASKED", SPECKV_VERIFY_ALL_MASKED),
         ("VERIFY_BAD_GAMMA", SPECKV_VERIFY_BAD_GAMMA),

@@ -111,6 +111,26 @@ class Misuse(unittest.TestCase):
                     temperature=float("nan"))
         self.raises("InvalidArgument", self.ctx.softmax_stats, [[0.0, 1.0]])
 
+    def test_described_rows_equal_the_one_options_pass(self):
+        x = np.array([[draft_logit(b, 0, k) for k in range(V)] for b in range(3)], dtype=np.float32)
+        want_acc = speckv.new_accum(3)
+        want = self.ctx.softmax_stats(x, temperature=0.8, sample=True, seed=5, step=2,
+                                      accumulate="add", accum=want_acc)
+        rows = speckv.new_rows(3)
+        order = [2, 0, 1]
+        for k, r in enumerate(order):
+            rows[k] = (5, 2, r, r, 0.8, speckv.STATS_SAMPLE | speckv.STATS_ACCUMULATE, r, 0)
+        acc = speckv.new_accum(3)
+        got = self.ctx.softmax_stats_rows(x, rows, accum=acc)
+        for k, r in enumerate(order):
+            self.assertEqual(got[k].tobytes(), want[r].tobytes(), f"described row {k}")
+        self.assertEqual(acc.tobytes(), want_acc.tobytes())
+        bad = rows.copy()
+        bad[1]["row"] = 3
+        self.raises("InvalidArgument", self.ctx.softmax_stats_rows, x, bad, accum=acc)
+        self.raises("InvalidArgument", self.ctx.softmax_stats_rows, x, rows)  # accumulating, no accum
+        self.raises("BadShape", self.ctx.softmax_stats_rows, x, rows, accum=acc, out=speckv.new_stats(2))
+
     def test_verify_misuse(self):
         t = np.zeros((1, 3, 4), dtype=np.float32)
         d = np.zeros((1, 2, 4), dtype=np.float32)

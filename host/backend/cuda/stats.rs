@@ -343,14 +343,30 @@ impl CudaBackend {
         params: SoftmaxStatsV2Params,
         plan: &PlanV2,
     ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.launch_planned(KernelFn::SoftmaxStatsV2(dtype), params, plan) }
+    }
+
+    /// Launches statistics kernel `f` (v2 or v3) with `params` by value, shaped as `plan` says.
+    ///
+    /// # Safety
+    /// `params` must satisfy `f`'s contract for `plan`.
+    pub(super) unsafe fn launch_planned<T>(
+        &self,
+        f: KernelFn,
+        params: T,
+        plan: &PlanV2,
+    ) -> Result<()>
+    where
+        ByValue<T>: cudarc::driver::DeviceRepr,
+    {
         let cfg = LaunchConfig {
             grid_dim: (plan.grid, 1, 1),
             block_dim: (plan.block, 1, 1),
             shared_mem_bytes: plan.shared_bytes as u32,
         };
         let arg = ByValue(params);
-        let func = self.function(KernelFn::SoftmaxStatsV2(dtype));
-        let mut b = self.stream.launch_builder(func);
+        let mut b = self.stream.launch_builder(self.function(f));
         b.arg(&arg);
         // SAFETY: forwarded from this function's contract; the launch shape is the plan's.
         unsafe { b.launch(cfg) }?;

@@ -1,11 +1,11 @@
 //! `softmax_stats_v3` on the device: a batch's rows, each with its own options and accumulator,
 //! in one launch — over logits a forward pass left on the device, or over host logits.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use speckv_kernels::params::{FeatureAccum, RowStats, SoftmaxStatsV3Params, StatsRow, StatsState};
 use speckv_kernels::softmax_stats::PlanV2;
 
-use super::{ByValue, CudaBackend, KernelFn};
+use super::{CudaBackend, KernelFn};
 use crate::error::{Error, Result};
 use crate::stats::{check_stats_rows, fill_stats_rows, Dtype, Logits, StatsOptions};
 
@@ -256,17 +256,7 @@ impl CudaBackend {
         params: SoftmaxStatsV3Params,
         plan: &PlanV2,
     ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (plan.grid, 1, 1),
-            block_dim: (plan.block, 1, 1),
-            shared_mem_bytes: plan.shared_bytes as u32,
-        };
-        let arg = ByValue(params);
-        let func = self.function(KernelFn::SoftmaxStatsV3(dtype));
-        let mut b = self.stream.launch_builder(func);
-        b.arg(&arg);
-        // SAFETY: forwarded from this function's contract; the launch shape is the plan's.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.launch_planned(KernelFn::SoftmaxStatsV3(dtype), params, plan) }
     }
 }
