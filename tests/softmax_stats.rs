@@ -1332,6 +1332,11 @@ fn emulator_v3_flags_descriptions_it_cannot_follow() {
         acc[2],
         acc1[2]
     );
+    // No accumulators at all: an accumulating row names a slot the launch lacks.
+    let none = emu
+        .softmax_stats_v3_unchecked(&l, &plain, &mut [], &plan1)
+        .unwrap();
+    assert_eq!(none[0].flags, ROW_BAD_INDEX, "{:?}", none[0]);
     // Two accumulating rows naming one slot race: the sanitizer reports it, nothing is returned.
     let shared = [row(0, 1.0, add, 1), row(1, 1.0, add, 1)];
     let plan2 = speckv::plan::softmax_stats_v3(2, vocab as u32, Dtype::F32, 13).1;

@@ -218,7 +218,8 @@ pub struct SoftmaxStatsV3Params {
     pub logits: *const u8,
     /// `rows` results.
     pub out: *mut RowStats,
-    /// `accum_slots` accumulators, or null when no row accumulates.
+    /// `accum_slots` accumulators, or null when no row accumulates (an accumulating row is then
+    /// flagged `ROW_BAD_INDEX`).
     pub accum: *mut FeatureAccum,
     /// Scratch: `rows × splits` partial states.
     pub partials: *mut StatsState,

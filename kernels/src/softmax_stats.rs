@@ -775,10 +775,10 @@ pub unsafe fn softmax_stats_v3<L: Logit>(p: &SoftmaxStatsV3Params) {
     let row = gpu::ld_nc(core::ptr::addr_of!((*d).row), 0);
     let flags = gpu::ld_nc(core::ptr::addr_of!((*d).flags), 0);
     let slot = gpu::ld_nc(core::ptr::addr_of!((*d).accum_slot), 0);
-    let accumulate = flags & STATS_ACCUMULATE != 0 && !p.accum.is_null();
+    let accumulate = flags & STATS_ACCUMULATE != 0;
     // Uniform across the block (every thread read the same description): no barrier is skipped
-    // by some threads only.
-    if row >= p.logit_rows || (accumulate && slot >= p.accum_slots) {
+    // by some threads only. An accumulating row without accumulators names a slot it lacks too.
+    if row >= p.logit_rows || (accumulate && (p.accum.is_null() || slot >= p.accum_slots)) {
         if split == 0 && gpu::thread_idx_x() == 0 {
             gpu::st(p.out, k as usize, RowStats::flagged(ROW_BAD_INDEX));
         }
