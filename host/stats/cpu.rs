@@ -9,17 +9,17 @@
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use rayon::prelude::*;
 use speckv_kernels::params::{FeatureAccum, RowStats, ROW_ALL_MASKED, ROW_NONFINITE};
 use speckv_kernels::philox;
 
-use super::rows::{rows_into, RowJob};
 use crate::error::Result;
 use crate::stats::{check_accum, Accumulate, Logits, LogitsData, StatsOptions};
 
 const TILE: usize = 1024;
 const LANES: usize = 8;
 /// Below this many elements a row is not split across threads.
-pub(super) const MIN_SEGMENT: usize = 16 * 1024;
+const MIN_SEGMENT: usize = 16 * 1024;
 
 /// Statistics of every row on `threads` threads; updates `accum` as `opts.accumulate` says.
 pub fn softmax_stats(
@@ -81,50 +81,75 @@ pub fn softmax_stats_into<'s>(
     Ok(out)
 }
 
-/// One row read once: its max, argmax, Σ e^{(x−max)/T} (f64), `ROW_NONFINITE` if it held a NaN or
-/// +inf, and — with `rng` = (seed, step, stream) — the Gumbel-max winner, formed exactly as the
-/// kernels form it. Used by the CPU verification path.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RowSummary {
-    pub max: f32,
-    pub argmax: u32,
-    pub sum: f64,
-    pub flags: u32,
-    pub key_idx: u32,
+/// One row of a pass: where it starts in the data, its (valid) temperature, whether it samples,
+/// and its Philox (seed, step, stream).
+#[derive(Clone, Copy)]
+pub(super) struct RowJob {
+    pub base: usize,
+    pub temperature: f32,
+    pub sample: bool,
+    pub rng: (u64, u64, u32),
 }
 
-pub(crate) fn row_summary(
+/// The statistics of `n` rows of `vocab` elements of `data`, row k as `job(k)` says, on `threads`
+/// threads, into `out` (cleared first); `partials` is working memory kept by the caller.
+pub(super) fn rows_into(
+    threads: usize,
     data: LogitsData<'_>,
-    base: usize,
-    len: usize,
-    inv_t: f32,
-    rng: Option<(u64, u64, u32)>,
-) -> RowSummary {
-    let p = segment_dispatch(data, base, 0, len, inv_t, rng);
-    RowSummary {
-        max: p.max,
-        argmax: p.argmax,
-        sum: p.sum,
-        flags: p.flags,
-        key_idx: p.key_idx,
-    }
+    vocab: usize,
+    n: usize,
+    job: impl Fn(usize) -> RowJob + Sync,
+    partials: &mut Vec<Partial>,
+    out: &mut Vec<RowStats>,
+) {
+    // Several segments per row when rows are fewer than threads.
+    let per_row = if n >= threads {
+        1
+    } else {
+        (2 * threads)
+            .div_ceil(n.max(1))
+            .min(vocab.div_ceil(MIN_SEGMENT))
+            .max(1)
+    };
+    let seg_len = vocab.div_ceil(per_row);
+    let inv_t = |t: f32| if t == 0.0 { 1.0 } else { 1.0 / t };
+    partials.clear();
+    partials.resize(n * per_row, Partial::EMPTY);
+    partials.par_iter_mut().enumerate().for_each(|(at, slot)| {
+        let (k, seg) = (at / per_row, at % per_row);
+        let j = job(k);
+        let (start, end) = (seg * seg_len, ((seg + 1) * seg_len).min(vocab));
+        let rng = (j.sample && j.temperature != 0.0).then_some(j.rng);
+        *slot = segment_dispatch(data, j.base, start, end, inv_t(j.temperature), rng);
+    });
+    out.clear();
+    out.extend(partials.chunks(per_row).enumerate().map(|(k, parts)| {
+        let j = job(k);
+        let it = inv_t(j.temperature);
+        let mut p = Partial::EMPTY;
+        for q in parts {
+            p.merge(q, it);
+        }
+        let greedy = j.temperature == 0.0;
+        p.finish(it, greedy, !greedy && j.sample)
+    }));
 }
 
 /// A segment's partial state (the CPU twin of the kernel's `StatsState`, with f64 sums).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Partial {
-    max: f32,
-    argmax: u32,
-    sum: f64,
-    u: f64,
-    key: f32,
-    key_idx: u32,
-    key_z: f32,
-    flags: u32,
+    pub(super) max: f32,
+    pub(super) argmax: u32,
+    pub(super) sum: f64,
+    pub(super) u: f64,
+    pub(super) key: f32,
+    pub(super) key_idx: u32,
+    pub(super) key_z: f32,
+    pub(super) flags: u32,
 }
 
 impl Partial {
-    pub(super) const EMPTY: Partial = Partial {
+    const EMPTY: Partial = Partial {
         max: f32::NEG_INFINITY,
         argmax: u32::MAX,
         sum: 0.0,
@@ -135,7 +160,7 @@ impl Partial {
         flags: 0,
     };
 
-    pub(super) fn merge(&mut self, o: &Partial, inv_t: f32) {
+    fn merge(&mut self, o: &Partial, inv_t: f32) {
         self.flags |= o.flags;
         if o.key > self.key || (o.key == self.key && o.key_idx < self.key_idx) {
             self.key = o.key;
@@ -166,7 +191,7 @@ impl Partial {
         }
     }
 
-    pub(super) fn finish(&self, inv_t: f32, greedy: bool, sample: bool) -> RowStats {
+    fn finish(&self, inv_t: f32, greedy: bool, sample: bool) -> RowStats {
         let mut flags = self.flags;
         if flags == 0 && self.sum == 0.0 {
             flags |= ROW_ALL_MASKED;

@@ -2,70 +2,15 @@
 //! its seed, random step, Philox stream, temperature, flags and accumulator slot), each read once,
 //! in parallel — the same statistics, flags and tokens as the kernel. The statistics pass of one
 //! set of options ([`super::cpu::softmax_stats_into`]) is the case of rows 0..n drawing from
-//! streams 0..n.
+//! streams 0..n. Also [`row_summary`], one row's reduction, which the CPU verification reads.
 
-use rayon::prelude::*;
 use speckv_kernels::params::{
     FeatureAccum, RowStats, StatsRow, STATS_ACCUMULATE, STATS_ACCUM_RESET, STATS_SAMPLE,
 };
 
-use super::cpu::{segment_dispatch, Partial, MIN_SEGMENT};
+use super::cpu::{rows_into, segment_dispatch, RowJob};
 use super::{check_temperature, Logits, LogitsData};
 use crate::error::{Error, Result};
-
-/// One row of a pass: where it starts in the data, its (valid) temperature, whether it samples,
-/// and its Philox (seed, step, stream).
-#[derive(Clone, Copy)]
-pub(super) struct RowJob {
-    pub base: usize,
-    pub temperature: f32,
-    pub sample: bool,
-    pub rng: (u64, u64, u32),
-}
-
-/// The statistics of `n` rows of `vocab` elements of `data`, row k as `job(k)` says, on `threads`
-/// threads, into `out` (cleared first); `partials` is working memory kept by the caller.
-pub(super) fn rows_into(
-    threads: usize,
-    data: LogitsData<'_>,
-    vocab: usize,
-    n: usize,
-    job: impl Fn(usize) -> RowJob + Sync,
-    partials: &mut Vec<Partial>,
-    out: &mut Vec<RowStats>,
-) {
-    // Several segments per row when rows are fewer than threads.
-    let per_row = if n >= threads {
-        1
-    } else {
-        (2 * threads)
-            .div_ceil(n.max(1))
-            .min(vocab.div_ceil(MIN_SEGMENT))
-            .max(1)
-    };
-    let seg_len = vocab.div_ceil(per_row);
-    let inv_t = |t: f32| if t == 0.0 { 1.0 } else { 1.0 / t };
-    partials.clear();
-    partials.resize(n * per_row, Partial::EMPTY);
-    partials.par_iter_mut().enumerate().for_each(|(at, slot)| {
-        let (k, seg) = (at / per_row, at % per_row);
-        let j = job(k);
-        let (start, end) = (seg * seg_len, ((seg + 1) * seg_len).min(vocab));
-        let rng = (j.sample && j.temperature != 0.0).then_some(j.rng);
-        *slot = segment_dispatch(data, j.base, start, end, inv_t(j.temperature), rng);
-    });
-    out.clear();
-    out.extend(partials.chunks(per_row).enumerate().map(|(k, parts)| {
-        let j = job(k);
-        let it = inv_t(j.temperature);
-        let mut p = Partial::EMPTY;
-        for q in parts {
-            p.merge(q, it);
-        }
-        let greedy = j.temperature == 0.0;
-        p.finish(it, greedy, !greedy && j.sample)
-    }));
-}
 
 /// Descriptions a launch over `logit_rows` rows and `accum_slots` accumulators can follow, checked
 /// on the host: every row present, every temperature valid, only the flags v3 reads
@@ -149,4 +94,33 @@ pub fn softmax_stats_rows(
         }
     }
     Ok(out)
+}
+
+/// One row read once: its max, argmax, Σ e^{(x−max)/T} (f64), `ROW_NONFINITE` if it held a NaN or
+/// +inf, and — with `rng` = (seed, step, stream) — the Gumbel-max winner, formed exactly as the
+/// kernels form it. Used by the CPU verification path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowSummary {
+    pub max: f32,
+    pub argmax: u32,
+    pub sum: f64,
+    pub flags: u32,
+    pub key_idx: u32,
+}
+
+pub(crate) fn row_summary(
+    data: LogitsData<'_>,
+    base: usize,
+    len: usize,
+    inv_t: f32,
+    rng: Option<(u64, u64, u32)>,
+) -> RowSummary {
+    let p = segment_dispatch(data, base, 0, len, inv_t, rng);
+    RowSummary {
+        max: p.max,
+        argmax: p.argmax,
+        sum: p.sum,
+        flags: p.flags,
+        key_idx: p.key_idx,
+    }
 }

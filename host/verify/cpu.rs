@@ -6,7 +6,7 @@ use speckv_kernels::params::{VERIFY_ALL_MASKED, VERIFY_BAD_DRAFT, VERIFY_NONFINI
 use speckv_kernels::philox;
 use speckv_kernels::verify::PROB_MAX;
 
-use crate::stats::cpu::row_summary;
+use crate::stats::rows::row_summary;
 use crate::stats::LogitsData;
 use crate::verify::{DraftDist, VerifyBatch, VerifyOutput};
 
