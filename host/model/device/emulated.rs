@@ -114,7 +114,7 @@ impl<'m> EmulatedForward<'m> {
     }
 
     /// The statistics of `rows` of the last batched step, each with its options and accumulator
-    /// (one options and accumulator per row, valid options, rows the step left),
+    /// (rows the step left; the options and lengths are checked once, by the emulated launch),
     /// by the emulated `softmax_stats_v3`: one launch for every row, as on the GPU.
     pub fn rows_stats(
         &mut self,
@@ -123,7 +123,7 @@ impl<'m> EmulatedForward<'m> {
         accums: &mut [FeatureAccum],
         out: &mut Vec<RowStats>,
     ) -> Result<()> {
-        crate::model::pass::check_rows_stats(rows, opts, accums, self.seq.step_rows)?;
+        self.seq.check_rows(rows)?;
         let v = self.view.shape.vocab;
         let n = self.seq.step_rows;
         let all = self::rows(&self.acts, Act::Logits, n, &self.view.shape);

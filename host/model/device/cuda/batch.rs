@@ -58,7 +58,8 @@ impl CudaForward<'_> {
     }
 
     /// The statistics of `rows` of the last batched step, each with its options and accumulator
-    /// (one options and accumulator per row, valid options, rows the step left):
+    /// (rows the step left; the options and lengths are checked once, by
+    /// `rows_stats_resident`):
     /// one copy up of the row descriptions and accumulators, one `softmax_stats_v3` launch, one
     /// copy back of every row's `RowStats` and accumulator.
     pub fn rows_stats(
@@ -68,7 +69,7 @@ impl CudaForward<'_> {
         accums: &mut [FeatureAccum],
         out: &mut Vec<RowStats>,
     ) -> Result<()> {
-        crate::model::pass::check_rows_stats(rows, opts, accums, self.seq.step_rows)?;
+        self.seq.check_rows(rows)?;
         let cuda = self.cuda;
         let mut r = match self.rows_stats.take() {
             Some(r) => r,
