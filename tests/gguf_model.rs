@@ -325,14 +325,23 @@ fn speculative_decoding_allocates_nothing_per_step() {
 fn batched_decoding_allocates_nothing_per_token() {
     // The batched loops on the CPU's batched state: a whole decode call's allocations (the states
     // made, the buffers sized, the statistics returned) do not grow with the number of tokens —
-    // plain and speculative, greedy and sampled, three prompts of different lengths.
+    // plain, fixed γ and `auto`, greedy and sampled, three prompts of different lengths.
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(p) = smollm2() else { return };
     let m = Model::load(&p, Regime::Gguf).unwrap();
     let skip: Vec<bool> = (0..m.cfg.layers).map(|l| l % 4 != 3).collect();
     let prompts: Vec<Vec<u32>> = vec![(100..120).collect(), (200..205).collect(), vec![7]];
     let fixed = speckv::decode::Policy::parse("fixed:3", None).unwrap();
-    for (speculative, temperature) in [(false, 0.0f32), (false, 0.8), (true, 0.0), (true, 0.8)] {
+    let auto = speckv::decode::Policy::parse("auto", None).unwrap();
+    let cases = [
+        ("plain", None, 0.0f32),
+        ("plain", None, 0.8),
+        ("fixed:3", Some(&fixed), 0.0),
+        ("fixed:3", Some(&fixed), 0.8),
+        ("auto", Some(&auto), 0.0),
+        ("auto", Some(&auto), 0.8),
+    ];
+    for (label, policy, temperature) in cases {
         let count = |n: usize| {
             let cfg = speckv::decode::GenConfig {
                 max_tokens: n,
@@ -344,10 +353,9 @@ fn batched_decoding_allocates_nothing_per_token() {
             let before = ALLOCS.load(Ordering::SeqCst);
             let mut t = CpuPass::new_batch(&m, None, 3).unwrap();
             let mut d = CpuPass::new_batch(&m, Some(&skip), 3).unwrap();
-            let out = if speculative {
-                speculative_batch(&mut t, &mut d, &prompts, &[], &fixed, &cfg)
-            } else {
-                plain_batch(&mut t, &prompts, &[], &cfg)
+            let out = match policy {
+                Some(p) => speculative_batch(&mut t, &mut d, &prompts, &[], p, &cfg),
+                None => plain_batch(&mut t, &prompts, &[], &cfg),
             }
             .unwrap();
             for q in &out.sequences {
@@ -360,8 +368,7 @@ fn batched_decoding_allocates_nothing_per_token() {
         let (short, long) = (least(4), least(16));
         assert_eq!(
             short, long,
-            "speculative {speculative}, T {temperature}: 4 tokens {short} allocations, 16 tokens \
-             {long}"
+            "{label}, T {temperature}: 4 tokens {short} allocations, 16 tokens {long}"
         );
     }
 }

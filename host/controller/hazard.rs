@@ -330,6 +330,11 @@ impl PlainGate {
         }
     }
 
+    /// The moving average of first-draft hazards (`None` before the first).
+    pub fn first_hazard(&self) -> Option<f64> {
+        self.first_hazard
+    }
+
     /// The hazard of a step's first draft.
     pub fn observe_first(&mut self, h: f64) {
         if h.is_finite() {

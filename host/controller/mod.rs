@@ -1,6 +1,7 @@
 //! The γ controller: the MLP's decision per step, on the CPU and on the device (`gamma_mlp`), and
 //! the cost model the `speckv-cost` policy maximises tokens per unit time with.
 
+pub mod batch_auto;
 pub mod evaluate;
 pub mod hazard;
 pub mod mlp;

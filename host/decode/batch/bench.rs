@@ -118,11 +118,6 @@ fn check(pool: &[Vec<u32>], sizes: &[usize], policies: &[(String, Option<Policy>
         )));
     }
     for (name, pol) in policies {
-        if matches!(pol, Some(Policy::Auto(_))) {
-            return Err(Error::Other(format!(
-                "`{name}` decodes one sequence at a time: it does not batch"
-            )));
-        }
         if pol.is_some() {
             if let Some(&b) = sizes.iter().find(|&&b| batch_gamma(1, b) == 0) {
                 return Err(Error::Other(format!(

@@ -18,7 +18,12 @@
 //!
 //! Sampling: sequence b draws its tokens (plain decoding, drafts) with seed `seed + b`, and
 //! verification uses its batch row b's stream; a batch of one decodes as the single-sequence loops
-//! do, token for token. `auto` is refused: its costs are measured per step of one sequence.
+//! do, token for token.
+//!
+//! `auto` decides for the batch ([`crate::controller::batch_auto`]): its sequences draft in
+//! lockstep, since a batched pass computes every sequence's row whether it drafts or not, and
+//! the batch drafts on while the sequences' summed expected tokens per unit of batched step cost
+//! rise. Its costs are the batched passes' own, measured while decoding.
 
 use std::time::Instant;
 
@@ -36,6 +41,7 @@ use super::device::Device;
 use super::pair::Pair;
 use super::{GenConfig, GenStats, Policy};
 use crate::backend::forward::MAX_STEP;
+use crate::controller::batch_auto::BatchAuto;
 use crate::error::{Error, Result};
 use crate::model::pass::token_of;
 use crate::model::BatchPass;
@@ -175,14 +181,6 @@ fn speculative_loop(
     cfg: &GenConfig,
 ) -> Result<BatchStats> {
     check_batch(&[&*target, &*draft], prompts, cfg)?;
-    if matches!(policy, Policy::Auto(_)) {
-        return Err(Error::Other(
-            "`auto` decodes one sequence at a time (its costs are measured per step of one \
-             sequence); batched decoding takes fixed:N, speckv, heuristic, confidence:P, \
-             hf-dynamic or adaedl"
-                .into(),
-        ));
-    }
     let (b, v, gm) = (prompts.len(), target.cfg().vocab, cfg.gamma_max as usize);
     if draft.cfg().vocab != v {
         return Err(Error::Other(format!(
@@ -206,6 +204,12 @@ fn speculative_loop(
             (MAX_STEP / b).saturating_sub(1)
         )));
     }
+    // `auto`: the batch's stopping rule, under batched passes' costs measured while decoding.
+    let mut auto = match policy {
+        Policy::Auto(a) => Some(BatchAuto::new(&a.model, &a.prior, b)?),
+        _ => None,
+    };
+    let mut active = vec![false; b];
     let greedy = cfg.temperature == 0.0;
     let start = Instant::now();
     let heads: Vec<&[u32]> = prompts.iter().map(|p| &p[..p.len() - 1]).collect();
@@ -222,12 +226,20 @@ fn speculative_loop(
     let mut vout = VerifyOutput::new(b, gm);
     let (mut tokens, mut gammas, mut qrows) = (Vec::new(), Vec::new(), Vec::new());
     let temps = vec![cfg.temperature; b];
-    let mut feeds: Vec<Vec<u32>> = (0..b).map(|_| Vec::with_capacity(MAX_STEP)).collect();
+    // A draft's first feed holds its backlog: up to every token of a run of plain steps.
+    let room = MAX_STEP.max(cfg.max_tokens + 2);
+    let mut feeds: Vec<Vec<u32>> = (0..b).map(|_| Vec::with_capacity(room)).collect();
     while seqs.iter().any(|s| !s.done) {
         // Draft: the first pass feeds each drafting sequence its backlog and pending token.
+        let t_draft = Instant::now();
+        let passes_before = draft_passes;
+        for (a, s) in active.iter_mut().zip(&seqs) {
+            *a = !s.done;
+        }
+        let gamma = auto.as_mut().map(|a| a.begin_step(gm, &active));
         for (s, f) in seqs.iter_mut().zip(&mut feeds) {
             f.clear();
-            s.begin(policy, cfg, f);
+            s.begin(policy, gamma, cfg, f);
         }
         while feeds.iter().any(|f| !f.is_empty()) {
             let (req, read, last) = (&mut host.req, &mut host.rows, &mut host.last);
@@ -249,14 +261,26 @@ fn speculative_loop(
                 }
                 read_rows(p, ended, rows, read, last)
             })?;
+            // `auto`: one verdict for every sequence that drafted (they draft in lockstep).
+            let verdict = auto.as_mut().map(|a| {
+                let drafted = seqs.iter().zip(&feeds).enumerate();
+                let drafted = drafted.filter(|(_, (_, f))| !f.is_empty());
+                let v = a.decide(
+                    drafted.map(|(i, (s, _))| (i, &s.accum[0], &s.last)),
+                    cfg.compression,
+                );
+                (v.keep, v.more)
+            });
             for (i, (s, f)) in seqs.iter_mut().zip(&mut feeds).enumerate() {
                 if !f.is_empty() {
                     f.clear();
                     let row = if greedy { &[][..] } else { host.row(i) };
-                    s.draft(i, policy, row, f)?;
+                    s.draft(i, policy, verdict, row, f)?;
                 }
             }
         }
+        let draft_seconds = t_draft.elapsed().as_secs_f64();
+        let t_verify = Instant::now();
         // Verify: the target over [pending, drafts…] of every unfinished sequence, one pass.
         for (s, f) in seqs.iter().zip(&mut feeds) {
             s.verify_feed(f);
@@ -291,6 +315,12 @@ fn speculative_loop(
         steps += 1;
         for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {
             s.commit(i, &vout, target, draft, stop, cfg)?;
+        }
+        if let Some(a) = auto.as_mut() {
+            let forwards = draft_passes - passes_before;
+            let accepted = (0..b).map(|i| (i, vout.accepted[i] as usize));
+            let verify_seconds = t_verify.elapsed().as_secs_f64();
+            a.end_step(forwards, draft_seconds, g_step, verify_seconds, accepted);
         }
     }
     let seqs = seqs.into_iter().map(|s| s.counts.stats(s.out)).collect();

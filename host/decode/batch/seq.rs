@@ -38,7 +38,8 @@ impl Seq {
         let gm = cfg.gamma_max as usize;
         Seq {
             pending,
-            backlog: Vec::new(),
+            // Plain steps (`auto`'s gate) add one committed token each: room for all of them.
+            backlog: Vec::with_capacity(cfg.max_tokens + 2),
             out: Vec::with_capacity(cfg.max_tokens),
             done: cfg.max_tokens == 0,
             heuristic_gamma: 4,
@@ -54,9 +55,16 @@ impl Seq {
         }
     }
 
-    /// Starts a step: its γ limit, and in `feed` what the draft's first pass feeds it (nothing
-    /// when it drafts nothing: the backlog then keeps the pending token for the next step).
-    pub(super) fn begin(&mut self, policy: &Policy, cfg: &GenConfig, feed: &mut Vec<u32>) {
+    /// Starts a step: its γ limit (`gamma`, else the policy's), and in `feed` what the draft's
+    /// first pass feeds it (nothing when it drafts nothing: the backlog then keeps the pending
+    /// token for the next step).
+    pub(super) fn begin(
+        &mut self,
+        policy: &Policy,
+        gamma: Option<usize>,
+        cfg: &GenConfig,
+        feed: &mut Vec<u32>,
+    ) {
         self.xs.clear();
         self.qrows.clear();
         self.accum = [FeatureAccum::EMPTY];
@@ -64,8 +72,9 @@ impl Seq {
             self.gmax = 0;
             return;
         }
-        self.gmax =
-            step_gamma(policy, self.prev_accum.as_ref(), self.heuristic_gamma, cfg) as usize;
+        self.gmax = gamma.unwrap_or_else(|| {
+            step_gamma(policy, self.prev_accum.as_ref(), self.heuristic_gamma, cfg) as usize
+        });
         self.backlog.push(self.pending);
         if self.gmax > 0 {
             feed.append(&mut self.backlog);
@@ -95,12 +104,13 @@ impl Seq {
     }
 
     /// Sequence `i`'s draft from the statistics of its last row (`self.last`; `row` is that row
-    /// when sampling, empty when greedy): keeps it or not, and puts in `feed` the token to feed
-    /// next when it drafts on.
+    /// when sampling, empty when greedy): keeps it or not (the batch's `verdict` when given, else
+    /// the policy's), and puts in `feed` the token to feed next when it drafts on.
     pub(super) fn draft(
         &mut self,
         i: usize,
         policy: &Policy,
+        verdict: Option<(bool, bool)>,
         row: &[f32],
         feed: &mut Vec<u32>,
     ) -> Result<()> {
@@ -111,7 +121,9 @@ impl Seq {
                 what: format!("sequence {i}'s draft logits flagged {:#x}", st.flags),
             });
         }
-        let (keep, more) = token_verdict(policy, &st, self.greedy).unwrap_or((true, true));
+        let (keep, more) = verdict
+            .or_else(|| token_verdict(policy, &st, self.greedy))
+            .unwrap_or((true, true));
         if !keep {
             return Ok(());
         }

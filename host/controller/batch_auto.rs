@@ -1,0 +1,332 @@
+//! `auto` for a batch of sequences: per-token stopping when one batched draft pass drafts for
+//! every sequence and one batched verification checks them all.
+//!
+//! A batched step's cost is shared. Its draft passes compute every sequence's row, and its
+//! verification pass computes γ_step + 1 rows of every sequence (γ_step the batch's largest γ,
+//! the shorter sequences padded). So while the batch drafts on, a sequence's extra draft costs
+//! nothing, and a kept draft never lowers a sequence's expected tokens: the batch drafts in
+//! lockstep, every drafting sequence keeping each draft the batch keeps. What remains to decide
+//! after draft pass j is the batch's: discard draft j, keep it and stop, or draft on. That is the
+//! single sequence's rule ([`stop_rule::decide`]) with the expected tokens summed over the
+//! sequences, each with its own hazard (its own features and calibration), and the costs those of
+//! batched passes. For a batch of one it is that rule, bit for bit ([`decide_batch`],
+//! `tests/batch_auto.rs`).
+//!
+//! The gate before a step (speculate at all?) is [`PlainGate`]'s comparison with the same sums,
+//! each sequence with its own moving average of first-draft hazards.
+
+use speckv_kernels::params::{
+    FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
+};
+use speckv_kernels::stop_rule;
+
+use crate::controller::hazard::{
+    Calibration, HazardModel, OnlineCost, PlainGate, CALIBRATION_RATE, ONLINE_COST_ALPHA,
+    PROBE_EVERY,
+};
+use crate::controller::records::Compression;
+use crate::controller::stop::MAX_GAMMA;
+use crate::controller::CostModel;
+use crate::error::{Error, Result};
+
+/// The most sequences a batched step decides for (a step holds 16 rows).
+pub const MAX_SEQS: usize = crate::weights::gemv::MAX_M;
+
+/// The batch's decision on the draft just computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchVerdict {
+    /// Every drafting sequence keeps this draft (verifies it).
+    pub keep: bool,
+    /// The batch drafts the next token (implies `keep`).
+    pub more: bool,
+}
+
+/// The batch's decision after the draft at position `j` of every drafting sequence, whose
+/// hazards are `hazards[i]` (that sequence's state `states[i]`): [`stop_rule::decide`] with the
+/// expected tokens summed over the sequences. The costs are a batched draft pass (`draft`) and
+/// the batched verification of γ drafts per sequence (`verify(γ)`). Every state is updated as the
+/// rule updates one: a kept draft counted, stopped unless the batch drafts on with room left.
+///
+/// Sums run in f32 from 0 in sequence order, so one sequence gives [`stop_rule::decide`]'s
+/// decision and state exactly.
+pub fn decide_batch<V: Fn(u32) -> f32>(
+    states: &mut [StopState],
+    hazards: &[f32],
+    j: u32,
+    gamma_max: u32,
+    draft: f32,
+    verify: V,
+) -> BatchVerdict {
+    let n = states.len().min(hazards.len()).min(MAX_SEQS);
+    let gamma_max = gamma_max.min(STOP_TIMES as u32 - 1);
+    let spent = (j + 1) as f32 * draft;
+    let mut a = [0f32; MAX_SEQS];
+    let (mut expected, mut tokens) = (0f32, 0f32);
+    for i in 0..n {
+        a[i] = states[i].survive * hazards[i];
+        expected += states[i].expected;
+        tokens += states[i].expected + a[i];
+    }
+    let discard = expected / (spent + verify(j));
+    let stop_after = tokens / (spent + verify(j + 1));
+    let stop_best = if stop_after > discard {
+        stop_after
+    } else {
+        discard
+    };
+    let mut more = false;
+    let mut g = j + 2;
+    while g <= gamma_max {
+        let mut gain = 0f32;
+        for i in 0..n {
+            a[i] *= hazards[i];
+            gain += a[i];
+        }
+        tokens += gain;
+        // A NaN or infinite cost compares false: no more drafts.
+        if tokens / (g as f32 * draft + verify(g)) > stop_best {
+            more = true;
+            break;
+        }
+        g += 1;
+    }
+    let keep = j < gamma_max && (more || stop_after > discard);
+    let kept = j + keep as u32;
+    for (s, &h) in states.iter_mut().zip(hazards).take(n) {
+        if keep {
+            s.survive *= h;
+            s.expected += s.survive;
+        }
+        s.kept = kept;
+        if !more || kept >= gamma_max {
+            s.stopped = 1;
+        }
+    }
+    BatchVerdict {
+        keep,
+        more: more && kept < gamma_max,
+    }
+}
+
+/// Whether a batched step should speculate, from each sequence's moving average of first-draft
+/// hazards `first` ([`PlainGate`]'s comparison with the sequences' expected tokens summed): the
+/// best γ ≥ 1, every later hazard taken equal to the first, against a plain step (one target
+/// pass emitting a token per sequence).
+pub fn speculate_batch(first: &[f64], costs: &StepCosts, gamma_max: usize) -> bool {
+    if gamma_max == 0 {
+        return false;
+    }
+    let n = first.len().min(MAX_SEQS);
+    let plain = n as f64 / costs.verify[0] as f64;
+    let mut a = [1f64; MAX_SEQS];
+    let (mut tokens, mut best) = (n as f64, f64::NEG_INFINITY);
+    let top = gamma_max.min(MAX_GAMMA) + 1;
+    for (g, &v) in costs.verify.iter().enumerate().take(top).skip(1) {
+        let mut gain = 0.0;
+        for (ai, &h) in a.iter_mut().zip(first).take(n) {
+            *ai *= h;
+            gain += *ai;
+        }
+        tokens += gain;
+        best = best.max(tokens / (g as f64 * costs.draft as f64 + v as f64));
+    }
+    best > plain
+}
+
+/// A prior for a batch of `seqs` sequences from a one-sequence cost model: verification of γ
+/// drafts per sequence is `seqs · (γ + 1)` rows, as the model's verification at
+/// γ' = `seqs · (γ + 1) − 1`; a draft pass of `seqs` rows costs the model's draft scaled as those
+/// rows scale its verification. One sequence: the model itself.
+pub fn batch_prior(prior: &CostModel, seqs: usize) -> CostModel {
+    let seqs = seqs.max(1);
+    let rows = |g: usize| prior.verify((seqs * (g + 1) - 1) as u32);
+    let per_seq = MAX_SEQS / seqs;
+    CostModel {
+        draft_ms_per_token: prior.draft_ms_per_token * rows(0) / prior.verify(0),
+        verify_ms: (0..per_seq.max(1)).map(rows).collect(),
+        source: if seqs == 1 {
+            prior.source.clone()
+        } else {
+            format!("{} (for {seqs} sequences a step)", prior.source)
+        },
+    }
+}
+
+/// One sequence's part of [`BatchAuto`].
+#[derive(Clone, Copy, Debug)]
+struct SeqAuto {
+    calibration: Calibration,
+    /// Its moving average of first-draft hazards (the gate's only use of it).
+    first: PlainGate,
+    state: StopState,
+    drafting: bool,
+    hazards: [f64; MAX_GAMMA + 1],
+}
+
+/// The `auto` policy's state across the steps of a batched generation: each sequence's
+/// calibration and first-draft hazards, the batch's measured pass costs, this step's rule.
+#[derive(Clone, Debug)]
+pub struct BatchAuto {
+    pub weights: MlpWeights,
+    /// Batched passes' costs: a draft pass of every sequence, the verification of γ drafts each.
+    pub cost: OnlineCost,
+    seqs: Vec<SeqAuto>,
+    plain_run: usize,
+    costs: StepCosts,
+    gamma_max: usize,
+    /// Drafts kept by every drafting sequence this step.
+    kept: u32,
+}
+
+impl BatchAuto {
+    /// `seqs` sequences (1 to [`MAX_SEQS`]); the costs start from `prior` (one sequence's) as
+    /// [`batch_prior`] scales it.
+    pub fn new(model: &HazardModel, prior: &CostModel, seqs: usize) -> Result<BatchAuto> {
+        if seqs == 0 || seqs > MAX_SEQS {
+            return Err(Error::Other(format!(
+                "`auto` over {seqs} sequences: a batched step holds 1 to {MAX_SEQS}"
+            )));
+        }
+        let one = SeqAuto {
+            calibration: Calibration::new(CALIBRATION_RATE),
+            first: PlainGate::default(),
+            state: StopState::START,
+            drafting: false,
+            hazards: [0.0; MAX_GAMMA + 1],
+        };
+        Ok(BatchAuto {
+            weights: model.weights(),
+            cost: OnlineCost::new(batch_prior(prior, seqs), ONLINE_COST_ALPHA),
+            seqs: vec![one; seqs],
+            plain_run: 0,
+            costs: StepCosts {
+                draft: 0.0,
+                verify: [f32::INFINITY; STOP_TIMES],
+            },
+            gamma_max: 0,
+            kept: 0,
+        })
+    }
+
+    /// Before a step in which the sequences `active[i]` decode: the drafts each may make (0: a
+    /// plain step for all). The gate speculates when some active sequence has no first-draft
+    /// hazard yet, when speculating promises more tokens per second, and every [`PROBE_EVERY`]
+    /// plain steps in a row.
+    pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
+        self.costs = self.cost.step_costs(gamma_max);
+        let mut first = [0f64; MAX_SEQS];
+        let (mut n, mut unknown) = (0, false);
+        for (s, _) in self.seqs.iter().zip(active).filter(|(_, &a)| a) {
+            match s.first.first_hazard() {
+                Some(h) => {
+                    first[n] = h;
+                    n += 1;
+                }
+                None => unknown = true,
+            }
+        }
+        // In [`PlainGate::speculate`]'s order, so a batch of one gates as one sequence does.
+        let speculate = if unknown {
+            true
+        } else if gamma_max == 0 {
+            false
+        } else if self.plain_run >= PROBE_EVERY
+            || speculate_batch(&first[..n], &self.costs, gamma_max)
+        {
+            self.plain_run = 0;
+            true
+        } else {
+            self.plain_run += 1;
+            false
+        };
+        self.gamma_max = if speculate { gamma_max } else { 0 };
+        self.kept = 0;
+        for (i, s) in self.seqs.iter_mut().enumerate() {
+            s.state = StopState::START;
+            s.drafting = self.gamma_max > 0 && active.get(i).copied().unwrap_or(false);
+        }
+        self.gamma_max
+    }
+
+    /// The batch's verdict on the draft every drafting sequence just made: `drafts` gives, per
+    /// drafting sequence, its index, its accumulator after this draft and this draft's row
+    /// statistics. A sequence this step did not start drafting is ignored.
+    pub fn decide<'a>(
+        &mut self,
+        drafts: impl IntoIterator<Item = (usize, &'a FeatureAccum, &'a RowStats)>,
+        compression: Compression,
+    ) -> BatchVerdict {
+        let (mut states, mut hs, mut who) = (
+            [StopState::START; MAX_SEQS],
+            [0f32; MAX_SEQS],
+            [0; MAX_SEQS],
+        );
+        let mut n = 0;
+        let j = self.kept;
+        for (i, accum, row) in drafts {
+            let Some(s) = self.seqs.get_mut(i).filter(|s| s.drafting) else {
+                continue;
+            };
+            let x = stop_rule::features(
+                row.entropy,
+                row.confidence,
+                accum,
+                compression.code() as f32,
+                j,
+            );
+            let h = stop_rule::hazard(&self.weights, &x, s.calibration.odds_scale());
+            if j == 0 {
+                s.first.observe_first(h as f64);
+            }
+            (states[n], hs[n], who[n]) = (s.state, h, i);
+            n += 1;
+        }
+        let c = &self.costs;
+        let verdict = decide_batch(
+            &mut states[..n],
+            &hs[..n],
+            j,
+            self.gamma_max as u32,
+            c.draft,
+            |g| c.verify.get(g as usize).copied().unwrap_or(f32::NAN),
+        );
+        for k in 0..n {
+            let s = &mut self.seqs[who[k]];
+            s.state = states[k];
+            if verdict.keep {
+                if let Some(slot) = s.hazards.get_mut(j as usize) {
+                    *slot = hs[k] as f64;
+                }
+            }
+        }
+        self.kept = j + verdict.keep as u32;
+        verdict
+    }
+
+    /// After verification: `forwards` batched draft passes took `draft_seconds`, the batched
+    /// verification of `gamma_step` drafts per sequence took `verify_seconds`, and `accepted`
+    /// gives each sequence that drafted its index and accepted drafts (for its calibration).
+    pub fn end_step(
+        &mut self,
+        forwards: usize,
+        draft_seconds: f64,
+        gamma_step: usize,
+        verify_seconds: f64,
+        accepted: impl IntoIterator<Item = (usize, usize)>,
+    ) {
+        self.cost
+            .observe(forwards, draft_seconds, gamma_step, verify_seconds);
+        let kept = self.kept as usize;
+        for (i, k) in accepted {
+            if let Some(s) = self.seqs.get_mut(i).filter(|s| s.drafting) {
+                let n = kept.min(s.hazards.len());
+                s.calibration.observe(&s.hazards[..n], k);
+            }
+        }
+    }
+
+    /// Sequence `i`'s calibrated odds scale.
+    pub fn odds_scale(&self, i: usize) -> Option<f32> {
+        self.seqs.get(i).map(|s| s.calibration.odds_scale())
+    }
+}

@@ -1,0 +1,278 @@
+//! `auto` over a batch (`controller::batch_auto`): the batch's stopping rule against a float64
+//! reference, a batch of one against the single sequence's `auto` decision by decision, and the
+//! free ride a batched step gives a sequence.
+
+use rand::{Rng, SeedableRng};
+use speckv::controller::batch_auto::{batch_prior, decide_batch, speculate_batch, BatchAuto};
+use speckv::controller::hazard::{AutoState, HazardModel};
+use speckv::controller::records::Compression;
+use speckv::controller::CostModel;
+use speckv_kernels::params::{FeatureAccum, RowStats, StepCosts, StopState, STOP_TIMES};
+
+/// Expected tokens of a step verifying `g` drafts of a sequence whose drafts 0..=j had hazards
+/// `h` (drafts after j taken at h[j]): 1 + Σ_{m<g} Π_{k≤m} h_k.
+fn expected(h: &[f64], g: usize) -> f64 {
+    let (mut a, mut e) = (1.0, 1.0);
+    for m in 0..g {
+        a *= h[m.min(h.len() - 1)];
+        e += a;
+    }
+    e
+}
+
+/// The batch's rule in float64 from the hazard histories: (keep, more), and the smallest relative
+/// gap between two rates it compared (a near tie may go either way in f32).
+fn reference(
+    hist: &[Vec<f64>],
+    j: usize,
+    gamma_max: usize,
+    draft: f64,
+    verify: &dyn Fn(usize) -> f64,
+) -> (bool, bool, f64) {
+    let tokens = |g: usize| hist.iter().map(|h| expected(h, g)).sum::<f64>();
+    let spent = (j + 1) as f64 * draft;
+    let discard = tokens(j) / (spent + verify(j));
+    let stop_after = tokens(j + 1) / (spent + verify(j + 1));
+    let best = discard.max(stop_after);
+    let gap = |a: f64, b: f64| (a - b).abs() / a.abs().max(b.abs());
+    let mut closest = gap(discard, stop_after);
+    let mut more = false;
+    for g in j + 2..=gamma_max {
+        let r = tokens(g) / (g as f64 * draft + verify(g));
+        closest = closest.min(gap(r, best));
+        if r > best {
+            more = true;
+            break;
+        }
+    }
+    let keep = j < gamma_max && (more || stop_after > discard);
+    (keep, more && j + 1 < gamma_max, closest)
+}
+
+/// Each sequence's state before draft j, from its hazards of drafts 0..j.
+fn states(hist: &[Vec<f64>], j: usize) -> Vec<StopState> {
+    hist.iter()
+        .map(|h| {
+            let mut s = StopState::START;
+            for &x in &h[..j] {
+                s.survive *= x as f32;
+                s.expected += s.survive;
+                s.kept += 1;
+            }
+            s
+        })
+        .collect()
+}
+
+fn costs(draft: f32, slope: f32) -> StepCosts {
+    let mut verify = [f32::INFINITY; STOP_TIMES];
+    for (g, v) in verify.iter_mut().enumerate() {
+        *v = 1.0 + slope * g as f32;
+    }
+    StepCosts { draft, verify }
+}
+
+#[test]
+fn the_batch_rule_matches_the_float64_reference() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (mut compared, mut ties, mut kept, mut more) = (0, 0, 0, 0);
+    for case in 0..3000 {
+        let n = 1 + case % 8;
+        let gamma_max = rng.gen_range(1..=8usize);
+        let j = rng.gen_range(0..=gamma_max);
+        let c = costs(rng.gen_range(0.01..0.4), rng.gen_range(0.0..0.2));
+        let hist: Vec<Vec<f64>> = (0..n)
+            .map(|_| {
+                // A confident or an unsure sequence; hazards as the rule sees them: f32 values
+                // within the model's clamp.
+                let level: f64 = if rng.gen_bool(0.7) {
+                    rng.gen_range(0.7..0.999)
+                } else {
+                    rng.gen_range(0.001..0.7)
+                };
+                let jitter = |x: f64| (level + x).clamp(0.001, 0.999) as f32 as f64;
+                (0..=j)
+                    .map(|_| jitter(rng.gen_range(-0.05..0.05)))
+                    .collect()
+            })
+            .collect();
+        let mut st = states(&hist, j);
+        let hs: Vec<f32> = hist.iter().map(|h| h[j] as f32).collect();
+        let v = |g: u32| c.verify[g as usize];
+        let got = decide_batch(&mut st, &hs, j as u32, gamma_max as u32, c.draft, v);
+        let vf = |g: usize| c.verify[g] as f64;
+        let (keep, m, gap) = reference(&hist, j, gamma_max, c.draft as f64, &vf);
+        if gap < 1e-4 {
+            ties += 1;
+            continue;
+        }
+        compared += 1;
+        assert_eq!(
+            (got.keep, got.more),
+            (keep, m),
+            "case {case}: {hist:?} j {j}"
+        );
+        kept += keep as usize;
+        more += m as usize;
+        // Every state moves as the batch decided.
+        for (s, h) in st.iter().zip(&hist) {
+            assert_eq!(s.kept, j as u32 + keep as u32, "case {case}");
+            assert_eq!(s.stopped, (!m) as u32, "case {case}");
+            if keep {
+                let want = expected(h, j + 1);
+                assert!(
+                    (s.expected as f64 - want).abs() < 1e-4 * want,
+                    "case {case}"
+                );
+            }
+        }
+    }
+    assert!(compared > 2800, "{compared} compared, {ties} near ties");
+    // Both ways of every decision were taken.
+    assert!(
+        kept > 300 && kept + 300 < compared,
+        "{kept} kept of {compared}"
+    );
+    assert!(
+        more > 300 && more + 300 < compared,
+        "{more} drafted on of {compared}"
+    );
+}
+
+#[test]
+fn two_equal_sequences_decide_as_one() {
+    // Doubling every sum is exact in f32: the rates double, the comparisons stay.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..2000 {
+        let gamma_max = rng.gen_range(1..=8u32);
+        let j = rng.gen_range(0..=gamma_max);
+        let c = costs(rng.gen_range(0.01..0.8), rng.gen_range(0.0..0.3));
+        let hist: Vec<f64> = (0..=j)
+            .map(|_| rng.gen_range(0.001f32..0.999) as f64)
+            .collect();
+        let h = hist[j as usize] as f32;
+        let v = |g: u32| c.verify[g as usize];
+        let mut one = states(std::slice::from_ref(&hist), j as usize);
+        let mut two = states(&[hist.clone(), hist.clone()], j as usize);
+        let a = decide_batch(&mut one, &[h], j, gamma_max, c.draft, v);
+        let b = decide_batch(&mut two, &[h, h], j, gamma_max, c.draft, v);
+        assert_eq!(a, b, "{hist:?}");
+        assert_eq!(one[0], two[0]);
+        assert_eq!(two[0], two[1]);
+    }
+}
+
+#[test]
+fn a_sequence_drafts_on_while_the_batch_does() {
+    // Alone, a sequence whose draft is likely rejected stops; in a batch with one whose drafts are
+    // likely accepted, the batch drafts on and it keeps drafting too (its rows are computed anyway).
+    let c = costs(0.1, 0.02);
+    let v = |g: u32| c.verify[g as usize];
+    let mut low = [StopState::START];
+    let alone = decide_batch(&mut low, &[0.05], 0, 6, c.draft, v);
+    assert!(!alone.more, "{alone:?}");
+    let mut high = [StopState::START];
+    assert!(decide_batch(&mut high, &[0.95], 0, 6, c.draft, v).more);
+    let mut both = [StopState::START; 2];
+    let together = decide_batch(&mut both, &[0.95, 0.05], 0, 6, c.draft, v);
+    assert_eq!((together.keep, together.more), (true, true));
+    assert_eq!(both[1].kept, 1);
+    assert_eq!(both[1].stopped, 0);
+    assert!((both[1].expected - 1.05).abs() < 1e-6);
+    // The gate sums too: three confident sequences speculate where none would alone at h = 0.3.
+    let gate = costs(0.5, 0.02);
+    assert!(!speculate_batch(&[0.3], &gate, 4));
+    assert!(speculate_batch(&[0.3, 0.95, 0.95, 0.95], &gate, 4));
+    assert!(
+        !speculate_batch(&[0.95], &gate, 0),
+        "γmax 0 never speculates"
+    );
+}
+
+#[test]
+fn the_batch_prior_scales_one_sequences_costs_by_rows() {
+    let prior = CostModel::assumed();
+    let one = batch_prior(&prior, 1);
+    assert_eq!(one.verify_ms[..], prior.verify_ms[..16]);
+    assert_eq!(one.draft_ms_per_token, prior.draft_ms_per_token);
+    let four = batch_prior(&prior, 4);
+    // γ drafts for 4 sequences: 4 · (γ + 1) rows, the prior's verification at 4γ + 3.
+    assert_eq!(four.verify_ms.len(), 4);
+    for (g, &v) in four.verify_ms.iter().enumerate() {
+        assert_eq!(v, prior.verify((4 * g + 3) as u32), "γ {g}");
+    }
+    let scale = prior.verify(3) / prior.verify(0);
+    assert!((four.draft_ms_per_token - prior.draft_ms_per_token * scale).abs() < 1e-12);
+    assert!(four.source.contains("4 sequences"));
+    let model = HazardModel::default_model().unwrap();
+    for bad in [0, 17] {
+        let e = BatchAuto::new(&model, &prior, bad).unwrap_err();
+        assert!(e.to_string().contains("1 to 16"), "{e}");
+    }
+}
+
+#[test]
+fn a_batch_of_one_decides_as_auto_does() {
+    // The same draws through `AutoState` (the single-sequence loop's state) and a `BatchAuto` of
+    // one: the gate, every keep / draft-on verdict and the calibration agree at every step.
+    let model = HazardModel::default_model().unwrap();
+    let prior = CostModel::assumed();
+    let mut single = AutoState::new(&model, prior.clone());
+    let mut batch = BatchAuto::new(&model, &prior, 1).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let comp = Compression::Int8;
+    let (mut plain, mut dropped, mut stopped, mut full) = (0, 0, 0, 0);
+    for step in 0..600 {
+        // Regimes of 100 steps: cheap or dear drafts, confident or unsure ones.
+        let dear = (step / 100) % 2 == 1;
+        let unsure = (step / 200) % 2 == 1;
+        let gm = 1 + step % 8;
+        let (costs, g1, mut rule) = single.begin_step(gm);
+        let g2 = batch.begin_step(gm, &[true]);
+        assert_eq!(g1, g2, "step {step}: the gate");
+        plain += (g1 == 0) as usize;
+        let mut accum = FeatureAccum::EMPTY;
+        let mut kept = 0;
+        for _ in 0..g1 {
+            let row = RowStats {
+                entropy: rng.gen_range(0.0..if unsure { 6.0 } else { 1.0 }),
+                confidence: rng.gen_range(if unsure { 0.05 } else { 0.6 }..1.0),
+                ..RowStats::default()
+            };
+            accum.push(row.entropy, row.confidence, 0);
+            let d = rule.decide(&single.weights, &accum, &row, comp, &costs, g1);
+            single.record(&d);
+            let v = batch.decide([(0, &accum, &row)], comp);
+            assert_eq!(
+                (v.keep, v.more),
+                (d.keep, d.more),
+                "step {step}, draft {kept}"
+            );
+            kept += d.keep as usize;
+            if !d.keep {
+                dropped += 1;
+                break;
+            }
+            if !d.more {
+                stopped += (kept < g1) as usize;
+                full += (kept == g1) as usize;
+                break;
+            }
+        }
+        let accepted = rng.gen_range(0..=kept);
+        let ds = if dear { 0.8 } else { 0.05 } * rng.gen_range(0.9..1.1) * kept.max(1) as f64;
+        let vs = 1.0 + 0.02 * kept as f64 * rng.gen_range(0.9..1.1);
+        single.end_step(kept.max(1), ds, kept, vs, accepted);
+        batch.end_step(kept.max(1), ds, kept, vs, [(0, accepted)]);
+        assert_eq!(
+            batch.odds_scale(0),
+            Some(single.calibration.odds_scale()),
+            "step {step}"
+        );
+    }
+    // Every branch was taken: plain steps, a draft discarded, a stop before γmax, γmax reached.
+    assert!(
+        plain > 10 && dropped > 10 && stopped > 10 && full > 10,
+        "plain {plain}, discarded {dropped}, stopped {stopped}, full {full}"
+    );
+}
