@@ -351,11 +351,11 @@ fn bench_batch_decodes_the_same_tokens_together_and_alone() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (ok, out, err) = run(&["--batch-sizes", "1,3", "--policies", "plain,fixed:2"]);
+    let (ok, out, err) = run(&["--batch-sizes", "1,3", "--policies", "plain,fixed:2,auto"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "{out}");
+    assert_eq!(rows.len(), 6, "{out}");
     for r in rows {
         let b = r["batch"].as_u64().unwrap();
         assert_eq!(r["same_tokens"], true, "{r}");
@@ -365,9 +365,12 @@ fn bench_batch_decodes_the_same_tokens_together_and_alone() {
             r["batched"]["target_passes"].as_u64().unwrap(),
             r["one_at_a_time"]["target_passes"].as_u64().unwrap(),
         );
-        assert!(bp <= ap, "{r}");
-        if b == 3 {
-            assert!(bp < ap, "three prompts share their passes: {r}");
+        // `auto` decides from the times it measures, so its two sides may choose other γ.
+        if r["policy"] != "auto" {
+            assert!(bp <= ap, "{r}");
+            if b == 3 {
+                assert!(bp < ap, "three prompts share their passes: {r}");
+            }
         }
         let tps = |side: &str| r[side]["tokens_per_second"].as_f64().unwrap();
         let ratio = tps("batched") / tps("one_at_a_time");
@@ -383,7 +386,6 @@ fn bench_batch_decodes_the_same_tokens_together_and_alone() {
         assert_eq!(r["gamma_max"], want_gamma, "{r}");
     }
     for (extra, says) in [
-        (&["--policies", "auto"][..], "does not batch"),
         (&["--batch-sizes", "17"][..], "1 to 16"),
         (
             &["--batch-sizes", "16", "--policies", "fixed:2"][..],

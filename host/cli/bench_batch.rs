@@ -23,9 +23,13 @@ pub struct BatchArgs {
     /// Sequences decoded together (1 to 16; speculative policies up to 8).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     batch_sizes: Vec<usize>,
-    /// Comma-separated: plain, fixed:N, speckv, confidence:P, hf-dynamic, heuristic,
-    /// adaedl[:LAMBDA[:KAPPA]] (not auto: it decodes one sequence at a time).
-    #[arg(long, value_delimiter = ',', default_value = "plain,fixed:3,heuristic")]
+    /// Comma-separated: plain, auto, fixed:N, speckv, confidence:P, hf-dynamic, heuristic,
+    /// adaedl[:LAMBDA[:KAPPA]] (`auto` batched decides for the batch; alone, per sequence).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "plain,auto,fixed:3,heuristic"
+    )]
     policies: Vec<String>,
     /// Predictor for speckv (from `speckv train`); default: the shipped one.
     #[arg(long)]

@@ -14,7 +14,7 @@ pub struct Args {
     models: ModelArgs,
     /// The prompt. Given several times (up to 16), the prompts are decoded together as one
     /// batch (one product per weight matrix and step for all of them, on any backend), each with
-    /// its own γ per step; every policy but `auto` batches.
+    /// its own γ per step (`auto` decides for the batch: its sequences draft in lockstep).
     #[arg(long, required = true)]
     prompt: Vec<String>,
     /// auto (the default: per-token stopping by the shipped hazard model, costs measured while
