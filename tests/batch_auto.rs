@@ -2,6 +2,8 @@
 //! reference, a batch of one against the single sequence's `auto` decision by decision, and the
 //! free ride a batched step gives a sequence.
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 use speckv::controller::batch_auto::{batch_prior, decide_batch, speculate_batch, BatchAuto};
 use speckv::controller::hazard::{AutoState, HazardModel};
@@ -275,4 +277,67 @@ fn a_batch_of_one_decides_as_auto_does() {
         plain > 10 && dropped > 10 && stopped > 10 && full > 10,
         "plain {plain}, discarded {dropped}, stopped {stopped}, full {full}"
     );
+}
+
+#[test]
+fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
+    // Costs as on a CPU: every row of a pass costs the same, so a batch of four's plain step (4
+    // rows) is a quarter of its verification of 3 drafts each (16 rows). The prior, scaled from
+    // one sequence, guesses far less; the batch takes one plain step to measure it, then stays
+    // plain but for its probes.
+    let model = common::constant_hazard(0.8);
+    let mut batch = BatchAuto::new(&model, &CostModel::assumed(), 4).unwrap();
+    let (row, draft_pass) = (0.05, 0.02);
+    let verify = |g: usize| row * (4 * (g + 1)) as f64;
+    let (mut gates, mut gammas) = (Vec::new(), Vec::new());
+    for step in 0..12 {
+        if step == 1 {
+            // Before the plain step, the costs the prior guesses make speculating look better.
+            assert!(speculate_batch(&[0.8; 4], &batch.cost.step_costs(3), 3));
+        }
+        let g = batch.begin_step(3, &[true; 4]);
+        let mut accum = [FeatureAccum::EMPTY; 4];
+        let rowstats = RowStats {
+            entropy: 0.5,
+            confidence: 0.9,
+            ..RowStats::default()
+        };
+        let mut kept = 0;
+        for _ in 0..g {
+            for a in &mut accum {
+                a.push(0.5, 0.9, 0);
+            }
+            let v = batch.decide((0..4).map(|i| (i, &accum[i], &rowstats)), Compression::Fp16);
+            kept += v.keep as usize;
+            if !v.more {
+                break;
+            }
+        }
+        let forwards = if g > 0 { kept.max(1) } else { 0 };
+        let accepted = (0..4).map(|i| (i, kept.min(2)));
+        batch.end_step(
+            forwards,
+            forwards as f64 * draft_pass,
+            kept,
+            verify(kept),
+            accepted,
+        );
+        gates.push(g);
+        gammas.push(kept);
+    }
+    assert!(
+        gammas[0] > 0,
+        "{gammas:?}: the first step speculates (no hazards yet)"
+    );
+    assert_eq!(gates[1], 0, "{gates:?}: the second measures a plain step");
+    assert!(batch.cost.measured(0));
+    // The third tries γ = 1, whose cost the prior's shape still underestimates from the plain
+    // step's; measured, every later step is plain but for a probe after four plain ones, and the
+    // probes draft one token and discard it.
+    assert_eq!(gammas[2], 1, "{gammas:?}");
+    assert_eq!(gates[3..], [0, 0, 0, 0, 3, 0, 0, 0, 0], "{gates:?}");
+    assert_eq!(gammas[3..], [0; 9], "{gammas:?}");
+    // A batch of one keeps `auto`'s own gate: no plain step to measure (see the test above).
+    let mut one = BatchAuto::new(&model, &CostModel::assumed(), 1).unwrap();
+    assert_eq!(one.begin_step(3, &[true]), 3);
 }

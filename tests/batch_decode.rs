@@ -312,10 +312,11 @@ fn cuda_speculative_batches_are_lossless() {
         let want = plain_on(&mut one, p, &[], &c, &mut |_| {}).unwrap();
         assert_eq!(plain[b], want.tokens, "seq {b}");
     }
-    for policy in [Policy::Fixed(3), Policy::Confidence(0.3)] {
+    let auto = Policy::Auto(Box::new(speckv::decode::Auto::shipped().unwrap()));
+    for policy in [Policy::Fixed(3), Policy::Confidence(0.3), auto] {
         let mut d = st();
         d.set_active_layers(vec![true, false]).unwrap();
         let got = speculative_batch(&mut st(), &mut d, &ps, &[], &policy, &c).unwrap();
-        assert_eq!(tokens(&got), plain, "{policy:?}");
+        assert_eq!(tokens(&got), plain, "{}", policy_name(&policy));
     }
 }

@@ -13,7 +13,9 @@
 //! `tests/batch_auto.rs`).
 //!
 //! The gate before a step (speculate at all?) is [`PlainGate`]'s comparison with the same sums,
-//! each sequence with its own moving average of first-draft hazards.
+//! each sequence with its own moving average of first-draft hazards. A batch of several takes one
+//! plain step early to measure it: the one-sequence prior says little about how a pass of B rows
+//! compares with one of B · (γ + 1).
 
 use speckv_kernels::params::{
     FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
@@ -211,7 +213,8 @@ impl BatchAuto {
     /// Before a step in which the sequences `active[i]` decode: the drafts each may make (0: a
     /// plain step for all). The gate speculates when some active sequence has no first-draft
     /// hazard yet, when speculating promises more tokens per second, and every [`PROBE_EVERY`]
-    /// plain steps in a row.
+    /// plain steps in a row; a batch of several sequences first takes one plain step to measure
+    /// it.
     pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
         self.costs = self.cost.step_costs(gamma_max);
         let mut first = [0f64; MAX_SEQS];
@@ -225,10 +228,16 @@ impl BatchAuto {
                 None => unknown = true,
             }
         }
-        // In [`PlainGate::speculate`]'s order, so a batch of one gates as one sequence does.
+        // In [`PlainGate::speculate`]'s order, so a batch of one gates as one sequence does. A
+        // batch of several also takes one plain step to measure it once the hazards are known:
+        // the prior's shape, scaled from one row to B · (γ + 1), is only a guess at how a plain
+        // step's cost compares (on a CPU it grows with rows far faster), and a gate that never
+        // takes a plain step never learns it.
+        let explore = self.seqs.len() > 1 && !self.cost.measured(0);
         let speculate = if unknown {
             true
-        } else if gamma_max == 0 {
+        } else if gamma_max == 0 || explore {
+            self.plain_run += explore as usize;
             false
         } else if self.plain_run >= PROBE_EVERY
             || speculate_batch(&first[..n], &self.costs, gamma_max)

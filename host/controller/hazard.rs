@@ -183,6 +183,12 @@ impl OnlineCost {
         }
     }
 
+    /// Whether the verification at γ has been measured (else [`OnlineCost::verify`] scales the
+    /// prior's shape).
+    pub fn measured(&self, gamma: usize) -> bool {
+        matches!(self.verify.get(gamma), Some(Some(_)))
+    }
+
     /// The rule's costs: one draft pass and the verification at γ = 0..=`gamma_max` (+inf beyond).
     pub fn step_costs(&self, gamma_max: usize) -> StepCosts {
         let mut verify = [f32::INFINITY; STOP_TIMES];
