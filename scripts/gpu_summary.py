@@ -115,7 +115,11 @@ if len(sys.argv) > 4:
         rows = [(r.get("format"), b) for r in step.get("regimes", []) for b in r.get("batched", [])]
         if rows:
             f.write("\n| batched decode step (1.5B target, not a goal) | sequences | ms per step "
-                    "| ms per token | × batch 1's tokens/s |\n| --- | --- | --- | --- | --- |\n")
+                    "| ms per token | × batch 1's tokens/s | whole plain decode step, host clock (ms) "
+                    "| its ms per token |\n| --- | --- | --- | --- | --- | --- | --- |\n")
             for fmt, b in rows:
+                dm = b.get("decode_ms")
+                dt = b.get("decode_ms_per_token")
                 f.write(f"| {fmt} | {b['seqs']} | {b['ms']:.3f} | {b['ms_per_token']:.3f} "
-                        f"| {b['speedup']:.2f} |\n")
+                        f"| {b['speedup']:.2f} | {'' if dm is None else f'{dm:.3f}'} "
+                        f"| {'' if dt is None else f'{dt:.3f}'} |\n")

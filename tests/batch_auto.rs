@@ -331,13 +331,38 @@ fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
     );
     assert_eq!(gates[1], 0, "{gates:?}: the second measures a plain step");
     assert!(batch.cost.measured(0));
-    // The third tries γ = 1, whose cost the prior's shape still underestimates from the plain
-    // step's; measured, every later step is plain but for a probe after four plain ones, and the
-    // probes draft one token and discard it.
-    assert_eq!(gammas[2], 1, "{gammas:?}");
-    assert_eq!(gates[3..], [0, 0, 0, 0, 3, 0, 0, 0, 0], "{gates:?}");
-    assert_eq!(gammas[3..], [0; 9], "{gammas:?}");
+    // Then, the costs read off the line through the two measured, every step is plain but for a
+    // probe after four plain ones; the probes draft one token and discard it.
+    assert_eq!(gates[2..], [0, 0, 0, 3, 0, 0, 0, 0, 3, 0], "{gates:?}");
+    assert_eq!(gammas[1..], [0; 11], "{gammas:?}");
     // A batch of one keeps `auto`'s own gate: no plain step to measure (see the test above).
     let mut one = BatchAuto::new(&model, &CostModel::assumed(), 1).unwrap();
     assert_eq!(one.begin_step(3, &[true]), 3);
+}
+
+#[test]
+fn a_batch_reads_its_costs_off_the_line_through_what_it_measured() {
+    use speckv::controller::hazard::OnlineCost;
+    let prior = CostModel::assumed();
+    let mut c = OnlineCost::new(prior.clone(), 1.0);
+    // One γ measured: the prior's shape scaled to it, as `verify`.
+    c.observe(1, 0.1, 4, 3.0);
+    for g in 0..8 {
+        assert_eq!(c.verify_linear(g), c.verify(g), "γ {g}");
+    }
+    // Two: between them on the line, above them along it, below them as `verify`.
+    c.observe(1, 0.1, 2, 2.0);
+    assert_eq!(c.verify_linear(3), 2.5);
+    assert_eq!(c.verify_linear(4), 3.0);
+    assert_eq!(c.verify_linear(8), 5.0);
+    assert_eq!(c.verify_linear(1), c.verify(1));
+    c.observe(1, 0.1, 0, 1.0);
+    assert_eq!(c.verify_linear(1), 1.5);
+    // A noisy measurement that falls with γ: never below the largest measured γ's time above it.
+    c.observe(1, 0.1, 4, 1.8);
+    assert_eq!(c.verify_linear(6), 1.8);
+    let s = c.step_costs_linear(6);
+    assert_eq!(s.verify[1], 1.5);
+    assert_eq!(s.verify[7], f32::INFINITY, "beyond γmax");
+    assert_eq!(s.draft, c.step_costs(6).draft);
 }

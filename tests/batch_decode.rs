@@ -320,3 +320,26 @@ fn cuda_speculative_batches_are_lossless() {
         assert_eq!(tokens(&got), plain, "{}", policy_name(&policy));
     }
 }
+
+/// `bench step --batch-sizes`' whole plain decode step: it runs on every batched state, leaves each
+/// cache at the length it timed (whatever the state held before), and refuses what it cannot time.
+#[test]
+fn plain_decode_step_timing_runs_on_every_batched_state() {
+    use speckv::measure::batch_step::time_plain_decode_step;
+    let m = model();
+    let states: [(&str, State); 2] = [("cpu", cpu_state), ("emulator", emulated_state)];
+    for (name, state) in states {
+        let mut s = state(&m, 12, 3);
+        s.step_batch_resident(&[1, 2, 3, 4, 5, 6], false).unwrap();
+        let t = time_plain_decode_step(&mut *s, 7, 2).unwrap();
+        assert!(t > std::time::Duration::ZERO, "{name}");
+        assert_eq!(s.lens(), &[7, 7, 7][..], "{name}");
+        for (at, iters) in [(s.capacity(), 1), (3, 0)] {
+            let e = time_plain_decode_step(&mut *s, at, iters).unwrap_err();
+            assert!(
+                e.to_string().contains("timing a decode step"),
+                "{name}: {e}"
+            );
+        }
+    }
+}

@@ -216,7 +216,13 @@ impl BatchAuto {
     /// plain steps in a row; a batch of several sequences first takes one plain step to measure
     /// it.
     pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
-        self.costs = self.cost.step_costs(gamma_max);
+        // A batch of several reads its verification costs off the line through what it measured
+        // (its passes span B to 16 rows); a batch of one keeps `auto`'s own estimate.
+        self.costs = if self.seqs.len() > 1 {
+            self.cost.step_costs_linear(gamma_max)
+        } else {
+            self.cost.step_costs(gamma_max)
+        };
         let mut first = [0f64; MAX_SEQS];
         let (mut n, mut unknown) = (0, false);
         for (s, _) in self.seqs.iter().zip(active).filter(|(_, &a)| a) {

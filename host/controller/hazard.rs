@@ -189,6 +189,48 @@ impl OnlineCost {
         matches!(self.verify.get(gamma), Some(Some(_)))
     }
 
+    /// Verification time at γ from the measurements alone once two γ are measured: on the line
+    /// between the nearest measured γ below and above, or above them on the line through the two
+    /// largest (never below the largest measured time: more rows never cost less). Below every
+    /// measured γ, and with fewer than two measured, [`OnlineCost::verify`]. A batch's passes
+    /// span B to 16 rows, where the prior's shape, measured or assumed for one sequence, says
+    /// little.
+    pub fn verify_linear(&self, gamma: usize) -> f64 {
+        let seen: Vec<(usize, f64)> = (0..self.verify.len())
+            .filter_map(|g| self.verify[g].map(|v| (g, v)))
+            .collect();
+        if seen.len() < 2 {
+            return self.verify(gamma);
+        }
+        if let Some(&(_, v)) = seen.iter().find(|&&(g, _)| g == gamma) {
+            return v;
+        }
+        let below = seen.iter().rev().find(|&&(g, _)| g < gamma);
+        let above = seen.iter().find(|&&(g, _)| g > gamma);
+        let ((g0, v0), (g1, v1)) = match (below, above) {
+            (Some(&a), Some(&b)) => (a, b),
+            // Above the measured range: the two largest.
+            (Some(_), None) => (seen[seen.len() - 2], seen[seen.len() - 1]),
+            _ => return self.verify(gamma),
+        };
+        let at = v0 + (v1 - v0) * (gamma as f64 - g0 as f64) / (g1 as f64 - g0 as f64);
+        if above.is_some() {
+            at
+        } else {
+            at.max(v1)
+        }
+    }
+
+    /// [`OnlineCost::step_costs`] with [`OnlineCost::verify_linear`]'s verification times.
+    pub fn step_costs_linear(&self, gamma_max: usize) -> StepCosts {
+        let mut c = self.step_costs(gamma_max);
+        let n = gamma_max.min(MAX_GAMMA) + 1;
+        for (g, slot) in c.verify.iter_mut().enumerate().take(n) {
+            *slot = self.verify_linear(g) as f32;
+        }
+        c
+    }
+
     /// The rule's costs: one draft pass and the verification at γ = 0..=`gamma_max` (+inf beyond).
     pub fn step_costs(&self, gamma_max: usize) -> StepCosts {
         let mut verify = [f32::INFINITY; STOP_TIMES];

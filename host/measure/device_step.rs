@@ -6,13 +6,15 @@
 //! cost model `speckv profile` writes, so `evaluate --cost` and `bench decode --cost` turn the
 //! CPU-measured traces into predicted GPU tokens per second. With `--batch-sizes`, decode steps of
 //! B sequences (one position each, every sequence at the same cache length) too: what a batch pays
-//! per token once the weights are streamed for all of its rows.
+//! per token once the weights are streamed for all of its rows, as device time and as the host's
+//! wall clock of a whole plain decode step (the step, the row statistics, their copies).
 
 use serde::Serialize;
 
 use crate::backend::cuda::CudaBackend;
 use crate::controller::CostModel;
 use crate::error::Result;
+use crate::measure::batch_step::time_plain_decode_step;
 use crate::model::device::{CudaForward, DeviceWeights};
 use crate::model::Config;
 use crate::weights::quant::Format;
@@ -46,11 +48,18 @@ pub struct RegimeStep {
 #[derive(Debug, Serialize)]
 pub struct BatchStep {
     pub seqs: usize,
+    /// The forward step's device time (L2 flushed), as the cost model's steps.
     pub ms: f64,
     /// ms per sequence: the cost of a token at this batch size.
     pub ms_per_token: f64,
     /// The batch-1 step's ms over ms_per_token: how many times the batch-1 throughput.
     pub speedup: f64,
+    /// A whole plain decode step as the batched loop makes it, host wall clock: the forward step,
+    /// `softmax_stats_v3` on every sequence's row and its two copies, and the wait
+    /// ([`crate::measure::batch_step::time_plain_decode_step`]; the L2 not flushed).
+    pub decode_ms: f64,
+    /// decode_ms per sequence.
+    pub decode_ms_per_token: f64,
 }
 
 /// What `bench step --shapes` measures besides the shapes.
@@ -141,11 +150,15 @@ pub fn device_steps(
         for &seqs in &o.batches {
             let mut b = CudaForward::new_batch(cuda, &tw, capacity, seqs)?;
             let ms = b.time_step(1, position, iters)?.as_secs_f64() * 1e3;
+            let decode = time_plain_decode_step(&mut b, position, iters)?;
+            let decode_ms = decode.as_secs_f64() * 1e3;
             batched.push(BatchStep {
                 seqs,
                 ms,
                 ms_per_token: ms / seqs as f64,
                 speedup: verify_ms[0] / (ms / seqs as f64),
+                decode_ms,
+                decode_ms_per_token: decode_ms / seqs as f64,
             });
         }
         let stream_ms = weight_bytes as f64 / (bw / 2.0) * 1e3;

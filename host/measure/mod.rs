@@ -3,6 +3,7 @@
 //! ([`overhead`]), the weight regimes' measured step costs ([`regime`]), and the GPU kernel
 //! benchmark with a cold L2 against the device's copy bandwidth ([`gpu_bench`]).
 
+pub mod batch_step;
 pub mod cpu_bench;
 pub mod device_step;
 pub mod gpu_bench;

@@ -277,8 +277,8 @@ pub trait BatchPass: Pass {
     fn logits_rows(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()>;
     /// The statistics of rows of the last step, computed where its logits are: `rows[k]` with
     /// `opts[k]` (its own seed, random step and accumulate mode), `accums[k]` updated as they say;
-    /// into `out` (cleared first). On a device: one statistics launch per row and one read-back of
-    /// every `RowStats` and accumulator — no logits row crosses the bus.
+    /// into `out` (cleared first). On a device: one statistics launch for every row and one
+    /// read-back of every `RowStats` and accumulator — no logits row crosses the bus.
     fn rows_stats(
         &mut self,
         rows: &[usize],
