@@ -14,8 +14,10 @@
 //!
 //! The gate before a step (speculate at all?) is [`PlainGate`]'s comparison with the same sums,
 //! each sequence with its own moving average of first-draft hazards. A batch of several takes one
-//! plain step early to measure it: the one-sequence prior says little about how a pass of B rows
-//! compares with one of B · (γ + 1).
+//! plain step early to measure it (the one-sequence prior says little about how a pass of B rows
+//! compares with one of B · (γ + 1)), reads unmeasured verification costs off the line through
+//! the measured ones, and backs its probes off while they lose (each makes the draft catch up on B
+//! rows per plain step since the last).
 
 use speckv_kernels::params::{
     FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
@@ -30,6 +32,9 @@ use crate::controller::records::Compression;
 use crate::controller::stop::MAX_GAMMA;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
+
+/// The most plain steps between two probes of a batch whose probes keep losing.
+pub const MAX_PROBE_EVERY: usize = 64;
 
 /// The most sequences a batched step decides for (a step holds 16 rows).
 pub const MAX_SEQS: usize = crate::weights::gemv::MAX_M;
@@ -174,6 +179,11 @@ pub struct BatchAuto {
     pub cost: OnlineCost,
     seqs: Vec<SeqAuto>,
     plain_run: usize,
+    /// Plain steps before a probe: [`PROBE_EVERY`], doubled (a batch of several) after each probe
+    /// the gate's comparison still rejects, up to [`MAX_PROBE_EVERY`].
+    probe_every: usize,
+    /// The last step was a probe.
+    probed: bool,
     costs: StepCosts,
     gamma_max: usize,
     /// Drafts kept by every drafting sequence this step.
@@ -201,6 +211,8 @@ impl BatchAuto {
             cost: OnlineCost::new(batch_prior(prior, seqs), ONLINE_COST_ALPHA),
             seqs: vec![one; seqs],
             plain_run: 0,
+            probe_every: PROBE_EVERY,
+            probed: false,
             costs: StepCosts {
                 draft: 0.0,
                 verify: [f32::INFINITY; STOP_TIMES],
@@ -213,8 +225,8 @@ impl BatchAuto {
     /// Before a step in which the sequences `active[i]` decode: the drafts each may make (0: a
     /// plain step for all). The gate speculates when some active sequence has no first-draft
     /// hazard yet, when speculating promises more tokens per second, and every [`PROBE_EVERY`]
-    /// plain steps in a row; a batch of several sequences first takes one plain step to measure
-    /// it.
+    /// plain steps in a row (for a batch of several, backing off to [`MAX_PROBE_EVERY`] while
+    /// the probes lose); a batch of several sequences first takes one plain step to measure it.
     pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
         // A batch of several reads its verification costs off the line through what it measured
         // (its passes span B to 16 rows); a batch of one keeps `auto`'s own estimate.
@@ -245,14 +257,29 @@ impl BatchAuto {
         } else if gamma_max == 0 || explore {
             self.plain_run += explore as usize;
             false
-        } else if self.plain_run >= PROBE_EVERY
-            || speculate_batch(&first[..n], &self.costs, gamma_max)
-        {
-            self.plain_run = 0;
-            true
         } else {
-            self.plain_run += 1;
-            false
+            let wins = speculate_batch(&first[..n], &self.costs, gamma_max);
+            // A batch's probe makes its draft catch up on every sequence's tokens since the last
+            // speculative step (B rows a plain step): while probes keep losing, they back off.
+            if self.seqs.len() > 1 {
+                if wins {
+                    self.probe_every = PROBE_EVERY;
+                } else if self.probed {
+                    self.probe_every = (self.probe_every * 2).min(MAX_PROBE_EVERY);
+                }
+            }
+            self.probed = false;
+            if wins {
+                self.plain_run = 0;
+                true
+            } else if self.plain_run >= self.probe_every {
+                self.plain_run = 0;
+                self.probed = true;
+                true
+            } else {
+                self.plain_run += 1;
+                false
+            }
         };
         self.gamma_max = if speculate { gamma_max } else { 0 };
         self.kept = 0;
