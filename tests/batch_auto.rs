@@ -368,3 +368,31 @@ fn a_batch_reads_its_costs_off_the_line_through_what_it_measured() {
     assert_eq!(s.verify[7], f32::INFINITY, "beyond γmax");
     assert_eq!(s.draft, c.step_costs(6).draft);
 }
+
+#[test]
+fn a_sequence_named_again_or_out_of_range_is_not_counted() {
+    // Twenty entries for a batch of two: one sequence named over and over, one past the batch.
+    let model = HazardModel::default_model().unwrap();
+    let prior = CostModel::assumed();
+    let (mut a, mut b) = (
+        BatchAuto::new(&model, &prior, 2).unwrap(),
+        BatchAuto::new(&model, &prior, 2).unwrap(),
+    );
+    assert_eq!(a.begin_step(8, &[true, true]), 8);
+    assert_eq!(b.begin_step(8, &[true, true]), 8);
+    let mut acc = FeatureAccum::EMPTY;
+    let row = RowStats {
+        entropy: 0.05,
+        confidence: 0.99,
+        ..RowStats::default()
+    };
+    for pass in 0..8 {
+        acc.push(row.entropy, row.confidence, 0);
+        let va = a.decide([(0, &acc, &row), (1, &acc, &row)], Compression::Fp16);
+        let many = (0..20).map(|k| (if k == 19 { 7 } else { k % 2 }, &acc, &row));
+        assert_eq!(b.decide(many, Compression::Fp16), va, "pass {pass}");
+        if !va.more {
+            break;
+        }
+    }
+}

@@ -177,7 +177,13 @@ fn speculative_batches_are_lossless_with_a_gamma_per_sequence(state: State) {
                 .map(|q| (q.drafted, q.accepted))
                 .collect::<Vec<_>>()
         );
-        assert!(accepted > 0, "{name}: the draft was accepted");
+        if let Policy::Auto(_) = policy {
+            // `auto` decides from the times it measures (here a draft as dear as its target, so
+            // plain steps win): only its first step, before any hazard is known, surely drafts.
+            assert!(got.draft_passes > 0, "auto's first step drafts");
+        } else {
+            assert!(accepted > 0, "{name}: the draft was accepted");
+        }
         assert!(
             got.target_passes <= 12,
             "{name}: more target passes ({}) than tokens",

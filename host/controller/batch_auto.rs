@@ -292,7 +292,8 @@ impl BatchAuto {
 
     /// The batch's verdict on the draft every drafting sequence just made: `drafts` gives, per
     /// drafting sequence, its index, its accumulator after this draft and this draft's row
-    /// statistics. A sequence this step did not start drafting is ignored.
+    /// statistics. A sequence this step did not start drafting, one past the batch, or one named
+    /// again is ignored.
     pub fn decide<'a>(
         &mut self,
         drafts: impl IntoIterator<Item = (usize, &'a FeatureAccum, &'a RowStats)>,
@@ -306,6 +307,10 @@ impl BatchAuto {
         let mut n = 0;
         let j = self.kept;
         for (i, accum, row) in drafts {
+            // A sequence named twice would be counted twice: only the first counts.
+            if n == MAX_SEQS || who[..n].contains(&i) {
+                continue;
+            }
             let Some(s) = self.seqs.get_mut(i).filter(|s| s.drafting) else {
                 continue;
             };
