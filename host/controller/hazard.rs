@@ -196,21 +196,28 @@ impl OnlineCost {
     /// span B to 16 rows, where the prior's shape, measured or assumed for one sequence, says
     /// little.
     pub fn verify_linear(&self, gamma: usize) -> f64 {
-        let seen: Vec<(usize, f64)> = (0..self.verify.len())
-            .filter_map(|g| self.verify[g].map(|v| (g, v)))
-            .collect();
-        if seen.len() < 2 {
+        // Read in place, not collected: the decode loop calls this every step.
+        let t = &self.verify;
+        let last_below = |end: usize| {
+            (0..end.min(t.len()))
+                .rev()
+                .find_map(|g| t[g].map(|v| (g, v)))
+        };
+        if t.iter().filter(|v| v.is_some()).count() < 2 {
             return self.verify(gamma);
         }
-        if let Some(&(_, v)) = seen.iter().find(|&&(g, _)| g == gamma) {
-            return v;
+        if let Some(Some(v)) = t.get(gamma) {
+            return *v;
         }
-        let below = seen.iter().rev().find(|&&(g, _)| g < gamma);
-        let above = seen.iter().find(|&&(g, _)| g > gamma);
+        let below = last_below(gamma);
+        let above = (gamma + 1..t.len()).find_map(|g| t[g].map(|v| (g, v)));
         let ((g0, v0), (g1, v1)) = match (below, above) {
-            (Some(&a), Some(&b)) => (a, b),
+            (Some(a), Some(b)) => (a, b),
             // Above the measured range: the two largest.
-            (Some(_), None) => (seen[seen.len() - 2], seen[seen.len() - 1]),
+            (Some(b), None) => match last_below(b.0) {
+                Some(a) => (a, b),
+                None => return self.verify(gamma),
+            },
             _ => return self.verify(gamma),
         };
         let at = v0 + (v1 - v0) * (gamma as f64 - g0 as f64) / (g1 as f64 - g0 as f64);
