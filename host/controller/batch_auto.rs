@@ -66,7 +66,6 @@ pub fn decide_batch<V: Fn(u32) -> f32>(
 ) -> BatchVerdict {
     let n = states.len().min(hazards.len()).min(MAX_SEQS);
     let gamma_max = gamma_max.min(STOP_TIMES as u32 - 1);
-    let spent = (j + 1) as f32 * draft;
     let mut a = [0f32; MAX_SEQS];
     let (mut expected, mut tokens) = (0f32, 0f32);
     for i in 0..n {
@@ -74,30 +73,16 @@ pub fn decide_batch<V: Fn(u32) -> f32>(
         expected += states[i].expected;
         tokens += states[i].expected + a[i];
     }
-    let discard = expected / (spent + verify(j));
-    let stop_after = tokens / (spent + verify(j + 1));
-    let stop_best = if stop_after > discard {
-        stop_after
-    } else {
-        discard
+    // The kernels' comparison, with the sums: one sequence's gain is its A, exactly.
+    let gain = || {
+        let mut sum = 0f32;
+        for (ai, &h) in a.iter_mut().zip(hazards).take(n) {
+            *ai *= h;
+            sum += *ai;
+        }
+        sum
     };
-    let mut more = false;
-    let mut g = j + 2;
-    while g <= gamma_max {
-        let mut gain = 0f32;
-        for i in 0..n {
-            a[i] *= hazards[i];
-            gain += a[i];
-        }
-        tokens += gain;
-        // A NaN or infinite cost compares false: no more drafts.
-        if tokens / (g as f32 * draft + verify(g)) > stop_best {
-            more = true;
-            break;
-        }
-        g += 1;
-    }
-    let keep = j < gamma_max && (more || stop_after > discard);
+    let (keep, more) = stop_rule::compare(j, gamma_max, draft, verify, expected, tokens, gain);
     let kept = j + keep as u32;
     for (s, &h) in states.iter_mut().zip(hazards).take(n) {
         if keep {

@@ -20,11 +20,11 @@ use crate::stats::{Accumulate, StatsOptions};
 /// every step, so each step attends over `at` positions; what they held before is overwritten.
 pub fn time_plain_decode_step(pass: &mut dyn BatchPass, at: usize, iters: u32) -> Result<Duration> {
     let seqs = pass.lens().len();
-    if iters == 0 || seqs == 0 || at + 1 > pass.capacity() {
+    if iters == 0 || seqs == 0 || at >= pass.capacity() {
         return Err(Error::Other(format!(
             "timing a decode step at cache length {at}, {iters} times, over {seqs} sequences: \
              needs at least one step, one sequence and caches of {} positions (these hold {})",
-            at + 1,
+            at.saturating_add(1),
             pass.capacity()
         )));
     }

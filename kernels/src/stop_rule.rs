@@ -120,31 +120,19 @@ pub fn decide<W: MlpSource, V: Fn(u32) -> f32>(
     let j = s.kept;
     let x = features(entropy, confidence, accum, code, j);
     let h = hazard(w, &x, odds_scale);
-    let spent = (j + 1) as f32 * draft;
-    let discard = s.expected / (spent + verify(j));
     let mut a = s.survive * h;
-    let mut tokens = s.expected + a;
-    let stop_after = tokens / (spent + verify(j + 1));
-    let stop_best = if stop_after > discard {
-        stop_after
-    } else {
-        discard
-    };
-    let mut more = false;
-    let mut g = j + 2;
-    while g <= gamma_max {
-        a *= h;
-        tokens += a;
-        // A NaN or infinite cost compares false: no more drafts.
-        if tokens / (g as f32 * draft + verify(g)) > stop_best {
-            more = true;
-            break;
-        }
-        g += 1;
-    }
-    // Drafting on keeps this draft; stopping keeps it when that beats discarding it. A NaN rate
-    // (non-finite cost) discards: fail closed.
-    let keep = j < gamma_max && (more || stop_after > discard);
+    let (keep, more) = compare(
+        j,
+        gamma_max,
+        draft,
+        verify,
+        s.expected,
+        s.expected + a,
+        || {
+            a *= h;
+            a
+        },
+    );
     if keep {
         s.survive *= h;
         s.expected += s.survive;
@@ -159,6 +147,46 @@ pub fn decide<W: MlpSource, V: Fn(u32) -> f32>(
         keep,
         more: more && s.kept < gamma_max,
     }
+}
+
+/// The comparison of [`decide`] after draft j (its three choices, by expected tokens per unit
+/// cost), shared with the host's rule for a batch (`controller::batch_auto`): `expected` is the
+/// step's expected tokens without draft j, `tokens` with it, and each call of `gain` gives the
+/// tokens one more draft adds (the sequence's A, or a batch's sum of them). Returns (keep draft
+/// j, draft on).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn compare<V: Fn(u32) -> f32, G: FnMut() -> f32>(
+    j: u32,
+    gamma_max: u32,
+    draft: f32,
+    verify: V,
+    expected: f32,
+    mut tokens: f32,
+    mut gain: G,
+) -> (bool, bool) {
+    let spent = (j + 1) as f32 * draft;
+    let discard = expected / (spent + verify(j));
+    let stop_after = tokens / (spent + verify(j + 1));
+    let stop_best = if stop_after > discard {
+        stop_after
+    } else {
+        discard
+    };
+    let mut more = false;
+    let mut g = j + 2;
+    while g <= gamma_max {
+        tokens += gain();
+        // A NaN or infinite cost compares false: no more drafts.
+        if tokens / (g as f32 * draft + verify(g)) > stop_best {
+            more = true;
+            break;
+        }
+        g += 1;
+    }
+    // Drafting on keeps this draft; stopping keeps it when that beats discarding it. A NaN rate
+    // (non-finite cost) discards: fail closed.
+    (j < gamma_max && (more || stop_after > discard), more)
 }
 
 /// The epilogue of `softmax_stats_v2` with `STATS_STOP` for `row` (its sequence), after the row's
