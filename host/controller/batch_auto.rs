@@ -24,6 +24,7 @@ use speckv_kernels::params::{
 };
 use speckv_kernels::stop_rule;
 
+pub use crate::controller::hazard::speculate_batch;
 use crate::controller::hazard::{
     Calibration, HazardModel, OnlineCost, PlainGate, CALIBRATION_RATE, ONLINE_COST_ALPHA,
     PROBE_EVERY,
@@ -98,31 +99,6 @@ pub fn decide_batch<V: Fn(u32) -> f32>(
         keep,
         more: more && kept < gamma_max,
     }
-}
-
-/// Whether a batched step should speculate, from each sequence's moving average of first-draft
-/// hazards `first` ([`PlainGate`]'s comparison with the sequences' expected tokens summed): the
-/// best γ ≥ 1, every later hazard taken equal to the first, against a plain step (one target
-/// pass emitting a token per sequence).
-pub fn speculate_batch(first: &[f64], costs: &StepCosts, gamma_max: usize) -> bool {
-    if gamma_max == 0 {
-        return false;
-    }
-    let n = first.len().min(MAX_SEQS);
-    let plain = n as f64 / costs.verify[0] as f64;
-    let mut a = [1f64; MAX_SEQS];
-    let (mut tokens, mut best) = (n as f64, f64::NEG_INFINITY);
-    let top = gamma_max.min(MAX_GAMMA) + 1;
-    for (g, &v) in costs.verify.iter().enumerate().take(top).skip(1) {
-        let mut gain = 0.0;
-        for (ai, &h) in a.iter_mut().zip(first).take(n) {
-            *ai *= h;
-            gain += *ai;
-        }
-        tokens += gain;
-        best = best.max(tokens / (g as f64 * costs.draft as f64 + v as f64));
-    }
-    best > plain
 }
 
 /// A prior for a batch of `seqs` sequences from a one-sequence cost model: verification of γ

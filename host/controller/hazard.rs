@@ -230,12 +230,15 @@ impl OnlineCost {
 
     /// [`OnlineCost::step_costs`] with [`OnlineCost::verify_linear`]'s verification times.
     pub fn step_costs_linear(&self, gamma_max: usize) -> StepCosts {
-        let mut c = self.step_costs(gamma_max);
+        let mut verify = [f32::INFINITY; STOP_TIMES];
         let n = gamma_max.min(MAX_GAMMA) + 1;
-        for (g, slot) in c.verify.iter_mut().enumerate().take(n) {
+        for (g, slot) in verify.iter_mut().enumerate().take(n) {
             *slot = self.verify_linear(g) as f32;
         }
-        c
+        StepCosts {
+            draft: self.draft() as f32,
+            verify,
+        }
     }
 
     /// The rule's costs: one draft pass and the verification at γ = 0..=`gamma_max` (+inf beyond).
@@ -340,6 +343,31 @@ impl Calibration {
     }
 }
 
+/// Whether a batched step should speculate, from each sequence's moving average of first-draft
+/// hazards `first` (summed over the sequences; [`PlainGate`]'s comparison is this with one): the
+/// best γ ≥ 1, every later hazard taken equal to the first, against a plain step (one target
+/// pass emitting a token per sequence).
+pub fn speculate_batch(first: &[f64], costs: &StepCosts, gamma_max: usize) -> bool {
+    if gamma_max == 0 {
+        return false;
+    }
+    let n = first.len().min(crate::weights::gemv::MAX_M);
+    let plain = n as f64 / costs.verify[0] as f64;
+    let mut a = [1f64; crate::weights::gemv::MAX_M];
+    let (mut tokens, mut best) = (n as f64, f64::NEG_INFINITY);
+    let top = gamma_max.min(MAX_GAMMA) + 1;
+    for (g, &v) in costs.verify.iter().enumerate().take(top).skip(1) {
+        let mut gain = 0.0;
+        for (ai, &h) in a.iter_mut().zip(first).take(n) {
+            *ai *= h;
+            gain += *ai;
+        }
+        tokens += gain;
+        best = best.max(tokens / (g as f64 * costs.draft as f64 + v as f64));
+    }
+    best > plain
+}
+
 /// After this many plain steps in a row, the gate speculates once to keep its estimate current.
 pub const PROBE_EVERY: usize = 4;
 
@@ -367,16 +395,7 @@ impl PlainGate {
             self.plain_run = 0;
             return true;
         }
-        // A plain step: one target pass. Speculating to γ: γ draft passes and the verification.
-        let plain = 1.0 / costs.verify[0] as f64;
-        let (mut a, mut tokens, mut best) = (1.0, 1.0, f64::NEG_INFINITY);
-        let n = gamma_max.min(MAX_GAMMA) + 1;
-        for (g, &v) in costs.verify.iter().enumerate().take(n).skip(1) {
-            a *= h;
-            tokens += a;
-            best = best.max(tokens / (g as f64 * costs.draft as f64 + v as f64));
-        }
-        if best > plain {
+        if speculate_batch(&[h], costs, gamma_max) {
             self.plain_run = 0;
             true
         } else {
