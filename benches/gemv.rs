@@ -56,8 +56,9 @@ fn bench(c: &mut Criterion) {
                 });
                 if let (Some(cu), Some(d)) = (&cuda, &dev) {
                     for (label, version) in [
-                        ("cuda_v1", speckv::backend::cuda::KernelVersion::V1),
-                        ("cuda_v2", speckv::backend::cuda::KernelVersion::V2),
+                        ("cuda_v1", speckv::backend::cuda::GemvVersion::V1),
+                        ("cuda_v2", speckv::backend::cuda::GemvVersion::V2),
+                        ("cuda_v3", speckv::backend::cuda::GemvVersion::V3),
                     ] {
                         g.bench_function(BenchmarkId::new(label, &id), |b| {
                             b.iter_custom(|iters| {
@@ -159,7 +160,7 @@ fn peers() {
                     .iter()
                     .map(|q| {
                         let d = cu.upload_matrix(q).expect("upload");
-                        cu.time_gemv(&d, m, 200, speckv::backend::cuda::KernelVersion::V2)
+                        cu.time_gemv(&d, m, 200, speckv::backend::cuda::GemvVersion::V3)
                             .expect("launch")
                             .as_secs_f64()
                     })

@@ -101,16 +101,49 @@ pub fn gemv_v2(
     m: u32,
     sm_count: u32,
 ) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-    use speckv_kernels::gemv::PathV2;
-    let code = match format {
+    gemv_launch(
+        format,
+        speckv_kernels::gemv::plan_v2(gemv_format_code(format), out, inp, m, sm_count),
+        sm_count,
+    )
+}
+
+/// The v3 GEMV (see `speckv_kernels::gemv::plan_v3`): the streaming kernel at M = 1 when K is a
+/// multiple of 64, v2's plan otherwise. What the device forward pass launches.
+pub fn gemv_v3(
+    format: crate::weights::quant::Format,
+    out: u32,
+    inp: u32,
+    m: u32,
+    sm_count: u32,
+) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
+    gemv_launch(
+        format,
+        speckv_kernels::gemv::plan_v3(gemv_format_code(format), out, inp, m, sm_count),
+        sm_count,
+    )
+}
+
+/// The kernels' code of a weight format (0 fp16, 1 int8, 2 nf4).
+fn gemv_format_code(format: crate::weights::quant::Format) -> u32 {
+    match format {
         crate::weights::quant::Format::Fp16 => 0,
         crate::weights::quant::Format::Int8 => 1,
         crate::weights::quant::Format::Nf4 => 2,
-    };
-    let p = speckv_kernels::gemv::plan_v2(code, out, inp, m, sm_count);
+    }
+}
+
+/// The entry point and launch of a v2 / v3 GEMV plan (the plans do not depend on the format).
+fn gemv_launch(
+    format: crate::weights::quant::Format,
+    p: speckv_kernels::gemv::GemvPlanV2,
+    sm_count: u32,
+) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
+    use speckv_kernels::gemv::PathV2;
     let entry = match p.path {
         PathV2::Cores { mt } => format!("gemv_v2_{}_m{mt}", format.name()),
         PathV2::Tensor { nt } => format!("gemv_tc_{}_n{}", format.name(), 8 * nt),
+        PathV2::Stream => format!("gemv_v3_{}", format.name()),
     };
     (
         LaunchPlan::new(entry, p.grid, p.block, p.shared_bytes, sm_count),

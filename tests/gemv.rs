@@ -42,7 +42,8 @@ fn check(run: Run<'_>, q: &QMatrix, m: usize, seed: u64, label: &str) {
     assert_eq!(got.len(), want.len(), "{label}");
     // The tensor-core path (v2, M ≥ 2, K a multiple of 64) multiplies f16 weights and f16 x: each
     // product carries up to 2 × 2^-11 relative rounding, so its tolerance is in those units.
-    let tensor = label.contains("v2") && m >= 2 && inp % 64 == 0;
+    // v3 takes v2's tensor-core path there too.
+    let tensor = (label.contains("v2") || label.contains("v3")) && m >= 2 && inp % 64 == 0;
     let rel = if tensor { 1.1e-3 } else { 2e-6 };
     for (i, ((g, w), a)) in got.iter().zip(&want).zip(&mag).enumerate() {
         let tol = rel * a + 1e-6 + 1e-5 * w.abs();
@@ -78,6 +79,17 @@ macro_rules! per_backend {
                     true,
                 );
             }
+            /// v3 (the streaming kernel at M = 1, v2 elsewhere) on a 7-SM plan.
+            #[test]
+            fn emulator_v3() {
+                ($body)(
+                    &|q: &QMatrix, x: &[f32], m: usize| {
+                        speckv::backend::emulate::Emulator::new(32).gemv_v3(q, x, m, 7)
+                    },
+                    "emulator_v3",
+                    true,
+                );
+            }
             #[test]
             fn cpu() {
                 ($body)(
@@ -97,6 +109,19 @@ macro_rules! per_backend {
                     // `gemv` is v2 (tensor cores for M ≥ 2): the label says so, as the tolerance
                     // reads it.
                     "cuda v2",
+                    false,
+                );
+            }
+            /// v3, what the device forward pass launches.
+            #[test]
+            fn cuda_v3() {
+                let Some(c) = common::cuda() else { return };
+                ($body)(
+                    &|q: &QMatrix, x: &[f32], m: usize| {
+                        let d = c.upload_matrix(q)?;
+                        c.gemv_v3(&d, x, m)
+                    },
+                    "cuda v3",
                     false,
                 );
             }
@@ -482,6 +507,104 @@ fn v2_plans_split_narrow_outputs() {
         lp.entry, "gemv_v2_int8_m16",
         "K % 64 != 0 stays on CUDA cores"
     );
+}
+
+/// v3's streaming kernel at M = 1 on the plans a real GPU gets and on small ones: rows that fill
+/// a block's 32 or leave it ragged, K split into many blocks or none (splits of 512 and more),
+/// every format, against the float64 reference; an x that is not 16-byte aligned is read alike.
+#[test]
+fn emulator_v3_streams_decode_shapes() {
+    let shapes = [
+        (1usize, 64usize),
+        (31, 512),
+        (32, 576),
+        (33, 1536),
+        (70, 4160),
+    ];
+    let mut split = false;
+    for (s, &(out, inp)) in shapes.iter().enumerate() {
+        let w = weights(out, inp, 500 + s as u64);
+        for format in Format::ALL {
+            let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+            for sms in [1u32, 7, 132] {
+                let (lp, plan) = speckv::plan::gemv_v3(format, out as u32, inp as u32, 1, sms);
+                let label = format!(
+                    "v3 {} {out}x{inp} sms {sms} ({}, {} splits)",
+                    format.name(),
+                    lp.entry,
+                    plan.ksplits
+                );
+                assert_eq!(lp.entry, format!("gemv_v3_{}", format.name()), "{label}");
+                assert!(
+                    plan.kt % 64 == 0 && plan.kt * plan.ksplits >= inp as u32,
+                    "{label}: {plan:?}"
+                );
+                assert!(
+                    plan.ksplits == 1 || plan.kt >= speckv_kernels::gemv::V3_MIN_SPLIT,
+                    "{label}: {plan:?}"
+                );
+                split |= plan.ksplits > 2;
+                let run = |q: &QMatrix, x: &[f32], m: usize| {
+                    speckv::backend::emulate::Emulator::new(32).gemv_v3(q, x, m, sms)
+                };
+                check(&run, &q, 1, 60 + s as u64, &label);
+            }
+            // x one float into a buffer: not 16-byte aligned, copied for the 16-byte loads.
+            let x = common::normal_logits(inp + 1, 1.0, 61);
+            let emu = speckv::backend::emulate::Emulator::new(32);
+            let shifted = emu.gemv_v3(&q, &x[1..], 1, 7).unwrap();
+            let mut xa = vec![[0f32; 4]; inp.div_ceil(4)];
+            bytemuck::cast_slice_mut::<[f32; 4], f32>(&mut xa)[..inp].copy_from_slice(&x[1..]);
+            let aligned = bytemuck::cast_slice::<[f32; 4], f32>(&xa);
+            assert_eq!(aligned.as_ptr() as usize % 16, 0);
+            let aligned = emu.gemv_v3(&q, &aligned[..inp], 1, 7).unwrap();
+            assert_eq!(
+                shifted,
+                aligned,
+                "{} {out}x{inp}: unaligned x",
+                format.name()
+            );
+        }
+    }
+    assert!(split, "some plan splits K into more than two blocks");
+}
+
+/// v3's plans: the streaming kernel only at M = 1 with K a multiple of 64 (v2's plan otherwise,
+/// launch for launch), the grid at least two blocks per SM where K allows.
+#[test]
+fn v3_plans_stream_decode_and_keep_v2_elsewhere() {
+    for (out, inp) in [
+        (1536u32, 8960u32),
+        (1536, 1536),
+        (8960, 1536),
+        (151936, 1536),
+        (256, 1536),
+    ] {
+        let (lp, p) = speckv::plan::gemv_v3(Format::Fp16, out, inp, 1, 132);
+        assert_eq!(lp.entry, "gemv_v3_fp16");
+        assert_eq!(p.rows_per_block, 32);
+        let room = (inp / speckv_kernels::gemv::V3_MIN_SPLIT).max(1);
+        assert!(
+            p.grid >= 264 || p.ksplits == room,
+            "{out}x{inp}: fewer than two blocks per SM while K could split further: {p:?}"
+        );
+        assert!(
+            p.kt * p.ksplits >= inp && p.kt * (p.ksplits - 1) < inp,
+            "{p:?}"
+        );
+    }
+    for (format, out, inp, m) in [
+        (Format::Nf4, 1536u32, 8960u32, 5u32),
+        (Format::Int8, 4096, 4096, 16),
+        (Format::Fp16, 4096, 4100, 1),
+        (Format::Int8, 7, 100, 1),
+    ] {
+        assert_eq!(
+            speckv::plan::gemv_v3(format, out, inp, m, 132),
+            speckv::plan::gemv_v2(format, out, inp, m, 132),
+            "{format:?} {out}x{inp} M = {m}"
+        );
+    }
 }
 
 /// Every tensor-core entry issues exactly one `mma.sync.aligned` per tile and n-tile: a copy in a

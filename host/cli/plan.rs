@@ -54,7 +54,8 @@ pub struct Args {
     #[arg(long)]
     m: Option<u32>,
     /// Kernel version (1: the oracle, 2: what the backends launch; softmax_stats also 3, a batch's
-    /// rows with their own options, which batched decoding launches).
+    /// rows with their own options, which batched decoding launches; gemv also 3, the streaming
+    /// kernel at M = 1, which the device forward pass launches).
     #[arg(long, default_value_t = 2)]
     version: u32,
     /// step: a model's shapes (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b).
@@ -88,7 +89,7 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                 .unwrap_or(plan::H200_SMS),
         },
     };
-    let most = if matches!(a.kernel, Kernel::SoftmaxStats) {
+    let most = if matches!(a.kernel, Kernel::SoftmaxStats | Kernel::Gemv) {
         3
     } else {
         2
@@ -188,7 +189,11 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                 let p = plan::gemv_v1(format, out, m, sms);
                 (p.clone(), vec![p], serde_json::json!({}))
             } else {
-                let (p, k) = plan::gemv_v2(format, out, inp, m, sms);
+                let (p, k) = if a.version == 3 {
+                    plan::gemv_v3(format, out, inp, m, sms)
+                } else {
+                    plan::gemv_v2(format, out, inp, m, sms)
+                };
                 (
                     p.clone(),
                     vec![p],

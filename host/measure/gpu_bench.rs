@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::backend::cuda::{CudaBackend, KernelVersion};
+use crate::backend::cuda::{CudaBackend, GemvVersion, KernelVersion};
 use crate::controller::{Controller, CostModel, PAPER_CANDIDATES};
 use crate::error::Result;
 use crate::stats::{Logits, LogitsData, StatsOptions};
@@ -199,7 +199,17 @@ pub fn run(cuda: &CudaBackend, quick: bool) -> Result<GpuBench> {
             let q = QMatrix::quantize(&w, out, inp, format, false)?;
             let d = cuda.upload_matrix(&q)?;
             for m in [1usize, 5, 16] {
-                for (v, version) in [(1, KernelVersion::V1), (2, KernelVersion::V2)] {
+                // v3 differs from v2 only at M = 1 (its streaming kernel).
+                let versions: &[(u32, GemvVersion)] = if m == 1 {
+                    &[
+                        (1, GemvVersion::V1),
+                        (2, GemvVersion::V2),
+                        (3, GemvVersion::V3),
+                    ]
+                } else {
+                    &[(1, GemvVersion::V1), (2, GemvVersion::V2)]
+                };
+                for &(v, version) in versions {
                     let t = cuda.time_gemv(&d, m, iters, version)?;
                     push(
                         "gemv",

@@ -6,12 +6,37 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use speckv_kernels::gemv::PathV2;
 use speckv_kernels::params::{GemvParams, GemvV2Params};
 
-use super::{ByValue, CudaBackend, KernelFn, KernelVersion};
+use super::{ByValue, CudaBackend, KernelFn};
 use crate::error::{Error, Result};
 use crate::weights::quant::{Format, QMatrix};
 
 /// Block size of GEMV launches (four output rows per block, one warp each).
 pub const GEMV_BLOCK: u32 = 128;
+
+/// Which GEMV kernels a call launches: v1 (one warp per row, the oracle), v2's plan, or v3's
+/// (v2 with the streaming kernel at M = 1, what the device forward pass launches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvVersion {
+    V1,
+    V2,
+    V3,
+}
+
+impl GemvVersion {
+    /// The plan of a v2 or v3 launch (v1 has its own fixed launch).
+    fn plan(
+        self,
+        d: &DeviceMatrix,
+        m: usize,
+        sm_count: u32,
+    ) -> (crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
+        let planner = match self {
+            GemvVersion::V3 => crate::plan::gemv_v3,
+            GemvVersion::V1 | GemvVersion::V2 => crate::plan::gemv_v2,
+        };
+        planner(d.format, d.out as u32, d.inp as u32, m as u32, sm_count)
+    }
+}
 
 /// A quantised matrix resident on the device.
 pub struct DeviceMatrix {
@@ -109,9 +134,10 @@ impl CudaBackend {
         })
     }
 
-    /// y `[m, out]` = x · Wᵀ on device buffers by the v2 plan's kernel, with `ws` as its workspace
-    /// ([`CudaBackend::gemv_workspace_bytes`], zeroed once: every launch leaves it zeroed).
-    pub fn launch_gemv_v2_into(
+    /// y `[m, out]` = x · Wᵀ on device buffers by the v3 plan's kernel (what the forward pass
+    /// launches), with `ws` as its workspace ([`CudaBackend::gemv_workspace_bytes`], zeroed once:
+    /// every launch leaves it zeroed).
+    pub fn launch_gemv_into(
         &self,
         d: &DeviceMatrix,
         x: &cudarc::driver::CudaSlice<f32>,
@@ -119,20 +145,13 @@ impl CudaBackend {
         m: usize,
         ws: &mut cudarc::driver::CudaSlice<u8>,
     ) -> Result<()> {
-        self.launch_gemv_v2(d, x, y, m, ws)
+        self.launch_gemv_planned(d, x, y, m, ws, GemvVersion::V3)
     }
 
-    /// Workspace bytes the v2 GEMV of `d` needs at `m` rows.
+    /// Workspace bytes the v3 GEMV of `d` (what [`CudaBackend::launch_gemv_into`] launches) needs
+    /// at `m` rows.
     pub fn gemv_workspace_bytes(&self, d: &DeviceMatrix, m: usize) -> usize {
-        crate::plan::gemv_v2(
-            d.format,
-            d.out as u32,
-            d.inp as u32,
-            m as u32,
-            self.sm_count,
-        )
-        .1
-        .workspace_bytes
+        GemvVersion::V3.plan(d, m, self.sm_count).1.workspace_bytes
     }
 
     fn launch_gemv(
@@ -177,14 +196,15 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The v2 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's size).
-    fn launch_gemv_v2(
+    /// The v2 or v3 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's size).
+    fn launch_gemv_planned(
         &self,
         d: &DeviceMatrix,
         x: &cudarc::driver::CudaSlice<f32>,
         y: &mut cudarc::driver::CudaSlice<f32>,
         m: usize,
         ws: &mut cudarc::driver::CudaSlice<u8>,
+        version: GemvVersion,
     ) -> Result<()> {
         if m == 0 || m > crate::weights::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
             return Err(Error::Other(format!(
@@ -192,13 +212,7 @@ impl CudaBackend {
                 d.out, d.inp
             )));
         }
-        let (_, plan) = crate::plan::gemv_v2(
-            d.format,
-            d.out as u32,
-            d.inp as u32,
-            m as u32,
-            self.sm_count,
-        );
+        let (_, plan) = version.plan(d, m, self.sm_count);
         if ws.len() < plan.workspace_bytes {
             return Err(Error::Other(
                 "gemv v2: workspace smaller than the plan's".to_string(),
@@ -228,6 +242,7 @@ impl CudaBackend {
         let f = match plan.path {
             PathV2::Cores { mt } => KernelFn::GemvV2(d.format, mt),
             PathV2::Tensor { nt } => KernelFn::GemvTc(d.format, nt),
+            PathV2::Stream => KernelFn::GemvV3(d.format),
         };
         let cfg = LaunchConfig {
             grid_dim: (plan.grid, 1, 1),
@@ -238,20 +253,19 @@ impl CudaBackend {
         let mut b = st.launch_builder(self.function(f));
         b.arg(&arg);
         // SAFETY: sizes checked above against the uploaded matrix (cudarc allocations are 256-byte
-        // aligned, so the 16-byte weight loads are aligned); the workspace is the plan's and
+        // aligned, so the 16-byte weight loads and v3's 16-byte x loads are aligned); the workspace is the plan's and
         // zeroed; the buffers outlive the launch.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
-    fn gemv_workspace(&self, d: &DeviceMatrix, m: usize) -> Result<cudarc::driver::CudaSlice<u8>> {
-        let (_, plan) = crate::plan::gemv_v2(
-            d.format,
-            d.out as u32,
-            d.inp as u32,
-            m as u32,
-            self.sm_count,
-        );
+    fn gemv_workspace(
+        &self,
+        d: &DeviceMatrix,
+        m: usize,
+        version: GemvVersion,
+    ) -> Result<cudarc::driver::CudaSlice<u8>> {
+        let (_, plan) = version.plan(d, m, self.sm_count);
         Ok(self
             .stream
             .alloc_zeros::<u8>(plan.workspace_bytes.max(16))?)
@@ -259,12 +273,17 @@ impl CudaBackend {
 
     /// y `[m, out]` = x · Wᵀ for host x by the v2 kernels (upload, launch, download).
     pub fn gemv(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        self.gemv_version(d, x, m, KernelVersion::V2)
+        self.gemv_version(d, x, m, GemvVersion::V2)
+    }
+
+    /// y `[m, out]` = x · Wᵀ for host x by the v3 plan (the forward pass's kernels).
+    pub fn gemv_v3(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.gemv_version(d, x, m, GemvVersion::V3)
     }
 
     /// y `[m, out]` = x · Wᵀ by the v1 kernels (one warp per row), kept for comparison.
     pub fn gemv_v1(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        self.gemv_version(d, x, m, KernelVersion::V1)
+        self.gemv_version(d, x, m, GemvVersion::V1)
     }
 
     fn gemv_version(
@@ -272,7 +291,7 @@ impl CudaBackend {
         d: &DeviceMatrix,
         x: &[f32],
         m: usize,
-        version: KernelVersion,
+        version: GemvVersion,
     ) -> Result<Vec<f32>> {
         if x.len() != m * d.inp {
             return Err(Error::Length {
@@ -284,10 +303,10 @@ impl CudaBackend {
         let dx = self.stream.clone_htod(x)?;
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
         match version {
-            KernelVersion::V1 => self.launch_gemv(d, &dx, &mut dy, m)?,
-            KernelVersion::V2 => {
-                let mut ws = self.gemv_workspace(d, m)?;
-                self.launch_gemv_v2(d, &dx, &mut dy, m, &mut ws)?;
+            GemvVersion::V1 => self.launch_gemv(d, &dx, &mut dy, m)?,
+            GemvVersion::V2 | GemvVersion::V3 => {
+                let mut ws = self.gemv_workspace(d, m, version)?;
+                self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version)?;
             }
         }
         Ok(self.stream.clone_dtoh(&dy)?)
@@ -299,15 +318,17 @@ impl CudaBackend {
         d: &DeviceMatrix,
         m: usize,
         iters: u32,
-        version: KernelVersion,
+        version: GemvVersion,
     ) -> Result<Duration> {
         let dx = self.stream.alloc_zeros::<f32>(m * d.inp)?;
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
         match version {
-            KernelVersion::V1 => self.time_cold(iters, || self.launch_gemv(d, &dx, &mut dy, m)),
-            KernelVersion::V2 => {
-                let mut ws = self.gemv_workspace(d, m)?;
-                self.time_cold(iters, || self.launch_gemv_v2(d, &dx, &mut dy, m, &mut ws))
+            GemvVersion::V1 => self.time_cold(iters, || self.launch_gemv(d, &dx, &mut dy, m)),
+            GemvVersion::V2 | GemvVersion::V3 => {
+                let mut ws = self.gemv_workspace(d, m, version)?;
+                self.time_cold(iters, || {
+                    self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version)
+                })
             }
         }
     }

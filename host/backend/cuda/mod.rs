@@ -27,7 +27,7 @@ mod verify;
 
 pub use controller::{DeviceController, GAMMA_BLOCK};
 pub use forward::CacheRefs;
-pub use gemv::{DeviceMatrix, GEMV_BLOCK};
+pub use gemv::{DeviceMatrix, GemvVersion, GEMV_BLOCK};
 pub use stats::ResidentStats;
 pub use stats_v3::ResidentRows;
 pub use verify::ResidentVerify;
@@ -49,6 +49,8 @@ pub enum KernelFn {
     GemvV2(Format, u32),
     /// v2 on tensor cores: weight format and n-tiles (1: M ≤ 8, 2: M ≤ 16).
     GemvTc(Format, u32),
+    /// v3, the streaming kernel at M = 1: weight format.
+    GemvV3(Format),
     Embed,
     RmsNorm,
     QkvRope,
@@ -60,7 +62,7 @@ pub enum KernelFn {
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 67] = [
+    pub const ALL: [KernelFn; 70] = [
         KernelFn::GemvV2(Format::Fp16, 1),
         KernelFn::GemvV2(Format::Fp16, 2),
         KernelFn::GemvV2(Format::Fp16, 4),
@@ -82,6 +84,9 @@ impl KernelFn {
         KernelFn::GemvV2(Format::Nf4, 16),
         KernelFn::GemvTc(Format::Nf4, 1),
         KernelFn::GemvTc(Format::Nf4, 2),
+        KernelFn::GemvV3(Format::Fp16),
+        KernelFn::GemvV3(Format::Int8),
+        KernelFn::GemvV3(Format::Nf4),
         KernelFn::VerifyV2Rows(Dtype::F32),
         KernelFn::VerifyV2Rows(Dtype::F16),
         KernelFn::VerifyV2Rows(Dtype::Bf16),
@@ -181,6 +186,9 @@ impl KernelFn {
                 (Format::Nf4, 8) => "gemv_v2_nf4_m8",
                 (Format::Nf4, _) => "gemv_v2_nf4_m16",
             },
+            KernelFn::GemvV3(Format::Fp16) => "gemv_v3_fp16",
+            KernelFn::GemvV3(Format::Int8) => "gemv_v3_int8",
+            KernelFn::GemvV3(Format::Nf4) => "gemv_v3_nf4",
             KernelFn::GemvTc(f, nt) => match (f, nt) {
                 (Format::Fp16, 1) => "gemv_tc_fp16_n8",
                 (Format::Fp16, _) => "gemv_tc_fp16_n16",

@@ -9,6 +9,15 @@ use crate::stats::check_block;
 use crate::weights::gemv::{check as check_gemv, params as gemv_params, raw, MAX_M};
 use crate::weights::quant::QMatrix;
 
+/// A GEMV launch planner (`plan::gemv_v2` or `plan::gemv_v3`).
+type GemvPlanner = fn(
+    crate::weights::quant::Format,
+    u32,
+    u32,
+    u32,
+    u32,
+) -> (crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2);
+
 impl Emulator {
     /// y `[m, out]` = x `[m, in]` · Wᵀ (one warp per output row).
     pub fn gemv(&self, w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
@@ -73,6 +82,23 @@ impl Emulator {
     /// y `[m, out]` = x `[m, in]` · Wᵀ by the v2 kernels, planned for `sm_count` SMs (tensor cores
     /// for M ≥ 2 when K is a multiple of 64, CUDA cores otherwise; K split across blocks).
     pub fn gemv_v2(&self, w: &QMatrix, x: &[f32], m: usize, sm_count: u32) -> Result<Vec<f32>> {
+        self.gemv_planned(w, x, m, sm_count, crate::plan::gemv_v2)
+    }
+
+    /// y `[m, out]` = x `[m, in]` · Wᵀ by the v3 plan: the streaming kernel at M = 1 when K is a
+    /// multiple of 64, v2's kernels otherwise (what the device forward pass launches).
+    pub fn gemv_v3(&self, w: &QMatrix, x: &[f32], m: usize, sm_count: u32) -> Result<Vec<f32>> {
+        self.gemv_planned(w, x, m, sm_count, crate::plan::gemv_v3)
+    }
+
+    fn gemv_planned(
+        &self,
+        w: &QMatrix,
+        x: &[f32],
+        m: usize,
+        sm_count: u32,
+        planner: GemvPlanner,
+    ) -> Result<Vec<f32>> {
         use speckv_kernels::gemv::PathV2;
         check_gemv(w, x, m)?;
         let (out, inp) = w.shape();
@@ -82,8 +108,18 @@ impl Emulator {
                 "weights must be 16-byte aligned for v2".to_string(),
             ));
         }
-        let (lp, plan) =
-            crate::plan::gemv_v2(w.format(), out as u32, inp as u32, m as u32, sm_count);
+        let (lp, plan) = planner(w.format(), out as u32, inp as u32, m as u32, sm_count);
+        // v3 reads x in 16-byte loads: a slice that is not 16-byte aligned is copied into one that
+        // is (a device buffer is always aligned).
+        let x_aligned: Vec<[f32; 4]>;
+        let x = if plan.path == PathV2::Stream && !(x.as_ptr() as usize).is_multiple_of(16) {
+            let mut v = vec![[0f32; 4]; x.len().div_ceil(4)];
+            bytemuck::cast_slice_mut::<[f32; 4], f32>(&mut v)[..x.len()].copy_from_slice(x);
+            x_aligned = v;
+            &bytemuck::cast_slice::<[f32; 4], f32>(&x_aligned)[..x.len()]
+        } else {
+            x
+        };
         emu::launch_schedules(
             &lp.entry,
             |seed| {
@@ -131,6 +167,9 @@ impl Emulator {
                             }
                             PathV2::Tensor { .. } => {
                                 emu::launch_checked(&l, || gemv_kernel::gemv_tc::<$fmt, 2>(&p2))
+                            }
+                            PathV2::Stream => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt>(&p2))
                             }
                         }
                     };

@@ -323,7 +323,7 @@ impl<'b> CudaForward<'b> {
             }
             Op::Gemv { w, x, y } => {
                 let mut out = self.take(y)?;
-                let r = c.launch_gemv_v2_into(
+                let r = c.launch_gemv_into(
                     &self.w.mats[&w],
                     &self.acts[&x],
                     &mut out,
