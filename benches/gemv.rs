@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
                         ("cuda_v1", speckv::backend::cuda::GemvVersion::V1),
                         ("cuda_v2", speckv::backend::cuda::GemvVersion::V2),
                         ("cuda_v3", speckv::backend::cuda::GemvVersion::V3),
+                        ("cuda_v4", speckv::backend::cuda::GemvVersion::V4),
                     ] {
                         g.bench_function(BenchmarkId::new(label, &id), |b| {
                             b.iter_custom(|iters| {
@@ -160,7 +161,7 @@ fn peers() {
                     .iter()
                     .map(|q| {
                         let d = cu.upload_matrix(q).expect("upload");
-                        cu.time_gemv(&d, m, 200, speckv::backend::cuda::GemvVersion::V3)
+                        cu.time_gemv(&d, m, 200, speckv::backend::cuda::GemvVersion::V4)
                             .expect("launch")
                             .as_secs_f64()
                     })

@@ -109,7 +109,7 @@ pub fn gemv_v2(
 }
 
 /// The v3 GEMV (see `speckv_kernels::gemv::plan_v3`): the streaming kernel at M = 1 when K is a
-/// multiple of 64, v2's plan otherwise. What the device forward pass launches.
+/// multiple of 64, v2's plan otherwise. What the device forward pass launches for FP16.
 pub fn gemv_v3(
     format: crate::weights::quant::Format,
     out: u32,
@@ -120,6 +120,23 @@ pub fn gemv_v3(
     gemv_launch(
         format,
         speckv_kernels::gemv::plan_v3(gemv_format_code(format), out, inp, m, sm_count),
+        sm_count,
+    )
+}
+
+/// The v4 GEMV (see `speckv_kernels::gemv::plan_v4`): INT8 and NF4 at M = 1 by integer dot
+/// products on 8-bit x (K a multiple of 64), v3's plan otherwise. What the device forward pass
+/// launches.
+pub fn gemv_v4(
+    format: crate::weights::quant::Format,
+    out: u32,
+    inp: u32,
+    m: u32,
+    sm_count: u32,
+) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
+    gemv_launch(
+        format,
+        speckv_kernels::gemv::plan_v4(gemv_format_code(format), out, inp, m, sm_count),
         sm_count,
     )
 }
@@ -144,6 +161,7 @@ fn gemv_launch(
         PathV2::Cores { mt } => format!("gemv_v2_{}_m{mt}", format.name()),
         PathV2::Tensor { nt } => format!("gemv_tc_{}_n{}", format.name(), 8 * nt),
         PathV2::Stream => format!("gemv_v3_{}", format.name()),
+        PathV2::Integer => format!("gemv_v4_{}", format.name()),
     };
     (
         LaunchPlan::new(entry, p.grid, p.block, p.shared_bytes, sm_count),

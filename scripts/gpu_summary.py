@@ -57,9 +57,10 @@ for shape in verify_shapes:
          bool(c and c["share_of_copy"] >= 0.80), c)
 gemv_shapes = sorted({c["shape"].split(" ")[1] for c in cases if c["kernel"] == "gemv"} | {"4096x4096", "1536x8960"})
 def gemv_m1(fmt, shape):
-    """The M = 1 case of what the forward pass launches: v3 (the streaming kernel) where the run
-    has it, v2 otherwise (bundles built before v3); the version is in the label."""
-    for v in (3, 2):
+    """The M = 1 case of what the forward pass launches: v4 (integer dot products, INT8 and NF4)
+    or v3 (the streaming kernel) where the run has it, v2 otherwise (bundles built before them);
+    the version is in the label."""
+    for v in (4, 3, 2):
         c = case("gemv", v, f"{fmt} {shape} M1")
         if c:
             return v, c
@@ -79,6 +80,11 @@ for shape in gemv_shapes:
         r = v2 and v3 and v3["us"] / v2["us"]
         goal(f"gemv {fmt} {shape} M1: v3 time / v2 time", r and round(r, 3), "≤ 1.0", bool(r and r <= 1.0),
              {"v2_us": v2 and v2["us"], "v3_us": v3 and v3["us"]})
+        if fmt != "fp16":
+            v4 = case("gemv", 4, f"{fmt} {shape} M1")
+            r = v3 and v4 and v4["us"] / v3["us"]
+            goal(f"gemv {fmt} {shape} M1: v4 time / v3 time", r and round(r, 3), "≤ 1.0", bool(r and r <= 1.0),
+                 {"v3_us": v3 and v3["us"], "v4_us": v4 and v4["us"]})
     for fmt, target in (("int8", 1.8), ("nf4", 3.3)):
         vq, q = gemv_m1(fmt, shape)
         r = c and q and c["us"] / q["us"]

@@ -607,6 +607,182 @@ fn v3_plans_stream_decode_and_keep_v2_elsewhere() {
     }
 }
 
+/// The CPU integer path's product, term for term, in float64: x quantised per 32 (scale absmax /
+/// 127, codes rounded half away from zero), each 16-element half's integer dot scaled by the f32
+/// (weight scale · x scale); also Σ|term| for the tolerance.
+fn reference_q8(q: &QMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (out, inp) = q.shape();
+    let mut xq = vec![0i32; inp];
+    let mut dx = vec![0f32; inp / 32];
+    for (b, xb) in x.chunks_exact(32).enumerate() {
+        let d = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (j, v) in xb.iter().enumerate() {
+            xq[32 * b + j] = (v * id).round().clamp(-127.0, 127.0) as i32;
+        }
+        dx[b] = d;
+    }
+    let t = speckv::weights::cpu::nf4_i8();
+    let (mut y, mut mag) = (vec![0f64; out], vec![0f64; out]);
+    for r in 0..out {
+        for (b, &db) in dx.iter().enumerate() {
+            for h in 0..2 {
+                let ks = 32 * b + 16 * h..32 * b + 16 * h + 16;
+                let (s, dot): (f32, i32) = match q {
+                    QMatrix::Int8 { q, scale, .. } => {
+                        (scale[r], ks.map(|k| q[r * inp + k] as i32 * xq[k]).sum())
+                    }
+                    QMatrix::Nf4 { packed, absmax, .. } => {
+                        let e0 = r * inp + 32 * b;
+                        let code = |e: usize| {
+                            let byte = packed[e / 2];
+                            let nib = if e.is_multiple_of(2) {
+                                byte >> 4
+                            } else {
+                                byte & 15
+                            };
+                            t[nib as usize] as i32
+                        };
+                        (
+                            absmax[e0 / 64] / 127.0,
+                            ks.map(|k| code(r * inp + k) * xq[k]).sum(),
+                        )
+                    }
+                    QMatrix::Fp16 { .. } => unreachable!("FP16 has no integer path"),
+                };
+                let term = (s * db) as f64 * dot as f64;
+                y[r] += term;
+                mag[r] += term.abs();
+            }
+        }
+    }
+    (y, mag)
+}
+
+/// v4 (INT8 and NF4 at M = 1 by integer dot products) is the CPU's integer product: against the
+/// float64 of its terms and against `weights::cpu` itself (scalar), on plans with K split into
+/// many blocks or none, with x that ties at a half (2.5 after scaling rounds away from zero) and an
+/// all-zero group; and it is not the float product (x really is quantised).
+#[test]
+fn emulator_v4_is_the_cpu_integer_product() {
+    use speckv::weights::cpu::{matmul_with, Acts, Isa, Linear};
+    let shapes = [(1usize, 64usize), (31, 512), (33, 1536), (70, 4160)];
+    let mut split = false;
+    let mut differs_from_float = false;
+    for (s, &(out, inp)) in shapes.iter().enumerate() {
+        let w = weights(out, inp, 700 + s as u64);
+        let mut x = common::normal_logits(inp, 1.0, 701 + s as u64);
+        // Group 0: absmax 127 (scale 1), so 2.5 and -3.5 are ties; group 1 (if any): all zero.
+        x[0] = 127.0;
+        x[1] = 2.5;
+        x[2] = -3.5;
+        x[3] = 0.5;
+        if inp >= 64 {
+            x[32..64].iter_mut().for_each(|v| *v = 0.0);
+        }
+        for format in [Format::Int8, Format::Nf4] {
+            let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+            let (want, mag) = reference_q8(&q, &x);
+            let cpu = {
+                let l = Linear::Regime(q.clone());
+                let mut acts = Acts::new(inp);
+                acts.quantize(&x, 1, inp).unwrap();
+                let (mut y, mut yt) = (vec![0f32; out], vec![0f32; out]);
+                matmul_with(Isa::Scalar, &l, &x, &acts, 1, &mut y, &mut yt).unwrap();
+                y
+            };
+            let float = speckv::backend::emulate::Emulator::new(32)
+                .gemv_v3(&q, &x, 1, 7)
+                .unwrap();
+            for sms in [1u32, 7, 132] {
+                let (lp, plan) = speckv::plan::gemv_v4(format, out as u32, inp as u32, 1, sms);
+                let label = format!(
+                    "v4 {} {out}x{inp} sms {sms} ({}, {} splits)",
+                    format.name(),
+                    lp.entry,
+                    plan.ksplits
+                );
+                assert_eq!(lp.entry, format!("gemv_v4_{}", format.name()), "{label}");
+                split |= plan.ksplits > 2;
+                let got = speckv::backend::emulate::Emulator::new(32)
+                    .gemv_v4(&q, &x, 1, sms)
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                for r in 0..out {
+                    let tol = 1e-6 * mag[r] + 1e-7;
+                    assert!(
+                        (got[r] as f64 - want[r]).abs() <= tol,
+                        "{label}: y[{r}] = {}, reference {} (tolerance {tol})",
+                        got[r],
+                        want[r]
+                    );
+                    assert!(
+                        (got[r] - cpu[r]).abs() as f64 <= 2.0 * tol,
+                        "{label}: y[{r}] = {}, the CPU integer path {}",
+                        got[r],
+                        cpu[r]
+                    );
+                    differs_from_float |= (got[r] - float[r]).abs() as f64 > 1e-4 * mag[r];
+                }
+            }
+        }
+    }
+    assert!(split, "some plan splits K into more than two blocks");
+    assert!(
+        differs_from_float,
+        "v4 equals the float product: x was not quantised"
+    );
+}
+
+/// v4's plans: INT8 and NF4 at M = 1 with K a multiple of 64 (v3's grid, x's codes in shared
+/// memory under 32 KiB, K split further for very wide rows); FP16 and everything else is v3's plan.
+#[test]
+fn v4_plans_take_int8_and_nf4_decode_only() {
+    for format in [Format::Int8, Format::Nf4] {
+        for (out, inp) in [(1536u32, 8960u32), (151936, 1536), (64, 65536)] {
+            let (lp, p) = speckv::plan::gemv_v4(format, out, inp, 1, 132);
+            assert_eq!(lp.entry, format!("gemv_v4_{}", format.name()));
+            assert!(p.kt <= speckv_kernels::gemv::V4_MAX_SPLIT, "{p:?}");
+            assert!(p.shared_bytes <= 32 * 1024, "{p:?}");
+            assert!(p.kt * p.ksplits >= inp && p.kt % 64 == 0, "{p:?}");
+            assert_eq!(p.grid, p.row_tiles * p.ksplits, "{p:?}");
+        }
+        assert_eq!(
+            speckv::plan::gemv_v4(format, 1536, 8960, 5, 132),
+            speckv::plan::gemv_v3(format, 1536, 8960, 5, 132)
+        );
+        assert_eq!(
+            speckv::plan::gemv_v4(format, 4096, 4100, 1, 132),
+            speckv::plan::gemv_v3(format, 4096, 4100, 1, 132)
+        );
+    }
+    assert_eq!(
+        speckv::plan::gemv_v4(Format::Fp16, 1536, 8960, 1, 132),
+        speckv::plan::gemv_v3(Format::Fp16, 1536, 8960, 1, 132)
+    );
+}
+
+/// The emulator's `dp4a` and `prmt` are the PTX ISA's (the GPU runs the instructions themselves):
+/// signed bytes at the extremes, and `prmt`'s byte selection and sign replication.
+#[test]
+fn dp4a_and_prmt_follow_the_ptx_isa() {
+    use speckv_kernels::gpu::{dp4a_bits, prmt_bits};
+    let bytes = |v: [i8; 4]| u32::from_le_bytes(v.map(|b| b as u8));
+    assert_eq!(
+        dp4a_bits(bytes([1, 2, 3, 4]), bytes([5, 6, 7, 8]), 10),
+        10 + 70
+    );
+    assert_eq!(
+        dp4a_bits(bytes([-128, 127, -1, 0]), bytes([-128, -128, 127, 5]), -3),
+        -3 + 16384 - 16256 - 127
+    );
+    let (a, b) = (0x8877_6655u32, 0x4433_2211u32);
+    assert_eq!(prmt_bits(a, b, 0x3210), a);
+    assert_eq!(prmt_bits(a, b, 0x7654), b);
+    assert_eq!(prmt_bits(a, b, 0x0415), 0x5511_6622);
+    // Bit 3 of a selector replicates the chosen byte's sign bit: 0x88 → 0xff, 0x11 and 0x55 → 0x00.
+    assert_eq!(prmt_bits(a, b, 0x8c0b), 0x0000_55ff);
+}
+
 /// Every tensor-core entry issues exactly one `mma.sync.aligned` per tile and n-tile: a copy in a
 /// branch (LLVM may duplicate inline asm into both arms) hangs a warp whose lanes take different
 /// arms, as NF4 at M = 16 did on an H200 before the staged x was padded (`TC_PAD`).

@@ -55,7 +55,8 @@ pub struct Args {
     m: Option<u32>,
     /// Kernel version (1: the oracle, 2: what the backends launch; softmax_stats also 3, a batch's
     /// rows with their own options, which batched decoding launches; gemv also 3, the streaming
-    /// kernel at M = 1, which the device forward pass launches).
+    /// kernel at M = 1, and 4, INT8 and NF4 at M = 1 by integer dot products, which the device
+    /// forward pass launches).
     #[arg(long, default_value_t = 2)]
     version: u32,
     /// step: a model's shapes (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b).
@@ -89,10 +90,10 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                 .unwrap_or(plan::H200_SMS),
         },
     };
-    let most = if matches!(a.kernel, Kernel::SoftmaxStats | Kernel::Gemv) {
-        3
-    } else {
-        2
+    let most = match a.kernel {
+        Kernel::Gemv => 4,
+        Kernel::SoftmaxStats => 3,
+        _ => 2,
     };
     if a.version == 0 || a.version > most {
         return Err(Error::Other(format!(
@@ -189,11 +190,12 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                 let p = plan::gemv_v1(format, out, m, sms);
                 (p.clone(), vec![p], serde_json::json!({}))
             } else {
-                let (p, k) = if a.version == 3 {
-                    plan::gemv_v3(format, out, inp, m, sms)
-                } else {
-                    plan::gemv_v2(format, out, inp, m, sms)
+                let planner = match a.version {
+                    4 => plan::gemv_v4,
+                    3 => plan::gemv_v3,
+                    _ => plan::gemv_v2,
                 };
+                let (p, k) = planner(format, out, inp, m, sms);
                 (
                     p.clone(),
                     vec![p],

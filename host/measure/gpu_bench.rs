@@ -199,8 +199,16 @@ pub fn run(cuda: &CudaBackend, quick: bool) -> Result<GpuBench> {
             let q = QMatrix::quantize(&w, out, inp, format, false)?;
             let d = cuda.upload_matrix(&q)?;
             for m in [1usize, 5, 16] {
-                // v3 differs from v2 only at M = 1 (its streaming kernel).
-                let versions: &[(u32, GemvVersion)] = if m == 1 {
+                // v3 differs from v2 only at M = 1 (its streaming kernel), v4 from v3 only for
+                // INT8 and NF4 at M = 1 (integer dot products).
+                let versions: &[(u32, GemvVersion)] = if m == 1 && format != Format::Fp16 {
+                    &[
+                        (1, GemvVersion::V1),
+                        (2, GemvVersion::V2),
+                        (3, GemvVersion::V3),
+                        (4, GemvVersion::V4),
+                    ]
+                } else if m == 1 {
                     &[
                         (1, GemvVersion::V1),
                         (2, GemvVersion::V2),

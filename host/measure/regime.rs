@@ -73,7 +73,7 @@ fn time_host_product(l: &Linear, m: usize, budget: Duration) -> Result<Duration>
 fn time_gemv(backend: &Backend, r: &Resident, m: usize, budget: Duration) -> Result<Duration> {
     match (backend, r) {
         (Backend::Cuda(c), Resident::Device(d, _)) => crate::backend::time_device(budget, |n| {
-            c.time_gemv(d, m, n, crate::backend::cuda::GemvVersion::V3)
+            c.time_gemv(d, m, n, crate::backend::cuda::GemvVersion::V4)
         }),
         (_, Resident::Host(l)) => time_host_product(l, m, budget),
         (_, Resident::Device(_, q)) => {

@@ -63,6 +63,8 @@ pub const ENTRY_POINTS: &[&str] = &[
     "gemv_v3_fp16",
     "gemv_v3_int8",
     "gemv_v3_nf4",
+    "gemv_v4_int8",
+    "gemv_v4_nf4",
     "embed_f16",
     "rms_norm_f32",
     "qkv_rope_f32",

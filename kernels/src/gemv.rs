@@ -208,6 +208,8 @@ pub enum PathV2 {
     Tensor { nt: u32 },
     /// v3's streaming kernel (M = 1).
     Stream,
+    /// v4's integer kernel (M = 1, INT8 and NF4).
+    Integer,
 }
 
 /// A v2 GEMV launch.
@@ -977,6 +979,269 @@ entries_v3! {
     gemv_v3_fp16: Fp16;
     gemv_v3_int8: Int8;
     gemv_v3_nf4: Nf4;
+}
+
+// =============================================================================================
+// v4: INT8 and NF4 at M = 1 by integer dot products, as the CPU's integer path computes them. Both
+// v2 and v3 turn every weight into an f32 and multiply it by an f32 x: on an H200 INT8 and NF4 v2
+// were slower than FP16 (their decoding, not memory, bound them). v4 quantises the block's slice of
+// x to 8 bits per 32 elements once (scale absmax / 127, codes rounded half away from zero: the CPU
+// rule, `weights::cpu::Acts`), keeps the codes in shared memory, and streams the weights as v3 does;
+// four weights meet four x codes in one `dp4a`. NF4's nibbles become the int8 code book
+// (NF4 × 127, rounded: the CPU's `nf4_i8`) by three `prmt`s per four nibbles, with the table in
+// four registers. Each 16-element half's integer sum is scaled by (weight scale · x scale) exactly
+// as the CPU scales it, so the two paths differ only in the order of the f32 sums.
+
+/// v4: the largest split of K (elements), so the shared codes and scales stay under 32 KiB.
+pub const V4_MAX_SPLIT: u32 = 24_576;
+
+/// Plans a v4 GEMV: v3's plan (the streaming kernel's grid and splits, K split further if a split
+/// exceeds [`V4_MAX_SPLIT`]) with shared memory for the split's x codes and scales, for INT8
+/// (`format` 1) and NF4 (2) at `m == 1` with `inp` a multiple of 64; v3's plan otherwise (FP16 has
+/// no integer path). Host-side planning: not compiled into the PTX.
+#[cfg(not(target_arch = "nvptx64"))]
+pub fn plan_v4(format: u32, out: u32, inp: u32, m: u32, sm_count: u32) -> GemvPlanV2 {
+    let p = plan_v3(format, out, inp, m, sm_count);
+    if format == 0 || p.path != PathV2::Stream {
+        return p;
+    }
+    let mut p = p;
+    if p.kt > V4_MAX_SPLIT {
+        let splits = inp.div_ceil(V4_MAX_SPLIT);
+        p.kt = inp.div_ceil(splits).div_ceil(64) * 64;
+        p.ksplits = inp.div_ceil(p.kt);
+        p.grid = p.row_tiles * p.ksplits;
+        p.workspace_bytes = if p.ksplits == 1 {
+            0
+        } else {
+            p.partials_offset + p.ksplits as usize * out as usize * 4
+        };
+    }
+    p.path = PathV2::Integer;
+    p.shared_bytes = v4_shared_bytes(p.kt);
+    p
+}
+
+/// v4's dynamic shared memory for a split of `kt` elements: the merge's flag (16 bytes), the x
+/// scales (one f32 per 32, padded to 16 bytes), then the x codes (one byte each, 16-byte aligned
+/// for 16-byte reads).
+pub const fn v4_shared_bytes(kt: u32) -> usize {
+    v4_codes_offset(kt) + kt as usize
+}
+
+/// Byte offset of the x codes in v4's shared memory.
+pub const fn v4_codes_offset(kt: u32) -> usize {
+    16 + ((kt as usize / 32) * 4).div_ceil(16) * 16
+}
+
+/// x rounded half away from zero (as `f32::round`, which `core` lacks): the truncation plus one
+/// where the exact remainder reaches a half.
+#[inline(always)]
+fn round_half_away(v: f32) -> i32 {
+    let t = v as i32;
+    let frac = v - t as f32; // exact: |v| < 2^23 here
+    if frac >= 0.5 {
+        t + 1
+    } else if frac <= -0.5 {
+        t - 1
+    } else {
+        t
+    }
+}
+
+/// The int8 NF4 code book (NF4 × 127, rounded half away from zero) packed four codes a word.
+#[inline(always)]
+fn nf4_i8_words() -> [u32; 4] {
+    let mut t = [0u32; 4];
+    let mut i = 0;
+    while i < 16 {
+        let c = round_half_away(NF4_CODE[i] * 127.0) as i8 as u8 as u32;
+        t[i / 4] |= c << (8 * (i % 4));
+        i += 1;
+    }
+    t
+}
+
+/// Four NF4 codes, the nibbles of `half`'s low 16 bits, as four int8 code-book values in nibble
+/// order: for the packed layout (element 2j in byte j's high nibble) that is elements 1, 0, 3, 2.
+#[inline(always)]
+fn nf4_nibbles_i8(half: u32, t: &[u32; 4]) -> u32 {
+    let sel = half & 0x7777; // bits 0–2 of each nibble: the entry within a half of the book
+    let lo = gpu::prmt(t[0], t[1], sel); // entries 0–7
+    let hi = gpu::prmt(t[2], t[3], sel); // entries 8–15
+                                         // Byte i from `lo` (i) or, where nibble i has bit 3 set, from `hi` (i + 4).
+    gpu::prmt(lo, hi, 0x3210 | ((half & 0x8888) >> 1))
+}
+
+/// Sixteen bytes read from shared memory as one 16-byte load, back to their four words.
+#[inline(always)]
+fn words(v: F4) -> [u32; 4] {
+    [
+        v.0[0].to_bits(),
+        v.0[1].to_bits(),
+        v.0[2].to_bits(),
+        v.0[3].to_bits(),
+    ]
+}
+
+/// The v4 kernel body (M = 1; `W` INT8 or NF4).
+///
+/// # Safety
+/// v3's buffers and layout, `W` INT8 or NF4, the dynamic shared memory [`v4_shared_bytes`] of the
+/// plan's `kt`; the workspace as [`plan_v4`] sizes it (counters zero); the plan's launch shape.
+#[inline(always)]
+pub unsafe fn gemv_v4<W: FormatV2>(p2: &GemvV2Params) {
+    let p = &p2.base;
+    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
+    let blk = gpu::block_idx_x();
+    let tile = blk / ksplits;
+    let split = blk % ksplits;
+    let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
+    let kdim = p.in_features as usize;
+    let k0 = (split * p2.kt) as usize;
+    if k0 >= kdim {
+        return; // the whole block: the plan makes every split start inside K
+    }
+    let k1 = if k0 + (p2.kt as usize) < kdim {
+        k0 + p2.kt as usize
+    } else {
+        kdim
+    };
+    let lane = gpu::lane_id() as usize;
+    let warp = gpu::warp_id() as usize;
+    let nf4 = W::VEC == 32;
+    // Shared memory: flag, x scales, x codes (see `v4_shared_bytes`).
+    let flag = gpu::dynamic_shared::<u32>();
+    let xd = (flag as *mut u8).wrapping_add(16) as *mut f32;
+    let xq = (flag as *mut u8).wrapping_add(v4_codes_offset(p2.kt));
+    // Quantise x[k0..k1) per 32: one group per warp at a time, a lane per element. NF4 stores each
+    // pair of codes swapped, the order its nibbles decode in.
+    let groups = (k1 - k0) / 32;
+    let mut g = warp;
+    while g < groups {
+        let v = gpu::ld_nc(p.x, k0 + 32 * g + lane);
+        let mut a = if v < 0.0 { -v } else { v };
+        let mut mask = 16;
+        while mask > 0 {
+            let o = gpu::shfl_xor_f32(a, mask);
+            a = if o > a { o } else { a };
+            mask /= 2;
+        }
+        let d = a / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let q = round_half_away(v * id).clamp(-127, 127) as i8;
+        let at = 32 * g + if nf4 { lane ^ 1 } else { lane };
+        gpu::sh_st(xq as *mut i8, at, q);
+        if lane == 0 {
+            gpu::sh_st(xd, g, d);
+        }
+        g += V3_WARPS as usize;
+    }
+    gpu::sync_threads();
+
+    let vec = W::VEC as usize;
+    let nvec = (k1 - k0) / vec;
+    let out = p.out_features as usize;
+    let row0 = (tile * rows_per_block) as usize + warp * V3_ROWS_PER_WARP as usize;
+    let book = nf4_i8_words();
+    let mut scale = [0f32; 4];
+    crate::unroll!(r in 0..4 => {
+        if W::VEC == 16 && row0 + r < out {
+            scale[r] = gpu::ld_nc(p.scales, row0 + r);
+        }
+    });
+    let mut acc = [0f32; 4];
+    let mut v0 = 0usize;
+    while v0 < nvec {
+        // Every row's weight vectors of the iteration first, two a row.
+        let mut raw = [[[0u32; 4]; 2]; 4];
+        crate::unroll!(u in 0..2 => {
+            let v = v0 + u * 32 + lane;
+            if v < nvec {
+                crate::unroll!(r in 0..4 => {
+                    if row0 + r < out {
+                        let e = (row0 + r) * kdim + k0 + v * vec;
+                        raw[r][u] = gpu::ld_v4(p.weight, W::byte_of(e));
+                    }
+                });
+            }
+        });
+        crate::unroll!(u in 0..2 => {
+            let v = v0 + u * 32 + lane;
+            if v < nvec {
+                let kk = v * vec; // offset in the split
+                let xs = words(gpu::sh_ld(xq as *const F4, kk / 16));
+                let dx = gpu::sh_ld(xd, kk / 32);
+                if nf4 {
+                    let xs2 = words(gpu::sh_ld(xq as *const F4, kk / 16 + 1));
+                    crate::unroll!(r in 0..4 => {
+                        if row0 + r < out {
+                            let w = raw[r][u];
+                            let s = gpu::ld_nc(p.scales, ((row0 + r) * kdim + k0 + kk) / NF4_BLOCK)
+                                / 127.0;
+                            // Half h: words 2h and 2h + 1, sixteen elements.
+                            crate::unroll!(h in 0..2 => {
+                                let xw = if h == 0 { xs } else { xs2 };
+                                let mut dot = 0i32;
+                                crate::unroll!(j in 0..2 => {
+                                    let word = w[2 * h + j];
+                                    dot = gpu::dp4a(nf4_nibbles_i8(word, &book), xw[2 * j], dot);
+                                    dot = gpu::dp4a(nf4_nibbles_i8(word >> 16, &book), xw[2 * j + 1], dot);
+                                });
+                                acc[r] += s * dx * dot as f32;
+                            });
+                        }
+                    });
+                } else {
+                    crate::unroll!(r in 0..4 => {
+                        if row0 + r < out {
+                            let w = raw[r][u];
+                            let mut dot = 0i32;
+                            crate::unroll!(j in 0..4 => {
+                                dot = gpu::dp4a(w[j], xs[j], dot);
+                            });
+                            acc[r] += scale[r] * dx * dot as f32;
+                        }
+                    });
+                }
+            }
+        });
+        v0 += 64;
+    }
+    crate::unroll!(r in 0..4 => {
+        let row = row0 + r;
+        if row < out {
+            let mut a = acc[r];
+            let mut mask = 16;
+            while mask > 0 {
+                a += gpu::shfl_xor_f32(a, mask);
+                mask /= 2;
+            }
+            if lane == 0 {
+                put(p2, split, rows_per_block, 1, 0, row, a);
+            }
+        }
+    });
+    if p2.ksplits > 1 {
+        merge_splits(p2, tile, rows_per_block, 1, flag);
+    }
+}
+
+macro_rules! entries_v4 {
+    ($($name:ident: $fmt:ty;)*) => {$(
+        /// # Safety
+        /// See [`gemv_v4`].
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: GemvV2Params) {
+            gemv_v4::<$fmt>(&p)
+        }
+    )*};
+}
+
+entries_v4! {
+    gemv_v4_int8: Int8;
+    gemv_v4_nf4: Nf4;
 }
 
 macro_rules! entries_v2 {

@@ -319,6 +319,32 @@ mod imp {
         [d0, d1, d2, d3]
     }
 
+    /// `dp4a.s32.s32`: c + the dot product of a's and b's four signed bytes.
+    #[inline(always)]
+    pub fn dp4a(a: u32, b: u32, c: i32) -> i32 {
+        let d: i32;
+        // SAFETY: a register-only integer instruction (sm_61 and later).
+        unsafe {
+            asm!("dp4a.s32.s32 {d}, {a}, {b}, {c};",
+                 d = out(reg32) d, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c,
+                 options(pure, nomem, nostack));
+        }
+        d
+    }
+
+    /// `prmt.b32`: four bytes picked from the eight of (b:a) by the selector's low four nibbles.
+    #[inline(always)]
+    pub fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+        let d: u32;
+        // SAFETY: a register-only byte permutation.
+        unsafe {
+            asm!("prmt.b32 {d}, {a}, {b}, {s};",
+                 d = out(reg32) d, a = in(reg32) a, b = in(reg32) b, s = in(reg32) sel,
+                 options(pure, nomem, nostack));
+        }
+        d
+    }
+
     /// f32 → f16 bits, round to nearest even (`cvt.rn.f16.f32`).
     #[inline(always)]
     pub fn f32_to_f16(x: f32) -> u16 {
@@ -469,6 +495,14 @@ mod imp {
         super::f32_to_f16_bits(x)
     }
     #[inline]
+    pub fn dp4a(a: u32, b: u32, c: i32) -> i32 {
+        super::dp4a_bits(a, b, c)
+    }
+    #[inline]
+    pub fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+        super::prmt_bits(a, b, sel)
+    }
+    #[inline]
     pub fn sqrt_rn(x: f32) -> f32 {
         x.sqrt()
     }
@@ -605,6 +639,52 @@ pub fn shfl_down_f32(v: f32, delta: u32) -> f32 {
 #[inline(always)]
 pub fn shfl_idx_f32(v: f32, src_lane: u32) -> f32 {
     f32::from_bits(shfl_idx_u32(v.to_bits(), src_lane))
+}
+
+/// `dp4a.s32.s32` as the PTX ISA defines it: c + Σ a[i]·b[i] over the four signed bytes (wrapping).
+#[inline]
+pub fn dp4a_bits(a: u32, b: u32, c: i32) -> i32 {
+    let mut d = c;
+    let mut i = 0;
+    while i < 4 {
+        let x = (a >> (8 * i)) as u8 as i8 as i32;
+        let y = (b >> (8 * i)) as u8 as i8 as i32;
+        d = d.wrapping_add(x * y);
+        i += 1;
+    }
+    d
+}
+
+/// `prmt.b32` (default mode) as the PTX ISA defines it: result byte i is byte `s & 7` of the
+/// eight bytes (b:a), a in bytes 0–3, where s is nibble i of `sel`; with bit 3 of s set, the
+/// selected byte's sign bit is replicated over the whole byte instead.
+#[inline]
+pub fn prmt_bits(a: u32, b: u32, sel: u32) -> u32 {
+    let x = ((b as u64) << 32) | a as u64;
+    let mut d = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        let s = (sel >> (4 * i)) & 0xf;
+        let mut byte = ((x >> (8 * (s & 7))) & 0xff) as u32;
+        if s & 8 != 0 {
+            byte = if byte & 0x80 != 0 { 0xff } else { 0 };
+        }
+        d |= byte << (8 * i);
+        i += 1;
+    }
+    d
+}
+
+/// c + the dot product of a's and b's four signed bytes (`dp4a.s32.s32` on the GPU).
+#[inline(always)]
+pub fn dp4a(a: u32, b: u32, c: i32) -> i32 {
+    imp::dp4a(a, b, c)
+}
+
+/// Four bytes of (b:a) chosen by `sel`'s low four nibbles (`prmt.b32` on the GPU).
+#[inline(always)]
+pub fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+    imp::prmt(a, b, sel)
 }
 
 /// bfloat16 → f32: the upper half of an f32, exact.

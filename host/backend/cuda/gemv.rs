@@ -13,13 +13,15 @@ use crate::weights::quant::{Format, QMatrix};
 /// Block size of GEMV launches (four output rows per block, one warp each).
 pub const GEMV_BLOCK: u32 = 128;
 
-/// Which GEMV kernels a call launches: v1 (one warp per row, the oracle), v2's plan, or v3's
-/// (v2 with the streaming kernel at M = 1, what the device forward pass launches).
+/// Which GEMV kernels a call launches: v1 (one warp per row, the oracle), v2's plan, v3's (v2
+/// with the streaming kernel at M = 1) or v4's (v3 with INT8 and NF4 at M = 1 by integer dot
+/// products: what the device forward pass launches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemvVersion {
     V1,
     V2,
     V3,
+    V4,
 }
 
 impl GemvVersion {
@@ -31,6 +33,7 @@ impl GemvVersion {
         sm_count: u32,
     ) -> (crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
         let planner = match self {
+            GemvVersion::V4 => crate::plan::gemv_v4,
             GemvVersion::V3 => crate::plan::gemv_v3,
             GemvVersion::V1 | GemvVersion::V2 => crate::plan::gemv_v2,
         };
@@ -134,7 +137,7 @@ impl CudaBackend {
         })
     }
 
-    /// y `[m, out]` = x · Wᵀ on device buffers by the v3 plan's kernel (what the forward pass
+    /// y `[m, out]` = x · Wᵀ on device buffers by the v4 plan's kernel (what the forward pass
     /// launches), with `ws` as its workspace ([`CudaBackend::gemv_workspace_bytes`], zeroed once:
     /// every launch leaves it zeroed).
     pub fn launch_gemv_into(
@@ -145,13 +148,13 @@ impl CudaBackend {
         m: usize,
         ws: &mut cudarc::driver::CudaSlice<u8>,
     ) -> Result<()> {
-        self.launch_gemv_planned(d, x, y, m, ws, GemvVersion::V3)
+        self.launch_gemv_planned(d, x, y, m, ws, GemvVersion::V4)
     }
 
-    /// Workspace bytes the v3 GEMV of `d` (what [`CudaBackend::launch_gemv_into`] launches) needs
+    /// Workspace bytes the v4 GEMV of `d` (what [`CudaBackend::launch_gemv_into`] launches) needs
     /// at `m` rows.
     pub fn gemv_workspace_bytes(&self, d: &DeviceMatrix, m: usize) -> usize {
-        GemvVersion::V3.plan(d, m, self.sm_count).1.workspace_bytes
+        GemvVersion::V4.plan(d, m, self.sm_count).1.workspace_bytes
     }
 
     fn launch_gemv(
@@ -196,7 +199,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The v2 or v3 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's size).
+    /// The v2, v3 or v4 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's size).
     fn launch_gemv_planned(
         &self,
         d: &DeviceMatrix,
@@ -243,6 +246,15 @@ impl CudaBackend {
             PathV2::Cores { mt } => KernelFn::GemvV2(d.format, mt),
             PathV2::Tensor { nt } => KernelFn::GemvTc(d.format, nt),
             PathV2::Stream => KernelFn::GemvV3(d.format),
+            PathV2::Integer => match d.format {
+                Format::Int8 => KernelFn::GemvV4Int8,
+                Format::Nf4 => KernelFn::GemvV4Nf4,
+                Format::Fp16 => {
+                    return Err(Error::Other(
+                        "gemv v4: FP16 has no integer kernel".to_string(),
+                    ))
+                }
+            },
         };
         let cfg = LaunchConfig {
             grid_dim: (plan.grid, 1, 1),
@@ -276,9 +288,14 @@ impl CudaBackend {
         self.gemv_version(d, x, m, GemvVersion::V2)
     }
 
-    /// y `[m, out]` = x · Wᵀ for host x by the v3 plan (the forward pass's kernels).
+    /// y `[m, out]` = x · Wᵀ for host x by the v3 plan.
     pub fn gemv_v3(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
         self.gemv_version(d, x, m, GemvVersion::V3)
+    }
+
+    /// y `[m, out]` = x · Wᵀ for host x by the v4 plan (the forward pass's kernels).
+    pub fn gemv_v4(&self, d: &DeviceMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.gemv_version(d, x, m, GemvVersion::V4)
     }
 
     /// y `[m, out]` = x · Wᵀ by the v1 kernels (one warp per row), kept for comparison.
@@ -304,7 +321,7 @@ impl CudaBackend {
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
         match version {
             GemvVersion::V1 => self.launch_gemv(d, &dx, &mut dy, m)?,
-            GemvVersion::V2 | GemvVersion::V3 => {
+            GemvVersion::V2 | GemvVersion::V3 | GemvVersion::V4 => {
                 let mut ws = self.gemv_workspace(d, m, version)?;
                 self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version)?;
             }
@@ -324,7 +341,7 @@ impl CudaBackend {
         let mut dy = self.stream.alloc_zeros::<f32>(m * d.out)?;
         match version {
             GemvVersion::V1 => self.time_cold(iters, || self.launch_gemv(d, &dx, &mut dy, m)),
-            GemvVersion::V2 | GemvVersion::V3 => {
+            GemvVersion::V2 | GemvVersion::V3 | GemvVersion::V4 => {
                 let mut ws = self.gemv_workspace(d, m, version)?;
                 self.time_cold(iters, || {
                     self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version)

@@ -51,6 +51,10 @@ pub enum KernelFn {
     GemvTc(Format, u32),
     /// v3, the streaming kernel at M = 1: weight format.
     GemvV3(Format),
+    /// v4, INT8 at M = 1 by integer dot products.
+    GemvV4Int8,
+    /// v4, NF4 at M = 1 by integer dot products.
+    GemvV4Nf4,
     Embed,
     RmsNorm,
     QkvRope,
@@ -62,7 +66,7 @@ pub enum KernelFn {
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 70] = [
+    pub const ALL: [KernelFn; 72] = [
         KernelFn::GemvV2(Format::Fp16, 1),
         KernelFn::GemvV2(Format::Fp16, 2),
         KernelFn::GemvV2(Format::Fp16, 4),
@@ -87,6 +91,8 @@ impl KernelFn {
         KernelFn::GemvV3(Format::Fp16),
         KernelFn::GemvV3(Format::Int8),
         KernelFn::GemvV3(Format::Nf4),
+        KernelFn::GemvV4Int8,
+        KernelFn::GemvV4Nf4,
         KernelFn::VerifyV2Rows(Dtype::F32),
         KernelFn::VerifyV2Rows(Dtype::F16),
         KernelFn::VerifyV2Rows(Dtype::Bf16),
@@ -189,6 +195,8 @@ impl KernelFn {
             KernelFn::GemvV3(Format::Fp16) => "gemv_v3_fp16",
             KernelFn::GemvV3(Format::Int8) => "gemv_v3_int8",
             KernelFn::GemvV3(Format::Nf4) => "gemv_v3_nf4",
+            KernelFn::GemvV4Int8 => "gemv_v4_int8",
+            KernelFn::GemvV4Nf4 => "gemv_v4_nf4",
             KernelFn::GemvTc(f, nt) => match (f, nt) {
                 (Format::Fp16, 1) => "gemv_tc_fp16_n8",
                 (Format::Fp16, _) => "gemv_tc_fp16_n16",

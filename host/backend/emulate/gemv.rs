@@ -91,6 +91,12 @@ impl Emulator {
         self.gemv_planned(w, x, m, sm_count, crate::plan::gemv_v3)
     }
 
+    /// y `[m, out]` = x `[m, in]` · Wᵀ by the v4 plan: INT8 and NF4 at M = 1 by integer dot
+    /// products on 8-bit x, v3's plan otherwise (what the device forward pass launches).
+    pub fn gemv_v4(&self, w: &QMatrix, x: &[f32], m: usize, sm_count: u32) -> Result<Vec<f32>> {
+        self.gemv_planned(w, x, m, sm_count, crate::plan::gemv_v4)
+    }
+
     fn gemv_planned(
         &self,
         w: &QMatrix,
@@ -170,6 +176,10 @@ impl Emulator {
                             }
                             PathV2::Stream => {
                                 emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt>(&p2))
+                            }
+                            // The plan gives it to INT8 and NF4 only.
+                            PathV2::Integer => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v4::<$fmt>(&p2))
                             }
                         }
                     };

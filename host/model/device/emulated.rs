@@ -237,7 +237,7 @@ impl<'m> EmulatedForward<'m> {
             }
             Op::Gemv { w, x, y } => {
                 let q = self.view.matrix(w)?;
-                let out = self.emu.gemv_v3(q, self.rows(x, m), m, self.sm_count)?;
+                let out = self.emu.gemv_v4(q, self.rows(x, m), m, self.sm_count)?;
                 self.put(y, &out);
             }
             Op::QkvRope { layer } => {
