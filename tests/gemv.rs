@@ -659,12 +659,39 @@ fn reference_q8(q: &QMatrix, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     (y, mag)
 }
 
+/// A v4 run: y of one x for a matrix on a plan for the given SM count.
+type RunV4<'a> = &'a dyn Fn(&QMatrix, &[f32], u32) -> speckv::Result<Vec<f32>>;
+
 /// v4 (INT8 and NF4 at M = 1 by integer dot products) is the CPU's integer product: against the
 /// float64 of its terms and against `weights::cpu` itself (scalar), on plans with K split into
 /// many blocks or none, with x that ties at a half (2.5 after scaling rounds away from zero) and an
 /// all-zero group; and it is not the float product (x really is quantised).
 #[test]
 fn emulator_v4_is_the_cpu_integer_product() {
+    v4_is_the_cpu_integer_product(
+        &|q: &QMatrix, x: &[f32], sms: u32| {
+            speckv::backend::emulate::Emulator::new(32).gemv_v4(q, x, 1, sms)
+        },
+        &[1, 7, 132],
+        "emulator",
+    );
+}
+
+/// The same on a CUDA device (its own SM count); skips without one.
+#[test]
+fn cuda_v4_is_the_cpu_integer_product() {
+    let Some(c) = common::cuda() else { return };
+    v4_is_the_cpu_integer_product(
+        &|q: &QMatrix, x: &[f32], _sms: u32| {
+            let d = c.upload_matrix(q)?;
+            c.gemv_v4(&d, x, 1)
+        },
+        &[c.sm_count()],
+        "cuda",
+    );
+}
+
+fn v4_is_the_cpu_integer_product(run: RunV4<'_>, sms_list: &[u32], backend: &str) {
     use speckv::weights::cpu::{matmul_with, Acts, Isa, Linear};
     let shapes = [(1usize, 64usize), (31, 512), (33, 1536), (70, 4160)];
     let mut split = false;
@@ -694,19 +721,17 @@ fn emulator_v4_is_the_cpu_integer_product() {
             let float = speckv::backend::emulate::Emulator::new(32)
                 .gemv_v3(&q, &x, 1, 7)
                 .unwrap();
-            for sms in [1u32, 7, 132] {
+            for &sms in sms_list {
                 let (lp, plan) = speckv::plan::gemv_v4(format, out as u32, inp as u32, 1, sms);
                 let label = format!(
-                    "v4 {} {out}x{inp} sms {sms} ({}, {} splits)",
+                    "{backend} v4 {} {out}x{inp} sms {sms} ({}, {} splits)",
                     format.name(),
                     lp.entry,
                     plan.ksplits
                 );
                 assert_eq!(lp.entry, format!("gemv_v4_{}", format.name()), "{label}");
                 split |= plan.ksplits > 2;
-                let got = speckv::backend::emulate::Emulator::new(32)
-                    .gemv_v4(&q, &x, 1, sms)
-                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                let got = run(&q, &x, sms).unwrap_or_else(|e| panic!("{label}: {e}"));
                 for r in 0..out {
                     let tol = 1e-6 * mag[r] + 1e-7;
                     assert!(
