@@ -337,6 +337,21 @@ unsafe fn merge_splits(
     }
 }
 
+/// This block's row tile and K split, and the split's range `[k0, k1)` of K (blocks are tile-major:
+/// block = tile · ksplits + split); None for a split that starts past K, which the plans never make.
+#[inline(always)]
+fn block_split(p2: &GemvV2Params) -> Option<(u32, u32, usize, usize)> {
+    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
+    let blk = gpu::block_idx_x();
+    let (tile, split) = (blk / ksplits, blk % ksplits);
+    let kdim = p2.base.in_features as usize;
+    let k0 = (split * p2.kt) as usize;
+    if k0 >= kdim {
+        return None;
+    }
+    Some((tile, split, k0, kdim.min(k0 + p2.kt as usize)))
+}
+
 /// Writes the finished dot product of (row, m) for this split: into y when K is not split, into
 /// the split's partial sums otherwise (fenced, for the merging block).
 #[inline(always)]
@@ -371,20 +386,10 @@ unsafe fn put(
 #[inline(always)]
 pub unsafe fn gemv_v2<W: FormatV2, const MT: usize>(p2: &GemvV2Params) {
     let p = &p2.base;
-    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
-    let blk = gpu::block_idx_x();
-    let tile = blk / ksplits;
-    let split = blk % ksplits;
     let rows_per_block = V2_WARPS * V2_ROWS_PER_WARP;
     let kdim = p.in_features as usize;
-    let k0 = (split * p2.kt) as usize;
-    if k0 >= kdim {
+    let Some((tile, split, k0, k1)) = block_split(p2) else {
         return;
-    }
-    let k1 = if k0 + (p2.kt as usize) < kdim {
-        k0 + p2.kt as usize
-    } else {
-        kdim
     };
     let kt_nz =
         core::num::NonZeroUsize::new(p2.kt as usize).unwrap_or(core::num::NonZeroUsize::MIN);
@@ -615,20 +620,10 @@ fn pack2(lo: f32, hi: f32) -> u32 {
 #[inline(always)]
 pub unsafe fn gemv_tc<W: FormatV2, const NT: usize>(p2: &GemvV2Params) {
     let p = &p2.base;
-    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
-    let blk = gpu::block_idx_x();
-    let tile = blk / ksplits;
-    let split = blk % ksplits;
     let rows_per_block = TC_WARPS * 16;
     let kdim = p.in_features as usize;
-    let k0 = (split * p2.kt) as usize;
-    if k0 >= kdim {
+    let Some((tile, split, k0, k1)) = block_split(p2) else {
         return;
-    }
-    let k1 = if k0 + (p2.kt as usize) < kdim {
-        k0 + p2.kt as usize
-    } else {
-        kdim
     };
     let kt_nz =
         core::num::NonZeroUsize::new(p2.kt as usize).unwrap_or(core::num::NonZeroUsize::MIN);
@@ -846,24 +841,15 @@ fn i8_as_f32(word_xor80: u32, q: u32) -> f32 {
 #[inline(always)]
 pub unsafe fn gemv_v3<W: FormatV2>(p2: &GemvV2Params) {
     let p = &p2.base;
-    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
-    let blk = gpu::block_idx_x();
-    let tile = blk / ksplits;
-    let split = blk % ksplits;
     let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
     let kdim = p.in_features as usize;
-    let k0 = (split * p2.kt) as usize;
-    if k0 >= kdim {
+    let Some((tile, split, k0, k1)) = block_split(p2) else {
         return;
-    }
-    let k1 = if k0 + (p2.kt as usize) < kdim {
-        k0 + p2.kt as usize
-    } else {
-        kdim
     };
     let vec = W::VEC as usize;
-    let nvec = (k1 - k0) / vec; // k0 and k1 are multiples of 64, so of every VEC
-                                // NF4 holds 32 x per vector in registers: one vector a row per iteration keeps it in registers.
+    // k0 and k1 are multiples of 64, so of every VEC.
+    let nvec = (k1 - k0) / vec;
+    // NF4 holds 32 x per vector in registers: one vector a row per iteration keeps it in registers.
     let unroll = if W::VEC == 32 { 1 } else { 2 };
     let lane = gpu::lane_id() as usize;
     let out = p.out_features as usize;
@@ -1092,20 +1078,10 @@ fn words(v: F4) -> [u32; 4] {
 #[inline(always)]
 pub unsafe fn gemv_v4<W: FormatV2>(p2: &GemvV2Params) {
     let p = &p2.base;
-    let ksplits = core::num::NonZeroU32::new(p2.ksplits).unwrap_or(core::num::NonZeroU32::MIN);
-    let blk = gpu::block_idx_x();
-    let tile = blk / ksplits;
-    let split = blk % ksplits;
     let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
     let kdim = p.in_features as usize;
-    let k0 = (split * p2.kt) as usize;
-    if k0 >= kdim {
+    let Some((tile, split, k0, k1)) = block_split(p2) else {
         return; // the whole block: the plan makes every split start inside K
-    }
-    let k1 = if k0 + (p2.kt as usize) < kdim {
-        k0 + p2.kt as usize
-    } else {
-        kdim
     };
     let lane = gpu::lane_id() as usize;
     let warp = gpu::warp_id() as usize;
