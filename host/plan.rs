@@ -141,6 +141,48 @@ pub fn gemv_v4(
     )
 }
 
+/// Which GEMV kernels a call launches: v1 (one warp per row, the oracle), v2's plan, v3's (v2
+/// with the streaming kernel at M = 1) or v4's (v3 with INT8 and NF4 at M = 1 by integer dot
+/// products: what the device forward pass launches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvVersion {
+    V1,
+    V2,
+    V3,
+    V4,
+}
+
+impl GemvVersion {
+    /// The version numbered `n` (1 to 4).
+    pub fn from_number(n: u32) -> Option<GemvVersion> {
+        match n {
+            1 => Some(GemvVersion::V1),
+            2 => Some(GemvVersion::V2),
+            3 => Some(GemvVersion::V3),
+            4 => Some(GemvVersion::V4),
+            _ => None,
+        }
+    }
+
+    /// The plan of a v2, v3 or v4 launch (v1 has its own fixed launch, [`gemv_v1`]; asked here,
+    /// it gets v2's).
+    pub fn plan(
+        self,
+        format: crate::weights::quant::Format,
+        out: u32,
+        inp: u32,
+        m: u32,
+        sm_count: u32,
+    ) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
+        let planner = match self {
+            GemvVersion::V4 => gemv_v4,
+            GemvVersion::V3 => gemv_v3,
+            GemvVersion::V1 | GemvVersion::V2 => gemv_v2,
+        };
+        planner(format, out, inp, m, sm_count)
+    }
+}
+
 /// The kernels' code of a weight format (0 fp16, 1 int8, 2 nf4).
 fn gemv_format_code(format: crate::weights::quant::Format) -> u32 {
     match format {
@@ -150,7 +192,7 @@ fn gemv_format_code(format: crate::weights::quant::Format) -> u32 {
     }
 }
 
-/// The entry point and launch of a v2 / v3 GEMV plan (the plans do not depend on the format).
+/// The entry point and launch of a v2, v3 or v4 GEMV plan.
 fn gemv_launch(
     format: crate::weights::quant::Format,
     p: speckv_kernels::gemv::GemvPlanV2,

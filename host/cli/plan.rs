@@ -190,12 +190,9 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
                 let p = plan::gemv_v1(format, out, m, sms);
                 (p.clone(), vec![p], serde_json::json!({}))
             } else {
-                let planner = match a.version {
-                    4 => plan::gemv_v4,
-                    3 => plan::gemv_v3,
-                    _ => plan::gemv_v2,
-                };
-                let (p, k) = planner(format, out, inp, m, sms);
+                let version =
+                    plan::GemvVersion::from_number(a.version).unwrap_or(plan::GemvVersion::V2);
+                let (p, k) = version.plan(format, out, inp, m, sms);
                 (
                     p.clone(),
                     vec![p],

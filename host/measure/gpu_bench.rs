@@ -199,25 +199,17 @@ pub fn run(cuda: &CudaBackend, quick: bool) -> Result<GpuBench> {
             let q = QMatrix::quantize(&w, out, inp, format, false)?;
             let d = cuda.upload_matrix(&q)?;
             for m in [1usize, 5, 16] {
-                // v3 differs from v2 only at M = 1 (its streaming kernel), v4 from v3 only for
-                // INT8 and NF4 at M = 1 (integer dot products).
-                let versions: &[(u32, GemvVersion)] = if m == 1 && format != Format::Fp16 {
-                    &[
-                        (1, GemvVersion::V1),
-                        (2, GemvVersion::V2),
-                        (3, GemvVersion::V3),
-                        (4, GemvVersion::V4),
-                    ]
-                } else if m == 1 {
-                    &[
-                        (1, GemvVersion::V1),
-                        (2, GemvVersion::V2),
-                        (3, GemvVersion::V3),
-                    ]
-                } else {
-                    &[(1, GemvVersion::V1), (2, GemvVersion::V2)]
-                };
-                for &(v, version) in versions {
+                for (v, version) in [
+                    (1, GemvVersion::V1),
+                    (2, GemvVersion::V2),
+                    (3, GemvVersion::V3),
+                    (4, GemvVersion::V4),
+                ] {
+                    // v3 differs from v2 only at M = 1 (its streaming kernel), v4 from v3 only
+                    // for INT8 and NF4 at M = 1 (integer dot products).
+                    if (v >= 3 && m != 1) || (v == 4 && format == Format::Fp16) {
+                        continue;
+                    }
                     let t = cuda.time_gemv(&d, m, iters, version)?;
                     push(
                         "gemv",

@@ -928,43 +928,70 @@ pub unsafe fn gemv_v3<W: FormatV2>(p2: &GemvV2Params) {
         });
         v0 += unroll * 32;
     }
+    // INT8's row scale, once per row; FP16 and NF4 are scaled already.
+    let mut scale = [1f32; 4];
+    crate::unroll!(r in 0..4 => {
+        if W::VEC == 16 && row0 + r < out {
+            scale[r] = gpu::ld_nc(p.scales, row0 + r);
+        }
+    });
+    let flag = gpu::dynamic_shared::<u32>();
+    finish_rows(p2, tile, split, row0, acc, scale, flag);
+}
+
+/// The end of a v3 / v4 block: each of the warp's four rows summed over its lanes (a butterfly),
+/// times `scale[r]`, written by lane 0 (to y, or to the split's partials); then the split merge.
+///
+/// # Safety
+/// As [`gemv_v3`]; every thread of the block calls it; `flag` is a free shared word.
+#[inline(always)]
+unsafe fn finish_rows(
+    p2: &GemvV2Params,
+    tile: u32,
+    split: u32,
+    row0: usize,
+    acc: [f32; 4],
+    scale: [f32; 4],
+    flag: *mut u32,
+) {
+    let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
     crate::unroll!(r in 0..4 => {
         let row = row0 + r;
-        if row < out {
+        // Warp-uniform: the whole warp takes the row or skips it.
+        if row < p2.base.out_features as usize {
             let mut a = acc[r];
             let mut mask = 16;
             while mask > 0 {
                 a += gpu::shfl_xor_f32(a, mask);
                 mask /= 2;
             }
-            let scale = if W::VEC == 16 { gpu::ld_nc(p.scales, row) } else { 1.0 };
-            if lane == 0 {
-                put(p2, split, rows_per_block, 1, 0, row, a * scale);
+            if gpu::lane_id() == 0 {
+                put(p2, split, rows_per_block, 1, 0, row, a * scale[r]);
             }
         }
     });
     if p2.ksplits > 1 {
-        let flag = gpu::dynamic_shared::<u32>();
         merge_splits(p2, tile, rows_per_block, 1, flag);
     }
 }
 
-macro_rules! entries_v3 {
-    ($($name:ident: $fmt:ty;)*) => {$(
+/// The M = 1 entry points: each a body (`gemv_v3` or `gemv_v4`) for one format.
+macro_rules! entries_m1 {
+    ($($name:ident: $body:ident, $fmt:ty;)*) => {$(
         /// # Safety
-        /// See [`gemv_v3`].
+        /// See the body's (`gemv_v3` / `gemv_v4`).
         #[cfg(target_arch = "nvptx64")]
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(p: GemvV2Params) {
-            gemv_v3::<$fmt>(&p)
+            $body::<$fmt>(&p)
         }
     )*};
 }
 
-entries_v3! {
-    gemv_v3_fp16: Fp16;
-    gemv_v3_int8: Int8;
-    gemv_v3_nf4: Nf4;
+entries_m1! {
+    gemv_v3_fp16: gemv_v3, Fp16;
+    gemv_v3_int8: gemv_v3, Int8;
+    gemv_v3_nf4: gemv_v3, Nf4;
 }
 
 // =============================================================================================
@@ -1184,40 +1211,12 @@ pub unsafe fn gemv_v4<W: FormatV2>(p2: &GemvV2Params) {
         });
         v0 += 64;
     }
-    crate::unroll!(r in 0..4 => {
-        let row = row0 + r;
-        if row < out {
-            let mut a = acc[r];
-            let mut mask = 16;
-            while mask > 0 {
-                a += gpu::shfl_xor_f32(a, mask);
-                mask /= 2;
-            }
-            if lane == 0 {
-                put(p2, split, rows_per_block, 1, 0, row, a);
-            }
-        }
-    });
-    if p2.ksplits > 1 {
-        merge_splits(p2, tile, rows_per_block, 1, flag);
-    }
+    finish_rows(p2, tile, split, row0, acc, [1.0; 4], flag);
 }
 
-macro_rules! entries_v4 {
-    ($($name:ident: $fmt:ty;)*) => {$(
-        /// # Safety
-        /// See [`gemv_v4`].
-        #[cfg(target_arch = "nvptx64")]
-        #[no_mangle]
-        pub unsafe extern "ptx-kernel" fn $name(p: GemvV2Params) {
-            gemv_v4::<$fmt>(&p)
-        }
-    )*};
-}
-
-entries_v4! {
-    gemv_v4_int8: Int8;
-    gemv_v4_nf4: Nf4;
+entries_m1! {
+    gemv_v4_int8: gemv_v4, Int8;
+    gemv_v4_nf4: gemv_v4, Nf4;
 }
 
 macro_rules! entries_v2 {

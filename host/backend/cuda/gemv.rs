@@ -13,32 +13,16 @@ use crate::weights::quant::{Format, QMatrix};
 /// Block size of GEMV launches (four output rows per block, one warp each).
 pub const GEMV_BLOCK: u32 = 128;
 
-/// Which GEMV kernels a call launches: v1 (one warp per row, the oracle), v2's plan, v3's (v2
-/// with the streaming kernel at M = 1) or v4's (v3 with INT8 and NF4 at M = 1 by integer dot
-/// products: what the device forward pass launches).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GemvVersion {
-    V1,
-    V2,
-    V3,
-    V4,
-}
+pub use crate::plan::GemvVersion;
 
-impl GemvVersion {
-    /// The plan of a v2 or v3 launch (v1 has its own fixed launch).
-    fn plan(
-        self,
-        d: &DeviceMatrix,
-        m: usize,
-        sm_count: u32,
-    ) -> (crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-        let planner = match self {
-            GemvVersion::V4 => crate::plan::gemv_v4,
-            GemvVersion::V3 => crate::plan::gemv_v3,
-            GemvVersion::V1 | GemvVersion::V2 => crate::plan::gemv_v2,
-        };
-        planner(d.format, d.out as u32, d.inp as u32, m as u32, sm_count)
-    }
+/// The plan of `version`'s launch for `d` at `m` rows.
+fn plan_for(
+    version: GemvVersion,
+    d: &DeviceMatrix,
+    m: usize,
+    sm_count: u32,
+) -> (crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
+    version.plan(d.format, d.out as u32, d.inp as u32, m as u32, sm_count)
 }
 
 /// A quantised matrix resident on the device.
@@ -154,7 +138,9 @@ impl CudaBackend {
     /// Workspace bytes the v4 GEMV of `d` (what [`CudaBackend::launch_gemv_into`] launches) needs
     /// at `m` rows.
     pub fn gemv_workspace_bytes(&self, d: &DeviceMatrix, m: usize) -> usize {
-        GemvVersion::V4.plan(d, m, self.sm_count).1.workspace_bytes
+        plan_for(GemvVersion::V4, d, m, self.sm_count)
+            .1
+            .workspace_bytes
     }
 
     fn launch_gemv(
@@ -215,10 +201,10 @@ impl CudaBackend {
                 d.out, d.inp
             )));
         }
-        let (_, plan) = version.plan(d, m, self.sm_count);
+        let (_, plan) = plan_for(version, d, m, self.sm_count);
         if ws.len() < plan.workspace_bytes {
             return Err(Error::Other(
-                "gemv v2: workspace smaller than the plan's".to_string(),
+                "gemv: workspace smaller than the plan's".to_string(),
             ));
         }
         let st = &self.stream;
@@ -265,8 +251,8 @@ impl CudaBackend {
         let mut b = st.launch_builder(self.function(f));
         b.arg(&arg);
         // SAFETY: sizes checked above against the uploaded matrix (cudarc allocations are 256-byte
-        // aligned, so the 16-byte weight loads and v3's 16-byte x loads are aligned); the workspace is the plan's and
-        // zeroed; the buffers outlive the launch.
+        // aligned, so the 16-byte weight loads and v3's 16-byte x loads are aligned); the
+        // workspace is the plan's and zeroed; the buffers outlive the launch.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -277,7 +263,7 @@ impl CudaBackend {
         m: usize,
         version: GemvVersion,
     ) -> Result<cudarc::driver::CudaSlice<u8>> {
-        let (_, plan) = version.plan(d, m, self.sm_count);
+        let (_, plan) = plan_for(version, d, m, self.sm_count);
         Ok(self
             .stream
             .alloc_zeros::<u8>(plan.workspace_bytes.max(16))?)

@@ -5,18 +5,10 @@ use speckv_kernels::gemv::{self as gemv_kernel, Fp16, Int8, Nf4};
 
 use super::Emulator;
 use crate::error::{Error, Result};
+use crate::plan::GemvVersion;
 use crate::stats::check_block;
 use crate::weights::gemv::{check as check_gemv, params as gemv_params, raw, MAX_M};
 use crate::weights::quant::QMatrix;
-
-/// A GEMV launch planner (`plan::gemv_v2` or `plan::gemv_v3`).
-type GemvPlanner = fn(
-    crate::weights::quant::Format,
-    u32,
-    u32,
-    u32,
-    u32,
-) -> (crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2);
 
 impl Emulator {
     /// y `[m, out]` = x `[m, in]` · Wᵀ (one warp per output row).
@@ -82,19 +74,19 @@ impl Emulator {
     /// y `[m, out]` = x `[m, in]` · Wᵀ by the v2 kernels, planned for `sm_count` SMs (tensor cores
     /// for M ≥ 2 when K is a multiple of 64, CUDA cores otherwise; K split across blocks).
     pub fn gemv_v2(&self, w: &QMatrix, x: &[f32], m: usize, sm_count: u32) -> Result<Vec<f32>> {
-        self.gemv_planned(w, x, m, sm_count, crate::plan::gemv_v2)
+        self.gemv_planned(w, x, m, sm_count, GemvVersion::V2)
     }
 
     /// y `[m, out]` = x `[m, in]` · Wᵀ by the v3 plan: the streaming kernel at M = 1 when K is a
     /// multiple of 64, v2's kernels otherwise (what the device forward pass launches).
     pub fn gemv_v3(&self, w: &QMatrix, x: &[f32], m: usize, sm_count: u32) -> Result<Vec<f32>> {
-        self.gemv_planned(w, x, m, sm_count, crate::plan::gemv_v3)
+        self.gemv_planned(w, x, m, sm_count, GemvVersion::V3)
     }
 
     /// y `[m, out]` = x `[m, in]` · Wᵀ by the v4 plan: INT8 and NF4 at M = 1 by integer dot
     /// products on 8-bit x, v3's plan otherwise (what the device forward pass launches).
     pub fn gemv_v4(&self, w: &QMatrix, x: &[f32], m: usize, sm_count: u32) -> Result<Vec<f32>> {
-        self.gemv_planned(w, x, m, sm_count, crate::plan::gemv_v4)
+        self.gemv_planned(w, x, m, sm_count, GemvVersion::V4)
     }
 
     fn gemv_planned(
@@ -103,7 +95,7 @@ impl Emulator {
         x: &[f32],
         m: usize,
         sm_count: u32,
-        planner: GemvPlanner,
+        version: GemvVersion,
     ) -> Result<Vec<f32>> {
         use speckv_kernels::gemv::PathV2;
         check_gemv(w, x, m)?;
@@ -114,7 +106,12 @@ impl Emulator {
                 "weights must be 16-byte aligned for v2".to_string(),
             ));
         }
-        let (lp, plan) = planner(w.format(), out as u32, inp as u32, m as u32, sm_count);
+        let (lp, plan) = version.plan(w.format(), out as u32, inp as u32, m as u32, sm_count);
+        if plan.path == PathV2::Integer && w.format() == crate::weights::quant::Format::Fp16 {
+            return Err(Error::Other(
+                "gemv v4: FP16 has no integer kernel".to_string(),
+            ));
+        }
         // v3 reads x in 16-byte loads: a slice that is not 16-byte aligned is copied into one that
         // is (a device buffer is always aligned).
         let x_aligned: Vec<[f32; 4]>;
@@ -177,7 +174,7 @@ impl Emulator {
                             PathV2::Stream => {
                                 emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt>(&p2))
                             }
-                            // The plan gives it to INT8 and NF4 only.
+                            // INT8 and NF4 only (FP16 refused above).
                             PathV2::Integer => {
                                 emu::launch_checked(&l, || gemv_kernel::gemv_v4::<$fmt>(&p2))
                             }
