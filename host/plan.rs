@@ -101,49 +101,13 @@ pub fn gemv_v2(
     m: u32,
     sm_count: u32,
 ) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-    gemv_launch(
-        format,
-        speckv_kernels::gemv::plan_v2(gemv_format_code(format), out, inp, m, sm_count),
-        sm_count,
-    )
-}
-
-/// The v3 GEMV (see `speckv_kernels::gemv::plan_v3`): the streaming kernel at M = 1 when K is a
-/// multiple of 64, v2's plan otherwise. What the device forward pass launches for FP16.
-pub fn gemv_v3(
-    format: crate::weights::quant::Format,
-    out: u32,
-    inp: u32,
-    m: u32,
-    sm_count: u32,
-) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-    gemv_launch(
-        format,
-        speckv_kernels::gemv::plan_v3(gemv_format_code(format), out, inp, m, sm_count),
-        sm_count,
-    )
-}
-
-/// The v4 GEMV (see `speckv_kernels::gemv::plan_v4`): INT8 and NF4 at M = 1 by integer dot
-/// products on 8-bit x (K a multiple of 64), v3's plan otherwise. What the device forward pass
-/// launches.
-pub fn gemv_v4(
-    format: crate::weights::quant::Format,
-    out: u32,
-    inp: u32,
-    m: u32,
-    sm_count: u32,
-) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-    gemv_launch(
-        format,
-        speckv_kernels::gemv::plan_v4(gemv_format_code(format), out, inp, m, sm_count),
-        sm_count,
-    )
+    GemvVersion::V2.plan(format, out, inp, m, sm_count)
 }
 
 /// Which GEMV kernels a call launches: v1 (one warp per row, the oracle), v2's plan, v3's (v2
-/// with the streaming kernel at M = 1) or v4's (v3 with INT8 and NF4 at M = 1 by integer dot
-/// products: what the device forward pass launches).
+/// with the streaming kernel at M = 1 when K is a multiple of 64: what the device forward pass
+/// launches for FP16) or v4's (v3 with INT8 and NF4 at M = 1 by integer dot products on 8-bit x:
+/// what the device forward pass launches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemvVersion {
     V1,
@@ -164,8 +128,9 @@ impl GemvVersion {
         }
     }
 
-    /// The plan of a v2, v3 or v4 launch (v1 has its own fixed launch, [`gemv_v1`]; asked here,
-    /// it gets v2's).
+    /// The entry point, launch and kernel plan of a v2, v3 or v4 GEMV (see
+    /// `speckv_kernels::gemv::plan_v2` / `plan_v3` / `plan_v4`; v1 has its own fixed launch,
+    /// [`gemv_v1`]: asked here, it gets v2's).
     pub fn plan(
         self,
         format: crate::weights::quant::Format,
@@ -174,12 +139,23 @@ impl GemvVersion {
         m: u32,
         sm_count: u32,
     ) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-        let planner = match self {
-            GemvVersion::V4 => gemv_v4,
-            GemvVersion::V3 => gemv_v3,
-            GemvVersion::V1 | GemvVersion::V2 => gemv_v2,
+        use speckv_kernels::gemv::{self as k, PathV2};
+        let code = gemv_format_code(format);
+        let p = match self {
+            GemvVersion::V4 => k::plan_v4(code, out, inp, m, sm_count),
+            GemvVersion::V3 => k::plan_v3(code, out, inp, m, sm_count),
+            GemvVersion::V1 | GemvVersion::V2 => k::plan_v2(code, out, inp, m, sm_count),
         };
-        planner(format, out, inp, m, sm_count)
+        let entry = match p.path {
+            PathV2::Cores { mt } => format!("gemv_v2_{}_m{mt}", format.name()),
+            PathV2::Tensor { nt } => format!("gemv_tc_{}_n{}", format.name(), 8 * nt),
+            PathV2::Stream => format!("gemv_v3_{}", format.name()),
+            PathV2::Integer => format!("gemv_v4_{}", format.name()),
+        };
+        (
+            LaunchPlan::new(entry, p.grid, p.block, p.shared_bytes, sm_count),
+            p,
+        )
     }
 }
 
@@ -190,25 +166,6 @@ fn gemv_format_code(format: crate::weights::quant::Format) -> u32 {
         crate::weights::quant::Format::Int8 => 1,
         crate::weights::quant::Format::Nf4 => 2,
     }
-}
-
-/// The entry point and launch of a v2, v3 or v4 GEMV plan.
-fn gemv_launch(
-    format: crate::weights::quant::Format,
-    p: speckv_kernels::gemv::GemvPlanV2,
-    sm_count: u32,
-) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-    use speckv_kernels::gemv::PathV2;
-    let entry = match p.path {
-        PathV2::Cores { mt } => format!("gemv_v2_{}_m{mt}", format.name()),
-        PathV2::Tensor { nt } => format!("gemv_tc_{}_n{}", format.name(), 8 * nt),
-        PathV2::Stream => format!("gemv_v3_{}", format.name()),
-        PathV2::Integer => format!("gemv_v4_{}", format.name()),
-    };
-    (
-        LaunchPlan::new(entry, p.grid, p.block, p.shared_bytes, sm_count),
-        p,
-    )
 }
 
 /// `gemv` v1: one warp per output row, four rows per block of 128.

@@ -527,7 +527,8 @@ fn emulator_v3_streams_decode_shapes() {
         for format in Format::ALL {
             let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
             for sms in [1u32, 7, 132] {
-                let (lp, plan) = speckv::plan::gemv_v3(format, out as u32, inp as u32, 1, sms);
+                let (lp, plan) =
+                    speckv::plan::GemvVersion::V3.plan(format, out as u32, inp as u32, 1, sms);
                 let label = format!(
                     "v3 {} {out}x{inp} sms {sms} ({}, {} splits)",
                     format.name(),
@@ -580,7 +581,7 @@ fn v3_plans_stream_decode_and_keep_v2_elsewhere() {
         (151936, 1536),
         (256, 1536),
     ] {
-        let (lp, p) = speckv::plan::gemv_v3(Format::Fp16, out, inp, 1, 132);
+        let (lp, p) = speckv::plan::GemvVersion::V3.plan(Format::Fp16, out, inp, 1, 132);
         assert_eq!(lp.entry, "gemv_v3_fp16");
         assert_eq!(p.rows_per_block, 32);
         let room = (inp / speckv_kernels::gemv::V3_MIN_SPLIT).max(1);
@@ -600,7 +601,7 @@ fn v3_plans_stream_decode_and_keep_v2_elsewhere() {
         (Format::Int8, 7, 100, 1),
     ] {
         assert_eq!(
-            speckv::plan::gemv_v3(format, out, inp, m, 132),
+            speckv::plan::GemvVersion::V3.plan(format, out, inp, m, 132),
             speckv::plan::gemv_v2(format, out, inp, m, 132),
             "{format:?} {out}x{inp} M = {m}"
         );
@@ -722,7 +723,8 @@ fn v4_is_the_cpu_integer_product(run: RunV4<'_>, sms_list: &[u32], backend: &str
                 .gemv_v3(&q, &x, 1, 7)
                 .unwrap();
             for &sms in sms_list {
-                let (lp, plan) = speckv::plan::gemv_v4(format, out as u32, inp as u32, 1, sms);
+                let (lp, plan) =
+                    speckv::plan::GemvVersion::V4.plan(format, out as u32, inp as u32, 1, sms);
                 let label = format!(
                     "{backend} v4 {} {out}x{inp} sms {sms} ({}, {} splits)",
                     format.name(),
@@ -764,7 +766,7 @@ fn v4_is_the_cpu_integer_product(run: RunV4<'_>, sms_list: &[u32], backend: &str
 fn v4_plans_take_int8_and_nf4_decode_only() {
     for format in [Format::Int8, Format::Nf4] {
         for (out, inp) in [(1536u32, 8960u32), (151936, 1536), (64, 65536)] {
-            let (lp, p) = speckv::plan::gemv_v4(format, out, inp, 1, 132);
+            let (lp, p) = speckv::plan::GemvVersion::V4.plan(format, out, inp, 1, 132);
             assert_eq!(lp.entry, format!("gemv_v4_{}", format.name()));
             assert!(p.kt <= speckv_kernels::gemv::V4_MAX_SPLIT, "{p:?}");
             assert!(p.shared_bytes <= 32 * 1024, "{p:?}");
@@ -772,17 +774,17 @@ fn v4_plans_take_int8_and_nf4_decode_only() {
             assert_eq!(p.grid, p.row_tiles * p.ksplits, "{p:?}");
         }
         assert_eq!(
-            speckv::plan::gemv_v4(format, 1536, 8960, 5, 132),
-            speckv::plan::gemv_v3(format, 1536, 8960, 5, 132)
+            speckv::plan::GemvVersion::V4.plan(format, 1536, 8960, 5, 132),
+            speckv::plan::GemvVersion::V3.plan(format, 1536, 8960, 5, 132)
         );
         assert_eq!(
-            speckv::plan::gemv_v4(format, 4096, 4100, 1, 132),
-            speckv::plan::gemv_v3(format, 4096, 4100, 1, 132)
+            speckv::plan::GemvVersion::V4.plan(format, 4096, 4100, 1, 132),
+            speckv::plan::GemvVersion::V3.plan(format, 4096, 4100, 1, 132)
         );
     }
     assert_eq!(
-        speckv::plan::gemv_v4(Format::Fp16, 1536, 8960, 1, 132),
-        speckv::plan::gemv_v3(Format::Fp16, 1536, 8960, 1, 132)
+        speckv::plan::GemvVersion::V4.plan(Format::Fp16, 1536, 8960, 1, 132),
+        speckv::plan::GemvVersion::V3.plan(Format::Fp16, 1536, 8960, 1, 132)
     );
 }
 

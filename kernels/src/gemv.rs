@@ -1050,7 +1050,7 @@ pub const fn v4_codes_offset(kt: u32) -> usize {
 /// x rounded half away from zero (as `f32::round`, which `core` lacks): the truncation plus one
 /// where the exact remainder reaches a half.
 #[inline(always)]
-fn round_half_away(v: f32) -> i32 {
+const fn round_half_away(v: f32) -> i32 {
     let t = v as i32;
     let frac = v - t as f32; // exact: |v| < 2^23 here
     if frac >= 0.5 {
@@ -1064,7 +1064,7 @@ fn round_half_away(v: f32) -> i32 {
 
 /// The int8 NF4 code book (NF4 × 127, rounded half away from zero) packed four codes a word.
 #[inline(always)]
-fn nf4_i8_words() -> [u32; 4] {
+const fn nf4_i8_words() -> [u32; 4] {
     let mut t = [0u32; 4];
     let mut i = 0;
     while i < 16 {
@@ -1074,6 +1074,9 @@ fn nf4_i8_words() -> [u32; 4] {
     }
     t
 }
+
+/// [`nf4_i8_words`], computed by the compiler.
+const NF4_I8_WORDS: [u32; 4] = nf4_i8_words();
 
 /// Four NF4 codes, the nibbles of `half`'s low 16 bits, as four int8 code-book values in nibble
 /// order: for the packed layout (element 2j in byte j's high nibble) that is elements 1, 0, 3, 2.
@@ -1146,7 +1149,7 @@ pub unsafe fn gemv_v4<W: FormatV2>(p2: &GemvV2Params) {
     let nvec = (k1 - k0) / vec;
     let out = p.out_features as usize;
     let row0 = (tile * rows_per_block) as usize + warp * V3_ROWS_PER_WARP as usize;
-    let book = nf4_i8_words();
+    let book = NF4_I8_WORDS;
     let mut scale = [0f32; 4];
     crate::unroll!(r in 0..4 => {
         if W::VEC == 16 && row0 + r < out {

@@ -353,7 +353,9 @@ pub fn step_plan(
             Op::RmsNorm { .. } => plan::rms_norm(m32, plan::RMS_NORM_BLOCK, sm_count),
             Op::Gemv { w, .. } => {
                 let (o, i) = shape.dims(w);
-                plan::gemv_v4(format, o as u32, i as u32, m32, sm_count).0
+                plan::GemvVersion::V4
+                    .plan(format, o as u32, i as u32, m32, sm_count)
+                    .0
             }
             Op::QkvRope { .. } => plan::qkv_rope(
                 m32,
