@@ -157,6 +157,28 @@ impl GemvVersion {
             p,
         )
     }
+
+    /// The plan of the same GEMV with an RMSNorm of x in front (the `_norm` entry points of v3 and
+    /// v4: M = 1, K a multiple of 64); `None` where this version plans a kernel without that
+    /// prologue, so a caller launches the norm on its own.
+    pub fn plan_norm(
+        self,
+        format: crate::weights::quant::Format,
+        out: u32,
+        inp: u32,
+        m: u32,
+        sm_count: u32,
+    ) -> Option<(LaunchPlan, speckv_kernels::gemv::GemvPlanV2)> {
+        use speckv_kernels::gemv::PathV2;
+        let (mut lp, p) = self.plan(format, out, inp, m, sm_count);
+        match p.path {
+            PathV2::Stream | PathV2::Integer => {
+                lp.entry.push_str("_norm");
+                Some((lp, p))
+            }
+            PathV2::Cores { .. } | PathV2::Tensor { .. } => None,
+        }
+    }
 }
 
 /// The kernels' code of a weight format (0 fp16, 1 int8, 2 nf4).

@@ -174,38 +174,106 @@ fn rollback_then_redo_gives_the_same_logits() {
 
 #[test]
 fn the_program_is_the_layers_in_order() {
-    let p = program(&[true, false, true], true);
+    let p = program(&[true, false, true], true, false);
     // Embed, 9 launches per active layer, the final norm and the LM head.
     assert_eq!(p.len(), 1 + 2 * 9 + 2);
     assert_eq!(p[0], Op::Embed);
     assert_eq!(
         p[1],
         Op::RmsNorm {
-            norm: Norm::Attn(0),
-            residual: false
+            norm: Norm::Attn(0)
         }
+    );
+    assert_eq!(
+        p[5],
+        Op::Gemv {
+            w: Lin::O(0),
+            x: Act::Att,
+            y: Act::X,
+            accumulate: true
+        },
+        "the attention output adds itself into the residual stream"
     );
     assert_eq!(
         p[10],
         Op::RmsNorm {
-            norm: Norm::Attn(2),
-            residual: true
+            norm: Norm::Attn(2)
         },
-        "the skipped layer runs nothing; the next norm adds layer 0's output"
+        "the skipped layer runs nothing"
     );
     assert_eq!(
         p[p.len() - 1],
         Op::Gemv {
             w: Lin::LmHead,
             x: Act::Xn,
-            y: Act::Logits
+            y: Act::Logits,
+            accumulate: false
         }
     );
     assert_eq!(
-        program(&[true], false).len(),
+        program(&[true], false, false).len(),
         10,
         "no LM head without logits"
     );
+    // Fused: every norm inside the GEMV after it — two launches fewer a layer, one fewer at the end.
+    let f = program(&[true, false, true], true, true);
+    assert_eq!(f.len(), 1 + 2 * 7 + 1);
+    assert_eq!(
+        f[1],
+        Op::NormGemv {
+            norm: Norm::Attn(0),
+            w: Lin::Qkv(0),
+            y: Act::Qkv
+        }
+    );
+    assert_eq!(
+        f[f.len() - 1],
+        Op::NormGemv {
+            norm: Norm::Out,
+            w: Lin::LmHead,
+            y: Act::Logits
+        }
+    );
+    assert!(!f.iter().any(|op| matches!(op, Op::RmsNorm { .. })));
+    assert_eq!(
+        f.iter()
+            .filter(|op| !matches!(op, Op::NormGemv { .. }))
+            .count(),
+        p.iter()
+            .filter(|op| !matches!(op, Op::RmsNorm { .. }))
+            .count()
+            - 5,
+        "the fused program is the unfused one with each norm and its GEMV as one launch"
+    );
+}
+
+/// One-row steps run the fused program (norms inside the GEMVs), and its logits are the unfused
+/// program's bit for bit when the norm launch has the fused kernels' block size (256, CUDA's): the
+/// prompt runs unfused in both (16 and 5 rows), every decode step after it fused in one.
+#[test]
+fn fused_decode_steps_are_the_unfused_bit_for_bit() {
+    use speckv::model::device::{fuses_norm, Shape};
+    for arch in ["llama", "qwen2"] {
+        for format in [Format::Fp16, Format::Int8, Format::Nf4] {
+            let m = model(arch, format);
+            let shape = Shape::of(&m.cfg).unwrap();
+            assert!(fuses_norm(&shape, 1) && !fuses_norm(&shape, 2), "{arch}");
+            let mut fused = EmulatedForward::new(&m, Emulator::new(256), 132, 64).unwrap();
+            let mut plain = EmulatedForward::new(&m, Emulator::new(256), 132, 64).unwrap();
+            plain.set_fusion(false);
+            let tokens = prompt();
+            let a = fused.forward(&tokens, 1).unwrap();
+            let b = plain.forward(&tokens, 1).unwrap();
+            assert_eq!(a, b, "{arch} {format:?}: the prompt");
+            let mut t = argmax(&a);
+            for step in 0..4 {
+                let a = fused.forward(&[t], 1).unwrap();
+                let b = plain.forward(&[t], 1).unwrap();
+                assert_eq!(a, b, "{arch} {format:?}: decode step {step}");
+                t = argmax(&a);
+            }
+        }
+    }
 }
 
 #[test]

@@ -844,3 +844,197 @@ fn tensor_core_entries_issue_one_mma_per_tile() {
     }
     assert!(checked >= 6, "no PTX was checked");
 }
+
+/// A fused run: y0 `[m, out]` updated as the fusion says, by a version's plan for an SM count.
+type RunFused<'a> = &'a dyn Fn(
+    &QMatrix,
+    &[f32],
+    &[f32],
+    usize,
+    speckv::plan::GemvVersion,
+    gemv::Fusion<&[f32]>,
+    u32,
+) -> speckv::Result<Vec<f32>>;
+
+fn emulator_fused(
+    q: &QMatrix,
+    x: &[f32],
+    y0: &[f32],
+    m: usize,
+    v: speckv::plan::GemvVersion,
+    f: gemv::Fusion<&[f32]>,
+    sms: u32,
+) -> speckv::Result<Vec<f32>> {
+    let mut y = y0.to_vec();
+    speckv::backend::emulate::Emulator::new(32).gemv_into(q, x, &mut y, m, sms, v, f)?;
+    Ok(y)
+}
+
+/// The norm fused into v3 / v4 (`_norm` entries) is `rms_norm_f32` at its launch's block size (256)
+/// followed by the plain GEMV: bit for bit on the emulator, and within rounding on CUDA (ptxas may
+/// contract differently in two kernels). Shapes with K split into three blocks and into one.
+fn fused_norm_is_the_norm_launch_then_the_gemv(run: RunFused<'_>, sms_list: &[u32], exact: bool) {
+    use speckv::plan::GemvVersion;
+    let norm_emu = speckv::backend::emulate::Emulator::new(256);
+    let mut split = false;
+    for (s, &(out, inp)) in [(33usize, 512usize), (70, 1536)].iter().enumerate() {
+        let w = weights(out, inp, 900 + s as u64);
+        let x: Vec<f32> = common::normal_logits(inp, 3.0, 901 + s as u64);
+        let gains: Vec<f32> = (0..inp).map(|i| 0.5 + (i % 17) as f32 / 16.0).collect();
+        let eps = 1e-6;
+        let (_, xn) = norm_emu.rms_norm(&x, None, &gains, eps).unwrap();
+        let zeros = vec![0f32; out];
+        for format in Format::ALL {
+            let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+            for version in [GemvVersion::V3, GemvVersion::V4] {
+                for &sms in sms_list {
+                    let (lp, plan) = version
+                        .plan_norm(format, out as u32, inp as u32, 1, sms)
+                        .expect("v3 and v4 fuse the norm at M = 1");
+                    assert!(lp.entry.ends_with("_norm"), "{}", lp.entry);
+                    split |= plan.ksplits > 1;
+                    let label = format!("{} {out}x{inp} sms {sms} {}", format.name(), lp.entry);
+                    let unfused =
+                        emulator_fused(&q, &xn, &zeros, 1, version, gemv::Fusion::NONE, sms)
+                            .unwrap();
+                    let fusion = gemv::Fusion {
+                        norm: Some((gains.as_slice(), eps)),
+                        accumulate: false,
+                    };
+                    let fused = run(&q, &x, &zeros, 1, version, fusion, sms).unwrap();
+                    if exact {
+                        assert_eq!(fused, unfused, "{label}");
+                    } else {
+                        let scale = unfused.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        for (a, b) in fused.iter().zip(&unfused) {
+                            assert!((a - b).abs() <= 1e-5 * scale, "{label}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(split || !exact, "some plan splits K");
+}
+
+#[test]
+fn emulator_fused_norm_is_the_norm_launch_then_the_gemv() {
+    fused_norm_is_the_norm_launch_then_the_gemv(&emulator_fused, &[1, 132], true);
+}
+
+#[test]
+fn cuda_fused_norm_is_the_norm_launch_then_the_gemv() {
+    let Some(c) = common::cuda() else { return };
+    fused_norm_is_the_norm_launch_then_the_gemv(
+        &|q, x, y0, m, v, f, _sms| c.gemv_fused(&c.upload_matrix(q)?, x, y0, m, v, f),
+        &[c.sm_count()],
+        false,
+    );
+}
+
+/// `GEMV_ACCUMULATE` adds the product into y (y + product, in that order) on every planned path —
+/// v2 on CUDA cores and tensor cores, v3, v4 — with K split across blocks (the add after the
+/// merge) and not.
+fn accumulate_adds_the_product(run: RunFused<'_>, sms_list: &[u32]) {
+    use speckv::plan::GemvVersion;
+    use speckv_kernels::gemv::PathV2;
+    let mut seen = (false, false, false, false);
+    let cases = [
+        (GemvVersion::V2, 1usize, 96usize),
+        (GemvVersion::V2, 3, 96),
+        (GemvVersion::V2, 3, 1536),
+        (GemvVersion::V3, 1, 1536),
+        (GemvVersion::V4, 1, 1536),
+    ];
+    for (c, &(version, m, inp)) in cases.iter().enumerate() {
+        let out = 70;
+        let w = weights(out, inp, 950 + c as u64);
+        let x = common::normal_logits(m * inp, 1.0, 951 + c as u64);
+        let y0 = common::normal_logits(m * out, 2.0, 952 + c as u64);
+        for format in Format::ALL {
+            let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+            for &sms in sms_list {
+                let (lp, plan) = version.plan(format, out as u32, inp as u32, m as u32, sms);
+                let label = format!("{} m {m} K {inp} sms {sms} {}", format.name(), lp.entry);
+                match plan.path {
+                    PathV2::Cores { .. } => seen.0 = true,
+                    PathV2::Tensor { .. } => seen.1 = true,
+                    PathV2::Stream | PathV2::Integer => seen.2 = true,
+                }
+                seen.3 |= plan.ksplits > 1;
+                let zeros = vec![0f32; m * out];
+                let product = run(&q, &x, &zeros, m, version, gemv::Fusion::NONE, sms).unwrap();
+                let acc = gemv::Fusion {
+                    norm: None,
+                    accumulate: true,
+                };
+                let added = run(&q, &x, &y0, m, version, acc, sms).unwrap();
+                let want: Vec<f32> = y0.iter().zip(&product).map(|(a, b)| a + b).collect();
+                assert_eq!(added, want, "{label}");
+            }
+        }
+    }
+    assert!(seen.0 && seen.1 && seen.2, "every path: {seen:?}");
+    assert!(seen.3 || sms_list.len() == 1, "K split somewhere: {seen:?}");
+}
+
+#[test]
+fn emulator_accumulate_adds_the_product() {
+    accumulate_adds_the_product(&emulator_fused, &[1, 132]);
+}
+
+#[test]
+fn cuda_accumulate_adds_the_product() {
+    let Some(c) = common::cuda() else { return };
+    accumulate_adds_the_product(
+        &|q, x, y0, m, v, f, _sms| c.gemv_fused(&c.upload_matrix(q)?, x, y0, m, v, f),
+        &[c.sm_count()],
+    );
+}
+
+/// A norm fused where the plan has no such prologue, gains of the wrong length and a bad eps are
+/// typed errors, not a silently unnormalised product.
+#[test]
+fn a_fused_norm_is_refused_where_it_cannot_run() {
+    use speckv::plan::GemvVersion;
+    let (out, inp) = (40usize, 512usize);
+    let q = QMatrix::quantize(&weights(out, inp, 990), out, inp, Format::Int8, false).unwrap();
+    let gains = vec![1f32; inp];
+    let norm = |g: &'static [f32], eps: f32| gemv::Fusion {
+        norm: Some((g, eps)),
+        accumulate: false,
+    };
+    let g: &'static [f32] = Box::leak(gains.into_boxed_slice());
+    let x2 = common::normal_logits(2 * inp, 1.0, 991);
+    let x1 = &x2[..inp];
+    let y = |m: usize| vec![0f32; m * out];
+    for (what, r) in [
+        (
+            "v2 at M = 1",
+            emulator_fused(&q, x1, &y(1), 1, GemvVersion::V2, norm(g, 1e-6), 7),
+        ),
+        (
+            "v4 at M = 2",
+            emulator_fused(&q, &x2, &y(2), 2, GemvVersion::V4, norm(g, 1e-6), 7),
+        ),
+        (
+            "short gains",
+            emulator_fused(&q, x1, &y(1), 1, GemvVersion::V4, norm(&g[1..], 1e-6), 7),
+        ),
+        (
+            "NaN eps",
+            emulator_fused(&q, x1, &y(1), 1, GemvVersion::V4, norm(g, f32::NAN), 7),
+        ),
+        (
+            "y too short",
+            emulator_fused(&q, x1, &y(0), 1, GemvVersion::V4, gemv::Fusion::NONE, 7),
+        ),
+    ] {
+        assert!(r.is_err(), "{what}: {r:?}");
+    }
+    assert!(matches!(
+        emulator_fused(&q, x1, &y(1), 1, GemvVersion::V2, norm(g, 1e-6), 7),
+        Err(speckv::Error::Unsupported(_))
+    ));
+    assert!(emulator_fused(&q, x1, &y(1), 1, GemvVersion::V4, norm(g, 1e-6), 7).is_ok());
+}

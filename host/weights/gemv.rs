@@ -31,6 +31,52 @@ pub fn check(w: &QMatrix, x: &[f32], m: usize) -> Result<usize> {
     Ok(m)
 }
 
+/// What a planned GEMV launch does besides y = x · Wᵀ: the device forward pass's fusions, which
+/// take launches out of a decode step. `N` is the gains' buffer (a slice on the emulator, a device
+/// buffer on CUDA).
+#[derive(Clone, Copy, Debug)]
+pub struct Fusion<N> {
+    /// Normalise x first, x / √(mean(x²) + eps) · gains (the `_norm` entries of v3 and v4, M = 1;
+    /// other plans refuse it: see `plan::GemvVersion::plan_norm`).
+    pub norm: Option<(N, f32)>,
+    /// y += x · Wᵀ (every kernel): a projection adds itself into the residual stream.
+    pub accumulate: bool,
+}
+
+impl<N> Fusion<N> {
+    /// y = x · Wᵀ, nothing else.
+    pub const NONE: Fusion<N> = Fusion {
+        norm: None,
+        accumulate: false,
+    };
+
+    /// The kernels' `GemvParams::flags`.
+    pub fn flags(&self) -> u32 {
+        if self.accumulate {
+            speckv_kernels::params::GEMV_ACCUMULATE
+        } else {
+            0
+        }
+    }
+}
+
+/// Checks the gains of a norm fused into the GEMV of a `[_, inp]` matrix.
+pub fn check_norm(gains: usize, inp: usize, eps: f32) -> Result<()> {
+    if gains != inp {
+        return Err(Error::Length {
+            what: "norm gains",
+            got: gains,
+            expected: inp,
+        });
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::Other(format!(
+            "norm eps {eps}: a finite value ≥ 0 is needed"
+        )));
+    }
+    Ok(())
+}
+
 /// Kernel parameters for host or device addresses.
 pub(crate) fn params(
     w: &QMatrix,
@@ -49,7 +95,7 @@ pub(crate) fn params(
         out_features: out as u32,
         in_features: inp as u32,
         m: m as u32,
-        _pad: 0,
+        flags: 0,
     }
 }
 

@@ -8,7 +8,9 @@
 //! butterfly per accumulator. W is read once whatever M is; x is re-read by every warp from cache.
 
 use crate::gpu::{self, F4};
-use crate::params::{GemvParams, GemvV2Params, NF4_BLOCK, NF4_CODE};
+use crate::params::{GemvParams, GemvV2Params, GEMV_ACCUMULATE, NF4_BLOCK, NF4_CODE};
+use crate::reduce::block_all_reduce;
+use crate::rms_norm::Sum;
 
 /// A weight storage format: element (row, k) as f32.
 pub trait WeightFormat {
@@ -91,6 +93,21 @@ pub unsafe fn gemv<W: WeightFormat, const MT: usize>(p: &GemvParams) {
             gpu::st(p.y, r * p.out_features as usize + row as usize, *a);
         }
     }
+}
+
+/// Writes output `i`: y[i] = v, or y[i] + v under [`GEMV_ACCUMULATE`] (in that order: the residual
+/// stream plus the projection, as a separate add would compute it).
+///
+/// # Safety
+/// `i` is inside y, and this thread is the only one touching y[i] in the launch.
+#[inline(always)]
+unsafe fn store_y(p: &GemvParams, i: usize, v: f32) {
+    let v = if p.flags & GEMV_ACCUMULATE != 0 {
+        gpu::ld(p.y as *const f32, i) + v
+    } else {
+        v
+    };
+    gpu::st(p.y, i, v);
 }
 
 /// Dispatch tiles: the smallest of 1, 2, 4, 8, 16 covering `m`.
@@ -328,7 +345,7 @@ unsafe fn merge_splits(
                 s += gpu::ld(partials, (k * m + mm) * out + row);
                 k += 1;
             }
-            gpu::st(p.y, mm * out + row, s);
+            store_y(p, mm * out + row, s);
         }
         i += gpu::block_dim_x() as usize;
     }
@@ -367,7 +384,7 @@ unsafe fn put(
     let p = &p2.base;
     let out = p.out_features as usize;
     if p2.ksplits <= 1 {
-        gpu::st(p.y, mm * out + row, v);
+        store_y(p, mm * out + row, v);
     } else {
         let partials = p2
             .workspace
@@ -790,6 +807,37 @@ pub const V3_WARPS: u32 = 8;
 pub const V3_ROWS_PER_WARP: u32 = 4;
 /// v3: the smallest split of K (elements); every lane then has at least two FP16 vectors a row.
 pub const V3_MIN_SPLIT: u32 = 512;
+/// The head of v3's and v4's dynamic shared memory: the merge's flag (16 bytes), then the norm's
+/// block reduction (one f32 per warp) for the `_norm` entries.
+pub const M1_HEAD_BYTES: usize = 16 + V3_WARPS as usize * 4;
+
+/// The scale 1 / √(mean(x²) + eps) of the `_norm` entries' x, computed as `rms_norm_f32` computes it
+/// at v3's block size (its launch's): each thread's strided sum of squares over 16-byte vectors,
+/// then the block reduction in a fixed order — so the normalised x is the one that kernel would
+/// have written, bit for bit, and every block of the launch gets the same scale.
+///
+/// # Safety
+/// Every thread of the block calls it (two barriers); x holds `in_features` f32, 16-byte aligned,
+/// `in_features` a multiple of 4; `head` is the block's dynamic shared memory ([`M1_HEAD_BYTES`]).
+#[inline(always)]
+unsafe fn norm_scale(p2: &GemvV2Params, head: *mut u32) -> f32 {
+    let inp = p2.base.in_features;
+    let vecs = (inp / 4) as usize;
+    let x = p2.base.x as *const F4;
+    let block = gpu::block_dim_x() as usize;
+    let mut ss = 0f32;
+    let mut v = gpu::thread_idx_x() as usize;
+    while v < vecs {
+        let a: F4 = gpu::ld(x, v);
+        crate::unroll!(j in 0..4 => {
+            ss += a.0[j] * a.0[j];
+        });
+        v += block;
+    }
+    let scratch = (head as *mut u8).wrapping_add(16) as *mut Sum;
+    let total = block_all_reduce(Sum(ss), (), scratch).0;
+    1.0 / gpu::sqrt_rn(total / inp as f32 + p2.eps)
+}
 
 /// Plans a v3 GEMV: the streaming kernel for `m == 1` when `inp` is a multiple of 64 (every
 /// 16-byte vector then aligned, and no head or tail), v2's plan otherwise. K is split so the grid
@@ -816,7 +864,7 @@ pub fn plan_v3(format: u32, out: u32, inp: u32, m: u32, sm_count: u32) -> GemvPl
         kt,
         grid: row_tiles * ksplits,
         block: V3_WARPS * 32,
-        shared_bytes: 16,
+        shared_bytes: M1_HEAD_BYTES,
         workspace_bytes: if ksplits == 1 {
             0
         } else {
@@ -833,19 +881,22 @@ fn i8_as_f32(word_xor80: u32, q: u32) -> f32 {
     f32::from_bits(((word_xor80 >> (8 * q)) & 0xff) | 0x4B00_0000) - 8_388_736.0
 }
 
-/// The v3 kernel body (M = 1).
+/// The v3 kernel body (M = 1); with `NORM`, x normalised on the way in (see [`norm_scale`]).
 ///
 /// # Safety
-/// v2's buffers with `m == 1`, `in_features` a multiple of 64, x 16-byte aligned; the workspace
-/// as [`plan_v3`] sizes it (counters zero); the plan's launch shape.
+/// v2's buffers with `m == 1`, `in_features` a multiple of 64, x 16-byte aligned (with `NORM`,
+/// the gains `[in]` too); the workspace as [`plan_v3`] sizes it (counters zero); the plan's launch
+/// shape.
 #[inline(always)]
-pub unsafe fn gemv_v3<W: FormatV2>(p2: &GemvV2Params) {
+pub unsafe fn gemv_v3<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
     let p = &p2.base;
     let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
     let kdim = p.in_features as usize;
     let Some((tile, split, k0, k1)) = block_split(p2) else {
         return;
     };
+    let flag = gpu::dynamic_shared::<u32>();
+    let inv = if NORM { norm_scale(p2, flag) } else { 1.0 };
     let vec = W::VEC as usize;
     // k0 and k1 are multiples of 64, so of every VEC.
     let nvec = (k1 - k0) / vec;
@@ -878,6 +929,24 @@ pub unsafe fn gemv_v3<W: FormatV2>(p2: &GemvV2Params) {
                 });
             }
         });
+        if NORM {
+            // x · inv · gain, as `rms_norm_f32` writes it; the gains' loads follow the weights'.
+            crate::unroll!(u in 0..2 => {
+                let v = v0 + u * 32 + lane;
+                if u < unroll && v < nvec {
+                    let k = k0 + v * vec;
+                    crate::unroll!(q in 0..8 => {
+                        if q < vec / 4 {
+                            let g = gpu::ld_v4(p2.norm, k + 4 * q);
+                            crate::unroll!(i in 0..4 => {
+                                let xn = f32::from_bits(xv[u][q][i]) * inv * f32::from_bits(g[i]);
+                                xv[u][q][i] = xn.to_bits();
+                            });
+                        }
+                    });
+                }
+            });
+        }
         crate::unroll!(u in 0..2 => {
             if u < unroll {
                 let v = v0 + u * 32 + lane;
@@ -935,7 +1004,6 @@ pub unsafe fn gemv_v3<W: FormatV2>(p2: &GemvV2Params) {
             scale[r] = gpu::ld_nc(p.scales, row0 + r);
         }
     });
-    let flag = gpu::dynamic_shared::<u32>();
     finish_rows(p2, tile, split, row0, acc, scale, flag);
 }
 
@@ -977,21 +1045,24 @@ unsafe fn finish_rows(
 
 /// The M = 1 entry points: each a body (`gemv_v3` or `gemv_v4`) for one format.
 macro_rules! entries_m1 {
-    ($($name:ident: $body:ident, $fmt:ty;)*) => {$(
+    ($($name:ident: $body:ident, $fmt:ty, $norm:literal;)*) => {$(
         /// # Safety
         /// See the body's (`gemv_v3` / `gemv_v4`).
         #[cfg(target_arch = "nvptx64")]
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(p: GemvV2Params) {
-            $body::<$fmt>(&p)
+            $body::<$fmt, $norm>(&p)
         }
     )*};
 }
 
 entries_m1! {
-    gemv_v3_fp16: gemv_v3, Fp16;
-    gemv_v3_int8: gemv_v3, Int8;
-    gemv_v3_nf4: gemv_v3, Nf4;
+    gemv_v3_fp16: gemv_v3, Fp16, false;
+    gemv_v3_int8: gemv_v3, Int8, false;
+    gemv_v3_nf4: gemv_v3, Nf4, false;
+    gemv_v3_fp16_norm: gemv_v3, Fp16, true;
+    gemv_v3_int8_norm: gemv_v3, Int8, true;
+    gemv_v3_nf4_norm: gemv_v3, Nf4, true;
 }
 
 // =============================================================================================
@@ -1035,16 +1106,16 @@ pub fn plan_v4(format: u32, out: u32, inp: u32, m: u32, sm_count: u32) -> GemvPl
     p
 }
 
-/// v4's dynamic shared memory for a split of `kt` elements: the merge's flag (16 bytes), the x
-/// scales (one f32 per 32, padded to 16 bytes), then the x codes (one byte each, 16-byte aligned
-/// for 16-byte reads).
+/// v4's dynamic shared memory for a split of `kt` elements: v3's head ([`M1_HEAD_BYTES`]: the
+/// merge's flag, the norm's reduction), the x scales (one f32 per 32, padded to 16 bytes), then the
+/// x codes (one byte each, 16-byte aligned for 16-byte reads).
 pub const fn v4_shared_bytes(kt: u32) -> usize {
     v4_codes_offset(kt) + kt as usize
 }
 
 /// Byte offset of the x codes in v4's shared memory.
 pub const fn v4_codes_offset(kt: u32) -> usize {
-    16 + ((kt as usize / 32) * 4).div_ceil(16) * 16
+    M1_HEAD_BYTES + ((kt as usize / 32) * 4).div_ceil(16) * 16
 }
 
 /// x rounded half away from zero (as `f32::round`, which `core` lacks): the truncation plus one
@@ -1100,13 +1171,14 @@ fn words(v: F4) -> [u32; 4] {
     ]
 }
 
-/// The v4 kernel body (M = 1; `W` INT8 or NF4).
+/// The v4 kernel body (M = 1; `W` INT8 or NF4); with `NORM`, x normalised before it is quantised
+/// (see [`norm_scale`]).
 ///
 /// # Safety
 /// v3's buffers and layout, `W` INT8 or NF4, the dynamic shared memory [`v4_shared_bytes`] of the
 /// plan's `kt`; the workspace as [`plan_v4`] sizes it (counters zero); the plan's launch shape.
 #[inline(always)]
-pub unsafe fn gemv_v4<W: FormatV2>(p2: &GemvV2Params) {
+pub unsafe fn gemv_v4<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
     let p = &p2.base;
     let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
     let kdim = p.in_features as usize;
@@ -1118,14 +1190,18 @@ pub unsafe fn gemv_v4<W: FormatV2>(p2: &GemvV2Params) {
     let nf4 = W::VEC == 32;
     // Shared memory: flag, x scales, x codes (see `v4_shared_bytes`).
     let flag = gpu::dynamic_shared::<u32>();
-    let xd = (flag as *mut u8).wrapping_add(16) as *mut f32;
+    let xd = (flag as *mut u8).wrapping_add(M1_HEAD_BYTES) as *mut f32;
     let xq = (flag as *mut u8).wrapping_add(v4_codes_offset(p2.kt));
+    let inv = if NORM { norm_scale(p2, flag) } else { 1.0 };
     // Quantise x[k0..k1) per 32: one group per warp at a time, a lane per element. NF4 stores each
     // pair of codes swapped, the order its nibbles decode in.
     let groups = (k1 - k0) / 32;
     let mut g = warp;
     while g < groups {
-        let v = gpu::ld_nc(p.x, k0 + 32 * g + lane);
+        let mut v = gpu::ld_nc(p.x, k0 + 32 * g + lane);
+        if NORM {
+            v = v * inv * gpu::ld_nc(p2.norm, k0 + 32 * g + lane); // `rms_norm_f32`'s x · inv · gain
+        }
         let mut a = if v < 0.0 { -v } else { v };
         let mut mask = 16;
         while mask > 0 {
@@ -1218,8 +1294,10 @@ pub unsafe fn gemv_v4<W: FormatV2>(p2: &GemvV2Params) {
 }
 
 entries_m1! {
-    gemv_v4_int8: gemv_v4, Int8;
-    gemv_v4_nf4: gemv_v4, Nf4;
+    gemv_v4_int8: gemv_v4, Int8, false;
+    gemv_v4_nf4: gemv_v4, Nf4, false;
+    gemv_v4_int8_norm: gemv_v4, Int8, true;
+    gemv_v4_nf4_norm: gemv_v4, Nf4, true;
 }
 
 macro_rules! entries_v2 {

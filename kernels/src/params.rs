@@ -557,8 +557,16 @@ pub struct GemvParams {
     pub in_features: u32,
     /// Rows of x (1 ≤ m ≤ the entry point's tile, at most 16).
     pub m: u32,
-    pub _pad: u32,
+    /// [`GEMV_ACCUMULATE`] or 0: honoured by the v2, tensor-core, v3 and v4 kernels; v1 (the
+    /// oracle) always writes y = x · Wᵀ.
+    pub flags: u32,
 }
+
+/// `GemvParams::flags`: y += x · Wᵀ instead of y = x · Wᵀ — a projection adds itself into the
+/// residual stream, so no separate add (and no launch for it) is needed. Each output is read and
+/// written by the one thread that writes it, after the product (and, with a split K, after the
+/// merge of the splits), so the add is y + product in that order whatever the schedule.
+pub const GEMV_ACCUMULATE: u32 = 1;
 
 // SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
 unsafe impl Send for GemvParams {}
@@ -639,9 +647,10 @@ unsafe impl Sync for VerifyV2Params {}
 const _: () = assert!(core::mem::size_of::<VerifyV2Params>() == 168);
 
 /// Parameters of the v2 GEMV kernels (`gemv_v2_{fp16,int8,nf4}_m{1,2,4,8,16}` on CUDA cores,
-/// `gemv_tc_{fp16,int8,nf4}_n{8,16}` on tensor cores), passed by value: v1's buffers and shapes,
-/// plus the split of K across blocks and the workspace the splits' partial sums meet in.
-/// `speckv_kernels::gemv::plan_v2` chooses the kernel, the grid and `kt`.
+/// `gemv_tc_{fp16,int8,nf4}_n{8,16}` on tensor cores) and of v3 / v4 (`gemv_v3_*`, `gemv_v4_*`,
+/// with or without `_norm`), passed by value: v1's buffers and shapes, plus the split of K across
+/// blocks and the workspace the splits' partial sums meet in, plus the `_norm` entries' gains.
+/// `speckv_kernels::gemv::plan_v2` / `plan_v3` / `plan_v4` choose the kernel, the grid and `kt`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct GemvV2Params {
@@ -653,13 +662,19 @@ pub struct GemvV2Params {
     pub ksplits: u32,
     /// Elements of K per split (a multiple of 64).
     pub kt: u32,
+    /// The `_norm` entry points of v3 and v4 only: RMSNorm gains `[in]`; x is read as
+    /// x / √(mean(x²) + `eps`) · gains (`rms_norm_f32`'s arithmetic, same order), so the norm in
+    /// front of a projection needs no launch of its own. Null (and unread) for every other entry.
+    pub norm: *const f32,
+    pub eps: f32,
+    pub _pad: u32,
 }
 
 // SAFETY: plain addresses and sizes, as for `SoftmaxStatsParams`.
 unsafe impl Send for GemvV2Params {}
 unsafe impl Sync for GemvV2Params {}
 
-const _: () = assert!(core::mem::size_of::<GemvV2Params>() == 64);
+const _: () = assert!(core::mem::size_of::<GemvV2Params>() == 80);
 
 // ---------------------------------------------------------------------------------------------
 // The forward pass of a llama / qwen2 decoder (`rms_norm`, `embed`, `qkv_rope`, `attention`,

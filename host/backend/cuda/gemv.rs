@@ -8,6 +8,7 @@ use speckv_kernels::params::{GemvParams, GemvV2Params};
 
 use super::{ByValue, CudaBackend, KernelFn};
 use crate::error::{Error, Result};
+use crate::weights::gemv::{check_norm, Fusion};
 use crate::weights::quant::{Format, QMatrix};
 
 /// Block size of GEMV launches (four output rows per block, one warp each).
@@ -123,7 +124,7 @@ impl CudaBackend {
 
     /// y `[m, out]` = x · Wᵀ on device buffers by the v4 plan's kernel (what the forward pass
     /// launches), with `ws` as its workspace ([`CudaBackend::gemv_workspace_bytes`], zeroed once:
-    /// every launch leaves it zeroed).
+    /// every launch leaves it zeroed), and `fusion`'s norm in front and add into y.
     pub fn launch_gemv_into(
         &self,
         d: &DeviceMatrix,
@@ -131,8 +132,9 @@ impl CudaBackend {
         y: &mut cudarc::driver::CudaSlice<f32>,
         m: usize,
         ws: &mut cudarc::driver::CudaSlice<u8>,
+        fusion: Fusion<&cudarc::driver::CudaSlice<f32>>,
     ) -> Result<()> {
-        self.launch_gemv_planned(d, x, y, m, ws, GemvVersion::V4)
+        self.launch_gemv_planned(d, x, y, m, ws, GemvVersion::V4, fusion)
     }
 
     /// Workspace bytes the v4 GEMV of `d` (what [`CudaBackend::launch_gemv_into`] launches) needs
@@ -169,7 +171,7 @@ impl CudaBackend {
             out_features: d.out as u32,
             in_features: d.inp as u32,
             m: m as u32,
-            _pad: 0,
+            flags: 0,
         };
         let tile = speckv_kernels::gemv::tile_for(m as u32).unwrap_or(16);
         let cfg = LaunchConfig {
@@ -185,8 +187,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The v2, v3 or v4 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's size).
-    fn launch_gemv_planned(
+    /// The v2, v3 or v4 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's
+    /// size), and `fusion`'s norm and add.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_gemv_planned(
         &self,
         d: &DeviceMatrix,
         x: &cudarc::driver::CudaSlice<f32>,
@@ -194,6 +198,7 @@ impl CudaBackend {
         m: usize,
         ws: &mut cudarc::driver::CudaSlice<u8>,
         version: GemvVersion,
+        fusion: Fusion<&cudarc::driver::CudaSlice<f32>>,
     ) -> Result<()> {
         if m == 0 || m > crate::weights::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
             return Err(Error::Other(format!(
@@ -201,7 +206,23 @@ impl CudaBackend {
                 d.out, d.inp
             )));
         }
-        let (_, plan) = plan_for(version, d, m, self.sm_count);
+        let (f, o, i, mm) = (d.format, d.out as u32, d.inp as u32, m as u32);
+        let plan = match fusion.norm {
+            None => version.plan(f, o, i, mm, self.sm_count).1,
+            Some((g, eps)) => {
+                check_norm(g.len(), d.inp, eps)?;
+                version
+                    .plan_norm(f, o, i, mm, self.sm_count)
+                    .ok_or_else(|| {
+                        Error::Unsupported(format!(
+                            "a norm fused into gemv {version:?} at M = {m}, K = {}: only v3 and \
+                             v4 at M = 1 with K a multiple of 64 have that prologue",
+                            d.inp
+                        ))
+                    })?
+                    .1
+            }
+        };
         if ws.len() < plan.workspace_bytes {
             return Err(Error::Other(
                 "gemv: workspace smaller than the plan's".to_string(),
@@ -213,6 +234,7 @@ impl CudaBackend {
         let (xp, _g2) = x.device_ptr(st);
         let (yp, _g3) = y.device_ptr_mut(st);
         let (wsp, _g4) = ws.device_ptr_mut(st);
+        let (np, _g5) = super::ptr_or_null(fusion.norm.map(|(g, _)| g), st);
         let params = GemvV2Params {
             base: GemvParams {
                 weight: w as *const u8,
@@ -222,17 +244,24 @@ impl CudaBackend {
                 out_features: d.out as u32,
                 in_features: d.inp as u32,
                 m: m as u32,
-                _pad: 0,
+                flags: fusion.flags(),
             },
             workspace: wsp as *mut u8,
             ksplits: plan.ksplits,
             kt: plan.kt,
+            norm: np as *const f32,
+            eps: fusion.norm.map_or(0.0, |(_, e)| e),
+            _pad: 0,
         };
+        let norm = fusion.norm.is_some();
         let f = match plan.path {
             PathV2::Cores { mt } => KernelFn::GemvV2(d.format, mt),
             PathV2::Tensor { nt } => KernelFn::GemvTc(d.format, nt),
+            PathV2::Stream if norm => KernelFn::GemvV3Norm(d.format),
             PathV2::Stream => KernelFn::GemvV3(d.format),
             PathV2::Integer => match d.format {
+                Format::Int8 if norm => KernelFn::GemvV4Int8Norm,
+                Format::Nf4 if norm => KernelFn::GemvV4Nf4Norm,
                 Format::Int8 => KernelFn::GemvV4Int8,
                 Format::Nf4 => KernelFn::GemvV4Nf4,
                 Format::Fp16 => {
@@ -309,9 +338,45 @@ impl CudaBackend {
             GemvVersion::V1 => self.launch_gemv(d, &dx, &mut dy, m)?,
             GemvVersion::V2 | GemvVersion::V3 | GemvVersion::V4 => {
                 let mut ws = self.gemv_workspace(d, m, version)?;
-                self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version)?;
+                self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version, Fusion::NONE)?;
             }
         }
+        Ok(self.stream.clone_dtoh(&dy)?)
+    }
+
+    /// y0 `[m, out]` updated as `fusion` says (x normalised by its gains first, the product added
+    /// to y0 or replacing it) by `version`'s plan, for host buffers: the forward pass's fused
+    /// launches, checked against the emulator's.
+    pub fn gemv_fused(
+        &self,
+        d: &DeviceMatrix,
+        x: &[f32],
+        y0: &[f32],
+        m: usize,
+        version: GemvVersion,
+        fusion: Fusion<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        if x.len() != m * d.inp || y0.len() != m * d.out {
+            return Err(Error::Other(format!(
+                "gemv: x of {} and y of {} do not fit M = {m} and the {}×{} matrix",
+                x.len(),
+                y0.len(),
+                d.out,
+                d.inp
+            )));
+        }
+        let dx = self.stream.clone_htod(x)?;
+        let mut dy = self.stream.clone_htod(y0)?;
+        let gains = match fusion.norm {
+            Some((g, _)) => Some(self.stream.clone_htod(g)?),
+            None => None,
+        };
+        let on_device = Fusion {
+            norm: gains.as_ref().zip(fusion.norm.map(|(_, e)| e)),
+            accumulate: fusion.accumulate,
+        };
+        let mut ws = self.gemv_workspace(d, m, version)?;
+        self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version, on_device)?;
         Ok(self.stream.clone_dtoh(&dy)?)
     }
 
@@ -330,7 +395,7 @@ impl CudaBackend {
             GemvVersion::V2 | GemvVersion::V3 | GemvVersion::V4 => {
                 let mut ws = self.gemv_workspace(d, m, version)?;
                 self.time_cold(iters, || {
-                    self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version)
+                    self.launch_gemv_planned(d, &dx, &mut dy, m, &mut ws, version, Fusion::NONE)
                 })
             }
         }

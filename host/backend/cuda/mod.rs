@@ -55,6 +55,12 @@ pub enum KernelFn {
     GemvV4Int8,
     /// v4, NF4 at M = 1 by integer dot products.
     GemvV4Nf4,
+    /// v3 with the RMSNorm of x in front (`_norm`): weight format.
+    GemvV3Norm(Format),
+    /// v4 INT8 with the RMSNorm of x in front.
+    GemvV4Int8Norm,
+    /// v4 NF4 with the RMSNorm of x in front.
+    GemvV4Nf4Norm,
     Embed,
     RmsNorm,
     QkvRope,
@@ -66,7 +72,7 @@ pub enum KernelFn {
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 72] = [
+    pub const ALL: [KernelFn; 77] = [
         KernelFn::GemvV2(Format::Fp16, 1),
         KernelFn::GemvV2(Format::Fp16, 2),
         KernelFn::GemvV2(Format::Fp16, 4),
@@ -93,6 +99,11 @@ impl KernelFn {
         KernelFn::GemvV3(Format::Nf4),
         KernelFn::GemvV4Int8,
         KernelFn::GemvV4Nf4,
+        KernelFn::GemvV3Norm(Format::Fp16),
+        KernelFn::GemvV3Norm(Format::Int8),
+        KernelFn::GemvV3Norm(Format::Nf4),
+        KernelFn::GemvV4Int8Norm,
+        KernelFn::GemvV4Nf4Norm,
         KernelFn::VerifyV2Rows(Dtype::F32),
         KernelFn::VerifyV2Rows(Dtype::F16),
         KernelFn::VerifyV2Rows(Dtype::Bf16),
@@ -197,6 +208,11 @@ impl KernelFn {
             KernelFn::GemvV3(Format::Nf4) => "gemv_v3_nf4",
             KernelFn::GemvV4Int8 => "gemv_v4_int8",
             KernelFn::GemvV4Nf4 => "gemv_v4_nf4",
+            KernelFn::GemvV3Norm(Format::Fp16) => "gemv_v3_fp16_norm",
+            KernelFn::GemvV3Norm(Format::Int8) => "gemv_v3_int8_norm",
+            KernelFn::GemvV3Norm(Format::Nf4) => "gemv_v3_nf4_norm",
+            KernelFn::GemvV4Int8Norm => "gemv_v4_int8_norm",
+            KernelFn::GemvV4Nf4Norm => "gemv_v4_nf4_norm",
             KernelFn::GemvTc(f, nt) => match (f, nt) {
                 (Format::Fp16, 1) => "gemv_tc_fp16_n8",
                 (Format::Fp16, _) => "gemv_tc_fp16_n16",

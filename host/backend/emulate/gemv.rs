@@ -1,13 +1,16 @@
-//! The GEMV, v1 and v2, on the emulator.
+//! The GEMV on the emulator: v1, and v2 / v3 / v4 by their plans (with the forward pass's fusions).
 
 use speckv_kernels::emu::{self, Launch};
 use speckv_kernels::gemv::{self as gemv_kernel, Fp16, Int8, Nf4};
 
 use super::Emulator;
+use crate::backend::forward::AlignedF32;
 use crate::error::{Error, Result};
 use crate::plan::GemvVersion;
 use crate::stats::check_block;
-use crate::weights::gemv::{check as check_gemv, params as gemv_params, raw, MAX_M};
+use crate::weights::gemv::{
+    check as check_gemv, check_norm, params as gemv_params, raw, Fusion, MAX_M,
+};
 use crate::weights::quant::QMatrix;
 
 impl Emulator {
@@ -97,44 +100,88 @@ impl Emulator {
         sm_count: u32,
         version: GemvVersion,
     ) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; m * w.shape().0];
+        self.gemv_into(w, x, &mut y, m, sm_count, version, Fusion::NONE)?;
+        Ok(y)
+    }
+
+    /// y `[m, out]` = x · Wᵀ (or y + x · Wᵀ, and x normalised first, as `fusion` says) by
+    /// `version`'s plan: what the device forward pass launches for each projection.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_into(
+        &self,
+        w: &QMatrix,
+        x: &[f32],
+        y: &mut [f32],
+        m: usize,
+        sm_count: u32,
+        version: GemvVersion,
+        fusion: Fusion<&[f32]>,
+    ) -> Result<()> {
         use speckv_kernels::gemv::PathV2;
         check_gemv(w, x, m)?;
         let (out, inp) = w.shape();
+        if y.len() != m * out {
+            return Err(Error::Length {
+                what: "y",
+                got: y.len(),
+                expected: m * out,
+            });
+        }
         let (wb, scales) = raw(w);
         if !(wb.as_ptr() as usize).is_multiple_of(16) {
             return Err(Error::Other(
                 "weights must be 16-byte aligned for v2".to_string(),
             ));
         }
-        let (lp, plan) = version.plan(w.format(), out as u32, inp as u32, m as u32, sm_count);
+        let (f, i, mm) = (w.format(), inp as u32, m as u32);
+        let (lp, plan) = match fusion.norm {
+            None => version.plan(f, out as u32, i, mm, sm_count),
+            Some((g, eps)) => {
+                check_norm(g.len(), inp, eps)?;
+                version
+                    .plan_norm(f, out as u32, i, mm, sm_count)
+                    .ok_or_else(|| {
+                        Error::Unsupported(format!(
+                        "a norm fused into gemv {version:?} at M = {m}, K = {inp}: only v3 and v4 \
+                         at M = 1 with K a multiple of 64 have that prologue"
+                    ))
+                    })?
+            }
+        };
         if plan.path == PathV2::Integer && w.format() == crate::weights::quant::Format::Fp16 {
             return Err(Error::Other(
                 "gemv v4: FP16 has no integer kernel".to_string(),
             ));
         }
-        // v3 reads x in 16-byte loads: a slice that is not 16-byte aligned is copied into one that
-        // is (a device buffer is always aligned).
-        let x_aligned: Vec<[f32; 4]>;
-        let x = if plan.path == PathV2::Stream && !(x.as_ptr() as usize).is_multiple_of(16) {
-            let mut v = vec![[0f32; 4]; x.len().div_ceil(4)];
-            bytemuck::cast_slice_mut::<[f32; 4], f32>(&mut v)[..x.len()].copy_from_slice(x);
-            x_aligned = v;
-            &bytemuck::cast_slice::<[f32; 4], f32>(&x_aligned)[..x.len()]
-        } else {
-            x
+        // v3 and v4 read x and the gains in 16-byte loads: a slice that is not 16-byte aligned is
+        // copied into one that is (a device buffer is always aligned).
+        let copy = |v: &[f32]| {
+            (!(v.as_ptr() as usize).is_multiple_of(16)).then(|| AlignedF32::from_slice(v))
         };
-        emu::launch_schedules(
+        let x_copy = copy(x);
+        let x = x_copy.as_ref().map_or(x, |a| a.as_slice());
+        let g_copy = fusion.norm.and_then(|(g, _)| copy(g));
+        let norm = fusion
+            .norm
+            .map(|(g, eps)| (g_copy.as_ref().map_or(g, |a| a.as_slice()), eps));
+        let y0: &[f32] = y;
+        let result = emu::launch_schedules(
             &lp.entry,
             |seed| {
-                let mut y = vec![0f32; m * out];
+                let mut y = y0.to_vec();
                 let mut ws = vec![0u32; plan.workspace_bytes.div_ceil(4).max(4)];
                 let sp = scales.map(|s| s.as_ptr()).unwrap_or(std::ptr::null());
-                let base = gemv_params(w, m, wb.as_ptr(), sp, x.as_ptr(), y.as_mut_ptr());
+                let mut base = gemv_params(w, m, wb.as_ptr(), sp, x.as_ptr(), y.as_mut_ptr());
+                base.flags = fusion.flags();
                 let p2 = speckv_kernels::params::GemvV2Params {
                     base,
                     workspace: ws.as_mut_ptr() as *mut u8,
                     ksplits: plan.ksplits,
                     kt: plan.kt,
+                    norm: norm.map_or(std::ptr::null(), |(g, _)| g.as_ptr()),
+                    eps: norm.map_or(0.0, |(_, e)| e),
+                    _pad: 0,
                 };
                 let mut l =
                     Launch::new(lp.entry.as_str(), plan.grid, plan.block, plan.shared_bytes)
@@ -147,6 +194,10 @@ impl Emulator {
                 if let Some(s) = scales {
                     l = l.input("scales", s);
                 }
+                if let Some((g, _)) = norm {
+                    l = l.input("norm", g);
+                }
+                let fused = norm.is_some();
                 macro_rules! cores {
                     ($fmt:ty) => {
                         match plan.path {
@@ -171,12 +222,18 @@ impl Emulator {
                             PathV2::Tensor { .. } => {
                                 emu::launch_checked(&l, || gemv_kernel::gemv_tc::<$fmt, 2>(&p2))
                             }
+                            PathV2::Stream if fused => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt, true>(&p2))
+                            }
                             PathV2::Stream => {
-                                emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt>(&p2))
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt, false>(&p2))
                             }
                             // INT8 and NF4 only (FP16 refused above).
+                            PathV2::Integer if fused => {
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v4::<$fmt, true>(&p2))
+                            }
                             PathV2::Integer => {
-                                emu::launch_checked(&l, || gemv_kernel::gemv_v4::<$fmt>(&p2))
+                                emu::launch_checked(&l, || gemv_kernel::gemv_v4::<$fmt, false>(&p2))
                             }
                         }
                     };
@@ -201,6 +258,8 @@ impl Emulator {
             },
             |y| bytemuck::cast_slice::<f32, u8>(y).to_vec(),
         )
-        .map_err(Error::from)
+        .map_err(Error::from)?;
+        y.copy_from_slice(&result);
+        Ok(())
     }
 }

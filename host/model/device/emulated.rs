@@ -6,14 +6,16 @@ use std::collections::HashMap;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use super::{check_vocab, forward_chunks, resident_chunks, Act, DeviceView, Op, SeqState};
+use super::{check_vocab, forward_chunks, resident_chunks, Act, DeviceView, Lin, Op, SeqState};
 use crate::backend::emulate::{Emulator, Stop};
 use crate::backend::forward::{AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
 use crate::model::pass::{check_stats_call, fixed_capacity, resident_next_token, DraftStop, Pass};
 use crate::model::{Config, Model};
+use crate::plan::GemvVersion;
 use crate::stats::{Logits, LogitsData, StatsOptions};
 use crate::verify::{VerifyBatch, VerifyOutput, VerifyStep};
+use crate::weights::gemv::Fusion;
 
 /// A model's decode state on the emulator: activations, KV cache, cache length — of one sequence,
 /// or of a batch stepped together ([`EmulatedForward::new_batch`]).
@@ -195,8 +197,9 @@ impl<'m> EmulatedForward<'m> {
     /// One chunk of at most 16 rows through the program: m positions of every sequence.
     fn chunk(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
         let m = self.seq.check_batch(tokens.len())?;
-        for k in 0..self.seq.program(logits).len() {
-            let op = self.seq.program(logits)[k];
+        let shape = self.view.shape;
+        for k in 0..self.seq.program(&shape, tokens.len(), logits).len() {
+            let op = self.seq.program(&shape, tokens.len(), logits)[k];
             self.run(op, tokens)?;
         }
         self.seq.advance(m);
@@ -206,6 +209,23 @@ impl<'m> EmulatedForward<'m> {
     /// The first `m` rows of an activation buffer.
     fn rows(&self, a: Act, m: usize) -> &[f32] {
         rows(&self.acts, a, m, &self.view.shape)
+    }
+
+    /// One projection by the v4 plan (what CUDA launches), y's rows as `fusion` leaves them.
+    fn gemv(&mut self, w: Lin, x: Act, y: Act, m: usize, fusion: Fusion<&[f32]>) -> Result<()> {
+        let q = self.view.matrix(w)?;
+        let mut out = self.rows(y, m).to_vec();
+        let (x, sm) = (self.rows(x, m), self.sm_count);
+        self.emu
+            .gemv_into(q, x, &mut out, m, sm, GemvVersion::V4, fusion)?;
+        self.put(y, &out);
+        Ok(())
+    }
+
+    /// Runs one-row steps unfused (each norm its own launch) when `on` is false: the fused program
+    /// is checked against it.
+    pub fn set_fusion(&mut self, on: bool) {
+        self.seq.fuse = on;
     }
 
     fn put(&mut self, a: Act, v: &[f32]) {
@@ -222,23 +242,31 @@ impl<'m> EmulatedForward<'m> {
                 let x = self.emu.embed(self.view.embed_table(), s.hidden, tokens)?;
                 self.put(Act::X, &x);
             }
-            Op::RmsNorm { norm, residual } => {
+            Op::RmsNorm { norm } => {
                 let w = self.view.norm(norm)?;
-                let r = if residual {
-                    Some(self.rows(Act::O, m))
-                } else {
-                    None
-                };
-                let (x, xn) = self
+                let (_, xn) = self
                     .emu
-                    .rms_norm(self.rows(Act::X, m), r, w, self.view.eps())?;
-                self.put(Act::X, &x);
+                    .rms_norm(self.rows(Act::X, m), None, w, self.view.eps())?;
                 self.put(Act::Xn, &xn);
             }
-            Op::Gemv { w, x, y } => {
-                let q = self.view.matrix(w)?;
-                let out = self.emu.gemv_v4(q, self.rows(x, m), m, self.sm_count)?;
-                self.put(y, &out);
+            Op::Gemv {
+                w,
+                x,
+                y,
+                accumulate,
+            } => {
+                let fusion = Fusion {
+                    norm: None,
+                    accumulate,
+                };
+                self.gemv(w, x, y, m, fusion)?;
+            }
+            Op::NormGemv { norm, w, y } => {
+                let fusion = Fusion {
+                    norm: Some((self.view.norm(norm)?, self.view.eps())),
+                    accumulate: false,
+                };
+                self.gemv(w, Act::X, y, m, fusion)?;
             }
             Op::QkvRope { layer } => {
                 let q = self.emu.qkv_rope_batch(

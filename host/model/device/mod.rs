@@ -1,8 +1,13 @@
-//! The forward pass as the GPU runs it: a program of kernel launches (`embed`, `rms_norm` with the
-//! residual add, the v2 GEMV of every projection, `qkv_rope`, `attention`, `silu_mul`, the LM head)
-//! over activation buffers and a KV cache that live on the device, the cache length in device
-//! memory. The program is one list shared by every executor — the emulator's ([`emulated`]) and
-//! CUDA's — so what the tests check on the CPU is the sequence of launches the GPU runs.
+//! The forward pass as the GPU runs it: a program of kernel launches (`embed`, `rms_norm`, the
+//! GEMV of every projection — the attention output and down projections adding themselves into the
+//! residual stream — `qkv_rope`, `attention`, `silu_mul`, the LM head) over activation buffers and
+//! a KV cache that live on the device, the cache length in device memory. The program is one list
+//! shared by every executor — the emulator's ([`emulated`]) and CUDA's — so what the tests check on
+//! the CPU is the sequence of launches the GPU runs.
+//!
+//! A decode step of one row fuses each norm into the GEMV that reads it (v3 / v4's `_norm`
+//! entries): 57 fewer launches of one block each for a 28-layer model. Larger steps keep the norm
+//! as its own launch; both programs compute the same bits (see `rms_norm` and `gemv`).
 //!
 //! The model's linear layers must be in a speckv regime (FP16, INT8 or NF4): GGUF's own blocks
 //! have CPU kernels only.
@@ -26,16 +31,14 @@ pub(crate) use seq::{check_vocab, forward_chunks, resident_chunks, SeqState};
 /// An activation buffer of the step (`[m, width]` f32, m ≤ 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Act {
-    /// The residual stream.
+    /// The residual stream (the attention output and down projections add into it).
     X,
-    /// Its normalised copy, the input of the projections.
+    /// Its normalised copy, the input of the projections (unused by a fused program).
     Xn,
     Qkv,
     Q,
     /// Attention output, by position.
     Att,
-    /// Output of the attention and down projections (added into X by the next norm).
-    O,
     /// Fused gate / up projection.
     Gu,
     /// silu(gate) · up.
@@ -44,13 +47,12 @@ pub enum Act {
 }
 
 impl Act {
-    pub const ALL: [Act; 9] = [
+    pub const ALL: [Act; 8] = [
         Act::X,
         Act::Xn,
         Act::Qkv,
         Act::Q,
         Act::Att,
-        Act::O,
         Act::Gu,
         Act::Ffn,
         Act::Logits,
@@ -58,7 +60,7 @@ impl Act {
     /// Columns of the buffer for a model of this shape.
     pub fn width(self, s: &Shape) -> usize {
         match self {
-            Act::X | Act::Xn | Act::O => s.hidden,
+            Act::X | Act::Xn => s.hidden,
             Act::Qkv => s.heads.qkv_width(),
             Act::Q | Act::Att => s.heads.q_width(),
             Act::Gu => 2 * s.ffn,
@@ -91,10 +93,17 @@ pub enum Norm {
 pub enum Op {
     /// Token rows → X.
     Embed,
-    /// X (+= O when `residual`) → Xn.
-    RmsNorm { norm: Norm, residual: bool },
-    /// y = x · Wᵀ.
-    Gemv { w: Lin, x: Act, y: Act },
+    /// X → Xn.
+    RmsNorm { norm: Norm },
+    /// y = x · Wᵀ, or y += x · Wᵀ when `accumulate` (a projection into the residual stream X).
+    Gemv {
+        w: Lin,
+        x: Act,
+        y: Act,
+        accumulate: bool,
+    },
+    /// y = rms_norm(X) · Wᵀ in one launch: the norm fused into the GEMV's read of X.
+    NormGemv { norm: Norm, w: Lin, y: Act },
     /// Qkv (+ bias) → Q, and the layer's cache rows.
     QkvRope { layer: usize },
     /// Q over the layer's cache → Att.
@@ -103,59 +112,71 @@ pub enum Op {
     SiluMul,
 }
 
-/// The launches of one forward chunk through the `active` layers, with the LM head when `logits`.
-pub fn program(active: &[bool], logits: bool) -> Vec<Op> {
+/// The launches of one forward chunk through the `active` layers, with the LM head when `logits`;
+/// with `fuse_norm`, each norm inside the GEMV after it (see [`fuses_norm`]).
+pub fn program(active: &[bool], logits: bool, fuse_norm: bool) -> Vec<Op> {
+    let normed = |norm: Norm, w: Lin, y: Act| {
+        if fuse_norm {
+            vec![Op::NormGemv { norm, w, y }]
+        } else {
+            vec![
+                Op::RmsNorm { norm },
+                Op::Gemv {
+                    w,
+                    x: Act::Xn,
+                    y,
+                    accumulate: false,
+                },
+            ]
+        }
+    };
     let mut ops = vec![Op::Embed];
-    // The residual add of each sub-layer's output happens in the next norm.
-    let mut pending = false;
     for (l, _) in active.iter().enumerate().filter(|(_, &a)| a) {
+        ops.extend(normed(Norm::Attn(l), Lin::Qkv(l), Act::Qkv));
         ops.extend([
-            Op::RmsNorm {
-                norm: Norm::Attn(l),
-                residual: pending,
-            },
-            Op::Gemv {
-                w: Lin::Qkv(l),
-                x: Act::Xn,
-                y: Act::Qkv,
-            },
             Op::QkvRope { layer: l },
             Op::Attention { layer: l },
             Op::Gemv {
                 w: Lin::O(l),
                 x: Act::Att,
-                y: Act::O,
+                y: Act::X,
+                accumulate: true,
             },
-            Op::RmsNorm {
-                norm: Norm::Ffn(l),
-                residual: true,
-            },
-            Op::Gemv {
-                w: Lin::GateUp(l),
-                x: Act::Xn,
-                y: Act::Gu,
-            },
+        ]);
+        ops.extend(normed(Norm::Ffn(l), Lin::GateUp(l), Act::Gu));
+        ops.extend([
             Op::SiluMul,
             Op::Gemv {
                 w: Lin::Down(l),
                 x: Act::Ffn,
-                y: Act::O,
+                y: Act::X,
+                accumulate: true,
             },
         ]);
-        pending = true;
     }
     if logits {
-        ops.push(Op::RmsNorm {
-            norm: Norm::Out,
-            residual: pending,
-        });
-        ops.push(Op::Gemv {
-            w: Lin::LmHead,
-            x: Act::Xn,
-            y: Act::Logits,
-        });
+        ops.extend(normed(Norm::Out, Lin::LmHead, Act::Logits));
     }
     ops
+}
+
+/// Whether a step of `rows` rows of this shape runs the fused program: the GEMV plan of every
+/// projection that reads a norm (K = hidden) has the norm prologue — v3 / v4 at one row with K a
+/// multiple of 64. The plans' choice of kernel depends on M and K only, not on the format or the
+/// SM count, so one answer holds for every regime.
+pub fn fuses_norm(shape: &Shape, rows: usize) -> bool {
+    [Lin::Qkv(0), Lin::GateUp(0), Lin::LmHead].iter().all(|&w| {
+        let (o, i) = shape.dims(w);
+        crate::plan::GemvVersion::V4
+            .plan_norm(
+                crate::weights::quant::Format::Int8,
+                o as u32,
+                i as u32,
+                rows as u32,
+                1,
+            )
+            .is_some()
+    })
 }
 
 /// The model's dimensions as the kernels see them.
@@ -347,7 +368,8 @@ pub fn step_plan(
     let m32 = rows as u32;
     let h = shape.heads;
     let mut out = Vec::new();
-    for op in program(&vec![true; shape.layers], true) {
+    let fused = fuses_norm(shape, rows);
+    for op in program(&vec![true; shape.layers], true, fused) {
         let lp = match op {
             Op::Embed => plan::embed(m32, sm_count),
             Op::RmsNorm { .. } => plan::rms_norm(m32, plan::RMS_NORM_BLOCK, sm_count),
@@ -355,6 +377,13 @@ pub fn step_plan(
                 let (o, i) = shape.dims(w);
                 plan::GemvVersion::V4
                     .plan(format, o as u32, i as u32, m32, sm_count)
+                    .0
+            }
+            Op::NormGemv { w, .. } => {
+                let (o, i) = shape.dims(w);
+                plan::GemvVersion::V4
+                    .plan_norm(format, o as u32, i as u32, m32, sm_count)
+                    .ok_or_else(|| Error::Other(format!("{w:?} has no fused norm at M = {m32}")))?
                     .0
             }
             Op::QkvRope { .. } => plan::qkv_rope(

@@ -1,7 +1,7 @@
 //! What both device executors keep about their sequences besides the buffers ([`SeqState`]), and
 //! the checks and chunking of a call (a call of more than 16 positions runs as several steps).
 
-use super::{program, Op};
+use super::{fuses_norm, program, Op, Shape};
 use crate::error::{Error, Result};
 use crate::model::pass;
 
@@ -11,8 +11,10 @@ use crate::model::pass;
 /// [`Pass::run`](crate::model::Pass::run)'s logits.
 pub(crate) struct SeqState {
     active: Vec<bool>,
-    /// Without and with the LM head.
-    programs: [Vec<Op>; 2],
+    /// Unfused and fused (norms inside the GEMVs), each without and with the LM head.
+    programs: [[Vec<Op>; 2]; 2],
+    /// Whether one-row steps run the fused program (the default; off to compare the two).
+    pub fuse: bool,
     /// Every sequence's length.
     lens: Vec<usize>,
     pub capacity: usize,
@@ -25,7 +27,8 @@ impl SeqState {
     pub(crate) fn new(active: Vec<bool>, capacity: usize, seqs: usize) -> Result<SeqState> {
         pass::check_seqs(seqs)?;
         Ok(SeqState {
-            programs: [program(&active, false), program(&active, true)],
+            programs: programs(&active),
+            fuse: true,
             active,
             lens: vec![0; seqs],
             capacity,
@@ -82,9 +85,11 @@ impl SeqState {
         pass::check_verify(v, self.seqs(), self.step_rows)
     }
 
-    /// The launches of a chunk, with the LM head when `logits`.
-    pub(crate) fn program(&self, logits: bool) -> &[Op] {
-        &self.programs[logits as usize]
+    /// The launches of a chunk of `rows` rows (every sequence's) of a model of this shape, with
+    /// the LM head when `logits`.
+    pub(crate) fn program(&self, shape: &Shape, rows: usize, logits: bool) -> &[Op] {
+        let fused = self.fuse && fuses_norm(shape, rows);
+        &self.programs[fused as usize][logits as usize]
     }
 
     /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
@@ -96,7 +101,7 @@ impl SeqState {
                 expected: self.active.len(),
             });
         }
-        self.programs = [program(&active, false), program(&active, true)];
+        self.programs = programs(&active);
         self.active = active;
         Ok(())
     }
@@ -239,4 +244,9 @@ pub(crate) fn forward_chunks(
         done += ch.len();
     }
     Ok(out)
+}
+
+/// Every program of these layers: [unfused, fused][without, with the LM head].
+fn programs(active: &[bool]) -> [[Vec<Op>; 2]; 2] {
+    [false, true].map(|fused| [false, true].map(|logits| program(active, logits, fused)))
 }

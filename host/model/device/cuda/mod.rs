@@ -29,6 +29,7 @@ use crate::model::pass::{check_stats_call, fixed_capacity, resident_next_token, 
 use crate::model::Config;
 use crate::stats::StatsOptions;
 use crate::verify::{VerifyOutput, VerifyStep};
+use crate::weights::gemv::Fusion;
 
 /// A model's decode state on a CUDA device: of one sequence, or of a batch stepped together
 /// ([`CudaForward::new_batch`]).
@@ -162,6 +163,13 @@ impl<'b> CudaForward<'b> {
         self.seq.set_active_layers(active)
     }
 
+    /// Runs one-row steps unfused (each norm its own launch) when `on` is false: the fused program
+    /// is checked and timed against it.
+    pub fn set_fusion(&mut self, on: bool) {
+        self.seq.fuse = on;
+        self.graphs.clear(); // captured with the other program
+    }
+
     /// Whether steps replay captured CUDA graphs (the default) or issue every launch from the
     /// host.
     pub fn set_graphs(&mut self, on: bool) {
@@ -232,8 +240,9 @@ impl<'b> CudaForward<'b> {
     /// The program's launches for `m` positions: a captured graph's replay, or each launch.
     fn launch_program(&mut self, m: usize, logits: bool) -> Result<()> {
         if !self.use_graphs {
-            for k in 0..self.seq.program(logits).len() {
-                let op = self.seq.program(logits)[k];
+            let (shape, rows) = (self.w.shape, m * self.seq.seqs());
+            for k in 0..self.seq.program(&shape, rows, logits).len() {
+                let op = self.seq.program(&shape, rows, logits)[k];
                 self.run(op, m)?;
             }
             return Ok(());
@@ -253,8 +262,9 @@ impl<'b> CudaForward<'b> {
         let st = self.cuda.stream().clone();
         st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let mut launched = Ok(());
-        for k in 0..self.seq.program(logits).len() {
-            let op = self.seq.program(logits)[k];
+        let (shape, rows) = (self.w.shape, m * self.seq.seqs());
+        for k in 0..self.seq.program(&shape, rows, logits).len() {
+            let op = self.seq.program(&shape, rows, logits)[k];
             launched = self.run(op, m);
             if launched.is_err() {
                 break;
@@ -302,15 +312,11 @@ impl<'b> CudaForward<'b> {
                 self.acts.insert(Act::X, x);
                 r
             }
-            Op::RmsNorm { norm, residual } => {
+            Op::RmsNorm { norm } => {
                 let (mut x, mut xn) = (self.take(Act::X)?, self.take(Act::Xn)?);
                 let r = c.launch_rms_norm(
                     &mut x,
-                    if residual {
-                        self.acts.get(&Act::O)
-                    } else {
-                        None
-                    },
+                    None,
                     &self.w.norms[&norm],
                     &mut xn,
                     s.hidden,
@@ -321,14 +327,37 @@ impl<'b> CudaForward<'b> {
                 self.acts.insert(Act::Xn, xn);
                 r
             }
-            Op::Gemv { w, x, y } => {
+            Op::Gemv {
+                w,
+                x,
+                y,
+                accumulate,
+            } => {
                 let mut out = self.take(y)?;
+                let fusion = Fusion {
+                    norm: None,
+                    accumulate,
+                };
+                let mats = &self.w.mats[&w];
+                let r =
+                    c.launch_gemv_into(mats, &self.acts[&x], &mut out, rows, &mut self.ws, fusion);
+                self.acts.insert(y, out);
+                r
+            }
+            Op::NormGemv { norm, w, y } => {
+                let mut out = self.take(y)?;
+                let fusion = Fusion {
+                    norm: Some((&self.w.norms[&norm], self.w.eps)),
+                    accumulate: false,
+                };
+                let mats = &self.w.mats[&w];
                 let r = c.launch_gemv_into(
-                    &self.w.mats[&w],
-                    &self.acts[&x],
+                    mats,
+                    &self.acts[&Act::X],
                     &mut out,
                     rows,
                     &mut self.ws,
+                    fusion,
                 );
                 self.acts.insert(y, out);
                 r
