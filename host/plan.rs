@@ -158,25 +158,48 @@ impl GemvVersion {
         )
     }
 
-    /// The plan of the same GEMV with an RMSNorm of x in front (the `_norm` entry points of v3 and
-    /// v4: M = 1, K a multiple of 64); `None` where this version plans a kernel without that
-    /// prologue, so a caller launches the norm on its own.
-    pub fn plan_norm(
+    /// The plan of the same GEMV reading x as `read` says: the `_norm` / `_silu` entry points of
+    /// v3 and v4 (M = 1, K a multiple of 64); `None` where this version plans a kernel without that
+    /// prologue, so a caller launches the norm or the gate on its own.
+    pub fn plan_read(
         self,
         format: crate::weights::quant::Format,
         out: u32,
         inp: u32,
         m: u32,
         sm_count: u32,
+        read: XRead,
     ) -> Option<(LaunchPlan, speckv_kernels::gemv::GemvPlanV2)> {
         use speckv_kernels::gemv::PathV2;
         let (mut lp, p) = self.plan(format, out, inp, m, sm_count);
-        match p.path {
-            PathV2::Stream | PathV2::Integer => {
-                lp.entry.push_str("_norm");
+        match (read, p.path) {
+            (XRead::Plain, _) => Some((lp, p)),
+            (XRead::Norm | XRead::Silu, PathV2::Stream | PathV2::Integer) => {
+                lp.entry.push_str(read.suffix());
                 Some((lp, p))
             }
-            PathV2::Cores { .. } | PathV2::Tensor { .. } => None,
+            (_, PathV2::Cores { .. } | PathV2::Tensor { .. }) => None,
+        }
+    }
+}
+
+/// How a GEMV reads x: as it is, normalised (`_norm`: the RMSNorm in front of a projection) or
+/// as silu(gate) · up of a `[2·in]` gate / up row (`_silu`: the SwiGLU in front of the down
+/// projection). The fused reads are v3's and v4's, at M = 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum XRead {
+    Plain,
+    Norm,
+    Silu,
+}
+
+impl XRead {
+    /// The entry point's suffix.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            XRead::Plain => "",
+            XRead::Norm => "_norm",
+            XRead::Silu => "_silu",
         }
     }
 }

@@ -113,6 +113,12 @@ if len(sys.argv) > 4:
     frac = fp16 and fp16.get("bandwidth_fraction")
     goal("plain decode step, 1.5B target, FP16, batch 1: weights' streaming time / step time",
          frac and round(frac, 3), "≥ 0.80", bool(frac and frac >= 0.8), fp16)
+    for r in step.get("regimes", []):
+        fused, unfused = (r.get("cost") or {}).get("verify_ms", [None])[0], r.get("unfused_ms")
+        x = fused and unfused and fused / unfused
+        goal(f"decode step {r.get('format')}, batch 1: fused norms and gates / each its own launch",
+             x and round(x, 3), "≤ 1.0", bool(x and x <= 1.0),
+             {"fused_ms": fused, "unfused_ms": unfused, "norm_fused_ms": r.get("norm_fused_ms")})
     auto, plain = ours.get("auto_tokens_per_second"), ours.get("plain_tokens_per_second")
     r = auto and plain and auto / plain
     goal("speckv auto, predicted tokens/s on this GPU (FP16 traces): × plain target decoding",

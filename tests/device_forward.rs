@@ -8,7 +8,7 @@ mod common;
 use candle_core::quantized::gguf_file::Value;
 use speckv::backend::cpu::CpuBackend;
 use speckv::backend::emulate::Emulator;
-use speckv::model::device::{program, Act, EmulatedForward, Lin, Norm, Op};
+use speckv::model::device::{program, Act, EmulatedForward, Fuse, Lin, Norm, Op};
 use speckv::model::{BatchPass, CpuPass, KvCache, Model, Pass};
 use speckv::stats::{Accumulate, Logits, LogitsData, StatsOptions};
 use speckv::verify::{DraftDist, VerifyBatch, VerifyOutput, VerifyStep};
@@ -174,7 +174,7 @@ fn rollback_then_redo_gives_the_same_logits() {
 
 #[test]
 fn the_program_is_the_layers_in_order() {
-    let p = program(&[true, false, true], true, false);
+    let p = program(&[true, false, true], true, Fuse::NONE);
     // Embed, 9 launches per active layer, the final norm and the LM head.
     assert_eq!(p.len(), 1 + 2 * 9 + 2);
     assert_eq!(p[0], Op::Embed);
@@ -211,12 +211,23 @@ fn the_program_is_the_layers_in_order() {
         }
     );
     assert_eq!(
-        program(&[true], false, false).len(),
+        program(&[true], false, Fuse::NONE).len(),
         10,
         "no LM head without logits"
     );
-    // Fused: every norm inside the GEMV after it — two launches fewer a layer, one fewer at the end.
-    let f = program(&[true, false, true], true, true);
+    // Norms fused: each inside the GEMV after it — two launches fewer a layer, one fewer at the end.
+    let both = Fuse {
+        norm: true,
+        silu: true,
+    };
+    let f = program(
+        &[true, false, true],
+        true,
+        Fuse {
+            silu: false,
+            ..both
+        },
+    );
     assert_eq!(f.len(), 1 + 2 * 7 + 1);
     assert_eq!(
         f[1],
@@ -245,22 +256,43 @@ fn the_program_is_the_layers_in_order() {
             - 5,
         "the fused program is the unfused one with each norm and its GEMV as one launch"
     );
+    // And the gate: silu_mul inside the down projection's read, which still adds into X.
+    let g = program(&[true, false, true], true, both);
+    assert_eq!(g.len(), 1 + 2 * 6 + 1);
+    assert!(!g
+        .iter()
+        .any(|op| matches!(op, Op::SiluMul | Op::RmsNorm { .. })));
+    assert_eq!(
+        g[6],
+        Op::SiluGemv {
+            w: Lin::Down(0),
+            y: Act::X,
+            accumulate: true
+        }
+    );
+    assert_eq!(g[6].gemv().map(|o| (o.x, o.silu)), Some((Act::Gu, true)));
 }
 
-/// One-row steps run the fused program (norms inside the GEMVs), and its logits are the unfused
-/// program's bit for bit when the norm launch has the fused kernels' block size (256, CUDA's): the
-/// prompt runs unfused in both (16 and 5 rows), every decode step after it fused in one.
+/// One-row steps run the fused program (norms and gates inside the GEMVs), and its logits are the
+/// unfused program's bit for bit when the norm launch has the fused kernels' block size (256,
+/// CUDA's): the prompt runs unfused in both (16 and 5 rows), every decode step after it fused in
+/// one.
 #[test]
 fn fused_decode_steps_are_the_unfused_bit_for_bit() {
-    use speckv::model::device::{fuses_norm, Shape};
+    use speckv::model::device::Shape;
     for arch in ["llama", "qwen2"] {
         for format in [Format::Fp16, Format::Int8, Format::Nf4] {
             let m = model(arch, format);
             let shape = Shape::of(&m.cfg).unwrap();
-            assert!(fuses_norm(&shape, 1) && !fuses_norm(&shape, 2), "{arch}");
+            let all = Fuse {
+                norm: true,
+                silu: true,
+            };
+            assert_eq!(Fuse::for_step(&shape, 1), all, "{arch}");
+            assert_eq!(Fuse::for_step(&shape, 2), Fuse::NONE, "{arch}");
             let mut fused = EmulatedForward::new(&m, Emulator::new(256), 132, 64).unwrap();
             let mut plain = EmulatedForward::new(&m, Emulator::new(256), 132, 64).unwrap();
-            plain.set_fusion(false);
+            plain.set_fusion(Fuse::NONE);
             let tokens = prompt();
             let a = fused.forward(&tokens, 1).unwrap();
             let b = plain.forward(&tokens, 1).unwrap();

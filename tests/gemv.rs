@@ -889,7 +889,14 @@ fn fused_norm_is_the_norm_launch_then_the_gemv(run: RunFused<'_>, sms_list: &[u3
             for version in [GemvVersion::V3, GemvVersion::V4] {
                 for &sms in sms_list {
                     let (lp, plan) = version
-                        .plan_norm(format, out as u32, inp as u32, 1, sms)
+                        .plan_read(
+                            format,
+                            out as u32,
+                            inp as u32,
+                            1,
+                            sms,
+                            speckv::plan::XRead::Norm,
+                        )
                         .expect("v3 and v4 fuse the norm at M = 1");
                     assert!(lp.entry.ends_with("_norm"), "{}", lp.entry);
                     split |= plan.ksplits > 1;
@@ -899,7 +906,7 @@ fn fused_norm_is_the_norm_launch_then_the_gemv(run: RunFused<'_>, sms_list: &[u3
                             .unwrap();
                     let fusion = gemv::Fusion {
                         norm: Some((gains.as_slice(), eps)),
-                        accumulate: false,
+                        ..gemv::Fusion::NONE
                     };
                     let fused = run(&q, &x, &zeros, 1, version, fusion, sms).unwrap();
                     if exact {
@@ -965,8 +972,8 @@ fn accumulate_adds_the_product(run: RunFused<'_>, sms_list: &[u32]) {
                 let zeros = vec![0f32; m * out];
                 let product = run(&q, &x, &zeros, m, version, gemv::Fusion::NONE, sms).unwrap();
                 let acc = gemv::Fusion {
-                    norm: None,
                     accumulate: true,
+                    ..gemv::Fusion::NONE
                 };
                 let added = run(&q, &x, &y0, m, version, acc, sms).unwrap();
                 let want: Vec<f32> = y0.iter().zip(&product).map(|(a, b)| a + b).collect();
@@ -1002,7 +1009,7 @@ fn a_fused_norm_is_refused_where_it_cannot_run() {
     let gains = vec![1f32; inp];
     let norm = |g: &'static [f32], eps: f32| gemv::Fusion {
         norm: Some((g, eps)),
-        accumulate: false,
+        ..gemv::Fusion::NONE
     };
     let g: &'static [f32] = Box::leak(gains.into_boxed_slice());
     let x2 = common::normal_logits(2 * inp, 1.0, 991);
@@ -1037,4 +1044,70 @@ fn a_fused_norm_is_refused_where_it_cannot_run() {
         Err(speckv::Error::Unsupported(_))
     ));
     assert!(emulator_fused(&q, x1, &y(1), 1, GemvVersion::V4, norm(g, 1e-6), 7).is_ok());
+}
+
+/// The gate fused into v3 / v4 (`_silu` entries) is `silu_mul_f32` followed by the plain GEMV, bit
+/// for bit on the emulator (the same `silu_times`), within rounding on CUDA; added into y as the
+/// down projection does; a gate / up row of the wrong width and a gate with a norm are refused.
+fn fused_gate_is_silu_mul_then_the_gemv(run: RunFused<'_>, sms_list: &[u32], exact: bool) {
+    use speckv::plan::GemvVersion;
+    let emu = speckv::backend::emulate::Emulator::new(64);
+    for (s, &(out, inp)) in [(33usize, 512usize), (70, 1536)].iter().enumerate() {
+        let w = weights(out, inp, 930 + s as u64);
+        let gu = common::normal_logits(2 * inp, 2.0, 931 + s as u64);
+        let ffn = emu.silu_mul(&gu, inp).unwrap();
+        let y0 = common::normal_logits(out, 1.0, 932 + s as u64);
+        for format in Format::ALL {
+            let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
+            for version in [GemvVersion::V3, GemvVersion::V4] {
+                for &sms in sms_list {
+                    let label = format!("{} {out}x{inp} sms {sms} {version:?}", format.name());
+                    let acc = gemv::Fusion {
+                        accumulate: true,
+                        ..gemv::Fusion::NONE
+                    };
+                    let unfused = emulator_fused(&q, &ffn, &y0, 1, version, acc, sms).unwrap();
+                    let gate = gemv::Fusion { silu: true, ..acc };
+                    let fused = run(&q, &gu, &y0, 1, version, gate, sms).unwrap();
+                    if exact {
+                        assert_eq!(fused, unfused, "{label}");
+                    } else {
+                        let scale = unfused.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        for (a, b) in fused.iter().zip(&unfused) {
+                            assert!((a - b).abs() <= 1e-5 * scale, "{label}: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+            let gate = gemv::Fusion {
+                silu: true,
+                ..gemv::Fusion::NONE
+            };
+            let sms = sms_list[0];
+            let zeros = vec![0f32; out];
+            assert!(run(&q, &gu[..inp], &zeros, 1, GemvVersion::V4, gate, sms).is_err());
+            let g = vec![1f32; inp];
+            let both = gemv::Fusion {
+                norm: Some((g.as_slice(), 1e-6)),
+                ..gate
+            };
+            assert!(run(&q, &gu, &zeros, 1, GemvVersion::V4, both, sms).is_err());
+            assert!(run(&q, &gu, &zeros, 1, GemvVersion::V2, gate, sms).is_err());
+        }
+    }
+}
+
+#[test]
+fn emulator_fused_gate_is_silu_mul_then_the_gemv() {
+    fused_gate_is_silu_mul_then_the_gemv(&emulator_fused, &[1, 132], true);
+}
+
+#[test]
+fn cuda_fused_gate_is_silu_mul_then_the_gemv() {
+    let Some(c) = common::cuda() else { return };
+    fused_gate_is_silu_mul_then_the_gemv(
+        &|q, x, y0, m, v, f, _sms| c.gemv_fused(&c.upload_matrix(q)?, x, y0, m, v, f),
+        &[c.sm_count()],
+        false,
+    );
 }

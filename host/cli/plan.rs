@@ -59,10 +59,10 @@ pub struct Args {
     /// forward pass launches).
     #[arg(long, default_value_t = 2)]
     version: u32,
-    /// gemv: with the RMSNorm of x fused in front (the `_norm` entries of v3 and v4, M = 1; an error
-    /// where the version plans a kernel without it).
-    #[arg(long)]
-    norm: bool,
+    /// gemv: how x is read — as it is, normalised (`_norm`: the RMSNorm fused in front) or as
+    /// silu(gate) · up (`_silu`); the fused reads are v3's and v4's at M = 1 (an error elsewhere).
+    #[arg(long, value_enum, default_value_t = plan::XRead::Plain)]
+    read: plan::XRead,
     /// step: a model's shapes (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b).
     #[arg(long)]
     shapes: Option<String>,
@@ -190,23 +190,22 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             if m > 16 {
                 return Err(Error::Other(format!("--m must be 1..=16, got {m}")));
             }
-            if a.version == 1 && !a.norm {
+            if a.version == 1 && a.read == plan::XRead::Plain {
                 let p = plan::gemv_v1(format, out, m, sms);
                 (p.clone(), vec![p], serde_json::json!({}))
             } else {
                 let version =
                     plan::GemvVersion::from_number(a.version).unwrap_or(plan::GemvVersion::V2);
-                let (p, k) = if a.norm {
-                    version.plan_norm(format, out, inp, m, sms).ok_or_else(|| {
-                        Error::Unsupported(format!(
-                            "--norm: gemv v{} at M = {m}, K = {inp} plans a kernel without \
-                                 the norm prologue (v3 and v4 at M = 1, K a multiple of 64)",
-                            a.version
-                        ))
-                    })?
-                } else {
-                    version.plan(format, out, inp, m, sms)
-                };
+                let (p, k) = speckv::weights::gemv::plan_fused(
+                    version,
+                    format,
+                    out as usize,
+                    inp as usize,
+                    m as usize,
+                    sms,
+                    a.read,
+                    None,
+                )?;
                 (
                     p.clone(),
                     vec![p],

@@ -15,7 +15,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::controller::CostModel;
 use crate::error::Result;
 use crate::measure::batch_step::time_plain_decode_step;
-use crate::model::device::{CudaForward, DeviceWeights};
+use crate::model::device::{CudaForward, DeviceWeights, Fuse};
 use crate::model::Config;
 use crate::weights::quant::Format;
 
@@ -37,6 +37,11 @@ pub struct RegimeStep {
     pub stream_ms: f64,
     /// stream_ms over the measured M = 1 step: the goal is ≥ 0.8 at FP16.
     pub bandwidth_fraction: f64,
+    /// The M = 1 step with nothing fused (each norm and gate its own launch; graphs on): what the
+    /// fused reads of v3 / v4 save or cost against `cost.verify_ms[0]`.
+    pub unfused_ms: f64,
+    /// The M = 1 step with the norms fused and each `silu_mul` its own launch: the gate's share.
+    pub norm_fused_ms: f64,
     /// The same steps with every launch issued by the host (no CUDA graph), M = γ + 1: what the
     /// graphs save in launch gaps.
     pub eager_verify_ms: Vec<f64>,
@@ -141,6 +146,16 @@ pub fn device_steps(
         for g in 0..=GAMMA_MAX {
             verify_ms.push(t.time_step(g + 1, position, iters)?.as_secs_f64() * 1e3);
         }
+        let mut time_fused = |fuse: Fuse| -> Result<f64> {
+            t.set_fusion(fuse);
+            Ok(t.time_step(1, position, iters)?.as_secs_f64() * 1e3)
+        };
+        let unfused_ms = time_fused(Fuse::NONE)?;
+        let norm_fused_ms = time_fused(Fuse {
+            silu: false,
+            ..Fuse::ALL
+        })?;
+        t.set_fusion(Fuse::ALL);
         t.set_graphs(false);
         let mut eager_verify_ms = Vec::new();
         for g in 0..=GAMMA_MAX {
@@ -165,6 +180,8 @@ pub fn device_steps(
         regimes.push(RegimeStep {
             format,
             bandwidth_fraction: stream_ms / verify_ms[0],
+            unfused_ms,
+            norm_fused_ms,
             cost: CostModel {
                 draft_ms_per_token: draft_ms,
                 verify_ms,

@@ -37,8 +37,10 @@ pub fn check(w: &QMatrix, x: &[f32], m: usize) -> Result<usize> {
 #[derive(Clone, Copy, Debug)]
 pub struct Fusion<N> {
     /// Normalise x first, x / √(mean(x²) + eps) · gains (the `_norm` entries of v3 and v4, M = 1;
-    /// other plans refuse it: see `plan::GemvVersion::plan_norm`).
+    /// other plans refuse it: see `plan::GemvVersion::plan_read`).
     pub norm: Option<(N, f32)>,
+    /// x is a gate / up row `[2·in]` read as silu(gate) · up (the `_silu` entries, M = 1).
+    pub silu: bool,
     /// y += x · Wᵀ (every kernel): a projection adds itself into the residual stream.
     pub accumulate: bool,
 }
@@ -47,8 +49,31 @@ impl<N> Fusion<N> {
     /// y = x · Wᵀ, nothing else.
     pub const NONE: Fusion<N> = Fusion {
         norm: None,
+        silu: false,
         accumulate: false,
     };
+
+    /// How the kernel reads x (a norm and a gate together are refused).
+    pub fn read(&self) -> Result<crate::plan::XRead> {
+        use crate::plan::XRead;
+        match (&self.norm, self.silu) {
+            (None, false) => Ok(XRead::Plain),
+            (Some(_), false) => Ok(XRead::Norm),
+            (None, true) => Ok(XRead::Silu),
+            (Some(_), true) => Err(Error::Unsupported(
+                "a GEMV reads x either normalised or as silu(gate) · up, not both".to_string(),
+            )),
+        }
+    }
+
+    /// Elements of x per row for a matrix of `inp` columns (a gate / up row is two of them).
+    pub fn x_width(&self, inp: usize) -> usize {
+        if self.silu {
+            2 * inp
+        } else {
+            inp
+        }
+    }
 
     /// The kernels' `GemvParams::flags`.
     pub fn flags(&self) -> u32 {
@@ -60,8 +85,35 @@ impl<N> Fusion<N> {
     }
 }
 
+/// The launch of a GEMV of `out × inp` at `m` rows by `version`'s plan, reading x as `read`
+/// says, with `norm` = (the gains' length, eps) checked for a normalised read: an error where the
+/// plan's kernel has no such prologue (v3 and v4 at M = 1 have them), not a silently plain read.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_fused(
+    version: crate::plan::GemvVersion,
+    format: crate::weights::quant::Format,
+    out: usize,
+    inp: usize,
+    m: usize,
+    sm_count: u32,
+    read: crate::plan::XRead,
+    norm: Option<(usize, f32)>,
+) -> Result<(crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2)> {
+    if let Some((gains, eps)) = norm {
+        check_norm(gains, inp, eps)?;
+    }
+    version
+        .plan_read(format, out as u32, inp as u32, m as u32, sm_count, read)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "gemv {version:?} at M = {m}, K = {inp} reading x as {read:?}: only v3 and v4 at \
+                 M = 1 with K a multiple of 64 have the fused reads"
+            ))
+        })
+}
+
 /// Checks the gains of a norm fused into the GEMV of a `[_, inp]` matrix.
-pub fn check_norm(gains: usize, inp: usize, eps: f32) -> Result<()> {
+fn check_norm(gains: usize, inp: usize, eps: f32) -> Result<()> {
     if gains != inp {
         return Err(Error::Length {
             what: "norm gains",

@@ -11,6 +11,7 @@ use crate::gpu::{self, F4};
 use crate::params::{GemvParams, GemvV2Params, GEMV_ACCUMULATE, NF4_BLOCK, NF4_CODE};
 use crate::reduce::block_all_reduce;
 use crate::rms_norm::Sum;
+use crate::silu_mul::silu_times;
 
 /// A weight storage format: element (row, k) as f32.
 pub trait WeightFormat {
@@ -811,6 +812,15 @@ pub const V3_MIN_SPLIT: u32 = 512;
 /// block reduction (one f32 per warp) for the `_norm` entries.
 pub const M1_HEAD_BYTES: usize = 16 + V3_WARPS as usize * 4;
 
+/// What v3 and v4 do to x as they read it (a const parameter of their bodies: one entry point
+/// each). Plain: x as it is.
+pub const X_PLAIN: u32 = 0;
+/// `_norm`: x / √(mean(x²) + eps) · gains, as `rms_norm_f32` writes it (see [`norm_scale`]).
+pub const X_NORM: u32 = 1;
+/// `_silu`: x is the fused gate / up projection `[2·in]` and is read as silu(gate) · up, as
+/// `silu_mul_f32` writes it (the same expression, so the same bits).
+pub const X_SILU: u32 = 2;
+
 /// The scale 1 / √(mean(x²) + eps) of the `_norm` entries' x, computed as `rms_norm_f32` computes it
 /// at v3's block size (its launch's): each thread's strided sum of squares over 16-byte vectors,
 /// then the block reduction in a fixed order — so the normalised x is the one that kernel would
@@ -881,14 +891,14 @@ fn i8_as_f32(word_xor80: u32, q: u32) -> f32 {
     f32::from_bits(((word_xor80 >> (8 * q)) & 0xff) | 0x4B00_0000) - 8_388_736.0
 }
 
-/// The v3 kernel body (M = 1); with `NORM`, x normalised on the way in (see [`norm_scale`]).
+/// The v3 kernel body (M = 1); x read as `XR` says ([`X_PLAIN`], [`X_NORM`], [`X_SILU`]).
 ///
 /// # Safety
-/// v2's buffers with `m == 1`, `in_features` a multiple of 64, x 16-byte aligned (with `NORM`,
-/// the gains `[in]` too); the workspace as [`plan_v3`] sizes it (counters zero); the plan's launch
-/// shape.
+/// v2's buffers with `m == 1`, `in_features` a multiple of 64, x 16-byte aligned (with
+/// [`X_NORM`], the gains `[in]` too; with [`X_SILU`], x holds `2 · in`); the workspace as
+/// [`plan_v3`] sizes it (counters zero); the plan's launch shape.
 #[inline(always)]
-pub unsafe fn gemv_v3<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
+pub unsafe fn gemv_v3<W: FormatV2, const XR: u32>(p2: &GemvV2Params) {
     let p = &p2.base;
     let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
     let kdim = p.in_features as usize;
@@ -896,7 +906,11 @@ pub unsafe fn gemv_v3<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
         return;
     };
     let flag = gpu::dynamic_shared::<u32>();
-    let inv = if NORM { norm_scale(p2, flag) } else { 1.0 };
+    let inv = if XR == X_NORM {
+        norm_scale(p2, flag)
+    } else {
+        1.0
+    };
     let vec = W::VEC as usize;
     // k0 and k1 are multiples of 64, so of every VEC.
     let nvec = (k1 - k0) / vec;
@@ -929,17 +943,23 @@ pub unsafe fn gemv_v3<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
                 });
             }
         });
-        if NORM {
-            // x · inv · gain, as `rms_norm_f32` writes it; the gains' loads follow the weights'.
+        if XR != X_PLAIN {
+            // x · inv · gain as `rms_norm_f32` writes it, or silu(gate) · up as `silu_mul_f32`
+            // does; the gains' or up's loads follow the weights'.
             crate::unroll!(u in 0..2 => {
                 let v = v0 + u * 32 + lane;
                 if u < unroll && v < nvec {
                     let k = k0 + v * vec;
                     crate::unroll!(q in 0..8 => {
                         if q < vec / 4 {
-                            let g = gpu::ld_v4(p2.norm, k + 4 * q);
+                            let g = if XR == X_NORM {
+                                gpu::ld_v4(p2.norm, k + 4 * q)
+                            } else {
+                                gpu::ld_v4(p.x, kdim + k + 4 * q)
+                            };
                             crate::unroll!(i in 0..4 => {
-                                let xn = f32::from_bits(xv[u][q][i]) * inv * f32::from_bits(g[i]);
+                                let (a, b) = (f32::from_bits(xv[u][q][i]), f32::from_bits(g[i]));
+                                let xn = if XR == X_NORM { a * inv * b } else { silu_times(a, b) };
                                 xv[u][q][i] = xn.to_bits();
                             });
                         }
@@ -1045,24 +1065,27 @@ unsafe fn finish_rows(
 
 /// The M = 1 entry points: each a body (`gemv_v3` or `gemv_v4`) for one format.
 macro_rules! entries_m1 {
-    ($($name:ident: $body:ident, $fmt:ty, $norm:literal;)*) => {$(
+    ($($name:ident: $body:ident, $fmt:ty, $xr:ident;)*) => {$(
         /// # Safety
         /// See the body's (`gemv_v3` / `gemv_v4`).
         #[cfg(target_arch = "nvptx64")]
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(p: GemvV2Params) {
-            $body::<$fmt, $norm>(&p)
+            $body::<$fmt, $xr>(&p)
         }
     )*};
 }
 
 entries_m1! {
-    gemv_v3_fp16: gemv_v3, Fp16, false;
-    gemv_v3_int8: gemv_v3, Int8, false;
-    gemv_v3_nf4: gemv_v3, Nf4, false;
-    gemv_v3_fp16_norm: gemv_v3, Fp16, true;
-    gemv_v3_int8_norm: gemv_v3, Int8, true;
-    gemv_v3_nf4_norm: gemv_v3, Nf4, true;
+    gemv_v3_fp16: gemv_v3, Fp16, X_PLAIN;
+    gemv_v3_int8: gemv_v3, Int8, X_PLAIN;
+    gemv_v3_nf4: gemv_v3, Nf4, X_PLAIN;
+    gemv_v3_fp16_norm: gemv_v3, Fp16, X_NORM;
+    gemv_v3_int8_norm: gemv_v3, Int8, X_NORM;
+    gemv_v3_nf4_norm: gemv_v3, Nf4, X_NORM;
+    gemv_v3_fp16_silu: gemv_v3, Fp16, X_SILU;
+    gemv_v3_int8_silu: gemv_v3, Int8, X_SILU;
+    gemv_v3_nf4_silu: gemv_v3, Nf4, X_SILU;
 }
 
 // =============================================================================================
@@ -1171,14 +1194,14 @@ fn words(v: F4) -> [u32; 4] {
     ]
 }
 
-/// The v4 kernel body (M = 1; `W` INT8 or NF4); with `NORM`, x normalised before it is quantised
-/// (see [`norm_scale`]).
+/// The v4 kernel body (M = 1; `W` INT8 or NF4); x read as `XR` says ([`X_PLAIN`], [`X_NORM`],
+/// [`X_SILU`]) before it is quantised.
 ///
 /// # Safety
 /// v3's buffers and layout, `W` INT8 or NF4, the dynamic shared memory [`v4_shared_bytes`] of the
 /// plan's `kt`; the workspace as [`plan_v4`] sizes it (counters zero); the plan's launch shape.
 #[inline(always)]
-pub unsafe fn gemv_v4<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
+pub unsafe fn gemv_v4<W: FormatV2, const XR: u32>(p2: &GemvV2Params) {
     let p = &p2.base;
     let rows_per_block = V3_WARPS * V3_ROWS_PER_WARP;
     let kdim = p.in_features as usize;
@@ -1192,15 +1215,21 @@ pub unsafe fn gemv_v4<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
     let flag = gpu::dynamic_shared::<u32>();
     let xd = (flag as *mut u8).wrapping_add(M1_HEAD_BYTES) as *mut f32;
     let xq = (flag as *mut u8).wrapping_add(v4_codes_offset(p2.kt));
-    let inv = if NORM { norm_scale(p2, flag) } else { 1.0 };
+    let inv = if XR == X_NORM {
+        norm_scale(p2, flag)
+    } else {
+        1.0
+    };
     // Quantise x[k0..k1) per 32: one group per warp at a time, a lane per element. NF4 stores each
     // pair of codes swapped, the order its nibbles decode in.
     let groups = (k1 - k0) / 32;
     let mut g = warp;
     while g < groups {
         let mut v = gpu::ld_nc(p.x, k0 + 32 * g + lane);
-        if NORM {
+        if XR == X_NORM {
             v = v * inv * gpu::ld_nc(p2.norm, k0 + 32 * g + lane); // `rms_norm_f32`'s x · inv · gain
+        } else if XR == X_SILU {
+            v = silu_times(v, gpu::ld_nc(p.x, kdim + k0 + 32 * g + lane)); // `silu_mul_f32`'s
         }
         let mut a = if v < 0.0 { -v } else { v };
         let mut mask = 16;
@@ -1294,10 +1323,12 @@ pub unsafe fn gemv_v4<W: FormatV2, const NORM: bool>(p2: &GemvV2Params) {
 }
 
 entries_m1! {
-    gemv_v4_int8: gemv_v4, Int8, false;
-    gemv_v4_nf4: gemv_v4, Nf4, false;
-    gemv_v4_int8_norm: gemv_v4, Int8, true;
-    gemv_v4_nf4_norm: gemv_v4, Nf4, true;
+    gemv_v4_int8: gemv_v4, Int8, X_PLAIN;
+    gemv_v4_nf4: gemv_v4, Nf4, X_PLAIN;
+    gemv_v4_int8_norm: gemv_v4, Int8, X_NORM;
+    gemv_v4_nf4_norm: gemv_v4, Nf4, X_NORM;
+    gemv_v4_int8_silu: gemv_v4, Int8, X_SILU;
+    gemv_v4_nf4_silu: gemv_v4, Nf4, X_SILU;
 }
 
 macro_rules! entries_v2 {

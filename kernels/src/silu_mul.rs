@@ -4,6 +4,13 @@
 use crate::gpu::{self, F4};
 use crate::params::SiluMulParams;
 
+/// silu(gate) · up: this kernel's arithmetic, shared with the GEMVs that read x this way
+/// (`gemv_v3_*_silu`, `gemv_v4_*_silu`), so both give the same bits.
+#[inline(always)]
+pub fn silu_times(g: f32, u: f32) -> f32 {
+    g / (1.0 + gpu::exp_approx(-g)) * u
+}
+
 /// The kernel body.
 ///
 /// # Safety
@@ -26,7 +33,7 @@ pub unsafe fn silu_mul(p: &SiluMulParams) {
     let u: F4 = gpu::ld_nc(gu, i * 2 * per + per + c);
     let mut o = F4([0.0; 4]);
     crate::unroll!(j in 0..4 => {
-        o.0[j] = g.0[j] / (1.0 + gpu::exp_approx(-g.0[j])) * u.0[j];
+        o.0[j] = silu_times(g.0[j], u.0[j]);
     });
     gpu::st(p.out as *mut F4, i * per + c, o);
 }

@@ -8,7 +8,7 @@ use speckv_kernels::params::{GemvParams, GemvV2Params};
 
 use super::{ByValue, CudaBackend, KernelFn};
 use crate::error::{Error, Result};
-use crate::weights::gemv::{check_norm, Fusion};
+use crate::weights::gemv::{plan_fused, Fusion};
 use crate::weights::quant::{Format, QMatrix};
 
 /// Block size of GEMV launches (four output rows per block, one warp each).
@@ -200,29 +200,17 @@ impl CudaBackend {
         version: GemvVersion,
         fusion: Fusion<&cudarc::driver::CudaSlice<f32>>,
     ) -> Result<()> {
-        if m == 0 || m > crate::weights::gemv::MAX_M || x.len() < m * d.inp || y.len() < m * d.out {
+        let width = fusion.x_width(d.inp);
+        if m == 0 || m > crate::weights::gemv::MAX_M || x.len() < m * width || y.len() < m * d.out {
             return Err(Error::Other(format!(
                 "gemv: M = {m} or buffer sizes do not fit the {}×{} matrix",
                 d.out, d.inp
             )));
         }
-        let (f, o, i, mm) = (d.format, d.out as u32, d.inp as u32, m as u32);
-        let plan = match fusion.norm {
-            None => version.plan(f, o, i, mm, self.sm_count).1,
-            Some((g, eps)) => {
-                check_norm(g.len(), d.inp, eps)?;
-                version
-                    .plan_norm(f, o, i, mm, self.sm_count)
-                    .ok_or_else(|| {
-                        Error::Unsupported(format!(
-                            "a norm fused into gemv {version:?} at M = {m}, K = {}: only v3 and \
-                             v4 at M = 1 with K a multiple of 64 have that prologue",
-                            d.inp
-                        ))
-                    })?
-                    .1
-            }
-        };
+        let read = fusion.read()?;
+        let norm_len = fusion.norm.map(|(g, eps)| (g.len(), eps));
+        let (f, sms) = (d.format, self.sm_count);
+        let (_, plan) = plan_fused(version, f, d.out, d.inp, m, sms, read, norm_len)?;
         if ws.len() < plan.workspace_bytes {
             return Err(Error::Other(
                 "gemv: workspace smaller than the plan's".to_string(),
@@ -253,17 +241,13 @@ impl CudaBackend {
             eps: fusion.norm.map_or(0.0, |(_, e)| e),
             _pad: 0,
         };
-        let norm = fusion.norm.is_some();
         let f = match plan.path {
             PathV2::Cores { mt } => KernelFn::GemvV2(d.format, mt),
             PathV2::Tensor { nt } => KernelFn::GemvTc(d.format, nt),
-            PathV2::Stream if norm => KernelFn::GemvV3Norm(d.format),
-            PathV2::Stream => KernelFn::GemvV3(d.format),
+            PathV2::Stream => KernelFn::GemvV3(d.format, read),
             PathV2::Integer => match d.format {
-                Format::Int8 if norm => KernelFn::GemvV4Int8Norm,
-                Format::Nf4 if norm => KernelFn::GemvV4Nf4Norm,
-                Format::Int8 => KernelFn::GemvV4Int8,
-                Format::Nf4 => KernelFn::GemvV4Nf4,
+                Format::Int8 => KernelFn::GemvV4Int8(read),
+                Format::Nf4 => KernelFn::GemvV4Nf4(read),
                 Format::Fp16 => {
                     return Err(Error::Other(
                         "gemv v4: FP16 has no integer kernel".to_string(),
@@ -356,7 +340,7 @@ impl CudaBackend {
         version: GemvVersion,
         fusion: Fusion<&[f32]>,
     ) -> Result<Vec<f32>> {
-        if x.len() != m * d.inp || y0.len() != m * d.out {
+        if x.len() != m * fusion.x_width(d.inp) || y0.len() != m * d.out {
             return Err(Error::Other(format!(
                 "gemv: x of {} and y of {} do not fit M = {m} and the {}×{} matrix",
                 x.len(),
@@ -373,6 +357,7 @@ impl CudaBackend {
         };
         let on_device = Fusion {
             norm: gains.as_ref().zip(fusion.norm.map(|(_, e)| e)),
+            silu: fusion.silu,
             accumulate: fusion.accumulate,
         };
         let mut ws = self.gemv_workspace(d, m, version)?;

@@ -13,6 +13,7 @@ use speckv_kernels::params::{
 };
 
 use crate::error::{Error, Result};
+use crate::plan::XRead;
 use crate::ptx::Arch;
 use crate::stats::Dtype;
 use crate::weights::quant::Format;
@@ -49,18 +50,12 @@ pub enum KernelFn {
     GemvV2(Format, u32),
     /// v2 on tensor cores: weight format and n-tiles (1: M ≤ 8, 2: M ≤ 16).
     GemvTc(Format, u32),
-    /// v3, the streaming kernel at M = 1: weight format.
-    GemvV3(Format),
-    /// v4, INT8 at M = 1 by integer dot products.
-    GemvV4Int8,
-    /// v4, NF4 at M = 1 by integer dot products.
-    GemvV4Nf4,
-    /// v3 with the RMSNorm of x in front (`_norm`): weight format.
-    GemvV3Norm(Format),
-    /// v4 INT8 with the RMSNorm of x in front.
-    GemvV4Int8Norm,
-    /// v4 NF4 with the RMSNorm of x in front.
-    GemvV4Nf4Norm,
+    /// v3, the streaming kernel at M = 1: weight format and how it reads x.
+    GemvV3(Format, XRead),
+    /// v4, INT8 at M = 1 by integer dot products: how it reads x.
+    GemvV4Int8(XRead),
+    /// v4, NF4 at M = 1 by integer dot products: how it reads x.
+    GemvV4Nf4(XRead),
     Embed,
     RmsNorm,
     QkvRope,
@@ -72,7 +67,7 @@ pub enum KernelFn {
 }
 
 impl KernelFn {
-    pub const ALL: [KernelFn; 77] = [
+    pub const ALL: [KernelFn; 82] = [
         KernelFn::GemvV2(Format::Fp16, 1),
         KernelFn::GemvV2(Format::Fp16, 2),
         KernelFn::GemvV2(Format::Fp16, 4),
@@ -94,16 +89,21 @@ impl KernelFn {
         KernelFn::GemvV2(Format::Nf4, 16),
         KernelFn::GemvTc(Format::Nf4, 1),
         KernelFn::GemvTc(Format::Nf4, 2),
-        KernelFn::GemvV3(Format::Fp16),
-        KernelFn::GemvV3(Format::Int8),
-        KernelFn::GemvV3(Format::Nf4),
-        KernelFn::GemvV4Int8,
-        KernelFn::GemvV4Nf4,
-        KernelFn::GemvV3Norm(Format::Fp16),
-        KernelFn::GemvV3Norm(Format::Int8),
-        KernelFn::GemvV3Norm(Format::Nf4),
-        KernelFn::GemvV4Int8Norm,
-        KernelFn::GemvV4Nf4Norm,
+        KernelFn::GemvV3(Format::Fp16, XRead::Plain),
+        KernelFn::GemvV3(Format::Int8, XRead::Plain),
+        KernelFn::GemvV3(Format::Nf4, XRead::Plain),
+        KernelFn::GemvV3(Format::Fp16, XRead::Norm),
+        KernelFn::GemvV3(Format::Int8, XRead::Norm),
+        KernelFn::GemvV3(Format::Nf4, XRead::Norm),
+        KernelFn::GemvV3(Format::Fp16, XRead::Silu),
+        KernelFn::GemvV3(Format::Int8, XRead::Silu),
+        KernelFn::GemvV3(Format::Nf4, XRead::Silu),
+        KernelFn::GemvV4Int8(XRead::Plain),
+        KernelFn::GemvV4Nf4(XRead::Plain),
+        KernelFn::GemvV4Int8(XRead::Norm),
+        KernelFn::GemvV4Nf4(XRead::Norm),
+        KernelFn::GemvV4Int8(XRead::Silu),
+        KernelFn::GemvV4Nf4(XRead::Silu),
         KernelFn::VerifyV2Rows(Dtype::F32),
         KernelFn::VerifyV2Rows(Dtype::F16),
         KernelFn::VerifyV2Rows(Dtype::Bf16),
@@ -203,16 +203,23 @@ impl KernelFn {
                 (Format::Nf4, 8) => "gemv_v2_nf4_m8",
                 (Format::Nf4, _) => "gemv_v2_nf4_m16",
             },
-            KernelFn::GemvV3(Format::Fp16) => "gemv_v3_fp16",
-            KernelFn::GemvV3(Format::Int8) => "gemv_v3_int8",
-            KernelFn::GemvV3(Format::Nf4) => "gemv_v3_nf4",
-            KernelFn::GemvV4Int8 => "gemv_v4_int8",
-            KernelFn::GemvV4Nf4 => "gemv_v4_nf4",
-            KernelFn::GemvV3Norm(Format::Fp16) => "gemv_v3_fp16_norm",
-            KernelFn::GemvV3Norm(Format::Int8) => "gemv_v3_int8_norm",
-            KernelFn::GemvV3Norm(Format::Nf4) => "gemv_v3_nf4_norm",
-            KernelFn::GemvV4Int8Norm => "gemv_v4_int8_norm",
-            KernelFn::GemvV4Nf4Norm => "gemv_v4_nf4_norm",
+            KernelFn::GemvV3(f, r) => match (f, r) {
+                (Format::Fp16, XRead::Plain) => "gemv_v3_fp16",
+                (Format::Int8, XRead::Plain) => "gemv_v3_int8",
+                (Format::Nf4, XRead::Plain) => "gemv_v3_nf4",
+                (Format::Fp16, XRead::Norm) => "gemv_v3_fp16_norm",
+                (Format::Int8, XRead::Norm) => "gemv_v3_int8_norm",
+                (Format::Nf4, XRead::Norm) => "gemv_v3_nf4_norm",
+                (Format::Fp16, XRead::Silu) => "gemv_v3_fp16_silu",
+                (Format::Int8, XRead::Silu) => "gemv_v3_int8_silu",
+                (Format::Nf4, XRead::Silu) => "gemv_v3_nf4_silu",
+            },
+            KernelFn::GemvV4Int8(XRead::Plain) => "gemv_v4_int8",
+            KernelFn::GemvV4Nf4(XRead::Plain) => "gemv_v4_nf4",
+            KernelFn::GemvV4Int8(XRead::Norm) => "gemv_v4_int8_norm",
+            KernelFn::GemvV4Nf4(XRead::Norm) => "gemv_v4_nf4_norm",
+            KernelFn::GemvV4Int8(XRead::Silu) => "gemv_v4_int8_silu",
+            KernelFn::GemvV4Nf4(XRead::Silu) => "gemv_v4_nf4_silu",
             KernelFn::GemvTc(f, nt) => match (f, nt) {
                 (Format::Fp16, 1) => "gemv_tc_fp16_n8",
                 (Format::Fp16, _) => "gemv_tc_fp16_n16",

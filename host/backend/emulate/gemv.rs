@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::plan::GemvVersion;
 use crate::stats::check_block;
 use crate::weights::gemv::{
-    check as check_gemv, check_norm, params as gemv_params, raw, Fusion, MAX_M,
+    check as check_gemv, params as gemv_params, plan_fused, raw, Fusion, MAX_M,
 };
 use crate::weights::quant::QMatrix;
 
@@ -119,8 +119,16 @@ impl Emulator {
         fusion: Fusion<&[f32]>,
     ) -> Result<()> {
         use speckv_kernels::gemv::PathV2;
-        check_gemv(w, x, m)?;
         let (out, inp) = w.shape();
+        let read = fusion.read()?;
+        if x.len() != m * fusion.x_width(inp) {
+            return Err(Error::Length {
+                what: "x",
+                got: x.len(),
+                expected: m * fusion.x_width(inp),
+            });
+        }
+        check_gemv(w, &x[..m * inp], m)?; // M's range (x's width is checked above)
         if y.len() != m * out {
             return Err(Error::Length {
                 what: "y",
@@ -134,21 +142,9 @@ impl Emulator {
                 "weights must be 16-byte aligned for v2".to_string(),
             ));
         }
-        let (f, i, mm) = (w.format(), inp as u32, m as u32);
-        let (lp, plan) = match fusion.norm {
-            None => version.plan(f, out as u32, i, mm, sm_count),
-            Some((g, eps)) => {
-                check_norm(g.len(), inp, eps)?;
-                version
-                    .plan_norm(f, out as u32, i, mm, sm_count)
-                    .ok_or_else(|| {
-                        Error::Unsupported(format!(
-                        "a norm fused into gemv {version:?} at M = {m}, K = {inp}: only v3 and v4 \
-                         at M = 1 with K a multiple of 64 have that prologue"
-                    ))
-                    })?
-            }
-        };
+        let norm_len = fusion.norm.map(|(g, eps)| (g.len(), eps));
+        let (f, sms) = (w.format(), sm_count);
+        let (lp, plan) = plan_fused(version, f, out, inp, m, sms, read, norm_len)?;
         if plan.path == PathV2::Integer && w.format() == crate::weights::quant::Format::Fp16 {
             return Err(Error::Other(
                 "gemv v4: FP16 has no integer kernel".to_string(),
@@ -197,7 +193,8 @@ impl Emulator {
                 if let Some((g, _)) = norm {
                     l = l.input("norm", g);
                 }
-                let fused = norm.is_some();
+                use crate::plan::XRead;
+                use speckv_kernels::gemv::{X_NORM, X_PLAIN, X_SILU};
                 macro_rules! cores {
                     ($fmt:ty) => {
                         match plan.path {
@@ -222,19 +219,17 @@ impl Emulator {
                             PathV2::Tensor { .. } => {
                                 emu::launch_checked(&l, || gemv_kernel::gemv_tc::<$fmt, 2>(&p2))
                             }
-                            PathV2::Stream if fused => {
-                                emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt, true>(&p2))
-                            }
-                            PathV2::Stream => {
-                                emu::launch_checked(&l, || gemv_kernel::gemv_v3::<$fmt, false>(&p2))
-                            }
+                            PathV2::Stream => emu::launch_checked(&l, || match read {
+                                XRead::Plain => gemv_kernel::gemv_v3::<$fmt, X_PLAIN>(&p2),
+                                XRead::Norm => gemv_kernel::gemv_v3::<$fmt, X_NORM>(&p2),
+                                XRead::Silu => gemv_kernel::gemv_v3::<$fmt, X_SILU>(&p2),
+                            }),
                             // INT8 and NF4 only (FP16 refused above).
-                            PathV2::Integer if fused => {
-                                emu::launch_checked(&l, || gemv_kernel::gemv_v4::<$fmt, true>(&p2))
-                            }
-                            PathV2::Integer => {
-                                emu::launch_checked(&l, || gemv_kernel::gemv_v4::<$fmt, false>(&p2))
-                            }
+                            PathV2::Integer => emu::launch_checked(&l, || match read {
+                                XRead::Plain => gemv_kernel::gemv_v4::<$fmt, X_PLAIN>(&p2),
+                                XRead::Norm => gemv_kernel::gemv_v4::<$fmt, X_NORM>(&p2),
+                                XRead::Silu => gemv_kernel::gemv_v4::<$fmt, X_SILU>(&p2),
+                            }),
                         }
                     };
                 }

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use super::{check_vocab, forward_chunks, resident_chunks, Act, DeviceView, Lin, Op, SeqState};
+use super::{
+    check_vocab, forward_chunks, resident_chunks, Act, DeviceView, Fuse, Lin, Op, SeqState,
+};
 use crate::backend::emulate::{Emulator, Stop};
 use crate::backend::forward::{AlignedF32, MAX_STEP};
 use crate::error::{Error, Result};
@@ -216,16 +218,18 @@ impl<'m> EmulatedForward<'m> {
         let q = self.view.matrix(w)?;
         let mut out = self.rows(y, m).to_vec();
         let (x, sm) = (self.rows(x, m), self.sm_count);
+        // A gate / up row is read whole (`rows` gives it at its own width, 2·ffn).
+        debug_assert_eq!(x.len(), m * fusion.x_width(q.shape().1));
         self.emu
             .gemv_into(q, x, &mut out, m, sm, GemvVersion::V4, fusion)?;
         self.put(y, &out);
         Ok(())
     }
 
-    /// Runs one-row steps unfused (each norm its own launch) when `on` is false: the fused program
-    /// is checked against it.
-    pub fn set_fusion(&mut self, on: bool) {
-        self.seq.fuse = on;
+    /// Which fusions one-row steps may make ([`Fuse::ALL`] by default; [`Fuse::NONE`] runs each
+    /// norm and gate as its own launch, what the fused program is checked against).
+    pub fn set_fusion(&mut self, fuse: Fuse) {
+        self.seq.fuse = fuse;
     }
 
     fn put(&mut self, a: Act, v: &[f32]) {
@@ -249,24 +253,17 @@ impl<'m> EmulatedForward<'m> {
                     .rms_norm(self.rows(Act::X, m), None, w, self.view.eps())?;
                 self.put(Act::Xn, &xn);
             }
-            Op::Gemv {
-                w,
-                x,
-                y,
-                accumulate,
-            } => {
+            Op::Gemv { .. } | Op::NormGemv { .. } | Op::SiluGemv { .. } => {
+                let g = op.gemv().ok_or_else(|| Error::Other(format!("{op:?}")))?;
                 let fusion = Fusion {
-                    norm: None,
-                    accumulate,
+                    norm: match g.norm {
+                        Some(n) => Some((self.view.norm(n)?, self.view.eps())),
+                        None => None,
+                    },
+                    silu: g.silu,
+                    accumulate: g.accumulate,
                 };
-                self.gemv(w, x, y, m, fusion)?;
-            }
-            Op::NormGemv { norm, w, y } => {
-                let fusion = Fusion {
-                    norm: Some((self.view.norm(norm)?, self.view.eps())),
-                    accumulate: false,
-                };
-                self.gemv(w, Act::X, y, m, fusion)?;
+                self.gemv(g.w, g.x, g.y, m, fusion)?;
             }
             Op::QkvRope { layer } => {
                 let q = self.emu.qkv_rope_batch(

@@ -6,8 +6,9 @@
 //! the CPU is the sequence of launches the GPU runs.
 //!
 //! A decode step of one row fuses each norm into the GEMV that reads it (v3 / v4's `_norm`
-//! entries): 57 fewer launches of one block each for a 28-layer model. Larger steps keep the norm
-//! as its own launch; both programs compute the same bits (see `rms_norm` and `gemv`).
+//! entries) and the SwiGLU gate into the down projection's read (`_silu`): 85 fewer launches of
+//! one to nine blocks for a 28-layer model. Larger steps keep them as launches of their own; both
+//! programs compute the same bits (the fused reads are `rms_norm`'s and `silu_mul`'s arithmetic).
 //!
 //! The model's linear layers must be in a speckv regime (FP16, INT8 or NF4): GGUF's own blocks
 //! have CPU kernels only.
@@ -104,6 +105,8 @@ pub enum Op {
     },
     /// y = rms_norm(X) · Wᵀ in one launch: the norm fused into the GEMV's read of X.
     NormGemv { norm: Norm, w: Lin, y: Act },
+    /// y (+)= (silu(gate) · up of Gu) · Wᵀ in one launch: the gate fused into the GEMV's read.
+    SiluGemv { w: Lin, y: Act, accumulate: bool },
     /// Qkv (+ bias) → Q, and the layer's cache rows.
     QkvRope { layer: usize },
     /// Q over the layer's cache → Att.
@@ -112,11 +115,101 @@ pub enum Op {
     SiluMul,
 }
 
-/// The launches of one forward chunk through the `active` layers, with the LM head when `logits`;
-/// with `fuse_norm`, each norm inside the GEMV after it (see [`fuses_norm`]).
-pub fn program(active: &[bool], logits: bool, fuse_norm: bool) -> Vec<Op> {
+/// A GEMV launch of the program, whatever it fuses: its matrix, what it reads (x, or X through
+/// a norm, or Gu through the gate) and writes, and whether it adds into y.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemvOp {
+    pub w: Lin,
+    pub x: Act,
+    pub y: Act,
+    pub norm: Option<Norm>,
+    pub silu: bool,
+    pub accumulate: bool,
+}
+
+impl Op {
+    /// The GEMV this op launches, if it is one.
+    pub fn gemv(self) -> Option<GemvOp> {
+        let plain = |w, x, y, accumulate| GemvOp {
+            w,
+            x,
+            y,
+            norm: None,
+            silu: false,
+            accumulate,
+        };
+        match self {
+            Op::Gemv {
+                w,
+                x,
+                y,
+                accumulate,
+            } => Some(plain(w, x, y, accumulate)),
+            Op::NormGemv { norm, w, y } => Some(GemvOp {
+                norm: Some(norm),
+                ..plain(w, Act::X, y, false)
+            }),
+            Op::SiluGemv { w, y, accumulate } => Some(GemvOp {
+                silu: true,
+                ..plain(w, Act::Gu, y, accumulate)
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Which launches a step's program fuses into the GEMV after them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Fuse {
+    /// Each `rms_norm` into the GEMV that reads its output (`_norm` entries).
+    pub norm: bool,
+    /// Each `silu_mul` into the down projection (`_silu` entries).
+    pub silu: bool,
+}
+
+impl Fuse {
+    /// Nothing fused: every norm and gate its own launch.
+    pub const NONE: Fuse = Fuse {
+        norm: false,
+        silu: false,
+    };
+    /// Everything a step allows fused (the executors' default).
+    pub const ALL: Fuse = Fuse {
+        norm: true,
+        silu: true,
+    };
+
+    /// What a step of `rows` rows of this shape can fuse: the reads the v4 plans of its GEMVs
+    /// have (v3 / v4 at one row with K a multiple of 64). The plans' choice of kernel depends on M
+    /// and K only, not on the format or the SM count, so one answer holds for every regime.
+    pub fn for_step(shape: &Shape, rows: usize) -> Fuse {
+        let has = |w: Lin, read: crate::plan::XRead| {
+            let (o, i) = shape.dims(w);
+            let f = crate::weights::quant::Format::Int8;
+            crate::plan::GemvVersion::V4
+                .plan_read(f, o as u32, i as u32, rows as u32, 1, read)
+                .is_some()
+        };
+        use crate::plan::XRead;
+        Fuse {
+            norm: [Lin::Qkv(0), Lin::GateUp(0), Lin::LmHead]
+                .iter()
+                .all(|&w| has(w, XRead::Norm)),
+            silu: has(Lin::Down(0), XRead::Silu),
+        }
+    }
+
+    /// An index for tables of programs (0..4).
+    pub fn index(self) -> usize {
+        self.norm as usize + 2 * self.silu as usize
+    }
+}
+
+/// The launches of one forward chunk through the `active` layers, with the LM head when `logits`,
+/// fusing what `fuse` says (see [`Fuse::for_step`]).
+pub fn program(active: &[bool], logits: bool, fuse: Fuse) -> Vec<Op> {
     let normed = |norm: Norm, w: Lin, y: Act| {
-        if fuse_norm {
+        if fuse.norm {
             vec![Op::NormGemv { norm, w, y }]
         } else {
             vec![
@@ -144,39 +237,28 @@ pub fn program(active: &[bool], logits: bool, fuse_norm: bool) -> Vec<Op> {
             },
         ]);
         ops.extend(normed(Norm::Ffn(l), Lin::GateUp(l), Act::Gu));
-        ops.extend([
-            Op::SiluMul,
-            Op::Gemv {
+        if fuse.silu {
+            ops.push(Op::SiluGemv {
                 w: Lin::Down(l),
-                x: Act::Ffn,
                 y: Act::X,
                 accumulate: true,
-            },
-        ]);
+            });
+        } else {
+            ops.extend([
+                Op::SiluMul,
+                Op::Gemv {
+                    w: Lin::Down(l),
+                    x: Act::Ffn,
+                    y: Act::X,
+                    accumulate: true,
+                },
+            ]);
+        }
     }
     if logits {
         ops.extend(normed(Norm::Out, Lin::LmHead, Act::Logits));
     }
     ops
-}
-
-/// Whether a step of `rows` rows of this shape runs the fused program: the GEMV plan of every
-/// projection that reads a norm (K = hidden) has the norm prologue — v3 / v4 at one row with K a
-/// multiple of 64. The plans' choice of kernel depends on M and K only, not on the format or the
-/// SM count, so one answer holds for every regime.
-pub fn fuses_norm(shape: &Shape, rows: usize) -> bool {
-    [Lin::Qkv(0), Lin::GateUp(0), Lin::LmHead].iter().all(|&w| {
-        let (o, i) = shape.dims(w);
-        crate::plan::GemvVersion::V4
-            .plan_norm(
-                crate::weights::quant::Format::Int8,
-                o as u32,
-                i as u32,
-                rows as u32,
-                1,
-            )
-            .is_some()
-    })
 }
 
 /// The model's dimensions as the kernels see them.
@@ -368,24 +450,21 @@ pub fn step_plan(
     let m32 = rows as u32;
     let h = shape.heads;
     let mut out = Vec::new();
-    let fused = fuses_norm(shape, rows);
-    for op in program(&vec![true; shape.layers], true, fused) {
+    let fuse = Fuse::for_step(shape, rows);
+    let read = |w: Lin, read: plan::XRead| {
+        let (o, i) = shape.dims(w);
+        plan::GemvVersion::V4
+            .plan_read(format, o as u32, i as u32, m32, sm_count, read)
+            .map(|p| p.0)
+            .ok_or_else(|| Error::Other(format!("{w:?} has no {read:?} read at M = {m32}")))
+    };
+    for op in program(&vec![true; shape.layers], true, fuse) {
         let lp = match op {
             Op::Embed => plan::embed(m32, sm_count),
             Op::RmsNorm { .. } => plan::rms_norm(m32, plan::RMS_NORM_BLOCK, sm_count),
-            Op::Gemv { w, .. } => {
-                let (o, i) = shape.dims(w);
-                plan::GemvVersion::V4
-                    .plan(format, o as u32, i as u32, m32, sm_count)
-                    .0
-            }
-            Op::NormGemv { w, .. } => {
-                let (o, i) = shape.dims(w);
-                plan::GemvVersion::V4
-                    .plan_norm(format, o as u32, i as u32, m32, sm_count)
-                    .ok_or_else(|| Error::Other(format!("{w:?} has no fused norm at M = {m32}")))?
-                    .0
-            }
+            Op::Gemv { w, .. } => read(w, plan::XRead::Plain)?,
+            Op::NormGemv { w, .. } => read(w, plan::XRead::Norm)?,
+            Op::SiluGemv { w, .. } => read(w, plan::XRead::Silu)?,
             Op::QkvRope { .. } => plan::qkv_rope(
                 m32,
                 h.heads as u32,

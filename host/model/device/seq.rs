@@ -1,7 +1,7 @@
 //! What both device executors keep about their sequences besides the buffers ([`SeqState`]), and
 //! the checks and chunking of a call (a call of more than 16 positions runs as several steps).
 
-use super::{fuses_norm, program, Op, Shape};
+use super::{program, Fuse, Op, Shape};
 use crate::error::{Error, Result};
 use crate::model::pass;
 
@@ -11,10 +11,11 @@ use crate::model::pass;
 /// [`Pass::run`](crate::model::Pass::run)'s logits.
 pub(crate) struct SeqState {
     active: Vec<bool>,
-    /// Unfused and fused (norms inside the GEMVs), each without and with the LM head.
-    programs: [[Vec<Op>; 2]; 2],
-    /// Whether one-row steps run the fused program (the default; off to compare the two).
-    pub fuse: bool,
+    /// Every combination of fusions (by [`Fuse::index`]), each without and with the LM head.
+    programs: [[Vec<Op>; 2]; 4],
+    /// The fusions a step may make (all by default; fewer to compare): each step makes those of
+    /// them its rows allow ([`Fuse::for_step`]).
+    pub fuse: Fuse,
     /// Every sequence's length.
     lens: Vec<usize>,
     pub capacity: usize,
@@ -28,7 +29,7 @@ impl SeqState {
         pass::check_seqs(seqs)?;
         Ok(SeqState {
             programs: programs(&active),
-            fuse: true,
+            fuse: Fuse::ALL,
             active,
             lens: vec![0; seqs],
             capacity,
@@ -88,8 +89,12 @@ impl SeqState {
     /// The launches of a chunk of `rows` rows (every sequence's) of a model of this shape, with
     /// the LM head when `logits`.
     pub(crate) fn program(&self, shape: &Shape, rows: usize, logits: bool) -> &[Op] {
-        let fused = self.fuse && fuses_norm(shape, rows);
-        &self.programs[fused as usize][logits as usize]
+        let can = Fuse::for_step(shape, rows);
+        let fuse = Fuse {
+            norm: can.norm && self.fuse.norm,
+            silu: can.silu && self.fuse.silu,
+        };
+        &self.programs[fuse.index()][logits as usize]
     }
 
     /// Runs only the layers marked true (a self-speculative draft sharing the target's weights).
@@ -246,7 +251,13 @@ pub(crate) fn forward_chunks(
     Ok(out)
 }
 
-/// Every program of these layers: [unfused, fused][without, with the LM head].
-fn programs(active: &[bool]) -> [[Vec<Op>; 2]; 2] {
-    [false, true].map(|fused| [false, true].map(|logits| program(active, logits, fused)))
+/// Every program of these layers: [fusions by `Fuse::index`][without, with the LM head].
+fn programs(active: &[bool]) -> [[Vec<Op>; 2]; 4] {
+    [0, 1, 2, 3].map(|i| {
+        let fuse = Fuse {
+            norm: i & 1 != 0,
+            silu: i & 2 != 0,
+        };
+        [false, true].map(|logits| program(active, logits, fuse))
+    })
 }

@@ -21,7 +21,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use super::{forward_chunks, resident_chunks, Act, Op, SeqState};
+use super::{forward_chunks, resident_chunks, Act, Fuse, Op, SeqState};
 use crate::backend::cuda::{CacheRefs, CudaBackend, KernelVersion, ResidentStats, ResidentVerify};
 use crate::backend::forward::MAX_STEP;
 use crate::error::{Error, Result};
@@ -163,10 +163,10 @@ impl<'b> CudaForward<'b> {
         self.seq.set_active_layers(active)
     }
 
-    /// Runs one-row steps unfused (each norm its own launch) when `on` is false: the fused program
-    /// is checked and timed against it.
-    pub fn set_fusion(&mut self, on: bool) {
-        self.seq.fuse = on;
+    /// Which fusions one-row steps may make ([`Fuse::ALL`] by default; fewer to time the fused
+    /// program against).
+    pub fn set_fusion(&mut self, fuse: Fuse) {
+        self.seq.fuse = fuse;
         self.graphs.clear(); // captured with the other program
     }
 
@@ -327,39 +327,17 @@ impl<'b> CudaForward<'b> {
                 self.acts.insert(Act::Xn, xn);
                 r
             }
-            Op::Gemv {
-                w,
-                x,
-                y,
-                accumulate,
-            } => {
-                let mut out = self.take(y)?;
+            Op::Gemv { .. } | Op::NormGemv { .. } | Op::SiluGemv { .. } => {
+                let g = op.gemv().ok_or_else(|| Error::Other(format!("{op:?}")))?;
+                let mut out = self.take(g.y)?;
                 let fusion = Fusion {
-                    norm: None,
-                    accumulate,
+                    norm: g.norm.map(|n| (&self.w.norms[&n], self.w.eps)),
+                    silu: g.silu,
+                    accumulate: g.accumulate,
                 };
-                let mats = &self.w.mats[&w];
-                let r =
-                    c.launch_gemv_into(mats, &self.acts[&x], &mut out, rows, &mut self.ws, fusion);
-                self.acts.insert(y, out);
-                r
-            }
-            Op::NormGemv { norm, w, y } => {
-                let mut out = self.take(y)?;
-                let fusion = Fusion {
-                    norm: Some((&self.w.norms[&norm], self.w.eps)),
-                    accumulate: false,
-                };
-                let mats = &self.w.mats[&w];
-                let r = c.launch_gemv_into(
-                    mats,
-                    &self.acts[&Act::X],
-                    &mut out,
-                    rows,
-                    &mut self.ws,
-                    fusion,
-                );
-                self.acts.insert(y, out);
+                let (mats, x) = (&self.w.mats[&g.w], &self.acts[&g.x]);
+                let r = c.launch_gemv_into(mats, x, &mut out, rows, &mut self.ws, fusion);
+                self.acts.insert(g.y, out);
                 r
             }
             Op::QkvRope { layer } => {
