@@ -6,6 +6,7 @@ use serde::Serialize;
 use speckv_kernels::softmax_stats::{self as stats_kernel, PlanV2};
 
 use crate::stats::Dtype;
+pub use crate::weights::gemv::XRead;
 
 /// SMs of the GPU speckv designs for (H200); `speckv plan --sms` and the backends pass the real
 /// count where they know it.
@@ -183,25 +184,31 @@ impl GemvVersion {
     }
 }
 
-/// How a GEMV reads x: as it is, normalised (`_norm`: the RMSNorm in front of a projection) or
-/// as silu(gate) · up of a `[2·in]` gate / up row (`_silu`: the SwiGLU in front of the down
-/// projection). The fused reads are v3's and v4's, at M = 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
-pub enum XRead {
-    Plain,
-    Norm,
-    Silu,
-}
-
-impl XRead {
-    /// The entry point's suffix.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            XRead::Plain => "",
-            XRead::Norm => "_norm",
-            XRead::Silu => "_silu",
-        }
+/// The launch of a GEMV of `out × inp` at `m` rows by `version`'s plan, reading x as `read`
+/// says, with `norm` = (the gains' length, eps) checked for a normalised read: an error where the
+/// plan's kernel has no such prologue (v3 and v4 at M = 1 have them), not a silently plain read.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_fused(
+    version: GemvVersion,
+    format: crate::weights::quant::Format,
+    out: usize,
+    inp: usize,
+    m: usize,
+    sm_count: u32,
+    read: XRead,
+    norm: Option<(usize, f32)>,
+) -> crate::error::Result<(LaunchPlan, speckv_kernels::gemv::GemvPlanV2)> {
+    if let Some((gains, eps)) = norm {
+        crate::weights::gemv::check_norm(gains, inp, eps)?;
     }
+    version
+        .plan_read(format, out as u32, inp as u32, m as u32, sm_count, read)
+        .ok_or_else(|| {
+            crate::error::Error::Unsupported(format!(
+                "gemv {version:?} at M = {m}, K = {inp} reading x as {read:?}: only v3 and v4 at \
+                 M = 1 with K a multiple of 64 have the fused reads"
+            ))
+        })
 }
 
 /// The kernels' code of a weight format (0 fp16, 1 int8, 2 nf4).

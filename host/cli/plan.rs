@@ -196,7 +196,7 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             } else {
                 let version =
                     plan::GemvVersion::from_number(a.version).unwrap_or(plan::GemvVersion::V2);
-                let (p, k) = speckv::weights::gemv::plan_fused(
+                let (p, k) = plan::plan_fused(
                     version,
                     format,
                     out as usize,

@@ -37,7 +37,7 @@ pub fn check(w: &QMatrix, x: &[f32], m: usize) -> Result<usize> {
 #[derive(Clone, Copy, Debug)]
 pub struct Fusion<N> {
     /// Normalise x first, x / √(mean(x²) + eps) · gains (the `_norm` entries of v3 and v4, M = 1;
-    /// other plans refuse it: see `plan::GemvVersion::plan_read`).
+    /// other plans refuse it: see `plan::plan_fused`).
     pub norm: Option<(N, f32)>,
     /// x is a gate / up row `[2·in]` read as silu(gate) · up (the `_silu` entries, M = 1).
     pub silu: bool,
@@ -54,8 +54,7 @@ impl<N> Fusion<N> {
     };
 
     /// How the kernel reads x (a norm and a gate together are refused).
-    pub fn read(&self) -> Result<crate::plan::XRead> {
-        use crate::plan::XRead;
+    pub fn read(&self) -> Result<XRead> {
         match (&self.norm, self.silu) {
             (None, false) => Ok(XRead::Plain),
             (Some(_), false) => Ok(XRead::Norm),
@@ -85,35 +84,8 @@ impl<N> Fusion<N> {
     }
 }
 
-/// The launch of a GEMV of `out × inp` at `m` rows by `version`'s plan, reading x as `read`
-/// says, with `norm` = (the gains' length, eps) checked for a normalised read: an error where the
-/// plan's kernel has no such prologue (v3 and v4 at M = 1 have them), not a silently plain read.
-#[allow(clippy::too_many_arguments)]
-pub fn plan_fused(
-    version: crate::plan::GemvVersion,
-    format: crate::weights::quant::Format,
-    out: usize,
-    inp: usize,
-    m: usize,
-    sm_count: u32,
-    read: crate::plan::XRead,
-    norm: Option<(usize, f32)>,
-) -> Result<(crate::plan::LaunchPlan, speckv_kernels::gemv::GemvPlanV2)> {
-    if let Some((gains, eps)) = norm {
-        check_norm(gains, inp, eps)?;
-    }
-    version
-        .plan_read(format, out as u32, inp as u32, m as u32, sm_count, read)
-        .ok_or_else(|| {
-            Error::Unsupported(format!(
-                "gemv {version:?} at M = {m}, K = {inp} reading x as {read:?}: only v3 and v4 at \
-                 M = 1 with K a multiple of 64 have the fused reads"
-            ))
-        })
-}
-
 /// Checks the gains of a norm fused into the GEMV of a `[_, inp]` matrix.
-fn check_norm(gains: usize, inp: usize, eps: f32) -> Result<()> {
+pub(crate) fn check_norm(gains: usize, inp: usize, eps: f32) -> Result<()> {
     if gains != inp {
         return Err(Error::Length {
             what: "norm gains",
@@ -127,6 +99,27 @@ fn check_norm(gains: usize, inp: usize, eps: f32) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// How a GEMV reads x: as it is, normalised (`_norm`: the RMSNorm in front of a projection) or
+/// as silu(gate) · up of a `[2·in]` gate / up row (`_silu`: the SwiGLU in front of the down
+/// projection). The fused reads are v3's and v4's, at M = 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum XRead {
+    Plain,
+    Norm,
+    Silu,
+}
+
+impl XRead {
+    /// The entry point's suffix.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            XRead::Plain => "",
+            XRead::Norm => "_norm",
+            XRead::Silu => "_silu",
+        }
+    }
 }
 
 /// Kernel parameters for host or device addresses.

@@ -8,7 +8,8 @@ use speckv_kernels::params::{GemvParams, GemvV2Params};
 
 use super::{ByValue, CudaBackend, KernelFn};
 use crate::error::{Error, Result};
-use crate::weights::gemv::{plan_fused, Fusion};
+use crate::plan::plan_fused;
+use crate::weights::gemv::Fusion;
 use crate::weights::quant::{Format, QMatrix};
 
 /// Block size of GEMV launches (four output rows per block, one warp each).

@@ -6,11 +6,9 @@ use speckv_kernels::gemv::{self as gemv_kernel, Fp16, Int8, Nf4};
 use super::Emulator;
 use crate::backend::forward::AlignedF32;
 use crate::error::{Error, Result};
-use crate::plan::GemvVersion;
+use crate::plan::{plan_fused, GemvVersion};
 use crate::stats::check_block;
-use crate::weights::gemv::{
-    check as check_gemv, params as gemv_params, plan_fused, raw, Fusion, MAX_M,
-};
+use crate::weights::gemv::{check as check_gemv, params as gemv_params, raw, Fusion, MAX_M};
 use crate::weights::quant::QMatrix;
 
 impl Emulator {
