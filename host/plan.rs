@@ -158,35 +158,13 @@ impl GemvVersion {
             p,
         )
     }
-
-    /// The plan of the same GEMV reading x as `read` says: the `_norm` / `_silu` entry points of
-    /// v3 and v4 (M = 1, K a multiple of 64); `None` where this version plans a kernel without that
-    /// prologue, so a caller launches the norm or the gate on its own.
-    pub fn plan_read(
-        self,
-        format: crate::weights::quant::Format,
-        out: u32,
-        inp: u32,
-        m: u32,
-        sm_count: u32,
-        read: XRead,
-    ) -> Option<(LaunchPlan, speckv_kernels::gemv::GemvPlanV2)> {
-        use speckv_kernels::gemv::PathV2;
-        let (mut lp, p) = self.plan(format, out, inp, m, sm_count);
-        match (read, p.path) {
-            (XRead::Plain, _) => Some((lp, p)),
-            (XRead::Norm | XRead::Silu, PathV2::Stream | PathV2::Integer) => {
-                lp.entry.push_str(read.suffix());
-                Some((lp, p))
-            }
-            (_, PathV2::Cores { .. } | PathV2::Tensor { .. }) => None,
-        }
-    }
 }
 
 /// The launch of a GEMV of `out × inp` at `m` rows by `version`'s plan, reading x as `read`
-/// says, with `norm` = (the gains' length, eps) checked for a normalised read: an error where the
-/// plan's kernel has no such prologue (v3 and v4 at M = 1 have them), not a silently plain read.
+/// says (the `_norm` / `_silu` entry points of v3 and v4: M = 1, K a multiple of 64), with `norm` =
+/// (the gains' length, eps) checked for a normalised read: an error where the plan's kernel has no
+/// such prologue, so a caller launches the norm or the gate on its own, not a silently plain
+/// read.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_fused(
     version: GemvVersion,
@@ -201,14 +179,21 @@ pub fn plan_fused(
     if let Some((gains, eps)) = norm {
         crate::weights::gemv::check_norm(gains, inp, eps)?;
     }
-    version
-        .plan_read(format, out as u32, inp as u32, m as u32, sm_count, read)
-        .ok_or_else(|| {
-            crate::error::Error::Unsupported(format!(
+    use speckv_kernels::gemv::PathV2;
+    let (mut lp, p) = version.plan(format, out as u32, inp as u32, m as u32, sm_count);
+    match (read, p.path) {
+        (XRead::Plain, _) => Ok((lp, p)),
+        (XRead::Norm | XRead::Silu, PathV2::Stream | PathV2::Integer) => {
+            lp.entry.push_str(read.suffix());
+            Ok((lp, p))
+        }
+        (_, PathV2::Cores { .. } | PathV2::Tensor { .. }) => {
+            Err(crate::error::Error::Unsupported(format!(
                 "gemv {version:?} at M = {m}, K = {inp} reading x as {read:?}: only v3 and v4 at \
                  M = 1 with K a multiple of 64 have the fused reads"
-            ))
-        })
+            )))
+        }
+    }
 }
 
 /// The kernels' code of a weight format (0 fp16, 1 int8, 2 nf4).
@@ -291,6 +276,9 @@ pub fn verify_v2(
 /// Block sizes of the forward pass's elementwise and attention kernels.
 pub const EMBED_BLOCK: u32 = 128;
 pub const RMS_NORM_BLOCK: u32 = 256;
+// The `_norm` GEMVs compute the norm's scale with `rms_norm_f32`'s reduction at their own block size;
+// the two programs give the same bits only while that is the norm launch's block size too.
+const _: () = assert!(speckv_kernels::gemv::V3_WARPS * 32 == RMS_NORM_BLOCK);
 pub const QKV_ROPE_BLOCK: u32 = 256;
 pub const ATTENTION_BLOCK: u32 = 128;
 pub const SILU_MUL_BLOCK: u32 = 256;

@@ -185,10 +185,11 @@ impl Fuse {
     pub fn for_step(shape: &Shape, rows: usize) -> Fuse {
         let has = |w: Lin, read: crate::plan::XRead| {
             let (o, i) = shape.dims(w);
-            let f = crate::weights::quant::Format::Int8;
-            crate::plan::GemvVersion::V4
-                .plan_read(f, o as u32, i as u32, rows as u32, 1, read)
-                .is_some()
+            let (v, f) = (
+                crate::plan::GemvVersion::V4,
+                crate::weights::quant::Format::Int8,
+            );
+            crate::plan::plan_fused(v, f, o, i, rows, 1, read, None).is_ok()
         };
         use crate::plan::XRead;
         Fuse {
@@ -453,10 +454,8 @@ pub fn step_plan(
     let fuse = Fuse::for_step(shape, rows);
     let read = |w: Lin, read: plan::XRead| {
         let (o, i) = shape.dims(w);
-        plan::GemvVersion::V4
-            .plan_read(format, o as u32, i as u32, m32, sm_count, read)
-            .map(|p| p.0)
-            .ok_or_else(|| Error::Other(format!("{w:?} has no {read:?} read at M = {m32}")))
+        let v4 = plan::GemvVersion::V4;
+        plan::plan_fused(v4, format, o, i, rows, sm_count, read, None).map(|p| p.0)
     };
     for op in program(&vec![true; shape.layers], true, fuse) {
         let lp = match op {
