@@ -191,7 +191,7 @@ impl CudaBackend {
     /// The v2, v3 or v4 GEMV (the plan's kernel) with `ws` as its workspace (zeroed, the plan's
     /// size), and `fusion`'s norm and add.
     #[allow(clippy::too_many_arguments)]
-    pub fn launch_gemv_planned(
+    fn launch_gemv_planned(
         &self,
         d: &DeviceMatrix,
         x: &cudarc::driver::CudaSlice<f32>,
