@@ -92,19 +92,6 @@ pub fn softmax_stats_v3(
     )
 }
 
-/// The v2 GEMV of `m` rows of x against an `out × inp` matrix in `format` (see
-/// `speckv_kernels::gemv::plan_v2`): CUDA cores at M = 1 (or K not a multiple of 64), tensor cores
-/// for the verification batch M = 2..16.
-pub fn gemv_v2(
-    format: crate::weights::quant::Format,
-    out: u32,
-    inp: u32,
-    m: u32,
-    sm_count: u32,
-) -> (LaunchPlan, speckv_kernels::gemv::GemvPlanV2) {
-    GemvVersion::V2.plan(format, out, inp, m, sm_count)
-}
-
 /// Which GEMV kernels a call launches: v1 (one warp per row, the oracle), v2's plan, v3's (v2
 /// with the streaming kernel at M = 1 when K is a multiple of 64: what the device forward pass
 /// launches for FP16) or v4's (v3 with INT8 and NF4 at M = 1 by integer dot products on 8-bit x:

@@ -467,8 +467,8 @@ fn emulator_v2_paths_and_splits() {
             let q = QMatrix::quantize(&w, out, inp, format, false).unwrap();
             for m in [1usize, 2, 3, 8, 9, 16] {
                 for sms in [1u32, 7, 132] {
-                    let (lp, plan) =
-                        speckv::plan::gemv_v2(format, out as u32, inp as u32, m as u32, sms);
+                    let (lp, plan) = speckv::plan::GemvVersion::V2
+                        .plan(format, out as u32, inp as u32, m as u32, sms);
                     let label = format!(
                         "v2 {} {out}x{inp} m {m} sms {sms} ({})",
                         format.name(),
@@ -490,19 +490,19 @@ fn emulator_v2_paths_and_splits() {
 /// (Qwen 1.5B's down projection, 1536 × 8960) split along K so an H200's SMs are all busy.
 #[test]
 fn v2_plans_split_narrow_outputs() {
-    let (lp, p) = speckv::plan::gemv_v2(Format::Fp16, 1536, 8960, 1, 132);
+    let (lp, p) = speckv::plan::GemvVersion::V2.plan(Format::Fp16, 1536, 8960, 1, 132);
     assert_eq!(lp.entry, "gemv_v2_fp16_m1");
     assert!(p.grid >= 264, "{p:?}");
     assert!(
         p.ksplits > 1 && p.kt % 64 == 0 && p.kt * p.ksplits >= 8960,
         "{p:?}"
     );
-    let (lp, p) = speckv::plan::gemv_v2(Format::Nf4, 1536, 8960, 5, 132);
+    let (lp, p) = speckv::plan::GemvVersion::V2.plan(Format::Nf4, 1536, 8960, 5, 132);
     assert_eq!(lp.entry, "gemv_tc_nf4_n8");
     assert!(p.grid >= 264 && p.shared_bytes <= 48 * 1024, "{p:?}");
-    let (lp, _) = speckv::plan::gemv_v2(Format::Int8, 4096, 4096, 16, 132);
+    let (lp, _) = speckv::plan::GemvVersion::V2.plan(Format::Int8, 4096, 4096, 16, 132);
     assert_eq!(lp.entry, "gemv_tc_int8_n16");
-    let (lp, _) = speckv::plan::gemv_v2(Format::Int8, 4096, 100, 16, 132);
+    let (lp, _) = speckv::plan::GemvVersion::V2.plan(Format::Int8, 4096, 100, 16, 132);
     assert_eq!(
         lp.entry, "gemv_v2_int8_m16",
         "K % 64 != 0 stays on CUDA cores"
@@ -602,7 +602,7 @@ fn v3_plans_stream_decode_and_keep_v2_elsewhere() {
     ] {
         assert_eq!(
             speckv::plan::GemvVersion::V3.plan(format, out, inp, m, 132),
-            speckv::plan::gemv_v2(format, out, inp, m, 132),
+            speckv::plan::GemvVersion::V2.plan(format, out, inp, m, 132),
             "{format:?} {out}x{inp} M = {m}"
         );
     }
