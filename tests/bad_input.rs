@@ -167,6 +167,7 @@ fn nan_logits_are_an_error_in_plain_decoding() {
         seed: 0,
         gamma_max: 4,
         compression: Compression::Fp16,
+        draft_catch_up: None,
     };
     let good = load(&common::tiny::spec(2), "plain.gguf").unwrap();
     let out = decode::plain(&good, &[1, 2, 3], &[], &cfg(0.0)).unwrap();

@@ -43,6 +43,10 @@ macro_rules! batch_tests {
                 super::a_batch_of_one_is_the_single_sequence_loop($state)
             }
             #[test]
+            fn a_catch_up_window_skips_old_tokens_losslessly() {
+                super::a_catch_up_window_skips_old_tokens_losslessly($state)
+            }
+            #[test]
             fn batched_decodes_refuse_misuse_before_running() {
                 super::batched_decodes_refuse_misuse_before_running($state)
             }
@@ -86,6 +90,7 @@ fn cfg(temperature: f32, gamma_max: u32) -> GenConfig {
         seed: 5,
         gamma_max,
         compression: Compression::Fp16,
+        draft_catch_up: None,
     }
 }
 
@@ -221,12 +226,22 @@ fn policy_name(p: &Policy) -> String {
 fn a_batch_of_one_is_the_single_sequence_loop(state: State) {
     let (m, dm) = (model(), draft_model());
     let p = prompts().swap_remove(0);
-    for (t, policy) in [
-        (0.9, Policy::Fixed(4)),
-        (0.9, Policy::Confidence(0.3)),
-        (0.0, Policy::Heuristic),
+    let every = Policy::Every {
+        period: 3,
+        gamma: 4,
+    };
+    for (t, policy, window) in [
+        (0.9, Policy::Fixed(4), None),
+        (0.9, Policy::Confidence(0.3), None),
+        (0.0, Policy::Heuristic, None),
+        // Plain steps between drafting ones: both loops catch up on the same window.
+        (0.9, every.clone(), Some(2)),
+        (0.9, every, None),
     ] {
-        let c = cfg(t, 4);
+        let c = GenConfig {
+            draft_catch_up: window,
+            ..cfg(t, 4)
+        };
         let cap = batch_room(p.len(), &c, 1);
         let (mut tb, mut db) = (state(&m, cap, 1), state(&dm, cap, 1));
         let ps = std::slice::from_ref(&p);
@@ -242,6 +257,82 @@ fn a_batch_of_one_is_the_single_sequence_loop(state: State) {
             "T {t} {policy:?}"
         );
         assert_eq!(q.gamma_histogram, want.gamma_histogram, "T {t} {policy:?}");
+        assert_eq!(
+            q.draft_tokens, want.draft_tokens,
+            "T {t} {policy:?} {window:?}"
+        );
+        assert_eq!(
+            got.draft_tokens, want.draft_tokens,
+            "the batch's are its one sequence's"
+        );
+    }
+}
+
+/// A draft that drafts every 4th step catches up on only the newest `window` tokens of the plain
+/// steps between: greedy decoding stays lossless, the draft is fed fewer tokens, its cache trails
+/// the target's by what it skipped, and a window that holds every backlog changes nothing.
+fn a_catch_up_window_skips_old_tokens_losslessly(state: State) {
+    let (m, dm) = (model(), draft_model());
+    let ps = prompts();
+    let every = Policy::Every {
+        period: 4,
+        gamma: 3,
+    };
+    let run = |window: Option<usize>| {
+        let c = GenConfig {
+            draft_catch_up: window,
+            ..cfg(0.0, 3)
+        };
+        let cap = batch_room(21, &c, 3);
+        let (mut t, mut d) = (state(&m, cap, 3), state(&dm, cap, 3));
+        let got = speculative_batch(&mut *t, &mut *d, &ps, &[], &every, &c).unwrap();
+        (got, t.lens().to_vec(), d.lens().to_vec())
+    };
+    let c = cfg(0.0, 3);
+    let cap = batch_room(21, &c, 3);
+    let plain = tokens(&plain_batch(&mut *state(&m, cap, 3), &ps, &[], &c).unwrap());
+    let (all, t_all, d_all) = run(None);
+    assert_eq!(tokens(&all), plain, "greedy is lossless");
+    // Drafting steps (3 drafts each, the draft fed what it caught up on and the first 2) per
+    // sequence, and the most tokens they may feed with a window of w.
+    let drafting = |s: &BatchStats| -> Vec<usize> {
+        let q = s.sequences.iter();
+        q.map(|q| q.steps - q.gamma_histogram.get(&0).copied().unwrap_or(0))
+            .collect()
+    };
+    let bound = |s: &BatchStats, w: usize| drafting(s).iter().map(|n| n * (w + 2)).sum::<usize>();
+    assert!(
+        drafting(&all).iter().all(|&n| n >= 2),
+        "{:?}",
+        drafting(&all)
+    );
+    // A window of 5 holds the 3 plain steps' tokens, an unseen draft and the pending one.
+    let (five, t5, d5) = run(Some(5));
+    assert_eq!(tokens(&five), plain);
+    assert_eq!(
+        (five.draft_tokens, five.target_passes, &t5, &d5),
+        (all.draft_tokens, all.target_passes, &t_all, &d_all),
+        "a window that drops nothing changes nothing"
+    );
+    for w in [1, 2] {
+        // Every token caught up on feeds more than a window of w allows.
+        assert!(all.draft_tokens > bound(&all, w), "{}", all.draft_tokens);
+        let (win, t_win, d_win) = run(Some(w));
+        assert_eq!(tokens(&win), plain, "window {w}: greedy is lossless");
+        assert!(
+            win.draft_tokens <= bound(&win, w),
+            "window {w}: {} draft tokens over {:?} drafting steps",
+            win.draft_tokens,
+            drafting(&win)
+        );
+        for b in 0..ps.len() {
+            // The draft's cache trails the target's (it skipped tokens) and keeps the prompt's.
+            assert!(
+                d_win[b] < t_win[b],
+                "window {w} seq {b}: {d_win:?} {t_win:?}"
+            );
+            assert!(d_win[b] >= ps[b].len() - 1, "window {w} seq {b}");
+        }
     }
 }
 
@@ -266,6 +357,28 @@ fn batched_decodes_refuse_misuse_before_running(state: State) {
     let (mut t4, mut d4) = (state(&m, cap, 4), state(&dm, cap, 4));
     let e = spec(&mut t4, &mut d4, &four, &Policy::Fixed(4), &cfg(0.0, 4)).unwrap_err();
     assert!(e.to_string().contains("γmax 4 over 4"), "{e}");
+    // A catch-up window of no tokens has no room for the pending one: refused by both loops.
+    let no_window = GenConfig {
+        draft_catch_up: Some(0),
+        ..c.clone()
+    };
+    let e = spec(&mut t, &mut d, &ps, &Policy::Fixed(3), &no_window).unwrap_err();
+    assert!(
+        matches!(e, speckv::Error::Empty { what } if what.contains("catch-up")),
+        "{e}"
+    );
+    let (mut t1, mut d1) = (state(&m, cap, 1), state(&dm, cap, 1));
+    let (t1, d1) = (as_pass(&mut t1), as_pass(&mut d1));
+    let e = speculative_on(
+        t1,
+        d1,
+        &ps[0],
+        &[],
+        &Policy::Fixed(3),
+        &no_window,
+        &mut |_| {},
+    );
+    assert!(matches!(e, Err(speckv::Error::Empty { .. })));
     // Nine sequences leave no room for a draft (2 · 9 rows > 16), whatever γmax.
     let nine: Vec<Vec<u32>> = (0..9).map(|i| vec![i + 1]).collect();
     let (mut t9, mut d9) = (state(&m, cap, 9), state(&dm, cap, 9));

@@ -345,6 +345,7 @@ fn decode_loops_on_the_device_program_are_lossless() {
         seed: 0,
         gamma_max: 3,
         compression: Compression::Fp16,
+        draft_catch_up: None,
     };
     let room = prompt.len() + 10 + 3 + 2;
     let emu = || Emulator::new(128);

@@ -250,6 +250,7 @@ fn greedy_plain_decoding_allocates_nothing_per_token() {
             seed: 0,
             gamma_max: 8,
             compression: speckv::controller::records::Compression::Nf4,
+            draft_catch_up: None,
         };
         let before = ALLOCS.load(Ordering::SeqCst);
         let out = speckv::decode::plain(&m, &prompt, &[], &cfg).unwrap();
@@ -292,6 +293,7 @@ fn speculative_decoding_allocates_nothing_per_step() {
                     seed: 3,
                     gamma_max: 6,
                     compression: speckv::controller::records::Compression::Nf4,
+                    draft_catch_up: None,
                 };
                 let (mut last, mut steps, mut between, mut drafted) = (None, 0, 0, 0);
                 let out = speckv::decode::speculative_traced(
@@ -349,6 +351,7 @@ fn batched_decoding_allocates_nothing_per_token() {
                 seed: 3,
                 gamma_max: 4,
                 compression: speckv::controller::records::Compression::Nf4,
+                draft_catch_up: None,
             };
             let before = ALLOCS.load(Ordering::SeqCst);
             let mut t = CpuPass::new_batch(&m, None, 3).unwrap();

@@ -221,7 +221,18 @@ fn policy_names_parse_and_bad_ones_are_errors() {
         Policy::parse("adaedl", None),
         Ok(Policy::AdaEdl { .. })
     ));
+    assert!(matches!(
+        Policy::parse("every:4:3", None),
+        Ok(Policy::Every {
+            period: 4,
+            gamma: 3
+        })
+    ));
     for bad in [
+        "every:0:3",
+        "every:4",
+        "every:4:x",
+        "every:-1:3",
         "adaedl:2",
         "adaedl:x",
         "adaedl:0.5:-1",

@@ -51,6 +51,7 @@ fn greedy_decoding_answers_a_simple_question() {
         seed: 0,
         gamma_max: 8,
         compression: Compression::Fp16,
+        draft_catch_up: None,
     };
     let out = decode::plain(&m, &prompt, &tok.stop, &cfg).unwrap();
     let text = tok.decode(&out.tokens).unwrap();
@@ -93,6 +94,7 @@ fn speculative_greedy_equals_plain_greedy_for_every_policy_and_regime() {
             seed: 1,
             gamma_max: 8,
             compression: Compression::Fp16,
+            draft_catch_up: None,
         };
         let want = decode::plain(&m, &prompt, &tok.stop, &cfg).unwrap().tokens;
         assert!(want.len() >= 8, "{format:?}: {want:?}");
@@ -138,6 +140,7 @@ fn speculative_greedy_equals_plain_greedy_with_a_draft_that_accepts() {
             seed: 1,
             gamma_max: 8,
             compression: Compression::Fp16,
+            draft_catch_up: None,
         };
         let want = decode::plain(&target, &prompt, &tok.stop, &cfg)
             .unwrap()
@@ -189,6 +192,7 @@ fn sampled_speculative_decoding_is_reproducible_for_a_seed() {
         seed: 42,
         gamma_max: 6,
         compression: Compression::Fp16,
+        draft_catch_up: None,
     };
     let a = decode::speculative(
         &m,
@@ -291,6 +295,7 @@ fn auto_policy_sees_the_features_it_was_trained_on() {
         seed: 1,
         gamma_max: 8,
         compression: Compression::Int8,
+        draft_catch_up: None,
     };
     let policy = Policy::parse("auto", None).unwrap();
     let mut steps = Vec::new();

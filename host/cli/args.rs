@@ -90,3 +90,32 @@ pub fn check_seconds(seconds: f64) -> Result<std::time::Duration> {
     }
     Ok(std::time::Duration::from_secs_f64(seconds))
 }
+
+/// `--draft-catch-up`: `all`, or the most committed tokens the draft is fed before a step's first
+/// draft after steps in which it drafted nothing (at least 1: the pending token).
+#[derive(Clone, Copy, Debug)]
+pub struct CatchUp(pub Option<usize>);
+
+impl std::fmt::Display for CatchUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("all"),
+        }
+    }
+}
+
+impl std::str::FromStr for CatchUp {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<CatchUp, String> {
+        if s == "all" {
+            return Ok(CatchUp(None));
+        }
+        match s.parse::<usize>() {
+            Ok(0) => Err("at least 1 (the pending token), or `all`".into()),
+            Ok(n) => Ok(CatchUp(Some(n))),
+            Err(_) => Err(format!("{s:?} is neither a token count nor `all`")),
+        }
+    }
+}

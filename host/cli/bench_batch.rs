@@ -6,7 +6,7 @@ use speckv::decode::batch::bench;
 use speckv::decode::{pair, GenConfig};
 use speckv::BackendKind;
 
-use crate::args::{json_out, progress_bar, ModelArgs};
+use crate::args::{json_out, progress_bar, CatchUp, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct BatchArgs {
@@ -23,8 +23,9 @@ pub struct BatchArgs {
     /// Sequences decoded together (1 to 16; speculative policies up to 8).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     batch_sizes: Vec<usize>,
-    /// Comma-separated: plain, auto, fixed:N, speckv, confidence:P, hf-dynamic, heuristic,
-    /// adaedl[:LAMBDA[:KAPPA]] (`auto` batched decides for the batch; alone, per sequence).
+    /// Comma-separated: plain, auto, fixed:N, every:N:G (G drafts every N-th step), speckv,
+    /// confidence:P, hf-dynamic, heuristic, adaedl[:LAMBDA[:KAPPA]] (`auto` batched decides for
+    /// the batch; alone, per sequence).
     #[arg(
         long,
         value_delimiter = ',',
@@ -40,6 +41,11 @@ pub struct BatchArgs {
     /// rows); the one-at-a-time runs use the same cap.
     #[arg(long, default_value_t = 8)]
     gamma_max: u32,
+    /// The most committed tokens the draft catches up on (the pending token included) when it
+    /// drafts after steps in which it drafted nothing (`auto`'s plain steps); it never sees the
+    /// older ones (its positions then trail the target's). `all`: every one.
+    #[arg(long, default_value_t = CatchUp(Some(speckv::decode::DRAFT_CATCH_UP)))]
+    draft_catch_up: CatchUp,
     #[arg(long)]
     json: bool,
 }
@@ -76,6 +82,7 @@ pub fn run(a: BatchArgs, backend: BackendKind) -> speckv::Result<()> {
         seed: 0,
         gamma_max: a.gamma_max,
         compression: p.compression,
+        draft_catch_up: a.draft_catch_up.0,
     };
     let bar = progress_bar((pols.len() * a.batch_sizes.len()) as u64, "decoding");
     let mut started = false;

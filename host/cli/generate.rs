@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use speckv::decode::{pair, GenConfig};
 use speckv::BackendKind;
 
-use crate::args::{check_temperature, json_out, ModelArgs};
+use crate::args::{check_temperature, json_out, CatchUp, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,9 +18,10 @@ pub struct Args {
     #[arg(long, required = true)]
     prompt: Vec<String>,
     /// auto (the default: per-token stopping by the shipped hazard model, costs measured while
-    /// decoding — no other flag needed), fixed:N, speckv, speckv-cost, confidence:P (llama.cpp's
-    /// --draft-p-min), hf-dynamic (HF's confidence threshold 0.4), heuristic (HF's +2/−1),
-    /// adaedl[:LAMBDA[:KAPPA]], or plain (no draft).
+    /// decoding — no other flag needed), fixed:N, every:N:G (G drafts every N-th step, plain
+    /// steps between), speckv, speckv-cost, confidence:P (llama.cpp's --draft-p-min), hf-dynamic
+    /// (HF's confidence threshold 0.4), heuristic (HF's +2/−1), adaedl[:LAMBDA[:KAPPA]], or
+    /// plain (no draft).
     #[arg(long, default_value = "auto")]
     policy: String,
     /// Predictor for speckv / speckv-cost (from `speckv train`); without it, the one shipped with
@@ -42,6 +43,11 @@ pub struct Args {
     /// verification of every sequence is one step of 16 rows; a larger value given is an error).
     #[arg(long)]
     gamma_max: Option<u32>,
+    /// The most committed tokens the draft catches up on (the pending token included) when it
+    /// drafts after steps in which it drafted nothing (`auto`'s plain steps); it never sees the
+    /// older ones (its positions then trail the target's). `all`: every one.
+    #[arg(long, default_value_t = CatchUp(Some(speckv::decode::DRAFT_CATCH_UP)))]
+    draft_catch_up: CatchUp,
     #[arg(long)]
     json: bool,
 }
@@ -59,6 +65,7 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             .gamma_max
             .unwrap_or_else(|| speckv::decode::batch::batch_gamma(8, a.prompt.len())),
         compression: p.compression,
+        draft_catch_up: a.draft_catch_up.0,
     };
     if a.prompt.len() > 1 {
         return run_batch(&a, &p, &device, pol.as_ref(), &cfg);

@@ -17,7 +17,7 @@
 //! plain step early to measure it (the one-sequence prior says little about how a pass of B rows
 //! compares with one of B · (γ + 1)), reads unmeasured verification costs off the line through
 //! the measured ones, and backs its probes off while they lose (each makes the draft catch up on B
-//! rows per plain step since the last).
+//! rows per plain step since the last, up to its catch-up window: `GenConfig::draft_catch_up`).
 
 use speckv_kernels::params::{
     FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
@@ -221,7 +221,8 @@ impl BatchAuto {
         } else {
             let wins = speculate_batch(&first[..n], &self.costs, gamma_max);
             // A batch's probe makes its draft catch up on every sequence's tokens since the last
-            // speculative step (B rows a plain step): while probes keep losing, they back off.
+            // speculative step (B rows a plain step, up to the catch-up window): while probes
+            // keep losing, they back off.
             if self.seqs.len() > 1 {
                 if wins {
                     self.probe_every = PROBE_EVERY;

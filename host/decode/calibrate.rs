@@ -81,6 +81,7 @@ pub fn calibrate(
         seed: 0,
         gamma_max: 8,
         compression: Compression::Fp16,
+        draft_catch_up: None,
     };
     let mut texts = Vec::new();
     for p in prompts {

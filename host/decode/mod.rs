@@ -5,7 +5,10 @@
 //!
 //! Invariant between steps: both caches hold every committed token except the newest one (the
 //! "pending" token), which the next step feeds first; the draft cache may also lag by the drafts
-//! it proposed but never fed (the last one of a fully accepted step), kept in a backlog.
+//! it proposed but never fed (the last one of a fully accepted step), kept in a backlog, and by
+//! the tokens of steps in which it drafted nothing (`auto`'s plain steps, γ = 0). It catches up on
+//! at most [`GenConfig::draft_catch_up`] of them: the older ones it never sees, and its positions
+//! trail the target's by as many (`skipped`).
 
 pub mod batch;
 pub mod calibrate;
@@ -32,6 +35,13 @@ use crate::stats::{Accumulate, StatsOptions};
 #[derive(Clone, Debug)]
 pub enum Policy {
     Fixed(u32),
+    /// γ drafts on every `period`-th step (the first included), plain steps between: what a
+    /// draft that catches up after plain steps costs, and what its catch-up window
+    /// ([`GenConfig::draft_catch_up`]) saves, measured with nothing else changing.
+    Every {
+        period: u32,
+        gamma: u32,
+    },
     /// The MLP on the previous step's draft features (lagged: causal).
     SpecKv(Box<Controller>),
     /// Draft while the drafted token's top-1 probability is at least p, up to γmax; a draft below
@@ -76,19 +86,19 @@ impl Policy {
     pub fn up_front(&self) -> bool {
         matches!(
             self,
-            Policy::Fixed(_) | Policy::SpecKv(_) | Policy::Heuristic
+            Policy::Fixed(_) | Policy::Every { .. } | Policy::SpecKv(_) | Policy::Heuristic
         )
     }
 
-    /// `fixed:N`, `confidence:P` (llama.cpp's `--draft-p-min P`), `hf-dynamic` (HF transformers'
+    /// `fixed:N`, `every:N:G` (G drafts every N-th step, plain steps between), `confidence:P` (llama.cpp's `--draft-p-min P`), `hf-dynamic` (HF transformers'
     /// assistant confidence threshold 0.4, the judged draft kept), `heuristic` (HF's +2/−1 schedule),
     /// `adaedl[:λ[:κ]]`, `auto` (the shipped hazard model); `speckv` and `speckv-cost` need a
     /// controller.
     pub fn parse(s: &str, controller: Option<Controller>) -> Result<Policy> {
         let bad = || {
             Error::Other(format!(
-                "policy {s:?}: expected fixed:N, auto, speckv, speckv-cost, confidence:P, \
-                 hf-dynamic, heuristic or adaedl[:LAMBDA[:KAPPA]]"
+                "policy {s:?}: expected fixed:N, every:N:G (N ≥ 1), auto, speckv, speckv-cost, \
+                 confidence:P, hf-dynamic, heuristic or adaedl[:LAMBDA[:KAPPA]]"
             ))
         };
         if s == "auto" {
@@ -117,6 +127,13 @@ impl Policy {
         }
         match s.split_once(':') {
             Some(("fixed", n)) => n.parse().map(Policy::Fixed).map_err(|_| bad()),
+            Some(("every", rest)) => {
+                let (n, g) = rest.split_once(':').ok_or_else(bad)?;
+                match (n.parse::<u32>(), g.parse::<u32>()) {
+                    (Ok(period @ 1..), Ok(gamma)) => Ok(Policy::Every { period, gamma }),
+                    _ => Err(bad()),
+                }
+            }
             Some(("confidence", p)) => {
                 let p: f32 = p.parse().map_err(|_| bad())?;
                 if (0.0..=1.0).contains(&p) {
@@ -167,6 +184,37 @@ pub struct GenConfig {
     pub seed: u64,
     pub gamma_max: u32,
     pub compression: Compression,
+    /// The most committed tokens the draft is fed before a step's first draft (the pending token
+    /// included) after steps in which it drafted nothing; it never sees the older ones. `None`:
+    /// all of them. Bounds what a step that speculates after a run of plain steps costs: on a
+    /// CPU, catching up costs the draft's share of a pass per token skipped.
+    pub draft_catch_up: Option<usize>,
+}
+
+impl GenConfig {
+    /// The configuration's own limits: a catch-up window holds the pending token at least.
+    pub(super) fn check_catch_up(&self) -> Result<()> {
+        if self.draft_catch_up == Some(0) {
+            return Err(Error::Empty {
+                what: "the draft's catch-up window (--draft-catch-up)",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The command line's catch-up window (`--draft-catch-up`): 8 tokens a sequence, so a batch of 8
+/// catches up in at most 4 passes of 16 rows however long it decoded plain. Measured on this
+/// project's CPU (README, "Batched decoding"): it cuts what `auto`'s batched probes feed the draft
+/// by half at 128 tokens, at a small cost in acceptance where speculation pays.
+pub const DRAFT_CATCH_UP: usize = 8;
+
+/// Cuts a draft's backlog (the committed tokens it has yet to see, oldest first, the pending one
+/// last) to the newest `window` of them. Returns how many it dropped: tokens the draft never sees.
+pub(super) fn catch_up(backlog: &mut Vec<u32>, window: Option<usize>) -> usize {
+    let drop = window.map_or(0, |w| backlog.len().saturating_sub(w));
+    backlog.drain(..drop);
+    drop
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -178,6 +226,9 @@ pub struct GenStats {
     pub acceptance_rate: f64,
     pub mean_gamma: f64,
     pub gamma_histogram: BTreeMap<u32, usize>,
+    /// Tokens fed to the draft after the prefill: its drafts, and what it caught up on after
+    /// steps in which it drafted nothing.
+    pub draft_tokens: usize,
     /// Wall time of the whole call, prefill included.
     pub seconds: f64,
     /// Of which the prompt's prefill.
@@ -284,6 +335,7 @@ fn plain_loop(
         acceptance_rate: 0.0,
         mean_gamma: 0.0,
         gamma_histogram: BTreeMap::new(),
+        draft_tokens: 0,
         seconds: s,
         prefill_seconds: prefill,
         tokens_per_second: out.len() as f64 / (s - prefill).max(1e-9),

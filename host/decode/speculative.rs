@@ -6,7 +6,7 @@ use std::time::Instant;
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use crate::controller::hazard::{AutoState, StopRule};
-use crate::decode::{Draft, GenConfig, GenStats, Policy, StepTrace};
+use crate::decode::{catch_up, Draft, GenConfig, GenStats, Policy, StepTrace};
 use crate::error::{Error, Result};
 use crate::model::{CpuPass, DraftRun, Model, Pass};
 use crate::stats::{Accumulate, StatsOptions};
@@ -65,6 +65,7 @@ fn speculative_loop(
     if prompt.is_empty() {
         return Err(Error::Empty { what: "prompt" });
     }
+    cfg.check_catch_up()?;
     if cfg.gamma_max == 0 || cfg.gamma_max as usize > crate::weights::gemv::MAX_M - 1 {
         return Err(Error::Other(format!(
             "γmax must be 1..={}",
@@ -122,11 +123,14 @@ fn speculative_loop(
     };
     let mut hist = [0usize; crate::weights::gemv::MAX_M];
     let (mut steps, mut drafted, mut accepted_total) = (0usize, 0usize, 0usize);
+    let mut draft_tokens = 0usize;
+    // Committed tokens the draft never saw (its catch-up window): its cache trails by as many.
+    let mut skipped = 0usize;
     let mut prev_accum: Option<FeatureAccum> = None;
     let mut heuristic_gamma = 4u32;
     let mut rng_step = 0u64;
     'outer: while out.len() < cfg.max_tokens {
-        let gmax = step_gamma(policy, prev_accum.as_ref(), heuristic_gamma, cfg);
+        let gmax = step_gamma(policy, steps, prev_accum.as_ref(), heuristic_gamma, cfg);
         // Draft up to gmax tokens.
         let t_draft = Instant::now();
         trace.entropy.clear();
@@ -146,9 +150,9 @@ fn speculative_loop(
         };
         trace.stop_features.clear();
         feed.clear();
-        feed.extend_from_slice(&backlog);
-        backlog.clear();
-        feed.push(pending);
+        backlog.push(pending);
+        skipped += catch_up(&mut backlog, cfg.draft_catch_up);
+        feed.append(&mut backlog);
         // A γ chosen before drafting needs no per-token decision: the pass runs the whole phase
         // (on CUDA enqueued at once, each token fed on the device, one wait).
         let up_front = policy.up_front();
@@ -161,6 +165,7 @@ fn speculative_loop(
                 accumulate: Accumulate::Reset,
             };
             dpass.draft_run(&feed, gmax as usize, &o, !greedy, &mut run)?;
+            draft_tokens += feed.len() + run.tokens.len().saturating_sub(1);
             rng_step += gmax as u64;
             fed = true;
             forwards = run.tokens.len();
@@ -195,6 +200,7 @@ fn speculative_loop(
                 _ => None,
             };
             let (st, q) = dpass.run_stats(&feed, &o, &mut accum, !greedy, ds.as_mut())?;
+            draft_tokens += feed.len();
             let after = ds.map(|d| d.state);
             fed = true;
             forwards += 1;
@@ -298,8 +304,8 @@ fn speculative_loop(
         // accepted step whose x_{g-1} was never fed leaves it in the backlog. (g = 0: the backlog
         // already holds what the draft has not seen.)
         if g > 0 {
-            let (keep, unseen) = draft_keep(k, g, dpass.len() == before + 1 + g);
-            dpass.truncate(before + 1 + keep);
+            let (keep, unseen) = draft_keep(k, g, dpass.len() + skipped == before + 1 + g);
+            dpass.truncate(before + 1 + keep - skipped);
             backlog.clear();
             if unseen {
                 backlog.push(xs[g - 1]);
@@ -329,6 +335,7 @@ fn speculative_loop(
         acceptance_rate: accepted_total as f64 / drafted.max(1) as f64,
         mean_gamma: drafted as f64 / steps.max(1) as f64,
         gamma_histogram: (0u32..).zip(hist).filter(|&(_, n)| n > 0).collect(),
+        draft_tokens,
         seconds: s,
         prefill_seconds: prefill,
         tokens_per_second: out.len() as f64 / (s - prefill).max(1e-9),
@@ -336,16 +343,25 @@ fn speculative_loop(
     })
 }
 
-/// The most drafts of a step: the policy's γ when it is chosen up front (`speckv` on the
-/// previous step's draft features, lagged: causal; 4 before any), γmax for the per-token rules.
+/// The most drafts of step `step` (0 the first): the policy's γ when it is chosen up front
+/// (`speckv` on the previous step's draft features, lagged: causal; 4 before any), γmax for the
+/// per-token rules.
 pub(super) fn step_gamma(
     policy: &Policy,
+    step: usize,
     prev_accum: Option<&FeatureAccum>,
     heuristic_gamma: u32,
     cfg: &GenConfig,
 ) -> u32 {
     match policy {
         Policy::Fixed(n) => (*n).min(cfg.gamma_max),
+        Policy::Every { period, gamma } => {
+            if step.is_multiple_of((*period).max(1) as usize) {
+                (*gamma).min(cfg.gamma_max)
+            } else {
+                0
+            }
+        }
         Policy::SpecKv(c) => match prev_accum {
             Some(a) if a.count > 0 => {
                 let n = a.count as f64;

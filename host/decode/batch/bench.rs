@@ -11,12 +11,15 @@ use crate::decode::pair::Pair;
 use crate::decode::{GenConfig, Policy};
 use crate::error::{Error, Result};
 
-/// One way of decoding a batch's prompts: its decoding time (prefill excluded) and target passes.
+/// One way of decoding a batch's prompts: its decoding time (prefill excluded) and its passes.
 #[derive(Clone, Debug, Serialize)]
 pub struct Side {
     pub decode_seconds: f64,
     pub tokens_per_second: f64,
     pub target_passes: usize,
+    /// Tokens fed to the draft after the prefill (0 for plain decoding): its drafts, and what it
+    /// caught up on after steps in which it drafted nothing (`auto`'s plain steps).
+    pub draft_tokens: usize,
 }
 
 /// One policy at one batch size, batched and one prompt at a time.
@@ -61,7 +64,7 @@ pub fn bench_batches(
                 ..cfg.clone()
             };
             let batched = run_batch(pair, device, prompts, pol.as_ref(), &c)?;
-            let (mut secs, mut passes, mut same) = (0.0, 0, true);
+            let (mut secs, mut passes, mut dtokens, mut same) = (0.0, 0, 0, true);
             for (p, q) in prompts.iter().zip(&batched.sequences) {
                 let s = pair.run(device, p, pol.as_ref(), &c)?;
                 secs += s.seconds - s.prefill_seconds;
@@ -70,6 +73,7 @@ pub fn bench_batches(
                     None => s.tokens.len().saturating_sub(1),
                     Some(_) => s.steps,
                 };
+                dtokens += s.draft_tokens;
                 same &= s.tokens == q.tokens;
             }
             let tokens: usize = batched.sequences.iter().map(|q| q.tokens.len()).sum();
@@ -87,11 +91,13 @@ pub fn bench_batches(
                     decode_seconds: batched.seconds - batched.prefill_seconds,
                     tokens_per_second: batched.tokens_per_second,
                     target_passes: batched.target_passes,
+                    draft_tokens: batched.draft_tokens,
                 },
                 one_at_a_time: Side {
                     decode_seconds: secs,
                     tokens_per_second: one_tps,
                     target_passes: passes,
+                    draft_tokens: dtokens,
                 },
                 speedup: batched.tokens_per_second / one_tps.max(1e-12),
                 same_tokens: same,
@@ -142,11 +148,11 @@ fn check(pool: &[Vec<u32>], sizes: &[usize], policies: &[(String, Option<Policy>
 /// The table of [`bench_batches`].
 pub fn render(rows: &[BatchBench]) -> String {
     let mut s = String::from(
-        "policy        batch  γmax  tokens  batched tok/s  one-at-a-time tok/s  speedup  target passes (batched / alone)  same tokens\n",
+        "policy        batch  γmax  tokens  batched tok/s  one-at-a-time tok/s  speedup  target passes (batched / alone)  draft tokens (batched / alone)  same tokens\n",
     );
     for r in rows {
         s += &format!(
-            "{:<13} {:>5}  {:>4}  {:>6}  {:>13.2}  {:>19.2}  {:>6.2}×  {:>15} / {:<15}  {}\n",
+            "{:<13} {:>5}  {:>4}  {:>6}  {:>13.2}  {:>19.2}  {:>6.2}×  {:>15} / {:<15}  {:>14} / {:<14}  {}\n",
             r.policy,
             r.batch,
             r.gamma_max.map_or("-".to_string(), |g| g.to_string()),
@@ -156,6 +162,8 @@ pub fn render(rows: &[BatchBench]) -> String {
             r.speedup,
             r.batched.target_passes,
             r.one_at_a_time.target_passes,
+            r.batched.draft_tokens,
+            r.one_at_a_time.draft_tokens,
             if r.same_tokens { "yes" } else { "no" }
         );
     }

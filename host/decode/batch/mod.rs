@@ -57,6 +57,8 @@ pub struct BatchStats {
     /// Batched forward passes after the prefill, of the target and of the draft.
     pub target_passes: usize,
     pub draft_passes: usize,
+    /// Tokens fed to the draft after the prefill, every sequence's (padding excluded).
+    pub draft_tokens: usize,
     pub seconds: f64,
     pub prefill_seconds: f64,
     /// Every sequence's tokens over the decoding phase's wall time.
@@ -181,6 +183,7 @@ fn speculative_loop(
     cfg: &GenConfig,
 ) -> Result<BatchStats> {
     check_batch(&[&*target, &*draft], prompts, cfg)?;
+    cfg.check_catch_up()?;
     let (b, v, gm) = (prompts.len(), target.cfg().vocab, cfg.gamma_max as usize);
     if draft.cfg().vocab != v {
         return Err(Error::Other(format!(
@@ -242,6 +245,9 @@ fn speculative_loop(
             s.begin(policy, gamma, cfg, f);
         }
         while feeds.iter().any(|f| !f.is_empty()) {
+            for (s, f) in seqs.iter_mut().zip(&feeds) {
+                s.counts.draft_tokens += f.len();
+            }
             let (req, read, last) = (&mut host.req, &mut host.rows, &mut host.last);
             // Each ended sequence's draft statistics where the logits are (its own seed, random
             // step and accumulator); its row comes back only when sampling.
@@ -373,6 +379,7 @@ fn finish(
     }
     let all: usize = seqs.iter().map(|q| q.tokens.len()).sum();
     BatchStats {
+        draft_tokens: seqs.iter().map(|q| q.draft_tokens).sum(),
         sequences: seqs,
         target_passes,
         draft_passes,

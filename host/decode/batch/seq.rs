@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use crate::decode::speculative::{draft_keep, next_heuristic, step_gamma, token_verdict};
-use crate::decode::{GenConfig, GenStats, Policy};
+use crate::decode::{catch_up, GenConfig, GenStats, Policy};
 use crate::error::{Error, Result};
 use crate::model::BatchPass;
 use crate::stats::{Accumulate, StatsOptions};
@@ -17,6 +17,8 @@ pub(super) struct Seq {
     pending: u32,
     /// Committed tokens the draft has yet to see.
     backlog: Vec<u32>,
+    /// Committed tokens the draft never saw (its catch-up window): its cache trails by as many.
+    skipped: usize,
     pub(super) out: Vec<u32>,
     pub(super) done: bool,
     heuristic_gamma: u32,
@@ -40,6 +42,7 @@ impl Seq {
             pending,
             // Plain steps (`auto`'s gate) add one committed token each: room for all of them.
             backlog: Vec::with_capacity(cfg.max_tokens + 2),
+            skipped: 0,
             out: Vec::with_capacity(cfg.max_tokens),
             done: cfg.max_tokens == 0,
             heuristic_gamma: 4,
@@ -73,9 +76,17 @@ impl Seq {
             return;
         }
         self.gmax = gamma.unwrap_or_else(|| {
-            step_gamma(policy, self.prev_accum.as_ref(), self.heuristic_gamma, cfg) as usize
+            let step = self.counts.steps;
+            step_gamma(
+                policy,
+                step,
+                self.prev_accum.as_ref(),
+                self.heuristic_gamma,
+                cfg,
+            ) as usize
         });
         self.backlog.push(self.pending);
+        self.skipped += catch_up(&mut self.backlog, cfg.draft_catch_up);
         if self.gmax > 0 {
             feed.append(&mut self.backlog);
         }
@@ -175,8 +186,8 @@ impl Seq {
         let before = target.lens()[i] - 1 - g;
         target.truncate_seq(i, before + 1 + k)?;
         if g > 0 {
-            let (keep, unseen) = draft_keep(k, g, draft.lens()[i] == before + 1 + g);
-            draft.truncate_seq(i, before + 1 + keep)?;
+            let (keep, unseen) = draft_keep(k, g, draft.lens()[i] + self.skipped == before + 1 + g);
+            draft.truncate_seq(i, before + 1 + keep - self.skipped)?;
             self.backlog.clear();
             if unseen {
                 self.backlog.push(self.xs[g - 1]);
@@ -212,6 +223,8 @@ pub(super) struct SeqCounts {
     drafted: usize,
     accepted: usize,
     hist: BTreeMap<u32, usize>,
+    /// Tokens fed to the draft (padding excluded).
+    pub(super) draft_tokens: usize,
 }
 
 impl SeqCounts {
@@ -235,6 +248,7 @@ impl SeqCounts {
             acceptance_rate: self.accepted as f64 / self.drafted.max(1) as f64,
             mean_gamma: self.drafted as f64 / self.steps.max(1) as f64,
             gamma_histogram: self.hist,
+            draft_tokens: self.draft_tokens,
             seconds: 0.0,
             prefill_seconds: 0.0,
             tokens_per_second: 0.0,
