@@ -90,10 +90,10 @@ impl Policy {
         )
     }
 
-    /// `fixed:N`, `every:N:G` (G drafts every N-th step, plain steps between), `confidence:P` (llama.cpp's `--draft-p-min P`), `hf-dynamic` (HF transformers'
-    /// assistant confidence threshold 0.4, the judged draft kept), `heuristic` (HF's +2/−1 schedule),
-    /// `adaedl[:λ[:κ]]`, `auto` (the shipped hazard model); `speckv` and `speckv-cost` need a
-    /// controller.
+    /// `fixed:N`, `every:N:G` (G drafts every N-th step, plain steps between), `confidence:P`
+    /// (llama.cpp's `--draft-p-min P`), `hf-dynamic` (HF transformers' assistant confidence
+    /// threshold 0.4, the judged draft kept), `heuristic` (HF's +2/−1 schedule), `adaedl[:λ[:κ]]`,
+    /// `auto` (the shipped hazard model); `speckv` and `speckv-cost` need a controller.
     pub fn parse(s: &str, controller: Option<Controller>) -> Result<Policy> {
         let bad = || {
             Error::Other(format!(

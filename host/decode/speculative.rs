@@ -300,9 +300,10 @@ fn speculative_loop(
         // Target cache: pending + the k accepted drafts.
         tpass.truncate(before + 1 + k);
         // Draft cache: after drafting g ≥ 1 tokens it holds C + g entries (…, pending, x_0..x_{g-2})
-        // — C + g + 1 when a confidence stop fed x_{g-1} too. Keep the committed ones; a fully
-        // accepted step whose x_{g-1} was never fed leaves it in the backlog. (g = 0: the backlog
-        // already holds what the draft has not seen.)
+        // — C + g + 1 when a confidence stop fed x_{g-1} too — with C the committed tokens less
+        // the `skipped` ones it never saw. Keep the committed ones; a fully accepted step whose
+        // x_{g-1} was never fed leaves it in the backlog. (g = 0: the backlog already holds what
+        // the draft has not seen.)
         if g > 0 {
             let (keep, unseen) = draft_keep(k, g, dpass.len() + skipped == before + 1 + g);
             dpass.truncate(before + 1 + keep - skipped);
