@@ -1,5 +1,7 @@
 //! The `speckv` binary as a user runs it.
 
+mod common;
+
 use std::process::Command;
 
 fn speckv(args: &[&str]) -> (bool, String, String) {
@@ -350,4 +352,67 @@ fn bench_predict_reads_traces_and_a_cost_model() {
         "/nonexistent",
     ]);
     assert!(!ok && err.contains("nonexistent"), "{err}");
+}
+
+/// `--draft-catch-up` is one option of the three decoding commands: 0 and words other than `all`
+/// are refused by the parser, and on a model a window of 1 feeds the draft fewer tokens than `all`
+/// while decoding plain decoding's tokens (`every:3:1`: two plain steps before each draft).
+#[test]
+fn the_draft_catch_up_window_is_an_option_of_the_decoding_commands() {
+    let base: [&[&str]; 3] = [
+        &["generate", "--model", "m.gguf", "--prompt", "hi"],
+        &["bench", "decode", "--model", "m.gguf"],
+        &["bench", "batch", "--model", "m.gguf"],
+    ];
+    for cmd in base {
+        for (value, says) in [
+            ("0", "at least 1 (the pending token)"),
+            ("x", "\"x\" is neither a token count nor `all`"),
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend(["--draft-catch-up", value]);
+            let (ok, _, stderr) = speckv(&args);
+            assert!(!ok, "{args:?}");
+            assert!(
+                stderr.contains(says) && !stderr.contains("panicked"),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    let Some(m) = common::smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let gen = |policy: &str, window: &str| {
+        let (ok, out, err) = speckv(&[
+            "--backend",
+            "cpu",
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "Name three colours.",
+            "--max-tokens",
+            "12",
+            "--policy",
+            policy,
+            "--draft-catch-up",
+            window,
+            "--json",
+        ]);
+        assert!(ok, "{policy} {window}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let plain = gen("plain", "all");
+    let (all, one) = (gen("every:3:1", "all"), gen("every:3:1", "1"));
+    assert_eq!(all["tokens"], plain["tokens"]);
+    assert_eq!(one["tokens"], plain["tokens"]);
+    let fed = |v: &serde_json::Value| v["draft_tokens"].as_u64().unwrap();
+    assert!(
+        fed(&one) < fed(&all),
+        "window 1: {}, all: {}",
+        fed(&one),
+        fed(&all)
+    );
+    // γ = 1 drafts feed nothing after the catch-up, so a window of 1 feeds one token per draft.
+    let drafts: u64 = one["gamma_histogram"]["1"].as_u64().unwrap();
+    assert_eq!(fed(&one), drafts);
 }

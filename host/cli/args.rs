@@ -1,5 +1,6 @@
 //! What several commands share: the model-pair arguments (flattened into `generate`, `profile` and
-//! `bench decode`), JSON output, progress bars and the checks of common numbers.
+//! `bench decode`), the draft's catch-up window, JSON output, progress bars and the checks of
+//! common numbers.
 
 use std::path::{Path, PathBuf};
 
@@ -91,10 +92,27 @@ pub fn check_seconds(seconds: f64) -> Result<std::time::Duration> {
     Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
-/// `--draft-catch-up`: `all`, or the most committed tokens the draft is fed before a step's first
-/// draft after steps in which it drafted nothing (at least 1: the pending token).
+/// The draft's catch-up window, flattened into `generate`, `bench decode` and `bench batch`.
+#[derive(clap::Args, Debug)]
+pub struct CatchUpArgs {
+    /// The most committed tokens the draft catches up on (the pending token included) when it
+    /// drafts after steps in which it drafted nothing (`auto`'s plain steps); it never sees the
+    /// older ones (its positions then trail the target's). `all`: every one.
+    #[arg(long, default_value_t = CatchUp(Some(speckv::decode::DRAFT_CATCH_UP)))]
+    draft_catch_up: CatchUp,
+}
+
+impl CatchUpArgs {
+    /// The window as `GenConfig::draft_catch_up` takes it (`None`: every token).
+    pub fn window(&self) -> Option<usize> {
+        self.draft_catch_up.0
+    }
+}
+
+/// `--draft-catch-up`'s value: `all`, or the most committed tokens the draft is fed before a step's
+/// first draft after steps in which it drafted nothing (at least 1: the pending token).
 #[derive(Clone, Copy, Debug)]
-pub struct CatchUp(pub Option<usize>);
+pub struct CatchUp(Option<usize>);
 
 impl std::fmt::Display for CatchUp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -9,7 +9,7 @@ use speckv::decode::{pair, profile, GenConfig};
 use speckv::measure;
 use speckv::{Backend, BackendKind, Error};
 
-use crate::args::{check_seconds, json_out, progress_bar, write_json, CatchUp, ModelArgs};
+use crate::args::{check_seconds, json_out, progress_bar, write_json, CatchUpArgs, ModelArgs};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -128,11 +128,8 @@ pub struct DecodeArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 8)]
     gamma_max: u32,
-    /// The most committed tokens the draft catches up on (the pending token included) when it
-    /// drafts after steps in which it drafted nothing (`auto`'s plain steps); it never sees the
-    /// older ones (its positions then trail the target's). `all`: every one.
-    #[arg(long, default_value_t = CatchUp(Some(speckv::decode::DRAFT_CATCH_UP)))]
-    draft_catch_up: CatchUp,
+    #[command(flatten)]
+    catch_up: CatchUpArgs,
     #[arg(long)]
     json: bool,
 }
@@ -328,7 +325,7 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
         seed: 0,
         gamma_max: a.gamma_max,
         compression: p.compression,
-        draft_catch_up: a.draft_catch_up.0,
+        draft_catch_up: a.catch_up.window(),
     };
     let bar = progress_bar((pols.len() * ids.len()) as u64, "decoding");
     let mut started = false;

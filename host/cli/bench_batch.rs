@@ -6,7 +6,7 @@ use speckv::decode::batch::bench;
 use speckv::decode::{pair, GenConfig};
 use speckv::BackendKind;
 
-use crate::args::{json_out, progress_bar, CatchUp, ModelArgs};
+use crate::args::{json_out, progress_bar, CatchUpArgs, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct BatchArgs {
@@ -41,11 +41,8 @@ pub struct BatchArgs {
     /// rows); the one-at-a-time runs use the same cap.
     #[arg(long, default_value_t = 8)]
     gamma_max: u32,
-    /// The most committed tokens the draft catches up on (the pending token included) when it
-    /// drafts after steps in which it drafted nothing (`auto`'s plain steps); it never sees the
-    /// older ones (its positions then trail the target's). `all`: every one.
-    #[arg(long, default_value_t = CatchUp(Some(speckv::decode::DRAFT_CATCH_UP)))]
-    draft_catch_up: CatchUp,
+    #[command(flatten)]
+    catch_up: CatchUpArgs,
     #[arg(long)]
     json: bool,
 }
@@ -82,7 +79,7 @@ pub fn run(a: BatchArgs, backend: BackendKind) -> speckv::Result<()> {
         seed: 0,
         gamma_max: a.gamma_max,
         compression: p.compression,
-        draft_catch_up: a.draft_catch_up.0,
+        draft_catch_up: a.catch_up.window(),
     };
     let bar = progress_bar((pols.len() * a.batch_sizes.len()) as u64, "decoding");
     let mut started = false;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use speckv::decode::{pair, GenConfig};
 use speckv::BackendKind;
 
-use crate::args::{check_temperature, json_out, CatchUp, ModelArgs};
+use crate::args::{check_temperature, json_out, CatchUpArgs, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,11 +43,8 @@ pub struct Args {
     /// verification of every sequence is one step of 16 rows; a larger value given is an error).
     #[arg(long)]
     gamma_max: Option<u32>,
-    /// The most committed tokens the draft catches up on (the pending token included) when it
-    /// drafts after steps in which it drafted nothing (`auto`'s plain steps); it never sees the
-    /// older ones (its positions then trail the target's). `all`: every one.
-    #[arg(long, default_value_t = CatchUp(Some(speckv::decode::DRAFT_CATCH_UP)))]
-    draft_catch_up: CatchUp,
+    #[command(flatten)]
+    catch_up: CatchUpArgs,
     #[arg(long)]
     json: bool,
 }
@@ -65,7 +62,7 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             .gamma_max
             .unwrap_or_else(|| speckv::decode::batch::batch_gamma(8, a.prompt.len())),
         compression: p.compression,
-        draft_catch_up: a.draft_catch_up.0,
+        draft_catch_up: a.catch_up.window(),
     };
     if a.prompt.len() > 1 {
         return run_batch(&a, &p, &device, pol.as_ref(), &cfg);
@@ -111,7 +108,7 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             "text": text, "tokens": stats.tokens, "tokens_per_second": stats.tokens_per_second,
             "acceptance_rate": stats.acceptance_rate, "mean_gamma": stats.mean_gamma,
             "gamma_histogram": stats.gamma_histogram, "steps": stats.steps, "seconds": stats.seconds,
-            "prefill_seconds": stats.prefill_seconds,
+            "prefill_seconds": stats.prefill_seconds, "draft_tokens": stats.draft_tokens,
         }));
     }
     if let Some(rest) = text.strip_prefix(shown.as_str()) {
@@ -169,6 +166,7 @@ fn run_batch(
             "sequences": seqs, "tokens_per_second": stats.tokens_per_second,
             "target_passes": stats.target_passes, "draft_passes": stats.draft_passes,
             "seconds": stats.seconds, "prefill_seconds": stats.prefill_seconds,
+            "draft_tokens": stats.draft_tokens,
         }));
     }
     for (b, (q, text)) in stats.sequences.iter().zip(&texts).enumerate() {
