@@ -279,19 +279,19 @@ fn a_batch_of_one_decides_as_auto_does() {
     );
 }
 
-#[test]
-fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
-    // Costs as on a CPU: every row of a pass costs the same, so a batch of four's plain step (4
-    // rows) is a quarter of its verification of 3 drafts each (16 rows). The prior, scaled from
-    // one sequence, guesses far less; the batch takes one plain step to measure it, then stays
-    // plain but for its probes.
-    let model = common::constant_hazard(0.8);
+/// Forty steps of a batch of four whose drafts all have hazard `h`, under costs as on a CPU:
+/// every row of a pass costs `ROW`, on top of `fixed` per pass, so a plain step (4 rows) costs
+/// far less than a verification of 3 drafts each (16 rows). The gate of each step and the drafts
+/// it kept, and the batch's state after.
+fn forty_cpu_steps(h: f64, fixed: f64) -> (Vec<usize>, Vec<usize>, BatchAuto) {
+    const ROW: f64 = 0.05;
+    let model = common::constant_hazard(h);
     let mut batch = BatchAuto::new(&model, &CostModel::assumed(), 4).unwrap();
-    let (row, draft_pass) = (0.05, 0.02);
-    let verify = |g: usize| row * (4 * (g + 1)) as f64;
+    let draft_pass = 0.02;
+    let verify = |g: usize| fixed + ROW * (4 * (g + 1)) as f64;
     let (mut gates, mut gammas) = (Vec::new(), Vec::new());
     for step in 0..40 {
-        if step == 1 {
+        if step == 1 && h == 0.8 {
             // Before the plain step, the costs the prior guesses make speculating look better.
             assert!(speculate_batch(&[0.8; 4], &batch.cost.step_costs(3), 3));
         }
@@ -325,19 +325,37 @@ fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
         gates.push(g);
         gammas.push(kept);
     }
+    (gates, gammas, batch)
+}
+
+#[test]
+fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
+    // Per-row costs only: even drafts all accepted (16 tokens for 3 draft passes and 16 rows)
+    // lose to plain steps (4 tokens for 4 rows). The prior, scaled from one sequence, guesses far
+    // less; the batch takes one plain step to measure it, then stays plain and never probes: no
+    // hazard a probe could measure would change that.
+    let (gates, gammas, batch) = forty_cpu_steps(0.8, 0.0);
     assert!(
         gammas[0] > 0,
         "{gammas:?}: the first step speculates (no hazards yet)"
     );
     assert_eq!(gates[1], 0, "{gates:?}: the second measures a plain step");
     assert!(batch.cost.measured(0));
-    // Then, the costs read off the line through the two measured, every step is plain but for
-    // probes, which draft one token and discard it; each lost probe doubles the wait for the next
-    // (4, 8, 16 plain steps).
+    assert_eq!(gates[1..], [0; 39], "{gates:?}");
+    // With a cost per pass as well, drafts all accepted would win, so the batch probes while its
+    // hazards say plain: each probe drafts one token and discards it, and each lost probe doubles
+    // the wait for the next (4, 8, 16 plain steps).
+    let (gates, gammas, batch) = forty_cpu_steps(0.5, 0.1);
+    assert!(
+        gates[0] > 0,
+        "{gates:?}: the first step speculates (no hazards yet)"
+    );
+    assert!(batch.cost.measured(0));
     let probes: Vec<usize> = (1..40).filter(|&s| gates[s] > 0).collect();
     assert_eq!(probes, [5, 14, 31], "{gates:?}");
     assert_eq!(gammas[1..], [0; 39], "{gammas:?}");
     // A batch of one keeps `auto`'s own gate: no plain step to measure (see the test above).
+    let model = common::constant_hazard(0.8);
     let mut one = BatchAuto::new(&model, &CostModel::assumed(), 1).unwrap();
     assert_eq!(one.begin_step(3, &[true]), 3);
 }

@@ -312,6 +312,35 @@ fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
     assert!((0..10).all(|_| gate.speculate(&costs, gmax)));
     // γmax 0: never.
     assert!(!gate.speculate(&cost.step_costs(0), 0));
+    // Drafts that cost as much as a target pass, and a verification that grows as fast: even
+    // drafts all accepted (2 tokens for 1 + 2 at γ = 1) lose to plain steps, so the gate never
+    // probes, whatever hazard it last saw.
+    let dear = OnlineCost::new(
+        CostModel {
+            draft_ms_per_token: 1.0,
+            verify_ms: (0..=gmax).map(|g| 1.0 + g as f64).collect(),
+            source: "test".into(),
+        },
+        0.2,
+    )
+    .step_costs(gmax);
+    assert!(!speckv::controller::hazard::speculation_could_pay(
+        1, &dear, gmax
+    ));
+    assert!(speckv::controller::hazard::speculation_could_pay(
+        1, &costs, gmax
+    ));
+    for h in [0.1, 0.95] {
+        let mut gate = PlainGate::default();
+        gate.observe_first(h);
+        assert!(
+            (0..4 * PROBE_EVERY).all(|_| !gate.speculate(&dear, gmax)),
+            "h {h}"
+        );
+        // Once the costs say drafts could pay, the gate speculates at once: for h = 0.1 that is
+        // the overdue probe.
+        assert!(gate.speculate(&costs, gmax), "h {h}");
+    }
 }
 
 #[test]

@@ -18,6 +18,8 @@
 //! compares with one of B · (γ + 1)), reads unmeasured verification costs off the line through
 //! the measured ones, and backs its probes off while they lose (each makes the draft catch up on B
 //! rows per plain step since the last, up to its catch-up window: `GenConfig::draft_catch_up`).
+//! It does not probe at all while the measured costs say that even drafts all accepted would lose
+//! to a plain step (`hazard::speculation_could_pay`).
 
 use speckv_kernels::params::{
     FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
@@ -26,8 +28,8 @@ use speckv_kernels::stop_rule;
 
 pub use crate::controller::hazard::speculate_batch;
 use crate::controller::hazard::{
-    Calibration, HazardModel, OnlineCost, PlainGate, CALIBRATION_RATE, ONLINE_COST_ALPHA,
-    PROBE_EVERY,
+    speculation_could_pay, Calibration, HazardModel, OnlineCost, PlainGate, CALIBRATION_RATE,
+    ONLINE_COST_ALPHA, PROBE_EVERY,
 };
 use crate::controller::records::Compression;
 use crate::controller::stop::MAX_GAMMA;
@@ -187,7 +189,9 @@ impl BatchAuto {
     /// plain step for all). The gate speculates when some active sequence has no first-draft
     /// hazard yet, when speculating promises more tokens per second, and every [`PROBE_EVERY`]
     /// plain steps in a row (for a batch of several, backing off to [`MAX_PROBE_EVERY`] while
-    /// the probes lose); a batch of several sequences first takes one plain step to measure it.
+    /// the probes lose) unless even drafts all accepted could not pay
+    /// ([`speculation_could_pay`]); a batch of several sequences first takes one plain step to
+    /// measure it.
     pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
         // A batch of several reads its verification costs off the line through what it measured
         // (its passes span B to 16 rows); a batch of one keeps `auto`'s own estimate.
@@ -234,12 +238,14 @@ impl BatchAuto {
             if wins {
                 self.plain_run = 0;
                 true
-            } else if self.plain_run >= self.probe_every {
+            } else if self.plain_run >= self.probe_every
+                && speculation_could_pay(n, &self.costs, gamma_max)
+            {
                 self.plain_run = 0;
                 self.probed = true;
                 true
             } else {
-                self.plain_run += 1;
+                self.plain_run = self.plain_run.saturating_add(1);
                 false
             }
         };

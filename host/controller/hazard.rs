@@ -368,14 +368,26 @@ pub fn speculate_batch(first: &[f64], costs: &StepCosts, gamma_max: usize) -> bo
     best > plain
 }
 
-/// After this many plain steps in a row, the gate speculates once to keep its estimate current.
+/// Whether speculating could beat a plain step at all under `costs`, for `seqs` sequences:
+/// [`speculate_batch`] with every draft as likely accepted as the rule lets a hazard be
+/// ([`stop_rule::HAZARD_CEIL`]). When it could not, no first-draft hazard a probe might measure
+/// would change the gate's decision, so the gate does not probe: a probe would only pay for the
+/// draft's catch-up, its drafts and a wider verification.
+pub fn speculation_could_pay(seqs: usize, costs: &StepCosts, gamma_max: usize) -> bool {
+    let best = [stop_rule::HAZARD_CEIL as f64; crate::weights::gemv::MAX_M];
+    speculate_batch(&best[..seqs.min(best.len())], costs, gamma_max)
+}
+
+/// After this many plain steps in a row, the gate speculates once to keep its estimate current
+/// (when [`speculation_could_pay`]).
 pub const PROBE_EVERY: usize = 4;
 
 /// Whether a step should speculate at all, decided before it drafts (a step whose rule stops before
 /// its first draft has already paid for that draft): speculate when the best γ ≥ 1, with a
 /// constant hazard equal to a moving average of recent first-draft hazards, promises more tokens
 /// per second than a plain step (one target pass, `verify(0)`). Every [`PROBE_EVERY`] plain steps
-/// it speculates anyway. It does not count the draft catching up on the skipped tokens later (one
+/// it speculates anyway, unless even drafts all accepted could not pay under the measured costs
+/// ([`speculation_could_pay`]). It does not count the draft catching up on the skipped tokens later (one
 /// batched pass), so it leans slightly towards plain steps.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PlainGate {
@@ -391,7 +403,7 @@ impl PlainGate {
         if gamma_max == 0 {
             return false;
         }
-        if self.plain_run >= PROBE_EVERY {
+        if self.plain_run >= PROBE_EVERY && speculation_could_pay(1, costs, gamma_max) {
             self.plain_run = 0;
             return true;
         }
@@ -399,7 +411,7 @@ impl PlainGate {
             self.plain_run = 0;
             true
         } else {
-            self.plain_run += 1;
+            self.plain_run = self.plain_run.saturating_add(1);
             false
         }
     }
