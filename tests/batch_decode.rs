@@ -9,7 +9,9 @@ mod common;
 
 use speckv::backend::emulate::Emulator;
 use speckv::controller::records::Compression;
-use speckv::decode::batch::{batch_room, plain_batch, speculative_batch, BatchStats};
+use speckv::decode::batch::{
+    batch_room, plain_batch, speculative_batch, speculative_batch_traced, BatchStats,
+};
 use speckv::decode::{plain_on, speculative_on, GenConfig, Policy};
 use speckv::model::device::EmulatedForward;
 use speckv::model::{BatchPass, CpuPass, Model, Pass};
@@ -247,10 +249,21 @@ fn a_batch_of_one_is_the_single_sequence_loop(state: State) {
         let cap = batch_room(p.len(), &c, 1);
         let (mut tb, mut db) = (state(&m, cap, 1), state(&dm, cap, 1));
         let ps = std::slice::from_ref(&p);
-        let got = speculative_batch(&mut *tb, &mut *db, ps, &[], &policy, &c).unwrap();
+        // Each step's (γ, accepted, verified positions), as the observers see them.
+        let mut batch_log = Vec::new();
+        let got = speculative_batch_traced(&mut *tb, &mut *db, ps, &[], &policy, &c, &mut |s| {
+            assert_eq!((s.active, s.gammas.len()), (&[true][..], 1));
+            batch_log.push((s.gammas[0] as u32, s.accepted[0] as u32, s.verify_positions));
+        })
+        .unwrap();
         let (mut ts, mut ds) = (state(&m, cap, 1), state(&dm, cap, 1));
         let (ts, ds) = (as_pass(&mut ts), as_pass(&mut ds));
-        let want = speculative_on(ts, ds, &p, &[], &policy, &c, &mut |_| {}).unwrap();
+        let mut single_log = Vec::new();
+        let want = speculative_on(ts, ds, &p, &[], &policy, &c, &mut |s| {
+            single_log.push((s.gamma, s.accepted, s.gamma as usize + 1));
+        })
+        .unwrap();
+        assert_eq!(batch_log, single_log, "T {t} {policy:?} {window:?}");
         let q = &got.sequences[0];
         assert_eq!(q.tokens, want.tokens, "T {t} {policy:?}");
         assert_eq!(

@@ -416,3 +416,95 @@ fn the_draft_catch_up_window_is_an_option_of_the_decoding_commands() {
     let drafts: u64 = one["gamma_histogram"]["1"].as_u64().unwrap();
     assert_eq!(fed(&one), drafts);
 }
+
+/// `generate --step-log` writes one row per sequence and speculative step, and the rows add up to
+/// the counts the JSON reports (one prompt with `auto`, two batched with `fixed:2`).
+#[test]
+fn generate_logs_every_speculative_step() {
+    let log_rows = |path: &std::path::Path| -> Vec<Vec<f64>> {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("step,sequence,gamma,accepted,verify_positions,draft_seconds,verify_seconds")
+        );
+        lines
+            .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
+            .collect()
+    };
+    let (ok, _, stderr) = speckv(&[
+        "generate",
+        "--model",
+        "m.gguf",
+        "--prompt",
+        "hi",
+        "--policy",
+        "plain",
+        "--step-log",
+        "x.csv",
+    ]);
+    assert!(
+        !ok && stderr.contains("`--policy plain` makes none"),
+        "{stderr}"
+    );
+    let Some(m) = common::smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let gen = |prompts: &[&str], policy: &str, log: &std::path::Path| {
+        let mut args = vec!["--backend", "cpu", "generate", "--model", m];
+        for p in prompts {
+            args.extend(["--prompt", p]);
+        }
+        args.extend([
+            "--max-tokens",
+            "10",
+            "--policy",
+            policy,
+            "--json",
+            "--step-log",
+        ]);
+        args.push(log.to_str().unwrap());
+        let (ok, out, err) = speckv(&args);
+        assert!(ok, "{policy}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    // The counts of one sequence's rows: steps, drafts verified, drafts accepted.
+    let counts = |rows: &[Vec<f64>], seq: f64| {
+        let mine: Vec<&Vec<f64>> = rows.iter().filter(|r| r[1] == seq).collect();
+        let sum = |c: usize| mine.iter().map(|r| r[c]).sum::<f64>();
+        (mine.len() as f64, sum(2), sum(3))
+    };
+    let from_json = |q: &serde_json::Value| {
+        let steps = q["steps"].as_f64().unwrap();
+        let drafted = q["mean_gamma"].as_f64().unwrap() * steps;
+        let accepted = q["acceptance_rate"].as_f64().unwrap() * drafted;
+        (steps, drafted.round(), accepted.round())
+    };
+    let one = common::tmp("cli", "steps-one.csv");
+    let v = gen(&["Name three colours."], "auto", &one);
+    let rows = log_rows(&one);
+    assert_eq!(counts(&rows, 0.0), from_json(&v));
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!((r[0], r[1]), (i as f64, 0.0), "{r:?}");
+        assert!(r[3] <= r[2] && r[4] == r[2] + 1.0, "{r:?}");
+        assert!(r[5] >= 0.0 && r[6] > 0.0, "{r:?}");
+    }
+    let two = common::tmp("cli", "steps-two.csv");
+    let v = gen(&["Name three colours.", "What is 2+2?"], "fixed:2", &two);
+    let rows = log_rows(&two);
+    for (b, q) in v["sequences"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(counts(&rows, b as f64), from_json(q), "sequence {b}");
+    }
+    // A step's rows share its pass: one verification of the step's largest γ + 1 positions.
+    let mut steps: Vec<f64> = rows.iter().map(|r| r[0]).collect();
+    steps.dedup();
+    let passes = v["target_passes"].as_u64().unwrap();
+    assert_eq!(steps, (0..passes).map(|s| s as f64).collect::<Vec<_>>());
+    for s in steps {
+        let of: Vec<&Vec<f64>> = rows.iter().filter(|r| r[0] == s).collect();
+        let widest = of.iter().map(|r| r[2]).fold(0.0, f64::max);
+        assert!(
+            of.iter().all(|r| r[4] == widest + 1.0 && r[6] == of[0][6]),
+            "{of:?}"
+        );
+    }
+}

@@ -1,10 +1,11 @@
 //! `speckv generate`: speculative (or plain) decoding of a prompt, streamed.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use speckv::decode::{pair, GenConfig};
-use speckv::BackendKind;
+use speckv::decode::batch::BatchStep;
+use speckv::decode::{pair, GenConfig, StepTrace};
+use speckv::{BackendKind, Error};
 
 use crate::args::{check_temperature, json_out, CatchUpArgs, ModelArgs};
 
@@ -45,13 +46,97 @@ pub struct Args {
     gamma_max: Option<u32>,
     #[command(flatten)]
     catch_up: CatchUpArgs,
+    /// Write one CSV row per sequence and speculative step: step, sequence, gamma (drafts
+    /// verified), accepted, verify_positions (positions per sequence of the step's verification
+    /// pass), draft_seconds, verify_seconds (a batch's times are the whole batch's). Shows what
+    /// the policy decided and what each step cost; plain decoding has no such steps.
+    #[arg(long)]
+    step_log: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+}
+
+/// A row of `--step-log`.
+#[derive(serde::Serialize)]
+struct StepRow {
+    step: u64,
+    sequence: usize,
+    gamma: i64,
+    accepted: i64,
+    verify_positions: usize,
+    draft_seconds: f64,
+    verify_seconds: f64,
+}
+
+/// `--step-log`'s writer. The decoding loops call their observers without a way to fail, so the
+/// first error is kept and reported when the decode ends.
+struct StepLog {
+    w: csv::Writer<std::fs::File>,
+    path: PathBuf,
+    err: Option<csv::Error>,
+}
+
+impl StepLog {
+    fn create(path: &Path) -> speckv::Result<StepLog> {
+        let w = csv::Writer::from_path(path)
+            .map_err(|e| Error::Other(format!("writing {}: {e}", path.display())))?;
+        let path = path.to_path_buf();
+        Ok(StepLog { w, path, err: None })
+    }
+
+    fn row(&mut self, r: StepRow) {
+        if self.err.is_none() {
+            self.err = self.w.serialize(r).err();
+        }
+    }
+
+    /// A single sequence's step.
+    fn single(&mut self, step: u64, t: &StepTrace) {
+        self.row(StepRow {
+            step,
+            sequence: 0,
+            gamma: t.gamma.into(),
+            accepted: t.accepted.into(),
+            verify_positions: t.gamma as usize + 1,
+            draft_seconds: t.draft_seconds,
+            verify_seconds: t.verify_seconds,
+        });
+    }
+
+    /// A batched step: a row for every sequence that was still decoding.
+    fn batch(&mut self, s: &BatchStep<'_>) {
+        for (i, _) in s.active.iter().enumerate().filter(|(_, &a)| a) {
+            self.row(StepRow {
+                step: s.step,
+                sequence: i,
+                gamma: s.gammas[i].into(),
+                accepted: s.accepted[i].into(),
+                verify_positions: s.verify_positions,
+                draft_seconds: s.draft_seconds,
+                verify_seconds: s.verify_seconds,
+            });
+        }
+    }
+
+    fn finish(mut self) -> speckv::Result<()> {
+        let context = format!("writing {}", self.path.display());
+        if let Some(e) = self.err {
+            return Err(Error::Other(format!("{context}: {e}")));
+        }
+        self.w
+            .flush()
+            .map_err(|source| Error::Io { context, source })
+    }
 }
 
 pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
     check_temperature(a.temperature)?;
     let pol = pair::policy_from_name(&a.policy, a.controller.as_deref(), a.cost.as_deref())?;
+    if pol.is_none() && a.step_log.is_some() {
+        return Err(Error::Other(
+            "--step-log records speculative steps; `--policy plain` makes none".into(),
+        ));
+    }
     let p = a.models.load()?;
     let device = speckv::decode::device::Device::open(backend, &p.target, p.draft_model())?;
     let cfg = GenConfig {
@@ -64,8 +149,10 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         compression: p.compression,
         draft_catch_up: a.catch_up.window(),
     };
+    let mut log = a.step_log.as_deref().map(StepLog::create).transpose()?;
     if a.prompt.len() > 1 {
-        return run_batch(&a, &p, &device, pol.as_ref(), &cfg);
+        run_batch(&a, &p, &device, pol.as_ref(), &cfg, log.as_mut())?;
+        return log.map_or(Ok(()), StepLog::finish);
     }
     let ids = p.encode_chat(&a.prompt[0])?;
     // Stream: after each step, print what the text so far adds (BPE pieces can only be decoded
@@ -87,6 +174,7 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         }
     };
     let room = ids.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
+    let mut step = 0u64;
     let (mut tp, mut dp) = device.passes(&p.target, p.draft_model(), p.draft_mask(), room)?;
     let stats = match &pol {
         None => speckv::decode::plain_on(tp.as_mut(), &ids, &p.tokenizer.stop, &cfg, &mut |t| {
@@ -99,9 +187,18 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
             &p.tokenizer.stop,
             pl,
             &cfg,
-            &mut |s| stream(&s.emitted),
+            &mut |s| {
+                stream(&s.emitted);
+                if let Some(l) = log.as_mut() {
+                    l.single(step, s);
+                }
+                step += 1;
+            },
         )?,
     };
+    if let Some(l) = log {
+        l.finish()?;
+    }
     let text = p.tokenizer.decode(&stats.tokens)?;
     if a.json {
         return json_out(&serde_json::json!({
@@ -136,6 +233,7 @@ fn run_batch(
     device: &speckv::decode::device::Device,
     pol: Option<&speckv::decode::Policy>,
     cfg: &GenConfig,
+    mut log: Option<&mut StepLog>,
 ) -> speckv::Result<()> {
     use speckv::decode::batch;
     let ids = a
@@ -143,7 +241,11 @@ fn run_batch(
         .iter()
         .map(|q| p.encode_chat(q))
         .collect::<speckv::Result<Vec<_>>>()?;
-    let stats = batch::run_batch(p, device, &ids, pol, cfg)?;
+    let stats = batch::run_batch_traced(p, device, &ids, pol, cfg, &mut |s| {
+        if let Some(l) = log.as_mut() {
+            l.batch(s);
+        }
+    })?;
     let texts = stats
         .sequences
         .iter()

@@ -65,6 +65,28 @@ pub struct BatchStats {
     pub tokens_per_second: f64,
 }
 
+/// What one batched speculative step did, for an observer ([`speculative_batch_traced`],
+/// `speckv generate --step-log`): the slices are the loop's own buffers, so observing allocates
+/// nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchStep<'a> {
+    /// The step's index, 0 first.
+    pub step: u64,
+    /// The sequences still decoding when the step began.
+    pub active: &'a [bool],
+    /// Drafts each sequence verified (0: a plain step for it, or a finished sequence).
+    pub gammas: &'a [i32],
+    /// Drafts of each sequence the target accepted.
+    pub accepted: &'a [i32],
+    /// Positions per sequence of the step's one verification pass (its largest γ + 1).
+    pub verify_positions: usize,
+    /// Batched draft passes (catch-up and drafting) and their wall time, statistics included.
+    pub draft_passes: usize,
+    pub draft_seconds: f64,
+    /// Wall time of verifying: the target pass, the accept/reject and the commits.
+    pub verify_seconds: f64,
+}
+
 /// Positions each sequence's cache needs for a batched decode of `seqs` prompts, the longest
 /// `longest_prompt` tokens long: the tokens it commits, a step's drafts, and the padding of a
 /// pass (at most 16 / seqs positions, cut off right after).
@@ -170,8 +192,21 @@ pub fn speculative_batch(
     policy: &Policy,
     cfg: &GenConfig,
 ) -> Result<BatchStats> {
+    speculative_batch_traced(target, draft, prompts, stop, policy, cfg, &mut |_| {})
+}
+
+/// [`speculative_batch`], calling `on_step` after every step.
+pub fn speculative_batch_traced(
+    target: &mut (dyn BatchPass + Send),
+    draft: &mut (dyn BatchPass + Send),
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    policy: &Policy,
+    cfg: &GenConfig,
+    on_step: &mut (dyn FnMut(&BatchStep<'_>) + Send),
+) -> Result<BatchStats> {
     // On a pool thread, as `plain_batch`.
-    rayon::scope(|_| speculative_loop(target, draft, prompts, stop, policy, cfg))
+    rayon::scope(|_| speculative_loop(target, draft, prompts, stop, policy, cfg, on_step))
 }
 
 fn speculative_loop(
@@ -181,6 +216,7 @@ fn speculative_loop(
     stop: &[u32],
     policy: &Policy,
     cfg: &GenConfig,
+    on_step: &mut (dyn FnMut(&BatchStep<'_>) + Send),
 ) -> Result<BatchStats> {
     check_batch(&[&*target, &*draft], prompts, cfg)?;
     cfg.check_catch_up()?;
@@ -318,16 +354,26 @@ fn speculative_loop(
         };
         (vb.seed, vb.step) = (cfg.seed, steps);
         target.verify_step(&vb, &mut vout)?;
-        steps += 1;
         for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {
             s.commit(i, &vout, target, draft, stop, cfg)?;
         }
+        let verify_seconds = t_verify.elapsed().as_secs_f64();
+        let forwards = draft_passes - passes_before;
         if let Some(a) = auto.as_mut() {
-            let forwards = draft_passes - passes_before;
             let accepted = (0..b).map(|i| (i, vout.accepted[i] as usize));
-            let verify_seconds = t_verify.elapsed().as_secs_f64();
             a.end_step(forwards, draft_seconds, g_step, verify_seconds, accepted);
         }
+        on_step(&BatchStep {
+            step: steps,
+            active: &active,
+            gammas: &gammas,
+            accepted: &vout.accepted[..b],
+            verify_positions: m,
+            draft_passes: forwards,
+            draft_seconds,
+            verify_seconds,
+        });
+        steps += 1;
     }
     let seqs = seqs.into_iter().map(|s| s.counts.stats(s.out)).collect();
     Ok(finish(seqs, target_passes, draft_passes, start, prefill))
@@ -341,6 +387,18 @@ pub fn run_batch(
     policy: Option<&Policy>,
     cfg: &GenConfig,
 ) -> Result<BatchStats> {
+    run_batch_traced(pair, device, prompts, policy, cfg, &mut |_| {})
+}
+
+/// [`run_batch`], calling `on_step` after every speculative step (plain decoding has none).
+pub fn run_batch_traced(
+    pair: &Pair,
+    device: &Device,
+    prompts: &[Vec<u32>],
+    policy: Option<&Policy>,
+    cfg: &GenConfig,
+    on_step: &mut (dyn FnMut(&BatchStep<'_>) + Send),
+) -> Result<BatchStats> {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let room = batch_room(longest, cfg, prompts.len());
     let (mut t, mut d) = device.batch_passes(
@@ -353,7 +411,7 @@ pub fn run_batch(
     let stop = &pair.tokenizer.stop;
     match policy {
         None => plain_batch(t.as_mut(), prompts, stop, cfg),
-        Some(p) => speculative_batch(t.as_mut(), d.as_mut(), prompts, stop, p, cfg),
+        Some(p) => speculative_batch_traced(t.as_mut(), d.as_mut(), prompts, stop, p, cfg, on_step),
     }
 }
 
