@@ -287,7 +287,7 @@ fn calibration_pulls_the_hazard_to_the_acceptance_seen() {
 
 #[test]
 fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
-    use speckv::controller::hazard::{PlainGate, PROBE_EVERY};
+    use speckv::controller::hazard::{PlainGate, MAX_PROBE_EVERY, PROBE_EVERY};
     let gmax = 6;
     let prior = CostModel {
         draft_ms_per_token: 0.4,
@@ -298,14 +298,33 @@ fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
     let costs = cost.step_costs(gmax);
     let mut gate = PlainGate::default();
     assert!(gate.speculate(&costs, gmax), "nothing seen yet");
-    // First drafts rarely accepted: expensive drafts cannot pay; a probe every PROBE_EVERY.
+    // First drafts rarely accepted: expensive drafts cannot pay. A probe after PROBE_EVERY plain
+    // steps, and each probe the comparison still rejects doubles the wait, up to MAX_PROBE_EVERY.
     gate.observe_first(0.1);
-    let pattern: Vec<bool> = (0..2 * (PROBE_EVERY + 1))
+    let waits = [4, 8, 16, 32, 64, 64];
+    assert_eq!(PROBE_EVERY, waits[0]);
+    assert_eq!(MAX_PROBE_EVERY, waits[4]);
+    let pattern: Vec<bool> = (0..waits.iter().map(|w| w + 1).sum())
         .map(|_| gate.speculate(&costs, gmax))
         .collect();
-    let mut want = vec![false; PROBE_EVERY];
-    want.push(true);
-    assert_eq!(pattern, [want.clone(), want].concat());
+    let want: Vec<bool> = waits
+        .iter()
+        .flat_map(|&w| (0..=w).map(move |i| i == w))
+        .collect();
+    assert_eq!(pattern, want);
+    // A step the comparison accepts resets the wait (the hazards are moving averages).
+    (0..20).for_each(|_| gate.observe_first(0.95));
+    assert!(gate.speculate(&costs, gmax));
+    (0..20).for_each(|_| gate.observe_first(0.1));
+    let again: Vec<bool> = (0..2 * (PROBE_EVERY + 1))
+        .map(|_| gate.speculate(&costs, gmax))
+        .collect();
+    let want: Vec<bool> = [4, 8]
+        .iter()
+        .flat_map(|&w| (0..=w).map(move |i| i == w))
+        .take(2 * (PROBE_EVERY + 1))
+        .collect();
+    assert_eq!(again, want);
     // Likely accepted: 1 + 0.95 + … tokens for 1 + 0.7 per draft beats 1 token per 1.0.
     let mut gate = PlainGate::default();
     gate.observe_first(0.95);

@@ -16,10 +16,10 @@
 //! each sequence with its own moving average of first-draft hazards. A batch of several takes one
 //! plain step early to measure it (the one-sequence prior says little about how a pass of B rows
 //! compares with one of B · (γ + 1)), reads unmeasured verification costs off the line through
-//! the measured ones, and backs its probes off while they lose (each makes the draft catch up on B
-//! rows per plain step since the last, up to its catch-up window: `GenConfig::draft_catch_up`).
-//! It does not probe at all while the measured costs say that even drafts all accepted would lose
-//! to a plain step (`hazard::speculation_could_pay`).
+//! the measured ones. Its probes back off while they lose, as one sequence's do (each makes the
+//! draft catch up on B rows per plain step since the last, up to its catch-up window:
+//! `GenConfig::draft_catch_up`), and it does not probe at all while the measured costs say that
+//! even drafts all accepted would lose to a plain step (`hazard::speculation_could_pay`).
 
 use speckv_kernels::params::{
     FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
@@ -28,16 +28,13 @@ use speckv_kernels::stop_rule;
 
 pub use crate::controller::hazard::speculate_batch;
 use crate::controller::hazard::{
-    speculation_could_pay, Calibration, HazardModel, OnlineCost, PlainGate, CALIBRATION_RATE,
-    ONLINE_COST_ALPHA, PROBE_EVERY,
+    speculation_could_pay, Calibration, HazardModel, OnlineCost, PlainGate, ProbeSchedule,
+    CALIBRATION_RATE, ONLINE_COST_ALPHA,
 };
 use crate::controller::records::Compression;
 use crate::controller::stop::MAX_GAMMA;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
-
-/// The most plain steps between two probes of a batch whose probes keep losing.
-pub const MAX_PROBE_EVERY: usize = 64;
 
 /// The most sequences a batched step decides for (a step holds 16 rows).
 pub const MAX_SEQS: usize = crate::weights::gemv::MAX_M;
@@ -141,12 +138,7 @@ pub struct BatchAuto {
     /// Batched passes' costs: a draft pass of every sequence, the verification of γ drafts each.
     pub cost: OnlineCost,
     seqs: Vec<SeqAuto>,
-    plain_run: usize,
-    /// Plain steps before a probe: [`PROBE_EVERY`], doubled (a batch of several) after each probe
-    /// the gate's comparison still rejects, up to [`MAX_PROBE_EVERY`].
-    probe_every: usize,
-    /// The last step was a probe.
-    probed: bool,
+    probes: ProbeSchedule,
     costs: StepCosts,
     gamma_max: usize,
     /// Drafts kept by every drafting sequence this step.
@@ -173,9 +165,7 @@ impl BatchAuto {
             weights: model.weights(),
             cost: OnlineCost::new(batch_prior(prior, seqs), ONLINE_COST_ALPHA),
             seqs: vec![one; seqs],
-            plain_run: 0,
-            probe_every: PROBE_EVERY,
-            probed: false,
+            probes: ProbeSchedule::default(),
             costs: StepCosts {
                 draft: 0.0,
                 verify: [f32::INFINITY; STOP_TIMES],
@@ -187,10 +177,9 @@ impl BatchAuto {
 
     /// Before a step in which the sequences `active[i]` decode: the drafts each may make (0: a
     /// plain step for all). The gate speculates when some active sequence has no first-draft
-    /// hazard yet, when speculating promises more tokens per second, and every [`PROBE_EVERY`]
-    /// plain steps in a row (for a batch of several, backing off to [`MAX_PROBE_EVERY`] while
-    /// the probes lose) unless even drafts all accepted could not pay
-    /// ([`speculation_could_pay`]); a batch of several sequences first takes one plain step to
+    /// hazard yet, when speculating promises more tokens per second, and otherwise probes on a
+    /// [`ProbeSchedule`] (unless even drafts all accepted could not pay:
+    /// [`speculation_could_pay`]); a batch of several sequences first takes one plain step to
     /// measure it.
     pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
         // A batch of several reads its verification costs off the line through what it measured
@@ -220,34 +209,17 @@ impl BatchAuto {
         let speculate = if unknown {
             true
         } else if gamma_max == 0 || explore {
-            self.plain_run += explore as usize;
+            if explore {
+                self.probes.plain_step();
+            }
             false
         } else {
-            let wins = speculate_batch(&first[..n], &self.costs, gamma_max);
-            // A batch's probe makes its draft catch up on every sequence's tokens since the last
+            // A probe makes the draft catch up on every sequence's tokens since the last
             // speculative step (B rows a plain step, up to the catch-up window): while probes
             // keep losing, they back off.
-            if self.seqs.len() > 1 {
-                if wins {
-                    self.probe_every = PROBE_EVERY;
-                } else if self.probed {
-                    self.probe_every = (self.probe_every * 2).min(MAX_PROBE_EVERY);
-                }
-            }
-            self.probed = false;
-            if wins {
-                self.plain_run = 0;
-                true
-            } else if self.plain_run >= self.probe_every
-                && speculation_could_pay(n, &self.costs, gamma_max)
-            {
-                self.plain_run = 0;
-                self.probed = true;
-                true
-            } else {
-                self.plain_run = self.plain_run.saturating_add(1);
-                false
-            }
+            let wins = speculate_batch(&first[..n], &self.costs, gamma_max);
+            let could_pay = wins || speculation_could_pay(n, &self.costs, gamma_max);
+            self.probes.speculate(wins, could_pay)
         };
         self.gamma_max = if speculate { gamma_max } else { 0 };
         self.kept = 0;

@@ -26,6 +26,9 @@ use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
 
+pub use crate::controller::gate::{
+    speculate_batch, speculation_could_pay, PlainGate, ProbeSchedule, MAX_PROBE_EVERY, PROBE_EVERY,
+};
 pub use crate::controller::stop::{StopDecision, StopRule, MAX_GAMMA};
 
 /// The hazard model's inputs for draft `position` (0-based) of a step, as the rule computes them on
@@ -340,92 +343,6 @@ impl Calibration {
             }
         }
         self.log_k = self.log_k.clamp(-MAX_LOG_ODDS_SCALE, MAX_LOG_ODDS_SCALE);
-    }
-}
-
-/// Whether a batched step should speculate, from each sequence's moving average of first-draft
-/// hazards `first` (summed over the sequences; [`PlainGate`]'s comparison is this with one): the
-/// best γ ≥ 1, every later hazard taken equal to the first, against a plain step (one target
-/// pass emitting a token per sequence).
-pub fn speculate_batch(first: &[f64], costs: &StepCosts, gamma_max: usize) -> bool {
-    if gamma_max == 0 {
-        return false;
-    }
-    let n = first.len().min(crate::weights::gemv::MAX_M);
-    let plain = n as f64 / costs.verify[0] as f64;
-    let mut a = [1f64; crate::weights::gemv::MAX_M];
-    let (mut tokens, mut best) = (n as f64, f64::NEG_INFINITY);
-    let top = gamma_max.min(MAX_GAMMA) + 1;
-    for (g, &v) in costs.verify.iter().enumerate().take(top).skip(1) {
-        let mut gain = 0.0;
-        for (ai, &h) in a.iter_mut().zip(first).take(n) {
-            *ai *= h;
-            gain += *ai;
-        }
-        tokens += gain;
-        best = best.max(tokens / (g as f64 * costs.draft as f64 + v as f64));
-    }
-    best > plain
-}
-
-/// Whether speculating could beat a plain step at all under `costs`, for `seqs` sequences:
-/// [`speculate_batch`] with every draft as likely accepted as the rule lets a hazard be
-/// ([`stop_rule::HAZARD_CEIL`]). When it could not, no first-draft hazard a probe might measure
-/// would change the gate's decision, so the gate does not probe: a probe would only pay for the
-/// draft's catch-up, its drafts and a wider verification.
-pub fn speculation_could_pay(seqs: usize, costs: &StepCosts, gamma_max: usize) -> bool {
-    let best = [stop_rule::HAZARD_CEIL as f64; crate::weights::gemv::MAX_M];
-    speculate_batch(&best[..seqs.min(best.len())], costs, gamma_max)
-}
-
-/// After this many plain steps in a row, the gate speculates once to keep its estimate current
-/// (when [`speculation_could_pay`]).
-pub const PROBE_EVERY: usize = 4;
-
-/// Whether a step should speculate at all, decided before it drafts (a step whose rule stops before
-/// its first draft has already paid for that draft): speculate when the best γ ≥ 1, with a
-/// constant hazard equal to a moving average of recent first-draft hazards, promises more tokens
-/// per second than a plain step (one target pass, `verify(0)`). Every [`PROBE_EVERY`] plain steps
-/// it speculates anyway, unless even drafts all accepted could not pay under the measured costs
-/// ([`speculation_could_pay`]). It does not count the draft catching up on the skipped tokens later (one
-/// batched pass), so it leans slightly towards plain steps.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PlainGate {
-    first_hazard: Option<f64>,
-    plain_run: usize,
-}
-
-impl PlainGate {
-    pub fn speculate(&mut self, costs: &StepCosts, gamma_max: usize) -> bool {
-        let Some(h) = self.first_hazard else {
-            return true;
-        };
-        if gamma_max == 0 {
-            return false;
-        }
-        if self.plain_run >= PROBE_EVERY && speculation_could_pay(1, costs, gamma_max) {
-            self.plain_run = 0;
-            return true;
-        }
-        if speculate_batch(&[h], costs, gamma_max) {
-            self.plain_run = 0;
-            true
-        } else {
-            self.plain_run = self.plain_run.saturating_add(1);
-            false
-        }
-    }
-
-    /// The moving average of first-draft hazards (`None` before the first).
-    pub fn first_hazard(&self) -> Option<f64> {
-        self.first_hazard
-    }
-
-    /// The hazard of a step's first draft.
-    pub fn observe_first(&mut self, h: f64) {
-        if h.is_finite() {
-            self.first_hazard = Some(self.first_hazard.map_or(h, |v| v + 0.3 * (h - v)));
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod batch_auto;
 pub mod evaluate;
+pub mod gate;
 pub mod hazard;
 pub mod mlp;
 pub mod plot;
