@@ -19,7 +19,7 @@
 //! the measured ones. Its probes back off while they lose, as one sequence's do (each makes the
 //! draft catch up on B rows per plain step since the last, up to its catch-up window:
 //! `GenConfig::draft_catch_up`), and it does not probe at all while the measured costs say that
-//! even drafts all accepted would lose to a plain step (`hazard::speculation_could_pay`).
+//! even drafts all accepted would lose to a plain step (`gate::speculation_could_pay`).
 
 use speckv_kernels::params::{
     FeatureAccum, MlpWeights, RowStats, StepCosts, StopState, STOP_TIMES,
