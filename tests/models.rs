@@ -297,7 +297,20 @@ fn auto_policy_sees_the_features_it_was_trained_on() {
         compression: Compression::Int8,
         draft_catch_up: None,
     };
-    let policy = Policy::parse("auto", None).unwrap();
+    // `auto`'s gate decides from measured times after the first step, and here the draft costs
+    // about what the target does, so whether it speculates again depends on the machine. The
+    // first step always drafts (no hazards yet) and decides under the prior alone: a prior with
+    // cheap drafts makes it keep some, whatever the machine.
+    let shipped = decode::Auto::shipped().unwrap();
+    let prior = speckv::controller::CostModel {
+        draft_ms_per_token: 0.1,
+        verify_ms: vec![10.0; cfg.gamma_max as usize + 1],
+        source: "test: cheap drafts".into(),
+    };
+    let policy = Policy::Auto(Box::new(decode::Auto {
+        model: shipped.model,
+        prior,
+    }));
     let mut steps = Vec::new();
     decode::speculative_traced(
         &target,
@@ -309,6 +322,11 @@ fn auto_policy_sees_the_features_it_was_trained_on() {
         &mut |t| steps.push(t.clone()),
     )
     .unwrap();
+    assert!(
+        steps[0].gamma > 0,
+        "the first step keeps drafts: {:?}",
+        steps[0]
+    );
     let rows =
         speckv::decode::profile::trace_rows(&steps, Compression::Int8, "test", 0, 0).unwrap();
     let examples = speckv::controller::hazard::examples(&rows).unwrap();
