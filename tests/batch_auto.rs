@@ -6,7 +6,7 @@ mod common;
 
 use rand::{Rng, SeedableRng};
 use speckv::controller::batch_auto::{batch_prior, decide_batch, speculate_batch, BatchAuto};
-use speckv::controller::hazard::{AutoState, HazardModel};
+use speckv::controller::hazard::{AutoState, DraftTime, HazardModel};
 use speckv::controller::records::Compression;
 use speckv::controller::CostModel;
 use speckv_kernels::params::{FeatureAccum, RowStats, StepCosts, StopState, STOP_TIMES};
@@ -264,8 +264,9 @@ fn a_batch_of_one_decides_as_auto_does() {
         let accepted = rng.gen_range(0..=kept);
         let ds = if dear { 0.8 } else { 0.05 } * rng.gen_range(0.9..1.1) * kept.max(1) as f64;
         let vs = 1.0 + 0.02 * kept as f64 * rng.gen_range(0.9..1.1);
-        single.end_step(kept.max(1), ds, kept, vs, accepted);
-        batch.end_step(kept.max(1), ds, kept, vs, [(0, accepted)]);
+        let draft = DraftTime::steady(kept.max(1), ds);
+        single.end_step(&draft, kept, vs, accepted);
+        batch.end_step(&draft, kept, vs, [(0, accepted)]);
         assert_eq!(
             batch.odds_scale(0),
             Some(single.calibration.odds_scale()),
@@ -315,13 +316,8 @@ fn forty_cpu_steps(h: f64, fixed: f64) -> (Vec<usize>, Vec<usize>, BatchAuto) {
         }
         let forwards = if g > 0 { kept.max(1) } else { 0 };
         let accepted = (0..4).map(|i| (i, kept.min(2)));
-        batch.end_step(
-            forwards,
-            forwards as f64 * draft_pass,
-            kept,
-            verify(kept),
-            accepted,
-        );
+        let draft = DraftTime::steady(forwards, forwards as f64 * draft_pass);
+        batch.end_step(&draft, kept, verify(kept), accepted);
         gates.push(g);
         gammas.push(kept);
     }

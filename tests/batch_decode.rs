@@ -249,18 +249,26 @@ fn a_batch_of_one_is_the_single_sequence_loop(state: State) {
         let cap = batch_room(p.len(), &c, 1);
         let (mut tb, mut db) = (state(&m, cap, 1), state(&dm, cap, 1));
         let ps = std::slice::from_ref(&p);
-        // Each step's (γ, accepted, verified positions), as the observers see them.
+        // Each step's (γ, accepted, verified positions, draft passes, tokens fed to the draft, in
+        // its first feed), as the observers see them.
         let mut batch_log = Vec::new();
         let got = speculative_batch_traced(&mut *tb, &mut *db, ps, &[], &policy, &c, &mut |s| {
             assert_eq!((s.active, s.gammas.len()), (&[true][..], 1));
-            batch_log.push((s.gammas[0] as u32, s.accepted[0] as u32, s.verify_positions));
+            let fed = (s.draft.passes, s.draft_tokens[0], s.first_tokens[0]);
+            batch_log.push((
+                s.gammas[0] as u32,
+                s.accepted[0] as u32,
+                s.verify_positions,
+                fed,
+            ));
         })
         .unwrap();
         let (mut ts, mut ds) = (state(&m, cap, 1), state(&dm, cap, 1));
         let (ts, ds) = (as_pass(&mut ts), as_pass(&mut ds));
         let mut single_log = Vec::new();
         let want = speculative_on(ts, ds, &p, &[], &policy, &c, &mut |s| {
-            single_log.push((s.gamma, s.accepted, s.gamma as usize + 1));
+            let fed = (s.draft.passes, s.draft_tokens, s.draft.first_tokens);
+            single_log.push((s.gamma, s.accepted, s.gamma as usize + 1, fed));
         })
         .unwrap();
         assert_eq!(batch_log, single_log, "T {t} {policy:?} {window:?}");

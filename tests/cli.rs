@@ -426,10 +426,24 @@ fn generate_logs_every_speculative_step() {
         let mut lines = text.lines();
         assert_eq!(
             lines.next(),
-            Some("step,sequence,gamma,accepted,verify_positions,draft_seconds,verify_seconds")
+            Some(
+                "step,sequence,gamma,accepted,verify_positions,draft_passes,draft_tokens,\
+                 first_feed_tokens,first_feed_seconds,draft_seconds,verify_seconds"
+            )
         );
+        // An empty field (a first feed not timed apart) reads as NaN.
         lines
-            .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
+            .map(|l| {
+                l.split(',')
+                    .map(|x| {
+                        if x.is_empty() {
+                            f64::NAN
+                        } else {
+                            x.parse().unwrap()
+                        }
+                    })
+                    .collect()
+            })
             .collect()
     };
     let (ok, _, stderr) = speckv(&[
@@ -483,14 +497,31 @@ fn generate_logs_every_speculative_step() {
     let v = gen(&["Name three colours."], "auto", &one);
     let rows = log_rows(&one);
     assert_eq!(counts(&rows, 0.0), from_json(&v));
+    let fed: f64 = rows.iter().map(|r| r[6]).sum();
+    assert_eq!(fed, v["draft_tokens"].as_f64().unwrap());
     for (i, r) in rows.iter().enumerate() {
         assert_eq!((r[0], r[1]), (i as f64, 0.0), "{r:?}");
         assert!(r[3] <= r[2] && r[4] == r[2] + 1.0, "{r:?}");
-        assert!(r[5] >= 0.0 && r[6] > 0.0, "{r:?}");
+        assert!(r[9] >= 0.0 && r[10] > 0.0, "{r:?}");
+        // `auto` decides per draft: every drafted token is a pass (a discarded one too), the
+        // first feeds the pending token and any backlog, the others one draft each.
+        let passes = r[5];
+        if passes == 0.0 {
+            assert!(
+                r[2] == 0.0 && r[6] == 0.0 && r[8].is_nan(),
+                "a plain step: {r:?}"
+            );
+        } else {
+            assert!(passes >= r[2] && passes <= r[2] + 1.0, "{r:?}");
+            assert_eq!(r[6], r[7] + passes - 1.0, "{r:?}");
+            assert!(r[7] >= 1.0 && r[8] > 0.0 && r[8] <= r[9], "{r:?}");
+        }
     }
     let two = common::tmp("cli", "steps-two.csv");
     let v = gen(&["Name three colours.", "What is 2+2?"], "fixed:2", &two);
     let rows = log_rows(&two);
+    let fed: f64 = rows.iter().map(|r| r[6]).sum();
+    assert_eq!(fed, v["draft_tokens"].as_f64().unwrap());
     for (b, q) in v["sequences"].as_array().unwrap().iter().enumerate() {
         assert_eq!(counts(&rows, b as f64), from_json(q), "sequence {b}");
     }
@@ -502,9 +533,17 @@ fn generate_logs_every_speculative_step() {
     for s in steps {
         let of: Vec<&Vec<f64>> = rows.iter().filter(|r| r[0] == s).collect();
         let widest = of.iter().map(|r| r[2]).fold(0.0, f64::max);
+        let shared =
+            |r: &&Vec<f64>| [r[5], r[8], r[9], r[10]] == [of[0][5], of[0][8], of[0][9], of[0][10]];
         assert!(
-            of.iter().all(|r| r[4] == widest + 1.0 && r[6] == of[0][6]),
+            of.iter().all(|r| r[4] == widest + 1.0 && shared(r)),
             "{of:?}"
         );
+        // fixed:2 drafts twice in lockstep: a first feed, then one draft each.
+        assert_eq!(of[0][5], 2.0, "{of:?}");
+        assert!(of.iter().all(|r| r[6] == r[7] + 1.0), "{of:?}");
+        assert!(of[0][8] > 0.0 && of[0][8] <= of[0][9], "{of:?}");
     }
+    let passes: f64 = rows.iter().filter(|r| r[1] == 0.0).map(|r| r[5]).sum();
+    assert_eq!(passes, v["draft_passes"].as_f64().unwrap());
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use speckv::controller::hazard::{self, HazardModel, OnlineCost, StopRule};
+use speckv::controller::hazard::{self, AutoState, DraftTime, HazardModel, OnlineCost, StopRule};
 use speckv::controller::mlp::INPUTS;
 use speckv::controller::records::Compression;
 use speckv::controller::CostModel;
@@ -27,6 +27,8 @@ fn step(entropy: &[f32], confidence: &[f32], accepted: u32) -> StepTrace {
         counterfactual: (0..=g).map(|x| accepted.min(x) + 1).collect(),
         draft_seconds: 0.01,
         verify_seconds: 0.02,
+        draft: Default::default(),
+        draft_tokens: 0,
         emitted: vec![1; accepted as usize + 1],
         stop_features: Vec::new(),
     }
@@ -182,6 +184,88 @@ fn online_costs_follow_measurements_and_keep_the_prior_shape() {
     assert_eq!(t.draft, c.draft() as f32);
     assert_eq!(t.verify[..3], [0, 1, 2].map(|g| c.verify(g) as f32));
     assert!(t.verify[3..].iter().all(|x| x.is_infinite()), "{t:?}");
+}
+
+/// A first feed that catches the draft up on tokens of plain steps is the price of returning from
+/// them, not a draft pass: the draft's cost learns from the step's other passes only, so a probe
+/// after plain steps does not make every later draft look dearer. A steady first feed (the
+/// pending token, a draft left unseen) and a phase not timed apart count whole.
+#[test]
+fn the_drafts_cost_leaves_out_a_catch_up_feed() {
+    let time = |passes, seconds, first_seconds, first_tokens| DraftTime {
+        passes,
+        seconds,
+        first_passes: 1,
+        first_seconds,
+        first_tokens,
+    };
+    let steady = time(3, 0.3, 0.1, 1);
+    assert_eq!(steady.measured(), (3, 0.3));
+    // After a fully accepted step the first pass feeds 2 tokens: dearer, and recurring, so in.
+    assert_eq!(hazard::STEADY_FEED, 2);
+    assert_eq!(time(3, 0.37, 0.17, 2).measured(), (3, 0.37));
+    // After plain steps: the first pass fed 9 tokens in 0.5 s, then two drafts at 0.1 s each.
+    let probe = time(3, 0.7, 0.5, 9);
+    let (n, s) = probe.measured();
+    assert!(n == 2 && (s - 0.2).abs() < 1e-12, "{n} {s}");
+    // Only the catch-up pass ran (its draft kept, or discarded): nothing to learn from.
+    let only = time(1, 0.5, 0.5, 9);
+    assert_eq!(only.measured(), (0, 0.0));
+    let phase = DraftTime {
+        first_passes: 0,
+        ..probe
+    };
+    assert_eq!(phase.measured(), (3, 0.7));
+    assert_eq!(DraftTime::steady(4, 0.4).measured(), (4, 0.4));
+    // `auto`'s costs: the draft stays at 0.1 s a pass through both probes.
+    let mut a = AutoState::new(&constant(0.8), CostModel::assumed());
+    a.end_step(&steady, 3, 1.0, 2);
+    for d in [&only, &probe] {
+        a.end_step(d, 2, 1.0, 1);
+        assert!((a.cost.draft() - 0.1).abs() < 1e-12, "{}", a.cost.draft());
+    }
+    // Counted whole, the catch-up pass would have raised it.
+    a.end_step(&phase, 2, 1.0, 1);
+    assert!(a.cost.draft() > 0.11, "{}", a.cost.draft());
+}
+
+/// Under the assumed prior, once its first hazards are known, `auto` takes one plain step to
+/// measure what a plain step costs, and gates on that. The assumed shape (verification 2 % dearer
+/// a position, a GPU's) scales a CPU-like verification of one draft to a plain step a third
+/// dearer than it is, and drafts that lose to plain steps look like a win. A measured prior's
+/// shape is trusted: no such step.
+#[test]
+fn auto_measures_a_plain_step_under_the_assumed_prior() {
+    let first_step = |prior: CostModel| {
+        let mut a = AutoState::new(&constant(0.7), prior);
+        let (_, g, _) = a.begin_step(3);
+        assert_eq!(g, 3, "nothing known: it speculates");
+        a.gate.observe_first(0.7);
+        a.end_step(&DraftTime::steady(1, 0.05), 1, 0.13, 1);
+        a
+    };
+    let mut a = first_step(CostModel::assumed());
+    // The prior's guess: a plain step 0.13 / 1.02 = 0.127 s, so drafting looks better.
+    assert!(hazard::speculate_batch(&[0.7], &a.cost.step_costs(3), 3));
+    let (_, g, _) = a.begin_step(3);
+    assert_eq!(g, 0, "a plain step to measure it");
+    a.end_step(&DraftTime::default(), 0, 0.095, 0);
+    // Measured: 10.5 plain tokens/s against 1.7 tokens in 0.18 s at γ = 1 (and less above).
+    assert!(!hazard::speculate_batch(&[0.7], &a.cost.step_costs(3), 3));
+    let gates: Vec<usize> = (0..6).map(|_| a.begin_step(3).1).collect();
+    assert_eq!(
+        gates,
+        [0, 0, 0, 3, 0, 0],
+        "plain steps, then the probe schedule"
+    );
+    // A measured prior whose plain step is dear: speculating wins, and no plain step is taken.
+    let measured = CostModel {
+        draft_ms_per_token: 50.0,
+        verify_ms: vec![300.0, 130.0, 135.0, 140.0],
+        source: "test".into(),
+    };
+    let mut a = first_step(measured);
+    assert_eq!(a.begin_step(3).1, 3);
 }
 
 #[test]

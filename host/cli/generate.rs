@@ -48,8 +48,11 @@ pub struct Args {
     catch_up: CatchUpArgs,
     /// Write one CSV row per sequence and speculative step: step, sequence, gamma (drafts
     /// verified), accepted, verify_positions (positions per sequence of the step's verification
-    /// pass), draft_seconds, verify_seconds (a batch's times are the whole batch's). Shows what
-    /// the policy decided and what each step cost; plain decoding has no such steps.
+    /// pass), draft_passes, draft_tokens (tokens fed to the draft, its catch-up included),
+    /// first_feed_tokens and first_feed_seconds (the step's first draft pass: the pending token,
+    /// any backlog; empty when the phase ran as one), draft_seconds, verify_seconds (a batch's
+    /// passes and times are the whole batch's). Shows what the policy decided and what each step
+    /// cost; plain decoding has no such steps.
     #[arg(long)]
     step_log: Option<PathBuf>,
     #[arg(long)]
@@ -64,6 +67,11 @@ struct StepRow {
     gamma: i64,
     accepted: i64,
     verify_positions: usize,
+    draft_passes: usize,
+    draft_tokens: usize,
+    first_feed_tokens: usize,
+    /// Empty when the first feed was not timed apart (a draft phase run as one).
+    first_feed_seconds: Option<f64>,
     draft_seconds: f64,
     verify_seconds: f64,
 }
@@ -98,6 +106,10 @@ impl StepLog {
             gamma: t.gamma.into(),
             accepted: t.accepted.into(),
             verify_positions: t.gamma as usize + 1,
+            draft_passes: t.draft.passes,
+            draft_tokens: t.draft_tokens,
+            first_feed_tokens: t.draft.first_tokens,
+            first_feed_seconds: (t.draft.first_passes > 0).then_some(t.draft.first_seconds),
             draft_seconds: t.draft_seconds,
             verify_seconds: t.verify_seconds,
         });
@@ -112,7 +124,11 @@ impl StepLog {
                 gamma: s.gammas[i].into(),
                 accepted: s.accepted[i].into(),
                 verify_positions: s.verify_positions,
-                draft_seconds: s.draft_seconds,
+                draft_passes: s.draft.passes,
+                draft_tokens: s.draft_tokens[i],
+                first_feed_tokens: s.first_tokens[i],
+                first_feed_seconds: (s.draft.first_passes > 0).then_some(s.draft.first_seconds),
+                draft_seconds: s.draft.seconds,
                 verify_seconds: s.verify_seconds,
             });
         }

@@ -15,8 +15,9 @@
 //! The gate before a step (speculate at all?) is [`PlainGate`]'s comparison with the same sums,
 //! each sequence with its own moving average of first-draft hazards. A batch of several takes one
 //! plain step early to measure it (the one-sequence prior says little about how a pass of B rows
-//! compares with one of B · (γ + 1)), reads unmeasured verification costs off the line through
-//! the measured ones. Its probes back off while they lose, as one sequence's do (each makes the
+//! compares with one of B · (γ + 1); a single sequence, and a batch of one, do so under the
+//! assumed prior only), and reads unmeasured verification costs off the line through the
+//! measured ones. Its probes back off while they lose, as one sequence's do (each makes the
 //! draft catch up on B rows per plain step since the last, up to its catch-up window:
 //! `GenConfig::draft_catch_up`), and it does not probe at all while the measured costs say that
 //! even drafts all accepted would lose to a plain step (`gate::speculation_could_pay`).
@@ -28,8 +29,8 @@ use speckv_kernels::stop_rule;
 
 pub use crate::controller::hazard::speculate_batch;
 use crate::controller::hazard::{
-    speculation_could_pay, Calibration, HazardModel, OnlineCost, PlainGate, ProbeSchedule,
-    CALIBRATION_RATE, ONLINE_COST_ALPHA,
+    speculation_could_pay, Calibration, DraftTime, HazardModel, OnlineCost, PlainGate,
+    ProbeSchedule, CALIBRATION_RATE, ONLINE_COST_ALPHA,
 };
 use crate::controller::records::Compression;
 use crate::controller::stop::MAX_GAMMA;
@@ -143,6 +144,8 @@ pub struct BatchAuto {
     gamma_max: usize,
     /// Drafts kept by every drafting sequence this step.
     kept: u32,
+    /// Take one plain step to measure it (a batch of several, or the assumed prior).
+    measure_plain: bool,
 }
 
 impl BatchAuto {
@@ -172,6 +175,7 @@ impl BatchAuto {
             },
             gamma_max: 0,
             kept: 0,
+            measure_plain: seqs > 1 || prior.is_assumed(),
         })
     }
 
@@ -179,8 +183,8 @@ impl BatchAuto {
     /// plain step for all). The gate speculates when some active sequence has no first-draft
     /// hazard yet, when speculating promises more tokens per second, and otherwise probes on a
     /// [`ProbeSchedule`] (unless even drafts all accepted could not pay:
-    /// [`speculation_could_pay`]); a batch of several sequences first takes one plain step to
-    /// measure it.
+    /// [`speculation_could_pay`]); a batch of several sequences, or one under the assumed prior,
+    /// first takes one plain step to measure it.
     pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
         // A batch of several reads its verification costs off the line through what it measured
         // (its passes span B to 16 rows); a batch of one keeps `auto`'s own estimate.
@@ -200,12 +204,12 @@ impl BatchAuto {
                 None => unknown = true,
             }
         }
-        // In [`PlainGate::speculate`]'s order, so a batch of one gates as one sequence does. A
-        // batch of several also takes one plain step to measure it once the hazards are known:
-        // the prior's shape, scaled from one row to B · (γ + 1), is only a guess at how a plain
-        // step's cost compares (on a CPU it grows with rows far faster), and a gate that never
-        // takes a plain step never learns it.
-        let explore = self.seqs.len() > 1 && !self.cost.measured(0);
+        // In `AutoState::begin_step`'s order, so a batch of one gates as one sequence does. A
+        // batch of several, or one under the assumed prior, takes one plain step to measure it
+        // once the hazards are known: the prior's shape, scaled from one row to B · (γ + 1), is
+        // only a guess at how a plain step's cost compares (on a CPU it grows with rows far
+        // faster), and a gate that never takes a plain step never learns it.
+        let explore = self.measure_plain && !self.cost.measured(0);
         let speculate = if unknown {
             true
         } else if gamma_max == 0 || explore {
@@ -290,19 +294,20 @@ impl BatchAuto {
         verdict
     }
 
-    /// After verification: `forwards` batched draft passes took `draft_seconds`, the batched
-    /// verification of `gamma_step` drafts per sequence took `verify_seconds`, and `accepted`
-    /// gives each sequence that drafted its index and accepted drafts (for its calibration).
+    /// After verification: the step's batched `draft` passes ([`DraftTime::measured`] is what
+    /// the draft's cost learns from), the batched verification of `gamma_step` drafts per
+    /// sequence took `verify_seconds`, and `accepted` gives each sequence that drafted its index
+    /// and accepted drafts (for its calibration).
     pub fn end_step(
         &mut self,
-        forwards: usize,
-        draft_seconds: f64,
+        draft: &DraftTime,
         gamma_step: usize,
         verify_seconds: f64,
         accepted: impl IntoIterator<Item = (usize, usize)>,
     ) {
+        let (passes, seconds) = draft.measured();
         self.cost
-            .observe(forwards, draft_seconds, gamma_step, verify_seconds);
+            .observe(passes, seconds, gamma_step, verify_seconds);
         let kept = self.kept as usize;
         for (i, k) in accepted {
             if let Some(s) = self.seqs.get_mut(i).filter(|s| s.drafting) {

@@ -137,6 +137,11 @@ impl PlainGate {
         self.probes.speculate(wins, could_pay)
     }
 
+    /// A plain step taken outside the schedule (measuring a plain step's cost).
+    pub fn plain_step(&mut self) {
+        self.probes.plain_step();
+    }
+
     /// The moving average of first-draft hazards (`None` before the first).
     pub fn first_hazard(&self) -> Option<f64> {
         self.first_hazard

@@ -122,6 +122,59 @@ pub(crate) fn draft_values(step: &[TraceRow], n: usize) -> (f64, f64) {
     }
 }
 
+/// A step's draft work, as the online costs measure the draft on it ([`AutoState::end_step`],
+/// `BatchAuto::end_step`) and `generate --step-log` reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DraftTime {
+    /// The step's draft passes (0: a plain step) and their wall time, statistics included.
+    pub passes: usize,
+    pub seconds: f64,
+    /// Its first feed (each sequence's pending token, a draft a fully accepted step left unseen,
+    /// and the tokens of plain steps it catches up on): the passes it took (0 when the loop did
+    /// not time it apart: a phase run as one), their time, and the most tokens it fed a sequence.
+    pub first_passes: usize,
+    pub first_seconds: f64,
+    pub first_tokens: usize,
+}
+
+/// The most tokens a step's first feed gives a sequence when the step before it speculated: the
+/// pending token and at most one draft a fully accepted step left unseen. A longer first feed
+/// catches the draft up on tokens of plain steps.
+pub const STEADY_FEED: usize = 2;
+
+impl DraftTime {
+    /// Passes that each feed one token per sequence: the replay's steps, costed at the cost
+    /// model's draft pass.
+    pub fn steady(passes: usize, seconds: f64) -> DraftTime {
+        DraftTime {
+            passes,
+            seconds,
+            first_passes: passes.min(1),
+            first_seconds: if passes > 0 {
+                seconds / passes as f64
+            } else {
+                0.0
+            },
+            first_tokens: 1,
+        }
+    }
+
+    /// The passes and seconds a draft pass's cost is measured on: every pass, less a first feed
+    /// that caught the draft up on tokens of plain steps (longer than [`STEADY_FEED`], when timed
+    /// apart). That feed is the price of returning from plain steps, paid once, not of drafting:
+    /// counted as a draft pass, it raised the draft's cost after every probe, and with it the
+    /// gate's lean to plain steps on every later step. A steady first feed of two tokens stays
+    /// in: it costs more than a pass of one, and it recurs after every fully accepted step.
+    pub fn measured(&self) -> (usize, f64) {
+        if self.first_tokens > STEADY_FEED && self.first_passes > 0 {
+            let passes = self.passes.saturating_sub(self.first_passes);
+            (passes, (self.seconds - self.first_seconds).max(0.0))
+        } else {
+            (self.passes, self.seconds)
+        }
+    }
+}
+
 /// Step costs measured while decoding: an exponential moving average of the draft's time per
 /// forward pass and of the verification time at each γ seen, on top of a prior cost model whose
 /// shape fills in the γ not seen yet. Units are the prior's until the first measurement, then
@@ -361,11 +414,14 @@ pub struct AutoState {
     pub gate: PlainGate,
     hazards: [f64; MAX_GAMMA + 1],
     kept: usize,
+    /// Take one plain step to measure it (the prior is the assumed one).
+    measure_plain: bool,
 }
 
 impl AutoState {
     pub fn new(model: &HazardModel, prior: CostModel) -> AutoState {
         AutoState {
+            measure_plain: prior.is_assumed(),
             weights: model.weights(),
             cost: OnlineCost::new(prior, ONLINE_COST_ALPHA),
             calibration: Calibration::new(CALIBRATION_RATE),
@@ -378,7 +434,16 @@ impl AutoState {
     /// Before a step: its costs, the drafts it may make (0: a plain step) and its rule.
     pub fn begin_step(&mut self, gamma_max: usize) -> (StepCosts, usize, StopRule) {
         let costs = self.cost.step_costs(gamma_max);
-        let g = if self.gate.speculate(&costs, gamma_max) {
+        // Under the assumed prior, once the first hazards are known, one plain step measures
+        // what a plain step costs (as a batch's gate does). Until then it is the prior's shape
+        // scaled from the verifications measured, and the assumed shape (a GPU's: 2 % more a
+        // position) made a CPU's plain step look a third dearer than it is, so the gate kept
+        // speculating where plain steps were faster. A measured prior's shape is trusted.
+        let explore = self.measure_plain && !self.cost.measured(0);
+        let g = if explore && self.gate.first_hazard().is_some() {
+            self.gate.plain_step();
+            0
+        } else if self.gate.speculate(&costs, gamma_max) {
             gamma_max
         } else {
             0
@@ -404,18 +469,17 @@ impl AutoState {
         }
     }
 
-    /// After verification: `forwards` draft passes took `draft_seconds`, verifying γ drafts took
-    /// `verify_seconds`, and `accepted` were accepted.
+    /// After verification: the step's `draft` work ([`DraftTime::measured`] is what the draft's
+    /// cost learns from), verifying γ drafts took `verify_seconds`, and `accepted` were accepted.
     pub fn end_step(
         &mut self,
-        forwards: usize,
-        draft_seconds: f64,
+        draft: &DraftTime,
         gamma: usize,
         verify_seconds: f64,
         accepted: usize,
     ) {
-        self.cost
-            .observe(forwards, draft_seconds, gamma, verify_seconds);
+        let (passes, seconds) = draft.measured();
+        self.cost.observe(passes, seconds, gamma, verify_seconds);
         let n = self.kept.min(gamma);
         self.calibration.observe(&self.hazards[..n], accepted);
     }

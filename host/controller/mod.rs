@@ -54,6 +54,12 @@ impl CostModel {
         }
     }
 
+    /// Whether this is [`CostModel::assumed`]: no measurement behind it, so its shape (a
+    /// verification 2 % dearer a position) is only a guess on the machine at hand.
+    pub fn is_assumed(&self) -> bool {
+        *self == CostModel::assumed()
+    }
+
     pub fn load(path: &Path) -> Result<CostModel> {
         let c: CostModel = load_json(path, "a cost model")?;
         c.check()?;

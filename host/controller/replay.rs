@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use crate::controller::hazard::{draft_values, trace_steps, AutoState, HazardModel};
+use crate::controller::hazard::{draft_values, trace_steps, AutoState, DraftTime, HazardModel};
 use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
@@ -58,7 +58,8 @@ pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) 
             }
             let draft_ms = forwards as f64 * cost.draft_ms_per_token;
             let verify_ms = cost.verify(gamma as u32);
-            auto.end_step(forwards, draft_ms, gamma, verify_ms, accepted.min(gamma));
+            let draft = DraftTime::steady(forwards, draft_ms);
+            auto.end_step(&draft, gamma, verify_ms, accepted.min(gamma));
             tokens += (accepted.min(gamma) + 1) as f64;
             ms += draft_ms + verify_ms;
             gammas += gamma;

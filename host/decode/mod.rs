@@ -256,6 +256,10 @@ pub struct StepTrace {
     /// (one target pass over γ + 1 positions and the accept/reject).
     pub draft_seconds: f64,
     pub verify_seconds: f64,
+    /// The draft's passes and their time, its first feed apart (what `auto`'s costs learn from),
+    /// and the tokens fed to the draft in the step (its catch-up included).
+    pub draft: crate::controller::hazard::DraftTime,
+    pub draft_tokens: usize,
     /// Tokens the step emitted (accepted drafts and the bonus token), before any stop token is
     /// cut.
     pub emitted: Vec<u32>,

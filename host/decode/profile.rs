@@ -309,6 +309,8 @@ mod tests {
             counterfactual: (0..=gamma).map(|g| k.min(g) + 1).collect(),
             draft_seconds: 0.01,
             verify_seconds: 0.02,
+            draft: Default::default(),
+            draft_tokens: 0,
             emitted: vec![1; k as usize + 1],
             stop_features: Vec::new(),
         }

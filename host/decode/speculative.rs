@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use crate::controller::hazard::{AutoState, StopRule};
+use crate::controller::hazard::{AutoState, DraftTime, StopRule};
 use crate::decode::{catch_up, Draft, GenConfig, GenStats, Policy, StepTrace};
 use crate::error::{Error, Result};
 use crate::model::{CpuPass, DraftRun, Model, Pass};
@@ -113,6 +113,8 @@ fn speculative_loop(
         counterfactual: Vec::with_capacity(gm + 1),
         draft_seconds: 0.0,
         verify_seconds: 0.0,
+        draft: DraftTime::default(),
+        draft_tokens: 0,
         emitted: Vec::with_capacity(gm + 1),
         stop_features: Vec::with_capacity(gm + 1),
     };
@@ -140,6 +142,9 @@ fn speculative_loop(
         let mut accum = [FeatureAccum::EMPTY];
         let mut fed = false;
         let mut forwards = 0usize;
+        // The step's first feed and the tokens fed to the draft (catch-up included).
+        let (mut first_passes, mut first_seconds, mut first_tokens) = (0usize, 0f64, 0usize);
+        let draft_tokens_before = draft_tokens;
         // `auto`: the gate may make this a plain step; the rule carries the calibration.
         let (costs, gmax, mut rule) = match auto.as_mut() {
             Some(a) => {
@@ -166,6 +171,7 @@ fn speculative_loop(
             };
             dpass.draft_run(&feed, gmax as usize, &o, !greedy, &mut run)?;
             draft_tokens += feed.len() + run.tokens.len().saturating_sub(1);
+            first_tokens = feed.len(); // one phase: its first pass is not timed apart
             rng_step += gmax as u64;
             fed = true;
             forwards = run.tokens.len();
@@ -199,7 +205,12 @@ fn speculative_loop(
                 }
                 _ => None,
             };
+            let t_pass = Instant::now();
             let (st, q) = dpass.run_stats(&feed, &o, &mut accum, !greedy, ds.as_mut())?;
+            if forwards == 0 {
+                (first_passes, first_tokens) = (1, feed.len());
+                first_seconds = t_pass.elapsed().as_secs_f64();
+            }
             draft_tokens += feed.len();
             let after = ds.map(|d| d.state);
             fed = true;
@@ -249,6 +260,13 @@ fn speculative_loop(
             backlog.extend_from_slice(&feed); // nothing fed: the draft has yet to see these
         }
         let draft_seconds = t_draft.elapsed().as_secs_f64();
+        let draft_time = DraftTime {
+            passes: forwards,
+            seconds: draft_seconds,
+            first_passes,
+            first_seconds,
+            first_tokens,
+        };
         // Verify: target over [pending, x_0..x_{g-1}] → g + 1 rows.
         let t_verify = Instant::now();
         let before = tpass.len();
@@ -279,7 +297,7 @@ fn speculative_loop(
         let verify_seconds = t_verify.elapsed().as_secs_f64();
         let k = o.accepted[0] as usize;
         if let Some(a) = auto.as_mut() {
-            a.end_step(forwards, draft_seconds, g, verify_seconds, k);
+            a.end_step(&draft_time, g, verify_seconds, k);
         }
         trace.position = prompt.len() + out.len();
         trace.gamma = g as u32;
@@ -289,6 +307,8 @@ fn speculative_loop(
             .counterfactual
             .extend(o.counterfactual[..=g].iter().map(|&c| c as u32));
         trace.draft_seconds = draft_seconds;
+        trace.draft = draft_time;
+        trace.draft_tokens = draft_tokens - draft_tokens_before;
         trace.verify_seconds = verify_seconds;
         trace.emitted.clear();
         trace.emitted.extend(o.tokens(0).iter().map(|&t| t as u32));

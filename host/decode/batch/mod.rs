@@ -42,6 +42,7 @@ use super::pair::Pair;
 use super::{GenConfig, GenStats, Policy};
 use crate::backend::forward::MAX_STEP;
 use crate::controller::batch_auto::BatchAuto;
+use crate::controller::hazard::DraftTime;
 use crate::error::{Error, Result};
 use crate::model::pass::token_of;
 use crate::model::BatchPass;
@@ -80,9 +81,14 @@ pub struct BatchStep<'a> {
     pub accepted: &'a [i32],
     /// Positions per sequence of the step's one verification pass (its largest γ + 1).
     pub verify_positions: usize,
-    /// Batched draft passes (catch-up and drafting) and their wall time, statistics included.
-    pub draft_passes: usize,
-    pub draft_seconds: f64,
+    /// Batched draft passes (catch-up and drafting), their wall time (statistics included) and
+    /// the step's first feed apart (its passes and time; `first_tokens` the largest of
+    /// [`BatchStep::first_tokens`]).
+    pub draft: DraftTime,
+    /// Tokens fed to each sequence's draft in the step, and in its first feed (catch-up
+    /// included; padding excluded).
+    pub draft_tokens: &'a [usize],
+    pub first_tokens: &'a [usize],
     /// Wall time of verifying: the target pass, the accept/reject and the commits.
     pub verify_seconds: f64,
 }
@@ -268,6 +274,8 @@ fn speculative_loop(
     // A draft's first feed holds its backlog: up to every token of a run of plain steps.
     let room = MAX_STEP.max(cfg.max_tokens + 2);
     let mut feeds: Vec<Vec<u32>> = (0..b).map(|_| Vec::with_capacity(room)).collect();
+    // Per sequence, the tokens fed to the draft in a step and in its first feed.
+    let (mut fed, mut first_fed) = (vec![0usize; b], vec![0usize; b]);
     while seqs.iter().any(|s| !s.done) {
         // Draft: the first pass feeds each drafting sequence its backlog and pending token.
         let t_draft = Instant::now();
@@ -280,9 +288,16 @@ fn speculative_loop(
             f.clear();
             s.begin(policy, gamma, cfg, f);
         }
+        for ((n, n0), f) in fed.iter_mut().zip(&mut first_fed).zip(&feeds) {
+            (*n, *n0) = (0, f.len());
+        }
+        let mut first: Option<(usize, f64)> = None;
         while feeds.iter().any(|f| !f.is_empty()) {
-            for (s, f) in seqs.iter_mut().zip(&feeds) {
+            let t_feed = Instant::now();
+            let passes_now = draft_passes;
+            for ((s, f), n) in seqs.iter_mut().zip(&feeds).zip(&mut fed) {
                 s.counts.draft_tokens += f.len();
+                *n += f.len();
             }
             let (req, read, last) = (&mut host.req, &mut host.rows, &mut host.last);
             // Each ended sequence's draft statistics where the logits are (its own seed, random
@@ -320,6 +335,7 @@ fn speculative_loop(
                     s.draft(i, policy, verdict, row, f)?;
                 }
             }
+            first.get_or_insert((draft_passes - passes_now, t_feed.elapsed().as_secs_f64()));
         }
         let draft_seconds = t_draft.elapsed().as_secs_f64();
         let t_verify = Instant::now();
@@ -358,10 +374,17 @@ fn speculative_loop(
             s.commit(i, &vout, target, draft, stop, cfg)?;
         }
         let verify_seconds = t_verify.elapsed().as_secs_f64();
-        let forwards = draft_passes - passes_before;
+        let (first_passes, first_seconds) = first.unwrap_or((0, 0.0));
+        let draft_time = DraftTime {
+            passes: draft_passes - passes_before,
+            seconds: draft_seconds,
+            first_passes,
+            first_seconds,
+            first_tokens: first_fed.iter().copied().max().unwrap_or(0),
+        };
         if let Some(a) = auto.as_mut() {
             let accepted = (0..b).map(|i| (i, vout.accepted[i] as usize));
-            a.end_step(forwards, draft_seconds, g_step, verify_seconds, accepted);
+            a.end_step(&draft_time, g_step, verify_seconds, accepted);
         }
         on_step(&BatchStep {
             step: steps,
@@ -369,8 +392,9 @@ fn speculative_loop(
             gammas: &gammas,
             accepted: &vout.accepted[..b],
             verify_positions: m,
-            draft_passes: forwards,
-            draft_seconds,
+            draft: draft_time,
+            draft_tokens: &fed,
+            first_tokens: &first_fed,
             verify_seconds,
         });
         steps += 1;
