@@ -410,3 +410,42 @@ fn a_sequence_named_again_or_out_of_range_is_not_counted() {
         }
     }
 }
+
+/// A batch of several measures a plain step whatever its prior (scaled from one sequence's, its
+/// shape is a guess at passes of B to 16 rows); a batch of one trusts a measured prior, as a
+/// single sequence does, and measures a plain step only under the assumed one.
+#[test]
+fn a_batch_of_several_measures_a_plain_step_whatever_its_prior() {
+    let measured = CostModel {
+        draft_ms_per_token: 10.0,
+        verify_ms: (0..=8).map(|g| 50.0 + 5.0 * g as f64).collect(),
+        source: "test".into(),
+    };
+    for (seqs, prior, want) in [
+        (4, &measured, 0),
+        (1, &measured, 3),
+        (1, &CostModel::assumed(), 0),
+    ] {
+        let mut b = BatchAuto::new(&common::constant_hazard(0.9), prior, seqs).unwrap();
+        let active = vec![true; seqs];
+        assert_eq!(b.begin_step(3, &active), 3, "nothing known: it speculates");
+        let mut accum = vec![FeatureAccum::EMPTY; seqs];
+        for a in &mut accum {
+            a.push(0.5, 0.9, 0);
+        }
+        let rs = RowStats {
+            entropy: 0.5,
+            confidence: 0.9,
+            ..RowStats::default()
+        };
+        b.decide((0..seqs).map(|i| (i, &accum[i], &rs)), Compression::Fp16);
+        b.end_step(
+            &DraftTime::steady(1, 10.0),
+            1,
+            55.0,
+            (0..seqs).map(|i| (i, 1)),
+        );
+        let g = b.begin_step(3, &active);
+        assert_eq!(g, want, "{seqs} sequences, prior {}", prior.source);
+    }
+}

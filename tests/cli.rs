@@ -517,6 +517,41 @@ fn generate_logs_every_speculative_step() {
             assert!(r[7] >= 1.0 && r[8] > 0.0 && r[8] <= r[9], "{r:?}");
         }
     }
+    // The model drafting for itself accepts every draft, so each step after the first begins by
+    // feeding the pending token and the draft the step before left unseen, then one per draft.
+    let own = common::tmp("cli", "steps-own.csv");
+    let (ok, _, err) = speckv(&[
+        "--backend",
+        "cpu",
+        "generate",
+        "--model",
+        m,
+        "--draft",
+        m,
+        "--prompt",
+        "Name three colours.",
+        "--max-tokens",
+        "16",
+        "--gamma-max",
+        "3",
+        "--policy",
+        "confidence:0",
+        "--step-log",
+        own.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let rows = log_rows(&own);
+    assert!(rows.len() >= 3, "{rows:?}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(
+            (r[2], r[3], r[5]),
+            (3.0, 3.0, 3.0),
+            "all drafted, all accepted: {r:?}"
+        );
+        assert_eq!(r[7], if i == 0 { 1.0 } else { 2.0 }, "{r:?}");
+        assert_eq!(r[6], r[7] + 2.0, "{r:?}");
+        assert!(r[8] > 0.0 && r[8] < r[9], "{r:?}");
+    }
     let two = common::tmp("cli", "steps-two.csv");
     let v = gen(&["Name three colours.", "What is 2+2?"], "fixed:2", &two);
     let rows = log_rows(&two);
