@@ -110,7 +110,7 @@ impl StepLog {
             draft_tokens: t.draft_tokens,
             first_feed_tokens: t.draft.first_tokens,
             first_feed_seconds: (t.draft.first_passes > 0).then_some(t.draft.first_seconds),
-            draft_seconds: t.draft_seconds,
+            draft_seconds: t.draft.seconds,
             verify_seconds: t.verify_seconds,
         });
     }

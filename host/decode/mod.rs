@@ -252,12 +252,11 @@ pub struct StepTrace {
     pub accepted: u32,
     /// Tokens γ' = 0..=γ would have produced with the same random numbers (min(k, γ') + 1).
     pub counterfactual: Vec<u32>,
-    /// Wall time of drafting (γ draft forward passes and their statistics), and of verification
-    /// (one target pass over γ + 1 positions and the accept/reject).
-    pub draft_seconds: f64,
+    /// Wall time of verification (one target pass over γ + 1 positions and the accept/reject).
     pub verify_seconds: f64,
-    /// The draft's passes and their time, its first feed apart (what `auto`'s costs learn from),
-    /// and the tokens fed to the draft in the step (its catch-up included).
+    /// The draft's passes and their wall time (statistics included), its first feed apart (what
+    /// `auto`'s costs learn from), and the tokens fed to the draft in the step (its catch-up
+    /// included).
     pub draft: crate::controller::hazard::DraftTime,
     pub draft_tokens: usize,
     /// Tokens the step emitted (accepted drafts and the bonus token), before any stop token is

@@ -133,7 +133,7 @@ pub fn trace_rows(
                 lag_accepted: lag.map(|l| l.1),
                 draft_entropy: Some(s.entropy[gp - 1] as f64),
                 draft_confidence: Some(s.confidence[gp - 1] as f64),
-                draft_ms: s.draft_seconds * 1e3,
+                draft_ms: s.draft.seconds * 1e3,
                 verify_ms: s.verify_seconds * 1e3,
             });
         }
@@ -298,6 +298,7 @@ pub fn heuristic_tokens_per_second(steps: &[(u32, u32, bool)], cost: &CostModel)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::hazard::DraftTime;
 
     fn step(gamma: u32, k: u32) -> StepTrace {
         StepTrace {
@@ -307,9 +308,8 @@ mod tests {
             gamma,
             accepted: k,
             counterfactual: (0..=gamma).map(|g| k.min(g) + 1).collect(),
-            draft_seconds: 0.01,
             verify_seconds: 0.02,
-            draft: Default::default(),
+            draft: DraftTime::steady(gamma as usize, 0.01),
             draft_tokens: 0,
             emitted: vec![1; k as usize + 1],
             stop_features: Vec::new(),

@@ -111,7 +111,6 @@ fn speculative_loop(
         gamma: 0,
         accepted: 0,
         counterfactual: Vec::with_capacity(gm + 1),
-        draft_seconds: 0.0,
         verify_seconds: 0.0,
         draft: DraftTime::default(),
         draft_tokens: 0,
@@ -306,7 +305,6 @@ fn speculative_loop(
         trace
             .counterfactual
             .extend(o.counterfactual[..=g].iter().map(|&c| c as u32));
-        trace.draft_seconds = draft_seconds;
         trace.draft = draft_time;
         trace.draft_tokens = draft_tokens - draft_tokens_before;
         trace.verify_seconds = verify_seconds;

@@ -335,7 +335,9 @@ fn speculative_loop(
                     s.draft(i, policy, verdict, row, f)?;
                 }
             }
-            first.get_or_insert((draft_passes - passes_now, t_feed.elapsed().as_secs_f64()));
+            if first.is_none() {
+                first = Some((draft_passes - passes_now, t_feed.elapsed().as_secs_f64()));
+            }
         }
         let draft_seconds = t_draft.elapsed().as_secs_f64();
         let t_verify = Instant::now();
