@@ -115,8 +115,10 @@ impl ProbeSchedule {
 /// its first draft has already paid for that draft): speculate when the best γ ≥ 1, with a
 /// constant hazard equal to a moving average of recent first-draft hazards, promises more tokens
 /// per second than a plain step (one target pass, `verify(0)`), and probe on a
-/// [`ProbeSchedule`] otherwise. It does not count the draft catching up on the skipped tokens
-/// later (one batched pass), so it leans slightly towards plain steps.
+/// [`ProbeSchedule`] otherwise. It does not count the draft catching up on the tokens of plain
+/// steps (one pass, paid when speculation resumes, and left out of the draft's measured cost:
+/// `hazard::DraftTime::measured`), so after plain steps it leans towards speculating; the probe
+/// schedule bounds how often that pass is paid.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PlainGate {
     first_hazard: Option<f64>,
