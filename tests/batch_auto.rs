@@ -419,6 +419,7 @@ fn a_batch_of_several_measures_a_plain_step_whatever_its_prior() {
     let measured = CostModel {
         draft_ms_per_token: 10.0,
         verify_ms: (0..=8).map(|g| 50.0 + 5.0 * g as f64).collect(),
+        draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
     for (seqs, prior, want) in [

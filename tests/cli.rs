@@ -582,3 +582,64 @@ fn generate_logs_every_speculative_step() {
     let passes: f64 = rows.iter().filter(|r| r[1] == 0.0).map(|r| r[5]).sum();
     assert_eq!(passes, v["draft_passes"].as_f64().unwrap());
 }
+
+/// The replays charge a step's first draft pass for the tokens `DraftLag` says the draft has yet
+/// to see; `generate`'s step log says what the decode loop fed it. They agree row by row: after a
+/// partly accepted step, after a fully accepted one (the model drafting for itself), after plain
+/// steps (`every:N:G`, `auto`), and with a catch-up window shorter than the backlog.
+#[test]
+fn the_replays_feed_the_draft_as_generate_does() {
+    use speckv::controller::replay::DraftLag;
+    let Some(m) = common::smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let cases: [(&str, &[&str], Option<usize>); 5] = [
+        ("auto", &[], Some(8)),
+        ("every:3:2", &[], Some(8)),
+        ("every:4:2", &["--draft-catch-up", "2"], Some(2)),
+        ("every:3:3", &["--draft", m], Some(8)),
+        ("fixed:3", &["--draft", m], Some(8)),
+    ];
+    for (policy, extra, window) in cases {
+        let log = common::tmp("cli", &format!("lag-{}.csv", policy.replace(':', "-")));
+        let mut args = vec!["--backend", "cpu", "generate", "--model", m];
+        args.extend_from_slice(extra);
+        args.extend([
+            "--prompt",
+            "Name three colours.",
+            "--max-tokens",
+            "24",
+            "--policy",
+            policy,
+            "--step-log",
+            log.to_str().unwrap(),
+        ]);
+        let (ok, _, err) = speckv(&args);
+        assert!(ok, "{policy}: {err}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect())
+            .collect();
+        let num = |r: &[&str], c: usize| r[c].parse::<usize>().unwrap();
+        let mut lag = DraftLag::new(window);
+        let (mut checked, mut longest) = (0, 0);
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(num(r, 0), i, "{policy}: one row a step: {r:?}");
+            let (gamma, accepted, passes) = (num(r, 2), num(r, 3), num(r, 5));
+            if passes > 0 {
+                assert_eq!(num(r, 7), lag.first_feed(), "{policy}, step {i}: {r:?}");
+                longest = longest.max(num(r, 7));
+                checked += 1;
+            }
+            lag.after_step(passes, gamma, accepted);
+        }
+        assert!(checked >= 2, "{policy}: {rows:?}");
+        // The every:N:G cases catch up after plain steps; with window 2 no feed exceeds it.
+        match (policy, window) {
+            ("every:3:2", _) | ("every:3:3", _) => assert!(longest >= 3, "{policy}: {rows:?}"),
+            (_, Some(2)) => assert_eq!(longest, 2, "{policy}: {rows:?}"),
+            _ => {}
+        }
+    }
+}

@@ -458,6 +458,7 @@ fn cost_aware_controller_prefers_cheaper_steps() {
     let cost = CostModel {
         draft_ms_per_token: 5.0,
         verify_ms: vec![1.0],
+        draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
     let c = Controller::new(m, &PAPER_CANDIDATES, Some(cost)).unwrap();

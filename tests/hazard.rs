@@ -118,6 +118,7 @@ fn the_rule_stops_where_the_rate_stops_growing() {
         let prior = CostModel {
             draft_ms_per_token: draft,
             verify_ms: (0..=gmax).map(|g| 1.0 + slope * g as f64).collect(),
+            draft_feed_ms: Vec::new(),
             source: "test".into(),
         };
         let verify = |g: usize| 1.0 + slope * g as f64;
@@ -162,6 +163,7 @@ fn online_costs_follow_measurements_and_keep_the_prior_shape() {
     let prior = CostModel {
         draft_ms_per_token: 0.5,
         verify_ms: vec![1.0, 1.5, 2.0, 2.5],
+        draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
     let mut c = OnlineCost::new(prior, 0.5);
@@ -261,6 +263,7 @@ fn auto_measures_a_plain_step_under_the_assumed_prior() {
     let measured = CostModel {
         draft_ms_per_token: 50.0,
         verify_ms: vec![300.0, 130.0, 135.0, 140.0],
+        draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
     let mut a = first_step(measured);
@@ -375,6 +378,7 @@ fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
     let prior = CostModel {
         draft_ms_per_token: 0.4,
         verify_ms: (0..=gmax).map(|g| 1.0 + 0.3 * g as f64).collect(),
+        draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
     let cost = OnlineCost::new(prior, 0.2);
@@ -421,6 +425,7 @@ fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
         CostModel {
             draft_ms_per_token: 1.0,
             verify_ms: (0..=gmax).map(|g| 1.0 + g as f64).collect(),
+            draft_feed_ms: Vec::new(),
             source: "test".into(),
         },
         0.2,
@@ -470,6 +475,7 @@ fn auto_replayed_on_traces_counts_its_drafts_and_plain_steps() {
     let cost = CostModel {
         draft_ms_per_token: 10.0,
         verify_ms: (0..=gmax).map(|g| 50.0 + 5.0 * g as f64).collect(),
+        draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
     let full = |accepted: u32| step(&[0.5; 4], &[0.8; 4], accepted);
@@ -489,6 +495,24 @@ fn auto_replayed_on_traces_counts_its_drafts_and_plain_steps() {
     // 7 tokens; 2 drafts paid (first step and the probe), 7 verifications of γ = 0.
     let want = 7.0 / (2.0 * 10.0 + 7.0 * 50.0) * 1e3;
     assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // With the draft's feeds measured (2 tokens 25 ms, so 5 tokens 70 ms on their line), each
+    // first pass is charged what the draft had yet to see: the probe catches up on the 4 plain
+    // steps and the pending token.
+    let fed = CostModel {
+        draft_feed_ms: vec![10.0, 25.0],
+        ..cost.clone()
+    };
+    let r = auto_on_traces(&rows, &constant(0.01), &fed).unwrap();
+    assert_eq!((r.steps, r.plain_steps), (7, 5), "{r:?}");
+    let want = 7.0 / (10.0 + 70.0 + 7.0 * 50.0) * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // All accepted: every step after the first feeds the draft its predecessor's last draft too.
+    let steps: Vec<_> = (0..6).map(|_| full(4)).collect();
+    let all = trace_rows(&steps, Compression::Int8, "code", 0, 3).unwrap();
+    let r = auto_on_traces(&all, &constant(0.99), &fed).unwrap();
+    assert_eq!((r.steps, r.plain_steps, r.mean_gamma), (6, 0, 4.0));
+    let want = 30.0 / (6.0 * 110.0 + 5.0 * 15.0) * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
     // Only full-information traces can be replayed.
     let partial = rows[..3].to_vec();
     let e = auto_on_traces(&partial, &constant(0.5), &cost).unwrap_err();
@@ -502,6 +526,7 @@ fn hf_default_schedule_replayed_keeps_the_draft_below_the_threshold() {
     let cost = CostModel {
         draft_ms_per_token: 10.0,
         verify_ms: (0..=4).map(|g| 50.0 + 5.0 * g as f64).collect(),
+        draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
     // Step 1: the third draft falls below 0.4, so γ = 3 (HF stops after the token it judged);
@@ -518,6 +543,14 @@ fn hf_default_schedule_replayed_keeps_the_draft_below_the_threshold() {
     assert!((r.mean_gamma - 8.0 / 3.0).abs() < 1e-12, "{r:?}");
     let ms = (3.0 * 10.0 + 65.0) + (4.0 * 10.0 + 70.0) + (10.0 + 55.0);
     let want = (3.0 + 5.0 + 1.0) / ms * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // A 2-token feed 15 ms dearer than one: paid by step 3 alone, after step 2's 4 of 4.
+    let fed = CostModel {
+        draft_feed_ms: vec![10.0, 25.0],
+        ..cost.clone()
+    };
+    let r = threshold_on_traces(&rows, &fed, 0.4).unwrap();
+    let want = (3.0 + 5.0 + 1.0) / (ms + 15.0) * 1e3;
     assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
     // A threshold of 0 never stops early: fixed γmax.
     let r = threshold_on_traces(&rows, &cost, 0.0).unwrap();

@@ -305,6 +305,7 @@ fn auto_policy_sees_the_features_it_was_trained_on() {
     let prior = speckv::controller::CostModel {
         draft_ms_per_token: 0.1,
         verify_ms: vec![10.0; cfg.gamma_max as usize + 1],
+        draft_feed_ms: Vec::new(),
         source: "test: cheap drafts".into(),
     };
     let policy = Policy::Auto(Box::new(decode::Auto {

@@ -222,8 +222,7 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
         .iter()
         .filter(|r| r.trace_gamma_max == Some(r.gamma))
         .collect();
-    let steps: Vec<(u32, u32)> = traced.iter().map(|r| (r.gamma, r.accepted)).collect();
-    let heur: Vec<(u32, u32, bool)> = traced
+    let steps: Vec<profile::TracedStep> = traced
         .iter()
         .enumerate()
         .map(|(i, r)| {
@@ -249,7 +248,7 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
         "plain_tokens_per_second": 1e3 / cm.verify(0),
         "oracle_tokens_per_second": profile::oracle_tokens_per_second(&steps, &cm),
         "fixed_tokens_per_second": fixed,
-        "heuristic_tokens_per_second": profile::heuristic_tokens_per_second(&heur, &cm),
+        "heuristic_tokens_per_second": profile::heuristic_tokens_per_second(&steps, &cm),
         "auto_tokens_per_second": auto.tokens_per_second,
         "auto_mean_gamma": auto.mean_gamma,
         "auto_plain_steps": auto.plain_steps,

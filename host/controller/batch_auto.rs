@@ -112,6 +112,8 @@ pub fn batch_prior(prior: &CostModel, seqs: usize) -> CostModel {
     CostModel {
         draft_ms_per_token: prior.draft_ms_per_token * rows(0) / prior.verify(0),
         verify_ms: (0..per_seq.max(1)).map(rows).collect(),
+        // Only the trace replays read the draft's feeds; a batch is not replayed.
+        draft_feed_ms: Vec::new(),
         source: if seqs == 1 {
             prior.source.clone()
         } else {

@@ -36,6 +36,12 @@ pub struct CostModel {
     pub draft_ms_per_token: f64,
     /// Verification time at γ = 0, 1, 2, … (at least one entry).
     pub verify_ms: Vec<f64>,
+    /// A draft pass feeding n = 1, 2, … tokens at index n − 1 (linear beyond the last two): a
+    /// step's first draft pass feeds the pending token, the draft a fully accepted step left
+    /// unseen and the tokens of plain steps it catches up on. Empty: not measured (cost models
+    /// written before it was), and every pass costs `draft_ms_per_token`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draft_feed_ms: Vec<f64>,
     /// Where the numbers come from.
     #[serde(default)]
     pub source: String,
@@ -49,6 +55,7 @@ impl CostModel {
         CostModel {
             draft_ms_per_token: 1.0 / 3.0,
             verify_ms: (0..=16).map(|g| 1.0 + 0.02 * g as f64).collect(),
+            draft_feed_ms: Vec::new(),
             source: "assumed: draft = 1/3 target per token, verification 1 + 0.02·γ target passes"
                 .to_string(),
         }
@@ -74,7 +81,38 @@ impl CostModel {
         {
             return Err(Error::Other("cost model: draft_ms_per_token must be ≥ 0 and verify_ms a non-empty list of positive times".to_string()));
         }
+        if !self.draft_feed_ms.iter().all(|&v| ok(v) && v > 0.0) {
+            return Err(Error::Other(
+                "cost model: draft_feed_ms must list positive times (or be empty)".to_string(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Time of a draft pass feeding `tokens` tokens (at least one): measured when listed, on the
+    /// line through the last two beyond them (never below the last), `draft_ms_per_token` when
+    /// nothing was measured.
+    pub fn draft_feed(&self, tokens: usize) -> f64 {
+        let f = &self.draft_feed_ms;
+        let n = tokens.max(1);
+        match f.len() {
+            0 => self.draft_ms_per_token,
+            len if n <= len => f[n - 1],
+            1 => f[0],
+            len => {
+                let (a, b) = (f[len - 2], f[len - 1]);
+                (b + (b - a) * (n - len) as f64).max(b)
+            }
+        }
+    }
+
+    /// Time of a step's draft phase: `passes` passes, the first feeding `first_tokens` tokens,
+    /// each later one a token.
+    pub fn draft_phase(&self, passes: usize, first_tokens: usize) -> f64 {
+        match passes {
+            0 => 0.0,
+            p => self.draft_feed(first_tokens) + (p - 1) as f64 * self.draft_ms_per_token,
+        }
     }
 
     /// Verification time at γ.

@@ -14,6 +14,48 @@ use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
 
+/// The command line's catch-up window (`--draft-catch-up`): 8 tokens a sequence, so a batch of 8
+/// catches up in at most 4 passes of 16 rows however long it decoded plain. Measured on this
+/// project's CPU (README, "The draft's catch-up window"): it halves what `auto`'s batched probes
+/// feed the draft at 128 tokens and cuts it to about a quarter at 256; where drafts are mostly
+/// accepted (the Qwen pair, B = 4) acceptance with it was no lower than without, while a window of
+/// 2 lowered it.
+pub const DRAFT_CATCH_UP: usize = 8;
+
+/// What the draft has yet to be fed before a step's first draft, as the decode loop keeps it
+/// (`decode::speculative`'s backlog): the pending token; the last draft of a fully accepted step
+/// whose drafting stopped on it (so never fed it); the tokens of plain steps; at most `window` of
+/// them (the catch-up window). The replays charge a step's first draft pass this many tokens
+/// ([`CostModel::draft_feed`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DraftLag {
+    unseen: usize,
+    window: Option<usize>,
+}
+
+impl DraftLag {
+    /// After the prompt's prefill: the pending token alone.
+    pub fn new(window: Option<usize>) -> DraftLag {
+        DraftLag { unseen: 1, window }
+    }
+
+    /// Tokens the next step's first draft pass feeds.
+    pub fn first_feed(&self) -> usize {
+        self.window
+            .map_or(self.unseen, |w| self.unseen.min(w.max(1)))
+    }
+
+    /// After a step of `passes` draft passes (0: a plain step) that verified `gamma` drafts, of
+    /// which `accepted` were accepted.
+    pub fn after_step(&mut self, passes: usize, gamma: usize, accepted: usize) {
+        self.unseen = if passes == 0 {
+            self.first_feed() + 1
+        } else {
+            1 + usize::from(gamma > 0 && accepted >= gamma && passes == gamma)
+        };
+    }
+}
+
 /// What the replay produced.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Replay {
@@ -25,14 +67,17 @@ pub struct Replay {
 }
 
 /// Replays `auto` with `model` on trace rows (grouped by run, prompt and step, in file order).
-/// Tokens per second use `cost`'s milliseconds: a step that drafts n tokens and verifies γ costs
-/// n·draft + verify(γ); a plain step verify(0).
+/// Tokens per second use `cost`'s milliseconds: a step of n draft passes that verifies γ costs
+/// its draft phase (the first pass feeding what the draft has yet to see, [`DraftLag`] with the
+/// command line's window, the others a token each) + verify(γ); a plain step verify(0). `auto`
+/// measures the draft on those passes as it does live ([`DraftTime::measured`]).
 pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) -> Result<Replay> {
     let prompts = prompt_steps(rows)?;
     let (mut tokens, mut ms, mut gammas) = (0.0f64, 0.0f64, 0usize);
     let (mut plain, mut steps) = (0usize, 0usize);
     for step_rows in prompts.values() {
         let mut auto = AutoState::new(model, cost.clone());
+        let mut lag = DraftLag::new(Some(DRAFT_CATCH_UP));
         for step in step_rows {
             let gmax = step.len();
             let accepted = step[0].trace_accepted as usize;
@@ -56,10 +101,18 @@ pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) 
                     break;
                 }
             }
-            let draft_ms = forwards as f64 * cost.draft_ms_per_token;
+            let first = lag.first_feed();
+            let draft_ms = cost.draft_phase(forwards, first);
             let verify_ms = cost.verify(gamma as u32);
-            let draft = DraftTime::steady(forwards, draft_ms);
+            let draft = DraftTime {
+                passes: forwards,
+                seconds: draft_ms,
+                first_passes: forwards.min(1),
+                first_seconds: cost.draft_phase(forwards.min(1), first),
+                first_tokens: first,
+            };
             auto.end_step(&draft, gamma, verify_ms, accepted.min(gamma));
+            lag.after_step(forwards, gamma, accepted.min(gamma));
             tokens += (accepted.min(gamma) + 1) as f64;
             ms += draft_ms + verify_ms;
             gammas += gamma;
@@ -80,20 +133,24 @@ pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) 
 /// drafts until a draft's probability falls below `threshold` — that draft included, as HF's
 /// `ConfidenceCriteria` stops after the token it judges — and at most the trace's γmax (HF allows
 /// 20). HF also re-fits the threshold online (an ROC cost over past drafts, when scikit-learn is
-/// installed); the replay holds it fixed.
+/// installed); the replay holds it fixed. Steps cost as in [`auto_on_traces`].
 pub fn threshold_on_traces(rows: &[TraceRow], cost: &CostModel, threshold: f64) -> Result<Replay> {
     let prompts = prompt_steps(rows)?;
     let (mut tokens, mut ms, mut gammas, mut steps) = (0.0f64, 0.0f64, 0usize, 0usize);
-    for step in prompts.values().flatten() {
-        let gmax = step.len();
-        let gamma = (0..gmax)
-            .find(|&n| draft_values(step, n).1 < threshold)
-            .map_or(gmax, |n| n + 1);
-        let accepted = (step[0].trace_accepted as usize).min(gamma);
-        tokens += (accepted + 1) as f64;
-        ms += gamma as f64 * cost.draft_ms_per_token + cost.verify(gamma as u32);
-        gammas += gamma;
-        steps += 1;
+    for step_rows in prompts.values() {
+        let mut lag = DraftLag::new(Some(DRAFT_CATCH_UP));
+        for step in step_rows {
+            let gmax = step.len();
+            let gamma = (0..gmax)
+                .find(|&n| draft_values(step, n).1 < threshold)
+                .map_or(gmax, |n| n + 1);
+            let accepted = (step[0].trace_accepted as usize).min(gamma);
+            tokens += (accepted + 1) as f64;
+            ms += cost.draft_phase(gamma, lag.first_feed()) + cost.verify(gamma as u32);
+            lag.after_step(gamma, gamma, accepted);
+            gammas += gamma;
+            steps += 1;
+        }
     }
     Ok(Replay {
         tokens_per_second: tokens / ms * 1e3,

@@ -203,13 +203,7 @@ impl GenConfig {
     }
 }
 
-/// The command line's catch-up window (`--draft-catch-up`): 8 tokens a sequence, so a batch of 8
-/// catches up in at most 4 passes of 16 rows however long it decoded plain. Measured on this
-/// project's CPU (README, "The draft's catch-up window"): it halves what `auto`'s batched probes
-/// feed the draft at 128 tokens and cuts it to about a quarter at 256; where drafts are mostly
-/// accepted (the Qwen pair, B = 4) acceptance with it was no lower than without, while a window of
-/// 2 lowered it.
-pub const DRAFT_CATCH_UP: usize = 8;
+pub use crate::controller::replay::DRAFT_CATCH_UP;
 
 /// Cuts a draft's backlog (the committed tokens it has yet to see, oldest first, the pending one
 /// last) to the newest `window` of them. Returns how many it dropped: tokens the draft never sees.

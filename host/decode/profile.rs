@@ -18,8 +18,9 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use crate::controller::records::Compression;
+use crate::controller::replay::DraftLag;
 use crate::controller::CostModel;
-use crate::decode::{Draft, StepTrace};
+use crate::decode::{Draft, StepTrace, DRAFT_CATCH_UP};
 use crate::error::{Error, Result};
 use crate::model::{CpuPass, Model, Pass};
 
@@ -145,8 +146,10 @@ pub fn trace_rows(
 }
 
 /// Measures the step cost model on `context` (a prompt and its continuation): the draft's time
-/// per token (M = 1) and the target's verification time at γ = 0..=γmax (M = γ + 1), each the
-/// minimum of `reps` runs, the caches rolled back after each. Milliseconds.
+/// per token (M = 1), a draft pass feeding n = 1..=[`DRAFT_CATCH_UP`] tokens (a step's first pass:
+/// the pending token, a draft a fully accepted step left unseen, a catch-up after plain steps)
+/// and the target's verification time at γ = 0..=γmax (M = γ + 1), each the minimum of `reps`
+/// runs, the caches rolled back after each. Milliseconds.
 pub fn measure_costs(
     target: &Model,
     draft: &Draft<'_>,
@@ -178,7 +181,7 @@ pub fn measure_costs_on(
     let fill: Vec<u32> = context
         .iter()
         .cycle()
-        .take(gamma_max as usize + 1)
+        .take((gamma_max as usize + 1).max(DRAFT_CATCH_UP))
         .copied()
         .collect();
     tpass.run(context, 1)?;
@@ -196,18 +199,25 @@ pub fn measure_costs_on(
     }
     dpass.run(context, 1)?;
     let dbase = dpass.len();
-    let mut draft_ms = f64::INFINITY;
-    for _ in 0..reps {
-        let t = Instant::now();
-        dpass.run(&fill[..1], 1)?;
-        draft_ms = draft_ms.min(t.elapsed().as_secs_f64() * 1e3);
-        dpass.truncate(dbase);
+    // A feed of n tokens keeps one row of logits, as a step's first draft pass does.
+    let mut draft_feed_ms = Vec::with_capacity(DRAFT_CATCH_UP);
+    for n in 1..=DRAFT_CATCH_UP {
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            dpass.run(&fill[..n], 1)?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            dpass.truncate(dbase);
+        }
+        draft_feed_ms.push(best);
     }
     Ok(CostModel {
-        draft_ms_per_token: draft_ms,
+        draft_ms_per_token: draft_feed_ms[0],
         verify_ms,
+        draft_feed_ms,
         source: format!(
-            "measured by speckv profile: draft M = 1 and target M = γ + 1 at context {}, min of {reps}",
+            "measured by speckv profile: draft M = 1, draft feeds of 1..={DRAFT_CATCH_UP} tokens \
+             and target M = γ + 1 at context {}, min of {reps}",
             context.len()
         ),
     })
@@ -220,39 +230,85 @@ pub fn mean_costs(models: &[CostModel]) -> Result<CostModel> {
     })?;
     let n = models.len() as f64;
     let len = first.verify_ms.len();
-    if models.iter().any(|m| m.verify_ms.len() != len) {
+    let feeds = first.draft_feed_ms.len();
+    if models
+        .iter()
+        .any(|m| m.verify_ms.len() != len || m.draft_feed_ms.len() != feeds)
+    {
         return Err(Error::Other(
-            "cost models of different γ ranges".to_string(),
+            "cost models of different γ ranges or draft feeds".to_string(),
         ));
     }
+    let mean = |f: &dyn Fn(&CostModel) -> f64| models.iter().map(f).sum::<f64>() / n;
     Ok(CostModel {
-        draft_ms_per_token: models.iter().map(|m| m.draft_ms_per_token).sum::<f64>() / n,
-        verify_ms: (0..len)
-            .map(|i| models.iter().map(|m| m.verify_ms[i]).sum::<f64>() / n)
-            .collect(),
+        draft_ms_per_token: mean(&|m| m.draft_ms_per_token),
+        verify_ms: (0..len).map(|i| mean(&|m| m.verify_ms[i])).collect(),
+        draft_feed_ms: (0..feeds).map(|i| mean(&|m| m.draft_feed_ms[i])).collect(),
         source: format!("mean over {} prompts; {}", models.len(), first.source),
     })
 }
 
-/// Oracle and fixed-γ throughput from traces under a cost model: tokens per second when every
-/// step takes the γ' (1..=γmax) that maximises the run's total tokens per total time. The per-step
-/// choice that maximises a ratio of sums is found by Dinkelbach's iteration: pick γ' maximising
-/// tokens − λ·time per step, set λ to the resulting ratio, repeat until it stops growing.
-pub fn oracle_tokens_per_second(steps: &[(u32, u32)], cost: &CostModel) -> Option<f64> {
-    if steps.is_empty() {
+/// A traced step: its γmax, the drafts accepted at γmax, and whether it is its prompt's first.
+pub type TracedStep = (u32, u32, bool);
+
+/// Time of a traced step replayed at γ ≥ 1 drafts, `first` the tokens its first draft pass
+/// feeds, and what the draft has yet to see after it (`accepted` of γmax accepted).
+fn replayed_step(
+    cost: &CostModel,
+    gamma: u32,
+    accepted: u32,
+    first: DraftLag,
+) -> (f64, f64, DraftLag) {
+    let g = gamma as usize;
+    let k = accepted.min(gamma);
+    let time = cost.draft_phase(g, first.first_feed()) + cost.verify(gamma);
+    let mut next = first;
+    next.after_step(g, g, k as usize);
+    ((k + 1) as f64, time, next)
+}
+
+/// What the draft has yet to see when a prompt's decoding starts (the decode loop's default
+/// catch-up window).
+fn fresh_lag() -> DraftLag {
+    DraftLag::new(Some(DRAFT_CATCH_UP))
+}
+
+/// Oracle throughput from traces under a cost model: tokens per second when every step takes the
+/// γ' (1..=γmax) that maximises the run's total tokens per total time. A step's time depends on
+/// the step before it (a fully accepted step leaves its last draft for the next step's first
+/// pass to feed, [`DraftLag`]), so the best choice for a given λ is a dynamic programme over
+/// that lag; the choice that maximises a ratio of sums is found by Dinkelbach's iteration: pick
+/// the choices maximising tokens − λ·time, set λ to the resulting ratio, repeat until it stops
+/// growing.
+pub fn oracle_tokens_per_second(steps: &[TracedStep], cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() || steps.iter().any(|s| s.0 == 0) {
         return None;
     }
     let mut lambda = 0.0f64;
     for _ in 0..100 {
-        let (mut tok, mut time) = (0.0f64, 0.0f64);
-        for &(gmax, k) in steps {
-            let best = (1..=gmax)
-                .map(|g| ((k.min(g) + 1) as f64, cost.step(g)))
-                .max_by(|a, b| (a.0 - lambda * a.1).total_cmp(&(b.0 - lambda * b.1)))?;
-            tok += best.0;
-            time += best.1;
+        // The best (tokens − λ·time, tokens, time) so far for each lag the next step meets.
+        let mut paths: Vec<(DraftLag, f64, f64, f64)> = vec![(fresh_lag(), 0.0, 0.0, 0.0)];
+        for (i, &(gmax, k, first)) in steps.iter().enumerate() {
+            if first && i > 0 {
+                let best = *paths.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+                paths = vec![(fresh_lag(), best.1, best.2, best.3)];
+            }
+            let mut next: Vec<(DraftLag, f64, f64, f64)> = Vec::with_capacity(2);
+            for &(lag, v, tok, time) in &paths {
+                for g in 1..=gmax {
+                    let (t, ms, after) = replayed_step(cost, g, k, lag);
+                    let cand = (after, v + t - lambda * ms, tok + t, time + ms);
+                    match next.iter_mut().find(|n| n.0 == after) {
+                        Some(n) if n.1 >= cand.1 => {}
+                        Some(n) => *n = cand,
+                        None => next.push(cand),
+                    }
+                }
+            }
+            paths = next;
         }
-        let next = tok / time;
+        let best = paths.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let next = best.2 / best.3;
         if next <= lambda * (1.0 + 1e-12) {
             return Some(next.max(lambda) * 1e3);
         }
@@ -262,30 +318,37 @@ pub fn oracle_tokens_per_second(steps: &[(u32, u32)], cost: &CostModel) -> Optio
 }
 
 /// Tokens per second of a fixed γ on traced steps (γ ≤ each step's γmax) under a cost model.
-pub fn fixed_tokens_per_second(steps: &[(u32, u32)], gamma: u32, cost: &CostModel) -> Option<f64> {
-    if steps.is_empty() || steps.iter().any(|&(gmax, _)| gamma > gmax) {
+pub fn fixed_tokens_per_second(steps: &[TracedStep], gamma: u32, cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() || gamma == 0 || steps.iter().any(|&(gmax, ..)| gamma > gmax) {
         return None;
     }
-    let tok: f64 = steps.iter().map(|&(_, k)| (k.min(gamma) + 1) as f64).sum();
-    Some(tok / (steps.len() as f64 * cost.step(gamma)) * 1e3)
+    let (mut tok, mut time, mut lag) = (0.0f64, 0.0f64, fresh_lag());
+    for &(_, k, first) in steps {
+        if first {
+            lag = fresh_lag();
+        }
+        let (t, ms, after) = replayed_step(cost, gamma, k, lag);
+        (tok, time, lag) = (tok + t, time + ms, after);
+    }
+    Some(tok / time * 1e3)
 }
 
-/// HF's heuristic schedule replayed on traced steps `(γmax, accepted, first step of a prompt)`:
-/// γ starts at 4 on each prompt, +2 after a fully accepted step, −1 (at least 1) otherwise, at
-/// most γmax; a traced step at γ yields min(k, γ) + 1 tokens at γ's cost (steps are replayed
-/// where they were traced, as for [`fixed_tokens_per_second`]).
-pub fn heuristic_tokens_per_second(steps: &[(u32, u32, bool)], cost: &CostModel) -> Option<f64> {
+/// HF's heuristic schedule replayed on traced steps: γ starts at 4 on each prompt, +2 after a
+/// fully accepted step, −1 (at least 1) otherwise, at most γmax; a traced step at γ yields
+/// min(k, γ) + 1 tokens at γ's cost (steps are replayed where they were traced, as for
+/// [`fixed_tokens_per_second`]).
+pub fn heuristic_tokens_per_second(steps: &[TracedStep], cost: &CostModel) -> Option<f64> {
     if steps.is_empty() {
         return None;
     }
-    let (mut tok, mut time, mut g) = (0.0f64, 0.0f64, 4u32);
+    let (mut tok, mut time, mut g, mut lag) = (0.0f64, 0.0f64, 4u32, fresh_lag());
     for &(gmax, k, first) in steps {
         if first {
-            g = 4;
+            (g, lag) = (4, fresh_lag());
         }
         let gamma = g.min(gmax).max(1);
-        tok += (k.min(gamma) + 1) as f64;
-        time += cost.step(gamma);
+        let (t, ms, after) = replayed_step(cost, gamma, k, lag);
+        (tok, time, lag) = (tok + t, time + ms, after);
         g = if k >= gamma {
             (gamma + 2).min(gmax)
         } else {
@@ -338,35 +401,113 @@ mod tests {
         assert!(trace_rows(&[s], Compression::Fp16, "x", 0, 0).is_err());
     }
 
-    #[test]
-    fn oracle_beats_or_ties_every_fixed_gamma() {
-        let cost = CostModel {
-            draft_ms_per_token: 1.0,
-            verify_ms: vec![3.0, 3.1, 3.2, 3.3, 3.4],
-            source: String::new(),
-        };
-        let steps = [(4, 0), (4, 4), (4, 1), (4, 4), (4, 2)];
-        let o = oracle_tokens_per_second(&steps, &cost).unwrap();
-        for g in 1..=4 {
-            let f = fixed_tokens_per_second(&steps, g, &cost).unwrap();
-            assert!(o >= f - 1e-9, "γ={g}: {f} > oracle {o}");
-        }
-        // All-rejected steps: the oracle takes γ = 1 on them, which no fixed γ > 1 does.
-        let f4 = fixed_tokens_per_second(&steps, 4, &cost).unwrap();
-        assert!(o > f4);
-        assert!(fixed_tokens_per_second(&steps, 5, &cost).is_none());
-        // Exhaustive: the best ratio over all 4^5 per-step choices.
+    /// Every γ per step (1..=4) of `steps`, its tokens and time charged as the decode loop
+    /// pays them: a step's first draft pass feeds 2 tokens after a fully accepted step, 1 after
+    /// a prompt's start or a partly accepted step.
+    fn exhaustive_best(steps: &[TracedStep], cost: &CostModel) -> f64 {
         let mut best = 0.0f64;
-        for code in 0..4usize.pow(5) {
-            let (mut tok, mut time) = (0.0, 0.0);
-            for (i, &(_, k)) in steps.iter().enumerate() {
+        for code in 0..4usize.pow(steps.len() as u32) {
+            let (mut tok, mut time, mut feed) = (0.0, 0.0, 1usize);
+            for (i, &(_, k, first)) in steps.iter().enumerate() {
                 let g = (code / 4usize.pow(i as u32) % 4) as u32 + 1;
+                if first {
+                    feed = 1;
+                }
                 tok += (k.min(g) + 1) as f64;
-                time += cost.step(g);
+                time += cost.draft_feed(feed) + (g - 1) as f64 * cost.draft_ms_per_token;
+                time += cost.verify(g);
+                feed = if k >= g { 2 } else { 1 };
             }
             best = best.max(tok / time * 1e3);
         }
-        assert!((o - best).abs() < 1e-9, "oracle {o} vs exhaustive {best}");
+        best
+    }
+
+    #[test]
+    fn oracle_beats_or_ties_every_fixed_gamma() {
+        let flat = CostModel {
+            draft_ms_per_token: 1.0,
+            verify_ms: vec![3.0, 3.1, 3.2, 3.3, 3.4],
+            draft_feed_ms: Vec::new(),
+            source: String::new(),
+        };
+        // A 2-token first feed as dear as 3 one-token passes: after a fully accepted step the
+        // next step costs 2 more, so the oracle's best choice depends on the step before.
+        let fed = CostModel {
+            draft_feed_ms: vec![1.0, 3.0, 4.0],
+            ..flat.clone()
+        };
+        let steps = [
+            (4, 0, true),
+            (4, 4, false),
+            (4, 1, false),
+            (4, 4, false),
+            (4, 4, true),
+            (4, 2, false),
+        ];
+        for cost in [&flat, &fed] {
+            let o = oracle_tokens_per_second(&steps, cost).unwrap();
+            for g in 1..=4 {
+                let f = fixed_tokens_per_second(&steps, g, cost).unwrap();
+                assert!(o >= f - 1e-9, "γ={g}: {f} > oracle {o}");
+            }
+            // All-rejected steps: the oracle takes γ = 1 on them, which no fixed γ > 1 does.
+            let f4 = fixed_tokens_per_second(&steps, 4, cost).unwrap();
+            assert!(o > f4);
+            assert!(fixed_tokens_per_second(&steps, 5, cost).is_none());
+            assert!(fixed_tokens_per_second(&steps, 0, cost).is_none());
+            let best = exhaustive_best(&steps, cost);
+            assert!((o - best).abs() < 1e-9, "oracle {o} vs exhaustive {best}");
+        }
+        // The dear feed is charged: fixed γ = 4 accepts steps 2, 4 and 5 fully, and pays it on
+        // steps 3 and 6 (step 5 starts a prompt: a fresh draft has nothing left unseen).
+        let f_flat = fixed_tokens_per_second(&steps, 4, &flat).unwrap();
+        let f_fed = fixed_tokens_per_second(&steps, 4, &fed).unwrap();
+        let tok = (1 + 5 + 2 + 5 + 5 + 3) as f64;
+        assert!((f_flat - tok / (6.0 * 7.4) * 1e3).abs() < 1e-9, "{f_flat}");
+        assert!(
+            (f_fed - tok / (6.0 * 7.4 + 2.0 * 2.0) * 1e3).abs() < 1e-9,
+            "{f_fed}"
+        );
+        let (o_flat, o_fed) = (
+            oracle_tokens_per_second(&steps, &flat).unwrap(),
+            oracle_tokens_per_second(&steps, &fed).unwrap(),
+        );
+        assert!(o_fed < o_flat, "{o_fed} vs {o_flat}");
+    }
+
+    #[test]
+    fn draft_feeds_are_measured_values_then_a_line() {
+        let c = CostModel {
+            draft_ms_per_token: 2.0,
+            verify_ms: vec![10.0],
+            draft_feed_ms: vec![2.0, 3.0, 5.0],
+            source: String::new(),
+        };
+        assert_eq!(
+            (1..=5).map(|n| c.draft_feed(n)).collect::<Vec<_>>(),
+            [2.0, 3.0, 5.0, 7.0, 9.0]
+        );
+        assert_eq!(c.draft_feed(0), 2.0);
+        assert_eq!(c.draft_phase(0, 4), 0.0);
+        assert_eq!(c.draft_phase(3, 2), 3.0 + 2.0 * 2.0);
+        // A falling line does not fall below the last measured feed.
+        let falling = CostModel {
+            draft_feed_ms: vec![4.0, 3.0],
+            ..c.clone()
+        };
+        assert_eq!(falling.draft_feed(6), 3.0);
+        // Not measured: every pass costs a token's.
+        let none = CostModel {
+            draft_feed_ms: Vec::new(),
+            ..c.clone()
+        };
+        assert_eq!(none.draft_phase(3, 8), 6.0);
+        let bad = CostModel {
+            draft_feed_ms: vec![1.0, 0.0],
+            ..c
+        };
+        assert!(bad.check().is_err());
     }
 
     #[test]
@@ -374,6 +515,7 @@ mod tests {
         let cost = CostModel {
             draft_ms_per_token: 1.0,
             verify_ms: (0..=8).map(|g| 10.0 + g as f64).collect(),
+            draft_feed_ms: Vec::new(),
             source: String::new(),
         };
         // Prompt 1: full accept at γ 4 (→ 6), at 6 (→ 8), then 2 of 8 accepted (→ 7). Prompt 2
@@ -392,5 +534,13 @@ mod tests {
         let got = heuristic_tokens_per_second(&steps, &cost).unwrap();
         assert!((got - tok / time * 1e3).abs() < 1e-9, "{got}");
         assert!(heuristic_tokens_per_second(&[], &cost).is_none());
+        // A 2-token first feed 0.5 dearer: paid on steps 2 and 3 (after full steps 1 and 2) and
+        // 5 (after step 4), not on step 4 (a prompt's first).
+        let fed = CostModel {
+            draft_feed_ms: vec![1.0, 1.5],
+            ..cost
+        };
+        let got = heuristic_tokens_per_second(&steps, &fed).unwrap();
+        assert!((got - tok / (time + 1.5) * 1e3).abs() < 1e-9, "{got}");
     }
 }

@@ -185,6 +185,9 @@ pub fn device_steps(
             cost: CostModel {
                 draft_ms_per_token: draft_ms,
                 verify_ms,
+                // Not measured: each first draft pass is charged as one token's (on a GPU at
+                // batch 1 a pass is expected to be bound by streaming its weights, not by the tokens it feeds).
+                draft_feed_ms: Vec::new(),
                 source: format!(
                     "measured by `speckv bench step --backend cuda` on {}: speckv's device forward \
                      pass, a {}-layer {}-wide {} target (M = γ + 1) and a {}-layer {}-wide fp16 \

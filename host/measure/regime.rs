@@ -245,6 +245,7 @@ pub fn step_costs(backend: &Backend, budget: Duration) -> Result<StepCosts> {
             CostModel {
                 draft_ms_per_token: draft,
                 verify_ms: verify,
+                draft_feed_ms: Vec::new(),
                 source: format!(
                     "measured by `speckv bench step` on {} ({}): linear layers of a Llama-3.2-1B-shaped fp16 draft and a Llama-3-8B-shaped {} target",
                     backend.name(),
