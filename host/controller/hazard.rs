@@ -143,8 +143,7 @@ pub struct DraftTime {
 pub const STEADY_FEED: usize = 2;
 
 impl DraftTime {
-    /// Passes that each feed one token per sequence: the replay's steps, costed at the cost
-    /// model's draft pass.
+    /// Passes that each feed one token per sequence, the first timed as the others.
     pub fn steady(passes: usize, seconds: f64) -> DraftTime {
         DraftTime {
             passes,
