@@ -62,7 +62,11 @@ pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
         bar.set_message(format!("{} #{run}", pr.category));
         let ids = p.encode_chat(&pr.prompt)?;
         let mut steps = Vec::new();
-        let room = ids.len() + cfg.max_tokens + cfg.gamma_max as usize + 2;
+        // The decode (γmax drafts past the last token), then the cost measurements on the
+        // decoded context: a verification of γmax + 1 positions, draft feeds of up to
+        // DRAFT_CATCH_UP tokens.
+        let past = (cfg.gamma_max as usize + 2).max(speckv::decode::DRAFT_CATCH_UP);
+        let room = ids.len() + cfg.max_tokens + past;
         let (mut tp, mut dp) = device.passes(&p.target, p.draft_model(), p.draft_mask(), room)?;
         let s = speckv::decode::speculative_on(
             tp.as_mut(),

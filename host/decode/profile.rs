@@ -149,7 +149,8 @@ pub fn trace_rows(
 /// per token (M = 1), a draft pass feeding n = 1..=[`DRAFT_CATCH_UP`] tokens (a step's first pass:
 /// the pending token, a draft a fully accepted step left unseen, a catch-up after plain steps)
 /// and the target's verification time at γ = 0..=γmax (M = γ + 1), each the minimum of `reps`
-/// runs, the caches rolled back after each. Milliseconds.
+/// runs, the caches rolled back after each. Milliseconds. The passes hold the context and
+/// γmax + 1 (target) or [`DRAFT_CATCH_UP`] (draft) positions more.
 pub fn measure_costs(
     target: &Model,
     draft: &Draft<'_>,
@@ -251,18 +252,18 @@ pub fn mean_costs(models: &[CostModel]) -> Result<CostModel> {
 /// A traced step: its γmax, the drafts accepted at γmax, and whether it is its prompt's first.
 pub type TracedStep = (u32, u32, bool);
 
-/// Time of a traced step replayed at γ ≥ 1 drafts, `first` the tokens its first draft pass
-/// feeds, and what the draft has yet to see after it (`accepted` of γmax accepted).
+/// A traced step replayed at γ ≥ 1 drafts (`accepted` of its γmax accepted), the draft lagging
+/// by `lag` before it: its tokens, its time and the lag after it.
 fn replayed_step(
     cost: &CostModel,
     gamma: u32,
     accepted: u32,
-    first: DraftLag,
+    lag: DraftLag,
 ) -> (f64, f64, DraftLag) {
     let g = gamma as usize;
     let k = accepted.min(gamma);
-    let time = cost.draft_phase(g, first.first_feed()) + cost.verify(gamma);
-    let mut next = first;
+    let time = cost.draft_phase(g, lag.first_feed()) + cost.verify(gamma);
+    let mut next = lag;
     next.after_step(g, g, k as usize);
     ((k + 1) as f64, time, next)
 }
