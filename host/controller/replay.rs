@@ -3,7 +3,9 @@
 //! a fixed cost model: what `auto` would have emitted and spent on the very steps the trace oracle
 //! and the fixed-γ sweep are computed on. The whole policy runs — the stopping rule, the online
 //! calibration and the plain-step gate, restarted for every prompt as `generate` restarts them —
-//! with the costs held at the model's (no timing noise).
+//! with the costs held at the model's (no timing noise). HF's default schedule, its heuristic,
+//! the fixed-γ sweep and the oracle are replayed here too, every step charged as the decode loop
+//! pays it: its first draft pass feeds what the draft has yet to see ([`DraftLag`]).
 
 use std::collections::BTreeMap;
 
@@ -160,6 +162,116 @@ pub fn threshold_on_traces(rows: &[TraceRow], cost: &CostModel, threshold: f64) 
     })
 }
 
+/// A traced step: its γmax, the drafts accepted at γmax, and whether it is its prompt's first.
+pub type TracedStep = (u32, u32, bool);
+
+/// A traced step replayed at γ ≥ 1 drafts (`accepted` of its γmax accepted), the draft lagging
+/// by `lag` before it: its tokens, its time and the lag after it.
+fn replayed_step(
+    cost: &CostModel,
+    gamma: u32,
+    accepted: u32,
+    lag: DraftLag,
+) -> (f64, f64, DraftLag) {
+    let g = gamma as usize;
+    let k = accepted.min(gamma);
+    let time = cost.draft_phase(g, lag.first_feed()) + cost.verify(gamma);
+    let mut next = lag;
+    next.after_step(g, g, k as usize);
+    ((k + 1) as f64, time, next)
+}
+
+/// What the draft has yet to see when a prompt's decoding starts (the decode loop's default
+/// catch-up window).
+fn fresh_lag() -> DraftLag {
+    DraftLag::new(Some(DRAFT_CATCH_UP))
+}
+
+/// Oracle throughput from traces under a cost model: tokens per second when every step takes the
+/// γ' (1..=γmax) that maximises the run's total tokens per total time. A step's time depends on
+/// the step before it (a fully accepted step leaves its last draft for the next step's first
+/// pass to feed, [`DraftLag`]), so the best choice for a given λ is a dynamic programme over
+/// that lag; the choice that maximises a ratio of sums is found by Dinkelbach's iteration: pick
+/// the choices maximising tokens − λ·time, set λ to the resulting ratio, repeat until it stops
+/// growing.
+pub fn oracle_tokens_per_second(steps: &[TracedStep], cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() || steps.iter().any(|s| s.0 == 0) {
+        return None;
+    }
+    let mut lambda = 0.0f64;
+    for _ in 0..100 {
+        // The best (tokens − λ·time, tokens, time) so far for each lag the next step meets.
+        let mut paths: Vec<(DraftLag, f64, f64, f64)> = vec![(fresh_lag(), 0.0, 0.0, 0.0)];
+        for (i, &(gmax, k, first)) in steps.iter().enumerate() {
+            if first && i > 0 {
+                let best = *paths.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+                paths = vec![(fresh_lag(), best.1, best.2, best.3)];
+            }
+            let mut next: Vec<(DraftLag, f64, f64, f64)> = Vec::with_capacity(2);
+            for &(lag, v, tok, time) in &paths {
+                for g in 1..=gmax {
+                    let (t, ms, after) = replayed_step(cost, g, k, lag);
+                    let cand = (after, v + t - lambda * ms, tok + t, time + ms);
+                    match next.iter_mut().find(|n| n.0 == after) {
+                        Some(n) if n.1 >= cand.1 => {}
+                        Some(n) => *n = cand,
+                        None => next.push(cand),
+                    }
+                }
+            }
+            paths = next;
+        }
+        let best = paths.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let next = best.2 / best.3;
+        if next <= lambda * (1.0 + 1e-12) {
+            return Some(next.max(lambda) * 1e3);
+        }
+        lambda = next;
+    }
+    Some(lambda * 1e3)
+}
+
+/// Tokens per second of a fixed γ on traced steps (γ ≤ each step's γmax) under a cost model.
+pub fn fixed_tokens_per_second(steps: &[TracedStep], gamma: u32, cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() || gamma == 0 || steps.iter().any(|&(gmax, ..)| gamma > gmax) {
+        return None;
+    }
+    let (mut tok, mut time, mut lag) = (0.0f64, 0.0f64, fresh_lag());
+    for &(_, k, first) in steps {
+        if first {
+            lag = fresh_lag();
+        }
+        let (t, ms, after) = replayed_step(cost, gamma, k, lag);
+        (tok, time, lag) = (tok + t, time + ms, after);
+    }
+    Some(tok / time * 1e3)
+}
+
+/// HF's heuristic schedule replayed on traced steps: γ starts at 4 on each prompt, +2 after a
+/// fully accepted step, −1 (at least 1) otherwise, at most γmax; a traced step at γ yields
+/// min(k, γ) + 1 tokens at γ's cost (steps are replayed where they were traced, as for
+/// [`fixed_tokens_per_second`]).
+pub fn heuristic_tokens_per_second(steps: &[TracedStep], cost: &CostModel) -> Option<f64> {
+    if steps.is_empty() {
+        return None;
+    }
+    let (mut tok, mut time, mut g, mut lag) = (0.0f64, 0.0f64, 4u32, fresh_lag());
+    for &(gmax, k, first) in steps {
+        if first {
+            (g, lag) = (4, fresh_lag());
+        }
+        let gamma = g.min(gmax).max(1);
+        let (t, ms, after) = replayed_step(cost, gamma, k, lag);
+        (tok, time, lag) = (tok + t, time + ms, after);
+        g = if k >= gamma {
+            (gamma + 2).min(gmax)
+        } else {
+            gamma.saturating_sub(1).max(1)
+        };
+    }
+    Some(tok / time * 1e3)
+}
+
 /// Each (run, prompt)'s trace steps in order, a step its rows γ = 1..=γmax.
 type PromptSteps<'a> = BTreeMap<(u32, usize), Vec<&'a [TraceRow]>>;
 
@@ -188,4 +300,152 @@ fn prompt_steps(rows: &[TraceRow]) -> Result<PromptSteps<'_>> {
         });
     }
     Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every γ per step (1..=4) of `steps`, its tokens and time charged as the decode loop
+    /// pays them: a step's first draft pass feeds 2 tokens after a fully accepted step, 1 after
+    /// a prompt's start or a partly accepted step.
+    fn exhaustive_best(steps: &[TracedStep], cost: &CostModel) -> f64 {
+        let mut best = 0.0f64;
+        for code in 0..4usize.pow(steps.len() as u32) {
+            let (mut tok, mut time, mut feed) = (0.0, 0.0, 1usize);
+            for (i, &(_, k, first)) in steps.iter().enumerate() {
+                let g = (code / 4usize.pow(i as u32) % 4) as u32 + 1;
+                if first {
+                    feed = 1;
+                }
+                tok += (k.min(g) + 1) as f64;
+                time += cost.draft_feed(feed) + (g - 1) as f64 * cost.draft_ms_per_token;
+                time += cost.verify(g);
+                feed = if k >= g { 2 } else { 1 };
+            }
+            best = best.max(tok / time * 1e3);
+        }
+        best
+    }
+
+    #[test]
+    fn oracle_beats_or_ties_every_fixed_gamma() {
+        let flat = CostModel {
+            draft_ms_per_token: 1.0,
+            verify_ms: vec![3.0, 3.1, 3.2, 3.3, 3.4],
+            draft_feed_ms: Vec::new(),
+            source: String::new(),
+        };
+        // A 2-token first feed as dear as 3 one-token passes: after a fully accepted step the
+        // next step costs 2 more, so the oracle's best choice depends on the step before.
+        let fed = CostModel {
+            draft_feed_ms: vec![1.0, 3.0, 4.0],
+            ..flat.clone()
+        };
+        let steps = [
+            (4, 0, true),
+            (4, 4, false),
+            (4, 1, false),
+            (4, 4, false),
+            (4, 4, true),
+            (4, 2, false),
+        ];
+        for cost in [&flat, &fed] {
+            let o = oracle_tokens_per_second(&steps, cost).unwrap();
+            for g in 1..=4 {
+                let f = fixed_tokens_per_second(&steps, g, cost).unwrap();
+                assert!(o >= f - 1e-9, "γ={g}: {f} > oracle {o}");
+            }
+            // All-rejected steps: the oracle takes γ = 1 on them, which no fixed γ > 1 does.
+            let f4 = fixed_tokens_per_second(&steps, 4, cost).unwrap();
+            assert!(o > f4);
+            assert!(fixed_tokens_per_second(&steps, 5, cost).is_none());
+            assert!(fixed_tokens_per_second(&steps, 0, cost).is_none());
+            let best = exhaustive_best(&steps, cost);
+            assert!((o - best).abs() < 1e-9, "oracle {o} vs exhaustive {best}");
+        }
+        // The dear feed is charged: fixed γ = 4 accepts steps 2, 4 and 5 fully, and pays it on
+        // steps 3 and 6 (step 5 starts a prompt: a fresh draft has nothing left unseen).
+        let f_flat = fixed_tokens_per_second(&steps, 4, &flat).unwrap();
+        let f_fed = fixed_tokens_per_second(&steps, 4, &fed).unwrap();
+        let tok = (1 + 5 + 2 + 5 + 5 + 3) as f64;
+        assert!((f_flat - tok / (6.0 * 7.4) * 1e3).abs() < 1e-9, "{f_flat}");
+        assert!(
+            (f_fed - tok / (6.0 * 7.4 + 2.0 * 2.0) * 1e3).abs() < 1e-9,
+            "{f_fed}"
+        );
+        let (o_flat, o_fed) = (
+            oracle_tokens_per_second(&steps, &flat).unwrap(),
+            oracle_tokens_per_second(&steps, &fed).unwrap(),
+        );
+        assert!(o_fed < o_flat, "{o_fed} vs {o_flat}");
+    }
+
+    #[test]
+    fn draft_feeds_are_measured_values_then_a_line() {
+        let c = CostModel {
+            draft_ms_per_token: 2.0,
+            verify_ms: vec![10.0],
+            draft_feed_ms: vec![2.0, 3.0, 5.0],
+            source: String::new(),
+        };
+        assert_eq!(
+            (1..=5).map(|n| c.draft_feed(n)).collect::<Vec<_>>(),
+            [2.0, 3.0, 5.0, 7.0, 9.0]
+        );
+        assert_eq!(c.draft_feed(0), 2.0);
+        assert_eq!(c.draft_phase(0, 4), 0.0);
+        assert_eq!(c.draft_phase(3, 2), 3.0 + 2.0 * 2.0);
+        // A falling line does not fall below the last measured feed.
+        let falling = CostModel {
+            draft_feed_ms: vec![4.0, 3.0],
+            ..c.clone()
+        };
+        assert_eq!(falling.draft_feed(6), 3.0);
+        // Not measured: every pass costs a token's.
+        let none = CostModel {
+            draft_feed_ms: Vec::new(),
+            ..c.clone()
+        };
+        assert_eq!(none.draft_phase(3, 8), 6.0);
+        let bad = CostModel {
+            draft_feed_ms: vec![1.0, 0.0],
+            ..c
+        };
+        assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn heuristic_replay_follows_the_schedule_and_restarts_per_prompt() {
+        let cost = CostModel {
+            draft_ms_per_token: 1.0,
+            verify_ms: (0..=8).map(|g| 10.0 + g as f64).collect(),
+            draft_feed_ms: Vec::new(),
+            source: String::new(),
+        };
+        // Prompt 1: full accept at γ 4 (→ 6), at 6 (→ 8), then 2 of 8 accepted (→ 7). Prompt 2
+        // starts again at 4: full accept (→ 6), then two rejections (6 → 5 → 4).
+        let steps = [
+            (8, 8, true),
+            (8, 8, false),
+            (8, 2, false),
+            (8, 8, true),
+            (8, 0, false),
+            (8, 0, false),
+        ];
+        let gammas = [4u32, 6, 8, 4, 6, 5];
+        let tok: f64 = [5.0, 7.0, 3.0, 5.0, 1.0, 1.0].iter().sum();
+        let time: f64 = gammas.iter().map(|&g| cost.step(g)).sum();
+        let got = heuristic_tokens_per_second(&steps, &cost).unwrap();
+        assert!((got - tok / time * 1e3).abs() < 1e-9, "{got}");
+        assert!(heuristic_tokens_per_second(&[], &cost).is_none());
+        // A 2-token first feed 0.5 dearer: paid on steps 2 and 3 (after full steps 1 and 2) and
+        // 5 (after step 4), not on step 4 (a prompt's first).
+        let fed = CostModel {
+            draft_feed_ms: vec![1.0, 1.5],
+            ..cost
+        };
+        let got = heuristic_tokens_per_second(&steps, &fed).unwrap();
+        assert!((got - tok / (time + 1.5) * 1e3).abs() < 1e-9, "{got}");
+    }
 }
