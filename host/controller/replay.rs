@@ -49,13 +49,27 @@ impl DraftLag {
 
     /// After a step of `passes` draft passes (0: a plain step) that verified `gamma` drafts, of
     /// which `accepted` were accepted.
+    /// A step drafting γ tokens made γ passes, or γ + 1 when its rule computed a draft past the
+    /// last one it kept (the pass that fed the last kept draft): [`draft_keep`]'s `last_fed`.
     pub fn after_step(&mut self, passes: usize, gamma: usize, accepted: usize) {
         self.unseen = if passes == 0 {
             self.first_feed() + 1
+        } else if gamma == 0 {
+            1
         } else {
-            1 + usize::from(gamma > 0 && accepted >= gamma && passes == gamma)
+            1 + usize::from(draft_keep(accepted.min(gamma), gamma, passes > gamma).1)
         };
     }
+}
+
+/// After a step of `g ≥ 1` drafts with `k` accepted, the drafts the draft's cache keeps past the
+/// pending token, and whether the last draft (accepted, but never fed: `last_fed` false) goes to
+/// the backlog. Drafting g tokens fed the draft x_0..x_{g-2} — and x_{g-1} too when a per-token
+/// stop fed it — after the pending token. The decode loops truncate the draft's cache by it and
+/// [`DraftLag`] counts the backlog by it: one rule for both.
+pub fn draft_keep(k: usize, g: usize, last_fed: bool) -> (usize, bool) {
+    let keep = if k == g && last_fed { g } else { k.min(g - 1) };
+    (keep, k == g && !last_fed)
 }
 
 /// What the replay produced.

@@ -6,6 +6,7 @@ use std::time::Instant;
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 use crate::controller::hazard::{AutoState, DraftTime, StopRule};
+use crate::controller::replay::draft_keep;
 use crate::decode::{catch_up, Draft, GenConfig, GenStats, Policy, StepTrace};
 use crate::error::{Error, Result};
 use crate::model::{CpuPass, DraftRun, Model, Pass};
@@ -432,13 +433,4 @@ pub(super) fn next_heuristic(h: u32, g: usize, k: usize, gamma_max: u32) -> u32 
     } else {
         h.saturating_sub(1).max(1)
     }
-}
-
-/// After a step of `g ≥ 1` drafts with `k` accepted, the drafts the draft's cache keeps past the
-/// pending token, and whether the last draft (accepted, but never fed: `last_fed` false) goes to
-/// the backlog. Drafting g tokens fed the draft x_0..x_{g-2} — and x_{g-1} too when a per-token
-/// stop fed it — after the pending token.
-pub(super) fn draft_keep(k: usize, g: usize, last_fed: bool) -> (usize, bool) {
-    let keep = if k == g && last_fed { g } else { k.min(g - 1) };
-    (keep, k == g && !last_fed)
 }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use crate::decode::speculative::{draft_keep, next_heuristic, step_gamma, token_verdict};
+use crate::controller::replay::draft_keep;
+use crate::decode::speculative::{next_heuristic, step_gamma, token_verdict};
 use crate::decode::{catch_up, GenConfig, GenStats, Policy};
 use crate::error::{Error, Result};
 use crate::model::BatchPass;
