@@ -354,6 +354,52 @@ fn bench_predict_reads_traces_and_a_cost_model() {
     assert!(!ok && err.contains("nonexistent"), "{err}");
 }
 
+/// `bench step` on the CPU writes a cost model per regime that carries the draft's feeds (a pass
+/// fed n = 1..=8 tokens, as `speckv profile`'s): the replays read it, and the draft's time per token
+/// is its one-token feed.
+#[test]
+fn bench_step_writes_cost_models_with_the_drafts_feeds() {
+    let dir = std::env::temp_dir().join(format!("speckv-step-{}", std::process::id()));
+    let (ok, out, err) = speckv(&[
+        "--backend",
+        "cpu",
+        "bench",
+        "step",
+        "--seconds",
+        "0.001",
+        "--out-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("fed n = 1..8 tokens"), "{out}");
+    let traces = format!("{}/results/qwen/fp16/steps.csv", env!("CARGO_MANIFEST_DIR"));
+    for regime in ["fp16", "int8", "nf4"] {
+        let path = dir.join(format!("cost_{regime}.json"));
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let feeds: Vec<f64> = c["draft_feed_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(feeds.len(), 8, "{regime}");
+        assert!(feeds.iter().all(|&f| f.is_finite() && f > 0.0), "{feeds:?}");
+        assert_eq!(c["draft_ms_per_token"].as_f64().unwrap(), feeds[0]);
+        assert_eq!(c["verify_ms"].as_array().unwrap().len(), 9);
+        let (ok, _, err) = speckv(&[
+            "bench",
+            "predict",
+            "--traces",
+            &traces,
+            "--cost",
+            path.to_str().unwrap(),
+        ]);
+        assert!(ok, "{regime}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `--draft-catch-up` is one option of the three decoding commands: 0 and words other than `all`
 /// are refused by the parser, and on a model a window of 1 feeds the draft fewer tokens than `all`
 /// while decoding plain decoding's tokens (`every:3:1`: two plain steps before each draft).

@@ -421,6 +421,15 @@ fn device_step(
         r.draft_phase_ms_per_token,
         r.draft_stepwise_ms_per_token
     );
+    println!(
+        "draft pass fed n = 1..{} tokens (a step's first pass), ms: {}",
+        r.draft_feed_ms.len(),
+        r.draft_feed_ms
+            .iter()
+            .map(|v| format!("{v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for s in &r.regimes {
         println!(
             "{:<5} M=1 {:.3} ms ({:.0}% of the weights' streaming time {:.3} ms; {:.3} ms without a \
@@ -467,8 +476,17 @@ fn step(
         return json_out(&c);
     }
     println!(
-        "step costs on {} ({}); draft (1B-shaped, fp16) {:.2} ms per token",
-        c.backend, c.device, c.draft_ms_per_token
+        "step costs on {} ({}); draft (1B-shaped, fp16) {:.2} ms per token; fed n = 1..8 tokens \
+         (a step's first pass): {}",
+        c.backend,
+        c.device,
+        c.draft_ms_per_token,
+        c.regimes.first().map_or(String::new(), |(_, m)| m
+            .draft_feed_ms
+            .iter()
+            .map(|v| format!("{v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "))
     );
     println!(
         "{:<6} {}",

@@ -1,7 +1,7 @@
 //! `speckv bench step --backend cuda --shapes T --draft-shapes D`: the whole decode step of speckv's
 //! device forward pass at a model's shapes, with weights made on the device (real weights cannot
-//! travel to the GPU machine): the target at M = γ + 1 for γ = 0..=8 in every regime, the draft at
-//! M = 1 in FP16, each a mean over timed launches with the L2 flushed before each, replayed as
+//! travel to the GPU machine): the target at M = γ + 1 for γ = 0..=8 in every regime, the draft in
+//! FP16 at M = 1 and fed n = 1..=[`DRAFT_CATCH_UP`] tokens (a step's first pass), each a mean over timed launches with the L2 flushed before each, replayed as
 //! captured CUDA graphs (the cost model) and issued launch by launch (`eager_*`). Written as the
 //! cost model `speckv profile` writes, so `evaluate --cost` and `bench decode --cost` turn the
 //! CPU-measured traces into predicted GPU tokens per second. With `--batch-sizes`, decode steps of
@@ -12,6 +12,7 @@
 use serde::Serialize;
 
 use crate::backend::cuda::CudaBackend;
+use crate::controller::replay::DRAFT_CATCH_UP;
 use crate::controller::CostModel;
 use crate::error::Result;
 use crate::measure::batch_step::time_plain_decode_step;
@@ -106,6 +107,11 @@ pub struct DeviceSteps {
     pub position: usize,
     pub copy_bandwidth_gb_s: f64,
     pub draft_ms_per_token: f64,
+    /// The draft's pass fed n = 1..=[`DRAFT_CATCH_UP`] tokens (index n − 1; graphs on, the L2
+    /// flushed): a step's first draft pass, which feeds the pending token, a draft a fully
+    /// accepted step left unseen and the tokens of plain steps. The device pass runs its LM head
+    /// on every fed row, so this is what the decode loop pays. Every regime's cost model carries it.
+    pub draft_feed_ms: Vec<f64>,
     /// The draft's step without a graph.
     pub draft_eager_ms_per_token: f64,
     /// A greedy draft phase of [`PHASE_GAMMA`] drafts, host wall clock per draft (graphs on, the L2
@@ -126,15 +132,19 @@ pub fn device_steps(
 ) -> Result<DeviceSteps> {
     o.check()?;
     let (position, iters) = (o.position, o.iters);
-    let capacity = position + GAMMA_MAX + 1;
+    let capacity = position + (GAMMA_MAX + 1).max(DRAFT_CATCH_UP);
     let bw = cuda.copy_bandwidth(256 << 20, iters.max(3))?;
     let dw = DeviceWeights::synthetic(cuda, draft, Format::Fp16, capacity)?;
-    let (draft_ms, draft_eager_ms) = {
+    let (draft_feed_ms, draft_eager_ms) = {
         let mut d = CudaForward::new(cuda, &dw, capacity)?;
-        let graph = d.time_step(1, position, iters)?.as_secs_f64() * 1e3;
+        let mut feeds = Vec::with_capacity(DRAFT_CATCH_UP);
+        for n in 1..=DRAFT_CATCH_UP {
+            feeds.push(d.time_step(n, position, iters)?.as_secs_f64() * 1e3);
+        }
         d.set_graphs(false);
-        (graph, d.time_step(1, position, iters)?.as_secs_f64() * 1e3)
+        (feeds, d.time_step(1, position, iters)?.as_secs_f64() * 1e3)
     };
+    let draft_ms = draft_feed_ms[0];
     let (phase_ms, stepwise_ms) = draft_phase_times(cuda, &dw, position, iters)?;
     drop(dw);
     let mut regimes = Vec::new();
@@ -185,13 +195,12 @@ pub fn device_steps(
             cost: CostModel {
                 draft_ms_per_token: draft_ms,
                 verify_ms,
-                // Not measured: each first draft pass is charged as one token's (on a GPU at
-                // batch 1 a pass is expected to be bound by streaming its weights, not by the tokens it feeds).
-                draft_feed_ms: Vec::new(),
+                draft_feed_ms: draft_feed_ms.clone(),
                 source: format!(
                     "measured by `speckv bench step --backend cuda` on {}: speckv's device forward \
                      pass, a {}-layer {}-wide {} target (M = γ + 1) and a {}-layer {}-wide fp16 \
-                     draft (M = 1), weights made on the device, cache length {position}",
+                     draft (M = 1..={DRAFT_CATCH_UP}), weights made on the device, cache length \
+                     {position}",
                     cuda.device_name(),
                     target.layers,
                     target.hidden,
@@ -213,6 +222,7 @@ pub fn device_steps(
         position,
         copy_bandwidth_gb_s: bw / 1e9,
         draft_ms_per_token: draft_ms,
+        draft_feed_ms,
         draft_eager_ms_per_token: draft_eager_ms,
         draft_phase_ms_per_token: phase_ms,
         draft_stepwise_ms_per_token: stepwise_ms,

@@ -196,7 +196,7 @@ pub fn regimes(backend: &Backend, decision_us: f64, budget: Duration) -> Result<
 }
 
 /// `speckv bench step`: the cost model of one regime — draft time per token (the 1B-shaped draft
-/// in FP16 at M = 1) and verification time of the 8B-shaped target at M = γ + 1, γ = 0..=8.
+/// in FP16 at M = 1; each regime's model also holds its passes fed 2..=8 tokens) and verification time of the 8B-shaped target at M = γ + 1, γ = 0..=8.
 #[derive(Debug, Serialize)]
 pub struct StepCosts {
     pub backend: &'static str,
@@ -228,14 +228,17 @@ fn model_ms(
 }
 
 pub fn step_costs(backend: &Backend, budget: Duration) -> Result<StepCosts> {
-    let draft = model_ms(
+    // The draft fed n = 1..=DRAFT_CATCH_UP tokens: a step's first pass (`CostModel::draft_feed`).
+    let feeds: Vec<usize> = (1..=crate::controller::replay::DRAFT_CATCH_UP).collect();
+    let draft_feed_ms = model_ms(
         backend,
         &LLAMA32_1B,
         LLAMA32_1B_LAYERS,
         Format::Fp16,
-        &[1],
+        &feeds,
         budget,
-    )?[0];
+    )?;
+    let draft = draft_feed_ms[0];
     let ms: Vec<usize> = (1..=9).collect();
     let mut regimes = Vec::new();
     for format in Format::ALL {
@@ -245,9 +248,9 @@ pub fn step_costs(backend: &Backend, budget: Duration) -> Result<StepCosts> {
             CostModel {
                 draft_ms_per_token: draft,
                 verify_ms: verify,
-                draft_feed_ms: Vec::new(),
+                draft_feed_ms: draft_feed_ms.clone(),
                 source: format!(
-                    "measured by `speckv bench step` on {} ({}): linear layers of a Llama-3.2-1B-shaped fp16 draft and a Llama-3-8B-shaped {} target",
+                    "measured by `speckv bench step` on {} ({}): linear layers of a Llama-3.2-1B-shaped fp16 draft (M = 1..=8) and a Llama-3-8B-shaped {} target",
                     backend.name(),
                     backend.device(),
                     format.name()
