@@ -343,6 +343,14 @@ fn bench_predict_reads_traces_and_a_cost_model() {
     assert!(hf > 0.0 && hf <= oracle + 1e-9, "{hf}");
     assert!(v["hf_default_mean_gamma"].as_f64().unwrap() >= 1.0);
     assert!(v["steps"].as_u64().unwrap() > 0);
+    // That cost model predates the draft's feeds, and says so.
+    assert!(
+        v["draft_first_feed"]
+            .as_str()
+            .unwrap()
+            .starts_with("not in"),
+        "{v}"
+    );
     let (ok, _, err) = speckv(&[
         "bench",
         "predict",
@@ -387,7 +395,7 @@ fn bench_step_writes_cost_models_with_the_drafts_feeds() {
         assert!(feeds.iter().all(|&f| f.is_finite() && f > 0.0), "{feeds:?}");
         assert_eq!(c["draft_ms_per_token"].as_f64().unwrap(), feeds[0]);
         assert_eq!(c["verify_ms"].as_array().unwrap().len(), 9);
-        let (ok, _, err) = speckv(&[
+        let (ok, out, err) = speckv(&[
             "bench",
             "predict",
             "--traces",
@@ -396,6 +404,12 @@ fn bench_step_writes_cost_models_with_the_drafts_feeds() {
             path.to_str().unwrap(),
         ]);
         assert!(ok, "{regime}: {err}");
+        assert!(
+            out.contains(
+                "the draft's first feed: charged by the tokens it feeds (draft_feed_ms, 1..=8"
+            ),
+            "{out}"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

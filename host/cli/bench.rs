@@ -245,6 +245,15 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
     Ok(serde_json::json!({
         "steps": steps.len(),
         "cost_model": cm.source,
+        // How a step's first draft pass is charged: by the tokens it feeds, or as one token.
+        "draft_first_feed": if cm.draft_feed_ms.is_empty() {
+            "not in the cost model: every draft pass charged one token's time".to_string()
+        } else {
+            format!(
+                "charged by the tokens it feeds (draft_feed_ms, 1..={} measured)",
+                cm.draft_feed_ms.len()
+            )
+        },
         "plain_tokens_per_second": 1e3 / cm.verify(0),
         "oracle_tokens_per_second": profile::oracle_tokens_per_second(&steps, &cm),
         "fixed_tokens_per_second": fixed,
@@ -282,9 +291,10 @@ fn render_predict(v: &serde_json::Value) -> String {
     rows.push(("oracle".into(), v["oracle_tokens_per_second"].as_f64()));
     let plain = v["plain_tokens_per_second"].as_f64().unwrap_or(f64::NAN);
     let mut out = format!(
-        "{} traced steps; cost model: {}\n{:<22} {:>10} {:>9}\n",
+        "{} traced steps; cost model: {}\nthe draft's first feed: {}\n{:<22} {:>10} {:>9}\n",
         v["steps"],
         v["cost_model"].as_str().unwrap_or(""),
+        v["draft_first_feed"].as_str().unwrap_or(""),
         "policy",
         "tokens/s",
         "× plain"
