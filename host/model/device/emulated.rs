@@ -67,7 +67,7 @@ impl<'m> EmulatedForward<'m> {
             .collect();
         let kvw = s.heads.kv_width();
         Ok(EmulatedForward {
-            seq: SeqState::new(view.active().to_vec(), capacity, seqs)?,
+            seq: SeqState::new(view.active().to_vec(), &s, capacity, seqs)?,
             rope: view.rope_table(capacity),
             view,
             emu,
@@ -199,9 +199,8 @@ impl<'m> EmulatedForward<'m> {
     /// One chunk of at most 16 rows through the program: m positions of every sequence.
     fn chunk(&mut self, tokens: &[u32], logits: bool) -> Result<()> {
         let m = self.seq.check_batch(tokens.len())?;
-        let shape = self.view.shape;
-        for k in 0..self.seq.program(&shape, tokens.len(), logits).len() {
-            let op = self.seq.program(&shape, tokens.len(), logits)[k];
+        for k in 0..self.seq.program(tokens.len(), logits).len() {
+            let op = self.seq.program(tokens.len(), logits)[k];
             self.run(op, tokens)?;
         }
         self.seq.advance(m);

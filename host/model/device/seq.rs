@@ -13,6 +13,9 @@ pub(crate) struct SeqState {
     active: Vec<bool>,
     /// Every combination of fusions (by [`Fuse::index`]), each without and with the LM head.
     programs: [[Vec<Op>; 2]; 4],
+    /// The fusions a chunk of `rows` rows allows, by rows (0..=16: [`Fuse::for_step`], planned
+    /// once here, not per launch: the executors look up the program at every launch).
+    can_fuse: Vec<Fuse>,
     /// The fusions a step may make (all by default; fewer to compare): each step makes those of
     /// them its rows allow ([`Fuse::for_step`]).
     pub fuse: Fuse,
@@ -25,10 +28,18 @@ pub(crate) struct SeqState {
 }
 
 impl SeqState {
-    pub(crate) fn new(active: Vec<bool>, capacity: usize, seqs: usize) -> Result<SeqState> {
+    pub(crate) fn new(
+        active: Vec<bool>,
+        shape: &Shape,
+        capacity: usize,
+        seqs: usize,
+    ) -> Result<SeqState> {
         pass::check_seqs(seqs)?;
         Ok(SeqState {
             programs: programs(&active),
+            can_fuse: (0..=crate::backend::forward::MAX_STEP)
+                .map(|rows| Fuse::for_step(shape, rows.max(1)))
+                .collect(),
             fuse: Fuse::ALL,
             active,
             lens: vec![0; seqs],
@@ -86,10 +97,10 @@ impl SeqState {
         pass::check_verify(v, self.seqs(), self.step_rows)
     }
 
-    /// The launches of a chunk of `rows` rows (every sequence's) of a model of this shape, with
-    /// the LM head when `logits`.
-    pub(crate) fn program(&self, shape: &Shape, rows: usize, logits: bool) -> &[Op] {
-        let can = Fuse::for_step(shape, rows);
+    /// The launches of a chunk of `rows` rows (every sequence's), with the LM head when
+    /// `logits`. A chunk is at most 16 rows (`check_batch`); past that nothing fuses.
+    pub(crate) fn program(&self, rows: usize, logits: bool) -> &[Op] {
+        let can = self.can_fuse.get(rows).copied().unwrap_or(Fuse::NONE);
         let fuse = Fuse {
             norm: can.norm && self.fuse.norm,
             silu: can.silu && self.fuse.silu,

@@ -90,7 +90,7 @@ impl<'b> CudaForward<'b> {
         capacity: usize,
         seqs: usize,
     ) -> Result<Self> {
-        let seq = SeqState::new(w.active.clone(), capacity, seqs)?;
+        let seq = SeqState::new(w.active.clone(), &w.shape, capacity, seqs)?;
         let s = w.shape;
         if capacity == 0 || capacity > w.rope_positions {
             return Err(Error::Other(format!(
@@ -240,9 +240,9 @@ impl<'b> CudaForward<'b> {
     /// The program's launches for `m` positions: a captured graph's replay, or each launch.
     fn launch_program(&mut self, m: usize, logits: bool) -> Result<()> {
         if !self.use_graphs {
-            let (shape, rows) = (self.w.shape, m * self.seq.seqs());
-            for k in 0..self.seq.program(&shape, rows, logits).len() {
-                let op = self.seq.program(&shape, rows, logits)[k];
+            let rows = m * self.seq.seqs();
+            for k in 0..self.seq.program(rows, logits).len() {
+                let op = self.seq.program(rows, logits)[k];
                 self.run(op, m)?;
             }
             return Ok(());
@@ -262,9 +262,9 @@ impl<'b> CudaForward<'b> {
         let st = self.cuda.stream().clone();
         st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
         let mut launched = Ok(());
-        let (shape, rows) = (self.w.shape, m * self.seq.seqs());
-        for k in 0..self.seq.program(&shape, rows, logits).len() {
-            let op = self.seq.program(&shape, rows, logits)[k];
+        let rows = m * self.seq.seqs();
+        for k in 0..self.seq.program(rows, logits).len() {
+            let op = self.seq.program(rows, logits)[k];
             launched = self.run(op, m);
             if launched.is_err() {
                 break;
