@@ -293,6 +293,18 @@ fn fused_decode_steps_are_the_unfused_bit_for_bit() {
             let mut fused = EmulatedForward::new(&m, Emulator::new(256), 132, 64).unwrap();
             let mut plain = EmulatedForward::new(&m, Emulator::new(256), 132, 64).unwrap();
             plain.set_fusion(Fuse::NONE);
+            // The executors run the fused program at one row only, and not when told not to.
+            let layers = vec![true; m.cfg.layers];
+            for rows in 1..=16 {
+                for logits in [false, true] {
+                    let can = if rows == 1 { all } else { Fuse::NONE };
+                    let want = program(&layers, logits, can);
+                    assert_eq!(fused.program_for(rows, logits), &want[..], "{arch} {rows}");
+                    let unfused = program(&layers, logits, Fuse::NONE);
+                    assert_eq!(plain.program_for(rows, logits), &unfused[..]);
+                }
+            }
+            assert!(fused.program_for(1, true).len() < plain.program_for(1, true).len());
             let tokens = prompt();
             let a = fused.forward(&tokens, 1).unwrap();
             let b = plain.forward(&tokens, 1).unwrap();

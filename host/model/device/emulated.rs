@@ -231,6 +231,12 @@ impl<'m> EmulatedForward<'m> {
         self.seq.fuse = fuse;
     }
 
+    /// The launches a chunk of `rows` rows makes (every sequence's), with the LM head when
+    /// `logits`: the program under the fusions those rows allow and [`Self::set_fusion`] permits.
+    pub fn program_for(&self, rows: usize, logits: bool) -> &[super::Op] {
+        self.seq.program(rows, logits)
+    }
+
     fn put(&mut self, a: Act, v: &[f32]) {
         if let Some(b) = self.acts.get_mut(&a) {
             b.as_mut_slice()[..v.len()].copy_from_slice(v);
