@@ -48,9 +48,9 @@ impl DraftLag {
     }
 
     /// After a step of `passes` draft passes (0: a plain step) that verified `gamma` drafts, of
-    /// which `accepted` were accepted.
-    /// A step drafting γ tokens made γ passes, or γ + 1 when its rule computed a draft past the
-    /// last one it kept (the pass that fed the last kept draft): [`draft_keep`]'s `last_fed`.
+    /// which `accepted` were accepted. A step drafting γ tokens made γ passes, or γ + 1 when its
+    /// rule computed a draft past the last one it kept (that pass fed the last kept draft:
+    /// [`draft_keep`]'s `last_fed`).
     pub fn after_step(&mut self, passes: usize, gamma: usize, accepted: usize) {
         self.unseen = if passes == 0 {
             self.first_feed() + 1

@@ -1,8 +1,9 @@
 //! `speckv bench step --backend cuda --shapes T --draft-shapes D`: the whole decode step of speckv's
 //! device forward pass at a model's shapes, with weights made on the device (real weights cannot
 //! travel to the GPU machine): the target at M = γ + 1 for γ = 0..=8 in every regime, the draft in
-//! FP16 at M = 1 and fed n = 1..=[`DRAFT_CATCH_UP`] tokens (a step's first pass), each a mean over timed launches with the L2 flushed before each, replayed as
-//! captured CUDA graphs (the cost model) and issued launch by launch (`eager_*`). Written as the
+//! FP16 at M = 1 and fed n = 1..=[`DRAFT_CATCH_UP`] tokens (a step's first pass), each a mean over
+//! timed launches with the L2 flushed before each, replayed as captured CUDA graphs (the cost
+//! model) and issued launch by launch (`eager_*`). Written as the
 //! cost model `speckv profile` writes, so `evaluate --cost` and `bench decode --cost` turn the
 //! CPU-measured traces into predicted GPU tokens per second. With `--batch-sizes`, decode steps of
 //! B sequences (one position each, every sequence at the same cache length) too: what a batch pays

@@ -196,7 +196,8 @@ pub fn regimes(backend: &Backend, decision_us: f64, budget: Duration) -> Result<
 }
 
 /// `speckv bench step`: the cost model of one regime — draft time per token (the 1B-shaped draft
-/// in FP16 at M = 1; each regime's model also holds its passes fed 2..=8 tokens) and verification time of the 8B-shaped target at M = γ + 1, γ = 0..=8.
+/// in FP16 at M = 1; each regime's model also holds its passes fed 2..=8 tokens) and verification
+/// time of the 8B-shaped target at M = γ + 1, γ = 0..=8.
 #[derive(Debug, Serialize)]
 pub struct StepCosts {
     pub backend: &'static str,
