@@ -557,3 +557,46 @@ fn hf_default_schedule_replayed_keeps_the_draft_below_the_threshold() {
     assert_eq!(r.mean_gamma, 4.0);
     assert!(threshold_on_traces(&[], &cost, 0.4).is_err());
 }
+
+#[test]
+fn llama_cpp_p_min_replayed_discards_the_draft_below_it() {
+    use speckv::controller::replay::{p_min_on_traces, threshold_on_traces};
+    let cost = CostModel {
+        draft_ms_per_token: 10.0,
+        verify_ms: (0..=4).map(|g| 50.0 + 5.0 * g as f64).collect(),
+        draft_feed_ms: Vec::new(),
+        source: "test".into(),
+    };
+    // The steps of the HF test. Step 1: the third draft is below 0.4 and discarded, its pass
+    // spent: 3 passes, γ = 2, 2 accepted → 3 tokens (the pass fed the second draft: no backlog).
+    // Step 2: never below: 4 passes, γ = 4, all accepted → 5 tokens, the fourth left unseen.
+    // Step 3: the first draft is below: 1 pass feeding 2 tokens, γ = 0 → 1 token.
+    let steps = [
+        step(&[0.5; 4], &[0.9, 0.6, 0.3, 0.8], 2),
+        step(&[0.5; 4], &[0.9, 0.9, 0.9, 0.9], 4),
+        step(&[0.5; 4], &[0.2, 0.9, 0.9, 0.9], 0),
+    ];
+    let rows = trace_rows(&steps, Compression::Fp16, "code", 0, 3).unwrap();
+    let r = p_min_on_traces(&rows, &cost, 0.4).unwrap();
+    assert_eq!((r.steps, r.plain_steps), (3, 0));
+    assert!((r.mean_gamma - 2.0).abs() < 1e-12, "{r:?}");
+    let ms = (3.0 * 10.0 + 60.0) + (4.0 * 10.0 + 70.0) + (10.0 + 50.0);
+    let want = (3.0 + 5.0 + 1.0) / ms * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // Step 3's pass feeds step 2's unseen draft too: a 2-token feed 15 ms dearer.
+    let fed = CostModel {
+        draft_feed_ms: vec![10.0, 25.0],
+        ..cost.clone()
+    };
+    let r = p_min_on_traces(&rows, &fed, 0.4).unwrap();
+    let want = (3.0 + 5.0 + 1.0) / (ms + 15.0) * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // P = 0 never stops early (HF's rule at 0 alike); above every probability each step spends
+    // one pass and verifies nothing.
+    let never = p_min_on_traces(&rows, &cost, 0.0).unwrap();
+    assert_eq!(never, threshold_on_traces(&rows, &cost, 0.0).unwrap());
+    let always = p_min_on_traces(&rows, &cost, 1.01).unwrap();
+    assert_eq!(always.mean_gamma, 0.0);
+    assert!((always.tokens_per_second - 3.0 / (3.0 * 60.0) * 1e3).abs() < 1e-9);
+    assert!(p_min_on_traces(&[], &cost, 0.4).is_err());
+}

@@ -213,8 +213,9 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
 /// HF transformers' default `assistant_confidence_threshold`.
 const HF_CONFIDENCE_THRESHOLD: f64 = 0.4;
 
-/// Tokens/s of plain decoding, every fixed γ, HF's default schedule and its heuristic, `auto` and
-/// the oracle, predicted from traced steps under a cost model.
+/// Tokens/s of plain decoding, every fixed γ, HF's default schedule and its heuristic, llama.cpp's
+/// p-min rule at P = 0.1..0.9, `auto` and the oracle, predicted from traced steps under a cost
+/// model.
 fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<serde_json::Value> {
     let recs = records::read_records(traces)?;
     let cm = controller::CostModel::load(cost)?;
@@ -242,6 +243,12 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
     let model = controller::hazard::HazardModel::default_model()?;
     let auto = controller::replay::auto_on_traces(&rows, &model, &cm)?;
     let hf = controller::replay::threshold_on_traces(&rows, &cm, HF_CONFIDENCE_THRESHOLD)?;
+    let mut p_min = BTreeMap::new();
+    for tenth in 1..=9 {
+        let p = f64::from(tenth) / 10.0;
+        let r = controller::replay::p_min_on_traces(&rows, &cm, p)?;
+        p_min.insert(format!("{p:.1}"), r.tokens_per_second);
+    }
     Ok(serde_json::json!({
         "steps": steps.len(),
         "cost_model": cm.source,
@@ -263,6 +270,7 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
         "auto_plain_steps": auto.plain_steps,
         "hf_default_tokens_per_second": hf.tokens_per_second,
         "hf_default_mean_gamma": hf.mean_gamma,
+        "p_min_tokens_per_second": p_min,
     }))
 }
 
@@ -287,6 +295,15 @@ fn render_predict(v: &serde_json::Value) -> String {
         for (g, t) in f {
             rows.push((format!("fixed:{g}"), t.as_f64()));
         }
+    }
+    // llama.cpp's p-min rule: the best P of the sweep, chosen on these very steps.
+    let best_p = v["p_min_tokens_per_second"].as_object().and_then(|m| {
+        m.iter()
+            .filter_map(|(p, t)| Some((p.clone(), t.as_f64()?)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    });
+    if let Some((p, t)) = best_p {
+        rows.push((format!("p-min {p} (best P)"), Some(t)));
     }
     rows.push(("oracle".into(), v["oracle_tokens_per_second"].as_f64()));
     let plain = v["plain_tokens_per_second"].as_f64().unwrap_or(f64::NAN);

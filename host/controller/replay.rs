@@ -151,19 +151,42 @@ pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) 
 /// 20). HF also re-fits the threshold online (an ROC cost over past drafts, when scikit-learn is
 /// installed); the replay holds it fixed. Steps cost as in [`auto_on_traces`].
 pub fn threshold_on_traces(rows: &[TraceRow], cost: &CostModel, threshold: f64) -> Result<Replay> {
+    confidence_stop_on_traces(rows, cost, threshold, true)
+}
+
+/// llama.cpp's `--draft-p-min P` rule (`--policy confidence:P`) replayed on trace rows under
+/// `cost`: a step drafts until a draft's probability falls below `p_min`, that draft discarded
+/// (its pass spent: a first draft below it makes the step verify none), at most the trace's γmax.
+/// Steps cost as in [`auto_on_traces`]. Swept over `p_min` it is the best such rule in hindsight:
+/// one parameter tuned on the very steps it is scored on, a bar a causal policy should reach.
+pub fn p_min_on_traces(rows: &[TraceRow], cost: &CostModel, p_min: f64) -> Result<Replay> {
+    confidence_stop_on_traces(rows, cost, p_min, false)
+}
+
+/// Drafts until a draft's probability is below `threshold`, keeping that draft (`keep_judged`,
+/// HF) or not (llama.cpp).
+fn confidence_stop_on_traces(
+    rows: &[TraceRow],
+    cost: &CostModel,
+    threshold: f64,
+    keep_judged: bool,
+) -> Result<Replay> {
     let prompts = prompt_steps(rows)?;
     let (mut tokens, mut ms, mut gammas, mut steps) = (0.0f64, 0.0f64, 0usize, 0usize);
     for step_rows in prompts.values() {
         let mut lag = DraftLag::new(Some(DRAFT_CATCH_UP));
         for step in step_rows {
             let gmax = step.len();
-            let gamma = (0..gmax)
-                .find(|&n| draft_values(step, n).1 < threshold)
-                .map_or(gmax, |n| n + 1);
+            let below = (0..gmax).find(|&n| draft_values(step, n).1 < threshold);
+            // Passes made, and drafts verified.
+            let (passes, gamma) = match below {
+                Some(n) => (n + 1, n + usize::from(keep_judged)),
+                None => (gmax, gmax),
+            };
             let accepted = (step[0].trace_accepted as usize).min(gamma);
             tokens += (accepted + 1) as f64;
-            ms += cost.draft_phase(gamma, lag.first_feed()) + cost.verify(gamma as u32);
-            lag.after_step(gamma, gamma, accepted);
+            ms += cost.draft_phase(passes, lag.first_feed()) + cost.verify(gamma as u32);
+            lag.after_step(passes, gamma, accepted);
             gammas += gamma;
             steps += 1;
         }
