@@ -344,8 +344,14 @@ fn bench_predict_reads_traces_and_a_cost_model() {
     assert!(v["hf_default_mean_gamma"].as_f64().unwrap() >= 1.0);
     let p_min = v["p_min_tokens_per_second"].as_object().unwrap();
     let ps: Vec<&str> = p_min.keys().map(|k| k.as_str()).collect();
-    assert_eq!(ps, ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]);
-    assert!(p_min.values().all(|t| t.as_f64().unwrap() > 0.0), "{p_min:?}");
+    assert_eq!(
+        ps,
+        ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+    );
+    assert!(
+        p_min.values().all(|t| t.as_f64().unwrap() > 0.0),
+        "{p_min:?}"
+    );
     assert!(v["steps"].as_u64().unwrap() > 0);
     // That cost model predates the draft's feeds, and says so.
     assert!(
