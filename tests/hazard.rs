@@ -5,7 +5,7 @@ mod common;
 
 use speckv::controller::hazard::{self, AutoState, DraftTime, HazardModel, OnlineCost, StopRule};
 use speckv::controller::mlp::INPUTS;
-use speckv::controller::records::Compression;
+use speckv::controller::records::{Compression, TraceRow};
 use speckv::controller::CostModel;
 use speckv::decode::profile::trace_rows;
 use speckv::decode::{Policy, StepTrace};
@@ -520,24 +520,31 @@ fn auto_replayed_on_traces_counts_its_drafts_and_plain_steps() {
     assert!(auto_on_traces(&[], &constant(0.5), &cost).is_err());
 }
 
-#[test]
-fn hf_default_schedule_replayed_keeps_the_draft_below_the_threshold() {
-    use speckv::controller::replay::threshold_on_traces;
+/// The confidence rules' case: draft 10 ms a pass, verification 50 + 5γ ms, and three traced
+/// steps of γmax 4 — the third draft below 0.4 (2 accepted), none below (all 4 accepted), the
+/// first below (none accepted).
+fn confidence_case() -> (CostModel, Vec<TraceRow>) {
     let cost = CostModel {
         draft_ms_per_token: 10.0,
         verify_ms: (0..=4).map(|g| 50.0 + 5.0 * g as f64).collect(),
         draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
-    // Step 1: the third draft falls below 0.4, so γ = 3 (HF stops after the token it judged);
-    // 2 accepted → 3 tokens. Step 2: never below → γmax = 4; 4 accepted → 5 tokens. Step 3: the
-    // first draft is below → γ = 1; 0 accepted → 1 token.
     let steps = [
         step(&[0.5; 4], &[0.9, 0.6, 0.3, 0.8], 2),
         step(&[0.5; 4], &[0.9, 0.9, 0.9, 0.9], 4),
         step(&[0.5; 4], &[0.2, 0.9, 0.9, 0.9], 0),
     ];
-    let rows = trace_rows(&steps, Compression::Fp16, "code", 0, 3).unwrap();
+    (cost, trace_rows(&steps, Compression::Fp16, "code", 0, 3).unwrap())
+}
+
+#[test]
+fn hf_default_schedule_replayed_keeps_the_draft_below_the_threshold() {
+    use speckv::controller::replay::threshold_on_traces;
+    // Step 1: the third draft falls below 0.4, so γ = 3 (HF stops after the token it judged);
+    // 2 accepted → 3 tokens. Step 2: never below → γmax = 4; 4 accepted → 5 tokens. Step 3: the
+    // first draft is below → γ = 1; 0 accepted → 1 token.
+    let (cost, rows) = confidence_case();
     let r = threshold_on_traces(&rows, &cost, 0.4).unwrap();
     assert_eq!((r.steps, r.plain_steps), (3, 0));
     assert!((r.mean_gamma - 8.0 / 3.0).abs() < 1e-12, "{r:?}");
@@ -561,22 +568,11 @@ fn hf_default_schedule_replayed_keeps_the_draft_below_the_threshold() {
 #[test]
 fn llama_cpp_p_min_replayed_discards_the_draft_below_it() {
     use speckv::controller::replay::{p_min_on_traces, threshold_on_traces};
-    let cost = CostModel {
-        draft_ms_per_token: 10.0,
-        verify_ms: (0..=4).map(|g| 50.0 + 5.0 * g as f64).collect(),
-        draft_feed_ms: Vec::new(),
-        source: "test".into(),
-    };
-    // The steps of the HF test. Step 1: the third draft is below 0.4 and discarded, its pass
-    // spent: 3 passes, γ = 2, 2 accepted → 3 tokens (the pass fed the second draft: no backlog).
-    // Step 2: never below: 4 passes, γ = 4, all accepted → 5 tokens, the fourth left unseen.
-    // Step 3: the first draft is below: 1 pass feeding 2 tokens, γ = 0 → 1 token.
-    let steps = [
-        step(&[0.5; 4], &[0.9, 0.6, 0.3, 0.8], 2),
-        step(&[0.5; 4], &[0.9, 0.9, 0.9, 0.9], 4),
-        step(&[0.5; 4], &[0.2, 0.9, 0.9, 0.9], 0),
-    ];
-    let rows = trace_rows(&steps, Compression::Fp16, "code", 0, 3).unwrap();
+    // Step 1: the third draft is below 0.4 and discarded, its pass spent: 3 passes, γ = 2, 2
+    // accepted → 3 tokens (the pass fed the second draft: no backlog). Step 2: never below: 4
+    // passes, γ = 4, all accepted → 5 tokens, the fourth left unseen. Step 3: the first draft is
+    // below: 1 pass feeding 2 tokens, γ = 0 → 1 token.
+    let (cost, rows) = confidence_case();
     let r = p_min_on_traces(&rows, &cost, 0.4).unwrap();
     assert_eq!((r.steps, r.plain_steps), (3, 0));
     assert!((r.mean_gamma - 2.0).abs() < 1e-12, "{r:?}");
