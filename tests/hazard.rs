@@ -535,7 +535,10 @@ fn confidence_case() -> (CostModel, Vec<TraceRow>) {
         step(&[0.5; 4], &[0.9, 0.9, 0.9, 0.9], 4),
         step(&[0.5; 4], &[0.2, 0.9, 0.9, 0.9], 0),
     ];
-    (cost, trace_rows(&steps, Compression::Fp16, "code", 0, 3).unwrap())
+    (
+        cost,
+        trace_rows(&steps, Compression::Fp16, "code", 0, 3).unwrap(),
+    )
 }
 
 #[test]
