@@ -3,9 +3,9 @@
 //! travel to the GPU machine): the target at M = γ + 1 for γ = 0..=8 in every regime, the draft in
 //! FP16 at M = 1 and fed n = 1..=[`DRAFT_CATCH_UP`] tokens (a step's first pass), each a mean over
 //! timed launches with the L2 flushed before each, replayed as captured CUDA graphs (the cost
-//! model) and issued launch by launch (`eager_*`). Written as the
-//! cost model `speckv profile` writes, so `evaluate --cost` and `bench decode --cost` turn the
-//! CPU-measured traces into predicted GPU tokens per second. With `--batch-sizes`, decode steps of
+//! model) and issued launch by launch (`eager_*`). Written as the cost model `speckv profile`
+//! writes, so `evaluate --cost` and `bench decode --cost` turn the CPU-measured traces into
+//! predicted GPU tokens per second. With `--batch-sizes`, decode steps of
 //! B sequences (one position each, every sequence at the same cache length) too: what a batch pays
 //! per token once the weights are streamed for all of its rows, as device time and as the host's
 //! wall clock of a whole plain decode step (the step, the row statistics, their copies).

@@ -37,8 +37,12 @@ impl SeqState {
         pass::check_seqs(seqs)?;
         Ok(SeqState {
             programs: programs(&active),
+            // No chunk has 0 rows (`check_batch`); its slot only keeps the index equal to rows.
             can_fuse: (0..=crate::backend::forward::MAX_STEP)
-                .map(|rows| Fuse::for_step(shape, rows.max(1)))
+                .map(|rows| match rows {
+                    0 => Fuse::NONE,
+                    _ => Fuse::for_step(shape, rows),
+                })
                 .collect(),
             fuse: Fuse::ALL,
             active,
