@@ -713,3 +713,141 @@ fn the_replays_feed_the_draft_as_generate_does() {
         }
     }
 }
+
+/// A hazard model trained by `speckv train --hazard` is what `auto` runs: `bench predict --hazard`
+/// replays it (the same numbers as the library's replay with that file), `generate --hazard`
+/// decodes with it, and `--test-steps` scores it on other prompts' traces. A model that predicts
+/// rejection for every draft makes `auto` verify none. `--hazard` where nothing reads it is refused.
+#[test]
+fn a_trained_hazard_model_is_what_auto_runs() {
+    use speckv::controller::{hazard, replay, CostModel};
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = std::env::temp_dir().join(format!("speckv-hazard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("hazard.json");
+    let (train, test) = (
+        format!("{root}/results/qwen/int8/steps.csv"),
+        format!("{root}/results/qwen/fp16/steps.csv"),
+    );
+    let m = model.to_str().unwrap();
+    let (ok, out, err) = speckv(&[
+        "train",
+        "--hazard",
+        "--steps",
+        &train,
+        "--test-steps",
+        &test,
+        "--out",
+        m,
+    ]);
+    assert!(ok, "{err}");
+    // Tested on every draft of the other file, trained and validated on the first file's runs.
+    let held = hazard::examples(&hazard::read_trace_rows(test.as_ref()).unwrap())
+        .unwrap()
+        .len();
+    assert!(
+        out.contains(&format!("(--test-steps, {held} drafts)")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("--hazard {m}")), "{out}");
+    let trained = hazard::HazardModel::load(&model).unwrap();
+    assert!(
+        trained
+            .source
+            .contains("[0, 1] train, [2] validation, tested on --test-steps"),
+        "{}",
+        trained.source
+    );
+    // bench predict replays `auto` with it: what the library's replay gives with that model.
+    let cost = format!("{root}/results/qwen/controller-v5/fp16/steps.cost.json");
+    let predict = |hazard: &str| {
+        let (ok, out, err) = speckv(&[
+            "bench", "predict", "--traces", &test, "--cost", &cost, "--hazard", hazard, "--json",
+        ]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = predict(m);
+    let rows = hazard::read_trace_rows(test.as_ref()).unwrap();
+    let cm = CostModel::load(cost.as_ref()).unwrap();
+    let want = replay::auto_on_traces(&rows, &trained, &cm).unwrap();
+    assert_eq!(
+        v["auto_tokens_per_second"].as_f64().unwrap(),
+        want.tokens_per_second
+    );
+    assert!(v["hazard_model"].as_str().unwrap().starts_with(m), "{v}");
+    // A model that predicts rejection for every draft: `auto` verifies none.
+    let mut reject = trained.clone();
+    reject.mlp.b2 = [-50.0];
+    let reject_path = dir.join("reject.json");
+    reject.save(&reject_path).unwrap();
+    let v = predict(reject_path.to_str().unwrap());
+    assert_eq!(v["auto_mean_gamma"].as_f64(), Some(0.0), "{v}");
+    // --hazard is refused where nothing would read it, and a missing file is an error.
+    let (ok, _, err) = speckv(&[
+        "generate", "--model", "m.gguf", "--prompt", "hi", "--policy", "fixed:2", "--hazard", m,
+    ]);
+    assert!(!ok && err.contains("only the auto policy"), "{err}");
+    let (ok, _, err) = speckv(&[
+        "bench",
+        "predict",
+        "--traces",
+        &test,
+        "--cost",
+        &cost,
+        "--hazard",
+        "/nonexistent/h.json",
+    ]);
+    assert!(!ok && err.contains("/nonexistent/h.json"), "{err}");
+    let (ok, _, err) = speckv(&[
+        "train",
+        "--steps",
+        &train,
+        "--test-steps",
+        &test,
+        "--out",
+        m,
+    ]);
+    assert!(!ok && err.contains("needs --hazard"), "{err}");
+    // generate decodes with it (the model as its own draft: every draft is accepted). The
+    // rejecting model's drafts are all discarded; a model that predicts acceptance for every
+    // draft drafts γmax on the first step, decided under the prior's costs before any is measured
+    // (the shipped model discards that step's first draft here).
+    let mut accept = trained.clone();
+    accept.mlp.b2 = [50.0];
+    let accept_path = dir.join("accept.json");
+    accept.save(&accept_path).unwrap();
+    if let Some(gguf) = common::smollm2() {
+        let g = gguf.to_str().unwrap();
+        let gen = |hazard: &str| {
+            speckv(&[
+                "--backend",
+                "cpu",
+                "generate",
+                "--model",
+                g,
+                "--draft",
+                g,
+                "--prompt",
+                "Name three colours.",
+                "--max-tokens",
+                "8",
+                "--hazard",
+                hazard,
+                "--json",
+            ])
+        };
+        let (ok, out, err) = gen(reject_path.to_str().unwrap());
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["mean_gamma"].as_f64(), Some(0.0), "{v}");
+        assert!(v["draft_tokens"].as_u64().unwrap() > 0, "{v}");
+        let (ok, out, err) = gen(accept_path.to_str().unwrap());
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(v["gamma_histogram"]["8"].as_u64().unwrap() >= 1, "{v}");
+        let (ok, _, err) = gen("/nonexistent/h.json");
+        assert!(!ok && err.contains("/nonexistent/h.json"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -452,9 +452,9 @@ fn the_gate_takes_plain_steps_when_speculation_cannot_pay_and_probes() {
 
 #[test]
 fn speckv_policies_use_the_shipped_predictor_without_a_controller() {
-    use speckv::decode::pair::policy_from_name;
+    use speckv::decode::policy_from_name;
     for name in ["speckv", "speckv-cost"] {
-        match policy_from_name(name, None, None) {
+        match policy_from_name(name, &Default::default()) {
             Ok(Some(Policy::SpecKv(c))) => {
                 assert_eq!(c.mlp, speckv::controller::mlp::Mlp::shipped().unwrap());
                 assert_eq!(c.cost_table().is_some(), name == "speckv-cost");

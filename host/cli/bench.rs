@@ -32,6 +32,10 @@ pub enum Command {
         /// Cost model (`profile`'s .cost.json, `bench step`'s cost_REGIME.json).
         #[arg(long)]
         cost: PathBuf,
+        /// Hazard model `auto` is replayed with (from `speckv train --hazard`); default: the
+        /// shipped one.
+        #[arg(long)]
+        hazard: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -118,6 +122,9 @@ pub struct DecodeArgs {
     /// Predictor for speckv / speckv-cost (from `speckv train`); default: the shipped one.
     #[arg(long)]
     controller: Option<PathBuf>,
+    /// Hazard model for auto (from `speckv train --hazard`); default: the shipped one.
+    #[arg(long)]
+    hazard: Option<PathBuf>,
     /// Cost model (speckv-cost; the oracle with --traces).
     #[arg(long)]
     cost: Option<PathBuf>,
@@ -138,8 +145,13 @@ pub fn run(what: Command, backend: BackendKind) -> speckv::Result<()> {
     match what {
         Command::Decode(a) => decode(*a, backend),
         Command::Batch(a) => crate::bench_batch::run(*a, backend),
-        Command::Predict { traces, cost, json } => {
-            let v = predict(&traces, &cost)?;
+        Command::Predict {
+            traces,
+            cost,
+            hazard,
+            json,
+        } => {
+            let v = predict(&traces, &cost, hazard.as_deref())?;
             if json {
                 return json_out(&v);
             }
@@ -215,8 +227,12 @@ const HF_CONFIDENCE_THRESHOLD: f64 = 0.4;
 
 /// Tokens/s of plain decoding, every fixed γ, HF's default schedule and its heuristic, llama.cpp's
 /// p-min rule at P = 0.1..0.9, `auto` and the oracle, predicted from traced steps under a cost
-/// model.
-fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<serde_json::Value> {
+/// model; `auto` with the hazard model at `hazard`, else the shipped one.
+fn predict(
+    traces: &std::path::Path,
+    cost: &std::path::Path,
+    hazard: Option<&std::path::Path>,
+) -> speckv::Result<serde_json::Value> {
     let recs = records::read_records(traces)?;
     let cm = controller::CostModel::load(cost)?;
     let traced: Vec<&records::StepRecord> = recs
@@ -238,9 +254,12 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
     let fixed: BTreeMap<_, _> = (1..=gmax)
         .map(|g| (g, profile::fixed_tokens_per_second(&steps, g, &cm)))
         .collect();
-    // `auto` replayed on the same steps (the shipped hazard model, costs held at `cm`).
+    // `auto` replayed on the same steps (costs held at `cm`).
     let rows = controller::hazard::read_trace_rows(traces)?;
-    let model = controller::hazard::HazardModel::default_model()?;
+    let model = match hazard {
+        Some(p) => controller::hazard::HazardModel::load(p)?,
+        None => controller::hazard::HazardModel::default_model()?,
+    };
     let auto = controller::replay::auto_on_traces(&rows, &model, &cm)?;
     let hf = controller::replay::threshold_on_traces(&rows, &cm, HF_CONFIDENCE_THRESHOLD)?;
     let mut p_min = BTreeMap::new();
@@ -252,6 +271,11 @@ fn predict(traces: &std::path::Path, cost: &std::path::Path) -> speckv::Result<s
     Ok(serde_json::json!({
         "steps": steps.len(),
         "cost_model": cm.source,
+        // Which hazard model `auto` was replayed with: a file, or the shipped one, and its source.
+        "hazard_model": match hazard {
+            Some(p) => format!("{} ({})", p.display(), model.source),
+            None => format!("shipped ({})", model.source),
+        },
         // How a step's first draft pass is charged: by the tokens it feeds, or as one token.
         "draft_first_feed": if cm.draft_feed_ms.is_empty() {
             "not in the cost model: every draft pass charged one token's time".to_string()
@@ -308,9 +332,10 @@ fn render_predict(v: &serde_json::Value) -> String {
     rows.push(("oracle".into(), v["oracle_tokens_per_second"].as_f64()));
     let plain = v["plain_tokens_per_second"].as_f64().unwrap_or(f64::NAN);
     let mut out = format!(
-        "{} traced steps; cost model: {}\nthe draft's first feed: {}\n{:<22} {:>10} {:>9}\n",
+        "{} traced steps; cost model: {}\nauto's hazard model: {}\nthe draft's first feed: {}\n{:<22} {:>10} {:>9}\n",
         v["steps"],
         v["cost_model"].as_str().unwrap_or(""),
+        v["hazard_model"].as_str().unwrap_or(""),
         v["draft_first_feed"].as_str().unwrap_or(""),
         "policy",
         "tokens/s",
@@ -327,11 +352,17 @@ fn render_predict(v: &serde_json::Value) -> String {
 
 fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
     let chosen = pair::prompts_from_file(&a.prompts, a.offset, a.per_category)?;
+    let files = speckv::decode::PolicyFiles {
+        controller: a.controller.as_deref(),
+        cost: a.cost.as_deref(),
+        hazard: a.hazard.as_deref(),
+    };
+    files.check_hazard_used(a.policies.iter().map(String::as_str))?;
     let mut pols = Vec::new();
     for name in &a.policies {
         pols.push((
             name.clone(),
-            pair::policy_from_name(name, a.controller.as_deref(), a.cost.as_deref())?,
+            speckv::decode::policy_from_name(name, &files)?,
         ));
     }
     let p = a.models.load()?;
@@ -365,7 +396,7 @@ fn decode(a: DecodeArgs, backend: BackendKind) -> speckv::Result<()> {
     bar.finish_and_clear();
     // The trace-based oracle and fixed γ under the measured cost model.
     let trace = match (&a.traces, &a.cost) {
-        (Some(t), Some(c)) => Some(predict(t, c)?),
+        (Some(t), Some(c)) => Some(predict(t, c, a.hazard.as_deref())?),
         (Some(_), None) => {
             return Err(Error::Other(
                 "--traces needs --cost (the .cost.json speckv profile wrote)".to_string(),

@@ -35,6 +35,9 @@ pub struct BatchArgs {
     /// Predictor for speckv (from `speckv train`); default: the shipped one.
     #[arg(long)]
     controller: Option<PathBuf>,
+    /// Hazard model for auto (from `speckv train --hazard`); default: the shipped one.
+    #[arg(long)]
+    hazard: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
     /// Capped per batch size at 16 / b − 1 (a verification of every sequence is one step of 16
@@ -48,11 +51,17 @@ pub struct BatchArgs {
 }
 
 pub fn run(a: BatchArgs, backend: BackendKind) -> speckv::Result<()> {
+    let files = speckv::decode::PolicyFiles {
+        controller: a.controller.as_deref(),
+        hazard: a.hazard.as_deref(),
+        cost: None,
+    };
+    files.check_hazard_used(a.policies.iter().map(String::as_str))?;
     let mut pols = Vec::new();
     for name in &a.policies {
         pols.push((
             name.clone(),
-            pair::policy_from_name(name, a.controller.as_deref(), None)?,
+            speckv::decode::policy_from_name(name, &files)?,
         ));
     }
     let chosen = pair::prompts_from_file(&a.prompts, a.offset, a.per_category)?;

@@ -29,6 +29,9 @@ pub struct Args {
     /// speckv (trained on the Qwen2.5-Coder pair's traces of every regime).
     #[arg(long)]
     controller: Option<PathBuf>,
+    /// Hazard model for auto (from `speckv train --hazard`); default: the shipped one.
+    #[arg(long)]
+    hazard: Option<PathBuf>,
     /// Cost model for speckv-cost (from `speckv bench step`); for auto, the prior its online
     /// costs start from.
     #[arg(long)]
@@ -147,7 +150,13 @@ impl StepLog {
 
 pub fn run(a: Args, backend: BackendKind) -> speckv::Result<()> {
     check_temperature(a.temperature)?;
-    let pol = pair::policy_from_name(&a.policy, a.controller.as_deref(), a.cost.as_deref())?;
+    let files = speckv::decode::PolicyFiles {
+        controller: a.controller.as_deref(),
+        cost: a.cost.as_deref(),
+        hazard: a.hazard.as_deref(),
+    };
+    files.check_hazard_used(std::iter::once(a.policy.as_str()))?;
+    let pol = speckv::decode::policy_from_name(&a.policy, &files)?;
     if pol.is_none() && a.step_log.is_some() {
         return Err(Error::Other(
             "--step-log records speculative steps; `--policy plain` makes none".into(),

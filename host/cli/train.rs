@@ -13,6 +13,11 @@ pub struct Args {
     /// e.g. one per weight regime).
     #[arg(long, required = true, num_args = 1..)]
     steps: Vec<PathBuf>,
+    /// With `--hazard`: trace rows of other prompts to test on (e.g. `speckv profile --offset 5`'s,
+    /// prompts the training traces do not hold). Then every run of `--steps` but the last trains
+    /// and the last validates; without it, the last run of `--steps` is the test.
+    #[arg(long, num_args = 1..)]
+    test_steps: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
     /// Train the hazard model P(draft j accepted | drafts before it accepted) of `--policy auto`.
@@ -25,25 +30,68 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> speckv::Result<()> {
+    if !a.test_steps.is_empty() && !a.hazard {
+        return Err(speckv::Error::Other(
+            "--test-steps tests a hazard model: it needs --hazard".to_string(),
+        ));
+    }
     let cfg = mlp::TrainConfig {
         seed: a.seed,
         ..Default::default()
     };
     let (rep, what) = if a.hazard {
-        let mut rows = Vec::new();
-        for p in &a.steps {
-            rows.extend(hazard::read_trace_rows(p)?);
-        }
-        let ex = hazard::examples(&rows)?;
-        let (tr, va, te) = mlp::split_groups(ex.iter().map(|e| e.group))?;
+        let read = |files: &[PathBuf]| -> speckv::Result<Vec<mlp::Example>> {
+            let mut rows = Vec::new();
+            for p in files {
+                rows.extend(hazard::read_trace_rows(p)?);
+            }
+            hazard::examples(&rows)
+        };
+        let mut ex = read(&a.steps)?;
+        let (tr, va, te) = if a.test_steps.is_empty() {
+            mlp::split_groups(ex.iter().map(|e| e.group))?
+        } else {
+            // The held-out traces' runs are numbered after the training traces' so the splits
+            // stay apart.
+            let (mut tr, mut va, te) = mlp::split_groups(ex.iter().map(|e| e.group))?;
+            // Every run but the last trains, the last validates.
+            tr.append(&mut va);
+            va = te;
+            if va.is_empty() {
+                va = tr.split_off(tr.len() - 1);
+            }
+            let base = ex.iter().map(|e| e.group).max().unwrap_or(0) + 1;
+            let mut held = read(&a.test_steps)?;
+            for e in &mut held {
+                e.group = base.checked_add(e.group).ok_or_else(|| {
+                    speckv::Error::Other(format!("--test-steps: run {} too large", e.group))
+                })?;
+            }
+            let mut te: Vec<u32> = held.iter().map(|e| e.group).collect();
+            te.sort_unstable();
+            te.dedup();
+            ex.append(&mut held);
+            (tr, va, te)
+        };
         let (m, rep) = mlp::train_examples(&ex, &tr, &va, &te, cfg)?;
-        let files: Vec<String> = a.steps.iter().map(|p| p.display().to_string()).collect();
+        let names = |files: &[PathBuf]| {
+            files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let test = if a.test_steps.is_empty() {
+            format!("{te:?} test")
+        } else {
+            format!("tested on --test-steps {}", names(&a.test_steps))
+        };
         let model = hazard::HazardModel {
             mlp: m,
             source: format!(
-                "speckv train --hazard --seed {} --steps {} (runs {tr:?} train, {va:?} validation, {te:?} test)",
+                "speckv train --hazard --seed {} --steps {} (runs {tr:?} train, {va:?} validation, {test})",
                 a.seed,
-                files.join(" ")
+                names(&a.steps)
             ),
         };
         model.save(&a.out)?;
@@ -75,8 +123,15 @@ pub fn run(a: Args) -> speckv::Result<()> {
     );
     match rep.test {
         Some(t) if a.hazard => println!(
-            "test       MSE {:.4}  corr {:.3}  (runs {:?}, {} drafts)",
-            t.mse, t.corr, rep.test_runs, t.n
+            "test       MSE {:.4}  corr {:.3}  ({}, {} drafts)",
+            t.mse,
+            t.corr,
+            if a.test_steps.is_empty() {
+                format!("runs {:?}", rep.test_runs)
+            } else {
+                "--test-steps".to_string()
+            },
+            t.n
         ),
         Some(t) => println!(
             "test       MSE {:.4}  corr {:.3}  (runs {:?}, {} records; paper MLP-16: 0.0896 / 0.685)",
@@ -85,5 +140,11 @@ pub fn run(a: Args) -> speckv::Result<()> {
         None => println!("test       (no third run to hold out)"),
     }
     println!("written: {}", a.out.display());
+    if a.hazard {
+        println!(
+            "use it: --hazard {} (generate, bench decode, bench batch, bench predict)",
+            a.out.display()
+        );
+    }
     Ok(())
 }

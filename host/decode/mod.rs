@@ -14,9 +14,11 @@ pub mod batch;
 pub mod calibrate;
 pub mod device;
 pub mod pair;
+mod policy_files;
 pub mod profile;
 mod speculative;
 
+pub use policy_files::{policy_from_name, PolicyFiles};
 pub use speculative::{speculative, speculative_on, speculative_traced};
 
 use std::collections::BTreeMap;

@@ -8,7 +8,6 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::controller::records::Compression;
-use crate::controller::{self, Controller, CostModel};
 use crate::decode::device::Device;
 use crate::decode::profile::Prompt;
 use crate::decode::{self, Draft, GenConfig, GenStats, Policy};
@@ -149,42 +148,6 @@ impl Pair {
             ),
         }
     }
-}
-
-/// The policy named `name` (`plain` → `None`): `fixed:N`, `confidence:P`, `heuristic`, and
-/// `speckv` / `speckv-cost`, which load the predictor from `controller` (and `speckv-cost` the
-/// cost model from `cost`, else the assumed one).
-pub fn policy_from_name(
-    name: &str,
-    controller: Option<&Path>,
-    cost: Option<&Path>,
-) -> Result<Option<Policy>> {
-    if name == "plain" {
-        return Ok(None);
-    }
-    if let ("auto", Some(c)) = (name, cost) {
-        // The online costs start from the given model instead of the assumed one.
-        return Ok(Some(Policy::Auto(Box::new(crate::decode::Auto {
-            model: crate::controller::hazard::HazardModel::default_model()?,
-            prior: CostModel::load(c)?,
-        }))));
-    }
-    let ctl = if name == "speckv" || name == "speckv-cost" {
-        let cost = match (name, cost) {
-            ("speckv-cost", Some(c)) => Some(CostModel::load(c)?),
-            ("speckv-cost", None) => Some(CostModel::assumed()),
-            _ => None,
-        };
-        // Without --controller: the predictor shipped with speckv.
-        let mlp = match controller {
-            Some(p) => crate::controller::mlp::Mlp::load(p)?,
-            None => crate::controller::mlp::Mlp::shipped()?,
-        };
-        Some(Controller::new(mlp, &controller::PAPER_CANDIDATES, cost)?)
-    } else {
-        None
-    };
-    Policy::parse(name, ctl).map(Some)
 }
 
 /// Takes prompts `offset..offset + per_category` of every category, in file order.
@@ -479,23 +442,5 @@ mod tests {
             .collect();
         assert_eq!(got, [0, 1, 2, 3]);
         assert!(select_prompts(&all, 3, 1).is_empty());
-    }
-
-    #[test]
-    fn policy_names() {
-        assert!(policy_from_name("plain", None, None).unwrap().is_none());
-        assert!(matches!(
-            policy_from_name("fixed:3", None, None).unwrap(),
-            Some(Policy::Fixed(3))
-        ));
-        // Without --controller, the shipped predictor; a controller that cannot be read is an error.
-        assert!(matches!(
-            policy_from_name("speckv", None, None).unwrap(),
-            Some(Policy::SpecKv(_))
-        ));
-        let missing = std::path::Path::new("/nonexistent/controller.json");
-        assert!(policy_from_name("speckv", Some(missing), None).is_err());
-        assert!(policy_from_name("fixed:x", None, None).is_err());
-        assert!(policy_from_name("confidence:1.5", None, None).is_err());
     }
 }
