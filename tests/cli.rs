@@ -342,6 +342,8 @@ fn bench_predict_reads_traces_and_a_cost_model() {
     let hf = v["hf_default_tokens_per_second"].as_f64().unwrap();
     assert!(hf > 0.0 && hf <= oracle + 1e-9, "{hf}");
     assert!(v["hf_default_mean_gamma"].as_f64().unwrap() >= 1.0);
+    // `auto` replayed with its gate off (every step drafts).
+    assert!(v["auto_gate_off_tokens_per_second"].as_f64().unwrap() > 0.0);
     let p_min = v["p_min_tokens_per_second"].as_object().unwrap();
     let ps: Vec<&str> = p_min.keys().map(|k| k.as_str()).collect();
     assert_eq!(

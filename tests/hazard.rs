@@ -470,7 +470,7 @@ fn speckv_policies_use_the_shipped_predictor_without_a_controller() {
 
 #[test]
 fn auto_replayed_on_traces_counts_its_drafts_and_plain_steps() {
-    use speckv::controller::replay::auto_on_traces;
+    use speckv::controller::replay::{auto_on_traces, auto_without_gate_on_traces};
     let gmax = 4usize;
     let cost = CostModel {
         draft_ms_per_token: 10.0,
@@ -495,6 +495,24 @@ fn auto_replayed_on_traces_counts_its_drafts_and_plain_steps() {
     // 7 tokens; 2 drafts paid (first step and the probe), 7 verifications of γ = 0.
     let want = 7.0 / (2.0 * 10.0 + 7.0 * 50.0) * 1e3;
     assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    // The gate off: every step drafts its first token and the rule discards it — 7 drafts paid,
+    // no plain step. With the confident model it changes nothing (the gate never closed).
+    let r = auto_without_gate_on_traces(&rows, &constant(0.01), &cost).unwrap();
+    assert_eq!((r.steps, r.plain_steps, r.mean_gamma), (7, 0, 0.0), "{r:?}");
+    let want = 7.0 / (7.0 * 10.0 + 7.0 * 50.0) * 1e3;
+    assert!((r.tokens_per_second - want).abs() < 1e-9, "{r:?}");
+    let confident = trace_rows(
+        &(0..6).map(|_| full(4)).collect::<Vec<_>>(),
+        Compression::Int8,
+        "code",
+        0,
+        3,
+    )
+    .unwrap();
+    assert_eq!(
+        auto_without_gate_on_traces(&confident, &constant(0.99), &cost).unwrap(),
+        auto_on_traces(&confident, &constant(0.99), &cost).unwrap()
+    );
     // With the draft's feeds measured (2 tokens 25 ms, so 5 tokens 70 ms on their line), each
     // first pass is charged what the draft had yet to see: the probe catches up on the 4 plain
     // steps and the pending token.

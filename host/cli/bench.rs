@@ -261,6 +261,7 @@ fn predict(
         None => controller::hazard::HazardModel::default_model()?,
     };
     let auto = controller::replay::auto_on_traces(&rows, &model, &cm)?;
+    let ungated = controller::replay::auto_without_gate_on_traces(&rows, &model, &cm)?;
     let hf = controller::replay::threshold_on_traces(&rows, &cm, HF_CONFIDENCE_THRESHOLD)?;
     let mut p_min = BTreeMap::new();
     for tenth in 1..=9 {
@@ -292,6 +293,9 @@ fn predict(
         "auto_tokens_per_second": auto.tokens_per_second,
         "auto_mean_gamma": auto.mean_gamma,
         "auto_plain_steps": auto.plain_steps,
+        // The gate off: every step drafts, the stopping rule alone decides.
+        "auto_gate_off_tokens_per_second": ungated.tokens_per_second,
+        "auto_gate_off_mean_gamma": ungated.mean_gamma,
         "hf_default_tokens_per_second": hf.tokens_per_second,
         "hf_default_mean_gamma": hf.mean_gamma,
         "p_min_tokens_per_second": p_min,
@@ -305,6 +309,10 @@ fn render_predict(v: &serde_json::Value) -> String {
         (
             "auto (replayed)".into(),
             v["auto_tokens_per_second"].as_f64(),
+        ),
+        (
+            "auto, gate off".into(),
+            v["auto_gate_off_tokens_per_second"].as_f64(),
         ),
         (
             "HF default (conf 0.4)".into(),

@@ -415,6 +415,8 @@ pub struct AutoState {
     kept: usize,
     /// Take one plain step to measure it (the prior is the assumed one).
     measure_plain: bool,
+    /// No gate: every step drafts (the replays' measure of what the gate adds).
+    pub gate_off: bool,
 }
 
 impl AutoState {
@@ -427,6 +429,7 @@ impl AutoState {
             gate: PlainGate::default(),
             hazards: [0.0; MAX_GAMMA + 1],
             kept: 0,
+            gate_off: false,
         }
     }
 
@@ -439,7 +442,9 @@ impl AutoState {
         // position) made a CPU's plain step look a third dearer than it is, so the gate kept
         // speculating where plain steps were faster. A measured prior's shape is trusted.
         let explore = self.measure_plain && !self.cost.measured(0);
-        let g = if explore && self.gate.first_hazard().is_some() {
+        let g = if self.gate_off {
+            gamma_max
+        } else if explore && self.gate.first_hazard().is_some() {
             self.gate.plain_step();
             0
         } else if self.gate.speculate(&costs, gamma_max) {

@@ -88,11 +88,32 @@ pub struct Replay {
 /// command line's window, the others a token each) + verify(γ); a plain step verify(0). `auto`
 /// measures the draft on those passes as it does live ([`DraftTime::measured`]).
 pub fn auto_on_traces(rows: &[TraceRow], model: &HazardModel, cost: &CostModel) -> Result<Replay> {
+    auto_replay(rows, model, cost, true)
+}
+
+/// [`auto_on_traces`] with the plain-step gate off: every step drafts, and the stopping rule alone
+/// decides (it may still discard a step's first draft). Against [`auto_on_traces`] it measures
+/// what the gate's plain steps gain or lose.
+pub fn auto_without_gate_on_traces(
+    rows: &[TraceRow],
+    model: &HazardModel,
+    cost: &CostModel,
+) -> Result<Replay> {
+    auto_replay(rows, model, cost, false)
+}
+
+fn auto_replay(
+    rows: &[TraceRow],
+    model: &HazardModel,
+    cost: &CostModel,
+    gate: bool,
+) -> Result<Replay> {
     let prompts = prompt_steps(rows)?;
     let (mut tokens, mut ms, mut gammas) = (0.0f64, 0.0f64, 0usize);
     let (mut plain, mut steps) = (0usize, 0usize);
     for step_rows in prompts.values() {
         let mut auto = AutoState::new(model, cost.clone());
+        auto.gate_off = !gate;
         let mut lag = DraftLag::new(Some(DRAFT_CATCH_UP));
         for step in step_rows {
             let gmax = step.len();
