@@ -283,11 +283,12 @@ fn a_batch_of_one_decides_as_auto_does() {
 /// Forty steps of a batch of four whose drafts all have hazard `h`, under costs as on a CPU:
 /// every row of a pass costs `ROW`, on top of `fixed` per pass, so a plain step (4 rows) costs
 /// far less than a verification of 3 drafts each (16 rows). The gate of each step and the drafts
-/// it kept, and the batch's state after.
-fn forty_cpu_steps(h: f64, fixed: f64) -> (Vec<usize>, Vec<usize>, BatchAuto) {
+/// it kept, and the batch's state after; `gate_off` as `auto-nogate` sets it.
+fn forty_cpu_steps(h: f64, fixed: f64, gate_off: bool) -> (Vec<usize>, Vec<usize>, BatchAuto) {
     const ROW: f64 = 0.05;
     let model = common::constant_hazard(h);
     let mut batch = BatchAuto::new(&model, &CostModel::assumed(), 4).unwrap();
+    batch.gate_off = gate_off;
     let draft_pass = 0.02;
     let verify = |g: usize| fixed + ROW * (4 * (g + 1)) as f64;
     let (mut gates, mut gammas) = (Vec::new(), Vec::new());
@@ -330,7 +331,7 @@ fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
     // lose to plain steps (4 tokens for 4 rows). The prior, scaled from one sequence, guesses far
     // less; the batch takes one plain step to measure it, then stays plain and never probes: no
     // hazard a probe could measure would change that.
-    let (gates, gammas, batch) = forty_cpu_steps(0.8, 0.0);
+    let (gates, gammas, batch) = forty_cpu_steps(0.8, 0.0, false);
     assert!(
         gammas[0] > 0,
         "{gammas:?}: the first step speculates (no hazards yet)"
@@ -341,7 +342,7 @@ fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
     // With a cost per pass as well, drafts all accepted would win, so the batch probes while its
     // hazards say plain: each probe drafts one token and discards it, and each lost probe doubles
     // the wait for the next (4, 8, 16 plain steps).
-    let (gates, gammas, batch) = forty_cpu_steps(0.5, 0.1);
+    let (gates, gammas, batch) = forty_cpu_steps(0.5, 0.1, false);
     assert!(
         gates[0] > 0,
         "{gates:?}: the first step speculates (no hazards yet)"
@@ -350,6 +351,11 @@ fn a_batch_measures_a_plain_step_before_trusting_the_prior() {
     let probes: Vec<usize> = (1..40).filter(|&s| gates[s] > 0).collect();
     assert_eq!(probes, [5, 14, 31], "{gates:?}");
     assert_eq!(gammas[1..], [0; 39], "{gammas:?}");
+    // The gate off (`auto-nogate`): no plain step (so none measured), every step drafts, and the
+    // rule alone decides how many drafts each keeps.
+    let (gates, _, batch) = forty_cpu_steps(0.5, 0.1, true);
+    assert_eq!(gates, [3; 40], "{gates:?}");
+    assert!(!batch.cost.measured(0));
     // A batch of one keeps `auto`'s own gate: no plain step to measure (see the test above).
     let model = common::constant_hazard(0.8);
     let mut one = BatchAuto::new(&model, &CostModel::assumed(), 1).unwrap();

@@ -789,7 +789,7 @@ fn a_trained_hazard_model_is_what_auto_runs() {
     let (ok, _, err) = speckv(&[
         "generate", "--model", "m.gguf", "--prompt", "hi", "--policy", "fixed:2", "--hazard", m,
     ]);
-    assert!(!ok && err.contains("only the auto policy"), "{err}");
+    assert!(!ok && err.contains("only the auto policies"), "{err}");
     let (ok, _, err) = speckv(&[
         "bench",
         "predict",
@@ -844,10 +844,39 @@ fn a_trained_hazard_model_is_what_auto_runs() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["mean_gamma"].as_f64(), Some(0.0), "{v}");
         assert!(v["draft_tokens"].as_u64().unwrap() > 0, "{v}");
+        // auto's gate then makes plain steps, drafting only on probes (auto-nogate: below).
+        let steps = v["steps"].as_u64().unwrap();
+        assert!(v["draft_tokens"].as_u64().unwrap() < steps, "{v}");
         let (ok, out, err) = gen(accept_path.to_str().unwrap());
         assert!(ok, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert!(v["gamma_histogram"]["8"].as_u64().unwrap() >= 1, "{v}");
+        // auto-nogate with it: no plain step, so every step drafts a token and discards it.
+        let (ok, out, err) = speckv(&[
+            "--backend",
+            "cpu",
+            "generate",
+            "--model",
+            g,
+            "--draft",
+            g,
+            "--prompt",
+            "Name three colours.",
+            "--max-tokens",
+            "8",
+            "--policy",
+            "auto-nogate",
+            "--hazard",
+            reject_path.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["mean_gamma"].as_f64(), Some(0.0), "{v}");
+        assert!(
+            v["draft_tokens"].as_u64().unwrap() >= v["steps"].as_u64().unwrap(),
+            "{v}"
+        );
         let (ok, _, err) = gen("/nonexistent/h.json");
         assert!(!ok && err.contains("/nonexistent/h.json"), "{err}");
     }

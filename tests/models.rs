@@ -308,10 +308,7 @@ fn auto_policy_sees_the_features_it_was_trained_on() {
         draft_feed_ms: Vec::new(),
         source: "test: cheap drafts".into(),
     };
-    let policy = Policy::Auto(Box::new(decode::Auto {
-        model: shipped.model,
-        prior,
-    }));
+    let policy = Policy::Auto(Box::new(decode::Auto { prior, ..shipped }));
     let mut steps = Vec::new();
     decode::speculative_traced(
         &target,

@@ -111,7 +111,7 @@ pub struct DecodeArgs {
     /// intervals).
     #[arg(long, default_value_t = 1)]
     repeats: usize,
-    /// Comma-separated: plain, auto, fixed:N, every:N:G (G drafts every N-th step), speckv,
+    /// Comma-separated: plain, auto, auto-nogate, fixed:N, every:N:G (G drafts every N-th step), speckv,
     /// speckv-cost, confidence:P, hf-dynamic, heuristic, adaedl[:LAMBDA[:KAPPA]].
     #[arg(
         long,

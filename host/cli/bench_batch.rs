@@ -23,7 +23,7 @@ pub struct BatchArgs {
     /// Sequences decoded together (1 to 16; speculative policies up to 8).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     batch_sizes: Vec<usize>,
-    /// Comma-separated: plain, auto, fixed:N, every:N:G (G drafts every N-th step), speckv,
+    /// Comma-separated: plain, auto, auto-nogate, fixed:N, every:N:G (G drafts every N-th step), speckv,
     /// confidence:P, hf-dynamic, heuristic, adaedl[:LAMBDA[:KAPPA]] (`auto` batched decides for
     /// the batch; alone, per sequence).
     #[arg(

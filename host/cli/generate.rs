@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long, required = true)]
     prompt: Vec<String>,
     /// auto (the default: per-token stopping by the shipped hazard model, costs measured while
-    /// decoding — no other flag needed), fixed:N, every:N:G (G drafts every N-th step, plain
+    /// decoding — no other flag needed), auto-nogate (auto without its plain-step gate: every
+    /// step drafts), fixed:N, every:N:G (G drafts every N-th step, plain
     /// steps between), speckv, speckv-cost, confidence:P (llama.cpp's --draft-p-min), hf-dynamic
     /// (HF's confidence threshold 0.4), heuristic (HF's +2/−1), adaedl[:LAMBDA[:KAPPA]], or
     /// plain (no draft).

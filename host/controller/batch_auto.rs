@@ -148,6 +148,8 @@ pub struct BatchAuto {
     kept: u32,
     /// Take one plain step to measure it (a batch of several, or the assumed prior).
     measure_plain: bool,
+    /// No gate: every step drafts (`auto-nogate`).
+    pub gate_off: bool,
 }
 
 impl BatchAuto {
@@ -178,6 +180,7 @@ impl BatchAuto {
             gamma_max: 0,
             kept: 0,
             measure_plain: seqs > 1 || prior.is_assumed(),
+            gate_off: false,
         })
     }
 
@@ -212,7 +215,7 @@ impl BatchAuto {
         // only a guess at how a plain step's cost compares (on a CPU it grows with rows far
         // faster), and a gate that never takes a plain step never learns it.
         let explore = self.measure_plain && !self.cost.measured(0);
-        let speculate = if unknown {
+        let speculate = if unknown || (self.gate_off && gamma_max > 0) {
             true
         } else if gamma_max == 0 || explore {
             if explore {

@@ -71,6 +71,9 @@ pub enum Policy {
 pub struct Auto {
     pub model: HazardModel,
     pub prior: CostModel,
+    /// The plain-step gate on (`auto`) or off (`auto-nogate`: every step drafts, the stopping
+    /// rule alone decides).
+    pub gate: bool,
 }
 
 impl Auto {
@@ -79,6 +82,7 @@ impl Auto {
         Ok(Auto {
             model: HazardModel::default_model()?,
             prior: CostModel::assumed(),
+            gate: true,
         })
     }
 }
@@ -99,12 +103,15 @@ impl Policy {
     pub fn parse(s: &str, controller: Option<Controller>) -> Result<Policy> {
         let bad = || {
             Error::Other(format!(
-                "policy {s:?}: expected fixed:N, every:N:G (N ≥ 1), auto, speckv, speckv-cost, \
-                 confidence:P, hf-dynamic, heuristic or adaedl[:LAMBDA[:KAPPA]]"
+                "policy {s:?}: expected fixed:N, every:N:G (N ≥ 1), auto, auto-nogate, speckv, \
+                 speckv-cost, confidence:P, hf-dynamic, heuristic or adaedl[:LAMBDA[:KAPPA]]"
             ))
         };
-        if s == "auto" {
-            return Ok(Policy::Auto(Box::new(Auto::shipped()?)));
+        if s == "auto" || s == "auto-nogate" {
+            return Ok(Policy::Auto(Box::new(Auto {
+                gate: s == "auto",
+                ..Auto::shipped()?
+            })));
         }
         if s == "hf-dynamic" {
             return Ok(Policy::HfThreshold(0.4));

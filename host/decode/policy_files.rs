@@ -22,8 +22,9 @@ impl PolicyFiles<'_> {
     /// `--hazard` given where no policy is `auto`: an error, since nothing would read it.
     pub fn check_hazard_used<'n>(&self, mut names: impl Iterator<Item = &'n str>) -> Result<()> {
         match self.hazard {
-            Some(p) if !names.any(|n| n == "auto") => Err(Error::Other(format!(
-                "--hazard {}: only the auto policy reads a hazard model, and no policy is auto",
+            Some(p) if !names.any(is_auto) => Err(Error::Other(format!(
+                "--hazard {}: only the auto policies read a hazard model, and no policy is auto \
+                 or auto-nogate",
                 p.display()
             ))),
             _ => Ok(()),
@@ -31,17 +32,23 @@ impl PolicyFiles<'_> {
     }
 }
 
+/// `auto` and `auto-nogate` (its plain-step gate off): the policies that read a hazard model.
+fn is_auto(name: &str) -> bool {
+    name == "auto" || name == "auto-nogate"
+}
+
 /// The policy named `name` (`plain` → `None`): `fixed:N`, `confidence:P`, `heuristic`, `auto`
-/// (the hazard model from `files.hazard`, else the shipped one; its costs' prior from
-/// `files.cost`, else the assumed one), and `speckv` / `speckv-cost`, which load the predictor
+/// and `auto-nogate` (the hazard model from `files.hazard`, else the shipped one; its costs' prior
+/// from `files.cost`, else the assumed one), and `speckv` / `speckv-cost`, which load the predictor
 /// from `files.controller` (and `speckv-cost` the cost model from `files.cost`, else the assumed
 /// one).
 pub fn policy_from_name(name: &str, files: &PolicyFiles) -> Result<Option<Policy>> {
     if name == "plain" {
         return Ok(None);
     }
-    if name == "auto" {
+    if is_auto(name) {
         return Ok(Some(Policy::Auto(Box::new(crate::decode::Auto {
+            gate: name == "auto",
             model: match files.hazard {
                 Some(p) => HazardModel::load(p)?,
                 None => HazardModel::default_model()?,

@@ -120,7 +120,11 @@ fn speculative_loop(
     };
     // `auto`: its model with the step costs it measures while decoding.
     let mut auto = match policy {
-        Policy::Auto(a) => Some(AutoState::new(&a.model, a.prior.clone())),
+        Policy::Auto(a) => {
+            let mut s = AutoState::new(&a.model, a.prior.clone());
+            s.gate_off = !a.gate;
+            Some(s)
+        }
         _ => None,
     };
     let mut hist = [0usize; crate::weights::gemv::MAX_M];

@@ -251,7 +251,11 @@ fn speculative_loop(
     }
     // `auto`: the batch's stopping rule, under batched passes' costs measured while decoding.
     let mut auto = match policy {
-        Policy::Auto(a) => Some(BatchAuto::new(&a.model, &a.prior, b)?),
+        Policy::Auto(a) => {
+            let mut s = BatchAuto::new(&a.model, &a.prior, b)?;
+            s.gate_off = !a.gate;
+            Some(s)
+        }
         _ => None,
     };
     let mut active = vec![false; b];
