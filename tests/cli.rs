@@ -724,9 +724,7 @@ fn the_replays_feed_the_draft_as_generate_does() {
 fn a_trained_hazard_model_is_what_auto_runs() {
     use speckv::controller::{hazard, replay, CostModel};
     let root = env!("CARGO_MANIFEST_DIR");
-    let dir = std::env::temp_dir().join(format!("speckv-hazard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let model = dir.join("hazard.json");
+    let model = common::tmp("cli", "hazard.json");
     let (train, test) = (
         format!("{root}/results/qwen/int8/steps.csv"),
         format!("{root}/results/qwen/fp16/steps.csv"),
@@ -779,10 +777,8 @@ fn a_trained_hazard_model_is_what_auto_runs() {
     );
     assert!(v["hazard_model"].as_str().unwrap().starts_with(m), "{v}");
     // A model that predicts rejection for every draft: `auto` verifies none.
-    let mut reject = trained.clone();
-    reject.mlp.b2 = [-50.0];
-    let reject_path = dir.join("reject.json");
-    reject.save(&reject_path).unwrap();
+    let reject_path = common::tmp("cli", "reject.json");
+    common::constant_hazard(0.001).save(&reject_path).unwrap();
     let v = predict(reject_path.to_str().unwrap());
     assert_eq!(v["auto_mean_gamma"].as_f64(), Some(0.0), "{v}");
     // --hazard is refused where nothing would read it, and a missing file is an error.
@@ -815,13 +811,11 @@ fn a_trained_hazard_model_is_what_auto_runs() {
     // rejecting model's drafts are all discarded; a model that predicts acceptance for every
     // draft drafts γmax on the first step, decided under the prior's costs before any is measured
     // (the shipped model discards that step's first draft here).
-    let mut accept = trained.clone();
-    accept.mlp.b2 = [50.0];
-    let accept_path = dir.join("accept.json");
-    accept.save(&accept_path).unwrap();
+    let accept_path = common::tmp("cli", "accept.json");
+    common::constant_hazard(0.999).save(&accept_path).unwrap();
     if let Some(gguf) = common::smollm2() {
         let g = gguf.to_str().unwrap();
-        let gen = |hazard: &str| {
+        let gen = |policy: &str, hazard: &str| {
             speckv(&[
                 "--backend",
                 "cpu",
@@ -834,51 +828,31 @@ fn a_trained_hazard_model_is_what_auto_runs() {
                 "Name three colours.",
                 "--max-tokens",
                 "8",
+                "--policy",
+                policy,
                 "--hazard",
                 hazard,
                 "--json",
             ])
         };
-        let (ok, out, err) = gen(reject_path.to_str().unwrap());
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let json = |(ok, out, err): (bool, String, String)| {
+            assert!(ok, "{err}");
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        };
+        let reject = reject_path.to_str().unwrap();
+        let v = json(gen("auto", reject));
         assert_eq!(v["mean_gamma"].as_f64(), Some(0.0), "{v}");
         assert!(v["draft_tokens"].as_u64().unwrap() > 0, "{v}");
-        // auto's gate then makes plain steps, drafting only on probes (auto-nogate: below).
-        let steps = v["steps"].as_u64().unwrap();
-        assert!(v["draft_tokens"].as_u64().unwrap() < steps, "{v}");
-        let (ok, out, err) = gen(accept_path.to_str().unwrap());
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert!(v["gamma_histogram"]["8"].as_u64().unwrap() >= 1, "{v}");
-        // auto-nogate with it: no plain step, so every step drafts a token and discards it.
-        let (ok, out, err) = speckv(&[
-            "--backend",
-            "cpu",
-            "generate",
-            "--model",
-            g,
-            "--draft",
-            g,
-            "--prompt",
-            "Name three colours.",
-            "--max-tokens",
-            "8",
-            "--policy",
-            "auto-nogate",
-            "--hazard",
-            reject_path.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        // auto's gate then makes plain steps, drafting only on probes.
+        let drafts = |v: &serde_json::Value| v["draft_tokens"].as_u64().unwrap();
+        assert!(drafts(&v) < v["steps"].as_u64().unwrap(), "{v}");
+        // auto-nogate: no plain step, so every step drafts a token and discards it.
+        let v = json(gen("auto-nogate", reject));
         assert_eq!(v["mean_gamma"].as_f64(), Some(0.0), "{v}");
-        assert!(
-            v["draft_tokens"].as_u64().unwrap() >= v["steps"].as_u64().unwrap(),
-            "{v}"
-        );
-        let (ok, _, err) = gen("/nonexistent/h.json");
+        assert!(drafts(&v) >= v["steps"].as_u64().unwrap(), "{v}");
+        let v = json(gen("auto", accept_path.to_str().unwrap()));
+        assert!(v["gamma_histogram"]["8"].as_u64().unwrap() >= 1, "{v}");
+        let (ok, _, err) = gen("auto", "/nonexistent/h.json");
         assert!(!ok && err.contains("/nonexistent/h.json"), "{err}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
