@@ -807,6 +807,28 @@ fn a_trained_hazard_model_is_what_auto_runs() {
         m,
     ]);
     assert!(!ok && err.contains("needs --hazard"), "{err}");
+    // Runs numbered up to u32::MAX leave no number for the held-out runs: an error, not a wrap.
+    let text = std::fs::read_to_string(&train).unwrap();
+    let last: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("2,") {
+            Some(rest) => format!("4294967295,{rest}\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    let last_path = common::tmp("cli", "run-max.csv");
+    std::fs::write(&last_path, last).unwrap();
+    let (ok, _, err) = speckv(&[
+        "train",
+        "--hazard",
+        "--steps",
+        last_path.to_str().unwrap(),
+        "--test-steps",
+        &test,
+        "--out",
+        m,
+    ]);
+    assert!(!ok && err.contains("run 4294967295: too large"), "{err}");
     // generate decodes with it (the model as its own draft: every draft is accepted). The
     // rejecting model's drafts are all discarded; a model that predicts acceptance for every
     // draft drafts γmax on the first step, decided under the prior's costs before any is measured

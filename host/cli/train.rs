@@ -51,21 +51,25 @@ pub fn run(a: Args) -> speckv::Result<()> {
         let (tr, va, te) = if a.test_steps.is_empty() {
             mlp::split_groups(ex.iter().map(|e| e.group))?
         } else {
+            // Every run of --steps but the last trains, the last validates (split_groups
+            // refuses fewer than two, so the split leaves one at least to train on).
+            let (mut tr, va, te) = mlp::split_groups(ex.iter().map(|e| e.group))?;
+            tr.extend(va);
+            tr.extend(te);
+            let va = tr.split_off(tr.len() - 1);
             // The held-out traces' runs are numbered after the training traces' so the splits
             // stay apart.
-            let (mut tr, mut va, te) = mlp::split_groups(ex.iter().map(|e| e.group))?;
-            // Every run but the last trains, the last validates.
-            tr.append(&mut va);
-            va = te;
-            if va.is_empty() {
-                va = tr.split_off(tr.len() - 1);
-            }
-            let base = ex.iter().map(|e| e.group).max().unwrap_or(0) + 1;
+            let too_large = |run: u32| {
+                speckv::Error::Other(format!(
+                    "run {run}: too large to number the --test-steps runs after it"
+                ))
+            };
+            let base = va[0].checked_add(1).ok_or_else(|| too_large(va[0]))?;
             let mut held = read(&a.test_steps)?;
             for e in &mut held {
-                e.group = base.checked_add(e.group).ok_or_else(|| {
-                    speckv::Error::Other(format!("--test-steps: run {} too large", e.group))
-                })?;
+                e.group = base
+                    .checked_add(e.group)
+                    .ok_or_else(|| too_large(e.group))?;
             }
             let mut te: Vec<u32> = held.iter().map(|e| e.group).collect();
             te.sort_unstable();
