@@ -22,7 +22,8 @@ pub enum Command {
     /// their ratio, per batch size and policy (greedy).
     Batch(Box<crate::bench_batch::BatchArgs>),
     /// Tokens/s predicted from traced steps under a cost model, no model run: plain decoding,
-    /// every fixed γ, HF's heuristic schedule, `auto` (replayed) and the oracle — e.g. the CPU's
+    /// every fixed γ, HF's default schedule and its heuristic, llama.cpp's p-min rule at P =
+    /// 0.1..0.9, `auto` (replayed, with its gate and without) and the oracle — e.g. the CPU's
     /// traces under the GPU cost model of `bench step --backend cuda --shapes`, or HF's
     /// (`scripts/hf_peer.py --cost-out`).
     Predict {
@@ -111,8 +112,8 @@ pub struct DecodeArgs {
     /// intervals).
     #[arg(long, default_value_t = 1)]
     repeats: usize,
-    /// Comma-separated: plain, auto, auto-nogate, fixed:N, every:N:G (G drafts every N-th step), speckv,
-    /// speckv-cost, confidence:P, hf-dynamic, heuristic, adaedl[:LAMBDA[:KAPPA]].
+    /// Comma-separated: plain, auto, auto-nogate, fixed:N, every:N:G (G drafts every N-th step),
+    /// speckv, speckv-cost, confidence:P, hf-dynamic, heuristic, adaedl[:LAMBDA[:KAPPA]].
     #[arg(
         long,
         value_delimiter = ',',
@@ -122,7 +123,8 @@ pub struct DecodeArgs {
     /// Predictor for speckv / speckv-cost (from `speckv train`); default: the shipped one.
     #[arg(long)]
     controller: Option<PathBuf>,
-    /// Hazard model for auto (from `speckv train --hazard`); default: the shipped one.
+    /// Hazard model for auto and auto-nogate, and for the replay of auto with --traces (from
+    /// `speckv train --hazard`); default: the shipped one.
     #[arg(long)]
     hazard: Option<PathBuf>,
     /// Cost model (speckv-cost; the oracle with --traces).

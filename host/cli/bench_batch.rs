@@ -23,9 +23,9 @@ pub struct BatchArgs {
     /// Sequences decoded together (1 to 16; speculative policies up to 8).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     batch_sizes: Vec<usize>,
-    /// Comma-separated: plain, auto, auto-nogate, fixed:N, every:N:G (G drafts every N-th step), speckv,
-    /// confidence:P, hf-dynamic, heuristic, adaedl[:LAMBDA[:KAPPA]] (`auto` batched decides for
-    /// the batch; alone, per sequence).
+    /// Comma-separated: plain, auto, auto-nogate, fixed:N, every:N:G (G drafts every N-th step),
+    /// speckv, confidence:P, hf-dynamic, heuristic, adaedl[:LAMBDA[:KAPPA]] (`auto` batched
+    /// decides for the batch; alone, per sequence).
     #[arg(
         long,
         value_delimiter = ',',
@@ -35,7 +35,8 @@ pub struct BatchArgs {
     /// Predictor for speckv (from `speckv train`); default: the shipped one.
     #[arg(long)]
     controller: Option<PathBuf>,
-    /// Hazard model for auto (from `speckv train --hazard`); default: the shipped one.
+    /// Hazard model for auto and auto-nogate (from `speckv train --hazard`); default: the
+    /// shipped one.
     #[arg(long)]
     hazard: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]

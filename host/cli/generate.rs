@@ -30,7 +30,8 @@ pub struct Args {
     /// speckv (trained on the Qwen2.5-Coder pair's traces of every regime).
     #[arg(long)]
     controller: Option<PathBuf>,
-    /// Hazard model for auto (from `speckv train --hazard`); default: the shipped one.
+    /// Hazard model for auto and auto-nogate (from `speckv train --hazard`); default: the
+    /// shipped one.
     #[arg(long)]
     hazard: Option<PathBuf>,
     /// Cost model for speckv-cost (from `speckv bench step`); for auto, the prior its online
