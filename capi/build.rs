@@ -23,10 +23,13 @@ fn main() {
             let text = String::from_utf8(bytes).expect("cbindgen writes UTF-8");
             // The kernels' `FeatureAccum::EMPTY` is Rust-only (cbindgen renders its infinities as
             // undefined names): leave it and its comment out.
-            let text = text.replace("/*\n The state before any drafted token.\n */\n", "");
+            // Likewise `StopState::START`.
+            let text = text
+                .replace("/*\n The state before any drafted token.\n */\n", "")
+                .replace("/*\n Before a step's first draft.\n */\n", "");
             let text: String = text
                 .lines()
-                .filter(|l| !l.contains("_EMPTY ("))
+                .filter(|l| !l.contains("_EMPTY (") && !l.contains("_START ("))
                 .map(|l| format!("{l}\n"))
                 .collect();
             std::fs::write(&out, &text).unwrap();

@@ -104,6 +104,16 @@
 #define SPECKV_MAX_CANDIDATES 8
 
 /*
+ Entries of `SpeckvStepCosts.verify`: γ = 0..=15.
+ */
+#define SPECKV_STOP_TIMES 16
+
+/*
+ The most drafts per step the stopping rule takes (`SPECKV_STOP_TIMES − 1`).
+ */
+#define SPECKV_STOP_MAX_GAMMA 15
+
+/*
  What a call did.
  */
 typedef enum SpeckvStatus {
@@ -153,6 +163,10 @@ typedef enum SpeckvStatus {
    to 4 bytes).
    */
   SPECKV_STATUS_MISALIGNED = 11,
+  /*
+   Per-token stopping was asked for before a hazard model was loaded.
+   */
+  SPECKV_STATUS_NO_HAZARD_MODEL = 12,
 } SpeckvStatus;
 
 /*
@@ -406,6 +420,90 @@ typedef struct SpeckvVerifyArgs {
   uint32_t *flags;
 } SpeckvVerifyArgs;
 
+/*
+ A step's costs as the stopping rule sees them: one draft pass, and the verification of γ drafts
+ (γ + 1 target positions) for γ = 0..=γmax (entries beyond γmax unused). Any unit: only ratios
+ enter the decision.
+ */
+typedef struct SpeckvKernelStepCosts {
+  float draft;
+  float verify[SPECKV_STOP_TIMES];
+} SpeckvKernelStepCosts;
+
+/*
+ A step's costs as the stopping rule weighs them (the kernels' `StepCosts`): one draft pass, and
+ the verification of γ drafts for γ = 0..=gamma_max (later entries unused). Any time unit: only
+ ratios enter the decision. `speckv_step_costs` fills it from a cost model.
+ */
+typedef struct SpeckvKernelStepCosts SpeckvStepCosts;
+
+/*
+ One sequence's state within a step.
+ */
+typedef struct SpeckvKernelStopState {
+  /*
+   A_{j−1}: the chance that every draft kept so far is accepted (1 before the first).
+   */
+  float survive;
+  /*
+   1 + Σ A_i over the drafts kept: the step's expected emitted tokens so far.
+   */
+  float expected;
+  /*
+   Drafts kept (the position of the next decision).
+   */
+  uint32_t kept;
+  /*
+   1 once the sequence has stopped this step.
+   */
+  uint32_t stopped;
+} SpeckvKernelStopState;
+
+/*
+ One sequence's place in its speculation step (the kernels' `StopState`, 16 bytes): the chance
+ every kept draft is accepted, the step's expected tokens so far, drafts kept (γ_b) and whether
+ it has stopped. Zero-initialised memory is fine: a step's first draft (accumulate RESET) starts
+ every sequence afresh.
+ */
+typedef struct SpeckvKernelStopState SpeckvStopState;
+
+/*
+ The stopping rule's inputs for one drafted position of a batch: `rows` sequences, one logits
+ row each (the `SpeckvStatsArgs` of the same call).
+ */
+typedef struct SpeckvStopArgs {
+  /*
+   `[rows]` states, read and written. A call with accumulate RESET (the step's first draft)
+   starts every sequence afresh whatever its state holds; later calls (accumulate ADD) go on
+   from it. A sequence that has stopped is left alone: its accumulator, state and γ_b stay.
+   */
+  SpeckvStopState *state;
+  /*
+   `[rows]` γ_b, written after every decision of a sequence still drafting: the drafts kept
+   so far — `speckv_verify`'s `gammas`.
+   */
+  int32_t *gammas_out;
+  /*
+   One counter, or null: each sequence that stops in this call adds one (zero it before a
+   step's first draft; it reaches `rows` when every sequence has stopped).
+   */
+  uint32_t *stopped_count;
+  SpeckvStepCosts costs;
+  /*
+   Most drafts per step, 1..=SPECKV_STOP_MAX_GAMMA: a sequence stops at γmax.
+   */
+  uint32_t gamma_max;
+  /*
+   The target's compression, a feature of the hazard model: 0 fp16, 1 int8, 2 nf4.
+   */
+  float compression_code;
+  /*
+   Online calibration: the model's odds h / (1 − h) are multiplied by this (1: the model as
+   trained); finite and > 0.
+   */
+  float odds_scale;
+} SpeckvStopArgs;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -516,6 +614,35 @@ enum SpeckvStatus speckv_decide_gamma(const struct SpeckvContext *ctx,
  */
 enum SpeckvStatus speckv_verify(const struct SpeckvContext *ctx,
                                 const struct SpeckvVerifyArgs *args);
+
+/*
+ Loads the hazard model of the per-token stopping rule: JSON from `speckv train --hazard`, or
+ null for the model shipped with speckv (trained on the Qwen2.5-Coder 0.5B → 1.5B traces). On
+ CUDA its weights are uploaded here, once.
+ */
+enum SpeckvStatus speckv_load_hazard(struct SpeckvContext *ctx, const char *hazard_path);
+
+/*
+ The step costs of a cost model (`speckv profile`'s `steps.cost.json`; null: the assumed one —
+ a draft pass 1/3 of a target pass, verification 2 % dearer a drafted position) for γmax
+ `gamma_max` (1..=SPECKV_STOP_MAX_GAMMA) into `*out`: verify[γ] for γ ≤ γmax, +inf beyond.
+ */
+enum SpeckvStatus speckv_step_costs(const char *cost_json,
+                                    uint32_t gamma_max,
+                                    SpeckvStepCosts *out);
+
+/*
+ Softmax statistics of every row (as `speckv_softmax_stats`: one row per sequence, its draft
+ just computed) with the per-token stopping rule after each: the sequence keeps or discards the
+ draft and drafts on or stops, γ_b written to `stop->gammas_out`. Accumulation is required
+ (RESET for a step's first draft, ADD after). Needs `speckv_load_hazard`. CPU: synchronous;
+ CUDA: every pointer in both argument structs a device pointer, asynchronous on the context's
+ stream — the rule's parameters are copied to the device only when they differ from the last
+ call's (the costs change per step, not per draft).
+ */
+enum SpeckvStatus speckv_softmax_stats_stop(const struct SpeckvContext *ctx,
+                                            const struct SpeckvStatsArgs *args,
+                                            const struct SpeckvStopArgs *stop);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -27,6 +27,9 @@ use speckv_kernels::params::{
     FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsV3Params, StatsRow,
 };
 
+mod stop;
+pub use stop::*;
+
 /// What a call did.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +58,8 @@ pub enum SpeckvStatus {
     /// A pointer not aligned for its element type (logits to their dtype's size, everything else
     /// to 4 bytes).
     Misaligned = 11,
+    /// Per-token stopping was asked for before a hazard model was loaded.
+    NoHazardModel = 12,
 }
 
 /// Logits element types.
@@ -247,6 +252,7 @@ enum Device {
 pub struct SpeckvContext {
     device: Device,
     controller: Option<LoadedController>,
+    hazard: Option<stop::LoadedHazard>,
 }
 
 thread_local! {
@@ -317,6 +323,12 @@ impl<T> IntoStatus<T> for Result<T, Error> {
     fn st(self) -> Result<T, (SpeckvStatus, String)> {
         self.map_err(|e| (status_of(&e), e.to_string()))
     }
+}
+
+/// A file that could not be read or parsed (missing, not JSON, not the layout, invalid values):
+/// `Io`, as the status says, whatever the library's error.
+fn file_status<T>(r: Result<T, Error>) -> Result<T, (SpeckvStatus, String)> {
+    r.map_err(|e| (SpeckvStatus::Io, e.to_string()))
 }
 
 fn fail<T>(s: SpeckvStatus, msg: impl Into<String>) -> Result<T, (SpeckvStatus, String)> {
@@ -403,6 +415,7 @@ pub unsafe extern "C" fn speckv_context_create_cpu(out: *mut *mut SpeckvContext)
         let ctx = Box::new(SpeckvContext {
             device: Device::Cpu(CpuBackend::new()),
             controller: None,
+            hazard: None,
         });
         // SAFETY: `out` is non-null and writable (contract).
         unsafe { *out = Box::into_raw(ctx) };
@@ -430,6 +443,7 @@ pub unsafe extern "C" fn speckv_context_create_cuda(
                 stream: cu_stream,
             },
             controller: None,
+            hazard: None,
         });
         // SAFETY: `out` is non-null and writable (contract).
         unsafe { *out = Box::into_raw(ctx) };
@@ -577,9 +591,9 @@ pub unsafe extern "C" fn speckv_load_controller(
                     .then(|| CStr::from_ptr(cost_json).to_string_lossy().into_owned()),
             )
         };
-        let mlp = speckv::controller::mlp::Mlp::load(Path::new(&path)).st()?;
+        let mlp = file_status(speckv::controller::mlp::Mlp::load(Path::new(&path)))?;
         let cost = match cost {
-            Some(p) => Some(CostModel::load(Path::new(&p)).st()?),
+            Some(p) => Some(file_status(CostModel::load(Path::new(&p)))?),
             None => None,
         };
         let controller = Controller::new(mlp, &cands, cost).st()?;
@@ -616,6 +630,42 @@ pub unsafe extern "C" fn speckv_softmax_stats(
 ) -> SpeckvStatus {
     guard(|| {
         let c = ctx_ref(ctx)?;
+        let call = StatsCall::check(args)?;
+        match &c.device {
+            Device::Cpu(cpu) => {
+                let l = call.logits()?;
+                let a = &call.args;
+                // SAFETY: `rows` accumulators (contract), used only during this call.
+                let accum = (call.opts.accumulate != Accumulate::No)
+                    .then(|| unsafe { std::slice::from_raw_parts_mut(a.accum, call.rows) });
+                let stats = cpu.softmax_stats(&l, &call.opts, accum).st()?;
+                // SAFETY: `rows` writable outputs (contract).
+                unsafe { std::ptr::copy_nonoverlapping(stats.as_ptr(), a.out, call.rows) };
+                Ok(())
+            }
+            Device::Cuda { cuda, stream } => {
+                let p = call.cuda_params()?;
+                // SAFETY: device buffers of the stated shapes (contract).
+                unsafe { cuda.softmax_stats(call.dt, &p, *stream) }.st()
+            }
+        }
+    })
+}
+
+/// A [`SpeckvStatsArgs`] whose pointers, dtype, accumulation mode and shape were checked.
+struct StatsCall {
+    args: SpeckvStatsArgs,
+    dt: Dtype,
+    opts: StatsOptions,
+    rows: usize,
+    vocab: usize,
+    stride: usize,
+    /// Elements the rows span.
+    len: usize,
+}
+
+impl StatsCall {
+    fn check(args: *const SpeckvStatsArgs) -> Result<StatsCall, (SpeckvStatus, String)> {
         non_null(args, "args")?;
         // SAFETY: non-null, readable (contract).
         let a = unsafe { *args };
@@ -651,49 +701,58 @@ pub unsafe extern "C" fn speckv_softmax_stats(
             return fail(SpeckvStatus::BadShape, "rows must be at least 1");
         }
         let len = span(rows, stride, vocab)?;
-        match &c.device {
-            Device::Cpu(cpu) => {
-                // SAFETY: `len` elements at `a.logits` per the header's shape contract.
-                let data = unsafe { logits_at(a.logits, dt, len) };
-                let l = Logits::new(data, rows, vocab, stride).st()?;
-                // SAFETY: `rows` accumulators (contract), used only during this call.
-                let accum = (accumulate != Accumulate::No)
-                    .then(|| unsafe { std::slice::from_raw_parts_mut(a.accum, rows) });
-                let stats = cpu.softmax_stats(&l, &opts, accum).st()?;
-                // SAFETY: `rows` writable outputs (contract).
-                unsafe { std::ptr::copy_nonoverlapping(stats.as_ptr(), a.out, rows) };
-                Ok(())
-            }
-            Device::Cuda { cuda, stream } => {
-                opts.validate().st()?;
-                if vocab == 0 || stride < vocab {
-                    return fail(
-                        SpeckvStatus::BadShape,
-                        format!("vocab {vocab} must be ≥ 1 and ≤ row_stride {stride}"),
-                    );
-                }
-                let p = speckv_kernels::params::SoftmaxStatsParams {
-                    logits: a.logits as *const u8,
-                    out: a.out,
-                    accum: if accumulate == Accumulate::No {
-                        std::ptr::null_mut()
-                    } else {
-                        a.accum
-                    },
-                    seed: a.seed,
-                    step: a.step,
-                    rows: a.rows,
-                    vocab: a.vocab,
-                    row_stride: a.row_stride,
-                    temperature: a.temperature,
-                    flags: opts.kernel_flags(),
-                    _pad: 0,
-                };
-                // SAFETY: device buffers of the stated shapes (contract).
-                unsafe { cuda.softmax_stats(dt, &p, *stream) }.st()
-            }
+        Ok(StatsCall {
+            args: a,
+            dt,
+            opts,
+            rows,
+            vocab,
+            stride,
+            len,
+        })
+    }
+
+    /// The caller's logits on the CPU.
+    fn logits(&self) -> Result<Logits<'_>, (SpeckvStatus, String)> {
+        // SAFETY: `len` elements at `args.logits` per the header's shape contract, read only during
+        // the call that checked them.
+        let data = unsafe { logits_at(self.args.logits, self.dt, self.len) };
+        Logits::new(data, self.rows, self.vocab, self.stride).st()
+    }
+
+    /// The kernel's parameters on the caller's device buffers.
+    fn cuda_params(
+        &self,
+    ) -> Result<speckv_kernels::params::SoftmaxStatsParams, (SpeckvStatus, String)> {
+        let (a, opts) = (&self.args, &self.opts);
+        opts.validate().st()?;
+        if self.vocab == 0 || self.stride < self.vocab {
+            return fail(
+                SpeckvStatus::BadShape,
+                format!(
+                    "vocab {} must be ≥ 1 and ≤ row_stride {}",
+                    self.vocab, self.stride
+                ),
+            );
         }
-    })
+        Ok(speckv_kernels::params::SoftmaxStatsParams {
+            logits: a.logits as *const u8,
+            out: a.out,
+            accum: if opts.accumulate == Accumulate::No {
+                std::ptr::null_mut()
+            } else {
+                a.accum
+            },
+            seed: a.seed,
+            step: a.step,
+            rows: a.rows,
+            vocab: a.vocab,
+            row_stride: a.row_stride,
+            temperature: a.temperature,
+            flags: opts.kernel_flags(),
+            _pad: 0,
+        })
+    }
 }
 
 /// Softmax statistics of described rows — each its logits row, seed, step, stream, temperature,

@@ -135,6 +135,15 @@ fn stream_controller_and_verify_misuse_is_reported() {
             speckv_load_controller(ctx, missing.as_ptr(), cands.as_ptr(), 2, null()),
             SpeckvStatus::Io
         );
+        // A file that is not a controller: not read as one (the same status).
+        let garbage =
+            std::env::temp_dir().join(format!("speckv-misuse-{}.json", std::process::id()));
+        std::fs::write(&garbage, "{\"w1\": \"no\"}").unwrap();
+        let garbage = CString::new(garbage.to_str().unwrap()).unwrap();
+        assert_eq!(
+            speckv_load_controller(ctx, garbage.as_ptr(), cands.as_ptr(), 2, null()),
+            SpeckvStatus::Io
+        );
         let path = CString::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../assets/controller.json"

@@ -2,8 +2,10 @@
 //! `weights::gemv`) on rayon's thread pool. Not the emulator: same results as the kernels, its own
 //! fast code.
 
-use speckv_kernels::params::{FeatureAccum, RowStats};
+use speckv_kernels::params::{FeatureAccum, RowStats, StopState};
+use speckv_kernels::stop_rule;
 
+use crate::backend::emulate::{StatsV2Output, Stop};
 use crate::error::Result;
 use crate::stats::cpu::StatsScratch;
 use crate::stats::{self, Logits, StatsOptions};
@@ -58,6 +60,59 @@ impl CpuBackend {
         accum: Option<&mut [FeatureAccum]>,
     ) -> Result<Vec<RowStats>> {
         stats::cpu::softmax_stats(self.threads, logits, opts, accum)
+    }
+
+    /// Statistics of every row with the per-token stopping rule after each (one row per
+    /// sequence, its draft just computed): what `softmax_stats_v2`'s `STATS_STOP` epilogue does, and
+    /// what [`crate::backend::emulate::Emulator::softmax_stats_v2_stop`] returns. A step's first
+    /// draft (`Accumulate::Reset`) starts every sequence from [`StopState::START`]; a sequence that
+    /// has stopped keeps its accumulator, state and γ_b.
+    pub fn softmax_stats_stop(
+        &self,
+        logits: &Logits<'_>,
+        opts: &StatsOptions,
+        accum: &mut [FeatureAccum],
+        stop: Stop<'_>,
+    ) -> Result<StatsV2Output> {
+        let rows = logits.rows();
+        stop.check(rows, opts)?;
+        let before = accum.to_vec();
+        let stats = self.softmax_stats(logits, opts, Some(&mut *accum))?;
+        let reset = opts.accumulate == stats::Accumulate::Reset;
+        let mut states = stop.state.to_vec();
+        let mut gammas: Vec<i32> = states.iter().map(|s| s.kept as i32).collect();
+        let mut stopped = 0;
+        for (r, s) in states.iter_mut().enumerate() {
+            if reset {
+                *s = StopState::START;
+            }
+            if s.stopped != 0 {
+                accum[r] = before[r];
+                continue;
+            }
+            stop_rule::decide_host(
+                stop.weights,
+                s,
+                &accum[r],
+                stats[r].entropy,
+                stats[r].confidence,
+                stop.compression_code,
+                stop.odds_scale,
+                stop.gamma_max,
+                &stop.costs,
+            );
+            gammas[r] = s.kept as i32;
+            stopped += s.stopped;
+        }
+        Ok(StatsV2Output {
+            stats,
+            accum: Some(accum.to_vec()),
+            gammas: Some(gammas),
+            expected: None,
+            gamma_flags: None,
+            stop_state: Some(states),
+            stopped_count: Some(stopped),
+        })
     }
 
     /// The statistics of the described rows (`softmax_stats_v3`'s twin: each row its logits row,

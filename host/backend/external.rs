@@ -12,10 +12,13 @@ use cudarc::driver::sys::{
     self, CUcontext, CUdevice_attribute, CUfunction, CUmodule, CUresult, CUstream,
 };
 use speckv_kernels::params::{
-    GammaMlpParams, SoftmaxStatsParams, SoftmaxStatsV2Params, SoftmaxStatsV3Params, VerifyParams,
+    GammaMlpParams, SoftmaxStatsParams, SoftmaxStatsV2Params, SoftmaxStatsV3Params, StopParams,
+    VerifyParams, STATS_STOP,
 };
 
-use crate::backend::cuda::{driver_present, KernelFn, GAMMA_BLOCK, STATS_BLOCK, VERIFY_BLOCK};
+use crate::backend::cuda::{
+    driver_present, KernelFn, PodStop, GAMMA_BLOCK, STATS_BLOCK, VERIFY_BLOCK,
+};
 use crate::error::{Error, Result};
 use crate::ptx::Arch;
 use crate::stats::Dtype;
@@ -46,6 +49,9 @@ pub struct ExternalCuda {
     pub sm_count: u32,
     /// Scratch of the v2 kernels, grown (never per launch) when a larger shape arrives.
     workspace: std::sync::Mutex<Option<DeviceBuffer>>,
+    /// The per-token stopping rule's parameters (`StopParams`, which the kernel reads from device
+    /// memory) and the bytes last copied there.
+    stop_slot: std::sync::Mutex<Option<(DeviceBuffer, Box<PodStop>)>>,
 }
 
 // SAFETY: CUcontext, CUmodule and CUfunction handles may be used from any thread (the driver API
@@ -136,6 +142,7 @@ impl ExternalCuda {
             arch,
             sm_count,
             workspace: std::sync::Mutex::new(None),
+            stop_slot: std::sync::Mutex::new(None),
         })
     }
 
@@ -242,6 +249,80 @@ impl ExternalCuda {
         p: &SoftmaxStatsParams,
         stream: *mut c_void,
     ) -> Result<()> {
+        // SAFETY: forwarded; no stopping rule.
+        unsafe { self.softmax_stats_v2(dtype, p, std::ptr::null(), stream) }
+    }
+
+    /// [`ExternalCuda::softmax_stats`] with the per-token stopping rule in the kernel's epilogue
+    /// (`STATS_STOP`): `stop` holds device addresses (the hazard model's weights, the caller's
+    /// `rows` states and γ_b, a counter or null) and the rule's scalars. It is copied into this
+    /// context's parameter slot on `stream` only when it differs from the last copy: the costs
+    /// change per step, not per draft, so a step's later drafts copy nothing.
+    ///
+    /// # Safety
+    /// As [`ExternalCuda::softmax_stats`], and `stop`'s addresses are live device buffers of this
+    /// context: one `MlpWeights`, `rows` states and γ_b, one counter or null. The slot is shared by
+    /// the context's launches, which are ordered on its stream.
+    pub unsafe fn softmax_stats_stop(
+        &self,
+        dtype: Dtype,
+        p: &SoftmaxStatsParams,
+        stop: &StopParams,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let at = self.stop_params(stop, stream)?;
+        // SAFETY: forwarded; `at` holds `stop`, copied on this stream before the launch.
+        unsafe { self.softmax_stats_v2(dtype, p, at as *const StopParams, stream) }
+    }
+
+    /// The device address of the parameter slot holding `stop` (copied asynchronously on
+    /// `stream` when it differs from what the slot holds).
+    fn stop_params(&self, stop: &StopParams, stream: *mut c_void) -> Result<u64> {
+        let mut slot = self
+            .stop_slot
+            .lock()
+            .map_err(|_| Error::Other("stop parameter lock poisoned".to_string()))?;
+        let pod = PodStop(*stop);
+        if let Some((buf, held)) = slot.as_ref() {
+            if bytemuck::bytes_of(&**held) == bytemuck::bytes_of(&pod) {
+                return Ok(buf.ptr);
+            }
+        }
+        let buf = match slot.take() {
+            Some((buf, _)) => buf,
+            None => self.upload(bytemuck::bytes_of(&pod))?,
+        };
+        let _cur = Current::push(self.ctx)?;
+        // SAFETY: the slot holds `size_of::<StopParams>()` bytes; the copy from pageable host
+        // memory is staged before this call returns, and ordered on `stream` after every earlier
+        // launch that read the slot.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    buf.ptr,
+                    bytemuck::bytes_of(&pod).as_ptr() as *const c_void,
+                    std::mem::size_of::<StopParams>(),
+                    stream as CUstream,
+                )
+            },
+            "cuMemcpyHtoDAsync",
+        )?;
+        let at = buf.ptr;
+        *slot = Some((buf, Box::new(pod)));
+        Ok(at)
+    }
+
+    /// `softmax_stats` v2 with `stop` (null: none) behind `STATS_STOP`.
+    ///
+    /// # Safety
+    /// As [`ExternalCuda::softmax_stats_stop`].
+    unsafe fn softmax_stats_v2(
+        &self,
+        dtype: Dtype,
+        p: &SoftmaxStatsParams,
+        stop: *const StopParams,
+        stream: *mut c_void,
+    ) -> Result<()> {
         let (_, plan) = crate::plan::softmax_stats_v2(p.rows, p.vocab, dtype, self.sm_count);
         let counters = (p.rows as usize * 4).next_multiple_of(16);
         let partials = p.rows as usize
@@ -264,12 +345,16 @@ impl ExternalCuda {
             vocab: p.vocab,
             row_stride: p.row_stride,
             temperature: p.temperature,
-            flags: p.flags,
+            flags: if stop.is_null() {
+                p.flags
+            } else {
+                p.flags | STATS_STOP
+            },
             splits: plan.splits,
             chunk_vecs: plan.chunk_vecs,
             temperature_group: 1,
             temperatures: std::ptr::null(),
-            stop: std::ptr::null(),
+            stop,
         };
         // SAFETY: forwarded; the scratch is sized for this plan, its counters zero.
         unsafe {

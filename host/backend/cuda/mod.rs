@@ -29,6 +29,7 @@ mod verify;
 pub use controller::{DeviceController, GAMMA_BLOCK};
 pub use forward::CacheRefs;
 pub use gemv::{DeviceMatrix, GemvVersion, GEMV_BLOCK};
+pub(crate) use stats::PodStop;
 pub use stats::ResidentStats;
 pub use stats_v3::ResidentRows;
 pub use verify::ResidentVerify;

@@ -78,7 +78,7 @@ impl StatsScratch {
 /// its size is asserted in the kernels crate).
 #[repr(transparent)]
 #[derive(Clone, Copy)]
-pub(super) struct PodStop(pub StopParams);
+pub(crate) struct PodStop(pub StopParams);
 // SAFETY: `StopParams` is `#[repr(C)]` of 8-byte pointers followed by f32/u32 fields whose sizes
 // add up to the asserted 112 bytes: no padding, and any bit pattern is a valid value to copy.
 unsafe impl bytemuck::Zeroable for PodStop {}

@@ -3,14 +3,14 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use speckv_kernels::params::{
-    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP, STOP_TIMES,
+    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP,
 };
 
 use super::stats::PodStop;
 use super::CudaBackend;
 use crate::backend::emulate::{StatsV2Output, Stop};
-use crate::error::{Error, Result};
-use crate::stats::{check_accum, stats_params, Accumulate, Logits, StatsOptions};
+use crate::error::Result;
+use crate::stats::{check_accum, stats_params, Logits, StatsOptions};
 
 impl CudaBackend {
     /// `softmax_stats_v2` with per-token stopping in its epilogue: one row per sequence, its draft
@@ -27,19 +27,7 @@ impl CudaBackend {
         opts.validate()?;
         check_accum(Some(accum.len()), logits.rows(), opts)?;
         let rows = logits.rows();
-        if opts.accumulate == Accumulate::No {
-            return Err(Error::Other(
-                "per-token stopping needs accumulators (accumulate add or reset)".to_string(),
-            ));
-        }
-        if stop.state.len() != rows || stop.gamma_max as usize >= STOP_TIMES {
-            return Err(Error::Other(format!(
-                "{} stop states for {rows} rows, γmax {} (at most {})",
-                stop.state.len(),
-                stop.gamma_max,
-                STOP_TIMES - 1
-            )));
-        }
+        stop.check(rows, opts)?;
         let st = &self.stream;
         let (_, plan) = crate::plan::softmax_stats_v2(
             rows as u32,

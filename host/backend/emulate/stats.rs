@@ -33,6 +33,32 @@ pub struct Stop<'a> {
     pub odds_scale: f32,
 }
 
+impl Stop<'_> {
+    /// What every backend checks before a launch with per-token stopping over `rows` sequences:
+    /// accumulators on, one state per sequence, γmax within the rule's table.
+    pub fn check(&self, rows: usize, opts: &StatsOptions) -> Result<()> {
+        if opts.accumulate == crate::stats::Accumulate::No {
+            return Err(Error::Other(
+                "per-token stopping needs accumulators (accumulate add or reset)".to_string(),
+            ));
+        }
+        if self.state.len() != rows {
+            return Err(Error::Other(format!(
+                "{} stop states for {rows} rows",
+                self.state.len()
+            )));
+        }
+        if self.gamma_max as usize >= STOP_TIMES {
+            return Err(Error::Other(format!(
+                "γmax {} above the stopping rule's {}",
+                self.gamma_max,
+                STOP_TIMES - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What `softmax_stats_v2` produced: the rows' statistics, the accumulators after the launch, and
 /// with a fused decision the γ, predicted tokens and flags per row.
 #[derive(Clone, Debug)]
@@ -180,20 +206,7 @@ impl Emulator {
         plan: &speckv_kernels::softmax_stats::PlanV2,
         stop: Stop<'_>,
     ) -> Result<StatsV2Output> {
-        if stop.state.len() != logits.rows() {
-            return Err(Error::Other(format!(
-                "{} stop states for {} rows",
-                stop.state.len(),
-                logits.rows()
-            )));
-        }
-        if stop.gamma_max as usize >= STOP_TIMES {
-            return Err(Error::Other(format!(
-                "γmax {} above the stopping rule's {}",
-                stop.gamma_max,
-                STOP_TIMES - 1
-            )));
-        }
+        stop.check(logits.rows(), opts)?;
         self.softmax_stats_v2_fused(logits, opts, Some(accum), plan, None, Some(stop))
     }
 

@@ -1,0 +1,286 @@
+//! Per-token stopping through the C ABI: the `auto` policy's stopping rule fused into the
+//! draft's statistics pass (`softmax_stats_v2` with `STATS_STOP` on CUDA, its CPU twin on the
+//! CPU). After each drafted token every sequence keeps or discards it and drafts on or stops, from
+//! the hazard model's P(accept) and the step's costs; its γ_b lands where `speckv_verify` reads
+//! it, and a counter says how many sequences stopped. The host reads nothing per token.
+
+use std::ffi::{c_char, CStr};
+use std::path::Path;
+
+use speckv::backend::emulate::Stop;
+use speckv::backend::external::DeviceBuffer;
+use speckv::controller::hazard::{HazardModel, OnlineCost, ONLINE_COST_ALPHA};
+use speckv::controller::CostModel;
+use speckv::stats::Accumulate;
+use speckv_kernels::params::{MlpWeights, StepCosts, StopParams, StopState, STOP_TIMES};
+
+use super::{
+    aligned, ctx_ref, fail, file_status, guard, non_null, Device, IntoStatus, SpeckvContext,
+    SpeckvStatsArgs, SpeckvStatus, StatsCall,
+};
+
+/// Entries of `SpeckvStepCosts.verify`: γ = 0..=15.
+pub const SPECKV_STOP_TIMES: usize = 16;
+/// The most drafts per step the stopping rule takes (`SPECKV_STOP_TIMES − 1`).
+pub const SPECKV_STOP_MAX_GAMMA: u32 = 15;
+
+const _: () = assert!(SPECKV_STOP_TIMES == STOP_TIMES);
+const _: () = assert!(SPECKV_STOP_MAX_GAMMA as usize == STOP_TIMES - 1);
+
+/// One sequence's place in its speculation step (the kernels' `StopState`, 16 bytes): the chance
+/// every kept draft is accepted, the step's expected tokens so far, drafts kept (γ_b) and whether
+/// it has stopped. Zero-initialised memory is fine: a step's first draft (accumulate RESET) starts
+/// every sequence afresh.
+pub type SpeckvStopState = StopState;
+
+/// A step's costs as the stopping rule weighs them (the kernels' `StepCosts`): one draft pass, and
+/// the verification of γ drafts for γ = 0..=gamma_max (later entries unused). Any time unit: only
+/// ratios enter the decision. `speckv_step_costs` fills it from a cost model.
+pub type SpeckvStepCosts = StepCosts;
+
+/// The stopping rule's inputs for one drafted position of a batch: `rows` sequences, one logits
+/// row each (the `SpeckvStatsArgs` of the same call).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SpeckvStopArgs {
+    /// `[rows]` states, read and written. A call with accumulate RESET (the step's first draft)
+    /// starts every sequence afresh whatever its state holds; later calls (accumulate ADD) go on
+    /// from it. A sequence that has stopped is left alone: its accumulator, state and γ_b stay.
+    pub state: *mut SpeckvStopState,
+    /// `[rows]` γ_b, written after every decision of a sequence still drafting: the drafts kept
+    /// so far — `speckv_verify`'s `gammas`.
+    pub gammas_out: *mut i32,
+    /// One counter, or null: each sequence that stops in this call adds one (zero it before a
+    /// step's first draft; it reaches `rows` when every sequence has stopped).
+    pub stopped_count: *mut u32,
+    pub costs: SpeckvStepCosts,
+    /// Most drafts per step, 1..=SPECKV_STOP_MAX_GAMMA: a sequence stops at γmax.
+    pub gamma_max: u32,
+    /// The target's compression, a feature of the hazard model: 0 fp16, 1 int8, 2 nf4.
+    pub compression_code: f32,
+    /// Online calibration: the model's odds h / (1 − h) are multiplied by this (1: the model as
+    /// trained); finite and > 0.
+    pub odds_scale: f32,
+}
+
+/// The hazard model a context holds, and its weights on the device.
+pub(crate) struct LoadedHazard {
+    weights: MlpWeights,
+    device: Option<DeviceBuffer>,
+}
+
+fn c_path(p: *const c_char) -> Option<String> {
+    // SAFETY: null or a NUL-terminated string (contract).
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// Loads the hazard model of the per-token stopping rule: JSON from `speckv train --hazard`, or
+/// null for the model shipped with speckv (trained on the Qwen2.5-Coder 0.5B → 1.5B traces). On
+/// CUDA its weights are uploaded here, once.
+#[no_mangle]
+pub unsafe extern "C" fn speckv_load_hazard(
+    ctx: *mut SpeckvContext,
+    hazard_path: *const c_char,
+) -> SpeckvStatus {
+    guard(|| {
+        non_null(ctx, "context")?;
+        // SAFETY: a live context (contract), exclusively used by this call.
+        let c = unsafe { &mut *ctx };
+        let model = match c_path(hazard_path) {
+            Some(p) => file_status(HazardModel::load(Path::new(&p)))?,
+            None => HazardModel::default_model().st()?,
+        };
+        let weights = model.weights();
+        let device = match &c.device {
+            Device::Cpu(_) => None,
+            Device::Cuda { cuda, .. } => Some(cuda.upload(bytemuck::bytes_of(&weights)).st()?),
+        };
+        c.hazard = Some(LoadedHazard { weights, device });
+        Ok(())
+    })
+}
+
+/// The step costs of a cost model (`speckv profile`'s `steps.cost.json`; null: the assumed one —
+/// a draft pass 1/3 of a target pass, verification 2 % dearer a drafted position) for γmax
+/// `gamma_max` (1..=SPECKV_STOP_MAX_GAMMA) into `*out`: verify[γ] for γ ≤ γmax, +inf beyond.
+#[no_mangle]
+pub unsafe extern "C" fn speckv_step_costs(
+    cost_json: *const c_char,
+    gamma_max: u32,
+    out: *mut SpeckvStepCosts,
+) -> SpeckvStatus {
+    guard(|| {
+        non_null(out, "out")?;
+        aligned(out, "out")?;
+        check_gamma_max(gamma_max)?;
+        let model = match c_path(cost_json) {
+            Some(p) => file_status(CostModel::load(Path::new(&p)))?,
+            None => CostModel::assumed(),
+        };
+        let costs = OnlineCost::new(model, ONLINE_COST_ALPHA).step_costs(gamma_max as usize);
+        // SAFETY: non-null, aligned, writable (contract).
+        unsafe { *out = costs };
+        Ok(())
+    })
+}
+
+fn check_gamma_max(gamma_max: u32) -> Result<(), (SpeckvStatus, String)> {
+    if gamma_max == 0 || gamma_max > SPECKV_STOP_MAX_GAMMA {
+        return fail(
+            SpeckvStatus::InvalidArgument,
+            format!("gamma_max must be 1..={SPECKV_STOP_MAX_GAMMA}, got {gamma_max}"),
+        );
+    }
+    Ok(())
+}
+
+/// The checks of a `SpeckvStopArgs` that need no device: pointers, γmax, the compression code, the
+/// calibration and costs the rule can weigh.
+fn check_stop(s: &SpeckvStopArgs) -> Result<(), (SpeckvStatus, String)> {
+    non_null(s.state, "stop.state")?;
+    non_null(s.gammas_out, "stop.gammas_out")?;
+    aligned(s.state, "stop.state")?;
+    aligned(s.gammas_out, "stop.gammas_out")?;
+    aligned(s.stopped_count, "stop.stopped_count")?;
+    check_gamma_max(s.gamma_max)?;
+    if !s.compression_code.is_finite() {
+        return fail(
+            SpeckvStatus::InvalidArgument,
+            "stop.compression_code must be finite (0 fp16, 1 int8, 2 nf4)",
+        );
+    }
+    if !(s.odds_scale.is_finite() && s.odds_scale > 0.0) {
+        return fail(
+            SpeckvStatus::InvalidArgument,
+            format!(
+                "stop.odds_scale must be finite and > 0 (1: the model as trained), got {}",
+                s.odds_scale
+            ),
+        );
+    }
+    if !(s.costs.draft.is_finite() && s.costs.draft >= 0.0) {
+        return fail(
+            SpeckvStatus::InvalidArgument,
+            format!(
+                "stop.costs.draft must be finite and ≥ 0, got {}",
+                s.costs.draft
+            ),
+        );
+    }
+    let used = &s.costs.verify[..=s.gamma_max as usize];
+    if let Some((g, v)) = used
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v > 0.0))
+    {
+        return fail(
+            SpeckvStatus::InvalidArgument,
+            format!(
+                "stop.costs.verify[{g}] must be finite and > 0 for γ ≤ gamma_max {}, got {v}",
+                s.gamma_max
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Softmax statistics of every row (as `speckv_softmax_stats`: one row per sequence, its draft
+/// just computed) with the per-token stopping rule after each: the sequence keeps or discards the
+/// draft and drafts on or stops, γ_b written to `stop->gammas_out`. Accumulation is required
+/// (RESET for a step's first draft, ADD after). Needs `speckv_load_hazard`. CPU: synchronous;
+/// CUDA: every pointer in both argument structs a device pointer, asynchronous on the context's
+/// stream — the rule's parameters are copied to the device only when they differ from the last
+/// call's (the costs change per step, not per draft).
+#[no_mangle]
+pub unsafe extern "C" fn speckv_softmax_stats_stop(
+    ctx: *const SpeckvContext,
+    args: *const SpeckvStatsArgs,
+    stop: *const SpeckvStopArgs,
+) -> SpeckvStatus {
+    guard(|| {
+        let c = ctx_ref(ctx)?;
+        let call = StatsCall::check(args)?;
+        non_null(stop, "stop")?;
+        // SAFETY: non-null, readable (contract).
+        let s = unsafe { *stop };
+        check_stop(&s)?;
+        if call.opts.accumulate == Accumulate::No {
+            return fail(
+                SpeckvStatus::InvalidArgument,
+                "per-token stopping needs accumulators: accumulate RESET (a step's first draft) \
+                 or ADD",
+            );
+        }
+        let Some(h) = &c.hazard else {
+            return fail(
+                SpeckvStatus::NoHazardModel,
+                "no hazard model: call speckv_load_hazard first",
+            );
+        };
+        let rows = call.rows;
+        match &c.device {
+            Device::Cpu(cpu) => {
+                let l = call.logits()?;
+                // SAFETY: `rows` accumulators, states and γ_b (contract), used only during this
+                // call.
+                let (accum, states, gammas) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(call.args.accum, rows),
+                        std::slice::from_raw_parts_mut(s.state, rows),
+                        std::slice::from_raw_parts_mut(s.gammas_out, rows),
+                    )
+                };
+                let rule = Stop {
+                    weights: &h.weights,
+                    state: states,
+                    costs: s.costs,
+                    gamma_max: s.gamma_max,
+                    compression_code: s.compression_code,
+                    odds_scale: s.odds_scale,
+                };
+                let r = cpu.softmax_stats_stop(&l, &call.opts, accum, rule).st()?;
+                let reset = call.opts.accumulate == Accumulate::Reset;
+                let (after, kept) = (
+                    r.stop_state.unwrap_or_default(),
+                    r.gammas.unwrap_or_default(),
+                );
+                for b in 0..rows {
+                    // As the kernel: a sequence already stopped has nothing written.
+                    if reset || states[b].stopped == 0 {
+                        gammas[b] = kept[b];
+                    }
+                }
+                states.copy_from_slice(&after);
+                // SAFETY: `rows` writable outputs (contract).
+                unsafe { std::ptr::copy_nonoverlapping(r.stats.as_ptr(), call.args.out, rows) };
+                if !s.stopped_count.is_null() {
+                    // SAFETY: one writable counter when non-null (contract).
+                    unsafe {
+                        *s.stopped_count =
+                            (*s.stopped_count).wrapping_add(r.stopped_count.unwrap_or(0))
+                    };
+                }
+                Ok(())
+            }
+            Device::Cuda { cuda, stream } => {
+                let Some(w) = &h.device else {
+                    return fail(SpeckvStatus::Internal, "hazard weights not on the device");
+                };
+                let p = call.cuda_params()?;
+                let sp = StopParams {
+                    weights: w.ptr() as *const MlpWeights,
+                    state: s.state,
+                    gammas_out: s.gammas_out,
+                    stopped_count: s.stopped_count,
+                    costs: s.costs,
+                    gamma_max: s.gamma_max,
+                    compression_code: s.compression_code,
+                    odds_scale: s.odds_scale,
+                };
+                // SAFETY: device buffers of the stated shapes (contract); the weights were
+                // uploaded by `speckv_load_hazard` and live as long as the context.
+                unsafe { cuda.softmax_stats_stop(call.dt, &p, &sp, *stream) }.st()
+            }
+        }
+    })
+}

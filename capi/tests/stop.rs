@@ -1,0 +1,501 @@
+//! Per-token stopping through the C ABI (`speckv_softmax_stats_stop`) on a CPU context, against
+//! the kernel itself — `softmax_stats_v2` with its `STATS_STOP` epilogue on the emulator, sanitizer
+//! on — fed the same logits: the same decisions, γ_b, stop counts and running expectations at every
+//! drafted position. Then the contract an engine relies on (a stopped sequence has nothing written,
+//! a step's first draft starts afresh, the counter reaches the batch), the hazard and cost files,
+//! and misuse.
+
+use std::ffi::{c_void, CStr, CString};
+use std::ptr::{null, null_mut};
+
+use speckv::backend::emulate::{Emulator, Stop};
+use speckv::controller::hazard::HazardModel;
+use speckv::controller::mlp::{Mlp, HIDDEN, INPUTS};
+use speckv::stats::{Accumulate, Dtype, Logits, LogitsData, StatsOptions};
+use speckv_c::*;
+use speckv_kernels::params::{FeatureAccum, RowStats, StepCosts, StopState};
+
+const ROWS: usize = 6;
+const V: usize = 1500;
+const GMAX: u32 = 7;
+
+fn last_error() -> String {
+    // SAFETY: speckv_last_error returns a valid NUL-terminated string.
+    unsafe { CStr::from_ptr(speckv_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn cpu() -> *mut SpeckvContext {
+    let mut ctx = null_mut();
+    // SAFETY: `ctx` is a valid out-pointer.
+    assert_eq!(
+        unsafe { speckv_context_create_cpu(&mut ctx) },
+        SpeckvStatus::Ok
+    );
+    ctx
+}
+
+/// Drafted position `j`'s logits: sequence b confident for its first b positions, flat after, so
+/// the sequences stop at different places. A fixed integer hash, so the C ABI and the emulator
+/// read the same values.
+fn logits(j: usize) -> Vec<f32> {
+    (0..ROWS * V)
+        .map(|i| {
+            let (b, k) = (i / V, i % V);
+            let h = (k as u64 * 2_654_435_761 + (j * 7 + b) as u64 * 40_503) % 10_007;
+            let z = h as f32 / 10_007.0 - 0.5;
+            let spike = if k == (j * 13 + b) % V { 3.0 } else { 0.0 };
+            let scale = if j < b { 4.0 } else { 0.5 };
+            scale * (z * 2.0 + spike)
+        })
+        .collect()
+}
+
+fn costs() -> StepCosts {
+    let mut c = StepCosts {
+        draft: 0.0,
+        verify: [0.0; SPECKV_STOP_TIMES],
+    };
+    // SAFETY: a valid out-pointer; null cost file = the assumed model.
+    assert_eq!(
+        unsafe { speckv_step_costs(null(), GMAX, &mut c) },
+        SpeckvStatus::Ok
+    );
+    c
+}
+
+/// One step's buffers on the host.
+struct Step {
+    accum: Vec<FeatureAccum>,
+    out: Vec<RowStats>,
+    state: Vec<StopState>,
+    gammas: Vec<i32>,
+    stopped: u32,
+}
+
+impl Step {
+    fn new() -> Step {
+        Step {
+            accum: vec![FeatureAccum::EMPTY; ROWS],
+            out: vec![RowStats::default(); ROWS],
+            // Zeroed memory, as a C caller would hand over: the first draft resets it.
+            state: vec![
+                StopState {
+                    survive: 0.0,
+                    expected: 0.0,
+                    kept: 0,
+                    stopped: 0
+                };
+                ROWS
+            ],
+            gammas: vec![0; ROWS],
+            stopped: 0,
+        }
+    }
+
+    /// Draft position `j` through the C ABI.
+    fn draft(&mut self, ctx: *mut SpeckvContext, x: &[f32], j: usize, odds: f32) -> SpeckvStatus {
+        let args = SpeckvStatsArgs {
+            logits: x.as_ptr() as *const c_void,
+            dtype: SPECKV_DTYPE_F32,
+            rows: ROWS as u32,
+            vocab: V as u32,
+            row_stride: V as u32,
+            temperature: 0.0,
+            sample: 0,
+            seed: 11,
+            step: j as u64,
+            accumulate: if j == 0 {
+                SPECKV_ACCUMULATE_RESET
+            } else {
+                SPECKV_ACCUMULATE_ADD
+            },
+            accum: self.accum.as_mut_ptr(),
+            out: self.out.as_mut_ptr(),
+        };
+        let stop = SpeckvStopArgs {
+            state: self.state.as_mut_ptr(),
+            gammas_out: self.gammas.as_mut_ptr(),
+            stopped_count: &mut self.stopped,
+            costs: costs(),
+            gamma_max: GMAX,
+            compression_code: 1.0,
+            odds_scale: odds,
+        };
+        // SAFETY: every buffer holds `ROWS` entries (the logits `ROWS × V`).
+        unsafe { speckv_softmax_stats_stop(ctx, &args, &stop) }
+    }
+}
+
+#[test]
+fn the_c_abi_stops_as_the_kernel_epilogue_does() {
+    let ctx = cpu();
+    let w = HazardModel::default_model().unwrap().weights();
+    let emu = Emulator::new(256);
+    let (_, plan) = speckv::plan::softmax_stats_v2(ROWS as u32, V as u32, Dtype::F32, 7);
+    let mut outcomes = std::collections::BTreeSet::new();
+    // SAFETY: a live context; null loads the shipped model.
+    assert_eq!(unsafe { speckv_load_hazard(ctx, null()) }, SpeckvStatus::Ok);
+    for odds in [1.0f32, 0.6, 1.7] {
+        let mut c = Step::new();
+        let mut emu_accum = vec![FeatureAccum::EMPTY; ROWS];
+        let mut emu_state = vec![StopState::START; ROWS];
+        for j in 0..GMAX as usize {
+            let x = logits(j);
+            let before = (c.accum.clone(), c.state.clone());
+            let was_stopped: Vec<bool> = c.state.iter().map(|s| j > 0 && s.stopped != 0).collect();
+            // A sentinel where nothing may be written: the γ_b of stopped sequences (put back
+            // after the check).
+            let kept = c.gammas.clone();
+            for (g, &done) in c.gammas.iter_mut().zip(&was_stopped) {
+                if done {
+                    *g = -7;
+                }
+            }
+            let count_before = c.stopped;
+            assert_eq!(
+                c.draft(ctx, &x, j, odds),
+                SpeckvStatus::Ok,
+                "{}",
+                last_error()
+            );
+            let opts = StatsOptions {
+                temperature: 0.0,
+                sample: false,
+                seed: 11,
+                step: j as u64,
+                accumulate: if j == 0 {
+                    Accumulate::Reset
+                } else {
+                    Accumulate::Add
+                },
+            };
+            let l = Logits::dense(LogitsData::F32(&x), V).unwrap();
+            let stop = Stop {
+                weights: &w,
+                state: &emu_state,
+                costs: costs(),
+                gamma_max: GMAX,
+                compression_code: 1.0,
+                odds_scale: odds,
+            };
+            let r = emu
+                .softmax_stats_v2_stop(&l, &opts, &mut emu_accum, &plan, stop)
+                .unwrap();
+            let (st, g) = (r.stop_state.unwrap(), r.gammas.unwrap());
+            for b in 0..ROWS {
+                let at = format!("odds {odds}, position {j}, sequence {b}");
+                if was_stopped[b] {
+                    assert_eq!(c.gammas[b], -7, "{at}: γ_b written after the stop");
+                    c.gammas[b] = kept[b];
+                    assert_eq!(c.state[b], before.1[b], "{at}");
+                    assert_eq!(
+                        bytemuck::bytes_of(&c.accum[b]),
+                        bytemuck::bytes_of(&before.0[b]),
+                        "{at}"
+                    );
+                    continue;
+                }
+                let (k, e) = (c.state[b], st[b]);
+                assert_eq!((k.kept, k.stopped), (e.kept, e.stopped), "{at}");
+                assert!(
+                    (k.expected - e.expected).abs() <= 1e-5 * e.expected.abs().max(1.0),
+                    "{at}: {} vs {}",
+                    k.expected,
+                    e.expected
+                );
+                assert_eq!(c.gammas[b], g[b], "{at}");
+                assert_eq!(c.accum[b].count, emu_accum[b].count, "{at}");
+                assert_eq!(c.out[b].argmax, r.stats[b].argmax, "{at}");
+            }
+            assert_eq!(
+                c.stopped - count_before,
+                r.stopped_count.unwrap(),
+                "odds {odds}, position {j}: sequences stopped"
+            );
+            emu_state = st;
+        }
+        // Every sequence has stopped once, by γmax at the latest.
+        assert!(c.state.iter().all(|s| s.stopped == 1), "{:?}", c.state);
+        assert_eq!(c.stopped, ROWS as u32);
+        assert!(c.gammas.iter().all(|&g| (0..=GMAX as i32).contains(&g)));
+        outcomes.extend(c.gammas.iter().copied());
+
+        // The next step's first draft starts afresh whatever the states hold.
+        let x = logits(0);
+        c.stopped = 0;
+        assert_eq!(c.draft(ctx, &x, 0, odds), SpeckvStatus::Ok);
+        assert!(c.state.iter().all(|s| s.kept <= 1), "{:?}", c.state);
+        assert_eq!(
+            c.stopped,
+            c.state.iter().map(|s| s.stopped).sum::<u32>(),
+            "the counter counts this call's stops"
+        );
+    }
+    // Confident then flat drafts: the sequences stop at several places.
+    assert!(
+        outcomes.len() >= 3 && outcomes.iter().any(|&g| g > 1 && g < GMAX as i32),
+        "{outcomes:?}"
+    );
+    // SAFETY: created above, destroyed once.
+    unsafe { speckv_context_destroy(ctx) };
+}
+
+/// A hazard model whose prediction is `h` whatever the features, as a file.
+fn constant_hazard_file(h: f64, name: &str) -> CString {
+    let m = HazardModel {
+        mlp: Mlp {
+            w1: [[0.0; HIDDEN]; INPUTS],
+            b1: [0.0; HIDDEN],
+            w2: [[0.0]; HIDDEN],
+            b2: [h],
+            feature_mean: [0.0; INPUTS],
+            feature_std: [1.0; INPUTS],
+        },
+        source: "test".into(),
+    };
+    let p = std::env::temp_dir().join(format!("speckv-capi-{}-{name}.json", std::process::id()));
+    m.save(&p).unwrap();
+    CString::new(p.to_str().unwrap()).unwrap()
+}
+
+#[test]
+fn a_hazard_file_is_what_the_rule_runs() {
+    let ctx = cpu();
+    let run = |path: &CString| -> Vec<i32> {
+        // SAFETY: a live context and a NUL-terminated path.
+        assert_eq!(
+            unsafe { speckv_load_hazard(ctx, path.as_ptr()) },
+            SpeckvStatus::Ok,
+            "{}",
+            last_error()
+        );
+        let mut c = Step::new();
+        for j in 0..GMAX as usize {
+            assert_eq!(c.draft(ctx, &logits(j), j, 1.0), SpeckvStatus::Ok);
+        }
+        assert_eq!(c.stopped, ROWS as u32);
+        c.gammas
+    };
+    // Every draft accepted: each sequence drafts to γmax; none: each discards its first draft.
+    assert_eq!(
+        run(&constant_hazard_file(0.999, "accept")),
+        vec![GMAX as i32; ROWS]
+    );
+    assert_eq!(run(&constant_hazard_file(0.001, "reject")), vec![0; ROWS]);
+    // SAFETY: created above, destroyed once.
+    unsafe { speckv_context_destroy(ctx) };
+}
+
+#[test]
+fn step_costs_come_from_a_cost_model_file() {
+    let p = std::env::temp_dir().join(format!("speckv-capi-{}-cost.json", std::process::id()));
+    std::fs::write(
+        &p,
+        r#"{"draft_ms_per_token": 2.5, "verify_ms": [10.0, 11.0, 12.5], "source": "test"}"#,
+    )
+    .unwrap();
+    let path = CString::new(p.to_str().unwrap()).unwrap();
+    let mut c = StepCosts {
+        draft: 0.0,
+        verify: [0.0; SPECKV_STOP_TIMES],
+    };
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    unsafe {
+        assert_eq!(
+            speckv_step_costs(path.as_ptr(), 5, &mut c),
+            SpeckvStatus::Ok
+        );
+        assert_eq!(c.draft, 2.5);
+        // Measured up to γ = 2, then on the line through the last two; +inf past γmax.
+        assert_eq!(&c.verify[..6], &[10.0, 11.0, 12.5, 14.0, 15.5, 17.0]);
+        assert!(c.verify[6..].iter().all(|v| *v == f32::INFINITY));
+
+        let missing = CString::new("/nonexistent/cost.json").unwrap();
+        assert_eq!(
+            speckv_step_costs(missing.as_ptr(), 5, &mut c),
+            SpeckvStatus::Io
+        );
+        assert_eq!(
+            speckv_step_costs(null(), 16, &mut c),
+            SpeckvStatus::InvalidArgument
+        );
+        assert!(last_error().contains("gamma_max"), "{}", last_error());
+        assert_eq!(
+            speckv_step_costs(null(), 0, &mut c),
+            SpeckvStatus::InvalidArgument
+        );
+        assert_eq!(
+            speckv_step_costs(null(), 5, null_mut()),
+            SpeckvStatus::NullPointer
+        );
+    }
+}
+
+#[test]
+fn stop_misuse_is_reported() {
+    let ctx = cpu();
+    let x = logits(0);
+    // SAFETY (every call below): buffers of the stated shapes or deliberately null/bad values.
+    unsafe {
+        let mut c = Step::new();
+        assert_eq!(c.draft(ctx, &x, 0, 1.0), SpeckvStatus::NoHazardModel);
+        assert!(
+            last_error().contains("speckv_load_hazard"),
+            "{}",
+            last_error()
+        );
+
+        let bad = std::env::temp_dir().join(format!("speckv-capi-{}-bad.json", std::process::id()));
+        std::fs::write(&bad, "{\"mlp\": 3}").unwrap();
+        let bad = CString::new(bad.to_str().unwrap()).unwrap();
+        assert_eq!(speckv_load_hazard(ctx, bad.as_ptr()), SpeckvStatus::Io);
+        assert_eq!(
+            speckv_load_hazard(null_mut(), null()),
+            SpeckvStatus::NullPointer
+        );
+        assert_eq!(speckv_load_hazard(ctx, null()), SpeckvStatus::Ok);
+        assert_eq!(c.draft(ctx, &x, 0, 1.0), SpeckvStatus::Ok);
+
+        let args = |c: &mut Step, accumulate: u32| SpeckvStatsArgs {
+            logits: x.as_ptr() as *const c_void,
+            dtype: SPECKV_DTYPE_F32,
+            rows: ROWS as u32,
+            vocab: V as u32,
+            row_stride: V as u32,
+            temperature: 0.0,
+            sample: 0,
+            seed: 0,
+            step: 0,
+            accumulate,
+            accum: c.accum.as_mut_ptr(),
+            out: c.out.as_mut_ptr(),
+        };
+        let good = |c: &mut Step| SpeckvStopArgs {
+            state: c.state.as_mut_ptr(),
+            gammas_out: c.gammas.as_mut_ptr(),
+            stopped_count: null_mut(),
+            costs: costs(),
+            gamma_max: GMAX,
+            compression_code: 2.0,
+            odds_scale: 1.0,
+        };
+        let a = args(&mut c, SPECKV_ACCUMULATE_RESET);
+        let g = good(&mut c);
+        assert_eq!(speckv_softmax_stats_stop(ctx, &a, &g), SpeckvStatus::Ok);
+        assert_eq!(
+            speckv_softmax_stats_stop(ctx, &a, null()),
+            SpeckvStatus::NullPointer
+        );
+        assert_eq!(
+            speckv_softmax_stats_stop(null(), &a, &g),
+            SpeckvStatus::NullPointer
+        );
+
+        let no_accum = args(&mut c, SPECKV_ACCUMULATE_NO);
+        assert_eq!(
+            speckv_softmax_stats_stop(ctx, &no_accum, &g),
+            SpeckvStatus::InvalidArgument
+        );
+        assert!(last_error().contains("accumulators"), "{}", last_error());
+
+        let cases: Vec<(&str, SpeckvStopArgs, SpeckvStatus)> = vec![
+            (
+                "state",
+                SpeckvStopArgs {
+                    state: null_mut(),
+                    ..g
+                },
+                SpeckvStatus::NullPointer,
+            ),
+            (
+                "gammas_out",
+                SpeckvStopArgs {
+                    gammas_out: null_mut(),
+                    ..g
+                },
+                SpeckvStatus::NullPointer,
+            ),
+            (
+                "stop.state",
+                SpeckvStopArgs {
+                    state: (g.state as *mut u8).add(2) as *mut StopState,
+                    ..g
+                },
+                SpeckvStatus::Misaligned,
+            ),
+            (
+                "gamma_max",
+                SpeckvStopArgs { gamma_max: 0, ..g },
+                SpeckvStatus::InvalidArgument,
+            ),
+            (
+                "gamma_max",
+                SpeckvStopArgs { gamma_max: 16, ..g },
+                SpeckvStatus::InvalidArgument,
+            ),
+            (
+                "odds_scale",
+                SpeckvStopArgs {
+                    odds_scale: 0.0,
+                    ..g
+                },
+                SpeckvStatus::InvalidArgument,
+            ),
+            (
+                "odds_scale",
+                SpeckvStopArgs {
+                    odds_scale: f32::NAN,
+                    ..g
+                },
+                SpeckvStatus::InvalidArgument,
+            ),
+            (
+                "compression_code",
+                SpeckvStopArgs {
+                    compression_code: f32::INFINITY,
+                    ..g
+                },
+                SpeckvStatus::InvalidArgument,
+            ),
+            (
+                "costs.draft",
+                SpeckvStopArgs {
+                    costs: StepCosts {
+                        draft: -1.0,
+                        ..g.costs
+                    },
+                    ..g
+                },
+                SpeckvStatus::InvalidArgument,
+            ),
+        ];
+        for (what, s, want) in cases {
+            assert_eq!(speckv_softmax_stats_stop(ctx, &a, &s), want, "{what}");
+            assert!(last_error().contains(what), "{what}: {}", last_error());
+        }
+        // A verification cost the rule would weigh must be a time; those past γmax are unused.
+        for (g_at, v, want) in [
+            (3, f32::NAN, SpeckvStatus::InvalidArgument),
+            (GMAX as usize, 0.0, SpeckvStatus::InvalidArgument),
+            (GMAX as usize + 1, f32::NAN, SpeckvStatus::Ok),
+        ] {
+            let mut s = g;
+            s.costs.verify[g_at] = v;
+            assert_eq!(
+                speckv_softmax_stats_stop(ctx, &a, &s),
+                want,
+                "verify[{g_at}]"
+            );
+            if want != SpeckvStatus::Ok {
+                assert!(
+                    last_error().contains(&format!("verify[{g_at}]")),
+                    "{}",
+                    last_error()
+                );
+            }
+        }
+        speckv_context_destroy(ctx);
+    }
+}
