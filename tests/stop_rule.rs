@@ -295,6 +295,87 @@ fn stop_launches_reject_inconsistent_inputs() {
     assert!(e.to_string().contains("accumulators"), "{e}");
 }
 
+/// The native CPU backend's batched stop (`CpuBackend::softmax_stats_stop`, what the C ABI's CPU
+/// contexts run) decides as the CPU rule fed its own row statistics, bit for bit (the same f32
+/// rule), stopped sequences left alone; with a poisoned draft the flagged row fails closed as on
+/// the emulator; and it refuses what the emulator refuses.
+#[test]
+fn cpu_backend_decides_as_the_cpu_rule() {
+    let cpu = speckv::backend::cpu::CpuBackend::new();
+    let launch = |l: &Logits<'_>, o: &StatsOptions, a: &mut [FeatureAccum], s: Stop<'_>| {
+        cpu.softmax_stats_stop(l, o, a, s).unwrap()
+    };
+    let w = HazardModel::default_model().unwrap().weights();
+    let (rows, vocab, gmax) = (6, 1500, 7);
+    let costs = shipped_costs(gmax);
+    let mut outcomes = std::collections::BTreeSet::new();
+    for k in [1.0, 0.6, 1.7] {
+        let (g, s) = run_step_on(&launch, &w, &costs, gmax, rows, vocab, None, k, true);
+        assert!(s.iter().all(|x| x.stopped == 1), "every sequence ends");
+        outcomes.extend(g);
+    }
+    assert!(outcomes.len() >= 2, "{outcomes:?}");
+    // The emulator's NaN case: the poisoned third draft of sequence 2 is not kept.
+    let mut cheap = StepCosts {
+        draft: 0.001,
+        verify: [f32::INFINITY; STOP_TIMES],
+    };
+    for (g, t) in cheap.verify.iter_mut().enumerate().take(6) {
+        *t = 1.0 + 0.1 * g as f32;
+    }
+    let (g, _) = run_step_on(
+        &launch,
+        &constant(0.99),
+        &cheap,
+        5,
+        4,
+        700,
+        Some((2, 2)),
+        1.0,
+        true,
+    );
+    assert_eq!(g, vec![5, 5, 2, 5]);
+
+    let x = batch_logits(2, 64, 0);
+    let l = Logits::dense(LogitsData::F32(&x), 64).unwrap();
+    let mut accum = vec![FeatureAccum::EMPTY; 2];
+    let two = [StopState::START; 2];
+    let stop = Stop {
+        weights: &w,
+        state: &two,
+        costs: shipped_costs(4),
+        gamma_max: 4,
+        compression_code: 0.0,
+        odds_scale: 1.0,
+    };
+    let no_accum = StatsOptions {
+        accumulate: Accumulate::No,
+        ..opts(0)
+    };
+    for (o, s, says) in [
+        (
+            opts(0),
+            Stop {
+                state: &two[..1],
+                ..stop
+            },
+            "1 stop states for 2 rows",
+        ),
+        (
+            opts(0),
+            Stop {
+                gamma_max: STOP_TIMES as u32,
+                ..stop
+            },
+            "γmax 16",
+        ),
+        (no_accum, stop, "accumulators"),
+    ] {
+        let e = cpu.softmax_stats_stop(&l, &o, &mut accum, s).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+    }
+}
+
 /// The epilogue on the device decides as the CPU rule fed the device's own row statistics (the
 /// same decisions; expectations to rounding). Skipped without a CUDA device.
 #[test]
