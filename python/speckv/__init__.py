@@ -7,6 +7,16 @@
     ctx.decide_gamma(accum, gammas)                 # γ per sequence, in place
     out = ctx.verify(target_logits, draft_logits, draft_tokens, gammas, seed=s, step=t)
 
+or, γ decided per sequence while drafting (the `auto` policy's per-token stopping rule):
+
+    ctx.load_hazard()                               # the shipped hazard model, or a trained file
+    costs = speckv.step_costs("steps.cost.json", gamma_max=8)     # or your own measured times
+    state, gammas = speckv.new_stop_state(batch), np.zeros(batch, np.int32)
+    for j in range(8):                              # one drafted position per call
+        ctx.softmax_stats_stop(draft_logits_j, state=state, gammas=gammas, costs=costs,
+                               accumulate="reset" if j == 0 else "add", accum=accum)
+        if state["stopped"].all(): break            # every sequence has stopped
+
 Tensors are PyTorch tensors (CPU tensors with a CPU context, CUDA tensors with a CUDA context)
 or NumPy arrays (CPU). Nothing is copied: the kernels read and write the tensors' memory through
 their data pointers, with their strides; outputs you pass (`out=`, `gammas`, `accum`) are written
@@ -54,6 +64,9 @@ ROW_FIELDS = [
     ("seed", "<u8"), ("step", "<u8"), ("row", "<u4"), ("stream", "<u4"), ("temperature", "<f4"),
     ("flags", "<u4"), ("accum_slot", "<u4"), ("_pad", "<u4"),
 ]
+# One sequence's place in its speculation step for `softmax_stats_stop` (16 bytes).
+STOP_FIELDS = [("survive", "<f4"), ("expected", "<f4"), ("kept", "<u4"), ("stopped", "<u4")]
+assert len(STOP_FIELDS) * 4 == _speckv.STOP_STATE_BYTES
 assert len(STATS_FIELDS) * 4 == _speckv.ROW_STATS_BYTES
 assert np.dtype(ROW_FIELDS).itemsize == _speckv.STATS_ROW_BYTES
 assert len(ACCUM_FIELDS) * 4 == _speckv.FEATURE_ACCUM_BYTES
@@ -69,6 +82,28 @@ def accum_dtype() -> np.dtype:
 
 def rows_dtype() -> np.dtype:
     return np.dtype(ROW_FIELDS)
+
+
+def stop_dtype() -> np.dtype:
+    return np.dtype(STOP_FIELDS)
+
+
+def new_stop_state(batch: int, like: Any = None):
+    """Stop states for `softmax_stats_stop` (numpy structured array, or int32 [batch, 4] tensor on
+    `like`'s device). No initial value is needed: a step's first draft ("reset") starts afresh."""
+    if like is not None and _is_torch(like):
+        import torch
+
+        return torch.zeros((batch, 4), dtype=torch.int32, device=like.device)
+    return np.zeros(batch, dtype=stop_dtype())
+
+
+def step_costs(cost_json: Optional[str] = None, gamma_max: int = 8) -> dict:
+    """The step costs of a cost model (`speckv profile`'s JSON; None: the assumed one) for
+    `softmax_stats_stop`: {"draft": one draft pass, "verify": float32 [gamma_max + 1], the
+    verification of γ drafts}. Any time unit; only ratios enter the decision."""
+    draft, verify = _speckv.step_costs(None if cost_json is None else str(cost_json), int(gamma_max))
+    return {"draft": draft, "verify": np.asarray(verify, dtype=np.float32)}
 
 
 def new_rows(n: int, like: Any = None):
@@ -280,6 +315,53 @@ class Context:
             acc_addr = _record(accum, "accum", slots, 6, dev)
         self._raw.softmax_stats_rows(addr, _dtype_code(logits), logit_rows, vocab, stride, rows_addr,
                                      n, slots, acc_addr, out_addr)
+        return out
+
+    def load_hazard(self, path: Optional[str] = None) -> None:
+        """The hazard model of `softmax_stats_stop` (a `speckv train --hazard` JSON; None: the
+        shipped one)."""
+        self._raw.load_hazard(None if path is None else str(path))
+
+    def softmax_stats_stop(self, logits: Any, *, state: Any, gammas: Any, costs: dict,
+                           accumulate: str, accum: Any, gamma_max: Optional[int] = None,
+                           compression_code: float = 0.0, odds_scale: float = 1.0,
+                           stopped: Any = None, temperature: float = 1.0, sample: bool = False,
+                           seed: int = 0, step: int = 0, out: Any = None):
+        """`softmax_stats` of one drafted position ([batch, vocab], one row per sequence) with the
+        per-token stopping rule after each row: every sequence still drafting keeps or discards
+        its draft and drafts on or stops; `state` (see `new_stop_state`) and the int32 `gammas`
+        (γ_b, what `verify` reads) are updated in place, a stopped sequence's left alone.
+        `accumulate` is "reset" for a step's first draft, "add" after; `costs` is `step_costs`'s
+        dict (γmax: its length − 1 unless given); `stopped` (uint32 [1], optional) counts the
+        sequences that stop. Returns `out`."""
+        shape = tuple(_info(logits, "logits")[1])
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        addr, vocab, stride, dev = _rows(logits, "logits", rows)
+        self._dev(dev, "logits")
+        if accumulate not in ("add", "reset"):
+            raise SpeckvError(f"InvalidArgument: per-token stopping accumulates: accumulate must be 'reset' or 'add', got {accumulate!r}")
+        if accum is None:
+            raise SpeckvError("NullPointer: per-token stopping needs accum (see new_accum)")
+        verify = [float(v) for v in costs["verify"]]
+        gm = len(verify) - 1 if gamma_max is None else int(gamma_max)
+        if out is None:
+            out = new_stats(rows, logits if _is_torch(logits) else None)
+        out_addr = _record(out, "out", rows, 8, dev)
+        acc_addr = _record(accum, "accum", rows, 6, dev)
+        st_addr = _record(state, "state", rows, 4, dev)
+        _check_int(gammas, "gammas", "int32", rows)
+        g_addr, _, _, gdev = _info(gammas, "gammas")
+        self._dev(gdev, "gammas")
+        c_addr = 0
+        if stopped is not None:
+            _check_int(stopped, "stopped", "uint32", 1)
+            c_addr, _, _, cdev = _info(stopped, "stopped")
+            self._dev(cdev, "stopped")
+        self._raw.softmax_stats_stop(addr, _dtype_code(logits), rows, vocab, stride, out_addr,
+                                     float(temperature), bool(sample), int(seed), int(step),
+                                     ACCUMULATE[accumulate], acc_addr, st_addr, g_addr, c_addr,
+                                     float(costs["draft"]), verify, gm, float(compression_code),
+                                     float(odds_scale))
         return out
 
     def decide_gamma(self, accum: Any, gammas: Any, *, compression_code: float = 0.0,

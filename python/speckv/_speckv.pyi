@@ -1,13 +1,17 @@
 """Pointer-level binding of speckv's C ABI (see include/speckv.h); use the `speckv` package."""
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 __version__: str
 ROW_STATS_BYTES: int
+STATS_ROW_BYTES: int
 FEATURE_ACCUM_BYTES: int
+STOP_STATE_BYTES: int
+STOP_TIMES: int
 
 class SpeckvError(Exception): ...
 
 def ptx(arch: str) -> str: ...
+def step_costs(cost_json: Optional[str], gamma_max: int) -> Tuple[float, List[float]]: ...
 
 class Context:
     @staticmethod
@@ -21,8 +25,16 @@ class Context:
     def softmax_stats(self, logits: int, dtype: int, rows: int, vocab: int, row_stride: int, out: int,
                       temperature: float, sample: bool, seed: int, step: int, accumulate: int,
                       accum: int) -> None: ...
+    def softmax_stats_rows(self, logits: int, dtype: int, logit_rows: int, vocab: int, row_stride: int,
+                           row_params: int, rows: int, accum_slots: int, accum: int, out: int) -> None: ...
+    def load_hazard(self, path: Optional[str] = None) -> None: ...
+    def softmax_stats_stop(self, logits: int, dtype: int, rows: int, vocab: int, row_stride: int, out: int,
+                           temperature: float, sample: bool, seed: int, step: int, accumulate: int,
+                           accum: int, state: int, gammas_out: int, stopped_count: int,
+                           draft_cost: float, verify_costs: List[float], gamma_max: int,
+                           compression_code: float, odds_scale: float) -> None: ...
     def decide_gamma(self, accum: int, batch: int, compression_code: float, fallback_gamma: int,
-                     gammas_out: int, expected_out: int) -> None: ...
+                     gammas_out: int, expected_out: int, flags_out: int) -> None: ...
     def verify(self, target_logits: int, dtype: int, target_stride: int, draft: int, draft_kind: int,
                draft_stride: int, draft_temperature: int, draft_tokens: int, gammas: int,
                target_temperature: int, batch: int, gamma_max: int, vocab: int, seed: int, step: int,

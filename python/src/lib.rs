@@ -145,6 +145,83 @@ impl Context {
         check(unsafe { speckv_softmax_stats(self.raw, &a) })
     }
 
+    /// `speckv_load_hazard`: a hazard model from `speckv train --hazard` (None: the shipped one).
+    #[pyo3(signature = (path=None))]
+    fn load_hazard(&mut self, path: Option<&str>) -> PyResult<()> {
+        let p = match path {
+            Some(p) => Some(CString::new(p).map_err(|e| SpeckvError::new_err(e.to_string()))?),
+            None => None,
+        };
+        // SAFETY: a live context and a NUL-terminated path or null.
+        check(unsafe { speckv_load_hazard(self.raw, p.as_ref().map_or(null(), |p| p.as_ptr())) })
+    }
+
+    /// Pointer-level `speckv_softmax_stats_stop`: the statistics' arguments as in
+    /// `softmax_stats`, then the stopping rule's (`verify_costs`: γ = 0..len−1, at most
+    /// `STOP_TIMES`; the rest +inf, so every γ ≤ γmax needs an entry).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum, state, gammas_out, stopped_count, draft_cost, verify_costs, gamma_max, compression_code, odds_scale))]
+    fn softmax_stats_stop(
+        &self,
+        logits: usize,
+        dtype: u32,
+        rows: u32,
+        vocab: u32,
+        row_stride: u32,
+        out: usize,
+        temperature: f32,
+        sample: bool,
+        seed: u64,
+        step: u64,
+        accumulate: u32,
+        accum: usize,
+        state: usize,
+        gammas_out: usize,
+        stopped_count: usize,
+        draft_cost: f32,
+        verify_costs: Vec<f32>,
+        gamma_max: u32,
+        compression_code: f32,
+        odds_scale: f32,
+    ) -> PyResult<()> {
+        if verify_costs.len() > SPECKV_STOP_TIMES {
+            return Err(SpeckvError::new_err(format!(
+                "InvalidArgument: {} verification costs, at most {SPECKV_STOP_TIMES}",
+                verify_costs.len()
+            )));
+        }
+        let mut verify = [f32::INFINITY; SPECKV_STOP_TIMES];
+        verify[..verify_costs.len()].copy_from_slice(&verify_costs);
+        let a = SpeckvStatsArgs {
+            logits: ptr(logits),
+            dtype,
+            rows,
+            vocab,
+            row_stride,
+            temperature,
+            sample: sample as u32,
+            seed,
+            step,
+            accumulate,
+            accum: ptr(accum) as *mut SpeckvFeatureAccum,
+            out: ptr(out) as *mut SpeckvRowStats,
+        };
+        let s = SpeckvStopArgs {
+            state: ptr(state) as *mut SpeckvStopState,
+            gammas_out: ptr(gammas_out) as *mut i32,
+            stopped_count: ptr(stopped_count) as *mut u32,
+            costs: SpeckvStepCosts {
+                draft: draft_cost,
+                verify,
+            },
+            gamma_max,
+            compression_code,
+            odds_scale,
+        };
+        // SAFETY: as in `softmax_stats`; the C ABI checks the rule's arguments.
+        check(unsafe { speckv_softmax_stats_stop(self.raw, &a, &s) })
+    }
+
     /// Pointer-level `speckv_softmax_stats_rows`.
     #[allow(clippy::too_many_arguments)]
     fn softmax_stats_rows(
@@ -258,6 +335,26 @@ impl Context {
     }
 }
 
+/// `speckv_step_costs`: (draft cost, verification costs for γ = 0..=gamma_max) of a cost model
+/// (None: the assumed one).
+#[pyfunction]
+#[pyo3(signature = (cost_json, gamma_max))]
+fn step_costs(cost_json: Option<&str>, gamma_max: u32) -> PyResult<(f32, Vec<f32>)> {
+    let p = match cost_json {
+        Some(p) => Some(CString::new(p).map_err(|e| SpeckvError::new_err(e.to_string()))?),
+        None => None,
+    };
+    let mut c = SpeckvStepCosts {
+        draft: 0.0,
+        verify: [0.0; SPECKV_STOP_TIMES],
+    };
+    // SAFETY: a NUL-terminated path or null, and a valid out-pointer.
+    check(unsafe {
+        speckv_step_costs(p.as_ref().map_or(null(), |p| p.as_ptr()), gamma_max, &mut c)
+    })?;
+    Ok((c.draft, c.verify[..=gamma_max as usize].to_vec()))
+}
+
 /// The embedded PTX for "sm_80" or "sm_90".
 #[pyfunction]
 fn ptx(arch: &str) -> PyResult<String> {
@@ -273,12 +370,15 @@ fn ptx(arch: &str) -> PyResult<String> {
 fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Context>()?;
     m.add_function(wrap_pyfunction!(ptx, m)?)?;
+    m.add_function(wrap_pyfunction!(step_costs, m)?)?;
     m.add("SpeckvError", m.py().get_type::<SpeckvError>())?;
     // SAFETY: a static NUL-terminated string.
     let v = unsafe { CStr::from_ptr(speckv_version()) };
     m.add("__version__", v.to_string_lossy().into_owned())?;
     m.add("ROW_STATS_BYTES", std::mem::size_of::<SpeckvRowStats>())?;
     m.add("STATS_ROW_BYTES", std::mem::size_of::<SpeckvStatsRow>())?;
+    m.add("STOP_STATE_BYTES", std::mem::size_of::<SpeckvStopState>())?;
+    m.add("STOP_TIMES", SPECKV_STOP_TIMES)?;
     m.add(
         "FEATURE_ACCUM_BYTES",
         std::mem::size_of::<SpeckvFeatureAccum>(),

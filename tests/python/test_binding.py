@@ -72,9 +72,77 @@ def c_step():
     return subprocess.run([exe, CONTROLLER], check=True, capture_output=True, text=True).stdout
 
 
+AB, AG = 3, 6
+
+
+def auto_draft_logit(b, j, k):
+    if k == (j * 5 + b * 11) % V:
+        return 12.0 if j < 2 * b else 1.0
+    return ((k * k * (1 + j + b) + k * 37 + b * 5) % 64) / 16.0 - 2.0
+
+
+def auto_target_logit(b, j, k):
+    if j < AG and j <= b:
+        return auto_draft_logit(b, j, k)
+    return 9.0 if k == (j * 7 + b) % V else ((k * 29 + b * 3) % 64) / 16.0
+
+
+def python_auto_step():
+    """examples/c/auto_step.c through `speckv`: per-token stopping on NumPy arrays."""
+    draft = np.array([[[auto_draft_logit(b, j, k) for k in range(V)] for j in range(AG)] for b in range(AB)],
+                     dtype=np.float32)
+    target = np.array([[[auto_target_logit(b, j, k) for k in range(V)] for j in range(AG + 1)]
+                       for b in range(AB)], dtype=np.float32)
+    ctx = speckv.Context.cpu()
+    ctx.load_hazard()
+    costs = speckv.step_costs(None, AG)
+    lines = [f"costs draft={costs['draft']:.6f} verify0={costs['verify'][0]:.6f} "
+             f"verify{AG}={costs['verify'][AG]:.6f}"]
+    accum, state = speckv.new_accum(AB), speckv.new_stop_state(AB)
+    gammas = np.zeros(AB, dtype=np.int32)
+    stopped = np.zeros(1, dtype=np.uint32)
+    tokens = np.zeros((AB, AG), dtype=np.int32)
+    out = speckv.new_stats(AB)
+    drafted = 0
+    for j in range(AG):
+        if stopped[0] >= AB:
+            break
+        ctx.softmax_stats_stop(draft[:, j, :], state=state, gammas=gammas, costs=costs,
+                               accumulate="reset" if j == 0 else "add", accum=accum, stopped=stopped,
+                               temperature=0.0, step=j, out=out)
+        drafted += 1
+        for b in range(AB):
+            tokens[b, j] = out[b]["argmax"]
+            lines.append(f"draft j={j} b={b} confidence={out[b]['confidence']:.6f} kept={state[b]['kept']} "
+                         f"stopped={state[b]['stopped']} expected={state[b]['expected']:.6f}")
+        lines.append(f"after j={j} stopped={stopped[0]}")
+    lines.append(f"drafted positions={drafted}")
+    lines += [f"gamma b={b} gamma={gammas[b]}" for b in range(AB)]
+    zero = np.zeros(AB, dtype=np.float32)
+    o = ctx.verify(target, draft, tokens, gammas, target_temperature=zero, draft_temperature=zero)
+    for b in range(AB):
+        em = ",".join(str(t) for t in o["emitted"][b, : o["emitted_count"][b]])
+        lines.append(f"verify b={b} accepted={o['accepted'][b]} flags={o['flags'][b]} emitted={em}")
+    return "\n".join(lines) + "\n"
+
+
+def c_auto_step():
+    lib = os.path.join(ROOT, "target", "release")
+    exe = os.path.join(tempfile.mkdtemp(), "auto_step")
+    subprocess.run([os.environ.get("CC", "cc"), os.path.join(ROOT, "examples", "c", "auto_step.c"), "-std=c99",
+                    "-I", os.path.join(ROOT, "include"), f"-L{lib}", "-lspeckv_c", f"-Wl,-rpath,{lib}",
+                    "-o", exe], check=True)
+    return subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+
+
 class BindingMatchesC(unittest.TestCase):
     def test_step_equals_the_c_example(self):
         self.assertEqual(python_step(), c_step())
+
+    def test_auto_step_equals_the_c_example(self):
+        text = python_auto_step()
+        self.assertEqual(text, c_auto_step())
+        self.assertIn("drafted positions=5", text)  # the counter ended the loop before γmax
 
     def test_f16_and_strided_rows(self):
         ctx = speckv.Context.cpu()
@@ -192,6 +260,26 @@ class Misuse(unittest.TestCase):
         np.testing.assert_array_equal(got["argmax"], want["argmax"])
         np.testing.assert_array_equal(got["sampled"], want["sampled"])
         np.testing.assert_allclose(got["entropy"], want["entropy"], rtol=1e-5, atol=1e-6)
+
+    def test_stop_misuse(self):
+        x = np.zeros((2, 8), dtype=np.float32)
+        costs = speckv.step_costs(None, 4)
+        self.assertEqual(len(costs["verify"]), 5)
+        kw = dict(state=speckv.new_stop_state(2), gammas=np.zeros(2, dtype=np.int32), costs=costs,
+                  accumulate="reset", accum=speckv.new_accum(2))
+        self.raises("NoHazardModel", self.ctx.softmax_stats_stop, x, **kw)
+        self.raises("Io", self.ctx.load_hazard, "/nonexistent.json")
+        self.raises("Io", speckv.step_costs, "/nonexistent.json", 4)
+        self.raises("InvalidArgument", speckv.step_costs, None, 16)
+        self.ctx.load_hazard()
+        self.ctx.softmax_stats_stop(x, **kw)
+        self.assertTrue(all(kw["state"]["stopped"] | (kw["state"]["kept"] <= 1)))
+        self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **{**kw, "accumulate": None})
+        self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **{**kw, "odds_scale": 0.0})
+        # γmax above the costs given: the missing verification costs are refused, not guessed.
+        self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **{**kw, "gamma_max": 6})
+        self.raises("BadShape", self.ctx.softmax_stats_stop, x, **{**kw, "state": speckv.new_stop_state(3)})
+        self.raises("BadDtype", self.ctx.softmax_stats_stop, x, **{**kw, "gammas": np.zeros(2, dtype=np.int64)})
 
     def test_misaligned_buffers_are_refused(self):
         raw = np.zeros(4 * 8 * 4 + 2, dtype=np.uint8)
