@@ -2,7 +2,9 @@
  *
  * One speculation step on caller-owned buffers: speckv_softmax_stats (draft statistics) →
  * speckv_decide_gamma (the 16-unit MLP) → speckv_verify (lossless batched verification), on the
- * CPU or on the caller's CUDA context and stream. Every call returns a SpeckvStatus;
+ * CPU or on the caller's CUDA context and stream. Or decide γ while drafting:
+ * speckv_softmax_stats_stop (statistics + the per-token stopping rule, after speckv_load_hazard and
+ * speckv_step_costs) per drafted position → speckv_verify. Every call returns a SpeckvStatus;
  * speckv_last_error() says why a call failed. Strides are in elements. Kernel entry points, their
  * parameters and launch shapes for loading the PTX yourself: docs/kernels.md. */
 
