@@ -4,11 +4,20 @@ The "models" are bigram tables over a small vocabulary — the target T, and a d
 (the noise sets the acceptance rate) — so the loop shows the integration, not language modelling:
 each step the controller picks γ per sequence from the previous step's draft features, the draft
 samples γ tokens (statistics and features accumulated in place by `softmax_stats`), the target
-scores the γ + 1 positions, and `verify` accepts, corrects and emits. Every buffer is allocated
-once before the loop.
+scores the γ + 1 positions, and `verify` accepts, corrects and emits. With --auto, γ is decided
+while drafting instead (`softmax_stats_stop`: the per-token stopping rule of `--policy auto`, a
+hazard model weighing each draft against the step's costs), and the draft loop ends when every
+sequence has stopped. Every buffer is allocated once before the loop.
+
+The shipped hazard model was trained on greedy Qwen2.5-Coder drafts, where a flat (high-entropy)
+draft is rarely accepted. Here the draft samples at temperature 1 from a distribution close to the
+target's, so flat drafts are often accepted and --auto drafts too little (with --noise 0.3, 40
+steps: mean γ 0.69 against an acceptance of 0.90). A hazard model is specific to its draft, target
+and sampling: train one on your engine's traces (`speckv profile` → `speckv train --hazard`), or
+scale its odds (--odds-scale) as `generate`'s online calibration does.
 
     python examples/python/adaptive_loop.py [--backend torch|numpy] [--device cpu|cuda]
-                                            [--steps 50] [--noise 1.0] [--fixed-gamma N]
+                                            [--steps 50] [--noise 1.0] [--fixed-gamma N | --auto]
 """
 import argparse
 import os
@@ -30,8 +39,14 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--noise", type=float, default=1.0)
     ap.add_argument("--fixed-gamma", type=int, default=0, help="0: speckv's controller decides")
+    ap.add_argument("--auto", action="store_true",
+                    help="per-token stopping (the shipped hazard model, the assumed costs)")
+    ap.add_argument("--odds-scale", type=float, default=1.0,
+                    help="--auto: the hazard model's odds multiplied by this (1: as trained)")
     ap.add_argument("--controller", default=os.path.join(ROOT, "assets", "controller.json"))
     args = ap.parse_args()
+    if args.auto and args.fixed_gamma:
+        ap.error("--auto and --fixed-gamma exclude each other")
     B, V, GMAX = args.batch, args.vocab, 8
     cands = [1, 2, 4, 6, 8]
 
@@ -59,6 +74,12 @@ def main():
         take = lambda tbl, idx: tbl[idx]  # noqa: E731
         ctx = speckv.Context.cpu()
     ctx.load_controller(args.controller, cands)
+    # The assumed step costs (a draft pass 1/3 of a target pass, verification 2 % dearer a drafted
+    # position): what --auto weighs, and what every policy is scored with below. An engine passes
+    # its own measured times instead.
+    costs = speckv.step_costs(None, GMAX)
+    if args.auto:
+        ctx.load_hazard()
 
     # Buffers, allocated once.
     like = T if args.backend == "torch" else None
@@ -72,25 +93,40 @@ def main():
         ("accepted", (B,), "int32"), ("emitted", (B, GMAX + 1), "int32"), ("emitted_count", (B,), "int32"),
         ("counterfactual", (B, GMAX + 1), "int32"), ("ratios", (B, GMAX), "float32"), ("flags", (B,), "int32")]}
     pending = zeros((B,), "int32")
+    stop_state = speckv.new_stop_state(B, like)
+    stopped = zeros((1,), "uint32")
 
-    produced, drafted, accepted, decide_s = 0, 0, 0, 0.0
+    produced, drafted, accepted, decide_s, cost = 0, 0, 0, 0.0, 0.0
     for step in range(args.steps):
         # γ per sequence from the previous step's features (fallback 4 on the first step).
         t0 = time.perf_counter()
         if args.fixed_gamma:
             gammas[:] = args.fixed_gamma
-        else:
+        elif not args.auto:
             ctx.decide_gamma(accum, gammas, compression_code=0.0, fallback_gamma=4)
-        g_host = host(gammas)
+        g = GMAX if args.auto else int(host(gammas).max())  # verify reads each sequence's own γ_b
         decide_s += time.perf_counter() - t0
-        g = int(g_host.max())  # draft the longest γ; verify reads each sequence's own γ_b
         prev = pending
+        stopped[:] = 0
         for j in range(g):
             draft[:, j, :] = take(D, prev)
-            ctx.softmax_stats(draft[:, j, :], temperature=1.0, sample=True, seed=1, step=step * GMAX + j,
-                              accumulate="reset" if j == 0 else "add", accum=accum, out=stats)
+            mode = "reset" if j == 0 else "add"
+            if args.auto:
+                # Statistics, then per sequence: keep or discard this draft, draft on or stop.
+                ctx.softmax_stats_stop(draft[:, j, :], state=stop_state, gammas=gammas, costs=costs,
+                                       accumulate=mode, accum=accum, stopped=stopped, temperature=1.0,
+                                       odds_scale=args.odds_scale,
+                                       sample=True, seed=1, step=step * GMAX + j, out=stats)
+            else:
+                ctx.softmax_stats(draft[:, j, :], temperature=1.0, sample=True, seed=1,
+                                  step=step * GMAX + j, accumulate=mode, accum=accum, out=stats)
             tokens[:, j] = sampled(stats)
             prev = tokens[:, j]
+            if args.auto and int(host(stopped)[0]) >= B:
+                g = j + 1  # every sequence has stopped: no more draft passes
+                break
+        g_host = host(gammas)
+        cost += g * costs["draft"] + costs["verify"][int(g_host.max())]
         # Target rows for [pending, x_0 .. x_{g-1}] (a bigram model: row = T[previous token]).
         target[:, 0, :] = take(T, pending)
         for j in range(g):
@@ -105,10 +141,14 @@ def main():
         last = np.array([em[b, cnt[b] - 1] for b in range(B)], dtype=np.int32)
         pending = zeros((B,), "int32")
         pending[:] = torch.from_numpy(last).to(dev) if args.backend == "torch" else last
-    policy = f"fixed γ = {args.fixed_gamma}" if args.fixed_gamma else f"speckv controller over {cands}"
+    policy = (f"fixed γ = {args.fixed_gamma}" if args.fixed_gamma
+              else "per-token stopping (auto)" if args.auto else f"speckv controller over {cands}")
+    decision = ("in the statistics pass" if args.auto
+                else f"{decide_s / args.steps * 1e6:.0f} µs per batch")
     print(f"{args.backend}/{ctx.device}, {policy}: {args.steps} steps × {B} sequences, "
           f"{produced / (args.steps * B):.2f} tokens per step, acceptance {accepted / max(drafted, 1):.3f}, "
-          f"mean γ {drafted / (args.steps * B):.2f}, decision {decide_s / args.steps * 1e6:.0f} µs per batch")
+          f"mean γ {drafted / (args.steps * B):.2f}, {produced / cost:.2f} tokens per target pass "
+          f"under the assumed costs, decision {decision}")
 
 
 if __name__ == "__main__":
