@@ -490,6 +490,12 @@ typedef struct SpeckvStopArgs {
    step's first draft; it reaches `rows` when every sequence has stopped).
    */
   uint32_t *stopped_count;
+  /*
+   `[rows × SPECKV_STOP_TIMES]`, or null: the hazard each kept draft was decided with, draft j
+   of sequence b at `b · SPECKV_STOP_TIMES + j` (nothing written for a discarded draft) — what
+   `speckv_calibrate` reads once the step is verified.
+   */
+  float *hazards_out;
   SpeckvStepCosts costs;
   /*
    Most drafts per step, 1..=SPECKV_STOP_MAX_GAMMA: a sequence stops at γmax.
@@ -645,6 +651,22 @@ enum SpeckvStatus speckv_step_costs(const char *cost_json,
 enum SpeckvStatus speckv_softmax_stats_stop(const struct SpeckvContext *ctx,
                                             const struct SpeckvStatsArgs *args,
                                             const struct SpeckvStopArgs *stop);
+
+/*
+ The online calibration of the hazard model, once a step is verified (host memory): the odds
+ scale `*odds_scale` (what `SpeckvStopArgs.odds_scale` takes; 1 to start) moves towards the
+ acceptance seen, by the rule `speckv generate --policy auto` calibrates with — a stochastic
+ gradient step on the log-likelihood of each verified draft's outcome (accepted or the first
+ rejected) given the hazard it was kept with (`hazards`, `[batch × SPECKV_STOP_TIMES]` as
+ `SpeckvStopArgs.hazards_out` wrote them), learning rate 0.1, the scale kept within
+ [1/20, 20]. One scale for the batch, as the kernel takes one per launch. `gammas` (γ_b) and
+ `accepted` are `speckv_verify`'s inputs and output; accepted must be within 0..=γ_b.
+ */
+enum SpeckvStatus speckv_calibrate(float *odds_scale,
+                                   const float *hazards,
+                                   const int32_t *gammas,
+                                   const int32_t *accepted,
+                                   uint32_t batch);
 
 #ifdef __cplusplus
 }  // extern "C"

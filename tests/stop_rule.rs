@@ -165,6 +165,24 @@ fn run_step_on(
                 assert_eq!(accum[b].count, cpu_accum[b].count);
             }
             assert_eq!(g[b] as u32, cpu[b].state.kept, "row {b} pos {j}: γ_b");
+            // The hazard of a kept draft is written for the calibration; nothing else is.
+            let h = r.hazards.as_ref().unwrap()[b * STOP_TIMES + j];
+            if d.keep {
+                assert!(
+                    if exact {
+                        h as f64 == d.hazard
+                    } else {
+                        common::close(h as f64, d.hazard, 1e-4, 1e-6)
+                    },
+                    "row {b} pos {j}: hazard {h} vs the CPU rule's {}",
+                    d.hazard
+                );
+            } else {
+                assert!(
+                    h.is_nan(),
+                    "row {b} pos {j}: a discarded draft's hazard written ({h})"
+                );
+            }
             if cpu[b].state.stopped != 0 {
                 cpu_done[b] = true;
                 stopped_now += 1;

@@ -4,19 +4,21 @@
 //! the hazard model's P(accept) and the step's costs; its γ_b lands where `speckv_verify` reads
 //! it, and a counter says how many sequences stopped. The host reads nothing per token.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 
 use speckv::backend::emulate::Stop;
 use speckv::backend::external::DeviceBuffer;
-use speckv::controller::hazard::{HazardModel, OnlineCost, ONLINE_COST_ALPHA};
+use speckv::controller::hazard::{
+    Calibration, HazardModel, OnlineCost, CALIBRATION_RATE, ONLINE_COST_ALPHA,
+};
 use speckv::controller::CostModel;
 use speckv::stats::Accumulate;
 use speckv_kernels::params::{MlpWeights, StepCosts, StopParams, StopState, STOP_TIMES};
 
 use super::{
-    aligned, ctx_ref, fail, file_status, guard, non_null, Device, IntoStatus, SpeckvContext,
-    SpeckvStatsArgs, SpeckvStatus, StatsCall,
+    aligned, aligned_to, ctx_ref, fail, file_status, guard, non_null, Device, IntoStatus,
+    SpeckvContext, SpeckvStatsArgs, SpeckvStatus, StatsCall,
 };
 
 /// Entries of `SpeckvStepCosts.verify`: γ = 0..=15.
@@ -53,6 +55,10 @@ pub struct SpeckvStopArgs {
     /// One counter, or null: each sequence that stops in this call adds one (zero it before a
     /// step's first draft; it reaches `rows` when every sequence has stopped).
     pub stopped_count: *mut u32,
+    /// `[rows × SPECKV_STOP_TIMES]`, or null: the hazard each kept draft was decided with, draft j
+    /// of sequence b at `b · SPECKV_STOP_TIMES + j` (nothing written for a discarded draft) — what
+    /// `speckv_calibrate` reads once the step is verified.
+    pub hazards_out: *mut f32,
     pub costs: SpeckvStepCosts,
     /// Most drafts per step, 1..=SPECKV_STOP_MAX_GAMMA: a sequence stops at γmax.
     pub gamma_max: u32,
@@ -142,6 +148,7 @@ fn check_stop(s: &SpeckvStopArgs) -> Result<(), (SpeckvStatus, String)> {
     aligned(s.state, "stop.state")?;
     aligned(s.gammas_out, "stop.gammas_out")?;
     aligned(s.stopped_count, "stop.stopped_count")?;
+    aligned(s.hazards_out, "stop.hazards_out")?;
     check_gamma_max(s.gamma_max)?;
     if !s.compression_code.is_finite() {
         return fail(
@@ -253,6 +260,14 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
                 states.copy_from_slice(&after);
                 // SAFETY: `rows` writable outputs (contract).
                 unsafe { std::ptr::copy_nonoverlapping(r.stats.as_ptr(), call.args.out, rows) };
+                if !s.hazards_out.is_null() {
+                    let h = r.hazards.unwrap_or_default();
+                    for (i, &x) in h.iter().enumerate().filter(|(_, x)| !x.is_nan()) {
+                        // SAFETY: `rows × SPECKV_STOP_TIMES` writable values when non-null
+                        // (contract); `i` is inside (`h` has that length).
+                        unsafe { *s.hazards_out.add(i) = x };
+                    }
+                }
                 if !s.stopped_count.is_null() {
                     // SAFETY: one writable counter when non-null (contract).
                     unsafe {
@@ -272,6 +287,7 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
                     state: s.state,
                     gammas_out: s.gammas_out,
                     stopped_count: s.stopped_count,
+                    hazards_out: s.hazards_out,
                     costs: s.costs,
                     gamma_max: s.gamma_max,
                     compression_code: s.compression_code,
@@ -282,5 +298,68 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
                 unsafe { cuda.softmax_stats_stop(call.dt, &p, &sp, *stream) }.st()
             }
         }
+    })
+}
+
+/// The online calibration of the hazard model, once a step is verified (host memory): the odds
+/// scale `*odds_scale` (what `SpeckvStopArgs.odds_scale` takes; 1 to start) moves towards the
+/// acceptance seen, by the rule `speckv generate --policy auto` calibrates with — a stochastic
+/// gradient step on the log-likelihood of each verified draft's outcome (accepted or the first
+/// rejected) given the hazard it was kept with (`hazards`, `[batch × SPECKV_STOP_TIMES]` as
+/// `SpeckvStopArgs.hazards_out` wrote them), learning rate 0.1, the scale kept within
+/// [1/20, 20]. One scale for the batch, as the kernel takes one per launch. `gammas` (γ_b) and
+/// `accepted` are `speckv_verify`'s inputs and output; accepted must be within 0..=γ_b.
+#[no_mangle]
+pub unsafe extern "C" fn speckv_calibrate(
+    odds_scale: *mut f32,
+    hazards: *const f32,
+    gammas: *const i32,
+    accepted: *const i32,
+    batch: u32,
+) -> SpeckvStatus {
+    guard(|| {
+        for (p, what) in [
+            (odds_scale as *const c_void, "odds_scale"),
+            (hazards as *const c_void, "hazards"),
+            (gammas as *const c_void, "gammas"),
+            (accepted as *const c_void, "accepted"),
+        ] {
+            non_null(p, what)?;
+            aligned_to(p, 4, what)?;
+        }
+        // SAFETY: one value and `batch` (× SPECKV_STOP_TIMES) readable values (contract).
+        let (k, h, g, a) = unsafe {
+            let n = batch as usize;
+            (
+                *odds_scale,
+                std::slice::from_raw_parts(hazards, n * SPECKV_STOP_TIMES),
+                std::slice::from_raw_parts(gammas, n),
+                std::slice::from_raw_parts(accepted, n),
+            )
+        };
+        if !(k.is_finite() && k > 0.0) {
+            return fail(
+                SpeckvStatus::InvalidArgument,
+                format!("odds_scale must be finite and > 0, got {k}"),
+            );
+        }
+        let mut cal = Calibration::at(CALIBRATION_RATE, k);
+        for (b, (&gamma, &acc)) in g.iter().zip(a).enumerate() {
+            if !(0..=SPECKV_STOP_MAX_GAMMA as i32).contains(&gamma) || !(0..=gamma).contains(&acc) {
+                return fail(
+                    SpeckvStatus::InvalidArgument,
+                    format!(
+                        "sequence {b}: gamma {gamma} must be 0..={SPECKV_STOP_MAX_GAMMA} and \
+                         accepted {acc} 0..=gamma"
+                    ),
+                );
+            }
+            let row = &h[b * SPECKV_STOP_TIMES..b * SPECKV_STOP_TIMES + gamma as usize];
+            let kept: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            cal.observe(&kept, acc as usize);
+        }
+        // SAFETY: non-null, aligned, writable (contract).
+        unsafe { *odds_scale = cal.odds_scale() };
+        Ok(())
     })
 }

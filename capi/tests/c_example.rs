@@ -223,7 +223,9 @@ fn auto_target_logit(b: usize, j: usize, k: usize) -> f32 {
 /// with the shipped hazard model and the assumed costs, then verification.
 fn rust_auto_output() -> String {
     use speckv::backend::emulate::Stop;
-    use speckv::controller::hazard::{HazardModel, OnlineCost, ONLINE_COST_ALPHA};
+    use speckv::controller::hazard::{
+        Calibration, HazardModel, OnlineCost, CALIBRATION_RATE, ONLINE_COST_ALPHA,
+    };
     use speckv::controller::CostModel;
     use speckv_kernels::params::StopState;
 
@@ -250,6 +252,7 @@ fn rust_auto_output() -> String {
     let mut state = vec![StopState::START; AB];
     let mut gammas = vec![0i32; AB];
     let mut tokens = [0i32; AB * AG];
+    let mut hazards = [f32::NAN; AB * 16];
     let (mut stopped, mut drafted) = (0, 0);
     while drafted < AG && stopped < AB as u32 {
         let j = drafted;
@@ -276,6 +279,11 @@ fn rust_auto_output() -> String {
         let r = cpu.softmax_stats_stop(&l, &o, &mut accum, stop).unwrap();
         state = r.stop_state.unwrap();
         gammas = r.gammas.unwrap();
+        for (i, h) in r.hazards.unwrap().into_iter().enumerate() {
+            if !h.is_nan() {
+                hazards[i] = h;
+            }
+        }
         stopped += r.stopped_count.unwrap();
         drafted += 1;
         for (b, (s, st)) in r.stats.iter().zip(&state).enumerate() {
@@ -312,13 +320,27 @@ fn rust_auto_output() -> String {
     let o = cpu.verify(&vb).unwrap();
     for b in 0..AB {
         let em: Vec<String> = o.tokens(b).iter().map(|t| t.to_string()).collect();
+        let hz: Vec<String> = hazards[b * 16..b * 16 + gammas[b] as usize]
+            .iter()
+            .map(|h| format!("{h:.6}"))
+            .collect();
         out += &format!(
-            "verify b={b} accepted={} flags={} emitted={}\n",
+            "verify b={b} accepted={} flags={} emitted={} hazards={}\n",
             o.accepted[b],
             o.flags[b],
-            em.join(",")
+            em.join(","),
+            hz.join(",")
         );
     }
+    let mut cal = Calibration::new(CALIBRATION_RATE);
+    for b in 0..AB {
+        let kept: Vec<f64> = hazards[b * 16..b * 16 + gammas[b] as usize]
+            .iter()
+            .map(|&h| h as f64)
+            .collect();
+        cal.observe(&kept, o.accepted[b] as usize);
+    }
+    out += &format!("calibrated odds_scale={:.6}\n", cal.odds_scale());
     out
 }
 

@@ -370,11 +370,13 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
         let mut h_state = [std::mem::zeroed::<SpeckvStopState>(); R];
         let mut h_gammas = [0i32; R];
         let mut h_count = 0u32;
+        let mut h_hazards = [f32::NAN; R * SPECKV_STOP_TIMES];
         let mut d_stats = stream.alloc_zeros::<u8>(R * 32).unwrap();
         let mut d_accum = stream.alloc_zeros::<u8>(R * 24).unwrap();
         let mut d_state = stream.alloc_zeros::<u8>(R * 16).unwrap();
         let mut d_gammas = stream.alloc_zeros::<i32>(R).unwrap();
         let mut d_count = stream.alloc_zeros::<u32>(1).unwrap();
+        let mut d_hazards = stream.clone_htod(&h_hazards).unwrap();
         for j in 0..GMAX as usize {
             let logits = x(j);
             let d_logits = stream.clone_htod(&logits).unwrap();
@@ -415,6 +417,7 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                 state: h_state.as_mut_ptr(),
                 gammas_out: h_gammas.as_mut_ptr(),
                 stopped_count: &mut h_count,
+                hazards_out: h_hazards.as_mut_ptr(),
                 costs,
                 gamma_max: GMAX,
                 compression_code: 0.0,
@@ -428,12 +431,14 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                 let (dst, _g3) = d_state.device_ptr_mut(&stream);
                 let (dg, _g4) = d_gammas.device_ptr_mut(&stream);
                 let (dc, _g5) = d_count.device_ptr_mut(&stream);
+                let (dh, _g6) = d_hazards.device_ptr_mut(&stream);
                 a.logits = dl as *const c_void;
                 a.out = ds as *mut RowStats;
                 a.accum = da as *mut FeatureAccum;
                 s.state = dst as *mut SpeckvStopState;
                 s.gammas_out = dg as *mut i32;
                 s.stopped_count = dc as *mut u32;
+                s.hazards_out = dh as *mut f32;
                 assert_eq!(
                     speckv_softmax_stats_stop(gpu, &a, &s),
                     SpeckvStatus::Ok,
@@ -457,6 +462,13 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                 );
                 assert_eq!(g[b], h_gammas[b], "{at}");
                 assert!((st[b].expected - h_state[b].expected).abs() < 1e-4, "{at}");
+            }
+            let hz: Vec<f32> = stream.clone_dtoh(&d_hazards).unwrap();
+            for (i, (d, h)) in hz.iter().zip(&h_hazards).enumerate() {
+                assert!(
+                    (d.is_nan() && h.is_nan()) || (d - h).abs() < 1e-4,
+                    "position {j}, hazard slot {i}: {d} on the device, {h} on the CPU"
+                );
             }
             let count: Vec<u32> = stream.clone_dtoh(&d_count).unwrap();
             assert_eq!(count[0], h_count, "position {j}");

@@ -72,6 +72,7 @@ struct Step {
     state: Vec<StopState>,
     gammas: Vec<i32>,
     stopped: u32,
+    hazards: Vec<f32>,
 }
 
 impl Step {
@@ -91,6 +92,7 @@ impl Step {
             ],
             gammas: vec![0; ROWS],
             stopped: 0,
+            hazards: vec![f32::NAN; ROWS * SPECKV_STOP_TIMES],
         }
     }
 
@@ -118,6 +120,7 @@ impl Step {
             state: self.state.as_mut_ptr(),
             gammas_out: self.gammas.as_mut_ptr(),
             stopped_count: &mut self.stopped,
+            hazards_out: self.hazards.as_mut_ptr(),
             costs: costs(),
             gamma_max: GMAX,
             compression_code: 1.0,
@@ -154,6 +157,10 @@ fn the_c_abi_stops_as_the_kernel_epilogue_does() {
                 }
             }
             let count_before = c.stopped;
+            // Where this position's hazards go: a sentinel that stays unless a draft is kept.
+            for b in 0..ROWS {
+                c.hazards[b * SPECKV_STOP_TIMES + j] = -1.0;
+            }
             assert_eq!(
                 c.draft(ctx, &x, j, odds),
                 SpeckvStatus::Ok,
@@ -206,6 +213,18 @@ fn the_c_abi_stops_as_the_kernel_epilogue_does() {
                     e.expected
                 );
                 assert_eq!(c.gammas[b], g[b], "{at}");
+                let (h, e) = (
+                    c.hazards[b * SPECKV_STOP_TIMES + j],
+                    r.hazards.as_ref().unwrap()[b * SPECKV_STOP_TIMES + j],
+                );
+                if e.is_nan() {
+                    assert_eq!(h, -1.0, "{at}: a discarded draft's hazard written");
+                } else {
+                    assert!(
+                        (h - e).abs() <= 1e-4,
+                        "{at}: hazard {h} vs the kernel's {e}"
+                    );
+                }
                 assert_eq!(c.accum[b].count, emu_accum[b].count, "{at}");
                 assert_eq!(c.out[b].argmax, r.stats[b].argmax, "{at}");
             }
@@ -376,6 +395,7 @@ fn stop_misuse_is_reported() {
             state: c.state.as_mut_ptr(),
             gammas_out: c.gammas.as_mut_ptr(),
             stopped_count: null_mut(),
+            hazards_out: null_mut(),
             costs: costs(),
             gamma_max: GMAX,
             compression_code: 2.0,
@@ -497,5 +517,56 @@ fn stop_misuse_is_reported() {
             }
         }
         speckv_context_destroy(ctx);
+    }
+}
+
+#[test]
+fn calibration_moves_the_odds_by_the_verified_outcomes() {
+    let mut h = [f32::NAN; 2 * SPECKV_STOP_TIMES];
+    h[..3].copy_from_slice(&[0.9, 0.6, 0.5]);
+    h[SPECKV_STOP_TIMES..SPECKV_STOP_TIMES + 2].copy_from_slice(&[0.5, 0.5]);
+    let gammas = [3i32, 2];
+    let accepted = [1i32, 2];
+    let mut k = 1.0f32;
+    // SAFETY (every call): host buffers of the stated shapes or deliberately bad values.
+    unsafe {
+        assert_eq!(
+            speckv_calibrate(&mut k, h.as_ptr(), gammas.as_ptr(), accepted.as_ptr(), 2),
+            SpeckvStatus::Ok
+        );
+        // Sequence 0: draft 0 accepted (+0.1·(1 − 0.9)), draft 1 rejected (−0.1·0.6), draft 2
+        // not an outcome; sequence 1: both accepted (+0.1·0.5 twice): log k = 0.05.
+        assert!((k - 0.05f32.exp()).abs() < 1e-6, "{k}");
+        // Every draft accepted at a hazard of 0.001, again and again: the scale stops at e³.
+        let low = [0.001f32; SPECKV_STOP_TIMES];
+        let mut big = 1.0f32;
+        for _ in 0..100 {
+            let g = [15i32];
+            assert_eq!(
+                speckv_calibrate(&mut big, low.as_ptr(), g.as_ptr(), g.as_ptr(), 1),
+                SpeckvStatus::Ok
+            );
+        }
+        assert!((big - 3f32.exp()).abs() < 1e-3, "{big}");
+        for (g, a, want) in [
+            ([3i32, 2], [4i32, 0], "accepted 4"),
+            ([16, 2], [0, 0], "gamma 16"),
+            ([-1, 2], [0, 0], "gamma -1"),
+        ] {
+            assert_eq!(
+                speckv_calibrate(&mut k, h.as_ptr(), g.as_ptr(), a.as_ptr(), 2),
+                SpeckvStatus::InvalidArgument
+            );
+            assert!(last_error().contains(want), "{}", last_error());
+        }
+        let mut zero = 0.0f32;
+        assert_eq!(
+            speckv_calibrate(&mut zero, h.as_ptr(), gammas.as_ptr(), accepted.as_ptr(), 2),
+            SpeckvStatus::InvalidArgument
+        );
+        assert_eq!(
+            speckv_calibrate(&mut k, null(), gammas.as_ptr(), accepted.as_ptr(), 2),
+            SpeckvStatus::NullPointer
+        );
     }
 }

@@ -3,7 +3,9 @@
  *   rule (the hazard model's P(accept) against the step's costs): keep or discard the draft, draft
  *   on or stop — with γ_b written where speckv_verify reads it;
  *   the loop ends when the stop counter reaches the batch size (or at γmax);
- *   → lossless verification of γ_b drafts per sequence (speckv_verify).
+ *   → lossless verification of γ_b drafts per sequence (speckv_verify);
+ *   → the online calibration of the hazard model's odds from the verified drafts (speckv_calibrate),
+ *     the scale the next step's rule takes.
  * Inputs are made by formula (exact in f32), so the Rust API can reproduce them; the output is a
  * canonical text that capi/tests/c_example.rs compares with the Rust API's.
  *
@@ -70,10 +72,12 @@ int main(int argc, char **argv) {
     SpeckvFeatureAccum accum[B];
     SpeckvStopState state[B];
     int32_t gammas[B], tokens[B * GMAX];
+    float hazards[B * SPECKV_STOP_TIMES];
     uint32_t stopped = 0;
     stop.state = state;
     stop.gammas_out = gammas;
     stop.stopped_count = &stopped;
+    stop.hazards_out = hazards;
     stop.gamma_max = GMAX;
     stop.compression_code = 0.0f; /* fp16 target */
     stop.odds_scale = 1.0f;       /* the model as trained */
@@ -130,8 +134,14 @@ int main(int argc, char **argv) {
     for (int b = 0; b < B; b++) {
         printf("verify b=%d accepted=%d flags=%u emitted=", b, accepted[b], flags[b]);
         for (int i = 0; i < count[b]; i++) printf("%s%d", i ? "," : "", emitted[b * (GMAX + 1) + i]);
+        printf(" hazards=");
+        for (int i = 0; i < gammas[b]; i++) printf("%s%.6f", i ? "," : "", hazards[b * SPECKV_STOP_TIMES + i]);
         printf("\n");
     }
+
+    /* The next step's rule takes the calibrated scale. */
+    CHECK(speckv_calibrate(&stop.odds_scale, hazards, gammas, accepted, B));
+    printf("calibrated odds_scale=%.6f\n", stop.odds_scale);
     speckv_context_destroy(ctx);
     return 0;
 }

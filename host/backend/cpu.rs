@@ -2,7 +2,7 @@
 //! `weights::gemv`) on rayon's thread pool. Not the emulator: same results as the kernels, its own
 //! fast code.
 
-use speckv_kernels::params::{FeatureAccum, RowStats, StopState};
+use speckv_kernels::params::{FeatureAccum, RowStats, StopState, STOP_TIMES};
 use speckv_kernels::stop_rule;
 
 use crate::backend::emulate::{StatsV2Output, Stop};
@@ -82,6 +82,7 @@ impl CpuBackend {
         let mut states = stop.state.to_vec();
         let mut gammas: Vec<i32> = states.iter().map(|s| s.kept as i32).collect();
         let mut stopped = 0;
+        let mut hazards = vec![f32::NAN; rows * STOP_TIMES];
         for (r, s) in states.iter_mut().enumerate() {
             if reset {
                 *s = StopState::START;
@@ -90,7 +91,8 @@ impl CpuBackend {
                 accum[r] = before[r];
                 continue;
             }
-            stop_rule::decide_host(
+            let j = s.kept as usize;
+            let d = stop_rule::decide_host(
                 stop.weights,
                 s,
                 &accum[r],
@@ -101,6 +103,9 @@ impl CpuBackend {
                 stop.gamma_max,
                 &stop.costs,
             );
+            if d.keep {
+                hazards[r * STOP_TIMES + j] = d.hazard;
+            }
             gammas[r] = s.kept as i32;
             stopped += s.stopped;
         }
@@ -112,6 +117,7 @@ impl CpuBackend {
             gamma_flags: None,
             stop_state: Some(states),
             stopped_count: Some(stopped),
+            hazards: Some(hazards),
         })
     }
 

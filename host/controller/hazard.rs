@@ -379,6 +379,15 @@ impl Calibration {
         Calibration { log_k: 0.0, rate }
     }
 
+    /// A calibration at `odds_scale` already (finite, > 0), within the bounds it keeps.
+    pub fn at(rate: f64, odds_scale: f32) -> Calibration {
+        let log_k = (odds_scale as f64).ln();
+        Calibration {
+            log_k: log_k.clamp(-MAX_LOG_ODDS_SCALE, MAX_LOG_ODDS_SCALE),
+            rate,
+        }
+    }
+
     /// The scale the rule applies to the model's odds.
     pub fn odds_scale(&self) -> f32 {
         self.log_k.exp() as f32

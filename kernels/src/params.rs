@@ -117,6 +117,10 @@ pub struct StopParams {
     /// One word, or null: incremented once by every sequence that stops (early or at γmax); the
     /// host zeroes it before a step's first draft.
     pub stopped_count: *mut u32,
+    /// `[rows × STOP_TIMES]`, or null: the hazard each kept draft was decided with, draft j of
+    /// row r at `r · STOP_TIMES + j` — what the online calibration of the hazard model's odds
+    /// needs once the step's drafts are verified. Entries of drafts not kept are not written.
+    pub hazards_out: *mut f32,
     /// The costs the rule weighs, any time unit.
     pub costs: StepCosts,
     /// Most drafts per step, ≤ `STOP_TIMES − 1`.
@@ -607,7 +611,7 @@ const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 112);
 const _: () = assert!(core::mem::size_of::<StatsRow>() == 40);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV3Params>() == 80);
-const _: () = assert!(core::mem::size_of::<StopParams>() == 112);
+const _: () = assert!(core::mem::size_of::<StopParams>() == 120);
 const _: () = assert!(core::mem::size_of::<StopState>() == 16);
 
 /// Parameters of the v2 verification kernels `verify_v2_rows_{f32,f16,bf16}` and

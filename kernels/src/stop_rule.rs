@@ -191,15 +191,16 @@ pub fn compare<V: Fn(u32) -> f32, G: FnMut() -> f32>(
 
 /// The epilogue of `softmax_stats_v2` with `STATS_STOP` for `row` (its sequence), after the row's
 /// statistics (`entropy`, `confidence`, `row_flags`) are known: updates the accumulator and the
-/// stop state, writes γ_b. A stopped sequence's accumulator and state are left as they are.
+/// stop state, writes γ_b (and the hazard of a kept draft when `hazards_out` is set). A stopped
+/// sequence's accumulator and state are left as they are.
 ///
 /// The parameters are read field by field from device memory, and the step times by index through
 /// a pointer: a copy of the struct would be indexed dynamically and live in local memory.
 ///
 /// # Safety
 /// `p.accum` points to `rows` accumulators; `sp` to the launch's `StopParams`, which no thread
-/// writes, with `rows`-long `state` and `gammas_out`, and `weights` one `MlpWeights` no thread
-/// writes.
+/// writes, with `rows`-long `state` and `gammas_out`, `hazards_out` null or `rows × STOP_TIMES`
+/// long, and `weights` one `MlpWeights` no thread writes.
 #[inline(always)]
 pub unsafe fn epilogue(
     p: &SoftmaxStatsV2Params,
@@ -234,7 +235,8 @@ pub unsafe fn epilogue(
         STOP_TIMES as u32 - 1
     };
     let verify = addr_of!((*sp).costs.verify) as *const f32;
-    decide(
+    let j = s.kept;
+    let d = decide(
         DeviceMlp(gpu::ld_nc(addr_of!((*sp).weights), 0)),
         &mut s,
         &a,
@@ -247,6 +249,11 @@ pub unsafe fn epilogue(
         // γ ≤ gmax < STOP_TIMES: inside the table.
         |g| gpu::ld_nc(verify, g as usize),
     );
+    let hazards = gpu::ld_nc(addr_of!((*sp).hazards_out), 0);
+    if d.keep && !hazards.is_null() {
+        // j < γmax < STOP_TIMES when a draft is kept: inside the row's slots.
+        gpu::st(hazards, r * STOP_TIMES + j as usize, d.hazard);
+    }
     gpu::st(state, r, s);
     gpu::st(gpu::ld_nc(addr_of!((*sp).gammas_out), 0), r, s.kept as i32);
     let count = gpu::ld_nc(addr_of!((*sp).stopped_count), 0);

@@ -98,6 +98,22 @@ def new_stop_state(batch: int, like: Any = None):
     return np.zeros(batch, dtype=stop_dtype())
 
 
+def calibrate(odds_scale: float, hazards: Any, gammas: Any, accepted: Any) -> float:
+    """The hazard model's odds scale after a verified step (host arrays): `hazards` float32
+    [batch, STOP_TIMES] from `softmax_stats_stop`, `gammas` and `accepted` int32 [batch]; the rule
+    `speckv generate --policy auto` calibrates with. Pass the result as the next step's
+    `odds_scale`."""
+    b = (gammas.numel() if _is_torch(gammas) else np.asarray(gammas).size)
+    _check_int(hazards, "hazards", "float32", b * _speckv.STOP_TIMES)
+    _check_int(gammas, "gammas", "int32", b)
+    _check_int(accepted, "accepted", "int32", b)
+    for x, what in ((hazards, "hazards"), (gammas, "gammas"), (accepted, "accepted")):
+        if _info(x, what)[3] != "cpu":
+            raise SpeckvError(f"InvalidArgument: calibrate reads host memory: {what} is on the device")
+    a = lambda x: _info(x, "buffer")[0]  # noqa: E731
+    return _speckv.calibrate(float(odds_scale), a(hazards), a(gammas), a(accepted), b)
+
+
 def step_costs(cost_json: Optional[str] = None, gamma_max: int = 8) -> dict:
     """The step costs of a cost model (`speckv profile`'s JSON; None: the assumed one) for
     `softmax_stats_stop`: {"draft": one draft pass, "verify": float32 [gamma_max + 1], the
@@ -325,15 +341,16 @@ class Context:
     def softmax_stats_stop(self, logits: Any, *, state: Any, gammas: Any, costs: dict,
                            accumulate: str, accum: Any, gamma_max: Optional[int] = None,
                            compression_code: float = 0.0, odds_scale: float = 1.0,
-                           stopped: Any = None, temperature: float = 1.0, sample: bool = False,
-                           seed: int = 0, step: int = 0, out: Any = None):
+                           stopped: Any = None, hazards: Any = None, temperature: float = 1.0,
+                           sample: bool = False, seed: int = 0, step: int = 0, out: Any = None):
         """`softmax_stats` of one drafted position ([batch, vocab], one row per sequence) with the
         per-token stopping rule after each row: every sequence still drafting keeps or discards
         its draft and drafts on or stops; `state` (see `new_stop_state`) and the int32 `gammas`
         (γ_b, what `verify` reads) are updated in place, a stopped sequence's left alone.
         `accumulate` is "reset" for a step's first draft, "add" after; `costs` is `step_costs`'s
         dict (γmax: its length − 1 unless given); `stopped` (uint32 [1], optional) counts the
-        sequences that stop. Returns `out`."""
+        sequences that stop; `hazards` (float32 [batch, STOP_TIMES], optional) receives the hazard
+        of every kept draft, for `calibrate`. Returns `out`."""
         shape = tuple(_info(logits, "logits")[1])
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         addr, vocab, stride, dev = _rows(logits, "logits", rows)
@@ -357,9 +374,14 @@ class Context:
             _check_int(stopped, "stopped", "uint32", 1)
             c_addr, _, _, cdev = _info(stopped, "stopped")
             self._dev(cdev, "stopped")
+        h_addr = 0
+        if hazards is not None:
+            _check_int(hazards, "hazards", "float32", rows * _speckv.STOP_TIMES)
+            h_addr, _, _, hdev = _info(hazards, "hazards")
+            self._dev(hdev, "hazards")
         self._raw.softmax_stats_stop(addr, _dtype_code(logits), rows, vocab, stride, out_addr,
                                      float(temperature), bool(sample), int(seed), int(step),
-                                     ACCUMULATE[accumulate], acc_addr, st_addr, g_addr, c_addr,
+                                     ACCUMULATE[accumulate], acc_addr, st_addr, g_addr, c_addr, h_addr,
                                      float(costs["draft"]), verify, gm, float(compression_code),
                                      float(odds_scale))
         return out

@@ -160,7 +160,7 @@ impl Context {
     /// `softmax_stats`, then the stopping rule's (`verify_costs`: γ = 0..len−1, at most
     /// `STOP_TIMES`; the rest +inf, so every γ ≤ γmax needs an entry).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum, state, gammas_out, stopped_count, draft_cost, verify_costs, gamma_max, compression_code, odds_scale))]
+    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum, state, gammas_out, stopped_count, hazards_out, draft_cost, verify_costs, gamma_max, compression_code, odds_scale))]
     fn softmax_stats_stop(
         &self,
         logits: usize,
@@ -178,6 +178,7 @@ impl Context {
         state: usize,
         gammas_out: usize,
         stopped_count: usize,
+        hazards_out: usize,
         draft_cost: f32,
         verify_costs: Vec<f32>,
         gamma_max: u32,
@@ -210,6 +211,7 @@ impl Context {
             state: ptr(state) as *mut SpeckvStopState,
             gammas_out: ptr(gammas_out) as *mut i32,
             stopped_count: ptr(stopped_count) as *mut u32,
+            hazards_out: ptr(hazards_out) as *mut f32,
             costs: SpeckvStepCosts {
                 draft: draft_cost,
                 verify,
@@ -355,6 +357,29 @@ fn step_costs(cost_json: Option<&str>, gamma_max: u32) -> PyResult<(f32, Vec<f32
     Ok((c.draft, c.verify[..=gamma_max as usize].to_vec()))
 }
 
+/// `speckv_calibrate` on host buffers: the odds scale after a verified step.
+#[pyfunction]
+fn calibrate(
+    odds_scale: f32,
+    hazards: usize,
+    gammas: usize,
+    accepted: usize,
+    batch: u32,
+) -> PyResult<f32> {
+    let mut k = odds_scale;
+    // SAFETY: the Python wrapper passes host buffers of the stated shapes; the C ABI checks values.
+    check(unsafe {
+        speckv_calibrate(
+            &mut k,
+            ptr(hazards) as *const f32,
+            ptr(gammas) as *const i32,
+            ptr(accepted) as *const i32,
+            batch,
+        )
+    })?;
+    Ok(k)
+}
+
 /// The embedded PTX for "sm_80" or "sm_90".
 #[pyfunction]
 fn ptx(arch: &str) -> PyResult<String> {
@@ -371,6 +396,7 @@ fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Context>()?;
     m.add_function(wrap_pyfunction!(ptx, m)?)?;
     m.add_function(wrap_pyfunction!(step_costs, m)?)?;
+    m.add_function(wrap_pyfunction!(calibrate, m)?)?;
     m.add("SpeckvError", m.py().get_type::<SpeckvError>())?;
     // SAFETY: a static NUL-terminated string.
     let v = unsafe { CStr::from_ptr(speckv_version()) };

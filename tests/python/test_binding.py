@@ -101,6 +101,7 @@ def python_auto_step():
     accum, state = speckv.new_accum(AB), speckv.new_stop_state(AB)
     gammas = np.zeros(AB, dtype=np.int32)
     stopped = np.zeros(1, dtype=np.uint32)
+    hazards = np.full((AB, speckv._speckv.STOP_TIMES), np.nan, dtype=np.float32)
     tokens = np.zeros((AB, AG), dtype=np.int32)
     out = speckv.new_stats(AB)
     drafted = 0
@@ -108,7 +109,7 @@ def python_auto_step():
         if stopped[0] >= AB:
             break
         ctx.softmax_stats_stop(draft[:, j, :], state=state, gammas=gammas, costs=costs,
-                               accumulate="reset" if j == 0 else "add", accum=accum, stopped=stopped,
+                               accumulate="reset" if j == 0 else "add", accum=accum, stopped=stopped, hazards=hazards,
                                temperature=0.0, step=j, out=out)
         drafted += 1
         for b in range(AB):
@@ -122,7 +123,10 @@ def python_auto_step():
     o = ctx.verify(target, draft, tokens, gammas, target_temperature=zero, draft_temperature=zero)
     for b in range(AB):
         em = ",".join(str(t) for t in o["emitted"][b, : o["emitted_count"][b]])
-        lines.append(f"verify b={b} accepted={o['accepted'][b]} flags={o['flags'][b]} emitted={em}")
+        hz = ",".join(f"{h:.6f}" for h in hazards[b, : gammas[b]])
+        lines.append(f"verify b={b} accepted={o['accepted'][b]} flags={o['flags'][b]} emitted={em} hazards={hz}")
+    k = speckv.calibrate(1.0, hazards, gammas, o["accepted"])
+    lines.append(f"calibrated odds_scale={k:.6f}")
     return "\n".join(lines) + "\n"
 
 

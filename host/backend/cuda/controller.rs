@@ -307,6 +307,7 @@ impl CudaBackend {
             gamma_flags: Some(st.clone_dtoh(&b.flags)?),
             stop_state: None,
             stopped_count: None,
+            hazards: None,
         })
     }
 

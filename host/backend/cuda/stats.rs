@@ -293,6 +293,7 @@ impl CudaBackend {
                 state: (iop + IO_STATE as u64) as *mut StopState,
                 gammas_out: gp as *mut i32,
                 stopped_count: std::ptr::null_mut(),
+                hazards_out: std::ptr::null_mut(),
                 costs: s.costs,
                 gamma_max: s.gamma_max,
                 compression_code: s.compression_code,

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use speckv_kernels::params::{
-    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP,
+    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP, STOP_TIMES,
 };
 
 use super::stats::PodStop;
@@ -43,17 +43,20 @@ impl CudaBackend {
         let kept: Vec<i32> = stop.state.iter().map(|s| s.kept as i32).collect();
         let mut gammas = st.clone_htod(&kept)?;
         let mut stopped = st.alloc_zeros::<u32>(1)?;
+        let mut hazards = st.clone_htod(&vec![f32::NAN; rows * STOP_TIMES])?;
         let mut scratch = super::stats::StatsScratch::new(self, rows, &plan)?;
         {
             let (wp, _g0) = w.device_ptr(st);
             let (sp, _g1) = state.device_ptr_mut(st);
             let (gp, _g2) = gammas.device_ptr_mut(st);
             let (cp, _g3) = stopped.device_ptr_mut(st);
+            let (hp, _g8) = hazards.device_ptr_mut(st);
             let params = StopParams {
                 weights: wp as *const MlpWeights,
                 state: sp as *mut StopState,
                 gammas_out: gp as *mut i32,
                 stopped_count: cp as *mut u32,
+                hazards_out: hp as *mut f32,
                 costs: stop.costs,
                 gamma_max: stop.gamma_max,
                 compression_code: stop.compression_code,
@@ -91,6 +94,7 @@ impl CudaBackend {
             gamma_flags: None,
             stop_state: Some(bytemuck::pod_collect_to_vec(&st.clone_dtoh(&state)?)),
             stopped_count: st.clone_dtoh(&stopped)?.first().copied(),
+            hazards: Some(st.clone_dtoh(&hazards)?),
         })
     }
 }

@@ -72,6 +72,9 @@ pub struct StatsV2Output {
     /// sequences stopped in it.
     pub stop_state: Option<Vec<StopState>>,
     pub stopped_count: Option<u32>,
+    /// With [`Stop`]: `rows × STOP_TIMES` hazards, each kept draft's at `row · STOP_TIMES + j`
+    /// (NaN where nothing was written).
+    pub hazards: Option<Vec<f32>>,
 }
 
 impl Emulator {
@@ -256,6 +259,7 @@ impl Emulator {
                     gamma_flags: decision.map(|_| vec![0u32; rows]),
                     stop_state: stop.map(|s| s.state.to_vec()),
                     stopped_count: stop.map(|_| 0),
+                    hazards: stop.map(|_| vec![f32::NAN; rows * STOP_TIMES]),
                 };
                 if let Some(st) = stop {
                     r.gammas = Some(st.state.iter().map(|x| x.kept as i32).collect());
@@ -312,6 +316,11 @@ impl Emulator {
                         .map(|g| g.as_mut_ptr())
                         .unwrap_or(std::ptr::null_mut()),
                     stopped_count: stopped.as_mut_ptr(),
+                    hazards_out: r
+                        .hazards
+                        .as_mut()
+                        .map(|h| h.as_mut_ptr())
+                        .unwrap_or(std::ptr::null_mut()),
                     costs: st.costs,
                     gamma_max: st.gamma_max,
                     compression_code: st.compression_code,
@@ -392,7 +401,8 @@ impl Emulator {
                             r.stop_state.as_mut().unwrap_or(&mut Vec::new()),
                         )
                         .output("gammas_out", r.gammas.as_mut().unwrap_or(&mut Vec::new()))
-                        .output("stopped_count", &mut stopped);
+                        .output("stopped_count", &mut stopped)
+                        .output("hazards_out", r.hazards.as_mut().unwrap_or(&mut Vec::new()));
                 }
                 // SAFETY: the registered buffers are the kernel's whole world: the logits cover
                 // every row (`Logits::new`), the outputs, accumulators and scratch have the
@@ -443,6 +453,9 @@ impl Emulator {
                 }
                 if let Some(x) = &r.stop_state {
                     v.extend_from_slice(bytemuck::cast_slice(x));
+                }
+                if let Some(h) = &r.hazards {
+                    v.extend_from_slice(bytemuck::cast_slice(h));
                 }
                 v.extend_from_slice(&r.stopped_count.unwrap_or(u32::MAX).to_le_bytes());
                 v
