@@ -6,23 +6,8 @@ use std::ptr::{null, null_mut};
 use speckv_c::*;
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-fn last_error() -> String {
-    // SAFETY: speckv_last_error returns a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(speckv_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn cpu() -> *mut SpeckvContext {
-    let mut ctx = null_mut();
-    // SAFETY: `ctx` is a valid out-pointer.
-    assert_eq!(
-        unsafe { speckv_context_create_cpu(&mut ctx) },
-        SpeckvStatus::Ok
-    );
-    assert!(!ctx.is_null());
-    ctx
-}
+mod common;
+use common::{cpu, last_error};
 
 fn stats_args(logits: &[f32], out: &mut [RowStats], rows: u32, vocab: u32) -> SpeckvStatsArgs {
     SpeckvStatsArgs {

@@ -19,22 +19,8 @@ const ROWS: usize = 6;
 const V: usize = 1500;
 const GMAX: u32 = 7;
 
-fn last_error() -> String {
-    // SAFETY: speckv_last_error returns a valid NUL-terminated string.
-    unsafe { CStr::from_ptr(speckv_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn cpu() -> *mut SpeckvContext {
-    let mut ctx = null_mut();
-    // SAFETY: `ctx` is a valid out-pointer.
-    assert_eq!(
-        unsafe { speckv_context_create_cpu(&mut ctx) },
-        SpeckvStatus::Ok
-    );
-    ctx
-}
+mod common;
+use common::{cpu, last_error};
 
 /// Drafted position `j`'s logits: sequence b confident for its first b positions, flat after, so
 /// the sequences stop at different places. A fixed integer hash, so the C ABI and the emulator
@@ -96,9 +82,9 @@ impl Step {
         }
     }
 
-    /// Draft position `j` through the C ABI.
-    fn draft(&mut self, ctx: *mut SpeckvContext, x: &[f32], j: usize, odds: f32) -> SpeckvStatus {
-        let args = SpeckvStatsArgs {
+    /// The statistics' arguments for drafted position `j` of `x` (`ROWS × V`) into these buffers.
+    fn args(&mut self, x: &[f32], j: usize, accumulate: u32) -> SpeckvStatsArgs {
+        SpeckvStatsArgs {
             logits: x.as_ptr() as *const c_void,
             dtype: SPECKV_DTYPE_F32,
             rows: ROWS as u32,
@@ -108,15 +94,15 @@ impl Step {
             sample: 0,
             seed: 11,
             step: j as u64,
-            accumulate: if j == 0 {
-                SPECKV_ACCUMULATE_RESET
-            } else {
-                SPECKV_ACCUMULATE_ADD
-            },
+            accumulate,
             accum: self.accum.as_mut_ptr(),
             out: self.out.as_mut_ptr(),
-        };
-        let stop = SpeckvStopArgs {
+        }
+    }
+
+    /// The rule's arguments into these buffers (the counter and the hazards included).
+    fn stop_args(&mut self, odds: f32) -> SpeckvStopArgs {
+        SpeckvStopArgs {
             state: self.state.as_mut_ptr(),
             gammas_out: self.gammas.as_mut_ptr(),
             stopped_count: &mut self.stopped,
@@ -125,7 +111,17 @@ impl Step {
             gamma_max: GMAX,
             compression_code: 1.0,
             odds_scale: odds,
+        }
+    }
+
+    /// Draft position `j` through the C ABI.
+    fn draft(&mut self, ctx: *mut SpeckvContext, x: &[f32], j: usize, odds: f32) -> SpeckvStatus {
+        let mode = if j == 0 {
+            SPECKV_ACCUMULATE_RESET
+        } else {
+            SPECKV_ACCUMULATE_ADD
         };
+        let (args, stop) = (self.args(x, j, mode), self.stop_args(odds));
         // SAFETY: every buffer holds `ROWS` entries (the logits `ROWS × V`).
         unsafe { speckv_softmax_stats_stop(ctx, &args, &stop) }
     }
@@ -377,32 +373,13 @@ fn stop_misuse_is_reported() {
         assert_eq!(speckv_load_hazard(ctx, null()), SpeckvStatus::Ok);
         assert_eq!(c.draft(ctx, &x, 0, 1.0), SpeckvStatus::Ok);
 
-        let args = |c: &mut Step, accumulate: u32| SpeckvStatsArgs {
-            logits: x.as_ptr() as *const c_void,
-            dtype: SPECKV_DTYPE_F32,
-            rows: ROWS as u32,
-            vocab: V as u32,
-            row_stride: V as u32,
-            temperature: 0.0,
-            sample: 0,
-            seed: 0,
-            step: 0,
-            accumulate,
-            accum: c.accum.as_mut_ptr(),
-            out: c.out.as_mut_ptr(),
-        };
-        let good = |c: &mut Step| SpeckvStopArgs {
-            state: c.state.as_mut_ptr(),
-            gammas_out: c.gammas.as_mut_ptr(),
+        let a = c.args(&x, 0, SPECKV_ACCUMULATE_RESET);
+        let g = SpeckvStopArgs {
             stopped_count: null_mut(),
             hazards_out: null_mut(),
-            costs: costs(),
-            gamma_max: GMAX,
             compression_code: 2.0,
-            odds_scale: 1.0,
+            ..c.stop_args(1.0)
         };
-        let a = args(&mut c, SPECKV_ACCUMULATE_RESET);
-        let g = good(&mut c);
         assert_eq!(speckv_softmax_stats_stop(ctx, &a, &g), SpeckvStatus::Ok);
         assert_eq!(
             speckv_softmax_stats_stop(ctx, &a, null()),
@@ -413,7 +390,7 @@ fn stop_misuse_is_reported() {
             SpeckvStatus::NullPointer
         );
 
-        let no_accum = args(&mut c, SPECKV_ACCUMULATE_NO);
+        let no_accum = c.args(&x, 0, SPECKV_ACCUMULATE_NO);
         assert_eq!(
             speckv_softmax_stats_stop(ctx, &no_accum, &g),
             SpeckvStatus::InvalidArgument

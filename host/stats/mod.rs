@@ -373,23 +373,27 @@ pub struct DraftStop<'a> {
     pub state: StopState,
 }
 
+/// What every launch with per-token stopping checks before it runs anything, one sequence or a
+/// batch: accumulators on and γmax within the rule's table.
+pub fn check_stop(opts: &StatsOptions, gamma_max: u32) -> Result<()> {
+    if opts.accumulate == Accumulate::No {
+        return Err(Error::Other(
+            "per-token stopping needs accumulators (accumulate add or reset)".to_string(),
+        ));
+    }
+    if gamma_max as usize >= STOP_TIMES {
+        return Err(Error::Other(format!(
+            "γmax {gamma_max} above the stopping rule's {}",
+            STOP_TIMES - 1
+        )));
+    }
+    Ok(())
+}
+
 impl DraftStop<'_> {
-    /// The checks every pass makes before it runs anything: accumulators on and γmax within the
-    /// rule's table.
+    /// The checks every pass makes before it runs anything ([`check_stop`]).
     pub fn check(&self, opts: &StatsOptions) -> Result<()> {
-        if opts.accumulate == Accumulate::No {
-            return Err(Error::Other(
-                "per-token stopping needs accumulators (accumulate add or reset)".to_string(),
-            ));
-        }
-        if self.gamma_max as usize >= STOP_TIMES {
-            return Err(Error::Other(format!(
-                "γmax {} above the stopping rule's {}",
-                self.gamma_max,
-                STOP_TIMES - 1
-            )));
-        }
-        Ok(())
+        check_stop(opts, self.gamma_max)
     }
 
     /// The state the device starts this draft from (a reset starts the step).

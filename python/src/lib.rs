@@ -32,6 +32,37 @@ fn ptr(addr: usize) -> *mut c_void {
     addr as *mut c_void
 }
 
+/// `SpeckvStatsArgs` from the pointer-level arguments `softmax_stats` and `softmax_stats_stop`
+/// share (`shape`: rows, vocab, row stride; `philox`: seed, step).
+#[allow(clippy::too_many_arguments)]
+fn stats_args(
+    logits: usize,
+    dtype: u32,
+    shape: [u32; 3],
+    out: usize,
+    temperature: f32,
+    sample: bool,
+    philox: [u64; 2],
+    accumulate: u32,
+    accum: usize,
+) -> SpeckvStatsArgs {
+    let [rows, vocab, row_stride] = shape;
+    SpeckvStatsArgs {
+        logits: ptr(logits),
+        dtype,
+        rows,
+        vocab,
+        row_stride,
+        temperature,
+        sample: sample as u32,
+        seed: philox[0],
+        step: philox[1],
+        accumulate,
+        accum: ptr(accum) as *mut SpeckvFeatureAccum,
+        out: ptr(out) as *mut SpeckvRowStats,
+    }
+}
+
 /// A speckv context: the CPU, or a CUDA context and stream.
 #[pyclass(module = "speckv._speckv", unsendable)]
 struct Context {
@@ -126,20 +157,17 @@ impl Context {
         accumulate: u32,
         accum: usize,
     ) -> PyResult<()> {
-        let a = SpeckvStatsArgs {
-            logits: ptr(logits),
+        let a = stats_args(
+            logits,
             dtype,
-            rows,
-            vocab,
-            row_stride,
+            [rows, vocab, row_stride],
+            out,
             temperature,
-            sample: sample as u32,
-            seed,
-            step,
+            sample,
+            [seed, step],
             accumulate,
-            accum: ptr(accum) as *mut SpeckvFeatureAccum,
-            out: ptr(out) as *mut SpeckvRowStats,
-        };
+            accum,
+        );
         // SAFETY: the Python wrapper passes addresses of buffers of the stated shapes; the C
         // ABI checks what it can (nulls, dtypes, shapes).
         check(unsafe { speckv_softmax_stats(self.raw, &a) })
@@ -193,20 +221,17 @@ impl Context {
         }
         let mut verify = [f32::INFINITY; SPECKV_STOP_TIMES];
         verify[..verify_costs.len()].copy_from_slice(&verify_costs);
-        let a = SpeckvStatsArgs {
-            logits: ptr(logits),
+        let a = stats_args(
+            logits,
             dtype,
-            rows,
-            vocab,
-            row_stride,
+            [rows, vocab, row_stride],
+            out,
             temperature,
-            sample: sample as u32,
-            seed,
-            step,
+            sample,
+            [seed, step],
             accumulate,
-            accum: ptr(accum) as *mut SpeckvFeatureAccum,
-            out: ptr(out) as *mut SpeckvRowStats,
-        };
+            accum,
+        );
         let s = SpeckvStopArgs {
             state: ptr(state) as *mut SpeckvStopState,
             gammas_out: ptr(gammas_out) as *mut i32,

@@ -35,24 +35,13 @@ pub struct Stop<'a> {
 
 impl Stop<'_> {
     /// What every backend checks before a launch with per-token stopping over `rows` sequences:
-    /// accumulators on, one state per sequence, γmax within the rule's table.
+    /// [`crate::stats::check_stop`], and one state per sequence.
     pub fn check(&self, rows: usize, opts: &StatsOptions) -> Result<()> {
-        if opts.accumulate == crate::stats::Accumulate::No {
-            return Err(Error::Other(
-                "per-token stopping needs accumulators (accumulate add or reset)".to_string(),
-            ));
-        }
+        crate::stats::check_stop(opts, self.gamma_max)?;
         if self.state.len() != rows {
             return Err(Error::Other(format!(
                 "{} stop states for {rows} rows",
                 self.state.len()
-            )));
-        }
-        if self.gamma_max as usize >= STOP_TIMES {
-            return Err(Error::Other(format!(
-                "γmax {} above the stopping rule's {}",
-                self.gamma_max,
-                STOP_TIMES - 1
             )));
         }
         Ok(())
