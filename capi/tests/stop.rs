@@ -5,7 +5,7 @@
 //! a step's first draft starts afresh, the counter reaches the batch), the hazard and cost files,
 //! and misuse.
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 use std::ptr::{null, null_mut};
 
 use speckv::backend::emulate::{Emulator, Stop};
