@@ -38,6 +38,30 @@ fn have_device() -> bool {
     }
 }
 
+/// A CPU context and a context on `cu` launching on `stream`.
+fn contexts(
+    cu: &CudaContext,
+    stream: &cudarc::driver::CudaStream,
+) -> (*mut SpeckvContext, *mut SpeckvContext) {
+    let (mut cpu, mut gpu) = (null_mut(), null_mut());
+    // SAFETY: valid out-pointers; the handles are cudarc's live context and stream.
+    unsafe {
+        assert_eq!(speckv_context_create_cpu(&mut cpu), SpeckvStatus::Ok);
+        let s = speckv_context_create_cuda(
+            cu.cu_ctx() as *mut c_void,
+            stream.cu_stream() as *mut c_void,
+            &mut gpu,
+        );
+        assert_eq!(
+            s,
+            SpeckvStatus::Ok,
+            "{:?}",
+            std::ffi::CStr::from_ptr(speckv_last_error())
+        );
+    }
+    (cpu, gpu)
+}
+
 #[test]
 fn c_abi_on_a_caller_cuda_stream_matches_cpu() {
     if !have_device() {
@@ -57,20 +81,7 @@ fn c_abi_on_a_caller_cuda_stream_matches_cpu() {
     // SAFETY (the whole test): every pointer passed is a live host or device buffer of the stated
     // shape, on this context and stream.
     unsafe {
-        let mut cpu = null_mut();
-        assert_eq!(speckv_context_create_cpu(&mut cpu), SpeckvStatus::Ok);
-        let mut gpu = null_mut();
-        let s = speckv_context_create_cuda(
-            cu.cu_ctx() as *mut c_void,
-            stream.cu_stream() as *mut c_void,
-            &mut gpu,
-        );
-        assert_eq!(
-            s,
-            SpeckvStatus::Ok,
-            "{:?}",
-            std::ffi::CStr::from_ptr(speckv_last_error())
-        );
+        let (cpu, gpu) = contexts(&cu, &stream);
         for c in [cpu, gpu] {
             assert_eq!(
                 speckv_load_controller(c, cpath.as_ptr(), cands.as_ptr(), 4, null()),
@@ -347,17 +358,7 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
     // SAFETY (the whole test): every pointer passed is a live host or device buffer of the stated
     // shape, on this context and stream.
     unsafe {
-        let mut cpu = null_mut();
-        assert_eq!(speckv_context_create_cpu(&mut cpu), SpeckvStatus::Ok);
-        let mut gpu = null_mut();
-        assert_eq!(
-            speckv_context_create_cuda(
-                cu.cu_ctx() as *mut c_void,
-                stream.cu_stream() as *mut c_void,
-                &mut gpu,
-            ),
-            SpeckvStatus::Ok
-        );
+        let (cpu, gpu) = contexts(&cu, &stream);
         for c in [cpu, gpu] {
             assert_eq!(speckv_load_hazard(c, null()), SpeckvStatus::Ok);
         }

@@ -283,6 +283,15 @@ class Context:
         self._raw.load_controller(str(path), [int(c) for c in candidates],
                                   None if cost_json is None else str(cost_json))
 
+    def _logits(self, logits: Any):
+        """(address, rows, vocab, row stride, device) of `logits` ([..., vocab]), on this context's
+        device."""
+        shape = tuple(_info(logits, "logits")[1])
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        addr, vocab, stride, dev = _rows(logits, "logits", rows)
+        self._dev(dev, "logits")
+        return addr, rows, vocab, stride, dev
+
     def _dev(self, dev: str, what: str) -> None:
         if dev != self.device:
             raise SpeckvError(f"InvalidArgument: {what} is on {dev} but the context is on {self.device}")
@@ -292,10 +301,7 @@ class Context:
                       accum: Any = None, out: Any = None):
         """Statistics of every row of `logits` ([..., vocab]); returns `out` (allocated when
         None). With `accumulate` "reset" or "add", row r's features go into `accum[r]`."""
-        shape = tuple(_info(logits, "logits")[1])
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        addr, vocab, stride, dev = _rows(logits, "logits", rows)
-        self._dev(dev, "logits")
+        addr, rows, vocab, stride, dev = self._logits(logits)
         if accumulate not in ACCUMULATE:
             raise SpeckvError(f"InvalidArgument: accumulate must be None, 'add' or 'reset', got {accumulate!r}")
         mode = ACCUMULATE[accumulate]
@@ -315,10 +321,7 @@ class Context:
         """Statistics of described rows of `logits` ([..., vocab]) in one pass: `rows` (see
         `new_rows`) says, per row, which logits row it reads, its seed, step, stream, temperature,
         STATS_* flags and accumulator slot in `accum`; returns `out` (row k at out[k])."""
-        shape = tuple(_info(logits, "logits")[1])
-        logit_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        addr, vocab, stride, dev = _rows(logits, "logits", logit_rows)
-        self._dev(dev, "logits")
+        addr, logit_rows, vocab, stride, dev = self._logits(logits)
         nbytes = (rows.element_size() * rows.numel()) if _is_torch(rows) else rows.nbytes
         n = nbytes // _speckv.STATS_ROW_BYTES
         rows_addr = _record(rows, "rows", n, _speckv.STATS_ROW_BYTES // 4, dev)
@@ -351,10 +354,7 @@ class Context:
         dict (γmax: its length − 1 unless given); `stopped` (uint32 [1], optional) counts the
         sequences that stop; `hazards` (float32 [batch, STOP_TIMES], optional) receives the hazard
         of every kept draft, for `calibrate`. Returns `out`."""
-        shape = tuple(_info(logits, "logits")[1])
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        addr, vocab, stride, dev = _rows(logits, "logits", rows)
-        self._dev(dev, "logits")
+        addr, rows, vocab, stride, dev = self._logits(logits)
         if accumulate not in ("add", "reset"):
             raise SpeckvError(f"InvalidArgument: per-token stopping accumulates: accumulate must be 'reset' or 'add', got {accumulate!r}")
         if accum is None:

@@ -65,9 +65,13 @@ impl ExternalCuda {
                 return Ok(buf.ptr);
             }
         }
-        let buf = match slot.take() {
-            Some((buf, _)) => buf,
-            None => self.upload(bytemuck::bytes_of(&pod))?,
+        let Some((buf, _)) = slot.take() else {
+            // The context's first stopping launch: allocated with the parameters in it (no launch
+            // can have read the slot yet).
+            let buf = self.upload(bytemuck::bytes_of(&pod))?;
+            let at = buf.ptr;
+            *slot = Some((buf, Box::new(pod)));
+            return Ok(at);
         };
         let _cur = Current::push(self.ctx)?;
         // SAFETY: the slot holds `size_of::<StopParams>()` bytes; the copy from pageable host
