@@ -722,7 +722,7 @@ fn the_replays_feed_the_draft_as_generate_does() {
 /// rejection for every draft makes `auto` verify none. `--hazard` where nothing reads it is refused.
 #[test]
 fn a_trained_hazard_model_is_what_auto_runs() {
-    use speckv::controller::{hazard, replay, CostModel};
+    use speckv::controller::{hazard, hazard_training, replay, CostModel};
     let root = env!("CARGO_MANIFEST_DIR");
     let model = common::tmp("cli", "hazard.json");
     let (train, test) = (
@@ -742,7 +742,7 @@ fn a_trained_hazard_model_is_what_auto_runs() {
     ]);
     assert!(ok, "{err}");
     // Tested on every draft of the other file, trained and validated on the first file's runs.
-    let held = hazard::examples(&hazard::read_trace_rows(test.as_ref()).unwrap())
+    let held = hazard_training::examples(&hazard_training::read_trace_rows(test.as_ref()).unwrap())
         .unwrap()
         .len();
     assert!(
@@ -768,7 +768,7 @@ fn a_trained_hazard_model_is_what_auto_runs() {
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
     let v = predict(m);
-    let rows = hazard::read_trace_rows(test.as_ref()).unwrap();
+    let rows = hazard_training::read_trace_rows(test.as_ref()).unwrap();
     let cm = CostModel::load(cost.as_ref()).unwrap();
     let want = replay::auto_on_traces(&rows, &trained, &cm).unwrap();
     assert_eq!(

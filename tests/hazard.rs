@@ -3,6 +3,7 @@
 
 mod common;
 
+use speckv::controller::hazard_training;
 use speckv::controller::hazard::{self, AutoState, DraftTime, HazardModel, OnlineCost, StopRule};
 use speckv::controller::mlp::INPUTS;
 use speckv::controller::records::{Compression, TraceRow};
@@ -41,7 +42,7 @@ fn examples_are_the_drafts_reached_labelled_by_acceptance() {
         step(&[0.75, 0.5], &[0.7, 0.9], 2),
     ];
     let rows = trace_rows(&steps, Compression::Nf4, "code", 4, 1).unwrap();
-    let ex = hazard::examples(&rows).unwrap();
+    let ex = hazard_training::examples(&rows).unwrap();
     // Step 0 reaches drafts 0, 1, 2 (accepted 2: labels 1, 1, 0); step 1 draft 0 (label 0); step 2
     // both drafts (labels 1, 1).
     let labels: Vec<f64> = ex.iter().map(|e| e.y).collect();
@@ -66,7 +67,7 @@ fn examples_are_the_drafts_reached_labelled_by_acceptance() {
             r
         })
         .collect();
-    for (a, b) in hazard::examples(&old).unwrap().iter().zip(&ex) {
+    for (a, b) in hazard_training::examples(&old).unwrap().iter().zip(&ex) {
         for (u, v) in a.x.iter().zip(&b.x) {
             assert!((u - v).abs() < 1e-6, "{:?} vs {:?}", a.x, b.x);
         }
@@ -75,8 +76,8 @@ fn examples_are_the_drafts_reached_labelled_by_acceptance() {
     // Rows out of order are an error, not a silent mislabelling.
     let mut shuffled = rows.clone();
     shuffled.swap(0, 1);
-    assert!(hazard::examples(&shuffled).is_err());
-    assert!(hazard::examples(&[]).is_err());
+    assert!(hazard_training::examples(&shuffled).is_err());
+    assert!(hazard_training::examples(&[]).is_err());
 }
 
 /// Expected tokens of a step verifying `g` drafts under constant hazard `h`.

@@ -327,7 +327,7 @@ fn auto_policy_sees_the_features_it_was_trained_on() {
     );
     let rows =
         speckv::decode::profile::trace_rows(&steps, Compression::Int8, "test", 0, 0).unwrap();
-    let examples = speckv::controller::hazard::examples(&rows).unwrap();
+    let examples = speckv::controller::hazard_training::examples(&rows).unwrap();
     let mut live = Vec::new();
     let (mut stopped_early, mut kept) = (0, 0);
     for s in &steps {

@@ -19,6 +19,7 @@ scale its odds (--odds-scale) as `generate`'s online calibration does.
 
     python examples/python/adaptive_loop.py [--backend torch|numpy] [--device cpu|cuda]
                                             [--steps 50] [--noise 1.0] [--fixed-gamma N | --auto]
+                                            [--hazard JSON] [--record CSV]
 """
 import argparse
 import os
@@ -44,10 +45,17 @@ def main():
                     help="per-token stopping (the shipped hazard model, the assumed costs)")
     ap.add_argument("--odds-scale", type=float, default=1.0,
                     help="--auto: the hazard model's odds multiplied by this (1: as trained)")
+    ap.add_argument("--hazard", metavar="JSON",
+                    help="--auto: a hazard model from `speckv train --hazard` (default: the shipped one)")
+    ap.add_argument("--record", metavar="CSV",
+                    help="write every verified draft as a draft record, to train a hazard model on: "
+                         "speckv train --hazard --steps CSV --out JSON")
     ap.add_argument("--controller", default=os.path.join(ROOT, "assets", "controller.json"))
     args = ap.parse_args()
     if args.auto and args.fixed_gamma:
         ap.error("--auto and --fixed-gamma exclude each other")
+    if args.hazard and not args.auto:
+        ap.error("--hazard is the model --auto runs: it needs --auto")
     B, V, GMAX = args.batch, args.vocab, 8
     cands = [1, 2, 4, 6, 8]
 
@@ -80,7 +88,12 @@ def main():
     # its own measured times instead.
     costs = speckv.step_costs(None, GMAX)
     if args.auto:
-        ctx.load_hazard()
+        ctx.load_hazard(args.hazard)
+    record = None
+    if args.record:
+        record = open(args.record, "w")
+        # Each sequence is a run: training holds whole runs out for validation and testing.
+        record.write("run,step,position,entropy,confidence,compression,accepted\n")
 
     # Buffers, allocated once.
     like = T if args.backend == "torch" else None
@@ -109,6 +122,7 @@ def main():
         decide_s += time.perf_counter() - t0
         prev = pending
         stopped[:] = 0
+        seen = []  # each draft position's statistics (host copies), for --record
         for j in range(g):
             draft[:, j, :] = take(D, prev)
             mode = "reset" if j == 0 else "add"
@@ -122,6 +136,8 @@ def main():
                 ctx.softmax_stats(draft[:, j, :], temperature=1.0, sample=True, seed=1,
                                   step=step * GMAX + j, accumulate=mode, accum=accum, out=stats)
             tokens[:, j] = sampled(stats)
+            if record:
+                seen.append(speckv.stats_view(stats).copy())
             prev = tokens[:, j]
             if args.auto and int(host(stopped)[0]) >= B:
                 g = j + 1  # every sequence has stopped: no more draft passes
@@ -136,12 +152,21 @@ def main():
         o = ctx.verify(target, draft, tokens, gammas, seed=2, step=step, out=out)
         acc, cnt, em = host(o["accepted"]), host(o["emitted_count"]), host(o["emitted"])
         assert (cnt == acc + 1).all() and (host(o["flags"]) == 0).all()
+        if record:
+            # The drafts verification read (j < γ_b), accepted while j < the accepted count.
+            for b in range(B):
+                for j in range(int(g_host[b])):
+                    st = seen[j][b]
+                    record.write(f"{b},{step},{j},{float(st['entropy'])!r},{float(st['confidence'])!r},fp16,"
+                                 f"{int(j < acc[b])}\n")
         produced += int(cnt.sum())
         drafted += int(g_host.sum())
         accepted += int(acc.sum())
         last = np.array([em[b, cnt[b] - 1] for b in range(B)], dtype=np.int32)
         pending = zeros((B,), "int32")
         pending[:] = torch.from_numpy(last).to(dev) if args.backend == "torch" else last
+    if record:
+        record.close()
     policy = (f"fixed γ = {args.fixed_gamma}" if args.fixed_gamma
               else "per-token stopping (auto)" if args.auto else f"speckv controller over {cands}")
     decision = ("in the statistics pass" if args.auto

@@ -257,7 +257,7 @@ fn predict(
         .map(|g| (g, profile::fixed_tokens_per_second(&steps, g, &cm)))
         .collect();
     // `auto` replayed on the same steps (costs held at `cm`).
-    let rows = controller::hazard::read_trace_rows(traces)?;
+    let rows = controller::hazard_training::read_trace_rows(traces)?;
     let model = match hazard {
         Some(p) => controller::hazard::HazardModel::load(p)?,
         None => controller::hazard::HazardModel::default_model()?,

@@ -1,16 +1,18 @@
 //! `speckv train`: the 6 → 16 → 1 acceptance predictor on step records, or (`--hazard`) the
-//! per-token hazard model of the `auto` policy on `speckv profile`'s traces.
+//! per-token hazard model of the `auto` policy on `speckv profile`'s traces or an engine's draft
+//! records.
 
 use std::path::PathBuf;
 
-use speckv::controller::{hazard, mlp, records};
+use speckv::controller::{hazard, hazard_training, mlp, records};
 
 use crate::args::json_out;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Step records (CSV); with `--hazard`, trace rows of `speckv profile` (one or more files,
-    /// e.g. one per weight regime).
+    /// Step records (CSV); with `--hazard`, trace rows of `speckv profile` or an engine's draft
+    /// records (columns run, step, position, entropy, confidence, compression, accepted; see
+    /// docs/tuning.md), one or more files (e.g. one per weight regime), told apart by their header.
     #[arg(long, required = true, num_args = 1..)]
     steps: Vec<PathBuf>,
     /// With `--hazard`: trace rows of other prompts to test on (e.g. `speckv profile --offset 5`'s,
@@ -41,11 +43,11 @@ pub fn run(a: Args) -> speckv::Result<()> {
     };
     let (rep, what) = if a.hazard {
         let read = |files: &[PathBuf]| -> speckv::Result<Vec<mlp::Example>> {
-            let mut rows = Vec::new();
+            let mut ex = Vec::new();
             for p in files {
-                rows.extend(hazard::read_trace_rows(p)?);
+                ex.extend(hazard_training::read_examples(p)?);
             }
-            hazard::examples(&rows)
+            Ok(ex)
         };
         let mut ex = read(&a.steps)?;
         let (tr, va, te) = if a.test_steps.is_empty() {
@@ -146,7 +148,8 @@ pub fn run(a: Args) -> speckv::Result<()> {
     println!("written: {}", a.out.display());
     if a.hazard {
         println!(
-            "use it: --hazard {} (generate, bench decode, bench batch, bench predict)",
+            "use it: --hazard {} (generate, bench decode, bench batch, bench predict), \
+             speckv_load_hazard in the C ABI, Context.load_hazard in Python",
             a.out.display()
         );
     }

@@ -12,7 +12,8 @@
 //! The rule itself is `speckv_kernels::stop_rule`, in f32: the CPU runs those functions and
 //! `softmax_stats_v2` runs them in its epilogue (`STATS_STOP`), so both make the same decisions on
 //! the same inputs (`tests/stop_rule.rs`). The same features are built from `speckv profile`'s
-//! traces for training ([`examples`]), replaying the f32 accumulator, so the model is trained on
+//! traces, or from an engine's draft records, for training
+//! (`controller::hazard_training`), replaying the f32 accumulator, so the model is trained on
 //! exactly what the live policy sees (`tests/models.rs` checks it).
 
 use serde::{Deserialize, Serialize};
@@ -20,9 +21,8 @@ use serde::{Deserialize, Serialize};
 use speckv_kernels::params::{FeatureAccum, MlpWeights, StepCosts, STOP_TIMES};
 use speckv_kernels::stop_rule;
 
-use crate::controller::mlp::{Example, Mlp, INPUTS};
+use crate::controller::mlp::{Mlp, INPUTS};
 use crate::controller::records::Compression;
-use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
 
@@ -50,76 +50,6 @@ pub fn token_features(
         position as u32,
     )
     .map(|v| v as f64)
-}
-
-/// Training examples from trace rows (`speckv profile --out steps.csv`): one per draft j of a traced
-/// step whose drafts 0..j−1 were all accepted, labelled 1 if draft j was accepted too. Rows are
-/// grouped by (run, prompt, step); the group of an example is its run. A draft's own entropy and
-/// confidence come from the rows' `draft_entropy`/`draft_confidence` columns, or — in traces
-/// written before those columns — from consecutive prefix means (exact up to rounding).
-pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
-    let mut out = Vec::new();
-    for step in trace_steps(rows) {
-        // The accumulator the live rule reads, replayed in the same f32 arithmetic.
-        let mut accum = FeatureAccum::EMPTY;
-        for (n, r) in step.iter().enumerate() {
-            if r.gamma as usize != n + 1 {
-                return Err(Error::Other(format!(
-                    "trace rows of run {} prompt {} step {}: γ' = {} where {} was expected (rows \
-                     of a step must list γ' = 1, 2, … in order)",
-                    r.run,
-                    r.prompt,
-                    r.step,
-                    r.gamma,
-                    n + 1
-                )));
-            }
-            let accepted = r.trace_accepted as usize;
-            if accepted < n {
-                break; // draft n is only reached when drafts 0..n−1 were accepted
-            }
-            let (e, c) = draft_values(step, n);
-            let (e, c) = (e as f32, c as f32);
-            accum.push(e, c, 0);
-            out.push(Example {
-                x: token_features(e, c, &accum, r.compression, n),
-                y: (accepted > n) as u32 as f64,
-                group: r.run,
-            });
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::Empty {
-            what: "trace rows (no drafted token to learn from)",
-        });
-    }
-    Ok(out)
-}
-
-/// The rows of each traced step (consecutive rows of one run, prompt and step), in file order.
-pub(crate) fn trace_steps(rows: &[TraceRow]) -> impl Iterator<Item = &[TraceRow]> {
-    rows.chunk_by(|a, b| (a.run, a.prompt, a.step) == (b.run, b.prompt, b.step))
-}
-
-/// Draft n's own (entropy, confidence) in the rows of one traced step: the rows' per-draft
-/// columns, or — in traces written before them — derived from consecutive prefix means (exact up
-/// to rounding).
-pub(crate) fn draft_values(step: &[TraceRow], n: usize) -> (f64, f64) {
-    let Some(r) = step.get(n) else {
-        return (f64::NAN, f64::NAN);
-    };
-    match (r.draft_entropy, r.draft_confidence) {
-        (Some(e), Some(c)) => (e, c),
-        _ => {
-            let prev = n.checked_sub(1).and_then(|p| step.get(p));
-            let k = (n + 1) as f64;
-            let e =
-                k * r.mean_draft_entropy - prev.map_or(0.0, |p| n as f64 * p.mean_draft_entropy);
-            let c = k * r.mean_draft_confidence
-                - prev.map_or(0.0, |p| n as f64 * p.mean_draft_confidence);
-            (e, c)
-        }
-    }
 }
 
 /// A step's draft work, as the online costs measure the draft on it ([`AutoState::end_step`],
@@ -496,21 +426,4 @@ impl AutoState {
         let n = self.kept.min(gamma);
         self.calibration.observe(&self.hazards[..n], accepted);
     }
-}
-
-/// Reads `speckv profile`'s trace rows (CSV).
-pub fn read_trace_rows(path: &std::path::Path) -> Result<Vec<TraceRow>> {
-    let mut r = csv::Reader::from_path(path)
-        .map_err(|e| Error::Other(format!("{}: cannot read trace rows: {e}", path.display())))?;
-    let mut rows = Vec::new();
-    for (i, row) in r.deserialize::<TraceRow>().enumerate() {
-        rows.push(row.map_err(|e| {
-            Error::Other(format!(
-                "{} row {}: not a trace row: {e}",
-                path.display(),
-                i + 2
-            ))
-        })?);
-    }
-    Ok(rows)
 }

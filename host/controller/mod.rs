@@ -5,6 +5,7 @@ pub mod batch_auto;
 pub mod evaluate;
 pub mod gate;
 pub mod hazard;
+pub mod hazard_training;
 pub mod mlp;
 pub mod plot;
 pub mod records;

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
-use crate::controller::hazard::{draft_values, trace_steps, AutoState, DraftTime, HazardModel};
+use crate::controller::hazard::{AutoState, DraftTime, HazardModel};
+use crate::controller::hazard_training::{draft_values, trace_steps};
 use crate::controller::records::TraceRow;
 use crate::controller::CostModel;
 use crate::error::{Error, Result};
