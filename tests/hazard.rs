@@ -3,8 +3,8 @@
 
 mod common;
 
-use speckv::controller::hazard_training;
 use speckv::controller::hazard::{self, AutoState, DraftTime, HazardModel, OnlineCost, StopRule};
+use speckv::controller::hazard_training;
 use speckv::controller::mlp::INPUTS;
 use speckv::controller::records::{Compression, TraceRow};
 use speckv::controller::CostModel;

@@ -103,10 +103,7 @@ fn draft_records_train_as_the_trace_rows_they_restate() {
         })
         .collect();
     let path = write("no-sequence.csv", &without);
-    assert_eq!(
-        hazard_training::read_examples(&path).unwrap(),
-        from_records
-    );
+    assert_eq!(hazard_training::read_examples(&path).unwrap(), from_records);
 }
 
 /// The error of a draft-record file with these rows after the header, as `speckv train` reports it.
@@ -123,15 +120,30 @@ fn malformed_draft_records_are_refused_with_their_line() {
     assert!(hazard_training::read_examples(&write("ok.csv", &format!("{HEADER}{ok}"))).is_ok());
     let cases = [
         // (rows after the two good ones, the line and the words the error must hold)
-        ("0,0,8,1,1.0,0.5,fp16,1\n", "line 4 (run 0, sequence 0, step 8): position 1 where 0"),
+        (
+            "0,0,8,1,1.0,0.5,fp16,1\n",
+            "line 4 (run 0, sequence 0, step 8): position 1 where 0",
+        ),
         (
             "0,0,8,0,1.0,0.5,fp16,0\n0,0,8,1,1.0,0.5,fp16,1\n",
             "line 5 (run 0, sequence 0, step 8): accepted after a rejected draft",
         ),
-        ("0,0,8,0,NaN,0.5,fp16,1\n", "line 4 (run 0, sequence 0, step 8): entropy NaN"),
-        ("0,0,8,0,-0.5,0.5,fp16,1\n", "entropy -0.5 is not finite and ≥ 0"),
-        ("0,0,8,0,1.0,1.5,fp16,1\n", "line 4 (run 0, sequence 0, step 8): confidence 1.5"),
-        ("0,0,8,0,1.0,NaN,fp16,1\n", "confidence NaN is outside 0..=1"),
+        (
+            "0,0,8,0,NaN,0.5,fp16,1\n",
+            "line 4 (run 0, sequence 0, step 8): entropy NaN",
+        ),
+        (
+            "0,0,8,0,-0.5,0.5,fp16,1\n",
+            "entropy -0.5 is not finite and ≥ 0",
+        ),
+        (
+            "0,0,8,0,1.0,1.5,fp16,1\n",
+            "line 4 (run 0, sequence 0, step 8): confidence 1.5",
+        ),
+        (
+            "0,0,8,0,1.0,NaN,fp16,1\n",
+            "confidence NaN is outside 0..=1",
+        ),
         ("0,0,8,0,1.0,0.5,fp16,2\n", "accepted 2 is not 0 or 1"),
         (
             "0,0,8,0,1.0,0.5,fp16,1\n0,0,8,1,1.0,0.5,nf4,1\n",
@@ -150,8 +162,13 @@ fn malformed_draft_records_are_refused_with_their_line() {
         assert!(err.contains("bad.csv"), "{err}");
     }
     // A file of neither kind names what it lacks; a file without drafts is empty.
-    let path = write("other.csv", "run,step,position,entropy,confidence\n0,0,0,1.0,0.5\n");
-    let err = hazard_training::read_examples(&path).unwrap_err().to_string();
+    let path = write(
+        "other.csv",
+        "run,step,position,entropy,confidence\n0,0,0,1.0,0.5\n",
+    );
+    let err = hazard_training::read_examples(&path)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("neither") && err.contains("compression, accepted"),
         "{err}"
@@ -175,7 +192,12 @@ fn speckv_train_learns_the_hazard_of_draft_records() {
                 let e = 3.0 * (1.0 - c); // flatter drafts have lower confidence
                 let accepted = rng.gen_bool(truth(c));
                 labels.push(accepted as u32 as f64);
-                writeln!(body, "{run},{step},{position},{e},{c},int8,{}", accepted as u8).unwrap();
+                writeln!(
+                    body,
+                    "{run},{step},{position},{e},{c},int8,{}",
+                    accepted as u8
+                )
+                .unwrap();
                 if !accepted {
                     break;
                 }
@@ -192,7 +214,11 @@ fn speckv_train_learns_the_hazard_of_draft_records() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("runs [0, 1, 2]"), "{stdout}");
     assert!(stdout.contains("Context.load_hazard"), "{stdout}");
     let m = HazardModel::load(&model).unwrap();
@@ -202,7 +228,12 @@ fn speckv_train_learns_the_hazard_of_draft_records() {
         m.hazard(&x)
     };
     for c in [0.2, 0.5, 0.8] {
-        assert!((at(c) - truth(c)).abs() < 0.08, "h({c}) = {} vs {}", at(c), truth(c));
+        assert!(
+            (at(c) - truth(c)).abs() < 0.08,
+            "h({c}) = {} vs {}",
+            at(c),
+            truth(c)
+        );
     }
     assert!(at(0.9) - at(0.15) > 0.5);
     // The examples' count is the records reached: every label drawn above.

@@ -12,10 +12,11 @@ sequence has stopped. Every buffer is allocated once before the loop.
 The shipped hazard model was trained on greedy Qwen2.5-Coder drafts, where a flat (high-entropy)
 draft is rarely accepted. Here the draft samples at temperature 1 from a distribution close to the
 target's, so flat drafts are often accepted and --auto drafts too little (`--backend numpy --steps
-40 --auto --noise 0.3`: mean γ 0.56 at an acceptance of 0.865, 4.02 tokens per target pass against
-fixed γ = 4's 6.86). A hazard model is specific to its draft, target
-and sampling: train one on your engine's traces (`speckv profile` → `speckv train --hazard`), or
-scale its odds (--odds-scale) as `generate`'s online calibration does.
+200 --batch 1 --auto --noise 0.3`: mean γ 0.64, 1.13 tokens per target pass against fixed γ = 4's
+1.72). A hazard model is specific to its draft, target and sampling: --record writes the verified
+drafts as draft records, `speckv train --hazard --steps drafts.csv --out hazard.json` trains one on
+them, and --auto --hazard hazard.json runs it (1.70 with the README's commands). --odds-scale scales
+a model's odds instead, as `generate`'s online calibration does.
 
     python examples/python/adaptive_loop.py [--backend torch|numpy] [--device cpu|cuda]
                                             [--steps 50] [--noise 1.0] [--fixed-gamma N | --auto]

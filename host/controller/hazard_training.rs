@@ -45,7 +45,8 @@ pub struct DraftRecord {
 }
 
 /// The columns a draft record needs (`sequence` is optional).
-pub const DRAFT_RECORD_COLUMNS: &str = "run, step, position, entropy, confidence, compression, accepted";
+pub const DRAFT_RECORD_COLUMNS: &str =
+    "run, step, position, entropy, confidence, compression, accepted";
 
 /// Appends draft n of a step to `out` as an example: its own (entropy, confidence) pushed on the
 /// step's accumulator first, as the live rule does after the draft's statistics.
@@ -94,7 +95,15 @@ pub fn examples(rows: &[TraceRow]) -> Result<Vec<Example>> {
             }
             let (e, c) = draft_values(step, n);
             let values = (e as f32, c as f32);
-            push_draft(&mut out, &mut accum, values, r.compression, n, accepted > n, r.run);
+            push_draft(
+                &mut out,
+                &mut accum,
+                values,
+                r.compression,
+                n,
+                accepted > n,
+                r.run,
+            );
         }
     }
     if out.is_empty() {
@@ -153,9 +162,7 @@ pub fn draft_examples(rows: &[DraftRecord]) -> Result<Vec<Example>> {
         let bad = |at: usize, why: String| {
             Error::Other(format!(
                 "line {at} (run {}, sequence {}, step {}): {why}",
-                first.run,
-                first.sequence,
-                first.step
+                first.run, first.sequence, first.step
             ))
         };
         if !seen.insert(key(first)) {
@@ -188,10 +195,16 @@ pub fn draft_examples(rows: &[DraftRecord]) -> Result<Vec<Example>> {
                 ));
             }
             if !(r.entropy.is_finite() && r.entropy >= 0.0) {
-                return Err(bad(at, format!("entropy {} is not finite and ≥ 0", r.entropy)));
+                return Err(bad(
+                    at,
+                    format!("entropy {} is not finite and ≥ 0", r.entropy),
+                ));
             }
             if !(0.0..=1.0).contains(&r.confidence) {
-                return Err(bad(at, format!("confidence {} is outside 0..=1", r.confidence)));
+                return Err(bad(
+                    at,
+                    format!("confidence {} is outside 0..=1", r.confidence),
+                ));
             }
             let accepted = match r.accepted {
                 0 => false,
@@ -210,7 +223,15 @@ pub fn draft_examples(rows: &[DraftRecord]) -> Result<Vec<Example>> {
                 continue; // not reached: an earlier draft was rejected
             }
             let values = (r.entropy as f32, r.confidence as f32);
-            push_draft(&mut out, &mut accum, values, r.compression, n, accepted, r.run);
+            push_draft(
+                &mut out,
+                &mut accum,
+                values,
+                r.compression,
+                n,
+                accepted,
+                r.run,
+            );
             rejected = !accepted;
         }
         line += step.len();
