@@ -116,6 +116,11 @@
 #define SPECKV_STOP_MAX_GAMMA 15
 
 /*
+ The most sequences one lockstep call decides for (`SpeckvStopArgs.lockstep`).
+ */
+#define SPECKV_LOCKSTEP_MAX_ROWS 16
+
+/*
  What a call did.
  */
 typedef enum SpeckvStatus {
@@ -510,6 +515,14 @@ typedef struct SpeckvStopArgs {
    trained); finite and > 0.
    */
   float odds_scale;
+  /*
+   0: every sequence decides alone, as if it drafted by itself. 1: the sequences draft in
+   lockstep — one batched draft pass for all, one batched verification of the longest γ — and
+   decide together: after each draft every sequence keeps it or none does, and all draft on
+   or all stop, by the expected tokens summed over the batch (`generate`'s batched `auto`).
+   At most `SPECKV_LOCKSTEP_MAX_ROWS` rows; on CUDA through a scratch the context owns.
+   */
+  uint32_t lockstep;
 } SpeckvStopArgs;
 
 #ifdef __cplusplus

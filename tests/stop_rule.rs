@@ -117,6 +117,7 @@ fn run_step_on(
             gamma_max: gamma_max as u32,
             compression_code: Compression::Int8.code() as f32,
             odds_scale,
+            lockstep: false,
         };
         let before = (accum.clone(), state.clone());
         let r = launch(&l, &opts(j), &mut accum, stop);
@@ -274,6 +275,7 @@ fn stop_launches_reject_inconsistent_inputs() {
         gamma_max: 4,
         compression_code: 0.0,
         odds_scale: 1.0,
+        lockstep: false,
     };
     let e = emu
         .softmax_stats_v2_stop(&l, &opts(0), &mut accum, &plan, stop)
@@ -365,6 +367,7 @@ fn cpu_backend_decides_as_the_cpu_rule() {
         gamma_max: 4,
         compression_code: 0.0,
         odds_scale: 1.0,
+        lockstep: false,
     };
     let no_accum = StatsOptions {
         accumulate: Accumulate::No,

@@ -14,7 +14,9 @@ use speckv::controller::hazard::{
 };
 use speckv::controller::CostModel;
 use speckv::stats::Accumulate;
-use speckv_kernels::params::{MlpWeights, StepCosts, StopParams, StopState, STOP_TIMES};
+use speckv_kernels::params::{
+    MlpWeights, StepCosts, StopParams, StopState, LOCKSTEP_MAX_ROWS, STOP_TIMES,
+};
 
 use super::{
     aligned, aligned_to, ctx_ref, fail, file_status, guard, non_null, Device, IntoStatus,
@@ -67,7 +69,18 @@ pub struct SpeckvStopArgs {
     /// Online calibration: the model's odds h / (1 − h) are multiplied by this (1: the model as
     /// trained); finite and > 0.
     pub odds_scale: f32,
+    /// 0: every sequence decides alone, as if it drafted by itself. 1: the sequences draft in
+    /// lockstep — one batched draft pass for all, one batched verification of the longest γ — and
+    /// decide together: after each draft every sequence keeps it or none does, and all draft on
+    /// or all stop, by the expected tokens summed over the batch (`generate`'s batched `auto`).
+    /// At most `SPECKV_LOCKSTEP_MAX_ROWS` rows; on CUDA through a scratch the context owns.
+    pub lockstep: u32,
 }
+
+/// The most sequences one lockstep call decides for (`SpeckvStopArgs.lockstep`).
+pub const SPECKV_LOCKSTEP_MAX_ROWS: usize = 16;
+
+const _: () = assert!(SPECKV_LOCKSTEP_MAX_ROWS == LOCKSTEP_MAX_ROWS);
 
 /// The hazard model a context holds, and its weights on the device.
 pub(crate) struct LoadedHazard {
@@ -150,6 +163,15 @@ fn check_stop(s: &SpeckvStopArgs) -> Result<(), (SpeckvStatus, String)> {
     aligned(s.stopped_count, "stop.stopped_count")?;
     aligned(s.hazards_out, "stop.hazards_out")?;
     check_gamma_max(s.gamma_max)?;
+    if s.lockstep > 1 {
+        return fail(
+            SpeckvStatus::InvalidArgument,
+            format!(
+                "stop.lockstep must be 0 (each sequence alone) or 1 (the batch together), got {}",
+                s.lockstep
+            ),
+        );
+    }
     if !s.compression_code.is_finite() {
         return fail(
             SpeckvStatus::InvalidArgument,
@@ -225,6 +247,15 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
             );
         };
         let rows = call.rows;
+        if s.lockstep != 0 && rows > SPECKV_LOCKSTEP_MAX_ROWS {
+            return fail(
+                SpeckvStatus::InvalidArgument,
+                format!(
+                    "{rows} rows in lockstep: one call decides for at most \
+                     {SPECKV_LOCKSTEP_MAX_ROWS} sequences"
+                ),
+            );
+        }
         match &c.device {
             Device::Cpu(cpu) => {
                 let l = call.logits()?;
@@ -244,6 +275,7 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
                     gamma_max: s.gamma_max,
                     compression_code: s.compression_code,
                     odds_scale: s.odds_scale,
+                    lockstep: s.lockstep != 0,
                 };
                 let r = cpu.softmax_stats_stop(&l, &call.opts, accum, rule).st()?;
                 let reset = call.opts.accumulate == Accumulate::Reset;
@@ -292,10 +324,11 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
                     gamma_max: s.gamma_max,
                     compression_code: s.compression_code,
                     odds_scale: s.odds_scale,
+                    lockstep: std::ptr::null_mut(), // the context's scratch, when asked
                 };
                 // SAFETY: device buffers of the stated shapes (contract); the weights were
                 // uploaded by `speckv_load_hazard` and live as long as the context.
-                unsafe { cuda.softmax_stats_stop(call.dt, &p, &sp, *stream) }.st()
+                unsafe { cuda.softmax_stats_stop(call.dt, &p, &sp, s.lockstep != 0, *stream) }.st()
             }
         }
     })

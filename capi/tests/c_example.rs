@@ -275,6 +275,7 @@ fn rust_auto_output() -> String {
             gamma_max: AG as u32,
             compression_code: 0.0,
             odds_scale: 1.0,
+            lockstep: false,
         };
         let r = cpu.softmax_stats_stop(&l, &o, &mut accum, stop).unwrap();
         state = r.stop_state.unwrap();

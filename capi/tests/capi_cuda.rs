@@ -334,7 +334,8 @@ fn c_abi_on_a_caller_cuda_stream_matches_cpu() {
 /// the same logits, position by position: the same decisions and γ_b, a stopped sequence's γ_b left
 /// unwritten on the device, the counter at the batch size once every sequence has stopped, the
 /// expectations to rounding. The rule's parameters are copied once per step (the same costs for
-/// every later position of it).
+/// every later position of it). Each sequence alone, then the batch in lockstep (every sequence
+/// with the same γ).
 #[test]
 fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
     if !have_device() {
@@ -367,123 +368,131 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
             speckv_step_costs(null(), GMAX, &mut costs),
             SpeckvStatus::Ok
         );
-        let mut h_accum = [FeatureAccum::EMPTY; R];
-        let mut h_state = [std::mem::zeroed::<SpeckvStopState>(); R];
-        let mut h_gammas = [0i32; R];
-        let mut h_count = 0u32;
-        let mut h_hazards = [f32::NAN; R * SPECKV_STOP_TIMES];
-        let mut d_stats = stream.alloc_zeros::<u8>(R * 32).unwrap();
-        let mut d_accum = stream.alloc_zeros::<u8>(R * 24).unwrap();
-        let mut d_state = stream.alloc_zeros::<u8>(R * 16).unwrap();
-        let mut d_gammas = stream.alloc_zeros::<i32>(R).unwrap();
-        let mut d_count = stream.alloc_zeros::<u32>(1).unwrap();
-        let mut d_hazards = stream.clone_htod(&h_hazards).unwrap();
-        for j in 0..GMAX as usize {
-            let logits = x(j);
-            let d_logits = stream.clone_htod(&logits).unwrap();
-            // The device's stopped sequences get a sentinel γ_b the call must not overwrite.
-            let before: Vec<i32> = stream.clone_dtoh(&d_gammas).unwrap();
-            let state_before: Vec<u8> = stream.clone_dtoh(&d_state).unwrap();
-            let state_before: &[SpeckvStopState] = bytemuck::cast_slice(&state_before);
-            let sentinel: Vec<i32> = (0..R)
-                .map(|b| {
-                    if j > 0 && state_before[b].stopped != 0 {
-                        -7
+        // Each sequence alone, then the batch in lockstep (the context's scratch on the device).
+        for lockstep in [0u32, 1] {
+            let mut h_accum = [FeatureAccum::EMPTY; R];
+            let mut h_state = [std::mem::zeroed::<SpeckvStopState>(); R];
+            let mut h_gammas = [0i32; R];
+            let mut h_count = 0u32;
+            let mut h_hazards = [f32::NAN; R * SPECKV_STOP_TIMES];
+            let mut d_stats = stream.alloc_zeros::<u8>(R * 32).unwrap();
+            let mut d_accum = stream.alloc_zeros::<u8>(R * 24).unwrap();
+            let mut d_state = stream.alloc_zeros::<u8>(R * 16).unwrap();
+            let mut d_gammas = stream.alloc_zeros::<i32>(R).unwrap();
+            let mut d_count = stream.alloc_zeros::<u32>(1).unwrap();
+            let mut d_hazards = stream.clone_htod(&h_hazards).unwrap();
+            for j in 0..GMAX as usize {
+                let logits = x(j);
+                let d_logits = stream.clone_htod(&logits).unwrap();
+                // The device's stopped sequences get a sentinel γ_b the call must not overwrite.
+                let before: Vec<i32> = stream.clone_dtoh(&d_gammas).unwrap();
+                let state_before: Vec<u8> = stream.clone_dtoh(&d_state).unwrap();
+                let state_before: &[SpeckvStopState] = bytemuck::cast_slice(&state_before);
+                let sentinel: Vec<i32> = (0..R)
+                    .map(|b| {
+                        if j > 0 && state_before[b].stopped != 0 {
+                            -7
+                        } else {
+                            before[b]
+                        }
+                    })
+                    .collect();
+                stream.memcpy_htod(&sentinel, &mut d_gammas).unwrap();
+                let mut h_stats = [RowStats::default(); R];
+                let mut a = SpeckvStatsArgs {
+                    logits: logits.as_ptr() as *const c_void,
+                    dtype: SPECKV_DTYPE_F32,
+                    rows: R as u32,
+                    vocab: V as u32,
+                    row_stride: V as u32,
+                    temperature: 0.0,
+                    sample: 0,
+                    seed: 9,
+                    step: j as u64,
+                    accumulate: if j == 0 {
+                        SPECKV_ACCUMULATE_RESET
                     } else {
-                        before[b]
-                    }
-                })
-                .collect();
-            stream.memcpy_htod(&sentinel, &mut d_gammas).unwrap();
-            let mut h_stats = [RowStats::default(); R];
-            let mut a = SpeckvStatsArgs {
-                logits: logits.as_ptr() as *const c_void,
-                dtype: SPECKV_DTYPE_F32,
-                rows: R as u32,
-                vocab: V as u32,
-                row_stride: V as u32,
-                temperature: 0.0,
-                sample: 0,
-                seed: 9,
-                step: j as u64,
-                accumulate: if j == 0 {
-                    SPECKV_ACCUMULATE_RESET
-                } else {
-                    SPECKV_ACCUMULATE_ADD
-                },
-                accum: h_accum.as_mut_ptr(),
-                out: h_stats.as_mut_ptr(),
-            };
-            let mut s = SpeckvStopArgs {
-                state: h_state.as_mut_ptr(),
-                gammas_out: h_gammas.as_mut_ptr(),
-                stopped_count: &mut h_count,
-                hazards_out: h_hazards.as_mut_ptr(),
-                costs,
-                gamma_max: GMAX,
-                compression_code: 0.0,
-                odds_scale: 1.0,
-            };
-            assert_eq!(speckv_softmax_stats_stop(cpu, &a, &s), SpeckvStatus::Ok);
-            {
-                let (dl, _g0) = d_logits.device_ptr(&stream);
-                let (ds, _g1) = d_stats.device_ptr_mut(&stream);
-                let (da, _g2) = d_accum.device_ptr_mut(&stream);
-                let (dst, _g3) = d_state.device_ptr_mut(&stream);
-                let (dg, _g4) = d_gammas.device_ptr_mut(&stream);
-                let (dc, _g5) = d_count.device_ptr_mut(&stream);
-                let (dh, _g6) = d_hazards.device_ptr_mut(&stream);
-                a.logits = dl as *const c_void;
-                a.out = ds as *mut RowStats;
-                a.accum = da as *mut FeatureAccum;
-                s.state = dst as *mut SpeckvStopState;
-                s.gammas_out = dg as *mut i32;
-                s.stopped_count = dc as *mut u32;
-                s.hazards_out = dh as *mut f32;
-                assert_eq!(
-                    speckv_softmax_stats_stop(gpu, &a, &s),
-                    SpeckvStatus::Ok,
-                    "{:?}",
-                    std::ffi::CStr::from_ptr(speckv_last_error())
-                );
-            }
-            let g: Vec<i32> = stream.clone_dtoh(&d_gammas).unwrap();
-            let st: Vec<u8> = stream.clone_dtoh(&d_state).unwrap();
-            let st: &[SpeckvStopState] = bytemuck::cast_slice(&st);
-            for b in 0..R {
-                let at = format!("position {j}, sequence {b}");
-                if j > 0 && state_before[b].stopped != 0 {
-                    assert_eq!(g[b], -7, "{at}: γ_b written after the stop");
-                    continue;
+                        SPECKV_ACCUMULATE_ADD
+                    },
+                    accum: h_accum.as_mut_ptr(),
+                    out: h_stats.as_mut_ptr(),
+                };
+                let mut s = SpeckvStopArgs {
+                    state: h_state.as_mut_ptr(),
+                    gammas_out: h_gammas.as_mut_ptr(),
+                    stopped_count: &mut h_count,
+                    hazards_out: h_hazards.as_mut_ptr(),
+                    costs,
+                    gamma_max: GMAX,
+                    compression_code: 0.0,
+                    odds_scale: 1.0,
+                    lockstep,
+                };
+                assert_eq!(speckv_softmax_stats_stop(cpu, &a, &s), SpeckvStatus::Ok);
+                {
+                    let (dl, _g0) = d_logits.device_ptr(&stream);
+                    let (ds, _g1) = d_stats.device_ptr_mut(&stream);
+                    let (da, _g2) = d_accum.device_ptr_mut(&stream);
+                    let (dst, _g3) = d_state.device_ptr_mut(&stream);
+                    let (dg, _g4) = d_gammas.device_ptr_mut(&stream);
+                    let (dc, _g5) = d_count.device_ptr_mut(&stream);
+                    let (dh, _g6) = d_hazards.device_ptr_mut(&stream);
+                    a.logits = dl as *const c_void;
+                    a.out = ds as *mut RowStats;
+                    a.accum = da as *mut FeatureAccum;
+                    s.state = dst as *mut SpeckvStopState;
+                    s.gammas_out = dg as *mut i32;
+                    s.stopped_count = dc as *mut u32;
+                    s.hazards_out = dh as *mut f32;
+                    assert_eq!(
+                        speckv_softmax_stats_stop(gpu, &a, &s),
+                        SpeckvStatus::Ok,
+                        "{:?}",
+                        std::ffi::CStr::from_ptr(speckv_last_error())
+                    );
                 }
-                assert_eq!(
-                    (st[b].kept, st[b].stopped),
-                    (h_state[b].kept, h_state[b].stopped),
-                    "{at}"
-                );
-                assert_eq!(g[b], h_gammas[b], "{at}");
-                assert!((st[b].expected - h_state[b].expected).abs() < 1e-4, "{at}");
+                let g: Vec<i32> = stream.clone_dtoh(&d_gammas).unwrap();
+                let st: Vec<u8> = stream.clone_dtoh(&d_state).unwrap();
+                let st: &[SpeckvStopState] = bytemuck::cast_slice(&st);
+                for b in 0..R {
+                    let at = format!("lockstep {lockstep}, position {j}, sequence {b}");
+                    if j > 0 && state_before[b].stopped != 0 {
+                        assert_eq!(g[b], -7, "{at}: γ_b written after the stop");
+                        continue;
+                    }
+                    assert_eq!(
+                        (st[b].kept, st[b].stopped),
+                        (h_state[b].kept, h_state[b].stopped),
+                        "{at}"
+                    );
+                    assert_eq!(g[b], h_gammas[b], "{at}");
+                    assert!((st[b].expected - h_state[b].expected).abs() < 1e-4, "{at}");
+                }
+                let hz: Vec<f32> = stream.clone_dtoh(&d_hazards).unwrap();
+                for (i, (d, h)) in hz.iter().zip(&h_hazards).enumerate() {
+                    assert!(
+                        (d.is_nan() && h.is_nan()) || (d - h).abs() < 1e-4,
+                        "position {j}, hazard slot {i}: {d} on the device, {h} on the CPU"
+                    );
+                }
+                let count: Vec<u32> = stream.clone_dtoh(&d_count).unwrap();
+                assert_eq!(count[0], h_count, "position {j}");
+                // Put back the γ_b the sentinel hid.
+                let fixed: Vec<i32> = (0..R)
+                    .map(|b| if g[b] == -7 { h_gammas[b] } else { g[b] })
+                    .collect();
+                stream.memcpy_htod(&fixed, &mut d_gammas).unwrap();
             }
-            let hz: Vec<f32> = stream.clone_dtoh(&d_hazards).unwrap();
-            for (i, (d, h)) in hz.iter().zip(&h_hazards).enumerate() {
+            assert_eq!(h_count, R as u32, "every sequence stopped once");
+            if lockstep == 0 {
                 assert!(
-                    (d.is_nan() && h.is_nan()) || (d - h).abs() < 1e-4,
-                    "position {j}, hazard slot {i}: {d} on the device, {h} on the CPU"
+                    h_gammas.iter().any(|&g| g > 0 && g < GMAX as i32),
+                    "{h_gammas:?}"
                 );
+            } else {
+                assert!(h_gammas.iter().all(|&g| g == h_gammas[0]), "{h_gammas:?}");
             }
-            let count: Vec<u32> = stream.clone_dtoh(&d_count).unwrap();
-            assert_eq!(count[0], h_count, "position {j}");
-            // Put back the γ_b the sentinel hid.
-            let fixed: Vec<i32> = (0..R)
-                .map(|b| if g[b] == -7 { h_gammas[b] } else { g[b] })
-                .collect();
-            stream.memcpy_htod(&fixed, &mut d_gammas).unwrap();
         }
-        assert_eq!(h_count, R as u32, "every sequence stopped once");
-        assert!(
-            h_gammas.iter().any(|&g| g > 0 && g < GMAX as i32),
-            "{h_gammas:?}"
-        );
         speckv_context_destroy(gpu);
         speckv_context_destroy(cpu);
     }

@@ -59,6 +59,8 @@ struct Step {
     gammas: Vec<i32>,
     stopped: u32,
     hazards: Vec<f32>,
+    /// `SpeckvStopArgs.lockstep`.
+    lockstep: u32,
 }
 
 impl Step {
@@ -79,6 +81,7 @@ impl Step {
             gammas: vec![0; ROWS],
             stopped: 0,
             hazards: vec![f32::NAN; ROWS * SPECKV_STOP_TIMES],
+            lockstep: 0,
         }
     }
 
@@ -111,6 +114,7 @@ impl Step {
             gamma_max: GMAX,
             compression_code: 1.0,
             odds_scale: odds,
+            lockstep: self.lockstep,
         }
     }
 
@@ -129,15 +133,43 @@ impl Step {
 
 #[test]
 fn the_c_abi_stops_as_the_kernel_epilogue_does() {
+    let outcomes: std::collections::BTreeSet<i32> =
+        stops_as_the_kernel(false).into_iter().flatten().collect();
+    // Confident then flat drafts: the sequences stop at several places.
+    assert!(
+        outcomes.len() >= 3 && outcomes.iter().any(|&g| g > 1 && g < GMAX as i32),
+        "{outcomes:?}"
+    );
+}
+
+/// In lockstep the batch decides together: the C ABI as the kernel's lockstep epilogue, and every
+/// sequence ends its step with the same γ — one that stops short of γmax for some calibration, as
+/// the flat drafts of the later positions weigh on the sum.
+#[test]
+fn the_c_abi_stops_in_lockstep_as_the_kernel_epilogue_does() {
+    let ends = stops_as_the_kernel(true);
+    for g in &ends {
+        assert!(g.iter().all(|&x| x == g[0]), "{g:?}");
+    }
+    assert!(ends.iter().any(|g| g[0] < GMAX as i32), "{ends:?}");
+}
+
+/// One step per odds scale through the C ABI on a CPU context (`lockstep` as asked), checked at
+/// every position against `softmax_stats_v2` with `STATS_STOP` on the emulator; returns each
+/// step's final γ_b.
+fn stops_as_the_kernel(lockstep: bool) -> Vec<Vec<i32>> {
     let ctx = cpu();
     let w = HazardModel::default_model().unwrap().weights();
     let emu = Emulator::new(256);
     let (_, plan) = speckv::plan::softmax_stats_v2(ROWS as u32, V as u32, Dtype::F32, 7);
-    let mut outcomes = std::collections::BTreeSet::new();
+    let mut outcomes = Vec::new();
     // SAFETY: a live context; null loads the shipped model.
     assert_eq!(unsafe { speckv_load_hazard(ctx, null()) }, SpeckvStatus::Ok);
     for odds in [1.0f32, 0.6, 1.7] {
-        let mut c = Step::new();
+        let mut c = Step {
+            lockstep: lockstep as u32,
+            ..Step::new()
+        };
         let mut emu_accum = vec![FeatureAccum::EMPTY; ROWS];
         let mut emu_state = vec![StopState::START; ROWS];
         for j in 0..GMAX as usize {
@@ -182,6 +214,7 @@ fn the_c_abi_stops_as_the_kernel_epilogue_does() {
                 gamma_max: GMAX,
                 compression_code: 1.0,
                 odds_scale: odds,
+                lockstep,
             };
             let r = emu
                 .softmax_stats_v2_stop(&l, &opts, &mut emu_accum, &plan, stop)
@@ -235,7 +268,7 @@ fn the_c_abi_stops_as_the_kernel_epilogue_does() {
         assert!(c.state.iter().all(|s| s.stopped == 1), "{:?}", c.state);
         assert_eq!(c.stopped, ROWS as u32);
         assert!(c.gammas.iter().all(|&g| (0..=GMAX as i32).contains(&g)));
-        outcomes.extend(c.gammas.iter().copied());
+        outcomes.push(c.gammas.clone());
 
         // The next step's first draft starts afresh whatever the states hold.
         let x = logits(0);
@@ -248,13 +281,9 @@ fn the_c_abi_stops_as_the_kernel_epilogue_does() {
             "the counter counts this call's stops"
         );
     }
-    // Confident then flat drafts: the sequences stop at several places.
-    assert!(
-        outcomes.len() >= 3 && outcomes.iter().any(|&g| g > 1 && g < GMAX as i32),
-        "{outcomes:?}"
-    );
     // SAFETY: created above, destroyed once.
     unsafe { speckv_context_destroy(ctx) };
+    outcomes
 }
 
 /// A hazard model whose prediction is `h` whatever the features, as a file.

@@ -66,7 +66,8 @@ impl CpuBackend {
     /// sequence, its draft just computed): what `softmax_stats_v2`'s `STATS_STOP` epilogue does, and
     /// what [`crate::backend::emulate::Emulator::softmax_stats_v2_stop`] returns. A step's first
     /// draft (`Accumulate::Reset`) starts every sequence from [`StopState::START`]; a sequence that
-    /// has stopped keeps its accumulator, state and γ_b.
+    /// has stopped keeps its accumulator, state and γ_b. With `stop.lockstep` the sequences decide
+    /// together, as the kernel's lockstep epilogue does.
     pub fn softmax_stats_stop(
         &self,
         logits: &Logits<'_>,
@@ -83,31 +84,71 @@ impl CpuBackend {
         let mut gammas: Vec<i32> = states.iter().map(|s| s.kept as i32).collect();
         let mut stopped = 0;
         let mut hazards = vec![f32::NAN; rows * STOP_TIMES];
-        for (r, s) in states.iter_mut().enumerate() {
-            if reset {
-                *s = StopState::START;
+        if reset {
+            states.fill(StopState::START);
+        }
+        if stop.lockstep {
+            // `softmax_stats_v2`'s lockstep epilogue: every sequence's hazard, then one decision for
+            // the batch (`Stop::check` refused states that do not move together).
+            if states.iter().any(|s| s.stopped != 0) {
+                accum.copy_from_slice(&before); // the batch stopped at an earlier draft
+            } else if let Some(first) = states.first() {
+                let j = first.kept;
+                let gmax = stop.gamma_max.min(STOP_TIMES as u32 - 1);
+                let h: Vec<f32> = (0..rows)
+                    .map(|r| {
+                        let x = stop_rule::features(
+                            stats[r].entropy,
+                            stats[r].confidence,
+                            &accum[r],
+                            stop.compression_code,
+                            j,
+                        );
+                        stop_rule::hazard(stop.weights, &x, stop.odds_scale)
+                    })
+                    .collect();
+                let (keep, more) = stop_rule::compare_lockstep(
+                    rows as u32,
+                    |i| states[i as usize],
+                    |i| h[i as usize],
+                    j,
+                    gmax,
+                    stop.costs.draft,
+                    |g| stop.costs.verify[g as usize], // g ≤ gmax < STOP_TIMES
+                );
+                for (r, s) in states.iter_mut().enumerate() {
+                    stop_rule::apply_lockstep(s, h[r], j, gmax, keep, more);
+                    if keep {
+                        hazards[r * STOP_TIMES + j as usize] = h[r];
+                    }
+                    gammas[r] = s.kept as i32;
+                    stopped += s.stopped;
+                }
             }
-            if s.stopped != 0 {
-                accum[r] = before[r];
-                continue;
+        } else {
+            for (r, s) in states.iter_mut().enumerate() {
+                if s.stopped != 0 {
+                    accum[r] = before[r];
+                    continue;
+                }
+                let j = s.kept as usize;
+                let d = stop_rule::decide_host(
+                    stop.weights,
+                    s,
+                    &accum[r],
+                    stats[r].entropy,
+                    stats[r].confidence,
+                    stop.compression_code,
+                    stop.odds_scale,
+                    stop.gamma_max,
+                    &stop.costs,
+                );
+                if d.keep {
+                    hazards[r * STOP_TIMES + j] = d.hazard;
+                }
+                gammas[r] = s.kept as i32;
+                stopped += s.stopped;
             }
-            let j = s.kept as usize;
-            let d = stop_rule::decide_host(
-                stop.weights,
-                s,
-                &accum[r],
-                stats[r].entropy,
-                stats[r].confidence,
-                stop.compression_code,
-                stop.odds_scale,
-                stop.gamma_max,
-                &stop.costs,
-            );
-            if d.keep {
-                hazards[r * STOP_TIMES + j] = d.hazard;
-            }
-            gammas[r] = s.kept as i32;
-            stopped += s.stopped;
         }
         Ok(StatsV2Output {
             stats,

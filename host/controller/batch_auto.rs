@@ -67,37 +67,22 @@ pub fn decide_batch<V: Fn(u32) -> f32>(
 ) -> BatchVerdict {
     let n = states.len().min(hazards.len()).min(MAX_SEQS);
     let gamma_max = gamma_max.min(STOP_TIMES as u32 - 1);
-    let mut a = [0f32; MAX_SEQS];
-    let (mut expected, mut tokens) = (0f32, 0f32);
-    for i in 0..n {
-        a[i] = states[i].survive * hazards[i];
-        expected += states[i].expected;
-        tokens += states[i].expected + a[i];
-    }
-    // The kernels' comparison, with the sums: one sequence's gain is its A, exactly.
-    let gain = || {
-        let mut sum = 0f32;
-        for (ai, &h) in a.iter_mut().zip(hazards).take(n) {
-            *ai *= h;
-            sum += *ai;
-        }
-        sum
-    };
-    let (keep, more) = stop_rule::compare(j, gamma_max, draft, verify, expected, tokens, gain);
-    let kept = j + keep as u32;
+    // The kernels' lockstep comparison (`softmax_stats_v2`'s epilogue runs the same function).
+    let (keep, more) = stop_rule::compare_lockstep(
+        n as u32,
+        |i| states[i as usize],
+        |i| hazards[i as usize],
+        j,
+        gamma_max,
+        draft,
+        verify,
+    );
     for (s, &h) in states.iter_mut().zip(hazards).take(n) {
-        if keep {
-            s.survive *= h;
-            s.expected += s.survive;
-        }
-        s.kept = kept;
-        if !more || kept >= gamma_max {
-            s.stopped = 1;
-        }
+        stop_rule::apply_lockstep(s, h, j, gamma_max, keep, more);
     }
     BatchVerdict {
         keep,
-        more: more && kept < gamma_max,
+        more: more && j + (keep as u32) < gamma_max,
     }
 }
 

@@ -129,6 +129,29 @@ pub struct StopParams {
     pub compression_code: f32,
     /// Online calibration: the model's odds h / (1 − h) are multiplied by this (1: as trained).
     pub odds_scale: f32,
+    /// Null: every sequence decides alone. Otherwise the launch's sequences draft in lockstep
+    /// (one batched draft pass, one batched verification of the longest γ) and decide together
+    /// (`stop_rule::compare_lockstep`), through this scratch: zeroed before the first launch,
+    /// left zeroed by every launch, not shared with a concurrent launch; at most
+    /// [`LOCKSTEP_MAX_ROWS`] rows.
+    pub lockstep: *mut LockstepScratch,
+}
+
+/// Most sequences one lockstep decision covers (`StopParams::lockstep`).
+pub const LOCKSTEP_MAX_ROWS: usize = 16;
+
+/// Where a lockstep launch's rows meet (`StopParams::lockstep`): each row publishes its hazard and
+/// counts its arrival; the last row to arrive decides for all and zeroes `arrived` again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(
+    not(target_arch = "nvptx64"),
+    derive(bytemuck::Pod, bytemuck::Zeroable)
+)]
+pub struct LockstepScratch {
+    pub arrived: u32,
+    /// Row r's hazard for this launch's draft (NaN for a row whose sequence had stopped).
+    pub hazards: [f32; LOCKSTEP_MAX_ROWS],
 }
 
 /// A step's costs as the stopping rule sees them: one draft pass, and the verification of γ drafts
@@ -611,7 +634,8 @@ const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 112);
 const _: () = assert!(core::mem::size_of::<StatsRow>() == 40);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV3Params>() == 80);
-const _: () = assert!(core::mem::size_of::<StopParams>() == 120);
+const _: () = assert!(core::mem::size_of::<StopParams>() == 128);
+const _: () = assert!(core::mem::size_of::<LockstepScratch>() == 68);
 const _: () = assert!(core::mem::size_of::<StopState>() == 16);
 
 /// Parameters of the v2 verification kernels `verify_v2_rows_{f32,f16,bf16}` and

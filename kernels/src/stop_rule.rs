@@ -21,12 +21,13 @@
 //! `stopped_count` (host-mapped or copied with the step's results) to learn, per step, how many
 //! sequences ended early.
 
-use core::ptr::addr_of;
+use core::ptr::{addr_of, addr_of_mut};
 
 use crate::gamma_mlp::{predict, DeviceMlp, MlpSource};
 use crate::gpu;
 use crate::params::{
-    FeatureAccum, MlpWeights, SoftmaxStatsV2Params, StepCosts, StopParams, StopState, STOP_TIMES,
+    FeatureAccum, LockstepScratch, MlpWeights, SoftmaxStatsV2Params, StepCosts, StopParams,
+    StopState, STOP_TIMES,
 };
 
 /// The hazard a non-finite feature or prediction gets: fail closed, stop.
@@ -189,6 +190,63 @@ pub fn compare<V: Fn(u32) -> f32, G: FnMut() -> f32>(
     (j < gamma_max && (more || stop_after > discard), more)
 }
 
+/// The decision after draft pass j of `n` sequences drafting in lockstep — one batched draft pass
+/// drafts for all of them, one batched verification checks the longest γ — for the batch: discard
+/// draft j everywhere, keep it and stop, or draft on. While the batch drafts on, a sequence's extra
+/// draft costs nothing, so this is [`decide`]'s [`compare`] with the expected tokens summed over
+/// the sequences, each with its own hazard, and the costs those of batched passes. `state(i)` and
+/// `hazard(i)` give sequence i's; they are read again for each candidate γ rather than held in an
+/// array (a GPU thread would index one from local memory). Sums run in f32 from 0 in sequence
+/// order and a sequence's A after k more drafts is multiplied up from `survive · h` one factor at a
+/// time, so one sequence gets [`decide`]'s comparison exactly. Returns (keep draft j, draft on);
+/// apply it to every sequence with [`apply_lockstep`].
+#[inline(always)]
+pub fn compare_lockstep<S: Fn(u32) -> StopState, H: Fn(u32) -> f32, V: Fn(u32) -> f32>(
+    n: u32,
+    state: S,
+    hazard: H,
+    j: u32,
+    gamma_max: u32,
+    draft: f32,
+    verify: V,
+) -> (bool, bool) {
+    let (mut expected, mut tokens) = (0f32, 0f32);
+    for i in 0..n {
+        let s = state(i);
+        expected += s.expected;
+        tokens += s.expected + s.survive * hazard(i);
+    }
+    let mut further = 0u32;
+    compare(j, gamma_max, draft, verify, expected, tokens, || {
+        further += 1;
+        let mut sum = 0f32;
+        for i in 0..n {
+            let h = hazard(i);
+            let mut a = state(i).survive * h;
+            for _ in 0..further {
+                a *= h;
+            }
+            sum += a;
+        }
+        sum
+    })
+}
+
+/// A sequence's state after its batch's lockstep decision at draft j ([`compare_lockstep`]): the
+/// draft counted when kept (with the sequence's own hazard `h`), stopped unless the batch drafts
+/// on with room left.
+#[inline(always)]
+pub fn apply_lockstep(s: &mut StopState, h: f32, j: u32, gamma_max: u32, keep: bool, more: bool) {
+    if keep {
+        s.survive *= h;
+        s.expected += s.survive;
+    }
+    s.kept = j + keep as u32;
+    if !more || s.kept >= gamma_max {
+        s.stopped = 1;
+    }
+}
+
 /// The epilogue of `softmax_stats_v2` with `STATS_STOP` for `row` (its sequence), after the row's
 /// statistics (`entropy`, `confidence`, `row_flags`) are known: updates the accumulator and the
 /// stop state, writes γ_b (and the hazard of a kept draft when `hazards_out` is set). A stopped
@@ -211,6 +269,10 @@ pub unsafe fn epilogue(
     row_flags: u32,
     reset: bool,
 ) {
+    let lockstep = gpu::ld_nc(addr_of!((*sp).lockstep), 0);
+    if !lockstep.is_null() {
+        return epilogue_lockstep(p, sp, lockstep, row, entropy, confidence, row_flags, reset);
+    }
     let r = row as usize;
     let state = gpu::ld_nc(addr_of!((*sp).state), 0);
     let mut s = if reset {
@@ -259,6 +321,118 @@ pub unsafe fn epilogue(
     let count = gpu::ld_nc(addr_of!((*sp).stopped_count), 0);
     if s.stopped != 0 && !count.is_null() {
         gpu::atomic_add_u32(count, 1);
+    }
+}
+
+/// [`epilogue`] for sequences in lockstep (`StopParams::lockstep` set): the row's accumulator is
+/// updated and its hazard published in the scratch; the last row to arrive decides for the launch
+/// ([`compare_lockstep`] over every row in row order), writes every row's state, γ_b and (for a
+/// kept draft) hazard, counts the stopped sequences, and zeroes the arrival count for the next
+/// launch. A launch whose sequences have stopped (the batch stopped at an earlier draft) only
+/// writes statistics: no accumulator, state or γ_b changes.
+///
+/// # Safety
+/// As [`epilogue`], and `scratch` is one [`LockstepScratch`] whose count is zero at the launch, not
+/// shared with a concurrent launch; `p.rows ≤ LOCKSTEP_MAX_ROWS`; the states are all stopped or
+/// none, and all at the same draft (as this epilogue leaves them).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn epilogue_lockstep(
+    p: &SoftmaxStatsV2Params,
+    sp: *const StopParams,
+    scratch: *mut LockstepScratch,
+    row: u32,
+    entropy: f32,
+    confidence: f32,
+    row_flags: u32,
+    reset: bool,
+) {
+    let state = gpu::ld_nc(addr_of!((*sp).state), 0);
+    // No row's state is written before the last arrival, so every row may read any row's.
+    let before = |i: u32| {
+        if reset {
+            StopState::START
+        } else {
+            gpu::ld(state, i as usize)
+        }
+    };
+    let s = before(row);
+    let hazards = addr_of_mut!((*scratch).hazards) as *mut f32;
+    let mut h = f32::NAN;
+    if s.stopped == 0 {
+        let r = row as usize;
+        let mut a = if reset {
+            FeatureAccum::EMPTY
+        } else {
+            gpu::ld(p.accum, r)
+        };
+        a.push(entropy, confidence, row_flags);
+        gpu::st(p.accum, r, a);
+        let x = features(
+            entropy,
+            confidence,
+            &a,
+            gpu::ld_nc(addr_of!((*sp).compression_code), 0),
+            s.kept,
+        );
+        h = hazard(
+            DeviceMlp(gpu::ld_nc(addr_of!((*sp).weights), 0)),
+            &x,
+            gpu::ld_nc(addr_of!((*sp).odds_scale), 0),
+        );
+    }
+    // Publish, then arrive: the last row sees every hazard (the fences order the stores before
+    // the count, and the count before its loads).
+    gpu::st(hazards, row as usize, h);
+    gpu::threadfence();
+    let arrived = addr_of_mut!((*scratch).arrived);
+    if gpu::atomic_add_u32(arrived, 1) + 1 != p.rows {
+        return;
+    }
+    gpu::st(arrived, 0, 0u32); // every row has arrived: zero for the next launch (stream order)
+    gpu::threadfence();
+    let n = p.rows;
+    for i in 0..n {
+        if before(i).stopped != 0 {
+            return; // the batch stopped at an earlier draft
+        }
+    }
+    let gamma_max = gpu::ld_nc(addr_of!((*sp).gamma_max), 0);
+    let gmax = if gamma_max < STOP_TIMES as u32 {
+        gamma_max
+    } else {
+        STOP_TIMES as u32 - 1
+    };
+    let verify = addr_of!((*sp).costs.verify) as *const f32;
+    let j = before(0).kept;
+    let (keep, more) = compare_lockstep(
+        n,
+        before,
+        |i| gpu::ld(hazards, i as usize),
+        j,
+        gmax,
+        gpu::ld_nc(addr_of!((*sp).costs.draft), 0),
+        // γ ≤ gmax < STOP_TIMES: inside the table.
+        |g| gpu::ld_nc(verify, g as usize),
+    );
+    let hazards_out = gpu::ld_nc(addr_of!((*sp).hazards_out), 0);
+    let gammas_out = gpu::ld_nc(addr_of!((*sp).gammas_out), 0);
+    let mut stopped = 0;
+    for i in 0..n {
+        let mut si = before(i);
+        let hi = gpu::ld(hazards, i as usize);
+        apply_lockstep(&mut si, hi, j, gmax, keep, more);
+        if keep && !hazards_out.is_null() {
+            // j < γmax < STOP_TIMES when a draft is kept: inside the row's slots.
+            gpu::st(hazards_out, i as usize * STOP_TIMES + j as usize, hi);
+        }
+        gpu::st(state, i as usize, si);
+        gpu::st(gammas_out, i as usize, si.kept as i32);
+        stopped += si.stopped;
+    }
+    let count = gpu::ld_nc(addr_of!((*sp).stopped_count), 0);
+    if stopped != 0 && !count.is_null() {
+        gpu::atomic_add_u32(count, stopped);
     }
 }
 

@@ -344,6 +344,7 @@ class Context:
     def softmax_stats_stop(self, logits: Any, *, state: Any, gammas: Any, costs: dict,
                            accumulate: str, accum: Any, gamma_max: Optional[int] = None,
                            compression_code: float = 0.0, odds_scale: float = 1.0,
+                           lockstep: bool = False,
                            stopped: Any = None, hazards: Any = None, temperature: float = 1.0,
                            sample: bool = False, seed: int = 0, step: int = 0, out: Any = None):
         """`softmax_stats` of one drafted position ([batch, vocab], one row per sequence) with the
@@ -353,7 +354,10 @@ class Context:
         `accumulate` is "reset" for a step's first draft, "add" after; `costs` is `step_costs`'s
         dict (γmax: its length − 1 unless given); `stopped` (uint32 [1], optional) counts the
         sequences that stop; `hazards` (float32 [batch, STOP_TIMES], optional) receives the hazard
-        of every kept draft, for `calibrate`. Returns `out`."""
+        of every kept draft, for `calibrate`. With `lockstep` the batch drafts in lockstep (one
+        draft pass for all, one verification of the longest γ) and decides together: every
+        sequence keeps the draft or none does, and all draft on or all stop (at most
+        `_speckv.LOCKSTEP_MAX_ROWS`, 16, sequences). Returns `out`."""
         addr, rows, vocab, stride, dev = self._logits(logits)
         if accumulate not in ("add", "reset"):
             raise SpeckvError(f"InvalidArgument: per-token stopping accumulates: accumulate must be 'reset' or 'add', got {accumulate!r}")
@@ -383,7 +387,7 @@ class Context:
                                      float(temperature), bool(sample), int(seed), int(step),
                                      ACCUMULATE[accumulate], acc_addr, st_addr, g_addr, c_addr, h_addr,
                                      float(costs["draft"]), verify, gm, float(compression_code),
-                                     float(odds_scale))
+                                     float(odds_scale), bool(lockstep))
         return out
 
     def decide_gamma(self, accum: Any, gammas: Any, *, compression_code: float = 0.0,

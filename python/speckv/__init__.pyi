@@ -65,6 +65,7 @@ class Context:
     def softmax_stats_stop(self, logits: Tensor, *, state: Tensor, gammas: Tensor, costs: dict,
                            accumulate: str, accum: Tensor, gamma_max: Optional[int] = None,
                            compression_code: float = 0.0, odds_scale: float = 1.0,
+                           lockstep: bool = False,
                            stopped: Optional[Tensor] = None, hazards: Optional[Tensor] = None,
                            temperature: float = 1.0,
                            sample: bool = False, seed: int = 0, step: int = 0,

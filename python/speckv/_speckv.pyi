@@ -7,6 +7,7 @@ STATS_ROW_BYTES: int
 FEATURE_ACCUM_BYTES: int
 STOP_STATE_BYTES: int
 STOP_TIMES: int
+LOCKSTEP_MAX_ROWS: int
 
 class SpeckvError(Exception): ...
 
@@ -33,7 +34,7 @@ class Context:
                            temperature: float, sample: bool, seed: int, step: int, accumulate: int,
                            accum: int, state: int, gammas_out: int, stopped_count: int, hazards_out: int,
                            draft_cost: float, verify_costs: List[float], gamma_max: int,
-                           compression_code: float, odds_scale: float) -> None: ...
+                           compression_code: float, odds_scale: float, lockstep: bool) -> None: ...
     def decide_gamma(self, accum: int, batch: int, compression_code: float, fallback_gamma: int,
                      gammas_out: int, expected_out: int, flags_out: int) -> None: ...
     def verify(self, target_logits: int, dtype: int, target_stride: int, draft: int, draft_kind: int,

@@ -188,7 +188,7 @@ impl Context {
     /// `softmax_stats`, then the stopping rule's (`verify_costs`: γ = 0..len−1, at most
     /// `STOP_TIMES`; the rest +inf, so every γ ≤ γmax needs an entry).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum, state, gammas_out, stopped_count, hazards_out, draft_cost, verify_costs, gamma_max, compression_code, odds_scale))]
+    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum, state, gammas_out, stopped_count, hazards_out, draft_cost, verify_costs, gamma_max, compression_code, odds_scale, lockstep))]
     fn softmax_stats_stop(
         &self,
         logits: usize,
@@ -212,6 +212,7 @@ impl Context {
         gamma_max: u32,
         compression_code: f32,
         odds_scale: f32,
+        lockstep: bool,
     ) -> PyResult<()> {
         if verify_costs.len() > SPECKV_STOP_TIMES {
             return Err(SpeckvError::new_err(format!(
@@ -244,6 +245,7 @@ impl Context {
             gamma_max,
             compression_code,
             odds_scale,
+            lockstep: lockstep as u32,
         };
         // SAFETY: as in `softmax_stats`; the C ABI checks the rule's arguments.
         check(unsafe { speckv_softmax_stats_stop(self.raw, &a, &s) })
@@ -430,6 +432,7 @@ fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STATS_ROW_BYTES", std::mem::size_of::<SpeckvStatsRow>())?;
     m.add("STOP_STATE_BYTES", std::mem::size_of::<SpeckvStopState>())?;
     m.add("STOP_TIMES", SPECKV_STOP_TIMES)?;
+    m.add("LOCKSTEP_MAX_ROWS", SPECKV_LOCKSTEP_MAX_ROWS)?;
     m.add(
         "FEATURE_ACCUM_BYTES",
         std::mem::size_of::<SpeckvFeatureAccum>(),

@@ -148,6 +148,33 @@ class BindingMatchesC(unittest.TestCase):
         self.assertEqual(text, c_auto_step())
         self.assertIn("drafted positions=5", text)  # the counter ended the loop before γmax
 
+    def test_lockstep_moves_the_batch_together(self):
+        # The auto_step.c drafts: alone, the sequences stop at different places; in lockstep the
+        # batch keeps and stops together, and the counter reaches the batch in one call.
+        draft = np.array([[[auto_draft_logit(b, j, k) for k in range(V)] for j in range(AG)] for b in range(AB)],
+                         dtype=np.float32)
+        ctx = speckv.Context.cpu()
+        ctx.load_hazard()
+        costs = speckv.step_costs(None, AG)
+        ends = {}
+        for lockstep in (False, True):
+            accum, state = speckv.new_accum(AB), speckv.new_stop_state(AB)
+            gammas, stopped = np.zeros(AB, dtype=np.int32), np.zeros(1, dtype=np.uint32)
+            counts = []
+            for j in range(AG):
+                if stopped[0] >= AB:
+                    break
+                ctx.softmax_stats_stop(draft[:, j, :], state=state, gammas=gammas, costs=costs,
+                                       accumulate="reset" if j == 0 else "add", accum=accum,
+                                       stopped=stopped, temperature=0.0, step=j, lockstep=lockstep)
+                counts.append(int(stopped[0]))
+                if lockstep:
+                    self.assertEqual(len(set(state["kept"])), 1)
+                    self.assertIn(counts[-1], (0, AB))
+            ends[lockstep] = list(gammas)
+        self.assertGreater(len(set(ends[False])), 1, ends)
+        self.assertEqual(len(set(ends[True])), 1, ends)
+
     def test_f16_and_strided_rows(self):
         ctx = speckv.Context.cpu()
         # A coarse grid: exact in f16, ties in the argmax (lowest index wins).
@@ -284,6 +311,12 @@ class Misuse(unittest.TestCase):
         self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **{**kw, "gamma_max": 6})
         self.raises("BadShape", self.ctx.softmax_stats_stop, x, **{**kw, "state": speckv.new_stop_state(3)})
         self.raises("BadDtype", self.ctx.softmax_stats_stop, x, **{**kw, "gammas": np.zeros(2, dtype=np.int64)})
+        many = speckv._speckv.LOCKSTEP_MAX_ROWS + 1
+        big = dict(kw, state=speckv.new_stop_state(many), gammas=np.zeros(many, dtype=np.int32),
+                   accum=speckv.new_accum(many))
+        self.ctx.softmax_stats_stop(np.zeros((many, 8), dtype=np.float32), **big)  # alone: fine
+        self.raises("InvalidArgument", self.ctx.softmax_stats_stop, np.zeros((many, 8), dtype=np.float32),
+                    **big, lockstep=True)
 
     def test_misaligned_buffers_are_refused(self):
         raw = np.zeros(4 * 8 * 4 + 2, dtype=np.uint8)

@@ -298,6 +298,7 @@ impl CudaBackend {
                 gamma_max: s.gamma_max,
                 compression_code: s.compression_code,
                 odds_scale: s.odds_scale,
+                lockstep: std::ptr::null_mut(), // one sequence
             };
             let pod = PodStop(params);
             let same = rs

@@ -3,7 +3,8 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use speckv_kernels::params::{
-    FeatureAccum, MlpWeights, RowStats, StopParams, StopState, STATS_STOP, STOP_TIMES,
+    FeatureAccum, LockstepScratch, MlpWeights, RowStats, StopParams, StopState, STATS_STOP,
+    STOP_TIMES,
 };
 
 use super::stats::PodStop;
@@ -44,6 +45,7 @@ impl CudaBackend {
         let mut gammas = st.clone_htod(&kept)?;
         let mut stopped = st.alloc_zeros::<u32>(1)?;
         let mut hazards = st.clone_htod(&vec![f32::NAN; rows * STOP_TIMES])?;
+        let mut lockstep = st.alloc_zeros::<u8>(std::mem::size_of::<LockstepScratch>())?;
         let mut scratch = super::stats::StatsScratch::new(self, rows, &plan)?;
         {
             let (wp, _g0) = w.device_ptr(st);
@@ -51,6 +53,7 @@ impl CudaBackend {
             let (gp, _g2) = gammas.device_ptr_mut(st);
             let (cp, _g3) = stopped.device_ptr_mut(st);
             let (hp, _g8) = hazards.device_ptr_mut(st);
+            let (kp, _g9) = lockstep.device_ptr_mut(st);
             let params = StopParams {
                 weights: wp as *const MlpWeights,
                 state: sp as *mut StopState,
@@ -61,6 +64,11 @@ impl CudaBackend {
                 gamma_max: stop.gamma_max,
                 compression_code: stop.compression_code,
                 odds_scale: stop.odds_scale,
+                lockstep: if stop.lockstep {
+                    kp as *mut LockstepScratch
+                } else {
+                    std::ptr::null_mut()
+                },
             };
             let pbuf = st.clone_htod(bytemuck::bytes_of(&PodStop(params)))?;
             let (pp, _g4) = pbuf.device_ptr(st);
@@ -77,8 +85,9 @@ impl CudaBackend {
             let mut p2 = scratch.params(st, base, &plan);
             p2.flags |= STATS_STOP;
             p2.stop = pp as *const StopParams;
-            // SAFETY: logits, outputs, accumulators, states and γ_b have `rows` entries, the scratch
-            // the plan's size, the parameters one `StopParams` pointing at them and at one
+            // SAFETY: logits, outputs, accumulators, states and γ_b have `rows` entries (at most
+            // `LOCKSTEP_MAX_ROWS` in lockstep: `Stop::check`), the lockstep scratch is zeroed, the
+            // statistics scratch the plan's size, the parameters one `StopParams` pointing at them and at one
             // `MlpWeights`; all live to the end of this function (the copies below synchronise).
             unsafe { self.launch_stats_v2(logits.dtype(), p2, &plan) }?;
         }

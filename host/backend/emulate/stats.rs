@@ -2,7 +2,8 @@
 
 use speckv_kernels::emu::{self, Launch};
 use speckv_kernels::params::{
-    FeatureAccum, MlpWeights, RowStats, StepCosts, StopParams, StopState, STATS_STOP, STOP_TIMES,
+    FeatureAccum, LockstepScratch, MlpWeights, RowStats, StepCosts, StopParams, StopState,
+    LOCKSTEP_MAX_ROWS, STATS_STOP, STOP_TIMES,
 };
 use speckv_kernels::softmax_stats::{self as kernel, Bf16, F16, F32};
 
@@ -31,6 +32,9 @@ pub struct Stop<'a> {
     pub compression_code: f32,
     /// The online calibration's odds scale (1: the model as trained).
     pub odds_scale: f32,
+    /// The sequences draft in lockstep and decide together (`StopParams::lockstep`); false: each
+    /// alone.
+    pub lockstep: bool,
 }
 
 impl Stop<'_> {
@@ -43,6 +47,27 @@ impl Stop<'_> {
                 "{} stop states for {rows} rows",
                 self.state.len()
             )));
+        }
+        if self.lockstep {
+            if rows > LOCKSTEP_MAX_ROWS {
+                return Err(Error::Other(format!(
+                    "{rows} sequences in lockstep: one decision covers at most {LOCKSTEP_MAX_ROWS}"
+                )));
+            }
+            // Lockstep states move together; others were not made by a lockstep launch (without
+            // `Accumulate::Reset`, which starts them all afresh, they are read as they are).
+            let first = self.state.first().copied().unwrap_or(StopState::START);
+            let apart = self
+                .state
+                .iter()
+                .any(|s| s.stopped != first.stopped || s.kept != first.kept);
+            if apart && opts.accumulate != crate::stats::Accumulate::Reset {
+                return Err(Error::Other(
+                    "lockstep states differ in their drafts kept or stopped: they were not left by \
+                     a lockstep launch (start the step with accumulate Reset)"
+                        .to_string(),
+                ));
+            }
         }
         Ok(())
     }
@@ -254,6 +279,8 @@ impl Emulator {
                     r.gammas = Some(st.state.iter().map(|x| x.kept as i32).collect());
                 }
                 let mut stopped = [0u32];
+                let mut lockstep = [bytemuck::Zeroable::zeroed(); 1];
+                let lockstep: &mut [LockstepScratch] = &mut lockstep;
                 let mut partials = vec![speckv_kernels::params::StatsState::EMPTY; rows * splits];
                 let mut counters = vec![0u32; rows];
                 let accum_ptr = r
@@ -314,6 +341,11 @@ impl Emulator {
                     gamma_max: st.gamma_max,
                     compression_code: st.compression_code,
                     odds_scale: st.odds_scale,
+                    lockstep: if st.lockstep {
+                        lockstep.as_mut_ptr()
+                    } else {
+                        std::ptr::null_mut()
+                    },
                 });
                 let base = stats_params(
                     logits,
@@ -392,6 +424,9 @@ impl Emulator {
                         .output("gammas_out", r.gammas.as_mut().unwrap_or(&mut Vec::new()))
                         .output("stopped_count", &mut stopped)
                         .output("hazards_out", r.hazards.as_mut().unwrap_or(&mut Vec::new()));
+                    if st.lockstep {
+                        l = l.output("lockstep", &mut *lockstep);
+                    }
                 }
                 // SAFETY: the registered buffers are the kernel's whole world: the logits cover
                 // every row (`Logits::new`), the outputs, accumulators and scratch have the
@@ -418,6 +453,12 @@ impl Emulator {
                 }
                 if stop.is_some() {
                     r.stopped_count = Some(stopped[0]);
+                }
+                if lockstep[0].arrived != 0 {
+                    return Err(emu::EmuError::KernelPanic {
+                        block: 0,
+                        message: format!("lockstep arrivals not reset: {}", lockstep[0].arrived),
+                    });
                 }
                 Ok(r)
             },

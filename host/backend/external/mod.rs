@@ -51,6 +51,9 @@ pub struct ExternalCuda {
     /// The per-token stopping rule's parameters (`StopParams`, which the kernel reads from device
     /// memory) and the bytes last copied there.
     stop_slot: std::sync::Mutex<Option<(DeviceBuffer, Box<PodStop>)>>,
+    /// Where a lockstep stopping launch's rows meet (`LockstepScratch`), allocated zeroed by the
+    /// first such launch; every launch leaves it zeroed.
+    lockstep: std::sync::Mutex<Option<DeviceBuffer>>,
 }
 
 // SAFETY: CUcontext, CUmodule and CUfunction handles may be used from any thread (the driver API
@@ -142,6 +145,7 @@ impl ExternalCuda {
             sm_count,
             workspace: std::sync::Mutex::new(None),
             stop_slot: std::sync::Mutex::new(None),
+            lockstep: std::sync::Mutex::new(None),
         })
     }
 

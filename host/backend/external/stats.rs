@@ -5,7 +5,8 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys::{self, CUstream};
 use speckv_kernels::params::{
-    SoftmaxStatsParams, SoftmaxStatsV2Params, SoftmaxStatsV3Params, StopParams, STATS_STOP,
+    LockstepScratch, SoftmaxStatsParams, SoftmaxStatsV2Params, SoftmaxStatsV3Params, StopParams,
+    LOCKSTEP_MAX_ROWS, STATS_STOP,
 };
 
 use super::{check, Current, ExternalCuda};
@@ -34,22 +35,55 @@ impl ExternalCuda {
     /// (`STATS_STOP`): `stop` holds device addresses (the hazard model's weights, the caller's
     /// `rows` states and γ_b, a counter or null) and the rule's scalars. It is copied into this
     /// context's parameter slot on `stream` only when it differs from the last copy: the costs
-    /// change per step, not per draft, so a step's later drafts copy nothing.
+    /// change per step, not per draft, so a step's later drafts copy nothing. With `lockstep` the
+    /// sequences decide together (`StopParams::lockstep`, through this context's scratch; at most
+    /// `LOCKSTEP_MAX_ROWS` rows); `stop.lockstep` is ignored.
     ///
     /// # Safety
     /// As [`ExternalCuda::softmax_stats`], and `stop`'s addresses are live device buffers of this
-    /// context: one `MlpWeights`, `rows` states and γ_b, one counter or null. The slot is shared by
-    /// the context's launches, which are ordered on its stream.
+    /// context: one `MlpWeights`, `rows` states and γ_b, one counter or null. The slot and the
+    /// scratch are shared by the context's launches, which are ordered on its stream.
     pub unsafe fn softmax_stats_stop(
         &self,
         dtype: Dtype,
         p: &SoftmaxStatsParams,
         stop: &StopParams,
+        lockstep: bool,
         stream: *mut c_void,
     ) -> Result<()> {
-        let at = self.stop_params(stop, stream)?;
+        if lockstep && p.rows as usize > LOCKSTEP_MAX_ROWS {
+            return Err(Error::Other(format!(
+                "{} sequences in lockstep: one decision covers at most {LOCKSTEP_MAX_ROWS}",
+                p.rows
+            )));
+        }
+        let stop = StopParams {
+            lockstep: if lockstep {
+                self.lockstep_scratch()? as *mut LockstepScratch
+            } else {
+                std::ptr::null_mut()
+            },
+            ..*stop
+        };
+        let at = self.stop_params(&stop, stream)?;
         // SAFETY: forwarded; `at` holds `stop`, copied on this stream before the launch.
         unsafe { self.softmax_stats_v2(dtype, p, at as *const StopParams, stream) }
+    }
+
+    /// The device address of this context's lockstep scratch, allocated zeroed on first use.
+    fn lockstep_scratch(&self) -> Result<u64> {
+        let mut slot = self
+            .lockstep
+            .lock()
+            .map_err(|_| Error::Other("lockstep scratch lock poisoned".to_string()))?;
+        if let Some(buf) = slot.as_ref() {
+            return Ok(buf.ptr);
+        }
+        let zero = [0u8; std::mem::size_of::<LockstepScratch>()];
+        let buf = self.upload(&zero)?;
+        let at = buf.ptr;
+        *slot = Some(buf);
+        Ok(at)
     }
 
     /// The device address of the parameter slot holding `stop` (copied asynchronously on

@@ -377,6 +377,7 @@ impl Pass for EmulatedForward<'_> {
                         gamma_max: s.gamma_max,
                         compression_code: s.compression_code,
                         odds_scale: s.odds_scale,
+                        lockstep: false,
                     },
                 )?;
                 if let Some(&after) = o.stop_state.as_ref().and_then(|v| v.first()) {
