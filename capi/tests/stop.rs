@@ -496,6 +496,11 @@ fn stop_misuse_is_reported() {
                 },
                 SpeckvStatus::InvalidArgument,
             ),
+            (
+                "stop.lockstep",
+                SpeckvStopArgs { lockstep: 2, ..g },
+                SpeckvStatus::InvalidArgument,
+            ),
         ];
         for (what, s, want) in cases {
             assert_eq!(speckv_softmax_stats_stop(ctx, &a, &s), want, "{what}");
@@ -522,6 +527,18 @@ fn stop_misuse_is_reported() {
                 );
             }
         }
+        // In lockstep: states no lockstep launch would leave (sequences at different drafts) are
+        // refused on a later draft, and accepted on a step's first (RESET starts them together).
+        let lock = SpeckvStopArgs { lockstep: 1, ..g };
+        c.state[0].kept = 1;
+        let add = c.args(&x, 1, SPECKV_ACCUMULATE_ADD);
+        assert_eq!(
+            speckv_softmax_stats_stop(ctx, &add, &lock),
+            SpeckvStatus::InvalidArgument
+        );
+        assert!(last_error().contains("lockstep"), "{}", last_error());
+        assert_eq!(speckv_softmax_stats_stop(ctx, &a, &lock), SpeckvStatus::Ok);
+        assert!(c.state.iter().all(|s| s.kept == c.state[0].kept));
         speckv_context_destroy(ctx);
     }
 }
