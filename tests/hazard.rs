@@ -18,20 +18,7 @@ fn constant(h: f64) -> HazardModel {
 }
 
 fn step(entropy: &[f32], confidence: &[f32], accepted: u32) -> StepTrace {
-    let g = entropy.len() as u32;
-    StepTrace {
-        position: 7,
-        entropy: entropy.to_vec(),
-        confidence: confidence.to_vec(),
-        gamma: g,
-        accepted,
-        counterfactual: (0..=g).map(|x| accepted.min(x) + 1).collect(),
-        verify_seconds: 0.02,
-        draft: DraftTime::steady(g as usize, 0.01),
-        draft_tokens: 0,
-        emitted: vec![1; accepted as usize + 1],
-        stop_features: Vec::new(),
-    }
+    common::trace_step(entropy, confidence, accepted)
 }
 
 #[test]

@@ -705,13 +705,15 @@ unsafe fn finish_row(
         let reset = p.flags & STATS_ACCUM_RESET != 0;
         crate::stop_rule::epilogue(p, p.stop, row, r.entropy, r.confidence, r.flags, reset);
     } else if p.flags & STATS_ACCUMULATE != 0 && !p.accum.is_null() {
-        let mut a = if p.flags & STATS_ACCUM_RESET != 0 {
-            FeatureAccum::EMPTY
-        } else {
-            gpu::ld(p.accum, row as usize)
-        };
-        a.push(r.entropy, r.confidence, r.flags);
-        gpu::st(p.accum, row as usize, a);
+        let reset = p.flags & STATS_ACCUM_RESET != 0;
+        let a = crate::stop_rule::accumulate_row(
+            p.accum,
+            row as usize,
+            reset,
+            r.entropy,
+            r.confidence,
+            r.flags,
+        );
         if p.flags & STATS_DECIDE != 0 && !p.decision.is_null() {
             let d = gpu::ld(p.decision, 0);
             crate::gamma_mlp::decide_into(&d, row, &a);

@@ -283,19 +283,8 @@ pub unsafe fn epilogue(
     if s.stopped != 0 {
         return;
     }
-    let mut a = if reset {
-        FeatureAccum::EMPTY
-    } else {
-        gpu::ld(p.accum, r)
-    };
-    a.push(entropy, confidence, row_flags);
-    gpu::st(p.accum, r, a);
-    let gamma_max = gpu::ld_nc(addr_of!((*sp).gamma_max), 0);
-    let gmax = if gamma_max < STOP_TIMES as u32 {
-        gamma_max
-    } else {
-        STOP_TIMES as u32 - 1
-    };
+    let a = accumulate_row(p.accum, r, reset, entropy, confidence, row_flags);
+    let gmax = gamma_max_of(sp);
     let verify = addr_of!((*sp).costs.verify) as *const f32;
     let j = s.kept;
     let d = decide(
@@ -321,6 +310,44 @@ pub unsafe fn epilogue(
     let count = gpu::ld_nc(addr_of!((*sp).stopped_count), 0);
     if s.stopped != 0 && !count.is_null() {
         gpu::atomic_add_u32(count, 1);
+    }
+}
+
+/// Row `r`'s accumulator after this row's statistics (started afresh when `reset`), stored and
+/// returned.
+///
+/// # Safety
+/// `accum` points to at least `r + 1` accumulators that no other thread touches at `r`.
+#[inline(always)]
+pub unsafe fn accumulate_row(
+    accum: *mut FeatureAccum,
+    r: usize,
+    reset: bool,
+    entropy: f32,
+    confidence: f32,
+    row_flags: u32,
+) -> FeatureAccum {
+    let mut a = if reset {
+        FeatureAccum::EMPTY
+    } else {
+        gpu::ld(accum, r)
+    };
+    a.push(entropy, confidence, row_flags);
+    gpu::st(accum, r, a);
+    a
+}
+
+/// The launch's γmax, at most `STOP_TIMES − 1` (the last entry of the cost table).
+///
+/// # Safety
+/// `sp` points to a `StopParams` no thread writes.
+#[inline(always)]
+unsafe fn gamma_max_of(sp: *const StopParams) -> u32 {
+    let gamma_max = gpu::ld_nc(addr_of!((*sp).gamma_max), 0);
+    if gamma_max < STOP_TIMES as u32 {
+        gamma_max
+    } else {
+        STOP_TIMES as u32 - 1
     }
 }
 
@@ -360,14 +387,7 @@ unsafe fn epilogue_lockstep(
     let hazards = addr_of_mut!((*scratch).hazards) as *mut f32;
     let mut h = f32::NAN;
     if s.stopped == 0 {
-        let r = row as usize;
-        let mut a = if reset {
-            FeatureAccum::EMPTY
-        } else {
-            gpu::ld(p.accum, r)
-        };
-        a.push(entropy, confidence, row_flags);
-        gpu::st(p.accum, r, a);
+        let a = accumulate_row(p.accum, row as usize, reset, entropy, confidence, row_flags);
         let x = features(
             entropy,
             confidence,
@@ -397,12 +417,7 @@ unsafe fn epilogue_lockstep(
             return; // the batch stopped at an earlier draft
         }
     }
-    let gamma_max = gpu::ld_nc(addr_of!((*sp).gamma_max), 0);
-    let gmax = if gamma_max < STOP_TIMES as u32 {
-        gamma_max
-    } else {
-        STOP_TIMES as u32 - 1
-    };
+    let gmax = gamma_max_of(sp);
     let verify = addr_of!((*sp).costs.verify) as *const f32;
     let j = before(0).kept;
     let (keep, more) = compare_lockstep(

@@ -49,6 +49,25 @@ pub fn constant_hazard(h: f64) -> speckv::controller::hazard::HazardModel {
     }
 }
 
+/// A traced step (as `speckv profile` records one) that drafted one token per entry of `entropy`
+/// and `confidence` and had `accepted` of them accepted.
+pub fn trace_step(entropy: &[f32], confidence: &[f32], accepted: u32) -> speckv::decode::StepTrace {
+    let g = entropy.len() as u32;
+    speckv::decode::StepTrace {
+        position: 7,
+        entropy: entropy.to_vec(),
+        confidence: confidence.to_vec(),
+        gamma: g,
+        accepted,
+        counterfactual: (0..=g).map(|x| accepted.min(x) + 1).collect(),
+        verify_seconds: 0.02,
+        draft: speckv::controller::hazard::DraftTime::steady(g as usize, 0.01),
+        draft_tokens: 0,
+        emitted: vec![1; accepted as usize + 1],
+        stop_features: Vec::new(),
+    }
+}
+
 /// Seeded normal logits scaled by `scale`.
 pub fn normal_logits(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
