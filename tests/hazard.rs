@@ -17,9 +17,7 @@ fn constant(h: f64) -> HazardModel {
     common::constant_hazard(h)
 }
 
-fn step(entropy: &[f32], confidence: &[f32], accepted: u32) -> StepTrace {
-    common::trace_step(entropy, confidence, accepted)
-}
+use common::trace_step as step;
 
 #[test]
 fn examples_are_the_drafts_reached_labelled_by_acceptance() {

@@ -13,7 +13,6 @@ use speckv::controller::hazard_training::{self, DraftRecord};
 use speckv::controller::mlp::INPUTS;
 use speckv::controller::records::Compression;
 use speckv::decode::profile::trace_rows;
-use speckv::decode::StepTrace;
 
 const HEADER: &str = "run,sequence,step,position,entropy,confidence,compression,accepted\n";
 
@@ -37,9 +36,7 @@ fn write(name: &str, body: &str) -> std::path::PathBuf {
     p
 }
 
-fn step(entropy: &[f32], confidence: &[f32], accepted: u32) -> StepTrace {
-    common::trace_step(entropy, confidence, accepted)
-}
+use common::trace_step as step;
 
 #[test]
 fn draft_records_train_as_the_trace_rows_they_restate() {
