@@ -9,7 +9,7 @@ use speckv::controller::mlp::INPUTS;
 use speckv::controller::records::{Compression, TraceRow};
 use speckv::controller::CostModel;
 use speckv::decode::profile::trace_rows;
-use speckv::decode::{Policy, StepTrace};
+use speckv::decode::Policy;
 use speckv_kernels::params::{FeatureAccum, RowStats};
 
 /// A model whose hazard is `h` whatever the features.
