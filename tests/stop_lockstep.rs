@@ -13,7 +13,7 @@ use speckv::controller::batch_auto::BatchAuto;
 use speckv::controller::hazard::{self, HazardModel};
 use speckv::controller::records::Compression;
 use speckv::controller::CostModel;
-use speckv::{Accumulate, FeatureAccum, Logits, LogitsData, StatsOptions};
+use speckv::{FeatureAccum, Logits, LogitsData, StatsOptions};
 use speckv_kernels::params::{StepCosts, StopState, LOCKSTEP_MAX_ROWS, STOP_TIMES};
 use speckv_kernels::softmax_stats::{plan_v2, shared_bytes_v2, PlanV2};
 
@@ -33,17 +33,7 @@ fn logits(rows: usize, vocab: usize, j: usize) -> Vec<f32> {
 }
 
 fn opts(j: usize) -> StatsOptions {
-    StatsOptions {
-        temperature: 0.0,
-        sample: false,
-        seed: 5,
-        step: j as u64,
-        accumulate: if j == 0 {
-            Accumulate::Reset
-        } else {
-            Accumulate::Add
-        },
-    }
+    common::draft_opts(5, j)
 }
 
 /// Plans with a row split across blocks (as planned for 132 SMs) and with one block per row, at

@@ -25,17 +25,7 @@ fn batch_logits(rows: usize, vocab: usize, position: usize) -> Vec<f32> {
 }
 
 fn opts(position: usize) -> StatsOptions {
-    StatsOptions {
-        temperature: 0.0,
-        sample: false,
-        seed: 3,
-        step: position as u64,
-        accumulate: if position == 0 {
-            Accumulate::Reset
-        } else {
-            Accumulate::Add
-        },
-    }
+    common::draft_opts(3, position)
 }
 
 /// Plans with one and with many blocks per row, at the smallest and the largest block size.

@@ -6,6 +6,7 @@ use speckv_kernels::params::{FeatureAccum, RowStats, StopState, STOP_TIMES};
 use speckv_kernels::stop_rule;
 
 use crate::backend::emulate::{StatsV2Output, Stop};
+use crate::controller::batch_auto::decide_batch;
 use crate::error::Result;
 use crate::stats::cpu::StatsScratch;
 use crate::stats::{self, Logits, StatsOptions};
@@ -107,18 +108,13 @@ impl CpuBackend {
                         stop_rule::hazard(stop.weights, &x, stop.odds_scale)
                     })
                     .collect();
-                let (keep, more) = stop_rule::compare_lockstep(
-                    rows as u32,
-                    |i| states[i as usize],
-                    |i| h[i as usize],
-                    j,
-                    gmax,
-                    stop.costs.draft,
-                    |g| stop.costs.verify[g as usize], // g ≤ gmax < STOP_TIMES
-                );
-                for (r, s) in states.iter_mut().enumerate() {
-                    stop_rule::apply_lockstep(s, h[r], j, gmax, keep, more);
-                    if keep {
+                // `generate`'s batched rule: the comparison the kernel runs, applied to every state.
+                let costs = &stop.costs;
+                let verdict = decide_batch(&mut states, &h, j, gmax, costs.draft, |g| {
+                    costs.verify.get(g as usize).copied().unwrap_or(f32::NAN)
+                });
+                for (r, s) in states.iter().enumerate() {
+                    if verdict.keep {
                         hazards[r * STOP_TIMES + j as usize] = h[r];
                     }
                     gammas[r] = s.kept as i32;

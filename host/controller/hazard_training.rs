@@ -142,7 +142,7 @@ pub(crate) fn draft_values(step: &[TraceRow], n: usize) -> (f64, f64) {
 
 /// Reads `speckv profile`'s trace rows (CSV).
 pub fn read_trace_rows(path: &Path) -> Result<Vec<TraceRow>> {
-    read_csv(path, "a trace row")
+    rows_of(&mut open_csv(path)?, path, "a trace row")
 }
 
 /// Training examples from draft records ([`DraftRecord`]): one per draft verification reached, up
@@ -246,23 +246,24 @@ pub fn draft_examples(rows: &[DraftRecord]) -> Result<Vec<Example>> {
 
 /// Reads draft records (CSV with a header).
 pub fn read_draft_records(path: &Path) -> Result<Vec<DraftRecord>> {
-    read_csv(path, "a draft record")
+    rows_of(&mut open_csv(path)?, path, "a draft record")
 }
 
 /// Training examples from a file of either kind, told apart by its header: `speckv profile`'s
 /// trace rows (a `trace_accepted` column) or draft records ([`DRAFT_RECORD_COLUMNS`]).
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
-    let mut r = csv::Reader::from_path(path)
-        .map_err(|e| Error::Other(format!("{}: cannot read: {e}", path.display())))?;
+    let mut r = open_csv(path)?;
     let header = r
         .headers()
-        .map_err(|e| Error::Other(format!("{}: cannot read its header: {e}", path.display())))?;
+        .map_err(|e| Error::Other(format!("{}: cannot read its header: {e}", path.display())))?
+        .clone();
     let has = |c: &str| header.iter().any(|h| h == c);
     let in_file = |e: Error| Error::Other(format!("{}: {e}", path.display()));
+    // The rows are read from the reader that read the header: the file is opened once.
     if has("trace_accepted") {
-        examples(&read_trace_rows(path)?).map_err(in_file)
+        examples(&rows_of::<TraceRow>(&mut r, path, "a trace row")?).map_err(in_file)
     } else if DRAFT_RECORD_COLUMNS.split(", ").all(has) {
-        draft_examples(&read_draft_records(path)?).map_err(in_file)
+        draft_examples(&rows_of::<DraftRecord>(&mut r, path, "a draft record")?).map_err(in_file)
     } else {
         Err(Error::Other(format!(
             "{}: neither `speckv profile`'s trace rows (a trace_accepted column) nor draft records \
@@ -272,9 +273,17 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     }
 }
 
-fn read_csv<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>> {
-    let mut r = csv::Reader::from_path(path)
-        .map_err(|e| Error::Other(format!("{}: cannot read: {e}", path.display())))?;
+fn open_csv(path: &Path) -> Result<csv::Reader<std::fs::File>> {
+    csv::Reader::from_path(path)
+        .map_err(|e| Error::Other(format!("{}: cannot read: {e}", path.display())))
+}
+
+/// The rows of `r` (a CSV of `path` with a header) as `T`s; a row that is not one names its line.
+fn rows_of<T: serde::de::DeserializeOwned>(
+    r: &mut csv::Reader<std::fs::File>,
+    path: &Path,
+    what: &str,
+) -> Result<Vec<T>> {
     let mut rows = Vec::new();
     for (i, row) in r.deserialize::<T>().enumerate() {
         rows.push(row.map_err(|e| {

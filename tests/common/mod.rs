@@ -68,6 +68,22 @@ pub fn trace_step(entropy: &[f32], confidence: &[f32], accepted: u32) -> speckv:
     }
 }
 
+/// Greedy statistics options of drafted position `j` of a step (Philox `seed`, step `j`): the
+/// step's first position resets the accumulators, later ones add to them.
+pub fn draft_opts(seed: u64, j: usize) -> speckv::StatsOptions {
+    speckv::StatsOptions {
+        temperature: 0.0,
+        sample: false,
+        seed,
+        step: j as u64,
+        accumulate: if j == 0 {
+            speckv::Accumulate::Reset
+        } else {
+            speckv::Accumulate::Add
+        },
+    }
+}
+
 /// Seeded normal logits scaled by `scale`.
 pub fn normal_logits(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
