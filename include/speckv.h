@@ -512,7 +512,7 @@ typedef struct SpeckvStopArgs {
   float compression_code;
   /*
    Online calibration: the model's odds h / (1 − h) are multiplied by this (1: the model as
-   trained); finite and > 0.
+   trained); finite and > 0. Ignored when `odds_scales` is given.
    */
   float odds_scale;
   /*
@@ -523,6 +523,14 @@ typedef struct SpeckvStopArgs {
    At most `SPECKV_LOCKSTEP_MAX_ROWS` rows; on CUDA through a scratch the context owns.
    */
   uint32_t lockstep;
+  /*
+   `[rows]` odds scales, one per sequence (each sequence's own calibration, kept by
+   `speckv_calibrate_each`), or null: `odds_scale` for every sequence. The sequences of a
+   batch are different prompts whose drafts the target accepts at different rates. Host
+   memory on a CPU context, where each is checked finite and > 0; device memory on CUDA, not
+   read by the host (keep them finite and > 0, as `speckv_calibrate_each` leaves them).
+   */
+  const float *odds_scales;
 } SpeckvStopArgs;
 
 #ifdef __cplusplus
@@ -672,14 +680,27 @@ enum SpeckvStatus speckv_softmax_stats_stop(const struct SpeckvContext *ctx,
  gradient step on the log-likelihood of each verified draft's outcome (accepted or the first
  rejected) given the hazard it was kept with (`hazards`, `[batch × SPECKV_STOP_TIMES]` as
  `SpeckvStopArgs.hazards_out` wrote them), learning rate 0.1, the scale kept within
- [1/20, 20]. One scale for the batch, as the kernel takes one per launch. `gammas` (γ_b) and
- `accepted` are `speckv_verify`'s inputs and output; accepted must be within 0..=γ_b.
+ [1/20, 20]. One scale for the batch; `speckv_calibrate_each` keeps one per sequence. `gammas`
+ (γ_b) and `accepted` are `speckv_verify`'s inputs and output; accepted must be within
+ 0..=γ_b.
  */
 enum SpeckvStatus speckv_calibrate(float *odds_scale,
                                    const float *hazards,
                                    const int32_t *gammas,
                                    const int32_t *accepted,
                                    uint32_t batch);
+
+/*
+ `speckv_calibrate` for each sequence on its own: `odds_scales[b]` (`batch` values, host
+ memory; what `SpeckvStopArgs.odds_scales` takes — copy them to the device on CUDA; 1 to start)
+ moves by sequence b's verified drafts only. Each must be finite and > 0; nothing is written
+ unless every input is valid.
+ */
+enum SpeckvStatus speckv_calibrate_each(float *odds_scales,
+                                        const float *hazards,
+                                        const int32_t *gammas,
+                                        const int32_t *accepted,
+                                        uint32_t batch);
 
 #ifdef __cplusplus
 }  // extern "C"

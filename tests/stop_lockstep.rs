@@ -16,6 +16,7 @@ use speckv::controller::CostModel;
 use speckv::{FeatureAccum, Logits, LogitsData, StatsOptions};
 use speckv_kernels::params::{StepCosts, StopState, LOCKSTEP_MAX_ROWS, STOP_TIMES};
 use speckv_kernels::softmax_stats::{plan_v2, shared_bytes_v2, PlanV2};
+use speckv_kernels::stop_rule;
 
 /// Drafted position `j`'s logits for `rows` sequences: sequence b is confident (one token far
 /// ahead) for its first `b + 1` positions and flat after, so the batch's sum falls as the
@@ -63,9 +64,11 @@ fn plans(rows: usize, vocab: usize) -> Vec<PlanV2> {
 type Launch<'a> =
     &'a dyn Fn(&Logits<'_>, &StatsOptions, &mut [FeatureAccum], Stop<'_>) -> StatsV2Output;
 
-/// One lockstep step of `rows` sequences on `launch`, against `BatchAuto` (gate off, odds as
-/// trained) fed the launches' row statistics at every position; returns the step's final γ (the
-/// same for all).
+/// Two lockstep steps of `rows` sequences on `launch`, against `BatchAuto` (gate off) fed the
+/// launches' row statistics at every position; returns the first step's final γ (the same for
+/// all). The first step weighs the model's odds as trained; between the steps `BatchAuto`
+/// calibrates each sequence by its own verified outcomes (sequence i accepts i mod (γ + 1)
+/// drafts), and the second step's launches take those scales per row (`Stop::odds_scales`).
 fn step_against_batch_auto(launch: Launch<'_>, rows: usize, vocab: usize, gamma_max: usize) -> u32 {
     step_against(launch, rows, vocab, gamma_max, true)
 }
@@ -80,9 +83,45 @@ fn step_against(
     exact: bool,
 ) -> u32 {
     let model = HazardModel::default_model().unwrap();
-    let w = model.weights();
     let mut auto = BatchAuto::new(&model, &CostModel::assumed(), rows).unwrap();
     auto.gate_off = true;
+    let mut first = None;
+    for round in 0..2 {
+        let scales: Vec<f32> = (0..rows).map(|i| auto.odds_scale(i).unwrap()).collect();
+        if round == 1 && rows > 1 && first > Some(0) {
+            assert!(
+                scales.iter().any(|&k| k != scales[0]),
+                "{rows} rows: the calibrations did not move apart: {scales:?}"
+            );
+        }
+        let kept = lockstep_step(launch, &mut auto, &model, &scales, vocab, gamma_max, exact);
+        let at = format!("{rows} rows, step {round}");
+        assert!(kept <= gamma_max as u32, "{at}");
+        first.get_or_insert(kept);
+        let draft = hazard::DraftTime::steady(kept.max(1) as usize, 1e-3);
+        auto.end_step(
+            &draft,
+            kept as usize,
+            3e-3,
+            (0..rows).map(|i| (i, i % (kept as usize + 1))),
+        );
+    }
+    first.unwrap()
+}
+
+/// One step: the launches in lockstep with `scales` per row, checked against `auto.decide` at
+/// every position; returns the step's γ.
+fn lockstep_step(
+    launch: Launch<'_>,
+    auto: &mut BatchAuto,
+    model: &HazardModel,
+    scales: &[f32],
+    vocab: usize,
+    gamma_max: usize,
+    exact: bool,
+) -> u32 {
+    let rows = scales.len();
+    let w = model.weights();
     assert_eq!(auto.begin_step(gamma_max, &vec![true; rows]), gamma_max);
     // The costs `BatchAuto` weighs: its batched prior read off the line (several sequences).
     let costs: StepCosts = if rows > 1 {
@@ -103,6 +142,7 @@ fn step_against(
             gamma_max: gamma_max as u32,
             compression_code: Compression::Nf4.code() as f32,
             odds_scale: 1.0,
+            odds_scales: Some(scales),
             lockstep: true,
         };
         let r = launch(&l, &opts(j), &mut accum, stop);
@@ -120,7 +160,7 @@ fn step_against(
         for (b, s) in st.iter().enumerate() {
             assert_eq!(s.kept, kept, "{at}: sequence {b}");
             assert_eq!(s.stopped, !verdict.more as u32, "{at}: sequence {b}");
-            // The hazard each sequence was weighed with: its own features, its own model output.
+            // The hazard each sequence was weighed with: its own features and calibration.
             let h = r.hazards.as_ref().unwrap()[b * STOP_TIMES + j];
             if verdict.keep {
                 let x = hazard::token_features(
@@ -130,12 +170,12 @@ fn step_against(
                     Compression::Nf4,
                     j,
                 );
-                let want = model.hazard(&x);
+                let want = stop_rule::hazard(&w, &x.map(|v| v as f32), scales[b]);
                 if exact {
-                    assert_eq!(h as f64, want, "{at}: sequence {b}");
+                    assert_eq!(h, want, "{at}: sequence {b}");
                 } else {
                     assert!(
-                        common::close(h as f64, want, 1e-4, 1e-6),
+                        common::close(h as f64, want as f64, 1e-4, 1e-6),
                         "{at}: {h} vs {want}"
                     );
                 }
@@ -203,6 +243,7 @@ fn run(
             gamma_max: 6,
             compression_code: 0.0,
             odds_scale: odds,
+            odds_scales: None,
             lockstep,
         };
         let r = launch(&l, &opts(j), &mut accum, stop);
@@ -291,6 +332,7 @@ fn lockstep_launches_refuse_what_they_cannot_decide() {
         gamma_max: 4,
         compression_code: 0.0,
         odds_scale: 1.0,
+        odds_scales: None,
         lockstep: true,
     };
     let mut accum = vec![FeatureAccum::EMPTY; rows];

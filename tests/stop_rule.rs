@@ -107,6 +107,7 @@ fn run_step_on(
             gamma_max: gamma_max as u32,
             compression_code: Compression::Int8.code() as f32,
             odds_scale,
+            odds_scales: None,
             lockstep: false,
         };
         let before = (accum.clone(), state.clone());
@@ -265,6 +266,7 @@ fn stop_launches_reject_inconsistent_inputs() {
         gamma_max: 4,
         compression_code: 0.0,
         odds_scale: 1.0,
+        odds_scales: None,
         lockstep: false,
     };
     let e = emu
@@ -357,6 +359,7 @@ fn cpu_backend_decides_as_the_cpu_rule() {
         gamma_max: 4,
         compression_code: 0.0,
         odds_scale: 1.0,
+        odds_scales: None,
         lockstep: false,
     };
     let no_accum = StatsOptions {

@@ -67,7 +67,7 @@ pub struct SpeckvStopArgs {
     /// The target's compression, a feature of the hazard model: 0 fp16, 1 int8, 2 nf4.
     pub compression_code: f32,
     /// Online calibration: the model's odds h / (1 − h) are multiplied by this (1: the model as
-    /// trained); finite and > 0.
+    /// trained); finite and > 0. Ignored when `odds_scales` is given.
     pub odds_scale: f32,
     /// 0: every sequence decides alone, as if it drafted by itself. 1: the sequences draft in
     /// lockstep — one batched draft pass for all, one batched verification of the longest γ — and
@@ -75,6 +75,12 @@ pub struct SpeckvStopArgs {
     /// or all stop, by the expected tokens summed over the batch (`generate`'s batched `auto`).
     /// At most `SPECKV_LOCKSTEP_MAX_ROWS` rows; on CUDA through a scratch the context owns.
     pub lockstep: u32,
+    /// `[rows]` odds scales, one per sequence (each sequence's own calibration, kept by
+    /// `speckv_calibrate_each`), or null: `odds_scale` for every sequence. The sequences of a
+    /// batch are different prompts whose drafts the target accepts at different rates. Host
+    /// memory on a CPU context, where each is checked finite and > 0; device memory on CUDA, not
+    /// read by the host (keep them finite and > 0, as `speckv_calibrate_each` leaves them).
+    pub odds_scales: *const f32,
 }
 
 /// The most sequences one lockstep call decides for (`SpeckvStopArgs.lockstep`).
@@ -162,6 +168,7 @@ fn check_stop(s: &SpeckvStopArgs) -> Result<(), (SpeckvStatus, String)> {
     aligned(s.gammas_out, "stop.gammas_out")?;
     aligned(s.stopped_count, "stop.stopped_count")?;
     aligned(s.hazards_out, "stop.hazards_out")?;
+    aligned(s.odds_scales, "stop.odds_scales")?;
     check_gamma_max(s.gamma_max)?;
     if s.lockstep > 1 {
         return fail(
@@ -178,7 +185,7 @@ fn check_stop(s: &SpeckvStopArgs) -> Result<(), (SpeckvStatus, String)> {
             "stop.compression_code must be finite (0 fp16, 1 int8, 2 nf4)",
         );
     }
-    if !(s.odds_scale.is_finite() && s.odds_scale > 0.0) {
+    if s.odds_scales.is_null() && !(s.odds_scale.is_finite() && s.odds_scale > 0.0) {
         return fail(
             SpeckvStatus::InvalidArgument,
             format!(
@@ -259,13 +266,15 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
         match &c.device {
             Device::Cpu(cpu) => {
                 let l = call.logits()?;
-                // SAFETY: `rows` accumulators, states and γ_b (contract), used only during this
-                // call.
-                let (accum, states, gammas) = unsafe {
+                // SAFETY: `rows` accumulators, states and γ_b, and `rows` odds scales where
+                // given (contract), used only during this call.
+                let (accum, states, gammas, scales) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(call.args.accum, rows),
                         std::slice::from_raw_parts_mut(s.state, rows),
                         std::slice::from_raw_parts_mut(s.gammas_out, rows),
+                        (!s.odds_scales.is_null())
+                            .then(|| std::slice::from_raw_parts(s.odds_scales, rows)),
                     )
                 };
                 let rule = Stop {
@@ -275,6 +284,7 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
                     gamma_max: s.gamma_max,
                     compression_code: s.compression_code,
                     odds_scale: s.odds_scale,
+                    odds_scales: scales,
                     lockstep: s.lockstep != 0,
                 };
                 let r = cpu.softmax_stats_stop(&l, &call.opts, accum, rule).st()?;
@@ -325,6 +335,7 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
                     compression_code: s.compression_code,
                     odds_scale: s.odds_scale,
                     lockstep: std::ptr::null_mut(), // the context's scratch, when asked
+                    odds_scales: s.odds_scales,
                 };
                 // SAFETY: device buffers of the stated shapes (contract); the weights were
                 // uploaded by `speckv_load_hazard` and live as long as the context.
@@ -340,8 +351,9 @@ pub unsafe extern "C" fn speckv_softmax_stats_stop(
 /// gradient step on the log-likelihood of each verified draft's outcome (accepted or the first
 /// rejected) given the hazard it was kept with (`hazards`, `[batch × SPECKV_STOP_TIMES]` as
 /// `SpeckvStopArgs.hazards_out` wrote them), learning rate 0.1, the scale kept within
-/// [1/20, 20]. One scale for the batch, as the kernel takes one per launch. `gammas` (γ_b) and
-/// `accepted` are `speckv_verify`'s inputs and output; accepted must be within 0..=γ_b.
+/// [1/20, 20]. One scale for the batch; `speckv_calibrate_each` keeps one per sequence. `gammas`
+/// (γ_b) and `accepted` are `speckv_verify`'s inputs and output; accepted must be within
+/// 0..=γ_b.
 #[no_mangle]
 pub unsafe extern "C" fn speckv_calibrate(
     odds_scale: *mut f32,
@@ -351,48 +363,102 @@ pub unsafe extern "C" fn speckv_calibrate(
     batch: u32,
 ) -> SpeckvStatus {
     guard(|| {
-        for (p, what) in [
-            (odds_scale as *const c_void, "odds_scale"),
-            (hazards as *const c_void, "hazards"),
-            (gammas as *const c_void, "gammas"),
-            (accepted as *const c_void, "accepted"),
-        ] {
-            non_null(p, what)?;
-            aligned_to(p, 4, what)?;
-        }
-        // SAFETY: one value and `batch` (× SPECKV_STOP_TIMES) readable values (contract).
-        let (k, h, g, a) = unsafe {
-            let n = batch as usize;
-            (
-                *odds_scale,
-                std::slice::from_raw_parts(hazards, n * SPECKV_STOP_TIMES),
-                std::slice::from_raw_parts(gammas, n),
-                std::slice::from_raw_parts(accepted, n),
-            )
-        };
-        if !(k.is_finite() && k > 0.0) {
-            return fail(
-                SpeckvStatus::InvalidArgument,
-                format!("odds_scale must be finite and > 0, got {k}"),
-            );
-        }
+        non_null(odds_scale, "odds_scale")?;
+        aligned(odds_scale, "odds_scale")?;
+        // SAFETY: non-null, aligned, one readable value (contract).
+        let k = check_scale(unsafe { *odds_scale }, "odds_scale")?;
         let mut cal = Calibration::at(CALIBRATION_RATE, k);
-        for (b, (&gamma, &acc)) in g.iter().zip(a).enumerate() {
-            if !(0..=SPECKV_STOP_MAX_GAMMA as i32).contains(&gamma) || !(0..=gamma).contains(&acc) {
-                return fail(
-                    SpeckvStatus::InvalidArgument,
-                    format!(
-                        "sequence {b}: gamma {gamma} must be 0..={SPECKV_STOP_MAX_GAMMA} and \
-                         accepted {acc} 0..=gamma"
-                    ),
-                );
-            }
-            let row = &h[b * SPECKV_STOP_TIMES..b * SPECKV_STOP_TIMES + gamma as usize];
-            let kept: Vec<f64> = row.iter().map(|&x| x as f64).collect();
-            cal.observe(&kept, acc as usize);
+        for (kept, acc) in verified(hazards, gammas, accepted, batch)? {
+            cal.observe(&kept, acc);
         }
         // SAFETY: non-null, aligned, writable (contract).
         unsafe { *odds_scale = cal.odds_scale() };
         Ok(())
     })
+}
+
+/// `speckv_calibrate` for each sequence on its own: `odds_scales[b]` (`batch` values, host
+/// memory; what `SpeckvStopArgs.odds_scales` takes — copy them to the device on CUDA; 1 to start)
+/// moves by sequence b's verified drafts only. Each must be finite and > 0; nothing is written
+/// unless every input is valid.
+#[no_mangle]
+pub unsafe extern "C" fn speckv_calibrate_each(
+    odds_scales: *mut f32,
+    hazards: *const f32,
+    gammas: *const i32,
+    accepted: *const i32,
+    batch: u32,
+) -> SpeckvStatus {
+    guard(|| {
+        non_null(odds_scales, "odds_scales")?;
+        aligned(odds_scales, "odds_scales")?;
+        let steps = verified(hazards, gammas, accepted, batch)?;
+        // SAFETY: non-null, aligned, `batch` readable and writable values (contract), used only
+        // during this call.
+        let scales = unsafe { std::slice::from_raw_parts_mut(odds_scales, batch as usize) };
+        let mut after = Vec::with_capacity(scales.len());
+        for (b, (&k, (kept, acc))) in scales.iter().zip(steps).enumerate() {
+            let k = check_scale(k, &format!("odds_scales[{b}]"))?;
+            let mut cal = Calibration::at(CALIBRATION_RATE, k);
+            cal.observe(&kept, acc);
+            after.push(cal.odds_scale());
+        }
+        scales.copy_from_slice(&after);
+        Ok(())
+    })
+}
+
+fn check_scale(k: f32, what: &str) -> Result<f32, (SpeckvStatus, String)> {
+    if !(k.is_finite() && k > 0.0) {
+        return fail(
+            SpeckvStatus::InvalidArgument,
+            format!("{what} must be finite and > 0, got {k}"),
+        );
+    }
+    Ok(k)
+}
+
+/// One sequence's verified drafts: the hazards its kept drafts were decided with, and how many the
+/// target accepted.
+type Verified = (Vec<f64>, usize);
+
+/// A verified step's drafts, per sequence (host memory, checked).
+fn verified(
+    hazards: *const f32,
+    gammas: *const i32,
+    accepted: *const i32,
+    batch: u32,
+) -> Result<Vec<Verified>, (SpeckvStatus, String)> {
+    for (p, what) in [
+        (hazards as *const c_void, "hazards"),
+        (gammas as *const c_void, "gammas"),
+        (accepted as *const c_void, "accepted"),
+    ] {
+        non_null(p, what)?;
+        aligned_to(p, 4, what)?;
+    }
+    let n = batch as usize;
+    // SAFETY: `batch` (× SPECKV_STOP_TIMES) readable values (contract).
+    let (h, g, a) = unsafe {
+        (
+            std::slice::from_raw_parts(hazards, n * SPECKV_STOP_TIMES),
+            std::slice::from_raw_parts(gammas, n),
+            std::slice::from_raw_parts(accepted, n),
+        )
+    };
+    let mut out = Vec::with_capacity(n);
+    for (b, (&gamma, &acc)) in g.iter().zip(a).enumerate() {
+        if !(0..=SPECKV_STOP_MAX_GAMMA as i32).contains(&gamma) || !(0..=gamma).contains(&acc) {
+            return fail(
+                SpeckvStatus::InvalidArgument,
+                format!(
+                    "sequence {b}: gamma {gamma} must be 0..={SPECKV_STOP_MAX_GAMMA} and \
+                     accepted {acc} 0..=gamma"
+                ),
+            );
+        }
+        let row = &h[b * SPECKV_STOP_TIMES..b * SPECKV_STOP_TIMES + gamma as usize];
+        out.push((row.iter().map(|&x| x as f64).collect(), acc as usize));
+    }
+    Ok(out)
 }

@@ -275,6 +275,7 @@ fn rust_auto_output() -> String {
             gamma_max: AG as u32,
             compression_code: 0.0,
             odds_scale: 1.0,
+            odds_scales: None,
             lockstep: false,
         };
         let r = cpu.softmax_stats_stop(&l, &o, &mut accum, stop).unwrap();
@@ -333,15 +334,22 @@ fn rust_auto_output() -> String {
             hz.join(",")
         );
     }
-    let mut cal = Calibration::new(CALIBRATION_RATE);
-    for b in 0..AB {
-        let kept: Vec<f64> = hazards[b * 16..b * 16 + gammas[b] as usize]
+    let kept = |b: usize| -> Vec<f64> {
+        hazards[b * 16..b * 16 + gammas[b] as usize]
             .iter()
             .map(|&h| h as f64)
-            .collect();
-        cal.observe(&kept, o.accepted[b] as usize);
+            .collect()
+    };
+    let mut cal = Calibration::new(CALIBRATION_RATE);
+    for b in 0..AB {
+        cal.observe(&kept(b), o.accepted[b] as usize);
     }
     out += &format!("calibrated odds_scale={:.6}\n", cal.odds_scale());
+    for b in 0..AB {
+        let mut own = Calibration::new(CALIBRATION_RATE);
+        own.observe(&kept(b), o.accepted[b] as usize);
+        out += &format!("calibrated each b={b} odds_scale={:.6}\n", own.odds_scale());
+    }
     out
 }
 

@@ -335,7 +335,7 @@ fn c_abi_on_a_caller_cuda_stream_matches_cpu() {
 /// unwritten on the device, the counter at the batch size once every sequence has stopped, the
 /// expectations to rounding. The rule's parameters are copied once per step (the same costs for
 /// every later position of it). Each sequence alone, then the batch in lockstep (every sequence
-/// with the same γ).
+/// with the same γ); each with one odds scale and with one per sequence (on the device).
 #[test]
 fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
     if !have_device() {
@@ -368,8 +368,11 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
             speckv_step_costs(null(), GMAX, &mut costs),
             SpeckvStatus::Ok
         );
-        // Each sequence alone, then the batch in lockstep (the context's scratch on the device).
-        for lockstep in [0u32, 1] {
+        // Each sequence alone, then the batch in lockstep (the context's scratch on the device);
+        // one odds scale, then one per sequence.
+        let h_scales: Vec<f32> = (0..R).map(|b| 0.25 * (1 << (b % 5)) as f32).collect();
+        let d_scales = stream.clone_htod(&h_scales).unwrap();
+        for (lockstep, per_seq) in [(0u32, false), (1, false), (0, true), (1, true)] {
             let mut h_accum = [FeatureAccum::EMPTY; R];
             let mut h_state = [std::mem::zeroed::<SpeckvStopState>(); R];
             let mut h_gammas = [0i32; R];
@@ -427,6 +430,7 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                     compression_code: 0.0,
                     odds_scale: 1.0,
                     lockstep,
+                    odds_scales: if per_seq { h_scales.as_ptr() } else { null() },
                 };
                 assert_eq!(speckv_softmax_stats_stop(cpu, &a, &s), SpeckvStatus::Ok);
                 {
@@ -437,6 +441,7 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                     let (dg, _g4) = d_gammas.device_ptr_mut(&stream);
                     let (dc, _g5) = d_count.device_ptr_mut(&stream);
                     let (dh, _g6) = d_hazards.device_ptr_mut(&stream);
+                    let (dk, _g7) = d_scales.device_ptr(&stream);
                     a.logits = dl as *const c_void;
                     a.out = ds as *mut RowStats;
                     a.accum = da as *mut FeatureAccum;
@@ -444,6 +449,9 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                     s.gammas_out = dg as *mut i32;
                     s.stopped_count = dc as *mut u32;
                     s.hazards_out = dh as *mut f32;
+                    if per_seq {
+                        s.odds_scales = dk as *const f32;
+                    }
                     assert_eq!(
                         speckv_softmax_stats_stop(gpu, &a, &s),
                         SpeckvStatus::Ok,
@@ -455,7 +463,10 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                 let st: Vec<u8> = stream.clone_dtoh(&d_state).unwrap();
                 let st: &[SpeckvStopState] = bytemuck::cast_slice(&st);
                 for b in 0..R {
-                    let at = format!("lockstep {lockstep}, position {j}, sequence {b}");
+                    let at = format!(
+                        "lockstep {lockstep}, per-sequence scales {per_seq}, position {j}, \
+                         sequence {b}"
+                    );
                     if j > 0 && state_before[b].stopped != 0 {
                         assert_eq!(g[b], -7, "{at}: γ_b written after the stop");
                         continue;
@@ -484,6 +495,10 @@ fn c_abi_stops_on_a_caller_cuda_stream_as_on_the_cpu() {
                 stream.memcpy_htod(&fixed, &mut d_gammas).unwrap();
             }
             assert_eq!(h_count, R as u32, "every sequence stopped once");
+            // With per-sequence scales compared with the CPU above only; the modes' shapes:
+            if per_seq {
+                continue;
+            }
             if lockstep == 0 {
                 assert!(
                     h_gammas.iter().any(|&g| g > 0 && g < GMAX as i32),

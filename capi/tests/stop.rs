@@ -51,6 +51,24 @@ fn costs() -> StepCosts {
     c
 }
 
+/// A step's calibration: one odds scale for the batch, or one per sequence
+/// (`SpeckvStopArgs.odds_scales`).
+#[derive(Clone, Copy, Debug)]
+enum Odds {
+    One(f32),
+    Each([f32; ROWS]),
+}
+
+impl Odds {
+    /// The emulator's `Stop` fields: the one scale (1 when per sequence) and the per-row ones.
+    fn emulated(&self) -> (f32, Option<&[f32]>) {
+        match self {
+            Odds::One(k) => (*k, None),
+            Odds::Each(k) => (1.0, Some(&k[..])),
+        }
+    }
+}
+
 /// One step's buffers on the host.
 struct Step {
     accum: Vec<FeatureAccum>,
@@ -103,8 +121,14 @@ impl Step {
         }
     }
 
-    /// The rule's arguments into these buffers (the counter and the hazards included).
-    fn stop_args(&mut self, odds: f32) -> SpeckvStopArgs {
+    /// The rule's arguments into these buffers (the counter and the hazards included); per-sequence
+    /// scales are read from `odds`, which must outlive the call.
+    fn stop_args(&mut self, odds: &Odds) -> SpeckvStopArgs {
+        let (odds_scale, odds_scales) = match odds {
+            Odds::One(k) => (*k, null()),
+            // A zero the call must not read: the per-sequence scales take its place.
+            Odds::Each(k) => (0.0, k.as_ptr()),
+        };
         SpeckvStopArgs {
             state: self.state.as_mut_ptr(),
             gammas_out: self.gammas.as_mut_ptr(),
@@ -113,13 +137,14 @@ impl Step {
             costs: costs(),
             gamma_max: GMAX,
             compression_code: 1.0,
-            odds_scale: odds,
+            odds_scale,
             lockstep: self.lockstep,
+            odds_scales,
         }
     }
 
     /// Draft position `j` through the C ABI.
-    fn draft(&mut self, ctx: *mut SpeckvContext, x: &[f32], j: usize, odds: f32) -> SpeckvStatus {
+    fn draft(&mut self, ctx: *mut SpeckvContext, x: &[f32], j: usize, odds: &Odds) -> SpeckvStatus {
         let mode = if j == 0 {
             SPECKV_ACCUMULATE_RESET
         } else {
@@ -154,7 +179,61 @@ fn the_c_abi_stops_in_lockstep_as_the_kernel_epilogue_does() {
     assert!(ends.iter().any(|g| g[0] < GMAX as i32), "{ends:?}");
 }
 
-/// One step per odds scale through the C ABI on a CPU context (`lockstep` as asked), checked at
+/// The calibrations [`stops_as_the_kernel`] runs: three scales for the batch, then one per
+/// sequence.
+const CALIBRATIONS: [Odds; 4] = [
+    Odds::One(1.0),
+    Odds::One(0.6),
+    Odds::One(1.7),
+    Odds::Each([0.3, 4.0, 1.0, 0.6, 2.5, 1.7]),
+];
+
+/// Sequences decide alone: with one odds scale each, every sequence decides as it would in a batch
+/// at its own scale, draft by draft; and the scales matter (the expectations the rule weighed
+/// differ from those at the batch's scale of 1).
+#[test]
+fn each_sequence_decides_at_its_own_odds_scale() {
+    let ctx = cpu();
+    // SAFETY: a live context; null loads the shipped model.
+    assert_eq!(unsafe { speckv_load_hazard(ctx, null()) }, SpeckvStatus::Ok);
+    let Odds::Each(scales) = CALIBRATIONS[3] else {
+        unreachable!()
+    };
+    let step = |odds: &Odds| -> Vec<(Vec<StopState>, Vec<i32>)> {
+        let mut c = Step::new();
+        (0..GMAX as usize)
+            .map(|j| {
+                assert_eq!(
+                    c.draft(ctx, &logits(j), j, odds),
+                    SpeckvStatus::Ok,
+                    "{}",
+                    last_error()
+                );
+                (c.state.clone(), c.gammas.clone())
+            })
+            .collect()
+    };
+    let each = step(&CALIBRATIONS[3]);
+    for (b, &k) in scales.iter().enumerate() {
+        let alone = step(&Odds::One(k));
+        for (j, (e, a)) in each.iter().zip(&alone).enumerate() {
+            assert_eq!(e.0[b], a.0[b], "sequence {b} at scale {k}, position {j}");
+            assert_eq!(e.1[b], a.1[b], "sequence {b} at scale {k}, position {j}");
+        }
+    }
+    let one = step(&Odds::One(1.0));
+    let last = GMAX as usize - 1;
+    let expected = |s: &[StopState]| s.iter().map(|x| x.expected).collect::<Vec<_>>();
+    assert_ne!(
+        expected(&each[last].0),
+        expected(&one[last].0),
+        "the scales changed nothing the rule weighed"
+    );
+    // SAFETY: created above, destroyed once.
+    unsafe { speckv_context_destroy(ctx) };
+}
+
+/// One step per calibration through the C ABI on a CPU context (`lockstep` as asked), checked at
 /// every position against `softmax_stats_v2` with `STATS_STOP` on the emulator; returns each
 /// step's final γ_b.
 fn stops_as_the_kernel(lockstep: bool) -> Vec<Vec<i32>> {
@@ -165,7 +244,7 @@ fn stops_as_the_kernel(lockstep: bool) -> Vec<Vec<i32>> {
     let mut outcomes = Vec::new();
     // SAFETY: a live context; null loads the shipped model.
     assert_eq!(unsafe { speckv_load_hazard(ctx, null()) }, SpeckvStatus::Ok);
-    for odds in [1.0f32, 0.6, 1.7] {
+    for odds in &CALIBRATIONS {
         let mut c = Step {
             lockstep: lockstep as u32,
             ..Step::new()
@@ -207,13 +286,15 @@ fn stops_as_the_kernel(lockstep: bool) -> Vec<Vec<i32>> {
                 },
             };
             let l = Logits::dense(LogitsData::F32(&x), V).unwrap();
+            let (odds_scale, odds_scales) = odds.emulated();
             let stop = Stop {
                 weights: &w,
                 state: &emu_state,
                 costs: costs(),
                 gamma_max: GMAX,
                 compression_code: 1.0,
-                odds_scale: odds,
+                odds_scale,
+                odds_scales,
                 lockstep,
             };
             let r = emu
@@ -221,7 +302,7 @@ fn stops_as_the_kernel(lockstep: bool) -> Vec<Vec<i32>> {
                 .unwrap();
             let (st, g) = (r.stop_state.unwrap(), r.gammas.unwrap());
             for b in 0..ROWS {
-                let at = format!("odds {odds}, position {j}, sequence {b}");
+                let at = format!("odds {odds:?}, position {j}, sequence {b}");
                 if was_stopped[b] {
                     assert_eq!(c.gammas[b], -7, "{at}: γ_b written after the stop");
                     c.gammas[b] = kept[b];
@@ -260,7 +341,7 @@ fn stops_as_the_kernel(lockstep: bool) -> Vec<Vec<i32>> {
             assert_eq!(
                 c.stopped - count_before,
                 r.stopped_count.unwrap(),
-                "odds {odds}, position {j}: sequences stopped"
+                "odds {odds:?}, position {j}: sequences stopped"
             );
             emu_state = st;
         }
@@ -317,7 +398,10 @@ fn a_hazard_file_is_what_the_rule_runs() {
         );
         let mut c = Step::new();
         for j in 0..GMAX as usize {
-            assert_eq!(c.draft(ctx, &logits(j), j, 1.0), SpeckvStatus::Ok);
+            assert_eq!(
+                c.draft(ctx, &logits(j), j, &Odds::One(1.0)),
+                SpeckvStatus::Ok
+            );
         }
         assert_eq!(c.stopped, ROWS as u32);
         c.gammas
@@ -384,7 +468,10 @@ fn stop_misuse_is_reported() {
     // SAFETY (every call below): buffers of the stated shapes or deliberately null/bad values.
     unsafe {
         let mut c = Step::new();
-        assert_eq!(c.draft(ctx, &x, 0, 1.0), SpeckvStatus::NoHazardModel);
+        assert_eq!(
+            c.draft(ctx, &x, 0, &Odds::One(1.0)),
+            SpeckvStatus::NoHazardModel
+        );
         assert!(
             last_error().contains("speckv_load_hazard"),
             "{}",
@@ -400,14 +487,14 @@ fn stop_misuse_is_reported() {
             SpeckvStatus::NullPointer
         );
         assert_eq!(speckv_load_hazard(ctx, null()), SpeckvStatus::Ok);
-        assert_eq!(c.draft(ctx, &x, 0, 1.0), SpeckvStatus::Ok);
+        assert_eq!(c.draft(ctx, &x, 0, &Odds::One(1.0)), SpeckvStatus::Ok);
 
         let a = c.args(&x, 0, SPECKV_ACCUMULATE_RESET);
         let g = SpeckvStopArgs {
             stopped_count: null_mut(),
             hazards_out: null_mut(),
             compression_code: 2.0,
-            ..c.stop_args(1.0)
+            ..c.stop_args(&Odds::One(1.0))
         };
         assert_eq!(speckv_softmax_stats_stop(ctx, &a, &g), SpeckvStatus::Ok);
         assert_eq!(
@@ -527,6 +614,37 @@ fn stop_misuse_is_reported() {
                 );
             }
         }
+        // Per-sequence scales: a zero `odds_scale` is then unread, but each scale is checked.
+        let mut scales = [1.0f32; ROWS];
+        let each = SpeckvStopArgs {
+            odds_scale: 0.0,
+            odds_scales: scales.as_ptr(),
+            ..g
+        };
+        assert_eq!(speckv_softmax_stats_stop(ctx, &a, &each), SpeckvStatus::Ok);
+        scales[4] = -2.0;
+        assert_eq!(
+            speckv_softmax_stats_stop(ctx, &a, &each),
+            SpeckvStatus::InvalidArgument
+        );
+        assert!(
+            last_error().contains("sequence 4's odds scale"),
+            "{}",
+            last_error()
+        );
+        let skewed = SpeckvStopArgs {
+            odds_scales: (scales.as_ptr() as *const u8).add(1) as *const f32,
+            ..g
+        };
+        assert_eq!(
+            speckv_softmax_stats_stop(ctx, &a, &skewed),
+            SpeckvStatus::Misaligned
+        );
+        assert!(
+            last_error().contains("stop.odds_scales"),
+            "{}",
+            last_error()
+        );
         // In lockstep: states no lockstep launch would leave (sequences at different drafts) are
         // refused on a later draft, and accepted on a step's first (RESET starts them together).
         let lock = SpeckvStopArgs { lockstep: 1, ..g };
@@ -589,6 +707,85 @@ fn calibration_moves_the_odds_by_the_verified_outcomes() {
         );
         assert_eq!(
             speckv_calibrate(&mut k, null(), gammas.as_ptr(), accepted.as_ptr(), 2),
+            SpeckvStatus::NullPointer
+        );
+    }
+}
+
+/// Each sequence's scale moves by its own verified drafts only — as `speckv_calibrate` over that
+/// sequence alone — and nothing is written unless every input is valid.
+#[test]
+fn calibration_each_moves_every_sequence_by_its_own_drafts() {
+    let mut h = [f32::NAN; 3 * SPECKV_STOP_TIMES];
+    h[..3].copy_from_slice(&[0.9, 0.6, 0.5]);
+    h[SPECKV_STOP_TIMES..SPECKV_STOP_TIMES + 2].copy_from_slice(&[0.5, 0.5]);
+    h[2 * SPECKV_STOP_TIMES] = 0.3;
+    let gammas = [3i32, 2, 1];
+    let accepted = [1i32, 2, 0];
+    let start = [1.0f32, 0.5, 3.0];
+    let mut k = start;
+    // SAFETY (every call): host buffers of the stated shapes or deliberately bad values.
+    unsafe {
+        assert_eq!(
+            speckv_calibrate_each(
+                k.as_mut_ptr(),
+                h.as_ptr(),
+                gammas.as_ptr(),
+                accepted.as_ptr(),
+                3
+            ),
+            SpeckvStatus::Ok,
+            "{}",
+            last_error()
+        );
+        for b in 0..3 {
+            let mut alone = start[b];
+            let row = &h[b * SPECKV_STOP_TIMES..];
+            assert_eq!(
+                speckv_calibrate(&mut alone, row.as_ptr(), &gammas[b], &accepted[b], 1),
+                SpeckvStatus::Ok
+            );
+            assert_eq!(k[b].to_bits(), alone.to_bits(), "sequence {b}");
+            assert_ne!(k[b], start[b], "sequence {b} did not move");
+        }
+        // Sequence 1's outcomes only (both drafts accepted at 0.5): log k grows by 0.1.
+        assert!((k[1] - 0.5 * 0.1f32.exp()).abs() < 1e-6, "{}", k[1]);
+
+        let before = k;
+        let mut bad = k;
+        bad[2] = f32::NAN;
+        assert_eq!(
+            speckv_calibrate_each(
+                bad.as_mut_ptr(),
+                h.as_ptr(),
+                gammas.as_ptr(),
+                accepted.as_ptr(),
+                3
+            ),
+            SpeckvStatus::InvalidArgument
+        );
+        assert!(last_error().contains("odds_scales[2]"), "{}", last_error());
+        assert_eq!(&bad[..2], &before[..2], "written despite the error");
+        assert_eq!(
+            speckv_calibrate_each(
+                k.as_mut_ptr(),
+                h.as_ptr(),
+                gammas.as_ptr(),
+                [0i32, 3, 0].as_ptr(),
+                3
+            ),
+            SpeckvStatus::InvalidArgument
+        );
+        assert!(last_error().contains("accepted 3"), "{}", last_error());
+        assert_eq!(k, before, "written despite the error");
+        assert_eq!(
+            speckv_calibrate_each(
+                null_mut(),
+                h.as_ptr(),
+                gammas.as_ptr(),
+                accepted.as_ptr(),
+                3
+            ),
             SpeckvStatus::NullPointer
         );
     }

@@ -4,8 +4,9 @@
  *   on or stop — with γ_b written where speckv_verify reads it;
  *   the loop ends when the stop counter reaches the batch size (or at γmax);
  *   → lossless verification of γ_b drafts per sequence (speckv_verify);
- *   → the online calibration of the hazard model's odds from the verified drafts (speckv_calibrate),
- *     the scale the next step's rule takes.
+ *   → the online calibration of the hazard model's odds from the verified drafts: one scale for
+ *     the batch (speckv_calibrate), or one per sequence (speckv_calibrate_each, for
+ *     SpeckvStopArgs.odds_scales) — the scales the next step's rule takes.
  * Inputs are made by formula (exact in f32), so the Rust API can reproduce them; the output is a
  * canonical text that capi/tests/c_example.rs compares with the Rust API's.
  *
@@ -139,9 +140,14 @@ int main(int argc, char **argv) {
         printf("\n");
     }
 
-    /* The next step's rule takes the calibrated scale. */
+    /* The next step's rule takes the calibrated scale: one for the batch... */
     CHECK(speckv_calibrate(&stop.odds_scale, hazards, gammas, accepted, B));
     printf("calibrated odds_scale=%.6f\n", stop.odds_scale);
+    /* ...or one per sequence, each moved by its own drafts only (the batch's sequences are
+     * different prompts): the next step sets stop.odds_scales = scales (on CUDA, a device copy). */
+    float scales[B] = {1.0f, 1.0f, 1.0f};
+    CHECK(speckv_calibrate_each(scales, hazards, gammas, accepted, B));
+    for (int b = 0; b < B; b++) printf("calibrated each b=%d odds_scale=%.6f\n", b, scales[b]);
     speckv_context_destroy(ctx);
     return 0;
 }

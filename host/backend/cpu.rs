@@ -88,6 +88,7 @@ impl CpuBackend {
         if reset {
             states.fill(StopState::START);
         }
+        let odds = |r: usize| stop.odds_scales.map_or(stop.odds_scale, |k| k[r]);
         if stop.lockstep {
             // `softmax_stats_v2`'s lockstep epilogue: every sequence's hazard, then one decision for
             // the batch (`Stop::check` refused states that do not move together).
@@ -105,7 +106,7 @@ impl CpuBackend {
                             stop.compression_code,
                             j,
                         );
-                        stop_rule::hazard(stop.weights, &x, stop.odds_scale)
+                        stop_rule::hazard(stop.weights, &x, odds(r))
                     })
                     .collect();
                 // `generate`'s batched rule: the comparison the kernel runs, applied to every state.
@@ -135,7 +136,7 @@ impl CpuBackend {
                     stats[r].entropy,
                     stats[r].confidence,
                     stop.compression_code,
-                    stop.odds_scale,
+                    odds(r),
                     stop.gamma_max,
                     &stop.costs,
                 );

@@ -135,6 +135,11 @@ pub struct StopParams {
     /// left zeroed by every launch, not shared with a concurrent launch; at most
     /// [`LOCKSTEP_MAX_ROWS`] rows.
     pub lockstep: *mut LockstepScratch,
+    /// `[rows]` per-sequence odds scales (each sequence's own online calibration), or null:
+    /// `odds_scale` for every row. Sequences of one batch are different prompts whose drafts the
+    /// target accepts at different rates, so each keeps its own scale (as `generate`'s batched
+    /// rule does).
+    pub odds_scales: *const f32,
 }
 
 /// Most sequences one lockstep decision covers (`StopParams::lockstep`).
@@ -634,7 +639,7 @@ const _: () = assert!(core::mem::size_of::<GemvParams>() == 48);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV2Params>() == 112);
 const _: () = assert!(core::mem::size_of::<StatsRow>() == 40);
 const _: () = assert!(core::mem::size_of::<SoftmaxStatsV3Params>() == 80);
-const _: () = assert!(core::mem::size_of::<StopParams>() == 128);
+const _: () = assert!(core::mem::size_of::<StopParams>() == 136);
 const _: () = assert!(core::mem::size_of::<LockstepScratch>() == 68);
 const _: () = assert!(core::mem::size_of::<StopState>() == 16);
 

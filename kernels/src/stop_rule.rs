@@ -258,7 +258,7 @@ pub fn apply_lockstep(s: &mut StopState, h: f32, j: u32, gamma_max: u32, keep: b
 /// # Safety
 /// `p.accum` points to `rows` accumulators; `sp` to the launch's `StopParams`, which no thread
 /// writes, with `rows`-long `state` and `gammas_out`, `hazards_out` null or `rows × STOP_TIMES`
-/// long, and `weights` one `MlpWeights` no thread writes.
+/// long, `odds_scales` null or `rows` long, and `weights` one `MlpWeights` no thread writes.
 #[inline(always)]
 pub unsafe fn epilogue(
     p: &SoftmaxStatsV2Params,
@@ -294,7 +294,7 @@ pub unsafe fn epilogue(
         entropy,
         confidence,
         gpu::ld_nc(addr_of!((*sp).compression_code), 0),
-        gpu::ld_nc(addr_of!((*sp).odds_scale), 0),
+        odds_scale_of(sp, r),
         gmax,
         gpu::ld_nc(addr_of!((*sp).costs.draft), 0),
         // γ ≤ gmax < STOP_TIMES: inside the table.
@@ -351,6 +351,21 @@ unsafe fn gamma_max_of(sp: *const StopParams) -> u32 {
     }
 }
 
+/// Row `r`'s odds scale: its own when the launch has per-sequence scales, else the launch's.
+///
+/// # Safety
+/// `sp` points to a `StopParams` no thread writes, whose `odds_scales` is null or `rows` long
+/// with `r < rows`.
+#[inline(always)]
+unsafe fn odds_scale_of(sp: *const StopParams, r: usize) -> f32 {
+    let scales = gpu::ld_nc(addr_of!((*sp).odds_scales), 0);
+    if scales.is_null() {
+        gpu::ld_nc(addr_of!((*sp).odds_scale), 0)
+    } else {
+        gpu::ld_nc(scales, r)
+    }
+}
+
 /// [`epilogue`] for sequences in lockstep (`StopParams::lockstep` set): the row's accumulator is
 /// updated and its hazard published in the scratch; the last row to arrive decides for the launch
 /// ([`compare_lockstep`] over every row in row order), writes every row's state, γ_b and (for a
@@ -398,7 +413,7 @@ unsafe fn epilogue_lockstep(
         h = hazard(
             DeviceMlp(gpu::ld_nc(addr_of!((*sp).weights), 0)),
             &x,
-            gpu::ld_nc(addr_of!((*sp).odds_scale), 0),
+            odds_scale_of(sp, row as usize),
         );
     }
     // Publish, then arrive: the last row sees every hazard (the fences order the stores before

@@ -114,6 +114,25 @@ def calibrate(odds_scale: float, hazards: Any, gammas: Any, accepted: Any) -> fl
     return _speckv.calibrate(float(odds_scale), a(hazards), a(gammas), a(accepted), b)
 
 
+def calibrate_each(odds_scales: Any, hazards: Any, gammas: Any, accepted: Any):
+    """`calibrate` for every sequence on its own (host arrays): the float32 `odds_scales` [batch]
+    (ones to start) move in place, each by its own sequence's verified drafts only. Pass them as
+    the next step's `softmax_stats_stop(..., odds_scales=...)` (copied to the device on CUDA).
+    Returns `odds_scales`."""
+    b = (gammas.numel() if _is_torch(gammas) else np.asarray(gammas).size)
+    _check_int(odds_scales, "odds_scales", "float32", b)
+    _check_int(hazards, "hazards", "float32", b * _speckv.STOP_TIMES)
+    _check_int(gammas, "gammas", "int32", b)
+    _check_int(accepted, "accepted", "int32", b)
+    for x, what in ((odds_scales, "odds_scales"), (hazards, "hazards"), (gammas, "gammas"),
+                    (accepted, "accepted")):
+        if _info(x, what)[3] != "cpu":
+            raise SpeckvError(f"InvalidArgument: calibrate_each reads host memory: {what} is on the device")
+    a = lambda x: _info(x, "buffer")[0]  # noqa: E731
+    _speckv.calibrate_each(a(odds_scales), a(hazards), a(gammas), a(accepted), b)
+    return odds_scales
+
+
 def step_costs(cost_json: Optional[str] = None, gamma_max: int = 8) -> dict:
     """The step costs of a cost model (`speckv profile`'s JSON; None: the assumed one) for
     `softmax_stats_stop`: {"draft": one draft pass, "verify": float32 [gamma_max + 1], the
@@ -344,7 +363,7 @@ class Context:
     def softmax_stats_stop(self, logits: Any, *, state: Any, gammas: Any, costs: dict,
                            accumulate: str, accum: Any, gamma_max: Optional[int] = None,
                            compression_code: float = 0.0, odds_scale: float = 1.0,
-                           lockstep: bool = False,
+                           lockstep: bool = False, odds_scales: Any = None,
                            stopped: Any = None, hazards: Any = None, temperature: float = 1.0,
                            sample: bool = False, seed: int = 0, step: int = 0, out: Any = None):
         """`softmax_stats` of one drafted position ([batch, vocab], one row per sequence) with the
@@ -357,7 +376,9 @@ class Context:
         of every kept draft, for `calibrate`. With `lockstep` the batch drafts in lockstep (one
         draft pass for all, one verification of the longest γ) and decides together: every
         sequence keeps the draft or none does, and all draft on or all stop (at most
-        `_speckv.LOCKSTEP_MAX_ROWS`, 16, sequences). Returns `out`."""
+        `_speckv.LOCKSTEP_MAX_ROWS`, 16, sequences). `odds_scales` (float32 [batch], on the
+        context's device, optional) gives each sequence its own calibration (see
+        `calibrate_each`) in place of `odds_scale`. Returns `out`."""
         addr, rows, vocab, stride, dev = self._logits(logits)
         if accumulate not in ("add", "reset"):
             raise SpeckvError(f"InvalidArgument: per-token stopping accumulates: accumulate must be 'reset' or 'add', got {accumulate!r}")
@@ -383,11 +404,16 @@ class Context:
             _check_int(hazards, "hazards", "float32", rows * _speckv.STOP_TIMES)
             h_addr, _, _, hdev = _info(hazards, "hazards")
             self._dev(hdev, "hazards")
+        k_addr = 0
+        if odds_scales is not None:
+            _check_int(odds_scales, "odds_scales", "float32", rows)
+            k_addr, _, _, kdev = _info(odds_scales, "odds_scales")
+            self._dev(kdev, "odds_scales")
         self._raw.softmax_stats_stop(addr, _dtype_code(logits), rows, vocab, stride, out_addr,
                                      float(temperature), bool(sample), int(seed), int(step),
                                      ACCUMULATE[accumulate], acc_addr, st_addr, g_addr, c_addr, h_addr,
                                      float(costs["draft"]), verify, gm, float(compression_code),
-                                     float(odds_scale), bool(lockstep))
+                                     float(odds_scale), bool(lockstep), k_addr)
         return out
 
     def decide_gamma(self, accum: Any, gammas: Any, *, compression_code: float = 0.0,

@@ -46,6 +46,7 @@ def stop_dtype() -> np.dtype: ...
 def new_stop_state(batch: int, like: Optional[Tensor] = None) -> Tensor: ...
 def step_costs(cost_json: Optional[str] = None, gamma_max: int = 8) -> dict: ...
 def calibrate(odds_scale: float, hazards: Tensor, gammas: Tensor, accepted: Tensor) -> float: ...
+def calibrate_each(odds_scales: Tensor, hazards: Tensor, gammas: Tensor, accepted: Tensor) -> Tensor: ...
 
 class Context:
     @staticmethod
@@ -65,7 +66,7 @@ class Context:
     def softmax_stats_stop(self, logits: Tensor, *, state: Tensor, gammas: Tensor, costs: dict,
                            accumulate: str, accum: Tensor, gamma_max: Optional[int] = None,
                            compression_code: float = 0.0, odds_scale: float = 1.0,
-                           lockstep: bool = False,
+                           lockstep: bool = False, odds_scales: Optional[Tensor] = None,
                            stopped: Optional[Tensor] = None, hazards: Optional[Tensor] = None,
                            temperature: float = 1.0,
                            sample: bool = False, seed: int = 0, step: int = 0,

@@ -188,7 +188,7 @@ impl Context {
     /// `softmax_stats`, then the stopping rule's (`verify_costs`: γ = 0..len−1, at most
     /// `STOP_TIMES`; the rest +inf, so every γ ≤ γmax needs an entry).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum, state, gammas_out, stopped_count, hazards_out, draft_cost, verify_costs, gamma_max, compression_code, odds_scale, lockstep))]
+    #[pyo3(signature = (logits, dtype, rows, vocab, row_stride, out, temperature, sample, seed, step, accumulate, accum, state, gammas_out, stopped_count, hazards_out, draft_cost, verify_costs, gamma_max, compression_code, odds_scale, lockstep, odds_scales))]
     fn softmax_stats_stop(
         &self,
         logits: usize,
@@ -213,6 +213,7 @@ impl Context {
         compression_code: f32,
         odds_scale: f32,
         lockstep: bool,
+        odds_scales: usize,
     ) -> PyResult<()> {
         if verify_costs.len() > SPECKV_STOP_TIMES {
             return Err(SpeckvError::new_err(format!(
@@ -246,6 +247,7 @@ impl Context {
             compression_code,
             odds_scale,
             lockstep: lockstep as u32,
+            odds_scales: ptr(odds_scales) as *const f32,
         };
         // SAFETY: as in `softmax_stats`; the C ABI checks the rule's arguments.
         check(unsafe { speckv_softmax_stats_stop(self.raw, &a, &s) })
@@ -407,6 +409,27 @@ fn calibrate(
     Ok(k)
 }
 
+/// `speckv_calibrate_each` on host buffers: every sequence's odds scale, updated in place.
+#[pyfunction]
+fn calibrate_each(
+    odds_scales: usize,
+    hazards: usize,
+    gammas: usize,
+    accepted: usize,
+    batch: u32,
+) -> PyResult<()> {
+    // SAFETY: the Python wrapper passes host buffers of the stated shapes; the C ABI checks values.
+    check(unsafe {
+        speckv_calibrate_each(
+            ptr(odds_scales) as *mut f32,
+            ptr(hazards) as *const f32,
+            ptr(gammas) as *const i32,
+            ptr(accepted) as *const i32,
+            batch,
+        )
+    })
+}
+
 /// The embedded PTX for "sm_80" or "sm_90".
 #[pyfunction]
 fn ptx(arch: &str) -> PyResult<String> {
@@ -424,6 +447,7 @@ fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ptx, m)?)?;
     m.add_function(wrap_pyfunction!(step_costs, m)?)?;
     m.add_function(wrap_pyfunction!(calibrate, m)?)?;
+    m.add_function(wrap_pyfunction!(calibrate_each, m)?)?;
     m.add("SpeckvError", m.py().get_type::<SpeckvError>())?;
     // SAFETY: a static NUL-terminated string.
     let v = unsafe { CStr::from_ptr(speckv_version()) };

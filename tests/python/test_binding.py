@@ -127,6 +127,10 @@ def python_auto_step():
         lines.append(f"verify b={b} accepted={o['accepted'][b]} flags={o['flags'][b]} emitted={em} hazards={hz}")
     k = speckv.calibrate(1.0, hazards, gammas, o["accepted"])
     lines.append(f"calibrated odds_scale={k:.6f}")
+    scales = np.ones(AB, dtype=np.float32)
+    self_ = speckv.calibrate_each(scales, hazards, gammas, o["accepted"])
+    assert self_ is scales
+    lines += [f"calibrated each b={b} odds_scale={scales[b]:.6f}" for b in range(AB)]
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +178,33 @@ class BindingMatchesC(unittest.TestCase):
             ends[lockstep] = list(gammas)
         self.assertGreater(len(set(ends[False])), 1, ends)
         self.assertEqual(len(set(ends[True])), 1, ends)
+
+    def test_each_sequence_at_its_own_odds_scale(self):
+        # Per-sequence scales: every sequence decides as it does alone in a batch at its scale.
+        draft = np.array([[[auto_draft_logit(b, j, k) for k in range(V)] for j in range(AG)] for b in range(AB)],
+                         dtype=np.float32)
+        ctx = speckv.Context.cpu()
+        ctx.load_hazard()
+        costs = speckv.step_costs(None, AG)
+
+        def step(**odds):
+            accum, state = speckv.new_accum(AB), speckv.new_stop_state(AB)
+            gammas = np.zeros(AB, dtype=np.int32)
+            seen = []
+            for j in range(AG):
+                ctx.softmax_stats_stop(draft[:, j, :], state=state, gammas=gammas, costs=costs,
+                                       accumulate="reset" if j == 0 else "add", accum=accum,
+                                       temperature=0.0, step=j, **odds)
+                seen.append(state.copy())
+            return seen
+
+        scales = np.array([0.2, 1.0, 6.0], dtype=np.float32)[:AB]
+        each = step(odds_scales=scales)
+        for b, k in enumerate(scales):
+            alone = step(odds_scale=float(k))
+            for j in range(AG):
+                self.assertEqual(each[j][b].tobytes(), alone[j][b].tobytes(), (b, k, j))
+        self.assertNotEqual(each[-1]["expected"].tobytes(), step()[-1]["expected"].tobytes())
 
     def test_f16_and_strided_rows(self):
         ctx = speckv.Context.cpu()
@@ -307,6 +338,15 @@ class Misuse(unittest.TestCase):
         self.assertTrue(all(kw["state"]["stopped"] | (kw["state"]["kept"] <= 1)))
         self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **{**kw, "accumulate": None})
         self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **{**kw, "odds_scale": 0.0})
+        self.ctx.softmax_stats_stop(x, **kw, odds_scale=0.0, odds_scales=np.ones(2, dtype=np.float32))
+        self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **kw,
+                    odds_scales=np.array([1.0, -1.0], dtype=np.float32))
+        self.raises("BadShape", self.ctx.softmax_stats_stop, x, **kw, odds_scales=np.ones(3, dtype=np.float32))
+        self.raises("BadDtype", self.ctx.softmax_stats_stop, x, **kw, odds_scales=np.ones(2))
+        h, g = np.full((2, speckv._speckv.STOP_TIMES), 0.5, dtype=np.float32), np.array([1, 1], dtype=np.int32)
+        self.raises("BadDtype", speckv.calibrate_each, np.ones(2), h, g, g)
+        self.raises("BadShape", speckv.calibrate_each, np.ones(3, dtype=np.float32), h, g, g)
+        self.raises("InvalidArgument", speckv.calibrate_each, np.zeros(2, dtype=np.float32), h, g, g)
         # γmax above the costs given: the missing verification costs are refused, not guessed.
         self.raises("InvalidArgument", self.ctx.softmax_stats_stop, x, **{**kw, "gamma_max": 6})
         self.raises("BadShape", self.ctx.softmax_stats_stop, x, **{**kw, "state": speckv.new_stop_state(3)})

@@ -299,6 +299,7 @@ impl CudaBackend {
                 compression_code: s.compression_code,
                 odds_scale: s.odds_scale,
                 lockstep: std::ptr::null_mut(), // one sequence
+                odds_scales: std::ptr::null(),  // its own scale is `odds_scale`
             };
             let pod = PodStop(params);
             let same = rs

@@ -46,6 +46,7 @@ impl CudaBackend {
         let mut stopped = st.alloc_zeros::<u32>(1)?;
         let mut hazards = st.clone_htod(&vec![f32::NAN; rows * STOP_TIMES])?;
         let mut lockstep = st.alloc_zeros::<u8>(std::mem::size_of::<LockstepScratch>())?;
+        let scales = stop.odds_scales.map(|k| st.clone_htod(k)).transpose()?;
         let mut scratch = super::stats::StatsScratch::new(self, rows, &plan)?;
         {
             let (wp, _g0) = w.device_ptr(st);
@@ -54,6 +55,7 @@ impl CudaBackend {
             let (cp, _g3) = stopped.device_ptr_mut(st);
             let (hp, _g8) = hazards.device_ptr_mut(st);
             let (kp, _g9) = lockstep.device_ptr_mut(st);
+            let kk = scales.as_ref().map(|k| k.device_ptr(st));
             let params = StopParams {
                 weights: wp as *const MlpWeights,
                 state: sp as *mut StopState,
@@ -69,6 +71,9 @@ impl CudaBackend {
                 } else {
                     std::ptr::null_mut()
                 },
+                odds_scales: kk
+                    .as_ref()
+                    .map_or(std::ptr::null(), |(p, _)| *p as *const f32),
             };
             let pbuf = st.clone_htod(bytemuck::bytes_of(&PodStop(params)))?;
             let (pp, _g4) = pbuf.device_ptr(st);
@@ -86,7 +91,8 @@ impl CudaBackend {
             p2.flags |= STATS_STOP;
             p2.stop = pp as *const StopParams;
             // SAFETY: logits, outputs, accumulators, states and γ_b have `rows` entries (at most
-            // `LOCKSTEP_MAX_ROWS` in lockstep: `Stop::check`), the lockstep scratch is zeroed, the
+            // `LOCKSTEP_MAX_ROWS` in lockstep: `Stop::check`), so do the odds scales where given
+            // (`Stop::check`), the lockstep scratch is zeroed, the
             // statistics scratch the plan's size, the parameters one `StopParams` pointing at them and at one
             // `MlpWeights`; all live to the end of this function (the copies below synchronise).
             unsafe { self.launch_stats_v2(logits.dtype(), p2, &plan) }?;

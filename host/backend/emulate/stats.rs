@@ -30,8 +30,12 @@ pub struct Stop<'a> {
     pub costs: StepCosts,
     pub gamma_max: u32,
     pub compression_code: f32,
-    /// The online calibration's odds scale (1: the model as trained).
+    /// The online calibration's odds scale (1: the model as trained), for every sequence unless
+    /// `odds_scales` is given.
     pub odds_scale: f32,
+    /// One odds scale per sequence (each sequence's own calibration, `StopParams::odds_scales`),
+    /// or `None`: `odds_scale` for all.
+    pub odds_scales: Option<&'a [f32]>,
     /// The sequences draft in lockstep and decide together (`StopParams::lockstep`); false: each
     /// alone.
     pub lockstep: bool,
@@ -39,7 +43,8 @@ pub struct Stop<'a> {
 
 impl Stop<'_> {
     /// What every backend checks before a launch with per-token stopping over `rows` sequences:
-    /// [`crate::stats::check_stop`], and one state per sequence.
+    /// [`crate::stats::check_stop`], one state per sequence, and odds scales that are finite and
+    /// positive (one per sequence where given).
     pub fn check(&self, rows: usize, opts: &StatsOptions) -> Result<()> {
         crate::stats::check_stop(opts, self.gamma_max)?;
         if self.state.len() != rows {
@@ -47,6 +52,30 @@ impl Stop<'_> {
                 "{} stop states for {rows} rows",
                 self.state.len()
             )));
+        }
+        let positive = |k: f32| k.is_finite() && k > 0.0;
+        match self.odds_scales {
+            Some(k) if k.len() != rows => {
+                return Err(Error::Other(format!(
+                    "{} odds scales for {rows} sequences",
+                    k.len()
+                )))
+            }
+            Some(k) => {
+                if let Some(b) = k.iter().position(|&x| !positive(x)) {
+                    return Err(Error::Other(format!(
+                        "sequence {b}'s odds scale must be finite and > 0, got {}",
+                        k[b]
+                    )));
+                }
+            }
+            None if !positive(self.odds_scale) => {
+                return Err(Error::Other(format!(
+                    "the odds scale must be finite and > 0, got {}",
+                    self.odds_scale
+                )))
+            }
+            None => {}
         }
         if self.lockstep {
             if rows > LOCKSTEP_MAX_ROWS {
@@ -346,6 +375,10 @@ impl Emulator {
                     } else {
                         std::ptr::null_mut()
                     },
+                    odds_scales: st
+                        .odds_scales
+                        .map(|k| k.as_ptr())
+                        .unwrap_or(std::ptr::null()),
                 });
                 let base = stats_params(
                     logits,
@@ -426,6 +459,9 @@ impl Emulator {
                         .output("hazards_out", r.hazards.as_mut().unwrap_or(&mut Vec::new()));
                     if st.lockstep {
                         l = l.output("lockstep", &mut *lockstep);
+                    }
+                    if let Some(k) = st.odds_scales {
+                        l = l.input("odds_scales", k);
                     }
                 }
                 // SAFETY: the registered buffers are the kernel's whole world: the logits cover

@@ -41,7 +41,8 @@ impl ExternalCuda {
     ///
     /// # Safety
     /// As [`ExternalCuda::softmax_stats`], and `stop`'s addresses are live device buffers of this
-    /// context: one `MlpWeights`, `rows` states and γ_b, one counter or null. The slot and the
+    /// context: one `MlpWeights`, `rows` states and γ_b, one counter or null, `rows` odds scales
+    /// or null. The slot and the
     /// scratch are shared by the context's launches, which are ordered on its stream.
     pub unsafe fn softmax_stats_stop(
         &self,

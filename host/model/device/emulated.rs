@@ -377,6 +377,7 @@ impl Pass for EmulatedForward<'_> {
                         gamma_max: s.gamma_max,
                         compression_code: s.compression_code,
                         odds_scale: s.odds_scale,
+                        odds_scales: None,
                         lockstep: false,
                     },
                 )?;
