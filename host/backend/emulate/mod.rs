@@ -21,9 +21,11 @@ mod forward;
 mod gemv;
 mod stats;
 mod stats_v3;
+mod stop;
 mod verify;
 
-pub use stats::{Decision, StatsV2Output, Stop};
+pub use stats::{Decision, StatsV2Output};
+pub use stop::Stop;
 
 /// The emulator as a backend: a block size and a math mode for every launch.
 #[derive(Clone, Copy, Debug)]
