@@ -171,6 +171,23 @@ fn online_costs_follow_measurements_and_keep_the_prior_shape() {
     assert_eq!(t.draft, c.draft() as f32);
     assert_eq!(t.verify[..3], [0, 1, 2].map(|g| c.verify(g) as f32));
     assert!(t.verify[3..].iter().all(|x| x.is_infinite()), "{t:?}");
+
+    // Plain steps first (a verification of γ = 0, no draft pass): the draft's prior time is
+    // scaled as the prior's one-pass verification compares with the measured one, so the two
+    // stay in the same units (1 ms in the prior, 0.04 s measured: the 0.5 ms draft is 0.02 s).
+    let prior = CostModel {
+        draft_ms_per_token: 0.5,
+        verify_ms: vec![1.0, 1.5, 2.0, 2.5],
+        draft_feed_ms: Vec::new(),
+        source: "test".into(),
+    };
+    let mut c = OnlineCost::new(prior, 0.5);
+    c.observe(0, 0.0, 0, 0.04);
+    assert!((c.draft() - 0.02).abs() < 1e-12, "{}", c.draft());
+    assert!((c.verify(2) - 0.08).abs() < 1e-12, "{}", c.verify(2));
+    // Once a draft pass is measured, it is what counts.
+    c.observe(2, 0.01, 1, 0.05);
+    assert!((c.draft() - 0.005).abs() < 1e-12, "{}", c.draft());
 }
 
 /// A first feed that catches the draft up on tokens of plain steps is the price of returning from

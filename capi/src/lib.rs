@@ -27,7 +27,9 @@ use speckv_kernels::params::{
     FeatureAccum, GammaMlpParams, MlpWeights, RowStats, SoftmaxStatsV3Params, StatsRow,
 };
 
+mod online_cost;
 mod stop;
+pub use online_cost::*;
 pub use stop::*;
 
 /// What a call did.

@@ -94,7 +94,7 @@ pub(crate) struct LoadedHazard {
     device: Option<DeviceBuffer>,
 }
 
-fn c_path(p: *const c_char) -> Option<String> {
+pub(crate) fn c_path(p: *const c_char) -> Option<String> {
     // SAFETY: null or a NUL-terminated string (contract).
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
@@ -149,7 +149,7 @@ pub unsafe extern "C" fn speckv_step_costs(
     })
 }
 
-fn check_gamma_max(gamma_max: u32) -> Result<(), (SpeckvStatus, String)> {
+pub(crate) fn check_gamma_max(gamma_max: u32) -> Result<(), (SpeckvStatus, String)> {
     if gamma_max == 0 || gamma_max > SPECKV_STOP_MAX_GAMMA {
         return fail(
             SpeckvStatus::InvalidArgument,

@@ -107,7 +107,8 @@ impl DraftTime {
 /// Step costs measured while decoding: an exponential moving average of the draft's time per
 /// forward pass and of the verification time at each γ seen, on top of a prior cost model whose
 /// shape fills in the γ not seen yet. Units are the prior's until the first measurement, then
-/// seconds — only ratios of costs enter the decision.
+/// seconds (the prior's times scaled to them where not measured) — only ratios of costs enter the
+/// decision.
 #[derive(Clone, Debug)]
 pub struct OnlineCost {
     prior: CostModel,
@@ -156,15 +157,19 @@ impl OnlineCost {
         if let Some(Some(v)) = self.verify.get(gamma) {
             return *v;
         }
+        self.prior_scaled(self.prior.verify(gamma as u32), gamma)
+    }
+
+    /// A time of the prior's, `t`, in the measured units: scaled as the prior's verification at
+    /// the γ measured nearest to `gamma` compares with the measured one (`t` itself before any
+    /// measurement).
+    fn prior_scaled(&self, t: f64, gamma: usize) -> f64 {
         let nearest = (0..self.verify.len())
-            .filter(|&g| self.verify[g].is_some())
-            .min_by_key(|&g| g.abs_diff(gamma));
+            .filter_map(|g| self.verify[g].map(|v| (g, v)))
+            .min_by_key(|&(g, _)| g.abs_diff(gamma));
         match nearest {
-            Some(g) => {
-                let v = self.verify[g].unwrap_or(0.0);
-                v * self.prior.verify(gamma as u32) / self.prior.verify(g as u32)
-            }
-            None => self.prior.verify(gamma as u32),
+            Some((g, v)) => v * t / self.prior.verify(g as u32),
+            None => t,
         }
     }
 
@@ -239,10 +244,13 @@ impl OnlineCost {
         }
     }
 
-    /// Draft time per forward pass, in the units of [`OnlineCost::verify`] (both are measured
-    /// together, after every step; before the first, both are the prior's).
+    /// Draft time per forward pass, in the units of [`OnlineCost::verify`]: measured after every
+    /// speculative step; before the first, the prior's — scaled as its verification compares with
+    /// what plain steps measured, if any (a plain step times a verification of γ = 0 and no draft
+    /// pass, and a prior's milliseconds or target passes are not the measured seconds).
     pub fn draft(&self) -> f64 {
-        self.draft.unwrap_or(self.prior.draft_ms_per_token)
+        self.draft
+            .unwrap_or_else(|| self.prior_scaled(self.prior.draft_ms_per_token, 0))
     }
 }
 

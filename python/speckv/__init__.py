@@ -141,6 +141,28 @@ def step_costs(cost_json: Optional[str] = None, gamma_max: int = 8) -> dict:
     return {"draft": draft, "verify": np.asarray(verify, dtype=np.float32)}
 
 
+class OnlineCost:
+    """Step costs measured while decoding (`speckv_online_cost_*`): moving averages of the draft's
+    time per pass and of the verification time at each γ, on a prior (`cost_json`, one sequence's
+    `speckv profile` costs; None: the assumed one) that fills in the γ not measured yet; for
+    `seqs` > 1 sequences drafting and verifying in lockstep, the prior scaled to the batch's rows
+    and the verification read off the line through the measured γ (as `generate`'s batched `auto`)."""
+
+    def __init__(self, cost_json: Optional[str] = None, seqs: int = 1):
+        self._raw = _speckv.OnlineCost(None if cost_json is None else str(cost_json), int(seqs))
+
+    def observe(self, draft_passes: int, draft_seconds: float, gamma: int, verify_seconds: float) -> None:
+        """One step, after its verification: `draft_passes` passes (0: a plain step) took
+        `draft_seconds` together; the verification of `gamma` drafts per sequence took
+        `verify_seconds`."""
+        self._raw.observe(int(draft_passes), float(draft_seconds), int(gamma), float(verify_seconds))
+
+    def step_costs(self, gamma_max: int = 8) -> dict:
+        """The next step's costs for `softmax_stats_stop`, as `step_costs` gives them."""
+        draft, verify = self._raw.step_costs(int(gamma_max))
+        return {"draft": draft, "verify": np.asarray(verify, dtype=np.float32)}
+
+
 def new_rows(n: int, like: Any = None):
     """Row descriptions for `softmax_stats_rows` (numpy structured array, or int32 [n, 10] tensor
     on `like`'s device, to be filled through a host copy)."""

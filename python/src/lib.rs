@@ -63,6 +63,60 @@ fn stats_args(
     }
 }
 
+/// `speckv_online_cost_*`: step costs measured while decoding.
+#[pyclass(module = "speckv._speckv", unsendable)]
+struct OnlineCost {
+    raw: *mut SpeckvOnlineCost,
+}
+
+impl Drop for OnlineCost {
+    fn drop(&mut self) {
+        // SAFETY: created by speckv_online_cost_create, destroyed once.
+        unsafe { speckv_online_cost_destroy(self.raw) };
+    }
+}
+
+#[pymethods]
+impl OnlineCost {
+    #[new]
+    #[pyo3(signature = (cost_json, seqs))]
+    fn new(cost_json: Option<&str>, seqs: u32) -> PyResult<OnlineCost> {
+        let p = match cost_json {
+            Some(p) => Some(CString::new(p).map_err(|e| SpeckvError::new_err(e.to_string()))?),
+            None => None,
+        };
+        let mut raw = null_mut();
+        // SAFETY: a NUL-terminated path or null, and a valid out-pointer.
+        check(unsafe {
+            speckv_online_cost_create(p.as_ref().map_or(null(), |p| p.as_ptr()), seqs, &mut raw)
+        })?;
+        Ok(OnlineCost { raw })
+    }
+
+    fn observe(
+        &mut self,
+        draft_passes: u32,
+        draft_seconds: f64,
+        gamma: u32,
+        verify_seconds: f64,
+    ) -> PyResult<()> {
+        // SAFETY: a live model, used by this call only (unsendable, &mut self).
+        check(unsafe {
+            speckv_online_cost_observe(self.raw, draft_passes, draft_seconds, gamma, verify_seconds)
+        })
+    }
+
+    fn step_costs(&self, gamma_max: u32) -> PyResult<(f32, Vec<f32>)> {
+        let mut c = SpeckvStepCosts {
+            draft: 0.0,
+            verify: [0.0; SPECKV_STOP_TIMES],
+        };
+        // SAFETY: a live model and a valid out-pointer.
+        check(unsafe { speckv_online_cost_step_costs(self.raw, gamma_max, &mut c) })?;
+        Ok((c.draft, c.verify[..=gamma_max as usize].to_vec()))
+    }
+}
+
 /// A speckv context: the CPU, or a CUDA context and stream.
 #[pyclass(module = "speckv._speckv", unsendable)]
 struct Context {
@@ -444,6 +498,7 @@ fn ptx(arch: &str) -> PyResult<String> {
 #[pymodule]
 fn _speckv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Context>()?;
+    m.add_class::<OnlineCost>()?;
     m.add_function(wrap_pyfunction!(ptx, m)?)?;
     m.add_function(wrap_pyfunction!(step_costs, m)?)?;
     m.add_function(wrap_pyfunction!(calibrate, m)?)?;

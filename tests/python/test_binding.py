@@ -206,6 +206,26 @@ class BindingMatchesC(unittest.TestCase):
                 self.assertEqual(each[j][b].tobytes(), alone[j][b].tobytes(), (b, k, j))
         self.assertNotEqual(each[-1]["expected"].tobytes(), step()[-1]["expected"].tobytes())
 
+    def test_online_costs_follow_the_measured_steps(self):
+        # A plain step first: the assumed prior's draft (1/3 of a target pass) in measured seconds.
+        c = speckv.OnlineCost()
+        c.observe(0, 0.0, 0, 0.06)
+        t = c.step_costs(4)
+        self.assertAlmostEqual(t["draft"], 0.02, places=7)
+        self.assertEqual(len(t["verify"]), 5)
+        self.assertAlmostEqual(float(t["verify"][4]), 0.06 * 1.08, places=7)
+        # A speculative step: the draft's pass and γ = 3's verification measured (α = 0.2 after).
+        c.observe(3, 0.015, 3, 0.07)
+        c.observe(3, 0.030, 3, 0.08)
+        t = c.step_costs(4)
+        self.assertAlmostEqual(t["draft"], 0.005 + 0.2 * (0.010 - 0.005), places=7)
+        self.assertAlmostEqual(float(t["verify"][3]), 0.07 + 0.2 * 0.01, places=6)
+        # A batch reads unmeasured γ off the line through the measured ones.
+        b = speckv.OnlineCost(seqs=4)
+        b.observe(1, 0.01, 1, 0.10)
+        b.observe(3, 0.03, 3, 0.14)
+        self.assertAlmostEqual(float(b.step_costs(4)["verify"][2]), 0.12, places=6)
+
     def test_f16_and_strided_rows(self):
         ctx = speckv.Context.cpu()
         # A coarse grid: exact in f16, ties in the argmax (lowest index wins).
@@ -357,6 +377,15 @@ class Misuse(unittest.TestCase):
         self.ctx.softmax_stats_stop(np.zeros((many, 8), dtype=np.float32), **big)  # alone: fine
         self.raises("InvalidArgument", self.ctx.softmax_stats_stop, np.zeros((many, 8), dtype=np.float32),
                     **big, lockstep=True)
+
+    def test_online_cost_misuse(self):
+        self.raises("InvalidArgument", speckv.OnlineCost, None, 0)
+        self.raises("InvalidArgument", speckv.OnlineCost, None, 17)
+        self.raises("Io", speckv.OnlineCost, "/nonexistent.json")
+        c = speckv.OnlineCost()
+        self.raises("InvalidArgument", c.observe, 1, float("nan"), 1, 0.1)
+        self.raises("InvalidArgument", c.observe, 1, 0.01, 16, 0.1)
+        self.raises("InvalidArgument", c.step_costs, 0)
 
     def test_misaligned_buffers_are_refused(self):
         raw = np.zeros(4 * 8 * 4 + 2, dtype=np.uint8)
