@@ -106,6 +106,11 @@
 #define SPECKV_MAX_CANDIDATES 8
 
 /*
+ The most sequences one online cost model covers (a batched step holds 16 rows).
+ */
+#define SPECKV_ONLINE_COST_MAX_SEQS 16
+
+/*
  Entries of `SpeckvStepCosts.verify`: γ = 0..=15.
  */
 #define SPECKV_STOP_TIMES 16
@@ -180,6 +185,11 @@ typedef enum SpeckvStatus {
  A speckv context (opaque).
  */
 typedef struct SpeckvContext SpeckvContext;
+
+/*
+ Step costs measured while decoding (opaque): create, observe each step, read the rule's costs.
+ */
+typedef struct SpeckvOnlineCost SpeckvOnlineCost;
 
 /*
  Running draft features of one sequence over the drafted tokens of the current speculation step,
@@ -643,6 +653,44 @@ enum SpeckvStatus speckv_decide_gamma(const struct SpeckvContext *ctx,
  */
 enum SpeckvStatus speckv_verify(const struct SpeckvContext *ctx,
                                 const struct SpeckvVerifyArgs *args);
+
+/*
+ Creates an online cost model in `*out` for `seqs` sequences a step (1..=16) from a prior:
+ `cost_json` (`speckv profile`'s `steps.cost.json`, one sequence's costs) or null for the
+ assumed one (a draft pass 1/3 of a target pass, verification 2 % dearer a drafted position).
+ Several sequences: the prior is scaled to the batch's rows (a verification of γ drafts each is
+ `seqs · (γ + 1)` rows). Moving averages weigh a new measurement 0.2.
+ */
+enum SpeckvStatus speckv_online_cost_create(const char *cost_json,
+                                            uint32_t seqs,
+                                            struct SpeckvOnlineCost **out);
+
+/*
+ Frees an online cost model (null is ignored).
+ */
+void speckv_online_cost_destroy(struct SpeckvOnlineCost *cost);
+
+/*
+ One step's measurement, after its verification: `draft_passes` draft passes (0 for a plain
+ step) took `draft_seconds` together, and the verification of `gamma` drafts per sequence (the
+ step's longest γ; 0 for a plain step) took `verify_seconds`. Times in seconds, finite and ≥ 0;
+ a time of 0 is not a measurement and leaves its average as it was.
+ */
+enum SpeckvStatus speckv_online_cost_observe(struct SpeckvOnlineCost *cost,
+                                             uint32_t draft_passes,
+                                             double draft_seconds,
+                                             uint32_t gamma,
+                                             double verify_seconds);
+
+/*
+ The costs the stopping rule weighs next step, for γmax `gamma_max` (1..=15), into `*out`
+ (`SpeckvStopArgs.costs`): the draft pass and the verification at γ = 0..=γmax as measured,
+ the γ not measured yet filled in from the prior's shape (several sequences: on the line through
+ the measured γ once two are), +inf beyond γmax.
+ */
+enum SpeckvStatus speckv_online_cost_step_costs(const struct SpeckvOnlineCost *cost,
+                                                uint32_t gamma_max,
+                                                SpeckvStepCosts *out);
 
 /*
  Loads the hazard model of the per-token stopping rule: JSON from `speckv train --hazard`, or

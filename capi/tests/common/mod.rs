@@ -14,6 +14,7 @@ pub fn last_error() -> String {
 }
 
 /// A new CPU context.
+#[allow(dead_code)] // not every test file opens a context
 pub fn cpu() -> *mut SpeckvContext {
     let mut ctx = null_mut();
     // SAFETY: `ctx` is a valid out-pointer.
