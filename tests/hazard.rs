@@ -152,7 +152,7 @@ fn online_costs_follow_measurements_and_keep_the_prior_shape() {
         draft_feed_ms: Vec::new(),
         source: "test".into(),
     };
-    let mut c = OnlineCost::new(prior, 0.5);
+    let mut c = OnlineCost::new(prior.clone(), 0.5);
     assert_eq!((c.draft(), c.verify(2)), (0.5, 2.0));
     c.observe(3, 0.3, 2, 4.0);
     assert!((c.draft() - 0.1).abs() < 1e-12);
@@ -175,12 +175,6 @@ fn online_costs_follow_measurements_and_keep_the_prior_shape() {
     // Plain steps first (a verification of γ = 0, no draft pass): the draft's prior time is
     // scaled as the prior's one-pass verification compares with the measured one, so the two
     // stay in the same units (1 ms in the prior, 0.04 s measured: the 0.5 ms draft is 0.02 s).
-    let prior = CostModel {
-        draft_ms_per_token: 0.5,
-        verify_ms: vec![1.0, 1.5, 2.0, 2.5],
-        draft_feed_ms: Vec::new(),
-        source: "test".into(),
-    };
     let mut c = OnlineCost::new(prior, 0.5);
     c.observe(0, 0.0, 0, 0.04);
     assert!((c.draft() - 0.02).abs() < 1e-12, "{}", c.draft());

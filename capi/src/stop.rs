@@ -368,7 +368,8 @@ pub unsafe extern "C" fn speckv_calibrate(
         // SAFETY: non-null, aligned, one readable value (contract).
         let k = check_scale(unsafe { *odds_scale }, "odds_scale")?;
         let mut cal = Calibration::at(CALIBRATION_RATE, k);
-        for (kept, acc) in verified(hazards, gammas, accepted, batch)? {
+        // SAFETY: the buffers' lengths are this call's contract.
+        for (kept, acc) in unsafe { verified(hazards, gammas, accepted, batch) }? {
             cal.observe(&kept, acc);
         }
         // SAFETY: non-null, aligned, writable (contract).
@@ -392,7 +393,8 @@ pub unsafe extern "C" fn speckv_calibrate_each(
     guard(|| {
         non_null(odds_scales, "odds_scales")?;
         aligned(odds_scales, "odds_scales")?;
-        let steps = verified(hazards, gammas, accepted, batch)?;
+        // SAFETY: the buffers' lengths are this call's contract.
+        let steps = unsafe { verified(hazards, gammas, accepted, batch) }?;
         // SAFETY: non-null, aligned, `batch` readable and writable values (contract), used only
         // during this call.
         let scales = unsafe { std::slice::from_raw_parts_mut(odds_scales, batch as usize) };
@@ -423,7 +425,11 @@ fn check_scale(k: f32, what: &str) -> Result<f32, (SpeckvStatus, String)> {
 type Verified = (Vec<f64>, usize);
 
 /// A verified step's drafts, per sequence (host memory, checked).
-fn verified(
+///
+/// # Safety
+/// Each pointer is null (refused) or readable for `batch` values (`hazards`: `batch ×
+/// SPECKV_STOP_TIMES`) for the duration of the call.
+unsafe fn verified(
     hazards: *const f32,
     gammas: *const i32,
     accepted: *const i32,
@@ -438,7 +444,8 @@ fn verified(
         aligned_to(p, 4, what)?;
     }
     let n = batch as usize;
-    // SAFETY: `batch` (× SPECKV_STOP_TIMES) readable values (contract).
+    // SAFETY: non-null and aligned (checked above), readable for these lengths (the caller's
+    // contract).
     let (h, g, a) = unsafe {
         (
             std::slice::from_raw_parts(hazards, n * SPECKV_STOP_TIMES),

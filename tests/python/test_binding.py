@@ -87,10 +87,15 @@ def auto_target_logit(b, j, k):
     return 9.0 if k == (j * 7 + b) % V else ((k * 29 + b * 3) % 64) / 16.0
 
 
+def auto_draft():
+    """The auto_step.c draft logits, [AB, AG, V]."""
+    return np.array([[[auto_draft_logit(b, j, k) for k in range(V)] for j in range(AG)] for b in range(AB)],
+                    dtype=np.float32)
+
+
 def python_auto_step():
     """examples/c/auto_step.c through `speckv`: per-token stopping on NumPy arrays."""
-    draft = np.array([[[auto_draft_logit(b, j, k) for k in range(V)] for j in range(AG)] for b in range(AB)],
-                     dtype=np.float32)
+    draft = auto_draft()
     target = np.array([[[auto_target_logit(b, j, k) for k in range(V)] for j in range(AG + 1)]
                        for b in range(AB)], dtype=np.float32)
     ctx = speckv.Context.cpu()
@@ -155,8 +160,7 @@ class BindingMatchesC(unittest.TestCase):
     def test_lockstep_moves_the_batch_together(self):
         # The auto_step.c drafts: alone, the sequences stop at different places; in lockstep the
         # batch keeps and stops together, and the counter reaches the batch in one call.
-        draft = np.array([[[auto_draft_logit(b, j, k) for k in range(V)] for j in range(AG)] for b in range(AB)],
-                         dtype=np.float32)
+        draft = auto_draft()
         ctx = speckv.Context.cpu()
         ctx.load_hazard()
         costs = speckv.step_costs(None, AG)
@@ -181,8 +185,7 @@ class BindingMatchesC(unittest.TestCase):
 
     def test_each_sequence_at_its_own_odds_scale(self):
         # Per-sequence scales: every sequence decides as it does alone in a batch at its scale.
-        draft = np.array([[[auto_draft_logit(b, j, k) for k in range(V)] for j in range(AG)] for b in range(AB)],
-                         dtype=np.float32)
+        draft = auto_draft()
         ctx = speckv.Context.cpu()
         ctx.load_hazard()
         costs = speckv.step_costs(None, AG)
