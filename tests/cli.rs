@@ -658,7 +658,8 @@ fn generate_logs_every_speculative_step() {
 /// The replays charge a step's first draft pass for the tokens `DraftLag` says the draft has yet
 /// to see; `generate`'s step log says what the decode loop fed it. They agree row by row: after a
 /// partly accepted step, after a fully accepted one (the model drafting for itself), after plain
-/// steps (`every:N:G`, `auto`), and with a catch-up window shorter than the backlog.
+/// steps (`every:N:G`; `auto`'s too, when its gate probes within the run), and with a catch-up
+/// window shorter than the backlog.
 #[test]
 fn the_replays_feed_the_draft_as_generate_does() {
     use speckv::controller::replay::DraftLag;
@@ -706,7 +707,12 @@ fn the_replays_feed_the_draft_as_generate_does() {
             }
             lag.after_step(passes, gamma, accepted);
         }
-        assert!(checked >= 2, "{policy}: {rows:?}");
+        // `auto` speculates on its first step (no first-draft hazard yet); whether it speculates
+        // again within 24 tokens depends on the times it measures (under load a self-draft's
+        // first pass can measure dearer than a target pass, and then the gate stays plain), so
+        // only the fixed schedules must feed the draft more than once.
+        let least = if policy == "auto" { 1 } else { 2 };
+        assert!(checked >= least, "{policy}: {rows:?}");
         // The every:N:G cases catch up after plain steps; with window 2 no feed exceeds it.
         match (policy, window) {
             ("every:3:2", _) | ("every:3:3", _) => assert!(longest >= 3, "{policy}: {rows:?}"),
