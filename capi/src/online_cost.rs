@@ -9,8 +9,8 @@
 use std::ffi::c_char;
 use std::path::Path;
 
-use speckv::controller::batch_auto::{batch_prior, MAX_SEQS};
-use speckv::controller::hazard::{OnlineCost, ONLINE_COST_ALPHA};
+use speckv::controller::batch_auto::{batch_online_cost, batch_step_costs, MAX_SEQS};
+use speckv::controller::hazard::OnlineCost;
 use speckv::controller::CostModel;
 
 use super::stop::{c_path, check_gamma_max, SpeckvStepCosts, SPECKV_STOP_MAX_GAMMA};
@@ -24,8 +24,8 @@ const _: () = assert!(SPECKV_ONLINE_COST_MAX_SEQS == MAX_SEQS);
 /// Step costs measured while decoding (opaque): create, observe each step, read the rule's costs.
 pub struct SpeckvOnlineCost {
     cost: OnlineCost,
-    /// Several sequences a step: verification costs on the line through the measured ones.
-    batched: bool,
+    /// Sequences a step.
+    seqs: usize,
 }
 
 /// Creates an online cost model in `*out` for `seqs` sequences a step (1..=16) from a prior:
@@ -52,8 +52,8 @@ pub unsafe extern "C" fn speckv_online_cost_create(
             None => CostModel::assumed(),
         };
         let c = Box::new(SpeckvOnlineCost {
-            cost: OnlineCost::new(batch_prior(&prior, seqs as usize), ONLINE_COST_ALPHA),
-            batched: seqs > 1,
+            cost: batch_online_cost(&prior, seqs as usize),
+            seqs: seqs as usize,
         });
         // SAFETY: `out` is non-null and writable (contract).
         unsafe { *out = Box::into_raw(c) };
@@ -137,12 +137,7 @@ pub unsafe extern "C" fn speckv_online_cost_step_costs(
         check_gamma_max(gamma_max)?;
         // SAFETY: a live model from `speckv_online_cost_create` (contract).
         let c = unsafe { &*cost };
-        let g = gamma_max as usize;
-        let costs = if c.batched {
-            c.cost.step_costs_linear(g)
-        } else {
-            c.cost.step_costs(g)
-        };
+        let costs = batch_step_costs(&c.cost, c.seqs, gamma_max as usize);
         // SAFETY: non-null, aligned, writable (contract).
         unsafe { *out = costs };
         Ok(())

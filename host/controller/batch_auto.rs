@@ -107,6 +107,23 @@ pub fn batch_prior(prior: &CostModel, seqs: usize) -> CostModel {
     }
 }
 
+/// The online costs of batched steps of `seqs` sequences, from one sequence's `prior`
+/// ([`batch_prior`]).
+pub fn batch_online_cost(prior: &CostModel, seqs: usize) -> OnlineCost {
+    OnlineCost::new(batch_prior(prior, seqs), ONLINE_COST_ALPHA)
+}
+
+/// The costs a batched step of `seqs` sequences weighs from its online costs `cost`: a batch of
+/// several reads its verification costs off the line through what it measured (its passes span B
+/// to 16 rows, where the prior's shape says little); a batch of one keeps `auto`'s own estimate.
+pub fn batch_step_costs(cost: &OnlineCost, seqs: usize, gamma_max: usize) -> StepCosts {
+    if seqs > 1 {
+        cost.step_costs_linear(gamma_max)
+    } else {
+        cost.step_costs(gamma_max)
+    }
+}
+
 /// One sequence's part of [`BatchAuto`].
 #[derive(Clone, Copy, Debug)]
 struct SeqAuto {
@@ -155,7 +172,7 @@ impl BatchAuto {
         };
         Ok(BatchAuto {
             weights: model.weights(),
-            cost: OnlineCost::new(batch_prior(prior, seqs), ONLINE_COST_ALPHA),
+            cost: batch_online_cost(prior, seqs),
             seqs: vec![one; seqs],
             probes: ProbeSchedule::default(),
             costs: StepCosts {
@@ -176,13 +193,7 @@ impl BatchAuto {
     /// [`speculation_could_pay`]); a batch of several sequences, or one under the assumed prior,
     /// first takes one plain step to measure it.
     pub fn begin_step(&mut self, gamma_max: usize, active: &[bool]) -> usize {
-        // A batch of several reads its verification costs off the line through what it measured
-        // (its passes span B to 16 rows); a batch of one keeps `auto`'s own estimate.
-        self.costs = if self.seqs.len() > 1 {
-            self.cost.step_costs_linear(gamma_max)
-        } else {
-            self.cost.step_costs(gamma_max)
-        };
+        self.costs = batch_step_costs(&self.cost, self.seqs.len(), gamma_max);
         let mut first = [0f64; MAX_SEQS];
         let (mut n, mut unknown) = (0, false);
         for (s, _) in self.seqs.iter().zip(active).filter(|(_, &a)| a) {
